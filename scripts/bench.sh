@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the release binaries and runs the standard benchmark set of mqgate-bench: throughput at
+# QoS 0 and 1, then latency at a fixed 2,000 msgs/s, each straight into RabbitMQ over AMQP (the
+# ceiling) and through a spawned mqgate, in the same run. Extra arguments go to every
+# mqgate-bench invocation and override the defaults here (e.g. --messages 20000, --json,
+# --mode all to add Mosquitto as a plain-broker baseline). BENCH_LATENCY_MESSAGES sets the
+# message count of the fixed-rate runs (default 20000, i.e. 10 s per run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+ensure_cargo
+ensure_rabbitmq
+
+log "building release binaries"
+cargo build --release --bins
+
+bench=target/release/mqgate-bench
+rc=0
+log "throughput: QoS 0 and 1, direct AMQP vs through mqgate"
+"$bench" --qos both --mode both --rate 0 "$@" || rc=$?
+log "latency: fixed 2000 msgs/s, QoS 0 and 1, direct AMQP vs through mqgate"
+"$bench" --qos both --mode both --rate 2000 --messages "${BENCH_LATENCY_MESSAGES:-20000}" "$@" \
+  || rc=$?
+exit "$rc"

@@ -1,0 +1,49 @@
+# Shared by scripts/run.sh and scripts/test.sh: make sure the services mqgate talks to are there.
+# shellcheck shell=bash
+
+log() { printf '==> %s\n' "$*"; }
+die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+apt_install() {
+  [ "$(id -u)" -eq 0 ] || die "$* missing and not running as root: install it with 'sudo apt-get install -y $*'"
+  if [ -z "${APT_UPDATED:-}" ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+    APT_UPDATED=1
+  fi
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >/dev/null
+}
+
+ensure_rabbitmq() {
+  if port_open 5672; then log "RabbitMQ is listening on 127.0.0.1:5672"; return; fi
+  if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
+    log "installing rabbitmq-server"
+    apt_install rabbitmq-server
+  fi
+  log "starting RabbitMQ"
+  if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+    systemctl start rabbitmq-server || true
+  fi
+  if ! port_open 5672; then
+    # No systemd (containers): start it detached with a generous file limit.
+    (ulimit -n 65536 2>/dev/null || true; /usr/sbin/rabbitmq-server -detached) || true
+  fi
+  for _ in $(seq 1 90); do
+    port_open 5672 && { log "RabbitMQ is up"; return; }
+    sleep 1
+  done
+  die "RabbitMQ did not come up on 127.0.0.1:5672 within 90 s (see /var/log/rabbitmq/)"
+}
+
+ensure_mosquitto_clients() {
+  if command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null; then return; fi
+  log "installing mosquitto-clients"
+  apt_install mosquitto-clients
+}
+
+ensure_cargo() {
+  command -v cargo >/dev/null && return
+  [ -x "$HOME/.cargo/bin/cargo" ] && { export PATH="$HOME/.cargo/bin:$PATH"; return; }
+  die "cargo not found: install Rust (https://rustup.rs: curl https://sh.rustup.rs -sSf | sh), then run this again"
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, with everything it needs set up first (README: "Run the tests").
+#  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
+#    Debian's rabbitmq-server package if missing (needs root).
+#  - mosquitto-clients (mosquitto_pub/mosquitto_sub): installed if missing.
+# Then formatting, clippy and every test. An unreachable service fails the run with a message;
+# nothing is skipped silently.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+. scripts/lib.sh
+
+ensure_cargo
+ensure_rabbitmq
+ensure_mosquitto_clients
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets --quiet -- -D warnings
+log "cargo test"
+cargo test --all-targets "$@"

@@ -1,0 +1,79 @@
+//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`.
+//!
+//! Reads state, never changes it: no route here can affect message flow.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::sinks::amqp::AmqpBroker;
+
+/// What the admin routes read.
+#[derive(Clone)]
+pub struct AdminState {
+    /// Encoded by `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// Checked by `/readyz`.
+    pub brokers: Vec<AmqpBroker>,
+}
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Serves the admin routes on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// 200 when every AMQP broker is connected (the listeners are bound before this server
+/// starts), 503 otherwise; the body lists each broker's state.
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = String::from("mqtt: listening\n");
+    let mut ready = true;
+    for b in &state.brokers {
+        let up = b.is_connected();
+        ready &= up;
+        body.push_str(&format!(
+            "amqp {}: {}\n",
+            b.name(),
+            if up { "connected" } else { "disconnected" }
+        ));
+    }
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, body)
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &state.metrics.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}

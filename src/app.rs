@@ -1,0 +1,100 @@
+//! Starts and wires the tasks, and owns shutdown: sinks first, then the rule set over them, the
+//! MQTT listener and the admin server. `start` binds everything before returning, so a caller
+//! (the binary, or a test on port 0) knows the real addresses.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::admin::{self, AdminState};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::mqtt::listener;
+use crate::mqtt::session::{SessionLimits, SessionShared};
+use crate::rules::RuleSet;
+use crate::sinks::amqp::AmqpBroker;
+
+/// A running gateway.
+pub struct App {
+    /// Where the MQTT listener is bound.
+    pub mqtt_addr: SocketAddr,
+    /// Where the admin server is bound.
+    pub admin_addr: SocketAddr,
+    /// Cancel to shut down.
+    pub shutdown: CancellationToken,
+    /// Every task the gateway started.
+    tasks: JoinSet<()>,
+}
+
+impl App {
+    /// Binds the listeners, connects the sinks and starts every task.
+    pub async fn start(config: Config) -> Result<App> {
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new();
+        let mqtt_listener = bind(config.mqtt_addr(), "mqtt.listen").await?;
+        let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
+        let mqtt_addr = mqtt_listener.local_addr()?;
+        let admin_addr = admin_listener.local_addr()?;
+
+        let mut tasks = JoinSet::new();
+        let mut brokers = BTreeMap::new();
+        for (name, cfg) in &config.amqp {
+            let (broker, handle) = AmqpBroker::spawn(name, cfg, &metrics, shutdown.child_token());
+            tasks.spawn(async move {
+                if let Err(e) = handle.await {
+                    error!(error = %e, "AMQP sink task failed");
+                }
+            });
+            brokers.insert(name.clone(), broker);
+        }
+        let rules = Arc::new(RuleSet::compile(&config, &brokers, &metrics)?);
+        let shared = Arc::new(SessionShared {
+            broker: Broker::new(Arc::clone(&metrics)),
+            rules,
+            metrics: Arc::clone(&metrics),
+            limits: SessionLimits::from_config(&config.mqtt),
+            shutdown: shutdown.clone(),
+        });
+        let max_connections = config.mqtt.max_connections;
+        tasks.spawn(listener::run(mqtt_listener, shared, max_connections));
+        let state = AdminState { metrics, brokers: brokers.into_values().collect() };
+        let admin_shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            if let Err(e) = admin::serve(admin_listener, state, admin_shutdown).await {
+                error!(error = %e, "admin server failed");
+            }
+        });
+        info!(%mqtt_addr, %admin_addr, "mqgate started");
+        Ok(App { mqtt_addr, admin_addr, shutdown, tasks })
+    }
+
+    /// Shuts down and waits for every task.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        while self.tasks.join_next().await.is_some() {}
+        info!("mqgate stopped");
+    }
+}
+
+/// Runs the gateway until `signal` completes, then shuts down gracefully.
+pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<()> {
+    let app = App::start(config).await?;
+    signal.await;
+    info!("shutting down");
+    app.stop().await;
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (set by `{key}` in the config)"))
+}

@@ -1,0 +1,640 @@
+//! mqgate-bench: the load generator and benchmark of mqgate.
+//!
+//! Publishes N messages from P connections and consumes them on an AMQP
+//! queue, reporting delivered msgs/s, p50/p99/max end-to-end latency, loss
+//! and duplicates. The same load runs in up to three modes:
+//!
+//! * `direct`: P AMQP connections straight into RabbitMQ, the ceiling
+//!   (QoS 0: transient publish; QoS 1: persistent publish on a confirm
+//!   channel, pipelined with a window of unconfirmed messages);
+//! * `gateway`: P MQTT connections through mqgate (spawned on free ports
+//!   with a temp config, or an already running one via `--mqtt-addr`) into
+//!   the same exchange;
+//! * `mosquitto`: P MQTT connections into the machine's Mosquitto, consumed
+//!   by an MQTT subscriber, as a plain broker's MQTT→MQTT baseline.
+//!
+//! Every payload starts with a 16-byte header (send timestamp, run-tagged
+//! sequence number) so the consumer measures latency and counts loss and
+//! duplicates. Every run stops by itself: after all messages arrived, or
+//! after `--idle-timeout` without one.
+
+#[path = "mqgate_bench/amqp.rs"]
+mod amqp;
+#[path = "mqgate_bench/gateway.rs"]
+mod gateway;
+#[path = "mqgate_bench/load.rs"]
+mod load;
+#[path = "mqgate_bench/mqtt.rs"]
+mod mqtt;
+#[path = "mqgate_bench/payload.rs"]
+mod payload;
+#[path = "mqgate_bench/stats.rs"]
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinError, JoinHandle, JoinSet};
+use tokio::time::timeout;
+
+use gateway::{Gateway, GatewaySpec};
+use load::{Phase, PubJob};
+use payload::{Clock, PayloadBuilder};
+use stats::{json_str, Comparison, PubStats, RecvStats, RunReport, Tracker};
+
+/// How long all publishers together may take to connect.
+const CONNECT_ALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long publishers may take to finish once the consumer is done.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "mqgate-bench",
+    version,
+    args_override_self = true,
+    about = "Load generator for mqgate: MQTT→AMQP through the gateway vs. straight AMQP \
+             (and Mosquitto), reporting msgs/s, p50/p99 latency and loss."
+)]
+struct Args {
+    /// Messages per run, over all publishers.
+    #[arg(long, default_value_t = 200_000, value_parser = clap::value_parser!(u64).range(1..=payload::MAX_MESSAGES))]
+    messages: u64,
+
+    /// Publisher connections.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    publishers: u64,
+
+    /// Payload bytes per message (the first 16 carry timestamp and sequence).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    payload: u64,
+
+    /// QoS of the runs: 0, 1 or both.
+    #[arg(long, value_enum, default_value = "both")]
+    qos: QosArg,
+
+    /// Total msgs/s over all publishers, evenly paced; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+
+    /// Modes to run, comma-separated: direct, gateway, mosquitto; `both` is
+    /// direct,gateway and `all` is direct,mosquitto,gateway.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "both")]
+    mode: Vec<ModeArg>,
+
+    /// mqgate binary to spawn [default: `mqgate` next to this binary].
+    #[arg(long)]
+    mqgate: Option<PathBuf>,
+
+    /// Use an already running gateway at HOST:PORT instead of spawning one;
+    /// it must route `bench/#` to `--exchange`.
+    #[arg(long, conflicts_with = "mqgate")]
+    mqtt_addr: Option<String>,
+
+    /// With --mqtt-addr: the (existing) exchange the gateway publishes
+    /// `bench/#` to.
+    #[arg(long, default_value = "amq.topic", requires = "mqtt_addr")]
+    exchange: String,
+
+    /// RabbitMQ for the consumer and the direct publishers (and the spawned
+    /// gateway).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    amqp_url: String,
+
+    /// Mosquitto for `--mode mosquitto`.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mosquitto_addr: String,
+
+    /// Unacknowledged QoS 1 messages per publisher (MQTT in-flight window,
+    /// unconfirmed AMQP publishes).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    window: u64,
+
+    /// MQTT publisher implementation.
+    #[arg(long, value_enum, default_value = "raw")]
+    client: ClientArg,
+
+    /// Seconds without a message after which the consumer gives up and
+    /// counts the rest as lost.
+    #[arg(long, default_value_t = 5.0)]
+    idle_timeout: f64,
+
+    /// Runs of each mode per QoS, alternating modes; the comparison uses
+    /// the medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeat: u64,
+
+    /// Print one JSON document instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum QosArg {
+    #[value(name = "0")]
+    Zero,
+    #[value(name = "1")]
+    One,
+    Both,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Direct,
+    Gateway,
+    Mosquitto,
+    Both,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ClientArg {
+    /// The bench's lean hand-written MQTT 3.1.1 client.
+    Raw,
+    /// rumqttc's AsyncClient.
+    Rumqttc,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Direct,
+    Mosquitto,
+    Gateway,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Direct => "direct",
+            Mode::Mosquitto => "mosquitto",
+            Mode::Gateway => "gateway",
+        }
+    }
+}
+
+impl Args {
+    /// The selected modes in run order: the ceiling first.
+    fn modes(&self) -> Vec<Mode> {
+        let has = |m: ModeArg| self.mode.contains(&m);
+        let all = has(ModeArg::All);
+        let mut modes = Vec::new();
+        if all || has(ModeArg::Both) || has(ModeArg::Direct) {
+            modes.push(Mode::Direct);
+        }
+        if all || has(ModeArg::Mosquitto) {
+            modes.push(Mode::Mosquitto);
+        }
+        if all || has(ModeArg::Both) || has(ModeArg::Gateway) {
+            modes.push(Mode::Gateway);
+        }
+        modes
+    }
+
+    fn qos_levels(&self) -> Vec<u8> {
+        match self.qos {
+            QosArg::Zero => vec![0],
+            QosArg::One => vec![1],
+            QosArg::Both => vec![0, 1],
+        }
+    }
+
+    fn idle(&self) -> Result<Duration> {
+        Duration::try_from_secs_f64(self.idle_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow!("--idle-timeout must be a positive number of seconds"))
+    }
+}
+
+/// State of one bench invocation.
+struct Bench {
+    args: Args,
+    clock: Clock,
+    idle: Duration,
+    pid: u32,
+    runs: u32,
+    /// Declares the exchange and the run queues, and consumes.
+    control: Option<lapin::Connection>,
+    exchange: String,
+    /// Whether the exchange is the bench's own (deleted at the end).
+    own_exchange: bool,
+    gateway: Option<Gateway>,
+    /// Why the gateway could not be started, so it is tried once only.
+    gateway_failed: Option<String>,
+    notes: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let json = args.json;
+    match run(args).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            if json {
+                println!("{{\"error\":{}}}", json_str(&format!("{e:#}")));
+            }
+            eprintln!("mqgate-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every selected mode at every selected QoS; `Ok(false)` if a run
+/// failed.
+async fn run(args: Args) -> Result<bool> {
+    let idle = args.idle()?;
+    let modes = args.modes();
+    if modes.is_empty() {
+        bail!("no mode selected");
+    }
+    let pid = std::process::id();
+    let mut bench = Bench {
+        idle,
+        pid,
+        runs: 0,
+        control: None,
+        exchange: args
+            .mqtt_addr
+            .as_ref()
+            .map_or_else(|| format!("mqgate-bench-{pid}"), |_| args.exchange.clone()),
+        own_exchange: false,
+        gateway: None,
+        gateway_failed: None,
+        notes: Vec::new(),
+        clock: Clock::new(),
+        args,
+    };
+    let result = bench.run_all(&modes).await;
+    bench.shutdown().await;
+    let reports = result?;
+
+    let comparisons = Comparison::from_reports(&reports, bench.args.rate > 0);
+    let ok = reports.iter().all(|r| r.error.is_none());
+    if bench.args.json {
+        let runs: Vec<String> = reports.iter().map(RunReport::json).collect();
+        let cmps: Vec<String> = comparisons.iter().map(Comparison::json).collect();
+        let notes: Vec<String> = bench.notes.iter().map(|n| json_str(n)).collect();
+        println!(
+            "{{\"runs\":[{}],\"comparisons\":[{}],\"notes\":[{}]}}",
+            runs.join(","),
+            cmps.join(","),
+            notes.join(",")
+        );
+    } else {
+        for c in &comparisons {
+            println!("{}", c.text());
+        }
+        for n in &bench.notes {
+            println!("note: {n}");
+        }
+    }
+    Ok(ok)
+}
+
+/// A task's result with a panic or cancellation as an error.
+fn joined<T>(r: std::result::Result<Result<T>, JoinError>) -> Result<T> {
+    r.map_err(|e| anyhow!("task failed: {e}"))?
+}
+
+impl Bench {
+    async fn run_all(&mut self, modes: &[Mode]) -> Result<Vec<RunReport>> {
+        let a = &self.args;
+        if !a.json {
+            println!(
+                "mqgate-bench: {} msgs x {} B, {} publishers, rate {}, window {}, client {}",
+                a.messages,
+                a.payload,
+                a.publishers,
+                if a.rate == 0 { "max".to_owned() } else { format!("{}/s", a.rate) },
+                a.window,
+                match a.client {
+                    ClientArg::Raw => "raw",
+                    ClientArg::Rumqttc => "rumqttc",
+                },
+            );
+        }
+        if modes.iter().any(|m| *m != Mode::Mosquitto) {
+            let conn = amqp::connect(&self.args.amqp_url).await?;
+            if self.args.mqtt_addr.is_some() {
+                amqp::check_exchange(&conn, &self.exchange).await?;
+            } else {
+                amqp::declare_exchange(&conn, &self.exchange).await?;
+                self.own_exchange = true;
+            }
+            self.control = Some(conn);
+        }
+        if !self.args.json {
+            println!("{}", RunReport::text_header());
+        }
+        let mut reports = Vec::new();
+        for qos in self.args.qos_levels() {
+            for _ in 0..self.args.repeat {
+                for &mode in modes {
+                    let report = match self.run_one(mode, qos).await {
+                        Ok(r) => r,
+                        Err(e) => self.failed_report(mode, qos, format!("{e:#}")),
+                    };
+                    if !self.args.json {
+                        println!("{}", report.text_line());
+                    }
+                    reports.push(report);
+                }
+            }
+        }
+        Ok(reports)
+    }
+
+    fn failed_report(&self, mode: Mode, qos: u8, error: String) -> RunReport {
+        RunReport {
+            mode: mode.name(),
+            qos,
+            messages: self.args.messages,
+            publishers: self.args.publishers as usize,
+            payload: self.args.payload as usize,
+            target_rate: self.args.rate,
+            rate: 0.0,
+            publish_rate: 0.0,
+            recv: RecvStats::default(),
+            publish: PubStats::default(),
+            notes: Vec::new(),
+            lost: self.args.messages,
+            seconds: 0.0,
+            error: Some(error),
+        }
+    }
+
+    /// The MQTT address of the gateway, spawning it on first use.
+    async fn gateway_addr(&mut self) -> Result<String> {
+        if let Some(addr) = &self.args.mqtt_addr {
+            return Ok(addr.clone());
+        }
+        if let Some(e) = &self.gateway_failed {
+            bail!("{e}");
+        }
+        if self.gateway.is_none() {
+            let binary = match &self.args.mqgate {
+                Some(p) => p.clone(),
+                None => std::env::current_exe()
+                    .context("locate the bench binary")?
+                    .parent()
+                    .context("the bench binary has no directory")?
+                    .join("mqgate"),
+            };
+            let started = Gateway::start(&GatewaySpec {
+                binary: &binary,
+                amqp_url: &self.args.amqp_url,
+                exchange: &self.exchange,
+                receive_maximum: self.args.window as usize,
+                ready_timeout: Duration::from_secs(20),
+            })
+            .await;
+            let gw = match started {
+                Ok(gw) => gw,
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    self.gateway_failed = Some(e.clone());
+                    bail!("{e}");
+                }
+            };
+            if !self.args.json {
+                println!(
+                    "(spawned {} on {}, log {})",
+                    binary.display(),
+                    gw.mqtt_addr,
+                    gw.log_path.display()
+                );
+            }
+            self.gateway = Some(gw);
+        }
+        match &self.gateway {
+            Some(gw) => Ok(gw.mqtt_addr.clone()),
+            None => bail!("gateway not started"),
+        }
+    }
+
+    /// One run: consumer first, then the publishers connect, go, and the
+    /// run ends when the consumer has everything or went idle.
+    async fn run_one(&mut self, mode: Mode, qos: u8) -> Result<RunReport> {
+        self.runs += 1;
+        let run = self.runs;
+        let tag = self.pid.wrapping_mul(256).wrapping_add(run) & 0xff_ffff;
+        let args = &self.args;
+        let messages = args.messages;
+        let publishers = args.publishers as usize;
+        let builder = PayloadBuilder::new(args.payload as usize, tag);
+        let tracker = Tracker::new(tag, messages);
+        let mqtt_addr = match mode {
+            Mode::Gateway => Some(self.gateway_addr().await?),
+            Mode::Mosquitto => Some(self.args.mosquitto_addr.clone()),
+            Mode::Direct => None,
+        };
+        let args = &self.args;
+        let clock = self.clock;
+        let prefix = match mode {
+            Mode::Mosquitto => format!("mqgate-bench/{}-{run}", self.pid),
+            _ => "bench".to_owned(),
+        };
+
+        // The consumer, ready before anything is sent.
+        let consumer: JoinHandle<Result<RecvStats>> = match mode {
+            Mode::Direct | Mode::Gateway => {
+                let control = self.control.as_ref().context("no AMQP connection")?;
+                let queue = amqp::BenchQueue::declare(control, &self.exchange, "bench.#").await?;
+                tokio::spawn(queue.consume(tracker, clock, self.idle).await?)
+            }
+            Mode::Mosquitto => {
+                let (ready_tx, ready_rx) = oneshot::channel();
+                let sub = mqtt::Subscription {
+                    addr: args.mosquitto_addr.clone(),
+                    client_id: format!("mqgate-bench-{}-{run}-sub", self.pid),
+                    filter: format!("{prefix}/#"),
+                    // Mosquitto's default max_queued_messages (1000) drops
+                    // the backlog of a QoS 1 subscriber that is behind, which
+                    // would measure the broker's queue limit, not its ingest:
+                    // the publishers use `qos`, the subscriber QoS 0.
+                    qos: 0,
+                    idle: self.idle,
+                };
+                let handle = tokio::spawn(mqtt::raw_subscriber(sub, tracker, clock, ready_tx));
+                if ready_rx.await.is_err() {
+                    joined(handle.await).context("Mosquitto subscriber")?;
+                    bail!("Mosquitto subscriber stopped before subscribing");
+                }
+                handle
+            }
+        };
+        let mut consumer = AbortOnDrop(consumer);
+
+        // The publishers: connect, then wait for the go.
+        let (phase_tx, phase_rx) = watch::channel(Phase::Wait);
+        let (ready_tx, mut ready_rx) = mpsc::channel(publishers);
+        let mut set = JoinSet::new();
+        let jobs = PubJob::split(
+            messages,
+            publishers,
+            qos,
+            args.window as usize,
+            args.rate,
+            &builder,
+            clock,
+        );
+        for job in jobs {
+            let i = job.index;
+            let client_id = format!("mqgate-bench-{}-{run}-{i}", self.pid);
+            let topic = format!("{prefix}/{i}");
+            let (ready, phase) = (ready_tx.clone(), phase_rx.clone());
+            match (&mqtt_addr, args.client) {
+                (None, _) => set.spawn(amqp::direct_publisher(
+                    args.amqp_url.clone(),
+                    self.exchange.clone(),
+                    job,
+                    ready,
+                    phase,
+                )),
+                (Some(addr), ClientArg::Raw) => set.spawn(mqtt::raw_publisher(
+                    addr.clone(),
+                    client_id,
+                    topic,
+                    job,
+                    ready,
+                    phase,
+                )),
+                (Some(addr), ClientArg::Rumqttc) => set.spawn(mqtt::rumqttc_publisher(
+                    addr.clone(),
+                    client_id,
+                    topic,
+                    job,
+                    ready,
+                    phase,
+                )),
+            };
+        }
+        drop(ready_tx);
+        let connected = timeout(CONNECT_ALL_TIMEOUT, async {
+            for _ in 0..publishers {
+                tokio::select! {
+                    r = ready_rx.recv() => if r.is_none() { break },
+                    Some(j) = set.join_next() => {
+                        joined(j).context("publisher")?;
+                        bail!("a publisher stopped before the start");
+                    }
+                }
+            }
+            anyhow::Ok(())
+        })
+        .await;
+        match connected {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = phase_tx.send(Phase::Stop);
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = phase_tx.send(Phase::Stop);
+                bail!("publishers did not connect within {CONNECT_ALL_TIMEOUT:?}");
+            }
+        }
+
+        // Go; wait for the consumer, noting publishers that fail meanwhile.
+        let start_ns = clock.now_ns();
+        let _ = phase_tx.send(Phase::Go(start_ns));
+        let mut publish = PubStats::default();
+        let mut errors = Vec::new();
+        let recv = loop {
+            tokio::select! {
+                r = &mut consumer.0 => break joined(r),
+                Some(j) = set.join_next() => match joined(j) {
+                    Ok(s) => publish.merge(&s),
+                    Err(e) => errors.push(format!("publisher: {e:#}")),
+                },
+            }
+        };
+        let _ = phase_tx.send(Phase::Stop);
+        let finished = timeout(FINISH_TIMEOUT, async {
+            while let Some(j) = set.join_next().await {
+                match joined(j) {
+                    Ok(s) => publish.merge(&s),
+                    Err(e) => errors.push(format!("publisher: {e:#}")),
+                }
+            }
+        })
+        .await;
+        if finished.is_err() {
+            set.abort_all();
+            errors.push(format!(
+                "publishers still busy {FINISH_TIMEOUT:?} after the consumer finished"
+            ));
+        }
+        let recv = match recv {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("consumer: {e:#}"));
+                RecvStats::default()
+            }
+        };
+        if mode == Mode::Gateway {
+            if let Some(gw) = self.gateway.as_mut() {
+                if let Err(e) = gw.check_alive() {
+                    errors.push(format!("{e:#}"));
+                }
+            }
+        }
+
+        let end_ns = recv.last_ns.unwrap_or(start_ns);
+        let seconds = end_ns.saturating_sub(start_ns) as f64 / 1e9;
+        let per_sec = |count: u64, secs: f64| if secs > 0.0 { count as f64 / secs } else { 0.0 };
+        let mut notes = Vec::new();
+        if mode == Mode::Mosquitto {
+            notes.push("sub qos 0".to_owned());
+        }
+        let publish_seconds = publish.done_ns.saturating_sub(start_ns) as f64 / 1e9;
+        errors.dedup();
+        Ok(RunReport {
+            mode: mode.name(),
+            qos,
+            messages,
+            publishers,
+            payload: builder.len(),
+            target_rate: self.args.rate,
+            rate: per_sec(recv.received, seconds),
+            publish_rate: per_sec(publish.sent, publish_seconds),
+            lost: messages.saturating_sub(recv.received),
+            seconds,
+            recv,
+            publish,
+            notes,
+            error: (!errors.is_empty()).then(|| errors.join("; ")),
+        })
+    }
+
+    /// Stops the gateway, deletes the bench's exchange, closes AMQP.
+    async fn shutdown(&mut self) {
+        if let Some(gw) = self.gateway.take() {
+            if let Some(note) = gw.stop(Duration::from_secs(5)).await {
+                self.notes.push(note);
+            }
+        }
+        if let Some(conn) = self.control.take() {
+            if self.own_exchange {
+                if let Err(e) = amqp::delete_exchange(&conn, &self.exchange).await {
+                    self.notes.push(format!("{e:#}"));
+                }
+            }
+            let _ = timeout(Duration::from_secs(2), conn.close(200, "bye".into())).await;
+        }
+    }
+}
+
+/// Aborts the task when the run is left early.
+struct AbortOnDrop<T>(JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,275 @@
+//! Spawning mqgate for a bench: a temp config on free ports, the child
+//! process with its output in a log file, readiness by polling `/readyz`,
+//! and a guard that stops the child however the bench ends.
+
+use std::fs::{self, File};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::stats::json_str;
+
+/// A running mqgate child; stopped (and reaped) on drop.
+pub struct Gateway {
+    child: Option<Child>,
+    pub mqtt_addr: String,
+    pub admin_addr: String,
+    pub log_path: PathBuf,
+    dir: PathBuf,
+}
+
+/// Settings of the spawned gateway.
+pub struct GatewaySpec<'a> {
+    pub binary: &'a Path,
+    pub amqp_url: &'a str,
+    pub exchange: &'a str,
+    pub receive_maximum: usize,
+    pub ready_timeout: Duration,
+}
+
+/// A loopback port that was free a moment ago.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(listener.local_addr().context("read the free port")?.port())
+}
+
+/// The gateway config for a bench: every `bench/#` topic to `exchange`.
+pub fn config_yaml(
+    mqtt: &str,
+    admin: &str,
+    amqp_url: &str,
+    exchange: &str,
+    rx_max: usize,
+) -> String {
+    // JSON strings are valid YAML double-quoted scalars.
+    format!(
+        "# Written by mqgate-bench.\n\
+         mqtt:\n  listen: {}\n  receive_maximum: {rx_max}\n\
+         admin:\n  listen: {}\n\
+         amqp:\n  rabbit:\n    url: {}\n\
+         rules:\n  - name: bench\n    from: \"bench/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n",
+        json_str(mqtt),
+        json_str(admin),
+        json_str(amqp_url),
+        json_str(exchange),
+    )
+}
+
+impl Gateway {
+    /// Writes the config, starts mqgate and waits until `/readyz` says 200.
+    pub async fn start(spec: &GatewaySpec<'_>) -> Result<Gateway> {
+        if !spec.binary.is_file() {
+            bail!(
+                "mqgate binary {} not found (build it with `cargo build --release --bins`, \
+                 pass --mqgate PATH, or use --mqtt-addr for a running gateway)",
+                spec.binary.display()
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("mqgate-bench-{}", std::process::id()));
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let mqtt_addr = format!("127.0.0.1:{}", free_port()?);
+        let admin_addr = format!("127.0.0.1:{}", free_port()?);
+        let config_path = dir.join("mqgate.yaml");
+        fs::write(
+            &config_path,
+            config_yaml(
+                &mqtt_addr,
+                &admin_addr,
+                spec.amqp_url,
+                spec.exchange,
+                spec.receive_maximum,
+            ),
+        )
+        .with_context(|| format!("write {}", config_path.display()))?;
+        let log_path = dir.join("mqgate.log");
+        let log =
+            File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
+        let log_err = log.try_clone().context("clone log file handle")?;
+        let child = Command::new(spec.binary)
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("spawn {}", spec.binary.display()))?;
+        let mut gw = Gateway { child: Some(child), mqtt_addr, admin_addr, log_path, dir };
+        gw.wait_ready(spec.ready_timeout).await?;
+        Ok(gw)
+    }
+
+    async fn wait_ready(&mut self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait().context("poll mqgate")? {
+                    self.child = None;
+                    bail!(
+                        "mqgate exited with {status} before it was ready; log {}:\n{}",
+                        self.log_path.display(),
+                        self.log_tail(20)
+                    );
+                }
+            }
+            let last = match http_get_status(&self.admin_addr, "/readyz").await {
+                Ok(200) => return Ok(()),
+                Ok(code) => format!("/readyz answered {code}"),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "mqgate not ready after {limit:?} ({last}); log {}:\n{}",
+                    self.log_path.display(),
+                    self.log_tail(20)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The last `n` lines of mqgate's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        match fs::read(&self.log_path) {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(n)..].join("\n")
+            }
+            Err(e) => format!("(cannot read log: {e})"),
+        }
+    }
+
+    /// Whether mqgate is still running; `Err` with its exit status and log
+    /// tail if it died.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(child) = self.child.as_mut() {
+            if let Some(status) = child.try_wait().context("poll mqgate")? {
+                self.child = None;
+                bail!(
+                    "mqgate exited with {status} during the bench; log {}:\n{}",
+                    self.log_path.display(),
+                    self.log_tail(20)
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks mqgate to stop (SIGTERM), waits up to `grace`, then kills it.
+    /// Returns a note when the shutdown was not clean.
+    pub async fn stop(mut self, grace: Duration) -> Option<String> {
+        let mut child = self.child.take()?;
+        let pid = child.id().to_string();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + grace;
+        let note = loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => break None,
+                Ok(Some(status)) => {
+                    break Some(format!(
+                        "mqgate exited with {status} on SIGTERM; log {}",
+                        self.log_path.display()
+                    ))
+                }
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(None) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Some(format!(
+                        "mqgate did not exit within {grace:?} of SIGTERM and was killed; log {}",
+                        self.log_path.display()
+                    ));
+                }
+                Err(e) => break Some(format!("waiting for mqgate: {e}")),
+            }
+        };
+        if note.is_none() {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+        note
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// `GET path` over plain HTTP/1.0; returns the status code.
+pub async fn http_get_status(addr: &str, path: &str) -> Result<u16> {
+    let io = async {
+        let mut stream =
+            TcpStream::connect(addr).await.with_context(|| format!("connect to admin {addr}"))?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .context("send HTTP request")?;
+        let mut response = Vec::with_capacity(1024);
+        let mut chunk = [0u8; 1024];
+        // The status line is all that is needed.
+        while !response.contains(&b'\n') && response.len() < 8192 {
+            let n = stream.read(&mut chunk).await.context("read HTTP response")?;
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&chunk[..n]);
+        }
+        anyhow::Ok(response)
+    };
+    let response = timeout(Duration::from_secs(2), io)
+        .await
+        .map_err(|_| anyhow!("admin {addr} did not answer within 2 s"))??;
+    let line = response.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next().and_then(|c| c.parse::<u16>().ok())) {
+        (Some(v), Some(code)) if v.starts_with("HTTP/") => Ok(code),
+        _ => bail!("not an HTTP response from {addr}: {:?}", line.trim_end()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_has_the_documented_shape() {
+        let y = config_yaml("127.0.0.1:1", "127.0.0.1:2", "amqp://g:g@h/%2f", "ex-1", 1024);
+        assert!(y.contains("mqtt:\n  listen: \"127.0.0.1:1\"\n  receive_maximum: 1024\n"));
+        assert!(y.contains("admin:\n  listen: \"127.0.0.1:2\"\n"));
+        assert!(y.contains("amqp:\n  rabbit:\n    url: \"amqp://g:g@h/%2f\"\n"));
+        assert!(y.contains("from: \"bench/#\""));
+        assert!(y.contains("          broker: rabbit\n          exchange: \"ex-1\"\n"));
+    }
+
+    #[tokio::test]
+    async fn reads_http_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 256];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 503 Service Unavailable\r\n\r\nnot ready").await.unwrap();
+        });
+        assert_eq!(http_get_status(&addr, "/readyz").await.unwrap(), 503);
+        server.await.unwrap();
+    }
+}

@@ -1,0 +1,443 @@
+//! The YAML configuration: parsed with serde-saphyr, then validated into something the rest of
+//! mqgate can trust. Every error names the file, line and column it comes from.
+//!
+//! Owns no I/O besides reading the one file it is given. Defaults are `const fn`s so the docs
+//! and the code cannot disagree.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+use crate::mqtt::topic;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The MQTT listener and its limits.
+    pub mqtt: MqttConfig,
+    /// The admin HTTP endpoint (health, readiness, metrics).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Named AMQP 0-9-1 broker connections, referenced by rule targets.
+    #[serde(default)]
+    pub amqp: BTreeMap<String, AmqpBrokerConfig>,
+    /// Routing rules: an MQTT topic filter and the targets a matching message goes to.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// `mqtt:`: the device-facing listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address the MQTT listener binds, e.g. "0.0.0.0:1883".
+    pub listen: Spanned<String>,
+    /// Connections beyond this are refused (closed right after accept).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes, fixed header included (MQTT 5 Maximum Packet Size).
+    #[serde(default = "default_max_packet_size")]
+    pub max_packet_size: u32,
+    /// A connection that sends no complete CONNECT within this time is closed.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Spanned<HumanDuration>,
+    /// QoS 1/2 PUBLISHes a client may have unacknowledged at once (MQTT 5 Receive Maximum; the
+    /// same window applies to 3.1.1 clients). When it is full the session stops reading.
+    #[serde(default = "default_receive_maximum")]
+    pub receive_maximum: u16,
+    /// Largest keepalive granted, in seconds; 0 means no maximum.
+    #[serde(default = "default_max_keepalive")]
+    pub max_keepalive: u16,
+    /// Accept clients without credentials (authentication arrives with a later release).
+    #[serde(default = "default_true")]
+    pub allow_anonymous: bool,
+    /// Messages waiting to be written to one subscriber; beyond it, messages to that
+    /// subscriber are dropped and counted (`mqgate_messages_dropped{reason="subscriber_queue_full"}`).
+    #[serde(default = "default_outbound_queue")]
+    pub outbound_queue: usize,
+    /// QoS 1 messages sent to one subscriber and not yet acknowledged (capped by the client's
+    /// own Receive Maximum).
+    #[serde(default = "default_max_inflight_out")]
+    pub max_inflight_out: u16,
+}
+
+/// `admin:`: health, readiness and metrics over HTTP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address the admin HTTP server binds.
+    #[serde(default = "default_admin_listen")]
+    pub listen: Spanned<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: unspanned(default_admin_listen_str()) }
+    }
+}
+
+/// `amqp.NAME:`: one AMQP 0-9-1 broker connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpBrokerConfig {
+    /// amqp://user:pass@host:port/vhost (vhost URL-encoded, "%2f" for "/").
+    pub url: Spanned<String>,
+    /// Channels in confirm mode that publishes are spread over.
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    /// Publishes awaiting a confirm, across the connection; at the bound, publishers wait.
+    #[serde(default = "default_max_unconfirmed")]
+    pub max_unconfirmed: usize,
+    /// Publish requests queued in front of the connection.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Time allowed for the TCP and AMQP handshake.
+    #[serde(default = "default_amqp_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// First reconnect delay; doubles after each failure up to `reconnect_max`.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    /// Longest reconnect delay.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: HumanDuration,
+}
+
+/// One entry of `rules:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Unique name; labels the rule's metrics.
+    pub name: Spanned<String>,
+    /// MQTT topic filter (`+` and `#` allowed).
+    pub from: Spanned<String>,
+    /// Where matching messages go.
+    pub to: Vec<TargetConfig>,
+}
+
+/// One target of a rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "snake_case")]
+pub enum TargetConfig {
+    /// Publish to an AMQP exchange.
+    Amqp(AmqpTargetConfig),
+}
+
+/// `- amqp:` target.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpTargetConfig {
+    /// Key of a broker under `amqp:`.
+    pub broker: Spanned<String>,
+    /// Exchange to publish to ("" is the default exchange).
+    pub exchange: Spanned<String>,
+    /// Fixed routing key. Default: the topic with '/' translated to '.', as RabbitMQ's MQTT
+    /// plugin does (sensors/a/telemetry -> sensors.a.telemetry).
+    #[serde(default)]
+    pub routing_key: Option<Spanned<String>>,
+}
+
+/// A duration written as seconds (`10`) or with a unit (`250ms`, `10s`, `5m`, `1h`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(HumanDuration(Duration::from_secs(s))),
+            Raw::Text(t) => parse_duration(&t).map(HumanDuration).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {t:?}: write e.g. 10, \"250ms\", \"10s\", \"5m\" or \"1h\""
+                ))
+            }),
+        }
+    }
+}
+
+fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit.trim() {
+        "" | "s" => Some(Duration::from_secs(n)),
+        "ms" => Some(Duration::from_millis(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+const fn default_max_connections() -> usize {
+    10_000
+}
+const fn default_max_packet_size() -> u32 {
+    1024 * 1024
+}
+fn default_connect_timeout() -> Spanned<HumanDuration> {
+    unspanned(HumanDuration(Duration::from_secs(10)))
+}
+const fn default_receive_maximum() -> u16 {
+    1024
+}
+const fn default_max_keepalive() -> u16 {
+    3600
+}
+const fn default_true() -> bool {
+    true
+}
+const fn default_outbound_queue() -> usize {
+    1024
+}
+const fn default_max_inflight_out() -> u16 {
+    256
+}
+fn default_admin_listen_str() -> String {
+    "127.0.0.1:9090".to_owned()
+}
+fn default_admin_listen() -> Spanned<String> {
+    unspanned(default_admin_listen_str())
+}
+const fn default_channels() -> usize {
+    2
+}
+const fn default_max_unconfirmed() -> usize {
+    8192
+}
+const fn default_queue() -> usize {
+    1024
+}
+const fn default_amqp_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+const fn default_reconnect_min() -> HumanDuration {
+    HumanDuration(Duration::from_millis(100))
+}
+const fn default_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+fn unspanned<T>(value: T) -> Spanned<T> {
+    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
+}
+
+/// One problem in a config file, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file as the user named it.
+    pub file: PathBuf,
+    /// 1-based line, 0 when unknown.
+    pub line: u64,
+    /// 1-based column, 0 when unknown.
+    pub column: u64,
+    /// What is wrong and, where possible, how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+    }
+}
+
+/// Every problem found in a config file (at least one).
+#[derive(Debug, Clone)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                file: path.to_owned(),
+                line: 0,
+                column: 0,
+                message: format!("cannot read the config file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates `text`, attributing errors to `file`.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        let config: Config = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+            ConfigErrors(vec![ConfigError {
+                file: file.to_owned(),
+                line,
+                column,
+                message: first_line(&e.to_string()),
+            }])
+        })?;
+        let errors = config.validate(file);
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+
+    fn validate(&self, file: &Path) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |loc: &Location, message: String| {
+            errors.push(ConfigError {
+                file: file.to_owned(),
+                line: loc.line(),
+                column: loc.column(),
+                message,
+            })
+        };
+        if let Err(e) = self.mqtt.listen.value.parse::<SocketAddr>() {
+            err(&self.mqtt.listen.referenced, format!("mqtt.listen: not an address:port ({e})"));
+        }
+        if let Err(e) = self.admin.listen.value.parse::<SocketAddr>() {
+            err(&self.admin.listen.referenced, format!("admin.listen: not an address:port ({e})"));
+        }
+        if self.mqtt.receive_maximum == 0 {
+            err(&self.mqtt.listen.referenced, "mqtt.receive_maximum must be at least 1".into());
+        }
+        if self.mqtt.max_packet_size < 16 {
+            err(&self.mqtt.listen.referenced, "mqtt.max_packet_size must be at least 16".into());
+        }
+        if self.mqtt.connect_timeout.value.0.is_zero() {
+            err(&self.mqtt.connect_timeout.referenced, "mqtt.connect_timeout must be > 0".into());
+        }
+        for (name, broker) in &self.amqp {
+            let url = &broker.url.value;
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                err(&broker.url.referenced, format!("amqp.{name}.url must start with amqp://"));
+            }
+            if broker.channels == 0 || broker.max_unconfirmed == 0 || broker.queue == 0 {
+                err(
+                    &broker.url.referenced,
+                    format!("amqp.{name}: channels, max_unconfirmed and queue must be at least 1"),
+                );
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for rule in &self.rules {
+            if !names.insert(rule.name.value.as_str()) {
+                err(&rule.name.referenced, format!("duplicate rule name {:?}", rule.name.value));
+            }
+            if let Err(e) = topic::validate_filter(&rule.from.value) {
+                err(&rule.from.referenced, format!("rule {:?}: from: {e}", rule.name.value));
+            }
+            if rule.to.is_empty() {
+                err(&rule.name.referenced, format!("rule {:?} has no targets", rule.name.value));
+            }
+            for target in &rule.to {
+                match target {
+                    TargetConfig::Amqp(t) => {
+                        if !self.amqp.contains_key(&t.broker.value) {
+                            let known: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
+                            err(
+                                &t.broker.referenced,
+                                format!(
+                                    "rule {:?}: no broker {:?} under amqp: (defined: {})",
+                                    rule.name.value,
+                                    t.broker.value,
+                                    if known.is_empty() { "none".into() } else { known.join(", ") }
+                                ),
+                            );
+                        }
+                        if t.exchange.value.len() > 255 {
+                            err(
+                                &t.exchange.referenced,
+                                "exchange name longer than 255 bytes".into(),
+                            );
+                        }
+                        if let Some(rk) = &t.routing_key {
+                            if rk.value.len() > 255 {
+                                err(&rk.referenced, "routing_key longer than 255 bytes".into());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    /// The MQTT listen address (validated).
+    pub fn mqtt_addr(&self) -> SocketAddr {
+        self.mqtt.listen.value.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 1883)))
+    }
+
+    /// The admin listen address (validated).
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.listen.value.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9090)))
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../config/mqgate.yaml");
+
+    #[test]
+    fn shipped_example_parses() {
+        let c = Config::parse(Path::new("config/mqgate.yaml"), EXAMPLE).expect("example is valid");
+        assert_eq!(c.mqtt_addr().port(), 1883);
+        assert_eq!(c.admin_addr().port(), 9090);
+        assert!(!c.rules.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_has_line_and_column() {
+        let text = "mqtt:\n  listen: \"0.0.0.0:1883\"\n  lisen: 3\n";
+        let e = Config::parse(Path::new("x.yaml"), text).unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].line, 3, "{e}");
+        assert!(e.0[0].column >= 3, "{e}");
+        assert!(e.to_string().starts_with("x.yaml:3:"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_point_at_the_value() {
+        let text = "mqtt:\n  listen: \"0.0.0.0:1883\"\nrules:\n  - name: a\n    from: \"a/#/b\"\n    to:\n      - amqp:\n          broker: nope\n          exchange: x\n";
+        let e = Config::parse(Path::new("c.yaml"), text).unwrap_err();
+        let lines: Vec<u64> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![5, 8], "{e}");
+        assert!(e.to_string().contains("no broker \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(parse_duration("ten"), None);
+        assert_eq!(parse_duration("5 parsecs"), None);
+    }
+}

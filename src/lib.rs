@@ -1,0 +1,11 @@
+//! mqgate: an MQTT to AMQP/HTTP bridge gateway. See ARCHITECTURE.md for the code map.
+
+pub mod admin;
+pub mod app;
+pub mod broker;
+pub mod config;
+pub mod message;
+pub mod metrics;
+pub mod mqtt;
+pub mod rules;
+pub mod sinks;

@@ -1,0 +1,242 @@
+//! Every metric mqgate exports, registered once at start-up.
+//!
+//! Hot paths hold pre-resolved handles (a `Counter` is a cheap `Arc` clone), so counting a
+//! message never looks up a label set. Owns no I/O; the admin server encodes the registry.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a per-rule, per-target series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabels {
+    /// The rule's `name`.
+    pub rule: String,
+    /// The target, e.g. `amqp:rabbit/amq.topic`.
+    pub target: String,
+}
+
+/// Labels naming an AMQP broker connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrokerLabels {
+    /// The broker's key under `amqp:`.
+    pub broker: String,
+}
+
+/// Labels of a counter split by a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// A short fixed reason, e.g. `subscriber_queue_full`.
+    pub reason: String,
+}
+
+/// Labels of a counter split by QoS.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QosLabels {
+    /// 0, 1 or 2.
+    pub qos: String,
+}
+
+/// Handles for one rule target, resolved when the rule set is compiled.
+#[derive(Clone, Debug, Default)]
+pub struct TargetMetrics {
+    /// Messages the target took (AMQP publish for QoS 0, confirm for QoS 1/2).
+    pub forwarded: Counter,
+    /// Messages the target did not take, whatever the reason.
+    pub failed: Counter,
+}
+
+/// Handles for one AMQP broker connection.
+#[derive(Clone, Debug)]
+pub struct BrokerMetrics {
+    /// 1 while connected, 0 otherwise.
+    pub connected: Gauge,
+    /// Successful (re)connections.
+    pub connects: Counter,
+    /// Publishes sent and not yet confirmed.
+    pub unconfirmed: Gauge,
+    /// Seconds from publish to confirm.
+    pub confirm_latency: Histogram,
+    /// Publishes the broker nacked.
+    pub nacks: Counter,
+}
+
+/// The registry and every family in it.
+pub struct Metrics {
+    /// Encoded by `GET /metrics`.
+    pub registry: Registry,
+    /// Open MQTT connections.
+    pub connections: Gauge,
+    /// MQTT connections accepted since start.
+    pub connections_total: Counter,
+    /// Connections refused because `mqtt.max_connections` was reached.
+    pub connections_refused: Counter,
+    /// PUBLISH packets received from clients, by QoS.
+    pub messages_received: Family<QosLabels, Counter>,
+    /// Messages handed to local subscribers.
+    pub messages_delivered_local: Counter,
+    /// Messages dropped on purpose, by reason (never silently).
+    pub messages_dropped: Family<ReasonLabels, Counter>,
+    /// QoS 1/2 messages whose acknowledgement was withheld or negative because a target failed.
+    pub acks_failed: Counter,
+    /// Protocol errors and malformed packets that closed a connection, by reason.
+    pub protocol_errors: Family<ReasonLabels, Counter>,
+    /// Per rule and target: forwarded.
+    pub target_forwarded: Family<TargetLabels, Counter>,
+    /// Per rule and target: failed.
+    pub target_failed: Family<TargetLabels, Counter>,
+    /// Per broker: connected (1/0).
+    pub amqp_connected: Family<BrokerLabels, Gauge>,
+    /// Per broker: successful connections.
+    pub amqp_connects: Family<BrokerLabels, Counter>,
+    /// Per broker: unconfirmed publishes in flight.
+    pub amqp_unconfirmed: Family<BrokerLabels, Gauge>,
+    /// Per broker: confirm latency in seconds.
+    pub amqp_confirm_latency: Family<BrokerLabels, Histogram>,
+    /// Per broker: nacked publishes.
+    pub amqp_nacks: Family<BrokerLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Builds and registers every family.
+    pub fn new() -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("mqgate");
+        let m = Metrics {
+            connections: Gauge::default(),
+            connections_total: Counter::default(),
+            connections_refused: Counter::default(),
+            messages_received: Family::default(),
+            messages_delivered_local: Counter::default(),
+            messages_dropped: Family::default(),
+            acks_failed: Counter::default(),
+            protocol_errors: Family::default(),
+            target_forwarded: Family::default(),
+            target_failed: Family::default(),
+            amqp_connected: Family::default(),
+            amqp_connects: Family::default(),
+            amqp_unconfirmed: Family::default(),
+            amqp_confirm_latency: Family::new_with_constructor(latency_histogram),
+            amqp_nacks: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("connections", "Open MQTT connections", m.connections.clone());
+        registry.register(
+            "connections_accepted",
+            "MQTT connections accepted",
+            m.connections_total.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "MQTT connections refused at mqtt.max_connections",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "messages_received",
+            "PUBLISH packets received from MQTT clients",
+            m.messages_received.clone(),
+        );
+        registry.register(
+            "messages_delivered_local",
+            "Messages handed to local MQTT subscribers",
+            m.messages_delivered_local.clone(),
+        );
+        registry.register(
+            "messages_dropped",
+            "Messages dropped on purpose, by reason",
+            m.messages_dropped.clone(),
+        );
+        registry.register(
+            "acks_failed",
+            "QoS 1/2 messages not acknowledged as delivered because a target failed",
+            m.acks_failed.clone(),
+        );
+        registry.register(
+            "protocol_errors",
+            "Connections closed for a protocol error or malformed packet",
+            m.protocol_errors.clone(),
+        );
+        registry.register(
+            "target_forwarded",
+            "Messages a rule target took",
+            m.target_forwarded.clone(),
+        );
+        registry.register(
+            "target_failed",
+            "Messages a rule target did not take",
+            m.target_failed.clone(),
+        );
+        registry.register(
+            "amqp_connected",
+            "1 while the AMQP broker connection is up",
+            m.amqp_connected.clone(),
+        );
+        registry.register(
+            "amqp_connects",
+            "Successful AMQP broker connections",
+            m.amqp_connects.clone(),
+        );
+        registry.register(
+            "amqp_unconfirmed",
+            "AMQP publishes awaiting a publisher confirm",
+            m.amqp_unconfirmed.clone(),
+        );
+        registry.register(
+            "amqp_confirm_latency_seconds",
+            "Time from AMQP publish to publisher confirm",
+            m.amqp_confirm_latency.clone(),
+        );
+        registry.register(
+            "amqp_nacks",
+            "AMQP publishes nacked by the broker",
+            m.amqp_nacks.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Handles for one rule target.
+    pub fn target(&self, rule: &str, target: &str) -> TargetMetrics {
+        let labels = TargetLabels { rule: rule.to_owned(), target: target.to_owned() };
+        TargetMetrics {
+            forwarded: self.target_forwarded.get_or_create(&labels).clone(),
+            failed: self.target_failed.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Handles for one broker.
+    pub fn broker(&self, broker: &str) -> BrokerMetrics {
+        let labels = BrokerLabels { broker: broker.to_owned() };
+        BrokerMetrics {
+            connected: self.amqp_connected.get_or_create(&labels).clone(),
+            connects: self.amqp_connects.get_or_create(&labels).clone(),
+            unconfirmed: self.amqp_unconfirmed.get_or_create(&labels).clone(),
+            confirm_latency: self.amqp_confirm_latency.get_or_create(&labels).clone(),
+            nacks: self.amqp_nacks.get_or_create(&labels).clone(),
+        }
+    }
+
+    /// Counts one message dropped for `reason`.
+    pub fn dropped(&self, reason: &str) {
+        self.messages_dropped.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts one connection closed for a protocol error.
+    pub fn protocol_error(&self, reason: &str) {
+        self.protocol_errors.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs .. ~1.6 s
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}

@@ -1,0 +1,137 @@
+//! A buffered MQTT connection: bytes from the socket become [`Packet`]s, packets become bytes.
+//!
+//! Owns the socket and both buffers; knows nothing of sessions, routing or acknowledgements.
+//! Reading is cancel-safe (it may sit in a `select!`); writes are queued into a buffer and
+//! flushed in one `write_all`, so a burst of acknowledgements costs one syscall.
+
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::mqtt::codec::{self, DecodeError, EncodeError, Packet, ProtocolVersion};
+
+/// Read buffer size to start with; grows up to the packet size limit as needed.
+const READ_CAPACITY: usize = 16 * 1024;
+
+/// One client connection's socket and buffers.
+#[derive(Debug)]
+pub struct Connection<S> {
+    /// The socket (TCP now, TLS later).
+    stream: S,
+    /// Bytes read and not yet decoded.
+    rbuf: BytesMut,
+    /// Encoded packets not yet written.
+    wbuf: BytesMut,
+    /// Set from the CONNECT; `None` until then.
+    version: Option<ProtocolVersion>,
+    /// Largest packet we accept.
+    max_packet_size: usize,
+    /// Largest packet the client accepts (MQTT 5 Maximum Packet Size), `u32::MAX` if unset.
+    client_max_packet_size: u32,
+}
+
+/// Why a packet could not be queued for writing.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The codec could not encode it.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// It is larger than the client's Maximum Packet Size; it was not queued.
+    #[error("packet of {size} bytes exceeds the client's maximum packet size {max}")]
+    TooLargeForClient {
+        /// Encoded size.
+        size: usize,
+        /// The client's limit.
+        max: u32,
+    },
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+    /// Wraps a freshly accepted socket.
+    pub fn new(stream: S, max_packet_size: usize) -> Self {
+        Connection {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CAPACITY),
+            wbuf: BytesMut::with_capacity(READ_CAPACITY),
+            version: None,
+            max_packet_size,
+            client_max_packet_size: u32::MAX,
+        }
+    }
+
+    /// Fixes the protocol version (after CONNECT) and the client's packet size limit.
+    pub fn set_version(&mut self, version: ProtocolVersion, client_max_packet_size: Option<u32>) {
+        self.version = Some(version);
+        self.client_max_packet_size = client_max_packet_size.unwrap_or(u32::MAX);
+    }
+
+    /// The protocol version, once known.
+    pub fn version(&self) -> Option<ProtocolVersion> {
+        self.version
+    }
+
+    /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
+    /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
+    pub async fn fill(&mut self) -> io::Result<bool> {
+        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
+            self.rbuf.reserve(READ_CAPACITY);
+        }
+        let n = self.stream.read_buf(&mut self.rbuf).await?;
+        if n == 0 {
+            if self.rbuf.is_empty() {
+                return Ok(false);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed mid-packet",
+            ));
+        }
+        Ok(true)
+    }
+
+    /// Decodes the next complete packet already in the buffer, if any.
+    pub fn decode(&mut self) -> Result<Option<Packet>, DecodeError> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        codec::decode(&mut self.rbuf, self.version, self.max_packet_size)
+    }
+
+    /// True when undecoded bytes are buffered.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    /// Encodes `packet` into the write buffer (nothing is sent until [`flush`](Self::flush)).
+    pub fn queue(&mut self, packet: &Packet) -> Result<(), QueueError> {
+        let version = self.version.unwrap_or(ProtocolVersion::V311);
+        let before = self.wbuf.len();
+        let size = codec::encode(packet, version, &mut self.wbuf)?;
+        if size as u64 > u64::from(self.client_max_packet_size) {
+            self.wbuf.truncate(before);
+            return Err(QueueError::TooLargeForClient { size, max: self.client_max_packet_size });
+        }
+        Ok(())
+    }
+
+    /// True when queued bytes wait to be written.
+    pub fn has_pending_writes(&self) -> bool {
+        !self.wbuf.is_empty()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Flushes, then shuts the write side down (best effort).
+    pub async fn close(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}

@@ -1,0 +1,64 @@
+//! The MQTT accept loop: caps connections, spawns one session task per client, and waits for
+//! them to finish on shutdown. A connection's errors end in its own task, never here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn};
+
+use super::session::{self, SessionShared};
+
+/// How long shutdown waits for sessions to close before giving up on them.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Accepts connections on `listener` until `shared.shutdown` is cancelled, then waits (bounded)
+/// for every session to end.
+pub async fn run(listener: TcpListener, shared: Arc<SessionShared>, max_connections: usize) {
+    let permits = Arc::new(Semaphore::new(max_connections));
+    let tasks = TaskTracker::new();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff = Duration::from_millis(5);
+                a
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: wait, then go on accepting.
+                error!(error = %e, "accept failed; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            shared.metrics.connections_refused.inc();
+            warn!(%peer, max_connections, "connection refused: mqtt.max_connections reached");
+            drop(stream);
+            continue;
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(%peer, error = %e, "set_nodelay failed");
+        }
+        let shared = Arc::clone(&shared);
+        shared.metrics.connections.inc();
+        shared.metrics.connections_total.inc();
+        tasks.spawn(async move {
+            session::run(stream, peer, Arc::clone(&shared)).await;
+            shared.metrics.connections.dec();
+            drop(permit);
+        });
+    }
+    tasks.close();
+    info!(sessions = tasks.len(), "MQTT listener stopped; waiting for sessions to close");
+    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {
+        warn!(sessions = tasks.len(), "sessions still open after {DRAIN_DEADLINE:?}; leaving them");
+    }
+}

@@ -1,0 +1,206 @@
+//! The CONNECT handshake: wait (bounded) for CONNECT, check it, register the client id, answer
+//! CONNACK. Returns what the session needs, or `None` when the connection must close.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::SessionShared;
+use crate::mqtt::codec::{
+    ConnAck, Connect, DecodeError, LastWill, Packet, Properties, ProtocolVersion, ReasonCode,
+};
+use crate::mqtt::connection::Connection;
+use crate::mqtt::topic;
+
+/// What a successful handshake hands to the session.
+pub(super) struct Connected {
+    pub version: ProtocolVersion,
+    pub client_id: Arc<str>,
+    pub username: Option<Arc<str>>,
+    pub session_id: u64,
+    pub keepalive: Option<Duration>,
+    pub will: Option<LastWill>,
+    pub problem_info: bool,
+    /// The client's Receive Maximum (MQTT 5), caps our outbound window.
+    pub client_receive_maximum: Option<u16>,
+    pub takeover: CancellationToken,
+}
+
+/// Runs the handshake. `Ok(None)`: the connection must close (an answer may be queued).
+pub(super) async fn handshake<S>(
+    conn: &mut Connection<S>,
+    shared: &SessionShared,
+) -> std::io::Result<Option<Connected>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
+    let connect = loop {
+        match conn.decode() {
+            Ok(Some(Packet::Connect(c))) => break c,
+            Ok(Some(other)) => {
+                shared.metrics.protocol_error("first_packet_not_connect");
+                debug!(packet = other.name(), "first packet is not CONNECT");
+                return Ok(None);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                refuse_undecodable(conn, shared, &e);
+                return Ok(None);
+            }
+        }
+        tokio::select! {
+            read = conn.fill() => {
+                if !read? {
+                    return Ok(None);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                shared.metrics.protocol_error("connect_timeout");
+                debug!("no CONNECT within {:?}", shared.limits.connect_timeout);
+                return Ok(None);
+            }
+            () = shared.shutdown.cancelled() => return Ok(None),
+        }
+    };
+    let version = connect.protocol;
+    let client_max_packet = connect.properties.maximum_packet_size;
+    conn.set_version(version, client_max_packet);
+    match accept(&connect, shared) {
+        Ok(accepted) => {
+            let (session_id, takeover) = shared.broker.register(&accepted.client_id);
+            let mut properties = Properties::default();
+            if version == ProtocolVersion::V5 {
+                properties.receive_maximum = Some(shared.limits.receive_maximum);
+                properties.maximum_packet_size = Some(shared.limits.max_packet_size);
+                properties.subscription_identifier_available = Some(0);
+                properties.shared_subscription_available = Some(0);
+                properties.topic_alias_maximum = Some(0);
+                if accepted.assigned {
+                    properties.assigned_client_identifier = Some(accepted.client_id.clone());
+                }
+                if accepted.keep_alive != connect.keep_alive {
+                    properties.server_keep_alive = Some(accepted.keep_alive);
+                }
+            }
+            let connack = ConnAck { session_present: false, code: ReasonCode::SUCCESS, properties };
+            if let Err(e) = conn.queue(&Packet::ConnAck(connack)) {
+                warn!(error = %e, "cannot encode CONNACK");
+                shared.broker.unregister(&accepted.client_id, session_id);
+                return Ok(None);
+            }
+            let keepalive = (accepted.keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
+            Ok(Some(Connected {
+                version,
+                client_id: Arc::from(accepted.client_id.as_str()),
+                username: connect.username.as_deref().map(Arc::from),
+                session_id,
+                keepalive,
+                will: connect.will.clone(),
+                problem_info: connect.properties.request_problem_information != Some(0),
+                client_receive_maximum: connect.properties.receive_maximum,
+                takeover,
+            }))
+        }
+        Err((code, reason)) => {
+            debug!(?code, reason, "CONNECT refused");
+            let mut properties = Properties::default();
+            if version == ProtocolVersion::V5
+                && connect.properties.request_problem_information != Some(0)
+            {
+                properties.reason_string = Some(reason.to_owned());
+            }
+            let connack = ConnAck { session_present: false, code, properties };
+            let _ = conn.queue(&Packet::ConnAck(connack));
+            Ok(None)
+        }
+    }
+}
+
+/// A CONNECT that passed the checks.
+struct Accepted {
+    client_id: String,
+    /// The id was assigned by us (MQTT 5 Assigned Client Identifier).
+    assigned: bool,
+    /// Keepalive granted.
+    keep_alive: u16,
+}
+
+fn accept(c: &Connect, shared: &SessionShared) -> Result<Accepted, (ReasonCode, &'static str)> {
+    if c.properties.authentication_method.is_some() {
+        return Err((
+            ReasonCode::BAD_AUTHENTICATION_METHOD,
+            "enhanced authentication is not supported",
+        ));
+    }
+    if c.username.is_none() && !shared.limits.allow_anonymous {
+        return Err((ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed"));
+    }
+    if c.username.is_some() || c.password.is_some() {
+        // Users and passwords arrive with the authentication release; until then a client that
+        // sends credentials is refused rather than silently let in with them unchecked.
+        if !shared.limits.allow_anonymous {
+            return Err((ReasonCode::BAD_USER_NAME_OR_PASSWORD, "no users are configured"));
+        }
+    }
+    if let Some(will) = &c.will {
+        if topic::validate_name(&will.topic).is_err() {
+            return Err((ReasonCode::TOPIC_NAME_INVALID, "invalid will topic"));
+        }
+    }
+    let (client_id, assigned) = if c.client_id.is_empty() {
+        if c.protocol == ProtocolVersion::V311 && !c.clean_start {
+            return Err((
+                ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+                "an empty client id needs clean session",
+            ));
+        }
+        (generated_client_id(), c.protocol == ProtocolVersion::V5)
+    } else {
+        (c.client_id.clone(), false)
+    };
+    let max = shared.limits.max_keepalive;
+    let keep_alive = if max > 0
+        && (c.keep_alive == 0 || c.keep_alive > max)
+        && c.protocol == ProtocolVersion::V5
+    {
+        max
+    } else {
+        c.keep_alive
+    };
+    Ok(Accepted { client_id, assigned, keep_alive })
+}
+
+fn generated_client_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("mqgate-{:x}-{n}", t & 0xffff_ffff)
+}
+
+/// Answers a CONNECT that could not be decoded: CONNACK 0x01/0x84 for an unsupported protocol
+/// version, nothing for anything else (we cannot know which version to answer in).
+fn refuse_undecodable<S>(conn: &mut Connection<S>, shared: &SessionShared, e: &DecodeError)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    shared.metrics.protocol_error(e.kind());
+    debug!(error = %e, "bad CONNECT");
+    if e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+        // 3.1.1 §3.2.2.3: return code 0x01, then close. Encoded as 3.1.1 (the default).
+        let connack = ConnAck {
+            session_present: false,
+            code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            properties: Properties::default(),
+        };
+        let _ = conn.queue(&Packet::ConnAck(connack));
+    }
+}

@@ -1,0 +1,315 @@
+//! PUBLISH from the client: route it, hand it to the targets, and acknowledge it honestly.
+//!
+//! Every QoS 1/2 PUBLISH gets one [`Pending`] entry, in arrival order, holding the outcome
+//! receivers of its targets. Only the front entry is ever completed, so PUBACK/PUBREC leave in
+//! the order the PUBLISHes came even when confirms arrive out of order. A failed outcome never
+//! becomes a success: MQTT 5 gets an error reason code (final failures) or a DISCONNECT
+//! (retryable ones, so the client resends); MQTT 3.1.1, which has no negative ack, gets the
+//! connection closed with the PUBACK withheld.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
+
+use super::{End, Session, SessionShared};
+use crate::message::Message;
+use crate::metrics::QosLabels;
+use crate::mqtt::codec::{
+    LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
+};
+use crate::rules::Target;
+use crate::sinks::amqp::PublishRequest;
+use crate::sinks::{Failure, Outcome};
+
+/// One QoS 1/2 PUBLISH waiting for its acknowledgement.
+#[derive(Debug)]
+pub(super) struct Pending {
+    /// The client's packet id.
+    packet_id: u16,
+    /// 1 → PUBACK, 2 → PUBREC.
+    qos: QoS,
+    /// Outcome receivers not yet resolved (popped as they resolve).
+    waits: Vec<oneshot::Receiver<Outcome>>,
+    /// The first failure among resolved outcomes.
+    failure: Option<Failure>,
+    /// Whether any subscriber or rule matched (MQTT 5 reason 0x10 otherwise).
+    matched: bool,
+}
+
+/// The inbound window: pending acknowledgements in arrival order plus QoS 2 state.
+#[derive(Debug)]
+pub(super) struct PendingQueue {
+    /// Entries in the order their PUBLISHes arrived.
+    queue: VecDeque<Pending>,
+    /// Our Receive Maximum.
+    capacity: usize,
+    /// QoS 2 packet ids received and not yet released by PUBREL (exactly-once dedup).
+    awaiting_rel: HashSet<u16>,
+}
+
+/// The resolved front of the queue.
+pub(super) struct FrontDone {
+    packet_id: u16,
+    qos: QoS,
+    failure: Option<Failure>,
+    matched: bool,
+}
+
+impl PendingQueue {
+    pub(super) fn new(capacity: u16) -> Self {
+        PendingQueue {
+            queue: VecDeque::with_capacity(usize::from(capacity).min(1024)),
+            capacity: usize::from(capacity),
+            awaiting_rel: HashSet::new(),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// True while another QoS 1/2 PUBLISH may be read.
+    pub(super) fn has_room(&self) -> bool {
+        self.queue.len() < self.capacity
+    }
+
+    /// Waits until every outcome of the front entry is in, then removes and returns it.
+    /// Cancel-safe: outcomes already received stay recorded in the entry.
+    pub(super) async fn front_done(&mut self) -> FrontDone {
+        if let Some(front) = self.queue.front_mut() {
+            while let Some(rx) = front.waits.last_mut() {
+                let outcome = rx.await.unwrap_or_else(|_| {
+                    Outcome::Failed(Failure::retryable("the sink dropped the message"))
+                });
+                front.waits.pop();
+                if let Outcome::Failed(f) = outcome {
+                    front.failure.get_or_insert(f);
+                }
+            }
+        }
+        match self.queue.pop_front() {
+            Some(p) => FrontDone {
+                packet_id: p.packet_id,
+                qos: p.qos,
+                failure: p.failure,
+                matched: p.matched,
+            },
+            // Not reached: the branch is only polled when the queue is not empty.
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// Handles a PUBLISH from the client.
+    pub(super) async fn on_publish(&mut self, p: Publish) -> Option<End> {
+        let shared = Arc::clone(&self.shared);
+        shared
+            .metrics
+            .messages_received
+            .get_or_create(&QosLabels { qos: (p.qos as u8).to_string() })
+            .inc();
+        if self.version == ProtocolVersion::V5 {
+            if p.properties.topic_alias.is_some() {
+                shared.metrics.protocol_error("topic_alias");
+                return Some(self.server_disconnect(
+                    ReasonCode::TOPIC_ALIAS_INVALID,
+                    "topic aliases are not supported (Topic Alias Maximum is 0)",
+                ));
+            }
+            if p.qos != QoS::AtMostOnce && !self.pending.has_room() {
+                shared.metrics.protocol_error("receive_maximum_exceeded");
+                return Some(self.server_disconnect(
+                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more unacknowledged QoS 1/2 PUBLISHes than Receive Maximum",
+                ));
+            }
+            if p.properties.payload_format_indicator == Some(1)
+                && std::str::from_utf8(&p.payload).is_err()
+            {
+                shared.metrics.protocol_error("payload_format_invalid");
+                return Some(self.server_disconnect(
+                    ReasonCode::PAYLOAD_FORMAT_INVALID,
+                    "payload format indicator says UTF-8 but the payload is not",
+                ));
+            }
+        }
+        if p.qos == QoS::ExactlyOnce && self.pending.awaiting_rel.contains(&p.packet_id) {
+            // A resend before PUBREL: already taken; acknowledge again without forwarding.
+            debug!(
+                packet_id = p.packet_id,
+                "QoS 2 PUBLISH resent before PUBREL; not forwarded again"
+            );
+            self.pending.queue.push_back(Pending {
+                packet_id: p.packet_id,
+                qos: p.qos,
+                waits: Vec::new(),
+                failure: None,
+                matched: true,
+            });
+            return None;
+        }
+        let msg = Arc::new(Message {
+            topic: p.topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            client_id: Arc::clone(&self.client_id),
+            username: self.username.clone(),
+            properties: p.properties,
+            received: Instant::now(),
+        });
+        let (matched, waits) = route(&shared, &msg, Some(self.session_id)).await;
+        if p.qos != QoS::AtMostOnce {
+            if p.qos == QoS::ExactlyOnce {
+                self.pending.awaiting_rel.insert(p.packet_id);
+            }
+            self.pending.queue.push_back(Pending {
+                packet_id: p.packet_id,
+                qos: p.qos,
+                waits,
+                failure: None,
+                matched,
+            });
+        }
+        None
+    }
+
+    /// Sends the acknowledgement for a resolved front entry, or ends the session if the
+    /// message failed in a way the protocol version cannot express.
+    pub(super) fn complete_front(&mut self, done: FrontDone) -> Option<End> {
+        let code = match &done.failure {
+            None if !done.matched && self.version == ProtocolVersion::V5 => {
+                ReasonCode::NO_MATCHING_SUBSCRIBERS
+            }
+            None => ReasonCode::SUCCESS,
+            Some(f) => {
+                self.shared.metrics.acks_failed.inc();
+                if done.qos == QoS::ExactlyOnce {
+                    self.pending.awaiting_rel.remove(&done.packet_id);
+                }
+                warn!(packet_id = done.packet_id, reason = %f.reason, retryable = f.retryable, "message not delivered; not acknowledging it as delivered");
+                match (self.version, f.retryable) {
+                    (ProtocolVersion::V5, false) => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
+                    (ProtocolVersion::V5, true) => {
+                        let reason = format!(
+                            "message {} not delivered: {}; resend it",
+                            done.packet_id, f.reason
+                        );
+                        return Some(self.server_disconnect(ReasonCode::SERVER_BUSY, &reason));
+                    }
+                    (ProtocolVersion::V311, _) => {
+                        return Some(End::ServerClose {
+                            reason: format!(
+                                "message {} not delivered ({}); MQTT 3.1.1 has no negative PUBACK, so the connection is closed and the client resends",
+                                done.packet_id, f.reason
+                            ),
+                        });
+                    }
+                }
+            }
+        };
+        let mut properties = Properties::default();
+        if let (Some(f), true) = (&done.failure, self.problem_info) {
+            properties.reason_string = Some(f.reason.clone());
+        }
+        let response = PubResponse { packet_id: done.packet_id, code, properties };
+        let packet = match done.qos {
+            QoS::ExactlyOnce => Packet::PubRec(response),
+            _ => Packet::PubAck(response),
+        };
+        self.send(&packet)
+    }
+
+    /// PUBREL releases a QoS 2 packet id: answer PUBCOMP.
+    pub(super) fn on_pubrel(&mut self, r: PubResponse) -> Option<End> {
+        let known = self.pending.awaiting_rel.remove(&r.packet_id);
+        let code = if known || self.version == ProtocolVersion::V311 {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        let response =
+            PubResponse { packet_id: r.packet_id, code, properties: Properties::default() };
+        self.send(&Packet::PubComp(response))
+    }
+}
+
+/// Routes `msg` to local subscribers and to every target of every matching rule. Returns
+/// whether anything matched and, for QoS 1/2, the outcome receivers to wait for.
+/// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills.
+pub(super) async fn route(
+    shared: &SessionShared,
+    msg: &Arc<Message>,
+    publisher: Option<u64>,
+) -> (bool, Vec<oneshot::Receiver<Outcome>>) {
+    let local = shared.broker.publish(msg, publisher);
+    let mut waits = Vec::new();
+    let mut targets = 0usize;
+    let mut requests = Vec::new();
+    shared.rules.for_each_match(&msg.topic, |rule| {
+        for target in &rule.targets {
+            targets += 1;
+            match target {
+                Target::Amqp(t) => {
+                    let ack = if msg.qos == QoS::AtMostOnce {
+                        None
+                    } else {
+                        let (tx, rx) = oneshot::channel();
+                        waits.push(rx);
+                        Some(tx)
+                    };
+                    let req = PublishRequest {
+                        exchange: Arc::clone(&t.exchange),
+                        routing_key: t.routing_key_for(&msg.topic),
+                        msg: Arc::clone(msg),
+                        ack,
+                        metrics: t.metrics.clone(),
+                    };
+                    requests.push((t.broker.clone(), req));
+                }
+            }
+        }
+    });
+    for (broker, req) in requests {
+        broker.publish(req).await;
+    }
+    (local > 0 || targets > 0, waits)
+}
+
+/// Publishes a will after an ungraceful end. Its outcomes have nobody to tell, so they are only
+/// logged (and counted by the sinks).
+pub(super) async fn publish_will(
+    shared: &SessionShared,
+    client_id: &Arc<str>,
+    username: Option<Arc<str>>,
+    will: LastWill,
+    span: &tracing::Span,
+) {
+    let msg = Arc::new(Message {
+        topic: will.topic,
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        client_id: Arc::clone(client_id),
+        username,
+        properties: will.properties,
+        received: Instant::now(),
+    });
+    debug!(parent: span, topic = %msg.topic, "publishing will");
+    let (_, waits) = route(shared, &msg, None).await;
+    if !waits.is_empty() {
+        let span = span.clone();
+        tokio::spawn(async move {
+            for rx in waits {
+                if let Ok(Outcome::Failed(f)) = rx.await {
+                    warn!(parent: &span, reason = %f.reason, "will message not delivered");
+                }
+            }
+        });
+    }
+}

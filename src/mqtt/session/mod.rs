@@ -1,0 +1,345 @@
+//! The session task: one per client connection, from CONNECT to close.
+//!
+//! Owns the connection and everything about it: keepalive, both in-flight windows and the order
+//! of acknowledgements. Nothing else writes to its socket. A QoS 1/2 PUBLISH becomes one entry
+//! of the pending queue (`inbound.rs`); PUBACK/PUBREC leave only from its front, so they go out
+//! in the order the PUBLISHes came. When the queue is full the task stops reading the socket:
+//! that is the backpressure that reaches the device.
+//!
+//! - `connect.rs`: the CONNECT handshake and CONNACK.
+//! - `inbound.rs`: PUBLISH from the client, routing, the pending-ack queue, QoS 2 state.
+//! - `outbound.rs`: messages to the client as a subscriber, SUBSCRIBE and UNSUBSCRIBE.
+
+mod connect;
+mod inbound;
+mod outbound;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::broker::Broker;
+use crate::config::MqttConfig;
+use crate::metrics::Metrics;
+use crate::mqtt::codec::{
+    DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, ReasonCode,
+};
+use crate::mqtt::connection::Connection;
+use crate::rules::RuleSet;
+
+use inbound::PendingQueue;
+use outbound::OutboundState;
+
+/// The limits a session enforces, taken from `mqtt:` in the config.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    /// Largest packet accepted, bytes.
+    pub max_packet_size: u32,
+    /// Time allowed for the CONNECT to arrive.
+    pub connect_timeout: Duration,
+    /// Inbound window of unacknowledged QoS 1/2 PUBLISHes.
+    pub receive_maximum: u16,
+    /// Largest keepalive granted (0 = no limit).
+    pub max_keepalive: u16,
+    /// Clients without a user name are accepted.
+    pub allow_anonymous: bool,
+    /// Capacity of the per-session queue of messages to deliver.
+    pub outbound_queue: usize,
+    /// Outbound window of unacknowledged QoS 1 deliveries.
+    pub max_inflight_out: u16,
+}
+
+impl SessionLimits {
+    /// The limits configured under `mqtt:`.
+    pub fn from_config(c: &MqttConfig) -> Self {
+        SessionLimits {
+            max_packet_size: c.max_packet_size,
+            connect_timeout: c.connect_timeout.value.0,
+            receive_maximum: c.receive_maximum.max(1),
+            max_keepalive: c.max_keepalive,
+            allow_anonymous: c.allow_anonymous,
+            outbound_queue: c.outbound_queue.max(1),
+            max_inflight_out: c.max_inflight_out.max(1),
+        }
+    }
+}
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct SessionShared {
+    /// Subscriptions, retained messages and the client-id registry.
+    pub broker: Arc<Broker>,
+    /// The compiled rules.
+    pub rules: Arc<RuleSet>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Limits from the config.
+    pub limits: SessionLimits,
+    /// Cancelled when the gateway shuts down.
+    pub shutdown: CancellationToken,
+}
+
+/// Why a session ended; decides whether the will is published and what is logged.
+#[derive(Debug)]
+enum End {
+    /// The client sent DISCONNECT (with "disconnect with will" in MQTT 5 when `with_will`).
+    ClientDisconnect { with_will: bool },
+    /// The client closed the socket without DISCONNECT.
+    Closed,
+    /// We closed it (protocol error, keepalive, takeover, shutdown, failed ack).
+    ServerClose { reason: String },
+    /// The socket failed.
+    Io(std::io::Error),
+}
+
+/// The state of one connected session (after a successful CONNECT).
+struct Session<S> {
+    /// The client's socket.
+    conn: Connection<S>,
+    /// Shared state.
+    shared: Arc<SessionShared>,
+    /// 3.1.1 or 5.0.
+    version: ProtocolVersion,
+    /// The (possibly assigned) client identifier.
+    client_id: Arc<str>,
+    /// The user name from CONNECT.
+    username: Option<Arc<str>>,
+    /// Unique per connection; keys the subscriptions and the registry entry.
+    session_id: u64,
+    /// Time allowed between two packets from the client (1.5 × keepalive), `None` if disabled.
+    keepalive: Option<Duration>,
+    /// When the last packet arrived.
+    last_packet: Instant,
+    /// The will, published unless the client disconnects normally.
+    will: Option<LastWill>,
+    /// MQTT 5 Request Problem Information (reason strings allowed on acks).
+    problem_info: bool,
+    /// Inbound QoS 1/2 acknowledgements in arrival order, and QoS 2 packet ids.
+    pending: PendingQueue,
+    /// Outbound deliveries: the queue other sessions feed and our in-flight window.
+    out: OutboundState,
+    /// Cancelled when another connection takes this client id over.
+    takeover: CancellationToken,
+}
+
+/// Runs one client connection to its end. Errors are logged here and go no further.
+pub async fn run<S>(stream: S, peer: SocketAddr, shared: Arc<SessionShared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Connection::new(stream, shared.limits.max_packet_size as usize);
+    let connected = match connect::handshake(&mut conn, &shared).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            conn.close().await;
+            return;
+        }
+        Err(e) => {
+            debug!(%peer, error = %e, "connection closed before CONNECT completed");
+            conn.close().await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("session", client_id = %connected.client_id, %peer);
+    let (out_tx, out_rx) = mpsc::channel(shared.limits.outbound_queue);
+    let mut session = Session {
+        conn,
+        version: connected.version,
+        client_id: connected.client_id,
+        username: connected.username,
+        session_id: connected.session_id,
+        keepalive: connected.keepalive,
+        last_packet: Instant::now(),
+        will: connected.will,
+        problem_info: connected.problem_info,
+        pending: PendingQueue::new(shared.limits.receive_maximum),
+        out: OutboundState::new(out_tx, out_rx, connected.client_receive_maximum, &shared.limits),
+        takeover: connected.takeover,
+        shared,
+    };
+    info!(parent: &span, version = ?session.version, "client connected");
+    let end = tracing::Instrument::instrument(session.run(), span.clone()).await;
+    session.finish(end, &span).await;
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    /// The main loop: one `select!` over the socket, the front of the pending-ack queue, the
+    /// outbound queue, keepalive, takeover and shutdown.
+    async fn run(&mut self) -> End {
+        loop {
+            // Decode what is buffered while the inbound window has room.
+            while self.may_read() && self.conn.has_buffered_input() {
+                match self.conn.decode() {
+                    Ok(Some(packet)) => {
+                        self.last_packet = Instant::now();
+                        if let Some(end) = self.handle(packet).await {
+                            return end;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return self.decode_error(e),
+                }
+            }
+            if self.conn.has_pending_writes() {
+                if let Err(e) = self.conn.flush().await {
+                    return End::Io(e);
+                }
+            }
+            let deadline = self.keepalive.map(|k| self.last_packet + k);
+            tokio::select! {
+                biased;
+                () = self.shared.shutdown.cancelled() => {
+                    return self.server_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, "server shutting down");
+                }
+                () = self.takeover.cancelled() => {
+                    return self.server_disconnect(ReasonCode::SESSION_TAKEN_OVER, "another connection took over this client id");
+                }
+                front = self.pending.front_done(), if !self.pending.is_empty() => {
+                    if let Some(end) = self.complete_front(front) {
+                        return end;
+                    }
+                }
+                read = self.conn.fill(), if self.may_read() => {
+                    match read {
+                        Ok(true) => {}
+                        Ok(false) => return End::Closed,
+                        Err(e) => return End::Io(e),
+                    }
+                }
+                Some(out) = self.out.rx.recv(), if self.out.has_room() => {
+                    self.deliver(out);
+                }
+                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return self.server_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                }
+            }
+        }
+    }
+
+    /// Whether to read from the client now. A 3.1.1 client cannot be told our window, so when
+    /// it is full we stop reading (TCP pushes back). An MQTT 5 client was told our Receive
+    /// Maximum in CONNACK; we keep reading so that one exceeding it gets DISCONNECT 0x93.
+    fn may_read(&self) -> bool {
+        self.version == ProtocolVersion::V5 || self.pending.has_room()
+    }
+
+    /// Handles one packet; `Some` ends the session.
+    async fn handle(&mut self, packet: Packet) -> Option<End> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p).await,
+            Packet::PubAck(r) => self.on_puback(r),
+            Packet::PubRel(r) => self.on_pubrel(r),
+            Packet::PubRec(r) => self.on_pubrec(r),
+            Packet::PubComp(_) => None,
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => self.send(&Packet::PingResp),
+            Packet::Disconnect(d) => {
+                if self.version == ProtocolVersion::V5 {
+                    if let Some(expiry) = d.properties.session_expiry_interval {
+                        if expiry > 0 {
+                            debug!(expiry, "client asked for a session expiry on DISCONNECT");
+                        }
+                    }
+                }
+                Some(End::ClientDisconnect {
+                    with_will: d.code == ReasonCode::DISCONNECT_WITH_WILL,
+                })
+            }
+            Packet::Auth(_) => Some(self.server_disconnect(
+                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                "enhanced authentication is not supported",
+            )),
+            Packet::Connect(_) => {
+                self.shared.metrics.protocol_error("second_connect");
+                Some(self.server_disconnect(ReasonCode::PROTOCOL_ERROR, "second CONNECT"))
+            }
+            other => {
+                self.shared.metrics.protocol_error("unexpected_packet");
+                let reason = format!("a client may not send {}", other.name());
+                Some(self.server_disconnect(ReasonCode::PROTOCOL_ERROR, &reason))
+            }
+        }
+    }
+
+    /// Queues one packet to the client; an encode failure ends the session.
+    fn send(&mut self, packet: &Packet) -> Option<End> {
+        match self.conn.queue(packet) {
+            Ok(()) => None,
+            Err(e) => {
+                Some(End::ServerClose { reason: format!("cannot send {}: {e}", packet.name()) })
+            }
+        }
+    }
+
+    /// Sends an MQTT 5 DISCONNECT with `code` (nothing on 3.1.1) and ends the session.
+    fn server_disconnect(&mut self, code: ReasonCode, reason: &str) -> End {
+        if self.version == ProtocolVersion::V5 {
+            let mut properties = Properties::default();
+            if self.problem_info {
+                properties.reason_string = Some(reason.to_owned());
+            }
+            let _ = self.conn.queue(&Packet::Disconnect(Disconnect { code, properties }));
+        }
+        End::ServerClose { reason: reason.to_owned() }
+    }
+
+    fn decode_error(&mut self, e: DecodeError) -> End {
+        self.shared.metrics.protocol_error(e.kind());
+        warn!(error = %e, "bad packet from client");
+        self.server_disconnect(e.reason_code(), &e.to_string())
+    }
+
+    /// A PUBACK answers one of our QoS 1 deliveries.
+    fn on_puback(&mut self, r: PubResponse) -> Option<End> {
+        self.out.acked(r.packet_id);
+        None
+    }
+
+    /// We never send QoS 2, so a PUBREC is a protocol error.
+    fn on_pubrec(&mut self, _r: PubResponse) -> Option<End> {
+        self.shared.metrics.protocol_error("unexpected_pubrec");
+        Some(self.server_disconnect(
+            ReasonCode::PROTOCOL_ERROR,
+            "PUBREC for a message never sent at QoS 2",
+        ))
+    }
+
+    /// Cleans up after the loop: subscriptions, registry, will, socket.
+    async fn finish(&mut self, end: End, span: &tracing::Span) {
+        // The will goes out on every end but a normal DISCONNECT (MQTT 5: unless it asked for it).
+        let publish_will = match &end {
+            End::ClientDisconnect { with_will } => *with_will,
+            _ => true,
+        };
+        match &end {
+            End::ClientDisconnect { .. } => info!(parent: span, "client disconnected"),
+            End::Closed => info!(parent: span, "client closed the connection without DISCONNECT"),
+            End::ServerClose { reason } => {
+                info!(parent: span, %reason, "connection closed by mqgate")
+            }
+            End::Io(e) => info!(parent: span, error = %e, "connection lost"),
+        }
+        self.conn.close().await;
+        self.out.unsubscribe_all(&self.shared.broker, self.session_id);
+        self.shared.broker.unregister(&self.client_id, self.session_id);
+        if publish_will {
+            if let Some(will) = self.will.take() {
+                inbound::publish_will(
+                    &self.shared,
+                    &self.client_id,
+                    self.username.clone(),
+                    will,
+                    span,
+                )
+                .await;
+            }
+        }
+    }
+}

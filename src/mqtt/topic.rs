@@ -1,0 +1,279 @@
+//! MQTT topic names and filters: validation, matching, and a filter tree.
+//!
+//! Pure functions and data, no I/O. The tree is generic so the same structure serves local
+//! subscriptions (in `broker`) and rule filters (in `rules`).
+
+use std::collections::HashMap;
+
+use thiserror::Error;
+
+/// Why a topic name or filter is not acceptable.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum TopicError {
+    /// Zero-length names and filters are not allowed.
+    #[error("empty topic")]
+    Empty,
+    /// More than 65,535 bytes.
+    #[error("topic longer than 65535 bytes")]
+    TooLong,
+    /// `+` or `#` in a topic name.
+    #[error("wildcards '+' and '#' are not allowed in a topic name")]
+    WildcardInName,
+    /// `#` not alone in the last level, or `+` not alone in its level.
+    #[error("'{0}' must stand alone in a level ('#' only as the last level)")]
+    BadWildcard(char),
+    /// U+0000 anywhere.
+    #[error("the null character is not allowed in a topic")]
+    NullChar,
+    /// `$share/...` (shared subscriptions arrive with a later release).
+    #[error("shared subscriptions ($share/...) are not supported yet")]
+    SharedNotSupported,
+}
+
+/// Checks a topic name as used in PUBLISH.
+pub fn validate_name(topic: &str) -> Result<(), TopicError> {
+    if topic.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if topic.len() > 65_535 {
+        return Err(TopicError::TooLong);
+    }
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::WildcardInName);
+    }
+    if topic.contains('\0') {
+        return Err(TopicError::NullChar);
+    }
+    Ok(())
+}
+
+/// Checks a topic filter as used in SUBSCRIBE and in rules.
+pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
+    if filter.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if filter.len() > 65_535 {
+        return Err(TopicError::TooLong);
+    }
+    if filter.contains('\0') {
+        return Err(TopicError::NullChar);
+    }
+    if filter.starts_with("$share/") {
+        return Err(TopicError::SharedNotSupported);
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+            return Err(TopicError::BadWildcard('#'));
+        }
+        if level.contains('+') && level != "+" {
+            return Err(TopicError::BadWildcard('+'));
+        }
+    }
+    Ok(())
+}
+
+/// True when `filter` (valid) matches `topic` (valid), including the rule that wildcards in
+/// the first level do not match topics starting with `$`.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Translates a topic to an AMQP routing key the way RabbitMQ's MQTT plugin does: '/' <-> '.'.
+pub fn to_routing_key(topic: &str) -> String {
+    topic.replace('/', ".")
+}
+
+/// A tree of topic filters, each holding values; matching walks one path per topic level.
+#[derive(Debug)]
+pub struct TopicTree<T> {
+    root: Node<T>,
+}
+
+#[derive(Debug)]
+struct Node<T> {
+    /// Children by level text; "+" and "#" are stored as literal keys.
+    children: HashMap<Box<str>, Node<T>>,
+    /// Values of the filters that end at this node.
+    values: Vec<T>,
+}
+
+impl<T> Default for Node<T> {
+    fn default() -> Self {
+        Node { children: HashMap::new(), values: Vec::new() }
+    }
+}
+
+impl<T> Default for TopicTree<T> {
+    fn default() -> Self {
+        TopicTree { root: Node::default() }
+    }
+}
+
+impl<T> TopicTree<T> {
+    /// Adds `value` under `filter` (assumed valid).
+    pub fn insert(&mut self, filter: &str, value: T) {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.entry(level.into()).or_default();
+        }
+        node.values.push(value);
+    }
+
+    /// Removes the values under exactly `filter` for which `remove` is true; prunes empty
+    /// branches. Returns how many were removed.
+    pub fn remove(&mut self, filter: &str, mut remove: impl FnMut(&T) -> bool) -> usize {
+        let levels: Vec<&str> = filter.split('/').collect();
+        Self::remove_at(&mut self.root, &levels, &mut remove)
+    }
+
+    fn remove_at(
+        node: &mut Node<T>,
+        levels: &[&str],
+        remove: &mut impl FnMut(&T) -> bool,
+    ) -> usize {
+        match levels.split_first() {
+            None => {
+                let before = node.values.len();
+                node.values.retain(|v| !remove(v));
+                before - node.values.len()
+            }
+            Some((first, rest)) => {
+                let Some(child) = node.children.get_mut(*first) else { return 0 };
+                let n = Self::remove_at(child, rest, remove);
+                if child.values.is_empty() && child.children.is_empty() {
+                    node.children.remove(*first);
+                }
+                n
+            }
+        }
+    }
+
+    /// Calls `found` for every value whose filter matches `topic`.
+    pub fn for_each_match<'a>(&'a self, topic: &str, mut found: impl FnMut(&'a T)) {
+        let dollar = topic.starts_with('$');
+        let mut levels = topic.split('/');
+        Self::walk(&self.root, &mut levels, true, dollar, &mut found);
+    }
+
+    fn walk<'a, 'b>(
+        node: &'a Node<T>,
+        levels: &mut (impl Iterator<Item = &'b str> + Clone),
+        first: bool,
+        dollar: bool,
+        found: &mut impl FnMut(&'a T),
+    ) {
+        let wild_ok = !(first && dollar);
+        match levels.next() {
+            None => {
+                node.values.iter().for_each(&mut *found);
+                // "a/#" also matches "a".
+                if let Some(hash) = node.children.get("#") {
+                    hash.values.iter().for_each(&mut *found);
+                }
+            }
+            Some(level) => {
+                if let Some(child) = node.children.get(level) {
+                    Self::walk(child, &mut levels.clone(), false, dollar, found);
+                }
+                if wild_ok {
+                    if let Some(plus) = node.children.get("+") {
+                        Self::walk(plus, &mut levels.clone(), false, dollar, found);
+                    }
+                    if let Some(hash) = node.children.get("#") {
+                        hash.values.iter().for_each(&mut *found);
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when the tree holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.root.children.is_empty() && self.root.values.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters() {
+        for ok in ["a", "a/b", "+", "#", "a/+/c", "a/#", "+/+/#", "/", "a//b", "$SYS/#"] {
+            assert_eq!(validate_filter(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "a#", "a/#/b", "a/b+", "++", "#/", "a\0b"] {
+            assert!(validate_filter(bad).is_err(), "{bad}");
+        }
+        assert_eq!(validate_filter("$share/g/a"), Err(TopicError::SharedNotSupported));
+        assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
+        assert_eq!(validate_name(""), Err(TopicError::Empty));
+    }
+
+    #[test]
+    fn matching_rules() {
+        let cases = [
+            ("a/b", "a/b", true),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c", true),
+            ("#", "a/b", true),
+            ("+/+", "/x", true),
+            ("+", "", true),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("a/b", "a/c", false),
+        ];
+        for (f, t, want) in cases {
+            assert_eq!(matches(f, t), want, "{f} vs {t}");
+            let mut tree = TopicTree::default();
+            tree.insert(f, ());
+            let mut n = 0;
+            tree.for_each_match(t, |_| n += 1);
+            assert_eq!(n > 0, want, "tree: {f} vs {t}");
+        }
+    }
+
+    #[test]
+    fn tree_collects_all_and_removes() {
+        let mut tree = TopicTree::default();
+        for (i, f) in ["a/b", "a/+", "#", "a/#", "b/#"].iter().enumerate() {
+            tree.insert(f, i);
+        }
+        let mut got = Vec::new();
+        tree.for_each_match("a/b", |v| got.push(*v));
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2, 3]);
+        assert_eq!(tree.remove("a/#", |v| *v == 3), 1);
+        assert_eq!(tree.remove("a/#", |_| true), 0);
+        let mut got = Vec::new();
+        tree.for_each_match("a/b", |v| got.push(*v));
+        got.sort();
+        assert_eq!(got, vec![0, 1, 2]);
+        for f in ["a/b", "a/+", "#", "b/#"] {
+            tree.remove(f, |_| true);
+        }
+        assert!(tree.is_empty());
+    }
+
+    #[test]
+    fn routing_key_default() {
+        assert_eq!(to_routing_key("sensors/a/telemetry"), "sensors.a.telemetry");
+    }
+}

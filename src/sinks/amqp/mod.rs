@@ -1,0 +1,178 @@
+//! The AMQP 0-9-1 sink: publishes rule targets' messages to RabbitMQ.
+//!
+//! One [`AmqpBroker`] per configured broker: a cheap handle in front of one task that owns the
+//! broker's connection (see `supervisor`) and, while it is up, publishes on a small pool of
+//! confirm-mode channels (see `publisher`). Every request with an ack gets exactly one
+//! [`Outcome`]: `Delivered` only from a broker confirm, `Failed` otherwise — never left
+//! hanging, also when the connection drops. This module does not decide what a device is told
+//! and does not route; it only publishes what it is handed, in the order it is handed over.
+//!
+//! Layout: `headers` maps a message to AMQP properties, `exchanges` verifies exchanges before
+//! the first publish, `publisher` is the hot path on a live connection, `supervisor` connects,
+//! reconnects and fails requests while the broker is unreachable.
+
+mod exchanges;
+mod headers;
+mod publisher;
+mod supervisor;
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use lapin::types::MAX_SHORT_STRING_LENGTH;
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AmqpBrokerConfig;
+use crate::message::Message;
+use crate::metrics::{BrokerMetrics, Metrics, ReasonLabels, TargetMetrics};
+use crate::sinks::{AckSender, Failure, Outcome};
+
+pub use headers::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
+
+/// Reason label of `messages_dropped` for QoS 0 messages that found the broker unavailable.
+pub const DROPPED_UNAVAILABLE: &str = "amqp_unavailable";
+
+/// One AMQP publish for one rule target.
+#[derive(Debug)]
+pub struct PublishRequest {
+    /// The exchange, from the rule target (shared by all its requests).
+    pub exchange: Arc<str>,
+    /// The routing key, computed by the rule engine for this message.
+    pub routing_key: String,
+    /// The message; its payload goes out unchanged.
+    pub msg: Arc<Message>,
+    /// `Some` for QoS 1/2: exactly one [`Outcome`] is reported on it. `None` for QoS 0.
+    pub ack: Option<AckSender>,
+    /// The rule target's counters; the sink counts `forwarded`/`failed` here.
+    pub metrics: TargetMetrics,
+}
+
+/// A cheap-to-clone handle on one broker's sink.
+#[derive(Clone)]
+pub struct AmqpBroker {
+    /// The bounded queue in front of the sink task (`queue` in the config): the backpressure.
+    tx: mpsc::Sender<PublishRequest>,
+    /// State shared with the sink task.
+    shared: Arc<Shared>,
+}
+
+/// What the handle and the sink task share.
+pub(crate) struct Shared {
+    /// The broker's key under `amqp:`, for logs and failure reasons.
+    name: String,
+    /// True while the connection and its channels are up.
+    connected: AtomicBool,
+    /// The broker's metric handles.
+    metrics: BrokerMetrics,
+    /// `messages_dropped{reason="amqp_unavailable"}`, resolved once.
+    unavailable: Counter,
+}
+
+impl AmqpBroker {
+    /// Starts the connection supervisor task for broker `name`. The task ends after `shutdown`
+    /// is cancelled (or every handle is dropped), once it has drained and closed the connection.
+    pub fn spawn(
+        name: &str,
+        cfg: &AmqpBrokerConfig,
+        metrics: &Metrics,
+        shutdown: CancellationToken,
+    ) -> (AmqpBroker, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let unavailable = ReasonLabels { reason: DROPPED_UNAVAILABLE.to_owned() };
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            connected: AtomicBool::new(false),
+            metrics: metrics.broker(name),
+            unavailable: metrics.messages_dropped.get_or_create(&unavailable).clone(),
+        });
+        shared.metrics.connected.set(0);
+        let settings = supervisor::Settings::from_config(cfg);
+        let task = supervisor::Supervisor::new(Arc::clone(&shared), settings, rx, shutdown);
+        let handle = tokio::spawn(task.run());
+        (AmqpBroker { tx, shared }, handle)
+    }
+
+    /// Queues a publish; waits while the queue is full — that is the backpressure. A request
+    /// that cannot succeed (name too long, broker not connected, sink gone) is failed at once.
+    pub async fn publish(&self, req: PublishRequest) {
+        if req.routing_key.len() > MAX_SHORT_STRING_LENGTH {
+            return self.shared.fail(req, || Failure::fatal("routing key longer than 255 bytes"));
+        }
+        if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
+            return self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
+        }
+        if !self.is_connected() {
+            return self.shared.fail_unavailable(req, || self.shared.not_connected());
+        }
+        if let Err(mpsc::error::SendError(req)) = self.tx.send(req).await {
+            let name = &self.shared.name;
+            self.shared.fail_unavailable(req, || {
+                Failure::retryable(format!("broker {name} sink is not running"))
+            });
+        }
+    }
+
+    /// True while the AMQP connection and its channels are up (for /readyz).
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// The broker's key under `amqp:`.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+}
+
+impl fmt::Debug for AmqpBroker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpBroker")
+            .field("name", &self.shared.name)
+            .field("connected", &self.is_connected())
+            .finish()
+    }
+}
+
+impl Shared {
+    /// Records whether the connection is up, for [`AmqpBroker::is_connected`] and the gauge.
+    fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Release);
+        self.metrics.connected.set(i64::from(up));
+    }
+
+    /// The failure of a request that finds the broker disconnected.
+    fn not_connected(&self) -> Failure {
+        Failure::retryable(format!("broker {} is not connected", self.name))
+    }
+
+    /// Fails a request whose publish cannot work as is: counts it failed for its target and
+    /// reports `failure()` on its ack (built only when there is one).
+    fn fail(&self, req: PublishRequest, failure: impl FnOnce() -> Failure) {
+        req.metrics.failed.inc();
+        if let Some(ack) = req.ack {
+            let _ = ack.send(Outcome::Failed(failure()));
+        }
+    }
+
+    /// Fails a request because the broker is unavailable; a QoS 0 one is also counted as
+    /// dropped (`amqp_unavailable`).
+    fn fail_unavailable(&self, req: PublishRequest, failure: impl FnOnce() -> Failure) {
+        if req.ack.is_none() {
+            self.unavailable.inc();
+        }
+        self.fail(req, failure);
+    }
+}
+
+/// Stops the queue taking requests and fails the ones in it (retryable): the sink is stopping.
+fn reject_queued(shared: &Shared, rx: &mut mpsc::Receiver<PublishRequest>) {
+    rx.close();
+    while let Ok(req) = rx.try_recv() {
+        shared.fail_unavailable(req, || {
+            Failure::retryable(format!("broker {} sink is shutting down", shared.name))
+        });
+    }
+}

@@ -1,0 +1,217 @@
+//! The connection supervisor of one broker: connect, publish while up, back off, reconnect.
+//!
+//! Owns the broker's request queue for the life of the sink. While there is no connection it
+//! fails every request at once (retryable; QoS 0 counted as dropped) rather than holding it;
+//! while there is one it hands the queue to `publisher::run`. It logs connects and losses with
+//! the broker's name and host, never the URL (which holds the password). It does not publish.
+
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::types::LongString;
+use lapin::uri::AMQPUri;
+use lapin::{Connect, ConnectionProperties};
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::publisher::{self, Ended, Link};
+use super::{reject_queued, PublishRequest, Shared};
+use crate::config::AmqpBrokerConfig;
+
+/// What the supervisor needs from the broker's config.
+pub(crate) struct Settings {
+    /// The AMQP URI (with credentials: never logged).
+    url: String,
+    /// Confirm-mode channels to open.
+    channels: usize,
+    /// Bound on publishes in flight on the connection.
+    max_unconfirmed: usize,
+    /// Time allowed for connecting (TCP, AMQP handshake and opening the channels), and for a
+    /// later channel reopen or exchange check.
+    connect_timeout: Duration,
+    /// First reconnect delay.
+    reconnect_min: Duration,
+    /// Longest reconnect delay.
+    reconnect_max: Duration,
+}
+
+impl Settings {
+    /// Takes the broker's settings from its config.
+    pub(crate) fn from_config(cfg: &AmqpBrokerConfig) -> Settings {
+        let reconnect_min = cfg.reconnect_min.0.max(Duration::from_millis(1));
+        Settings {
+            url: cfg.url.value.clone(),
+            channels: cfg.channels.max(1),
+            max_unconfirmed: cfg.max_unconfirmed.max(1),
+            connect_timeout: cfg.connect_timeout.0,
+            reconnect_min,
+            reconnect_max: cfg.reconnect_max.0.max(reconnect_min),
+        }
+    }
+}
+
+/// Why a connection attempt failed.
+#[derive(Debug, Error)]
+pub(crate) enum ConnectError {
+    /// The handshake or the channel setup took longer than `connect_timeout`.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// The broker refused, the network failed, or the AMQP handshake failed.
+    #[error(transparent)]
+    Amqp(#[from] lapin::Error),
+}
+
+/// The task that owns one broker's connection.
+pub(crate) struct Supervisor {
+    /// State shared with the handles.
+    shared: Arc<Shared>,
+    /// From the config.
+    settings: Settings,
+    /// The request queue; the handles hold the sending side.
+    rx: mpsc::Receiver<PublishRequest>,
+    /// Cancelled when mqgate shuts down.
+    shutdown: CancellationToken,
+}
+
+impl Supervisor {
+    /// A supervisor that has not started yet.
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        settings: Settings,
+        rx: mpsc::Receiver<PublishRequest>,
+        shutdown: CancellationToken,
+    ) -> Supervisor {
+        Supervisor { shared, settings, rx, shutdown }
+    }
+
+    /// Connects, publishes and reconnects until shutdown (or until every handle is dropped).
+    pub(crate) async fn run(mut self) {
+        let name = self.shared.name.clone();
+        match self.settings.url.parse::<AMQPUri>() {
+            Ok(uri) => self.supervise(&name, uri).await,
+            Err(_) => {
+                // The parse error may quote the URL, password included: not logged.
+                error!(broker = %name, "the url is not a valid AMQP URI; every publish to this broker fails");
+                self.while_disconnected(std::future::pending::<()>()).await;
+            }
+        }
+        self.shared.set_connected(false);
+        reject_queued(&self.shared, &mut self.rx);
+    }
+
+    /// The connect / publish / back off cycle.
+    async fn supervise(&mut self, name: &str, uri: AMQPUri) {
+        // Where it connects, for the logs: host, port and vhost, without the credentials.
+        let endpoint =
+            format!("{}:{} (vhost {:?})", uri.authority.host, uri.authority.port, uri.vhost);
+        let mut delay = self.settings.reconnect_min;
+        let mut failures = 0u32;
+        loop {
+            let attempt =
+                connect(uri.clone(), name, self.settings.channels, self.settings.connect_timeout);
+            let Some(attempt) = self.while_disconnected(attempt).await else { return };
+            match attempt {
+                Ok(link) => {
+                    self.shared.set_connected(true);
+                    self.shared.metrics.connects.inc();
+                    info!(broker = %name, %endpoint, channels = link.confirm.len(), "connected to the AMQP broker");
+                    delay = self.settings.reconnect_min;
+                    failures = 0;
+                    let ended = publisher::run(
+                        &self.shared,
+                        link,
+                        &mut self.rx,
+                        &self.shutdown,
+                        self.settings.max_unconfirmed,
+                        self.settings.connect_timeout,
+                    )
+                    .await;
+                    self.shared.set_connected(false);
+                    match ended {
+                        Ended::Shutdown => return,
+                        Ended::Lost(reason) => {
+                            warn!(broker = %name, %endpoint, %reason, retry_in = ?delay, "lost the AMQP connection");
+                        }
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(broker = %name, %endpoint, error = %e, failures, retry_in = ?delay,
+                        "could not connect to the AMQP broker");
+                }
+            }
+            if self.while_disconnected(tokio::time::sleep(jitter(delay))).await.is_none() {
+                return;
+            }
+            delay = (delay * 2).min(self.settings.reconnect_max);
+        }
+    }
+
+    /// Runs `fut` to completion while failing every request that arrives meanwhile (there is
+    /// no connection to publish on). `None` when shutdown came first or every handle is gone.
+    async fn while_disconnected<F: Future>(&mut self, fut: F) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return None,
+                out = &mut fut => return Some(out),
+                req = self.rx.recv() => match req {
+                    Some(req) => self.shared.fail_unavailable(req, || self.shared.not_connected()),
+                    None => return None,
+                },
+            }
+        }
+    }
+}
+
+/// Opens the connection and its channels: `channels` in confirm mode, one plain for QoS 0.
+async fn connect(
+    uri: AMQPUri,
+    name: &str,
+    channels: usize,
+    timeout: Duration,
+) -> Result<Link, ConnectError> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(format!("mqgate/{name}")));
+    let setup = async {
+        let conn = uri.connect(properties).await?;
+        let mut confirm = Vec::with_capacity(channels);
+        for _ in 0..channels {
+            confirm.push(Arc::new(publisher::open_confirm_channel(&conn).await?));
+        }
+        let plain = Arc::new(conn.create_channel().await?);
+        Ok::<_, lapin::Error>(Link { conn: Arc::new(conn), confirm, plain })
+    };
+    match tokio::time::timeout(timeout, setup).await {
+        Ok(link) => Ok(link?),
+        Err(_) => Err(ConnectError::Timeout(timeout)),
+    }
+}
+
+/// `delay` give or take 10 %, so that many gateways do not reconnect in step.
+fn jitter(delay: Duration) -> Duration {
+    // A fresh RandomState is randomly keyed: enough randomness for a jitter, no extra crate.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(delay.as_nanos() as u64);
+    let unit = (h.finish() % 10_001) as f64 / 10_000.0; // 0.0 ..= 1.0
+    delay.mul_f64(0.9 + 0.2 * unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_ten_percent() {
+        let d = Duration::from_millis(1000);
+        for _ in 0..1000 {
+            let j = jitter(d);
+            assert!(j >= Duration::from_millis(900) && j <= Duration::from_millis(1100), "{j:?}");
+        }
+    }
+}

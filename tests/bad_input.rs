@@ -1,0 +1,104 @@
+//! Bad input gets the protocol's answer, and nothing else breaks.
+
+mod support;
+
+use std::time::Duration;
+
+use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
+use support::*;
+
+const CONFIG: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\n  connect_timeout: 1s\n  max_packet_size: 4096\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_the_connect_timeout() {
+    let app = gateway(CONFIG).await;
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V311).await;
+    let started = std::time::Instant::now();
+    assert_eq!(c.recv_within(Duration::from_secs(5)).await, Ok(None), "closed, nothing sent");
+    assert!(started.elapsed() >= Duration::from_millis(900), "closed too early");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_packets_get_reason_codes_and_others_are_unaffected() {
+    let app = gateway(CONFIG).await;
+    let mut bystander = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "bystander").await;
+    bystander.subscribe("ok/#", QoS::AtMostOnce).await;
+
+    // SUBSCRIBE with reserved flags 0000 instead of 0010: malformed.
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "bad-flags").await;
+    c.send_raw(&[0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'a']).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::MALFORMED_PACKET),
+        other => panic!("expected DISCONNECT 0x81, got {other:?}"),
+    }
+    assert_eq!(c.recv().await, None);
+
+    // Larger than max_packet_size: 0x95, detected from the header.
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "too-big").await;
+    c.publish("ok/big", QoS::AtMostOnce, 0, &vec![0u8; 8000]).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PACKET_TOO_LARGE),
+        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
+    }
+
+    // A wildcard in a PUBLISH topic (3.1.1: the connection is closed).
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "bad-topic").await;
+    c.send_raw(&[0x30, 0x07, 0x00, 0x04, b'o', b'k', b'/', b'+', b'x']).await;
+    assert_eq!(c.recv().await, None);
+
+    // A second CONNECT is a protocol error.
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "twice").await;
+    c.send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V5, "twice")))).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+
+    // Garbage instead of CONNECT: closed.
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V311).await;
+    c.send_raw(b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(c.recv().await, None);
+
+    // An unsupported protocol level gets CONNACK 0x01 (3.1.1 form).
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V311).await;
+    c.send_raw(&[
+        0x10, 0x0c, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x07, 0x02, 0x00, 0x3c, 0x00, 0x00,
+    ])
+    .await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+        other => panic!("expected CONNACK 0x01, got {other:?}"),
+    }
+
+    // Bad subscription filters: per-filter failure codes, the connection stays up.
+    let mut c3 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "bad-filter3").await;
+    assert_eq!(c3.subscribe("a/#/b", QoS::AtMostOnce).await, vec![ReasonCode::UNSPECIFIED_ERROR]);
+    let mut c5 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "bad-filter5").await;
+    assert_eq!(c5.subscribe("a/b#", QoS::AtMostOnce).await, vec![ReasonCode::TOPIC_FILTER_INVALID]);
+    assert_eq!(c5.subscribe("ok/#", QoS::AtMostOnce).await, vec![ReasonCode::GRANTED_QOS_0]);
+
+    // After all that, the bystander still gets messages.
+    let mut publ = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "publisher").await;
+    publ.publish("ok/still", QoS::AtMostOnce, 0, b"alive").await;
+    match bystander.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"alive"),
+        other => panic!("bystander expected PUBLISH, got {other:?}"),
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn keepalive_expiry_closes_a_silent_client() {
+    let app = gateway(CONFIG).await;
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
+    let mut connect = connect_packet(ProtocolVersion::V5, "sleepy");
+    connect.keep_alive = 1;
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    match c.recv_within(Duration::from_secs(4)).await {
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.code, ReasonCode::KEEP_ALIVE_TIMEOUT),
+        other => panic!("expected DISCONNECT 0x8D within 1.5 × keepalive, got {other:?}"),
+    }
+    app.stop().await;
+}

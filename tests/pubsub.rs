@@ -1,0 +1,127 @@
+//! Local publish/subscribe between real MQTT clients (mosquitto_pub/mosquitto_sub and
+//! rumqttc), as from any broker.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket};
+use support::*;
+use tokio::process::Command;
+
+const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+
+fn mosquitto(bin: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    c
+}
+
+#[tokio::test]
+async fn mosquitto_clients_pub_sub_with_wildcards_both_versions() {
+    let app = gateway(NO_RULES).await;
+    let port = app.mqtt_addr.port().to_string();
+    for (version, filter) in [("mqttv311", "home/+/temp"), ("mqttv5", "home/#")] {
+        let sub = mosquitto("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", "1", "-t", filter])
+            .args(["-C", "2", "-W", "10", "-v"])
+            .spawn()
+            .expect("mosquitto_sub (install mosquitto-clients; scripts/test.sh does)");
+        // Give the subscription time to land before publishing.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        for (topic, qos) in [("home/kitchen/temp", "0"), ("home/hall/temp", "1")] {
+            let status = mosquitto("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-q", qos])
+                .args(["-t", topic, "-m", &format!("{topic} {qos}")])
+                .status()
+                .await
+                .expect("mosquitto_pub");
+            assert!(status.success(), "mosquitto_pub failed ({version})");
+        }
+        let out = sub.wait_with_output().await.expect("mosquitto_sub output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "mosquitto_sub {version}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("home/kitchen/temp home/kitchen/temp 0"), "{version}: {text}");
+        assert!(text.contains("home/hall/temp home/hall/temp 1"), "{version}: {text}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn rumqttc_clients_exchange_messages_at_qos1() {
+    let app = gateway(NO_RULES).await;
+    let opts = |id: &str| {
+        let mut o = MqttOptions::new(id, "127.0.0.1", app.mqtt_addr.port());
+        o.set_keep_alive(Duration::from_secs(10));
+        o
+    };
+    let (sub, mut sub_loop) = AsyncClient::new(opts("rumq-sub"), 100);
+    let (publ, mut pub_loop) = AsyncClient::new(opts("rumq-pub"), 100);
+    sub.subscribe("fleet/#", rumqttc::QoS::AtLeastOnce).await.expect("subscribe");
+    // Wait for SUBACK.
+    loop {
+        if let Event::Incoming(RPacket::SubAck(_)) = sub_loop.poll().await.expect("sub loop") {
+            break;
+        }
+    }
+    for i in 0..20u8 {
+        publ.publish(format!("fleet/{i}"), rumqttc::QoS::AtLeastOnce, false, vec![i])
+            .await
+            .expect("publish");
+    }
+    let publisher = tokio::spawn(async move {
+        let mut acks = 0;
+        while acks < 20 {
+            if let Event::Incoming(RPacket::PubAck(_)) = pub_loop.poll().await.expect("pub loop") {
+                acks += 1;
+            }
+        }
+    });
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while got.len() < 20 {
+        let ev =
+            tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("messages in time");
+        if let Event::Incoming(RPacket::Publish(p)) = ev.expect("sub loop") {
+            assert_eq!(p.qos, rumqttc::QoS::AtLeastOnce);
+            got.push(p.payload[0]);
+        }
+    }
+    assert_eq!(got, (0..20).collect::<Vec<u8>>(), "in order, exactly once");
+    tokio::time::timeout(Duration::from_secs(10), publisher).await.expect("PUBACKs").expect("task");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn overlapping_subscriptions_deliver_one_copy_and_dollar_topics_skip_wildcards() {
+    let app = gateway(NO_RULES).await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "overlap").await;
+    assert_eq!(sub.subscribe("a/#", QoS::AtMostOnce).await, vec![ReasonCode::GRANTED_QOS_0]);
+    assert_eq!(sub.subscribe("a/+", QoS::AtLeastOnce).await, vec![ReasonCode::GRANTED_QOS_1]);
+    assert_eq!(sub.subscribe("#", QoS::AtMostOnce).await, vec![ReasonCode::GRANTED_QOS_0]);
+    let mut publ = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "overlap-pub").await;
+    publ.publish("a/b", QoS::AtLeastOnce, 1, b"once").await;
+    publ.publish("$SYS/x", QoS::AtMostOnce, 0, b"dollar").await;
+    publ.publish("a/c", QoS::AtMostOnce, 0, b"last").await;
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(&p.payload[..], b"once");
+            assert_eq!(p.qos, QoS::AtLeastOnce, "highest granted QoS");
+            sub.send(&Packet::PubAck(mqgate::mqtt::codec::PubResponse::success(p.packet_id))).await;
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(&p.payload[..], b"last", "one copy only; '#' skips $SYS")
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    app.stop().await;
+}
