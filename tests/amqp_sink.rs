@@ -39,7 +39,9 @@ const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// One connection for the whole test binary, on a runtime that lives as long as the process.
 struct Rabbit {
+    /// Drives the connection's heartbeats; kept alive for the whole process.
     _runtime: tokio::runtime::Runtime,
+    /// The test side's only connection.
     conn: Connection,
 }
 
@@ -61,8 +63,8 @@ fn rabbit() -> &'static Connection {
                 let conn = match runtime.block_on(connect) {
                     Ok(Ok(conn)) => conn,
                     Ok(Err(e)) => panic!(
-                        "RabbitMQ is not reachable on {RABBIT_ADDR} as guest/guest ({e}); these tests \
-                         need a real broker (e.g. `docker run -p 5672:5672 rabbitmq:3`)"
+                        "RabbitMQ is not reachable on {RABBIT_ADDR} as guest/guest ({e}); \
+                         these tests need a real broker (`docker run -p 5672:5672 rabbitmq:3`)"
                     ),
                     Err(_) => panic!(
                         "RabbitMQ on {RABBIT_ADDR} did not complete the AMQP handshake within 5 s; \
@@ -88,8 +90,11 @@ fn unique(what: &str) -> String {
 
 /// A fresh exchange with a fresh queue bound to it with routing key `rk`.
 struct Topology {
+    /// The test's channel for declaring and reading.
     ch: Channel,
+    /// A direct exchange, auto-deleted with its last binding.
     exchange: String,
+    /// An exclusive queue bound to `exchange` with [`RK`].
     queue: String,
 }
 
@@ -171,11 +176,17 @@ fn broker_config(url: &str) -> AmqpBrokerConfig {
     serde_saphyr::from_str(&yaml).expect("broker config")
 }
 
+/// A running sink and what the test needs to observe and stop it.
 struct Sink {
+    /// The handle under test.
     broker: AmqpBroker,
+    /// Its supervisor task.
     task: JoinHandle<()>,
+    /// Cancels it.
     shutdown: CancellationToken,
+    /// Its registry (one per sink, so counts are this test's own).
     metrics: Arc<Metrics>,
+    /// Its broker name.
     name: String,
 }
 

@@ -306,7 +306,8 @@ impl Bench {
         let a = &self.args;
         if !a.json {
             println!(
-                "mqgate-bench: {} msgs x {} B, {} publishers, rate {}, window {}, client {}",
+                "mqgate-bench: {} msgs x {} B, {} publishers, rate {}, window {}, \
+                 MQTT client {}; direct = {} AMQP connections, 1 channel each",
                 a.messages,
                 a.payload,
                 a.publishers,
@@ -316,6 +317,7 @@ impl Bench {
                     ClientArg::Raw => "raw",
                     ClientArg::Rumqttc => "rumqttc",
                 },
+                a.publishers,
             );
         }
         if modes.iter().any(|m| *m != Mode::Mosquitto) {

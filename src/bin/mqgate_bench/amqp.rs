@@ -249,11 +249,14 @@ pub async fn direct_publisher(
             }
         }
         let body = job.payload.build(seq, job.clock.now_ns());
-        let (ch, ex, rk, props) =
-            (channel.clone(), exchange.clone(), routing_key.clone(), props.clone());
-        inflight.push(async move {
+        let (ch, ex, rk, props) = (&channel, exchange.clone(), routing_key.clone(), props.clone());
+        let fut = async move {
             ch.basic_publish(ex, rk, BasicPublishOptions::default(), &body, props).await?.await
-        });
+        };
+        if k == 0 {
+            eprintln!("future size {}", std::mem::size_of_val(&fut));
+        }
+        inflight.push(fut);
         stats.sent += 1;
     }
     loop {

@@ -5,7 +5,7 @@
 //! each QoS 1/2 request from its own confirm, all in one `select!` loop with the unconfirmed
 //! publishes bounded by `max_unconfirmed`. It owns the connection's channels and its in-flight
 //! table and reports every outcome exactly once; it does not connect or back off (the
-//! supervisor does) and takes no lock of its own per message.
+//! supervisor does), spawns nothing and takes no lock of its own per message.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,7 +33,7 @@ use crate::sinks::{AckSender, Failure, Outcome};
 /// in a way no future or event of ours sees.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(500);
 /// On shutdown, how long outstanding confirms may still arrive.
-pub(crate) const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 /// On connection loss, how long lapin may take to resolve the confirms it is failing itself.
 const LOSS_HARVEST: Duration = Duration::from_millis(100);
 /// On a channel closed by the broker, how long the confirms of that channel may take to resolve.
@@ -118,6 +118,15 @@ pub(crate) async fn run(
                     p.health()
                 }
                 Some(Event::Error(e)) => Signal::ConnectionLost(e.to_string()),
+                Some(Event::ConnectionBlocked(reason)) => {
+                    let broker = &shared.name;
+                    warn!(%broker, %reason, "the broker blocked the connection; publishes wait");
+                    Signal::Fine
+                }
+                Some(Event::ConnectionUnblocked) => {
+                    info!(broker = %shared.name, "the broker unblocked the connection");
+                    Signal::Fine
+                }
                 Some(_) => Signal::Fine,
                 None => Signal::ConnectionLost("connection dropped".to_owned()),
             },
@@ -238,7 +247,10 @@ type Pending = HashMap<u64, InFlight, BuildHasherDefault<KeyHasher>>;
 
 /// Fibonacci hashing for the sequential `u64` keys of [`Pending`].
 #[derive(Default)]
-struct KeyHasher(u64);
+struct KeyHasher(
+    /// The hash so far.
+    u64,
+);
 
 impl Hasher for KeyHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -383,7 +395,7 @@ impl Publisher<'_> {
             Err(e) => {
                 if !self.link.conn.status().connected() {
                     let reason = e.to_string();
-                    let _ = entry.ack.send(Outcome::Delivered);
+                    entry.fail(Failure::retryable(connection_lost(name, &reason)));
                     Signal::ConnectionLost(reason)
                 } else if !self.link.confirm[channel].status().connected() {
                     entry.fail(Failure::retryable(format!("channel to {name} closed: {e}")));
@@ -435,7 +447,7 @@ impl Publisher<'_> {
                 Vec::new()
             }
             Some(Released::Unknown(reason, reqs)) => {
-                warn!(broker = %name, exchange = %exchange, %reason, "could not check the exchange");
+                warn!(broker = %name, %exchange, %reason, "could not check the exchange");
                 let failure = Failure::retryable(format!(
                     "could not check exchange '{exchange}' on broker {name}: {reason}"
                 ));
@@ -482,7 +494,7 @@ impl Publisher<'_> {
         let reason = format!("channel to {name} was closed by the broker");
         let failed = self.fail_pending(|e| e.channel == i, &reason);
         self.exchanges.forget_verified();
-        warn!(broker = %name, channel = i, failed, "AMQP channel closed by the broker; reopening it");
+        warn!(broker = %name, channel = i, failed, "channel closed by the broker; reopening it");
         match tokio::time::timeout(self.rpc_timeout, open_confirm_channel(&self.link.conn)).await {
             Ok(Ok(channel)) => {
                 self.link.confirm[i] = Arc::new(channel);
@@ -496,7 +508,8 @@ impl Publisher<'_> {
     /// The QoS 0 channel was closed by the broker: forget which exchanges exist and reopen it.
     async fn recover_plain(&mut self) -> Result<(), String> {
         self.exchanges.forget_verified();
-        warn!(broker = %self.shared.name, "AMQP channel for QoS 0 closed by the broker; reopening it");
+        let broker = &self.shared.name;
+        warn!(%broker, "channel for QoS 0 closed by the broker; reopening it");
         match tokio::time::timeout(self.rpc_timeout, self.link.conn.create_channel()).await {
             Ok(Ok(channel)) => {
                 self.link.plain = Arc::new(channel);
@@ -530,8 +543,15 @@ impl Publisher<'_> {
         for req in held {
             self.shared.fail_unavailable(req, || Failure::retryable(reason.clone()));
         }
-        debug!(broker = %self.shared.name, unconfirmed = before, resolved_by_lapin = before - failed_here,
-            failed_here, held = held_n, qos0_unsent = plain.len(), "failed the publishes of the lost connection");
+        debug!(
+            broker = %self.shared.name,
+            unconfirmed = before,
+            resolved_by_lapin = before - failed_here,
+            failed_here,
+            held = held_n,
+            qos0_unsent = plain.len(),
+            "failed the publishes of the lost connection"
+        );
         Ended::Lost(reason)
     }
 

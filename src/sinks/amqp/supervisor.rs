@@ -95,7 +95,7 @@ impl Supervisor {
             Ok(uri) => self.supervise(&name, uri).await,
             Err(_) => {
                 // The parse error may quote the URL, password included: not logged.
-                error!(broker = %name, "the url is not a valid AMQP URI; every publish to this broker fails");
+                error!(broker = %name, "url is not a valid AMQP URI; every publish to it fails");
                 self.while_disconnected(std::future::pending::<()>()).await;
             }
         }
@@ -116,31 +116,16 @@ impl Supervisor {
             let Some(attempt) = self.while_disconnected(attempt).await else { return };
             match attempt {
                 Ok(link) => {
-                    self.shared.set_connected(true);
-                    self.shared.metrics.connects.inc();
-                    info!(broker = %name, %endpoint, channels = link.confirm.len(), "connected to the AMQP broker");
                     delay = self.settings.reconnect_min;
                     failures = 0;
-                    let ended = publisher::run(
-                        &self.shared,
-                        link,
-                        &mut self.rx,
-                        &self.shutdown,
-                        self.settings.max_unconfirmed,
-                        self.settings.connect_timeout,
-                    )
-                    .await;
-                    self.shared.set_connected(false);
-                    match ended {
-                        Ended::Shutdown => return,
-                        Ended::Lost(reason) => {
-                            warn!(broker = %name, %endpoint, %reason, retry_in = ?delay, "lost the AMQP connection");
-                        }
-                    }
+                    let Some(reason) = self.publish_on(link, name, &endpoint).await else { return };
+                    let retry_in = delay;
+                    warn!(broker = %name, %endpoint, %reason, ?retry_in, "AMQP connection lost");
                 }
                 Err(e) => {
                     failures += 1;
-                    warn!(broker = %name, %endpoint, error = %e, failures, retry_in = ?delay,
+                    let retry_in = delay;
+                    warn!(broker = %name, %endpoint, error = %e, failures, ?retry_in,
                         "could not connect to the AMQP broker");
                 }
             }
@@ -148,6 +133,30 @@ impl Supervisor {
                 return;
             }
             delay = (delay * 2).min(self.settings.reconnect_max);
+        }
+    }
+
+    /// Publishes on `link` until it is lost (`Some(reason)`) or the sink shuts down (`None`).
+    async fn publish_on(&mut self, link: Link, name: &str, endpoint: &str) -> Option<String> {
+        self.shared.set_connected(true);
+        self.shared.metrics.connects.inc();
+        let channels = link.confirm.len();
+        info!(broker = %name, %endpoint, channels, "connected to the AMQP broker");
+        let Settings { max_unconfirmed, connect_timeout, .. } = self.settings;
+        let shutdown = &self.shutdown;
+        let ended = publisher::run(
+            &self.shared,
+            link,
+            &mut self.rx,
+            shutdown,
+            max_unconfirmed,
+            connect_timeout,
+        )
+        .await;
+        self.shared.set_connected(false);
+        match ended {
+            Ended::Shutdown => None,
+            Ended::Lost(reason) => Some(reason),
         }
     }
 
