@@ -250,13 +250,11 @@ pub async fn direct_publisher(
         }
         let body = job.payload.build(seq, job.clock.now_ns());
         let (ch, ex, rk, props) = (&channel, exchange.clone(), routing_key.clone(), props.clone());
-        let fut = async move {
-            ch.basic_publish(ex, rk, BasicPublishOptions::default(), &body, props).await?.await
-        };
+        let confirm = ch.basic_publish(ex, rk, BasicPublishOptions::default(), &body, props).await.context("publish")?;
         if k == 0 {
-            eprintln!("future size {}", std::mem::size_of_val(&fut));
+            eprintln!("confirm size {}", std::mem::size_of_val(&confirm));
         }
-        inflight.push(fut);
+        inflight.push(confirm);
         stats.sent += 1;
     }
     loop {

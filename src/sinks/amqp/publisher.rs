@@ -79,7 +79,6 @@ pub(crate) async fn run(
     let mut p = Publisher {
         shared,
         link,
-        next_channel: 0,
         pending: Pending::default(),
         next_key: 0,
         exchanges: Exchanges::default(),
@@ -286,8 +285,6 @@ struct Publisher<'a> {
     shared: &'a Shared,
     /// The connection and its channels.
     link: Link,
-    /// Round-robin position among the confirm channels.
-    next_channel: usize,
     /// QoS 1/2 publishes awaiting their confirm, by key.
     pending: Pending,
     /// Key of the next QoS 1/2 publish.
@@ -351,8 +348,9 @@ impl Publisher<'_> {
                 )
             }
             Some(ack) => {
-                let i = self.next_channel;
-                self.next_channel = (i + 1) % self.link.confirm.len();
+                // One topic always uses the same channel: RabbitMQ keeps order per channel, so
+                // messages of one topic reach their queues in the order they were published.
+                let i = channel_for(&msg.topic, self.link.confirm.len());
                 let key = self.next_key;
                 self.next_key += 1;
                 let properties = headers::properties(&msg, PERSISTENT);
@@ -669,4 +667,11 @@ fn missing_exchange(exchange: &str) -> Failure {
 /// The reason given to publishes of a lost connection.
 fn connection_lost(broker: &str, cause: &str) -> String {
     format!("connection to {broker} lost: {cause}")
+}
+
+/// The confirm channel for messages of `topic`: stable per topic, spread across topics.
+fn channel_for(topic: &str, channels: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(topic, &mut h);
+    (h.finish() % channels.max(1) as u64) as usize
 }
