@@ -250,7 +250,10 @@ pub async fn direct_publisher(
         }
         let body = job.payload.build(seq, job.clock.now_ns());
         let (ch, ex, rk, props) = (&channel, exchange.clone(), routing_key.clone(), props.clone());
-        let confirm = ch.basic_publish(ex, rk, BasicPublishOptions::default(), &body, props).await.context("publish")?;
+        let confirm = ch
+            .basic_publish(ex, rk, BasicPublishOptions::default(), &body, props)
+            .await
+            .context("publish")?;
         if k == 0 {
             eprintln!("confirm size {}", std::mem::size_of_val(&confirm));
         }
