@@ -56,13 +56,13 @@ impl App {
             brokers.insert(name.clone(), broker);
         }
         let rules = Arc::new(RuleSet::compile(&config, &brokers, &metrics)?);
-        let shared = Arc::new(SessionShared {
-            broker: Broker::new(Arc::clone(&metrics)),
+        let shared = Arc::new(SessionShared::new(
+            Broker::new(Arc::clone(&metrics)),
             rules,
-            metrics: Arc::clone(&metrics),
-            limits: SessionLimits::from_config(&config.mqtt),
-            shutdown: shutdown.clone(),
-        });
+            Arc::clone(&metrics),
+            SessionLimits::from_config(&config.mqtt),
+            shutdown.clone(),
+        ));
         let max_connections = config.mqtt.max_connections;
         tasks.spawn(listener::run(mqtt_listener, shared, max_connections));
         let state = AdminState { metrics, brokers: brokers.into_values().collect() };

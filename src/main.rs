@@ -69,9 +69,12 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs at info by default (RUST_LOG overrides). lapin's own logs are off by default: it logs
+/// expected broker answers (a channel closed for a missing exchange) as errors, and the AMQP
+/// sink reports every connection change and failure itself.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 

@@ -250,14 +250,13 @@ pub async fn direct_publisher(
         }
         let body = job.payload.build(seq, job.clock.now_ns());
         let (ch, ex, rk, props) = (&channel, exchange.clone(), routing_key.clone(), props.clone());
-        let confirm = ch
-            .basic_publish(ex, rk, BasicPublishOptions::default(), &body, props)
-            .await
-            .context("publish")?;
+        let fut = async move {
+            ch.basic_publish(ex, rk, BasicPublishOptions::default(), &body, props).await?.await
+        };
         if k == 0 {
-            eprintln!("confirm size {}", std::mem::size_of_val(&confirm));
+            eprintln!("future size {}", std::mem::size_of_val(&fut));
         }
-        inflight.push(confirm);
+        inflight.push(fut);
         stats.sent += 1;
     }
     loop {

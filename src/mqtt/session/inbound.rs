@@ -17,7 +17,6 @@ use tracing::{debug, warn};
 
 use super::{End, Session, SessionShared};
 use crate::message::Message;
-use crate::metrics::QosLabels;
 use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
 };
@@ -108,11 +107,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Handles a PUBLISH from the client.
     pub(super) async fn on_publish(&mut self, p: Publish) -> Option<End> {
         let shared = Arc::clone(&self.shared);
-        shared
-            .metrics
-            .messages_received
-            .get_or_create(&QosLabels { qos: (p.qos as u8).to_string() })
-            .inc();
+        shared.received[p.qos as usize].inc();
         if self.version == ProtocolVersion::V5 {
             if p.properties.topic_alias.is_some() {
                 shared.metrics.protocol_error("topic_alias");

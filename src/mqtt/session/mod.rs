@@ -20,18 +20,19 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::broker::Broker;
 use crate::config::MqttConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, QosLabels};
 use crate::mqtt::codec::{
     DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, ReasonCode,
 };
 use crate::mqtt::connection::Connection;
 use crate::rules::RuleSet;
+use prometheus_client::metrics::counter::Counter;
 
 use inbound::PendingQueue;
 use outbound::OutboundState;
@@ -70,6 +71,22 @@ impl SessionLimits {
     }
 }
 
+impl SessionShared {
+    /// Everything sessions share, with metric handles resolved once.
+    pub fn new(
+        broker: Arc<Broker>,
+        rules: Arc<RuleSet>,
+        metrics: Arc<Metrics>,
+        limits: SessionLimits,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let received = [0u8, 1, 2].map(|q| {
+            metrics.messages_received.get_or_create(&QosLabels { qos: q.to_string() }).clone()
+        });
+        SessionShared { broker, rules, metrics, received, limits, shutdown }
+    }
+}
+
 /// What every session shares.
 #[derive(Debug)]
 pub struct SessionShared {
@@ -79,6 +96,8 @@ pub struct SessionShared {
     pub rules: Arc<RuleSet>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// `messages_received` by QoS (0, 1, 2), resolved once.
+    pub received: [Counter; 3],
     /// Limits from the config.
     pub limits: SessionLimits,
     /// Cancelled when the gateway shuts down.
@@ -172,6 +191,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// The main loop: one `select!` over the socket, the front of the pending-ack queue, the
     /// outbound queue, keepalive, takeover and shutdown.
     async fn run(&mut self) -> End {
+        // Built once, not per iteration: each registers a waiter, and this loop turns per packet.
+        let shutdown = self.shared.shutdown.clone().cancelled_owned();
+        let takeover = self.takeover.clone().cancelled_owned();
+        let keepalive = self.keepalive.unwrap_or(Duration::from_secs(3600));
+        let timer = tokio::time::sleep(keepalive);
+        tokio::pin!(shutdown, takeover, timer);
         loop {
             // Decode what is buffered while the inbound window has room.
             while self.may_read() && self.conn.has_buffered_input() {
@@ -191,13 +216,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return End::Io(e);
                 }
             }
-            let deadline = self.keepalive.map(|k| self.last_packet + k);
             tokio::select! {
                 biased;
-                () = self.shared.shutdown.cancelled() => {
+                () = &mut shutdown => {
                     return self.server_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, "server shutting down");
                 }
-                () = self.takeover.cancelled() => {
+                () = &mut takeover => {
                     return self.server_disconnect(ReasonCode::SESSION_TAKEN_OVER, "another connection took over this client id");
                 }
                 front = self.pending.front_done(), if !self.pending.is_empty() => {
@@ -215,8 +239,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Some(out) = self.out.rx.recv(), if self.out.has_room() => {
                     self.deliver(out);
                 }
-                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    return self.server_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                () = &mut timer, if self.keepalive.is_some() => {
+                    // The timer is only moved forward when it fires, not on every packet.
+                    let due = self.last_packet + keepalive;
+                    if Instant::now() >= due {
+                        return self.server_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT, "keepalive timeout");
+                    }
+                    timer.as_mut().reset(due);
                 }
             }
         }
