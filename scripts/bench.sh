@@ -3,8 +3,9 @@
 # QoS 0 and 1, then latency at a fixed 2,000 msgs/s, each straight into RabbitMQ over AMQP (the
 # ceiling) and through a spawned mqgate, in the same run. Extra arguments go to every
 # mqgate-bench invocation and override the defaults here (e.g. --messages 20000, --json,
-# --mode all to add Mosquitto as a plain-broker baseline). BENCH_LATENCY_MESSAGES sets the
-# message count of the fixed-rate runs (default 20000, i.e. 10 s per run).
+# --mode all to add Mosquitto as a plain-broker baseline). BENCH_REPEAT sets the runs per mode
+# and QoS, compared by their medians (default 3); BENCH_LATENCY_MESSAGES the message count of the
+# fixed-rate runs (default 20000, i.e. 10 s per run). The whole set takes about 4 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -17,8 +18,8 @@ cargo build --release --bins
 bench=target/release/mqgate-bench
 rc=0
 log "throughput: QoS 0 and 1, direct AMQP vs through mqgate"
-"$bench" --qos both --mode both --rate 0 "$@" || rc=$?
+"$bench" --qos both --mode both --rate 0 --repeat "${BENCH_REPEAT:-3}" "$@" || rc=$?
 log "latency: fixed 2000 msgs/s, QoS 0 and 1, direct AMQP vs through mqgate"
-"$bench" --qos both --mode both --rate 2000 --messages "${BENCH_LATENCY_MESSAGES:-20000}" "$@" \
-  || rc=$?
+"$bench" --qos both --mode both --rate 2000 --repeat "${BENCH_REPEAT:-3}" \
+  --messages "${BENCH_LATENCY_MESSAGES:-20000}" "$@" || rc=$?
 exit "$rc"

@@ -57,7 +57,7 @@ impl App {
         }
         let rules = Arc::new(RuleSet::compile(&config, &brokers, &metrics)?);
         let shared = Arc::new(SessionShared::new(
-            Broker::new(Arc::clone(&metrics)),
+            Broker::new(Arc::clone(&metrics), config.mqtt.max_retained),
             rules,
             Arc::clone(&metrics),
             SessionLimits::from_config(&config.mqtt),

@@ -61,6 +61,10 @@ pub struct MqttConfig {
     /// subscriber are dropped and counted (`mqgate_messages_dropped{reason="subscriber_queue_full"}`).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
+    /// Most topics holding a retained message (kept in memory); a retained publish to a new
+    /// topic beyond it is delivered but not kept (`mqgate_messages_dropped{reason="retained_store_full"}`).
+    #[serde(default = "default_max_retained")]
+    pub max_retained: usize,
     /// QoS 1 messages sent to one subscriber and not yet acknowledged (capped by the client's
     /// own Receive Maximum).
     #[serde(default = "default_max_inflight_out")]
@@ -199,6 +203,9 @@ const fn default_true() -> bool {
 }
 const fn default_outbound_queue() -> usize {
     1024
+}
+const fn default_max_retained() -> usize {
+    100_000
 }
 const fn default_max_inflight_out() -> u16 {
     256

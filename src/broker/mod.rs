@@ -69,6 +69,8 @@ pub struct Broker {
     sessions: Mutex<HashMap<String, Registered>>,
     /// Retained messages by topic.
     retained: RwLock<HashMap<String, Arc<Message>>>,
+    /// Most topics with a retained message; a new one beyond it is not retained (counted).
+    max_retained: usize,
     /// Source of session ids.
     next_id: AtomicU64,
     /// Where drops are counted.
@@ -77,11 +79,12 @@ pub struct Broker {
 
 impl Broker {
     /// An empty broker.
-    pub fn new(metrics: Arc<Metrics>) -> Arc<Broker> {
+    pub fn new(metrics: Arc<Metrics>, max_retained: usize) -> Arc<Broker> {
         Arc::new(Broker {
             subs: RwLock::new(TopicTree::default()),
             sessions: Mutex::new(HashMap::new()),
             retained: RwLock::new(HashMap::new()),
+            max_retained,
             next_id: AtomicU64::new(1),
             metrics,
         })
@@ -141,8 +144,11 @@ impl Broker {
             let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
             if msg.payload.is_empty() {
                 retained.remove(&msg.topic);
-            } else {
+            } else if retained.len() < self.max_retained || retained.contains_key(&msg.topic) {
                 retained.insert(msg.topic.clone(), Arc::clone(msg));
+            } else {
+                // Still delivered live below; only not kept as the topic's last value.
+                self.metrics.dropped("retained_store_full");
             }
         }
         let mut hits: Vec<(u64, SubscribeOptions, mpsc::Sender<Outbound>)> = Vec::new();
