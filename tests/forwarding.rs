@@ -210,3 +210,45 @@ async fn unreachable_broker_is_not_ready_and_never_acknowledges() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_message_matching_several_rules_reaches_every_target_before_its_puback() {
+    let conn = rabbit().await;
+    let (ch, ex_a, q_a) = exchange_with_queue(&conn, "#").await;
+    let (_, ex_b, q_b) = exchange_with_queue(&conn, "fixed.key").await;
+    let yaml = format!(
+        r#"
+mqtt:
+  listen: "127.0.0.1:0"
+admin:
+  listen: "127.0.0.1:0"
+amqp:
+  rabbit:
+    url: "{AMQP_URL}"
+rules:
+  - name: all-sensors
+    from: "s/#"
+    to:
+      - amqp: {{ broker: rabbit, exchange: "{ex_a}" }}
+  - name: one-sensor
+    from: "s/+/temp"
+    to:
+      - amqp: {{ broker: rabbit, exchange: "{ex_b}", routing_key: "fixed.key" }}
+      - amqp: {{ broker: rabbit, exchange: "{ex_a}" }}
+"#
+    );
+    let app = gateway(&yaml).await;
+    wait_ready(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "fan").await;
+    c.publish("s/1/temp", QoS::AtLeastOnce, 1, b"21.5").await;
+    assert!(matches!(c.recv().await, Some(Packet::PubAck(a)) if a.packet_id == 1));
+    // By the time of the PUBACK every target has confirmed, so everything is already queued.
+    let a1 = get(&ch, &q_a, Duration::from_millis(1)).await.expect("rule 1 target");
+    let a2 = get(&ch, &q_a, Duration::from_millis(1)).await.expect("rule 2, second target");
+    let b = get(&ch, &q_b, Duration::from_millis(1)).await.expect("rule 2, fixed routing key");
+    assert_eq!(a1.routing_key.as_str(), "s.1.temp");
+    assert_eq!(a2.routing_key.as_str(), "s.1.temp");
+    assert_eq!(b.routing_key.as_str(), "fixed.key");
+    assert!([a1.data, a2.data, b.data].iter().all(|d| d == b"21.5"));
+    app.stop().await;
+}
