@@ -61,6 +61,9 @@ pub struct MqttConfig {
     /// subscriber are dropped and counted (`mqgate_messages_dropped{reason="subscriber_queue_full"}`).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
+    /// A client that does not take what mqgate writes to it within this time is disconnected.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout: HumanDuration,
     /// Most topics holding a retained message (kept in memory); a retained publish to a new
     /// topic beyond it is delivered but not kept (`mqgate_messages_dropped{reason="retained_store_full"}`).
     #[serde(default = "default_max_retained")]
@@ -203,6 +206,9 @@ const fn default_true() -> bool {
 }
 const fn default_outbound_queue() -> usize {
     1024
+}
+const fn default_write_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 const fn default_max_retained() -> usize {
     100_000

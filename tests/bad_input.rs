@@ -102,3 +102,46 @@ async fn keepalive_expiry_closes_a_silent_client() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_is_dropped_and_slows_nobody_else() {
+    let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\n  write_timeout: 1s\n  outbound_queue: 16\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+    let app = gateway(yaml).await;
+    let mut stuck = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "stuck").await;
+    stuck.subscribe("flood/#", QoS::AtMostOnce).await;
+    // From here on `stuck` reads nothing.
+    let mut publ = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "flooder").await;
+    let payload = vec![7u8; 64 * 1024];
+    // Keep the flood going for 3 s, so the stuck subscriber's socket fills and stays full for
+    // longer than write_timeout; meanwhile the publisher's own QoS 1 messages must be served.
+    let flood_until = std::time::Instant::now() + Duration::from_secs(3);
+    let mut id = 0u16;
+    while std::time::Instant::now() < flood_until {
+        for _ in 0..20 {
+            publ.publish("flood/x", QoS::AtMostOnce, 0, &payload).await;
+        }
+        id += 1;
+        let sent = std::time::Instant::now();
+        publ.publish("other/x", QoS::AtLeastOnce, id, b"still served").await;
+        match publ.recv_within(Duration::from_secs(2)).await {
+            Ok(Some(Packet::PubAck(a))) => assert_eq!(a.packet_id, id),
+            other => panic!("publisher held up by a stuck subscriber: {other:?}"),
+        }
+        assert!(sent.elapsed() < Duration::from_millis(500), "PUBACK slowed: {:?}", sent.elapsed());
+    }
+    let (_, metrics) = http_get(app.admin_addr, "/metrics").await.expect("metrics");
+    assert!(
+        metrics.contains(r#"mqgate_messages_dropped_total{reason="subscriber_queue_full"}"#),
+        "drops for the stuck subscriber are counted:\n{metrics}"
+    );
+    // The stuck subscriber is disconnected after write_timeout; draining its socket ends in EOF.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match stuck.recv_within(Duration::from_secs(10)).await {
+            Ok(None) => break,
+            Ok(Some(_)) => assert!(tokio::time::Instant::now() < deadline, "never disconnected"),
+            Err(()) => panic!("stuck subscriber neither served nor disconnected"),
+        }
+    }
+    app.stop().await;
+}

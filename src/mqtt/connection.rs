@@ -129,9 +129,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
-    /// Flushes, then shuts the write side down (best effort).
+    /// Flushes, then shuts the write side down (best effort, at most a second: the client
+    /// may have stopped reading).
     pub async fn close(&mut self) {
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
     }
 }

@@ -54,6 +54,8 @@ pub struct SessionLimits {
     pub outbound_queue: usize,
     /// Outbound window of unacknowledged QoS 1 deliveries.
     pub max_inflight_out: u16,
+    /// Longest a write to the client may take before the connection is closed.
+    pub write_timeout: Duration,
 }
 
 impl SessionLimits {
@@ -67,6 +69,7 @@ impl SessionLimits {
             allow_anonymous: c.allow_anonymous,
             outbound_queue: c.outbound_queue.max(1),
             max_inflight_out: c.max_inflight_out.max(1),
+            write_timeout: c.write_timeout.0,
         }
     }
 }
@@ -212,8 +215,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
             if self.conn.has_pending_writes() {
-                if let Err(e) = self.conn.flush().await {
-                    return End::Io(e);
+                // A client that stops reading would block this task forever: bounded.
+                match tokio::time::timeout(self.shared.limits.write_timeout, self.conn.flush())
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return End::Io(e),
+                    Err(_) => {
+                        self.shared.metrics.protocol_error("write_timeout");
+                        return End::ServerClose {
+                            reason: "client stopped reading (mqtt.write_timeout)".into(),
+                        };
+                    }
                 }
             }
             tokio::select! {
