@@ -107,16 +107,17 @@ impl RuleSet {
         Ok(set)
     }
 
-    /// Calls `found` for each rule whose filter matches `topic`, in config order.
-    pub fn for_each_match<'a>(&'a self, topic: &str, mut found: impl FnMut(&'a Rule)) {
-        let mut hits: Vec<usize> = Vec::new();
+    /// Puts the indexes of the rules whose filter matches `topic` into `hits` (cleared
+    /// first), in config order. The caller keeps `hits` to reuse its allocation.
+    pub fn matches_into(&self, topic: &str, hits: &mut Vec<usize>) {
+        hits.clear();
         self.tree.for_each_match(topic, |i| hits.push(*i));
         hits.sort_unstable();
-        for i in hits {
-            if let Some(rule) = self.rules.get(i) {
-                found(rule);
-            }
-        }
+    }
+
+    /// The rule at `index` (from [`matches_into`](Self::matches_into)).
+    pub fn rule(&self, index: usize) -> Option<&Rule> {
+        self.rules.get(index)
     }
 
     /// All rules, in config order.

@@ -158,7 +158,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             properties: p.properties,
             received: Instant::now(),
         });
-        let (matched, waits) = route(&shared, &msg, Some(self.session_id)).await;
+        let mut hits = std::mem::take(&mut self.rule_hits);
+        let (matched, waits) = route(&shared, &msg, Some(self.session_id), &mut hits).await;
+        self.rule_hits = hits;
         if p.qos != QoS::AtMostOnce {
             if p.qos == QoS::ExactlyOnce {
                 self.pending.awaiting_rel.insert(p.packet_id);
@@ -236,19 +238,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
 /// Routes `msg` to local subscribers and to every target of every matching rule. Returns
 /// whether anything matched and, for QoS 1/2, the outcome receivers to wait for.
-/// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills.
+/// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills. `hits` is
+/// scratch space for rule indexes, kept by the caller so routing does not allocate for it.
 pub(super) async fn route(
     shared: &SessionShared,
     msg: &Arc<Message>,
     publisher: Option<u64>,
+    hits: &mut Vec<usize>,
 ) -> (bool, Vec<oneshot::Receiver<Outcome>>) {
     let local = shared.broker.publish(msg, publisher);
     let mut waits = Vec::new();
-    let mut targets = 0usize;
-    let mut requests = Vec::new();
-    shared.rules.for_each_match(&msg.topic, |rule| {
+    shared.rules.matches_into(&msg.topic, hits);
+    for rule in hits.iter().filter_map(|i| shared.rules.rule(*i)) {
         for target in &rule.targets {
-            targets += 1;
             match target {
                 Target::Amqp(t) => {
                     let ack = if msg.qos == QoS::AtMostOnce {
@@ -265,15 +267,12 @@ pub(super) async fn route(
                         ack,
                         metrics: t.metrics.clone(),
                     };
-                    requests.push((t.broker.clone(), req));
+                    t.broker.publish(req).await;
                 }
             }
         }
-    });
-    for (broker, req) in requests {
-        broker.publish(req).await;
     }
-    (local > 0 || targets > 0, waits)
+    (local > 0 || !hits.is_empty(), waits)
 }
 
 /// Publishes a will after an ungraceful end. Its outcomes have nobody to tell, so they are only
@@ -296,7 +295,7 @@ pub(super) async fn publish_will(
         received: Instant::now(),
     });
     debug!(parent: span, topic = %msg.topic, "publishing will");
-    let (_, waits) = route(shared, &msg, None).await;
+    let (_, waits) = route(shared, &msg, None, &mut Vec::new()).await;
     if !waits.is_empty() {
         let span = span.clone();
         tokio::spawn(async move {

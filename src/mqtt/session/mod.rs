@@ -148,6 +148,8 @@ struct Session<S> {
     out: OutboundState,
     /// Cancelled when another connection takes this client id over.
     takeover: CancellationToken,
+    /// Scratch space for the indexes of matching rules, reused for every PUBLISH.
+    rule_hits: Vec<usize>,
 }
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
@@ -183,6 +185,7 @@ where
         pending: PendingQueue::new(shared.limits.receive_maximum),
         out: OutboundState::new(out_tx, out_rx, connected.client_receive_maximum, &shared.limits),
         takeover: connected.takeover,
+        rule_hits: Vec::new(),
         shared,
     };
     info!(parent: &span, version = ?session.version, "client connected");
