@@ -145,7 +145,11 @@ impl Broker {
             if msg.payload.is_empty() {
                 retained.remove(&msg.topic);
             } else if retained.len() < self.max_retained || retained.contains_key(&msg.topic) {
-                retained.insert(msg.topic.clone(), Arc::clone(msg));
+                // The payload is a slice of the connection's read buffer; copy it so a small
+                // retained value does not keep a whole buffer alive.
+                let mut kept = Message::clone(msg);
+                kept.payload = bytes::Bytes::copy_from_slice(&msg.payload);
+                retained.insert(msg.topic.clone(), Arc::new(kept));
             } else {
                 // Still delivered live below; only not kept as the topic's last value.
                 self.metrics.dropped("retained_store_full");

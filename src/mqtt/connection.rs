@@ -11,8 +11,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::mqtt::codec::{self, DecodeError, EncodeError, Packet, ProtocolVersion};
 
-/// Read buffer size to start with; grows up to the packet size limit as needed.
-const READ_CAPACITY: usize = 16 * 1024;
+/// Smallest read buffer: what an idle connection keeps.
+const READ_MIN: usize = 1024;
+/// Largest read size: a busy connection reads this much per syscall.
+const READ_MAX: usize = 64 * 1024;
+/// A write buffer larger than this is given back after a flush, so idle connections stay small.
+const WRITE_KEEP: usize = 8 * 1024;
 
 /// One client connection's socket and buffers.
 #[derive(Debug)]
@@ -29,6 +33,9 @@ pub struct Connection<S> {
     max_packet_size: usize,
     /// Largest packet the client accepts (MQTT 5 Maximum Packet Size), `u32::MAX` if unset.
     client_max_packet_size: u32,
+    /// How much to read next: doubles while reads fill the buffer, halves while they do not,
+    /// between `READ_MIN` and `READ_MAX`.
+    read_size: usize,
 }
 
 /// Why a packet could not be queued for writing.
@@ -52,11 +59,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub fn new(stream: S, max_packet_size: usize) -> Self {
         Connection {
             stream,
-            rbuf: BytesMut::with_capacity(READ_CAPACITY),
-            wbuf: BytesMut::with_capacity(READ_CAPACITY),
+            rbuf: BytesMut::new(),
+            wbuf: BytesMut::new(),
             version: None,
             max_packet_size,
             client_max_packet_size: u32::MAX,
+            read_size: READ_MIN,
         }
     }
 
@@ -74,10 +82,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
     /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
     pub async fn fill(&mut self) -> io::Result<bool> {
-        if self.rbuf.capacity() - self.rbuf.len() < 1024 {
-            self.rbuf.reserve(READ_CAPACITY);
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
+            // Give a large buffer back once a burst is over (payloads split from it keep only
+            // their own part alive).
+            self.rbuf = BytesMut::new();
         }
+        let spare = self.rbuf.capacity() - self.rbuf.len();
+        if spare < self.read_size / 2 {
+            self.rbuf.reserve(self.read_size);
+        }
+        let room = self.rbuf.capacity() - self.rbuf.len();
         let n = self.stream.read_buf(&mut self.rbuf).await?;
+        self.read_size = if n == room {
+            (self.read_size * 2).min(READ_MAX)
+        } else if n < room / 4 {
+            (self.read_size / 2).max(READ_MIN)
+        } else {
+            self.read_size
+        };
         if n == 0 {
             if self.rbuf.is_empty() {
                 return Ok(false);
@@ -124,7 +146,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
-            self.wbuf.clear();
+            if self.wbuf.capacity() > WRITE_KEEP {
+                self.wbuf = BytesMut::new();
+            } else {
+                self.wbuf.clear();
+            }
         }
         Ok(())
     }

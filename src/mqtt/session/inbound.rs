@@ -61,7 +61,7 @@ pub(super) struct FrontDone {
 impl PendingQueue {
     pub(super) fn new(capacity: u16) -> Self {
         PendingQueue {
-            queue: VecDeque::with_capacity(usize::from(capacity).min(1024)),
+            queue: VecDeque::new(),
             capacity: usize::from(capacity),
             awaiting_rel: HashSet::new(),
         }
