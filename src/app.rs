@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::admin::{self, AdminState};
-use crate::broker::Broker;
+use crate::broker::{sys, Broker};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mqtt::listener;
@@ -56,8 +56,13 @@ impl App {
             brokers.insert(name.clone(), broker);
         }
         let rules = Arc::new(RuleSet::compile(&config, &brokers, &metrics)?);
+        let broker = Broker::new(Arc::clone(&metrics), config.mqtt.max_retained);
+        if !config.mqtt.sys_interval.0.is_zero() {
+            let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
+            tasks.spawn(sys::run(b, m, config.mqtt.sys_interval.0, shutdown.clone()));
+        }
         let shared = Arc::new(SessionShared::new(
-            Broker::new(Arc::clone(&metrics), config.mqtt.max_retained),
+            broker,
             rules,
             Arc::clone(&metrics),
             SessionLimits::from_config(&config.mqtt),

@@ -61,6 +61,9 @@ pub struct MqttConfig {
     /// subscriber are dropped and counted (`mqgate_messages_dropped{reason="subscriber_queue_full"}`).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
+    /// How often the `$SYS/broker/...` statistics are published (retained); 0 disables them.
+    #[serde(default = "default_sys_interval")]
+    pub sys_interval: HumanDuration,
     /// A client that does not take what mqgate writes to it within this time is disconnected.
     #[serde(default = "default_write_timeout")]
     pub write_timeout: HumanDuration,
@@ -206,6 +209,9 @@ const fn default_true() -> bool {
 }
 const fn default_outbound_queue() -> usize {
     1024
+}
+const fn default_sys_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 const fn default_write_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))

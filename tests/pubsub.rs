@@ -125,3 +125,32 @@ async fn overlapping_subscriptions_deliver_one_copy_and_dollar_topics_skip_wildc
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn sys_topics_report_statistics_to_explicit_subscribers_only() {
+    let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\n  sys_interval: 200ms\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+    let app = gateway(yaml).await;
+    let mut all = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "hash-sub").await;
+    all.subscribe("#", QoS::AtMostOnce).await;
+    let mut sys = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "sys-sub").await;
+    sys.subscribe("$SYS/broker/clients/connected", QoS::AtMostOnce).await;
+    // The retained value may predate the two connections; a fresher one follows each interval.
+    let mut seen = Vec::new();
+    while !seen.iter().any(|n| *n >= 2) {
+        match sys.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert_eq!(p.topic, "$SYS/broker/clients/connected");
+                let text = std::str::from_utf8(&p.payload).expect("utf8").to_owned();
+                seen.push(text.parse::<usize>().expect("a number"));
+            }
+            other => panic!("expected a $SYS message, got {other:?}"),
+        }
+        assert!(seen.len() < 20, "clients/connected never reached 2: {seen:?}");
+    }
+    assert_eq!(
+        all.recv_within(Duration::from_millis(600)).await,
+        Err(()),
+        "'#' must not match $SYS"
+    );
+    app.stop().await;
+}

@@ -5,6 +5,8 @@
 //! length of one tree walk, and delivery to a subscriber is a `try_send` on its bounded queue
 //! outside the lock. A full queue drops the message for that subscriber and counts it.
 
+pub mod sys;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
