@@ -1,4 +1,5 @@
-//! The CONNECT handshake: wait (bounded) for CONNECT, check it, register the client id, answer
+//! The CONNECT handshake: wait (bounded) for CONNECT, check it, authenticate (off the async
+//! workers, see `auth`), register the client id, specialise the ACL for this client, answer
 //! CONNACK. Returns what the session needs, or `None` when the connection must close.
 
 use std::sync::Arc;
