@@ -370,3 +370,68 @@ async fn mqgate_passwd_output_lets_the_user_in() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_connect_flood_neither_blocks_other_clients_nor_runs_unbounded() {
+    let app = gateway(&config(true, &users("flood", "pw"))).await;
+    let n = 16;
+    let started = std::time::Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let addr = app.mqtt_addr;
+        flood.spawn(async move {
+            let id = format!("flood-{i}");
+            connect_as(addr, V5, &id, Some("flood"), Some("wrong")).await.1
+        });
+    }
+    // Meanwhile an anonymous client connects and gets a QoS 1 PUBACK: the verifications run
+    // on the blocking pool, two at a time, so the async workers stay free.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut c = RawClient::connect(app.mqtt_addr, V5, "bystander").await;
+    c.publish("a/b", QoS::AtLeastOnce, 1, b"x").await;
+    assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
+    let bystander = started.elapsed();
+    let mut codes = Vec::new();
+    while let Some(code) = flood.join_next().await {
+        codes.push(code.expect("task"));
+    }
+    let flood_time = started.elapsed();
+    assert!(codes.iter().all(|c| *c == ReasonCode::BAD_USER_NAME_OR_PASSWORD), "{codes:?}");
+    assert!(
+        bystander < flood_time / 2,
+        "bystander served in {bystander:?}, flood of {n} took {flood_time:?}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn connects_that_cannot_be_verified_within_the_connect_timeout_get_server_busy() {
+    let yaml = config(true, &users("flood", "pw")).replace(
+        "  allow_anonymous: true\n",
+        "  allow_anonymous: true\n  connect_timeout: 200ms\n",
+    );
+    let app = gateway(&yaml).await;
+    let mut flood = tokio::task::JoinSet::new();
+    for i in 0..60 {
+        let addr = app.mqtt_addr;
+        let version = if i % 2 == 0 { V5 } else { V311 };
+        flood.spawn(async move {
+            connect_as(addr, version, &format!("busy-{i}"), Some("flood"), Some("wrong")).await.1
+        });
+    }
+    let mut codes = Vec::new();
+    while let Some(code) = flood.join_next().await {
+        codes.push(code.expect("task"));
+    }
+    // 60 verifications two at a time take far longer than 200 ms: the late ones are told to
+    // come back (0x89 / 3.1.1 return code 3) instead of queueing without bound.
+    // 3.1.1 return code 3 ("server unavailable") reads back as 0x88.
+    let busy = codes
+        .iter()
+        .filter(|c| **c == ReasonCode::SERVER_BUSY || **c == ReasonCode::SERVER_UNAVAILABLE)
+        .count();
+    let bad = codes.iter().filter(|c| **c == ReasonCode::BAD_USER_NAME_OR_PASSWORD).count();
+    assert!(busy > 0 && bad > 0 && busy + bad == codes.len(), "{codes:?}");
+    assert!(metrics(&app).await.contains(r#"mqgate_auth_refused_total{reason="busy"}"#));
+    app.stop().await;
+}
