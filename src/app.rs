@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::admin::{self, AdminState};
+use crate::auth::Authenticator;
 use crate::broker::{sys, Broker};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -64,6 +65,7 @@ impl App {
         let shared = Arc::new(SessionShared::new(
             broker,
             rules,
+            Arc::new(Authenticator::from_config(&config)?),
             Arc::clone(&metrics),
             SessionLimits::from_config(&config.mqtt),
             shutdown.clone(),

@@ -30,6 +30,15 @@ pub struct Config {
     /// Routing rules: an MQTT topic filter and the targets a matching message goes to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
+    /// Users allowed to connect with a password (argon2 PHC hashes, see `mqgate passwd`).
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    /// Access control: evaluated in order, the first entry that applies decides.
+    #[serde(default)]
+    pub acl: Vec<AclEntryConfig>,
+    /// What happens when no `acl:` entry applies.
+    #[serde(default)]
+    pub acl_default: AclPolicy,
 }
 
 /// `mqtt:`: the device-facing listener.
@@ -54,7 +63,8 @@ pub struct MqttConfig {
     /// Largest keepalive granted, in seconds; 0 means no maximum.
     #[serde(default = "default_max_keepalive")]
     pub max_keepalive: u16,
-    /// Accept clients without credentials (authentication arrives with a later release).
+    /// Accept clients that send no user name. A client that sends one must always be a
+    /// configured user with the right password, whatever this says.
     #[serde(default = "default_true")]
     pub allow_anonymous: bool,
     /// Messages waiting to be written to one subscriber; beyond it, messages to that
@@ -150,6 +160,61 @@ pub struct AmqpTargetConfig {
     /// plugin does (sensors/a/telemetry -> sensors.a.telemetry).
     #[serde(default)]
     pub routing_key: Option<Spanned<String>>,
+}
+
+/// One entry of `users:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    /// The MQTT user name.
+    pub username: Spanned<String>,
+    /// An argon2 PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`), as printed by
+    /// `mqgate passwd`.
+    pub password_hash: Spanned<String>,
+}
+
+/// What an `acl:` entry is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclAction {
+    /// PUBLISH (and wills).
+    Publish,
+    /// SUBSCRIBE.
+    Subscribe,
+    /// Both.
+    All,
+}
+
+/// `acl_default:`: the decision when no entry applies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AclPolicy {
+    /// Allowed (the default: a config without `acl:` lets everyone do everything).
+    #[default]
+    Allow,
+    /// Denied.
+    Deny,
+}
+
+/// One entry of `acl:`: exactly one of `allow`/`deny`, a topic filter, and optionally whom it
+/// is for (`user`, `client`; both given: both must match; neither: everyone).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclEntryConfig {
+    /// `allow: publish|subscribe|all`.
+    #[serde(default)]
+    pub allow: Option<Spanned<AclAction>>,
+    /// `deny: publish|subscribe|all`.
+    #[serde(default)]
+    pub deny: Option<Spanned<AclAction>>,
+    /// A topic filter; `%u` and `%c` are replaced by the client's user name and client id.
+    pub topic: Spanned<String>,
+    /// User name pattern: `*` matches any run of characters, `%c` is the client id.
+    #[serde(default)]
+    pub user: Option<Spanned<String>>,
+    /// Client id pattern: `*` matches any run of characters, `%u` is the user name.
+    #[serde(default)]
+    pub client: Option<Spanned<String>>,
 }
 
 /// A duration written as seconds (`10`) or with a unit (`250ms`, `10s`, `5m`, `1h`).
@@ -399,7 +464,44 @@ impl Config {
                 }
             }
         }
+        self.validate_auth(&mut err);
         errors
+    }
+
+    fn validate_auth(&self, err: &mut impl FnMut(&Location, String)) {
+        let mut names = std::collections::HashSet::new();
+        for user in &self.users {
+            let name = &user.username.value;
+            if name.is_empty() {
+                err(&user.username.referenced, "users: empty username".into());
+            }
+            if !names.insert(name.as_str()) {
+                err(&user.username.referenced, format!("users: duplicate username {name:?}"));
+            }
+            if let Err(e) = crate::auth::passwd::parse_hash(&user.password_hash.value) {
+                err(
+                    &user.password_hash.referenced,
+                    format!("users: {name:?}: password_hash: {e} (make one with `mqgate passwd`)"),
+                );
+            }
+        }
+        for entry in &self.acl {
+            match (&entry.allow, &entry.deny) {
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => err(
+                    &entry.topic.referenced,
+                    "acl: each entry needs exactly one of `allow:` or `deny:`".into(),
+                ),
+            }
+            if let Err(e) = crate::auth::acl::validate_topic_pattern(&entry.topic.value) {
+                err(&entry.topic.referenced, format!("acl: topic: {e}"));
+            }
+            for pattern in [&entry.user, &entry.client].into_iter().flatten() {
+                if pattern.value.is_empty() {
+                    err(&pattern.referenced, "acl: empty user/client pattern".into());
+                }
+            }
+        }
     }
 
     /// The MQTT listen address (validated).
@@ -448,6 +550,19 @@ mod tests {
         let lines: Vec<u64> = e.0.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![5, 8], "{e}");
         assert!(e.to_string().contains("no broker \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn auth_errors_point_at_the_value() {
+        let text = "mqtt:\n  listen: \"0.0.0.0:1883\"\nusers:\n  - username: a\n    password_hash: \"$argon2id$nope\"\nacl:\n  - allow: all\n    deny: publish\n    topic: \"x/#\"\n  - deny: subscribe\n    topic: \"a/#/b\"\n  - allow: sometimes\n    topic: x\n";
+        let e = Config::parse(Path::new("a.yaml"), text).unwrap_err();
+        assert!(e.to_string().contains("a.yaml:12:"), "unknown action: {e}");
+        let text = text.replace("  - allow: sometimes\n    topic: x\n", "");
+        let e = Config::parse(Path::new("a.yaml"), &text).unwrap_err();
+        let at: Vec<(u64, u64)> = e.0.iter().map(|e| (e.line, e.column)).collect();
+        assert_eq!(at, vec![(5, 20), (9, 12), (11, 12)], "{e}");
+        assert!(e.0[0].message.contains("password_hash"), "{e}");
+        assert!(e.0[1].message.contains("exactly one of"), "{e}");
     }
 
     #[test]

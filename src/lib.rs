@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod message;

@@ -33,11 +33,19 @@ enum Command {
         #[arg(short, long, default_value = "config/mqgate.yaml")]
         config: PathBuf,
     },
+    /// Print an argon2 hash of a password, for `password_hash:` under `users:`. The password is
+    /// read from stdin (one line; asked twice without echo on a terminal).
+    Passwd {
+        /// Take the password from this flag instead (for scripts; it shows in `ps`).
+        #[arg(long)]
+        password: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Passwd { password } => passwd(password),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -73,6 +81,50 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `mqgate passwd`: prints the PHC string for a password.
+fn passwd(password: Option<String>) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => match read_password() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("mqgate passwd: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    if password.is_empty() {
+        eprintln!("mqgate passwd: empty password");
+        return ExitCode::FAILURE;
+    }
+    match mqgate::auth::passwd::hash_password(password.as_bytes()) {
+        Ok(phc) => {
+            println!("{phc}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mqgate passwd: cannot hash: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Reads the password: from a terminal twice without echo, otherwise the first line of stdin.
+fn read_password() -> Result<String, String> {
+    use std::io::{BufRead, IsTerminal};
+    if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ").map_err(|e| e.to_string())?;
+        let again = rpassword::prompt_password("Again: ").map_err(|e| e.to_string())?;
+        if first != again {
+            return Err("the passwords differ".into());
+        }
+        return Ok(first);
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| format!("cannot read stdin: {e}"))?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// Logs at info by default (RUST_LOG overrides). lapin's own logs are off by default: it logs

@@ -42,6 +42,13 @@ pub struct QosLabels {
     pub qos: String,
 }
 
+/// Labels of an ACL denial.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// `publish` or `subscribe`.
+    pub action: String,
+}
+
 /// Handles for one rule target, resolved when the rule set is compiled.
 #[derive(Clone, Debug, Default)]
 pub struct TargetMetrics {
@@ -86,6 +93,10 @@ pub struct Metrics {
     pub acks_failed: Counter,
     /// Protocol errors and malformed packets that closed a connection, by reason.
     pub protocol_errors: Family<ReasonLabels, Counter>,
+    /// PUBLISHes and subscriptions refused by the ACL, by action.
+    pub acl_denied: Family<ActionLabels, Counter>,
+    /// CONNECTs refused for their credentials, by reason.
+    pub auth_refused: Family<ReasonLabels, Counter>,
     /// Per rule and target: forwarded.
     pub target_forwarded: Family<TargetLabels, Counter>,
     /// Per rule and target: failed.
@@ -121,6 +132,8 @@ impl Metrics {
             messages_dropped: Family::default(),
             acks_failed: Counter::default(),
             protocol_errors: Family::default(),
+            acl_denied: Family::default(),
+            auth_refused: Family::default(),
             target_forwarded: Family::default(),
             target_failed: Family::default(),
             amqp_connected: Family::default(),
@@ -165,6 +178,16 @@ impl Metrics {
             "protocol_errors",
             "Connections closed for a protocol error or malformed packet",
             m.protocol_errors.clone(),
+        );
+        registry.register(
+            "acl_denied",
+            "PUBLISHes and subscriptions refused by the ACL",
+            m.acl_denied.clone(),
+        );
+        registry.register(
+            "auth_refused",
+            "CONNECTs refused for their credentials (bad_credentials, not_authorized, busy)",
+            m.auth_refused.clone(),
         );
         registry.register(
             "target_forwarded",
@@ -228,6 +251,11 @@ impl Metrics {
     /// Counts one message dropped for `reason`.
     pub fn dropped(&self, reason: &str) {
         self.messages_dropped.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
+    }
+
+    /// The ACL-denial counter for `action` (`publish`, `subscribe`), to resolve once.
+    pub fn acl_denied(&self, action: &str) -> Counter {
+        self.acl_denied.get_or_create(&ActionLabels { action: action.to_owned() }).clone()
     }
 
     /// Counts one connection closed for a protocol error.

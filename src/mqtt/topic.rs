@@ -92,6 +92,47 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// True when every topic `inner` matches is also matched by `outer` (both valid filters):
+/// `a/b` and `a/+/#` are subsets of `a/#`; `#` is not a subset of `a/#`.
+pub fn filter_is_subset(inner: &str, outer: &str) -> bool {
+    // Wildcards in the first level do not match `$` topics (MQTT 4.7.2).
+    if inner.starts_with('$') && (outer.starts_with('+') || outer.starts_with('#')) {
+        return false;
+    }
+    let mut i = inner.split('/');
+    let mut o = outer.split('/');
+    loop {
+        match (o.next(), i.next()) {
+            (Some("#"), _) => return true,
+            (_, Some("#")) => return false,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// True when some topic matches both filters (both valid): `a/#` and `+/b` overlap; `a/+`
+/// and `a/b/c` do not.
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    let wild = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (a.starts_with('$') && wild(b)) || (b.starts_with('$') && wild(a)) {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(p), Some(q)) if p == q => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Translates a topic to an AMQP routing key the way RabbitMQ's MQTT plugin does: '/' <-> '.'.
 pub fn to_routing_key(topic: &str) -> String {
     topic.replace('/', ".")
@@ -270,6 +311,53 @@ mod tests {
             tree.remove(f, |_| true);
         }
         assert!(tree.is_empty());
+    }
+
+    #[test]
+    fn subsets() {
+        let cases = [
+            ("a/b", "a/b", true),
+            ("a/b", "a/#", true),
+            ("a", "a/#", true),
+            ("a/+/#", "a/#", true),
+            ("a/#", "a/#", true),
+            ("#", "#", true),
+            ("a/b", "a/+", true),
+            ("a/+", "a/+", true),
+            ("a/#", "a/+", false),
+            ("a/+", "a/b", false),
+            ("#", "a/#", false),
+            ("a/#", "a/b/#", false),
+            ("a/b/c", "a/+", false),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "+/x", false),
+            ("$SYS/x", "$SYS/#", true),
+        ];
+        for (inner, outer, want) in cases {
+            assert_eq!(filter_is_subset(inner, outer), want, "{inner} in {outer}");
+        }
+    }
+
+    #[test]
+    fn overlaps() {
+        let cases = [
+            ("a/b", "a/b", true),
+            ("a/#", "a/b", true),
+            ("#", "a/b", true),
+            ("+/b", "a/+", true),
+            ("a", "a/#", true),
+            ("a/+", "a/b/c", false),
+            ("a/b", "a/c", false),
+            ("a/+", "a", false),
+            ("#", "$SYS/x", false),
+            ("+/x", "$SYS/x", false),
+            ("$SYS/#", "$SYS/x", true),
+            ("#", "+", true),
+        ];
+        for (a, b, want) in cases {
+            assert_eq!(filters_overlap(a, b), want, "{a} ~ {b}");
+            assert_eq!(filters_overlap(b, a), want, "{b} ~ {a}");
+        }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The CONNECT handshake: wait (bounded) for CONNECT, check it, register the client id, answer
+//! The CONNECT handshake: wait (bounded) for CONNECT, check it, authenticate (off the async
+//! workers, see `auth`), register the client id, specialise the ACL for this client, answer
 //! CONNACK. Returns what the session needs, or `None` when the connection must close.
 
 use std::sync::Arc;
@@ -9,6 +10,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::SessionShared;
+use crate::auth::acl::ClientAcl;
+use crate::auth::Refusal;
+use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
     ConnAck, Connect, DecodeError, LastWill, Packet, Properties, ProtocolVersion, ReasonCode,
 };
@@ -20,6 +24,8 @@ pub(super) struct Connected {
     pub version: ProtocolVersion,
     pub client_id: Arc<str>,
     pub username: Option<Arc<str>>,
+    /// The ACL specialised for this client.
+    pub acl: ClientAcl,
     pub session_id: u64,
     pub keepalive: Option<Duration>,
     pub will: Option<LastWill>,
@@ -69,7 +75,11 @@ where
     let version = connect.protocol;
     let client_max_packet = connect.properties.maximum_packet_size;
     conn.set_version(version, client_max_packet);
-    match accept(&connect, shared) {
+    let accepted = match accept(&connect, shared) {
+        Ok(accepted) => authenticate(&connect, shared, deadline).await.map(|()| accepted),
+        Err(refused) => Err(refused),
+    };
+    match accepted {
         Ok(accepted) => {
             let (session_id, takeover) = shared.broker.register(&accepted.client_id);
             let mut properties = Properties::default();
@@ -92,12 +102,15 @@ where
                 shared.broker.unregister(&accepted.client_id, session_id);
                 return Ok(None);
             }
+            let username = connect.username.as_deref();
+            let acl = shared.auth.acl.for_client(username, &accepted.client_id);
             let keepalive = (accepted.keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
             Ok(Some(Connected {
                 version,
                 client_id: Arc::from(accepted.client_id.as_str()),
-                username: connect.username.as_deref().map(Arc::from),
+                username: username.map(Arc::from),
+                acl,
                 session_id,
                 keepalive,
                 will: connect.will.clone(),
@@ -137,16 +150,6 @@ fn accept(c: &Connect, shared: &SessionShared) -> Result<Accepted, (ReasonCode, 
             "enhanced authentication is not supported",
         ));
     }
-    if c.username.is_none() && !shared.limits.allow_anonymous {
-        return Err((ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed"));
-    }
-    if c.username.is_some() || c.password.is_some() {
-        // Users and passwords arrive with the authentication release; until then a client that
-        // sends credentials is refused rather than silently let in with them unchecked.
-        if !shared.limits.allow_anonymous {
-            return Err((ReasonCode::BAD_USER_NAME_OR_PASSWORD, "no users are configured"));
-        }
-    }
     if let Some(will) = &c.will {
         if topic::validate_name(&will.topic).is_err() {
             return Err((ReasonCode::TOPIC_NAME_INVALID, "invalid will topic"));
@@ -173,6 +176,35 @@ fn accept(c: &Connect, shared: &SessionShared) -> Result<Accepted, (ReasonCode, 
         c.keep_alive
     };
     Ok(Accepted { client_id, assigned, keep_alive })
+}
+
+/// Checks the credentials (on the blocking pool, bounded; see `auth`). The wait for a
+/// verification slot counts against the CONNECT timeout.
+async fn authenticate(
+    c: &Connect,
+    shared: &SessionShared,
+    deadline: tokio::time::Instant,
+) -> Result<(), (ReasonCode, &'static str)> {
+    let refusal = match shared
+        .auth
+        .authenticate(c.username.as_deref(), c.password.as_deref(), deadline)
+        .await
+    {
+        Ok(()) => return Ok(()),
+        Err(r) => r,
+    };
+    shared
+        .metrics
+        .auth_refused
+        .get_or_create(&ReasonLabels { reason: refusal.label().into() })
+        .inc();
+    Err(match refusal {
+        Refusal::BadCredentials => {
+            (ReasonCode::BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+        }
+        Refusal::NotAuthorized => (ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed"),
+        Refusal::Busy => (ReasonCode::SERVER_BUSY, "too many clients authenticating; retry"),
+    })
 }
 
 fn generated_client_id() -> String {

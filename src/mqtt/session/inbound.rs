@@ -37,6 +37,8 @@ pub(super) struct Pending {
     failure: Option<Failure>,
     /// Whether any subscriber or rule matched (MQTT 5 reason 0x10 otherwise).
     matched: bool,
+    /// Refused by the ACL: MQTT 5 gets 0x87; 3.1.1, which cannot say so, a plain ack.
+    denied: bool,
 }
 
 /// The inbound window: pending acknowledgements in arrival order plus QoS 2 state.
@@ -56,6 +58,7 @@ pub(super) struct FrontDone {
     qos: QoS,
     failure: Option<Failure>,
     matched: bool,
+    denied: bool,
 }
 
 impl PendingQueue {
@@ -96,6 +99,7 @@ impl PendingQueue {
                 qos: p.qos,
                 failure: p.failure,
                 matched: p.matched,
+                denied: p.denied,
             },
             // Not reached: the branch is only polled when the queue is not empty.
             None => std::future::pending().await,
@@ -145,7 +149,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 waits: Vec::new(),
                 failure: None,
                 matched: true,
+                denied: false,
             });
+            return None;
+        }
+        if !self.acl.may_publish(&p.topic) {
+            // Never routed: no local subscriber and no rule target sees it.
+            shared.acl_denied_publish.inc();
+            debug!(topic = %p.topic, qos = p.qos as u8, "PUBLISH denied by the ACL");
+            if p.qos != QoS::AtMostOnce {
+                if p.qos == QoS::ExactlyOnce && self.version == ProtocolVersion::V311 {
+                    // 3.1.1 is told success, so its PUBREL must find the id.
+                    self.pending.awaiting_rel.insert(p.packet_id);
+                }
+                self.pending.queue.push_back(Pending {
+                    packet_id: p.packet_id,
+                    qos: p.qos,
+                    waits: Vec::new(),
+                    failure: None,
+                    matched: true,
+                    denied: true,
+                });
+            }
             return None;
         }
         let msg = Arc::new(Message {
@@ -171,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 waits,
                 failure: None,
                 matched,
+                denied: false,
             });
         }
         None
@@ -180,6 +206,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// message failed in a way the protocol version cannot express.
     pub(super) fn complete_front(&mut self, done: FrontDone) -> Option<End> {
         let code = match &done.failure {
+            None if done.denied && self.version == ProtocolVersion::V5 => {
+                ReasonCode::NOT_AUTHORIZED
+            }
             None if !done.matched && self.version == ProtocolVersion::V5 => {
                 ReasonCode::NO_MATCHING_SUBSCRIBERS
             }

@@ -24,6 +24,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::auth::acl::ClientAcl;
+use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::MqttConfig;
 use crate::metrics::{Metrics, QosLabels};
@@ -48,8 +50,6 @@ pub struct SessionLimits {
     pub receive_maximum: u16,
     /// Largest keepalive granted (0 = no limit).
     pub max_keepalive: u16,
-    /// Clients without a user name are accepted.
-    pub allow_anonymous: bool,
     /// Capacity of the per-session queue of messages to deliver.
     pub outbound_queue: usize,
     /// Outbound window of unacknowledged QoS 1 deliveries.
@@ -66,7 +66,6 @@ impl SessionLimits {
             connect_timeout: c.connect_timeout.value.0,
             receive_maximum: c.receive_maximum.max(1),
             max_keepalive: c.max_keepalive,
-            allow_anonymous: c.allow_anonymous,
             outbound_queue: c.outbound_queue.max(1),
             max_inflight_out: c.max_inflight_out.max(1),
             write_timeout: c.write_timeout.0,
@@ -79,6 +78,7 @@ impl SessionShared {
     pub fn new(
         broker: Arc<Broker>,
         rules: Arc<RuleSet>,
+        auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
         limits: SessionLimits,
         shutdown: CancellationToken,
@@ -86,7 +86,19 @@ impl SessionShared {
         let received = [0u8, 1, 2].map(|q| {
             metrics.messages_received.get_or_create(&QosLabels { qos: q.to_string() }).clone()
         });
-        SessionShared { broker, rules, metrics, received, limits, shutdown }
+        let acl_denied_publish = metrics.acl_denied("publish");
+        let acl_denied_subscribe = metrics.acl_denied("subscribe");
+        SessionShared {
+            broker,
+            rules,
+            auth,
+            metrics,
+            received,
+            acl_denied_publish,
+            acl_denied_subscribe,
+            limits,
+            shutdown,
+        }
     }
 }
 
@@ -97,10 +109,16 @@ pub struct SessionShared {
     pub broker: Arc<Broker>,
     /// The compiled rules.
     pub rules: Arc<RuleSet>,
+    /// Users, anonymous policy and the ACL.
+    pub auth: Arc<Authenticator>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// `messages_received` by QoS (0, 1, 2), resolved once.
     pub received: [Counter; 3],
+    /// `acl_denied{action="publish"}`, resolved once.
+    pub acl_denied_publish: Counter,
+    /// `acl_denied{action="subscribe"}`, resolved once.
+    pub acl_denied_subscribe: Counter,
     /// Limits from the config.
     pub limits: SessionLimits,
     /// Cancelled when the gateway shuts down.
@@ -130,8 +148,10 @@ struct Session<S> {
     version: ProtocolVersion,
     /// The (possibly assigned) client identifier.
     client_id: Arc<str>,
-    /// The user name from CONNECT.
+    /// The user name from CONNECT (authenticated: only configured users get one).
     username: Option<Arc<str>>,
+    /// What this client may publish and subscribe to (`%u`/`%c` already substituted).
+    acl: ClientAcl,
     /// Unique per connection; keys the subscriptions and the registry entry.
     session_id: u64,
     /// Time allowed between two packets from the client (1.5 × keepalive), `None` if disabled.
@@ -177,6 +197,7 @@ where
         version: connected.version,
         client_id: connected.client_id,
         username: connected.username,
+        acl: connected.acl,
         session_id: connected.session_id,
         keepalive: connected.keepalive,
         last_packet: Instant::now(),
@@ -376,6 +397,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.shared.broker.unregister(&self.client_id, self.session_id);
         if publish_will {
             if let Some(will) = self.will.take() {
+                if !self.acl.may_publish(&will.topic) {
+                    self.shared.acl_denied_publish.inc();
+                    info!(parent: span, topic = %will.topic, "will not published: denied by the ACL");
+                    return;
+                }
                 inbound::publish_will(
                     &self.shared,
                     &self.client_id,

@@ -142,6 +142,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for f in &s.filters {
             let code = match topic::validate_filter(&f.filter) {
                 Err(e) => self.filter_refusal(&e),
+                Ok(()) if !self.acl.may_subscribe(&f.filter) => {
+                    self.shared.acl_denied_subscribe.inc();
+                    debug!(filter = %f.filter, "SUBSCRIBE denied by the ACL");
+                    match self.version {
+                        ProtocolVersion::V311 => ReasonCode::UNSPECIFIED_ERROR,
+                        ProtocolVersion::V5 => ReasonCode::NOT_AUTHORIZED,
+                    }
+                }
                 Ok(()) => {
                     let granted = f.options.qos.min(QoS::AtLeastOnce);
                     let options = SubscribeOptions {

@@ -1,0 +1,416 @@
+//! The access control list: compiled once from `acl:`, then specialised per connection.
+//!
+//! Pure data and functions, no I/O and no locks. [`Acl::for_client`] runs once at CONNECT and
+//! substitutes `%u`/`%c` for that client, keeping only the entries that apply to it; the
+//! per-message checks on the resulting [`ClientAcl`] then only compare strings (no allocation).
+//!
+//! Rules (first entry that applies decides; none applies: `acl_default`):
+//! - PUBLISH: an entry applies when its filter matches the topic name.
+//! - SUBSCRIBE to filter S: an `allow` entry with filter F applies when S is a subset of F
+//!   (every topic S matches, F matches too); a `deny` entry applies when S and F overlap (some
+//!   topic matches both). So `deny: subscribe, topic: a/b` also refuses `a/#` and `#`: granting
+//!   those would deliver `a/b`'s messages.
+//! - A `%u`/`%c` value that could change the filter's shape (it contains `/`, `+` or `#`, or
+//!   starts with `$`) is never substituted: an `allow` entry using it does not apply, a `deny`
+//!   entry using it applies to every topic. An absent user name (anonymous client): entries
+//!   using `%u` do not apply.
+
+use std::sync::Arc;
+
+use crate::config::{AclAction, AclEntryConfig, AclPolicy};
+use crate::mqtt::topic::{self, TopicError};
+
+/// One piece of a pattern from the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    /// Literal text.
+    Lit(Box<str>),
+    /// `%u`: the user name.
+    User,
+    /// `%c`: the client id.
+    Client,
+    /// `*` (user and client patterns only): any run of characters.
+    Star,
+}
+
+/// A `topic`, `user` or `client` value split into pieces.
+#[derive(Debug, Clone)]
+struct Pattern(Vec<Piece>);
+
+impl Pattern {
+    fn parse(text: &str, star: bool) -> Pattern {
+        let mut pieces = Vec::new();
+        let mut lit = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            let piece = match (c, chars.peek()) {
+                ('%', Some('u')) => Some(Piece::User),
+                ('%', Some('c')) => Some(Piece::Client),
+                ('*', _) if star => Some(Piece::Star),
+                _ => None,
+            };
+            match piece {
+                Some(p) => {
+                    if p != Piece::Star {
+                        chars.next();
+                    }
+                    if !lit.is_empty() {
+                        pieces.push(Piece::Lit(std::mem::take(&mut lit).into()));
+                    }
+                    pieces.push(p);
+                }
+                None => lit.push(c),
+            }
+        }
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(lit.into()));
+        }
+        Pattern(pieces)
+    }
+
+    /// The text when the pattern has no placeholder.
+    fn literal(&self) -> Option<String> {
+        let mut s = String::new();
+        for p in &self.0 {
+            match p {
+                Piece::Lit(l) => s.push_str(l),
+                _ => return None,
+            }
+        }
+        Some(s)
+    }
+
+    /// Replaces `%u`/`%c`; `*` stays a wildcard (the second list). `None` when a placeholder
+    /// has no value.
+    fn substitute(&self, who: &Who<'_>) -> Option<Vec<Seg>> {
+        let mut segs = vec![Seg::Lit(String::new())];
+        for p in &self.0 {
+            let text = match p {
+                Piece::Lit(l) => l,
+                Piece::User => who.user?,
+                Piece::Client => who.client,
+                Piece::Star => {
+                    segs.push(Seg::Star);
+                    segs.push(Seg::Lit(String::new()));
+                    continue;
+                }
+            };
+            if let Some(Seg::Lit(last)) = segs.last_mut() {
+                last.push_str(text);
+            }
+        }
+        Some(segs)
+    }
+
+    fn uses(&self, piece: &Piece) -> bool {
+        self.0.contains(piece)
+    }
+}
+
+/// A substituted user/client pattern: literal runs separated by `*`.
+#[derive(Debug)]
+enum Seg {
+    Lit(String),
+    Star,
+}
+
+/// True when `name` matches the segments (`*` = any run). Linear in the name per segment: the
+/// first literal is a prefix, the last a suffix, the middle ones found left to right.
+fn glob(segs: &[Seg], name: &str) -> bool {
+    let lits: Vec<&str> = segs
+        .iter()
+        .filter_map(|s| match s {
+            Seg::Lit(l) => Some(l.as_str()),
+            Seg::Star => None,
+        })
+        .collect();
+    // `segs` alternates Lit, Star, Lit, ... and starts and ends with a (maybe empty) Lit.
+    match lits.as_slice() {
+        [] => name.is_empty(),
+        [only] => name == *only,
+        [first, middle @ .., last] => {
+            let Some(rest) = name.strip_prefix(first) else { return false };
+            let Some(mut rest) = rest.strip_suffix(last) else { return false };
+            for m in middle {
+                match rest.find(m) {
+                    Some(i) => rest = &rest[i + m.len()..],
+                    None => return false,
+                }
+            }
+            true
+        }
+    }
+}
+
+/// Whom a connection is: the values `%u` and `%c` stand for.
+struct Who<'a> {
+    user: Option<&'a str>,
+    client: &'a str,
+}
+
+/// A value that would change a topic filter's shape if substituted into it.
+fn unsafe_in_topic(value: &str) -> bool {
+    value.contains(['/', '+', '#']) || value.starts_with('$')
+}
+
+/// One compiled `acl:` entry.
+#[derive(Debug)]
+struct Entry {
+    /// `allow:` (true) or `deny:`.
+    allow: bool,
+    /// Applies to PUBLISH.
+    publish: bool,
+    /// Applies to SUBSCRIBE.
+    subscribe: bool,
+    /// The topic filter pattern.
+    topic: Pattern,
+    /// The filter already, when `topic` has no placeholder (shared by every connection).
+    fixed: Option<Arc<str>>,
+    /// `user:` pattern.
+    user: Option<Pattern>,
+    /// `client:` pattern.
+    client: Option<Pattern>,
+}
+
+/// The whole ACL, as configured.
+#[derive(Debug)]
+pub struct Acl {
+    /// Entries in config order.
+    entries: Vec<Entry>,
+    /// Decision when no entry applies.
+    default_allow: bool,
+    /// The per-client list when no entry depends on the client: shared by every connection.
+    shared: Option<Arc<[ClientRule]>>,
+}
+
+/// One entry as it applies to one connection.
+#[derive(Debug, Clone)]
+struct ClientRule {
+    allow: bool,
+    publish: bool,
+    subscribe: bool,
+    /// The substituted filter; `None` matches everything (a deny whose value was unsafe).
+    filter: Option<Arc<str>>,
+}
+
+/// The ACL of one connection: only the entries that apply to it, placeholders substituted.
+#[derive(Debug, Clone)]
+pub struct ClientAcl {
+    rules: Arc<[ClientRule]>,
+    default_allow: bool,
+}
+
+/// Checks an `acl:` topic: a valid filter once `%u`/`%c` are replaced.
+pub fn validate_topic_pattern(pattern: &str) -> Result<(), TopicError> {
+    topic::validate_filter(&pattern.replace("%u", "u").replace("%c", "c"))
+}
+
+impl Acl {
+    /// Compiles the `acl:` entries (validated with the config).
+    pub fn compile(entries: &[AclEntryConfig], default: AclPolicy) -> Acl {
+        let entries: Vec<Entry> = entries
+            .iter()
+            .map(|e| {
+                let (allow, action) = match (&e.allow, &e.deny) {
+                    (Some(a), _) => (true, a.value),
+                    (None, Some(d)) => (false, d.value),
+                    // Refused by the config validation; an entry that does nothing.
+                    (None, None) => (false, AclAction::All),
+                };
+                let topic = Pattern::parse(&e.topic.value, false);
+                Entry {
+                    allow,
+                    publish: matches!(action, AclAction::Publish | AclAction::All),
+                    subscribe: matches!(action, AclAction::Subscribe | AclAction::All),
+                    fixed: topic.literal().map(Arc::from),
+                    topic,
+                    user: e.user.as_ref().map(|u| Pattern::parse(&u.value, true)),
+                    client: e.client.as_ref().map(|c| Pattern::parse(&c.value, true)),
+                }
+            })
+            .collect();
+        let default_allow = default == AclPolicy::Allow;
+        let independent =
+            entries.iter().all(|e| e.fixed.is_some() && e.user.is_none() && e.client.is_none());
+        let mut acl = Acl { entries, default_allow, shared: None };
+        if independent {
+            acl.shared = Some(acl.build(&Who { user: None, client: "" }));
+        }
+        acl
+    }
+
+    /// The ACL for one connection.
+    pub fn for_client(&self, user: Option<&str>, client_id: &str) -> ClientAcl {
+        let rules = match &self.shared {
+            Some(shared) => Arc::clone(shared),
+            None => self.build(&Who { user, client: client_id }),
+        };
+        ClientAcl { rules, default_allow: self.default_allow }
+    }
+
+    fn build(&self, who: &Who<'_>) -> Arc<[ClientRule]> {
+        self.entries.iter().filter_map(|e| e.for_client(who)).collect()
+    }
+}
+
+impl Entry {
+    fn for_client(&self, who: &Who<'_>) -> Option<ClientRule> {
+        let name_matches = |pattern: &Option<Pattern>, name: Option<&str>| match pattern {
+            None => true,
+            Some(p) => match (p.substitute(who), name) {
+                (Some(segs), Some(name)) => glob(&segs, name),
+                _ => false,
+            },
+        };
+        if !name_matches(&self.user, who.user) || !name_matches(&self.client, Some(who.client)) {
+            return None;
+        }
+        let rule = |filter| ClientRule {
+            allow: self.allow,
+            publish: self.publish,
+            subscribe: self.subscribe,
+            filter,
+        };
+        if let Some(fixed) = &self.fixed {
+            return Some(rule(Some(Arc::clone(fixed))));
+        }
+        let user_unsafe = self.topic.uses(&Piece::User) && who.user.is_some_and(unsafe_in_topic);
+        let client_unsafe = self.topic.uses(&Piece::Client) && unsafe_in_topic(who.client);
+        if user_unsafe || client_unsafe {
+            // Never widen an allow; never let a deny be dodged.
+            return (!self.allow).then(|| rule(None));
+        }
+        let segs = self.topic.substitute(who)?;
+        let filter: String = segs
+            .into_iter()
+            .map(|s| match s {
+                Seg::Lit(l) => l,
+                Seg::Star => String::new(),
+            })
+            .collect();
+        Some(rule(Some(Arc::from(filter))))
+    }
+}
+
+impl ClientAcl {
+    /// An ACL that allows everything (no `acl:` configured).
+    pub fn allow_all() -> ClientAcl {
+        ClientAcl { rules: Arc::from(Vec::new()), default_allow: true }
+    }
+
+    /// May this client publish to `topic_name`?
+    pub fn may_publish(&self, topic_name: &str) -> bool {
+        for r in self.rules.iter().filter(|r| r.publish) {
+            if r.filter.as_deref().is_none_or(|f| topic::matches(f, topic_name)) {
+                return r.allow;
+            }
+        }
+        self.default_allow
+    }
+
+    /// May this client subscribe to `filter` (valid)? See the module docs for the rule.
+    pub fn may_subscribe(&self, filter: &str) -> bool {
+        for r in self.rules.iter().filter(|r| r.subscribe) {
+            let applies = match r.filter.as_deref() {
+                None => true,
+                Some(f) if r.allow => topic::filter_is_subset(filter, f),
+                Some(f) => topic::filters_overlap(filter, f),
+            };
+            if applies {
+                return r.allow;
+            }
+        }
+        self.default_allow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    fn acl(yaml: &str) -> Acl {
+        let text = format!("mqtt:\n  listen: \"127.0.0.1:0\"\n{yaml}");
+        let c = Config::parse(Path::new("t.yaml"), &text).unwrap_or_else(|e| panic!("{e}"));
+        Acl::compile(&c.acl, c.acl_default)
+    }
+
+    #[test]
+    fn deny_for_everyone_overlaps_wildcard_subscriptions() {
+        let a = acl("acl:\n  - deny: subscribe\n    topic: \"test/nosubscribe\"\n");
+        let c = a.for_client(None, "x");
+        for denied in ["test/nosubscribe", "test/#", "#", "+/nosubscribe", "test/+"] {
+            assert!(!c.may_subscribe(denied), "{denied}");
+        }
+        for allowed in ["test/other", "test/nosubscribe/deeper", "other/#", "$SYS/#"] {
+            assert!(c.may_subscribe(allowed), "{allowed}");
+        }
+        assert!(c.may_publish("test/nosubscribe"), "subscribe-only entry");
+        assert!(Arc::ptr_eq(&c.rules, &a.for_client(Some("u"), "y").rules), "shared list");
+    }
+
+    #[test]
+    fn own_subtree_by_client_and_user() {
+        let a = acl(
+            "acl:\n  - allow: all\n    user: sensor-*\n    topic: \"devices/%c/#\"\n  - allow: publish\n    topic: \"users/%u/out\"\nacl_default: deny\n",
+        );
+        let c = a.for_client(Some("sensor-1"), "c1");
+        assert!(c.may_subscribe("devices/c1/temp"));
+        assert!(c.may_subscribe("devices/c1/#"));
+        assert!(c.may_subscribe("devices/c1/+/x"));
+        assert!(!c.may_subscribe("devices/#"), "wider than the own subtree");
+        assert!(!c.may_subscribe("devices/+/temp"));
+        assert!(!c.may_subscribe("devices/c2/temp"));
+        assert!(c.may_publish("devices/c1/a/b"));
+        assert!(!c.may_publish("devices/c2/a"));
+        assert!(c.may_publish("users/sensor-1/out"));
+        assert!(!c.may_publish("users/other/out"));
+        let other = a.for_client(Some("admin"), "c1");
+        assert!(!other.may_publish("devices/c1/a"), "user pattern does not match");
+        let anon = a.for_client(None, "c1");
+        assert!(!anon.may_publish("devices/c1/a") && !anon.may_publish("users//out"));
+    }
+
+    #[test]
+    fn unsafe_substitutions_never_widen_an_allow_or_dodge_a_deny() {
+        let a = acl(
+            "acl:\n  - deny: publish\n    topic: \"locked/%c\"\n  - allow: all\n    topic: \"devices/%c/#\"\nacl_default: deny\n",
+        );
+        let c = a.for_client(None, "#");
+        assert!(!c.may_publish("devices/x/y"));
+        assert!(!c.may_publish("anything"), "the deny applies to every topic");
+        let c = a.for_client(None, "a/b");
+        assert!(!c.may_subscribe("devices/a/b/#"));
+        let c = a.for_client(None, "ok");
+        assert!(!c.may_publish("locked/ok") && c.may_publish("devices/ok/1"));
+    }
+
+    #[test]
+    fn first_match_wins_and_default_policy() {
+        let a = acl(
+            "acl:\n  - allow: subscribe\n    client: \"admin-*\"\n    topic: \"#\"\n  - deny: all\n    topic: \"secret/#\"\n",
+        );
+        let admin = a.for_client(None, "admin-7");
+        assert!(admin.may_subscribe("secret/#") && admin.may_subscribe("#"));
+        assert!(!admin.may_publish("secret/x"), "the allow is for subscribe only");
+        let dev = a.for_client(None, "dev");
+        assert!(!dev.may_subscribe("#") && !dev.may_subscribe("secret/a"));
+        assert!(dev.may_subscribe("public/#") && dev.may_publish("public/x"));
+        assert!(
+            ClientAcl::allow_all().may_publish("a") && ClientAcl::allow_all().may_subscribe("#")
+        );
+    }
+
+    #[test]
+    fn globs() {
+        let m = |p: &str, n: &str| {
+            let segs = Pattern::parse(p, true).substitute(&Who { user: Some("u1"), client: "c1" });
+            segs.is_some_and(|s| glob(&s, n))
+        };
+        assert!(m("sensor-*", "sensor-1") && m("sensor-*", "sensor-") && !m("sensor-*", "sensor"));
+        assert!(m("*", "") && m("*-*-x", "a-b-x") && !m("a*a", "a"));
+        assert!(m("%c", "c1") && m("%u-*", "u1-x") && !m("%u", "u2"));
+        assert!(m("a*b*c", "abc") && m("a*b*c", "aXbYbZc") && !m("a*b*c", "acb"));
+    }
+}
