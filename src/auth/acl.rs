@@ -38,7 +38,10 @@ enum Piece {
 struct Pattern(Vec<Piece>);
 
 impl Pattern {
-    fn parse(text: &str, star: bool) -> Pattern {
+    /// `star`: `*` is a wildcard (user and client patterns). `own`: the placeholder that names
+    /// the identity being matched (`%u` in `user:`, `%c` in `client:`), which is a wildcard
+    /// too: `user: sensor-%u` matches every user whose name starts with `sensor-`.
+    fn parse(text: &str, star: bool, own: Option<Piece>) -> Pattern {
         let mut pieces = Vec::new();
         let mut lit = String::new();
         let mut chars = text.chars().peekable();
@@ -54,6 +57,7 @@ impl Pattern {
                     if p != Piece::Star {
                         chars.next();
                     }
+                    let p = if own.as_ref() == Some(&p) { Piece::Star } else { p };
                     if !lit.is_empty() {
                         pieces.push(Piece::Lit(std::mem::take(&mut lit).into()));
                     }
@@ -217,15 +221,21 @@ impl Acl {
                     // Refused by the config validation; an entry that does nothing.
                     (None, None) => (false, AclAction::All),
                 };
-                let topic = Pattern::parse(&e.topic.value, false);
+                let topic = Pattern::parse(&e.topic.value, false, None);
                 Entry {
                     allow,
                     publish: matches!(action, AclAction::Publish | AclAction::All),
                     subscribe: matches!(action, AclAction::Subscribe | AclAction::All),
                     fixed: topic.literal().map(Arc::from),
                     topic,
-                    user: e.user.as_ref().map(|u| Pattern::parse(&u.value, true)),
-                    client: e.client.as_ref().map(|c| Pattern::parse(&c.value, true)),
+                    user: e
+                        .user
+                        .as_ref()
+                        .map(|u| Pattern::parse(&u.value, true, Some(Piece::User))),
+                    client: e
+                        .client
+                        .as_ref()
+                        .map(|c| Pattern::parse(&c.value, true, Some(Piece::Client))),
                 }
             })
             .collect();
@@ -351,6 +361,23 @@ mod tests {
     }
 
     #[test]
+    fn the_issue_example_as_written() {
+        let a = acl(
+            "acl:\n  - deny: subscribe\n    topic: \"test/nosubscribe\"\n  - allow: all\n    user: sensor-%u\n    topic: \"devices/%c/#\"\nacl_default: deny\n",
+        );
+        let sensor = a.for_client(Some("sensor-1"), "c1");
+        assert!(sensor.may_publish("devices/c1/temp") && sensor.may_subscribe("devices/c1/#"));
+        assert!(
+            !sensor.may_publish("devices/c2/temp") && !sensor.may_subscribe("test/nosubscribe")
+        );
+        let pump = a.for_client(Some("pump-1"), "c1");
+        assert!(
+            !pump.may_publish("devices/c1/temp"),
+            "user pattern sensor-%u does not match pump-1"
+        );
+    }
+
+    #[test]
     fn own_subtree_by_client_and_user() {
         let a = acl(
             "acl:\n  - allow: all\n    user: sensor-*\n    topic: \"devices/%c/#\"\n  - allow: publish\n    topic: \"users/%u/out\"\nacl_default: deny\n",
@@ -405,12 +432,20 @@ mod tests {
     #[test]
     fn globs() {
         let m = |p: &str, n: &str| {
-            let segs = Pattern::parse(p, true).substitute(&Who { user: Some("u1"), client: "c1" });
+            let segs =
+                Pattern::parse(p, true, None).substitute(&Who { user: Some("u1"), client: "c1" });
             segs.is_some_and(|s| glob(&s, n))
         };
         assert!(m("sensor-*", "sensor-1") && m("sensor-*", "sensor-") && !m("sensor-*", "sensor"));
         assert!(m("*", "") && m("*-*-x", "a-b-x") && !m("a*a", "a"));
         assert!(m("%c", "c1") && m("%u-*", "u1-x") && !m("%u", "u2"));
         assert!(m("a*b*c", "abc") && m("a*b*c", "aXbYbZc") && !m("a*b*c", "acb"));
+        // The placeholder of the identity being matched is a wildcard in its own pattern.
+        let own = |p: &str, n: &str| {
+            let who = Who { user: Some(n), client: "c1" };
+            let segs = Pattern::parse(p, true, Some(Piece::User)).substitute(&who);
+            segs.is_some_and(|s| glob(&s, n))
+        };
+        assert!(own("sensor-%u", "sensor-1") && !own("sensor-%u", "pump-1"));
     }
 }
