@@ -94,8 +94,8 @@ struct CheckChannel {
 enum Role {
     /// Confirm channel at this index.
     Confirm(usize),
-    /// The QoS 0 channel.
-    Plain,
+    /// The QoS 0 channel at this index.
+    Plain(usize),
     /// The exchange-check channel.
     Check,
     /// None of ours (e.g. an abandoned check channel).
@@ -110,10 +110,9 @@ struct Publisher<'a> {
     t: Transport,
     /// Confirm channels for QoS 1/2, numbered 1..=n.
     confirm: Vec<ConfirmChannel>,
-    /// The QoS 0 channel's number.
-    plain: u16,
-    /// Answers still due after the QoS 0 channel was reopened.
-    plain_pending_oks: u8,
+    /// Channels without confirms for QoS 0, numbered n+1..=2n; `.1` counts the answers still
+    /// due after a reopen.
+    plain: Vec<(u16, u8)>,
     /// Deadline of the channel reopens in progress.
     reopen_deadline: Option<Instant>,
     /// The exchange-check channel.
@@ -145,7 +144,8 @@ pub(crate) async fn run(
     max_unconfirmed: usize,
     rpc_timeout: Duration,
 ) -> Ended {
-    let Link { transport, confirm_channels, plain_channel, .. } = link;
+    let Link { transport, confirm_channels, .. } = link;
+    let n = confirm_channels;
     let confirm = (1..=confirm_channels)
         .map(|id| ConfirmChannel { id, next_tag: 1, inflight: VecDeque::new(), pending_oks: 0 })
         .collect();
@@ -153,14 +153,9 @@ pub(crate) async fn run(
         shared,
         t: transport,
         confirm,
-        plain: plain_channel,
-        plain_pending_oks: 0,
+        plain: (n + 1..=2 * n).map(|id| (id, 0)).collect(),
         reopen_deadline: None,
-        check: CheckChannel {
-            id: plain_channel + 1,
-            state: CheckState::Closed,
-            queue: VecDeque::new(),
-        },
+        check: CheckChannel { id: 2 * n + 1, state: CheckState::Closed, queue: VecDeque::new() },
         exchanges: Exchanges::default(),
         unflushed_plain: Vec::new(),
         unconfirmed: 0,
@@ -314,8 +309,9 @@ impl Publisher<'_> {
     fn role(&self, id: u16) -> Role {
         if id >= 1 && usize::from(id) <= self.confirm.len() {
             Role::Confirm(usize::from(id) - 1)
-        } else if id == self.plain {
-            Role::Plain
+        } else if usize::from(id) > self.confirm.len() && usize::from(id) <= 2 * self.confirm.len()
+        {
+            Role::Plain(usize::from(id) - 1 - self.confirm.len())
         } else if id == self.check.id {
             Role::Check
         } else {
@@ -338,8 +334,8 @@ impl Publisher<'_> {
                 ch.pending_oks = ch.pending_oks.saturating_sub(1);
                 self.reopened();
             }
-            (Role::Plain, Method::ChannelOpenOk) => {
-                self.plain_pending_oks = self.plain_pending_oks.saturating_sub(1);
+            (Role::Plain(i), Method::ChannelOpenOk) => {
+                self.plain[i].1 = self.plain[i].1.saturating_sub(1);
                 self.reopened();
             }
             (Role::Check, Method::ExchangeDeclareOk) => {
@@ -359,7 +355,7 @@ impl Publisher<'_> {
 
     /// Clears the reopen deadline once every reopened channel has answered.
     fn reopened(&mut self) {
-        if self.plain_pending_oks == 0 && self.confirm.iter().all(|c| c.pending_oks == 0) {
+        if self.plain.iter().all(|p| p.1 == 0) && self.confirm.iter().all(|c| c.pending_oks == 0) {
             self.reopen_deadline = None;
         }
     }
@@ -431,12 +427,12 @@ impl Publisher<'_> {
                 methods::confirm_select(&mut self.t.wbuf, ch.id);
                 self.reopen_deadline.get_or_insert(Instant::now() + self.rpc_timeout);
             }
-            Role::Plain => {
+            Role::Plain(i) => {
                 self.exchanges.forget_verified();
-                warn!(broker = %name, reason = %describe(close),
+                warn!(broker = %name, channel = i, reason = %describe(close),
                     "channel for QoS 0 closed by the broker; reopening it");
-                self.plain_pending_oks = 1;
-                methods::channel_open(&mut self.t.wbuf, self.plain);
+                self.plain[i].1 = 1;
+                methods::channel_open(&mut self.t.wbuf, self.plain[i].0);
                 self.reopen_deadline.get_or_insert(Instant::now() + self.rpc_timeout);
             }
             Role::Check => {
@@ -522,13 +518,16 @@ impl Publisher<'_> {
         let PublishRequest { exchange, routing_key, msg, ack, metrics } = req;
         let headers = headers::headers(&msg);
         let frame_max = self.t.frame_max;
+        // One topic always uses the same channel: RabbitMQ keeps order per channel, so
+        // messages of one topic reach their queues in the order they were published.
+        let i = channel_for(&msg.topic, self.confirm.len());
         match ack {
             None => {
                 let props = headers::properties(&msg, &headers, TRANSIENT, timestamp);
                 let wbuf = &mut self.t.wbuf;
                 match methods::publish(
                     wbuf,
-                    self.plain,
+                    self.plain[i].0,
                     &exchange,
                     &routing_key,
                     &props,
@@ -542,9 +541,6 @@ impl Publisher<'_> {
                 }
             }
             Some(ack) => {
-                // One topic always uses the same channel: RabbitMQ keeps order per channel, so
-                // messages of one topic reach their queues in the order they were published.
-                let i = channel_for(&msg.topic, self.confirm.len());
                 let props = headers::properties(&msg, &headers, PERSISTENT, timestamp);
                 let ch = &mut self.confirm[i];
                 match methods::publish(
@@ -743,7 +739,8 @@ fn connection_lost(broker: &str, cause: &str) -> String {
     format!("connection to {broker} lost: {cause}")
 }
 
-/// The confirm channel for messages of `topic`: stable per topic, spread across topics.
+/// The channel (confirm or plain) for messages of `topic`: stable per topic, spread across
+/// topics.
 fn channel_for(topic: &str, channels: usize) -> usize {
     if channels <= 1 {
         return 0;

@@ -165,7 +165,7 @@ impl Supervisor {
     }
 }
 
-/// Opens the connection and its channels (`channels` in confirm mode, one plain for QoS 0),
+/// Opens the connection and its channels (`channels` in confirm mode, as many plain for QoS 0),
 /// all within `timeout`.
 async fn connect(
     uri: &Uri,

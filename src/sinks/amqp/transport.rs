@@ -307,13 +307,13 @@ pub(crate) struct Link {
     pub(crate) transport: Transport,
     /// Confirm-mode channels are numbered `1..=confirm_channels`.
     pub(crate) confirm_channels: u16,
-    /// The channel without confirms, for QoS 0 (`confirm_channels + 1`).
-    pub(crate) plain_channel: u16,
+    /// As many channels without confirms, for QoS 0, follow them:
+    /// `confirm_channels + 1..=2 * confirm_channels`.
     /// The broker's product and version, for the logs.
     pub(crate) server: String,
 }
 
-/// Connects to `uri` and opens `channels` confirm-mode channels and one plain channel.
+/// Connects to `uri` and opens `channels` confirm-mode channels and as many plain ones.
 /// The caller bounds the time it takes.
 pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Link, ConnectError> {
     let stream = TcpStream::connect((uri.host.as_str(), uri.port)).await?;
@@ -375,21 +375,22 @@ pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Li
     t.flush().await?;
     t.expect(0, "connection.open-ok", |m| matches!(m, Method::ConnectionOpenOk)).await?;
 
-    // Confirm channels, the plain one, and room for the exchange-check channel after them.
+    // Confirm channels, as many plain ones (RabbitMQ runs a process per channel: QoS 0 spread
+    // over several uses more than one core), and room for the exchange-check channel.
     let confirm_channels = u16::try_from(channels)
         .ok()
-        .filter(|&n| u32::from(n) + 2 <= u32::from(channel_max))
+        .filter(|&n| 2 * u32::from(n) < u32::from(channel_max))
         .ok_or_else(|| {
             ConnectError::Protocol(format!(
                 "{channels} channels do not fit the broker's channel_max {channel_max}"
             ))
         })?;
-    let plain_channel = confirm_channels + 1;
-    for ch in 1..=plain_channel {
+    let last = 2 * confirm_channels;
+    for ch in 1..=last {
         methods::channel_open(&mut t.wbuf, ch);
     }
     t.flush().await?;
-    for ch in 1..=plain_channel {
+    for ch in 1..=last {
         t.expect(ch, "channel.open-ok", |m| matches!(m, Method::ChannelOpenOk)).await?;
     }
     for ch in 1..=confirm_channels {
@@ -399,7 +400,7 @@ pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Li
     for ch in 1..=confirm_channels {
         t.expect(ch, "confirm.select-ok", |m| matches!(m, Method::ConfirmSelectOk)).await?;
     }
-    Ok(Link { transport: t, confirm_channels, plain_channel, server })
+    Ok(Link { transport: t, confirm_channels, server })
 }
 
 #[cfg(test)]
