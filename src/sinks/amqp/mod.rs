@@ -17,6 +17,8 @@ mod exchanges;
 mod headers;
 mod publisher;
 mod supervisor;
+#[cfg(test)]
+mod tests;
 mod transport;
 mod wire;
 

@@ -301,7 +301,12 @@ impl Publisher<'_> {
                 self.blocked = false;
                 Ok(())
             }
-            other => Err(format!("unexpected {other:?} from the broker")),
+            // Nothing else on channel 0 concerns a publisher (update-secret-ok, a late
+            // close-ok...): noted, not fatal.
+            other => {
+                debug!(%broker, ?other, "ignored");
+                Ok(())
+            }
         }
     }
 
