@@ -385,7 +385,20 @@ impl Publisher<'_> {
         // gauge without it.
         let q = &mut self.confirm[i].inflight;
         if multiple {
-            let n = q.partition_point(|e| e.tag <= tag);
+            // Tags are contiguous unless a single ack took one out of the middle: then the
+            // count is known without a search.
+            let n = match q.front() {
+                None => 0,
+                Some(front) if front.tag > tag => 0,
+                Some(front) => {
+                    let guess = usize::try_from(tag - front.tag + 1).unwrap_or(usize::MAX);
+                    if guess <= q.len() && q[guess - 1].tag == tag {
+                        guess
+                    } else {
+                        q.partition_point(|e| e.tag <= tag)
+                    }
+                }
+            };
             self.unconfirmed -= n;
             shared.metrics.unconfirmed.dec_by(n as i64);
             for e in self.confirm[i].inflight.drain(..n) {
