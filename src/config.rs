@@ -413,7 +413,12 @@ impl Config {
         }
         for (name, broker) in &self.amqp {
             let url = &broker.url.value;
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            if url.starts_with("amqps://") {
+                err(
+                    &broker.url.referenced,
+                    format!("amqp.{name}.url: amqps:// (TLS) is not supported yet; use amqp://"),
+                );
+            } else if !url.starts_with("amqp://") {
                 err(&broker.url.referenced, format!("amqp.{name}.url must start with amqp://"));
             }
             if broker.channels == 0 || broker.max_unconfirmed == 0 || broker.queue == 0 {
@@ -563,6 +568,15 @@ mod tests {
         assert_eq!(at, vec![(5, 20), (9, 12), (11, 12)], "{e}");
         assert!(e.0[0].message.contains("password_hash"), "{e}");
         assert!(e.0[1].message.contains("exactly one of"), "{e}");
+    }
+
+    #[test]
+    fn amqps_is_refused_with_a_clear_error() {
+        let text =
+            "mqtt:\n  listen: \"0.0.0.0:1883\"\namqp:\n  r:\n    url: \"amqps://u:p@h/%2f\"\n";
+        let e = Config::parse(Path::new("c.yaml"), text).unwrap_err();
+        assert!(e.to_string().contains("amqps:// (TLS) is not supported"), "{e}");
+        assert!(!e.to_string().contains("u:p@"), "the error quotes the password: {e}");
     }
 
     #[test]

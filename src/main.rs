@@ -127,12 +127,11 @@ fn read_password() -> Result<String, String> {
     Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
-/// Logs at info by default (RUST_LOG overrides). lapin's own logs are off by default: it logs
-/// expected broker answers (a channel closed for a missing exchange) as errors, and the AMQP
-/// sink reports every connection change and failure itself.
+/// Logs at info by default (RUST_LOG overrides). The AMQP sink speaks AMQP itself and reports
+/// every connection change and failure; no client library logs of its own remain.
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 

@@ -4,17 +4,13 @@
 //! also fail every innocent unconfirmed publish on it. So the first publish to an exchange on a
 //! connection waits for a passive `exchange.declare` on a short-lived channel of its own; the
 //! answer is cached for the life of the connection (a missing exchange only for
-//! [`RECHECK_MISSING_AFTER`]). Owns the cache and the held requests; it never publishes and never
-//! reports an outcome itself — the publisher does, from what [`Exchanges`] tells it.
+//! [`RECHECK_MISSING_AFTER`]). Owns the cache and the held requests; it never publishes, does no
+//! I/O and never reports an outcome itself — the publisher does, from what [`Exchanges`] tells
+//! it, and runs the checks on a channel of their own.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use lapin::options::ExchangeDeclareOptions;
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{FieldTable, ShortString};
-use lapin::{Connection, ErrorKind, ExchangeKind};
 
 use super::PublishRequest;
 
@@ -23,8 +19,8 @@ pub(crate) const RECHECK_MISSING_AFTER: Duration = Duration::from_secs(1);
 
 /// What is known about one exchange on this connection.
 enum State {
-    /// It exists (or needs no check); the name is kept ready for `basic.publish`.
-    Verified(ShortString),
+    /// It exists (or needs no check).
+    Verified,
     /// A check is in flight; these requests wait for it, in arrival order.
     Checking(Vec<PublishRequest>),
     /// The broker said 404 at this instant.
@@ -33,8 +29,8 @@ enum State {
 
 /// What the publisher should do with a request.
 pub(crate) enum Route {
-    /// Publish it to this exchange now.
-    Publish(ShortString, PublishRequest),
+    /// Publish it now.
+    Publish(PublishRequest),
     /// It waits behind a check already in flight.
     Held,
     /// Start a check of this exchange; the request waits for it.
@@ -56,8 +52,8 @@ pub(crate) enum Checked {
 
 /// What became of the requests held behind a check.
 pub(crate) enum Released {
-    /// Publish all of them to this exchange.
-    Publish(ShortString, Vec<PublishRequest>),
+    /// Publish all of them.
+    Publish(Vec<PublishRequest>),
     /// The exchange is missing: fail them (fatal).
     Missing(Vec<PublishRequest>),
     /// The check could not tell: fail them (retryable) with this reason.
@@ -83,7 +79,7 @@ impl Exchanges {
     pub(crate) fn route(&mut self, req: PublishRequest) -> Route {
         if let Some(state) = self.states.get_mut(&*req.exchange) {
             match state {
-                State::Verified(name) => return Route::Publish(name.clone(), req),
+                State::Verified => return Route::Publish(req),
                 State::Checking(waiting) => {
                     waiting.push(req);
                     self.held += 1;
@@ -96,9 +92,8 @@ impl Exchanges {
             }
         }
         if needs_no_check(&req.exchange) {
-            let name = ShortString::from(&*req.exchange);
-            self.states.insert(Arc::clone(&req.exchange), State::Verified(name.clone()));
-            return Route::Publish(name, req);
+            self.states.insert(Arc::clone(&req.exchange), State::Verified);
+            return Route::Publish(req);
         }
         let exchange = Arc::clone(&req.exchange);
         self.states.insert(Arc::clone(&exchange), State::Checking(vec![req]));
@@ -120,9 +115,8 @@ impl Exchanges {
         self.held -= waiting.len();
         Some(match result {
             Checked::Exists => {
-                let name = ShortString::from(&**exchange);
-                self.states.insert(Arc::clone(exchange), State::Verified(name.clone()));
-                Released::Publish(name, waiting)
+                self.states.insert(Arc::clone(exchange), State::Verified);
+                Released::Publish(waiting)
             }
             Checked::Missing => {
                 self.states.insert(Arc::clone(exchange), State::Missing(Instant::now()));
@@ -155,35 +149,6 @@ impl Exchanges {
 /// passively, under some names), so they are never checked.
 fn needs_no_check(exchange: &str) -> bool {
     exchange.is_empty() || exchange.starts_with("amq.")
-}
-
-/// Asks the broker whether `exchange` exists, on a channel of its own (a 404 closes it, and
-/// that must not touch the publishing channels). Gives up after `within`.
-pub(crate) async fn check(
-    conn: Arc<Connection>,
-    exchange: Arc<str>,
-    within: Duration,
-) -> (Arc<str>, Checked) {
-    let name = ShortString::from(&*exchange);
-    let ask = async {
-        let channel = conn.create_channel().await?;
-        let options = ExchangeDeclareOptions { passive: true, ..ExchangeDeclareOptions::default() };
-        channel.exchange_declare(name, ExchangeKind::Direct, options, FieldTable::default()).await
-        // `channel` is dropped here, which closes it (it is already closed after a 404).
-    };
-    let checked = match tokio::time::timeout(within, ask).await {
-        Ok(Ok(())) => Checked::Exists,
-        Ok(Err(e)) if is_not_found(&e) => Checked::Missing,
-        Ok(Err(e)) => Checked::Failed(e.to_string()),
-        Err(_) => Checked::Failed(format!("no answer within {within:?}")),
-    };
-    (exchange, checked)
-}
-
-/// True for the broker's 404 NOT_FOUND.
-fn is_not_found(e: &lapin::Error) -> bool {
-    matches!(e.kind(), ErrorKind::ProtocolError(err)
-        if matches!(err.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)))
 }
 
 #[cfg(test)]
@@ -231,8 +196,8 @@ mod tests {
         assert!(matches!(x.route(req("events")), Route::Held));
         assert_eq!(x.held(), 2);
         match x.checked(&name, Checked::Exists) {
-            Some(Released::Publish(n, reqs)) => {
-                assert_eq!(n.as_str(), "events");
+            Some(Released::Publish(reqs)) => {
+                assert!(reqs.iter().all(|r| &*r.exchange == "events"));
                 assert_eq!(reqs.len(), 2);
             }
             _ => panic!("expected the held requests to be released for publishing"),

@@ -1,14 +1,14 @@
 //! How an MQTT message becomes AMQP message properties and headers.
 //!
-//! Owns the mapping (one function, so later property mappings land in one place). Pure: no I/O,
-//! no metrics, and it never panics on any message — every string that AMQP bounds is checked
-//! before it becomes a `ShortString`.
+//! Owns the mapping (later property mappings land here). Pure: no I/O, no metrics, no
+//! allocation, and it never panics on any message — every string that AMQP bounds is checked
+//! before it becomes a short string.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString, MAX_SHORT_STRING_LENGTH};
-use lapin::BasicProperties;
-
+use super::wire::methods::Properties;
+use super::wire::table::Value;
+use super::wire::MAX_SHORT_STRING_LENGTH;
 use crate::message::Message;
 
 /// AMQP `delivery_mode` for QoS 0: transient.
@@ -25,37 +25,35 @@ pub const HEADER_RETAIN: &str = "x-mqtt-retain";
 /// Header carrying the publishing client's identifier (long string).
 pub const HEADER_CLIENT_ID: &str = "x-mqtt-client-id";
 
-/// The AMQP properties for `msg`: `delivery_mode`, a timestamp (seconds since the epoch), the
-/// MQTT 5 content type when it is set and fits in 255 bytes, and the `x-mqtt-*` headers.
-pub(crate) fn properties(msg: &Message, delivery_mode: u8) -> BasicProperties {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from(HEADER_TOPIC),
-        AMQPValue::LongString(LongString::from(msg.topic.as_bytes())),
-    );
-    headers.insert(ShortString::from(HEADER_QOS), AMQPValue::LongInt(msg.qos as i32));
-    headers.insert(ShortString::from(HEADER_RETAIN), AMQPValue::Boolean(msg.retain));
-    headers.insert(
-        ShortString::from(HEADER_CLIENT_ID),
-        AMQPValue::LongString(LongString::from(msg.client_id.as_bytes())),
-    );
+/// The `x-mqtt-*` headers of `msg`: the topic and client id as long strings ('S'), the QoS as
+/// a signed 32-bit integer ('I'), the retain flag as a boolean ('t').
+pub(crate) fn headers(msg: &Message) -> [(&'static str, Value<'_>); 4] {
+    [
+        (HEADER_CLIENT_ID, Value::LongString(msg.client_id.as_bytes())),
+        (HEADER_QOS, Value::I32(msg.qos as i32)),
+        (HEADER_RETAIN, Value::Bool(msg.retain)),
+        (HEADER_TOPIC, Value::LongString(msg.topic.as_bytes())),
+    ]
+}
 
-    let mut props = BasicProperties::default()
-        .with_delivery_mode(delivery_mode)
-        .with_timestamp(unix_seconds())
-        .with_headers(headers);
+/// The AMQP properties for `msg` with its `headers`: `delivery_mode`, `timestamp` (seconds
+/// since the epoch, taken once per batch by the caller), and the MQTT 5 content type when it is
+/// set and fits in 255 bytes.
+pub(crate) fn properties<'a>(
+    msg: &'a Message,
+    headers: &'a [(&'static str, Value<'a>)],
+    delivery_mode: u8,
+    timestamp: u64,
+) -> Properties<'a> {
     // An MQTT content type may be up to 64 KiB; AMQP's is a short string. A longer one is
     // left out rather than truncated into something the publisher never said.
-    if let Some(ct) = &msg.properties.content_type {
-        if ct.len() <= MAX_SHORT_STRING_LENGTH {
-            props = props.with_content_type(ShortString::from(ct.as_str()));
-        }
-    }
-    props
+    let content_type =
+        msg.properties.content_type.as_deref().filter(|ct| ct.len() <= MAX_SHORT_STRING_LENGTH);
+    Properties { content_type, headers, delivery_mode, timestamp }
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
-fn unix_seconds() -> u64 {
+pub(crate) fn unix_seconds() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
@@ -84,31 +82,29 @@ mod tests {
 
     #[test]
     fn maps_headers_and_properties() {
-        let props = properties(&message(Some("application/json".to_owned())), PERSISTENT);
-        assert_eq!(props.delivery_mode(), &Some(PERSISTENT));
+        let msg = message(Some("application/json".to_owned()));
+        let h = headers(&msg);
+        let props = properties(&msg, &h, PERSISTENT, unix_seconds());
+        assert_eq!(props.delivery_mode, PERSISTENT);
+        assert_eq!(props.content_type, Some("application/json"));
+        assert!(props.timestamp > 1_600_000_000);
         assert_eq!(
-            props.content_type().as_ref().map(ShortString::as_str),
-            Some("application/json")
-        );
-        assert!(props.timestamp().is_some_and(|t| t > 1_600_000_000));
-        let headers = props.headers().as_ref().expect("headers are always set");
-        let h = headers.inner();
-        assert_eq!(
-            h.get(HEADER_TOPIC),
-            Some(&AMQPValue::LongString(LongString::from("sensors/a/telemetry")))
-        );
-        assert_eq!(h.get(HEADER_QOS), Some(&AMQPValue::LongInt(1)));
-        assert_eq!(h.get(HEADER_RETAIN), Some(&AMQPValue::Boolean(true)));
-        assert_eq!(
-            h.get(HEADER_CLIENT_ID),
-            Some(&AMQPValue::LongString(LongString::from("dev-1")))
+            props.headers,
+            &[
+                (HEADER_CLIENT_ID, Value::LongString(b"dev-1")),
+                (HEADER_QOS, Value::I32(1)),
+                (HEADER_RETAIN, Value::Bool(true)),
+                (HEADER_TOPIC, Value::LongString(b"sensors/a/telemetry")),
+            ]
         );
     }
 
     #[test]
     fn overlong_content_type_is_left_out_not_a_panic() {
-        let props = properties(&message(Some("x".repeat(300))), TRANSIENT);
-        assert_eq!(props.content_type(), &None);
-        assert_eq!(props.delivery_mode(), &Some(TRANSIENT));
+        let msg = message(Some("x".repeat(300)));
+        let h = headers(&msg);
+        let props = properties(&msg, &h, TRANSIENT, 0);
+        assert_eq!(props.content_type, None);
+        assert_eq!(props.delivery_mode, TRANSIENT);
     }
 }

@@ -9,18 +9,23 @@
 //!
 //! Layout: `headers` maps a message to AMQP properties, `exchanges` verifies exchanges before
 //! the first publish, `publisher` is the hot path on a live connection, `supervisor` connects,
-//! reconnects and fails requests while the broker is unreachable.
+//! reconnects and fails requests while the broker is unreachable. The AMQP protocol is our own
+//! (no client library): `wire` encodes and decodes frames, `transport` owns the socket, the URL
+//! and the handshake; the publisher task drives the socket itself, with no extra thread.
 
 mod exchanges;
 mod headers;
 mod publisher;
 mod supervisor;
+#[cfg(test)]
+mod tests;
+mod transport;
+mod wire;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use lapin::types::MAX_SHORT_STRING_LENGTH;
 use prometheus_client::metrics::counter::Counter;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -32,6 +37,7 @@ use crate::metrics::{BrokerMetrics, Metrics, ReasonLabels, TargetMetrics};
 use crate::sinks::{AckSender, Failure, Outcome};
 
 pub use headers::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
+pub use wire::MAX_SHORT_STRING_LENGTH;
 
 /// Reason label of `messages_dropped` for QoS 0 messages that found the broker unavailable.
 pub const DROPPED_UNAVAILABLE: &str = "amqp_unavailable";

@@ -1,55 +1,41 @@
 //! Publishing on one live AMQP connection: the hot path.
 //!
-//! One task (the supervisor's) runs [`run`] for as long as the connection lives. It pulls
-//! requests, sends them without ever awaiting one confirm before the next send, and resolves
-//! each QoS 1/2 request from its own confirm, all in one `select!` loop with the unconfirmed
-//! publishes bounded by `max_unconfirmed`. It owns the connection's channels and its in-flight
-//! table and reports every outcome exactly once; it does not connect or back off (the
-//! supervisor does), spawns nothing and takes no lock of its own per message.
+//! One task (the supervisor's) runs [`run`] for as long as the connection lives, and it alone
+//! drives the socket: one `select!` loop reads and decodes the broker's frames, takes requests
+//! from the queue in batches, encodes each publish straight into the write buffer and writes a
+//! whole batch with one syscall. Confirms are resolved from a per-channel queue in delivery-tag
+//! order (tags are sequential per confirm channel, starting at 1), so a `basic.ack` with
+//! `multiple` is a pop loop: no map, no future, no allocation per message beyond its entry.
+//! Unconfirmed publishes are bounded by `max_unconfirmed`; every QoS 1/2 request gets exactly
+//! one outcome (also when a channel or the connection is lost). It does not connect or back
+//! off (the supervisor does), spawns nothing and takes no lock of its own per message.
 
-use std::collections::HashMap;
-use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
-use futures::stream::{FuturesUnordered, StreamExt};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{ShortString, MAX_SHORT_STRING_LENGTH};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, Event};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::exchanges::{self, Checked, Exchanges, Released, Route};
+use super::exchanges::{Checked, Exchanges, Released, Route};
 use super::headers::{self, PERSISTENT, TRANSIENT};
+use super::transport::{describe, Link, Transport};
+use super::wire::frame::{self, Frame};
+use super::wire::methods::{self, Close, Method, NOT_FOUND, REPLY_SUCCESS};
+use super::wire::MAX_SHORT_STRING_LENGTH;
 use super::{PublishRequest, Shared};
-use crate::message::Message;
 use crate::metrics::TargetMetrics;
 use crate::sinks::{AckSender, Failure, Outcome};
 
-/// How often the loop looks at the connection and channel states, in case lapin reports a loss
-/// in a way no future or event of ours sees.
-const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(500);
+/// How often heartbeats and the deadlines of channel reopens and exchange checks are looked at.
+const TICK: Duration = Duration::from_millis(100);
 /// On shutdown, how long outstanding confirms may still arrive.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
-/// On connection loss, how long lapin may take to resolve the confirms it is failing itself.
-const LOSS_HARVEST: Duration = Duration::from_millis(100);
-/// On a channel closed by the broker, how long the confirms of that channel may take to resolve.
-const CHANNEL_HARVEST: Duration = Duration::from_millis(50);
-/// Requests taken from the queue in one go before the loop looks at confirms again.
-const BATCH: usize = 64;
-
-/// The connection and channels the supervisor opened.
-pub(crate) struct Link {
-    /// The connection; shared with exchange checks, which open short-lived channels on it.
-    pub(crate) conn: Arc<Connection>,
-    /// Channels in confirm mode for QoS 1/2, used round-robin.
-    pub(crate) confirm: Vec<Arc<Channel>>,
-    /// One channel without confirms for QoS 0.
-    pub(crate) plain: Arc<Channel>,
-}
+/// On shutdown, how long the broker may take to answer `connection.close`.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Requests taken from the queue in one go (encoded, then written with one syscall).
+const BATCH: usize = 128;
 
 /// Why [`run`] returned.
 pub(crate) enum Ended {
@@ -59,11 +45,94 @@ pub(crate) enum Ended {
     Shutdown,
 }
 
-/// Opens a channel and puts it in confirm mode.
-pub(crate) async fn open_confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
-    let channel = conn.create_channel().await?;
-    channel.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(channel)
+/// A QoS 1/2 publish sent and not yet confirmed.
+struct InFlight {
+    /// Its delivery tag on its channel.
+    tag: u64,
+    /// Where its outcome goes.
+    ack: AckSender,
+    /// Its target's counters.
+    metrics: TargetMetrics,
+    /// When it was encoded for sending (one clock read per batch), for the confirm latency.
+    sent: Instant,
+}
+
+/// One confirm-mode channel.
+struct ConfirmChannel {
+    /// Its channel number.
+    id: u16,
+    /// The delivery tag the next publish gets.
+    next_tag: u64,
+    /// Unconfirmed publishes, in tag order.
+    inflight: VecDeque<InFlight>,
+    /// Answers still due after a reopen (`channel.open-ok`, `confirm.select-ok`).
+    pending_oks: u8,
+}
+
+/// Where the exchange-check channel is.
+enum CheckState {
+    /// Not open (never opened, or closed by a 404).
+    Closed,
+    /// Open, no check in flight.
+    Idle,
+    /// A passive declare of this exchange is in flight, answer due by the instant.
+    Declaring(Arc<str>, Instant),
+}
+
+/// The channel exchange checks run on (a 404 closes it, never a publishing channel).
+struct CheckChannel {
+    /// Its channel number (a new one after a check timed out on the old one).
+    id: u16,
+    /// Its state.
+    state: CheckState,
+    /// Exchanges waiting for their check, one at a time.
+    queue: VecDeque<Arc<str>>,
+}
+
+/// Which of our channels a frame is for.
+#[derive(Clone, Copy)]
+enum Role {
+    /// Confirm channel at this index.
+    Confirm(usize),
+    /// The QoS 0 channel at this index.
+    Plain(usize),
+    /// The exchange-check channel.
+    Check,
+    /// None of ours (e.g. an abandoned check channel).
+    Unknown,
+}
+
+/// The state of the loop on one connection.
+struct Publisher<'a> {
+    /// Name, metrics and counters of the broker.
+    shared: &'a Shared,
+    /// The socket and its buffers.
+    t: Transport,
+    /// Confirm channels for QoS 1/2, numbered 1..=n.
+    confirm: Vec<ConfirmChannel>,
+    /// Channels without confirms for QoS 0, numbered n+1..=2n; `.1` counts the answers still
+    /// due after a reopen.
+    plain: Vec<(u16, u8)>,
+    /// Deadline of the channel reopens in progress.
+    reopen_deadline: Option<Instant>,
+    /// The exchange-check channel.
+    check: CheckChannel,
+    /// Which exchanges are known to exist, and the requests waiting for a check.
+    exchanges: Exchanges,
+    /// Counters of the QoS 0 publishes in the write buffer, counted forwarded once written.
+    unflushed_plain: Vec<TargetMetrics>,
+    /// QoS 1/2 publishes awaiting their confirm, over all channels.
+    unconfirmed: usize,
+    /// `max_unconfirmed`: bound on unconfirmed + unwritten QoS 0 + held requests.
+    max_in_flight: usize,
+    /// Time allowed for a check or for reopening a channel.
+    rpc_timeout: Duration,
+    /// The broker sent `connection.blocked`: take no requests until it unblocks.
+    blocked: bool,
+    /// We sent `connection.close` (shutdown).
+    closing: bool,
+    /// The broker answered it.
+    closed: bool,
 }
 
 /// Runs the publishing loop on `link` until the connection is lost or shutdown is requested.
@@ -75,366 +144,490 @@ pub(crate) async fn run(
     max_unconfirmed: usize,
     rpc_timeout: Duration,
 ) -> Ended {
-    let mut events = std::pin::pin!(link.conn.events_listener());
+    let Link { transport, confirm_channels, .. } = link;
+    let n = confirm_channels;
+    let confirm = (1..=confirm_channels)
+        .map(|id| ConfirmChannel { id, next_tag: 1, inflight: VecDeque::new(), pending_oks: 0 })
+        .collect();
     let mut p = Publisher {
         shared,
-        link,
-        pending: Pending::default(),
-        next_key: 0,
+        t: transport,
+        confirm,
+        plain: (n + 1..=2 * n).map(|id| (id, 0)).collect(),
+        reopen_deadline: None,
+        check: CheckChannel { id: 2 * n + 1, state: CheckState::Closed, queue: VecDeque::new() },
         exchanges: Exchanges::default(),
-        checks: FuturesUnordered::new(),
+        unflushed_plain: Vec::new(),
+        unconfirmed: 0,
         max_in_flight: max_unconfirmed.max(1),
         rpc_timeout,
+        blocked: false,
+        closing: false,
+        closed: false,
     };
-    // The future types of the two kinds of send are unnameable; these locals hold them
-    // without a box per message.
-    let mut confirms = unordered(send_confirmed);
-    let mut plain = unordered(send_plain);
-    let mut health = tokio::time::interval(HEALTH_CHECK_EVERY);
-    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    health.reset();
-
-    macro_rules! dispatch {
-        ($out:expr) => {
-            match $out {
-                Outgoing::Confirmed(publish, key) => confirms.push(send_confirmed((publish, key))),
-                Outgoing::Plain(publish, metrics) => plain.push(send_plain((publish, metrics))),
-            }
-        };
-    }
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
 
     loop {
-        let room = p.in_flight(plain.len()) < p.max_in_flight;
-        let signal = tokio::select! {
+        let take = p.can_take();
+        let want_write = !p.t.wbuf.is_empty();
+        let res = tokio::select! {
             biased;
-            () = shutdown.cancelled() => {
-                return p.finish(rx, &mut confirms, &mut plain, "is shutting down").await;
-            }
-            event = events.next() => match event {
-                // lapin reports channel errors (a channel closed by the broker) here too.
-                Some(Event::Error(e)) if p.link.conn.status().connected() => {
-                    debug!(broker = %shared.name, error = %e, "AMQP channel error");
-                    p.health()
-                }
-                Some(Event::Error(e)) => Signal::ConnectionLost(e.to_string()),
-                Some(Event::ConnectionBlocked(reason)) => {
-                    let broker = &shared.name;
-                    warn!(%broker, %reason, "the broker blocked the connection; publishes wait");
-                    Signal::Fine
-                }
-                Some(Event::ConnectionUnblocked) => {
-                    info!(broker = %shared.name, "the broker unblocked the connection");
-                    Signal::Fine
-                }
-                Some(_) => Signal::Fine,
-                None => Signal::ConnectionLost("connection dropped".to_owned()),
+            () = shutdown.cancelled() => return p.finish(rx, "is shutting down").await,
+            r = p.t.stream.readable() => match r {
+                Ok(()) => p.on_readable(),
+                Err(e) => Err(format!("read failed: {e}")),
             },
-            Some((key, res)) = confirms.next(), if !confirms.is_empty() => p.confirmed(key, res),
-            Some((metrics, res)) = plain.next(), if !plain.is_empty() => p.sent_plain(metrics, res),
-            Some((exchange, checked)) = p.checks.next(), if !p.checks.is_empty() => {
-                for out in p.on_checked(&exchange, checked) {
-                    dispatch!(out);
-                }
-                Signal::Fine
-            }
-            _ = health.tick() => p.health(),
-            req = rx.recv(), if room => {
-                let Some(req) = req else {
-                    return p.finish(rx, &mut confirms, &mut plain, "has no publishers left").await;
-                };
-                if let Some(out) = p.accept(req) {
-                    dispatch!(out);
-                }
-                for _ in 1..BATCH {
-                    if p.in_flight(plain.len()) >= p.max_in_flight {
-                        break;
-                    }
-                    let Ok(req) = rx.try_recv() else { break };
-                    if let Some(out) = p.accept(req) {
-                        dispatch!(out);
-                    }
-                }
-                Signal::Fine
-            }
-        };
-        let lost = match signal {
-            Signal::Fine => continue,
-            Signal::ConnectionLost(reason) => reason,
-            Signal::ChannelDown(i) => match p.recover_channel(i, &mut confirms).await {
-                Ok(()) => continue,
-                Err(reason) => reason,
+            r = p.t.stream.writable(), if want_write => match r {
+                Ok(()) => p.flush(),
+                Err(e) => Err(format!("write failed: {e}")),
             },
-            Signal::PlainDown => match p.recover_plain().await {
-                Ok(()) => continue,
-                Err(reason) => reason,
+            _ = tick.tick() => p.on_tick(),
+            req = rx.recv(), if take => match req {
+                None => return p.finish(rx, "has no publishers left").await,
+                Some(req) => p.on_requests(req, rx),
             },
         };
-        return p.lost(lost, &mut confirms, &mut plain).await;
-    }
-}
-
-/// An empty set for the futures `send` returns (names their type for the compiler).
-fn unordered<A, Fut: Future, F: Fn(A) -> Fut>(_send: F) -> FuturesUnordered<Fut> {
-    FuturesUnordered::new()
-}
-
-/// One `basic.publish`, ready to go.
-struct Publish {
-    /// The channel it goes out on.
-    channel: Arc<Channel>,
-    /// Exchange name (verified on this connection).
-    exchange: ShortString,
-    /// Routing key (length checked).
-    routing_key: ShortString,
-    /// The message, for its payload.
-    msg: Arc<Message>,
-    /// Headers and properties built by [`headers::properties`].
-    properties: BasicProperties,
-}
-
-/// A publish plus what its outcome is reported to.
-enum Outgoing {
-    /// QoS 1/2: the key of its entry in the in-flight table.
-    Confirmed(Publish, u64),
-    /// QoS 0: the target's counters.
-    Plain(Publish, TargetMetrics),
-}
-
-/// Sends one publish on a confirm channel and waits for its confirm.
-async fn send_confirmed((p, key): (Publish, u64)) -> (u64, lapin::Result<Confirmation>) {
-    let options = BasicPublishOptions::default();
-    let res = match p
-        .channel
-        .basic_publish(p.exchange, p.routing_key, options, &p.msg.payload, p.properties)
-        .await
-    {
-        Ok(confirm) => confirm.await,
-        Err(e) => Err(e),
-    };
-    (key, res)
-}
-
-/// Sends one publish on the plain channel; done once it is written to the socket.
-async fn send_plain((p, metrics): (Publish, TargetMetrics)) -> (TargetMetrics, lapin::Result<()>) {
-    let options = BasicPublishOptions::default();
-    let res = match p
-        .channel
-        .basic_publish(p.exchange, p.routing_key, options, &p.msg.payload, p.properties)
-        .await
-    {
-        // Resolves at once (not requested); awaiting it spares lapin storing a dropped confirm.
-        Ok(confirm) => confirm.await.map(drop),
-        Err(e) => Err(e),
-    };
-    (metrics, res)
-}
-
-/// A QoS 1/2 publish sent and not yet confirmed.
-struct InFlight {
-    /// Where its outcome goes.
-    ack: AckSender,
-    /// Its target's counters.
-    metrics: TargetMetrics,
-    /// When it was handed to lapin, for the confirm latency.
-    sent: Instant,
-    /// Index of the confirm channel it went out on.
-    channel: usize,
-}
-
-/// The in-flight table: keys are sequential, so a multiplicative hash beats SipHash here.
-type Pending = HashMap<u64, InFlight, BuildHasherDefault<KeyHasher>>;
-
-/// Fibonacci hashing for the sequential `u64` keys of [`Pending`].
-#[derive(Default)]
-struct KeyHasher(
-    /// The hash so far.
-    u64,
-);
-
-impl Hasher for KeyHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        if let Err(reason) = res {
+            return p.lost(reason);
         }
     }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-/// What the loop must do after handling one event.
-enum Signal {
-    /// Nothing more.
-    Fine,
-    /// Confirm channel `i` is closed: fail its publishes and reopen it.
-    ChannelDown(usize),
-    /// The plain channel is closed: reopen it.
-    PlainDown,
-    /// The connection is gone (reason inside).
-    ConnectionLost(String),
-}
-
-/// The state of the loop on one connection.
-struct Publisher<'a> {
-    /// Name, metrics and counters of the broker.
-    shared: &'a Shared,
-    /// The connection and its channels.
-    link: Link,
-    /// QoS 1/2 publishes awaiting their confirm, by key.
-    pending: Pending,
-    /// Key of the next QoS 1/2 publish.
-    next_key: u64,
-    /// Which exchanges are known to exist, and the requests waiting for a check.
-    exchanges: Exchanges,
-    /// Exchange checks in flight (rare, so boxed).
-    checks: FuturesUnordered<BoxFuture<'static, (Arc<str>, Checked)>>,
-    /// `max_unconfirmed`: bound on unconfirmed + unsent QoS 0 + held requests.
-    max_in_flight: usize,
-    /// Time allowed for a check or for reopening a channel.
-    rpc_timeout: Duration,
 }
 
 impl Publisher<'_> {
     /// Requests this connection holds: unconfirmed, QoS 0 not yet written, waiting for a check.
-    fn in_flight(&self, plain_sends: usize) -> usize {
-        self.pending.len() + plain_sends + self.exchanges.held()
+    fn in_flight(&self) -> usize {
+        self.unconfirmed + self.unflushed_plain.len() + self.exchanges.held()
+    }
+
+    /// True when the loop may take another request.
+    fn can_take(&self) -> bool {
+        !self.blocked && self.in_flight() < self.max_in_flight
+    }
+
+    /// Takes `first` and whatever else is queued (up to [`BATCH`] while there is room), encodes
+    /// them, and writes the batch.
+    fn on_requests(
+        &mut self,
+        first: PublishRequest,
+        rx: &mut mpsc::Receiver<PublishRequest>,
+    ) -> Result<(), String> {
+        let now = Instant::now();
+        let timestamp = headers::unix_seconds();
+        self.accept(first, now, timestamp);
+        for _ in 1..BATCH {
+            if !self.can_take() {
+                break;
+            }
+            let Ok(req) = rx.try_recv() else { break };
+            self.accept(req, now, timestamp);
+        }
+        self.flush()
+    }
+
+    /// Writes what the socket takes; once the buffer is empty, its QoS 0 publishes count as
+    /// forwarded.
+    fn flush(&mut self) -> Result<(), String> {
+        match self.t.try_flush() {
+            Ok(true) => {
+                for metrics in self.unflushed_plain.drain(..) {
+                    metrics.forwarded.inc();
+                }
+                Ok(())
+            }
+            Ok(false) => Ok(()),
+            Err(e) => Err(format!("write failed: {e}")),
+        }
+    }
+
+    /// Reads what arrived and handles every complete frame in it.
+    fn on_readable(&mut self) -> Result<(), String> {
+        match self.t.try_fill() {
+            Ok(true) => {}
+            Ok(false) => return Err("the broker closed the connection".to_owned()),
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+        loop {
+            match self.t.next_frame() {
+                Ok(Some(frame)) => self.on_frame(frame)?,
+                Ok(None) => break,
+                Err(e) => {
+                    methods::connection_close(&mut self.t.wbuf, 501, "FRAME_ERROR");
+                    let _ = self.t.try_flush();
+                    return Err(format!("AMQP framing error from the broker: {e}"));
+                }
+            }
+        }
+        if self.t.wbuf.is_empty() {
+            Ok(())
+        } else {
+            self.flush()
+        }
+    }
+
+    /// Handles one frame from the broker. `Err` means the connection has to go.
+    fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
+        match frame {
+            Frame::Heartbeat | Frame::Content { .. } => Ok(()),
+            Frame::Method { channel: 0, method } => self.on_connection_method(method),
+            Frame::Method { channel, method } => {
+                self.on_channel_method(channel, method);
+                Ok(())
+            }
+        }
+    }
+
+    /// A method on channel 0.
+    fn on_connection_method(&mut self, method: Method) -> Result<(), String> {
+        let broker = &self.shared.name;
+        match method {
+            Method::ConnectionClose(c) => {
+                methods::connection_close_ok(&mut self.t.wbuf);
+                let _ = self.t.try_flush();
+                Err(format!("closed by the broker: {}", describe(&c)))
+            }
+            Method::ConnectionCloseOk if self.closing => {
+                self.closed = true;
+                Ok(())
+            }
+            Method::ConnectionBlocked(reason) => {
+                warn!(%broker, %reason, "the broker blocked the connection; publishes wait");
+                self.blocked = true;
+                Ok(())
+            }
+            Method::ConnectionUnblocked => {
+                info!(%broker, "the broker unblocked the connection");
+                self.blocked = false;
+                Ok(())
+            }
+            // Nothing else on channel 0 concerns a publisher (update-secret-ok, a late
+            // close-ok...): noted, not fatal.
+            other => {
+                debug!(%broker, ?other, "ignored");
+                Ok(())
+            }
+        }
+    }
+
+    /// Which channel `id` is.
+    fn role(&self, id: u16) -> Role {
+        if id >= 1 && usize::from(id) <= self.confirm.len() {
+            Role::Confirm(usize::from(id) - 1)
+        } else if usize::from(id) > self.confirm.len() && usize::from(id) <= 2 * self.confirm.len()
+        {
+            Role::Plain(usize::from(id) - 1 - self.confirm.len())
+        } else if id == self.check.id {
+            Role::Check
+        } else {
+            Role::Unknown
+        }
+    }
+
+    /// A method on a channel.
+    fn on_channel_method(&mut self, id: u16, method: Method) {
+        let role = self.role(id);
+        match (role, method) {
+            (Role::Confirm(i), Method::BasicAck { tag, multiple }) => {
+                self.on_confirm(i, tag, multiple, true);
+            }
+            (Role::Confirm(i), Method::BasicNack { tag, multiple }) => {
+                self.on_confirm(i, tag, multiple, false);
+            }
+            (Role::Confirm(i), Method::ChannelOpenOk | Method::ConfirmSelectOk) => {
+                let ch = &mut self.confirm[i];
+                ch.pending_oks = ch.pending_oks.saturating_sub(1);
+                self.reopened();
+            }
+            (Role::Plain(i), Method::ChannelOpenOk) => {
+                self.plain[i].1 = self.plain[i].1.saturating_sub(1);
+                self.reopened();
+            }
+            (Role::Check, Method::ExchangeDeclareOk) => {
+                self.on_check_answer(Checked::Exists, CheckState::Idle);
+            }
+            (_, Method::ChannelClose(c)) => {
+                methods::channel_close_ok(&mut self.t.wbuf, id);
+                self.on_channel_closed(role, &c);
+            }
+            (_, Method::ChannelFlow(active)) => {
+                methods::channel_flow_ok(&mut self.t.wbuf, id, active)
+            }
+            // The check channel's open-ok, returns (mandatory is off), stale answers.
+            (_, other) => debug!(broker = %self.shared.name, channel = id, ?other, "ignored"),
+        }
+    }
+
+    /// Clears the reopen deadline once every reopened channel has answered.
+    fn reopened(&mut self) {
+        if self.plain.iter().all(|p| p.1 == 0) && self.confirm.iter().all(|c| c.pending_oks == 0) {
+            self.reopen_deadline = None;
+        }
+    }
+
+    /// A `basic.ack` (`ack`) or `basic.nack` for `tag` (and below, if `multiple`) on confirm
+    /// channel `i`.
+    fn on_confirm(&mut self, i: usize, tag: u64, multiple: bool, ack: bool) {
+        let shared = self.shared;
+        let now = Instant::now();
+        let resolve = |e: InFlight| {
+            if ack {
+                let latency = now.saturating_duration_since(e.sent).as_secs_f64();
+                shared.metrics.confirm_latency.observe(latency);
+                e.metrics.forwarded.inc();
+                let _ = e.ack.send(Outcome::Delivered);
+            } else {
+                shared.metrics.nacks.inc();
+                e.fail(Failure::fatal("nacked by broker"));
+            }
+        };
+        // The gauge goes down before the outcomes go out: whoever sees an outcome sees the
+        // gauge without it.
+        let q = &mut self.confirm[i].inflight;
+        if multiple {
+            // Tags are contiguous unless a single ack took one out of the middle: then the
+            // count is known without a search.
+            let n = match q.front() {
+                None => 0,
+                Some(front) if front.tag > tag => 0,
+                Some(front) => {
+                    let guess = usize::try_from(tag - front.tag + 1).unwrap_or(usize::MAX);
+                    if guess <= q.len() && q[guess - 1].tag == tag {
+                        guess
+                    } else {
+                        q.partition_point(|e| e.tag <= tag)
+                    }
+                }
+            };
+            self.unconfirmed -= n;
+            shared.metrics.unconfirmed.dec_by(n as i64);
+            for e in self.confirm[i].inflight.drain(..n) {
+                resolve(e);
+            }
+        } else {
+            let at = if q.front().is_some_and(|e| e.tag == tag) {
+                Some(0)
+            } else {
+                q.binary_search_by_key(&tag, |e| e.tag).ok()
+            };
+            if let Some(e) = at.and_then(|at| q.remove(at)) {
+                self.settled(1);
+                resolve(e);
+            }
+        }
+    }
+
+    /// `n` unconfirmed publishes got their outcome.
+    fn settled(&mut self, n: usize) {
+        if n > 0 {
+            self.unconfirmed -= n;
+            self.shared.metrics.unconfirmed.dec_by(n as i64);
+        }
+    }
+
+    /// The broker closed one of our channels (we have queued the close-ok).
+    fn on_channel_closed(&mut self, role: Role, close: &Close) {
+        let name = &self.shared.name;
+        match role {
+            Role::Confirm(i) => {
+                // It may have been an exchange deleted while in use: forget what exists.
+                self.exchanges.forget_verified();
+                let reason =
+                    format!("channel to {name} was closed by the broker: {}", describe(close));
+                let failed = self.fail_channel(i, &reason);
+                warn!(broker = %name, channel = i, failed, reason = %describe(close),
+                    "channel closed by the broker; reopening it");
+                let ch = &mut self.confirm[i];
+                ch.next_tag = 1;
+                ch.pending_oks = 2;
+                // Pipelined: publishes after these are on the reopened channel, in confirm mode.
+                methods::channel_open(&mut self.t.wbuf, ch.id);
+                methods::confirm_select(&mut self.t.wbuf, ch.id);
+                self.reopen_deadline.get_or_insert(Instant::now() + self.rpc_timeout);
+            }
+            Role::Plain(i) => {
+                self.exchanges.forget_verified();
+                warn!(broker = %name, channel = i, reason = %describe(close),
+                    "channel for QoS 0 closed by the broker; reopening it");
+                self.plain[i].1 = 1;
+                methods::channel_open(&mut self.t.wbuf, self.plain[i].0);
+                self.reopen_deadline.get_or_insert(Instant::now() + self.rpc_timeout);
+            }
+            Role::Check => {
+                let checked = if close.code == NOT_FOUND {
+                    Checked::Missing
+                } else {
+                    Checked::Failed(describe(close))
+                };
+                self.on_check_answer(checked, CheckState::Closed);
+            }
+            Role::Unknown => {}
+        }
+    }
+
+    /// Fails every unconfirmed publish of confirm channel `i` (retryable); returns how many.
+    fn fail_channel(&mut self, i: usize, reason: &str) -> usize {
+        let entries = std::mem::take(&mut self.confirm[i].inflight);
+        let n = entries.len();
+        self.settled(n);
+        for e in entries {
+            e.fail(Failure::retryable(reason));
+        }
+        n
+    }
+
+    /// Fails every unconfirmed publish of the connection (retryable); returns how many.
+    fn fail_all(&mut self, reason: &str) -> usize {
+        (0..self.confirm.len()).map(|i| self.fail_channel(i, reason)).sum()
+    }
+
+    /// Heartbeats and deadlines.
+    fn on_tick(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        if let Some(hb) = self.t.heartbeat {
+            let silent = now.saturating_duration_since(self.t.last_read);
+            if silent > hb * 2 {
+                return Err(format!("nothing from the broker for {silent:?} (heartbeat {hb:?})"));
+            }
+            if self.t.wbuf.is_empty() && now.saturating_duration_since(self.t.last_write) >= hb / 2
+            {
+                frame::heartbeat(&mut self.t.wbuf);
+                self.flush()?;
+            }
+        }
+        if self.reopen_deadline.is_some_and(|d| now >= d) {
+            return Err(format!("could not reopen a channel within {:?}", self.rpc_timeout));
+        }
+        if matches!(self.check.state, CheckState::Declaring(_, d) if now >= d) {
+            // The answer may still come on that channel: checks move to a fresh one.
+            let next = self.check.id.checked_add(1).filter(|&id| id <= self.t.channel_max);
+            let Some(next) = next else {
+                return Err("no channel left for exchange checks".to_owned());
+            };
+            self.check.id = next;
+            let reason = format!("no answer within {:?}", self.rpc_timeout);
+            self.on_check_answer(Checked::Failed(reason), CheckState::Closed);
+        }
+        Ok(())
     }
 
     /// Takes one request in: publishes it, holds it behind an exchange check, or fails it.
-    fn accept(&mut self, req: PublishRequest) -> Option<Outgoing> {
+    fn accept(&mut self, req: PublishRequest, now: Instant, timestamp: u64) {
         if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
             self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
-            return None;
+            return;
         }
         match self.exchanges.route(req) {
-            Route::Publish(exchange, req) => self.outgoing(exchange, req),
-            Route::Held => None,
+            Route::Publish(req) => self.publish(req, now, timestamp),
+            Route::Held => {}
             Route::Check(exchange) => {
-                let check =
-                    exchanges::check(Arc::clone(&self.link.conn), exchange, self.rpc_timeout);
-                self.checks.push(Box::pin(check));
-                None
+                self.check.queue.push_back(exchange);
+                self.start_check();
             }
             Route::Missing(req) => {
                 let exchange = Arc::clone(&req.exchange);
                 self.shared.fail(req, || missing_exchange(&exchange));
-                None
             }
         }
     }
 
-    /// Builds the publish for a request whose exchange is verified, registering QoS 1/2 ones.
-    fn outgoing(&mut self, exchange: ShortString, mut req: PublishRequest) -> Option<Outgoing> {
-        let routing_key = match ShortString::try_new(std::mem::take(&mut req.routing_key)) {
-            Ok(key) => key,
-            Err(_) => {
-                self.shared.fail(req, || Failure::fatal("routing key longer than 255 bytes"));
-                return None;
-            }
-        };
-        let PublishRequest { msg, ack, metrics, .. } = req;
-        Some(match ack {
+    /// Encodes the publish of a request whose exchange is verified, tracking QoS 1/2 ones.
+    fn publish(&mut self, req: PublishRequest, now: Instant, timestamp: u64) {
+        let PublishRequest { exchange, routing_key, msg, ack, metrics } = req;
+        let headers = headers::headers(&msg);
+        let frame_max = self.t.frame_max;
+        // One topic always uses the same channel: RabbitMQ keeps order per channel, so
+        // messages of one topic reach their queues in the order they were published.
+        let i = channel_for(&msg.topic, self.confirm.len());
+        match ack {
             None => {
-                let properties = headers::properties(&msg, TRANSIENT);
-                let channel = Arc::clone(&self.link.plain);
-                Outgoing::Plain(
-                    Publish { channel, exchange, routing_key, msg, properties },
-                    metrics,
-                )
+                let props = headers::properties(&msg, &headers, TRANSIENT, timestamp);
+                let wbuf = &mut self.t.wbuf;
+                match methods::publish(
+                    wbuf,
+                    self.plain[i].0,
+                    &exchange,
+                    &routing_key,
+                    &props,
+                    &msg.payload,
+                    frame_max,
+                ) {
+                    Ok(()) => self.unflushed_plain.push(metrics),
+                    Err(_) => {
+                        metrics.failed.inc();
+                    }
+                }
             }
             Some(ack) => {
-                // One topic always uses the same channel: RabbitMQ keeps order per channel, so
-                // messages of one topic reach their queues in the order they were published.
-                let i = channel_for(&msg.topic, self.link.confirm.len());
-                let key = self.next_key;
-                self.next_key += 1;
-                let properties = headers::properties(&msg, PERSISTENT);
-                let channel = Arc::clone(&self.link.confirm[i]);
-                let sent = Instant::now();
-                self.pending.insert(key, InFlight { ack, metrics, sent, channel: i });
-                self.shared.metrics.unconfirmed.inc();
-                Outgoing::Confirmed(
-                    Publish { channel, exchange, routing_key, msg, properties },
-                    key,
-                )
-            }
-        })
-    }
-
-    /// Resolves one QoS 1/2 request from its confirm (or the error lapin gave instead).
-    fn confirmed(&mut self, key: u64, res: lapin::Result<Confirmation>) -> Signal {
-        // Absent when it was already failed in bulk (channel closed, connection lost).
-        let Some(entry) = self.take(key) else { return Signal::Fine };
-        let channel = entry.channel;
-        let name = &self.shared.name;
-        match res {
-            Ok(Confirmation::Ack(_)) => {
-                self.shared.metrics.confirm_latency.observe(entry.sent.elapsed().as_secs_f64());
-                entry.metrics.forwarded.inc();
-                let _ = entry.ack.send(Outcome::Delivered);
-                Signal::Fine
-            }
-            Ok(Confirmation::Nack(_)) => {
-                self.shared.metrics.nacks.inc();
-                entry.fail(Failure::fatal("nacked by broker"));
-                Signal::Fine
-            }
-            // Only possible if a confirm channel lost confirm mode; never taken for success.
-            Ok(Confirmation::NotRequested) => {
-                entry
-                    .fail(Failure::retryable(format!("broker {name} did not confirm the publish")));
-                Signal::ChannelDown(channel)
-            }
-            Err(e) => {
-                if !self.link.conn.status().connected() {
-                    let reason = e.to_string();
-                    entry.fail(Failure::retryable(connection_lost(name, &reason)));
-                    Signal::ConnectionLost(reason)
-                } else if !self.link.confirm[channel].status().connected() {
-                    entry.fail(Failure::retryable(format!("channel to {name} closed: {e}")));
-                    Signal::ChannelDown(channel)
-                } else {
-                    entry.fail(Failure::retryable(format!("publish to {name} failed: {e}")));
-                    Signal::Fine
+                let props = headers::properties(&msg, &headers, PERSISTENT, timestamp);
+                let ch = &mut self.confirm[i];
+                match methods::publish(
+                    &mut self.t.wbuf,
+                    ch.id,
+                    &exchange,
+                    &routing_key,
+                    &props,
+                    &msg.payload,
+                    frame_max,
+                ) {
+                    Ok(()) => {
+                        ch.inflight.push_back(InFlight {
+                            tag: ch.next_tag,
+                            ack,
+                            metrics,
+                            sent: now,
+                        });
+                        ch.next_tag += 1;
+                        self.unconfirmed += 1;
+                        self.shared.metrics.unconfirmed.inc();
+                    }
+                    Err(e) => InFlight { tag: 0, ack, metrics, sent: now }
+                        .fail(Failure::fatal(e.to_string())),
                 }
             }
         }
     }
 
-    /// Counts one QoS 0 send.
-    fn sent_plain(&mut self, metrics: TargetMetrics, res: lapin::Result<()>) -> Signal {
-        match res {
-            Ok(()) => {
-                metrics.forwarded.inc();
-                Signal::Fine
+    /// Starts the next queued exchange check if the check channel is free.
+    fn start_check(&mut self) {
+        while matches!(self.check.state, CheckState::Closed | CheckState::Idle) {
+            let Some(exchange) = self.check.queue.pop_front() else { return };
+            let id = self.check.id;
+            if matches!(self.check.state, CheckState::Closed) {
+                // Pipelined with the declare; the open-ok is ignored.
+                methods::channel_open(&mut self.t.wbuf, id);
+                self.check.state = CheckState::Idle;
             }
-            Err(e) => {
-                metrics.failed.inc();
-                self.shared.unavailable.inc();
-                if !self.link.conn.status().connected() {
-                    Signal::ConnectionLost(e.to_string())
-                } else if !self.link.plain.status().connected() {
-                    Signal::PlainDown
-                } else {
-                    Signal::Fine
+            match methods::exchange_declare_passive(&mut self.t.wbuf, id, &exchange) {
+                Ok(()) => {
+                    let due = Instant::now() + self.rpc_timeout;
+                    self.check.state = CheckState::Declaring(exchange, due);
                 }
+                Err(e) => self.on_checked(&exchange, Checked::Failed(e.to_string())),
             }
         }
+    }
+
+    /// The check in flight got its answer; the check channel is now in `next`.
+    fn on_check_answer(&mut self, checked: Checked, next: CheckState) {
+        let state = std::mem::replace(&mut self.check.state, next);
+        if let CheckState::Declaring(exchange, _) = state {
+            self.on_checked(&exchange, checked);
+        }
+        self.start_check();
     }
 
     /// Releases the requests that waited for a check of `exchange`.
-    fn on_checked(&mut self, exchange: &Arc<str>, checked: Checked) -> Vec<Outgoing> {
+    fn on_checked(&mut self, exchange: &Arc<str>, checked: Checked) {
         let name = &self.shared.name;
         match self.exchanges.checked(exchange, checked) {
-            None => Vec::new(),
-            Some(Released::Publish(ex, reqs)) => {
+            None => {}
+            Some(Released::Publish(reqs)) => {
                 debug!(broker = %name, exchange = %exchange, "exchange exists");
-                reqs.into_iter().filter_map(|req| self.outgoing(ex.clone(), req)).collect()
+                let (now, timestamp) = (Instant::now(), headers::unix_seconds());
+                for req in reqs {
+                    self.publish(req, now, timestamp);
+                }
             }
             Some(Released::Missing(reqs)) => {
                 warn!(broker = %name, exchange = %exchange, failed = reqs.len(),
@@ -442,7 +635,6 @@ impl Publisher<'_> {
                 for req in reqs {
                     self.shared.fail(req, || missing_exchange(exchange));
                 }
-                Vec::new()
             }
             Some(Released::Unknown(reason, reqs)) => {
                 warn!(broker = %name, %exchange, %reason, "could not check the exchange");
@@ -452,202 +644,98 @@ impl Publisher<'_> {
                 for req in reqs {
                     self.shared.fail_unavailable(req, || failure.clone());
                 }
-                Vec::new()
             }
         }
     }
 
-    /// Looks at the connection and channel states (a safety net behind events and futures).
-    fn health(&self) -> Signal {
-        if !self.link.conn.status().connected() {
-            return Signal::ConnectionLost("the connection is no longer open".to_owned());
-        }
-        if let Some(i) = self.link.confirm.iter().position(|c| !c.status().connected()) {
-            return Signal::ChannelDown(i);
-        }
-        if !self.link.plain.status().connected() {
-            return Signal::PlainDown;
-        }
-        Signal::Fine
-    }
-
-    /// Confirm channel `i` was closed (by the broker, e.g. an exchange deleted while in use):
-    /// resolve what lapin resolved, fail the rest of that channel's publishes, forget which
-    /// exchanges exist, and reopen it. `Err` means the connection has to go.
-    async fn recover_channel<F>(
-        &mut self,
-        i: usize,
-        confirms: &mut FuturesUnordered<F>,
-    ) -> Result<(), String>
-    where
-        F: Future<Output = (u64, lapin::Result<Confirmation>)>,
-    {
-        let name = &self.shared.name;
-        if let Some(reason) = self
-            .harvest(confirms, CHANNEL_HARVEST, |p| !p.pending.values().any(|e| e.channel == i))
-            .await
-        {
-            return Err(reason);
-        }
-        let reason = format!("channel to {name} was closed by the broker");
-        let failed = self.fail_pending(|e| e.channel == i, &reason);
-        self.exchanges.forget_verified();
-        warn!(broker = %name, channel = i, failed, "channel closed by the broker; reopening it");
-        match tokio::time::timeout(self.rpc_timeout, open_confirm_channel(&self.link.conn)).await {
-            Ok(Ok(channel)) => {
-                self.link.confirm[i] = Arc::new(channel);
-                Ok(())
+    /// Runs the socket (reads, writes, heartbeats; no new requests) until `done` or
+    /// `deadline`. `Some(reason)` if the connection was lost meanwhile.
+    async fn pump(&mut self, deadline: Instant, done: fn(&Self) -> bool) -> Option<String> {
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !done(self) {
+            let want_write = !self.t.wbuf.is_empty();
+            let res = tokio::select! {
+                biased;
+                r = self.t.stream.readable() => match r {
+                    Ok(()) => self.on_readable(),
+                    Err(e) => Err(format!("read failed: {e}")),
+                },
+                r = self.t.stream.writable(), if want_write => match r {
+                    Ok(()) => self.flush(),
+                    Err(e) => Err(format!("write failed: {e}")),
+                },
+                _ = tick.tick() => self.on_tick(),
+                () = tokio::time::sleep_until(deadline) => return None,
+            };
+            if let Err(reason) = res {
+                return Some(reason);
             }
-            Ok(Err(e)) => Err(format!("could not reopen a channel: {e}")),
-            Err(_) => Err(format!("could not reopen a channel within {:?}", self.rpc_timeout)),
         }
+        None
     }
 
-    /// The QoS 0 channel was closed by the broker: forget which exchanges exist and reopen it.
-    async fn recover_plain(&mut self) -> Result<(), String> {
-        self.exchanges.forget_verified();
-        let broker = &self.shared.name;
-        warn!(%broker, "channel for QoS 0 closed by the broker; reopening it");
-        match tokio::time::timeout(self.rpc_timeout, self.link.conn.create_channel()).await {
-            Ok(Ok(channel)) => {
-                self.link.plain = Arc::new(channel);
-                Ok(())
-            }
-            Ok(Err(e)) => Err(format!("could not reopen a channel: {e}")),
-            Err(_) => Err(format!("could not reopen a channel within {:?}", self.rpc_timeout)),
+    /// Counts the QoS 0 publishes that never left the write buffer as failed (and dropped).
+    fn fail_unwritten(&mut self) -> usize {
+        let n = self.unflushed_plain.len();
+        for metrics in self.unflushed_plain.drain(..) {
+            metrics.failed.inc();
+            self.shared.unavailable.inc();
         }
+        n
     }
 
-    /// The connection is gone: take the outcomes lapin already resolved, fail everything else
-    /// this connection held (retryable), and report the loss.
-    async fn lost<C, P>(
-        mut self,
-        reason: String,
-        confirms: &mut FuturesUnordered<C>,
-        plain: &mut FuturesUnordered<P>,
-    ) -> Ended
-    where
-        C: Future<Output = (u64, lapin::Result<Confirmation>)>,
-        P: Future<Output = (TargetMetrics, lapin::Result<()>)>,
-    {
+    /// The connection is gone: fail everything it held (retryable) and report the loss.
+    fn lost(mut self, reason: String) -> Ended {
         self.shared.set_connected(false);
-        let before = self.pending.len();
-        self.harvest(confirms, LOSS_HARVEST, |p| p.pending.is_empty()).await;
-        self.harvest_plain(plain, LOSS_HARVEST).await;
         let reason = connection_lost(&self.shared.name, &reason);
-        let failed_here = self.fail_pending(|_| true, &reason);
+        let unconfirmed = self.fail_all(&reason);
         let held = self.exchanges.take_held();
         let held_n = held.len();
         for req in held {
             self.shared.fail_unavailable(req, || Failure::retryable(reason.clone()));
         }
-        debug!(
-            broker = %self.shared.name,
-            unconfirmed = before,
-            resolved_by_lapin = before - failed_here,
-            failed_here,
-            held = held_n,
-            qos0_unsent = plain.len(),
-            "failed the publishes of the lost connection"
-        );
+        let qos0_unsent = self.fail_unwritten();
+        debug!(broker = %self.shared.name, unconfirmed, held = held_n, qos0_unsent,
+            "failed the publishes of the lost connection");
         Ended::Lost(reason)
     }
 
     /// Stops taking requests, fails what is queued, waits up to [`SHUTDOWN_DRAIN`] for the
     /// outstanding confirms, fails the rest, and closes the connection.
-    async fn finish<C, P>(
-        mut self,
-        rx: &mut mpsc::Receiver<PublishRequest>,
-        confirms: &mut FuturesUnordered<C>,
-        plain: &mut FuturesUnordered<P>,
-        why: &str,
-    ) -> Ended
-    where
-        C: Future<Output = (u64, lapin::Result<Confirmation>)>,
-        P: Future<Output = (TargetMetrics, lapin::Result<()>)>,
-    {
+    async fn finish(mut self, rx: &mut mpsc::Receiver<PublishRequest>, why: &str) -> Ended {
         let name = &self.shared.name;
-        info!(broker = %name, unconfirmed = self.pending.len(), "AMQP sink {why}; draining");
+        info!(broker = %name, unconfirmed = self.unconfirmed, "AMQP sink {why}; draining");
         super::reject_queued(self.shared, rx);
         for req in self.exchanges.take_held() {
             self.shared.fail_unavailable(req, || {
                 Failure::retryable(format!("broker {name} sink is shutting down"))
             });
         }
-        let deadline = Instant::now() + SHUTDOWN_DRAIN;
-        self.harvest(confirms, SHUTDOWN_DRAIN, |p| p.pending.is_empty()).await;
-        self.harvest_plain(plain, deadline.saturating_duration_since(Instant::now())).await;
-        let failed = self.fail_pending(
-            |_| true,
-            &format!("broker {name} sink shut down before the confirm arrived"),
-        );
+        let drained = Instant::now() + SHUTDOWN_DRAIN;
+        let lost = self.pump(drained, |p| p.unconfirmed == 0 && p.t.wbuf.is_empty()).await;
+        let failed =
+            self.fail_all(&format!("broker {name} sink shut down before the confirm arrived"));
         if failed > 0 {
             warn!(broker = %name, failed, "confirms still outstanding at shutdown");
         }
+        self.fail_unwritten();
         self.shared.set_connected(false);
-        let close = self.link.conn.close(200, ShortString::from("OK"));
-        match tokio::time::timeout(Duration::from_secs(2), close).await {
-            Ok(Ok(())) => info!(broker = %name, "closed the AMQP connection"),
-            Ok(Err(e)) => debug!(broker = %name, error = %e, "closing the AMQP connection"),
-            Err(_) => debug!(broker = %name, "the AMQP connection did not close in time"),
+        match lost {
+            Some(reason) => debug!(broker = %name, %reason, "connection lost while draining"),
+            None => {
+                methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "OK");
+                self.closing = true;
+                let res = self.pump(Instant::now() + CLOSE_WAIT, |p| p.closed).await;
+                match res {
+                    None if self.closed => info!(broker = %name, "closed the AMQP connection"),
+                    None => debug!(broker = %name, "the AMQP connection did not close in time"),
+                    Some(e) => debug!(broker = %name, error = %e, "closing the AMQP connection"),
+                }
+            }
         }
         Ended::Shutdown
-    }
-
-    /// Resolves confirms as they come until `done` or `within` has passed.
-    /// Returns the reason if one of them shows the connection is lost.
-    async fn harvest<F>(
-        &mut self,
-        confirms: &mut FuturesUnordered<F>,
-        within: Duration,
-        done: impl Fn(&Self) -> bool,
-    ) -> Option<String>
-    where
-        F: Future<Output = (u64, lapin::Result<Confirmation>)>,
-    {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut lost = None;
-        while !confirms.is_empty() && !done(self) {
-            match tokio::time::timeout_at(deadline, confirms.next()).await {
-                Ok(Some((key, res))) => {
-                    if let Signal::ConnectionLost(reason) = self.confirmed(key, res) {
-                        lost.get_or_insert(reason);
-                    }
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
-        lost
-    }
-
-    /// Counts QoS 0 sends as they finish, for at most `within`.
-    async fn harvest_plain<F>(&mut self, plain: &mut FuturesUnordered<F>, within: Duration)
-    where
-        F: Future<Output = (TargetMetrics, lapin::Result<()>)>,
-    {
-        let deadline = tokio::time::Instant::now() + within;
-        while let Ok(Some((metrics, res))) = tokio::time::timeout_at(deadline, plain.next()).await {
-            self.sent_plain(metrics, res);
-        }
-    }
-
-    /// Removes one in-flight entry.
-    fn take(&mut self, key: u64) -> Option<InFlight> {
-        let entry = self.pending.remove(&key)?;
-        self.shared.metrics.unconfirmed.dec();
-        Some(entry)
-    }
-
-    /// Fails (retryable, `reason`) every in-flight entry that matches; returns how many.
-    fn fail_pending(&mut self, matches: impl Fn(&InFlight) -> bool, reason: &str) -> usize {
-        let keys: Vec<u64> =
-            self.pending.iter().filter(|(_, e)| matches(e)).map(|(k, _)| *k).collect();
-        for key in &keys {
-            if let Some(entry) = self.take(*key) {
-                entry.fail(Failure::retryable(reason));
-            }
-        }
-        keys.len()
     }
 }
 
@@ -669,9 +757,13 @@ fn connection_lost(broker: &str, cause: &str) -> String {
     format!("connection to {broker} lost: {cause}")
 }
 
-/// The confirm channel for messages of `topic`: stable per topic, spread across topics.
+/// The channel (confirm or plain) for messages of `topic`: stable per topic, spread across
+/// topics.
 fn channel_for(topic: &str, channels: usize) -> usize {
+    if channels <= 1 {
+        return 0;
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     std::hash::Hash::hash(topic, &mut h);
-    (h.finish() % channels.max(1) as u64) as usize
+    (std::hash::Hasher::finish(&h) % channels as u64) as usize
 }

@@ -10,15 +10,12 @@ use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::types::LongString;
-use lapin::uri::AMQPUri;
-use lapin::{Connect, ConnectionProperties};
-use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::publisher::{self, Ended, Link};
+use super::publisher::{self, Ended};
+use super::transport::{self, ConnectError, Link, Uri};
 use super::{reject_queued, PublishRequest, Shared};
 use crate::config::AmqpBrokerConfig;
 
@@ -54,17 +51,6 @@ impl Settings {
     }
 }
 
-/// Why a connection attempt failed.
-#[derive(Debug, Error)]
-pub(crate) enum ConnectError {
-    /// The handshake or the channel setup took longer than `connect_timeout`.
-    #[error("no connection within {0:?}")]
-    Timeout(Duration),
-    /// The broker refused, the network failed, or the AMQP handshake failed.
-    #[error(transparent)]
-    Amqp(#[from] lapin::Error),
-}
-
 /// The task that owns one broker's connection.
 pub(crate) struct Supervisor {
     /// State shared with the handles.
@@ -91,11 +77,12 @@ impl Supervisor {
     /// Connects, publishes and reconnects until shutdown (or until every handle is dropped).
     pub(crate) async fn run(mut self) {
         let name = self.shared.name.clone();
-        match self.settings.url.parse::<AMQPUri>() {
+        match self.settings.url.parse::<Uri>() {
             Ok(uri) => self.supervise(&name, uri).await,
-            Err(_) => {
-                // The parse error may quote the URL, password included: not logged.
-                error!(broker = %name, "url is not a valid AMQP URI; every publish to it fails");
+            Err(e) => {
+                // The error never quotes the URL (it holds the password).
+                error!(broker = %name, error = %e,
+                    "url is not a valid AMQP URI; every publish to it fails");
                 self.while_disconnected(std::future::pending::<()>()).await;
             }
         }
@@ -104,15 +91,14 @@ impl Supervisor {
     }
 
     /// The connect / publish / back off cycle.
-    async fn supervise(&mut self, name: &str, uri: AMQPUri) {
+    async fn supervise(&mut self, name: &str, uri: Uri) {
         // Where it connects, for the logs: host, port and vhost, without the credentials.
-        let endpoint =
-            format!("{}:{} (vhost {:?})", uri.authority.host, uri.authority.port, uri.vhost);
+        let endpoint = format!("{}:{} (vhost {:?})", uri.host, uri.port, uri.vhost);
         let mut delay = self.settings.reconnect_min;
         let mut failures = 0u32;
         loop {
             let attempt =
-                connect(uri.clone(), name, self.settings.channels, self.settings.connect_timeout);
+                connect(&uri, name, self.settings.channels, self.settings.connect_timeout);
             let Some(attempt) = self.while_disconnected(attempt).await else { return };
             match attempt {
                 Ok(link) => {
@@ -140,8 +126,9 @@ impl Supervisor {
     async fn publish_on(&mut self, link: Link, name: &str, endpoint: &str) -> Option<String> {
         self.shared.set_connected(true);
         self.shared.metrics.connects.inc();
-        let channels = link.confirm.len();
-        info!(broker = %name, %endpoint, channels, "connected to the AMQP broker");
+        let channels = link.confirm_channels;
+        let server = &link.server;
+        info!(broker = %name, %endpoint, channels, %server, "connected to the AMQP broker");
         let Settings { max_unconfirmed, connect_timeout, .. } = self.settings;
         let shutdown = &self.shutdown;
         let ended = publisher::run(
@@ -178,26 +165,16 @@ impl Supervisor {
     }
 }
 
-/// Opens the connection and its channels: `channels` in confirm mode, one plain for QoS 0.
+/// Opens the connection and its channels (`channels` in confirm mode, as many plain for QoS 0),
+/// all within `timeout`.
 async fn connect(
-    uri: AMQPUri,
+    uri: &Uri,
     name: &str,
     channels: usize,
     timeout: Duration,
 ) -> Result<Link, ConnectError> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(format!("mqgate/{name}")));
-    let setup = async {
-        let conn = uri.connect(properties).await?;
-        let mut confirm = Vec::with_capacity(channels);
-        for _ in 0..channels {
-            confirm.push(Arc::new(publisher::open_confirm_channel(&conn).await?));
-        }
-        let plain = Arc::new(conn.create_channel().await?);
-        Ok::<_, lapin::Error>(Link { conn: Arc::new(conn), confirm, plain })
-    };
-    match tokio::time::timeout(timeout, setup).await {
-        Ok(link) => Ok(link?),
+    match tokio::time::timeout(timeout, transport::connect(uri, name, channels)).await {
+        Ok(link) => link,
         Err(_) => Err(ConnectError::Timeout(timeout)),
     }
 }

@@ -1,0 +1,437 @@
+//! One AMQP connection's socket: the URL, the handshake, and buffered frame I/O.
+//!
+//! [`connect`] opens the TCP connection, runs the AMQP handshake (PLAIN credentials from the
+//! URL, `connection.tune` honoured) and opens the publisher's channels; it returns a
+//! [`Link`] whose [`Transport`] owns the stream, a read buffer that frames are decoded from and
+//! a write buffer that frames are encoded into (the publisher flushes it once per batch). No
+//! extra task or thread: whoever holds the `Transport` drives it. The URL holds a password:
+//! it is never logged, and no error here quotes it.
+
+use std::fmt;
+use std::io;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use thiserror::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::wire::frame::{self, Frame, MIN_FRAME_MAX, PROTOCOL_HEADER};
+use super::wire::methods::{self, Close, Method};
+use super::wire::table::Value;
+use super::wire::WireError;
+
+/// The largest frame we accept or send, whatever the broker offers.
+const OUR_FRAME_MAX: u32 = 131_072;
+/// The heartbeat interval we ask for when the broker leaves it to us or offers a longer one.
+const OUR_HEARTBEAT: u16 = 60;
+/// Spare room made in the read buffer before each read.
+const READ_CHUNK: usize = 32 * 1024;
+
+/// Why a connection attempt failed.
+#[derive(Debug, Error)]
+pub(crate) enum ConnectError {
+    /// The handshake or the channel setup took longer than `connect_timeout`.
+    #[error("no connection within {0:?}")]
+    Timeout(Duration),
+    /// TCP trouble.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The broker refused (credentials, vhost) or said something we did not expect.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl From<WireError> for ConnectError {
+    fn from(e: WireError) -> Self {
+        ConnectError::Protocol(format!("AMQP framing error: {e}"))
+    }
+}
+
+/// A parsed `amqp://user:pass@host:port/vhost` URL.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Uri {
+    /// User name (default "guest").
+    pub(crate) user: String,
+    /// Password (default "guest"); never printed.
+    pub(crate) password: String,
+    /// Host name or address (IPv6 without brackets).
+    pub(crate) host: String,
+    /// Port (default 5672).
+    pub(crate) port: u16,
+    /// Virtual host, percent-decoded (default "/").
+    pub(crate) vhost: String,
+}
+
+impl fmt::Debug for Uri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "amqp://{}@{}:{}/{:?}", self.user, self.host, self.port, self.vhost)
+    }
+}
+
+/// Why a URL was refused (never quotes the URL: it holds the password).
+#[derive(Debug, Error, PartialEq, Eq)]
+pub(crate) enum UriError {
+    /// `amqps://`: TLS is not supported by this transport.
+    #[error("amqps:// (TLS) is not supported; use amqp://")]
+    Tls,
+    /// Not `amqp://`.
+    #[error("the URL must start with amqp://")]
+    Scheme,
+    /// A port that is not a number in 1..=65535.
+    #[error("invalid port")]
+    Port,
+    /// A malformed %-escape or one that is not UTF-8.
+    #[error("invalid %-escape in the {0}")]
+    Escape(&'static str),
+    /// No host.
+    #[error("no host")]
+    Host,
+}
+
+impl FromStr for Uri {
+    type Err = UriError;
+
+    fn from_str(url: &str) -> Result<Uri, UriError> {
+        let rest = if let Some(rest) = url.strip_prefix("amqp://") {
+            rest
+        } else if url.starts_with("amqps://") {
+            return Err(UriError::Tls);
+        } else {
+            return Err(UriError::Scheme);
+        };
+        let rest = rest.split(['?', '#']).next().unwrap_or("");
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        let (userinfo, hostport) = match authority.rfind('@') {
+            Some(i) => (Some(&authority[..i]), &authority[i + 1..]),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            Some(info) => match info.split_once(':') {
+                Some((u, p)) => (decode(u, "user")?, decode(p, "password")?),
+                None => (decode(info, "user")?, "guest".to_owned()),
+            },
+            None => ("guest".to_owned(), "guest".to_owned()),
+        };
+        let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
+            let (host, after) = v6.split_once(']').ok_or(UriError::Host)?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match hostport.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hostport, None),
+            }
+        };
+        let port = match port {
+            None | Some("") => 5672,
+            Some(p) => p.parse::<u16>().ok().filter(|&p| p > 0).ok_or(UriError::Port)?,
+        };
+        let host = if host.is_empty() { "localhost".to_owned() } else { decode(host, "host")? };
+        let vhost = match path {
+            None | Some("") => "/".to_owned(),
+            Some(p) => decode(p, "vhost")?,
+        };
+        Ok(Uri { user, password, host, port, vhost })
+    }
+}
+
+/// Percent-decodes one part of the URL.
+fn decode(s: &str, what: &'static str) -> Result<String, UriError> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or(UriError::Escape(what))?;
+            let hex = std::str::from_utf8(hex).map_err(|_| UriError::Escape(what))?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| UriError::Escape(what))?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| UriError::Escape(what))
+}
+
+/// The socket of one connection and its two buffers.
+pub(crate) struct Transport {
+    /// The TCP stream.
+    pub(crate) stream: TcpStream,
+    /// Bytes read and not yet decoded.
+    rbuf: BytesMut,
+    /// Frames encoded and not yet written.
+    pub(crate) wbuf: BytesMut,
+    /// Negotiated largest frame.
+    pub(crate) frame_max: u32,
+    /// Negotiated highest channel number.
+    pub(crate) channel_max: u16,
+    /// Negotiated heartbeat interval (`None`: off).
+    pub(crate) heartbeat: Option<Duration>,
+    /// When bytes last arrived.
+    pub(crate) last_read: Instant,
+    /// When bytes were last written.
+    pub(crate) last_write: Instant,
+}
+
+impl Transport {
+    /// Wraps a freshly connected stream (limits as before `connection.tune`).
+    fn new(stream: TcpStream) -> Transport {
+        let now = Instant::now();
+        Transport {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CHUNK * 2),
+            wbuf: BytesMut::with_capacity(64 * 1024),
+            frame_max: OUR_FRAME_MAX,
+            channel_max: 0,
+            heartbeat: None,
+            last_read: now,
+            last_write: now,
+        }
+    }
+
+    /// Writes what the socket takes now without waiting. `Ok(true)` when the buffer is empty.
+    pub(crate) fn try_flush(&mut self) -> io::Result<bool> {
+        while !self.wbuf.is_empty() {
+            match self.stream.try_write(&self.wbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.wbuf.advance(n);
+                    self.last_write = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        self.wbuf.clear();
+        Ok(true)
+    }
+
+    /// Reads what the socket has now without waiting. `Ok(false)`: the peer closed it.
+    pub(crate) fn try_fill(&mut self) -> io::Result<bool> {
+        self.rbuf.reserve(READ_CHUNK);
+        match self.stream.try_read_buf(&mut self.rbuf) {
+            Ok(0) => Ok(false),
+            Ok(_) => {
+                self.last_read = Instant::now();
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(true),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Takes the next complete frame out of the read buffer, if there is one.
+    pub(crate) fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        match frame::decode(&self.rbuf, self.frame_max)? {
+            Some((frame, used)) => {
+                self.rbuf.advance(used);
+                Ok(Some(frame))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Writes the whole buffer, waiting as needed (handshake only).
+    async fn flush(&mut self) -> io::Result<()> {
+        self.stream.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Reads until a whole frame is there (handshake only).
+    async fn read_frame(&mut self) -> Result<Frame, ConnectError> {
+        loop {
+            if let Some(frame) = self.next_frame()? {
+                return Ok(frame);
+            }
+            self.rbuf.reserve(READ_CHUNK);
+            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(ConnectError::Protocol("the broker closed the connection".into()));
+            }
+            self.last_read = Instant::now();
+        }
+    }
+
+    /// Reads frames until `want` accepts a method on `channel` (handshake only). A close of
+    /// the connection or of that channel is an error naming the broker's reason.
+    async fn expect(
+        &mut self,
+        channel: u16,
+        what: &str,
+        want: impl Fn(&Method) -> bool,
+    ) -> Result<Method, ConnectError> {
+        loop {
+            match self.read_frame().await? {
+                Frame::Heartbeat | Frame::Content { .. } => {}
+                Frame::Method { channel: 0, method: Method::ConnectionClose(c) } => {
+                    methods::connection_close_ok(&mut self.wbuf);
+                    let _ = self.flush().await;
+                    return Err(ConnectError::Protocol(format!(
+                        "the broker refused the connection: {}",
+                        describe(&c)
+                    )));
+                }
+                Frame::Method { channel: ch, method: Method::ChannelClose(c) } => {
+                    return Err(ConnectError::Protocol(format!(
+                        "the broker closed channel {ch}: {}",
+                        describe(&c)
+                    )));
+                }
+                Frame::Method { channel: ch, method } if ch == channel && want(&method) => {
+                    return Ok(method)
+                }
+                Frame::Method { channel: ch, method } => {
+                    return Err(ConnectError::Protocol(format!(
+                        "unexpected {method:?} on channel {ch} while waiting for {what}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// "404 NOT_FOUND - no exchange 'x'" from a close.
+pub(crate) fn describe(c: &Close) -> String {
+    format!("{} {}", c.code, c.text)
+}
+
+/// A connection ready for publishing.
+pub(crate) struct Link {
+    /// The socket and its buffers.
+    pub(crate) transport: Transport,
+    /// Confirm-mode channels are numbered `1..=confirm_channels`.
+    pub(crate) confirm_channels: u16,
+    /// As many channels without confirms, for QoS 0, follow them:
+    /// `confirm_channels + 1..=2 * confirm_channels`.
+    /// The broker's product and version, for the logs.
+    pub(crate) server: String,
+}
+
+/// Connects to `uri` and opens `channels` confirm-mode channels and as many plain ones.
+/// The caller bounds the time it takes.
+pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Link, ConnectError> {
+    let stream = TcpStream::connect((uri.host.as_str(), uri.port)).await?;
+    stream.set_nodelay(true)?;
+    let mut t = Transport::new(stream);
+
+    t.wbuf.extend_from_slice(PROTOCOL_HEADER);
+    t.flush().await?;
+    let start = t.expect(0, "connection.start", |m| matches!(m, Method::ConnectionStart { .. }));
+    let mut server = String::new();
+    if let Method::ConnectionStart { major, minor, mechanisms, server: product } = start.await? {
+        server = product;
+        if (major, minor) != (0, 9) {
+            return Err(ConnectError::Protocol(format!("unsupported AMQP {major}-{minor}")));
+        }
+        if !mechanisms.split(' ').any(|m| m == "PLAIN") {
+            return Err(ConnectError::Protocol(format!(
+                "the broker does not offer PLAIN authentication (offers {mechanisms})"
+            )));
+        }
+    }
+    let connection_name = format!("mqgate/{name}");
+    let capabilities = [
+        ("publisher_confirms", Value::Bool(true)),
+        ("connection.blocked", Value::Bool(true)),
+        ("consumer_cancel_notify", Value::Bool(true)),
+        ("exchange_exchange_bindings", Value::Bool(true)),
+        ("basic.nack", Value::Bool(true)),
+        ("authentication_failure_close", Value::Bool(true)),
+    ];
+    let properties = [
+        ("product", Value::LongString(b"mqgate")),
+        ("version", Value::LongString(env!("CARGO_PKG_VERSION").as_bytes())),
+        ("platform", Value::LongString(b"Rust")),
+        ("connection_name", Value::LongString(connection_name.as_bytes())),
+        ("capabilities", Value::Table(&capabilities)),
+    ];
+    methods::start_ok(&mut t.wbuf, &properties, &uri.user, &uri.password)?;
+    t.flush().await?;
+
+    let tune = t.expect(0, "connection.tune", |m| matches!(m, Method::ConnectionTune { .. }));
+    let Method::ConnectionTune { channel_max, frame_max, heartbeat } = tune.await? else {
+        return Err(ConnectError::Protocol("no connection.tune".into()));
+    };
+    let channel_max = if channel_max == 0 { u16::MAX } else { channel_max };
+    let frame_max = match frame_max {
+        0 => OUR_FRAME_MAX,
+        n => n.clamp(MIN_FRAME_MAX, OUR_FRAME_MAX),
+    };
+    let heartbeat = match heartbeat {
+        0 => 0,
+        n => n.min(OUR_HEARTBEAT),
+    };
+    methods::tune_ok(&mut t.wbuf, channel_max, frame_max, heartbeat);
+    t.frame_max = frame_max;
+    t.channel_max = channel_max;
+    t.heartbeat = (heartbeat > 0).then(|| Duration::from_secs(u64::from(heartbeat)));
+    methods::connection_open(&mut t.wbuf, &uri.vhost)?;
+    t.flush().await?;
+    t.expect(0, "connection.open-ok", |m| matches!(m, Method::ConnectionOpenOk)).await?;
+
+    // Confirm channels, as many plain ones (RabbitMQ runs a process per channel: QoS 0 spread
+    // over several uses more than one core), and room for the exchange-check channel.
+    let confirm_channels = u16::try_from(channels)
+        .ok()
+        .filter(|&n| 2 * u32::from(n) < u32::from(channel_max))
+        .ok_or_else(|| {
+            ConnectError::Protocol(format!(
+                "{channels} channels do not fit the broker's channel_max {channel_max}"
+            ))
+        })?;
+    let last = 2 * confirm_channels;
+    for ch in 1..=last {
+        methods::channel_open(&mut t.wbuf, ch);
+    }
+    t.flush().await?;
+    for ch in 1..=last {
+        t.expect(ch, "channel.open-ok", |m| matches!(m, Method::ChannelOpenOk)).await?;
+    }
+    for ch in 1..=confirm_channels {
+        methods::confirm_select(&mut t.wbuf, ch);
+    }
+    t.flush().await?;
+    for ch in 1..=confirm_channels {
+        t.expect(ch, "confirm.select-ok", |m| matches!(m, Method::ConfirmSelectOk)).await?;
+    }
+    Ok(Link { transport: t, confirm_channels, server })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_amqp_urls() {
+        let u: Uri = "amqp://guest:gu%40st@127.0.0.1:5672/%2f".parse().expect("valid");
+        assert_eq!(
+            u,
+            Uri {
+                user: "guest".into(),
+                password: "gu@st".into(),
+                host: "127.0.0.1".into(),
+                port: 5672,
+                vhost: "/".into()
+            }
+        );
+        let u: Uri = "amqp://rabbit".parse().expect("valid");
+        assert_eq!((u.user.as_str(), u.port, u.vhost.as_str()), ("guest", 5672, "/"));
+        let u: Uri = "amqp://u:p@[::1]:5673/prod?heartbeat=10".parse().expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.vhost.as_str()), ("::1", 5673, "prod"));
+    }
+
+    #[test]
+    fn refuses_tls_and_bad_urls_without_quoting_them() {
+        assert_eq!("amqps://u:secret@h/".parse::<Uri>(), Err(UriError::Tls));
+        assert_eq!("http://h/".parse::<Uri>(), Err(UriError::Scheme));
+        assert_eq!("amqp://u:secret@h:99999/".parse::<Uri>(), Err(UriError::Port));
+        assert_eq!("amqp://u:secret@h/%zz".parse::<Uri>(), Err(UriError::Escape("vhost")));
+        assert!(!format!("{:?}", "amqp://u:secret@h/".parse::<Uri>()).contains("secret"));
+    }
+}

@@ -1,0 +1,479 @@
+//! The AMQP 0-9-1 methods a confirm-mode publisher sends and receives, and `basic.publish`
+//! with its content header and body frames.
+//!
+//! Encoders append whole frames to a write buffer; [`decode`] turns a method frame's payload
+//! into a [`Method`] (methods we have no use for become [`Method::Other`]).
+
+use bytes::{BufMut, BytesMut};
+
+use super::frame::{self, BODY, HEADER, METHOD, OVERHEAD};
+use super::table::{self, put_long, put_short, Decoded, Reader, Value};
+use super::WireError;
+
+/// Class ids.
+const CONNECTION: u16 = 10;
+const CHANNEL: u16 = 20;
+const EXCHANGE: u16 = 40;
+const BASIC: u16 = 60;
+const CONFIRM: u16 = 85;
+
+/// Reply code of a 404 NOT_FOUND channel close.
+pub const NOT_FOUND: u16 = 404;
+/// Reply code of a normal close.
+pub const REPLY_SUCCESS: u16 = 200;
+
+/// A `connection.close` or `channel.close`: who closed what, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// The reply code (404, 320, 541…).
+    pub code: u16,
+    /// The reply text.
+    pub text: String,
+    /// Class of the method that caused it (0 if none).
+    pub class: u16,
+    /// Method that caused it (0 if none).
+    pub method: u16,
+}
+
+/// A method we received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    /// `connection.start`: the broker's SASL mechanisms (space separated).
+    ConnectionStart {
+        /// Protocol major version (0).
+        major: u8,
+        /// Protocol minor version (9).
+        minor: u8,
+        /// e.g. "PLAIN AMQPLAIN".
+        mechanisms: String,
+        /// "RabbitMQ 3.13.7", from the server properties (empty if they do not say).
+        server: String,
+    },
+    /// `connection.secure` (a SASL challenge; PLAIN never gets one).
+    ConnectionSecure,
+    /// `connection.tune`: the broker's limits (0 = none).
+    ConnectionTune {
+        /// Highest channel number.
+        channel_max: u16,
+        /// Largest frame, envelope included.
+        frame_max: u32,
+        /// Heartbeat interval in seconds.
+        heartbeat: u16,
+    },
+    /// `connection.open-ok`
+    ConnectionOpenOk,
+    /// `connection.close`
+    ConnectionClose(Close),
+    /// `connection.close-ok`
+    ConnectionCloseOk,
+    /// `connection.blocked` with its reason.
+    ConnectionBlocked(String),
+    /// `connection.unblocked`
+    ConnectionUnblocked,
+    /// `channel.open-ok`
+    ChannelOpenOk,
+    /// `channel.flow` (active?)
+    ChannelFlow(bool),
+    /// `channel.close`
+    ChannelClose(Close),
+    /// `channel.close-ok`
+    ChannelCloseOk,
+    /// `exchange.declare-ok`
+    ExchangeDeclareOk,
+    /// `confirm.select-ok`
+    ConfirmSelectOk,
+    /// `basic.ack` from the broker (a confirm).
+    BasicAck {
+        /// The delivery tag confirmed.
+        tag: u64,
+        /// Also every lower tag.
+        multiple: bool,
+    },
+    /// `basic.nack` from the broker.
+    BasicNack {
+        /// The delivery tag refused.
+        tag: u64,
+        /// Also every lower tag.
+        multiple: bool,
+    },
+    /// `basic.return` (its content frames follow).
+    BasicReturn,
+    /// Anything else.
+    Other {
+        /// Class id.
+        class: u16,
+        /// Method id.
+        method: u16,
+    },
+}
+
+/// Decodes a method frame's payload.
+pub fn decode(payload: &[u8]) -> Result<Method, WireError> {
+    let mut r = Reader::new(payload);
+    let class = r.u16("class id")?;
+    let method = r.u16("method id")?;
+    Ok(match (class, method) {
+        (CONNECTION, 10) => {
+            let major = r.u8("version")?;
+            let minor = r.u8("version")?;
+            let server = server_name(r.long("server properties")?);
+            let mechanisms = String::from_utf8_lossy(r.long("mechanisms")?).into_owned();
+            r.long("locales")?;
+            Method::ConnectionStart { major, minor, mechanisms, server }
+        }
+        (CONNECTION, 20) => Method::ConnectionSecure,
+        (CONNECTION, 30) => Method::ConnectionTune {
+            channel_max: r.u16("channel_max")?,
+            frame_max: r.u32("frame_max")?,
+            heartbeat: r.u16("heartbeat")?,
+        },
+        (CONNECTION, 41) => Method::ConnectionOpenOk,
+        (CONNECTION, 50) => Method::ConnectionClose(close(&mut r)?),
+        (CONNECTION, 51) => Method::ConnectionCloseOk,
+        (CONNECTION, 60) => {
+            Method::ConnectionBlocked(String::from_utf8_lossy(r.short("reason")?).into_owned())
+        }
+        (CONNECTION, 61) => Method::ConnectionUnblocked,
+        (CHANNEL, 11) => Method::ChannelOpenOk,
+        (CHANNEL, 20) => Method::ChannelFlow(r.u8("active")? & 1 != 0),
+        (CHANNEL, 40) => Method::ChannelClose(close(&mut r)?),
+        (CHANNEL, 41) => Method::ChannelCloseOk,
+        (EXCHANGE, 11) => Method::ExchangeDeclareOk,
+        (CONFIRM, 11) => Method::ConfirmSelectOk,
+        (BASIC, 80) => {
+            Method::BasicAck { tag: r.u64("delivery tag")?, multiple: r.u8("bits")? & 1 != 0 }
+        }
+        (BASIC, 120) => {
+            Method::BasicNack { tag: r.u64("delivery tag")?, multiple: r.u8("bits")? & 1 != 0 }
+        }
+        (BASIC, 50) => Method::BasicReturn,
+        (class, method) => Method::Other { class, method },
+    })
+}
+
+/// "product version" from `connection.start`'s server properties; empty when they cannot be
+/// read (they are informative only, so a table we cannot read is no error).
+fn server_name(properties: &[u8]) -> String {
+    let Ok(entries) = table::decode_entries(properties) else { return String::new() };
+    let field = |name: &str| {
+        entries.iter().find_map(|(k, v)| match v {
+            Decoded::Bytes(b) if k == name => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        })
+    };
+    let parts: Vec<String> = [field("product"), field("version")].into_iter().flatten().collect();
+    parts.join(" ")
+}
+
+/// The arguments of a close method.
+fn close(r: &mut Reader<'_>) -> Result<Close, WireError> {
+    Ok(Close {
+        code: r.u16("reply code")?,
+        text: String::from_utf8_lossy(r.short("reply text")?).into_owned(),
+        class: r.u16("class id")?,
+        method: r.u16("method id")?,
+    })
+}
+
+/// Starts a method frame: envelope, class and method ids.
+fn begin(out: &mut BytesMut, channel: u16, class: u16, method: u16) -> usize {
+    let start = frame::begin(out, METHOD, channel);
+    out.put_u16(class);
+    out.put_u16(method);
+    start
+}
+
+/// Appends `connection.start-ok` with PLAIN credentials and our client properties.
+pub fn start_ok(
+    out: &mut BytesMut,
+    properties: &[(&str, Value<'_>)],
+    user: &str,
+    password: &str,
+) -> Result<(), WireError> {
+    let start = begin(out, 0, CONNECTION, 11);
+    table::put_table(out, properties)?;
+    put_short(out, b"PLAIN", "mechanism")?;
+    let mut response = Vec::with_capacity(2 + user.len() + password.len());
+    response.push(0);
+    response.extend_from_slice(user.as_bytes());
+    response.push(0);
+    response.extend_from_slice(password.as_bytes());
+    put_long(out, &response, "credentials")?;
+    put_short(out, b"en_US", "locale")?;
+    frame::end(out, start);
+    Ok(())
+}
+
+/// Appends `connection.tune-ok`.
+pub fn tune_ok(out: &mut BytesMut, channel_max: u16, frame_max: u32, heartbeat: u16) {
+    let start = begin(out, 0, CONNECTION, 31);
+    out.put_u16(channel_max);
+    out.put_u32(frame_max);
+    out.put_u16(heartbeat);
+    frame::end(out, start);
+}
+
+/// Appends `connection.open` for `vhost`.
+pub fn connection_open(out: &mut BytesMut, vhost: &str) -> Result<(), WireError> {
+    let start = out.len();
+    let frame = begin(out, 0, CONNECTION, 40);
+    if let Err(e) = put_short(out, vhost.as_bytes(), "vhost") {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.put_u8(0); // reserved short string
+    out.put_u8(0); // reserved bit
+    frame::end(out, frame);
+    Ok(())
+}
+
+/// Appends `connection.close` (`code` 200 for a normal close).
+pub fn connection_close(out: &mut BytesMut, code: u16, text: &str) {
+    let start = begin(out, 0, CONNECTION, 50);
+    out.put_u16(code);
+    let text = &text.as_bytes()[..text.len().min(255)];
+    out.put_u8(text.len() as u8);
+    out.extend_from_slice(text);
+    out.put_u16(0);
+    out.put_u16(0);
+    frame::end(out, start);
+}
+
+/// Appends `connection.close-ok`.
+pub fn connection_close_ok(out: &mut BytesMut) {
+    let start = begin(out, 0, CONNECTION, 51);
+    frame::end(out, start);
+}
+
+/// Appends `channel.open`.
+pub fn channel_open(out: &mut BytesMut, channel: u16) {
+    let start = begin(out, channel, CHANNEL, 10);
+    out.put_u8(0); // reserved short string
+    frame::end(out, start);
+}
+
+/// Appends `channel.flow-ok`.
+pub fn channel_flow_ok(out: &mut BytesMut, channel: u16, active: bool) {
+    let start = begin(out, channel, CHANNEL, 21);
+    out.put_u8(u8::from(active));
+    frame::end(out, start);
+}
+
+/// Appends `channel.close-ok`.
+pub fn channel_close_ok(out: &mut BytesMut, channel: u16) {
+    let start = begin(out, channel, CHANNEL, 41);
+    frame::end(out, start);
+}
+
+/// Appends `confirm.select` (waiting for select-ok).
+pub fn confirm_select(out: &mut BytesMut, channel: u16) {
+    let start = begin(out, channel, CONFIRM, 10);
+    out.put_u8(0); // no-wait off
+    frame::end(out, start);
+}
+
+/// Appends a passive `exchange.declare`: does `exchange` exist? (declare-ok or a 404 close).
+pub fn exchange_declare_passive(
+    out: &mut BytesMut,
+    channel: u16,
+    exchange: &str,
+) -> Result<(), WireError> {
+    let start = out.len();
+    let frame = begin(out, channel, EXCHANGE, 10);
+    out.put_u16(0); // reserved
+    if let Err(e) = put_short(out, exchange.as_bytes(), "exchange name") {
+        out.truncate(start);
+        return Err(e);
+    }
+    put_short(out, b"direct", "type")?; // ignored by the broker for a passive declare
+    out.put_u8(0b0000_0001); // passive; not durable, auto-delete, internal, no-wait
+    out.put_u32(0); // no arguments
+    frame::end(out, frame);
+    Ok(())
+}
+
+/// The `basic` content properties mqgate sets on a message.
+#[derive(Debug, Clone, Copy)]
+pub struct Properties<'a> {
+    /// `content-type`, when known (at most 255 bytes, else the publish fails).
+    pub content_type: Option<&'a str>,
+    /// `headers`.
+    pub headers: &'a [(&'a str, Value<'a>)],
+    /// `delivery-mode`: 1 transient, 2 persistent.
+    pub delivery_mode: u8,
+    /// `timestamp`, seconds since the epoch.
+    pub timestamp: u64,
+}
+
+/// Property flag bits of the `basic` class, in wire order.
+const FLAG_CONTENT_TYPE: u16 = 1 << 15;
+const FLAG_HEADERS: u16 = 1 << 13;
+const FLAG_DELIVERY_MODE: u16 = 1 << 12;
+const FLAG_TIMESTAMP: u16 = 1 << 6;
+
+/// Appends a `basic.publish` (mandatory and immediate off), its content header and its body
+/// split into frames of at most `frame_max`. On error nothing is appended.
+pub fn publish(
+    out: &mut BytesMut,
+    channel: u16,
+    exchange: &str,
+    routing_key: &str,
+    properties: &Properties<'_>,
+    body: &[u8],
+    frame_max: u32,
+) -> Result<(), WireError> {
+    let start = out.len();
+    let res = publish_inner(out, channel, exchange, routing_key, properties, body, frame_max);
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+/// [`publish`] without the clean-up on error.
+fn publish_inner(
+    out: &mut BytesMut,
+    channel: u16,
+    exchange: &str,
+    routing_key: &str,
+    properties: &Properties<'_>,
+    body: &[u8],
+    frame_max: u32,
+) -> Result<(), WireError> {
+    let max_body = (frame_max.max(frame::MIN_FRAME_MAX) as usize) - OVERHEAD;
+    out.reserve(64 + exchange.len() + routing_key.len() + body.len() + 256);
+
+    let f = begin(out, channel, BASIC, 40);
+    out.put_u16(0); // reserved
+    put_short(out, exchange.as_bytes(), "exchange name")?;
+    put_short(out, routing_key.as_bytes(), "routing key")?;
+    out.put_u8(0); // mandatory, immediate off
+    frame::end(out, f);
+
+    let f = frame::begin(out, HEADER, channel);
+    out.put_u16(BASIC);
+    out.put_u16(0); // weight
+    out.put_u64(body.len() as u64);
+    let mut flags = FLAG_HEADERS | FLAG_DELIVERY_MODE | FLAG_TIMESTAMP;
+    if properties.content_type.is_some() {
+        flags |= FLAG_CONTENT_TYPE;
+    }
+    out.put_u16(flags);
+    if let Some(ct) = properties.content_type {
+        put_short(out, ct.as_bytes(), "content type")?;
+    }
+    table::put_table(out, properties.headers)?;
+    out.put_u8(properties.delivery_mode);
+    out.put_u64(properties.timestamp);
+    if out.len() - f - 7 > max_body {
+        return Err(WireError::TooLong("content header"));
+    }
+    frame::end(out, f);
+
+    for chunk in body.chunks(max_body) {
+        let f = frame::begin(out, BODY, channel);
+        out.extend_from_slice(chunk);
+        frame::end(out, f);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::{decode as decode_frame, Frame};
+    use super::*;
+
+    fn method_of(out: &[u8]) -> Method {
+        match decode_frame(out, 131_072) {
+            Ok(Some((Frame::Method { method, .. }, _))) => method,
+            other => panic!("not a method frame: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_broker_methods() {
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 1, BASIC, 80);
+        out.put_u64(42);
+        out.put_u8(1);
+        frame::end(&mut out, f);
+        assert_eq!(method_of(&out), Method::BasicAck { tag: 42, multiple: true });
+
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 3, CHANNEL, 40);
+        out.put_u16(404);
+        out.put_u8(9);
+        out.extend_from_slice(b"NOT_FOUND");
+        out.put_u16(40);
+        out.put_u16(10);
+        frame::end(&mut out, f);
+        let close = Close { code: 404, text: "NOT_FOUND".to_owned(), class: 40, method: 10 };
+        assert_eq!(method_of(&out), Method::ChannelClose(close));
+
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 0, CONNECTION, 30);
+        out.put_u16(2047);
+        out.put_u32(131_072);
+        out.put_u16(60);
+        frame::end(&mut out, f);
+        let tune = Method::ConnectionTune { channel_max: 2047, frame_max: 131_072, heartbeat: 60 };
+        assert_eq!(method_of(&out), tune);
+    }
+
+    #[test]
+    fn a_truncated_method_is_an_error() {
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 1, BASIC, 80);
+        out.put_u32(1); // half a delivery tag
+        frame::end(&mut out, f);
+        assert_eq!(decode_frame(&out, 4096), Err(WireError::Truncated("delivery tag")));
+    }
+
+    #[test]
+    fn publish_splits_the_body_and_refuses_long_names_without_writing() {
+        let headers = [("x-mqtt-qos", Value::I32(1))];
+        let props = Properties {
+            content_type: Some("application/json"),
+            headers: &headers,
+            delivery_mode: 2,
+            timestamp: 7,
+        };
+        let body = vec![7u8; 10_000];
+        let mut out = BytesMut::new();
+        publish(&mut out, 5, "ex", "rk", &props, &body, 4096).expect("publish");
+        let mut rest = &out[..];
+        let mut kinds = Vec::new();
+        while let Ok(Some((frame, used))) = decode_frame(rest, 4096) {
+            kinds.push(matches!(frame, Frame::Method { .. }));
+            rest = &rest[used..];
+        }
+        assert!(rest.is_empty());
+        // method, header, then 10000 / 4088 → 3 body frames
+        assert_eq!(kinds, vec![true, false, false, false, false]);
+
+        let long = "k".repeat(256);
+        let mut out = BytesMut::from(&b"keep"[..]);
+        assert_eq!(
+            publish(&mut out, 1, "ex", &long, &props, b"x", 4096),
+            Err(WireError::ShortStringTooLong("routing key"))
+        );
+        assert_eq!(
+            publish(&mut out, 1, &long, "rk", &props, b"x", 4096),
+            Err(WireError::ShortStringTooLong("exchange name"))
+        );
+        let props = Properties { content_type: Some(&long), ..props };
+        assert!(publish(&mut out, 1, "ex", "rk", &props, b"x", 4096).is_err());
+        assert_eq!(&out[..], b"keep");
+    }
+
+    #[test]
+    fn publish_with_an_empty_body_has_no_body_frame() {
+        let props = Properties { content_type: None, headers: &[], delivery_mode: 1, timestamp: 0 };
+        let mut out = BytesMut::new();
+        publish(&mut out, 1, "", "q", &props, b"", 131_072).expect("publish");
+        let (_, used) = decode_frame(&out, 131_072).expect("ok").expect("complete");
+        let (header, used2) = decode_frame(&out[used..], 131_072).expect("ok").expect("complete");
+        assert_eq!(header, Frame::Content { channel: 1 });
+        assert_eq!(used + used2, out.len());
+    }
+}
