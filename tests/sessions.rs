@@ -446,3 +446,40 @@ async fn rumqttc_persistent_session_gets_what_was_published_while_away() {
     assert_eq!(present, Some(true));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn queue_qos0_keeps_qos0_messages_for_absent_sessions() {
+    let app = gateway(&config("  queue_qos0: true\n")).await;
+    let id = unique("qos0");
+    let (mut sub, _) = connect(app.mqtt_addr, V311, &id, false, None).await;
+    sub.subscribe("q0/#", QoS::AtMostOnce).await;
+    disconnect(sub).await;
+    let mut publ = RawClient::connect(app.mqtt_addr, V311, &unique("pub")).await;
+    publ.publish("q0/a", QoS::AtMostOnce, 0, b"zero").await;
+    // A QoS 1 publish after it: once acknowledged, the QoS 0 one was routed too.
+    publish_qos1(&mut publ, "q0/a", 1, b"one").await;
+    let (mut sub, present) = connect(app.mqtt_addr, V311, &id, false, None).await;
+    assert!(present);
+    for want in [&b"zero"[..], b"one"] {
+        let p = expect_publish(&mut sub).await;
+        assert_eq!((p.payload.as_ref(), p.qos), (want, QoS::AtMostOnce));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn v5_disconnect_may_not_raise_an_expiry_of_zero() {
+    let app = gateway(&config("")).await;
+    let id = unique("zero-expiry");
+    let (mut c, _) = connect(app.mqtt_addr, V5, &id, true, None).await;
+    c.subscribe("z/#", QoS::AtLeastOnce).await;
+    let properties = Properties { session_expiry_interval: Some(60), ..Default::default() };
+    c.send(&Packet::Disconnect(Disconnect { code: ReasonCode::SUCCESS, properties })).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+    let (_c, present) = connect(app.mqtt_addr, V5, &id, false, Some(60)).await;
+    assert!(!present, "the session ended with the connection");
+    app.stop().await;
+}

@@ -300,3 +300,58 @@ pub async fn expire(broker: Arc<super::Broker>, shutdown: CancellationToken) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn take_returns_a_parked_session_once_and_reports_an_expired_one() {
+        let store = SessionStore::default();
+        let now = Instant::now();
+        assert!(matches!(store.take("c", now), Taken::Nothing));
+        let state = SessionState::new(7, 4);
+        assert!(store.park("c", state, Some(now + Duration::from_secs(5))).is_none());
+        assert!(!store.lock()["c"].parked.as_ref().is_some_and(|p| p.state.subscriber.is_online()));
+        match store.take("c", now) {
+            Taken::Resumed(s) => {
+                assert_eq!(s.id, 7);
+                assert!(s.subscriber.is_online(), "a resumed session is online again");
+                store.park("c", s, Some(now + Duration::from_secs(5)));
+            }
+            other => panic!("expected the parked session, got {other:?}"),
+        }
+        assert!(matches!(store.take("c", now + Duration::from_secs(6)), Taken::Expired(_)));
+        assert!(matches!(store.take("c", now), Taken::Nothing));
+    }
+
+    #[test]
+    fn expired_removes_only_expired_sessions_and_empty_entries() {
+        let store = SessionStore::default();
+        let now = Instant::now();
+        store.park("short", SessionState::new(1, 1), Some(now + Duration::from_secs(1)));
+        store.park("never", SessionState::new(2, 1), None);
+        let gone = store.expired(now + Duration::from_secs(2));
+        assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(store.parked(), 1);
+        assert!(!store.lock().contains_key("short"));
+    }
+
+    #[test]
+    fn register_cancels_the_holder_and_hands_out_its_done_token() {
+        let store = SessionStore::default();
+        let first = store.register("c", 1);
+        assert!(first.previous.is_none());
+        let second = store.register("c", 2);
+        assert!(first.takeover.is_cancelled());
+        let previous = second.previous.clone().expect("the first connection's done token");
+        assert!(!previous.is_cancelled());
+        drop(first.done);
+        assert!(previous.is_cancelled(), "dropping the guard signals the state is parked");
+        store.unregister("c", 1);
+        assert_eq!(store.connected(), 1, "a stale unregister leaves the new holder");
+        store.unregister("c", 2);
+        assert_eq!(store.connected(), 0);
+    }
+}
