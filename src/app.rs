@@ -15,7 +15,7 @@ use tracing::{error, info};
 
 use crate::admin::{self, AdminState};
 use crate::auth::Authenticator;
-use crate::broker::{sys, Broker};
+use crate::broker::{sessions, sys, Broker};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::mqtt::listener;
@@ -57,7 +57,9 @@ impl App {
             brokers.insert(name.clone(), broker);
         }
         let rules = Arc::new(RuleSet::compile(&config, &brokers, &metrics)?);
-        let broker = Broker::new(Arc::clone(&metrics), config.mqtt.max_retained);
+        let broker =
+            Broker::new(Arc::clone(&metrics), config.mqtt.max_retained, config.mqtt.queue_qos0);
+        tasks.spawn(sessions::expire(Arc::clone(&broker), shutdown.clone()));
         if !config.mqtt.sys_interval.0.is_zero() {
             let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
             tasks.spawn(sys::run(b, m, config.mqtt.sys_interval.0, shutdown.clone()));

@@ -85,6 +85,16 @@ pub struct MqttConfig {
     /// own Receive Maximum).
     #[serde(default = "default_max_inflight_out")]
     pub max_inflight_out: u16,
+    /// Messages kept for one persistent session (3.1.1 clean session 0, MQTT 5 session expiry
+    /// above 0), counting those waiting while it is connected. When full, the newest message is
+    /// dropped and counted (`mqgate_messages_dropped{reason="session_queue_full"}` while the
+    /// client is away).
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: usize,
+    /// Also queue QoS 0 messages for a session while its client is away (as Mosquitto's
+    /// `queue_qos0_messages`); by default only QoS 1/2 are kept.
+    #[serde(default)]
+    pub queue_qos0: bool,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -286,6 +296,9 @@ const fn default_max_retained() -> usize {
 }
 const fn default_max_inflight_out() -> u16 {
     256
+}
+const fn default_max_queued_messages() -> usize {
+    1000
 }
 fn default_admin_listen_str() -> String {
     "127.0.0.1:9090".to_owned()

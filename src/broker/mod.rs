@@ -1,23 +1,29 @@
 //! The broker core shared by all sessions: local subscriptions, retained messages (in memory
-//! for now) and the registry of connected client ids (for session takeover).
+//! for now), the registry of connected client ids (takeover) and parked sessions
+//! (`sessions.rs`).
 //!
 //! No I/O and no `.await` under a lock: subscriptions sit behind a std `RwLock` taken for the
 //! length of one tree walk, and delivery to a subscriber is a `try_send` on its bounded queue
-//! outside the lock. A full queue drops the message for that subscriber and counts it.
+//! outside the lock. A full queue drops the message for that subscriber and counts it
+//! (`subscriber_queue_full` while connected, `session_queue_full` while parked).
 
+pub mod sessions;
 pub mod sys;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::TopicTree;
+
+pub use sessions::{Expiry, Registration, SessionState, Subscriber};
+use sessions::{SessionStore, Taken};
 
 /// A message on its way to one subscriber's session.
 #[derive(Debug, Clone)]
@@ -45,21 +51,12 @@ pub struct SubscribeOptions {
 /// One subscription in the tree.
 #[derive(Debug, Clone)]
 struct Subscription {
-    /// The subscribing session (unique per connection).
+    /// The subscribing session (stable across its connections).
     session_id: u64,
     /// Granted QoS and flags.
     options: SubscribeOptions,
     /// The session's outbound queue.
-    tx: mpsc::Sender<Outbound>,
-}
-
-/// A connected session as the registry knows it.
-#[derive(Debug)]
-struct Registered {
-    /// Which connection holds the client id now.
-    session_id: u64,
-    /// Cancelled to close that connection when another one takes the client id over.
-    takeover: CancellationToken,
+    subscriber: Arc<Subscriber>,
 }
 
 /// Shared state of the MQTT broker side. One per gateway, behind an `Arc`.
@@ -67,13 +64,15 @@ struct Registered {
 pub struct Broker {
     /// Local subscriptions by filter.
     subs: RwLock<TopicTree<Subscription>>,
-    /// Connected client ids.
-    sessions: Mutex<HashMap<String, Registered>>,
+    /// Connected client ids and parked sessions.
+    sessions: SessionStore,
     /// Retained messages by topic.
     retained: RwLock<HashMap<String, Arc<Message>>>,
     /// Most topics with a retained message; a new one beyond it is not retained (counted).
     max_retained: usize,
-    /// Source of session ids.
+    /// Queue QoS 0 messages for parked sessions (`mqtt.queue_qos0`).
+    queue_qos0: bool,
+    /// Source of session and connection ids.
     next_id: AtomicU64,
     /// Where drops are counted.
     metrics: Arc<Metrics>,
@@ -81,41 +80,86 @@ pub struct Broker {
 
 impl Broker {
     /// An empty broker.
-    pub fn new(metrics: Arc<Metrics>, max_retained: usize) -> Arc<Broker> {
+    pub fn new(metrics: Arc<Metrics>, max_retained: usize, queue_qos0: bool) -> Arc<Broker> {
         Arc::new(Broker {
             subs: RwLock::new(TopicTree::default()),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: SessionStore::default(),
             retained: RwLock::new(HashMap::new()),
             max_retained,
+            queue_qos0,
             next_id: AtomicU64::new(1),
             metrics,
         })
     }
 
-    /// Registers `client_id` for a new connection, cancelling the token of any connection that
-    /// held it (takeover). Returns the new session id and its takeover token.
-    pub fn register(&self, client_id: &str) -> (u64, CancellationToken) {
-        let session_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let takeover = CancellationToken::new();
-        let entry = Registered { session_id, takeover: takeover.clone() };
-        let old = self.lock_sessions().insert(client_id.to_owned(), entry);
-        if let Some(old) = old {
-            old.takeover.cancel();
-        }
-        (session_id, takeover)
+    /// A fresh id for a session or a connection.
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Forgets `client_id` if it is still held by `session_id`.
-    pub fn unregister(&self, client_id: &str, session_id: u64) {
-        let mut sessions = self.lock_sessions();
-        if sessions.get(client_id).is_some_and(|r| r.session_id == session_id) {
-            sessions.remove(client_id);
-        }
+    /// Registers `client_id` for a new connection, cancelling the takeover token of any
+    /// connection that held it. Wait for `previous` (that connection has parked its session)
+    /// before [`Broker::take_session`].
+    pub fn register(&self, client_id: &str) -> Registration {
+        self.sessions.register(client_id, self.next_id())
+    }
+
+    /// Forgets `client_id` if it is still held by the connection `conn_id`.
+    pub fn unregister(&self, client_id: &str, conn_id: u64) {
+        self.sessions.unregister(client_id, conn_id);
     }
 
     /// Number of connected sessions.
     pub fn session_count(&self) -> usize {
-        self.lock_sessions().len()
+        self.sessions.connected()
+    }
+
+    /// Number of parked (offline) sessions.
+    pub fn parked_count(&self) -> usize {
+        self.sessions.parked()
+    }
+
+    /// Takes the parked session of `client_id` for a connection that resumes it; `None` if
+    /// there is none or it expired (then it is discarded here).
+    pub fn take_session(&self, client_id: &str) -> Option<SessionState> {
+        match self.sessions.take(client_id, Instant::now()) {
+            Taken::Nothing => None,
+            Taken::Resumed(state) => Some(state),
+            Taken::Expired(state) => {
+                self.discard_session(state);
+                None
+            }
+        }
+    }
+
+    /// Keeps `state` for `client_id` as `expiry` says, or discards it (`Expiry::Now`).
+    pub fn park_session(&self, client_id: &str, state: SessionState, expiry: Expiry) {
+        let expires = match expiry {
+            Expiry::Now => return self.discard_session(state),
+            Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
+            Expiry::Never => None,
+        };
+        if let Some(replaced) = self.sessions.park(client_id, state, expires) {
+            self.discard_session(replaced);
+        }
+    }
+
+    /// Ends a session: removes its subscriptions; its queued messages are dropped with it.
+    pub fn discard_session(&self, mut state: SessionState) {
+        let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
+        for filter in state.filters.drain() {
+            subs.remove(&filter, |s| s.session_id == state.id);
+        }
+    }
+
+    /// Discards every parked session whose expiry has passed; returns how many.
+    pub fn expire_sessions(&self) -> usize {
+        let gone = self.sessions.expired(Instant::now());
+        let n = gone.len();
+        for state in gone {
+            self.discard_session(state);
+        }
+        n
     }
 
     /// Adds (or replaces) the subscription of `session_id` to `filter`.
@@ -124,11 +168,12 @@ impl Broker {
         session_id: u64,
         filter: &str,
         options: SubscribeOptions,
-        tx: mpsc::Sender<Outbound>,
+        subscriber: &Arc<Subscriber>,
     ) {
+        let subscriber = Arc::clone(subscriber);
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
         subs.remove(filter, |s| s.session_id == session_id);
-        subs.insert(filter, Subscription { session_id, options, tx });
+        subs.insert(filter, Subscription { session_id, options, subscriber });
     }
 
     /// Removes the subscription of `session_id` to `filter`; true if there was one.
@@ -157,7 +202,7 @@ impl Broker {
                 self.metrics.dropped("retained_store_full");
             }
         }
-        let mut hits: Vec<(u64, SubscribeOptions, mpsc::Sender<Outbound>)> = Vec::new();
+        let mut hits: Vec<(u64, SubscribeOptions, Arc<Subscriber>)> = Vec::new();
         {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
             subs.for_each_match(&msg.topic, |s| {
@@ -169,22 +214,32 @@ impl Broker {
                         h.1.qos = h.1.qos.max(s.options.qos);
                         h.1.retain_as_published |= s.options.retain_as_published;
                     }
-                    None => hits.push((s.session_id, s.options, s.tx.clone())),
+                    None => hits.push((s.session_id, s.options, Arc::clone(&s.subscriber))),
                 }
             });
         }
-        for (_, options, tx) in &hits {
+        for (_, options, subscriber) in &hits {
+            let qos = msg.qos.min(options.qos);
+            let online = subscriber.is_online();
+            // As Mosquitto: a parked session queues QoS 1/2 only, unless `mqtt.queue_qos0`.
+            if !online && qos == QoS::AtMostOnce && !self.queue_qos0 {
+                continue;
+            }
             let out = Outbound {
                 msg: Arc::clone(msg),
-                qos: msg.qos.min(options.qos),
+                qos,
                 retain: msg.retain && options.retain_as_published,
             };
-            match tx.try_send(out) {
+            match subscriber.tx.try_send(out) {
                 Ok(()) => {
                     self.metrics.messages_delivered_local.inc();
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                // Drop the newest: what is queued keeps its order and is delivered first.
+                Err(mpsc::error::TrySendError::Full(_)) if online => {
                     self.metrics.dropped("subscriber_queue_full");
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.metrics.dropped("session_queue_full");
                 }
                 // The session is ending; its subscriptions are about to be removed.
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -203,9 +258,5 @@ impl Broker {
             .filter(|m| crate::mqtt::topic::matches(filter, &m.topic))
             .cloned()
             .collect()
-    }
-
-    fn lock_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

@@ -1,17 +1,19 @@
 //! The CONNECT handshake: wait (bounded) for CONNECT, check it, authenticate (off the async
-//! workers, see `auth`), register the client id, specialise the ACL for this client, answer
-//! CONNACK. Returns what the session needs, or `None` when the connection must close.
+//! workers, see `auth`), register the client id (taking it over from a connection that holds
+//! it, and waiting, bounded, until that one has parked its session), resume or start the
+//! session, specialise the ACL for this client, answer CONNACK. Returns what the session
+//! needs, or `None` when the connection must close.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::SessionShared;
 use crate::auth::acl::ClientAcl;
 use crate::auth::Refusal;
+use crate::broker::{Expiry, Registration, SessionState};
 use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
     ConnAck, Connect, DecodeError, LastWill, Packet, Properties, ProtocolVersion, ReasonCode,
@@ -26,13 +28,17 @@ pub(super) struct Connected {
     pub username: Option<Arc<str>>,
     /// The ACL specialised for this client.
     pub acl: ClientAcl,
-    pub session_id: u64,
+    /// The client id's registration: connection id, takeover token, done guard.
+    pub registration: Registration,
+    /// The resumed or new session state.
+    pub state: SessionState,
+    /// How long the session is kept after the connection ends.
+    pub expiry: Expiry,
     pub keepalive: Option<Duration>,
     pub will: Option<LastWill>,
     pub problem_info: bool,
     /// The client's Receive Maximum (MQTT 5), caps our outbound window.
     pub client_receive_maximum: Option<u16>,
-    pub takeover: CancellationToken,
 }
 
 /// Runs the handshake. `Ok(None)`: the connection must close (an answer may be queued).
@@ -79,59 +85,100 @@ where
         Ok(accepted) => authenticate(&connect, shared, deadline).await.map(|()| accepted),
         Err(refused) => Err(refused),
     };
-    match accepted {
-        Ok(accepted) => {
-            let (session_id, takeover) = shared.broker.register(&accepted.client_id);
-            let mut properties = Properties::default();
-            if version == ProtocolVersion::V5 {
-                properties.receive_maximum = Some(shared.limits.receive_maximum);
-                properties.maximum_packet_size = Some(shared.limits.max_packet_size);
-                properties.subscription_identifier_available = Some(0);
-                properties.shared_subscription_available = Some(0);
-                properties.topic_alias_maximum = Some(0);
-                if accepted.assigned {
-                    properties.assigned_client_identifier = Some(accepted.client_id.clone());
-                }
-                if accepted.keep_alive != connect.keep_alive {
-                    properties.server_keep_alive = Some(accepted.keep_alive);
-                }
-            }
-            let connack = ConnAck { session_present: false, code: ReasonCode::SUCCESS, properties };
-            if let Err(e) = conn.queue(&Packet::ConnAck(connack)) {
-                warn!(error = %e, "cannot encode CONNACK");
-                shared.broker.unregister(&accepted.client_id, session_id);
-                return Ok(None);
-            }
-            let username = connect.username.as_deref();
-            let acl = shared.auth.acl.for_client(username, &accepted.client_id);
-            let keepalive = (accepted.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
-            Ok(Some(Connected {
-                version,
-                client_id: Arc::from(accepted.client_id.as_str()),
-                username: username.map(Arc::from),
-                acl,
-                session_id,
-                keepalive,
-                will: connect.will.clone(),
-                problem_info: connect.properties.request_problem_information != Some(0),
-                client_receive_maximum: connect.properties.receive_maximum,
-                takeover,
-            }))
-        }
+    let accepted = match accepted {
+        Ok(accepted) => accepted,
         Err((code, reason)) => {
-            debug!(?code, reason, "CONNECT refused");
-            let mut properties = Properties::default();
-            if version == ProtocolVersion::V5
-                && connect.properties.request_problem_information != Some(0)
-            {
-                properties.reason_string = Some(reason.to_owned());
-            }
-            let connack = ConnAck { session_present: false, code, properties };
-            let _ = conn.queue(&Packet::ConnAck(connack));
-            Ok(None)
+            refuse(conn, &connect, code, reason);
+            return Ok(None);
+        }
+    };
+    let registration = shared.broker.register(&accepted.client_id);
+    if let Some(previous) = &registration.previous {
+        // Takeover: the old connection was told to close; its session state is ours only
+        // once it has parked it.
+        if tokio::time::timeout_at(deadline, previous.cancelled()).await.is_err() {
+            shared.broker.unregister(&accepted.client_id, registration.conn_id);
+            let reason = "the previous connection of this client id is still closing";
+            refuse(conn, &connect, ReasonCode::SERVER_BUSY, reason);
+            return Ok(None);
         }
     }
+    let expiry = match version {
+        ProtocolVersion::V311 if connect.clean_start => Expiry::Now,
+        ProtocolVersion::V311 => Expiry::Never,
+        ProtocolVersion::V5 => {
+            Expiry::from_interval(connect.properties.session_expiry_interval.unwrap_or(0))
+        }
+    };
+    let resumed = match shared.broker.take_session(&accepted.client_id) {
+        Some(old) if connect.clean_start => {
+            shared.broker.discard_session(old);
+            None
+        }
+        other => other,
+    };
+    let session_present = resumed.is_some();
+    let state = resumed.unwrap_or_else(|| {
+        let capacity = match expiry {
+            Expiry::Now => shared.limits.outbound_queue,
+            _ => shared.limits.max_queued_messages,
+        };
+        SessionState::new(shared.broker.next_id(), capacity)
+    });
+    let mut properties = Properties::default();
+    if version == ProtocolVersion::V5 {
+        properties.receive_maximum = Some(shared.limits.receive_maximum);
+        properties.maximum_packet_size = Some(shared.limits.max_packet_size);
+        properties.subscription_identifier_available = Some(0);
+        properties.shared_subscription_available = Some(0);
+        properties.topic_alias_maximum = Some(0);
+        if accepted.assigned {
+            properties.assigned_client_identifier = Some(accepted.client_id.clone());
+        }
+        if accepted.keep_alive != connect.keep_alive {
+            properties.server_keep_alive = Some(accepted.keep_alive);
+        }
+    }
+    let connack = ConnAck { session_present, code: ReasonCode::SUCCESS, properties };
+    if let Err(e) = conn.queue(&Packet::ConnAck(connack)) {
+        warn!(error = %e, "cannot encode CONNACK");
+        shared.broker.park_session(&accepted.client_id, state, expiry);
+        shared.broker.unregister(&accepted.client_id, registration.conn_id);
+        return Ok(None);
+    }
+    let username = connect.username.as_deref();
+    let acl = shared.auth.acl.for_client(username, &accepted.client_id);
+    let keepalive = (accepted.keep_alive > 0)
+        .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
+    Ok(Some(Connected {
+        version,
+        client_id: Arc::from(accepted.client_id.as_str()),
+        username: username.map(Arc::from),
+        acl,
+        registration,
+        state,
+        expiry,
+        keepalive,
+        will: connect.will.clone(),
+        problem_info: connect.properties.request_problem_information != Some(0),
+        client_receive_maximum: connect.properties.receive_maximum,
+    }))
+}
+
+/// Answers a refused CONNECT with CONNACK `code` (and the reason string when allowed).
+fn refuse<S>(conn: &mut Connection<S>, connect: &Connect, code: ReasonCode, reason: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    debug!(?code, reason, "CONNECT refused");
+    let mut properties = Properties::default();
+    if connect.protocol == ProtocolVersion::V5
+        && connect.properties.request_problem_information != Some(0)
+    {
+        properties.reason_string = Some(reason.to_owned());
+    }
+    let connack = ConnAck { session_present: false, code, properties };
+    let _ = conn.queue(&Packet::ConnAck(connack));
 }
 
 /// A CONNECT that passed the checks.

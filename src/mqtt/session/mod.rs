@@ -19,14 +19,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::acl::ClientAcl;
 use crate::auth::Authenticator;
-use crate::broker::Broker;
+use crate::broker::sessions::DoneGuard;
+use crate::broker::{Broker, Expiry};
 use crate::config::MqttConfig;
 use crate::metrics::{Metrics, QosLabels};
 use crate::mqtt::codec::{
@@ -52,8 +52,10 @@ pub struct SessionLimits {
     pub max_keepalive: u16,
     /// Capacity of the per-session queue of messages to deliver.
     pub outbound_queue: usize,
-    /// Outbound window of unacknowledged QoS 1 deliveries.
+    /// Outbound window of incomplete QoS 1/2 deliveries.
     pub max_inflight_out: u16,
+    /// Capacity of the queue of a persistent session (kept while the client is away).
+    pub max_queued_messages: usize,
     /// Longest a write to the client may take before the connection is closed.
     pub write_timeout: Duration,
 }
@@ -68,6 +70,7 @@ impl SessionLimits {
             max_keepalive: c.max_keepalive,
             outbound_queue: c.outbound_queue.max(1),
             max_inflight_out: c.max_inflight_out.max(1),
+            max_queued_messages: c.max_queued_messages.max(1),
             write_timeout: c.write_timeout.0,
         }
     }
@@ -152,8 +155,16 @@ struct Session<S> {
     username: Option<Arc<str>>,
     /// What this client may publish and subscribe to (`%u`/`%c` already substituted).
     acl: ClientAcl,
-    /// Unique per connection; keys the subscriptions and the registry entry.
+    /// The session's stable id (keys its subscriptions, No Local); survives reconnects.
     session_id: u64,
+    /// Unique per connection; keys the registry entry.
+    conn_id: u64,
+    /// How long the session is kept after this connection (MQTT 5: DISCONNECT may change it).
+    expiry: Expiry,
+    /// Whether CONNECT asked for expiry 0 (then DISCONNECT may not ask for more, MQTT 5).
+    expiry_zero_at_connect: bool,
+    /// Signals a connection taking this client id over that the state is parked (on drop).
+    done: Option<DoneGuard>,
     /// Time allowed between two packets from the client (1.5 × keepalive), `None` if disabled.
     keepalive: Option<Duration>,
     /// When the last packet arrived.
@@ -168,6 +179,8 @@ struct Session<S> {
     out: OutboundState,
     /// Cancelled when another connection takes this client id over.
     takeover: CancellationToken,
+    /// A resumed session has deliveries to resend before anything new.
+    resend_due: bool,
     /// Scratch space for the indexes of matching rules, reused for every PUBLISH.
     rule_hits: Vec<usize>,
 }
@@ -191,21 +204,27 @@ where
         }
     };
     let span = tracing::info_span!("session", client_id = %connected.client_id, %peer);
-    let (out_tx, out_rx) = mpsc::channel(shared.limits.outbound_queue);
+    let registration = connected.registration;
+    let resend_due = !connected.state.inflight.is_empty();
     let mut session = Session {
         conn,
         version: connected.version,
         client_id: connected.client_id,
         username: connected.username,
         acl: connected.acl,
-        session_id: connected.session_id,
+        session_id: connected.state.id,
+        conn_id: registration.conn_id,
+        expiry: connected.expiry,
+        expiry_zero_at_connect: connected.expiry == Expiry::Now,
+        done: Some(registration.done),
         keepalive: connected.keepalive,
         last_packet: Instant::now(),
         will: connected.will,
         problem_info: connected.problem_info,
         pending: PendingQueue::new(shared.limits.receive_maximum),
-        out: OutboundState::new(out_tx, out_rx, connected.client_receive_maximum, &shared.limits),
-        takeover: connected.takeover,
+        out: OutboundState::new(connected.state, connected.client_receive_maximum, &shared.limits),
+        takeover: registration.takeover,
+        resend_due,
         rule_hits: Vec::new(),
         shared,
     };
@@ -224,6 +243,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let keepalive = self.keepalive.unwrap_or(Duration::from_secs(3600));
         let timer = tokio::time::sleep(keepalive);
         tokio::pin!(shutdown, takeover, timer);
+        if std::mem::take(&mut self.resend_due) {
+            if let Some(end) = self.resend() {
+                return end;
+            }
+        }
         loop {
             // Decode what is buffered while the inbound window has room.
             while self.may_read() && self.conn.has_buffered_input() {
@@ -273,7 +297,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         Err(e) => return End::Io(e),
                     }
                 }
-                Some(out) = self.out.rx.recv(), if self.out.has_room() => {
+                Some(out) = self.out.state.rx.recv(), if self.out.has_room() => {
                     self.deliver(out);
                 }
                 () = &mut timer, if self.keepalive.is_some() => {
@@ -302,17 +326,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubAck(r) => self.on_puback(r),
             Packet::PubRel(r) => self.on_pubrel(r),
             Packet::PubRec(r) => self.on_pubrec(r),
-            Packet::PubComp(_) => None,
+            Packet::PubComp(r) => {
+                self.out.completed(r.packet_id);
+                None
+            }
             Packet::Subscribe(s) => self.on_subscribe(s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(d) => {
-                if self.version == ProtocolVersion::V5 {
-                    if let Some(expiry) = d.properties.session_expiry_interval {
-                        if expiry > 0 {
-                            debug!(expiry, "client asked for a session expiry on DISCONNECT");
-                        }
+                if let Some(interval) = d.properties.session_expiry_interval {
+                    // MQTT 5 §3.14.2.2.2: from 0 at CONNECT to non-zero is a protocol error.
+                    if self.expiry_zero_at_connect && interval != 0 {
+                        self.shared.metrics.protocol_error("session_expiry_on_disconnect");
+                        return Some(self.server_disconnect(
+                            ReasonCode::PROTOCOL_ERROR,
+                            "session expiry interval was 0 at CONNECT",
+                        ));
                     }
+                    debug!(interval, "session expiry interval changed by DISCONNECT");
+                    self.expiry = Expiry::from_interval(interval);
                 }
                 Some(End::ClientDisconnect {
                     with_will: d.code == ReasonCode::DISCONNECT_WITH_WILL,
@@ -368,17 +400,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         None
     }
 
-    /// We never send QoS 2, so a PUBREC is a protocol error.
-    fn on_pubrec(&mut self, _r: PubResponse) -> Option<End> {
-        self.shared.metrics.protocol_error("unexpected_pubrec");
-        Some(self.server_disconnect(
-            ReasonCode::PROTOCOL_ERROR,
-            "PUBREC for a message never sent at QoS 2",
-        ))
-    }
-
-    /// Cleans up after the loop: subscriptions, registry, will, socket.
-    async fn finish(&mut self, end: End, span: &tracing::Span) {
+    /// Cleans up after the loop: parks or discards the session state, releases the client id
+    /// (and so lets a connection taking it over resume the state), closes the socket, and
+    /// publishes the will.
+    async fn finish(mut self, end: End, span: &tracing::Span) {
         // The will goes out on every end but a normal DISCONNECT (MQTT 5: unless it asked for it).
         let publish_will = match &end {
             End::ClientDisconnect { with_will } => *with_will,
@@ -392,9 +417,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             End::Io(e) => info!(parent: span, error = %e, "connection lost"),
         }
+        // Park before closing the socket: a connection taking over waits for this.
+        let state = self.out.state;
+        self.shared.broker.park_session(&self.client_id, state, self.expiry);
+        self.shared.broker.unregister(&self.client_id, self.conn_id);
+        drop(self.done.take());
         self.conn.close().await;
-        self.out.unsubscribe_all(&self.shared.broker, self.session_id);
-        self.shared.broker.unregister(&self.client_id, self.session_id);
         if publish_will {
             if let Some(will) = self.will.take() {
                 if !self.acl.may_publish(&will.topic) {

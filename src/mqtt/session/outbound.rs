@@ -1,86 +1,94 @@
 //! The client as a subscriber: SUBSCRIBE/UNSUBSCRIBE, and messages delivered to it.
 //!
 //! Other sessions hand messages to this one through a bounded queue (see `broker`); this side
-//! writes them as PUBLISH, keeping at most `max_inflight_out` QoS 1 deliveries unacknowledged
+//! writes them as PUBLISH, keeping at most `max_inflight_out` QoS 1/2 deliveries incomplete
 //! (and no more than the client's own Receive Maximum). While that window is full the queue is
 //! not read, so it fills and the broker drops (and counts) further messages for this client.
+//!
+//! QoS 2 deliveries go PUBLISH → PUBREC → PUBREL → PUBCOMP; a delivery counts against the
+//! window until its PUBACK or PUBCOMP. The queue, the incomplete deliveries (in send order)
+//! and the filters are the session state (`broker::SessionState`) that outlives the
+//! connection; a resumed session resends its incomplete deliveries first ([`Session::resend`]).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tracing::debug;
 
 use super::{End, Session, SessionLimits};
-use crate::broker::{Broker, Outbound, SubscribeOptions};
+use crate::broker::sessions::{InFlight, InFlightStage};
+use crate::broker::{Outbound, SessionState, SubscribeOptions};
 use crate::message::Message;
 use crate::mqtt::codec::{
-    Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck,
-    Unsubscribe,
+    Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
 };
 use crate::mqtt::connection::QueueError;
 use crate::mqtt::topic::{self, TopicError};
 
 /// Outbound half of a session.
 pub(super) struct OutboundState {
-    /// Given to the broker with each subscription.
-    tx: mpsc::Sender<Outbound>,
-    /// Messages waiting to be written to this client.
-    pub(super) rx: mpsc::Receiver<Outbound>,
-    /// QoS 1 deliveries awaiting PUBACK, by our packet id.
-    inflight: HashMap<u16, Arc<Message>>,
+    /// The queue, the incomplete deliveries and the filters: parked when the connection ends.
+    pub(super) state: SessionState,
     /// Window size: min(config, client's Receive Maximum).
     window: usize,
-    /// Last packet id used.
-    last_id: u16,
-    /// Filters this session subscribed to (removed from the broker at the end).
-    filters: HashSet<String>,
 }
 
 impl OutboundState {
     pub(super) fn new(
-        tx: mpsc::Sender<Outbound>,
-        rx: mpsc::Receiver<Outbound>,
+        state: SessionState,
         client_receive_maximum: Option<u16>,
         limits: &SessionLimits,
     ) -> Self {
         let window = client_receive_maximum.unwrap_or(u16::MAX).min(limits.max_inflight_out);
-        OutboundState {
-            tx,
-            rx,
-            inflight: HashMap::new(),
-            window: usize::from(window.max(1)),
-            last_id: 0,
-            filters: HashSet::new(),
-        }
+        OutboundState { state, window: usize::from(window.max(1)) }
     }
 
-    /// True while another QoS 1 delivery may be sent.
+    /// True while another QoS 1/2 delivery may be sent.
     pub(super) fn has_room(&self) -> bool {
-        self.inflight.len() < self.window
+        self.state.inflight.len() < self.window
+    }
+
+    /// The incomplete delivery with `packet_id`, if any.
+    fn find(&mut self, packet_id: u16) -> Option<&mut InFlight> {
+        // Clients acknowledge mostly in order: the match is usually at the front.
+        self.state.inflight.iter_mut().find(|f| f.packet_id == packet_id)
+    }
+
+    /// Removes the delivery with `packet_id` if `done` says it is complete.
+    fn complete(&mut self, packet_id: u16, done: impl Fn(&InFlight) -> bool) -> bool {
+        let state = &mut self.state;
+        match state.inflight.iter().position(|f| f.packet_id == packet_id && done(f)) {
+            Some(i) => {
+                state.inflight.remove(i);
+                state.inflight_ids.remove(&packet_id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A PUBACK from the client.
     pub(super) fn acked(&mut self, packet_id: u16) {
-        if self.inflight.remove(&packet_id).is_none() {
+        if !self.complete(packet_id, |f| f.qos == QoS::AtLeastOnce) {
             debug!(packet_id, "PUBACK for an unknown packet id");
         }
     }
 
-    fn next_packet_id(&mut self) -> u16 {
-        loop {
-            self.last_id = self.last_id.wrapping_add(1);
-            if self.last_id != 0 && !self.inflight.contains_key(&self.last_id) {
-                return self.last_id;
-            }
+    /// A PUBCOMP from the client.
+    pub(super) fn completed(&mut self, packet_id: u16) {
+        if !self.complete(packet_id, |f| f.stage == InFlightStage::Released) {
+            debug!(packet_id, "PUBCOMP for an unknown packet id");
         }
     }
 
-    /// Removes every subscription of this session from the broker.
-    pub(super) fn unsubscribe_all(&mut self, broker: &Broker, session_id: u64) {
-        for filter in self.filters.drain() {
-            broker.unsubscribe(session_id, &filter);
+    fn next_packet_id(&mut self) -> u16 {
+        let state = &mut self.state;
+        loop {
+            state.last_id = state.last_id.wrapping_add(1);
+            if state.last_id != 0 && !state.inflight_ids.contains(&state.last_id) {
+                return state.last_id;
+            }
         }
     }
 }
@@ -92,40 +100,120 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             QoS::AtMostOnce => 0,
             _ => self.out.next_packet_id(),
         };
-        let mut properties = out.msg.properties.clone();
+        let Some(publish) = self.publish_for(&out.msg, out.qos, out.retain, packet_id, false)
+        else {
+            return;
+        };
+        if self.queue_publish(publish) && packet_id != 0 {
+            let state = &mut self.out.state;
+            state.inflight_ids.insert(packet_id);
+            state.inflight.push_back(InFlight {
+                packet_id,
+                msg: out.msg,
+                qos: out.qos,
+                retain: out.retain,
+                stage: InFlightStage::Published,
+            });
+        }
+    }
+
+    /// Resends the incomplete deliveries of a resumed session, in their original order:
+    /// PUBLISH with DUP for those not yet PUBACKed/PUBRECed, PUBREL for those PUBRECed.
+    pub(super) fn resend(&mut self) -> Option<End> {
+        let pending: Vec<InFlight> = self.out.state.inflight.iter().cloned().collect();
+        for f in pending {
+            let sent = match f.stage {
+                InFlightStage::Released => {
+                    if let Some(end) = self.send(&Packet::PubRel(PubResponse::success(f.packet_id)))
+                    {
+                        return Some(end);
+                    }
+                    true
+                }
+                InFlightStage::Published => {
+                    match self.publish_for(&f.msg, f.qos, f.retain, f.packet_id, true) {
+                        Some(publish) => self.queue_publish(publish),
+                        None => false,
+                    }
+                }
+            };
+            if !sent {
+                self.out.complete(f.packet_id, |_| true);
+            }
+        }
+        None
+    }
+
+    /// The PUBLISH for one delivery; `None` (counted) if its message expired.
+    fn publish_for(
+        &self,
+        msg: &Arc<Message>,
+        qos: QoS,
+        retain: bool,
+        packet_id: u16,
+        dup: bool,
+    ) -> Option<Publish> {
+        let mut properties = msg.properties.clone();
         properties.topic_alias = None;
         properties.subscription_identifiers.clear();
         if let Some(expiry) = properties.message_expiry_interval {
-            let elapsed = out.msg.received.elapsed().as_secs();
+            let elapsed = msg.received.elapsed().as_secs();
             let Some(left) = u64::from(expiry).checked_sub(elapsed).filter(|l| *l > 0) else {
                 self.shared.metrics.dropped("expired");
-                return;
+                return None;
             };
             properties.message_expiry_interval = Some(u32::try_from(left).unwrap_or(u32::MAX));
         }
-        let publish = Publish {
-            dup: false,
-            qos: out.qos.min(QoS::AtLeastOnce),
-            retain: out.retain,
-            topic: out.msg.topic.clone(),
+        Some(Publish {
+            dup,
+            qos,
+            retain,
+            topic: msg.topic.clone(),
             packet_id,
             properties,
-            payload: out.msg.payload.clone(),
-        };
+            payload: msg.payload.clone(),
+        })
+    }
+
+    /// Queues a PUBLISH to the client; false (counted) if it cannot be sent at all.
+    fn queue_publish(&mut self, publish: Publish) -> bool {
         match self.conn.queue(&Packet::Publish(publish)) {
-            Ok(()) => {
-                if packet_id != 0 {
-                    self.out.inflight.insert(packet_id, out.msg);
-                }
-            }
+            Ok(()) => true,
             Err(QueueError::TooLargeForClient { .. }) => {
                 self.shared.metrics.dropped("too_large_for_client");
+                false
             }
             Err(QueueError::Encode(e)) => {
                 debug!(error = %e, "cannot encode a delivery");
                 self.shared.metrics.dropped("unencodable");
+                false
             }
         }
+    }
+
+    /// A PUBREC from the client answers one of our QoS 2 deliveries: answer PUBREL (again,
+    /// for a repeated PUBREC). An MQTT 5 error code ends the delivery (no PUBREL, §4.3.3).
+    pub(super) fn on_pubrec(&mut self, r: PubResponse) -> Option<End> {
+        if !r.code.is_success() {
+            self.out.complete(r.packet_id, |f| f.qos == QoS::ExactlyOnce);
+            debug!(packet_id = r.packet_id, code = ?r.code, "client refused a QoS 2 delivery");
+            return None;
+        }
+        let known = match self.out.find(r.packet_id) {
+            Some(f) if f.qos == QoS::ExactlyOnce => {
+                f.stage = InFlightStage::Released;
+                true
+            }
+            _ => false,
+        };
+        let code = if known || self.version == ProtocolVersion::V311 {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        let response =
+            PubResponse { packet_id: r.packet_id, code, properties: Properties::default() };
+        self.send(&Packet::PubRel(response))
     }
 
     /// SUBSCRIBE: one answer per filter.
@@ -151,18 +239,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 Ok(()) => {
-                    let granted = f.options.qos.min(QoS::AtLeastOnce);
+                    let granted = f.options.qos;
                     let options = SubscribeOptions {
                         qos: granted,
                         no_local: self.version == ProtocolVersion::V5 && f.options.no_local,
                         retain_as_published: f.options.retain_as_published,
                     };
-                    let existed = !self.out.filters.insert(f.filter.clone());
+                    let existed = !self.out.state.filters.insert(f.filter.clone());
                     self.shared.broker.subscribe(
                         self.session_id,
                         &f.filter,
                         options,
-                        self.out.tx.clone(),
+                        &self.out.state.subscriber,
                     );
                     let send_retained = match f.options.retain_handling {
                         crate::mqtt::codec::RetainHandling::SendAtSubscribe => true,
@@ -185,7 +273,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for (filter, granted) in retained {
             for msg in self.shared.broker.retained_matching(&filter) {
                 let out = Outbound { qos: msg.qos.min(granted), msg, retain: true };
-                if self.out.tx.try_send(out).is_err() {
+                if self.out.state.subscriber.tx.try_send(out).is_err() {
                     self.shared.metrics.dropped("subscriber_queue_full");
                 }
             }
@@ -207,7 +295,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Option<End> {
         let mut codes = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
-            self.out.filters.remove(filter);
+            self.out.state.filters.remove(filter);
             let existed = self.shared.broker.unsubscribe(self.session_id, filter);
             codes.push(if existed {
                 ReasonCode::SUCCESS

@@ -1,0 +1,357 @@
+//! Session state that outlives a connection, and the registry of connected client ids.
+//!
+//! A session is the subscriber side of a client: its queue of messages to deliver (a bounded
+//! channel fed by `Broker::publish`), its unacknowledged QoS 1/2 deliveries in the order they
+//! were sent, and its filters (which stay in the subscription tree while it is away). When a
+//! connection ends, its session task parks that state here; when the client id connects again
+//! without a clean start, the new session task takes it. While parked, messages keep arriving
+//! in the same bounded channel: "queued while away" is exactly the channel's content, bounded
+//! by its capacity (`mqtt.max_queued_messages` for a persistent session).
+//!
+//! The store is in memory; [`SessionStore`]'s methods (`register`, `take`, `park`, `expired`)
+//! are the interface a disk store will implement. It does no I/O and no `.await`; its lock is
+//! held for a map operation only, and never while the subscription lock is taken.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::Outbound;
+use crate::message::Message;
+use crate::mqtt::codec::QoS;
+
+/// Where the broker hands messages for one session, shared by all its subscriptions.
+#[derive(Debug)]
+pub struct Subscriber {
+    /// The session's bounded queue of messages to deliver.
+    pub tx: mpsc::Sender<Outbound>,
+    /// False while the session is parked (no connection): QoS 0 is then not queued unless
+    /// `mqtt.queue_qos0`, and a full queue counts as `session_queue_full`.
+    online: AtomicBool,
+}
+
+impl Subscriber {
+    /// Whether a connection holds the session now.
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Relaxed)
+    }
+}
+
+/// Where one unacknowledged outbound QoS 1/2 delivery stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFlightStage {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2). Resent as PUBLISH DUP.
+    Published,
+    /// QoS 2: PUBREC received and PUBREL sent; waiting for PUBCOMP. Resent as PUBREL.
+    Released,
+}
+
+/// One outbound QoS 1/2 delivery not yet completed by the client.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    /// Our packet id.
+    pub packet_id: u16,
+    /// The message, kept for a resend.
+    pub msg: Arc<Message>,
+    /// QoS it was sent at (1 or 2).
+    pub qos: QoS,
+    /// RETAIN flag it was sent with.
+    pub retain: bool,
+    /// Published or released.
+    pub stage: InFlightStage,
+}
+
+/// The state of one session that a connection owns while connected and parks when it ends.
+#[derive(Debug)]
+pub struct SessionState {
+    /// Stable id of the session: keys its subscriptions (and No Local) across reconnects.
+    pub id: u64,
+    /// What the subscriptions in the tree point at.
+    pub subscriber: Arc<Subscriber>,
+    /// The receiving end of the queue; messages accumulate here while parked.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// Unacknowledged QoS 1/2 deliveries, in the order they were first sent.
+    pub inflight: VecDeque<InFlight>,
+    /// The packet ids of `inflight`, to pick a free one.
+    pub inflight_ids: HashSet<u16>,
+    /// Last packet id used.
+    pub last_id: u16,
+    /// Filters of this session (in the broker's tree under `id`).
+    pub filters: HashSet<String>,
+}
+
+impl SessionState {
+    /// A new, empty session whose queue holds `capacity` messages.
+    pub fn new(id: u64, capacity: usize) -> Self {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        SessionState {
+            id,
+            subscriber: Arc::new(Subscriber { tx, online: AtomicBool::new(true) }),
+            rx,
+            inflight: VecDeque::new(),
+            inflight_ids: HashSet::new(),
+            last_id: 0,
+            filters: HashSet::new(),
+        }
+    }
+}
+
+/// How long a parked session is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// Not kept: the session ends with its connection (clean session, expiry interval 0).
+    Now,
+    /// Kept this many seconds after the connection ends.
+    After(u32),
+    /// Kept until the client connects with a clean start (3.1.1 clean session 0, or MQTT 5
+    /// Session Expiry Interval 0xFFFFFFFF).
+    Never,
+}
+
+impl Expiry {
+    /// The MQTT 5 Session Expiry Interval as an [`Expiry`].
+    pub fn from_interval(seconds: u32) -> Self {
+        match seconds {
+            0 => Expiry::Now,
+            u32::MAX => Expiry::Never,
+            s => Expiry::After(s),
+        }
+    }
+}
+
+/// A connection holding a client id, as the registry knows it.
+#[derive(Debug)]
+struct Connected {
+    /// Unique per connection.
+    conn_id: u64,
+    /// Cancelled to close that connection when another one takes the client id over.
+    takeover: CancellationToken,
+    /// Cancelled once that connection has parked (or dropped) its session state.
+    done: CancellationToken,
+}
+
+/// A parked session and when it expires.
+#[derive(Debug)]
+struct Parked {
+    state: SessionState,
+    /// `None`: never.
+    expires: Option<Instant>,
+}
+
+/// One client id: the connection holding it and/or its parked session.
+#[derive(Debug, Default)]
+struct Entry {
+    conn: Option<Connected>,
+    parked: Option<Parked>,
+}
+
+/// What [`SessionStore::take`] found.
+#[derive(Debug)]
+pub enum Taken {
+    /// No parked session.
+    Nothing,
+    /// A parked session, now owned by the caller.
+    Resumed(SessionState),
+    /// A parked session that had expired (the periodic check had not seen it yet): the
+    /// caller discards it.
+    Expired(SessionState),
+}
+
+/// What [`SessionStore::register`] gives a new connection.
+#[derive(Debug)]
+pub struct Registration {
+    /// Unique per connection (for `unregister`).
+    pub conn_id: u64,
+    /// Cancelled when another connection takes the client id over.
+    pub takeover: CancellationToken,
+    /// Cancel once this connection's session state is parked or discarded ([`DoneGuard`]).
+    pub done: DoneGuard,
+    /// The previous connection's `done`: wait for it before `take`.
+    pub previous: Option<CancellationToken>,
+}
+
+/// Cancels the token when dropped, so a connection signals "my state is parked" on every
+/// path out of its task, even a panic.
+#[derive(Debug)]
+pub struct DoneGuard(pub CancellationToken);
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+/// Connected client ids and parked sessions, in memory.
+#[derive(Debug, Default)]
+pub struct SessionStore {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl SessionStore {
+    /// Registers a new connection for `client_id`, cancelling the takeover token of the
+    /// connection that held it.
+    pub fn register(&self, client_id: &str, conn_id: u64) -> Registration {
+        let takeover = CancellationToken::new();
+        let done = CancellationToken::new();
+        let mut entries = self.lock();
+        let entry = entries.entry(client_id.to_owned()).or_default();
+        let old = entry.conn.replace(Connected {
+            conn_id,
+            takeover: takeover.clone(),
+            done: done.clone(),
+        });
+        let previous = old.map(|old| {
+            old.takeover.cancel();
+            old.done
+        });
+        Registration { conn_id, takeover, done: DoneGuard(done), previous }
+    }
+
+    /// Forgets the connection `conn_id` if it still holds `client_id`.
+    pub fn unregister(&self, client_id: &str, conn_id: u64) {
+        let mut entries = self.lock();
+        if let Some(entry) = entries.get_mut(client_id) {
+            if entry.conn.as_ref().is_some_and(|c| c.conn_id == conn_id) {
+                entry.conn = None;
+            }
+            if entry.conn.is_none() && entry.parked.is_none() {
+                entries.remove(client_id);
+            }
+        }
+    }
+
+    /// Takes the parked session of `client_id`, if there is one.
+    pub fn take(&self, client_id: &str, now: Instant) -> Taken {
+        let mut entries = self.lock();
+        let Some(parked) = entries.get_mut(client_id).and_then(|e| e.parked.take()) else {
+            return Taken::Nothing;
+        };
+        parked.state.subscriber.online.store(true, Ordering::Relaxed);
+        if parked.expires.is_some_and(|t| t <= now) {
+            return Taken::Expired(parked.state);
+        }
+        Taken::Resumed(parked.state)
+    }
+
+    /// Parks `state` for `client_id` until `expires` (`None`: never). Returns the state it
+    /// replaced, if any, for the caller to discard (only when two connections raced).
+    pub fn park(
+        &self,
+        client_id: &str,
+        state: SessionState,
+        expires: Option<Instant>,
+    ) -> Option<SessionState> {
+        state.subscriber.online.store(false, Ordering::Relaxed);
+        let mut entries = self.lock();
+        let entry = entries.entry(client_id.to_owned()).or_default();
+        entry.parked.replace(Parked { state, expires }).map(|p| p.state)
+    }
+
+    /// Removes and returns every parked session expired at `now`, for the caller to discard.
+    pub fn expired(&self, now: Instant) -> Vec<SessionState> {
+        let mut entries = self.lock();
+        let mut gone = Vec::new();
+        entries.retain(|_, entry| {
+            if entry.parked.as_ref().is_some_and(|p| p.expires.is_some_and(|t| t <= now)) {
+                if let Some(p) = entry.parked.take() {
+                    gone.push(p.state);
+                }
+            }
+            entry.conn.is_some() || entry.parked.is_some()
+        });
+        gone
+    }
+
+    /// Number of connected client ids.
+    pub fn connected(&self) -> usize {
+        self.lock().values().filter(|e| e.conn.is_some()).count()
+    }
+
+    /// Number of parked sessions.
+    pub fn parked(&self) -> usize {
+        self.lock().values().filter(|e| e.parked.is_some()).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// How often parked sessions are checked for expiry.
+const EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Discards expired parked sessions (and their subscriptions) every second until `shutdown`.
+/// A session is also checked when its client id reconnects, so expiry is exact for the client.
+pub async fn expire(broker: Arc<super::Broker>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let n = broker.expire_sessions();
+        if n > 0 {
+            tracing::debug!(n, "expired parked sessions");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn take_returns_a_parked_session_once_and_reports_an_expired_one() {
+        let store = SessionStore::default();
+        let now = Instant::now();
+        assert!(matches!(store.take("c", now), Taken::Nothing));
+        let state = SessionState::new(7, 4);
+        assert!(store.park("c", state, Some(now + Duration::from_secs(5))).is_none());
+        assert!(!store.lock()["c"].parked.as_ref().is_some_and(|p| p.state.subscriber.is_online()));
+        match store.take("c", now) {
+            Taken::Resumed(s) => {
+                assert_eq!(s.id, 7);
+                assert!(s.subscriber.is_online(), "a resumed session is online again");
+                store.park("c", s, Some(now + Duration::from_secs(5)));
+            }
+            other => panic!("expected the parked session, got {other:?}"),
+        }
+        assert!(matches!(store.take("c", now + Duration::from_secs(6)), Taken::Expired(_)));
+        assert!(matches!(store.take("c", now), Taken::Nothing));
+    }
+
+    #[test]
+    fn expired_removes_only_expired_sessions_and_empty_entries() {
+        let store = SessionStore::default();
+        let now = Instant::now();
+        store.park("short", SessionState::new(1, 1), Some(now + Duration::from_secs(1)));
+        store.park("never", SessionState::new(2, 1), None);
+        let gone = store.expired(now + Duration::from_secs(2));
+        assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(store.parked(), 1);
+        assert!(!store.lock().contains_key("short"));
+    }
+
+    #[test]
+    fn register_cancels_the_holder_and_hands_out_its_done_token() {
+        let store = SessionStore::default();
+        let first = store.register("c", 1);
+        assert!(first.previous.is_none());
+        let second = store.register("c", 2);
+        assert!(first.takeover.is_cancelled());
+        let previous = second.previous.clone().expect("the first connection's done token");
+        assert!(!previous.is_cancelled());
+        drop(first.done);
+        assert!(previous.is_cancelled(), "dropping the guard signals the state is parked");
+        store.unregister("c", 1);
+        assert_eq!(store.connected(), 1, "a stale unregister leaves the new holder");
+        store.unregister("c", 2);
+        assert_eq!(store.connected(), 0);
+    }
+}
