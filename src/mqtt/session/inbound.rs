@@ -84,25 +84,55 @@ impl PendingQueue {
     pub(super) async fn front_done(&mut self) -> FrontDone {
         if let Some(front) = self.queue.front_mut() {
             while let Some(rx) = front.waits.last_mut() {
-                let outcome = rx.await.unwrap_or_else(|_| {
-                    Outcome::Failed(Failure::retryable("the sink dropped the message"))
-                });
+                let outcome = rx.await.unwrap_or_else(|_| dropped());
                 front.waits.pop();
-                if let Outcome::Failed(f) = outcome {
-                    front.failure.get_or_insert(f);
-                }
+                front.record(outcome);
             }
         }
-        match self.queue.pop_front() {
-            Some(p) => FrontDone {
-                packet_id: p.packet_id,
-                qos: p.qos,
-                failure: p.failure,
-                matched: p.matched,
-                denied: p.denied,
-            },
+        match self.pop_front() {
+            Some(done) => done,
             // Not reached: the branch is only polled when the queue is not empty.
             None => std::future::pending().await,
+        }
+    }
+
+    /// The front entry if every one of its outcomes is already in, without waiting: after one
+    /// acknowledgement, the session sends every one that is ready in the same write.
+    pub(super) fn try_front_done(&mut self) -> Option<FrontDone> {
+        let front = self.queue.front_mut()?;
+        while let Some(rx) = front.waits.last_mut() {
+            let outcome = match rx.try_recv() {
+                Ok(outcome) => outcome,
+                Err(oneshot::error::TryRecvError::Empty) => return None,
+                Err(oneshot::error::TryRecvError::Closed) => dropped(),
+            };
+            front.waits.pop();
+            front.record(outcome);
+        }
+        self.pop_front()
+    }
+
+    fn pop_front(&mut self) -> Option<FrontDone> {
+        self.queue.pop_front().map(|p| FrontDone {
+            packet_id: p.packet_id,
+            qos: p.qos,
+            failure: p.failure,
+            matched: p.matched,
+            denied: p.denied,
+        })
+    }
+}
+
+/// The outcome of a target whose sink dropped the ack sender: never a success.
+fn dropped() -> Outcome {
+    Outcome::Failed(Failure::retryable("the sink dropped the message"))
+}
+
+impl Pending {
+    /// Keeps the first failure among the outcomes.
+    fn record(&mut self, outcome: Outcome) {
+        if let Outcome::Failed(f) = outcome {
+            self.failure.get_or_insert(f);
         }
     }
 }

@@ -39,6 +39,9 @@ use prometheus_client::metrics::counter::Counter;
 use inbound::PendingQueue;
 use outbound::OutboundState;
 
+/// Deliveries taken from the outbound queue before the next write.
+const DELIVERY_BATCH: usize = 64;
+
 /// The limits a session enforces, taken from `mqtt:` in the config.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
@@ -289,6 +292,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if let Some(end) = self.complete_front(front) {
                         return end;
                     }
+                    // Every following entry that is already complete goes out in the same write.
+                    while let Some(done) = self.pending.try_front_done() {
+                        if let Some(end) = self.complete_front(done) {
+                            return end;
+                        }
+                    }
                 }
                 read = self.conn.fill(), if self.may_read() => {
                     match read {
@@ -299,6 +308,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Some(out) = self.out.state.rx.recv(), if self.out.has_room() => {
                     self.deliver(out);
+                    // Take what else is queued (bounded) so it leaves in one write.
+                    for _ in 1..DELIVERY_BATCH {
+                        if !self.out.has_room() {
+                            break;
+                        }
+                        match self.out.state.rx.try_recv() {
+                            Ok(out) => self.deliver(out),
+                            Err(_) => break,
+                        }
+                    }
                 }
                 () = &mut timer, if self.keepalive.is_some() => {
                     // The timer is only moved forward when it fires, not on every packet.
