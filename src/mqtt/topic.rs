@@ -147,14 +147,14 @@ pub struct TopicTree<T> {
 #[derive(Debug)]
 struct Node<T> {
     /// Children by level text; "+" and "#" are stored as literal keys.
-    children: HashMap<Box<str>, Node<T>>,
+    children: HashMap<Box<str>, Node<T>, foldhash::fast::RandomState>,
     /// Values of the filters that end at this node.
     values: Vec<T>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { children: HashMap::new(), values: Vec::new() }
+        Node { children: HashMap::default(), values: Vec::new() }
     }
 }
 

@@ -211,7 +211,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client_id: Arc::clone(&self.client_id),
             username: self.username.clone(),
             properties: p.properties,
-            received: Instant::now(),
+            received: self.last_packet.into_std(),
         });
         let mut hits = std::mem::take(&mut self.rule_hits);
         let (matched, waits) = route(&shared, &msg, Some(self.session_id), &mut hits).await;

@@ -256,7 +256,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             while self.may_read() && self.conn.has_buffered_input() {
                 match self.conn.decode() {
                     Ok(Some(packet)) => {
-                        self.last_packet = Instant::now();
                         if let Some(end) = self.handle(packet).await {
                             return end;
                         }
@@ -301,7 +300,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 read = self.conn.fill(), if self.may_read() => {
                     match read {
-                        Ok(true) => {}
+                        // One clock read per read, not per packet: keepalive and the messages'
+                        // receive time use it.
+                        Ok(true) => self.last_packet = Instant::now(),
                         Ok(false) => return End::Closed,
                         Err(e) => return End::Io(e),
                     }

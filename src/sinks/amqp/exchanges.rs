@@ -64,7 +64,7 @@ pub(crate) enum Released {
 #[derive(Default)]
 pub(crate) struct Exchanges {
     /// Keyed by exchange name.
-    states: HashMap<Arc<str>, State>,
+    states: HashMap<Arc<str>, State, foldhash::fast::RandomState>,
     /// Requests held in `Checking` states, counted for the in-flight bound.
     held: usize,
 }

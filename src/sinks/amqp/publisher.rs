@@ -763,7 +763,8 @@ fn channel_for(topic: &str, channels: usize) -> usize {
     if channels <= 1 {
         return 0;
     }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    std::hash::Hash::hash(topic, &mut h);
-    (std::hash::Hasher::finish(&h) % channels as u64) as usize
+    use std::hash::BuildHasher;
+    // A fixed seed: the same topic must map to the same channel for the life of the process.
+    let hash = foldhash::fast::FixedState::with_seed(0x6d71_6761_7465).hash_one(topic);
+    (hash % channels as u64) as usize
 }
