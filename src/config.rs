@@ -71,6 +71,9 @@ pub struct MqttConfig {
     /// subscriber are dropped and counted (`mqgate_messages_dropped{reason="subscriber_queue_full"}`).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
+    /// Topic aliases an MQTT 5 client may set (Topic Alias Maximum in CONNACK); 0 disables them.
+    #[serde(default = "default_topic_alias_maximum")]
+    pub topic_alias_maximum: u16,
     /// How often the `$SYS/broker/...` statistics are published (retained); 0 disables them.
     #[serde(default = "default_sys_interval")]
     pub sys_interval: HumanDuration,
@@ -284,6 +287,9 @@ const fn default_true() -> bool {
 }
 const fn default_outbound_queue() -> usize {
     1024
+}
+const fn default_topic_alias_maximum() -> u16 {
+    64
 }
 const fn default_sys_interval() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))

@@ -154,3 +154,49 @@ async fn sys_topics_report_statistics_to_explicit_subscribers_only() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn mqtt5_topic_aliases_set_use_and_reject() {
+    let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\n  topic_alias_maximum: 4\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+    let app = gateway(yaml).await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "alias-sub").await;
+    sub.subscribe("alias/#", QoS::AtMostOnce).await;
+
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
+    c.send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V5, "aliaser")))).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.properties.topic_alias_maximum, Some(4)),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let mut first = publish_packet("alias/long/topic/name", QoS::AtMostOnce, 0, b"set");
+    first.properties.topic_alias = Some(2);
+    c.send(&Packet::Publish(first)).await;
+    let mut second = publish_packet("", QoS::AtMostOnce, 0, b"used");
+    second.properties.topic_alias = Some(2);
+    c.send(&Packet::Publish(second)).await;
+    for want in [&b"set"[..], b"used"] {
+        match sub.recv().await {
+            Some(Packet::Publish(p)) => {
+                assert_eq!((p.topic.as_str(), &p.payload[..]), ("alias/long/topic/name", want));
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    // An alias never set: protocol error. Above the maximum: 0x94.
+    let mut unknown = publish_packet("", QoS::AtMostOnce, 0, b"x");
+    unknown.properties.topic_alias = Some(3);
+    c.send(&Packet::Publish(unknown)).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
+        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
+    }
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "aliaser2").await;
+    let mut too_big = publish_packet("alias/x", QoS::AtMostOnce, 0, b"x");
+    too_big.properties.topic_alias = Some(5);
+    c.send(&Packet::Publish(too_big)).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::TOPIC_ALIAS_INVALID),
+        other => panic!("expected DISCONNECT 0x94, got {other:?}"),
+    }
+    app.stop().await;
+}

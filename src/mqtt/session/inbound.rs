@@ -139,16 +139,15 @@ impl Pending {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Handles a PUBLISH from the client.
-    pub(super) async fn on_publish(&mut self, p: Publish) -> Option<End> {
+    pub(super) async fn on_publish(&mut self, mut p: Publish) -> Option<End> {
         let shared = Arc::clone(&self.shared);
         shared.received[p.qos as usize].inc();
         if self.version == ProtocolVersion::V5 {
-            if p.properties.topic_alias.is_some() {
-                shared.metrics.protocol_error("topic_alias");
-                return Some(self.server_disconnect(
-                    ReasonCode::TOPIC_ALIAS_INVALID,
-                    "topic aliases are not supported (Topic Alias Maximum is 0)",
-                ));
+            if let Some(alias) = p.properties.topic_alias.take() {
+                if let Err((code, reason)) = self.aliases.resolve(alias, &mut p.topic) {
+                    shared.metrics.protocol_error("topic_alias");
+                    return Some(self.server_disconnect(code, reason));
+                }
             }
             if p.qos != QoS::AtMostOnce && !self.pending.has_room() {
                 shared.metrics.protocol_error("receive_maximum_exceeded");
@@ -364,5 +363,50 @@ pub(super) async fn publish_will(
                 }
             }
         });
+    }
+}
+
+/// The topic aliases an MQTT 5 client set on this connection (client to server only; we do
+/// not send aliases). At most `mqtt.topic_alias_maximum`, advertised in CONNACK.
+#[derive(Debug, Default)]
+pub(super) struct TopicAliases {
+    /// Topic by alias - 1; grows up to `maximum` as the client uses aliases.
+    topics: Vec<Option<String>>,
+    /// Our Topic Alias Maximum.
+    maximum: u16,
+}
+
+impl TopicAliases {
+    pub(super) fn new(maximum: u16) -> Self {
+        TopicAliases { topics: Vec::new(), maximum }
+    }
+
+    /// Sets (non-empty topic) or applies (empty topic) `alias`, per MQTT 5 §3.3.2.3.4.
+    fn resolve(
+        &mut self,
+        alias: u16,
+        topic: &mut String,
+    ) -> Result<(), (ReasonCode, &'static str)> {
+        if alias == 0 || alias > self.maximum {
+            return Err((
+                ReasonCode::TOPIC_ALIAS_INVALID,
+                "topic alias 0 or above Topic Alias Maximum",
+            ));
+        }
+        let slot = usize::from(alias - 1);
+        if topic.is_empty() {
+            match self.topics.get(slot).and_then(Option::as_ref) {
+                Some(known) => topic.clone_from(known),
+                None => {
+                    return Err((ReasonCode::PROTOCOL_ERROR, "topic alias used before it was set"))
+                }
+            }
+        } else {
+            if self.topics.len() <= slot {
+                self.topics.resize(slot + 1, None);
+            }
+            self.topics[slot] = Some(topic.clone());
+        }
+        Ok(())
     }
 }

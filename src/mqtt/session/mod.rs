@@ -61,6 +61,8 @@ pub struct SessionLimits {
     pub max_queued_messages: usize,
     /// Longest a write to the client may take before the connection is closed.
     pub write_timeout: Duration,
+    /// MQTT 5 Topic Alias Maximum we accept from clients (0 = none).
+    pub topic_alias_maximum: u16,
 }
 
 impl SessionLimits {
@@ -75,6 +77,7 @@ impl SessionLimits {
             max_inflight_out: c.max_inflight_out.max(1),
             max_queued_messages: c.max_queued_messages.max(1),
             write_timeout: c.write_timeout.0,
+            topic_alias_maximum: c.topic_alias_maximum,
         }
     }
 }
@@ -186,6 +189,8 @@ struct Session<S> {
     resend_due: bool,
     /// Scratch space for the indexes of matching rules, reused for every PUBLISH.
     rule_hits: Vec<usize>,
+    /// Topic aliases set by an MQTT 5 client.
+    aliases: inbound::TopicAliases,
 }
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
@@ -229,6 +234,7 @@ where
         takeover: registration.takeover,
         resend_due,
         rule_hits: Vec::new(),
+        aliases: inbound::TopicAliases::new(shared.limits.topic_alias_maximum),
         shared,
     };
     info!(parent: &span, version = ?session.version, "client connected");
