@@ -483,3 +483,38 @@ async fn v5_disconnect_may_not_raise_an_expiry_of_zero() {
     assert!(!present, "the session ended with the connection");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn inbound_qos2_resent_after_reconnect_before_pubrel_is_not_delivered_twice() {
+    let app = gateway(&config("")).await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "q2-sub").await;
+    sub.subscribe("q2/#", QoS::AtMostOnce).await;
+
+    let (mut p, _) = connect(app.mqtt_addr, ProtocolVersion::V311, "q2-pub", false, None).await;
+    p.publish("q2/x", QoS::ExactlyOnce, 42, b"once").await;
+    match p.recv().await {
+        Some(Packet::PubRec(r)) => assert_eq!(r.packet_id, 42),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    assert_eq!(&expect_publish(&mut sub).await.payload[..], b"once");
+    // The connection drops before the client sent PUBREL; it resends the PUBLISH (DUP).
+    drop(p);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (mut p, present) =
+        connect(app.mqtt_addr, ProtocolVersion::V311, "q2-pub", false, None).await;
+    assert!(present);
+    let mut again = publish_packet("q2/x", QoS::ExactlyOnce, 42, b"once");
+    again.dup = true;
+    p.send(&Packet::Publish(again)).await;
+    match p.recv().await {
+        Some(Packet::PubRec(r)) => assert_eq!(r.packet_id, 42),
+        other => panic!("expected PUBREC for the resend, got {other:?}"),
+    }
+    p.send(&Packet::PubRel(PubResponse::success(42))).await;
+    match p.recv().await {
+        Some(Packet::PubComp(r)) => assert_eq!(r.packet_id, 42),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    expect_silence(&mut sub, Duration::from_millis(500)).await;
+    app.stop().await;
+}

@@ -82,6 +82,9 @@ pub struct SessionState {
     pub last_id: u16,
     /// Filters of this session (in the broker's tree under `id`).
     pub filters: HashSet<String>,
+    /// Inbound QoS 2 packet ids the client was sent PUBREC for and has not released with
+    /// PUBREL: a resent PUBLISH with one of them is not forwarded again after a reconnect.
+    pub awaiting_rel: HashSet<u16>,
 }
 
 impl SessionState {
@@ -96,6 +99,7 @@ impl SessionState {
             inflight_ids: HashSet::new(),
             last_id: 0,
             filters: HashSet::new(),
+            awaiting_rel: HashSet::new(),
         }
     }
 }

@@ -74,6 +74,22 @@ impl PendingQueue {
         self.queue.is_empty()
     }
 
+    /// Takes over the QoS 2 packet ids a resumed session had PUBRECed and not seen released.
+    pub(super) fn resume(&mut self, awaiting_rel: HashSet<u16>) {
+        self.awaiting_rel = awaiting_rel;
+    }
+
+    /// The QoS 2 packet ids to keep with a parked session: those whose PUBREC was sent. Ids
+    /// still waiting for their outcome are left out, because that outcome is unknown: the
+    /// client's resend must be forwarded again (a possible duplicate, never a loss).
+    pub(super) fn released_later(&mut self) -> HashSet<u16> {
+        let mut ids = std::mem::take(&mut self.awaiting_rel);
+        for p in self.queue.iter().filter(|p| p.qos == QoS::ExactlyOnce) {
+            ids.remove(&p.packet_id);
+        }
+        ids
+    }
+
     /// True while another QoS 1/2 PUBLISH may be read.
     pub(super) fn has_room(&self) -> bool {
         self.queue.len() < self.capacity

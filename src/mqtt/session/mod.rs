@@ -199,7 +199,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut conn = Connection::new(stream, shared.limits.max_packet_size as usize);
-    let connected = match connect::handshake(&mut conn, &shared).await {
+    let mut connected = match connect::handshake(&mut conn, &shared).await {
         Ok(Some(c)) => c,
         Ok(None) => {
             conn.close().await;
@@ -214,6 +214,8 @@ where
     let span = tracing::info_span!("session", client_id = %connected.client_id, %peer);
     let registration = connected.registration;
     let resend_due = !connected.state.inflight.is_empty();
+    let mut pending = PendingQueue::new(shared.limits.receive_maximum);
+    pending.resume(std::mem::take(&mut connected.state.awaiting_rel));
     let mut session = Session {
         conn,
         version: connected.version,
@@ -229,7 +231,7 @@ where
         last_packet: Instant::now(),
         will: connected.will,
         problem_info: connected.problem_info,
-        pending: PendingQueue::new(shared.limits.receive_maximum),
+        pending,
         out: OutboundState::new(connected.state, connected.client_receive_maximum, &shared.limits),
         takeover: registration.takeover,
         resend_due,
@@ -444,7 +446,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             End::Io(e) => info!(parent: span, error = %e, "connection lost"),
         }
         // Park before closing the socket: a connection taking over waits for this.
-        let state = self.out.state;
+        let mut state = self.out.state;
+        state.awaiting_rel = self.pending.released_later();
         self.shared.broker.park_session(&self.client_id, state, self.expiry);
         self.shared.broker.unregister(&self.client_id, self.conn_id);
         drop(self.done.take());
