@@ -71,6 +71,15 @@ pub struct MqttConfig {
     /// subscriber are dropped and counted (`mqgate_messages_dropped{reason="subscriber_queue_full"}`).
     #[serde(default = "default_outbound_queue")]
     pub outbound_queue: usize,
+    /// Longest topic name or filter accepted, in bytes.
+    #[serde(default = "default_max_topic_length")]
+    pub max_topic_length: usize,
+    /// Most levels in a topic name or filter.
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Most subscriptions one client may hold; further ones are refused (SUBACK 0x97 / 0x80).
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: usize,
     /// Topic aliases an MQTT 5 client may set (Topic Alias Maximum in CONNACK); 0 disables them.
     #[serde(default = "default_topic_alias_maximum")]
     pub topic_alias_maximum: u16,
@@ -287,6 +296,15 @@ const fn default_true() -> bool {
 }
 const fn default_outbound_queue() -> usize {
     1024
+}
+const fn default_max_topic_length() -> usize {
+    65_535
+}
+const fn default_max_topic_levels() -> usize {
+    128
+}
+const fn default_max_subscriptions() -> usize {
+    1000
 }
 const fn default_topic_alias_maximum() -> u16 {
     64

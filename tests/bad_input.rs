@@ -145,3 +145,33 @@ async fn a_subscriber_that_stops_reading_is_dropped_and_slows_nobody_else() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn topic_and_subscription_limits_get_the_protocols_answers() {
+    let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\n  max_topic_levels: 3\n  max_subscriptions: 2\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+    let app = gateway(yaml).await;
+    let mut c5 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "limits5").await;
+    assert_eq!(
+        c5.subscribe("a/b/c/d", QoS::AtMostOnce).await,
+        vec![ReasonCode::TOPIC_FILTER_INVALID]
+    );
+    assert_eq!(c5.subscribe("a/#", QoS::AtMostOnce).await, vec![ReasonCode::GRANTED_QOS_0]);
+    assert_eq!(c5.subscribe("b/#", QoS::AtMostOnce).await, vec![ReasonCode::GRANTED_QOS_0]);
+    assert_eq!(
+        c5.subscribe("b/#", QoS::AtLeastOnce).await,
+        vec![ReasonCode::GRANTED_QOS_1],
+        "replacing one is fine"
+    );
+    assert_eq!(c5.subscribe("c/#", QoS::AtMostOnce).await, vec![ReasonCode::QUOTA_EXCEEDED]);
+    let mut c3 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "limits3").await;
+    c3.subscribe("x", QoS::AtMostOnce).await;
+    c3.subscribe("y", QoS::AtMostOnce).await;
+    assert_eq!(c3.subscribe("z", QoS::AtMostOnce).await, vec![ReasonCode::UNSPECIFIED_ERROR]);
+
+    c5.publish("a/b/c/d", QoS::AtMostOnce, 0, b"deep").await;
+    match c5.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::TOPIC_NAME_INVALID),
+        other => panic!("expected DISCONNECT 0x90, got {other:?}"),
+    }
+    app.stop().await;
+}

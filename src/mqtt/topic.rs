@@ -25,9 +25,39 @@ pub enum TopicError {
     /// U+0000 anywhere.
     #[error("the null character is not allowed in a topic")]
     NullChar,
+    /// Longer than `mqtt.max_topic_length`.
+    #[error("topic longer than mqtt.max_topic_length ({0} bytes)")]
+    OverLengthLimit(usize),
+    /// More levels than `mqtt.max_topic_levels`.
+    #[error("topic with more than mqtt.max_topic_levels ({0}) levels")]
+    OverLevelLimit(usize),
     /// `$share/...` (shared subscriptions arrive with a later release).
     #[error("shared subscriptions ($share/...) are not supported yet")]
     SharedNotSupported,
+}
+
+/// The configured bounds on topic names and filters (`mqtt.max_topic_length`,
+/// `mqtt.max_topic_levels`).
+#[derive(Debug, Clone, Copy)]
+pub struct TopicLimits {
+    /// Most bytes.
+    pub max_length: usize,
+    /// Most levels ('/'-separated parts).
+    pub max_levels: usize,
+}
+
+impl TopicLimits {
+    /// Checks a topic name or filter against the bounds.
+    pub fn check(&self, topic: &str) -> Result<(), TopicError> {
+        if topic.len() > self.max_length {
+            return Err(TopicError::OverLengthLimit(self.max_length));
+        }
+        // Counting separators stops early: a level count above the bound needs no full scan.
+        if topic.bytes().filter(|b| *b == b'/').take(self.max_levels).count() >= self.max_levels {
+            return Err(TopicError::OverLevelLimit(self.max_levels));
+        }
+        Ok(())
+    }
 }
 
 /// Checks a topic name as used in PUBLISH.
@@ -358,6 +388,15 @@ mod tests {
             assert_eq!(filters_overlap(a, b), want, "{a} ~ {b}");
             assert_eq!(filters_overlap(b, a), want, "{b} ~ {a}");
         }
+    }
+
+    #[test]
+    fn limits() {
+        let l = TopicLimits { max_length: 10, max_levels: 3 };
+        assert_eq!(l.check("a/b/c"), Ok(()));
+        assert_eq!(l.check("a/b/c/d"), Err(TopicError::OverLevelLimit(3)));
+        assert_eq!(l.check("abcdefghijk"), Err(TopicError::OverLengthLimit(10)));
+        assert_eq!(l.check("a//"), Ok(()));
     }
 
     #[test]

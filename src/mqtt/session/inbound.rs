@@ -182,6 +182,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ));
             }
         }
+        if let Err(e) = shared.limits.topic_limits.check(&p.topic) {
+            shared.metrics.protocol_error("topic_limit");
+            return Some(self.server_disconnect(ReasonCode::TOPIC_NAME_INVALID, &e.to_string()));
+        }
         if p.qos == QoS::ExactlyOnce && self.pending.awaiting_rel.contains(&p.packet_id) {
             // A resend before PUBREL: already taken; acknowledge again without forwarding.
             debug!(

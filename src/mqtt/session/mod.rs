@@ -33,6 +33,7 @@ use crate::mqtt::codec::{
     DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, ReasonCode,
 };
 use crate::mqtt::connection::Connection;
+use crate::mqtt::topic::TopicLimits;
 use crate::rules::RuleSet;
 use prometheus_client::metrics::counter::Counter;
 
@@ -63,6 +64,10 @@ pub struct SessionLimits {
     pub write_timeout: Duration,
     /// MQTT 5 Topic Alias Maximum we accept from clients (0 = none).
     pub topic_alias_maximum: u16,
+    /// Bounds on topic names and filters.
+    pub topic_limits: TopicLimits,
+    /// Most subscriptions per client.
+    pub max_subscriptions: usize,
 }
 
 impl SessionLimits {
@@ -78,6 +83,11 @@ impl SessionLimits {
             max_queued_messages: c.max_queued_messages.max(1),
             write_timeout: c.write_timeout.0,
             topic_alias_maximum: c.topic_alias_maximum,
+            topic_limits: TopicLimits {
+                max_length: c.max_topic_length.max(1),
+                max_levels: c.max_topic_levels.max(1),
+            },
+            max_subscriptions: c.max_subscriptions,
         }
     }
 }

@@ -228,8 +228,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         for f in &s.filters {
-            let code = match topic::validate_filter(&f.filter) {
+            let valid = topic::validate_filter(&f.filter)
+                .and_then(|()| self.shared.limits.topic_limits.check(&f.filter));
+            let code = match valid {
                 Err(e) => self.filter_refusal(&e),
+                Ok(())
+                    if !self.out.state.filters.contains(&f.filter)
+                        && self.out.state.filters.len() >= self.shared.limits.max_subscriptions =>
+                {
+                    debug!(filter = %f.filter, "SUBSCRIBE refused: mqtt.max_subscriptions reached");
+                    match self.version {
+                        ProtocolVersion::V311 => ReasonCode::UNSPECIFIED_ERROR,
+                        ProtocolVersion::V5 => ReasonCode::QUOTA_EXCEEDED,
+                    }
+                }
                 Ok(()) if !self.acl.may_subscribe(&f.filter) => {
                     self.shared.acl_denied_subscribe.inc();
                     debug!(filter = %f.filter, "SUBSCRIBE denied by the ACL");
