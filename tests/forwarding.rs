@@ -252,3 +252,52 @@ rules:
     assert!([a1.data, a2.data, b.data].iter().all(|d| d == b"21.5"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn qos2_is_pubreced_only_after_the_confirm_and_never_on_failure() {
+    let conn = rabbit().await;
+    let (ch, exchange, queue) = exchange_with_queue(&conn, "#").await;
+    let missing = unique("mqgate-test-missing");
+    let yaml = format!(
+        r#"
+mqtt:
+  listen: "127.0.0.1:0"
+admin:
+  listen: "127.0.0.1:0"
+amqp:
+  rabbit:
+    url: "{AMQP_URL}"
+rules:
+  - name: ok
+    from: "q2/ok"
+    to: [ {{ amqp: {{ broker: rabbit, exchange: "{exchange}" }} }} ]
+  - name: broken
+    from: "q2/broken"
+    to: [ {{ amqp: {{ broker: rabbit, exchange: "{missing}" }} }} ]
+"#
+    );
+    let app = gateway(&yaml).await;
+    wait_ready(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "q2-fwd").await;
+    c.publish("q2/ok", QoS::ExactlyOnce, 5, b"exactly").await;
+    match c.recv().await {
+        Some(Packet::PubRec(r)) => assert_eq!((r.packet_id, r.code), (5, ReasonCode::SUCCESS)),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    // PUBREC came after the confirm: the message is already queued.
+    let m = get(&ch, &queue, Duration::from_millis(1)).await.expect("forwarded before PUBREC");
+    assert_eq!((m.data.as_slice(), *m.properties.delivery_mode()), (&b"exactly"[..], Some(2)));
+    assert_eq!(header(&m, "x-mqtt-qos").as_deref(), Some("2"));
+    c.send(&Packet::PubRel(mqgate::mqtt::codec::PubResponse::success(5))).await;
+    assert!(matches!(c.recv().await, Some(Packet::PubComp(r)) if r.packet_id == 5));
+
+    c.publish("q2/broken", QoS::ExactlyOnce, 6, b"lost").await;
+    match c.recv().await {
+        Some(Packet::PubRec(r)) => {
+            assert_eq!(r.packet_id, 6);
+            assert!(!r.code.is_success(), "undeliverable QoS 2 PUBRECed as success: {r:?}");
+        }
+        other => panic!("expected a failing PUBREC, got {other:?}"),
+    }
+    app.stop().await;
+}
