@@ -200,3 +200,30 @@ async fn mqtt5_topic_aliases_set_use_and_reject() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn retained_messages_reach_new_wildcard_subscribers_and_an_empty_payload_clears_them() {
+    let app = gateway(NO_RULES).await;
+    let mut publ = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "ret-pub").await;
+    let mut keep = publish_packet("ret/a/state", QoS::AtLeastOnce, 1, b"on");
+    keep.retain = true;
+    publ.send(&Packet::Publish(keep)).await;
+    assert!(matches!(publ.recv().await, Some(Packet::PubAck(_))));
+
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "ret-sub").await;
+    sub.subscribe("ret/+/state", QoS::AtLeastOnce).await;
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert!(p.retain, "sent on subscribe with RETAIN set");
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("ret/a/state", &b"on"[..]));
+        }
+        other => panic!("expected the retained message, got {other:?}"),
+    }
+    let mut clear = publish_packet("ret/a/state", QoS::AtMostOnce, 0, b"");
+    clear.retain = true;
+    publ.send(&Packet::Publish(clear)).await;
+    let mut late = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "ret-late").await;
+    late.subscribe("ret/#", QoS::AtMostOnce).await;
+    assert_eq!(late.recv_within(Duration::from_millis(300)).await, Err(()), "cleared");
+    app.stop().await;
+}
