@@ -227,3 +227,39 @@ async fn retained_messages_reach_new_wildcard_subscribers_and_an_empty_payload_c
     assert_eq!(late.recv_within(Duration::from_millis(300)).await, Err(()), "cleared");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_will_goes_out_on_an_ungraceful_end_only() {
+    let app = gateway(NO_RULES).await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "will-sub").await;
+    sub.subscribe("wills/#", QoS::AtLeastOnce).await;
+    let with_will = |id: &str| {
+        let mut c = connect_packet(ProtocolVersion::V311, id);
+        c.will = Some(mqgate::mqtt::codec::LastWill {
+            topic: format!("wills/{id}"),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Default::default(),
+        });
+        c
+    };
+    // A normal DISCONNECT: no will.
+    let mut polite = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V311).await;
+    polite.send(&Packet::Connect(Box::new(with_will("polite")))).await;
+    assert!(matches!(polite.recv().await, Some(Packet::ConnAck(_))));
+    polite.send(&Packet::Disconnect(Default::default())).await;
+    assert_eq!(polite.recv().await, None);
+    // The socket just closes: the will is published.
+    let mut rude = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V311).await;
+    rude.send(&Packet::Connect(Box::new(with_will("rude")))).await;
+    assert!(matches!(rude.recv().await, Some(Packet::ConnAck(_))));
+    drop(rude);
+    match sub.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!((p.topic.as_str(), &p.payload[..]), ("wills/rude", &b"gone"[..]));
+        }
+        other => panic!("expected the will of 'rude' (and none of 'polite'), got {other:?}"),
+    }
+    app.stop().await;
+}
