@@ -45,5 +45,11 @@ ensure_mosquitto_clients() {
 ensure_cargo() {
   command -v cargo >/dev/null && return
   [ -x "$HOME/.cargo/bin/cargo" ] && { export PATH="$HOME/.cargo/bin:$PATH"; return; }
-  die "cargo not found: install Rust (https://rustup.rs: curl https://sh.rustup.rs -sSf | sh), then run this again"
+  # Debian's own rustc is older than the crates need; rustup installs the current stable.
+  log "installing Rust with rustup (stable, minimal profile)"
+  if ! command -v curl >/dev/null; then apt_install curl ca-certificates; fi
+  command -v cc >/dev/null || apt_install build-essential
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal \
+    --component rustfmt,clippy || die "could not install Rust; see https://rustup.rs"
+  export PATH="$HOME/.cargo/bin:$PATH"
 }
