@@ -145,6 +145,11 @@ fn dropped() -> Outcome {
 }
 
 impl Pending {
+    /// An entry with nothing to wait for (a QoS 2 resend, or a publish the ACL denied).
+    fn settled(packet_id: u16, qos: QoS, denied: bool) -> Self {
+        Pending { packet_id, qos, waits: Vec::new(), failure: None, matched: true, denied }
+    }
+
     /// Keeps the first failure among the outcomes.
     fn record(&mut self, outcome: Outcome) {
         if let Outcome::Failed(f) = outcome {
@@ -192,14 +197,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 packet_id = p.packet_id,
                 "QoS 2 PUBLISH resent before PUBREL; not forwarded again"
             );
-            self.pending.queue.push_back(Pending {
-                packet_id: p.packet_id,
-                qos: p.qos,
-                waits: Vec::new(),
-                failure: None,
-                matched: true,
-                denied: false,
-            });
+            self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, false));
             return None;
         }
         if !self.acl.may_publish(&p.topic) {
@@ -211,14 +209,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // 3.1.1 is told success, so its PUBREL must find the id.
                     self.pending.awaiting_rel.insert(p.packet_id);
                 }
-                self.pending.queue.push_back(Pending {
-                    packet_id: p.packet_id,
-                    qos: p.qos,
-                    waits: Vec::new(),
-                    failure: None,
-                    matched: true,
-                    denied: true,
-                });
+                self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, true));
             }
             return None;
         }
