@@ -326,3 +326,69 @@ async fn mosquitto_sub_and_rumqttc_share_a_group() {
     assert_eq!(all.len(), 10, "each message to exactly one of them: {all:?}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn deliveries_still_queued_for_a_member_that_leaves_go_to_another_member() {
+    // A window of 2: the leaver has 2 deliveries in flight and the rest still in its queue.
+    let app = gateway(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\n  max_inflight_out: 2\nadmin:\n  listen: \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let mut a = RawClient::connect(app.mqtt_addr, V5, "queued-leaver").await;
+    assert_eq!(a.subscribe("$share/g/q", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+    let mut b = RawClient::connect(app.mqtt_addr, V311, "queued-stayer").await;
+    assert_eq!(b.subscribe("$share/g/q", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+    let mut publisher = RawClient::connect(app.mqtt_addr, V5, "queued-pub").await;
+    for i in 0..10u8 {
+        publish_qos1(&mut publisher, "q", u16::from(i) + 1, &[i]).await;
+    }
+    let mut read_by_a = Vec::new();
+    while let Some(p) = next_publish(&mut a, Duration::from_millis(500)).await {
+        read_by_a.push(p.payload[0]);
+    }
+    assert_eq!(read_by_a.len(), 2, "the leaver's window");
+    let mut got_b: Vec<u8> = drain(&mut b).await.iter().map(|p| p.payload[0]).collect();
+    assert_eq!(got_b.len(), 5);
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while got_b.len() < 10 && tokio::time::Instant::now() < deadline {
+        got_b.extend(drain(&mut b).await.iter().map(|p| p.payload[0]));
+    }
+    got_b.sort();
+    assert_eq!(got_b, (0..10).collect::<Vec<u8>>(), "in-flight and queued ones, once each");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn parked_members_get_messages_only_when_no_member_is_online() {
+    let app = gateway(NO_RULES).await;
+    // A persistent 3.1.1 member that goes away.
+    let mut p = RawClient::tcp(app.mqtt_addr, V311).await;
+    let mut connect = connect_packet(V311, "parked-member");
+    connect.clean_start = false;
+    p.send(&Packet::Connect(Box::new(connect.clone()))).await;
+    assert!(matches!(p.recv().await, Some(Packet::ConnAck(_))));
+    assert_eq!(p.subscribe("$share/g/p", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+    p.send(&Packet::Disconnect(codec::Disconnect::default())).await;
+    let _ = p.recv_within(Duration::from_secs(5)).await;
+    let mut online = RawClient::connect(app.mqtt_addr, V5, "online-member").await;
+    assert_eq!(online.subscribe("$share/g/p", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+    let mut publisher = RawClient::connect(app.mqtt_addr, V5, "parked-pub").await;
+    for i in 0..4u16 {
+        publish_qos1(&mut publisher, "p", i + 1, b"while online").await;
+    }
+    assert_eq!(drain(&mut online).await.len(), 4, "the online member gets them all");
+    drop(online);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    publish_qos1(&mut publisher, "p", 10, b"for the parked one").await;
+    // The parked member gets, on its return, only what came while it was the only member.
+    let mut p = RawClient::tcp(app.mqtt_addr, V311).await;
+    p.send(&Packet::Connect(Box::new(connect))).await;
+    match p.recv().await {
+        Some(Packet::ConnAck(a)) => assert!(a.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let got: Vec<Vec<u8>> = drain(&mut p).await.into_iter().map(|p| p.payload.to_vec()).collect();
+    assert_eq!(got, vec![b"for the parked one".to_vec()]);
+    app.stop().await;
+}

@@ -152,3 +152,47 @@ impl SharedGroups {
         self.tree.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::SessionState;
+
+    fn msg() -> Arc<Message> {
+        Arc::new(Message {
+            topic: "a/b".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            client_id: "c".into(),
+            username: None,
+            properties: crate::mqtt::codec::Properties::default(),
+            received: std::time::Instant::now(),
+        })
+    }
+
+    #[test]
+    fn round_robin_skips_full_members_and_reports_a_full_group() {
+        let options =
+            SubscribeOptions { qos: QoS::AtLeastOnce, no_local: false, retain_as_published: false };
+        let mut a = SessionState::new(1, 1);
+        let mut b = SessionState::new(2, 2);
+        let mut groups = SharedGroups::default();
+        groups.join("$share/g/a/+", "a/+", 1, options, &a.subscriber);
+        groups.join("$share/g/a/+", "a/+", 2, options, &b.subscriber);
+        groups.join("$share/g/a/+", "a/+", 2, options, &b.subscriber);
+        let group = groups.get("$share/g/a/+", "a/+").expect("the group");
+        assert_eq!(group.members.len(), 2, "joining again replaces the membership");
+        // a, b, then a again but a is full: b.
+        for _ in 0..3 {
+            assert_eq!(group.send(&msg(), false), Sent::Delivered);
+        }
+        assert_eq!(group.send(&msg(), false), Sent::Full);
+        let count = |s: &mut SessionState| std::iter::from_fn(|| s.rx.try_recv().ok()).count();
+        assert_eq!((count(&mut a), count(&mut b)), (1, 2));
+        assert!(groups.leave("$share/g/a/+", "a/+", 1));
+        assert!(!groups.leave("$share/g/a/+", "a/+", 1));
+        assert!(groups.leave("$share/g/a/+", "a/+", 2));
+        assert!(groups.is_empty(), "the last member leaving removes the group");
+    }
+}
