@@ -1,6 +1,6 @@
-//! The broker core shared by all sessions: local subscriptions, retained messages (in memory
-//! for now), the registry of connected client ids (takeover) and parked sessions
-//! (`sessions.rs`).
+//! The broker core shared by all sessions: local subscriptions, shared subscriptions
+//! (`shared.rs`), retained messages (in memory for now), the registry of connected client ids
+//! (takeover) and parked sessions (`sessions.rs`).
 //!
 //! No I/O and no `.await` under a lock: subscriptions sit behind a std `RwLock` taken for the
 //! length of one tree walk, and delivery to a subscriber is a `try_send` on its bounded queue
@@ -8,6 +8,7 @@
 //! (`subscriber_queue_full` while connected, `session_queue_full` while parked).
 
 pub mod sessions;
+mod shared;
 pub mod sys;
 
 use std::collections::HashMap;
@@ -20,10 +21,11 @@ use tokio::time::Instant;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
-use crate::mqtt::topic::TopicTree;
+use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
 
 pub use sessions::{Expiry, Registration, SessionState, Subscriber};
-use sessions::{SessionStore, Taken};
+use sessions::{InFlightStage, SessionStore, Taken};
+use shared::{Sent, SharedGroups};
 
 /// A message on its way to one subscriber's session.
 #[derive(Debug, Clone)]
@@ -35,6 +37,9 @@ pub struct Outbound {
     /// The RETAIN flag to deliver with: set for retained messages sent on subscribe, and for
     /// live ones only with MQTT 5 Retain As Published.
     pub retain: bool,
+    /// For a delivery of a shared subscription: its filter (`$share/{group}/{filter}`), so
+    /// that it goes to another member if this session leaves the group before acknowledging.
+    pub shared: Option<Arc<str>>,
 }
 
 /// The options of one subscription that matter when delivering.
@@ -64,6 +69,8 @@ struct Subscription {
 pub struct Broker {
     /// Local subscriptions by filter.
     subs: RwLock<TopicTree<Subscription>>,
+    /// Share groups by filter. Never locked together with `subs`.
+    shared: RwLock<SharedGroups>,
     /// Connected client ids and parked sessions.
     sessions: SessionStore,
     /// Retained messages by topic.
@@ -83,6 +90,7 @@ impl Broker {
     pub fn new(metrics: Arc<Metrics>, max_retained: usize, queue_qos0: bool) -> Arc<Broker> {
         Arc::new(Broker {
             subs: RwLock::new(TopicTree::default()),
+            shared: RwLock::new(SharedGroups::default()),
             sessions: SessionStore::default(),
             retained: RwLock::new(HashMap::new()),
             max_retained,
@@ -144,11 +152,50 @@ impl Broker {
         }
     }
 
-    /// Ends a session: removes its subscriptions; its queued messages are dropped with it.
+    /// Ends a session: removes its subscriptions; its queued messages are dropped with it,
+    /// except the QoS 1/2 deliveries of shared subscriptions not yet acknowledged (queued, or
+    /// sent and not PUBACKed/PUBRECed): those go to another member of their group.
     pub fn discard_session(&self, mut state: SessionState) {
-        let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
-        for filter in state.filters.drain() {
-            subs.remove(&filter, |s| s.session_id == state.id);
+        for filter in std::mem::take(&mut state.filters) {
+            self.unsubscribe(state.id, &filter);
+        }
+        // Nothing new arrives now; a late `try_send` sees the queue closed.
+        state.rx.close();
+        let mut orphans = Vec::new();
+        for f in state.inflight.drain(..) {
+            // Released (PUBREC received): the client has the message; not sent again.
+            if let (Some(key), InFlightStage::Published) = (f.shared, f.stage) {
+                orphans.push((key, f.msg));
+            }
+        }
+        while let Ok(out) = state.rx.try_recv() {
+            if let (Some(key), QoS::AtLeastOnce | QoS::ExactlyOnce) = (out.shared, out.qos) {
+                orphans.push((key, out.msg));
+            }
+        }
+        for (key, msg) in orphans {
+            self.redeliver_shared(&key, &msg);
+        }
+    }
+
+    /// Hands `msg`, a delivery of the shared subscription `key` that a member left without
+    /// acknowledging, to another member of the group (a new delivery). Dropped and counted
+    /// if no member is left (`shared_member_left`) or all are full (`shared_group_full`).
+    pub fn redeliver_shared(&self, key: &str, msg: &Arc<Message>) {
+        let sent = match topic::parse_subscription(key) {
+            Ok(SubscriptionFilter { group: Some(_), filter }) => {
+                let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+                groups.get(key, filter).map(|g| g.send(msg, self.queue_qos0))
+            }
+            _ => None,
+        };
+        match sent {
+            Some(Sent::Delivered) => {
+                self.metrics.messages_delivered_local.inc();
+                tracing::debug!(%key, topic = %msg.topic, "shared delivery handed to another member");
+            }
+            Some(Sent::Full) => self.metrics.dropped("shared_group_full"),
+            Some(Sent::NoMember) | None => self.metrics.dropped("shared_member_left"),
         }
     }
 
@@ -162,7 +209,8 @@ impl Broker {
         n
     }
 
-    /// Adds (or replaces) the subscription of `session_id` to `filter`.
+    /// Adds (or replaces) the subscription of `session_id` to `filter` (valid for
+    /// [`topic::parse_subscription`]); a `$share/{group}/{filter}` one joins the group.
     pub fn subscribe(
         &self,
         session_id: u64,
@@ -170,22 +218,37 @@ impl Broker {
         options: SubscribeOptions,
         subscriber: &Arc<Subscriber>,
     ) {
+        if let Ok(SubscriptionFilter { group: Some(_), filter: inner }) =
+            topic::parse_subscription(filter)
+        {
+            let mut groups = self.shared.write().unwrap_or_else(|p| p.into_inner());
+            groups.join(filter, inner, session_id, options, subscriber);
+            return;
+        }
         let subscriber = Arc::clone(subscriber);
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
         subs.remove(filter, |s| s.session_id == session_id);
         subs.insert(filter, Subscription { session_id, options, subscriber });
     }
 
-    /// Removes the subscription of `session_id` to `filter`; true if there was one.
+    /// Removes the subscription of `session_id` to `filter`; true if there was one. For a
+    /// `$share/...` filter only that group membership goes.
     pub fn unsubscribe(&self, session_id: u64, filter: &str) -> bool {
+        if let Ok(SubscriptionFilter { group: Some(_), filter: inner }) =
+            topic::parse_subscription(filter)
+        {
+            let mut groups = self.shared.write().unwrap_or_else(|p| p.into_inner());
+            return groups.leave(filter, inner, session_id);
+        }
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
         subs.remove(filter, |s| s.session_id == session_id) > 0
     }
 
     /// Stores or clears the retained message of `msg.topic` (when `msg.retain`), then hands
     /// `msg` to every local subscriber whose filter matches: one copy per session at the
-    /// highest granted QoS. `publisher` is the publishing session, for No Local. Returns how
-    /// many sessions matched (delivered or dropped).
+    /// highest granted QoS, and one copy per matching share group to one of its members.
+    /// `publisher` is the publishing session, for No Local. Returns how many sessions and
+    /// groups matched (delivered or dropped).
     pub fn publish(&self, msg: &Arc<Message>, publisher: Option<u64>) -> usize {
         if msg.retain {
             let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
@@ -229,6 +292,7 @@ impl Broker {
                 msg: Arc::clone(msg),
                 qos,
                 retain: msg.retain && options.retain_as_published,
+                shared: None,
             };
             match subscriber.tx.try_send(out) {
                 Ok(()) => {
@@ -247,7 +311,27 @@ impl Broker {
                 }
             }
         }
-        hits.len()
+        hits.len() + self.publish_shared(msg)
+    }
+
+    /// Hands `msg` to one member of every matching share group; returns how many matched.
+    fn publish_shared(&self, msg: &Arc<Message>) -> usize {
+        let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        if groups.is_empty() {
+            return 0;
+        }
+        let mut matched = 0;
+        groups.for_each_match(&msg.topic, |g| {
+            matched += 1;
+            match g.send(msg, self.queue_qos0) {
+                Sent::Delivered => {
+                    self.metrics.messages_delivered_local.inc();
+                }
+                Sent::Full => self.metrics.dropped("shared_group_full"),
+                Sent::NoMember => {}
+            }
+        });
+        matched
     }
 
     /// The retained messages whose topics match `filter`.

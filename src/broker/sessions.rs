@@ -63,6 +63,8 @@ pub struct InFlight {
     pub retain: bool,
     /// Published or released.
     pub stage: InFlightStage,
+    /// The shared subscription it was delivered for (see [`Outbound::shared`]).
+    pub shared: Option<Arc<str>>,
 }
 
 /// The state of one session that a connection owns while connected and parks when it ends.

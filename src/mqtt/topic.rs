@@ -31,9 +31,41 @@ pub enum TopicError {
     /// More levels than `mqtt.max_topic_levels`.
     #[error("topic with more than mqtt.max_topic_levels ({0}) levels")]
     OverLevelLimit(usize),
-    /// `$share/...` (shared subscriptions arrive with a later release).
-    #[error("shared subscriptions ($share/...) are not supported yet")]
-    SharedNotSupported,
+    /// `$share/...` where only a plain filter is allowed (rules, ACL patterns).
+    #[error("a shared subscription ($share/...) is only valid in SUBSCRIBE")]
+    SharedNotAllowed,
+    /// `$share/...` without a group name, with '+' or '#' in it, or without a filter after it.
+    #[error("a shared subscription is $share/{{group}}/{{filter}}; the group is non-empty without '+' or '#'")]
+    BadShare,
+}
+
+/// The prefix of a shared subscription's filter (MQTT 5 §4.8.2).
+pub const SHARE_PREFIX: &str = "$share/";
+
+/// A SUBSCRIBE filter: a plain one, or a shared one (`$share/{group}/{filter}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionFilter<'a> {
+    /// The share group name, for `$share/...`.
+    pub group: Option<&'a str>,
+    /// The filter matched against topics (after the group for a shared subscription).
+    pub filter: &'a str,
+}
+
+/// Checks a SUBSCRIBE/UNSUBSCRIBE filter, which may be a shared subscription, and splits it.
+pub fn parse_subscription(filter: &str) -> Result<SubscriptionFilter<'_>, TopicError> {
+    let Some(rest) = filter.strip_prefix(SHARE_PREFIX) else {
+        validate_filter(filter)?;
+        return Ok(SubscriptionFilter { group: None, filter });
+    };
+    let (group, inner) = rest.split_once('/').ok_or(TopicError::BadShare)?;
+    if group.is_empty() || group.contains(['+', '#', '\0']) {
+        return Err(TopicError::BadShare);
+    }
+    match validate_filter(inner) {
+        Ok(()) => Ok(SubscriptionFilter { group: Some(group), filter: inner }),
+        Err(TopicError::Empty) => Err(TopicError::BadShare),
+        Err(e) => Err(e),
+    }
 }
 
 /// The configured bounds on topic names and filters (`mqtt.max_topic_length`,
@@ -77,7 +109,8 @@ pub fn validate_name(topic: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
-/// Checks a topic filter as used in SUBSCRIBE and in rules.
+/// Checks a plain topic filter as used in rules and ACLs (no `$share/`; see
+/// [`parse_subscription`] for SUBSCRIBE).
 pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
     if filter.is_empty() {
         return Err(TopicError::Empty);
@@ -88,8 +121,8 @@ pub fn validate_filter(filter: &str) -> Result<(), TopicError> {
     if filter.contains('\0') {
         return Err(TopicError::NullChar);
     }
-    if filter.starts_with("$share/") {
-        return Err(TopicError::SharedNotSupported);
+    if filter.starts_with(SHARE_PREFIX) {
+        return Err(TopicError::SharedNotAllowed);
     }
     let mut levels = filter.split('/').peekable();
     while let Some(level) = levels.next() {
@@ -233,6 +266,24 @@ impl<T> TopicTree<T> {
         }
     }
 
+    /// The first value under exactly `filter` for which `pick` is true.
+    pub fn find(&self, filter: &str, pick: impl Fn(&T) -> bool) -> Option<&T> {
+        let mut node = &self.root;
+        for level in filter.split('/') {
+            node = node.children.get(level)?;
+        }
+        node.values.iter().find(|v| pick(v))
+    }
+
+    /// The first value under exactly `filter` for which `pick` is true, to change it.
+    pub fn find_mut(&mut self, filter: &str, pick: impl Fn(&T) -> bool) -> Option<&mut T> {
+        let mut node = &mut self.root;
+        for level in filter.split('/') {
+            node = node.children.get_mut(level)?;
+        }
+        node.values.iter_mut().find(|v| pick(v))
+    }
+
     /// Calls `found` for every value whose filter matches `topic`.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut found: impl FnMut(&'a T)) {
         let dollar = topic.starts_with('$');
@@ -290,9 +341,38 @@ mod tests {
         for bad in ["", "a#", "a/#/b", "a/b+", "++", "#/", "a\0b"] {
             assert!(validate_filter(bad).is_err(), "{bad}");
         }
-        assert_eq!(validate_filter("$share/g/a"), Err(TopicError::SharedNotSupported));
+        assert_eq!(validate_filter("$share/g/a"), Err(TopicError::SharedNotAllowed));
         assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name(""), Err(TopicError::Empty));
+    }
+
+    #[test]
+    fn shared_subscription_filters() {
+        let shared = |group, filter| Ok(SubscriptionFilter { group: Some(group), filter });
+        assert_eq!(parse_subscription("$share/g/a/#"), shared("g", "a/#"));
+        assert_eq!(parse_subscription("$share/g/+"), shared("g", "+"));
+        assert_eq!(parse_subscription("$share/g//"), shared("g", "/"));
+        assert_eq!(parse_subscription("$share/g/$SYS/x"), shared("g", "$SYS/x"));
+        assert_eq!(
+            parse_subscription("a/b"),
+            Ok(SubscriptionFilter { group: None, filter: "a/b" })
+        );
+        assert_eq!(
+            parse_subscription("$sharex/a"),
+            Ok(SubscriptionFilter { group: None, filter: "$sharex/a" })
+        );
+        for bad in [
+            "$share/",
+            "$share/g",
+            "$share/g/",
+            "$share//a",
+            "$share/+/a",
+            "$share/g#/a",
+            "$share/a+/b",
+        ] {
+            assert_eq!(parse_subscription(bad), Err(TopicError::BadShare), "{bad}");
+        }
+        assert_eq!(parse_subscription("$share/g/a#"), Err(TopicError::BadWildcard('#')));
     }
 
     #[test]
@@ -341,6 +421,14 @@ mod tests {
             tree.remove(f, |_| true);
         }
         assert!(tree.is_empty());
+        tree.insert("x/+", 5);
+        tree.insert("x/+", 6);
+        assert_eq!(tree.find("x/+", |v| *v == 6), Some(&6));
+        assert_eq!(tree.find("x/y", |_| true), None);
+        if let Some(v) = tree.find_mut("x/+", |v| *v == 5) {
+            *v = 7;
+        }
+        assert_eq!(tree.find("x/+", |v| *v == 7), Some(&7));
     }
 
     #[test]

@@ -130,7 +130,7 @@ where
         properties.receive_maximum = Some(shared.limits.receive_maximum);
         properties.maximum_packet_size = Some(shared.limits.max_packet_size);
         properties.subscription_identifier_available = Some(0);
-        properties.shared_subscription_available = Some(0);
+        properties.shared_subscription_available = Some(1);
         properties.topic_alias_maximum = Some(shared.limits.topic_alias_maximum);
         if accepted.assigned {
             properties.assigned_client_identifier = Some(accepted.client_id.clone());

@@ -94,8 +94,17 @@ impl OutboundState {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// Writes one delivered message to the client.
+    /// Writes one delivered message to the client. A delivery of a shared subscription this
+    /// session has left since it was queued goes to another member of the group instead.
     pub(super) fn deliver(&mut self, out: Outbound) {
+        if let Some(key) = &out.shared {
+            if !self.out.state.filters.contains(&**key) {
+                if out.qos != QoS::AtMostOnce {
+                    self.shared.broker.redeliver_shared(key, &out.msg);
+                }
+                return;
+            }
+        }
         let packet_id = match out.qos {
             QoS::AtMostOnce => 0,
             _ => self.out.next_packet_id(),
@@ -113,6 +122,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 qos: out.qos,
                 retain: out.retain,
                 stage: InFlightStage::Published,
+                shared: out.shared,
             });
         }
     }
@@ -225,14 +235,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 "subscription identifiers are not supported",
             ));
         }
+        // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
+        let no_local_shared = s.filters.iter().any(|f| {
+            f.options.no_local
+                && matches!(topic::parse_subscription(&f.filter), Ok(p) if p.group.is_some())
+        });
+        if no_local_shared && self.version == ProtocolVersion::V5 {
+            self.shared.metrics.protocol_error("no_local_shared");
+            return Some(self.server_disconnect(
+                ReasonCode::PROTOCOL_ERROR,
+                "No Local on a shared subscription",
+            ));
+        }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         for f in &s.filters {
-            let valid = topic::validate_filter(&f.filter)
-                .and_then(|()| self.shared.limits.topic_limits.check(&f.filter));
-            let code = match valid {
+            let parsed = topic::parse_subscription(&f.filter).and_then(|p| {
+                self.shared.limits.topic_limits.check(p.filter)?;
+                Ok(p)
+            });
+            let code = match parsed {
                 Err(e) => self.filter_refusal(&e),
-                Ok(())
+                Ok(_)
                     if !self.out.state.filters.contains(&f.filter)
                         && self.out.state.filters.len() >= self.shared.limits.max_subscriptions =>
                 {
@@ -242,7 +266,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         ProtocolVersion::V5 => ReasonCode::QUOTA_EXCEEDED,
                     }
                 }
-                Ok(()) if !self.acl.may_subscribe(&f.filter) => {
+                // The ACL sees the filter a shared subscription matches topics with.
+                Ok(p) if !self.acl.may_subscribe(p.filter) => {
                     self.shared.acl_denied_subscribe.inc();
                     debug!(filter = %f.filter, "SUBSCRIBE denied by the ACL");
                     match self.version {
@@ -250,7 +275,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         ProtocolVersion::V5 => ReasonCode::NOT_AUTHORIZED,
                     }
                 }
-                Ok(()) => {
+                Ok(p) => {
                     let granted = f.options.qos;
                     let options = SubscribeOptions {
                         qos: granted,
@@ -264,11 +289,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         options,
                         &self.out.state.subscriber,
                     );
-                    let send_retained = match f.options.retain_handling {
-                        crate::mqtt::codec::RetainHandling::SendAtSubscribe => true,
-                        crate::mqtt::codec::RetainHandling::SendIfNew => !existed,
-                        crate::mqtt::codec::RetainHandling::DoNotSend => false,
-                    };
+                    // Retained messages are not sent on a shared subscription (§4.8.2).
+                    let send_retained = p.group.is_none()
+                        && match f.options.retain_handling {
+                            crate::mqtt::codec::RetainHandling::SendAtSubscribe => true,
+                            crate::mqtt::codec::RetainHandling::SendIfNew => !existed,
+                            crate::mqtt::codec::RetainHandling::DoNotSend => false,
+                        };
                     if send_retained {
                         retained.push((f.filter.clone(), granted));
                     }
@@ -284,7 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Retained messages go after the SUBACK, through the same bounded queue as live ones.
         for (filter, granted) in retained {
             for msg in self.shared.broker.retained_matching(&filter) {
-                let out = Outbound { qos: msg.qos.min(granted), msg, retain: true };
+                let out = Outbound { qos: msg.qos.min(granted), msg, retain: true, shared: None };
                 if self.out.state.subscriber.tx.try_send(out).is_err() {
                     self.shared.metrics.dropped("subscriber_queue_full");
                 }
@@ -296,10 +323,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     fn filter_refusal(&self, e: &TopicError) -> ReasonCode {
         match (self.version, e) {
             (ProtocolVersion::V311, _) => ReasonCode::UNSPECIFIED_ERROR,
-            (ProtocolVersion::V5, TopicError::SharedNotSupported) => {
-                ReasonCode::SHARED_SUBSCRIPTIONS_NOT_SUPPORTED
-            }
             (ProtocolVersion::V5, _) => ReasonCode::TOPIC_FILTER_INVALID,
+        }
+    }
+
+    /// After leaving the share group `key`: its deliveries sent and not yet PUBACKed/PUBRECed
+    /// go to another member (those still queued do when they come out of the queue, see
+    /// [`Session::deliver`]). A late PUBACK for one of them is then ignored.
+    fn hand_over_shared(&mut self, key: &str) {
+        let state = &mut self.out.state;
+        let mut orphans = Vec::new();
+        state.inflight.retain(|f| {
+            let orphan = f.stage == InFlightStage::Published && f.shared.as_deref() == Some(key);
+            if orphan {
+                orphans.push((f.packet_id, Arc::clone(&f.msg)));
+            }
+            !orphan
+        });
+        for (packet_id, msg) in orphans {
+            state.inflight_ids.remove(&packet_id);
+            self.shared.broker.redeliver_shared(key, &msg);
         }
     }
 
@@ -309,6 +352,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for filter in &u.filters {
             self.out.state.filters.remove(filter);
             let existed = self.shared.broker.unsubscribe(self.session_id, filter);
+            if existed && filter.starts_with(topic::SHARE_PREFIX) {
+                self.hand_over_shared(filter);
+            }
             codes.push(if existed {
                 ReasonCode::SUCCESS
             } else {
