@@ -327,34 +327,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
-    /// After leaving the share group `key`: its deliveries sent and not yet PUBACKed/PUBRECed
-    /// go to another member (those still queued do when they come out of the queue, see
-    /// [`Session::deliver`]). A late PUBACK for one of them is then ignored.
-    fn hand_over_shared(&mut self, key: &str) {
-        let state = &mut self.out.state;
-        let mut orphans = Vec::new();
-        state.inflight.retain(|f| {
-            let orphan = f.stage == InFlightStage::Published && f.shared.as_deref() == Some(key);
-            if orphan {
-                orphans.push((f.packet_id, Arc::clone(&f.msg)));
-            }
-            !orphan
-        });
-        for (packet_id, msg) in orphans {
-            state.inflight_ids.remove(&packet_id);
-            self.shared.broker.redeliver_shared(key, &msg);
-        }
-    }
-
     /// UNSUBSCRIBE: one answer per filter (MQTT 5 only; 3.1.1 UNSUBACK has none).
     pub(super) fn on_unsubscribe(&mut self, u: Unsubscribe) -> Option<End> {
         let mut codes = Vec::with_capacity(u.filters.len());
         for filter in &u.filters {
             self.out.state.filters.remove(filter);
+            // Deliveries already sent on it are completed with this client (MQTT 3.1.1
+            // §3.10.4, 5.0 §3.10.4), shared or not; only what is still queued for a share
+            // group goes to another member, when it comes out of the queue.
             let existed = self.shared.broker.unsubscribe(self.session_id, filter);
-            if existed && filter.starts_with(topic::SHARE_PREFIX) {
-                self.hand_over_shared(filter);
-            }
             codes.push(if existed {
                 ReasonCode::SUCCESS
             } else {
