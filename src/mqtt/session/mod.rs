@@ -389,7 +389,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 })
             }
             Packet::Auth(_) => Some(self.server_disconnect(
-                ReasonCode::BAD_AUTHENTICATION_METHOD,
+                // 0x8C is not a DISCONNECT code; an AUTH without an authentication method
+                // agreed at CONNECT is a protocol error (MQTT 5 §4.12).
+                ReasonCode::PROTOCOL_ERROR,
                 "enhanced authentication is not supported",
             )),
             Packet::Connect(_) => {
