@@ -206,3 +206,83 @@ async fn auth_is_answered_cleanly() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn empty_client_ids_are_assigned_on_5_and_need_clean_session_on_3() {
+    use mqgate::mqtt::codec::ProtocolVersion::V311;
+    let app = gateway(&config("")).await;
+    let mut c = RawClient::tcp(app.mqtt_addr, V5).await;
+    c.send(&Packet::Connect(Box::new(connect_packet(V5, "")))).await;
+    let a = connack(&mut c).await;
+    assert!(a.code.is_success());
+    let id = a.properties.assigned_client_identifier.expect("an assigned client id");
+    assert!(!id.is_empty());
+    let mut ok3 = RawClient::tcp(app.mqtt_addr, V311).await;
+    ok3.send(&Packet::Connect(Box::new(connect_packet(V311, "")))).await;
+    assert!(connack(&mut ok3).await.code.is_success(), "3.1.1 with clean session: accepted");
+    let mut bad3 = RawClient::tcp(app.mqtt_addr, V311).await;
+    let mut connect = connect_packet(V311, "");
+    connect.clean_start = false;
+    bad3.send(&Packet::Connect(Box::new(connect))).await;
+    assert_eq!(connack(&mut bad3).await.code, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn no_local_retain_as_published_and_retain_handling() {
+    use mqgate::mqtt::codec::{RetainHandling, Subscribe, SubscribeFilter, SubscriptionOptions};
+    let app = gateway(&config("")).await;
+    let mut retainer = RawClient::connect(app.mqtt_addr, V5, "rh-pub").await;
+    let mut r = publish_packet("rh/x", QoS::AtLeastOnce, 1, b"kept");
+    r.retain = true;
+    retainer.send(&Packet::Publish(r)).await;
+    assert!(matches!(retainer.recv().await, Some(Packet::PubAck(_))));
+
+    let mut c = RawClient::connect(app.mqtt_addr, V5, "rh-sub").await;
+    let sub = |id: u16, filter: &str, options: SubscriptionOptions| {
+        Packet::Subscribe(Subscribe {
+            packet_id: id,
+            filters: vec![SubscribeFilter { filter: filter.into(), options }],
+            properties: Default::default(),
+        })
+    };
+    // Retain Handling 2: no retained message on subscribe. No Local + Retain As Published.
+    let opts = SubscriptionOptions {
+        qos: QoS::AtMostOnce,
+        no_local: true,
+        retain_as_published: true,
+        retain_handling: RetainHandling::DoNotSend,
+    };
+    c.send(&sub(1, "rh/#", opts)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    assert_eq!(c.recv_within(Duration::from_millis(300)).await, Err(()), "retain handling 2");
+    // Our own publish is not delivered back (No Local); another client's retained publish
+    // arrives with RETAIN kept (Retain As Published).
+    c.publish("rh/own", QoS::AtMostOnce, 0, b"mine").await;
+    let mut r = publish_packet("rh/y", QoS::AtMostOnce, 0, b"other");
+    r.retain = true;
+    retainer.send(&Packet::Publish(r)).await;
+    match c.recv().await {
+        Some(Packet::Publish(p)) => {
+            assert_eq!(&p.payload[..], b"other", "No Local: own message not delivered");
+            assert!(p.retain, "Retain As Published");
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    // Retain Handling 1: retained messages only for a new subscription.
+    let opts1 = SubscriptionOptions { retain_handling: RetainHandling::SendIfNew, ..opts };
+    c.send(&sub(2, "rh/x", opts1)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    match c.recv().await {
+        Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"kept"),
+        other => panic!("expected the retained message for a new subscription, got {other:?}"),
+    }
+    c.send(&sub(3, "rh/x", opts1)).await;
+    assert!(matches!(c.recv().await, Some(Packet::SubAck(_))));
+    assert_eq!(
+        c.recv_within(Duration::from_millis(300)).await,
+        Err(()),
+        "not again when it existed"
+    );
+    app.stop().await;
+}
