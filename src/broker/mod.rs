@@ -7,11 +7,11 @@
 //! outside the lock. A full queue drops the message for that subscriber and counts it
 //! (`subscriber_queue_full` while connected, `session_queue_full` while parked).
 
+pub mod retained;
 pub mod sessions;
 mod shared;
 pub mod sys;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
 
+use retained::{Retained, RetainedStore};
 pub use sessions::{Expiry, Registration, SessionState, Subscriber};
 use sessions::{InFlightStage, SessionStore, Taken};
 use shared::{Sent, SharedGroups};
@@ -74,9 +75,7 @@ pub struct Broker {
     /// Connected client ids and parked sessions.
     sessions: SessionStore,
     /// Retained messages by topic.
-    retained: RwLock<HashMap<String, Arc<Message>>>,
-    /// Most topics with a retained message; a new one beyond it is not retained (counted).
-    max_retained: usize,
+    retained: RetainedStore,
     /// Queue QoS 0 messages for parked sessions (`mqtt.queue_qos0`).
     queue_qos0: bool,
     /// Source of session and connection ids.
@@ -92,8 +91,7 @@ impl Broker {
             subs: RwLock::new(TopicTree::default()),
             shared: RwLock::new(SharedGroups::default()),
             sessions: SessionStore::default(),
-            retained: RwLock::new(HashMap::new()),
-            max_retained,
+            retained: RetainedStore::new(max_retained),
             queue_qos0,
             next_id: AtomicU64::new(1),
             metrics,
@@ -250,20 +248,9 @@ impl Broker {
     /// `publisher` is the publishing session, for No Local. Returns how many sessions and
     /// groups matched (delivered or dropped).
     pub fn publish(&self, msg: &Arc<Message>, publisher: Option<u64>) -> usize {
-        if msg.retain {
-            let mut retained = self.retained.write().unwrap_or_else(|p| p.into_inner());
-            if msg.payload.is_empty() {
-                retained.remove(&msg.topic);
-            } else if retained.len() < self.max_retained || retained.contains_key(&msg.topic) {
-                // The payload is a slice of the connection's read buffer; copy it so a small
-                // retained value does not keep a whole buffer alive.
-                let mut kept = Message::clone(msg);
-                kept.payload = bytes::Bytes::copy_from_slice(&msg.payload);
-                retained.insert(msg.topic.clone(), Arc::new(kept));
-            } else {
-                // Still delivered live below; only not kept as the topic's last value.
-                self.metrics.dropped("retained_store_full");
-            }
+        if msg.retain && self.retained.set(msg) == Retained::Full {
+            // Still delivered live below; only not kept as the topic's last value.
+            self.metrics.dropped("retained_store_full");
         }
         let mut hits: Vec<(u64, SubscribeOptions, Arc<Subscriber>)> = Vec::new();
         {
@@ -336,11 +323,6 @@ impl Broker {
 
     /// The retained messages whose topics match `filter`.
     pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        let retained = self.retained.read().unwrap_or_else(|p| p.into_inner());
-        retained
-            .values()
-            .filter(|m| crate::mqtt::topic::matches(filter, &m.topic))
-            .cloned()
-            .collect()
+        self.retained.matching(filter)
     }
 }
