@@ -349,3 +349,28 @@ async fn request_problem_information_0_leaves_out_reason_strings() {
     }
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_takeover_that_resumes_the_session_cancels_a_delayed_will() {
+    let app = gateway(NO_RULES).await;
+    let mut sub = will_watcher(app.mqtt_addr).await;
+    let id = unique("taken");
+    let (mut old, _) = connect_with(app.mqtt_addr, with_will(&id, Some(1), Some(60), true)).await;
+    // The same client id connects while the first connection is still up.
+    let (_new, connack) = connect_with(app.mqtt_addr, connect_packet_resume(&id)).await;
+    assert!(connack.session_present);
+    match old.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SESSION_TAKEN_OVER),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    expect_silence(&mut sub, Duration::from_millis(2000)).await;
+    app.stop().await;
+}
+
+/// An MQTT 5 CONNECT that resumes the session of `id` (no will).
+fn connect_packet_resume(id: &str) -> mqgate::mqtt::codec::Connect {
+    let mut c = connect_packet(V5, id);
+    c.clean_start = false;
+    c.properties.session_expiry_interval = Some(60);
+    c
+}
