@@ -53,3 +53,22 @@ ensure_cargo() {
     --component rustfmt,clippy || die "could not install Rust; see https://rustup.rs"
   export PATH="$HOME/.cargo/bin:$PATH"
 }
+
+# paho-mqtt 2.x for Python, for tests/paho.rs. Installed with pip into python3's own
+# site-packages when pip allows it; where it refuses (a Debian python3 is "externally managed",
+# PEP 668), into a venv under the cargo target dir, which MQGATE_PYTHON then points the test at.
+paho_ok() { "$1" -c 'import sys, paho.mqtt as p; sys.exit(int(p.__version__.split(".")[0]) < 2)' 2>/dev/null; }
+
+ensure_paho() {
+  command -v python3 >/dev/null || { log "installing python3"; apt_install python3 python3-venv; }
+  if [ -n "${MQGATE_PYTHON:-}" ] && paho_ok "$MQGATE_PYTHON"; then return; fi
+  if paho_ok python3; then return; fi
+  log "installing paho-mqtt (PyPI) for python3"
+  if python3 -m pip install --quiet 'paho-mqtt>=2,<3' 2>/dev/null && paho_ok python3; then return; fi
+  local venv="${CARGO_TARGET_DIR:-target}/paho-venv"
+  log "pip refused the system python3; installing paho-mqtt into the venv $venv"
+  python3 -m venv "$venv" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$venv"; }
+  "$venv/bin/python" -m pip install --quiet 'paho-mqtt>=2,<3' || die "could not install paho-mqtt into $venv"
+  MQGATE_PYTHON="$(cd "$venv" && pwd)/bin/python"
+  export MQGATE_PYTHON
+}

@@ -3,6 +3,8 @@
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
 #    Debian's rabbitmq-server package if missing (needs root).
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub): installed if missing.
+#  - paho-mqtt 2.x for python3 (tests/paho.rs): pip-installed if missing, or into a venv
+#    under the target dir where pip refuses (externally managed python).
 # Then formatting, clippy and every test. An unreachable service fails the run with a message;
 # nothing is skipped silently.
 set -euo pipefail
@@ -13,6 +15,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_rabbitmq
 ensure_mosquitto_clients
+ensure_paho
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

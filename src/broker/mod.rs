@@ -13,9 +13,9 @@ mod shared;
 pub mod sys;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::message::Message;
@@ -41,6 +41,9 @@ pub struct Outbound {
     /// For a delivery of a shared subscription: its filter (`$share/{group}/{filter}`), so
     /// that it goes to another member if this session leaves the group before acknowledging.
     pub shared: Option<Arc<str>>,
+    /// MQTT 5 subscription identifiers of every subscription of the session that matched
+    /// (§3.3.4: one copy for overlapping subscriptions carries all of them); empty if none.
+    pub subscription_ids: Vec<u32>,
 }
 
 /// The options of one subscription that matter when delivering.
@@ -52,6 +55,8 @@ pub struct SubscribeOptions {
     pub no_local: bool,
     /// MQTT 5 Retain As Published.
     pub retain_as_published: bool,
+    /// MQTT 5 Subscription Identifier given with the SUBSCRIBE, put on deliveries.
+    pub subscription_id: Option<u32>,
 }
 
 /// One subscription in the tree.
@@ -78,6 +83,10 @@ pub struct Broker {
     retained: RetainedStore,
     /// Queue QoS 0 messages for parked sessions (`mqtt.queue_qos0`).
     queue_qos0: bool,
+    /// MQTT 5 wills waiting for their Will Delay Interval, by client id: the sender tells
+    /// the waiting task to publish now (`true`, the session ended) or never (`false`, the
+    /// session was resumed). Locked for a map operation only.
+    delayed_wills: Mutex<HashMap<String, (u64, oneshot::Sender<bool>)>>,
     /// Source of session and connection ids.
     next_id: AtomicU64,
     /// Where drops are counted.
@@ -93,6 +102,7 @@ impl Broker {
             sessions: SessionStore::default(),
             retained: RetainedStore::new(max_retained),
             queue_qos0,
+            delayed_wills: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             metrics,
         })
@@ -113,6 +123,38 @@ impl Broker {
     /// Forgets `client_id` if it is still held by the connection `conn_id`.
     pub fn unregister(&self, client_id: &str, conn_id: u64) {
         self.sessions.unregister(client_id, conn_id);
+    }
+
+    /// Records that the will of `client_id` waits for its delay. Returns the entry's id (for
+    /// [`Broker::will_done`]) and the receiver the waiting task selects on: `true` publish
+    /// now, `false` drop it. A will still waiting for the same client id is told to publish
+    /// now (its session has ended, or this one could not have started).
+    pub fn delay_will(&self, client_id: &str) -> (u64, oneshot::Receiver<bool>) {
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_id();
+        let mut wills = self.delayed_wills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, older)) = wills.insert(client_id.to_owned(), (id, tx)) {
+            let _ = older.send(true);
+        }
+        (id, rx)
+    }
+
+    /// A connection of `client_id` completed its CONNECT: a will waiting for its delay is
+    /// dropped if the session was resumed, and published now if it was not (the session
+    /// ended: clean start, or expired; MQTT 5 §3.1.3.2.2).
+    pub fn claim_will(&self, client_id: &str, resumed: bool) {
+        let mut wills = self.delayed_wills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, tx)) = wills.remove(client_id) {
+            let _ = tx.send(!resumed);
+        }
+    }
+
+    /// Forgets the delayed will `id` of `client_id` once its task is done with it.
+    pub fn will_done(&self, client_id: &str, id: u64) {
+        let mut wills = self.delayed_wills.lock().unwrap_or_else(|p| p.into_inner());
+        if wills.get(client_id).is_some_and(|(current, _)| *current == id) {
+            wills.remove(client_id);
+        }
     }
 
     /// Number of connected sessions.
@@ -252,7 +294,7 @@ impl Broker {
             // Still delivered live below; only not kept as the topic's last value.
             self.metrics.dropped("retained_store_full");
         }
-        let mut hits: Vec<(u64, SubscribeOptions, Arc<Subscriber>)> = Vec::new();
+        let mut hits: Vec<(u64, SubscribeOptions, Arc<Subscriber>, Vec<u32>)> = Vec::new();
         {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
             subs.for_each_match(&msg.topic, |s| {
@@ -263,12 +305,18 @@ impl Broker {
                     Some(h) => {
                         h.1.qos = h.1.qos.max(s.options.qos);
                         h.1.retain_as_published |= s.options.retain_as_published;
+                        h.3.extend(s.options.subscription_id);
                     }
-                    None => hits.push((s.session_id, s.options, Arc::clone(&s.subscriber))),
+                    None => hits.push((
+                        s.session_id,
+                        s.options,
+                        Arc::clone(&s.subscriber),
+                        s.options.subscription_id.into_iter().collect(),
+                    )),
                 }
             });
         }
-        for (_, options, subscriber) in &hits {
+        for (_, options, subscriber, ids) in &mut hits {
             let qos = msg.qos.min(options.qos);
             let online = subscriber.is_online();
             // As Mosquitto: a parked session queues QoS 1/2 only, unless `mqtt.queue_qos0`.
@@ -280,6 +328,7 @@ impl Broker {
                 qos,
                 retain: msg.retain && options.retain_as_published,
                 shared: None,
+                subscription_ids: std::mem::take(ids),
             };
             match subscriber.tx.try_send(out) {
                 Ok(()) => {

@@ -65,6 +65,8 @@ pub struct InFlight {
     pub stage: InFlightStage,
     /// The shared subscription it was delivered for (see [`Outbound::shared`]).
     pub shared: Option<Arc<str>>,
+    /// MQTT 5 subscription identifiers it was sent with (kept for a resend).
+    pub subscription_ids: Vec<u32>,
 }
 
 /// The state of one session that a connection owns while connected and parks when it ends.

@@ -77,6 +77,7 @@ impl Group {
                     qos,
                     retain: msg.retain && m.options.retain_as_published,
                     shared: Some(Arc::clone(&self.key)),
+                    subscription_ids: m.options.subscription_id.into_iter().collect(),
                 };
                 match m.subscriber.tx.try_send(out) {
                     Ok(()) => return Sent::Delivered,
@@ -173,8 +174,12 @@ mod tests {
 
     #[test]
     fn round_robin_skips_full_members_and_reports_a_full_group() {
-        let options =
-            SubscribeOptions { qos: QoS::AtLeastOnce, no_local: false, retain_as_published: false };
+        let options = SubscribeOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            subscription_id: None,
+        };
         let mut a = SessionState::new(1, 1);
         let mut b = SessionState::new(2, 2);
         let mut groups = SharedGroups::default();

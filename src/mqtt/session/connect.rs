@@ -21,6 +21,10 @@ use crate::mqtt::codec::{
 use crate::mqtt::connection::Connection;
 use crate::mqtt::topic;
 
+/// The Response Information given to an MQTT 5 client that asks for it (Request Response
+/// Information 1): this prefix and its client id.
+pub const RESPONSE_TOPIC_PREFIX: &str = "mqgate/response/";
+
 /// What a successful handshake hands to the session.
 pub(super) struct Connected {
     pub version: ProtocolVersion,
@@ -118,6 +122,8 @@ where
         other => other,
     };
     let session_present = resumed.is_some();
+    // A will still waiting for its delay: never sent if the session resumes, sent now if not.
+    shared.broker.claim_will(&accepted.client_id, session_present);
     let state = resumed.unwrap_or_else(|| {
         let capacity = match expiry {
             Expiry::Now => shared.limits.outbound_queue,
@@ -129,11 +135,17 @@ where
     if version == ProtocolVersion::V5 {
         properties.receive_maximum = Some(shared.limits.receive_maximum);
         properties.maximum_packet_size = Some(shared.limits.max_packet_size);
-        properties.subscription_identifier_available = Some(0);
+        properties.subscription_identifier_available = Some(1);
         properties.shared_subscription_available = Some(1);
         properties.topic_alias_maximum = Some(shared.limits.topic_alias_maximum);
         if accepted.assigned {
             properties.assigned_client_identifier = Some(accepted.client_id.clone());
+        }
+        if connect.properties.request_response_information == Some(1) {
+            // A per-client prefix for response topics (README: "Response Information"); the
+            // ACL still decides whether the client may use it.
+            properties.response_information =
+                Some(format!("{RESPONSE_TOPIC_PREFIX}{}", accepted.client_id));
         }
         if accepted.keep_alive != connect.keep_alive {
             properties.server_keep_alive = Some(accepted.keep_alive);

@@ -360,7 +360,7 @@ pub(super) async fn publish_will(
         retain: will.retain,
         client_id: Arc::clone(client_id),
         username,
-        properties: will.properties,
+        properties: Properties { will_delay_interval: None, ..will.properties },
         received: Instant::now(),
     });
     debug!(parent: span, topic = %msg.topic, "publishing will");
@@ -374,6 +374,39 @@ pub(super) async fn publish_will(
                 }
             }
         });
+    }
+}
+
+/// An MQTT 5 will waiting for its Will Delay Interval (already capped by the session expiry).
+pub(super) struct DelayedWill {
+    pub(super) shared: Arc<SessionShared>,
+    pub(super) client_id: Arc<str>,
+    pub(super) username: Option<Arc<str>>,
+    pub(super) will: LastWill,
+    /// How long to wait: the earlier of the will delay and the session's end.
+    pub(super) delay: std::time::Duration,
+    /// The broker's id of this entry (see `Broker::delay_will`).
+    pub(super) id: u64,
+    /// `true`: publish now (the session ended); `false`: drop it (the session resumed).
+    pub(super) fate: oneshot::Receiver<bool>,
+    pub(super) span: tracing::Span,
+}
+
+impl DelayedWill {
+    /// Waits for the delay or for the session's fate, then publishes the will or drops it.
+    /// At shutdown a waiting will is dropped: the gateway is not publishing any more.
+    pub(super) async fn run(mut self) {
+        let publish = tokio::select! {
+            () = tokio::time::sleep(self.delay) => true,
+            fate = &mut self.fate => fate.unwrap_or(false),
+            () = self.shared.shutdown.cancelled() => false,
+        };
+        self.shared.broker.will_done(&self.client_id, self.id);
+        if publish {
+            publish_will(&self.shared, &self.client_id, self.username, self.will, &self.span).await;
+        } else {
+            debug!(parent: &self.span, "delayed will dropped: session resumed or shutdown");
+        }
     }
 }
 

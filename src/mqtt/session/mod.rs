@@ -457,6 +457,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             End::Io(e) => info!(parent: span, error = %e, "connection lost"),
         }
+        let will = self.will.take().filter(|will| {
+            if !publish_will {
+                return false;
+            }
+            if !self.acl.may_publish(&will.topic) {
+                self.shared.acl_denied_publish.inc();
+                info!(parent: span, topic = %will.topic, "will not published: denied by the ACL");
+                return false;
+            }
+            true
+        });
+        // MQTT 5 Will Delay Interval: the will waits for the earlier of its delay and the end
+        // of the session, unless the session is resumed first. It is recorded before the
+        // client id is released, so that a connection resuming the session finds it.
+        let delay = match (&will, self.version) {
+            (Some(will), ProtocolVersion::V5) => will.properties.will_delay_interval.unwrap_or(0),
+            _ => 0,
+        };
+        let delay = match self.expiry {
+            Expiry::Now => 0,
+            Expiry::After(seconds) => delay.min(seconds),
+            Expiry::Never => delay,
+        };
+        let delayed = (delay > 0).then(|| self.shared.broker.delay_will(&self.client_id));
         // Park before closing the socket: a connection taking over waits for this.
         let mut state = self.out.state;
         state.awaiting_rel = self.pending.released_later();
@@ -464,21 +488,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.shared.broker.unregister(&self.client_id, self.conn_id);
         drop(self.done.take());
         self.conn.close().await;
-        if publish_will {
-            if let Some(will) = self.will.take() {
-                if !self.acl.may_publish(&will.topic) {
-                    self.shared.acl_denied_publish.inc();
-                    info!(parent: span, topic = %will.topic, "will not published: denied by the ACL");
-                    return;
-                }
-                inbound::publish_will(
-                    &self.shared,
-                    &self.client_id,
-                    self.username.clone(),
+        let Some(will) = will else { return };
+        match delayed {
+            None => {
+                inbound::publish_will(&self.shared, &self.client_id, self.username, will, span)
+                    .await
+            }
+            Some((id, fate)) => {
+                let delayed = inbound::DelayedWill {
+                    shared: self.shared,
+                    client_id: self.client_id,
+                    username: self.username,
                     will,
-                    span,
-                )
-                .await;
+                    delay: Duration::from_secs(delay.into()),
+                    id,
+                    fate,
+                    span: span.clone(),
+                };
+                tokio::spawn(delayed.run());
             }
         }
     }

@@ -109,8 +109,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             QoS::AtMostOnce => 0,
             _ => self.out.next_packet_id(),
         };
-        let Some(publish) = self.publish_for(&out.msg, out.qos, out.retain, packet_id, false)
-        else {
+        let Some(publish) = self.publish_for(
+            &out.msg,
+            out.qos,
+            out.retain,
+            &out.subscription_ids,
+            packet_id,
+            false,
+        ) else {
             return;
         };
         if self.queue_publish(publish) && packet_id != 0 {
@@ -123,6 +129,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 retain: out.retain,
                 stage: InFlightStage::Published,
                 shared: out.shared,
+                subscription_ids: out.subscription_ids,
             });
         }
     }
@@ -141,7 +148,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     true
                 }
                 InFlightStage::Published => {
-                    match self.publish_for(&f.msg, f.qos, f.retain, f.packet_id, true) {
+                    let ids = &f.subscription_ids;
+                    match self.publish_for(&f.msg, f.qos, f.retain, ids, f.packet_id, true) {
                         Some(publish) => self.queue_publish(publish),
                         None => false,
                     }
@@ -154,18 +162,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         None
     }
 
-    /// The PUBLISH for one delivery; `None` (counted) if its message expired.
+    /// The PUBLISH for one delivery, with the identifiers of the subscriptions it matched
+    /// (MQTT 5); `None` (counted) if its message expired.
     fn publish_for(
         &self,
         msg: &Arc<Message>,
         qos: QoS,
         retain: bool,
+        subscription_ids: &[u32],
         packet_id: u16,
         dup: bool,
     ) -> Option<Publish> {
         let mut properties = msg.properties.clone();
         properties.topic_alias = None;
         properties.subscription_identifiers.clear();
+        if self.version == ProtocolVersion::V5 {
+            properties.subscription_identifiers.extend_from_slice(subscription_ids);
+        }
         if let Some(expiry) = properties.message_expiry_interval {
             let elapsed = msg.received.elapsed().as_secs();
             let Some(left) = u64::from(expiry).checked_sub(elapsed).filter(|l| *l > 0) else {
@@ -228,13 +241,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// SUBSCRIBE: one answer per filter.
     pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Option<End> {
-        if !s.properties.subscription_identifiers.is_empty() {
+        // MQTT 5 §3.8.2.1.2: at most one Subscription Identifier (0 is refused by the codec).
+        if s.properties.subscription_identifiers.len() > 1 {
             self.shared.metrics.protocol_error("subscription_identifier");
             return Some(self.server_disconnect(
-                ReasonCode::SUBSCRIPTION_IDENTIFIERS_NOT_SUPPORTED,
-                "subscription identifiers are not supported",
+                ReasonCode::PROTOCOL_ERROR,
+                "more than one subscription identifier on SUBSCRIBE",
             ));
         }
+        let subscription_id = s.properties.subscription_identifiers.first().copied();
         // MQTT 5 §3.8.3.1: No Local on a shared subscription is a protocol error.
         let no_local_shared = s.filters.iter().any(|f| {
             f.options.no_local
@@ -281,6 +296,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         qos: granted,
                         no_local: self.version == ProtocolVersion::V5 && f.options.no_local,
                         retain_as_published: f.options.retain_as_published,
+                        subscription_id,
                     };
                     let existed = !self.out.state.filters.insert(f.filter.clone());
                     self.shared.broker.subscribe(
@@ -311,7 +327,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Retained messages go after the SUBACK, through the same bounded queue as live ones.
         for (filter, granted) in retained {
             for msg in self.shared.broker.retained_matching(&filter) {
-                let out = Outbound { qos: msg.qos.min(granted), msg, retain: true, shared: None };
+                let out = Outbound {
+                    qos: msg.qos.min(granted),
+                    msg,
+                    retain: true,
+                    shared: None,
+                    subscription_ids: subscription_id.into_iter().collect(),
+                };
                 if self.out.state.subscriber.tx.try_send(out).is_err() {
                     self.shared.metrics.dropped("subscriber_queue_full");
                 }
