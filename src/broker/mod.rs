@@ -12,6 +12,7 @@ pub mod sessions;
 mod shared;
 pub mod sys;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
