@@ -286,3 +286,49 @@ async fn no_local_retain_as_published_and_retain_handling() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn rumqttc_v5_clients_exchange_properties_and_get_reason_codes() {
+    use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason, PublishProperties};
+    use rumqttc::v5::mqttbytes::QoS as Q5;
+    use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+    let app = gateway(&config("")).await;
+    let opts = |id: &str| MqttOptions::new(id, "127.0.0.1", app.mqtt_addr.port());
+    let (sub, mut sub_loop) = AsyncClient::new(opts("r5-sub"), 10);
+    let (publ, mut pub_loop) = AsyncClient::new(opts("r5-pub"), 10);
+    sub.subscribe("r5/#", Q5::AtLeastOnce).await.expect("subscribe");
+    loop {
+        if let Event::Incoming(P5::SubAck(_)) = sub_loop.poll().await.expect("sub loop") {
+            break;
+        }
+    }
+    let props = PublishProperties {
+        content_type: Some("text/plain".into()),
+        user_properties: vec![("site".into(), "berlin".into())],
+        ..Default::default()
+    };
+    publ.publish_with_properties("r5/a", Q5::AtLeastOnce, false, "hello", props)
+        .await
+        .expect("publish");
+    publ.publish("nobody/r5", Q5::AtLeastOnce, false, "void").await.expect("publish");
+    let mut reasons = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while reasons.len() < 2 {
+        let ev = tokio::time::timeout_at(deadline, pub_loop.poll()).await.expect("PUBACKs in time");
+        if let Event::Incoming(P5::PubAck(a)) = ev.expect("pub loop") {
+            reasons.push(a.reason);
+        }
+    }
+    assert_eq!(reasons, vec![PubAckReason::Success, PubAckReason::NoMatchingSubscribers]);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, sub_loop.poll()).await.expect("message in time");
+        if let Event::Incoming(P5::Publish(p)) = ev.expect("sub loop") {
+            assert_eq!(&p.payload[..], b"hello");
+            let pr = p.properties.expect("properties");
+            assert_eq!(pr.content_type.as_deref(), Some("text/plain"));
+            assert_eq!(pr.user_properties, vec![("site".to_string(), "berlin".to_string())]);
+            break;
+        }
+    }
+    app.stop().await;
+}
