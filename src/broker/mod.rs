@@ -7,6 +7,7 @@
 //! outside the lock. A full queue drops the message for that subscriber and counts it
 //! (`subscriber_queue_full` while connected, `session_queue_full` while parked).
 
+pub mod queue;
 pub mod sessions;
 mod shared;
 pub mod sys;
@@ -15,13 +16,13 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
+use queue::TrySendError;
 
 pub use sessions::{Expiry, Registration, SessionState, Subscriber};
 use sessions::{InFlightStage, SessionStore, Taken};
@@ -160,7 +161,7 @@ impl Broker {
             self.unsubscribe(state.id, &filter);
         }
         // Nothing new arrives now; a late `try_send` sees the queue closed.
-        state.rx.close();
+        state.subscriber.queue.close();
         let mut orphans = Vec::new();
         for f in state.inflight.drain(..) {
             // Released (PUBREC received): the client has the message; not sent again.
@@ -168,7 +169,7 @@ impl Broker {
                 orphans.push((key, f.msg));
             }
         }
-        while let Ok(out) = state.rx.try_recv() {
+        while let Some(out) = state.subscriber.queue.try_recv() {
             if let (Some(key), QoS::AtLeastOnce | QoS::ExactlyOnce) = (out.shared, out.qos) {
                 orphans.push((key, out.msg));
             }
@@ -294,19 +295,19 @@ impl Broker {
                 retain: msg.retain && options.retain_as_published,
                 shared: None,
             };
-            match subscriber.tx.try_send(out) {
+            match subscriber.queue.try_send(out) {
                 Ok(()) => {
                     self.metrics.messages_delivered_local.inc();
                 }
                 // Drop the newest: what is queued keeps its order and is delivered first.
-                Err(mpsc::error::TrySendError::Full(_)) if online => {
+                Err(TrySendError::Full(_)) if online => {
                     self.metrics.dropped("subscriber_queue_full");
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(TrySendError::Full(_)) => {
                     self.metrics.dropped("session_queue_full");
                 }
                 // The session is ending; its subscriptions are about to be removed.
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(TrySendError::Closed(_)) => {
                     self.metrics.dropped("subscriber_gone");
                 }
             }
