@@ -412,6 +412,7 @@ async fn run_idle(args: &Args) -> Result<bool> {
         exchange: "amq.topic",
         receive_maximum: args.window as usize,
         max_connections: n + 100,
+        outbound_queue: 1024,
         ready_timeout: Duration::from_secs(20),
     })
     .await?;
@@ -539,6 +540,14 @@ impl Bench {
                 exchange: &self.exchange,
                 receive_maximum: self.args.window as usize,
                 max_connections: 10_000,
+                // Fan-in: the one subscriber may fall behind a burst; Mosquitto queues QoS 0
+                // for an online subscriber without a bound, so mqgate gets room for the run
+                // rather than dropping (the default is 1,024).
+                outbound_queue: if self.mosquitto.is_some() {
+                    (self.args.messages as usize).max(1024)
+                } else {
+                    1024
+                },
                 ready_timeout: Duration::from_secs(20),
             })
             .await;

@@ -32,6 +32,8 @@ pub struct GatewaySpec<'a> {
     pub receive_maximum: usize,
     /// `mqtt.max_connections`.
     pub max_connections: usize,
+    /// `mqtt.outbound_queue`: messages queued for one subscriber before new ones are dropped.
+    pub outbound_queue: usize,
     pub ready_timeout: Duration,
 }
 
@@ -49,11 +51,12 @@ pub fn config_yaml(
     exchange: &str,
     rx_max: usize,
     max_connections: usize,
+    outbound_queue: usize,
 ) -> String {
     // JSON strings are valid YAML double-quoted scalars.
     format!(
         "# Written by mqgate-bench.\n\
-         mqtt:\n  listen: {}\n  receive_maximum: {rx_max}\n  max_connections: {max_connections}\n\
+         mqtt:\n  listen: {}\n  receive_maximum: {rx_max}\n  max_connections: {max_connections}\n  outbound_queue: {outbound_queue}\n\
          admin:\n  listen: {}\n\
          amqp:\n  rabbit:\n    url: {}\n\
          rules:\n  - name: bench\n    from: \"bench/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n",
@@ -88,6 +91,7 @@ impl Gateway {
                 spec.exchange,
                 spec.receive_maximum,
                 spec.max_connections,
+                spec.outbound_queue,
             ),
         )
         .with_context(|| format!("write {}", config_path.display()))?;
@@ -260,9 +264,10 @@ mod tests {
 
     #[test]
     fn config_has_the_documented_shape() {
-        let y = config_yaml("127.0.0.1:1", "127.0.0.1:2", "amqp://g:g@h/%2f", "ex-1", 1024, 500);
+        let y =
+            config_yaml("127.0.0.1:1", "127.0.0.1:2", "amqp://g:g@h/%2f", "ex-1", 1024, 500, 2000);
         assert!(y.contains(
-            "mqtt:\n  listen: \"127.0.0.1:1\"\n  receive_maximum: 1024\n  max_connections: 500\n"
+            "mqtt:\n  listen: \"127.0.0.1:1\"\n  receive_maximum: 1024\n  max_connections: 500\n  outbound_queue: 2000\n"
         ));
         assert!(y.contains("admin:\n  listen: \"127.0.0.1:2\"\n"));
         assert!(y.contains("amqp:\n  rabbit:\n    url: \"amqp://g:g@h/%2f\"\n"));
