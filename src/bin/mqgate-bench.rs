@@ -13,6 +13,14 @@
 //! * `mosquitto`: P MQTT connections into the machine's Mosquitto, consumed
 //!   by an MQTT subscriber, as a plain broker's MQTT→MQTT baseline.
 //!
+//! Two more modes compare mqgate with a Mosquitto the bench spawns itself
+//! (`mosquitto -p PORT` on a free port, killed at the end), in the same run:
+//!
+//! * `fanin`: P MQTT publishers → 1 MQTT subscriber (QoS 0 subscription),
+//!   through mqgate and through Mosquitto; no AMQP involved;
+//! * `idle`: `--connections` idle MQTT connections to each; reports the
+//!   server's VmRSS growth per connection and connections accepted per second.
+//!
 //! Every payload starts with a 16-byte header (send timestamp, run-tagged
 //! sequence number) so the consumer measures latency and counts loss and
 //! duplicates. Every run stops by itself: after all messages arrived, or
@@ -24,6 +32,8 @@
 //! target/release/mqgate-bench --rate 2000 --messages 20000 --repeat 3   # latency
 //! target/release/mqgate-bench --mode all --qos 1       # add the Mosquitto baseline
 //! target/release/mqgate-bench --mqtt-addr 127.0.0.1:1883 --exchange amq.topic  # running gateway
+//! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
+//! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -37,8 +47,12 @@
 mod amqp;
 #[path = "mqgate_bench/gateway.rs"]
 mod gateway;
+#[path = "mqgate_bench/idle.rs"]
+mod idle;
 #[path = "mqgate_bench/load.rs"]
 mod load;
+#[path = "mqgate_bench/mosquitto.rs"]
+mod mosquitto;
 #[path = "mqgate_bench/mqtt.rs"]
 mod mqtt;
 #[path = "mqgate_bench/payload.rs"]
@@ -96,7 +110,8 @@ struct Args {
     rate: u64,
 
     /// Modes to run, comma-separated: direct, gateway, mosquitto; `both` is
-    /// direct,gateway and `all` is direct,mosquitto,gateway.
+    /// direct,gateway and `all` is direct,mosquitto,gateway. `fanin` and
+    /// `idle` compare mqgate with a spawned Mosquitto and run alone.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "both")]
     mode: Vec<ModeArg>,
 
@@ -147,6 +162,10 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
     repeat: u64,
 
+    /// Idle connections per server in `--mode idle`.
+    #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    connections: u64,
+
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -168,6 +187,10 @@ enum ModeArg {
     Mosquitto,
     Both,
     All,
+    /// MQTT→MQTT fan-in through mqgate vs a spawned Mosquitto.
+    Fanin,
+    /// Idle connections: RSS per connection and accept rate, mqgate vs a spawned Mosquitto.
+    Idle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -183,6 +206,8 @@ enum Mode {
     Direct,
     Mosquitto,
     Gateway,
+    /// MQTT publishers to an MQTT subscriber through mqgate.
+    Mqgate,
 }
 
 impl Mode {
@@ -191,6 +216,7 @@ impl Mode {
             Mode::Direct => "direct",
             Mode::Mosquitto => "mosquitto",
             Mode::Gateway => "gateway",
+            Mode::Mqgate => "mqgate",
         }
     }
 }
@@ -200,6 +226,9 @@ impl Args {
     fn modes(&self) -> Vec<Mode> {
         let has = |m: ModeArg| self.mode.contains(&m);
         let all = has(ModeArg::All);
+        if has(ModeArg::Fanin) {
+            return vec![Mode::Mosquitto, Mode::Mqgate];
+        }
         let mut modes = Vec::new();
         if all || has(ModeArg::Both) || has(ModeArg::Direct) {
             modes.push(Mode::Direct);
@@ -244,6 +273,8 @@ struct Bench {
     gateway: Option<Gateway>,
     /// Why the gateway could not be started, so it is tried once only.
     gateway_failed: Option<String>,
+    /// The bench's own Mosquitto (fan-in), else `--mosquitto-addr` is used.
+    mosquitto: Option<mosquitto::Mosquitto>,
     notes: Vec<String>,
 }
 
@@ -305,6 +336,10 @@ async fn interrupted() -> &'static str {
 /// failed.
 async fn run(args: Args) -> Result<bool> {
     let idle = args.idle()?;
+    if args.mode.contains(&ModeArg::Idle) {
+        return run_idle(&args).await;
+    }
+    let fanin = args.mode.contains(&ModeArg::Fanin);
     let modes = args.modes();
     if modes.is_empty() {
         bail!("no mode selected");
@@ -315,10 +350,17 @@ async fn run(args: Args) -> Result<bool> {
         pid,
         runs: 0,
         control: None,
-        exchange: args.mqtt_addr.as_ref().map_or_else(own_exchange_name, |_| args.exchange.clone()),
+        // Fan-in routes nothing to AMQP: the spawned gateway's rule points at an exchange that
+        // always exists.
+        exchange: if fanin {
+            "amq.topic".to_owned()
+        } else {
+            args.mqtt_addr.as_ref().map_or_else(own_exchange_name, |_| args.exchange.clone())
+        },
         own_exchange: false,
         gateway: None,
         gateway_failed: None,
+        mosquitto: if fanin { Some(mosquitto::Mosquitto::start().await?) } else { None },
         notes: Vec::new(),
         clock: Clock::new(),
         args,
@@ -350,6 +392,51 @@ async fn run(args: Args) -> Result<bool> {
     Ok(ok)
 }
 
+/// `--mode idle`: N idle connections to a spawned mqgate, then to a spawned Mosquitto.
+async fn run_idle(args: &Args) -> Result<bool> {
+    let n = args.connections as usize;
+    let binary = match &args.mqgate {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locate the bench binary")?
+            .parent()
+            .context("the bench binary has no directory")?
+            .join("mqgate"),
+    };
+    if !args.json {
+        println!("mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive 0) per server");
+    }
+    let gw = Gateway::start(&GatewaySpec {
+        binary: &binary,
+        amqp_url: &args.amqp_url,
+        exchange: "amq.topic",
+        receive_maximum: args.window as usize,
+        max_connections: n + 100,
+        outbound_queue: 1024,
+        ready_timeout: Duration::from_secs(20),
+    })
+    .await?;
+    let pid = gw.pid().context("mqgate not running")?;
+    let mqgate = idle::measure("mqgate", &gw.mqtt_addr, pid, n).await;
+    let note = gw.stop(Duration::from_secs(10)).await;
+    let mosq = mosquitto::Mosquitto::start().await?;
+    let baseline = idle::measure("mosquitto", &mosq.addr, mosq.pid(), n).await;
+    drop(mosq);
+    let reports = [mqgate?, baseline?];
+    if args.json {
+        let runs: Vec<String> = reports.iter().map(idle::IdleReport::json).collect();
+        println!("{{\"idle\":[{}]}}", runs.join(","));
+    } else {
+        for r in &reports {
+            println!("{}", r.text_line());
+        }
+        if let Some(note) = note {
+            println!("note: {note}");
+        }
+    }
+    Ok(true)
+}
+
 /// A task's result with a panic or cancellation as an error.
 fn joined<T>(r: std::result::Result<Result<T>, JoinError>) -> Result<T> {
     r.map_err(|e| anyhow!("task failed: {e}"))?
@@ -374,7 +461,7 @@ impl Bench {
                 a.publishers,
             );
         }
-        if modes.iter().any(|m| *m != Mode::Mosquitto) {
+        if modes.iter().any(|m| matches!(m, Mode::Direct | Mode::Gateway)) {
             let conn = amqp::connect(&self.args.amqp_url).await?;
             if self.args.mqtt_addr.is_some() {
                 amqp::check_exchange(&conn, &self.exchange).await?;
@@ -452,6 +539,15 @@ impl Bench {
                 amqp_url: &self.args.amqp_url,
                 exchange: &self.exchange,
                 receive_maximum: self.args.window as usize,
+                max_connections: 10_000,
+                // Fan-in: the one subscriber may fall behind a burst; Mosquitto queues QoS 0
+                // for an online subscriber without a bound, so mqgate gets room for the run
+                // rather than dropping (the default is 1,024).
+                outbound_queue: if self.mosquitto.is_some() {
+                    (self.args.messages as usize).max(1024)
+                } else {
+                    1024
+                },
                 ready_timeout: Duration::from_secs(20),
             })
             .await;
@@ -490,14 +586,17 @@ impl Bench {
         let builder = PayloadBuilder::new(args.payload as usize, tag);
         let tracker = Tracker::new(tag, messages);
         let mqtt_addr = match mode {
-            Mode::Gateway => Some(self.gateway_addr().await?),
-            Mode::Mosquitto => Some(self.args.mosquitto_addr.clone()),
+            Mode::Gateway | Mode::Mqgate => Some(self.gateway_addr().await?),
+            Mode::Mosquitto => Some(match &self.mosquitto {
+                Some(m) => m.addr.clone(),
+                None => self.args.mosquitto_addr.clone(),
+            }),
             Mode::Direct => None,
         };
         let args = &self.args;
         let clock = self.clock;
         let prefix = match mode {
-            Mode::Mosquitto => format!("mqgate-bench/{}-{run}", self.pid),
+            Mode::Mosquitto | Mode::Mqgate => format!("mqgate-bench/{}-{run}", self.pid),
             _ => "bench".to_owned(),
         };
 
@@ -508,10 +607,10 @@ impl Bench {
                 let queue = amqp::BenchQueue::declare(control, &self.exchange, "bench.#").await?;
                 tokio::spawn(queue.consume(tracker, clock, self.idle).await?)
             }
-            Mode::Mosquitto => {
+            Mode::Mosquitto | Mode::Mqgate => {
                 let (ready_tx, ready_rx) = oneshot::channel();
                 let sub = mqtt::Subscription {
-                    addr: args.mosquitto_addr.clone(),
+                    addr: mqtt_addr.clone().context("no MQTT address")?,
                     client_id: format!("mqgate-bench-{}-{run}-sub", self.pid),
                     filter: format!("{prefix}/#"),
                     // Mosquitto's default max_queued_messages (1000) drops
@@ -523,8 +622,8 @@ impl Bench {
                 };
                 let handle = tokio::spawn(mqtt::raw_subscriber(sub, tracker, clock, ready_tx));
                 if ready_rx.await.is_err() {
-                    joined(handle.await).context("Mosquitto subscriber")?;
-                    bail!("Mosquitto subscriber stopped before subscribing");
+                    joined(handle.await).context("MQTT subscriber")?;
+                    bail!("MQTT subscriber stopped before subscribing");
                 }
                 handle
             }
@@ -638,7 +737,7 @@ impl Bench {
                 RecvStats::default()
             }
         };
-        if mode == Mode::Gateway {
+        if matches!(mode, Mode::Gateway | Mode::Mqgate) {
             if let Some(gw) = self.gateway.as_mut() {
                 if let Err(e) = gw.check_alive() {
                     errors.push(format!("{e:#}"));
@@ -650,7 +749,7 @@ impl Bench {
         let seconds = end_ns.saturating_sub(start_ns) as f64 / 1e9;
         let per_sec = |count: u64, secs: f64| if secs > 0.0 { count as f64 / secs } else { 0.0 };
         let mut notes = Vec::new();
-        if mode == Mode::Mosquitto {
+        if matches!(mode, Mode::Mosquitto | Mode::Mqgate) {
             notes.push("sub qos 0".to_owned());
         }
         let publish_seconds = publish.done_ns.saturating_sub(start_ns) as f64 / 1e9;
@@ -673,8 +772,9 @@ impl Bench {
         })
     }
 
-    /// Stops the gateway, deletes the bench's exchange, closes AMQP.
+    /// Stops the gateway and the bench's Mosquitto, deletes the bench's exchange, closes AMQP.
     async fn shutdown(&mut self) {
+        drop(self.mosquitto.take());
         if let Some(gw) = self.gateway.take() {
             if let Some(note) = gw.stop(Duration::from_secs(5)).await {
                 self.notes.push(note);

@@ -7,6 +7,7 @@
 //! outside the lock. A full queue drops the message for that subscriber and counts it
 //! (`subscriber_queue_full` while connected, `session_queue_full` while parked).
 
+pub mod queue;
 pub mod retained;
 pub mod sessions;
 mod shared;
@@ -16,13 +17,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
+use queue::TrySendError;
 
 use retained::{Retained, RetainedStore};
 pub use sessions::{Expiry, Registration, SessionState, Subscriber};
@@ -201,7 +203,7 @@ impl Broker {
             self.unsubscribe(state.id, &filter);
         }
         // Nothing new arrives now; a late `try_send` sees the queue closed.
-        state.rx.close();
+        state.subscriber.queue.close();
         let mut orphans = Vec::new();
         for f in state.inflight.drain(..) {
             // Released (PUBREC received): the client has the message; not sent again.
@@ -209,7 +211,7 @@ impl Broker {
                 orphans.push((key, f.msg));
             }
         }
-        while let Ok(out) = state.rx.try_recv() {
+        while let Some(out) = state.subscriber.queue.try_recv() {
             if let (Some(key), QoS::AtLeastOnce | QoS::ExactlyOnce) = (out.shared, out.qos) {
                 orphans.push((key, out.msg));
             }
@@ -331,19 +333,19 @@ impl Broker {
                 shared: None,
                 subscription_ids: std::mem::take(ids),
             };
-            match subscriber.tx.try_send(out) {
+            match subscriber.queue.try_send(out) {
                 Ok(()) => {
                     self.metrics.messages_delivered_local.inc();
                 }
                 // Drop the newest: what is queued keeps its order and is delivered first.
-                Err(mpsc::error::TrySendError::Full(_)) if online => {
+                Err(TrySendError::Full(_)) if online => {
                     self.metrics.dropped("subscriber_queue_full");
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(TrySendError::Full(_)) => {
                     self.metrics.dropped("session_queue_full");
                 }
                 // The session is ending; its subscriptions are about to be removed.
-                Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(TrySendError::Closed(_)) => {
                     self.metrics.dropped("subscriber_gone");
                 }
             }

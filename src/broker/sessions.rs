@@ -1,11 +1,11 @@
 //! Session state that outlives a connection, and the registry of connected client ids.
 //!
 //! A session is the subscriber side of a client: its queue of messages to deliver (a bounded
-//! channel fed by `Broker::publish`), its unacknowledged QoS 1/2 deliveries in the order they
+//! [`Queue`] fed by `Broker::publish`), its unacknowledged QoS 1/2 deliveries in the order they
 //! were sent, and its filters (which stay in the subscription tree while it is away). When a
 //! connection ends, its session task parks that state here; when the client id connects again
 //! without a clean start, the new session task takes it. While parked, messages keep arriving
-//! in the same bounded channel: "queued while away" is exactly the channel's content, bounded
+//! in the same bounded queue: "queued while away" is exactly the queue's content, bounded
 //! by its capacity (`mqtt.max_queued_messages` for a persistent session).
 //!
 //! The store is in memory; [`SessionStore`]'s methods (`register`, `take`, `park`, `expired`)
@@ -16,19 +16,18 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::Outbound;
+use super::queue::Queue;
 use crate::message::Message;
 use crate::mqtt::codec::QoS;
 
 /// Where the broker hands messages for one session, shared by all its subscriptions.
 #[derive(Debug)]
 pub struct Subscriber {
-    /// The session's bounded queue of messages to deliver.
-    pub tx: mpsc::Sender<Outbound>,
+    /// The session's bounded queue of messages to deliver; its task receives from it.
+    pub queue: Queue,
     /// False while the session is parked (no connection): QoS 0 is then not queued unless
     /// `mqtt.queue_qos0`, and a full queue counts as `session_queue_full`.
     online: AtomicBool,
@@ -63,7 +62,7 @@ pub struct InFlight {
     pub retain: bool,
     /// Published or released.
     pub stage: InFlightStage,
-    /// The shared subscription it was delivered for (see [`Outbound::shared`]).
+    /// The shared subscription it was delivered for (see [`super::Outbound::shared`]).
     pub shared: Option<Arc<str>>,
     /// MQTT 5 subscription identifiers it was sent with (kept for a resend).
     pub subscription_ids: Vec<u32>,
@@ -76,8 +75,6 @@ pub struct SessionState {
     pub id: u64,
     /// What the subscriptions in the tree point at.
     pub subscriber: Arc<Subscriber>,
-    /// The receiving end of the queue; messages accumulate here while parked.
-    pub rx: mpsc::Receiver<Outbound>,
     /// Unacknowledged QoS 1/2 deliveries, in the order they were first sent.
     pub inflight: VecDeque<InFlight>,
     /// The packet ids of `inflight`, to pick a free one.
@@ -94,11 +91,12 @@ pub struct SessionState {
 impl SessionState {
     /// A new, empty session whose queue holds `capacity` messages.
     pub fn new(id: u64, capacity: usize) -> Self {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
         SessionState {
             id,
-            subscriber: Arc::new(Subscriber { tx, online: AtomicBool::new(true) }),
-            rx,
+            subscriber: Arc::new(Subscriber {
+                queue: Queue::new(capacity),
+                online: AtomicBool::new(true),
+            }),
             inflight: VecDeque::new(),
             inflight_ids: HashSet::new(),
             last_id: 0,
@@ -154,7 +152,9 @@ struct Parked {
 #[derive(Debug, Default)]
 struct Entry {
     conn: Option<Connected>,
-    parked: Option<Parked>,
+    /// Boxed: most entries are connections without a parked session, and a map slot is as
+    /// large as its largest entry (a parked session inline made every slot ~250 bytes).
+    parked: Option<Box<Parked>>,
 }
 
 /// What [`SessionStore::take`] found.
@@ -256,7 +256,7 @@ impl SessionStore {
         state.subscriber.online.store(false, Ordering::Relaxed);
         let mut entries = self.lock();
         let entry = entries.entry(client_id.to_owned()).or_default();
-        entry.parked.replace(Parked { state, expires }).map(|p| p.state)
+        entry.parked.replace(Box::new(Parked { state, expires })).map(|p| p.state)
     }
 
     /// Removes and returns every parked session expired at `now`, for the caller to discard.

@@ -11,7 +11,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::mpsc::error::TrySendError;
+use super::queue::TrySendError;
 
 use super::{Outbound, SubscribeOptions, Subscriber};
 use crate::message::Message;
@@ -79,7 +79,7 @@ impl Group {
                     shared: Some(Arc::clone(&self.key)),
                     subscription_ids: m.options.subscription_id.into_iter().collect(),
                 };
-                match m.subscriber.tx.try_send(out) {
+                match m.subscriber.queue.try_send(out) {
                     Ok(()) => return Sent::Delivered,
                     Err(TrySendError::Full(_) | TrySendError::Closed(_)) => full = true,
                 }
@@ -193,7 +193,8 @@ mod tests {
             assert_eq!(group.send(&msg(), false), Sent::Delivered);
         }
         assert_eq!(group.send(&msg(), false), Sent::Full);
-        let count = |s: &mut SessionState| std::iter::from_fn(|| s.rx.try_recv().ok()).count();
+        let count =
+            |s: &mut SessionState| std::iter::from_fn(|| s.subscriber.queue.try_recv()).count();
         assert_eq!((count(&mut a), count(&mut b)), (1, 2));
         assert!(groups.leave("$share/g/a/+", "a/+", 1));
         assert!(!groups.leave("$share/g/a/+", "a/+", 1));

@@ -3,15 +3,23 @@
 //! Owns the socket and both buffers; knows nothing of sessions, routing or acknowledgements.
 //! Reading is cancel-safe (it may sit in a `select!`); writes are queued into a buffer and
 //! flushed in one `write_all`, so a burst of acknowledgements costs one syscall.
+//!
+//! An idle connection holds no read buffer: while nothing is buffered and reads are small, a
+//! read goes into a stack buffer inside `poll` and only what arrived is copied to the heap.
+//! Busy connections (reads that fill the buffer) read straight into a growing heap buffer.
 
+use std::future::poll_fn;
 use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Poll};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::mqtt::codec::{self, DecodeError, EncodeError, Packet, ProtocolVersion};
 
-/// Smallest read buffer: what an idle connection keeps.
+/// Smallest read size; also the stack buffer of an idle connection's reads.
 const READ_MIN: usize = 1024;
 /// Largest read size: a busy connection reads this much per syscall.
 const READ_MAX: usize = 64 * 1024;
@@ -82,17 +90,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
     /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
     pub async fn fill(&mut self) -> io::Result<bool> {
-        if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
-            // Give a large buffer back once a burst is over (payloads split from it keep only
+        let (n, room) = if self.rbuf.is_empty() && self.read_size == READ_MIN {
+            // Quiet: hold no buffer while waiting (payloads split from the old one keep only
             // their own part alive).
             self.rbuf = BytesMut::new();
-        }
-        let spare = self.rbuf.capacity() - self.rbuf.len();
-        if spare < self.read_size / 2 {
-            self.rbuf.reserve(self.read_size);
-        }
-        let room = self.rbuf.capacity() - self.rbuf.len();
-        let n = self.stream.read_buf(&mut self.rbuf).await?;
+            (self.read_via_stack().await?, READ_MIN)
+        } else {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
+                // Give a large buffer back once a burst is over.
+                self.rbuf = BytesMut::new();
+            }
+            let spare = self.rbuf.capacity() - self.rbuf.len();
+            if spare < self.read_size / 2 {
+                self.rbuf.reserve(self.read_size);
+            }
+            let room = self.rbuf.capacity() - self.rbuf.len();
+            (self.stream.read_buf(&mut self.rbuf).await?, room)
+        };
         self.read_size = if n == room {
             (self.read_size * 2).min(READ_MAX)
         } else if n < room / 4 {
@@ -110,6 +124,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             ));
         }
         Ok(true)
+    }
+
+    /// Reads up to `READ_MIN` bytes into a buffer on the stack of `poll` (so not kept in the
+    /// future while waiting) and appends them to `rbuf`. Cancel-safe: bytes are taken from the
+    /// socket only in the poll that returns them.
+    async fn read_via_stack(&mut self) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let mut stack = [MaybeUninit::<u8>::uninit(); READ_MIN];
+            let mut buf = ReadBuf::uninit(&mut stack);
+            ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf))?;
+            self.rbuf.extend_from_slice(buf.filled());
+            Poll::Ready(Ok(buf.filled().len()))
+        })
+        .await
     }
 
     /// Decodes the next complete packet already in the buffer, if any.

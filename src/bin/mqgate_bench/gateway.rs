@@ -30,11 +30,15 @@ pub struct GatewaySpec<'a> {
     pub amqp_url: &'a str,
     pub exchange: &'a str,
     pub receive_maximum: usize,
+    /// `mqtt.max_connections`.
+    pub max_connections: usize,
+    /// `mqtt.outbound_queue`: messages queued for one subscriber before new ones are dropped.
+    pub outbound_queue: usize,
     pub ready_timeout: Duration,
 }
 
 /// A loopback port that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
     Ok(listener.local_addr().context("read the free port")?.port())
 }
@@ -46,11 +50,13 @@ pub fn config_yaml(
     amqp_url: &str,
     exchange: &str,
     rx_max: usize,
+    max_connections: usize,
+    outbound_queue: usize,
 ) -> String {
     // JSON strings are valid YAML double-quoted scalars.
     format!(
         "# Written by mqgate-bench.\n\
-         mqtt:\n  listen: {}\n  receive_maximum: {rx_max}\n\
+         mqtt:\n  listen: {}\n  receive_maximum: {rx_max}\n  max_connections: {max_connections}\n  outbound_queue: {outbound_queue}\n\
          admin:\n  listen: {}\n\
          amqp:\n  rabbit:\n    url: {}\n\
          rules:\n  - name: bench\n    from: \"bench/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n",
@@ -84,6 +90,8 @@ impl Gateway {
                 spec.amqp_url,
                 spec.exchange,
                 spec.receive_maximum,
+                spec.max_connections,
+                spec.outbound_queue,
             ),
         )
         .with_context(|| format!("write {}", config_path.display()))?;
@@ -132,6 +140,11 @@ impl Gateway {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The last `n` lines of mqgate's log.
@@ -251,8 +264,11 @@ mod tests {
 
     #[test]
     fn config_has_the_documented_shape() {
-        let y = config_yaml("127.0.0.1:1", "127.0.0.1:2", "amqp://g:g@h/%2f", "ex-1", 1024);
-        assert!(y.contains("mqtt:\n  listen: \"127.0.0.1:1\"\n  receive_maximum: 1024\n"));
+        let y =
+            config_yaml("127.0.0.1:1", "127.0.0.1:2", "amqp://g:g@h/%2f", "ex-1", 1024, 500, 2000);
+        assert!(y.contains(
+            "mqtt:\n  listen: \"127.0.0.1:1\"\n  receive_maximum: 1024\n  max_connections: 500\n  outbound_queue: 2000\n"
+        ));
         assert!(y.contains("admin:\n  listen: \"127.0.0.1:2\"\n"));
         assert!(y.contains("amqp:\n  rabbit:\n    url: \"amqp://g:g@h/%2f\"\n"));
         assert!(y.contains("from: \"bench/#\""));

@@ -235,10 +235,12 @@ impl RunReport {
 #[derive(Clone, Debug)]
 pub struct Comparison {
     pub qos: u8,
+    /// The mode compared against: `direct`, or `mosquitto` in the fan-in runs.
+    pub base: &'static str,
     pub other: &'static str,
     /// Runs of each of the two modes behind the medians.
     pub runs: usize,
-    /// Median rate of `other` over median rate of direct.
+    /// Median rate of `other` over median rate of `base`.
     pub ratio: f64,
     pub p50_delta_ms: f64,
     pub p99_delta_ms: f64,
@@ -248,6 +250,8 @@ pub struct Comparison {
 /// Targets from the issue: throughput ≥ 0.9× direct; at a fixed rate, under
 /// 1 ms added to p99.
 const RATIO_TARGET: f64 = 0.9;
+/// Target of the MQTT→MQTT fan-in: at least Mosquitto's throughput.
+const FANIN_RATIO_TARGET: f64 = 1.0;
 const P99_DELTA_TARGET_MS: f64 = 1.0;
 
 /// The median of some values (the mean of the middle two for an even count).
@@ -262,7 +266,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 impl Comparison {
     /// Mosquitto and gateway against direct, per QoS, over the runs that
-    /// completed without error.
+    /// completed without error; without direct runs (fan-in), mqgate against
+    /// Mosquitto.
     pub fn from_reports(reports: &[RunReport], fixed_rate: bool) -> Vec<Comparison> {
         let mut out = Vec::new();
         for qos in [0u8, 1] {
@@ -275,17 +280,24 @@ impl Comparison {
             let stat = |rs: &[&RunReport], f: fn(&RunReport) -> f64| {
                 median(rs.iter().map(|r| f(r)).collect())
             };
-            let direct = runs("direct");
+            let (base, others): (&'static str, &[&'static str]) =
+                if reports.iter().any(|r| r.mode == "direct") {
+                    ("direct", &["mosquitto", "gateway"])
+                } else {
+                    ("mosquitto", &["mqgate"])
+                };
+            let direct = runs(base);
             if direct.is_empty() {
                 continue;
             }
-            for other in ["mosquitto", "gateway"] {
+            for &other in others {
                 let o = runs(other);
                 if o.is_empty() {
                     continue;
                 }
                 out.push(Comparison {
                     qos,
+                    base,
                     other,
                     runs: o.len().min(direct.len()),
                     ratio: stat(&o, |r| r.rate) / stat(&direct, |r| r.rate),
@@ -300,28 +312,30 @@ impl Comparison {
 
     /// Whether the gateway met its target; `None` for other modes.
     pub fn target_met(&self) -> Option<bool> {
-        let met = if self.fixed_rate {
-            self.p99_delta_ms < P99_DELTA_TARGET_MS
-        } else {
-            self.ratio >= RATIO_TARGET
-        };
-        (self.other == "gateway").then_some(met)
+        match self.other {
+            "gateway" if self.fixed_rate => Some(self.p99_delta_ms < P99_DELTA_TARGET_MS),
+            "gateway" => Some(self.ratio >= RATIO_TARGET),
+            "mqgate" => Some(self.ratio >= FANIN_RATIO_TARGET),
+            _ => None,
+        }
     }
 
     pub fn text(&self) -> String {
         let mut line = if self.fixed_rate {
             format!(
-                "{}/direct = {:.2}x, p50 {:+.3} ms, p99 {:+.3} ms (qos {})",
-                self.other, self.ratio, self.p50_delta_ms, self.p99_delta_ms, self.qos
+                "{}/{} = {:.2}x, p50 {:+.3} ms, p99 {:+.3} ms (qos {})",
+                self.other, self.base, self.ratio, self.p50_delta_ms, self.p99_delta_ms, self.qos
             )
         } else {
-            format!("{}/direct = {:.2}x (qos {})", self.other, self.ratio, self.qos)
+            format!("{}/{} = {:.2}x (qos {})", self.other, self.base, self.ratio, self.qos)
         };
         if self.runs > 1 {
             let _ = write!(line, " [median of {}]", self.runs);
         }
         if let Some(ok) = self.target_met() {
-            let target = if self.fixed_rate {
+            let target = if self.other == "mqgate" {
+                format!(">= {FANIN_RATIO_TARGET:.2}x")
+            } else if self.fixed_rate {
                 format!("p99 < +{P99_DELTA_TARGET_MS} ms")
             } else {
                 format!(">= {RATIO_TARGET:.2}x")
@@ -333,8 +347,9 @@ impl Comparison {
 
     pub fn json(&self) -> String {
         format!(
-            "{{\"qos\":{},\"mode\":{},\"runs\":{},\"ratio\":{:.3},\"p50_delta_ms\":{:.3},\"p99_delta_ms\":{:.3},\"fixed_rate\":{},\"target_met\":{}}}",
+            "{{\"qos\":{},\"base\":{},\"mode\":{},\"runs\":{},\"ratio\":{:.3},\"p50_delta_ms\":{:.3},\"p99_delta_ms\":{:.3},\"fixed_rate\":{},\"target_met\":{}}}",
             self.qos,
+            json_str(self.base),
             json_str(self.other),
             self.runs,
             self.ratio,

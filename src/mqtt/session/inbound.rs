@@ -21,7 +21,7 @@ use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
 };
 use crate::rules::Target;
-use crate::sinks::amqp::PublishRequest;
+use crate::sinks::amqp::{AmqpBroker, PublishRequest};
 use crate::sinks::{Failure, Outcome};
 
 /// One QoS 1/2 PUBLISH waiting for its acknowledgement.
@@ -159,8 +159,10 @@ impl Pending {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    /// Handles a PUBLISH from the client.
-    pub(super) async fn on_publish(&mut self, mut p: Publish) -> Option<End> {
+    /// Handles a PUBLISH from the client. Not async: a request a sink cannot take at once
+    /// goes to `self.blocked`, which the loop waits on (so the common path adds nothing to
+    /// the session's future, which every idle connection carries).
+    pub(super) fn on_publish(&mut self, mut p: Publish) -> Option<End> {
         let shared = Arc::clone(&self.shared);
         shared.received[p.qos as usize].inc();
         if self.version == ProtocolVersion::V5 {
@@ -194,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if p.qos == QoS::ExactlyOnce && self.pending.awaiting_rel.contains(&p.packet_id) {
             // A resend before PUBREL: already taken; acknowledge again without forwarding.
             debug!(
+                client_id = %self.client_id,
                 packet_id = p.packet_id,
                 "QoS 2 PUBLISH resent before PUBREL; not forwarded again"
             );
@@ -203,7 +206,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !self.acl.may_publish(&p.topic) {
             // Never routed: no local subscriber and no rule target sees it.
             shared.acl_denied_publish.inc();
-            debug!(topic = %p.topic, qos = p.qos as u8, "PUBLISH denied by the ACL");
+            debug!(
+                client_id = %self.client_id,
+                topic = %p.topic,
+                qos = p.qos as u8,
+                "PUBLISH denied by the ACL"
+            );
             if p.qos != QoS::AtMostOnce {
                 if p.qos == QoS::ExactlyOnce && self.version == ProtocolVersion::V311 {
                     // 3.1.1 is told success, so its PUBREL must find the id.
@@ -224,7 +232,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             received: self.last_packet.into_std(),
         });
         let mut hits = std::mem::take(&mut self.rule_hits);
-        let (matched, waits) = route(&shared, &msg, Some(self.session_id), &mut hits).await;
+        let (matched, waits) =
+            route(&shared, &msg, Some(self.session_id), &mut hits, &mut self.blocked);
         self.rule_hits = hits;
         if p.qos != QoS::AtMostOnce {
             if p.qos == QoS::ExactlyOnce {
@@ -258,7 +267,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if done.qos == QoS::ExactlyOnce {
                     self.pending.awaiting_rel.remove(&done.packet_id);
                 }
-                warn!(packet_id = done.packet_id, reason = %f.reason, retryable = f.retryable, "message not delivered; not acknowledging it as delivered");
+                warn!(parent: &self.span(), packet_id = done.packet_id, reason = %f.reason, retryable = f.retryable, "message not delivered; not acknowledging it as delivered");
                 match (self.version, f.retryable) {
                     (ProtocolVersion::V5, false) => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
                     (ProtocolVersion::V5, true) => {
@@ -305,15 +314,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// Publish requests a sink could not take at once (its queue was full), in routing order,
+/// with the sink each goes to: the caller waits for room with [`send_blocked`]. That wait is
+/// the backpressure from the sinks to the client.
+pub(super) type Blocked = Vec<(AmqpBroker, PublishRequest)>;
+
+/// Sends requests that found their sink's queue full, in order, waiting for room.
+pub(super) async fn send_blocked(blocked: Blocked) {
+    for (broker, req) in blocked {
+        broker.publish(req).await;
+    }
+}
+
 /// Routes `msg` to local subscribers and to every target of every matching rule. Returns
 /// whether anything matched and, for QoS 1/2, the outcome receivers to wait for.
 /// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills. `hits` is
 /// scratch space for rule indexes, kept by the caller so routing does not allocate for it.
-pub(super) async fn route(
+/// Requests a sink cannot take now are appended to `blocked` (and once one is, every later
+/// one too, so each sink gets them in order).
+pub(super) fn route(
     shared: &SessionShared,
     msg: &Arc<Message>,
     publisher: Option<u64>,
     hits: &mut Vec<usize>,
+    blocked: &mut Blocked,
 ) -> (bool, Vec<oneshot::Receiver<Outcome>>) {
     let local = shared.broker.publish(msg, publisher);
     let mut waits = Vec::new();
@@ -336,7 +360,11 @@ pub(super) async fn route(
                         ack,
                         metrics: t.metrics.clone(),
                     };
-                    t.broker.publish(req).await;
+                    if !blocked.is_empty() {
+                        blocked.push((t.broker.clone(), req));
+                    } else if let Err(req) = t.broker.try_publish(req) {
+                        blocked.push((t.broker.clone(), req));
+                    }
                 }
             }
         }
@@ -364,7 +392,9 @@ pub(super) async fn publish_will(
         received: Instant::now(),
     });
     debug!(parent: span, topic = %msg.topic, "publishing will");
-    let (_, waits) = route(shared, &msg, None, &mut Vec::new()).await;
+    let mut blocked = Vec::new();
+    let (_, waits) = route(shared, &msg, None, &mut Vec::new(), &mut blocked);
+    send_blocked(blocked).await;
     if !waits.is_empty() {
         let span = span.clone();
         tokio::spawn(async move {

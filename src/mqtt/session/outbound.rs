@@ -71,14 +71,14 @@ impl OutboundState {
     /// A PUBACK from the client.
     pub(super) fn acked(&mut self, packet_id: u16) {
         if !self.complete(packet_id, |f| f.qos == QoS::AtLeastOnce) {
-            debug!(packet_id, "PUBACK for an unknown packet id");
+            debug!(session_id = self.state.id, packet_id, "PUBACK for an unknown packet id");
         }
     }
 
     /// A PUBCOMP from the client.
     pub(super) fn completed(&mut self, packet_id: u16) {
         if !self.complete(packet_id, |f| f.stage == InFlightStage::Released) {
-            debug!(packet_id, "PUBCOMP for an unknown packet id");
+            debug!(session_id = self.state.id, packet_id, "PUBCOMP for an unknown packet id");
         }
     }
 
@@ -207,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 false
             }
             Err(QueueError::Encode(e)) => {
-                debug!(error = %e, "cannot encode a delivery");
+                debug!(client_id = %self.client_id, error = %e, "cannot encode a delivery");
                 self.shared.metrics.dropped("unencodable");
                 false
             }
@@ -219,7 +219,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     pub(super) fn on_pubrec(&mut self, r: PubResponse) -> Option<End> {
         if !r.code.is_success() {
             self.out.complete(r.packet_id, |f| f.qos == QoS::ExactlyOnce);
-            debug!(packet_id = r.packet_id, code = ?r.code, "client refused a QoS 2 delivery");
+            debug!(
+                client_id = %self.client_id,
+                packet_id = r.packet_id,
+                code = ?r.code,
+                "client refused a QoS 2 delivery"
+            );
             return None;
         }
         let known = match self.out.find(r.packet_id) {
@@ -275,7 +280,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if !self.out.state.filters.contains(&f.filter)
                         && self.out.state.filters.len() >= self.shared.limits.max_subscriptions =>
                 {
-                    debug!(filter = %f.filter, "SUBSCRIBE refused: mqtt.max_subscriptions reached");
+                    debug!(
+                        client_id = %self.client_id,
+                        filter = %f.filter,
+                        "SUBSCRIBE refused: mqtt.max_subscriptions reached"
+                    );
                     match self.version {
                         ProtocolVersion::V311 => ReasonCode::UNSPECIFIED_ERROR,
                         ProtocolVersion::V5 => ReasonCode::QUOTA_EXCEEDED,
@@ -284,7 +293,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 // The ACL sees the filter a shared subscription matches topics with.
                 Ok(p) if !self.acl.may_subscribe(p.filter) => {
                     self.shared.acl_denied_subscribe.inc();
-                    debug!(filter = %f.filter, "SUBSCRIBE denied by the ACL");
+                    debug!(
+                        client_id = %self.client_id,
+                        filter = %f.filter,
+                        "SUBSCRIBE denied by the ACL"
+                    );
                     match self.version {
                         ProtocolVersion::V311 => ReasonCode::UNSPECIFIED_ERROR,
                         ProtocolVersion::V5 => ReasonCode::NOT_AUTHORIZED,
@@ -334,7 +347,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     shared: None,
                     subscription_ids: subscription_id.into_iter().collect(),
                 };
-                if self.out.state.subscriber.tx.try_send(out).is_err() {
+                if self.out.state.subscriber.queue.try_send(out).is_err() {
                     self.shared.metrics.dropped("subscriber_queue_full");
                 }
             }

@@ -122,6 +122,35 @@ impl AmqpBroker {
         }
     }
 
+    /// Queues a publish if the queue has room, without waiting; hands the request back when
+    /// the queue is full (then [`publish`](Self::publish) waits for room). Like `publish`, a
+    /// request that cannot succeed is failed at once.
+    pub fn try_publish(&self, req: PublishRequest) -> Result<(), PublishRequest> {
+        if req.routing_key.len() > MAX_SHORT_STRING_LENGTH {
+            self.shared.fail(req, || Failure::fatal("routing key longer than 255 bytes"));
+            return Ok(());
+        }
+        if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
+            self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
+            return Ok(());
+        }
+        if !self.is_connected() {
+            self.shared.fail_unavailable(req, || self.shared.not_connected());
+            return Ok(());
+        }
+        match self.tx.try_send(req) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(req)) => Err(req),
+            Err(mpsc::error::TrySendError::Closed(req)) => {
+                let name = &self.shared.name;
+                self.shared.fail_unavailable(req, || {
+                    Failure::retryable(format!("broker {name} sink is not running"))
+                });
+                Ok(())
+            }
+        }
+    }
+
     /// True while the AMQP connection and its channels are up (for /readyz).
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)
