@@ -63,10 +63,6 @@ async fn next_payload(c: &mut RawClient) -> Vec<u8> {
     }
 }
 
-async fn metrics(app: &mqgate::app::App) -> String {
-    http_get(app.admin_addr, "/metrics").await.expect("metrics").1
-}
-
 #[tokio::test]
 async fn passwords_are_checked_on_both_versions() {
     // allow_anonymous stays true: credentials that are given are still checked.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use mqgate::mqtt::codec::{
-    ConnAck, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS,
+    ConnAck, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, QoS,
     ReasonCode, Subscribe, SubscribeFilter, SubscriptionOptions,
 };
 use support::*;
@@ -54,30 +54,6 @@ async fn subscribe_id(
     match c.recv().await {
         Some(Packet::SubAck(s)) => s.codes,
         other => panic!("expected SUBACK, got {other:?}"),
-    }
-}
-
-async fn expect_publish(c: &mut RawClient) -> Publish {
-    match c.recv().await {
-        Some(Packet::Publish(p)) => p,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
-
-/// Asserts nothing arrives within `wait`.
-async fn expect_silence(c: &mut RawClient, wait: Duration) {
-    match c.recv_within(wait).await {
-        Err(()) => {}
-        Ok(p) => panic!("expected nothing, got {p:?}"),
-    }
-}
-
-/// Publishes at QoS 1 and waits for the PUBACK.
-async fn publish_qos1(c: &mut RawClient, topic: &str, id: u16, payload: &[u8]) {
-    c.publish(topic, QoS::AtLeastOnce, id, payload).await;
-    match c.recv().await {
-        Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, id),
-        other => panic!("expected PUBACK, got {other:?}"),
     }
 }
 

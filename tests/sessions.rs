@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use mqgate::mqtt::codec::{
-    Disconnect, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
+    Disconnect, Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket};
 use support::*;
@@ -46,34 +46,6 @@ async fn disconnect(mut c: RawClient) {
     c.send(&Packet::Disconnect(Disconnect::default())).await;
     // Wait for the server to close, so the session is parked before the test goes on.
     let _ = c.recv_within(Duration::from_secs(5)).await;
-}
-
-/// Publishes at QoS 1 and waits for the PUBACK.
-async fn publish_qos1(c: &mut RawClient, topic: &str, id: u16, payload: &[u8]) {
-    c.publish(topic, QoS::AtLeastOnce, id, payload).await;
-    match c.recv().await {
-        Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, id),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
-}
-
-async fn expect_publish(c: &mut RawClient) -> Publish {
-    match c.recv().await {
-        Some(Packet::Publish(p)) => p,
-        other => panic!("expected PUBLISH, got {other:?}"),
-    }
-}
-
-/// Asserts nothing arrives within `wait`.
-async fn expect_silence(c: &mut RawClient, wait: Duration) {
-    match c.recv_within(wait).await {
-        Err(()) => {}
-        Ok(p) => panic!("expected nothing, got {p:?}"),
-    }
-}
-
-async fn metrics(app: &mqgate::app::App) -> String {
-    http_get(app.admin_addr, "/metrics").await.expect("metrics").1
 }
 
 #[tokio::test]

@@ -40,19 +40,6 @@ async fn drain(c: &mut RawClient) -> Vec<Publish> {
     got
 }
 
-/// Publishes at QoS 1 and waits for the PUBACK.
-async fn publish_qos1(c: &mut RawClient, topic: &str, id: u16, payload: &[u8]) {
-    c.publish(topic, QoS::AtLeastOnce, id, payload).await;
-    match c.recv().await {
-        Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, id),
-        other => panic!("expected PUBACK, got {other:?}"),
-    }
-}
-
-async fn metrics(app: &mqgate::app::App) -> String {
-    http_get(app.admin_addr, "/metrics").await.expect("metrics").1
-}
-
 #[tokio::test]
 async fn connack_says_shared_subscriptions_are_available() {
     let app = gateway(NO_RULES).await;

@@ -280,3 +280,33 @@ pub fn publish_packet(topic: &str, qos: QoS, packet_id: u16, payload: &[u8]) -> 
         payload: Bytes::copy_from_slice(payload),
     }
 }
+
+/// Publishes at QoS 1 and waits for the PUBACK.
+pub async fn publish_qos1(c: &mut RawClient, topic: &str, id: u16, payload: &[u8]) {
+    c.publish(topic, QoS::AtLeastOnce, id, payload).await;
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, id),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+/// The next packet, which must be a PUBLISH.
+pub async fn expect_publish(c: &mut RawClient) -> Publish {
+    match c.recv().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+/// Asserts nothing arrives within `wait`.
+pub async fn expect_silence(c: &mut RawClient, wait: Duration) {
+    match c.recv_within(wait).await {
+        Err(()) => {}
+        Ok(p) => panic!("expected nothing, got {p:?}"),
+    }
+}
+
+/// The gateway's `/metrics` text.
+pub async fn metrics(app: &App) -> String {
+    http_get(app.admin_addr, "/metrics").await.expect("metrics").1
+}
