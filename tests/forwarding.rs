@@ -216,17 +216,10 @@ async fn a_message_matching_several_rules_reaches_every_target_before_its_puback
     let conn = rabbit().await;
     let (ch, ex_a, q_a) = exchange_with_queue(&conn, "#").await;
     let (_, ex_b, q_b) = exchange_with_queue(&conn, "fixed.key").await;
-    let yaml = format!(
-        r#"
-mqtt:
-  listen: "127.0.0.1:0"
-admin:
-  listen: "127.0.0.1:0"
-amqp:
-  rabbit:
-    url: "{AMQP_URL}"
-rules:
-  - name: all-sensors
+    let yaml = config_rules(
+        "",
+        &format!(
+            r#"  - name: all-sensors
     from: "s/#"
     to:
       - amqp: {{ broker: rabbit, exchange: "{ex_a}" }}
@@ -236,6 +229,7 @@ rules:
       - amqp: {{ broker: rabbit, exchange: "{ex_b}", routing_key: "fixed.key" }}
       - amqp: {{ broker: rabbit, exchange: "{ex_a}" }}
 "#
+        ),
     );
     let app = gateway(&yaml).await;
     wait_ready(&app).await;
@@ -258,23 +252,17 @@ async fn qos2_is_pubreced_only_after_the_confirm_and_never_on_failure() {
     let conn = rabbit().await;
     let (ch, exchange, queue) = exchange_with_queue(&conn, "#").await;
     let missing = unique("mqgate-test-missing");
-    let yaml = format!(
-        r#"
-mqtt:
-  listen: "127.0.0.1:0"
-admin:
-  listen: "127.0.0.1:0"
-amqp:
-  rabbit:
-    url: "{AMQP_URL}"
-rules:
-  - name: ok
+    let yaml = config_rules(
+        "",
+        &format!(
+            r#"  - name: ok
     from: "q2/ok"
     to: [ {{ amqp: {{ broker: rabbit, exchange: "{exchange}" }} }} ]
   - name: broken
     from: "q2/broken"
     to: [ {{ amqp: {{ broker: rabbit, exchange: "{missing}" }} }} ]
 "#
+        ),
     );
     let app = gateway(&yaml).await;
     wait_ready(&app).await;

@@ -126,26 +126,21 @@ pub async fn gateway(yaml: &str) -> App {
     App::start(config).await.expect("gateway starts")
 }
 
+/// A gateway config on port 0 with the local RabbitMQ as broker `rabbit`, extra `mqtt:` lines
+/// (indented two spaces, each ending in a newline) and `rules` (a YAML list, unindented).
+pub fn config_rules(extra_mqtt: &str, rules: &str) -> String {
+    format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\n{extra_mqtt}admin:\n  listen: \"127.0.0.1:0\"\namqp:\n  rabbit:\n    url: \"{AMQP_URL}\"\nrules:\n{rules}"
+    )
+}
+
 /// A gateway config with one rule from `filter` to `exchange` on the local RabbitMQ.
 pub fn config_one_rule(filter: &str, exchange: &str, extra_mqtt: &str) -> String {
-    format!(
-        r#"
-mqtt:
-  listen: "127.0.0.1:0"
-{extra_mqtt}
-admin:
-  listen: "127.0.0.1:0"
-amqp:
-  rabbit:
-    url: "{AMQP_URL}"
-rules:
-  - name: r1
-    from: "{filter}"
-    to:
-      - amqp:
-          broker: rabbit
-          exchange: "{exchange}"
-"#
+    config_rules(
+        extra_mqtt,
+        &format!(
+            "  - name: r1\n    from: \"{filter}\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: \"{exchange}\"\n"
+        ),
     )
 }
 

@@ -303,14 +303,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// PUBREL releases a QoS 2 packet id: answer PUBCOMP.
     pub(super) fn on_pubrel(&mut self, r: PubResponse) -> Option<End> {
         let known = self.pending.awaiting_rel.remove(&r.packet_id);
-        let code = if known || self.version == ProtocolVersion::V311 {
-            ReasonCode::SUCCESS
-        } else {
-            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-        };
-        let response =
-            PubResponse { packet_id: r.packet_id, code, properties: Properties::default() };
-        self.send(&Packet::PubComp(response))
+        self.send(&Packet::PubComp(self.id_response(r.packet_id, known)))
     }
 }
 

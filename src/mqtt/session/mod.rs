@@ -464,6 +464,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
     }
 
+    /// The PUBREL/PUBCOMP for `packet_id`: MQTT 5 says 0x92 when the id is unknown; 3.1.1 has
+    /// no way to say it and answers success.
+    fn id_response(&self, packet_id: u16, known: bool) -> PubResponse {
+        let code = if known || self.version == ProtocolVersion::V311 {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        PubResponse { packet_id, code, properties: Properties::default() }
+    }
+
     /// Sends an MQTT 5 DISCONNECT with `code` (nothing on 3.1.1) and ends the session.
     fn server_disconnect(&mut self, code: ReasonCode, reason: &str) -> End {
         if self.version == ProtocolVersion::V5 {

@@ -234,14 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             _ => false,
         };
-        let code = if known || self.version == ProtocolVersion::V311 {
-            ReasonCode::SUCCESS
-        } else {
-            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-        };
-        let response =
-            PubResponse { packet_id: r.packet_id, code, properties: Properties::default() };
-        self.send(&Packet::PubRel(response))
+        self.send(&Packet::PubRel(self.id_response(r.packet_id, known)))
     }
 
     /// SUBSCRIBE: one answer per filter.

@@ -105,20 +105,9 @@ impl AmqpBroker {
     /// Queues a publish; waits while the queue is full — that is the backpressure. A request
     /// that cannot succeed (name too long, broker not connected, sink gone) is failed at once.
     pub async fn publish(&self, req: PublishRequest) {
-        if req.routing_key.len() > MAX_SHORT_STRING_LENGTH {
-            return self.shared.fail(req, || Failure::fatal("routing key longer than 255 bytes"));
-        }
-        if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
-            return self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
-        }
-        if !self.is_connected() {
-            return self.shared.fail_unavailable(req, || self.shared.not_connected());
-        }
+        let Some(req) = self.admit(req) else { return };
         if let Err(mpsc::error::SendError(req)) = self.tx.send(req).await {
-            let name = &self.shared.name;
-            self.shared.fail_unavailable(req, || {
-                Failure::retryable(format!("broker {name} sink is not running"))
-            });
+            self.fail_not_running(req);
         }
     }
 
@@ -126,29 +115,40 @@ impl AmqpBroker {
     /// the queue is full (then [`publish`](Self::publish) waits for room). Like `publish`, a
     /// request that cannot succeed is failed at once.
     pub fn try_publish(&self, req: PublishRequest) -> Result<(), PublishRequest> {
-        if req.routing_key.len() > MAX_SHORT_STRING_LENGTH {
-            self.shared.fail(req, || Failure::fatal("routing key longer than 255 bytes"));
-            return Ok(());
-        }
-        if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
-            self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
-            return Ok(());
-        }
-        if !self.is_connected() {
-            self.shared.fail_unavailable(req, || self.shared.not_connected());
-            return Ok(());
-        }
+        let Some(req) = self.admit(req) else { return Ok(()) };
         match self.tx.try_send(req) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(req)) => Err(req),
             Err(mpsc::error::TrySendError::Closed(req)) => {
-                let name = &self.shared.name;
-                self.shared.fail_unavailable(req, || {
-                    Failure::retryable(format!("broker {name} sink is not running"))
-                });
+                self.fail_not_running(req);
                 Ok(())
             }
         }
+    }
+
+    /// The checks before queueing: fails (and consumes) a request that cannot succeed as is.
+    fn admit(&self, req: PublishRequest) -> Option<PublishRequest> {
+        if req.routing_key.len() > MAX_SHORT_STRING_LENGTH {
+            self.shared.fail(req, || Failure::fatal("routing key longer than 255 bytes"));
+            return None;
+        }
+        if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
+            self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
+            return None;
+        }
+        if !self.is_connected() {
+            self.shared.fail_unavailable(req, || self.shared.not_connected());
+            return None;
+        }
+        Some(req)
+    }
+
+    /// Fails a request whose sink task is gone.
+    fn fail_not_running(&self, req: PublishRequest) {
+        let name = &self.shared.name;
+        self.shared.fail_unavailable(req, || {
+            Failure::retryable(format!("broker {name} sink is not running"))
+        });
     }
 
     /// True while the AMQP connection and its channels are up (for /readyz).
