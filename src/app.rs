@@ -22,6 +22,7 @@ use crate::mqtt::listener;
 use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
+use crate::sinks::http::HttpEndpoint;
 
 /// A running gateway.
 pub struct App {
@@ -56,7 +57,15 @@ impl App {
             });
             brokers.insert(name.clone(), broker);
         }
-        let rules = Arc::new(RuleSet::compile(&config, &brokers, &metrics)?);
+        let mut http = BTreeMap::new();
+        for (name, cfg) in &config.http {
+            http.insert(name.clone(), HttpEndpoint::new(name, cfg, shutdown.child_token())?);
+        }
+        let rules = Arc::new(RuleSet::compile(&config, &brokers, &http, &metrics)?);
+        // Every HTTP target's lanes are started: wait for them at shutdown.
+        for endpoint in http.into_values() {
+            tasks.spawn(endpoint.finished());
+        }
         let broker =
             Broker::new(Arc::clone(&metrics), config.mqtt.max_retained, config.mqtt.queue_qos0);
         tasks.spawn(sessions::expire(Arc::clone(&broker), shutdown.clone()));

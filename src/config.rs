@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 use crate::mqtt::topic;
+pub use crate::sinks::http::config::{HttpEndpointConfig, HttpTargetConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -27,6 +28,9 @@ pub struct Config {
     /// Named AMQP 0-9-1 broker connections, referenced by rule targets.
     #[serde(default)]
     pub amqp: BTreeMap<String, AmqpBrokerConfig>,
+    /// Named HTTP endpoints (webhooks), referenced by `- http:` rule targets.
+    #[serde(default)]
+    pub http: BTreeMap<String, HttpEndpointConfig>,
     /// Routing rules: an MQTT topic filter and the targets a matching message goes to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -165,9 +169,13 @@ pub struct RuleConfig {
 /// One target of a rule.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "snake_case")]
+// Parsed once at start: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum TargetConfig {
     /// Publish to an AMQP exchange.
     Amqp(AmqpTargetConfig),
+    /// Send to an HTTP endpoint (a webhook).
+    Http(HttpTargetConfig),
 }
 
 /// `- amqp:` target.
@@ -503,10 +511,13 @@ impl Config {
                             }
                         }
                     }
+                    // Checked with the `http:` section below.
+                    TargetConfig::Http(_) => {}
                 }
             }
         }
         self.validate_auth(&mut err);
+        crate::sinks::http::config::validate(self, &mut err);
         errors
     }
 

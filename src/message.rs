@@ -29,4 +29,7 @@ pub struct Message {
     pub properties: Properties,
     /// When mqgate received it, for latency metrics and message expiry.
     pub received: Instant,
+    /// The client's packet id of a QoS 1/2 PUBLISH (a resend carries the same one); `None`
+    /// for QoS 0, wills and messages mqgate makes itself. Part of HTTP idempotency keys.
+    pub packet_id: Option<u16>,
 }

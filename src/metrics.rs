@@ -111,6 +111,8 @@ pub struct Metrics {
     pub amqp_confirm_latency: Family<BrokerLabels, Histogram>,
     /// Per broker: nacked publishes.
     pub amqp_nacks: Family<BrokerLabels, Counter>,
+    /// The HTTP (webhook) target families.
+    pub http: HttpFamilies,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -123,6 +125,7 @@ impl Metrics {
     /// Builds and registers every family.
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("mqgate");
+        let http = HttpFamilies::register(&mut registry);
         let m = Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
@@ -141,6 +144,7 @@ impl Metrics {
             amqp_unconfirmed: Family::default(),
             amqp_confirm_latency: Family::new_with_constructor(latency_histogram),
             amqp_nacks: Family::default(),
+            http,
             registry: Registry::default(),
         };
         registry.register("connections", "Open MQTT connections", m.connections.clone());
@@ -267,4 +271,109 @@ impl Metrics {
 fn latency_histogram() -> Histogram {
     // 50 µs .. ~1.6 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+/// Labels of a per-rule, per-HTTP-endpoint series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The rule's `name`.
+    pub rule: String,
+    /// The endpoint's key under `http:`.
+    pub endpoint: String,
+}
+
+/// Labels of HTTP responses by status class.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpResponseLabels {
+    /// The rule's `name`.
+    pub rule: String,
+    /// The endpoint's key under `http:`.
+    pub endpoint: String,
+    /// `2xx`, `3xx`, `4xx`, `5xx`, or `error` (no response: connection error, timeout).
+    pub class: String,
+}
+
+/// The families of the HTTP sink, registered once.
+#[derive(Clone, Debug)]
+pub struct HttpFamilies {
+    /// Requests sent (each attempt counts).
+    pub requests: Family<HttpLabels, Counter>,
+    /// Responses by status class, and attempts without a response.
+    pub responses: Family<HttpResponseLabels, Counter>,
+    /// Attempts that were retries.
+    pub retries: Family<HttpLabels, Counter>,
+    /// Seconds from sending a request to its response (or error).
+    pub latency: Family<HttpLabels, Histogram>,
+    /// Messages waiting in the target's lanes.
+    pub queue_depth: Family<HttpLabels, Gauge>,
+}
+
+/// Handles of one HTTP target (a rule and its endpoint), resolved once.
+#[derive(Clone, Debug)]
+pub struct HttpMetrics {
+    /// See [`HttpFamilies::requests`].
+    pub requests: Counter,
+    /// Responses: 2xx, 3xx, 4xx, 5xx, error, in that order.
+    pub responses: [Counter; 5],
+    /// See [`HttpFamilies::retries`].
+    pub retries: Counter,
+    /// See [`HttpFamilies::latency`].
+    pub latency: Histogram,
+    /// See [`HttpFamilies::queue_depth`].
+    pub queue_depth: Gauge,
+}
+
+impl HttpFamilies {
+    fn register(registry: &mut Registry) -> HttpFamilies {
+        let f = HttpFamilies {
+            requests: Family::default(),
+            responses: Family::default(),
+            retries: Family::default(),
+            latency: Family::new_with_constructor(http_latency_histogram),
+            queue_depth: Family::default(),
+        };
+        registry.register("http_requests", "HTTP requests sent (attempts)", f.requests.clone());
+        registry.register(
+            "http_responses",
+            "HTTP responses by status class; class=error: no response",
+            f.responses.clone(),
+        );
+        registry.register("http_retries", "HTTP requests that were retries", f.retries.clone());
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from sending an HTTP request to its response",
+            f.latency.clone(),
+        );
+        registry.register(
+            "http_queue_depth",
+            "Messages waiting for an HTTP target",
+            f.queue_depth.clone(),
+        );
+        f
+    }
+
+    /// Handles for rule `rule` sending to endpoint `endpoint`.
+    pub fn target(&self, rule: &str, endpoint: &str) -> HttpMetrics {
+        let labels = HttpLabels { rule: rule.to_owned(), endpoint: endpoint.to_owned() };
+        let class = |c: &str| {
+            let l = HttpResponseLabels {
+                rule: rule.to_owned(),
+                endpoint: endpoint.to_owned(),
+                class: c.to_owned(),
+            };
+            self.responses.get_or_create(&l).clone()
+        };
+        HttpMetrics {
+            requests: self.requests.get_or_create(&labels).clone(),
+            responses: [class("2xx"), class("3xx"), class("4xx"), class("5xx"), class("error")],
+            retries: self.retries.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+            queue_depth: self.queue_depth.get_or_create(&labels).clone(),
+        }
+    }
+}
+
+fn http_latency_histogram() -> Histogram {
+    // 100 µs .. ~13 s
+    Histogram::new(exponential_buckets(0.000_1, 2.0, 18))
 }

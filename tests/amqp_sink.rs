@@ -285,6 +285,7 @@ fn message(payload: &'static [u8], qos: QoS, content_type: Option<&str>) -> Arc<
             ..Properties::default()
         },
         received: Instant::now(),
+        packet_id: None,
     })
 }
 

@@ -13,6 +13,7 @@ use crate::config::{Config, TargetConfig};
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::mqtt::topic::{self, TopicTree};
 use crate::sinks::amqp::AmqpBroker;
+use crate::sinks::http::{HttpEndpoint, HttpError, HttpTarget};
 
 /// A rule that cannot be compiled (the config validation normally catches these first).
 #[derive(Debug, Error)]
@@ -20,6 +21,12 @@ pub enum RuleError {
     /// A target names a broker that is not configured.
     #[error("rule {rule:?}: unknown AMQP broker {broker:?}")]
     UnknownBroker { rule: String, broker: String },
+    /// A target names an HTTP endpoint that is not configured.
+    #[error("rule {rule:?}: unknown HTTP endpoint {endpoint:?}")]
+    UnknownEndpoint { rule: String, endpoint: String },
+    /// An HTTP target cannot be set up.
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
 /// One compiled rule.
@@ -38,6 +45,8 @@ pub struct Rule {
 pub enum Target {
     /// An AMQP exchange on a named broker.
     Amqp(AmqpTarget),
+    /// An HTTP endpoint (a webhook): the handle of the target's lanes.
+    Http(HttpTarget),
 }
 
 /// An AMQP exchange target.
@@ -72,10 +81,12 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    /// Compiles the rules of `config` against the running sinks.
+    /// Compiles the rules of `config` against the running sinks. HTTP targets start their
+    /// lanes (tasks) on their endpoint here, so this runs inside the tokio runtime.
     pub fn compile(
         config: &Config,
         brokers: &BTreeMap<String, AmqpBroker>,
+        http: &BTreeMap<String, HttpEndpoint>,
         metrics: &Metrics,
     ) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet::default();
@@ -98,6 +109,15 @@ impl RuleSet {
                             routing_key: t.routing_key.as_ref().map(|r| r.value.clone()),
                             metrics: metrics.target(&name, &label),
                         }));
+                    }
+                    TargetConfig::Http(t) => {
+                        let endpoint = http.get(&t.endpoint.value).ok_or_else(|| {
+                            RuleError::UnknownEndpoint {
+                                rule: name.clone(),
+                                endpoint: t.endpoint.value.clone(),
+                            }
+                        })?;
+                        targets.push(Target::Http(HttpTarget::start(endpoint, &name, t, metrics)?));
                     }
                 }
             }

@@ -6,11 +6,12 @@
 //! the session (a closed channel is never taken for success).
 
 pub mod amqp;
+pub mod http;
 
 /// The result of handing one message to one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// The target has taken responsibility (AMQP confirm).
+    /// The target has taken responsibility (AMQP confirm, HTTP 2xx).
     Delivered,
     /// The target did not take it.
     Failed(Failure),

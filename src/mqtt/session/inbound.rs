@@ -22,6 +22,7 @@ use crate::mqtt::codec::{
 };
 use crate::rules::Target;
 use crate::sinks::amqp::{AmqpBroker, PublishRequest};
+use crate::sinks::http::{HttpRequest, HttpTarget};
 use crate::sinks::{Failure, Outcome};
 
 /// One QoS 1/2 PUBLISH waiting for its acknowledgement.
@@ -230,6 +231,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             username: self.username.clone(),
             properties: p.properties,
             received: self.last_packet.into_std(),
+            packet_id: (p.qos != QoS::AtMostOnce).then_some(p.packet_id),
         });
         let mut hits = std::mem::take(&mut self.rule_hits);
         let (matched, waits) =
@@ -310,12 +312,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 /// Publish requests a sink could not take at once (its queue was full), in routing order,
 /// with the sink each goes to: the caller waits for room with [`send_blocked`]. That wait is
 /// the backpressure from the sinks to the client.
-pub(super) type Blocked = Vec<(AmqpBroker, PublishRequest)>;
+pub(super) type Blocked = Vec<BlockedRequest>;
+
+/// One request waiting for room in its sink's queue.
+#[derive(Debug)]
+pub(super) enum BlockedRequest {
+    /// For an AMQP broker.
+    Amqp(AmqpBroker, PublishRequest),
+    /// For an HTTP target's lane.
+    Http(HttpTarget, HttpRequest),
+}
 
 /// Sends requests that found their sink's queue full, in order, waiting for room.
 pub(super) async fn send_blocked(blocked: Blocked) {
-    for (broker, req) in blocked {
-        broker.publish(req).await;
+    for entry in blocked {
+        match entry {
+            BlockedRequest::Amqp(broker, req) => broker.publish(req).await,
+            BlockedRequest::Http(target, req) => target.publish(req).await,
+        }
     }
 }
 
@@ -354,9 +368,22 @@ pub(super) fn route(
                         metrics: t.metrics.clone(),
                     };
                     if !blocked.is_empty() {
-                        blocked.push((t.broker.clone(), req));
+                        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
                     } else if let Err(req) = t.broker.try_publish(req) {
-                        blocked.push((t.broker.clone(), req));
+                        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
+                    }
+                }
+                Target::Http(t) => {
+                    let ack = (msg.qos != QoS::AtMostOnce).then(|| {
+                        let (tx, rx) = oneshot::channel();
+                        waits.push(rx);
+                        tx
+                    });
+                    let req = HttpRequest { msg: Arc::clone(msg), ack };
+                    if !blocked.is_empty() {
+                        blocked.push(BlockedRequest::Http(t.clone(), req));
+                    } else if let Err(req) = t.try_publish(req) {
+                        blocked.push(BlockedRequest::Http(t.clone(), req));
                     }
                 }
             }
@@ -383,6 +410,7 @@ pub(super) async fn publish_will(
         username,
         properties: Properties { will_delay_interval: None, ..will.properties },
         received: Instant::now(),
+        packet_id: None,
     });
     debug!(parent: span, topic = %msg.topic, "publishing will");
     let mut blocked = Vec::new();

@@ -175,6 +175,7 @@ mod tests {
                 username: None,
                 properties: Properties::default(),
                 received: Instant::now(),
+                packet_id: None,
             }),
             ack: None,
             metrics: TargetMetrics::default(),

@@ -77,6 +77,7 @@ mod tests {
             username: None,
             properties: Properties { content_type, ..Properties::default() },
             received: Instant::now(),
+            packet_id: None,
         }
     }
 

@@ -121,6 +121,7 @@ fn request(ack: Option<oneshot::Sender<Outcome>>, target: &TargetMetrics) -> Pub
             username: None,
             properties: Properties::default(),
             received: Instant::now(),
+            packet_id: None,
         }),
         ack,
         metrics: target.clone(),

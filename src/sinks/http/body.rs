@@ -1,0 +1,278 @@
+//! Request bodies of HTTP targets: `raw`, the `json` envelope, a template, and batches of
+//! them (a JSON array or NDJSON); and the `Idempotency-Key` of a message or a batch.
+//!
+//! Pure: no I/O.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use minijinja::value::Value;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use super::config::BatchFormat;
+use super::template::Template;
+use crate::message::Message;
+
+/// What the body of a request for one message is.
+#[derive(Debug)]
+pub enum BodySpec {
+    /// The payload unchanged.
+    Raw,
+    /// The JSON envelope ([`envelope`]).
+    Json,
+    /// A rendered template.
+    Template(Template),
+}
+
+impl BodySpec {
+    /// `raw`, `json`, or else a template to compile.
+    pub fn parse(text: &str) -> Result<BodySpec, super::template::TemplateError> {
+        Ok(match text {
+            "raw" => BodySpec::Raw,
+            "json" => BodySpec::Json,
+            t => BodySpec::Template(Template::compile(super::template::Kind::Text, t)?),
+        })
+    }
+
+    /// The Content-Type when the config sets none.
+    pub fn default_content_type<'a>(&self, msg: &'a Message) -> &'a str {
+        match self {
+            BodySpec::Raw => {
+                msg.properties.content_type.as_deref().unwrap_or("application/octet-stream")
+            }
+            BodySpec::Json => "application/json",
+            BodySpec::Template(_) => "text/plain; charset=utf-8",
+        }
+    }
+
+    /// The body of a request carrying `msg` alone. `ctx` is the template context (when the
+    /// body is a template).
+    pub fn single(&self, msg: &Message, ctx: Option<&Value>) -> Result<Bytes, String> {
+        match self {
+            BodySpec::Raw => Ok(msg.payload.clone()),
+            BodySpec::Json => serde_json::to_vec(&envelope(msg))
+                .map(Bytes::from)
+                .map_err(|e| format!("cannot encode the JSON envelope: {e}")),
+            BodySpec::Template(t) => {
+                let ctx = ctx.ok_or("no template context")?;
+                t.render(ctx).map(|s| Bytes::from(s.into_owned())).map_err(|e| format!("body {e}"))
+            }
+        }
+    }
+
+    /// The element of `msg` in a batch: one JSON document on one line. `raw` payloads and
+    /// rendered templates must be JSON to be batched.
+    pub fn element(&self, msg: &Message, ctx: Option<&Value>) -> Result<Vec<u8>, String> {
+        let value = match self {
+            BodySpec::Json => envelope(msg),
+            BodySpec::Raw => serde_json::from_slice(&msg.payload).map_err(|_| {
+                "the payload is not JSON: a batch of `body: raw` needs JSON payloads \
+                 (use `body: json` for any payload)"
+                    .to_owned()
+            })?,
+            BodySpec::Template(_) => {
+                let text = self.single(msg, ctx)?;
+                serde_json::from_slice(&text)
+                    .map_err(|e| format!("the rendered body is not JSON ({e}): batches are JSON"))?
+            }
+        };
+        serde_json::to_vec(&value).map_err(|e| format!("cannot encode JSON: {e}"))
+    }
+}
+
+/// The `json` envelope of a message: topic, payload (the JSON value when the payload is JSON,
+/// else base64, as `payload_encoding` says), QoS, retain, client id, user name, receive time
+/// and the MQTT 5 content type and user properties.
+pub fn envelope(msg: &Message) -> serde_json::Value {
+    let (payload, encoding) = match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+        Ok(v) => (v, "json"),
+        Err(_) => (
+            serde_json::Value::String(
+                base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+            ),
+            "base64",
+        ),
+    };
+    let user_properties: Vec<[&str; 2]> =
+        msg.properties.user_properties.iter().map(|(k, v)| [k.as_str(), v.as_str()]).collect();
+    json!({
+        "topic": msg.topic,
+        "payload": payload,
+        "payload_encoding": encoding,
+        "qos": msg.qos as u8,
+        "retain": msg.retain,
+        "client_id": &*msg.client_id,
+        "username": msg.username.as_deref(),
+        "received_at": rfc3339(received_at(msg.received)),
+        "content_type": msg.properties.content_type,
+        "user_properties": user_properties,
+    })
+}
+
+/// The wall-clock time of a monotonic instant in the recent past.
+fn received_at(received: Instant) -> SystemTime {
+    SystemTime::now() - received.elapsed()
+}
+
+/// `2026-11-26T09:03:54.123Z`.
+fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// A batch body from its elements.
+pub fn frame(format: BatchFormat, elements: &[Vec<u8>]) -> Bytes {
+    let len: usize = elements.iter().map(|e| e.len() + 1).sum::<usize>() + 2;
+    let mut out = Vec::with_capacity(len);
+    match format {
+        BatchFormat::Json => {
+            out.push(b'[');
+            for (i, e) in elements.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(e);
+            }
+            out.push(b']');
+        }
+        BatchFormat::Ndjson => {
+            for e in elements {
+                out.extend_from_slice(e);
+                out.push(b'\n');
+            }
+        }
+    }
+    Bytes::from(out)
+}
+
+/// The Content-Type of a batch.
+pub fn batch_content_type(format: BatchFormat) -> &'static str {
+    match format {
+        BatchFormat::Json => "application/json",
+        BatchFormat::Ndjson => "application/x-ndjson",
+    }
+}
+
+/// The `Idempotency-Key` of a QoS 1/2 message: SHA-256 over the client id, the packet id, the
+/// topic and the payload, as 32 hex digits. The same for every retry of the request, and for
+/// the client's resend of the same PUBLISH (same packet id) after mqgate told it to resend.
+/// `None` for QoS 0 (nothing is retried on the client's side) and messages without a packet
+/// id (wills).
+pub fn idempotency_key(msg: &Message) -> Option<String> {
+    let packet_id = msg.packet_id?;
+    let mut h = Sha256::new();
+    for part in [msg.client_id.as_bytes(), &packet_id.to_be_bytes(), msg.topic.as_bytes()] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.update(&msg.payload);
+    Some(hex(&h.finalize()[..16]))
+}
+
+/// The key of a batch: over the keys of its messages, in order (`None` when none has one).
+pub fn batch_key<'a>(keys: impl Iterator<Item = Option<&'a str>>) -> Option<String> {
+    let mut h = Sha256::new();
+    let mut any = false;
+    for k in keys {
+        let k = k.unwrap_or("-");
+        any |= k != "-";
+        h.update(k.as_bytes());
+        h.update(b",");
+    }
+    any.then(|| hex(&h.finalize()[..16]))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::mqtt::codec::{Properties, QoS};
+
+    fn msg(payload: &[u8], packet_id: Option<u16>) -> Message {
+        Message {
+            topic: "s/a".into(),
+            payload: Bytes::copy_from_slice(payload),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            client_id: Arc::from("dev"),
+            username: Some(Arc::from("u")),
+            properties: Properties::default(),
+            received: Instant::now(),
+            packet_id,
+        }
+    }
+
+    #[test]
+    fn envelope_has_json_or_base64_payload() {
+        let e = envelope(&msg(br#"{"t": 21.5}"#, Some(1)));
+        assert_eq!(e["payload"], json!({"t": 21.5}));
+        assert_eq!(e["payload_encoding"], "json");
+        assert_eq!(
+            (e["topic"].as_str(), e["qos"].as_u64(), e["retain"].as_bool()),
+            (Some("s/a"), Some(1), Some(true))
+        );
+        assert_eq!((e["client_id"].as_str(), e["username"].as_str()), (Some("dev"), Some("u")));
+        let e = envelope(&msg(b"\x00\xffhi", None));
+        assert_eq!(e["payload"], "AP9oaQ==");
+        assert_eq!(e["payload_encoding"], "base64");
+        let at = e["received_at"].as_str().unwrap_or_default();
+        assert!(at.len() == 24 && at.ends_with('Z') && at.starts_with("20"), "{at}");
+    }
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_651_434_123);
+        assert_eq!(rfc3339(t), "2026-11-26T00:03:54.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn keys_are_deterministic_and_distinguish_messages() {
+        let a = idempotency_key(&msg(b"x", Some(1)));
+        assert_eq!(a, idempotency_key(&msg(b"x", Some(1))));
+        assert_ne!(a, idempotency_key(&msg(b"x", Some(2))));
+        assert_ne!(a, idempotency_key(&msg(b"y", Some(1))));
+        assert_eq!(idempotency_key(&msg(b"x", None)), None);
+        assert_eq!(a.as_deref().map(str::len), Some(32));
+        let b = batch_key([a.as_deref(), None].into_iter());
+        assert_eq!(b, batch_key([a.as_deref(), None].into_iter()));
+        assert_eq!(batch_key([None, None].into_iter()), None);
+    }
+
+    #[test]
+    fn frames() {
+        let el = vec![b"{\"a\":1}".to_vec(), b"2".to_vec()];
+        assert_eq!(&frame(BatchFormat::Json, &el)[..], b"[{\"a\":1},2]");
+        assert_eq!(&frame(BatchFormat::Ndjson, &el)[..], b"{\"a\":1}\n2\n");
+        let raw = BodySpec::Raw;
+        assert!(raw.element(&msg(b"not json", None), None).is_err());
+        assert_eq!(raw.element(&msg(b"{ \"x\" :\n 1 }", None), None).unwrap(), b"{\"x\":1}");
+    }
+}

@@ -1,0 +1,364 @@
+//! One lane of an HTTP target: a task that takes messages from its bounded queue and sends
+//! them one request at a time (one message, or one batch), retrying a request until it is
+//! delivered, fails for good, or runs out of attempts or time. Because a lane never starts the
+//! next request before the current one is settled, messages of one topic (always the same
+//! lane) reach the endpoint in order.
+//!
+//! Every message taken from the queue gets exactly one outcome; at shutdown the lane finishes
+//! the attempt in flight, retries nothing more, and fails what is still queued (retryable).
+
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use minijinja::value::Value;
+use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::Method;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::body::{self, BodySpec};
+use super::retry::{self, Verdict};
+use super::template::{self, Template};
+use super::{join_url, HttpRequest, Spec, IDEMPOTENCY_KEY};
+use crate::message::Message;
+use crate::sinks::{Failure, Outcome};
+
+/// Response bytes read (and dropped) so the connection can be reused; a longer body is cut.
+const MAX_DRAIN: usize = 64 * 1024;
+
+/// Runs one lane until shutdown or until every sender is gone.
+pub(super) async fn run(
+    spec: Arc<Spec>,
+    rx: mpsc::Receiver<HttpRequest>,
+    shutdown: CancellationToken,
+) {
+    let mut lane = Lane { spec, rx, shutdown, carry: None };
+    while let Some(first) = lane.next().await {
+        if lane.spec.batch.is_some() && !lane.spec.is_state(&first.msg) {
+            lane.batch(first).await;
+        } else {
+            lane.single(first).await;
+        }
+    }
+    lane.reject_queued();
+}
+
+/// A lane's state.
+struct Lane {
+    /// The target's settings.
+    spec: Arc<Spec>,
+    /// The lane's queue.
+    rx: mpsc::Receiver<HttpRequest>,
+    /// The endpoint's shutdown.
+    shutdown: CancellationToken,
+    /// A message taken while filling a batch that could not join it (a state change, or one
+    /// over `max_bytes`): the next one to send.
+    carry: Option<HttpRequest>,
+}
+
+impl Lane {
+    /// The next message: the carried one, or the next from the queue; `None` at shutdown or
+    /// when the queue is closed and empty.
+    async fn next(&mut self) -> Option<HttpRequest> {
+        if let Some(r) = self.carry.take() {
+            return Some(r);
+        }
+        let r = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => None,
+            r = self.rx.recv() => r,
+        }?;
+        self.spec.http.queue_depth.dec();
+        Some(r)
+    }
+
+    /// Sends one message in its own request.
+    async fn single(&mut self, req: HttpRequest) {
+        let outcome = match self.spec.build_single(&req.msg) {
+            Ok(request) => self.deliver(request).await,
+            Err(reason) => Outcome::Failed(Failure::fatal(reason)),
+        };
+        self.resolve(vec![req], outcome);
+    }
+
+    /// Fills a batch starting with `first` (up to `max_messages`, `max_bytes`, or until
+    /// `max_delay` passed), then sends it as one request.
+    async fn batch(&mut self, first: HttpRequest) {
+        let Some(cfg) = self.spec.batch.clone() else { return self.single(first).await };
+        let deadline = tokio::time::Instant::now() + cfg.max_delay.0;
+        let mut reqs = Vec::new();
+        let mut elements: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        loop {
+            if let Some(req) = next.take() {
+                match self.spec.element(&req.msg) {
+                    Ok(e) if !elements.is_empty() && bytes + e.len() > cfg.max_bytes => {
+                        self.carry = Some(req);
+                        break;
+                    }
+                    Ok(e) => {
+                        bytes += e.len();
+                        elements.push(e);
+                        reqs.push(req);
+                    }
+                    Err(reason) => self.resolve(vec![req], Outcome::Failed(Failure::fatal(reason))),
+                }
+            }
+            if reqs.len() >= cfg.max_messages || bytes >= cfg.max_bytes {
+                break;
+            }
+            let req = match self.rx.try_recv() {
+                Ok(r) => r,
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let r = tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => None,
+                        () = tokio::time::sleep_until(deadline) => None,
+                        r = self.rx.recv() => r,
+                    };
+                    match r {
+                        Some(r) => r,
+                        None => break,
+                    }
+                }
+            };
+            self.spec.http.queue_depth.dec();
+            if self.spec.is_state(&req.msg) {
+                // Sent alone, after this batch: order per topic holds.
+                self.carry = Some(req);
+                break;
+            }
+            next = Some(req);
+        }
+        if reqs.is_empty() {
+            return;
+        }
+        let keys: Vec<Option<String>> =
+            reqs.iter().map(|r| body::idempotency_key(&r.msg)).collect();
+        let key = body::batch_key(keys.iter().map(Option::as_deref));
+        let outcome = match self.spec.build_batch(&elements, cfg.format, key) {
+            Ok(request) => self.deliver(request).await,
+            Err(reason) => Outcome::Failed(Failure::fatal(reason)),
+        };
+        self.resolve(reqs, outcome);
+    }
+
+    /// Sends `request` until it is settled; the outcome of every message in it.
+    async fn deliver(&mut self, request: reqwest::Request) -> Outcome {
+        let spec = Arc::clone(&self.spec);
+        let ep = &spec.endpoint.inner;
+        let retry = &spec.retry;
+        let started = Instant::now();
+        let mut attempt = 1u32;
+        loop {
+            let Some(req) = request.try_clone() else {
+                return Outcome::Failed(Failure::fatal("the request body cannot be resent"));
+            };
+            let (reason, after) = match self.attempt(req).await {
+                Verdict::Delivered => return Outcome::Delivered,
+                Verdict::Permanent(reason) => {
+                    return Outcome::Failed(Failure::fatal(format!(
+                        "http endpoint {}: {reason}",
+                        ep.name
+                    )))
+                }
+                Verdict::Retry { reason, after } => (reason, after),
+            };
+            let give_up = |why: &str| {
+                Outcome::Failed(Failure::retryable(format!(
+                    "http endpoint {}: {reason} (attempt {attempt}; {why})",
+                    ep.name
+                )))
+            };
+            if attempt >= retry.attempts {
+                return give_up("no attempts left");
+            }
+            if self.shutdown.is_cancelled() {
+                return give_up("shutting down");
+            }
+            let delay = after.unwrap_or_else(|| {
+                retry::backoff(attempt, retry.initial_backoff.0, retry.max_backoff.0)
+            });
+            if started.elapsed() + delay > retry.max_time.0 {
+                return give_up("the next retry would pass retry.max_time");
+            }
+            debug!(endpoint = %ep.name, rule = %spec.rule, %reason, attempt, ?delay, "HTTP request failed; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = self.shutdown.cancelled() => return give_up("shutting down"),
+            }
+            attempt += 1;
+            spec.http.retries.inc();
+        }
+    }
+
+    /// One attempt: waits for a connection permit, sends, reads the status and drains the body.
+    async fn attempt(&self, req: reqwest::Request) -> Verdict {
+        let spec = &self.spec;
+        let ep = &spec.endpoint.inner;
+        let Ok(_permit) = ep.permits.acquire().await else {
+            return Verdict::Retry { reason: "endpoint closed".into(), after: None };
+        };
+        spec.http.requests.inc();
+        let t0 = Instant::now();
+        let result = ep.client.execute(req).await;
+        let verdict = match result {
+            Ok(mut resp) => {
+                let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let mut read = 0;
+                while read < MAX_DRAIN {
+                    match resp.chunk().await {
+                        Ok(Some(c)) => read += c.len(),
+                        _ => break,
+                    }
+                }
+                let class = match status.as_u16() {
+                    200..=299 => 0,
+                    300..=399 => 1,
+                    400..=499 => 2,
+                    _ => 3,
+                };
+                spec.http.responses[class].inc();
+                retry::classify_status(status, retry_after.as_deref(), SystemTime::now())
+            }
+            Err(e) => {
+                spec.http.responses[4].inc();
+                retry::classify_error(&e)
+            }
+        };
+        spec.http.latency.observe(t0.elapsed().as_secs_f64());
+        verdict
+    }
+
+    /// Reports `outcome` for every message of a request, and counts them.
+    fn resolve(&self, reqs: Vec<HttpRequest>, outcome: Outcome) {
+        let spec = &self.spec;
+        if let Outcome::Failed(f) = &outcome {
+            warn!(endpoint = %spec.endpoint.inner.name, rule = %spec.rule, reason = %f.reason, retryable = f.retryable, messages = reqs.len(), "HTTP target did not take the message(s)");
+        }
+        for req in reqs {
+            match &outcome {
+                Outcome::Delivered => spec.target.forwarded.inc(),
+                Outcome::Failed(_) => spec.target.failed.inc(),
+            };
+            if let Some(ack) = req.ack {
+                let _ = ack.send(outcome.clone());
+            }
+        }
+    }
+
+    /// Stops taking messages and fails those still queued (retryable: resent by the client).
+    fn reject_queued(&mut self) {
+        self.rx.close();
+        if let Some(req) = self.carry.take() {
+            self.spec.fail(req, "is shutting down");
+        }
+        while let Ok(req) = self.rx.try_recv() {
+            self.spec.http.queue_depth.dec();
+            self.spec.fail(req, "is shutting down");
+        }
+    }
+}
+
+impl Spec {
+    /// The template context of `msg`, when a template needs one.
+    fn context(&self, msg: &Message) -> Option<Value> {
+        self.needs.map(|n| template::context(msg, n))
+    }
+
+    /// The request for `msg` alone.
+    fn build_single(&self, msg: &Message) -> Result<reqwest::Request, String> {
+        let ctx = self.context(msg);
+        let url = match (&self.static_url, &self.path) {
+            (Some(u), _) => u.clone(),
+            (None, Some(t)) => {
+                let ctx = ctx.as_ref().ok_or("no template context")?;
+                let path = t.render(ctx).map_err(|e| format!("path {e}"))?;
+                join_url(&self.endpoint.inner, &path)?
+            }
+            (None, None) => self.endpoint.inner.base_url.clone(),
+        };
+        let (method, with_body) = match (self.is_state(msg), msg.payload.is_empty()) {
+            (true, true) => (Method::DELETE, false),
+            (true, false) => (Method::PUT, true),
+            (false, _) => (self.method.clone(), true),
+        };
+        let mut req = reqwest::Request::new(method, url);
+        let headers = req.headers_mut();
+        for (name, t) in &self.headers {
+            let value = match (t, &ctx) {
+                (Template::Static(s), _) => HeaderValue::from_str(s),
+                (_, Some(ctx)) => {
+                    let v = t.render(ctx).map_err(|e| format!("header {name}: {e}"))?;
+                    HeaderValue::from_str(&v)
+                }
+                (_, None) => return Err("no template context".into()),
+            }
+            .map_err(|_| {
+                format!("header {name}: the rendered value is not a valid header value")
+            })?;
+            headers.insert(name.clone(), value);
+        }
+        if let Some(key) = body::idempotency_key(msg) {
+            headers
+                .insert(IDEMPOTENCY_KEY, HeaderValue::from_str(&key).map_err(|e| e.to_string())?);
+        }
+        if with_body {
+            let content_type = match &self.content_type {
+                Some(ct) => ct.clone(),
+                None => HeaderValue::from_str(self.body.default_content_type(msg))
+                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+            };
+            headers.insert(CONTENT_TYPE, content_type);
+            *req.body_mut() = Some(self.body.single(msg, ctx.as_ref())?.into());
+        }
+        Ok(req)
+    }
+
+    /// The batch element of `msg`.
+    fn element(&self, msg: &Message) -> Result<Vec<u8>, String> {
+        let ctx = match &self.body {
+            BodySpec::Template(_) => self.context(msg),
+            _ => None,
+        };
+        self.body.element(msg, ctx.as_ref())
+    }
+
+    /// The request carrying a batch (path and headers are static: checked at start).
+    fn build_batch(
+        &self,
+        elements: &[Vec<u8>],
+        format: super::config::BatchFormat,
+        key: Option<String>,
+    ) -> Result<reqwest::Request, String> {
+        let url = self.static_url.clone().ok_or("a batch needs a fixed path")?;
+        let mut req = reqwest::Request::new(self.method.clone(), url);
+        let headers = req.headers_mut();
+        for (name, t) in &self.headers {
+            if let Template::Static(s) = t {
+                let v = HeaderValue::from_str(s)
+                    .map_err(|_| format!("header {name}: invalid value"))?;
+                headers.insert(name.clone(), v);
+            }
+        }
+        if let Some(key) = key {
+            headers
+                .insert(IDEMPOTENCY_KEY, HeaderValue::from_str(&key).map_err(|e| e.to_string())?);
+        }
+        let ct = match &self.content_type {
+            Some(ct) => ct.clone(),
+            None => HeaderValue::from_static(body::batch_content_type(format)),
+        };
+        headers.insert(CONTENT_TYPE, ct);
+        *req.body_mut() = Some(body::frame(format, elements).into());
+        Ok(req)
+    }
+}

@@ -1,0 +1,266 @@
+//! minijinja templates of HTTP targets (path, headers, body): compiled once at load, rendered
+//! per message with a bounded amount of work (fuel), never panicking on a message.
+//!
+//! The context a template sees:
+//! - `topic`: the list of topic levels (`topic[1]` is the second level);
+//! - `topic_name`: the whole topic, e.g. `sensors/a/alerts`;
+//! - `client_id`, `username` (none when not given), `qos` (0..2), `retain` (bool);
+//! - `payload`: the payload as a string when it is UTF-8 (else none);
+//! - `json`: the payload parsed as JSON when it is JSON (else none);
+//! - `content_type`: the MQTT 5 content type (else none);
+//! - `user_properties`: the MQTT 5 user properties as a map (the last value of a repeated name).
+//!
+//! `payload` and `json` are built only for templates that use them. An undefined value is an
+//! error (a path must not silently lose a segment): the message fails, permanently. In a
+//! `path`, every `{{ }}` value is percent-encoded (`/` kept, so `{{ topic_name }}` gives
+//! several segments); a rendered path with a `.` or `..` segment is refused.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use minijinja::value::Value;
+use minijinja::{Environment, ErrorKind, UndefinedBehavior};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
+use thiserror::Error;
+
+use crate::message::Message;
+
+/// Instructions one rendering may execute: generous for any sensible template, small enough
+/// that a loop over a large payload cannot stall a lane.
+const FUEL: u64 = 50_000;
+
+/// Bytes kept as they are in a path value: RFC 3986 unreserved characters and `/`.
+const PATH_VALUE: &AsciiSet =
+    &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~').remove(b'/');
+
+/// What a template is for: where its output goes decides how values are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A URL path: values percent-encoded, dot segments refused.
+    Path,
+    /// A header value or a body: values written as they are.
+    Text,
+}
+
+/// A template that does not compile, or a rendering that failed.
+#[derive(Debug, Error)]
+pub enum TemplateError {
+    /// Syntax errors and the like, found at load.
+    #[error("template does not compile: {0}")]
+    Compile(String),
+    /// A rendering error (undefined value, out of fuel, a bad path segment).
+    #[error("template failed: {0}")]
+    Render(String),
+}
+
+/// Which parts of the message the templates of a target read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Needs {
+    /// `payload` is used.
+    pub payload: bool,
+    /// `json` is used.
+    pub json: bool,
+}
+
+impl Needs {
+    /// Both needs of `self` and `other`.
+    pub fn merge(self, other: Needs) -> Needs {
+        Needs { payload: self.payload || other.payload, json: self.json || other.json }
+    }
+}
+
+/// A compiled template, or the text itself when it has no template syntax.
+#[derive(Debug)]
+pub enum Template {
+    /// No `{{`, `{%` or `{#`: used as is.
+    Static(String),
+    /// An environment holding the one template, named `t`.
+    Dynamic {
+        /// The environment owning the compiled template.
+        env: Box<Environment<'static>>,
+        /// Path or text.
+        kind: Kind,
+        /// What the template reads.
+        needs: Needs,
+    },
+}
+
+impl Template {
+    /// Compiles `source` once; errors name the problem (minijinja's message).
+    pub fn compile(kind: Kind, source: &str) -> Result<Template, TemplateError> {
+        if !["{{", "{%", "{#"].iter().any(|m| source.contains(m)) {
+            if kind == Kind::Path {
+                check_path(source)?;
+            }
+            return Ok(Template::Static(source.to_owned()));
+        }
+        let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        if kind == Kind::Path {
+            env.set_formatter(|out, _state, value| {
+                let text = value.to_string();
+                let encoded: Cow<str> = if value.is_safe() {
+                    Cow::Borrowed(&text)
+                } else {
+                    percent_encoding::utf8_percent_encode(&text, PATH_VALUE).into()
+                };
+                out.write_str(&encoded)
+                    .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "write failed"))
+            });
+        }
+        env.add_template_owned("t", source.to_owned())
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
+        let vars = env
+            .get_template("t")
+            .map_err(|e| TemplateError::Compile(e.to_string()))?
+            .undeclared_variables(false);
+        let needs = Needs { payload: vars.contains("payload"), json: vars.contains("json") };
+        Ok(Template::Dynamic { env: Box::new(env), kind, needs })
+    }
+
+    /// What the template reads from the message.
+    pub fn needs(&self) -> Needs {
+        match self {
+            Template::Static(_) => Needs::default(),
+            Template::Dynamic { needs, .. } => *needs,
+        }
+    }
+
+    /// Renders with `ctx` (from [`context`]).
+    pub fn render<'a>(&'a self, ctx: &Value) -> Result<Cow<'a, str>, TemplateError> {
+        match self {
+            Template::Static(s) => Ok(Cow::Borrowed(s)),
+            Template::Dynamic { env, kind, .. } => {
+                let t = env.get_template("t").map_err(|e| TemplateError::Render(e.to_string()))?;
+                let out = t.render(ctx).map_err(|e| TemplateError::Render(e.to_string()))?;
+                if *kind == Kind::Path {
+                    check_path(&out)?;
+                }
+                Ok(Cow::Owned(out))
+            }
+        }
+    }
+}
+
+/// Refuses a path with a `.` or `..` segment (also percent-encoded): it would leave the
+/// resource the template names.
+fn check_path(path: &str) -> Result<(), TemplateError> {
+    for segment in path.split(['/', '?', '#']) {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." {
+            return Err(TemplateError::Render(format!(
+                "the path {path:?} has a {decoded:?} segment"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The template context of `msg`; `payload` and `json` only when `needs` says so.
+pub fn context(msg: &Message, needs: Needs) -> Value {
+    let mut ctx: BTreeMap<&'static str, Value> = BTreeMap::new();
+    ctx.insert("topic", Value::from_iter(msg.topic.split('/').map(Value::from)));
+    ctx.insert("topic_name", Value::from(msg.topic.as_str()));
+    ctx.insert("client_id", Value::from(&*msg.client_id));
+    ctx.insert("username", msg.username.as_deref().map_or(Value::from(()), Value::from));
+    ctx.insert("qos", Value::from(msg.qos as u8));
+    ctx.insert("retain", Value::from(msg.retain));
+    let p = &msg.properties;
+    ctx.insert("content_type", p.content_type.as_deref().map_or(Value::from(()), Value::from));
+    ctx.insert(
+        "user_properties",
+        Value::from_pairs(p.user_properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
+    );
+    if needs.payload {
+        let text = std::str::from_utf8(&msg.payload).ok();
+        ctx.insert("payload", text.map_or(Value::from(()), Value::from));
+    }
+    if needs.json {
+        let json = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
+        ctx.insert(
+            "json",
+            json.map_or(Value::from(()), |j| Value::from(minijinja::value::Serde(j))),
+        );
+    }
+    Value::from_pairs(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::mqtt::codec::{Properties, QoS};
+
+    fn msg(topic: &str, payload: &[u8]) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: Bytes::copy_from_slice(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            client_id: Arc::from("dev-1"),
+            username: None,
+            properties: Properties::default(),
+            received: Instant::now(),
+            packet_id: Some(7),
+        }
+    }
+
+    fn render(kind: Kind, src: &str, m: &Message) -> Result<String, TemplateError> {
+        let t = Template::compile(kind, src)?;
+        let ctx = context(m, t.needs());
+        t.render(&ctx).map(Cow::into_owned)
+    }
+
+    #[test]
+    fn topic_levels_and_fields() {
+        let m = msg("sensors/a b/alerts", br#"{"level": 3}"#);
+        assert_eq!(render(Kind::Text, "{{ topic[1] }}", &m).unwrap(), "a b");
+        assert_eq!(
+            render(Kind::Text, "{{ topic_name }}|{{ qos }}", &m).unwrap(),
+            "sensors/a b/alerts|1"
+        );
+        assert_eq!(render(Kind::Text, "{{ json.level * 2 }}", &m).unwrap(), "6");
+        assert_eq!(render(Kind::Text, "{{ client_id }}", &m).unwrap(), "dev-1");
+        assert_eq!(render(Kind::Text, "{{ payload }}", &m).unwrap(), r#"{"level": 3}"#);
+    }
+
+    #[test]
+    fn path_values_are_encoded_and_dot_segments_refused() {
+        let m = msg("sensors/a?b#c%/alerts", b"x");
+        assert_eq!(
+            render(Kind::Path, "/alerts/{{ topic[1] }}", &m).unwrap(),
+            "/alerts/a%3Fb%23c%25"
+        );
+        let m = msg("sensors/a/t", b"x");
+        assert_eq!(render(Kind::Path, "/s/{{ topic_name }}", &m).unwrap(), "/s/sensors/a/t");
+        let m = msg("sensors/../t", b"x");
+        assert!(render(Kind::Path, "/s/{{ topic[1] }}/x", &m).is_err());
+        assert!(Template::compile(Kind::Path, "/a/../b").is_err());
+    }
+
+    #[test]
+    fn undefined_values_fail_and_bad_syntax_is_a_compile_error() {
+        let m = msg("a", b"x");
+        assert!(matches!(render(Kind::Text, "{{ topic[3] }}", &m), Err(TemplateError::Render(_))));
+        assert!(matches!(
+            Template::compile(Kind::Text, "{{ topic[1 }}"),
+            Err(TemplateError::Compile(_))
+        ));
+    }
+
+    #[test]
+    fn fuel_bounds_the_work() {
+        let m = msg("a", b"x");
+        let e = render(
+            Kind::Text,
+            "{% for i in range(1000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}",
+            &m,
+        );
+        assert!(matches!(&e, Err(TemplateError::Render(r)) if r.contains("fuel")), "{e:?}");
+    }
+}
