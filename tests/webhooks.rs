@@ -101,7 +101,11 @@ impl Server {
             if seen.len() >= n {
                 return seen;
             }
-            assert!(Instant::now() < deadline, "expected {n} requests, got {}: {seen:#?}", seen.len());
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} requests, got {}: {seen:#?}",
+                seen.len()
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -188,7 +192,7 @@ async fn metric(app: &mqgate::app::App, prefix: &str) -> f64 {
 #[tokio::test]
 async fn a_2xx_acknowledges_and_the_request_has_path_body_and_env_headers() {
     let server = Server::ok().await;
-    // SAFETY of the test: a variable name no other test uses.
+    // A variable no other test uses.
     std::env::set_var("MQGATE_TEST_WEBHOOK_TOKEN", "s3cret-token");
     let yaml = config(
         &server.url(),
@@ -244,7 +248,10 @@ async fn a_404_is_never_acknowledged_as_delivered() {
         None => {}
         Some(p) => panic!("3.1.1 client got {p:?} for a 404"),
     }
-    assert_eq!(metric(&app, r#"mqgate_target_failed_total{rule="r",target="http:api/missing"}"#).await, 2.0);
+    assert_eq!(
+        metric(&app, r#"mqgate_target_failed_total{rule="r",target="http:api/missing"}"#).await,
+        2.0
+    );
     assert_eq!(metric(&app, r#"mqgate_target_forwarded_total{rule="r""#).await, 0.0);
     app.stop().await;
 }
@@ -309,15 +316,17 @@ async fn a_hang_past_the_timeout_is_retried() {
     })
     .await;
     let target = "          retry: { attempts: 3, initial_backoff: 10ms }\n";
-    let app =
-        gateway(&config(&server.url(), "    timeout: 300ms\n", &rule("t/#", target))).await;
+    let app = gateway(&config(&server.url(), "    timeout: 300ms\n", &rule("t/#", target))).await;
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "hang").await;
     let t0 = Instant::now();
     c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
     assert_eq!(puback(&mut c).await.code, ReasonCode::SUCCESS);
     assert!(t0.elapsed() < Duration::from_secs(2), "waited for the hanging answer");
     assert_eq!(server.seen().len(), 2);
-    assert_eq!(metric(&app, r#"mqgate_http_responses_total{rule="r",endpoint="api",class="error"}"#).await, 1.0);
+    assert_eq!(
+        metric(&app, r#"mqgate_http_responses_total{rule="r",endpoint="api",class="error"}"#).await,
+        1.0
+    );
     app.stop().await;
 }
 
@@ -562,7 +571,10 @@ async fn a_full_queue_drops_qos0_with_a_metric_and_makes_qos1_wait() {
         let a = puback(&mut q1).await;
         assert_eq!((a.packet_id, a.code), (i, ReasonCode::SUCCESS));
     }
-    assert_eq!(metric(&app, r#"mqgate_messages_dropped_total{reason="http_queue_full"}"#).await, dropped);
+    assert_eq!(
+        metric(&app, r#"mqgate_messages_dropped_total{reason="http_queue_full"}"#).await,
+        dropped
+    );
     app.stop().await;
 }
 
@@ -570,8 +582,14 @@ async fn a_full_queue_drops_qos0_with_a_metric_and_makes_qos1_wait() {
 fn config_errors_point_at_the_value() {
     let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\nhttp:\n  api:\n    url: \"http://127.0.0.1:1\"\nrules:\n  - name: r\n    from: \"t/#\"\n    to:\n      - http:\n          endpoint: nope\n          path: \"/a/{{ topic[1 }}\"\n";
     let e = Config::parse(Path::new("hooks.yaml"), yaml).unwrap_err().to_string();
-    assert!(e.contains("hooks.yaml:11:21: rule \"r\": no endpoint \"nope\" under http: (defined: api)"), "{e}");
-    assert!(e.contains("hooks.yaml:12:17: rule \"r\": http path: template does not compile"), "{e}");
+    assert!(
+        e.contains("hooks.yaml:11:21: rule \"r\": no endpoint \"nope\" under http: (defined: api)"),
+        "{e}"
+    );
+    assert!(
+        e.contains("hooks.yaml:12:17: rule \"r\": http path: template does not compile"),
+        "{e}"
+    );
     let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\nhttp:\n  api:\n    url: \"ftp://x\"\n    headers: { A: \"${env:MQGATE_TEST_SURELY_UNSET}\" }\n";
     let e = Config::parse(Path::new("h.yaml"), yaml).unwrap_err().to_string();
     assert!(e.contains("h.yaml:5:10: http.api.url must start with http:// or https://"), "{e}");

@@ -21,6 +21,10 @@
 //! * `idle`: `--connections` idle MQTT connections to each; reports the
 //!   server's VmRSS growth per connection and connections accepted per second.
 //!
+//! `http` benchmarks the HTTP webhook targets (no AMQP involved): an axum sink served by
+//! the bench itself, a direct reqwest loop against it (the ceiling), then a spawned mqgate
+//! forwarding QoS 1 MQTT messages one per request, then batched (see `mqgate_bench/http.rs`).
+//!
 //! Every payload starts with a 16-byte header (send timestamp, run-tagged
 //! sequence number) so the consumer measures latency and counts loss and
 //! duplicates. Every run stops by itself: after all messages arrived, or
@@ -34,6 +38,7 @@
 //! target/release/mqgate-bench --mqtt-addr 127.0.0.1:1883 --exchange amq.topic  # running gateway
 //! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
+//! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -47,6 +52,8 @@
 mod amqp;
 #[path = "mqgate_bench/gateway.rs"]
 mod gateway;
+#[path = "mqgate_bench/http.rs"]
+mod http;
 #[path = "mqgate_bench/idle.rs"]
 mod idle;
 #[path = "mqgate_bench/load.rs"]
@@ -166,6 +173,14 @@ struct Args {
     #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     connections: u64,
 
+    /// `--mode http`: requests in flight (the direct loop's tasks, the target's lanes).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    http_concurrency: u64,
+
+    /// `--mode http`: messages per batch in the batched run.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    http_batch: u64,
+
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -191,6 +206,8 @@ enum ModeArg {
     Fanin,
     /// Idle connections: RSS per connection and accept rate, mqgate vs a spawned Mosquitto.
     Idle,
+    /// HTTP webhook targets: direct reqwest loop vs mqgate, one message per request and batched.
+    Http,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -339,6 +356,9 @@ async fn run(args: Args) -> Result<bool> {
     if args.mode.contains(&ModeArg::Idle) {
         return run_idle(&args).await;
     }
+    if args.mode.contains(&ModeArg::Http) {
+        return run_http(&args).await;
+    }
     let fanin = args.mode.contains(&ModeArg::Fanin);
     let modes = args.modes();
     if modes.is_empty() {
@@ -435,6 +455,31 @@ async fn run_idle(args: &Args) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `--mode http`: the HTTP webhook bench.
+async fn run_http(args: &Args) -> Result<bool> {
+    let binary = match &args.mqgate {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locate the bench binary")?
+            .parent()
+            .context("the bench binary has no directory")?
+            .join("mqgate"),
+    };
+    http::run(&http::HttpBench {
+        binary: &binary,
+        messages: args.messages,
+        publishers: args.publishers as usize,
+        payload: args.payload as usize,
+        window: args.window as usize,
+        concurrency: args.http_concurrency as usize,
+        batch: args.http_batch as usize,
+        repeat: args.repeat,
+        warmup: args.warmup,
+        json: args.json,
+    })
+    .await
 }
 
 /// A task's result with a panic or cancellation as an error.

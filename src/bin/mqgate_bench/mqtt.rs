@@ -274,8 +274,24 @@ pub async fn raw_publisher(
     topic: String,
     job: PubJob,
     ready: tokio::sync::mpsc::Sender<()>,
+    phase: watch::Receiver<Phase>,
+) -> Result<PubStats> {
+    raw_publisher_topics(addr, client_id, vec![topic], job, ready, phase).await
+}
+
+/// [`raw_publisher`] over several topics: message `k` goes to `topics[k % len]` (the HTTP
+/// bench spreads a publisher's messages over the target's per-topic lanes).
+pub async fn raw_publisher_topics(
+    addr: String,
+    client_id: String,
+    topics: Vec<String>,
+    job: PubJob,
+    ready: tokio::sync::mpsc::Sender<()>,
     mut phase: watch::Receiver<Phase>,
 ) -> Result<PubStats> {
+    if topics.is_empty() {
+        bail!("no topic to publish to");
+    }
     let (rd, mut wr, buf) = connect(&addr, &client_id).await?;
     let qos1 = job.qos == 1;
     let inflight = Arc::new(InFlight::new());
@@ -300,9 +316,8 @@ pub async fn raw_publisher(
     let start_ns = load::wait_go(&mut phase).await?;
 
     let header = 0x30 | (job.qos << 1);
-    let topic = topic.as_bytes();
-    let body_len = 2 + topic.len() + if qos1 { 2 } else { 0 } + job.payload.len();
-    let mut out = Vec::with_capacity(WRITE_CHUNK + body_len + 8);
+    let longest = topics.iter().map(String::len).max().unwrap_or(0);
+    let mut out = Vec::with_capacity(WRITE_CHUNK + 2 + longest + 2 + job.payload.len() + 8);
     let mut packet_id = 0u16;
     let mut credits = 0usize;
     let mut stats = PubStats::default();
@@ -322,6 +337,8 @@ pub async fn raw_publisher(
             credits -= 1;
             packet_id = inflight.take_after(packet_id)?;
         }
+        let topic = topics[(k % topics.len() as u64) as usize].as_bytes();
+        let body_len = 2 + topic.len() + if qos1 { 2 } else { 0 } + job.payload.len();
         out.push(header);
         put_len(&mut out, body_len);
         put_str(&mut out, topic);
