@@ -29,4 +29,8 @@ pub struct Message {
     pub properties: Properties,
     /// When mqgate received it, for latency metrics and message expiry.
     pub received: Instant,
+    /// The client's packet id for QoS 1/2 PUBLISHes; 0 when there is none (QoS 0, wills,
+    /// messages mqgate makes itself). With the client id it identifies a QoS 2 message across
+    /// the client's resends (the AMQP `message_id` is derived from it).
+    pub packet_id: u16,
 }

@@ -144,6 +144,7 @@ mod tests {
             username: None,
             properties: crate::mqtt::codec::Properties::default(),
             received: std::time::Instant::now(),
+            packet_id: 0,
         });
         Outbound {
             msg,

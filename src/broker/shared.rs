@@ -169,6 +169,7 @@ mod tests {
             username: None,
             properties: crate::mqtt::codec::Properties::default(),
             received: std::time::Instant::now(),
+            packet_id: 0,
         })
     }
 

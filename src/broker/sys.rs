@@ -54,6 +54,7 @@ pub async fn run(
                 username: None,
                 properties: Properties::default(),
                 received: Instant::now(),
+                packet_id: 0,
             });
             broker.publish(&msg, None);
         }

@@ -175,9 +175,11 @@ mod tests {
                 username: None,
                 properties: Properties::default(),
                 received: Instant::now(),
+                packet_id: 0,
             }),
             ack: None,
             metrics: TargetMetrics::default(),
+            options: Default::default(),
         }
     }
 
