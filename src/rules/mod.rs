@@ -204,7 +204,10 @@ impl RuleSet {
                             None => format!("amqp:{}/{}", t.broker.value, t.exchange.value),
                         };
                         let options = PublishOptions {
-                            mandatory: t.mandatory.then_some(t.unroutable),
+                            // A job queue's publishes are always mandatory: a deleted
+                            // queue fails them (and gets declared again) instead of
+                            // dropping them silently.
+                            mandatory: (t.mandatory || t.queue.is_some()).then_some(t.unroutable),
                             mapping,
                             declare,
                             purge: false,

@@ -435,6 +435,10 @@ impl Publisher<'_> {
             }
             (Role::Confirm(i), Method::BasicReturn(ret)) => {
                 self.shared.metrics.returned.inc();
+                if ret.exchange.is_empty() {
+                    // A queue we declared is gone: declare it again on the next publish.
+                    self.queues.forget_declared();
+                }
                 self.confirm[i].returning =
                     Some(Returning { ret, header: None, body: Vec::new(), received: 0 });
             }
