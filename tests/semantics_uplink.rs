@@ -133,6 +133,19 @@ async fn mandatory_unroutable_messages_fail_with_0x10_or_an_error_and_are_counte
     assert_eq!(codes[2].1, ReasonCode::SUCCESS);
     let p = publish_packet("e/nowhere", QoS::AtLeastOnce, 4, b"x");
     assert_eq!(publish_ack(&mut c, p).await.code, ReasonCode::UNSPECIFIED_ERROR);
+    // QoS 2: PUBREC 0x10 goes on to PUBREL / PUBCOMP like any accepted message.
+    let p = publish_packet("m/nowhere", QoS::ExactlyOnce, 5, b"x");
+    assert_eq!(publish_ack(&mut c, p).await.code, ReasonCode::NO_MATCHING_SUBSCRIBERS);
+    c.send(&Packet::PubRel(PubResponse {
+        packet_id: 5,
+        code: ReasonCode::SUCCESS,
+        properties: Properties::default(),
+    }))
+    .await;
+    match c.recv().await {
+        Some(Packet::PubComp(r)) => assert_eq!((r.packet_id, r.code), (5, ReasonCode::SUCCESS)),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
 
     // 3.1.1 cannot say it: the PUBACK is withheld and the connection closed.
     let mut c3 = RawClient::connect(app.mqtt_addr, V311, &unique("mand3")).await;
@@ -143,7 +156,7 @@ async fn mandatory_unroutable_messages_fail_with_0x10_or_an_error_and_are_counte
     assert!(get(&ch, &queue, Duration::from_secs(2)).await.is_some());
     let text = metrics(&app).await;
     assert!(
-        text.contains("mqgate_amqp_returned_total{broker=\"rabbit\"} 3"),
+        text.contains("mqgate_amqp_returned_total{broker=\"rabbit\"} 4"),
         "returns not counted:\n{text}"
     );
     app.stop().await;

@@ -211,12 +211,18 @@ pub struct MessageContext {
     msg: Arc<Message>,
     /// The payload parsed as JSON, once a template asked (`None`: not JSON).
     json: OnceLock<Option<Value>>,
+    /// The topic's levels, once a template asked (condition and routing key often both do).
+    levels: OnceLock<Value>,
 }
 
 impl MessageContext {
     /// The context value for `msg` (one small allocation; nothing is copied yet).
     pub fn value(msg: &Arc<Message>) -> Value {
-        Value::from_object(MessageContext { msg: Arc::clone(msg), json: OnceLock::new() })
+        Value::from_object(MessageContext {
+            msg: Arc::clone(msg),
+            json: OnceLock::new(),
+            levels: OnceLock::new(),
+        })
     }
 }
 
@@ -235,7 +241,13 @@ impl Object for MessageContext {
         let p = &m.properties;
         match key {
             "topic" => Some(Value::from(m.topic.as_str())),
-            "levels" => Some(Value::from(m.topic.split('/').map(Value::from).collect::<Vec<_>>())),
+            "levels" => Some(
+                self.levels
+                    .get_or_init(|| {
+                        Value::from(m.topic.split('/').map(Value::from).collect::<Vec<_>>())
+                    })
+                    .clone(),
+            ),
             "client_id" => Some(Value::from(&*m.client_id)),
             "username" => opt_str(m.username.as_deref()),
             "qos" => Some(Value::from(m.qos as u8)),

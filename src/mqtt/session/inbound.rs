@@ -267,7 +267,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => ReasonCode::SUCCESS,
             Some(f) => {
                 self.shared.metrics.acks_failed.inc();
-                if done.qos == QoS::ExactlyOnce {
+                // A success-range code (0x10 for an unroutable message) continues an MQTT 5
+                // QoS 2 flow: its PUBREL must still find the id.
+                let flow_goes_on = self.version == ProtocolVersion::V5
+                    && !f.retryable
+                    && f.code.is_some_and(ReasonCode::is_success);
+                if done.qos == QoS::ExactlyOnce && !flow_goes_on {
                     self.pending.awaiting_rel.remove(&done.packet_id);
                 }
                 warn!(parent: &self.span(), packet_id = done.packet_id, reason = %f.reason, retryable = f.retryable, "message not delivered; not acknowledging it as delivered");
