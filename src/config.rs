@@ -732,6 +732,25 @@ mod tests {
     }
 
     #[test]
+    fn uplink_target_options_are_checked_with_positions() {
+        let head = "mqtt:\n  listen: \"0.0.0.0:1883\"\namqp:\n  r:\n    url: \"amqp://g:g@h/%2f\"\n    topic_mapping: lossless\nrules:\n";
+        let ok = format!("{head}  - name: a\n    from: \"a/#\"\n    when: \"qos > 0\"\n    on_error: skip\n    to:\n      - amqp:\n          broker: r\n          queue: jobs\n          arguments:\n            x-queue-type: quorum\n            x-max-length: 10\n          mandatory: true\n          unroutable: error\n          last_value: true\n");
+        let c = Config::parse(Path::new("c.yaml"), &ok).expect("valid");
+        assert_eq!(c.rules[0].on_error, RuleErrorPolicy::Skip);
+        assert_eq!(c.amqp["r"].topic_mapping, TopicMapping::Lossless);
+        let TargetConfig::Amqp(t) = &c.rules[0].to[0];
+        assert_eq!(t.arguments["x-max-length"], ArgumentValue::Int(10));
+        assert_eq!(t.unroutable, UnroutablePolicy::Error);
+
+        let bad = format!("{head}  - name: a\n    from: \"a/#\"\n    to:\n      - amqp:\n          broker: r\n          exchange: x\n          queue: jobs\n      - amqp:\n          broker: r\n          exchange: y\n          arguments:\n            k: v\n");
+        let e = Config::parse(Path::new("c.yaml"), &bad).unwrap_err();
+        let at: Vec<u64> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(at, vec![14, 16], "{e}");
+        assert!(e.0[0].message.contains("default exchange"), "{e}");
+        assert!(e.0[1].message.contains("needs `queue:`"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));

@@ -152,7 +152,7 @@ mod tests {
 
         #[test]
         fn garbage_method_payloads_never_panic(class in prop_oneof![Just(10u16), Just(20),
-                                                   Just(40), Just(60), Just(85), any::<u16>()],
+                                                   Just(40), Just(50), Just(60), Just(85), any::<u16>()],
                                                method in 0u16..130,
                                                rest in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut out = BytesMut::new();
@@ -162,6 +162,11 @@ mod tests {
             out.extend_from_slice(&rest);
             end(&mut out, start);
             let _ = decode(&out, 131_072);
+        }
+
+        #[test]
+        fn garbage_content_headers_never_panic(rest in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = methods::decode_content_header(&rest);
         }
     }
 }
