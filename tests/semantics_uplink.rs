@@ -1,6 +1,8 @@
 //! The uplink rows of docs/semantics.md (MQTT → AMQP, issue 4), each against the real
 //! RabbitMQ on 127.0.0.1:5672 with our raw MQTT client and lapin as the AMQP consumer.
 
+#[path = "support/proxy.rs"]
+mod proxy;
 mod support;
 
 use std::time::Duration;
@@ -402,6 +404,41 @@ async fn a_job_queue_is_declared_with_arguments_and_shared_by_competing_consumer
     let ch = conn.create_channel().await.expect("channel");
     let m = get(&ch, &jobs, Duration::from_secs(5)).await.expect("the queue is back");
     assert_eq!(m.data, b"again");
+    delete_queue(&conn, &jobs).await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_queue_is_declared_again_after_a_reconnect() {
+    let conn = rabbit().await;
+    let jobs = unique("mqgate-test-redeclare");
+    let proxy = proxy::Proxy::start().await;
+    let yaml = config_rules(
+        "",
+        &format!(
+            "  - name: jobs\n    from: \"jobs/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          queue: \"{jobs}\"\n"
+        ),
+    )
+    .replace(AMQP_URL, &proxy.url())
+    .replace("    url:", "    reconnect_min: 50ms\n    reconnect_max: 200ms\n    url:");
+    let app = gateway(&yaml).await;
+    wait_ready(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, V5, &unique("redeclare")).await;
+    let p = publish_packet("jobs/a", QoS::AtLeastOnce, 1, b"before");
+    assert_eq!(publish_ack(&mut c, p).await.code, ReasonCode::SUCCESS);
+
+    // The connection goes; meanwhile the queue is deleted. The new connection declares it
+    // again before its first publish (no returned message, no failure).
+    proxy.cut();
+    delete_queue(&conn, &jobs).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    wait_ready(&app).await;
+    let p = publish_packet("jobs/a", QoS::AtLeastOnce, 2, b"after");
+    assert_eq!(publish_ack(&mut c, p).await.code, ReasonCode::SUCCESS);
+    let ch = conn.create_channel().await.expect("channel");
+    let m = get(&ch, &jobs, Duration::from_secs(5)).await.expect("declared again");
+    assert_eq!(m.data, b"after");
     delete_queue(&conn, &jobs).await;
     app.stop().await;
 }
