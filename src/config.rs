@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
 use crate::mqtt::topic;
+pub use crate::rules::mapping::TopicMapping;
 pub use crate::sinks::http::config::{HttpEndpointConfig, HttpTargetConfig};
 
 /// The whole configuration file.
@@ -152,6 +153,9 @@ pub struct AmqpBrokerConfig {
     /// Longest reconnect delay.
     #[serde(default = "default_reconnect_max")]
     pub reconnect_max: HumanDuration,
+    /// Default topic ↔ routing key mapping of this broker's targets (`plugin` or `lossless`).
+    #[serde(default)]
+    pub topic_mapping: TopicMapping,
 }
 
 /// One entry of `rules:`.
@@ -164,6 +168,49 @@ pub struct RuleConfig {
     pub from: Spanned<String>,
     /// Where matching messages go.
     pub to: Vec<TargetConfig>,
+    /// A condition (a minijinja expression over the message) the message must meet for the
+    /// rule to apply, e.g. `qos > 0 and json.temp > 30`.
+    #[serde(default)]
+    pub when: Option<Spanned<String>>,
+    /// What happens to a message the rule's `when:` or templates fail to evaluate on.
+    #[serde(default)]
+    pub on_error: RuleErrorPolicy,
+}
+
+/// `on_error:` of a rule: a message its condition or templates cannot be evaluated on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleErrorPolicy {
+    /// The message fails for this rule (QoS 1/2: not acknowledged as delivered; MQTT 5 gets
+    /// PUBACK/PUBREC 0x83 with the reason, 3.1.1 the connection closed).
+    #[default]
+    Fail,
+    /// The rule is skipped for this message (counted), as if it did not match.
+    Skip,
+}
+
+/// `unroutable:` of a `mandatory` target: what an MQTT 5 client is told when RabbitMQ returns
+/// the message because no queue is bound for it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnroutablePolicy {
+    /// PUBACK/PUBREC 0x10 "No matching subscribers" (accepted, but nobody got it).
+    #[default]
+    NoMatchingSubscribers,
+    /// PUBACK/PUBREC 0x80 "Unspecified error" with a reason string.
+    Error,
+}
+
+/// A queue argument value (`arguments:` of a job-queue target).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ArgumentValue {
+    /// A boolean.
+    Bool(bool),
+    /// An integer (e.g. `x-max-length`).
+    Int(i64),
+    /// A string (e.g. `x-queue-type: quorum`).
+    Text(String),
 }
 
 /// One target of a rule.
@@ -184,12 +231,32 @@ pub enum TargetConfig {
 pub struct AmqpTargetConfig {
     /// Key of a broker under `amqp:`.
     pub broker: Spanned<String>,
-    /// Exchange to publish to ("" is the default exchange).
+    /// Exchange to publish to ("" is the default exchange); may be a template.
+    #[serde(default = "default_exchange")]
     pub exchange: Spanned<String>,
-    /// Fixed routing key. Default: the topic with '/' translated to '.', as RabbitMQ's MQTT
-    /// plugin does (sensors/a/telemetry -> sensors.a.telemetry).
+    /// Fixed routing key or a template (`sensors.{{ levels[1] }}`). Default: the topic mapped
+    /// by `topic_mapping` (sensors/a/telemetry -> sensors.a.telemetry).
     #[serde(default)]
     pub routing_key: Option<Spanned<String>>,
+    /// Topic ↔ routing key mapping for this target; default: the broker's `topic_mapping`.
+    #[serde(default)]
+    pub topic_mapping: Option<TopicMapping>,
+    /// Publish with AMQP's mandatory flag: a message no queue receives (basic.return) fails.
+    #[serde(default)]
+    pub mandatory: bool,
+    /// With `mandatory`: what an MQTT 5 client is told about a returned message.
+    #[serde(default)]
+    pub unroutable: UnroutablePolicy,
+    /// Also keep the topic's retained message in a durable per-topic last-value queue.
+    #[serde(default)]
+    pub last_value: bool,
+    /// A job queue: publish through the default exchange to this durable queue, declared
+    /// with `arguments`. Excludes `exchange` and `routing_key`.
+    #[serde(default)]
+    pub queue: Option<Spanned<String>>,
+    /// Arguments of the `queue` declare (e.g. `x-queue-type: quorum`).
+    #[serde(default)]
+    pub arguments: BTreeMap<String, ArgumentValue>,
 }
 
 /// One entry of `users:`.
@@ -357,6 +424,10 @@ const fn default_reconnect_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
 
+fn default_exchange() -> Spanned<String> {
+    unspanned(String::new())
+}
+
 fn unspanned<T>(value: T) -> Spanned<T> {
     Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
 }
@@ -510,15 +581,59 @@ impl Config {
                                 err(&rk.referenced, "routing_key longer than 255 bytes".into());
                             }
                         }
+                        self.validate_uplink_target(rule, t, &mut err);
                     }
                     // Checked with the `http:` section below.
                     TargetConfig::Http(_) => {}
+                }
+            }
+            if let Some(when) = &rule.when {
+                if let Err(e) = crate::rules::template::check_condition(&when.value) {
+                    err(&when.referenced, format!("rule {:?}: when: {e}", rule.name.value));
                 }
             }
         }
         self.validate_auth(&mut err);
         crate::sinks::http::config::validate(self, &mut err);
         errors
+    }
+
+    /// The checks of an AMQP target's templates, job queue and last-value options.
+    fn validate_uplink_target(
+        &self,
+        rule: &RuleConfig,
+        t: &AmqpTargetConfig,
+        err: &mut impl FnMut(&Location, String),
+    ) {
+        let name = &rule.name.value;
+        for (what, field) in
+            [("exchange", Some(&t.exchange)), ("routing_key", t.routing_key.as_ref())]
+        {
+            let Some(field) = field else { continue };
+            if crate::rules::template::is_template(&field.value) {
+                if let Err(e) = crate::rules::template::check_template(&field.value) {
+                    err(&field.referenced, format!("rule {name:?}: {what}: {e}"));
+                }
+            }
+        }
+        match &t.queue {
+            Some(q) => {
+                if q.value.is_empty() || q.value.len() > 255 {
+                    err(&q.referenced, format!("rule {name:?}: queue: 1 to 255 bytes"));
+                }
+                if !t.exchange.value.is_empty() || t.routing_key.is_some() {
+                    err(
+                        &q.referenced,
+                        format!("rule {name:?}: a `queue:` target publishes through the default exchange; remove `exchange:` and `routing_key:`"),
+                    );
+                }
+            }
+            None if !t.arguments.is_empty() => err(
+                &t.broker.referenced,
+                format!("rule {name:?}: `arguments:` needs `queue:` (they are the queue's declare arguments)"),
+            ),
+            None => {}
+        }
     }
 
     fn validate_auth(&self, err: &mut impl FnMut(&Location, String)) {
@@ -625,6 +740,25 @@ mod tests {
         let e = Config::parse(Path::new("c.yaml"), text).unwrap_err();
         assert!(e.to_string().contains("amqps:// (TLS) is not supported"), "{e}");
         assert!(!e.to_string().contains("u:p@"), "the error quotes the password: {e}");
+    }
+
+    #[test]
+    fn uplink_target_options_are_checked_with_positions() {
+        let head = "mqtt:\n  listen: \"0.0.0.0:1883\"\namqp:\n  r:\n    url: \"amqp://g:g@h/%2f\"\n    topic_mapping: lossless\nrules:\n";
+        let ok = format!("{head}  - name: a\n    from: \"a/#\"\n    when: \"qos > 0\"\n    on_error: skip\n    to:\n      - amqp:\n          broker: r\n          queue: jobs\n          arguments:\n            x-queue-type: quorum\n            x-max-length: 10\n          mandatory: true\n          unroutable: error\n          last_value: true\n");
+        let c = Config::parse(Path::new("c.yaml"), &ok).expect("valid");
+        assert_eq!(c.rules[0].on_error, RuleErrorPolicy::Skip);
+        assert_eq!(c.amqp["r"].topic_mapping, TopicMapping::Lossless);
+        let TargetConfig::Amqp(t) = &c.rules[0].to[0] else { panic!("an AMQP target") };
+        assert_eq!(t.arguments["x-max-length"], ArgumentValue::Int(10));
+        assert_eq!(t.unroutable, UnroutablePolicy::Error);
+
+        let bad = format!("{head}  - name: a\n    from: \"a/#\"\n    to:\n      - amqp:\n          broker: r\n          exchange: x\n          queue: jobs\n      - amqp:\n          broker: r\n          exchange: y\n          arguments:\n            k: v\n");
+        let e = Config::parse(Path::new("c.yaml"), &bad).unwrap_err();
+        let at: Vec<u64> = e.0.iter().map(|e| e.line).collect();
+        assert_eq!(at, vec![14, 16], "{e}");
+        assert!(e.0[0].message.contains("default exchange"), "{e}");
+        assert!(e.0[1].message.contains("needs `queue:`"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use crate::mqtt::codec::{Properties, QoS};
 
@@ -32,4 +33,37 @@ pub struct Message {
     /// The client's packet id of a QoS 1/2 PUBLISH (a resend carries the same one); `None`
     /// for QoS 0, wills and messages mqgate makes itself. Part of HTTP idempotency keys.
     pub packet_id: Option<u16>,
+}
+
+impl Message {
+    /// A stable identity of a QoS 1/2 message, as 32 hex digits: SHA-256 over the client id,
+    /// the packet id, the topic and the payload (each length-prefixed). Every retry of the
+    /// message by a sink, and the client's resend of the same PUBLISH (same packet id, after
+    /// mqgate failed it), get the same identity, so a receiver can drop duplicates: it is the
+    /// HTTP `Idempotency-Key` and, for QoS 2, the AMQP `message_id`. `None` without a packet
+    /// id (QoS 0, wills, messages mqgate makes itself).
+    ///
+    /// Limit: packet ids are reused once a flow completes, so the same client later sending
+    /// the same payload to the same topic under a reused id gets the same identity; receivers
+    /// should keep their dedup window short (minutes).
+    pub fn identity(&self) -> Option<String> {
+        let packet_id = self.packet_id?;
+        let mut h = Sha256::new();
+        let parts: [&[u8]; 4] = [
+            self.client_id.as_bytes(),
+            &packet_id.to_be_bytes(),
+            self.topic.as_bytes(),
+            &self.payload,
+        ];
+        for part in parts {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+        let mut id = String::with_capacity(32);
+        for b in &h.finalize()[..16] {
+            use std::fmt::Write;
+            let _ = write!(id, "{b:02x}");
+        }
+        Some(id)
+    }
 }

@@ -71,6 +71,15 @@ pub struct BrokerMetrics {
     pub confirm_latency: Histogram,
     /// Publishes the broker nacked.
     pub nacks: Counter,
+    /// Mandatory publishes the broker returned as unroutable (`basic.return`).
+    pub returned: Counter,
+}
+
+/// Labels naming a rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// The rule's `name`.
+    pub rule: String,
 }
 
 /// The registry and every family in it.
@@ -113,6 +122,12 @@ pub struct Metrics {
     pub amqp_nacks: Family<BrokerLabels, Counter>,
     /// The HTTP (webhook) target families.
     pub http: HttpFamilies,
+    /// Per broker: mandatory publishes returned as unroutable.
+    pub amqp_returned: Family<BrokerLabels, Counter>,
+    /// Per rule: messages its `when:` or templates could not be evaluated on.
+    pub rule_errors: Family<RuleLabels, Counter>,
+    /// Per rule: messages its `when:` condition turned away.
+    pub rule_skipped: Family<RuleLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -145,6 +160,9 @@ impl Metrics {
             amqp_confirm_latency: Family::new_with_constructor(latency_histogram),
             amqp_nacks: Family::default(),
             http,
+            amqp_returned: Family::default(),
+            rule_errors: Family::default(),
+            rule_skipped: Family::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open MQTT connections", m.connections.clone());
@@ -228,6 +246,21 @@ impl Metrics {
             "AMQP publishes nacked by the broker",
             m.amqp_nacks.clone(),
         );
+        registry.register(
+            "amqp_returned",
+            "Mandatory AMQP publishes the broker returned as unroutable",
+            m.amqp_returned.clone(),
+        );
+        registry.register(
+            "rule_errors",
+            "Messages a rule's when: condition or templates could not be evaluated on",
+            m.rule_errors.clone(),
+        );
+        registry.register(
+            "rule_skipped",
+            "Messages a rule's when: condition turned away",
+            m.rule_skipped.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
     }
 
@@ -249,7 +282,17 @@ impl Metrics {
             unconfirmed: self.amqp_unconfirmed.get_or_create(&labels).clone(),
             confirm_latency: self.amqp_confirm_latency.get_or_create(&labels).clone(),
             nacks: self.amqp_nacks.get_or_create(&labels).clone(),
+            returned: self.amqp_returned.get_or_create(&labels).clone(),
         }
+    }
+
+    /// The error and skip counters of rule `rule`, to resolve once.
+    pub fn rule(&self, rule: &str) -> (Counter, Counter) {
+        let labels = RuleLabels { rule: rule.to_owned() };
+        (
+            self.rule_errors.get_or_create(&labels).clone(),
+            self.rule_skipped.get_or_create(&labels).clone(),
+        )
     }
 
     /// Counts one message dropped for `reason`.

@@ -259,6 +259,7 @@ fn request(
         msg,
         ack,
         metrics: target.clone(),
+        options: Default::default(),
     }
 }
 
@@ -301,7 +302,7 @@ async fn outcome(rx: oneshot::Receiver<Outcome>, within: Duration) -> Outcome {
 
 fn assert_failed(outcome: &Outcome, retryable: bool, reason_part: &str) {
     match outcome {
-        Outcome::Failed(Failure { retryable: r, reason }) => {
+        Outcome::Failed(Failure { retryable: r, reason, .. }) => {
             assert_eq!(*r, retryable, "retryable flag of {reason:?}");
             assert!(
                 reason.contains(reason_part),

@@ -208,6 +208,9 @@ enum ModeArg {
     Idle,
     /// HTTP webhook targets: direct reqwest loop vs mqgate, one message per request and batched.
     Http,
+    /// Through the same spawned mqgate, alternating: a plain rule (`gateway`) vs a rule with a
+    /// `routing_key` template and a `when:` condition (`templates`).
+    Templates,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -225,6 +228,8 @@ enum Mode {
     Gateway,
     /// MQTT publishers to an MQTT subscriber through mqgate.
     Mqgate,
+    /// Through mqgate, the rule with a routing_key template and a when: condition.
+    Templated,
 }
 
 impl Mode {
@@ -234,6 +239,7 @@ impl Mode {
             Mode::Mosquitto => "mosquitto",
             Mode::Gateway => "gateway",
             Mode::Mqgate => "mqgate",
+            Mode::Templated => "templates",
         }
     }
 }
@@ -245,6 +251,9 @@ impl Args {
         let all = has(ModeArg::All);
         if has(ModeArg::Fanin) {
             return vec![Mode::Mosquitto, Mode::Mqgate];
+        }
+        if has(ModeArg::Templates) {
+            return vec![Mode::Gateway, Mode::Templated];
         }
         let mut modes = Vec::new();
         if all || has(ModeArg::Both) || has(ModeArg::Direct) {
@@ -506,7 +515,7 @@ impl Bench {
                 a.publishers,
             );
         }
-        if modes.iter().any(|m| matches!(m, Mode::Direct | Mode::Gateway)) {
+        if modes.iter().any(|m| matches!(m, Mode::Direct | Mode::Gateway | Mode::Templated)) {
             let conn = amqp::connect(&self.args.amqp_url).await?;
             if self.args.mqtt_addr.is_some() {
                 amqp::check_exchange(&conn, &self.exchange).await?;
@@ -631,7 +640,7 @@ impl Bench {
         let builder = PayloadBuilder::new(args.payload as usize, tag);
         let tracker = Tracker::new(tag, messages);
         let mqtt_addr = match mode {
-            Mode::Gateway | Mode::Mqgate => Some(self.gateway_addr().await?),
+            Mode::Gateway | Mode::Mqgate | Mode::Templated => Some(self.gateway_addr().await?),
             Mode::Mosquitto => Some(match &self.mosquitto {
                 Some(m) => m.addr.clone(),
                 None => self.args.mosquitto_addr.clone(),
@@ -642,12 +651,14 @@ impl Bench {
         let clock = self.clock;
         let prefix = match mode {
             Mode::Mosquitto | Mode::Mqgate => format!("mqgate-bench/{}-{run}", self.pid),
+            // Matched by the templated rule only (see gateway::config_yaml).
+            Mode::Templated => gateway::TEMPLATED_PREFIX.to_owned(),
             _ => "bench".to_owned(),
         };
 
         // The consumer, ready before anything is sent.
         let consumer: JoinHandle<Result<RecvStats>> = match mode {
-            Mode::Direct | Mode::Gateway => {
+            Mode::Direct | Mode::Gateway | Mode::Templated => {
                 let control = self.control.as_ref().context("no AMQP connection")?;
                 let queue = amqp::BenchQueue::declare(control, &self.exchange, "bench.#").await?;
                 tokio::spawn(queue.consume(tracker, clock, self.idle).await?)
@@ -782,7 +793,7 @@ impl Bench {
                 RecvStats::default()
             }
         };
-        if matches!(mode, Mode::Gateway | Mode::Mqgate) {
+        if matches!(mode, Mode::Gateway | Mode::Mqgate | Mode::Templated) {
             if let Some(gw) = self.gateway.as_mut() {
                 if let Err(e) = gw.check_alive() {
                     errors.push(format!("{e:#}"));

@@ -3,17 +3,30 @@
 //!
 //! Pure: no I/O and no locks. A target holds the handle of the sink it feeds, but publishing is
 //! the caller's job (the session), so the rule set never blocks.
+//!
+//! `mapping` is the topic ↔ routing key translation (both ways), `template` the minijinja
+//! templates and `when:` conditions. A rule without templates or condition never builds a
+//! template context: its cost per message is the filter match and the routing key.
+
+pub mod mapping;
+pub mod template;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 
-use crate::config::{Config, TargetConfig};
+use crate::config::{Config, RuleErrorPolicy, TargetConfig};
+use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
-use crate::mqtt::topic::{self, TopicTree};
-use crate::sinks::amqp::AmqpBroker;
+use crate::mqtt::topic::TopicTree;
+use crate::sinks::amqp::{AmqpBroker, PublishOptions, QueueSpec};
 use crate::sinks::http::{HttpEndpoint, HttpError, HttpTarget};
+use template::{Condition, MessageContext, Template, TemplateError, TemplatesBuilder};
+
+/// A message's template context, built on first use (see [`Rule::applies`]).
+pub type LazyContext = Option<minijinja::Value>;
 
 /// A rule that cannot be compiled (the config validation normally catches these first).
 #[derive(Debug, Error)]
@@ -27,6 +40,9 @@ pub enum RuleError {
     /// An HTTP target cannot be set up.
     #[error(transparent)]
     Http(#[from] HttpError),
+    /// A template or condition does not compile.
+    #[error("rule {rule:?}: {error}")]
+    Template { rule: String, error: TemplateError },
 }
 
 /// One compiled rule.
@@ -38,6 +54,31 @@ pub struct Rule {
     pub filter: String,
     /// Where matching messages go, in config order.
     pub targets: Vec<Target>,
+    /// The `when:` condition, if any.
+    pub when: Option<Condition>,
+    /// What a message the condition or a template fails on gets.
+    pub on_error: RuleErrorPolicy,
+    /// Messages the condition or a template could not be evaluated on.
+    pub errors: Counter,
+    /// Messages the condition turned away.
+    pub skipped: Counter,
+}
+
+impl Rule {
+    /// Whether the rule applies to `msg`: its `when:` holds (always, without one). `ctx` is
+    /// the message's template context, built here on first use and shared by later rules.
+    pub fn applies(
+        &self,
+        msg: &Arc<Message>,
+        ctx: &mut LazyContext,
+    ) -> Result<bool, TemplateError> {
+        let Some(when) = &self.when else { return Ok(true) };
+        let held = when.eval(ctx.get_or_insert_with(|| MessageContext::value(msg)))?;
+        if !held {
+            self.skipped.inc();
+        }
+        Ok(held)
+    }
 }
 
 /// One destination of a rule.
@@ -56,19 +97,45 @@ pub struct AmqpTarget {
     pub broker: AmqpBroker,
     /// Exchange name, shared with every publish request.
     pub exchange: Arc<str>,
-    /// Fixed routing key; `None` means the topic translated '/' -> '.'.
+    /// Fixed routing key; `None` means the topic translated by `options.mapping`.
     pub routing_key: Option<String>,
     /// Pre-resolved metric handles for this rule and target.
     pub metrics: TargetMetrics,
+    /// `exchange` when it is a template.
+    pub exchange_template: Option<Template>,
+    /// `routing_key` when it is a template.
+    pub routing_key_template: Option<Template>,
+    /// Publish options of every request (mandatory, mapping, the job queue to declare).
+    pub options: PublishOptions,
+    /// `last_value: true`: retained messages also go to the topic's last-value queue.
+    pub last_value: bool,
 }
 
 impl AmqpTarget {
-    /// The routing key for a message published to `topic`.
+    /// The routing key for a message published to `topic` (templates aside).
     pub fn routing_key_for(&self, topic: &str) -> String {
         match &self.routing_key {
             Some(rk) => rk.clone(),
-            None => topic::to_routing_key(topic),
+            None => mapping::encode_topic(self.options.mapping, topic),
         }
+    }
+
+    /// The exchange and routing key for `msg`, rendering the templates the target has (and
+    /// building `ctx` only then).
+    pub fn resolve(
+        &self,
+        msg: &Arc<Message>,
+        ctx: &mut LazyContext,
+    ) -> Result<(Arc<str>, String), TemplateError> {
+        let exchange = match &self.exchange_template {
+            None => Arc::clone(&self.exchange),
+            Some(t) => Arc::from(t.render(ctx.get_or_insert_with(|| MessageContext::value(msg)))?),
+        };
+        let routing_key = match &self.routing_key_template {
+            None => self.routing_key_for(&msg.topic),
+            Some(t) => t.render(ctx.get_or_insert_with(|| MessageContext::value(msg)))?,
+        };
+        Ok((exchange, routing_key))
     }
 }
 
@@ -90,8 +157,18 @@ impl RuleSet {
         metrics: &Metrics,
     ) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet::default();
+        let mut builder = TemplatesBuilder::new();
+        let template_error =
+            |rule: &str, error: TemplateError| RuleError::Template { rule: rule.to_owned(), error };
+        // Templates compile into one environment, resolved once it is complete.
+        let mut pending = Vec::new();
+        let mut whens = Vec::new();
         for rc in &config.rules {
             let name = rc.name.value.clone();
+            let when = match &rc.when {
+                Some(w) => Some(builder.condition(&w.value).map_err(|e| template_error(&name, e))?),
+                None => None,
+            };
             let mut targets = Vec::with_capacity(rc.to.len());
             for tc in &rc.to {
                 match tc {
@@ -102,12 +179,60 @@ impl RuleSet {
                                 broker: t.broker.value.clone(),
                             }
                         })?;
-                        let label = format!("amqp:{}/{}", t.broker.value, t.exchange.value);
+                        let mut compile = |text: &str| {
+                            if template::is_template(text) {
+                                builder
+                                    .template(text)
+                                    .map(Some)
+                                    .map_err(|e| template_error(&name, e))
+                            } else {
+                                Ok(None)
+                            }
+                        };
+                        let exchange_t = compile(&t.exchange.value)?;
+                        let routing_key_t = match &t.routing_key {
+                            Some(rk) => compile(&rk.value)?,
+                            None => None,
+                        };
+                        let mapping = t
+                            .topic_mapping
+                            .or_else(|| config.amqp.get(&t.broker.value).map(|b| b.topic_mapping))
+                            .unwrap_or_default();
+                        let (exchange, routing_key, declare) = match &t.queue {
+                            Some(q) => {
+                                let args = t.arguments.clone().into_iter().collect();
+                                let spec = Arc::new(QueueSpec::job(&q.value, args));
+                                (String::new(), Some(q.value.clone()), Some(spec))
+                            }
+                            None => (
+                                t.exchange.value.clone(),
+                                t.routing_key.as_ref().map(|r| r.value.clone()),
+                                None,
+                            ),
+                        };
+                        let label = match &t.queue {
+                            Some(q) => format!("amqp:{}/queue:{}", t.broker.value, q.value),
+                            None => format!("amqp:{}/{}", t.broker.value, t.exchange.value),
+                        };
+                        let options = PublishOptions {
+                            // A job queue's publishes are always mandatory: a deleted
+                            // queue fails them (and gets declared again) instead of
+                            // dropping them silently.
+                            mandatory: (t.mandatory || t.queue.is_some()).then_some(t.unroutable),
+                            mapping,
+                            declare,
+                            purge: false,
+                        };
+                        pending.push((exchange_t, routing_key_t));
                         targets.push(Target::Amqp(AmqpTarget {
                             broker: broker.clone(),
-                            exchange: Arc::from(t.exchange.value.as_str()),
-                            routing_key: t.routing_key.as_ref().map(|r| r.value.clone()),
+                            exchange: Arc::from(exchange.as_str()),
+                            routing_key,
                             metrics: metrics.target(&name, &label),
+                            exchange_template: None,
+                            routing_key_template: None,
+                            options,
+                            last_value: t.last_value,
                         }));
                     }
                     TargetConfig::Http(t) => {
@@ -121,8 +246,30 @@ impl RuleSet {
                     }
                 }
             }
+            let (errors, skipped) = metrics.rule(&name);
             set.tree.insert(&rc.from.value, set.rules.len());
-            set.rules.push(Rule { name, filter: rc.from.value.clone(), targets });
+            set.rules.push(Rule {
+                name,
+                filter: rc.from.value.clone(),
+                targets,
+                when: None,
+                on_error: rc.on_error,
+                errors,
+                skipped,
+            });
+            whens.push(when);
+        }
+        let templates = builder.finish();
+        let mut pending = pending.into_iter();
+        for (rule, when) in set.rules.iter_mut().zip(whens) {
+            rule.when = when.map(|w| templates.condition(w));
+            for target in &mut rule.targets {
+                let Target::Amqp(t) = target else { continue };
+                if let Some((exchange_t, routing_key_t)) = pending.next() {
+                    t.exchange_template = exchange_t.map(|p| templates.template(p));
+                    t.routing_key_template = routing_key_t.map(|p| templates.template(p));
+                }
+            }
         }
         Ok(set)
     }

@@ -8,6 +8,8 @@
 pub mod amqp;
 pub mod http;
 
+use crate::mqtt::codec::ReasonCode;
+
 /// The result of handing one message to one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -25,17 +27,25 @@ pub struct Failure {
     pub retryable: bool,
     /// A short human-readable reason: goes into logs and the MQTT 5 reason string.
     pub reason: String,
+    /// The MQTT 5 reason code to answer with instead of the default one for a final failure
+    /// (e.g. 0x10 No matching subscribers for a message RabbitMQ returned as unroutable).
+    pub code: Option<ReasonCode>,
 }
 
 impl Failure {
     /// A failure that a retry may cure (the broker is down, the connection was lost).
     pub fn retryable(reason: impl Into<String>) -> Self {
-        Failure { retryable: true, reason: reason.into() }
+        Failure { retryable: true, reason: reason.into(), code: None }
     }
 
     /// A failure that a retry of the same message will not cure.
     pub fn fatal(reason: impl Into<String>) -> Self {
-        Failure { retryable: false, reason: reason.into() }
+        Failure { retryable: false, reason: reason.into(), code: None }
+    }
+
+    /// A final failure the MQTT 5 client is told about with `code`.
+    pub fn with_code(reason: impl Into<String>, code: ReasonCode) -> Self {
+        Failure { retryable: false, reason: reason.into(), code: Some(code) }
     }
 }
 

@@ -43,7 +43,13 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr().context("read the free port")?.port())
 }
 
-/// The gateway config for a bench: every `bench/#` topic to `exchange`.
+/// Topic prefix of `--mode templates`' templated runs: `benchT/<i>`, matched only by the
+/// templated rule.
+pub const TEMPLATED_PREFIX: &str = "benchT";
+
+/// The gateway config for a bench: every `bench/#` topic to `exchange` (a plain rule), and
+/// every `benchT/#` topic to the same exchange through a rule with a `when:` condition and a
+/// `routing_key` template that give the same routing as the plain one (`bench.<i>`).
 pub fn config_yaml(
     mqtt: &str,
     admin: &str,
@@ -59,10 +65,12 @@ pub fn config_yaml(
          mqtt:\n  listen: {}\n  receive_maximum: {rx_max}\n  max_connections: {max_connections}\n  outbound_queue: {outbound_queue}\n\
          admin:\n  listen: {}\n\
          amqp:\n  rabbit:\n    url: {}\n\
-         rules:\n  - name: bench\n    from: \"bench/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n",
+         rules:\n  - name: bench\n    from: \"bench/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n\
+         \x20 - name: bench-templated\n    from: \"{TEMPLATED_PREFIX}/+\"\n    when: \"qos < 2 and levels[0] == '{TEMPLATED_PREFIX}' and not retain\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n          routing_key: \"bench.{{{{ levels[1] }}}}\"\n",
         json_str(mqtt),
         json_str(admin),
         json_str(amqp_url),
+        json_str(exchange),
         json_str(exchange),
     )
 }
@@ -283,6 +291,11 @@ mod tests {
         assert!(y.contains("amqp:\n  rabbit:\n    url: \"amqp://g:g@h/%2f\"\n"));
         assert!(y.contains("from: \"bench/#\""));
         assert!(y.contains("          broker: rabbit\n          exchange: \"ex-1\"\n"));
+        // What mqgate itself accepts, templated rule included (`--mode templates`).
+        let config = mqgate::config::Config::parse(Path::new("bench.yaml"), &y)
+            .unwrap_or_else(|e| panic!("bench config invalid: {e}\n{y}"));
+        let templated = config.rules.iter().find(|r| r.name.value == "bench-templated");
+        assert!(templated.is_some_and(|r| r.when.is_some()), "{y}");
     }
 
     #[tokio::test]

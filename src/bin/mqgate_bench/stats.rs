@@ -281,7 +281,9 @@ impl Comparison {
                 median(rs.iter().map(|r| f(r)).collect())
             };
             let (base, others): (&'static str, &[&'static str]) =
-                if reports.iter().any(|r| r.mode == "direct") {
+                if reports.iter().any(|r| r.mode == "templates") {
+                    ("gateway", &["templates"])
+                } else if reports.iter().any(|r| r.mode == "direct") {
                     ("direct", &["mosquitto", "gateway"])
                 } else {
                     ("mosquitto", &["mqgate"])
@@ -315,6 +317,7 @@ impl Comparison {
         match self.other {
             "gateway" if self.fixed_rate => Some(self.p99_delta_ms < P99_DELTA_TARGET_MS),
             "gateway" => Some(self.ratio >= RATIO_TARGET),
+            "templates" if !self.fixed_rate => Some(self.ratio >= RATIO_TARGET),
             "mqgate" => Some(self.ratio >= FANIN_RATIO_TARGET),
             _ => None,
         }

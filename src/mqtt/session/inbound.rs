@@ -16,12 +16,14 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::{End, Session, SessionShared};
+use crate::config::RuleErrorPolicy;
 use crate::message::Message;
 use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
 };
-use crate::rules::Target;
-use crate::sinks::amqp::{AmqpBroker, PublishRequest};
+use crate::rules::template::TemplateError;
+use crate::rules::{AmqpTarget, LazyContext, Rule, Target};
+use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
 use crate::sinks::http::{HttpRequest, HttpTarget};
 use crate::sinks::{Failure, Outcome};
 
@@ -266,12 +268,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             None => ReasonCode::SUCCESS,
             Some(f) => {
                 self.shared.metrics.acks_failed.inc();
-                if done.qos == QoS::ExactlyOnce {
+                // A success-range code (0x10 for an unroutable message) continues an MQTT 5
+                // QoS 2 flow: its PUBREL must still find the id.
+                let flow_goes_on = self.version == ProtocolVersion::V5
+                    && !f.retryable
+                    && f.code.is_some_and(ReasonCode::is_success);
+                if done.qos == QoS::ExactlyOnce && !flow_goes_on {
                     self.pending.awaiting_rel.remove(&done.packet_id);
                 }
                 warn!(parent: &self.span(), packet_id = done.packet_id, reason = %f.reason, retryable = f.retryable, "message not delivered; not acknowledging it as delivered");
                 match (self.version, f.retryable) {
-                    (ProtocolVersion::V5, false) => ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR,
+                    (ProtocolVersion::V5, false) => {
+                        f.code.unwrap_or(ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR)
+                    }
                     (ProtocolVersion::V5, true) => {
                         let reason = format!(
                             "message {} not delivered: {}; resend it",
@@ -349,28 +358,45 @@ pub(super) fn route(
     let local = shared.broker.publish(msg, publisher);
     let mut waits = Vec::new();
     shared.rules.matches_into(&msg.topic, hits);
+    let mut applied = 0usize;
+    // Built only when a condition or template needs it.
+    let mut ctx: LazyContext = None;
     for rule in hits.iter().filter_map(|i| shared.rules.rule(*i)) {
+        match rule.applies(msg, &mut ctx) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(e) => {
+                if rule_failed(shared, rule, msg, &e, &mut waits) {
+                    applied += 1;
+                }
+                continue;
+            }
+        }
+        applied += 1;
         for target in &rule.targets {
             match target {
                 Target::Amqp(t) => {
-                    let ack = if msg.qos == QoS::AtMostOnce {
-                        None
-                    } else {
-                        let (tx, rx) = oneshot::channel();
-                        waits.push(rx);
-                        Some(tx)
+                    let (exchange, routing_key) = match t.resolve(msg, &mut ctx) {
+                        Ok(resolved) => resolved,
+                        Err(e) => {
+                            rule_failed(shared, rule, msg, &e, &mut waits);
+                            continue;
+                        }
                     };
-                    let req = PublishRequest {
-                        exchange: Arc::clone(&t.exchange),
-                        routing_key: t.routing_key_for(&msg.topic),
-                        msg: Arc::clone(msg),
-                        ack,
-                        metrics: t.metrics.clone(),
-                    };
-                    if !blocked.is_empty() {
-                        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
-                    } else if let Err(req) = t.broker.try_publish(req) {
-                        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
+                    let options = t.options.clone();
+                    let target = (t, exchange, routing_key, options);
+                    send_request(target, msg, &mut waits, blocked);
+                    if t.last_value && msg.retain {
+                        // The topic's last value: an empty retained payload clears it.
+                        let spec = Arc::new(QueueSpec::last_value(&msg.topic));
+                        let name = spec.name.to_string();
+                        let options = PublishOptions {
+                            mandatory: None,
+                            mapping: t.options.mapping,
+                            declare: Some(spec),
+                            purge: msg.payload.is_empty(),
+                        };
+                        send_request((t, Arc::from(""), name, options), msg, &mut waits, blocked);
                     }
                 }
                 Target::Http(t) => {
@@ -389,8 +415,70 @@ pub(super) fn route(
             }
         }
     }
-    (local > 0 || !hits.is_empty(), waits)
+    (local > 0 || applied > 0, waits)
 }
+
+/// Hands one request for target `t` to its sink (or to `blocked`, see [`route`]); for QoS 1/2
+/// its outcome receiver goes into `waits`.
+fn send_request(
+    (t, exchange, routing_key, options): (&AmqpTarget, Arc<str>, String, PublishOptions),
+    msg: &Arc<Message>,
+    waits: &mut Vec<oneshot::Receiver<Outcome>>,
+    blocked: &mut Blocked,
+) {
+    let ack = if msg.qos == QoS::AtMostOnce {
+        None
+    } else {
+        let (tx, rx) = oneshot::channel();
+        waits.push(rx);
+        Some(tx)
+    };
+    let req = PublishRequest {
+        exchange,
+        routing_key,
+        msg: Arc::clone(msg),
+        ack,
+        metrics: t.metrics.clone(),
+        options,
+    };
+    if !blocked.is_empty() {
+        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
+    } else if let Err(req) = t.broker.try_publish(req) {
+        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
+    }
+}
+
+/// A rule's condition or template failed on `msg`: counted, then the rule's `on_error`
+/// decides. `fail`: a QoS 1/2 message gets a failed outcome (never acknowledged as
+/// delivered), a QoS 0 one is dropped and counted; returns true (the rule counts as matched).
+/// `skip`: the rule is passed over; returns false.
+fn rule_failed(
+    shared: &SessionShared,
+    rule: &Rule,
+    msg: &Message,
+    error: &TemplateError,
+    waits: &mut Vec<oneshot::Receiver<Outcome>>,
+) -> bool {
+    rule.errors.inc();
+    debug!(rule = %rule.name, topic = %msg.topic, %error, "rule could not be evaluated");
+    match rule.on_error {
+        RuleErrorPolicy::Skip => false,
+        RuleErrorPolicy::Fail => {
+            if msg.qos == QoS::AtMostOnce {
+                shared.metrics.dropped(DROPPED_RULE_ERROR);
+            } else {
+                let (tx, rx) = oneshot::channel();
+                let reason = format!("rule {:?} could not be evaluated: {error}", rule.name);
+                let _ = tx.send(Outcome::Failed(Failure::fatal(reason)));
+                waits.push(rx);
+            }
+            true
+        }
+    }
+}
+
+/// Reason label of `messages_dropped` for QoS 0 messages a rule failed to evaluate on.
+pub const DROPPED_RULE_ERROR: &str = "rule_error";
 
 /// Publishes a will after an ungraceful end. Its outcomes have nobody to tell, so they are only
 /// logged (and counted by the sinks).

@@ -179,6 +179,7 @@ mod tests {
             }),
             ack: None,
             metrics: TargetMetrics::default(),
+            options: Default::default(),
         }
     }
 

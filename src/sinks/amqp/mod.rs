@@ -16,6 +16,7 @@
 mod exchanges;
 mod headers;
 mod publisher;
+mod queues;
 mod supervisor;
 #[cfg(test)]
 mod tests;
@@ -31,12 +32,16 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AmqpBrokerConfig;
+use crate::config::{AmqpBrokerConfig, TopicMapping, UnroutablePolicy};
 use crate::message::Message;
 use crate::metrics::{BrokerMetrics, Metrics, ReasonLabels, TargetMetrics};
 use crate::sinks::{AckSender, Failure, Outcome};
 
-pub use headers::{HEADER_CLIENT_ID, HEADER_QOS, HEADER_RETAIN, HEADER_TOPIC};
+pub use headers::{
+    message_id, HEADER_CLIENT_ID, HEADER_CORRELATION_DATA, HEADER_PAYLOAD_FORMAT, HEADER_QOS,
+    HEADER_RESPONSE_TOPIC, HEADER_RETAIN, HEADER_TOPIC, MESSAGE_ID_PREFIX,
+};
+pub use queues::{last_value_queue_name, QueueSpec, LAST_VALUE_PREFIX};
 pub use wire::MAX_SHORT_STRING_LENGTH;
 
 /// Reason label of `messages_dropped` for QoS 0 messages that found the broker unavailable.
@@ -55,6 +60,25 @@ pub struct PublishRequest {
     pub ack: Option<AckSender>,
     /// The rule target's counters; the sink counts `forwarded`/`failed` here.
     pub metrics: TargetMetrics,
+    /// Per-target publish options (mandatory, mapping, queue to declare); default for a plain
+    /// rule target.
+    pub options: PublishOptions,
+}
+
+/// How one request is published, beyond exchange and routing key. The default (a plain
+/// target) costs nothing: no flag, no declare.
+#[derive(Debug, Clone, Default)]
+pub struct PublishOptions {
+    /// `mandatory: true`: publish with the mandatory flag; a `basic.return` fails the message
+    /// with this policy's MQTT 5 reason code.
+    pub mandatory: Option<UnroutablePolicy>,
+    /// The target's topic mapping (for `reply_to`).
+    pub mapping: TopicMapping,
+    /// A queue declared (once per connection) before the first publish that names it.
+    pub declare: Option<Arc<QueueSpec>>,
+    /// Purge the `declare` queue instead of publishing (an empty retained message clears the
+    /// topic's last value).
+    pub purge: bool,
 }
 
 /// A cheap-to-clone handle on one broker's sink.

@@ -20,12 +20,18 @@ use tracing::{debug, info, warn};
 
 use super::exchanges::{Checked, Exchanges, Released, Route};
 use super::headers::{self, PERSISTENT, TRANSIENT};
+use super::queues::{Declared, QueueRoute, QueueSpec, Queues};
 use super::transport::{describe, Link, Transport};
 use super::wire::frame::{self, Frame};
-use super::wire::methods::{self, Close, Method, NOT_FOUND, REPLY_SUCCESS};
-use super::wire::MAX_SHORT_STRING_LENGTH;
+use super::wire::methods::{
+    self, Close, Method, ReturnedHeader, NOT_FOUND, NO_ROUTE, REPLY_SUCCESS,
+};
+use super::wire::{WireError, MAX_SHORT_STRING_LENGTH};
 use super::{PublishRequest, Shared};
+use crate::config::UnroutablePolicy;
+use crate::message::Message;
 use crate::metrics::TargetMetrics;
+use crate::mqtt::codec::ReasonCode;
 use crate::sinks::{AckSender, Failure, Outcome};
 
 /// How often heartbeats and the deadlines of channel reopens and exchange checks are looked at.
@@ -36,6 +42,9 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Requests taken from the queue in one go (encoded, then written with one syscall).
 const BATCH: usize = 128;
+/// Most bytes of a returned message's body kept to tell it from other publishes; a longer one
+/// is told apart by its length alone.
+const RETURN_BODY_CAPTURE: usize = 1 << 20;
 
 /// Why [`run`] returned.
 pub(crate) enum Ended {
@@ -55,6 +64,34 @@ struct InFlight {
     metrics: TargetMetrics,
     /// When it was encoded for sending (one clock read per batch), for the confirm latency.
     sent: Instant,
+    /// Published with the mandatory flag: what identifies it in a `basic.return`.
+    mandatory: Option<Box<Mandatory>>,
+}
+
+/// A mandatory publish, as far as telling it apart in a `basic.return` goes.
+struct Mandatory {
+    /// The MQTT 5 answer policy when it is returned.
+    policy: UnroutablePolicy,
+    /// Its exchange.
+    exchange: Arc<str>,
+    /// Its routing key.
+    routing_key: String,
+    /// The message (client id, topic, payload).
+    msg: Arc<Message>,
+    /// Set when RabbitMQ returned it: the confirm that follows becomes a failure.
+    returned: Option<String>,
+}
+
+/// A `basic.return` whose content frames are still arriving.
+struct Returning {
+    /// The return method.
+    ret: methods::Return,
+    /// Its content header, once it came.
+    header: Option<ReturnedHeader>,
+    /// Its body so far (up to [`RETURN_BODY_CAPTURE`] bytes).
+    body: Vec<u8>,
+    /// Body bytes received, captured or not.
+    received: u64,
 }
 
 /// One confirm-mode channel.
@@ -67,6 +104,18 @@ struct ConfirmChannel {
     inflight: VecDeque<InFlight>,
     /// Answers still due after a reopen (`channel.open-ok`, `confirm.select-ok`).
     pending_oks: u8,
+    /// A `basic.return` being received on this channel.
+    returning: Option<Returning>,
+}
+
+/// One synchronous request on the check channel.
+enum Op {
+    /// A passive declare: does this exchange exist?
+    Exchange(Arc<str>),
+    /// Declare this queue.
+    Queue(Arc<QueueSpec>),
+    /// Purge the request's queue (its `options.declare`), then report its outcome.
+    Purge(PublishRequest),
 }
 
 /// Where the exchange-check channel is.
@@ -75,18 +124,31 @@ enum CheckState {
     Closed,
     /// Open, no check in flight.
     Idle,
-    /// A passive declare of this exchange is in flight, answer due by the instant.
-    Declaring(Arc<str>, Instant),
+    /// This request is in flight, answer due by the instant.
+    Busy(Op, Instant),
 }
 
-/// The channel exchange checks run on (a 404 closes it, never a publishing channel).
+/// How the request in flight on the check channel ended.
+enum Answer {
+    /// declare-ok / purge-ok.
+    Ok,
+    /// The broker closed the channel.
+    Closed(Close),
+    /// No answer in time, or the request could not be encoded.
+    Failed(String),
+}
+
+/// The channel exchange checks, queue declares and purges run on (a 404 or 406 closes it,
+/// never a publishing channel).
 struct CheckChannel {
     /// Its channel number (a new one after a check timed out on the old one).
     id: u16,
     /// Its state.
     state: CheckState,
-    /// Exchanges waiting for their check, one at a time.
-    queue: VecDeque<Arc<str>>,
+    /// Requests waiting for their turn, one at a time.
+    queue: VecDeque<Op>,
+    /// Purges queued or in flight (they hold a publish request: counted as in flight).
+    purges: usize,
 }
 
 /// Which of our channels a frame is for.
@@ -119,6 +181,8 @@ struct Publisher<'a> {
     check: CheckChannel,
     /// Which exchanges are known to exist, and the requests waiting for a check.
     exchanges: Exchanges,
+    /// Which queues are declared, and the requests waiting for a declare.
+    queues: Queues,
     /// Counters of the QoS 0 publishes in the write buffer, counted forwarded once written.
     unflushed_plain: Vec<TargetMetrics>,
     /// QoS 1/2 publishes awaiting their confirm, over all channels.
@@ -147,7 +211,13 @@ pub(crate) async fn run(
     let Link { transport, confirm_channels, .. } = link;
     let n = confirm_channels;
     let confirm = (1..=confirm_channels)
-        .map(|id| ConfirmChannel { id, next_tag: 1, inflight: VecDeque::new(), pending_oks: 0 })
+        .map(|id| ConfirmChannel {
+            id,
+            next_tag: 1,
+            inflight: VecDeque::new(),
+            pending_oks: 0,
+            returning: None,
+        })
         .collect();
     let mut p = Publisher {
         shared,
@@ -155,8 +225,14 @@ pub(crate) async fn run(
         confirm,
         plain: (n + 1..=2 * n).map(|id| (id, 0)).collect(),
         reopen_deadline: None,
-        check: CheckChannel { id: 2 * n + 1, state: CheckState::Closed, queue: VecDeque::new() },
+        check: CheckChannel {
+            id: 2 * n + 1,
+            state: CheckState::Closed,
+            queue: VecDeque::new(),
+            purges: 0,
+        },
         exchanges: Exchanges::default(),
+        queues: Queues::default(),
         unflushed_plain: Vec::new(),
         unconfirmed: 0,
         max_in_flight: max_unconfirmed.max(1),
@@ -198,7 +274,11 @@ pub(crate) async fn run(
 impl Publisher<'_> {
     /// Requests this connection holds: unconfirmed, QoS 0 not yet written, waiting for a check.
     fn in_flight(&self) -> usize {
-        self.unconfirmed + self.unflushed_plain.len() + self.exchanges.held()
+        self.unconfirmed
+            + self.unflushed_plain.len()
+            + self.exchanges.held()
+            + self.queues.held()
+            + self.check.purges
     }
 
     /// True when the loop may take another request.
@@ -269,7 +349,11 @@ impl Publisher<'_> {
     /// Handles one frame from the broker. `Err` means the connection has to go.
     fn on_frame(&mut self, frame: Frame) -> Result<(), String> {
         match frame {
-            Frame::Heartbeat | Frame::Content { .. } => Ok(()),
+            Frame::Heartbeat => Ok(()),
+            Frame::Content { channel, kind, payload } => {
+                self.on_content(channel, kind, &payload);
+                Ok(())
+            }
             Frame::Method { channel: 0, method } => self.on_connection_method(method),
             Frame::Method { channel, method } => {
                 self.on_channel_method(channel, method);
@@ -343,8 +427,26 @@ impl Publisher<'_> {
                 self.plain[i].1 = self.plain[i].1.saturating_sub(1);
                 self.reopened();
             }
-            (Role::Check, Method::ExchangeDeclareOk) => {
-                self.on_check_answer(Checked::Exists, CheckState::Idle);
+            (
+                Role::Check,
+                Method::ExchangeDeclareOk | Method::QueueDeclareOk { .. } | Method::QueuePurgeOk(_),
+            ) => {
+                self.on_check_answer(Answer::Ok, CheckState::Idle);
+            }
+            (Role::Confirm(i), Method::BasicReturn(ret)) => {
+                self.shared.metrics.returned.inc();
+                if ret.exchange.is_empty() {
+                    // A queue we declared is gone: declare it again on the next publish.
+                    self.queues.forget_declared();
+                }
+                self.confirm[i].returning =
+                    Some(Returning { ret, header: None, body: Vec::new(), received: 0 });
+            }
+            (Role::Plain(_), Method::BasicReturn(ret)) => {
+                // QoS 0: nobody to tell; counted.
+                self.shared.metrics.returned.inc();
+                debug!(broker = %self.shared.name, exchange = %ret.exchange,
+                    routing_key = %ret.routing_key, "QoS 0 message returned as unroutable");
             }
             (_, Method::ChannelClose(c)) => {
                 methods::channel_close_ok(&mut self.t.wbuf, id);
@@ -370,8 +472,14 @@ impl Publisher<'_> {
     fn on_confirm(&mut self, i: usize, tag: u64, multiple: bool, ack: bool) {
         let shared = self.shared;
         let now = Instant::now();
-        let resolve = |e: InFlight| {
-            if ack {
+        let resolve = |mut e: InFlight| {
+            if let Some(returned) = e.mandatory.as_mut().and_then(|m| m.returned.take()) {
+                let code = match e.mandatory.as_ref().map(|m| m.policy) {
+                    Some(UnroutablePolicy::Error) => ReasonCode::UNSPECIFIED_ERROR,
+                    _ => ReasonCode::NO_MATCHING_SUBSCRIBERS,
+                };
+                e.fail(Failure::with_code(returned, code));
+            } else if ack {
                 let latency = now.saturating_duration_since(e.sent).as_secs_f64();
                 shared.metrics.confirm_latency.observe(latency);
                 e.metrics.forwarded.inc();
@@ -437,9 +545,11 @@ impl Publisher<'_> {
                 let failed = self.fail_channel(i, &reason);
                 warn!(broker = %name, channel = i, failed, reason = %describe(close),
                     "channel closed by the broker; reopening it");
+                self.queues.forget_declared();
                 let ch = &mut self.confirm[i];
                 ch.next_tag = 1;
                 ch.pending_oks = 2;
+                ch.returning = None;
                 // Pipelined: publishes after these are on the reopened channel, in confirm mode.
                 methods::channel_open(&mut self.t.wbuf, ch.id);
                 methods::confirm_select(&mut self.t.wbuf, ch.id);
@@ -447,20 +557,14 @@ impl Publisher<'_> {
             }
             Role::Plain(i) => {
                 self.exchanges.forget_verified();
+                self.queues.forget_declared();
                 warn!(broker = %name, channel = i, reason = %describe(close),
                     "channel for QoS 0 closed by the broker; reopening it");
                 self.plain[i].1 = 1;
                 methods::channel_open(&mut self.t.wbuf, self.plain[i].0);
                 self.reopen_deadline.get_or_insert(Instant::now() + self.rpc_timeout);
             }
-            Role::Check => {
-                let checked = if close.code == NOT_FOUND {
-                    Checked::Missing
-                } else {
-                    Checked::Failed(describe(close))
-                };
-                self.on_check_answer(checked, CheckState::Closed);
-            }
+            Role::Check => self.on_check_answer(Answer::Closed(close.clone()), CheckState::Closed),
             Role::Unknown => {}
         }
     }
@@ -498,7 +602,7 @@ impl Publisher<'_> {
         if self.reopen_deadline.is_some_and(|d| now >= d) {
             return Err(format!("could not reopen a channel within {:?}", self.rpc_timeout));
         }
-        if matches!(self.check.state, CheckState::Declaring(_, d) if now >= d) {
+        if matches!(self.check.state, CheckState::Busy(_, d) if now >= d) {
             // The answer may still come on that channel: checks move to a fresh one.
             let next = self.check.id.checked_add(1).filter(|&id| id <= self.t.channel_max);
             let Some(next) = next else {
@@ -506,22 +610,50 @@ impl Publisher<'_> {
             };
             self.check.id = next;
             let reason = format!("no answer within {:?}", self.rpc_timeout);
-            self.on_check_answer(Checked::Failed(reason), CheckState::Closed);
+            self.on_check_answer(Answer::Failed(reason), CheckState::Closed);
         }
         Ok(())
     }
 
-    /// Takes one request in: publishes it, holds it behind an exchange check, or fails it.
+    /// Takes one request in: publishes it, holds it behind a queue declare or an exchange
+    /// check, queues its purge, or fails it.
     fn accept(&mut self, req: PublishRequest, now: Instant, timestamp: u64) {
         if req.exchange.len() > MAX_SHORT_STRING_LENGTH {
             self.shared.fail(req, || Failure::fatal("exchange name longer than 255 bytes"));
+            return;
+        }
+        let req = match req.options.declare.clone() {
+            None => req,
+            Some(spec) => match self.queues.route(&spec, req) {
+                QueueRoute::Ready(req) => req,
+                QueueRoute::Held => return,
+                QueueRoute::Declare(spec) => {
+                    self.check.queue.push_back(Op::Queue(spec));
+                    self.start_check();
+                    return;
+                }
+                QueueRoute::Refused(req, reason) => {
+                    self.shared.fail(req, || Failure::fatal(reason));
+                    return;
+                }
+            },
+        };
+        self.accept_declared(req, now, timestamp);
+    }
+
+    /// [`accept`](Self::accept) once the request's queue (if any) is declared.
+    fn accept_declared(&mut self, req: PublishRequest, now: Instant, timestamp: u64) {
+        if req.options.purge {
+            self.check.purges += 1;
+            self.check.queue.push_back(Op::Purge(req));
+            self.start_check();
             return;
         }
         match self.exchanges.route(req) {
             Route::Publish(req) => self.publish(req, now, timestamp),
             Route::Held => {}
             Route::Check(exchange) => {
-                self.check.queue.push_back(exchange);
+                self.check.queue.push_back(Op::Exchange(exchange));
                 self.start_check();
             }
             Route::Missing(req) => {
@@ -533,21 +665,25 @@ impl Publisher<'_> {
 
     /// Encodes the publish of a request whose exchange is verified, tracking QoS 1/2 ones.
     fn publish(&mut self, req: PublishRequest, now: Instant, timestamp: u64) {
-        let PublishRequest { exchange, routing_key, msg, ack, metrics } = req;
+        let PublishRequest { exchange, routing_key, msg, ack, metrics, options } = req;
         let headers = headers::headers(&msg);
+        let headers = headers.as_slice();
+        let derived = headers::derived(&msg, options.mapping);
+        let mandatory = options.mandatory.is_some();
         let frame_max = self.t.frame_max;
         // One topic always uses the same channel: RabbitMQ keeps order per channel, so
         // messages of one topic reach their queues in the order they were published.
         let i = channel_for(&msg.topic, self.confirm.len());
         match ack {
             None => {
-                let props = headers::properties(&msg, &headers, TRANSIENT, timestamp);
+                let props = headers::properties(&msg, headers, &derived, TRANSIENT, timestamp);
                 let wbuf = &mut self.t.wbuf;
-                match methods::publish(
+                match methods::publish_with(
                     wbuf,
                     self.plain[i].0,
                     &exchange,
                     &routing_key,
+                    mandatory,
                     &props,
                     &msg.payload,
                     frame_max,
@@ -559,62 +695,212 @@ impl Publisher<'_> {
                 }
             }
             Some(ack) => {
-                let props = headers::properties(&msg, &headers, PERSISTENT, timestamp);
+                let props = headers::properties(&msg, headers, &derived, PERSISTENT, timestamp);
                 let ch = &mut self.confirm[i];
-                match methods::publish(
+                match methods::publish_with(
                     &mut self.t.wbuf,
                     ch.id,
                     &exchange,
                     &routing_key,
+                    mandatory,
                     &props,
                     &msg.payload,
                     frame_max,
                 ) {
                     Ok(()) => {
+                        let mandatory = options.mandatory.map(|policy| {
+                            Box::new(Mandatory {
+                                policy,
+                                exchange: Arc::clone(&exchange),
+                                routing_key: routing_key.clone(),
+                                msg: Arc::clone(&msg),
+                                returned: None,
+                            })
+                        });
                         ch.inflight.push_back(InFlight {
                             tag: ch.next_tag,
                             ack,
                             metrics,
                             sent: now,
+                            mandatory,
                         });
                         ch.next_tag += 1;
                         self.unconfirmed += 1;
                         self.shared.metrics.unconfirmed.inc();
                     }
-                    Err(e) => InFlight { tag: 0, ack, metrics, sent: now }
+                    Err(e) => InFlight { tag: 0, ack, metrics, sent: now, mandatory: None }
                         .fail(Failure::fatal(e.to_string())),
                 }
             }
         }
     }
 
-    /// Starts the next queued exchange check if the check channel is free.
+    /// Starts the next queued check, declare or purge if the check channel is free.
     fn start_check(&mut self) {
         while matches!(self.check.state, CheckState::Closed | CheckState::Idle) {
-            let Some(exchange) = self.check.queue.pop_front() else { return };
+            let Some(op) = self.check.queue.pop_front() else { return };
             let id = self.check.id;
             if matches!(self.check.state, CheckState::Closed) {
-                // Pipelined with the declare; the open-ok is ignored.
+                // Pipelined with the request; the open-ok is ignored.
                 methods::channel_open(&mut self.t.wbuf, id);
                 self.check.state = CheckState::Idle;
             }
-            match methods::exchange_declare_passive(&mut self.t.wbuf, id, &exchange) {
-                Ok(()) => {
-                    let due = Instant::now() + self.rpc_timeout;
-                    self.check.state = CheckState::Declaring(exchange, due);
+            let wbuf = &mut self.t.wbuf;
+            let sent = match &op {
+                Op::Exchange(exchange) => methods::exchange_declare_passive(wbuf, id, exchange),
+                Op::Queue(spec) => {
+                    methods::queue_declare(wbuf, id, &spec.name, true, &spec.table())
                 }
-                Err(e) => self.on_checked(&exchange, Checked::Failed(e.to_string())),
+                Op::Purge(req) => match &req.options.declare {
+                    Some(spec) => methods::queue_purge(wbuf, id, &spec.name),
+                    None => Err(WireError::Truncated("queue name")),
+                },
+            };
+            let due = Instant::now() + self.rpc_timeout;
+            self.check.state = CheckState::Busy(op, due);
+            if let Err(e) = sent {
+                self.on_check_answer(Answer::Failed(e.to_string()), CheckState::Idle);
             }
         }
     }
 
-    /// The check in flight got its answer; the check channel is now in `next`.
-    fn on_check_answer(&mut self, checked: Checked, next: CheckState) {
+    /// The request in flight on the check channel got its answer; the channel is now in `next`.
+    fn on_check_answer(&mut self, answer: Answer, next: CheckState) {
         let state = std::mem::replace(&mut self.check.state, next);
-        if let CheckState::Declaring(exchange, _) = state {
-            self.on_checked(&exchange, checked);
+        if let CheckState::Busy(op, _) = state {
+            match op {
+                Op::Exchange(exchange) => {
+                    let checked = match answer {
+                        Answer::Ok => Checked::Exists,
+                        Answer::Closed(c) if c.code == NOT_FOUND => Checked::Missing,
+                        Answer::Closed(c) => Checked::Failed(describe(&c)),
+                        Answer::Failed(reason) => Checked::Failed(reason),
+                    };
+                    self.on_checked(&exchange, checked);
+                }
+                Op::Queue(spec) => {
+                    let declared = match answer {
+                        Answer::Ok => Declared::Ok,
+                        Answer::Closed(c) => Declared::Refused(format!(
+                            "queue '{}' could not be declared: {}",
+                            spec.name,
+                            describe(&c)
+                        )),
+                        Answer::Failed(reason) => Declared::Unknown(format!(
+                            "queue '{}' could not be declared: {reason}",
+                            spec.name
+                        )),
+                    };
+                    self.on_declared(&spec, &declared);
+                }
+                Op::Purge(req) => {
+                    self.check.purges = self.check.purges.saturating_sub(1);
+                    match answer {
+                        Answer::Ok => {
+                            req.metrics.forwarded.inc();
+                            if let Some(ack) = req.ack {
+                                let _ = ack.send(Outcome::Delivered);
+                            }
+                        }
+                        Answer::Closed(c) => {
+                            let reason = format!("purge refused: {}", describe(&c));
+                            self.shared.fail(req, || Failure::fatal(reason));
+                        }
+                        Answer::Failed(reason) => {
+                            let reason = format!("purge failed: {reason}");
+                            self.shared.fail_unavailable(req, || Failure::retryable(reason));
+                        }
+                    }
+                }
+            }
         }
         self.start_check();
+    }
+
+    /// Releases the requests that waited for the declare of `spec`.
+    fn on_declared(&mut self, spec: &Arc<QueueSpec>, declared: &Declared) {
+        let reqs = self.queues.declared(&spec.name, declared);
+        let (now, timestamp) = (Instant::now(), headers::unix_seconds());
+        match declared {
+            Declared::Ok => {
+                debug!(broker = %self.shared.name, queue = %spec.name, "queue declared");
+                for req in reqs {
+                    self.accept_declared(req, now, timestamp);
+                }
+            }
+            Declared::Refused(reason) => {
+                warn!(broker = %self.shared.name, queue = %spec.name, %reason, failed = reqs.len(),
+                    "queue declare refused; failing its publishes");
+                for req in reqs {
+                    self.shared.fail(req, || Failure::fatal(reason.clone()));
+                }
+            }
+            Declared::Unknown(reason) => {
+                for req in reqs {
+                    self.shared.fail_unavailable(req, || Failure::retryable(reason.clone()));
+                }
+            }
+        }
+    }
+
+    /// A content frame: part of a `basic.return` on a confirm channel (anything else is not
+    /// for us and is dropped).
+    fn on_content(&mut self, channel: u16, kind: u8, payload: &[u8]) {
+        let Role::Confirm(i) = self.role(channel) else { return };
+        let Some(r) = self.confirm[i].returning.as_mut() else { return };
+        if kind == frame::HEADER {
+            match methods::decode_content_header(payload) {
+                Ok(h) => r.header = Some(h),
+                Err(e) => {
+                    debug!(broker = %self.shared.name, error = %e, "unreadable returned header");
+                    self.confirm[i].returning = None;
+                    return;
+                }
+            }
+        } else {
+            r.received += payload.len() as u64;
+            let room = RETURN_BODY_CAPTURE.saturating_sub(r.body.len());
+            r.body.extend_from_slice(&payload[..payload.len().min(room)]);
+        }
+        let complete = r.header.as_ref().is_some_and(|h| r.received >= h.body_size);
+        if complete {
+            if let Some(r) = self.confirm[i].returning.take() {
+                self.on_returned(i, r);
+            }
+        }
+    }
+
+    /// Marks the publish a complete `basic.return` on confirm channel `i` stands for: the
+    /// oldest unconfirmed mandatory publish of this channel with the same exchange, routing
+    /// key, client id, topic and body. RabbitMQ sends the return before that publish's
+    /// confirm, so the confirm that follows resolves it as a failure.
+    fn on_returned(&mut self, i: usize, r: Returning) {
+        let Some(h) = r.header else { return };
+        let complete_body = r.body.len() as u64 == h.body_size;
+        let hit = self.confirm[i].inflight.iter_mut().find_map(|e| {
+            let m = e.mandatory.as_mut()?;
+            let same = m.returned.is_none()
+                && *m.exchange == *r.ret.exchange
+                && m.routing_key == r.ret.routing_key
+                && h.client_id.as_deref() == Some(m.msg.client_id.as_bytes())
+                && h.topic.as_deref() == Some(m.msg.topic.as_bytes())
+                && m.msg.payload.len() as u64 == h.body_size
+                && (!complete_body || m.msg.payload[..] == r.body[..]);
+            same.then_some(m)
+        });
+        match hit {
+            Some(m) if r.ret.code == NO_ROUTE => {
+                m.returned = Some(format!(
+                    "unroutable: exchange '{}' routes '{}' to no queue",
+                    r.ret.exchange, r.ret.routing_key
+                ));
+            }
+            Some(m) => {
+                m.returned = Some(format!("returned by the broker: {} {}", r.ret.code, r.ret.text));
+            }
+            None => debug!(broker = %self.shared.name, exchange = %r.ret.exchange,
+                "a returned message matched no unconfirmed publish"),
+        }
     }
 
     /// Releases the requests that waited for a check of `exchange`.
@@ -676,6 +962,25 @@ impl Publisher<'_> {
         None
     }
 
+    /// Takes the purges queued or in flight out (the connection is going away).
+    fn take_purges(&mut self) -> Vec<PublishRequest> {
+        let mut out = Vec::new();
+        if matches!(self.check.state, CheckState::Busy(Op::Purge(_), _)) {
+            if let CheckState::Busy(Op::Purge(req), _) =
+                std::mem::replace(&mut self.check.state, CheckState::Closed)
+            {
+                out.push(req);
+            }
+        }
+        for op in self.check.queue.drain(..) {
+            if let Op::Purge(req) = op {
+                out.push(req);
+            }
+        }
+        self.check.purges = 0;
+        out
+    }
+
     /// Counts the QoS 0 publishes that never left the write buffer as failed (and dropped).
     fn fail_unwritten(&mut self) -> usize {
         let n = self.unflushed_plain.len();
@@ -691,7 +996,9 @@ impl Publisher<'_> {
         self.shared.set_connected(false);
         let reason = connection_lost(&self.shared.name, &reason);
         let unconfirmed = self.fail_all(&reason);
-        let held = self.exchanges.take_held();
+        let mut held = self.exchanges.take_held();
+        held.extend(self.queues.take_held());
+        held.extend(self.take_purges());
         let held_n = held.len();
         for req in held {
             self.shared.fail_unavailable(req, || Failure::retryable(reason.clone()));
@@ -708,7 +1015,10 @@ impl Publisher<'_> {
         let name = &self.shared.name;
         info!(broker = %name, unconfirmed = self.unconfirmed, "AMQP sink {why}; draining");
         super::reject_queued(self.shared, rx);
-        for req in self.exchanges.take_held() {
+        let mut held = self.exchanges.take_held();
+        held.extend(self.queues.take_held());
+        held.extend(self.take_purges());
+        for req in held {
             self.shared.fail_unavailable(req, || {
                 Failure::retryable(format!("broker {name} sink is shutting down"))
             });

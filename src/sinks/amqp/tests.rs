@@ -96,8 +96,8 @@ impl Fake {
     /// Waits for one `basic.publish` (and its content frames) on `channel`.
     async fn publish(&mut self, channel: u16) {
         assert_eq!(self.method().await, (channel, 60, 40));
-        assert!(matches!(self.frame().await, Frame::Content { channel: c } if c == channel));
-        assert!(matches!(self.frame().await, Frame::Content { channel: c } if c == channel));
+        assert!(matches!(self.frame().await, Frame::Content { channel: c, .. } if c == channel));
+        assert!(matches!(self.frame().await, Frame::Content { channel: c, .. } if c == channel));
     }
 
     /// Sends `basic.ack` (60, 80) or `basic.nack` (60, 120).
@@ -125,6 +125,7 @@ fn request(ack: Option<oneshot::Sender<Outcome>>, target: &TargetMetrics) -> Pub
         }),
         ack,
         metrics: target.clone(),
+        options: Default::default(),
     }
 }
 

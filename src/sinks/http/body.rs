@@ -173,20 +173,11 @@ pub fn batch_content_type(format: BatchFormat) -> &'static str {
     }
 }
 
-/// The `Idempotency-Key` of a QoS 1/2 message: SHA-256 over the client id, the packet id, the
-/// topic and the payload, as 32 hex digits. The same for every retry of the request, and for
-/// the client's resend of the same PUBLISH (same packet id) after mqgate told it to resend.
-/// `None` for QoS 0 (nothing is retried on the client's side) and messages without a packet
-/// id (wills).
+/// The `Idempotency-Key` of a QoS 1/2 message: its [identity](Message::identity), the same
+/// for every retry of the request and for the client's resend of the same PUBLISH. `None` for
+/// QoS 0 (nothing is retried on the client's side) and messages without a packet id (wills).
 pub fn idempotency_key(msg: &Message) -> Option<String> {
-    let packet_id = msg.packet_id?;
-    let mut h = Sha256::new();
-    for part in [msg.client_id.as_bytes(), &packet_id.to_be_bytes(), msg.topic.as_bytes()] {
-        h.update((part.len() as u64).to_be_bytes());
-        h.update(part);
-    }
-    h.update(&msg.payload);
-    Some(hex(&h.finalize()[..16]))
+    msg.identity()
 }
 
 /// The key of a batch: over the keys of its messages, in order (`None` when none has one).

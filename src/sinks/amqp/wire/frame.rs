@@ -37,10 +37,14 @@ pub enum Frame {
         /// The method and its arguments.
         method: Method,
     },
-    /// A content header or body frame (only after `basic.return`, which we ignore).
+    /// A content header or body frame (a publisher only gets them after `basic.return`).
     Content {
         /// The channel it came on.
         channel: u16,
+        /// [`HEADER`] or [`BODY`].
+        kind: u8,
+        /// The frame's payload (copied: returns are rare).
+        payload: Vec<u8>,
     },
     /// A heartbeat.
     Heartbeat,
@@ -91,7 +95,7 @@ pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(Frame, usize)>, Wire
     let payload = &buf[7..7 + size];
     let frame = match kind {
         METHOD => Frame::Method { channel, method: methods::decode(payload)? },
-        HEADER | BODY => Frame::Content { channel },
+        HEADER | BODY => Frame::Content { channel, kind, payload: payload.to_vec() },
         HEARTBEAT => Frame::Heartbeat,
         other => return Err(WireError::BadFrameType(other)),
     };
@@ -131,7 +135,10 @@ mod tests {
         out.extend_from_slice(b"hello");
         end(&mut out, start);
         assert_eq!(&out[..], b"\x03\x00\x03\x00\x00\x00\x05hello\xCE");
-        assert_eq!(decode(&out, 4096), Ok(Some((Frame::Content { channel: 3 }, 13))));
+        assert_eq!(
+            decode(&out, 4096),
+            Ok(Some((Frame::Content { channel: 3, kind: BODY, payload: b"hello".to_vec() }, 13)))
+        );
     }
 
     proptest! {
@@ -145,7 +152,7 @@ mod tests {
 
         #[test]
         fn garbage_method_payloads_never_panic(class in prop_oneof![Just(10u16), Just(20),
-                                                   Just(40), Just(60), Just(85), any::<u16>()],
+                                                   Just(40), Just(50), Just(60), Just(85), any::<u16>()],
                                                method in 0u16..130,
                                                rest in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut out = BytesMut::new();
@@ -155,6 +162,11 @@ mod tests {
             out.extend_from_slice(&rest);
             end(&mut out, start);
             let _ = decode(&out, 131_072);
+        }
+
+        #[test]
+        fn garbage_content_headers_never_panic(rest in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = methods::decode_content_header(&rest);
         }
     }
 }

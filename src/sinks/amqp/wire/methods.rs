@@ -14,6 +14,7 @@ use super::WireError;
 const CONNECTION: u16 = 10;
 const CHANNEL: u16 = 20;
 const EXCHANGE: u16 = 40;
+const QUEUE: u16 = 50;
 const BASIC: u16 = 60;
 const CONFIRM: u16 = 85;
 
@@ -21,6 +22,21 @@ const CONFIRM: u16 = 85;
 pub const NOT_FOUND: u16 = 404;
 /// Reply code of a normal close.
 pub const REPLY_SUCCESS: u16 = 200;
+/// Reply code of a `basic.return` for a mandatory message no queue took.
+pub const NO_ROUTE: u16 = 312;
+
+/// A `basic.return`: a mandatory message RabbitMQ could not route (its content follows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Return {
+    /// 312 NO_ROUTE for an unroutable mandatory message.
+    pub code: u16,
+    /// The reply text ("NO_ROUTE").
+    pub text: String,
+    /// The exchange it was published to.
+    pub exchange: String,
+    /// Its routing key.
+    pub routing_key: String,
+}
 
 /// A `connection.close` or `channel.close`: who closed what, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,7 +113,20 @@ pub enum Method {
         multiple: bool,
     },
     /// `basic.return` (its content frames follow).
-    BasicReturn,
+    BasicReturn(Return),
+    /// `queue.declare-ok`
+    QueueDeclareOk {
+        /// The queue's name.
+        queue: String,
+        /// Messages in it.
+        messages: u32,
+        /// Its consumers.
+        consumers: u32,
+    },
+    /// `queue.bind-ok`
+    QueueBindOk,
+    /// `queue.purge-ok` with the number of messages purged.
+    QueuePurgeOk(u32),
     /// Anything else.
     Other {
         /// Class id.
@@ -146,7 +175,19 @@ pub fn decode(payload: &[u8]) -> Result<Method, WireError> {
         (BASIC, 120) => {
             Method::BasicNack { tag: r.u64("delivery tag")?, multiple: r.u8("bits")? & 1 != 0 }
         }
-        (BASIC, 50) => Method::BasicReturn,
+        (BASIC, 50) => Method::BasicReturn(Return {
+            code: r.u16("reply code")?,
+            text: String::from_utf8_lossy(r.short("reply text")?).into_owned(),
+            exchange: String::from_utf8_lossy(r.short("exchange")?).into_owned(),
+            routing_key: String::from_utf8_lossy(r.short("routing key")?).into_owned(),
+        }),
+        (QUEUE, 11) => Method::QueueDeclareOk {
+            queue: String::from_utf8_lossy(r.short("queue")?).into_owned(),
+            messages: r.u32("message count")?,
+            consumers: r.u32("consumer count")?,
+        },
+        (QUEUE, 21) => Method::QueueBindOk,
+        (QUEUE, 31) => Method::QueuePurgeOk(r.u32("message count")?),
         (class, method) => Method::Other { class, method },
     })
 }
@@ -292,8 +333,75 @@ pub fn exchange_declare_passive(
     Ok(())
 }
 
+/// Appends `queue.declare` (waiting for declare-ok): a durable (or not) queue with `arguments`.
+/// A declare of an existing queue with other arguments gets a 406 channel close.
+pub fn queue_declare(
+    out: &mut BytesMut,
+    channel: u16,
+    queue: &str,
+    durable: bool,
+    arguments: &[(&str, Value<'_>)],
+) -> Result<(), WireError> {
+    let start = out.len();
+    let res = (|| {
+        let frame = begin(out, channel, QUEUE, 10);
+        out.put_u16(0); // reserved
+        put_short(out, queue.as_bytes(), "queue name")?;
+        // passive, durable, exclusive, auto-delete, no-wait
+        out.put_u8(if durable { 0b0000_0010 } else { 0 });
+        table::put_table(out, arguments)?;
+        frame::end(out, frame);
+        Ok(())
+    })();
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+/// Appends `queue.bind` (waiting for bind-ok) of `queue` to `exchange` with `routing_key`.
+#[cfg_attr(not(test), allow(dead_code))] // for the AMQP → MQTT sources (issue 4, downlink)
+pub fn queue_bind(
+    out: &mut BytesMut,
+    channel: u16,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), WireError> {
+    let start = out.len();
+    let res = (|| {
+        let frame = begin(out, channel, QUEUE, 20);
+        out.put_u16(0); // reserved
+        put_short(out, queue.as_bytes(), "queue name")?;
+        put_short(out, exchange.as_bytes(), "exchange name")?;
+        put_short(out, routing_key.as_bytes(), "routing key")?;
+        out.put_u8(0); // no-wait off
+        out.put_u32(0); // no arguments
+        frame::end(out, frame);
+        Ok(())
+    })();
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+/// Appends `queue.purge` (waiting for purge-ok) of `queue`.
+pub fn queue_purge(out: &mut BytesMut, channel: u16, queue: &str) -> Result<(), WireError> {
+    let start = out.len();
+    let frame = begin(out, channel, QUEUE, 30);
+    out.put_u16(0); // reserved
+    if let Err(e) = put_short(out, queue.as_bytes(), "queue name") {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.put_u8(0); // no-wait off
+    frame::end(out, frame);
+    Ok(())
+}
+
 /// The `basic` content properties mqgate sets on a message.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Properties<'a> {
     /// `content-type`, when known (at most 255 bytes, else the publish fails).
     pub content_type: Option<&'a str>,
@@ -301,18 +409,93 @@ pub struct Properties<'a> {
     pub headers: &'a [(&'a str, Value<'a>)],
     /// `delivery-mode`: 1 transient, 2 persistent.
     pub delivery_mode: u8,
+    /// `correlation-id` (MQTT 5 correlation data).
+    pub correlation_id: Option<&'a [u8]>,
+    /// `reply-to` (MQTT 5 response topic, as a routing key).
+    pub reply_to: Option<&'a str>,
+    /// `expiration`: milliseconds, as a decimal string.
+    pub expiration: Option<&'a str>,
+    /// `message-id`.
+    pub message_id: Option<&'a str>,
     /// `timestamp`, seconds since the epoch.
     pub timestamp: u64,
 }
 
 /// Property flag bits of the `basic` class, in wire order.
 const FLAG_CONTENT_TYPE: u16 = 1 << 15;
+const FLAG_CONTENT_ENCODING: u16 = 1 << 14;
 const FLAG_HEADERS: u16 = 1 << 13;
 const FLAG_DELIVERY_MODE: u16 = 1 << 12;
+const FLAG_PRIORITY: u16 = 1 << 11;
+const FLAG_CORRELATION_ID: u16 = 1 << 10;
+const FLAG_REPLY_TO: u16 = 1 << 9;
+const FLAG_EXPIRATION: u16 = 1 << 8;
+const FLAG_MESSAGE_ID: u16 = 1 << 7;
 const FLAG_TIMESTAMP: u16 = 1 << 6;
+
+/// What mqgate reads back from a returned message's content header: enough to tell which of
+/// its own publishes it was.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReturnedHeader {
+    /// The body's size.
+    pub body_size: u64,
+    /// The `x-mqtt-client-id` header, if present.
+    pub client_id: Option<Vec<u8>>,
+    /// The `x-mqtt-topic` header, if present.
+    pub topic: Option<Vec<u8>>,
+    /// The `message-id` property, if present.
+    pub message_id: Option<Vec<u8>>,
+}
+
+/// Decodes a content header frame's payload as far as [`ReturnedHeader`] needs.
+pub fn decode_content_header(payload: &[u8]) -> Result<ReturnedHeader, WireError> {
+    let mut r = Reader::new(payload);
+    r.u16("class id")?;
+    r.u16("weight")?;
+    let body_size = r.u64("body size")?;
+    let flags = r.u16("property flags")?;
+    let mut out = ReturnedHeader { body_size, ..ReturnedHeader::default() };
+    if flags & 1 != 0 {
+        // Continuation flags: only for property classes with more than 15 properties.
+        return Ok(out);
+    }
+    if flags & FLAG_CONTENT_TYPE != 0 {
+        r.short("content type")?;
+    }
+    if flags & FLAG_CONTENT_ENCODING != 0 {
+        r.short("content encoding")?;
+    }
+    if flags & FLAG_HEADERS != 0 {
+        for (name, value) in r.table()? {
+            if let Decoded::Bytes(b) = value {
+                match name.as_str() {
+                    "x-mqtt-client-id" => out.client_id = Some(b),
+                    "x-mqtt-topic" => out.topic = Some(b),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if flags & FLAG_DELIVERY_MODE != 0 {
+        r.u8("delivery mode")?;
+    }
+    if flags & FLAG_PRIORITY != 0 {
+        r.u8("priority")?;
+    }
+    for flag in [FLAG_CORRELATION_ID, FLAG_REPLY_TO, FLAG_EXPIRATION] {
+        if flags & flag != 0 {
+            r.short("property")?;
+        }
+    }
+    if flags & FLAG_MESSAGE_ID != 0 {
+        out.message_id = Some(r.short("message id")?.to_vec());
+    }
+    Ok(out)
+}
 
 /// Appends a `basic.publish` (mandatory and immediate off), its content header and its body
 /// split into frames of at most `frame_max`. On error nothing is appended.
+#[cfg(test)]
 pub fn publish(
     out: &mut BytesMut,
     channel: u16,
@@ -322,8 +505,25 @@ pub fn publish(
     body: &[u8],
     frame_max: u32,
 ) -> Result<(), WireError> {
+    publish_with(out, channel, exchange, routing_key, false, properties, body, frame_max)
+}
+
+/// [`publish`] with the `mandatory` flag as given: RabbitMQ returns (`basic.return`) a
+/// mandatory message that no queue takes, before its confirm.
+#[allow(clippy::too_many_arguments)]
+pub fn publish_with(
+    out: &mut BytesMut,
+    channel: u16,
+    exchange: &str,
+    routing_key: &str,
+    mandatory: bool,
+    properties: &Properties<'_>,
+    body: &[u8],
+    frame_max: u32,
+) -> Result<(), WireError> {
     let start = out.len();
-    let res = publish_inner(out, channel, exchange, routing_key, properties, body, frame_max);
+    let res =
+        publish_inner(out, channel, exchange, routing_key, mandatory, properties, body, frame_max);
     if res.is_err() {
         out.truncate(start);
     }
@@ -331,11 +531,13 @@ pub fn publish(
 }
 
 /// [`publish`] without the clean-up on error.
+#[allow(clippy::too_many_arguments)]
 fn publish_inner(
     out: &mut BytesMut,
     channel: u16,
     exchange: &str,
     routing_key: &str,
+    mandatory: bool,
     properties: &Properties<'_>,
     body: &[u8],
     frame_max: u32,
@@ -347,7 +549,7 @@ fn publish_inner(
     out.put_u16(0); // reserved
     put_short(out, exchange.as_bytes(), "exchange name")?;
     put_short(out, routing_key.as_bytes(), "routing key")?;
-    out.put_u8(0); // mandatory, immediate off
+    out.put_u8(u8::from(mandatory)); // mandatory bit; immediate off
     frame::end(out, f);
 
     let f = frame::begin(out, HEADER, channel);
@@ -355,8 +557,17 @@ fn publish_inner(
     out.put_u16(0); // weight
     out.put_u64(body.len() as u64);
     let mut flags = FLAG_HEADERS | FLAG_DELIVERY_MODE | FLAG_TIMESTAMP;
-    if properties.content_type.is_some() {
-        flags |= FLAG_CONTENT_TYPE;
+    let optional = [
+        (properties.content_type.is_some(), FLAG_CONTENT_TYPE),
+        (properties.correlation_id.is_some(), FLAG_CORRELATION_ID),
+        (properties.reply_to.is_some(), FLAG_REPLY_TO),
+        (properties.expiration.is_some(), FLAG_EXPIRATION),
+        (properties.message_id.is_some(), FLAG_MESSAGE_ID),
+    ];
+    for (set, flag) in optional {
+        if set {
+            flags |= flag;
+        }
     }
     out.put_u16(flags);
     if let Some(ct) = properties.content_type {
@@ -364,6 +575,18 @@ fn publish_inner(
     }
     table::put_table(out, properties.headers)?;
     out.put_u8(properties.delivery_mode);
+    if let Some(c) = properties.correlation_id {
+        put_short(out, c, "correlation id")?;
+    }
+    if let Some(r) = properties.reply_to {
+        put_short(out, r.as_bytes(), "reply-to")?;
+    }
+    if let Some(e) = properties.expiration {
+        put_short(out, e.as_bytes(), "expiration")?;
+    }
+    if let Some(m) = properties.message_id {
+        put_short(out, m.as_bytes(), "message id")?;
+    }
     out.put_u64(properties.timestamp);
     if out.len() - f - 7 > max_body {
         return Err(WireError::TooLong("content header"));
@@ -437,6 +660,7 @@ mod tests {
             headers: &headers,
             delivery_mode: 2,
             timestamp: 7,
+            ..Properties::default()
         };
         let body = vec![7u8; 10_000];
         let mut out = BytesMut::new();
@@ -468,12 +692,108 @@ mod tests {
 
     #[test]
     fn publish_with_an_empty_body_has_no_body_frame() {
-        let props = Properties { content_type: None, headers: &[], delivery_mode: 1, timestamp: 0 };
+        let props = Properties { delivery_mode: 1, ..Properties::default() };
         let mut out = BytesMut::new();
         publish(&mut out, 1, "", "q", &props, b"", 131_072).expect("publish");
         let (_, used) = decode_frame(&out, 131_072).expect("ok").expect("complete");
         let (header, used2) = decode_frame(&out[used..], 131_072).expect("ok").expect("complete");
-        assert_eq!(header, Frame::Content { channel: 1 });
+        assert!(matches!(header, Frame::Content { channel: 1, kind: frame::HEADER, .. }));
         assert_eq!(used + used2, out.len());
+    }
+
+    #[test]
+    fn decodes_return_and_queue_answers() {
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 1, BASIC, 50);
+        out.put_u16(NO_ROUTE);
+        put_short(&mut out, b"NO_ROUTE", "t").expect("fits");
+        put_short(&mut out, b"ex", "t").expect("fits");
+        put_short(&mut out, b"a.b", "t").expect("fits");
+        frame::end(&mut out, f);
+        let ret = Return {
+            code: NO_ROUTE,
+            text: "NO_ROUTE".to_owned(),
+            exchange: "ex".to_owned(),
+            routing_key: "a.b".to_owned(),
+        };
+        assert_eq!(method_of(&out), Method::BasicReturn(ret));
+
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 9, QUEUE, 11);
+        put_short(&mut out, b"jobs", "t").expect("fits");
+        out.put_u32(3);
+        out.put_u32(2);
+        frame::end(&mut out, f);
+        let ok = Method::QueueDeclareOk { queue: "jobs".to_owned(), messages: 3, consumers: 2 };
+        assert_eq!(method_of(&out), ok);
+        let mut out = BytesMut::new();
+        let f = begin(&mut out, 9, QUEUE, 31);
+        out.put_u32(1);
+        frame::end(&mut out, f);
+        assert_eq!(method_of(&out), Method::QueuePurgeOk(1));
+    }
+
+    #[test]
+    fn queue_methods_encode_and_refuse_long_names_without_writing() {
+        let args = [("x-queue-type", Value::LongString(b"quorum"))];
+        let mut out = BytesMut::new();
+        queue_declare(&mut out, 3, "jobs", true, &args).expect("declare");
+        let (frame, used) = decode_frame(&out, 4096).expect("ok").expect("complete");
+        assert_eq!(used, out.len());
+        assert!(matches!(
+            frame,
+            Frame::Method { channel: 3, method: Method::Other { class: 50, method: 10 } }
+        ));
+        // reserved, name, bits (durable), table
+        let payload = &out[7..out.len() - 1];
+        assert_eq!(&payload[4..6], &[0, 0]);
+        assert_eq!(&payload[6..11], b"\x04jobs");
+        assert_eq!(payload[11], 0b10, "durable, not exclusive, not auto-delete");
+        let long = "q".repeat(256);
+        let mut out = BytesMut::from(&b"keep"[..]);
+        assert!(queue_declare(&mut out, 3, &long, true, &[]).is_err());
+        assert!(queue_bind(&mut out, 3, "q", "x", &long).is_err());
+        assert!(queue_purge(&mut out, 3, &long).is_err());
+        assert_eq!(&out[..], b"keep");
+        queue_bind(&mut out, 3, "q", "x", "a.*").expect("bind");
+        queue_purge(&mut out, 3, "q").expect("purge");
+        let (f1, used) = decode_frame(&out[4..], 4096).expect("ok").expect("complete");
+        let (f2, _) = decode_frame(&out[4 + used..], 4096).expect("ok").expect("complete");
+        assert!(matches!(
+            f1,
+            Frame::Method { method: Method::Other { class: 50, method: 20 }, .. }
+        ));
+        assert!(matches!(
+            f2,
+            Frame::Method { method: Method::Other { class: 50, method: 30 }, .. }
+        ));
+    }
+
+    #[test]
+    fn content_header_of_a_returned_message_is_read_back() {
+        let headers = [
+            ("x-mqtt-client-id", Value::LongString(b"dev")),
+            ("x-mqtt-topic", Value::LongString(b"a/b")),
+        ];
+        let props = Properties {
+            content_type: Some("text/plain"),
+            headers: &headers,
+            delivery_mode: 2,
+            correlation_id: Some(b"c"),
+            reply_to: Some("r"),
+            expiration: Some("1000"),
+            message_id: Some("mqgate-1"),
+            timestamp: 1,
+        };
+        let mut out = BytesMut::new();
+        publish_with(&mut out, 1, "ex", "rk", true, &props, b"hello", 4096).expect("publish");
+        assert_eq!(out[7 + 4 + 2 + 3 + 3], 1, "mandatory bit set");
+        let (_, used) = decode_frame(&out, 4096).expect("ok").expect("complete");
+        let header = &out[used + 7..];
+        let h = decode_content_header(header).expect("header");
+        assert_eq!(h.body_size, 5);
+        assert_eq!(h.client_id.as_deref(), Some(&b"dev"[..]));
+        assert_eq!(h.topic.as_deref(), Some(&b"a/b"[..]));
+        assert_eq!(h.message_id.as_deref(), Some(&b"mqgate-1"[..]));
     }
 }

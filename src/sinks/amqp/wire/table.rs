@@ -172,7 +172,6 @@ impl<'a> Reader<'a> {
     }
 
     /// Decodes a field table (length prefix included).
-    #[cfg(test)]
     pub fn table(&mut self) -> Result<Vec<(String, Decoded)>, WireError> {
         decode_entries(self.long("field table")?)
     }

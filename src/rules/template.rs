@@ -1,0 +1,358 @@
+//! Rule templates (`exchange`, `routing_key`) and `when:` conditions: minijinja, compiled once
+//! when the rule set is built, evaluated per message with a fuel limit.
+//!
+//! A template sees one message through [`MessageContext`], a lazy view: nothing is copied until
+//! a template reads it, and the payload is parsed as JSON only when a template reads `json`
+//! (once per message, however many templates read it). Variables: `topic`, `levels` (the topic
+//! split at '/'), `client_id`, `username`, `qos`, `retain`, `content_type`, `response_topic`,
+//! `correlation_data`, `user_properties` (name → value; the last value of a repeated name),
+//! `payload_format_indicator`, `message_expiry_interval`, `payload` (the payload as text, if it
+//! is UTF-8) and `json` (the payload parsed as JSON). Undefined values may be tested
+//! (`{% if json.temp is defined %}`) but printing or comparing one is an error
+//! (minijinja's semi-strict mode), so a typo or a missing field fails the rule rather than
+//! silently routing to a wrong key.
+//!
+//! Pure: no I/O and no locks; an evaluation error is returned, never a panic.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use minijinja::value::{Object, Value};
+use minijinja::{Environment, UndefinedBehavior};
+use thiserror::Error;
+
+use crate::message::Message;
+
+/// Instructions one evaluation may execute (minijinja fuel): plenty for routing keys and
+/// conditions, and a bound on what a runaway loop in a template can cost per message.
+pub const FUEL: u64 = 10_000;
+
+/// The variables a template may use.
+pub const VARIABLES: &[&str] = &[
+    "topic",
+    "levels",
+    "client_id",
+    "username",
+    "qos",
+    "retain",
+    "content_type",
+    "response_topic",
+    "correlation_data",
+    "user_properties",
+    "payload_format_indicator",
+    "message_expiry_interval",
+    "payload",
+    "json",
+];
+
+/// A template or condition that does not compile, or an evaluation that failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct TemplateError(pub String);
+
+/// The environment every template of a rule set lives in (templates are looked up by name).
+#[derive(Debug, Clone)]
+pub struct Templates {
+    /// Shared by every compiled template; read-only after compile.
+    env: Arc<Environment<'static>>,
+}
+
+/// The templates of a rule set while it is being compiled.
+#[derive(Debug)]
+pub struct TemplatesBuilder {
+    /// The environment being filled.
+    env: Environment<'static>,
+    /// Names handed out so far.
+    next: usize,
+}
+
+/// One compiled template: renders to a string.
+#[derive(Debug, Clone)]
+pub struct Template {
+    /// The environment holding it.
+    env: Arc<Environment<'static>>,
+    /// Its name in the environment.
+    name: String,
+}
+
+/// One compiled `when:` condition.
+#[derive(Debug, Clone)]
+pub struct Condition(Template);
+
+/// True when `text` needs a template engine (it contains `{{` or `{%`); plain strings stay on
+/// the zero-cost path.
+pub fn is_template(text: &str) -> bool {
+    text.contains("{{") || text.contains("{%")
+}
+
+/// A fresh environment with mqgate's settings.
+fn environment() -> Environment<'static> {
+    let mut env = Environment::new();
+    env.set_fuel(Some(FUEL));
+    env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
+    // Routing keys are not HTML.
+    env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+    env
+}
+
+/// Checks that `source` compiles as a template and uses only known variables (for config
+/// validation; the message says what is wrong).
+pub fn check_template(source: &str) -> Result<(), TemplateError> {
+    let mut b = TemplatesBuilder::new();
+    b.template(source).map(|_| ())
+}
+
+/// Checks that `source` compiles as a `when:` condition and uses only known variables.
+pub fn check_condition(source: &str) -> Result<(), TemplateError> {
+    let mut b = TemplatesBuilder::new();
+    b.condition(source).map(|_| ())
+}
+
+impl Default for TemplatesBuilder {
+    fn default() -> Self {
+        TemplatesBuilder::new()
+    }
+}
+
+impl TemplatesBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        TemplatesBuilder { env: environment(), next: 0 }
+    }
+
+    /// Adds a template; the handle renders once [`finish`](Self::finish) has been called.
+    fn add(&mut self, source: String) -> Result<String, TemplateError> {
+        let name = format!("t{}", self.next);
+        self.next += 1;
+        self.env.add_template_owned(name.clone(), source).map_err(describe)?;
+        let tmpl = self.env.get_template(&name).map_err(describe)?;
+        let mut unknown: Vec<String> = tmpl
+            .undeclared_variables(false)
+            .into_iter()
+            .filter(|v| !VARIABLES.contains(&v.as_str()))
+            .filter(|v| !self.env.globals().any(|(g, _)| g == v.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            unknown.sort();
+            return Err(TemplateError(format!(
+                "unknown variable {} (known: {})",
+                unknown.join(", "),
+                VARIABLES.join(", ")
+            )));
+        }
+        Ok(name)
+    }
+
+    /// Compiles a string template (a name such as `sensors.{{ levels[1] }}`).
+    pub fn template(&mut self, source: &str) -> Result<PendingTemplate, TemplateError> {
+        self.add(source.to_owned()).map(PendingTemplate)
+    }
+
+    /// Compiles a condition: a minijinja expression such as `qos > 0 and json.temp > 30`.
+    pub fn condition(&mut self, source: &str) -> Result<PendingTemplate, TemplateError> {
+        // Compiled on its own first, so a syntax error points into the user's text.
+        self.env.compile_expression(source).map_err(describe)?;
+        self.add(format!("{{% if {source} %}}1{{% endif %}}")).map(PendingTemplate)
+    }
+
+    /// Freezes the environment: every pending template can now be resolved.
+    pub fn finish(self) -> Templates {
+        Templates { env: Arc::new(self.env) }
+    }
+}
+
+/// A template added to a builder, to be resolved against the finished [`Templates`].
+#[derive(Debug)]
+pub struct PendingTemplate(String);
+
+impl Templates {
+    /// The template `pending` stands for.
+    pub fn template(&self, pending: PendingTemplate) -> Template {
+        Template { env: Arc::clone(&self.env), name: pending.0 }
+    }
+
+    /// The condition `pending` stands for.
+    pub fn condition(&self, pending: PendingTemplate) -> Condition {
+        Condition(self.template(pending))
+    }
+}
+
+impl Template {
+    /// Renders the template for the message behind `ctx`.
+    pub fn render(&self, ctx: &Value) -> Result<String, TemplateError> {
+        let tmpl = self.env.get_template(&self.name).map_err(describe)?;
+        tmpl.render(ctx).map_err(describe)
+    }
+}
+
+impl Condition {
+    /// Whether the condition holds for the message behind `ctx`.
+    pub fn eval(&self, ctx: &Value) -> Result<bool, TemplateError> {
+        self.0.render(ctx).map(|out| out == "1")
+    }
+}
+
+/// minijinja's error, with its detail, as one line.
+fn describe(e: minijinja::Error) -> TemplateError {
+    let mut text = e.to_string();
+    if let Some(detail) = e.detail() {
+        if !text.contains(detail) {
+            text.push_str(": ");
+            text.push_str(detail);
+        }
+    }
+    TemplateError(text.lines().next().unwrap_or("template error").to_owned())
+}
+
+/// The template context of one message: a lazy view of it (see the module docs).
+#[derive(Debug)]
+pub struct MessageContext {
+    /// The message.
+    msg: Arc<Message>,
+    /// The payload parsed as JSON, once a template asked (`None`: not JSON).
+    json: OnceLock<Option<Value>>,
+    /// The topic's levels, once a template asked (condition and routing key often both do).
+    levels: OnceLock<Value>,
+}
+
+impl MessageContext {
+    /// The context value for `msg` (one small allocation; nothing is copied yet).
+    pub fn value(msg: &Arc<Message>) -> Value {
+        Value::from_object(MessageContext {
+            msg: Arc::clone(msg),
+            json: OnceLock::new(),
+            levels: OnceLock::new(),
+        })
+    }
+}
+
+/// An optional string as a value (none: undefined).
+fn opt_str(s: Option<&str>) -> Option<Value> {
+    s.map(Value::from)
+}
+
+impl Object for MessageContext {
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        let m = &self.msg;
+        let p = &m.properties;
+        match key {
+            "topic" => Some(Value::from(m.topic.as_str())),
+            "levels" => Some(
+                self.levels
+                    .get_or_init(|| {
+                        Value::from(m.topic.split('/').map(Value::from).collect::<Vec<_>>())
+                    })
+                    .clone(),
+            ),
+            "client_id" => Some(Value::from(&*m.client_id)),
+            "username" => opt_str(m.username.as_deref()),
+            "qos" => Some(Value::from(m.qos as u8)),
+            "retain" => Some(Value::from(m.retain)),
+            "content_type" => opt_str(p.content_type.as_deref()),
+            "response_topic" => opt_str(p.response_topic.as_deref()),
+            "correlation_data" => {
+                p.correlation_data.as_ref().map(|d| Value::from(String::from_utf8_lossy(d)))
+            }
+            "user_properties" => {
+                let map: BTreeMap<String, String> =
+                    p.user_properties.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                Some(Value::from(map))
+            }
+            "payload_format_indicator" => p.payload_format_indicator.map(Value::from),
+            "message_expiry_interval" => p.message_expiry_interval.map(Value::from),
+            "payload" => std::str::from_utf8(&m.payload).ok().map(Value::from),
+            "json" => self
+                .json
+                .get_or_init(|| {
+                    serde_json::from_slice::<serde_json::Value>(&m.payload)
+                        .ok()
+                        .map(|j| Value::from(minijinja::value::Serde(j)))
+                })
+                .clone(),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::mqtt::codec::{Properties, QoS};
+
+    fn msg(topic: &str, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message {
+            topic: topic.to_owned(),
+            payload: Bytes::from_static(payload),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            client_id: Arc::from("dev-1"),
+            username: Some(Arc::from("alice")),
+            properties: Properties {
+                content_type: Some("application/json".to_owned()),
+                user_properties: vec![("site".to_owned(), "x".to_owned())],
+                ..Properties::default()
+            },
+            received: Instant::now(),
+            packet_id: Some(3),
+        })
+    }
+
+    fn build(tmpl: &str, cond: &str) -> (Template, Condition) {
+        let mut b = TemplatesBuilder::new();
+        let t = b.template(tmpl).expect("template compiles");
+        let c = b.condition(cond).expect("condition compiles");
+        let set = b.finish();
+        (set.template(t), set.condition(c))
+    }
+
+    #[test]
+    fn renders_and_evaluates_over_the_message() {
+        let (t, c) = build(
+            "{{ levels[1] }}.{{ user_properties.site }}.{{ json.kind }}",
+            "qos > 0 and json.temp > 30 and username == 'alice' and content_type == 'application/json'",
+        );
+        let m = msg("sensors/a/telemetry", br#"{"temp": 31, "kind": "t"}"#);
+        let ctx = MessageContext::value(&m);
+        assert_eq!(t.render(&ctx).as_deref(), Ok("a.x.t"));
+        assert_eq!(c.eval(&ctx), Ok(true));
+        let cold = msg("sensors/a/telemetry", br#"{"temp": 3, "kind": "t"}"#);
+        assert_eq!(c.eval(&MessageContext::value(&cold)), Ok(false));
+    }
+
+    #[test]
+    fn a_missing_field_or_non_json_payload_is_an_error_not_a_guess() {
+        let (t, c) = build("{{ json.kind }}", "json.temp > 30");
+        let m = msg("a", b"not json");
+        let ctx = MessageContext::value(&m);
+        assert!(t.render(&ctx).is_err());
+        assert!(c.eval(&ctx).is_err());
+        // ... but it can be tested for.
+        let (_, c) = build("x", "json is defined and json.temp > 30");
+        assert_eq!(c.eval(&ctx), Ok(false));
+    }
+
+    #[test]
+    fn compile_errors_and_unknown_variables_are_reported() {
+        assert!(check_template("{{ topic").is_err());
+        let e = check_template("{{ topik }}").unwrap_err();
+        assert!(e.0.contains("unknown variable topik"), "{e}");
+        assert!(check_condition("qos >").is_err());
+        assert!(check_condition("qos > 0").is_ok());
+        assert!(is_template("a.{{ topic }}") && !is_template("plain.key"));
+    }
+
+    #[test]
+    fn fuel_bounds_a_runaway_template() {
+        let (t, _) = build("{% for i in range(100000) %}{{ i }}{% endfor %}", "true");
+        let e = t.render(&MessageContext::value(&msg("a", b""))).unwrap_err();
+        assert!(e.0.contains("fuel"), "{e}");
+    }
+}
