@@ -19,8 +19,8 @@ mod publisher;
 mod supervisor;
 #[cfg(test)]
 mod tests;
-mod transport;
-mod wire;
+pub(crate) mod transport;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
