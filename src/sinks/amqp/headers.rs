@@ -37,8 +37,9 @@ pub(crate) fn headers(msg: &Message) -> [(&'static str, Value<'_>); 4] {
 }
 
 /// The AMQP properties for `msg` with its `headers`: `delivery_mode`, `timestamp` (seconds
-/// since the epoch, taken once per batch by the caller), and the MQTT 5 content type when it is
-/// set and fits in 255 bytes.
+/// since the epoch, taken once per batch by the caller), the MQTT 5 content type when it is
+/// set and fits in 255 bytes, and correlation data / response topic as correlation id /
+/// reply-to (the topic translated '/' → '.'), for request/response through RabbitMQ.
 pub(crate) fn properties<'a>(
     msg: &'a Message,
     headers: &'a [(&'static str, Value<'a>)],
@@ -49,7 +50,10 @@ pub(crate) fn properties<'a>(
     // left out rather than truncated into something the publisher never said.
     let content_type =
         msg.properties.content_type.as_deref().filter(|ct| ct.len() <= MAX_SHORT_STRING_LENGTH);
-    Properties { content_type, headers, delivery_mode, timestamp }
+    // Request/response: correlation data and response topic ('/' → '.' when encoded).
+    let correlation_id = msg.properties.correlation_data.as_deref();
+    let reply_to_topic = msg.properties.response_topic.as_deref();
+    Properties { content_type, headers, delivery_mode, timestamp, correlation_id, reply_to_topic }
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

@@ -303,12 +303,19 @@ pub struct Properties<'a> {
     pub delivery_mode: u8,
     /// `timestamp`, seconds since the epoch.
     pub timestamp: u64,
+    /// `correlation-id` (MQTT 5 correlation data; left out when longer than 255 bytes).
+    pub correlation_id: Option<&'a [u8]>,
+    /// `reply-to`, from an MQTT 5 response topic: written with '/' → '.' (left out when
+    /// longer than 255 bytes).
+    pub reply_to_topic: Option<&'a str>,
 }
 
 /// Property flag bits of the `basic` class, in wire order.
 const FLAG_CONTENT_TYPE: u16 = 1 << 15;
 const FLAG_HEADERS: u16 = 1 << 13;
 const FLAG_DELIVERY_MODE: u16 = 1 << 12;
+const FLAG_CORRELATION_ID: u16 = 1 << 10;
+const FLAG_REPLY_TO: u16 = 1 << 9;
 const FLAG_TIMESTAMP: u16 = 1 << 6;
 
 /// Appends a `basic.publish` (mandatory and immediate off), its content header and its body
@@ -358,12 +365,27 @@ fn publish_inner(
     if properties.content_type.is_some() {
         flags |= FLAG_CONTENT_TYPE;
     }
+    let correlation_id = properties.correlation_id.filter(|c| c.len() <= 255);
+    let reply_to = properties.reply_to_topic.filter(|r| r.len() <= 255);
+    if correlation_id.is_some() {
+        flags |= FLAG_CORRELATION_ID;
+    }
+    if reply_to.is_some() {
+        flags |= FLAG_REPLY_TO;
+    }
     out.put_u16(flags);
     if let Some(ct) = properties.content_type {
         put_short(out, ct.as_bytes(), "content type")?;
     }
     table::put_table(out, properties.headers)?;
     out.put_u8(properties.delivery_mode);
+    if let Some(c) = correlation_id {
+        put_short(out, c, "correlation id")?;
+    }
+    if let Some(r) = reply_to {
+        out.put_u8(r.len() as u8);
+        out.extend(r.bytes().map(|b| if b == b'/' { b'.' } else { b }));
+    }
     out.put_u64(properties.timestamp);
     if out.len() - f - 7 > max_body {
         return Err(WireError::TooLong("content header"));
@@ -437,6 +459,8 @@ mod tests {
             headers: &headers,
             delivery_mode: 2,
             timestamp: 7,
+            correlation_id: None,
+            reply_to_topic: None,
         };
         let body = vec![7u8; 10_000];
         let mut out = BytesMut::new();
@@ -468,7 +492,14 @@ mod tests {
 
     #[test]
     fn publish_with_an_empty_body_has_no_body_frame() {
-        let props = Properties { content_type: None, headers: &[], delivery_mode: 1, timestamp: 0 };
+        let props = Properties {
+            content_type: None,
+            headers: &[],
+            delivery_mode: 1,
+            timestamp: 0,
+            correlation_id: None,
+            reply_to_topic: None,
+        };
         let mut out = BytesMut::new();
         publish(&mut out, 1, "", "q", &props, b"", 131_072).expect("publish");
         let (_, used) = decode_frame(&out, 131_072).expect("ok").expect("complete");
