@@ -21,6 +21,10 @@
 //! * `idle`: `--connections` idle MQTT connections to each; reports the
 //!   server's VmRSS growth per connection and connections accepted per second.
 //!
+//! `downlink` measures AMQP→MQTT: a queue of N messages drained by a plain
+//! AMQP consumer (lapin, manual acks, prefetch `--window`) and by a spawned
+//! mqgate's source to one MQTT QoS 1 subscriber, in the same run.
+//!
 //! Every payload starts with a 16-byte header (send timestamp, run-tagged
 //! sequence number) so the consumer measures latency and counts loss and
 //! duplicates. Every run stops by itself: after all messages arrived, or
@@ -34,6 +38,7 @@
 //! target/release/mqgate-bench --mqtt-addr 127.0.0.1:1883 --exchange amq.topic  # running gateway
 //! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
+//! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -45,6 +50,8 @@
 
 #[path = "mqgate_bench/amqp.rs"]
 mod amqp;
+#[path = "mqgate_bench/downlink.rs"]
+mod downlink;
 #[path = "mqgate_bench/gateway.rs"]
 mod gateway;
 #[path = "mqgate_bench/idle.rs"]
@@ -191,6 +198,9 @@ enum ModeArg {
     Fanin,
     /// Idle connections: RSS per connection and accept rate, mqgate vs a spawned Mosquitto.
     Idle,
+    /// AMQP→MQTT: a queue drained by a plain AMQP consumer vs by mqgate's source to one
+    /// MQTT QoS 1 subscriber (prefetch = --window).
+    Downlink,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -339,6 +349,20 @@ async fn run(args: Args) -> Result<bool> {
     if args.mode.contains(&ModeArg::Idle) {
         return run_idle(&args).await;
     }
+    if args.mode.contains(&ModeArg::Downlink) {
+        let binary = mqgate_binary(&args)?;
+        let spec = downlink::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            amqp_url: &args.amqp_url,
+            binary: &binary,
+            idle,
+            json: args.json,
+        };
+        return downlink::run(&spec).await;
+    }
     let fanin = args.mode.contains(&ModeArg::Fanin);
     let modes = args.modes();
     if modes.is_empty() {
@@ -390,6 +414,18 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     Ok(ok)
+}
+
+/// The mqgate binary to spawn: `--mqgate`, or `mqgate` next to this binary.
+fn mqgate_binary(args: &Args) -> Result<PathBuf> {
+    match &args.mqgate {
+        Some(p) => Ok(p.clone()),
+        None => Ok(std::env::current_exe()
+            .context("locate the bench binary")?
+            .parent()
+            .context("the bench binary has no directory")?
+            .join("mqgate")),
+    }
 }
 
 /// `--mode idle`: N idle connections to a spawned mqgate, then to a spawned Mosquitto.

@@ -70,11 +70,32 @@ pub fn config_yaml(
 impl Gateway {
     /// Writes the config, starts mqgate and waits until `/readyz` says 200.
     pub async fn start(spec: &GatewaySpec<'_>) -> Result<Gateway> {
-        if !spec.binary.is_file() {
+        let yaml = |mqtt: &str, admin: &str| {
+            config_yaml(
+                mqtt,
+                admin,
+                spec.amqp_url,
+                spec.exchange,
+                spec.receive_maximum,
+                spec.max_connections,
+                spec.outbound_queue,
+            )
+        };
+        Gateway::start_with(spec.binary, yaml, spec.ready_timeout).await
+    }
+
+    /// Starts mqgate on the config `yaml(mqtt_addr, admin_addr)` makes (free ports) and waits
+    /// until `/readyz` says 200.
+    pub async fn start_with(
+        binary: &Path,
+        yaml: impl FnOnce(&str, &str) -> String,
+        ready_timeout: Duration,
+    ) -> Result<Gateway> {
+        if !binary.is_file() {
             bail!(
                 "mqgate binary {} not found (build it with `cargo build --release --bins`, \
                  pass --mqgate PATH, or use --mqtt-addr for a running gateway)",
-                spec.binary.display()
+                binary.display()
             );
         }
         let dir = std::env::temp_dir().join(format!("mqgate-bench-{}", std::process::id()));
@@ -82,24 +103,13 @@ impl Gateway {
         let mqtt_addr = format!("127.0.0.1:{}", free_port()?);
         let admin_addr = format!("127.0.0.1:{}", free_port()?);
         let config_path = dir.join("mqgate.yaml");
-        fs::write(
-            &config_path,
-            config_yaml(
-                &mqtt_addr,
-                &admin_addr,
-                spec.amqp_url,
-                spec.exchange,
-                spec.receive_maximum,
-                spec.max_connections,
-                spec.outbound_queue,
-            ),
-        )
-        .with_context(|| format!("write {}", config_path.display()))?;
+        fs::write(&config_path, yaml(&mqtt_addr, &admin_addr))
+            .with_context(|| format!("write {}", config_path.display()))?;
         let log_path = dir.join("mqgate.log");
         let log =
             File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
         let log_err = log.try_clone().context("clone log file handle")?;
-        let child = Command::new(spec.binary)
+        let child = Command::new(binary)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
@@ -107,9 +117,9 @@ impl Gateway {
             .stdout(log)
             .stderr(log_err)
             .spawn()
-            .with_context(|| format!("spawn {}", spec.binary.display()))?;
+            .with_context(|| format!("spawn {}", binary.display()))?;
         let mut gw = Gateway { child: Some(child), mqtt_addr, admin_addr, log_path, dir };
-        gw.wait_ready(spec.ready_timeout).await?;
+        gw.wait_ready(ready_timeout).await?;
         Ok(gw)
     }
 
