@@ -208,6 +208,19 @@ async fn qos0_is_acked_on_hand_off_and_persistent_sessions_count_as_taken() {
     let p = expect_publish(&mut q0).await;
     assert_eq!(p.qos, QoS::AtMostOnce);
     wait_metric(&app, "mqgate_source_messages_total{source=\"s\",outcome=\"delivered\"} 2").await;
+    // A persistent session that goes away with a delivery unacknowledged keeps it: taken.
+    let mut c2 = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
+    let mut connect = connect_packet(ProtocolVersion::V5, "leaves");
+    connect.properties.session_expiry_interval = Some(300);
+    c2.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c2.recv().await, Some(Packet::ConnAck(_))));
+    assert_eq!(c2.subscribe("leaves/#", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+    amqp_publish(&ch, &x, "leaves.1", b"in flight", BasicProperties::default()).await;
+    assert_eq!(&expect_publish(&mut c2).await.payload[..], b"in flight");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(metrics(&app).await.contains("outcome=\"delivered\"} 2"), "no PUBACK yet");
+    drop(c2);
+    wait_metric(&app, "mqgate_source_messages_total{source=\"s\",outcome=\"delivered\"} 3").await;
     // The away client comes back and gets its message.
     let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
     let mut connect = connect_packet(ProtocolVersion::V5, "away");
@@ -228,7 +241,9 @@ async fn work_mode_gives_each_message_to_one_subscriber_and_redelivers_on_discon
     ch.confirm_select(Default::default()).await.expect("confirms");
     let x = exchange(&ch).await;
     let queue = unique("mqgate-src-q");
-    let app = start(&config(AMQP_URL, "", &source(&queue, &x, "    mode: work\n"))).await;
+    // `drop`: a redelivery must come from mqgate itself, not from a requeue by RabbitMQ.
+    let extra = "    mode: work\n    on_no_subscriber: drop\n";
+    let app = start(&config(AMQP_URL, "", &source(&queue, &x, extra))).await;
     let mut a = subscriber(&app, "w-a", "jobs/#", QoS::AtLeastOnce).await;
     let mut b = subscriber(&app, "w-b", "jobs/#", QoS::AtLeastOnce).await;
 
