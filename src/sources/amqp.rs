@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::acks::Acks;
 use super::config::{NackPolicy, SourceConfig, SourceMode};
 use super::mapping::{self, Delivered, TopicTemplate};
 use crate::broker::tracking::{Done, Fate, Mode, Summary, Tracker};
@@ -297,6 +298,8 @@ struct Consumer<'a> {
     report_rx: mpsc::UnboundedReceiver<Done>,
     /// Deliveries waiting for their requeueing nack, by due time (FIFO: one delay for all).
     held: VecDeque<(Instant, u64)>,
+    /// Unsettled deliveries, for coalescing acks.
+    acks: Acks,
 }
 
 impl<'a> Consumer<'a> {
@@ -318,6 +321,7 @@ impl<'a> Consumer<'a> {
             report_tx,
             report_rx,
             held: VecDeque::new(),
+            acks: Acks::default(),
         }
     }
 
@@ -339,6 +343,7 @@ impl<'a> Consumer<'a> {
                     while let Ok(done) = self.report_rx.try_recv() {
                         self.on_report(done);
                     }
+                    self.ack_settled();
                     Ok(())
                 }
                 r = self.t.stream.readable() => match r {
@@ -438,6 +443,7 @@ impl<'a> Consumer<'a> {
     /// One complete delivery: publish it to MQTT, tracked, or apply the failure policy.
     fn on_delivery(&mut self, d: Deliver, properties: &BasicProperties, body: BytesMut) {
         let s = self.s;
+        self.acks.delivered(d.delivery_tag);
         let delivered = Delivered {
             routing_key: &d.routing_key,
             exchange: &d.exchange,
@@ -471,11 +477,21 @@ impl<'a> Consumer<'a> {
     fn on_report(&mut self, done: Done) {
         match done.summary {
             Summary::Taken => {
-                consume::basic_ack(&mut self.t.wbuf, self.ch, done.token, false);
+                if !self.acks.ack(done.token) {
+                    consume::basic_ack(&mut self.t.wbuf, self.ch, done.token, false);
+                    self.acks.settled(done.token);
+                }
                 self.metrics.delivered.inc();
             }
             Summary::NoSubscriber => self.apply(done.token, self.s.on_no_subscriber),
             Summary::Failed => self.apply(done.token, self.s.on_failure),
+        }
+    }
+
+    /// Sends one `basic.ack multiple` for the deliveries acked in tag order since the last.
+    fn ack_settled(&mut self) {
+        if let Some(tag) = self.acks.take_multiple() {
+            consume::basic_ack(&mut self.t.wbuf, self.ch, tag, true);
         }
     }
 
@@ -488,10 +504,12 @@ impl<'a> Consumer<'a> {
             }
             NackPolicy::DeadLetter => {
                 consume::basic_nack(&mut self.t.wbuf, self.ch, tag, false, false);
+                self.acks.settled(tag);
                 self.metrics.dead_lettered.inc();
             }
             NackPolicy::Drop => {
                 consume::basic_ack(&mut self.t.wbuf, self.ch, tag, false);
+                self.acks.settled(tag);
                 self.metrics.dropped.inc();
             }
         }
@@ -499,6 +517,7 @@ impl<'a> Consumer<'a> {
 
     fn requeue(&mut self, tag: u64) {
         consume::basic_nack(&mut self.t.wbuf, self.ch, tag, false, true);
+        self.acks.settled(tag);
         self.metrics.requeued.inc();
     }
 

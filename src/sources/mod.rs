@@ -5,11 +5,12 @@
 //! - `config.rs`: the `sources:` config and its checks.
 //! - `mapping.rs`: delivery → MQTT topic, QoS, RETAIN and MQTT 5 properties (pure).
 //! - `amqp.rs`: the consumer task of one source (connection, consume loop, ack/nack,
-//!   reconnect).
+//!   reconnect); `acks.rs` coalesces its acks into `multiple` ones.
 //!
 //! A source never routes to rules (AMQP → MQTT → AMQP loops cannot happen through it) and
 //! never writes to a client's socket: it hands messages to the broker like any publisher.
 
+mod acks;
 pub mod amqp;
 pub mod config;
 pub mod mapping;
