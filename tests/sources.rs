@@ -172,12 +172,19 @@ async fn a_message_not_pubacked_stays_unacked_and_returns_when_the_gateway_stops
     amqp_publish(&ch, &x, "t.1", b"keep me", BasicProperties::default()).await;
     let p = expect_publish(&mut a).await;
     assert_eq!(&p.payload[..], b"keep me");
+    // A later message that is PUBACKed is acked without acking the older one with it.
+    let mut b = subscriber(&app, "acks", "u/#", QoS::AtLeastOnce).await;
+    amqp_publish(&ch, &x, "u.1", b"done", BasicProperties::default()).await;
+    let pb = expect_publish(&mut b).await;
+    puback(&mut b, &pb).await;
+    wait_metric(&app, "mqgate_source_messages_total{source=\"s\",outcome=\"delivered\"} 1").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(ready(&ch, &queue).await, 0, "delivered to the gateway, unacked");
     app.stop().await;
     let back = get(&ch, &queue, Duration::from_secs(5)).await.expect("requeued by RabbitMQ");
     assert_eq!(back.data, b"keep me");
     assert!(back.redelivered);
+    assert!(get(&ch, &queue, Duration::from_millis(300)).await.is_none(), "only that one");
     delete_queue(&ch, &queue).await;
 }
 
