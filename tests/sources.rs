@@ -656,3 +656,30 @@ async fn a_plain_amqp_consumer_and_the_source_share_a_queue_fairly() {
     app.stop().await;
     delete_queue(&ch, &queue).await;
 }
+
+#[tokio::test]
+async fn a_delivery_the_subscriber_refuses_goes_by_the_failure_policy() {
+    let conn = rabbit().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default()).await.expect("confirms");
+    let x = exchange(&ch).await;
+    let (_, dlx, dlq) = exchange_with_queue(&conn, "#").await;
+    let queue = unique("mqgate-src-q");
+    let src = format!(
+        "  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    on_failure: dead_letter\n    declare:\n      durable: false\n      arguments:\n        x-dead-letter-exchange: \"{dlx}\"\n    bind:\n      - exchange: \"{x}\"\n"
+    );
+    let app = start(&config(AMQP_URL, "", &src)).await;
+    let mut c = subscriber(&app, "refuses", "r/#", QoS::AtLeastOnce).await;
+    amqp_publish(&ch, &x, "r.1", b"no thanks", BasicProperties::default()).await;
+    let p = expect_publish(&mut c).await;
+    // MQTT 5 PUBACK 0x80 (unspecified error): the client did not take it.
+    let refusal = PubResponse { code: ReasonCode(0x80), ..PubResponse::success(p.packet_id) };
+    c.send(&Packet::PubAck(refusal)).await;
+    let dead = get(&ch, &dlq, Duration::from_secs(5)).await.expect("dead-lettered");
+    assert_eq!(dead.data, b"no thanks");
+    wait_metric(&app, "mqgate_source_messages_total{source=\"s\",outcome=\"dead_lettered\"} 1")
+        .await;
+    assert!(!metrics(&app).await.contains("outcome=\"delivered\"} 1"), "a refusal is no success");
+    app.stop().await;
+    delete_queue(&ch, &queue).await;
+}
