@@ -73,6 +73,13 @@ impl App {
             let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
             tasks.spawn(sys::run(b, m, config.mqtt.sys_interval.0, shutdown.clone()));
         }
+        for handle in crate::sources::spawn_all(&config, &broker, &metrics, &shutdown) {
+            tasks.spawn(async move {
+                if let Err(e) = handle.await {
+                    error!(error = %e, "source task failed");
+                }
+            });
+        }
         let shared = Arc::new(SessionShared::new(
             broker,
             rules,

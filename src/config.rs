@@ -44,6 +44,9 @@ pub struct Config {
     /// What happens when no `acl:` entry applies.
     #[serde(default)]
     pub acl_default: AclPolicy,
+    /// AMQP queues consumed and published to MQTT (downlink).
+    #[serde(default)]
+    pub sources: Vec<crate::sources::SourceConfig>,
 }
 
 /// `mqtt:`: the device-facing listener.
@@ -593,6 +596,8 @@ impl Config {
                 }
             }
         }
+        let brokers: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
+        crate::sources::config::validate(&self.sources, &brokers, &mut err);
         self.validate_auth(&mut err);
         crate::sinks::http::config::validate(self, &mut err);
         errors

@@ -10,3 +10,4 @@ pub mod metrics;
 pub mod mqtt;
 pub mod rules;
 pub mod sinks;
+pub mod sources;

@@ -58,6 +58,37 @@ pub struct TargetMetrics {
     pub failed: Counter,
 }
 
+/// Labels of a per-source series: the source's name and what became of the message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// The source's `name`.
+    pub source: String,
+    /// `delivered`, `requeued`, `dead_lettered`, `dropped` (acked without delivery).
+    pub outcome: String,
+}
+
+/// Labels naming a source.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceNameLabels {
+    /// The source's `name`.
+    pub source: String,
+}
+
+/// Handles for one source (AMQP → MQTT), resolved when it starts.
+#[derive(Clone, Debug, Default)]
+pub struct SourceMetrics {
+    /// Acked to AMQP after MQTT took the message.
+    pub delivered: Counter,
+    /// Nacked with requeue (no subscriber or failure, policy `requeue`).
+    pub requeued: Counter,
+    /// Nacked without requeue (policy `dead_letter`).
+    pub dead_lettered: Counter,
+    /// Acked without delivery (policy `drop`).
+    pub dropped: Counter,
+    /// 1 while consuming, 0 otherwise.
+    pub connected: Gauge,
+}
+
 /// Handles for one AMQP broker connection.
 #[derive(Clone, Debug)]
 pub struct BrokerMetrics {
@@ -128,6 +159,10 @@ pub struct Metrics {
     pub rule_errors: Family<RuleLabels, Counter>,
     /// Per rule: messages its `when:` condition turned away.
     pub rule_skipped: Family<RuleLabels, Counter>,
+    /// Per source: messages by outcome.
+    pub source_messages: Family<SourceLabels, Counter>,
+    /// Per source: consuming (1/0).
+    pub source_connected: Family<SourceNameLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -163,6 +198,8 @@ impl Metrics {
             amqp_returned: Family::default(),
             rule_errors: Family::default(),
             rule_skipped: Family::default(),
+            source_messages: Family::default(),
+            source_connected: Family::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open MQTT connections", m.connections.clone());
@@ -261,7 +298,33 @@ impl Metrics {
             "Messages a rule's when: condition turned away",
             m.rule_skipped.clone(),
         );
+        registry.register(
+            "source_messages",
+            "AMQP deliveries of a source by outcome (delivered, requeued, dead_lettered, dropped)",
+            m.source_messages.clone(),
+        );
+        registry.register(
+            "source_connected",
+            "1 while a source consumes its queue",
+            m.source_connected.clone(),
+        );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Handles for one source.
+    pub fn source(&self, source: &str) -> SourceMetrics {
+        let c = |outcome: &str| {
+            let labels = SourceLabels { source: source.to_owned(), outcome: outcome.to_owned() };
+            self.source_messages.get_or_create(&labels).clone()
+        };
+        let name = SourceNameLabels { source: source.to_owned() };
+        SourceMetrics {
+            delivered: c("delivered"),
+            requeued: c("requeued"),
+            dead_lettered: c("dead_lettered"),
+            dropped: c("dropped"),
+            connected: self.source_connected.get_or_create(&name).clone(),
+        }
     }
 
     /// Handles for one rule target.

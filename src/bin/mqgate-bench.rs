@@ -24,6 +24,9 @@
 //! `http` benchmarks the HTTP webhook targets (no AMQP involved): an axum sink served by
 //! the bench itself, a direct reqwest loop against it (the ceiling), then a spawned mqgate
 //! forwarding QoS 1 MQTT messages one per request, then batched (see `mqgate_bench/http.rs`).
+//! `downlink` measures AMQP→MQTT: a queue of N messages drained by a plain
+//! AMQP consumer (lapin, manual acks, prefetch `--window`) and by a spawned
+//! mqgate's source to one MQTT QoS 1 subscriber, in the same run.
 //!
 //! Every payload starts with a 16-byte header (send timestamp, run-tagged
 //! sequence number) so the consumer measures latency and counts loss and
@@ -39,6 +42,7 @@
 //! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
+//! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -50,6 +54,8 @@
 
 #[path = "mqgate_bench/amqp.rs"]
 mod amqp;
+#[path = "mqgate_bench/downlink.rs"]
+mod downlink;
 #[path = "mqgate_bench/gateway.rs"]
 mod gateway;
 #[path = "mqgate_bench/http.rs"]
@@ -211,6 +217,9 @@ enum ModeArg {
     /// Through the same spawned mqgate, alternating: a plain rule (`gateway`) vs a rule with a
     /// `routing_key` template and a `when:` condition (`templates`).
     Templates,
+    /// AMQP→MQTT: a queue drained by a plain AMQP consumer vs by mqgate's source to one
+    /// MQTT QoS 1 subscriber (prefetch = --window).
+    Downlink,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -368,6 +377,20 @@ async fn run(args: Args) -> Result<bool> {
     if args.mode.contains(&ModeArg::Http) {
         return run_http(&args).await;
     }
+    if args.mode.contains(&ModeArg::Downlink) {
+        let binary = mqgate_binary(&args)?;
+        let spec = downlink::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            amqp_url: &args.amqp_url,
+            binary: &binary,
+            idle,
+            json: args.json,
+        };
+        return downlink::run(&spec).await;
+    }
     let fanin = args.mode.contains(&ModeArg::Fanin);
     let modes = args.modes();
     if modes.is_empty() {
@@ -419,6 +442,18 @@ async fn run(args: Args) -> Result<bool> {
         }
     }
     Ok(ok)
+}
+
+/// The mqgate binary to spawn: `--mqgate`, or `mqgate` next to this binary.
+fn mqgate_binary(args: &Args) -> Result<PathBuf> {
+    match &args.mqgate {
+        Some(p) => Ok(p.clone()),
+        None => Ok(std::env::current_exe()
+            .context("locate the bench binary")?
+            .parent()
+            .context("the bench binary has no directory")?
+            .join("mqgate")),
+    }
 }
 
 /// `--mode idle`: N idle connections to a spawned mqgate, then to a spawned Mosquitto.

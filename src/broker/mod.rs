@@ -12,9 +12,10 @@ pub mod retained;
 pub mod sessions;
 mod shared;
 pub mod sys;
+pub mod tracking;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::oneshot;
@@ -30,6 +31,7 @@ use retained::{Retained, RetainedStore};
 pub use sessions::{Expiry, Registration, SessionState, Subscriber};
 use sessions::{InFlightStage, SessionStore, Taken};
 use shared::{Sent, SharedGroups};
+use tracking::{Fate, Mode, Ticket};
 
 /// A message on its way to one subscriber's session.
 #[derive(Debug, Clone)]
@@ -47,6 +49,9 @@ pub struct Outbound {
     /// MQTT 5 subscription identifiers of every subscription of the session that matched
     /// (§3.3.4: one copy for overlapping subscriptions carries all of them); empty if none.
     pub subscription_ids: Vec<u32>,
+    /// For a tracked message (from an AMQP source): this delivery's ticket, finished when the
+    /// subscriber has taken it (see `tracking`). `None` for every MQTT → MQTT delivery.
+    pub ticket: Option<Ticket>,
 }
 
 /// The options of one subscription that matter when delivering.
@@ -92,6 +97,8 @@ pub struct Broker {
     delayed_wills: Mutex<HashMap<String, (u64, oneshot::Sender<bool>)>>,
     /// Source of session and connection ids.
     next_id: AtomicU64,
+    /// Round-robin position of work-mode deliveries (`tracking::Mode::Work`).
+    work_next: AtomicUsize,
     /// Where drops are counted.
     metrics: Arc<Metrics>,
 }
@@ -107,6 +114,7 @@ impl Broker {
             queue_qos0,
             delayed_wills: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            work_next: AtomicUsize::new(0),
             metrics,
         })
     }
@@ -190,6 +198,14 @@ impl Broker {
             Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
             Expiry::Never => None,
         };
+        // Tracked deliveries kept in the parked session (in flight or queued) are MQTT's now.
+        let mut state = state;
+        for f in &mut state.inflight {
+            tracking::finish(f.ticket.take(), Fate::Taken);
+        }
+        for t in state.subscriber.queue.take_tickets() {
+            t.finish(Fate::Taken);
+        }
         if let Some(replaced) = self.sessions.park(client_id, state, expires) {
             self.discard_session(replaced);
         }
@@ -205,19 +221,46 @@ impl Broker {
         // Nothing new arrives now; a late `try_send` sees the queue closed.
         state.subscriber.queue.close();
         let mut orphans = Vec::new();
+        let mut work = Vec::new();
         for f in state.inflight.drain(..) {
-            // Released (PUBREC received): the client has the message; not sent again.
-            if let (Some(key), InFlightStage::Published) = (f.shared, f.stage) {
-                orphans.push((key, f.msg));
+            match (f.shared, f.stage) {
+                // Released (PUBREC received): the client has the message; not sent again.
+                (_, InFlightStage::Released) => tracking::finish(f.ticket, Fate::Taken),
+                (Some(key), InFlightStage::Published) => orphans.push((key, f.msg, f.ticket)),
+                (None, InFlightStage::Published) => work.push((f.msg, f.ticket)),
             }
         }
         while let Some(out) = state.subscriber.queue.try_recv() {
-            if let (Some(key), QoS::AtLeastOnce | QoS::ExactlyOnce) = (out.shared, out.qos) {
-                orphans.push((key, out.msg));
+            match (out.shared, out.qos) {
+                (Some(key), QoS::AtLeastOnce | QoS::ExactlyOnce) => {
+                    orphans.push((key, out.msg, out.ticket))
+                }
+                _ => work.push((out.msg, out.ticket)),
             }
         }
-        for (key, msg) in orphans {
-            self.redeliver_shared(&key, &msg);
+        for (key, msg, ticket) in orphans {
+            self.redeliver_shared_tracked(&key, &msg, ticket);
+        }
+        // Tracked deliveries of this session: a work-mode one goes to another subscriber;
+        // a broadcast one had only this subscriber to reach, which is gone.
+        for (msg, ticket) in work {
+            match ticket {
+                Some(t) if t.mode() == Mode::Work => self.redeliver_work(&msg, t),
+                other => tracking::finish(other, Fate::Gone),
+            }
+        }
+    }
+
+    /// Hands `msg`, a work-mode delivery whose session left without acknowledging it, to
+    /// another matching subscriber; finished as gone when there is none.
+    fn redeliver_work(&self, msg: &Arc<Message>, ticket: Ticket) {
+        let mut ticket = Some(ticket);
+        self.deliver_work(msg, &mut ticket);
+        match ticket {
+            None => {
+                tracing::debug!(topic = %msg.topic, "work delivery handed to another subscriber")
+            }
+            Some(t) => t.finish(Fate::Gone),
         }
     }
 
@@ -225,13 +268,22 @@ impl Broker {
     /// acknowledging, to another member of the group (a new delivery). Dropped and counted
     /// if no member is left (`shared_member_left`) or all are full (`shared_group_full`).
     pub fn redeliver_shared(&self, key: &str, msg: &Arc<Message>) {
+        self.redeliver_shared_tracked(key, msg, None);
+    }
+
+    /// [`Broker::redeliver_shared`] of a delivery that may carry a ticket: it goes with the
+    /// message to the new member, or is finished as gone (no member) or failed (all full).
+    pub fn redeliver_shared_tracked(&self, key: &str, msg: &Arc<Message>, ticket: Option<Ticket>) {
+        let mut ticket = ticket;
         let sent = match topic::parse_subscription(key) {
             Ok(SubscriptionFilter { group: Some(_), filter }) => {
                 let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
-                groups.get(key, filter).map(|g| g.send(msg, self.queue_qos0))
+                groups.get(key, filter).map(|g| g.send(msg, self.queue_qos0, &mut ticket))
             }
             _ => None,
         };
+        let fate = if sent == Some(Sent::Full) { Fate::Failed } else { Fate::Gone };
+        tracking::finish(ticket, fate);
         match sent {
             Some(Sent::Delivered) => {
                 self.metrics.messages_delivered_local.inc();
@@ -293,6 +345,108 @@ impl Broker {
     /// `publisher` is the publishing session, for No Local. Returns how many sessions and
     /// groups matched (delivered or dropped).
     pub fn publish(&self, msg: &Arc<Message>, publisher: Option<u64>) -> usize {
+        self.publish_inner(msg, publisher, None)
+    }
+
+    /// Publishes a tracked message (from an AMQP source): like [`Broker::publish`] in
+    /// [`Mode::Broadcast`], to one matching session or share group in [`Mode::Work`]. Every
+    /// delivery made carries a child of `root`, which the caller finishes afterwards (see
+    /// `tracking`). Returns how many deliveries were made or attempted.
+    pub fn publish_tracked(&self, msg: &Arc<Message>, root: &Ticket) -> usize {
+        match root.mode() {
+            Mode::Broadcast => self.publish_inner(msg, None, Some(root)),
+            Mode::Work => {
+                if msg.retain && self.retained.set(msg) == Retained::Full {
+                    self.metrics.dropped("retained_store_full");
+                }
+                let mut ticket = Some(root.child());
+                let attempted = self.deliver_work(msg, &mut ticket);
+                // Not delivered: dropped unfinished, a failure (all full), or gone (nobody).
+                if attempted == 0 {
+                    tracking::finish(ticket, Fate::Gone);
+                }
+                attempted
+            }
+        }
+    }
+
+    /// Work mode: hands `msg` with `ticket` to one of the sessions and share groups matching
+    /// its topic, round robin, connected ones first, skipping full queues. Returns how many
+    /// candidates there were (0: nobody matches); `ticket` is left in place when no candidate
+    /// took the message.
+    fn deliver_work(&self, msg: &Arc<Message>, ticket: &mut Option<Ticket>) -> usize {
+        let mut sessions: Vec<(u64, SubscribeOptions, Arc<Subscriber>)> = Vec::new();
+        {
+            let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+            subs.for_each_match(&msg.topic, |s| {
+                match sessions.iter_mut().find(|h| h.0 == s.session_id) {
+                    Some(h) => h.1.qos = h.1.qos.max(s.options.qos),
+                    None => sessions.push((s.session_id, s.options, Arc::clone(&s.subscriber))),
+                }
+            });
+        }
+        let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        let mut matched_groups = Vec::new();
+        if !groups.is_empty() {
+            groups.for_each_match(&msg.topic, |g| matched_groups.push(g));
+        }
+        let n = sessions.len() + matched_groups.len();
+        if n == 0 {
+            return 0;
+        }
+        let start = self.work_next.fetch_add(1, Ordering::Relaxed);
+        for online in [true, false] {
+            for i in 0..n {
+                let k = start.wrapping_add(i) % n;
+                if let Some((_, options, subscriber)) = sessions.get(k) {
+                    if subscriber.is_online() != online {
+                        continue;
+                    }
+                    let qos = msg.qos.min(options.qos);
+                    if !online && qos == QoS::AtMostOnce && !self.queue_qos0 {
+                        continue;
+                    }
+                    let out = Outbound {
+                        msg: Arc::clone(msg),
+                        qos,
+                        retain: msg.retain && options.retain_as_published,
+                        shared: None,
+                        subscription_ids: options.subscription_id.into_iter().collect(),
+                        ticket: if online { ticket.take() } else { None },
+                    };
+                    match subscriber.queue.try_send(out) {
+                        Ok(()) => {
+                            tracking::finish(ticket.take(), Fate::Taken);
+                            self.metrics.messages_delivered_local.inc();
+                            return n;
+                        }
+                        Err(TrySendError::Full(out) | TrySendError::Closed(out)) => {
+                            if out.ticket.is_some() {
+                                *ticket = out.ticket;
+                            }
+                        }
+                    }
+                } else if online {
+                    // A share group: its own round robin over its members (online first).
+                    let g = matched_groups[k - sessions.len()];
+                    if g.send(msg, self.queue_qos0, ticket) == Sent::Delivered {
+                        self.metrics.messages_delivered_local.inc();
+                        return n;
+                    }
+                }
+            }
+        }
+        self.metrics.dropped("work_no_room");
+        n
+    }
+
+    /// [`Broker::publish`], with a ticket per delivery when `tracked` is given.
+    fn publish_inner(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<u64>,
+        tracked: Option<&Ticket>,
+    ) -> usize {
         if msg.retain && self.retained.set(msg) == Retained::Full {
             // Still delivered live below; only not kept as the topic's last value.
             self.metrics.dropped("retained_store_full");
@@ -326,15 +480,21 @@ impl Broker {
             if !online && qos == QoS::AtMostOnce && !self.queue_qos0 {
                 continue;
             }
+            let ticket = tracked.map(Ticket::child);
             let out = Outbound {
                 msg: Arc::clone(msg),
                 qos,
                 retain: msg.retain && options.retain_as_published,
                 shared: None,
                 subscription_ids: std::mem::take(ids),
+                ticket: if online { ticket.clone() } else { None },
             };
             match subscriber.queue.try_send(out) {
                 Ok(()) => {
+                    // Queued in a parked (persistent) session: MQTT has taken it.
+                    if !online {
+                        tracking::finish(ticket, Fate::Taken);
+                    }
                     self.metrics.messages_delivered_local.inc();
                 }
                 // Drop the newest: what is queued keeps its order and is delivered first.
@@ -346,15 +506,16 @@ impl Broker {
                 }
                 // The session is ending; its subscriptions are about to be removed.
                 Err(TrySendError::Closed(_)) => {
+                    tracking::finish(ticket, Fate::Gone);
                     self.metrics.dropped("subscriber_gone");
                 }
             }
         }
-        hits.len() + self.publish_shared(msg)
+        hits.len() + self.publish_shared(msg, tracked)
     }
 
     /// Hands `msg` to one member of every matching share group; returns how many matched.
-    fn publish_shared(&self, msg: &Arc<Message>) -> usize {
+    fn publish_shared(&self, msg: &Arc<Message>, tracked: Option<&Ticket>) -> usize {
         let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
         if groups.is_empty() {
             return 0;
@@ -362,12 +523,13 @@ impl Broker {
         let mut matched = 0;
         groups.for_each_match(&msg.topic, |g| {
             matched += 1;
-            match g.send(msg, self.queue_qos0) {
+            let mut ticket = tracked.map(Ticket::child);
+            match g.send(msg, self.queue_qos0, &mut ticket) {
                 Sent::Delivered => {
                     self.metrics.messages_delivered_local.inc();
                 }
                 Sent::Full => self.metrics.dropped("shared_group_full"),
-                Sent::NoMember => {}
+                Sent::NoMember => tracking::finish(ticket, Fate::Gone),
             }
         });
         matched

@@ -110,6 +110,13 @@ impl Queue {
         .await
     }
 
+    /// Takes the delivery tickets of every queued message (they stay queued, untracked), for
+    /// a session that is parked: what its queue holds, MQTT has taken.
+    pub fn take_tickets(&self) -> Vec<super::tracking::Ticket> {
+        let mut inner = self.lock();
+        inner.items.iter_mut().filter_map(|out| out.ticket.take()).collect()
+    }
+
     /// Refuses further sends; what is queued can still be received.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -152,6 +159,7 @@ mod tests {
             retain: false,
             shared: None,
             subscription_ids: Default::default(),
+            ticket: None,
         }
     }
 

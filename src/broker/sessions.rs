@@ -66,6 +66,8 @@ pub struct InFlight {
     pub shared: Option<Arc<str>>,
     /// MQTT 5 subscription identifiers it was sent with (kept for a resend).
     pub subscription_ids: Vec<u32>,
+    /// A tracked delivery's ticket, finished by the PUBACK/PUBCOMP (see `tracking`).
+    pub ticket: Option<super::tracking::Ticket>,
 }
 
 /// The state of one session that a connection owns while connected and parks when it ends.

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::queue::TrySendError;
+use super::tracking::{self, Fate, Ticket};
 
 use super::{Outbound, SubscribeOptions, Subscriber};
 use crate::message::Message;
@@ -54,8 +55,15 @@ pub(super) enum Sent {
 
 impl Group {
     /// Hands `msg` to one member, round robin, skipping full queues. Members with a connection
-    /// come first; parked ones get it only when no connected member could.
-    pub(super) fn send(&self, msg: &Arc<Message>, queue_qos0: bool) -> Sent {
+    /// come first; parked ones get it only when no connected member could. A tracked
+    /// delivery's `ticket` goes with it (finished as taken at once when a parked member's
+    /// session queues it); it stays in `ticket` when the message was not delivered.
+    pub(super) fn send(
+        &self,
+        msg: &Arc<Message>,
+        queue_qos0: bool,
+        ticket: &mut Option<Ticket>,
+    ) -> Sent {
         let n = self.members.len();
         if n == 0 {
             return Sent::NoMember;
@@ -78,10 +86,20 @@ impl Group {
                     retain: msg.retain && m.options.retain_as_published,
                     shared: Some(Arc::clone(&self.key)),
                     subscription_ids: m.options.subscription_id.into_iter().collect(),
+                    ticket: if online { ticket.take() } else { None },
                 };
                 match m.subscriber.queue.try_send(out) {
-                    Ok(()) => return Sent::Delivered,
-                    Err(TrySendError::Full(_) | TrySendError::Closed(_)) => full = true,
+                    Ok(()) => {
+                        // Queued in a parked (persistent) session: MQTT has taken it.
+                        tracking::finish(ticket.take(), Fate::Taken);
+                        return Sent::Delivered;
+                    }
+                    Err(TrySendError::Full(out) | TrySendError::Closed(out)) => {
+                        if out.ticket.is_some() {
+                            *ticket = out.ticket;
+                        }
+                        full = true;
+                    }
                 }
             }
         }
@@ -191,9 +209,9 @@ mod tests {
         assert_eq!(group.members.len(), 2, "joining again replaces the membership");
         // a, b, then a again but a is full: b.
         for _ in 0..3 {
-            assert_eq!(group.send(&msg(), false), Sent::Delivered);
+            assert_eq!(group.send(&msg(), false, &mut None), Sent::Delivered);
         }
-        assert_eq!(group.send(&msg(), false), Sent::Full);
+        assert_eq!(group.send(&msg(), false, &mut None), Sent::Full);
         let count =
             |s: &mut SessionState| std::iter::from_fn(|| s.subscriber.queue.try_recv()).count();
         assert_eq!((count(&mut a), count(&mut b)), (1, 2));

@@ -495,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A PUBACK answers one of our QoS 1 deliveries.
     fn on_puback(&mut self, r: PubResponse) -> Option<End> {
-        self.out.acked(r.packet_id);
+        self.out.acked(r.packet_id, r.code);
         None
     }
 

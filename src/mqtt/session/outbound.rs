@@ -17,6 +17,7 @@ use tracing::debug;
 
 use super::{End, Session, SessionLimits};
 use crate::broker::sessions::{InFlight, InFlightStage};
+use crate::broker::tracking::{self, Fate};
 use crate::broker::{Outbound, SessionState, SubscribeOptions};
 use crate::message::Message;
 use crate::mqtt::codec::{
@@ -55,12 +56,15 @@ impl OutboundState {
         self.state.inflight.iter_mut().find(|f| f.packet_id == packet_id)
     }
 
-    /// Removes the delivery with `packet_id` if `done` says it is complete.
-    fn complete(&mut self, packet_id: u16, done: impl Fn(&InFlight) -> bool) -> bool {
+    /// Removes the delivery with `packet_id` if `done` says it is complete; a tracked one's
+    /// ticket is finished with `fate`.
+    fn complete(&mut self, packet_id: u16, fate: Fate, done: impl Fn(&InFlight) -> bool) -> bool {
         let state = &mut self.state;
         match state.inflight.iter().position(|f| f.packet_id == packet_id && done(f)) {
             Some(i) => {
-                state.inflight.remove(i);
+                if let Some(f) = state.inflight.remove(i) {
+                    tracking::finish(f.ticket, fate);
+                }
                 state.inflight_ids.remove(&packet_id);
                 true
             }
@@ -68,16 +72,17 @@ impl OutboundState {
         }
     }
 
-    /// A PUBACK from the client.
-    pub(super) fn acked(&mut self, packet_id: u16) {
-        if !self.complete(packet_id, |f| f.qos == QoS::AtLeastOnce) {
+    /// A PUBACK from the client (MQTT 5: an error code means it refused the message).
+    pub(super) fn acked(&mut self, packet_id: u16, code: ReasonCode) {
+        let fate = if code.is_success() { Fate::Taken } else { Fate::Failed };
+        if !self.complete(packet_id, fate, |f| f.qos == QoS::AtLeastOnce) {
             debug!(session_id = self.state.id, packet_id, "PUBACK for an unknown packet id");
         }
     }
 
     /// A PUBCOMP from the client.
     pub(super) fn completed(&mut self, packet_id: u16) {
-        if !self.complete(packet_id, |f| f.stage == InFlightStage::Released) {
+        if !self.complete(packet_id, Fate::Taken, |f| f.stage == InFlightStage::Released) {
             debug!(session_id = self.state.id, packet_id, "PUBCOMP for an unknown packet id");
         }
     }
@@ -100,7 +105,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if let Some(key) = &out.shared {
             if !self.out.state.filters.contains(&**key) {
                 if out.qos != QoS::AtMostOnce {
-                    self.shared.broker.redeliver_shared(key, &out.msg);
+                    self.shared.broker.redeliver_shared_tracked(key, &out.msg, out.ticket);
+                } else {
+                    tracking::finish(out.ticket, Fate::Gone);
                 }
                 return;
             }
@@ -117,9 +124,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             packet_id,
             false,
         ) else {
+            // Expired: nobody is owed it any more.
+            tracking::finish(out.ticket, Fate::Gone);
             return;
         };
-        if self.queue_publish(publish) && packet_id != 0 {
+        let sent = self.queue_publish(publish);
+        if !sent || packet_id == 0 {
+            // QoS 0 is taken on hand-off; a PUBLISH that cannot be sent failed.
+            tracking::finish(out.ticket, if sent { Fate::Taken } else { Fate::Failed });
+        } else {
             let state = &mut self.out.state;
             state.inflight_ids.insert(packet_id);
             state.inflight.push_back(InFlight {
@@ -130,6 +143,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 stage: InFlightStage::Published,
                 shared: out.shared,
                 subscription_ids: out.subscription_ids,
+                ticket: out.ticket,
             });
         }
     }
@@ -156,7 +170,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             };
             if !sent {
-                self.out.complete(f.packet_id, |_| true);
+                self.out.complete(f.packet_id, Fate::Failed, |_| true);
             }
         }
         None
@@ -218,7 +232,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// for a repeated PUBREC). An MQTT 5 error code ends the delivery (no PUBREL, §4.3.3).
     pub(super) fn on_pubrec(&mut self, r: PubResponse) -> Option<End> {
         if !r.code.is_success() {
-            self.out.complete(r.packet_id, |f| f.qos == QoS::ExactlyOnce);
+            self.out.complete(r.packet_id, Fate::Failed, |f| f.qos == QoS::ExactlyOnce);
             debug!(
                 client_id = %self.client_id,
                 packet_id = r.packet_id,
@@ -339,6 +353,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     retain: true,
                     shared: None,
                     subscription_ids: subscription_id.into_iter().collect(),
+                    ticket: None,
                 };
                 if self.out.state.subscriber.queue.try_send(out).is_err() {
                     self.shared.metrics.dropped("subscriber_queue_full");

@@ -20,8 +20,8 @@ mod queues;
 mod supervisor;
 #[cfg(test)]
 mod tests;
-mod transport;
-mod wire;
+pub(crate) mod transport;
+pub(crate) mod wire;
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};

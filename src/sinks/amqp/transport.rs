@@ -236,6 +236,14 @@ impl Transport {
         }
     }
 
+    /// Takes the next complete frame out of the read buffer as a consumer sees it (content
+    /// header and body frames decoded), if there is one.
+    pub(crate) fn next_consumer_frame(
+        &mut self,
+    ) -> Result<Option<super::wire::consume::ConsumerFrame>, WireError> {
+        super::wire::consume::take_frame(&mut self.rbuf, self.frame_max)
+    }
+
     /// Writes the whole buffer, waiting as needed (handshake only).
     async fn flush(&mut self) -> io::Result<()> {
         self.stream.write_all(&self.wbuf).await?;

@@ -10,8 +10,10 @@
 //!
 //! Layout: `frame` is the frame envelope (type, channel, size, end octet) and the frame
 //! decoder; `methods` the methods we send and the ones we understand, and the content header
-//! of `basic.publish`; `table` field tables (message headers, client properties).
+//! of `basic.publish`; `table` field tables (message headers, client properties); `consume` the
+//! consumer side (declare, bind, qos, consume, deliveries, ack/nack) that `sources` use.
 
+pub(crate) mod consume;
 pub(crate) mod frame;
 pub(crate) mod methods;
 pub(crate) mod table;

@@ -1,0 +1,195 @@
+//! `sources:` in the config: AMQP queues whose messages mqgate publishes to MQTT.
+//!
+//! The serde structs and their checks (called from `Config::validate`, so errors carry
+//! file:line:column like every other config error). No I/O.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+
+use super::mapping::TopicTemplate;
+use crate::config::HumanDuration;
+
+/// One entry of `sources:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Unique name; labels the source's metrics and its AMQP connection.
+    pub name: Spanned<String>,
+    /// Key of a broker under `amqp:` (its URL and reconnect delays are used).
+    pub broker: Spanned<String>,
+    /// The queue to consume. Must exist unless `declare:` is given.
+    pub queue: Spanned<String>,
+    /// Declare the queue (idempotent; a mismatch with an existing queue is a broker error).
+    #[serde(default)]
+    pub declare: Option<DeclareConfig>,
+    /// Bindings made (after declaring) from exchanges to the queue.
+    #[serde(default)]
+    pub bind: Vec<BindConfig>,
+    /// Unacknowledged deliveries at once (AMQP `basic.qos`), 1..=65535: what bounds the
+    /// messages mqgate holds for this source.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: Spanned<u32>,
+    /// MQTT topic template: `{{ routing_key }}` (the routing key with '.' → '/'),
+    /// `{{ exchange }}`, `{{ queue }}`, `{{ header.NAME }}`. Default: the routing key with
+    /// '.' → '/' and '*' → '+' (RabbitMQ's MQTT plugin mapping, reversed).
+    #[serde(default)]
+    pub topic: Option<Spanned<String>>,
+    /// QoS of the MQTT publish when the message has no `qos_header`.
+    #[serde(default = "default_qos")]
+    pub qos: Spanned<u8>,
+    /// Header whose integer value (0, 1, 2) sets the QoS per message; "" to ignore headers.
+    #[serde(default = "default_qos_header")]
+    pub qos_header: String,
+    /// RETAIN flag when the message has no `x-mqtt-retain` header.
+    #[serde(default)]
+    pub retain: bool,
+    /// `broadcast` (every matching subscriber) or `work` (one of them).
+    #[serde(default)]
+    pub mode: SourceMode,
+    /// A message that matches no subscriber: `requeue`, `dead_letter` or `drop`.
+    #[serde(default)]
+    pub on_no_subscriber: NackPolicy,
+    /// A message that could not be delivered (full queue, refused, unusable topic).
+    #[serde(default)]
+    pub on_failure: NackPolicy,
+    /// How long a message to requeue is held before the nack (so that a message nobody
+    /// takes does not spin between RabbitMQ and mqgate).
+    #[serde(default = "default_requeue_delay")]
+    pub requeue_delay: HumanDuration,
+}
+
+/// `declare:` of a source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclareConfig {
+    /// Survives a broker restart.
+    #[serde(default = "default_true")]
+    pub durable: bool,
+    /// Deleted when the source's consumer goes.
+    #[serde(default)]
+    pub auto_delete: bool,
+    /// Queue arguments, e.g. `x-queue-type: quorum`, `x-dead-letter-exchange: dlx`,
+    /// `x-max-length: 10000`.
+    #[serde(default)]
+    pub arguments: BTreeMap<String, ArgumentValue>,
+}
+
+/// A queue argument's value.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum ArgumentValue {
+    /// true / false.
+    Bool(bool),
+    /// An integer (sent as a signed 64-bit one).
+    Int(i64),
+    /// A string.
+    Text(String),
+}
+
+/// One `bind:` entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BindConfig {
+    /// The exchange to bind from (must exist).
+    pub exchange: Spanned<String>,
+    /// The binding key (e.g. `devices.*.commands`, `#`).
+    #[serde(default = "default_binding_key")]
+    pub routing_key: Spanned<String>,
+}
+
+/// How a source distributes messages.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceMode {
+    /// Every matching subscription gets it (MQTT fan-out).
+    #[default]
+    Broadcast,
+    /// One matching session (or share group) gets it, round robin (a job queue).
+    Work,
+}
+
+/// What is done with a message that cannot be delivered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NackPolicy {
+    /// `basic.nack` with requeue, after `requeue_delay`: RabbitMQ delivers it again.
+    #[default]
+    Requeue,
+    /// `basic.nack` without requeue: RabbitMQ dead-letters it (the queue's
+    /// `x-dead-letter-exchange`) or drops it.
+    DeadLetter,
+    /// `basic.ack`: dropped, as MQTT drops a message nobody subscribed to.
+    Drop,
+}
+
+fn default_prefetch() -> Spanned<u32> {
+    Spanned::new(256, Location::UNKNOWN, Location::UNKNOWN)
+}
+fn default_qos() -> Spanned<u8> {
+    Spanned::new(1, Location::UNKNOWN, Location::UNKNOWN)
+}
+fn default_qos_header() -> String {
+    "x-mqtt-qos".to_owned()
+}
+const fn default_true() -> bool {
+    true
+}
+fn default_binding_key() -> Spanned<String> {
+    Spanned::new("#".to_owned(), Location::UNKNOWN, Location::UNKNOWN)
+}
+const fn default_requeue_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+/// Checks `sources` against the configured brokers; reports each problem with where it is.
+pub fn validate(
+    sources: &[SourceConfig],
+    brokers: &[&str],
+    err: &mut impl FnMut(&Location, String),
+) {
+    let mut names = std::collections::HashSet::new();
+    for s in sources {
+        let name = &s.name.value;
+        if name.is_empty() {
+            err(&s.name.referenced, "sources: empty name".into());
+        }
+        if !names.insert(name.as_str()) {
+            err(&s.name.referenced, format!("duplicate source name {name:?}"));
+        }
+        if !brokers.contains(&s.broker.value.as_str()) {
+            let known = if brokers.is_empty() { "none".into() } else { brokers.join(", ") };
+            err(
+                &s.broker.referenced,
+                format!(
+                    "source {name:?}: no broker {:?} under amqp: (defined: {known})",
+                    s.broker.value
+                ),
+            );
+        }
+        if s.queue.value.is_empty() || s.queue.value.len() > 255 {
+            err(&s.queue.referenced, format!("source {name:?}: queue must be 1 to 255 bytes"));
+        }
+        if !(1..=65_535).contains(&s.prefetch.value) {
+            err(&s.prefetch.referenced, format!("source {name:?}: prefetch must be 1..=65535"));
+        }
+        if s.qos.value > 2 {
+            err(&s.qos.referenced, format!("source {name:?}: qos must be 0, 1 or 2"));
+        }
+        if let Some(t) = &s.topic {
+            if let Err(e) = TopicTemplate::parse(&t.value) {
+                err(&t.referenced, format!("source {name:?}: topic: {e}"));
+            }
+        }
+        for b in &s.bind {
+            if b.exchange.value.len() > 255 {
+                err(&b.exchange.referenced, format!("source {name:?}: exchange name too long"));
+            }
+            if b.routing_key.value.len() > 255 {
+                err(&b.routing_key.referenced, format!("source {name:?}: routing_key too long"));
+            }
+        }
+    }
+}
