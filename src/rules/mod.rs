@@ -120,11 +120,11 @@ impl AmqpTarget {
     ) -> Result<(Arc<str>, String), TemplateError> {
         let exchange = match &self.exchange_template {
             None => Arc::clone(&self.exchange),
-            Some(t) => Arc::from(t.render(ctx.get_or_insert_with(|| MessageContext::value(msg)))?),
+            Some(t) => Arc::from(t.render_for(msg, ctx)?),
         };
         let routing_key = match &self.routing_key_template {
             None => self.routing_key_for(&msg.topic),
-            Some(t) => t.render(ctx.get_or_insert_with(|| MessageContext::value(msg)))?,
+            Some(t) => t.render_for(msg, ctx)?,
         };
         Ok((exchange, routing_key))
     }
