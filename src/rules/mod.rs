@@ -22,7 +22,7 @@ use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::mqtt::topic::TopicTree;
 use crate::sinks::amqp::{AmqpBroker, PublishOptions, QueueSpec};
-use template::{Condition, MessageContext, Template, TemplateError, TemplatesBuilder};
+use template::{Condition, Template, TemplateError, TemplatesBuilder};
 
 /// A message's template context, built on first use (see [`Rule::applies`]).
 pub type LazyContext = Option<minijinja::Value>;
@@ -66,7 +66,7 @@ impl Rule {
         ctx: &mut LazyContext,
     ) -> Result<bool, TemplateError> {
         let Some(when) = &self.when else { return Ok(true) };
-        let held = when.eval(ctx.get_or_insert_with(|| MessageContext::value(msg)))?;
+        let held = when.eval_for(msg, ctx)?;
         if !held {
             self.skipped.inc();
         }

@@ -99,9 +99,35 @@ enum Segment {
     UserProperty(String),
 }
 
-/// One compiled `when:` condition.
+/// One compiled `when:` condition: through the engine, or natively when it is a chain of
+/// simple comparisons joined by `and` (see [`Clause`]).
 #[derive(Debug, Clone)]
-pub struct Condition(Template);
+pub struct Condition(Template, Option<Arc<[Clause]>>);
+
+/// One clause of a condition evaluated natively: `qos < 2`, `levels[0] == 'a'`,
+/// `client_id != "x"`, `retain`, `not retain`. A clause whose value is undefined for a message
+/// (no user name, no such level or user property) sends that message to the engine, so the
+/// result is always the engine's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Clause {
+    /// `retain` (`true`) or `not retain` (`false`).
+    Retain(bool),
+    /// `qos OP n`.
+    Qos(Cmp, i64),
+    /// A string variable `==` (`true`) or `!=` (`false`) a string literal.
+    Text(Segment, bool, String),
+}
+
+/// A comparison operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
 
 /// True when `text` needs a template engine (it contains `{{` or `{%`); plain strings stay on
 /// the zero-cost path.
@@ -170,7 +196,7 @@ impl TemplatesBuilder {
     /// Compiles a string template (a name such as `sensors.{{ levels[1] }}`).
     pub fn template(&mut self, source: &str) -> Result<PendingTemplate, TemplateError> {
         let name = self.add(source.to_owned())?;
-        Ok(PendingTemplate(name, plan(source).map(Arc::from)))
+        Ok(PendingTemplate(name, plan(source).map(Arc::from), None))
     }
 
     /// Compiles a condition: a minijinja expression such as `qos > 0 and json.temp > 30`.
@@ -178,7 +204,7 @@ impl TemplatesBuilder {
         // Compiled on its own first, so a syntax error points into the user's text.
         self.env.compile_expression(source).map_err(describe)?;
         let name = self.add(format!("{{% if {source} %}}1{{% endif %}}"))?;
-        Ok(PendingTemplate(name, None))
+        Ok(PendingTemplate(name, None, None).with_clauses(condition_plan(source)))
     }
 
     /// Freezes the environment: every pending template can now be resolved.
@@ -189,7 +215,15 @@ impl TemplatesBuilder {
 
 /// A template added to a builder, to be resolved against the finished [`Templates`].
 #[derive(Debug)]
-pub struct PendingTemplate(String, Option<Arc<[Segment]>>);
+pub struct PendingTemplate(String, Option<Arc<[Segment]>>, Option<Arc<[Clause]>>);
+
+impl PendingTemplate {
+    /// With the native plan of a condition.
+    fn with_clauses(mut self, clauses: Option<Vec<Clause>>) -> Self {
+        self.2 = clauses.map(Arc::from);
+        self
+    }
+}
 
 impl Templates {
     /// The template `pending` stands for.
@@ -199,7 +233,8 @@ impl Templates {
 
     /// The condition `pending` stands for.
     pub fn condition(&self, pending: PendingTemplate) -> Condition {
-        Condition(self.template(pending))
+        let clauses = pending.2.clone();
+        Condition(self.template(pending), clauses)
     }
 }
 
@@ -312,10 +347,104 @@ fn render_plan(plan: &[Segment], msg: &Message) -> Result<String, TemplateError>
 }
 
 impl Condition {
-    /// Whether the condition holds for the message behind `ctx`.
+    /// Whether the condition holds for the message behind `ctx` (through the engine).
     pub fn eval(&self, ctx: &Value) -> Result<bool, TemplateError> {
         self.0.render(ctx).map(|out| out == "1")
     }
+
+    /// Whether the condition holds for `msg`: natively when it can, else through the engine
+    /// with `ctx` (built here on first use, shared with later templates).
+    pub fn eval_for(
+        &self,
+        msg: &Arc<Message>,
+        ctx: &mut Option<Value>,
+    ) -> Result<bool, TemplateError> {
+        if let Some(held) = self.1.as_deref().and_then(|clauses| eval_clauses(clauses, msg)) {
+            return Ok(held);
+        }
+        self.eval(ctx.get_or_insert_with(|| MessageContext::value(msg)))
+    }
+}
+
+/// The native plan of a condition: clauses joined by ` and `, each of a form [`Clause`]
+/// knows; `None` for anything else (it then runs in the engine).
+fn condition_plan(source: &str) -> Option<Vec<Clause>> {
+    // Quotes would make splitting at " and " unsafe: only quote-free literals per clause.
+    let mut out = Vec::new();
+    for part in source.split(" and ") {
+        let part = part.trim();
+        out.push(match part {
+            "retain" => Clause::Retain(true),
+            "not retain" => Clause::Retain(false),
+            _ => clause(part)?,
+        });
+    }
+    Some(out)
+}
+
+/// `VAR OP LITERAL` with VAR `qos` and an integer, or a string variable, `==`/`!=` and a
+/// quoted string without quotes, backslashes or ` and ` inside.
+fn clause(part: &str) -> Option<Clause> {
+    let ops = [
+        ("==", Cmp::Eq),
+        ("!=", Cmp::Ne),
+        ("<=", Cmp::Le),
+        (">=", Cmp::Ge),
+        ("<", Cmp::Lt),
+        (">", Cmp::Gt),
+    ];
+    let (at, op, cmp) = ops.iter().find_map(|(op, cmp)| part.find(op).map(|at| (at, *op, *cmp)))?;
+    let (lhs, rhs) = (part[..at].trim(), part[at + op.len()..].trim());
+    if lhs == "qos" {
+        let n: i64 = rhs.parse().ok()?;
+        return Some(Clause::Qos(cmp, n));
+    }
+    let eq = match cmp {
+        Cmp::Eq => true,
+        Cmp::Ne => false,
+        _ => return None,
+    };
+    let literal = rhs
+        .strip_prefix('\'')
+        .and_then(|q| q.strip_suffix('\''))
+        .or_else(|| rhs.strip_prefix('"').and_then(|q| q.strip_suffix('"')))?;
+    if literal.contains(['\'', '"', '\\']) {
+        return None;
+    }
+    let var = match variable(lhs)? {
+        Segment::Qos | Segment::Text(_) => return None,
+        v => v,
+    };
+    Some(Clause::Text(var, eq, literal.to_owned()))
+}
+
+/// Evaluates native clauses; `None` when a value is undefined for `msg` (the engine decides).
+fn eval_clauses(clauses: &[Clause], msg: &Message) -> Option<bool> {
+    for c in clauses {
+        let held = match c {
+            Clause::Retain(want) => msg.retain == *want,
+            Clause::Qos(cmp, n) => {
+                let q = msg.qos as i64;
+                match cmp {
+                    Cmp::Eq => q == *n,
+                    Cmp::Ne => q != *n,
+                    Cmp::Lt => q < *n,
+                    Cmp::Le => q <= *n,
+                    Cmp::Gt => q > *n,
+                    Cmp::Ge => q >= *n,
+                }
+            }
+            Clause::Text(var, eq, literal) => {
+                let value = render_plan(std::slice::from_ref(var), msg).ok()?;
+                (value == *literal) == *eq
+            }
+        };
+        if !held {
+            // `and` stops at the first false clause, as the engine does.
+            return Some(false);
+        }
+    }
+    Some(true)
 }
 
 /// minijinja's error, with its detail, as one line.
@@ -506,6 +635,42 @@ mod tests {
             ["{{ levels | length }}", "{% if qos %}a{% endif %}", "{{- topic }}", "{{ json.a }}"]
         {
             assert!(plan(engine_only).is_none(), "{engine_only}");
+        }
+    }
+
+    #[test]
+    fn native_conditions_decide_as_the_engine_does() {
+        let conditions = [
+            "qos < 2 and levels[0] == 'benchT' and not retain",
+            "qos >= 1 and retain",
+            "qos == 1 and client_id != \"dev-1\"",
+            "username == 'alice' and user_properties.site == 'x'",
+            "levels[5] == 'x'",
+            "qos > 0 and user_properties.nope != 'x'",
+            "topic != 'one'",
+        ];
+        let mut retained = (*msg("one", b"")).clone();
+        retained.retain = true;
+        retained.username = None;
+        let messages = [msg("benchT/a/telemetry", b""), msg("one", b""), Arc::new(retained)];
+        for source in conditions {
+            let clauses = condition_plan(source).unwrap_or_else(|| panic!("{source}: no plan"));
+            let mut b = TemplatesBuilder::new();
+            let pending = b.condition(source).expect("compiles");
+            let c = b.finish().condition(pending);
+            for m in &messages {
+                let engine = c.eval(&MessageContext::value(m));
+                // `None`: left to the engine.
+                if let Some(native) = eval_clauses(&clauses, m) {
+                    assert_eq!(Ok(native), engine, "{source} on {}", m.topic);
+                }
+                assert_eq!(c.eval_for(m, &mut None), engine, "{source} on {}", m.topic);
+            }
+        }
+        for engine_only in
+            ["json.temp > 30", "qos > 0 or retain", "topic == 'a and b'", "levels | length > 2"]
+        {
+            assert!(condition_plan(engine_only).is_none(), "{engine_only}");
         }
     }
 
