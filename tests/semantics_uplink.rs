@@ -392,6 +392,9 @@ async fn a_job_queue_is_declared_with_arguments_and_shared_by_competing_consumer
     }
     assert_eq!(counts.iter().sum::<usize>(), 20, "every job consumed once: {counts:?}");
     assert!(counts.iter().all(|&n| n > 0), "both workers got a share: {counts:?}");
+    for (ch, _) in consumers {
+        let _ = ch.close(200, ShortString::from("done")).await;
+    }
     delete_queue(&conn, &jobs).await;
 
     // The queue deleted under the gateway: the next job fails (mandatory) instead of being

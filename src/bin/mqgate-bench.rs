@@ -792,6 +792,8 @@ impl Bench {
         }
 
         // Go; wait for the consumer, noting publishers that fail meanwhile.
+        let spawned = matches!(mode, Mode::Gateway | Mode::Templated);
+        let cpu_before = self.gateway.as_ref().filter(|_| spawned).and_then(Gateway::cpu_time);
         let start_ns = clock.now_ns();
         let _ = phase_tx.send(Phase::Go(start_ns));
         let mut publish = PubStats::default();
@@ -842,6 +844,13 @@ impl Bench {
         let mut notes = Vec::new();
         if matches!(mode, Mode::Mosquitto | Mode::Mqgate) {
             notes.push("sub qos 0".to_owned());
+        }
+        // mqgate's CPU per message: what decides the ratio when RabbitMQ takes most of the
+        // cores, and far less noisy than the rate on a busy machine.
+        let cpu_after = self.gateway.as_ref().filter(|_| spawned).and_then(Gateway::cpu_time);
+        if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+            let per_msg = after.saturating_sub(before).as_secs_f64() * 1e6 / messages.max(1) as f64;
+            notes.push(format!("mqgate cpu {per_msg:.2} us/msg"));
         }
         let publish_seconds = publish.done_ns.saturating_sub(start_ns) as f64 / 1e9;
         errors.dedup();

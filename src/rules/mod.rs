@@ -23,7 +23,7 @@ use crate::metrics::{Metrics, TargetMetrics};
 use crate::mqtt::topic::TopicTree;
 use crate::sinks::amqp::{AmqpBroker, PublishOptions, QueueSpec};
 use crate::sinks::http::{HttpEndpoint, HttpError, HttpTarget};
-use template::{Condition, MessageContext, Template, TemplateError, TemplatesBuilder};
+use template::{Condition, Template, TemplateError, TemplatesBuilder};
 
 /// A message's template context, built on first use (see [`Rule::applies`]).
 pub type LazyContext = Option<minijinja::Value>;
@@ -73,7 +73,7 @@ impl Rule {
         ctx: &mut LazyContext,
     ) -> Result<bool, TemplateError> {
         let Some(when) = &self.when else { return Ok(true) };
-        let held = when.eval(ctx.get_or_insert_with(|| MessageContext::value(msg)))?;
+        let held = when.eval_for(msg, ctx)?;
         if !held {
             self.skipped.inc();
         }
@@ -129,11 +129,11 @@ impl AmqpTarget {
     ) -> Result<(Arc<str>, String), TemplateError> {
         let exchange = match &self.exchange_template {
             None => Arc::clone(&self.exchange),
-            Some(t) => Arc::from(t.render(ctx.get_or_insert_with(|| MessageContext::value(msg)))?),
+            Some(t) => Arc::from(t.render_for(msg, ctx)?),
         };
         let routing_key = match &self.routing_key_template {
             None => self.routing_key_for(&msg.topic),
-            Some(t) => t.render(ctx.get_or_insert_with(|| MessageContext::value(msg)))?,
+            Some(t) => t.render_for(msg, ctx)?,
         };
         Ok((exchange, routing_key))
     }

@@ -160,6 +160,19 @@ impl Gateway {
         }
     }
 
+    /// CPU time (user + system) the child has used so far, from `/proc/PID/stat` (Linux; clock
+    /// ticks of 10 ms, the USER_HZ of every mainstream Linux build). `None` when unreadable.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        let pid = self.pid()?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may contain spaces: fields are counted after its ')'.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+    }
+
     /// The child's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -18,18 +18,21 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::exchanges::{Checked, Exchanges, Released, Route};
+mod checks;
+mod returns;
+
+use checks::{Answer, CheckChannel, CheckState, Op};
+use returns::{Mandatory, Returning};
+
+use super::exchanges::{Exchanges, Route};
 use super::headers::{self, PERSISTENT, TRANSIENT};
-use super::queues::{Declared, QueueRoute, QueueSpec, Queues};
+use super::queues::{QueueRoute, Queues};
 use super::transport::{describe, Link, Transport};
 use super::wire::frame::{self, Frame};
-use super::wire::methods::{
-    self, Close, Method, ReturnedHeader, NOT_FOUND, NO_ROUTE, REPLY_SUCCESS,
-};
-use super::wire::{WireError, MAX_SHORT_STRING_LENGTH};
+use super::wire::methods::{self, Close, Method, REPLY_SUCCESS};
+use super::wire::MAX_SHORT_STRING_LENGTH;
 use super::{PublishRequest, Shared};
 use crate::config::UnroutablePolicy;
-use crate::message::Message;
 use crate::metrics::TargetMetrics;
 use crate::mqtt::codec::ReasonCode;
 use crate::sinks::{AckSender, Failure, Outcome};
@@ -42,10 +45,6 @@ const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Requests taken from the queue in one go (encoded, then written with one syscall).
 const BATCH: usize = 128;
-/// Most bytes of a returned message's body kept to tell it from other publishes; a longer one
-/// is told apart by its length alone.
-const RETURN_BODY_CAPTURE: usize = 1 << 20;
-
 /// Why [`run`] returned.
 pub(crate) enum Ended {
     /// The connection was lost (reason inside); every outstanding request has been failed.
@@ -68,32 +67,6 @@ struct InFlight {
     mandatory: Option<Box<Mandatory>>,
 }
 
-/// A mandatory publish, as far as telling it apart in a `basic.return` goes.
-struct Mandatory {
-    /// The MQTT 5 answer policy when it is returned.
-    policy: UnroutablePolicy,
-    /// Its exchange.
-    exchange: Arc<str>,
-    /// Its routing key.
-    routing_key: String,
-    /// The message (client id, topic, payload).
-    msg: Arc<Message>,
-    /// Set when RabbitMQ returned it: the confirm that follows becomes a failure.
-    returned: Option<String>,
-}
-
-/// A `basic.return` whose content frames are still arriving.
-struct Returning {
-    /// The return method.
-    ret: methods::Return,
-    /// Its content header, once it came.
-    header: Option<ReturnedHeader>,
-    /// Its body so far (up to [`RETURN_BODY_CAPTURE`] bytes).
-    body: Vec<u8>,
-    /// Body bytes received, captured or not.
-    received: u64,
-}
-
 /// One confirm-mode channel.
 struct ConfirmChannel {
     /// Its channel number.
@@ -106,49 +79,6 @@ struct ConfirmChannel {
     pending_oks: u8,
     /// A `basic.return` being received on this channel.
     returning: Option<Returning>,
-}
-
-/// One synchronous request on the check channel.
-enum Op {
-    /// A passive declare: does this exchange exist?
-    Exchange(Arc<str>),
-    /// Declare this queue.
-    Queue(Arc<QueueSpec>),
-    /// Purge the request's queue (its `options.declare`), then report its outcome.
-    Purge(PublishRequest),
-}
-
-/// Where the exchange-check channel is.
-enum CheckState {
-    /// Not open (never opened, or closed by a 404).
-    Closed,
-    /// Open, no check in flight.
-    Idle,
-    /// This request is in flight, answer due by the instant.
-    Busy(Op, Instant),
-}
-
-/// How the request in flight on the check channel ended.
-enum Answer {
-    /// declare-ok / purge-ok.
-    Ok,
-    /// The broker closed the channel.
-    Closed(Close),
-    /// No answer in time, or the request could not be encoded.
-    Failed(String),
-}
-
-/// The channel exchange checks, queue declares and purges run on (a 404 or 406 closes it,
-/// never a publishing channel).
-struct CheckChannel {
-    /// Its channel number (a new one after a check timed out on the old one).
-    id: u16,
-    /// Its state.
-    state: CheckState,
-    /// Requests waiting for their turn, one at a time.
-    queue: VecDeque<Op>,
-    /// Purges queued or in flight (they hold a publish request: counted as in flight).
-    purges: usize,
 }
 
 /// Which of our channels a frame is for.
@@ -735,205 +665,6 @@ impl Publisher<'_> {
         }
     }
 
-    /// Starts the next queued check, declare or purge if the check channel is free.
-    fn start_check(&mut self) {
-        while matches!(self.check.state, CheckState::Closed | CheckState::Idle) {
-            let Some(op) = self.check.queue.pop_front() else { return };
-            let id = self.check.id;
-            if matches!(self.check.state, CheckState::Closed) {
-                // Pipelined with the request; the open-ok is ignored.
-                methods::channel_open(&mut self.t.wbuf, id);
-                self.check.state = CheckState::Idle;
-            }
-            let wbuf = &mut self.t.wbuf;
-            let sent = match &op {
-                Op::Exchange(exchange) => methods::exchange_declare_passive(wbuf, id, exchange),
-                Op::Queue(spec) => {
-                    methods::queue_declare(wbuf, id, &spec.name, true, &spec.table())
-                }
-                Op::Purge(req) => match &req.options.declare {
-                    Some(spec) => methods::queue_purge(wbuf, id, &spec.name),
-                    None => Err(WireError::Truncated("queue name")),
-                },
-            };
-            let due = Instant::now() + self.rpc_timeout;
-            self.check.state = CheckState::Busy(op, due);
-            if let Err(e) = sent {
-                self.on_check_answer(Answer::Failed(e.to_string()), CheckState::Idle);
-            }
-        }
-    }
-
-    /// The request in flight on the check channel got its answer; the channel is now in `next`.
-    fn on_check_answer(&mut self, answer: Answer, next: CheckState) {
-        let state = std::mem::replace(&mut self.check.state, next);
-        if let CheckState::Busy(op, _) = state {
-            match op {
-                Op::Exchange(exchange) => {
-                    let checked = match answer {
-                        Answer::Ok => Checked::Exists,
-                        Answer::Closed(c) if c.code == NOT_FOUND => Checked::Missing,
-                        Answer::Closed(c) => Checked::Failed(describe(&c)),
-                        Answer::Failed(reason) => Checked::Failed(reason),
-                    };
-                    self.on_checked(&exchange, checked);
-                }
-                Op::Queue(spec) => {
-                    let declared = match answer {
-                        Answer::Ok => Declared::Ok,
-                        Answer::Closed(c) => Declared::Refused(format!(
-                            "queue '{}' could not be declared: {}",
-                            spec.name,
-                            describe(&c)
-                        )),
-                        Answer::Failed(reason) => Declared::Unknown(format!(
-                            "queue '{}' could not be declared: {reason}",
-                            spec.name
-                        )),
-                    };
-                    self.on_declared(&spec, &declared);
-                }
-                Op::Purge(req) => {
-                    self.check.purges = self.check.purges.saturating_sub(1);
-                    match answer {
-                        Answer::Ok => {
-                            req.metrics.forwarded.inc();
-                            if let Some(ack) = req.ack {
-                                let _ = ack.send(Outcome::Delivered);
-                            }
-                        }
-                        Answer::Closed(c) => {
-                            let reason = format!("purge refused: {}", describe(&c));
-                            self.shared.fail(req, || Failure::fatal(reason));
-                        }
-                        Answer::Failed(reason) => {
-                            let reason = format!("purge failed: {reason}");
-                            self.shared.fail_unavailable(req, || Failure::retryable(reason));
-                        }
-                    }
-                }
-            }
-        }
-        self.start_check();
-    }
-
-    /// Releases the requests that waited for the declare of `spec`.
-    fn on_declared(&mut self, spec: &Arc<QueueSpec>, declared: &Declared) {
-        let reqs = self.queues.declared(&spec.name, declared);
-        let (now, timestamp) = (Instant::now(), headers::unix_seconds());
-        match declared {
-            Declared::Ok => {
-                debug!(broker = %self.shared.name, queue = %spec.name, "queue declared");
-                for req in reqs {
-                    self.accept_declared(req, now, timestamp);
-                }
-            }
-            Declared::Refused(reason) => {
-                warn!(broker = %self.shared.name, queue = %spec.name, %reason, failed = reqs.len(),
-                    "queue declare refused; failing its publishes");
-                for req in reqs {
-                    self.shared.fail(req, || Failure::fatal(reason.clone()));
-                }
-            }
-            Declared::Unknown(reason) => {
-                for req in reqs {
-                    self.shared.fail_unavailable(req, || Failure::retryable(reason.clone()));
-                }
-            }
-        }
-    }
-
-    /// A content frame: part of a `basic.return` on a confirm channel (anything else is not
-    /// for us and is dropped).
-    fn on_content(&mut self, channel: u16, kind: u8, payload: &[u8]) {
-        let Role::Confirm(i) = self.role(channel) else { return };
-        let Some(r) = self.confirm[i].returning.as_mut() else { return };
-        if kind == frame::HEADER {
-            match methods::decode_content_header(payload) {
-                Ok(h) => r.header = Some(h),
-                Err(e) => {
-                    debug!(broker = %self.shared.name, error = %e, "unreadable returned header");
-                    self.confirm[i].returning = None;
-                    return;
-                }
-            }
-        } else {
-            r.received += payload.len() as u64;
-            let room = RETURN_BODY_CAPTURE.saturating_sub(r.body.len());
-            r.body.extend_from_slice(&payload[..payload.len().min(room)]);
-        }
-        let complete = r.header.as_ref().is_some_and(|h| r.received >= h.body_size);
-        if complete {
-            if let Some(r) = self.confirm[i].returning.take() {
-                self.on_returned(i, r);
-            }
-        }
-    }
-
-    /// Marks the publish a complete `basic.return` on confirm channel `i` stands for: the
-    /// oldest unconfirmed mandatory publish of this channel with the same exchange, routing
-    /// key, client id, topic and body. RabbitMQ sends the return before that publish's
-    /// confirm, so the confirm that follows resolves it as a failure.
-    fn on_returned(&mut self, i: usize, r: Returning) {
-        let Some(h) = r.header else { return };
-        let complete_body = r.body.len() as u64 == h.body_size;
-        let hit = self.confirm[i].inflight.iter_mut().find_map(|e| {
-            let m = e.mandatory.as_mut()?;
-            let same = m.returned.is_none()
-                && *m.exchange == *r.ret.exchange
-                && m.routing_key == r.ret.routing_key
-                && h.client_id.as_deref() == Some(m.msg.client_id.as_bytes())
-                && h.topic.as_deref() == Some(m.msg.topic.as_bytes())
-                && m.msg.payload.len() as u64 == h.body_size
-                && (!complete_body || m.msg.payload[..] == r.body[..]);
-            same.then_some(m)
-        });
-        match hit {
-            Some(m) if r.ret.code == NO_ROUTE => {
-                m.returned = Some(format!(
-                    "unroutable: exchange '{}' routes '{}' to no queue",
-                    r.ret.exchange, r.ret.routing_key
-                ));
-            }
-            Some(m) => {
-                m.returned = Some(format!("returned by the broker: {} {}", r.ret.code, r.ret.text));
-            }
-            None => debug!(broker = %self.shared.name, exchange = %r.ret.exchange,
-                "a returned message matched no unconfirmed publish"),
-        }
-    }
-
-    /// Releases the requests that waited for a check of `exchange`.
-    fn on_checked(&mut self, exchange: &Arc<str>, checked: Checked) {
-        let name = &self.shared.name;
-        match self.exchanges.checked(exchange, checked) {
-            None => {}
-            Some(Released::Publish(reqs)) => {
-                debug!(broker = %name, exchange = %exchange, "exchange exists");
-                let (now, timestamp) = (Instant::now(), headers::unix_seconds());
-                for req in reqs {
-                    self.publish(req, now, timestamp);
-                }
-            }
-            Some(Released::Missing(reqs)) => {
-                warn!(broker = %name, exchange = %exchange, failed = reqs.len(),
-                    "exchange does not exist; failing its publishes");
-                for req in reqs {
-                    self.shared.fail(req, || missing_exchange(exchange));
-                }
-            }
-            Some(Released::Unknown(reason, reqs)) => {
-                warn!(broker = %name, %exchange, %reason, "could not check the exchange");
-                let failure = Failure::retryable(format!(
-                    "could not check exchange '{exchange}' on broker {name}: {reason}"
-                ));
-                for req in reqs {
-                    self.shared.fail_unavailable(req, || failure.clone());
-                }
-            }
-        }
-    }
-
     /// Runs the socket (reads, writes, heartbeats; no new requests) until `done` or
     /// `deadline`. `Some(reason)` if the connection was lost meanwhile.
     async fn pump(&mut self, deadline: Instant, done: fn(&Self) -> bool) -> Option<String> {
@@ -960,25 +691,6 @@ impl Publisher<'_> {
             }
         }
         None
-    }
-
-    /// Takes the purges queued or in flight out (the connection is going away).
-    fn take_purges(&mut self) -> Vec<PublishRequest> {
-        let mut out = Vec::new();
-        if matches!(self.check.state, CheckState::Busy(Op::Purge(_), _)) {
-            if let CheckState::Busy(Op::Purge(req), _) =
-                std::mem::replace(&mut self.check.state, CheckState::Closed)
-            {
-                out.push(req);
-            }
-        }
-        for op in self.check.queue.drain(..) {
-            if let Op::Purge(req) = op {
-                out.push(req);
-            }
-        }
-        self.check.purges = 0;
-        out
     }
 
     /// Counts the QoS 0 publishes that never left the write buffer as failed (and dropped).
