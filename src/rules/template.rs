@@ -3,8 +3,9 @@
 //!
 //! A template sees one message through [`MessageContext`], a lazy view: nothing is copied until
 //! a template reads it, and the payload is parsed as JSON only when a template reads `json`
-//! (once per message, however many templates read it). Variables: `topic`, `levels` (the topic
-//! split at '/'), `client_id`, `username`, `qos`, `retain`, `content_type`, `response_topic`,
+//! (once per message, however many templates read it). Variables: `topic` (the topic's levels,
+//! so `topic[1]` is the second one; `levels` is the same list), `topic_name` (the whole topic),
+//! `client_id`, `username`, `qos`, `retain`, `content_type`, `response_topic`,
 //! `correlation_data`, `user_properties` (name → value; the last value of a repeated name),
 //! `payload_format_indicator`, `message_expiry_interval`, `payload` (the payload as text, if it
 //! is UTF-8) and `json` (the payload parsed as JSON). Undefined values may be tested
@@ -30,6 +31,7 @@ pub const FUEL: u64 = 10_000;
 /// The variables a template may use.
 pub const VARIABLES: &[&str] = &[
     "topic",
+    "topic_name",
     "levels",
     "client_id",
     "username",
@@ -297,13 +299,14 @@ fn variable(expr: &str) -> Option<Segment> {
         }
     };
     match expr {
-        "topic" => return Some(Segment::Topic),
+        "topic_name" => return Some(Segment::Topic),
         "client_id" => return Some(Segment::ClientId),
         "username" => return Some(Segment::Username),
         "qos" => return Some(Segment::Qos),
         _ => {}
     }
-    if let Some(index) = expr.strip_prefix("levels[").and_then(|r| r.strip_suffix(']')) {
+    let index = |prefix: &str| expr.strip_prefix(prefix).and_then(|r| r.strip_suffix(']'));
+    if let Some(index) = index("topic[").or_else(|| index("levels[")) {
         return index.trim().parse().ok().map(Segment::Level);
     }
     if let Some(name) = expr.strip_prefix("user_properties.") {
@@ -495,8 +498,8 @@ impl Object for MessageContext {
         let m = &self.msg;
         let p = &m.properties;
         match key {
-            "topic" => Some(Value::from(m.topic.as_str())),
-            "levels" => Some(
+            "topic_name" => Some(Value::from(m.topic.as_str())),
+            "topic" | "levels" => Some(
                 self.levels
                     .get_or_init(|| {
                         Value::from(m.topic.split('/').map(Value::from).collect::<Vec<_>>())
@@ -608,7 +611,8 @@ mod tests {
     fn native_plans_render_as_the_engine_does() {
         let sources = [
             "bench.{{ levels[1] }}",
-            "{{levels[0]}}.{{ levels[-1] }}/{{ topic }}",
+            "{{levels[0]}}.{{ levels[-1] }}/{{ topic_name }}",
+            "{{ topic[1] }}.{{ topic[-1] }}",
             "{{ client_id }}-{{ qos }}-{{ username }}",
             "x.{{ user_properties.site }}.{{ user_properties['site'] }}",
             "{{ levels[7] }}",
@@ -632,7 +636,7 @@ mod tests {
             }
         }
         for engine_only in
-            ["{{ levels | length }}", "{% if qos %}a{% endif %}", "{{- topic }}", "{{ json.a }}"]
+            ["{{ levels | length }}", "{% if qos %}a{% endif %}", "{{ topic }}", "{{ json.a }}"]
         {
             assert!(plan(engine_only).is_none(), "{engine_only}");
         }
@@ -647,7 +651,8 @@ mod tests {
             "username == 'alice' and user_properties.site == 'x'",
             "levels[5] == 'x'",
             "qos > 0 and user_properties.nope != 'x'",
-            "topic != 'one'",
+            "topic_name != 'one'",
+            "topic[0] == 'benchT'",
         ];
         let mut retained = (*msg("one", b"")).clone();
         retained.retain = true;
@@ -668,7 +673,7 @@ mod tests {
             }
         }
         for engine_only in
-            ["json.temp > 30", "qos > 0 or retain", "topic == 'a and b'", "levels | length > 2"]
+            ["json.temp > 30", "qos > 0 or retain", "topic_name == 'a and b'", "levels | length > 2"]
         {
             assert!(condition_plan(engine_only).is_none(), "{engine_only}");
         }

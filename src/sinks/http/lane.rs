@@ -19,9 +19,10 @@ use tracing::{debug, warn};
 
 use super::body::{self, BodySpec};
 use super::retry::{self, Verdict};
-use super::template::{self, Template};
+use super::template::Template;
 use super::{join_url, HttpRequest, Spec, IDEMPOTENCY_KEY};
 use crate::message::Message;
+use crate::rules::template::MessageContext;
 use crate::sinks::{Failure, Outcome};
 
 /// Response bytes read (and dropped) so the connection can be reused; a longer body is cut.
@@ -270,12 +271,12 @@ impl Lane {
 
 impl Spec {
     /// The template context of `msg`, when a template needs one.
-    fn context(&self, msg: &Message) -> Option<Value> {
-        self.needs.map(|n| template::context(msg, n))
+    fn context(&self, msg: &Arc<Message>) -> Option<Value> {
+        self.needs.map(|_| MessageContext::value(msg))
     }
 
     /// The request for `msg` alone.
-    fn build_single(&self, msg: &Message) -> Result<reqwest::Request, String> {
+    fn build_single(&self, msg: &Arc<Message>) -> Result<reqwest::Request, String> {
         let ctx = self.context(msg);
         let url = match (&self.static_url, &self.path) {
             (Some(u), _) => u.clone(),
@@ -324,7 +325,7 @@ impl Spec {
     }
 
     /// The batch element of `msg`.
-    fn element(&self, msg: &Message) -> Result<Vec<u8>, String> {
+    fn element(&self, msg: &Arc<Message>) -> Result<Vec<u8>, String> {
         let ctx = match &self.body {
             BodySpec::Template(_) => self.context(msg),
             _ => None,

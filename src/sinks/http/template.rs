@@ -1,29 +1,22 @@
 //! minijinja templates of HTTP targets (path, headers, body): compiled once at load, rendered
 //! per message with a bounded amount of work (fuel), never panicking on a message.
 //!
-//! The context a template sees:
-//! - `topic`: the list of topic levels (`topic[1]` is the second level);
-//! - `topic_name`: the whole topic, e.g. `sensors/a/alerts`;
-//! - `client_id`, `username` (none when not given), `qos` (0..2), `retain` (bool);
-//! - `payload`: the payload as a string when it is UTF-8 (else none);
-//! - `json`: the payload parsed as JSON when it is JSON (else none);
-//! - `content_type`: the MQTT 5 content type (else none);
-//! - `user_properties`: the MQTT 5 user properties as a map (the last value of a repeated name).
-//!
-//! `payload` and `json` are built only for templates that use them. An undefined value is an
+//! A template sees the message through the rules' lazy context
+//! ([`MessageContext`](crate::rules::template::MessageContext)): the same variables as rule
+//! templates and `when:` conditions — `topic` (the list of levels: `topic[1]` is the second),
+//! `topic_name` (the whole topic), `client_id`, `username`, `qos`, `retain`, `content_type`,
+//! `user_properties`, `payload` (text, when UTF-8), `json` (parsed, when JSON) and the other
+//! MQTT 5 properties. The payload is parsed only when a template reads `json`. An undefined value is an
 //! error (a path must not silently lose a segment): the message fails, permanently. In a
 //! `path`, every `{{ }}` value is percent-encoded (`/` kept, so `{{ topic_name }}` gives
 //! several segments); a rendered path with a `.` or `..` segment is refused.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use minijinja::value::Value;
 use minijinja::{Environment, ErrorKind, UndefinedBehavior};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use thiserror::Error;
-
-use crate::message::Message;
 
 /// Instructions one rendering may execute: generous for any sensible template, small enough
 /// that a loop over a large payload cannot stall a lane.
@@ -157,35 +150,6 @@ fn check_path(path: &str) -> Result<(), TemplateError> {
     Ok(())
 }
 
-/// The template context of `msg`; `payload` and `json` only when `needs` says so.
-pub fn context(msg: &Message, needs: Needs) -> Value {
-    let mut ctx: BTreeMap<&'static str, Value> = BTreeMap::new();
-    ctx.insert("topic", Value::from_iter(msg.topic.split('/').map(Value::from)));
-    ctx.insert("topic_name", Value::from(msg.topic.as_str()));
-    ctx.insert("client_id", Value::from(&*msg.client_id));
-    ctx.insert("username", msg.username.as_deref().map_or(Value::from(()), Value::from));
-    ctx.insert("qos", Value::from(msg.qos as u8));
-    ctx.insert("retain", Value::from(msg.retain));
-    let p = &msg.properties;
-    ctx.insert("content_type", p.content_type.as_deref().map_or(Value::from(()), Value::from));
-    ctx.insert(
-        "user_properties",
-        Value::from_pairs(p.user_properties.iter().map(|(k, v)| (k.as_str(), v.as_str()))),
-    );
-    if needs.payload {
-        let text = std::str::from_utf8(&msg.payload).ok();
-        ctx.insert("payload", text.map_or(Value::from(()), Value::from));
-    }
-    if needs.json {
-        let json = serde_json::from_slice::<serde_json::Value>(&msg.payload).ok();
-        ctx.insert(
-            "json",
-            json.map_or(Value::from(()), |j| Value::from(minijinja::value::Serde(j))),
-        );
-    }
-    Value::from_pairs(ctx)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -194,10 +158,12 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
+    use crate::message::Message;
     use crate::mqtt::codec::{Properties, QoS};
+    use crate::rules::template::MessageContext;
 
-    fn msg(topic: &str, payload: &[u8]) -> Message {
-        Message {
+    fn msg(topic: &str, payload: &[u8]) -> Arc<Message> {
+        Arc::new(Message {
             topic: topic.into(),
             payload: Bytes::copy_from_slice(payload),
             qos: QoS::AtLeastOnce,
@@ -207,12 +173,12 @@ mod tests {
             properties: Properties::default(),
             received: Instant::now(),
             packet_id: Some(7),
-        }
+        })
     }
 
-    fn render(kind: Kind, src: &str, m: &Message) -> Result<String, TemplateError> {
+    fn render(kind: Kind, src: &str, m: &Arc<Message>) -> Result<String, TemplateError> {
         let t = Template::compile(kind, src)?;
-        let ctx = context(m, t.needs());
+        let ctx = MessageContext::value(m);
         t.render(&ctx).map(Cow::into_owned)
     }
 
