@@ -172,34 +172,38 @@ fn config(addr: SocketAddr, tls: &str) -> String {
     )
 }
 
-async fn publish(app: &mqgate::app::App, id: &str) -> ReasonCode {
+/// Publishes one QoS 1 message; the reason code of the PUBACK or DISCONNECT, and its reason
+/// string.
+async fn publish(app: &mqgate::app::App, id: &str) -> (ReasonCode, String) {
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, id).await;
     c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
-    match c.recv().await {
-        Some(Packet::PubAck(a)) => a.code,
-        Some(Packet::Disconnect(d)) => d.code,
+    let (code, props) = match c.recv().await {
+        Some(Packet::PubAck(a)) => (a.code, a.properties),
+        Some(Packet::Disconnect(d)) => (d.code, d.properties),
         other => panic!("expected PUBACK or DISCONNECT, got {other:?}"),
-    }
+    };
+    (code, props.reason_string.unwrap_or_default())
 }
 
 #[tokio::test]
 async fn a_custom_ca_is_trusted_and_http2_is_used_when_offered() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
-    let (addr, versions, failed) = https_server(dir.path(), false).await;
+    let (addr, versions, _) = https_server(dir.path(), false).await;
     let ca = dir.path().join("ca.pem");
 
     // Without the CA the server's certificate is not trusted: never delivered.
     let app = gateway(&config(addr, "      ca_only: false\n")).await;
-    assert_eq!(publish(&app, "no-ca").await, ReasonCode::SERVER_BUSY);
+    let (code, reason) = publish(&app, "no-ca").await;
+    assert_eq!(code, ReasonCode::SERVER_BUSY, "{reason}");
+    assert!(reason.contains("certificate"), "{reason}");
     assert!(versions.lock().unwrap().is_empty());
-    assert!(*failed.lock().unwrap() >= 1, "no TLS handshake was attempted");
     app.stop().await;
 
     let app =
         gateway(&config(addr, &format!("      ca: \"{}\"\n      ca_only: true\n", ca.display())))
             .await;
-    assert_eq!(publish(&app, "ca").await, ReasonCode::SUCCESS);
+    assert_eq!(publish(&app, "ca").await.0, ReasonCode::SUCCESS);
     assert_eq!(*versions.lock().unwrap(), vec![Version::HTTP_2], "ALPN offered h2");
     app.stop().await;
 }
@@ -208,12 +212,15 @@ async fn a_custom_ca_is_trusted_and_http2_is_used_when_offered() {
 async fn a_client_certificate_is_presented_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     make_certs(dir.path());
-    let (addr, versions, _) = https_server(dir.path(), true).await;
+    let (addr, versions, failed) = https_server(dir.path(), true).await;
     let p = |f: &str| dir.path().join(f).display().to_string();
 
     let app = gateway(&config(addr, &format!("      ca: \"{}\"\n", p("ca.pem")))).await;
-    assert_eq!(publish(&app, "no-cert").await, ReasonCode::SERVER_BUSY, "no client cert: refused");
+    let (code, reason) = publish(&app, "no-cert").await;
+    assert_eq!(code, ReasonCode::SERVER_BUSY, "no client certificate: refused ({reason})");
+    assert!(versions.lock().unwrap().is_empty());
     app.stop().await;
+    assert!(*failed.lock().unwrap() >= 1, "the server saw no failed handshake");
 
     let tls = format!(
         "      ca: \"{}\"\n      cert: \"{}\"\n      key: \"{}\"\n",
@@ -222,7 +229,7 @@ async fn a_client_certificate_is_presented_when_configured() {
         p("client.key")
     );
     let app = gateway(&config(addr, &tls)).await;
-    assert_eq!(publish(&app, "cert").await, ReasonCode::SUCCESS);
+    assert_eq!(publish(&app, "cert").await.0, ReasonCode::SUCCESS);
     assert_eq!(versions.lock().unwrap().len(), 1);
     app.stop().await;
 }
