@@ -334,11 +334,17 @@ async fn a_hang_past_the_timeout_is_retried() {
 async fn a_closed_connection_is_retried_then_fails_without_an_ack() {
     let (addr, count) = closer().await;
     let target = "          retry: { attempts: 3, initial_backoff: 10ms }\n";
-    let app = gateway(&config(&format!("http://{addr}"), "", &rule("t/#", target))).await;
+    let url = format!("http://user:pa55word@{addr}");
+    let app = gateway(&config(&url, "", &rule("t/#", target))).await;
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "closed").await;
     c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
     match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_BUSY, "{d:?}"),
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.code, ReasonCode::SERVER_BUSY, "{d:?}");
+            let reason = d.properties.reason_string.unwrap_or_default();
+            assert!(reason.contains("http endpoint api"), "{reason}");
+            assert!(!reason.contains("pa55word"), "the URL's password is in the reason: {reason}");
+        }
         other => panic!("expected DISCONNECT 0x89, got {other:?}"),
     }
     assert_eq!(count.load(Ordering::SeqCst), 3, "one connection per attempt");

@@ -232,7 +232,7 @@ impl Lane {
             }
             Err(e) => {
                 spec.http.responses[4].inc();
-                retry::classify_error(&e)
+                retry::classify_error(e)
             }
         };
         spec.http.latency.observe(t0.elapsed().as_secs_f64());
