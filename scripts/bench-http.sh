@@ -6,7 +6,7 @@
 # the same concurrency; then batched (100 per request, NDJSON). Prints msgs/s per run and the
 # ratios against the targets (mqgate >= 0.8x direct; batching >= 10x one per request).
 # BENCH_REPEAT runs per mode (default 3, medians compared); extra arguments go to mqgate-bench
-# (e.g. --messages 100000, --json). No RabbitMQ needed. Takes about a minute.
+# (e.g. --messages 50000, --json). No RabbitMQ needed. Takes about a minute.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -17,5 +17,5 @@ cargo build --release --bins
 
 bench="${CARGO_TARGET_DIR:-target}/release/mqgate-bench"
 log "http: direct reqwest loop vs mqgate, one message per request and batched"
-"$bench" --mode http --messages 50000 --repeat "${BENCH_REPEAT:-3}" \
+"$bench" --mode http --messages 200000 --repeat "${BENCH_REPEAT:-3}" \
   --http-concurrency "${BENCH_HTTP_CONCURRENCY:-8}" "$@"

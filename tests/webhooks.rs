@@ -334,11 +334,17 @@ async fn a_hang_past_the_timeout_is_retried() {
 async fn a_closed_connection_is_retried_then_fails_without_an_ack() {
     let (addr, count) = closer().await;
     let target = "          retry: { attempts: 3, initial_backoff: 10ms }\n";
-    let app = gateway(&config(&format!("http://{addr}"), "", &rule("t/#", target))).await;
+    let url = format!("http://user:pa55word@{addr}");
+    let app = gateway(&config(&url, "", &rule("t/#", target))).await;
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "closed").await;
     c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
     match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_BUSY, "{d:?}"),
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.code, ReasonCode::SERVER_BUSY, "{d:?}");
+            let reason = d.properties.reason_string.unwrap_or_default();
+            assert!(reason.contains("http endpoint api"), "{reason}");
+            assert!(!reason.contains("pa55word"), "the URL's password is in the reason: {reason}");
+        }
         other => panic!("expected DISCONNECT 0x89, got {other:?}"),
     }
     assert_eq!(count.load(Ordering::SeqCst), 3, "one connection per attempt");
@@ -594,4 +600,55 @@ fn config_errors_point_at_the_value() {
     let e = Config::parse(Path::new("h.yaml"), yaml).unwrap_err().to_string();
     assert!(e.contains("h.yaml:5:10: http.api.url must start with http:// or https://"), "{e}");
     assert!(e.contains("environment variable MQGATE_TEST_SURELY_UNSET is not set"), "{e}");
+}
+
+#[tokio::test]
+async fn qos2_gets_its_pubrec_only_after_a_2xx() {
+    let server =
+        Server::start(
+            |s, _| if s.path == "/gone" { Reply::Status(410) } else { Reply::Status(201) },
+        )
+        .await;
+    let rules = format!(
+        "{}{}",
+        rule("ok/#", "          path: /ok\n"),
+        rule("gone/#", "          path: /gone\n").replace("name: r\n", "name: r2\n")
+    );
+    let app = gateway(&config(&server.url(), "", &rules)).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "qos2").await;
+    c.publish("ok/a", QoS::ExactlyOnce, 1, b"m").await;
+    match c.recv().await {
+        Some(Packet::PubRec(r)) => assert_eq!((r.packet_id, r.code), (1, ReasonCode::SUCCESS)),
+        other => panic!("expected PUBREC, got {other:?}"),
+    }
+    assert_eq!(server.seen().len(), 1, "PUBREC before the request was answered");
+    c.publish("gone/a", QoS::ExactlyOnce, 2, b"m").await;
+    match c.recv().await {
+        Some(Packet::PubRec(r)) => {
+            assert_eq!((r.packet_id, r.code), (2, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR))
+        }
+        other => panic!("expected a failing PUBREC, got {other:?}"),
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retry_after_beyond_max_time_gives_up_at_once() {
+    let server = Server::start(|_, _| Reply::RetryAfter(503, "30".into())).await;
+    let target = "          retry: { attempts: 10, max_time: 2s }\n";
+    let app = gateway(&config(&server.url(), "", &rule("t/#", target))).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "later").await;
+    let t0 = Instant::now();
+    c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => {
+            assert_eq!(d.code, ReasonCode::SERVER_BUSY, "{d:?}");
+            let reason = d.properties.reason_string.unwrap_or_default();
+            assert!(reason.contains("max_time"), "{reason}");
+        }
+        other => panic!("expected DISCONNECT 0x89, got {other:?}"),
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2), "waited for a retry it could not make");
+    assert_eq!(server.seen().len(), 1);
+    app.stop().await;
 }

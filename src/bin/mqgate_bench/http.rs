@@ -5,7 +5,7 @@
 //!    request: the ceiling;
 //! 2. `mqgate`: `--publishers` MQTT 3.1.1 QoS 1 publishers through a spawned mqgate whose rule
 //!    sends each message in its own request (`body: raw`, `concurrency` lanes = the same
-//!    concurrency); a publisher spreads its messages over 32 topics so every lane has work;
+//!    concurrency); a publisher spreads its messages over 1,024 topics so the lanes share the load evenly;
 //! 3. `mqgate-batch`: the same with `batch: { max_messages: --http-batch, format: ndjson }`
 //!    (`body: json`: the envelope of each message on its own line).
 //!
@@ -35,8 +35,9 @@ use super::mqtt;
 use super::payload::{Clock, PayloadBuilder};
 use super::stats::json_str;
 
-/// Topics per publisher (each topic is one lane's, so more topics than lanes keep all busy).
-const TOPICS_PER_PUBLISHER: usize = 32;
+/// Topics per publisher. A topic always uses the same lane, so the lanes share the load as
+/// evenly as the topics hash: with few topics per lane the busiest lane decides the run.
+const TOPICS_PER_PUBLISHER: usize = 1024;
 /// A run that counts no new message for this long ends, the rest counted lost.
 const IDLE: Duration = Duration::from_secs(10);
 

@@ -3,12 +3,12 @@
 //!
 //! Pure: no I/O.
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
 use minijinja::value::Value;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use super::config::BatchFormat;
@@ -36,14 +36,15 @@ impl BodySpec {
         })
     }
 
-    /// The Content-Type when the config sets none.
-    pub fn default_content_type<'a>(&self, msg: &'a Message) -> &'a str {
+    /// The Content-Type when the config sets none: a fixed one, or the message's own.
+    pub fn default_content_type(&self, msg: &Message) -> Cow<'static, str> {
         match self {
-            BodySpec::Raw => {
-                msg.properties.content_type.as_deref().unwrap_or("application/octet-stream")
-            }
-            BodySpec::Json => "application/json",
-            BodySpec::Template(_) => "text/plain; charset=utf-8",
+            BodySpec::Raw => match &msg.properties.content_type {
+                Some(ct) => Cow::Owned(ct.clone()),
+                None => Cow::Borrowed("application/octet-stream"),
+            },
+            BodySpec::Json => Cow::Borrowed("application/json"),
+            BodySpec::Template(_) => Cow::Borrowed("text/plain; charset=utf-8"),
         }
     }
 
@@ -52,9 +53,8 @@ impl BodySpec {
     pub fn single(&self, msg: &Message, ctx: Option<&Value>) -> Result<Bytes, String> {
         match self {
             BodySpec::Raw => Ok(msg.payload.clone()),
-            BodySpec::Json => serde_json::to_vec(&envelope(msg))
-                .map(Bytes::from)
-                .map_err(|e| format!("cannot encode the JSON envelope: {e}")),
+            BodySpec::Json => envelope_bytes(msg).map(Bytes::from),
+            BodySpec::Template(Template::Static(text)) => Ok(Bytes::from(text.clone())),
             BodySpec::Template(t) => {
                 let ctx = ctx.ok_or("no template context")?;
                 t.render(ctx).map(|s| Bytes::from(s.into_owned())).map_err(|e| format!("body {e}"))
@@ -65,8 +65,9 @@ impl BodySpec {
     /// The element of `msg` in a batch: one JSON document on one line. `raw` payloads and
     /// rendered templates must be JSON to be batched.
     pub fn element(&self, msg: &Message, ctx: Option<&Value>) -> Result<Vec<u8>, String> {
-        let value = match self {
-            BodySpec::Json => envelope(msg),
+        let value: serde_json::Value = match self {
+            // Compact JSON: one line.
+            BodySpec::Json => return envelope_bytes(msg),
             BodySpec::Raw => serde_json::from_slice(&msg.payload).map_err(|_| {
                 "the payload is not JSON: a batch of `body: raw` needs JSON payloads \
                  (use `body: json` for any payload)"
@@ -84,31 +85,63 @@ impl BodySpec {
 
 /// The `json` envelope of a message: topic, payload (the JSON value when the payload is JSON,
 /// else base64, as `payload_encoding` says), QoS, retain, client id, user name, receive time
-/// and the MQTT 5 content type and user properties.
-pub fn envelope(msg: &Message) -> serde_json::Value {
-    let (payload, encoding) = match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
-        Ok(v) => (v, "json"),
-        Err(_) => (
-            serde_json::Value::String(
-                base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-            ),
-            "base64",
-        ),
-    };
-    let user_properties: Vec<[&str; 2]> =
-        msg.properties.user_properties.iter().map(|(k, v)| [k.as_str(), v.as_str()]).collect();
-    json!({
-        "topic": msg.topic,
-        "payload": payload,
-        "payload_encoding": encoding,
-        "qos": msg.qos as u8,
-        "retain": msg.retain,
-        "client_id": &*msg.client_id,
-        "username": msg.username.as_deref(),
-        "received_at": rfc3339(received_at(msg.received)),
-        "content_type": msg.properties.content_type,
-        "user_properties": user_properties,
-    })
+/// and the MQTT 5 content type and user properties. Serialized straight from borrowed fields.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    topic: &'a str,
+    payload: serde_json::Value,
+    payload_encoding: &'static str,
+    qos: u8,
+    retain: bool,
+    client_id: &'a str,
+    username: Option<&'a str>,
+    received_at: String,
+    content_type: Option<&'a str>,
+    user_properties: Vec<[&'a str; 2]>,
+}
+
+impl<'a> Envelope<'a> {
+    fn of(msg: &'a Message) -> Envelope<'a> {
+        let (payload, payload_encoding) =
+            match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+                Ok(v) => (v, "json"),
+                Err(_) => (
+                    serde_json::Value::String(
+                        base64::engine::general_purpose::STANDARD.encode(&msg.payload),
+                    ),
+                    "base64",
+                ),
+            };
+        Envelope {
+            topic: &msg.topic,
+            payload,
+            payload_encoding,
+            qos: msg.qos as u8,
+            retain: msg.retain,
+            client_id: &msg.client_id,
+            username: msg.username.as_deref(),
+            received_at: rfc3339(received_at(msg.received)),
+            content_type: msg.properties.content_type.as_deref(),
+            user_properties: msg
+                .properties
+                .user_properties
+                .iter()
+                .map(|(k, v)| [k.as_str(), v.as_str()])
+                .collect(),
+        }
+    }
+}
+
+/// The envelope of `msg` as compact JSON (one line).
+pub fn envelope_bytes(msg: &Message) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(&Envelope::of(msg))
+        .map_err(|e| format!("cannot encode the JSON envelope: {e}"))
+}
+
+/// The envelope of `msg` as a JSON value.
+#[cfg(test)]
+fn envelope(msg: &Message) -> serde_json::Value {
+    serde_json::to_value(Envelope::of(msg)).unwrap_or_default()
 }
 
 /// The wall-clock time of a monotonic instant in the recent past.
@@ -194,12 +227,20 @@ pub fn batch_key<'a>(keys: impl Iterator<Item = Option<&'a str>>) -> Option<Stri
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+
+    use serde_json::json;
 
     use super::*;
     use crate::mqtt::codec::{Properties, QoS};
@@ -252,6 +293,7 @@ mod tests {
         assert_ne!(a, idempotency_key(&msg(b"y", Some(1))));
         assert_eq!(idempotency_key(&msg(b"x", None)), None);
         assert_eq!(a.as_deref().map(str::len), Some(32));
+        assert_eq!(hex(&[0x00, 0x9f, 0xff]), "009fff");
         let b = batch_key([a.as_deref(), None].into_iter());
         assert_eq!(b, batch_key([a.as_deref(), None].into_iter()));
         assert_eq!(batch_key([None, None].into_iter()), None);
@@ -262,6 +304,9 @@ mod tests {
         let el = vec![b"{\"a\":1}".to_vec(), b"2".to_vec()];
         assert_eq!(&frame(BatchFormat::Json, &el)[..], b"[{\"a\":1},2]");
         assert_eq!(&frame(BatchFormat::Ndjson, &el)[..], b"{\"a\":1}\n2\n");
+        let fixed = BodySpec::parse("{\"fixed\": true}").unwrap();
+        assert_eq!(&fixed.single(&msg(b"x", None), None).unwrap()[..], b"{\"fixed\": true}");
+        assert_eq!(fixed.element(&msg(b"x", None), None).unwrap(), b"{\"fixed\":true}");
         let raw = BodySpec::Raw;
         assert!(raw.element(&msg(b"not json", None), None).is_err());
         assert_eq!(raw.element(&msg(b"{ \"x\" :\n 1 }", None), None).unwrap(), b"{\"x\":1}");

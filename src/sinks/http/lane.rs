@@ -7,6 +7,7 @@
 //! Every message taken from the queue gets exactly one outcome; at shutdown the lane finishes
 //! the attempt in flight, retries nothing more, and fails what is still queued (retryable).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -232,7 +233,7 @@ impl Lane {
             }
             Err(e) => {
                 spec.http.responses[4].inc();
-                retry::classify_error(&e)
+                retry::classify_error(e)
             }
         };
         spec.http.latency.observe(t0.elapsed().as_secs_f64());
@@ -313,9 +314,10 @@ impl Spec {
                 .insert(IDEMPOTENCY_KEY, HeaderValue::from_str(&key).map_err(|e| e.to_string())?);
         }
         if with_body {
-            let content_type = match &self.content_type {
-                Some(ct) => ct.clone(),
-                None => HeaderValue::from_str(self.body.default_content_type(msg))
+            let content_type = match (&self.content_type, self.body.default_content_type(msg)) {
+                (Some(ct), _) => ct.clone(),
+                (None, Cow::Borrowed(ct)) => HeaderValue::from_static(ct),
+                (None, Cow::Owned(ct)) => HeaderValue::from_str(&ct)
                     .unwrap_or(HeaderValue::from_static("application/octet-stream")),
             };
             headers.insert(CONTENT_TYPE, content_type);

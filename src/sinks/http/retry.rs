@@ -45,8 +45,10 @@ pub fn classify_status(status: StatusCode, retry_after: Option<&str>, now: Syste
     }
 }
 
-/// The verdict on an attempt that got no response.
-pub fn classify_error(e: &reqwest::Error) -> Verdict {
+/// The verdict on an attempt that got no response. The URL is left out of the reason (it
+/// may carry credentials, and the reason reaches logs and MQTT 5 clients).
+pub fn classify_error(e: reqwest::Error) -> Verdict {
+    let e = &e.without_url();
     if e.is_builder() {
         return Verdict::Permanent(format!("invalid request: {}", error_chain(e)));
     }
