@@ -399,12 +399,17 @@ const EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Discards expired parked sessions (and their subscriptions) every second until `shutdown`.
 /// A session is also checked when its client id reconnects, so expiry is exact for the client.
+/// At shutdown it tells every connected session to close (as the MQTT listener does), so that
+/// sessions of any listener hear of it.
 pub async fn expire(broker: Arc<super::Broker>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(EXPIRY_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                broker.close_connections();
+                return;
+            }
             _ = tick.tick() => {}
         }
         let n = broker.expire_sessions();
