@@ -175,11 +175,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         !self.wbuf.is_empty()
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued. Used after [`write_now`](Self::write_now) found the socket
+    /// full (the buffer may have been advanced, hiding how large its allocation is, so it is
+    /// given back) and on close.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
-            self.written();
+            self.wbuf = BytesMut::new();
         }
         Ok(())
     }
@@ -192,23 +194,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         while !self.wbuf.is_empty() {
             match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) if n == self.wbuf.len() => {
+                    // All in one write (the usual case): keep a small buffer for the next
+                    // packets, give a large one back so that idle connections stay small.
+                    if self.wbuf.capacity() > WRITE_KEEP {
+                        self.wbuf = BytesMut::new();
+                    } else {
+                        self.wbuf.clear();
+                    }
+                    return Ok(true);
+                }
                 Poll::Ready(Ok(n)) => self.wbuf.advance(n),
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => return Ok(false),
             }
         }
-        self.written();
+        // Written in parts: the advanced buffer no longer shows its allocation's size.
+        self.wbuf = BytesMut::new();
         Ok(true)
-    }
-
-    /// After a complete write: keeps a small buffer for the next packets, gives a large one
-    /// back so that idle connections stay small.
-    fn written(&mut self) {
-        if self.wbuf.capacity() > WRITE_KEEP {
-            self.wbuf = BytesMut::new();
-        } else {
-            self.wbuf.clear();
-        }
     }
 
     /// Flushes, then shuts the write side down (best effort, at most a second: the client
@@ -219,5 +222,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let _ = self.stream.shutdown().await;
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::codec::{Properties, Publish, QoS};
+
+    fn publish(payload: usize) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "t".into(),
+            packet_id: 0,
+            properties: Properties::default(),
+            payload: bytes::Bytes::from(vec![7u8; payload]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_write_to_a_full_socket_finishes_in_flush_and_gives_the_buffer_back() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(ours, 1 << 20);
+        conn.set_version(ProtocolVersion::V311, None);
+        conn.queue(&publish(64 * 1024)).expect("queue");
+        let expected = conn.wbuf.to_vec();
+        let all = poll_fn(|cx| Poll::Ready(conn.write_now(cx))).await.expect("write");
+        assert!(!all, "a 64 KiB packet does not fit a 1 KiB pipe at once");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut theirs, &mut got).await.map(|_| got)
+        });
+        conn.flush().await.expect("flush");
+        assert_eq!(conn.wbuf.capacity(), 0, "the large buffer is given back after the burst");
+        conn.close().await;
+        drop(conn);
+        assert_eq!(reader.await.expect("reader").expect("read"), expected, "bytes in order");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fits_keeps_a_small_buffer_and_drops_a_large_one() {
+        let (ours, mut theirs) = tokio::io::duplex(256 * 1024);
+        let mut conn = Connection::new(ours, 1 << 20);
+        conn.set_version(ProtocolVersion::V311, None);
+        conn.queue(&Packet::PingResp).expect("queue");
+        assert!(poll_fn(|cx| Poll::Ready(conn.write_now(cx))).await.expect("write"));
+        assert!(conn.wbuf.is_empty() && conn.wbuf.capacity() > 0, "a small buffer is kept");
+        conn.queue(&publish(64 * 1024)).expect("queue");
+        assert!(poll_fn(|cx| Poll::Ready(conn.write_now(cx))).await.expect("write"));
+        assert_eq!(conn.wbuf.capacity(), 0, "a large buffer is given back");
+        let mut got = vec![0u8; 2];
+        tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut got).await.expect("read");
+        assert_eq!(got, [0xD0, 0], "PINGRESP first");
     }
 }
