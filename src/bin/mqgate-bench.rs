@@ -187,6 +187,11 @@ struct Args {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     http_batch: u64,
 
+    /// Keepalive (seconds) of the idle connections' CONNECT in `--mode idle`; 0 = none.
+    /// Devices usually have one (a server then keeps a timer per connection).
+    #[arg(long, default_value_t = 0)]
+    keepalive: u16,
+
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -468,7 +473,10 @@ async fn run_idle(args: &Args) -> Result<bool> {
             .join("mqgate"),
     };
     if !args.json {
-        println!("mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive 0) per server");
+        println!(
+            "mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive {}) per server",
+            args.keepalive
+        );
     }
     let gw = Gateway::start(&GatewaySpec {
         binary: &binary,
@@ -481,10 +489,10 @@ async fn run_idle(args: &Args) -> Result<bool> {
     })
     .await?;
     let pid = gw.pid().context("mqgate not running")?;
-    let mqgate = idle::measure("mqgate", &gw.mqtt_addr, pid, n).await;
+    let mqgate = idle::measure("mqgate", &gw.mqtt_addr, pid, n, args.keepalive).await;
     let note = gw.stop(Duration::from_secs(10)).await;
     let mosq = mosquitto::Mosquitto::start().await?;
-    let baseline = idle::measure("mosquitto", &mosq.addr, mosq.pid(), n).await;
+    let baseline = idle::measure("mosquitto", &mosq.addr, mosq.pid(), n, args.keepalive).await;
     drop(mosq);
     let reports = [mqgate?, baseline?];
     if args.json {

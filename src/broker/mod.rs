@@ -28,7 +28,7 @@ use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
 use queue::TrySendError;
 
 use retained::{Retained, RetainedStore};
-pub use sessions::{Expiry, Registration, SessionState, Subscriber};
+pub use sessions::{CloseReason, Expiry, Registration, SessionState, Subscriber};
 use sessions::{InFlightStage, SessionStore, Taken};
 use shared::{Sent, SharedGroups};
 use tracking::{Fate, Mode, Ticket};
@@ -124,11 +124,15 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `client_id` for a new connection, cancelling the takeover token of any
-    /// connection that held it. Wait for `previous` (that connection has parked its session)
-    /// before [`Broker::take_session`].
-    pub fn register(&self, client_id: &str) -> Registration {
+    /// Registers `client_id` for a new connection, telling any connection that held it to
+    /// close (takeover). Wait for `previous` to be parked before [`Broker::take_session`].
+    pub fn register(&self, client_id: &Arc<str>) -> Registration {
         self.sessions.register(client_id, self.next_id())
+    }
+
+    /// Tells every registered connection to close because the gateway shuts down.
+    pub fn close_connections(&self) {
+        self.sessions.close_all(CloseReason::Shutdown);
     }
 
     /// Forgets `client_id` if it is still held by the connection `conn_id`.

@@ -11,7 +11,7 @@
 use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::sync::Mutex;
-use std::task::{Poll, Waker};
+use std::task::{Context, Poll, Waker};
 
 use super::Outbound;
 
@@ -90,24 +90,26 @@ impl Queue {
     /// taken only when it is returned. One receiver only (a second one's waker replaces the
     /// first's).
     pub async fn recv(&self) -> Option<Outbound> {
-        poll_fn(|cx| {
-            let mut inner = self.lock();
-            if let Some(out) = inner.items.pop_front() {
-                if inner.items.is_empty() && inner.items.capacity() > KEEP_SLOTS {
-                    inner.items.shrink_to(KEEP_SLOTS);
-                }
-                return Poll::Ready(Some(out));
+        poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// [`recv`](Self::recv) as a poll, for a receiver that waits for several things in one poll.
+    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Outbound>> {
+        let mut inner = self.lock();
+        if let Some(out) = inner.items.pop_front() {
+            if inner.items.is_empty() && inner.items.capacity() > KEEP_SLOTS {
+                inner.items.shrink_to(KEEP_SLOTS);
             }
-            if inner.closed {
-                return Poll::Ready(None);
-            }
-            match &mut inner.waker {
-                Some(w) => w.clone_from(cx.waker()),
-                None => inner.waker = Some(cx.waker().clone()),
-            }
-            Poll::Pending
-        })
-        .await
+            return Poll::Ready(Some(out));
+        }
+        if inner.closed {
+            return Poll::Ready(None);
+        }
+        match &mut inner.waker {
+            Some(w) => w.clone_from(cx.waker()),
+            None => inner.waker = Some(cx.waker().clone()),
+        }
+        Poll::Pending
     }
 
     /// Takes the delivery tickets of every queued message (they stay queued, untracked), for

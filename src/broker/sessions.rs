@@ -13,8 +13,12 @@
 //! held for a map operation only, and never while the subscription lock is taken.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures::task::AtomicWaker;
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -131,15 +135,108 @@ impl Expiry {
     }
 }
 
-/// A connection holding a client id, as the registry knows it.
+/// Why the registry tells a connection to close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Another connection registered the same client id.
+    Takeover,
+    /// The gateway is shutting down.
+    Shutdown,
+}
+
+/// The link between one connection and the registry, shared by both (one small allocation per
+/// connection): the registry uses it to tell the connection to close (takeover, shutdown), the
+/// connection uses it to say that its session state is parked, which a connection taking its
+/// client id over waits for.
+///
+/// Polled rather than awaited: an idle session's future stores no waiter for it, only the
+/// session task's waker is kept here. Each side has one waiter at most: the connection itself
+/// for [`poll_close`](Self::poll_close), and the one connection that replaced it in the
+/// registry for [`parked`](Self::parked).
 #[derive(Debug)]
-struct Connected {
+pub struct ConnLink {
     /// Unique per connection.
     conn_id: u64,
-    /// Cancelled to close that connection when another one takes the client id over.
-    takeover: CancellationToken,
-    /// Cancelled once that connection has parked (or dropped) its session state.
-    done: CancellationToken,
+    /// 0 while open, then `1 + CloseReason as u8`; the first reason set wins.
+    close: AtomicU8,
+    /// The connection's task, woken when `close` is set.
+    close_waker: AtomicWaker,
+    /// Set once the connection's session state is parked or discarded ([`DoneGuard`]).
+    done: AtomicBool,
+    /// The connection that took the client id over, woken when `done` is set.
+    done_waker: AtomicWaker,
+}
+
+impl ConnLink {
+    fn new(conn_id: u64) -> Self {
+        ConnLink {
+            conn_id,
+            close: AtomicU8::new(0),
+            close_waker: AtomicWaker::new(),
+            done: AtomicBool::new(false),
+            done_waker: AtomicWaker::new(),
+        }
+    }
+
+    /// The connection's id (unique per connection).
+    pub fn conn_id(&self) -> u64 {
+        self.conn_id
+    }
+
+    /// Tells the connection to close for `reason` (a no-op if it was told already).
+    pub fn close(&self, reason: CloseReason) {
+        let code = 1 + reason as u8;
+        if self.close.compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.close_waker.wake();
+        }
+    }
+
+    /// Why the connection must close, once it must; registers the task's waker until then.
+    pub fn poll_close(&self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if let Some(reason) = self.close_reason() {
+            return Poll::Ready(reason);
+        }
+        self.close_waker.register(cx.waker());
+        match self.close_reason() {
+            Some(reason) => Poll::Ready(reason),
+            None => Poll::Pending,
+        }
+    }
+
+    /// Why the connection was told to close, if it was.
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        match self.close.load(Ordering::Acquire) {
+            0 => None,
+            1 => Some(CloseReason::Takeover),
+            _ => Some(CloseReason::Shutdown),
+        }
+    }
+
+    /// Whether the connection's session state is parked (or discarded).
+    pub fn is_parked(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Waits until the connection has parked (or discarded) its session state.
+    pub async fn parked(&self) {
+        poll_fn(|cx| {
+            if self.is_parked() {
+                return Poll::Ready(());
+            }
+            self.done_waker.register(cx.waker());
+            if self.is_parked() {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    fn set_parked(&self) {
+        self.done.store(true, Ordering::Release);
+        self.done_waker.wake();
+    }
 }
 
 /// A parked session and when it expires.
@@ -153,7 +250,8 @@ struct Parked {
 /// One client id: the connection holding it and/or its parked session.
 #[derive(Debug, Default)]
 struct Entry {
-    conn: Option<Connected>,
+    /// The connection holding the client id.
+    conn: Option<Arc<ConnLink>>,
     /// Boxed: most entries are connections without a parked session, and a map slot is as
     /// large as its largest entry (a parked session inline made every slot ~250 bytes).
     parked: Option<Box<Parked>>,
@@ -176,49 +274,53 @@ pub enum Taken {
 pub struct Registration {
     /// Unique per connection (for `unregister`).
     pub conn_id: u64,
-    /// Cancelled when another connection takes the client id over.
-    pub takeover: CancellationToken,
-    /// Cancel once this connection's session state is parked or discarded ([`DoneGuard`]).
-    pub done: DoneGuard,
-    /// The previous connection's `done`: wait for it before `take`.
-    pub previous: Option<CancellationToken>,
+    /// This connection's link: told to close on takeover and shutdown; marked parked when
+    /// the guard is dropped.
+    pub link: DoneGuard,
+    /// The previous connection's link: wait for [`ConnLink::parked`] before `take`.
+    pub previous: Option<Arc<ConnLink>>,
 }
 
-/// Cancels the token when dropped, so a connection signals "my state is parked" on every
+/// Marks the link parked when dropped, so a connection signals "my state is parked" on every
 /// path out of its task, even a panic.
 #[derive(Debug)]
-pub struct DoneGuard(pub CancellationToken);
+pub struct DoneGuard(pub Arc<ConnLink>);
 
 impl Drop for DoneGuard {
     fn drop(&mut self) {
-        self.0.cancel();
+        self.0.set_parked();
     }
 }
 
-/// Connected client ids and parked sessions, in memory.
+/// Connected client ids and parked sessions, in memory. Keyed by the same `Arc<str>` the
+/// session holds, so a connection's entry costs a map slot and no string of its own.
 #[derive(Debug, Default)]
 pub struct SessionStore {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<HashMap<Arc<str>, Entry>>,
 }
 
 impl SessionStore {
-    /// Registers a new connection for `client_id`, cancelling the takeover token of the
-    /// connection that held it.
-    pub fn register(&self, client_id: &str, conn_id: u64) -> Registration {
-        let takeover = CancellationToken::new();
-        let done = CancellationToken::new();
+    /// Registers a new connection for `client_id`, telling the connection that held it to
+    /// close (takeover).
+    pub fn register(&self, client_id: &Arc<str>, conn_id: u64) -> Registration {
+        let link = Arc::new(ConnLink::new(conn_id));
         let mut entries = self.lock();
-        let entry = entries.entry(client_id.to_owned()).or_default();
-        let old = entry.conn.replace(Connected {
-            conn_id,
-            takeover: takeover.clone(),
-            done: done.clone(),
-        });
-        let previous = old.map(|old| {
-            old.takeover.cancel();
-            old.done
-        });
-        Registration { conn_id, takeover, done: DoneGuard(done), previous }
+        let entry = match entries.get_mut(&**client_id) {
+            Some(entry) => entry,
+            None => entries.entry(Arc::clone(client_id)).or_default(),
+        };
+        let previous = entry.conn.replace(Arc::clone(&link));
+        if let Some(old) = &previous {
+            old.close(CloseReason::Takeover);
+        }
+        Registration { conn_id, link: DoneGuard(link), previous }
+    }
+
+    /// Tells every registered connection to close (shutdown).
+    pub fn close_all(&self, reason: CloseReason) {
+        for link in self.lock().values().filter_map(|e| e.conn.as_ref()) {
+            link.close(reason);
+        }
     }
 
     /// Forgets the connection `conn_id` if it still holds `client_id`.
@@ -257,7 +359,10 @@ impl SessionStore {
     ) -> Option<SessionState> {
         state.subscriber.online.store(false, Ordering::Relaxed);
         let mut entries = self.lock();
-        let entry = entries.entry(client_id.to_owned()).or_default();
+        let entry = match entries.get_mut(client_id) {
+            Some(entry) => entry,
+            None => entries.entry(Arc::from(client_id)).or_default(),
+        };
         entry.parked.replace(Box::new(Parked { state, expires })).map(|p| p.state)
     }
 
@@ -286,7 +391,7 @@ impl SessionStore {
         self.lock().values().filter(|e| e.parked.is_some()).count()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -296,12 +401,17 @@ const EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Discards expired parked sessions (and their subscriptions) every second until `shutdown`.
 /// A session is also checked when its client id reconnects, so expiry is exact for the client.
+/// At shutdown it tells every connected session to close (as the MQTT listener does), so that
+/// sessions of any listener hear of it.
 pub async fn expire(broker: Arc<super::Broker>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(EXPIRY_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                broker.close_connections();
+                return;
+            }
             _ = tick.tick() => {}
         }
         let n = broker.expire_sessions();
@@ -349,19 +459,52 @@ mod tests {
     }
 
     #[test]
-    fn register_cancels_the_holder_and_hands_out_its_done_token() {
+    fn register_closes_the_holder_and_hands_out_its_link() {
         let store = SessionStore::default();
-        let first = store.register("c", 1);
+        let c: Arc<str> = Arc::from("c");
+        let first = store.register(&c, 1);
         assert!(first.previous.is_none());
-        let second = store.register("c", 2);
-        assert!(first.takeover.is_cancelled());
-        let previous = second.previous.clone().expect("the first connection's done token");
-        assert!(!previous.is_cancelled());
-        drop(first.done);
-        assert!(previous.is_cancelled(), "dropping the guard signals the state is parked");
+        assert_eq!(first.link.0.close_reason(), None);
+        let second = store.register(&c, 2);
+        assert_eq!(first.link.0.close_reason(), Some(CloseReason::Takeover));
+        let previous = second.previous.clone().expect("the first connection's link");
+        assert!(!previous.is_parked());
+        drop(first.link);
+        assert!(previous.is_parked(), "dropping the guard signals the state is parked");
+        store.close_all(CloseReason::Shutdown);
+        assert_eq!(second.link.0.close_reason(), Some(CloseReason::Shutdown));
         store.unregister("c", 1);
         assert_eq!(store.connected(), 1, "a stale unregister leaves the new holder");
         store.unregister("c", 2);
         assert_eq!(store.connected(), 0);
+    }
+
+    #[tokio::test]
+    async fn parked_wakes_the_waiting_connection_and_close_wakes_the_holder() {
+        let store = SessionStore::default();
+        let c: Arc<str> = Arc::from("c");
+        let first = store.register(&c, 1);
+        let second = store.register(&c, 2);
+        let previous = second.previous.clone().expect("the first connection's link");
+        let waiter = tokio::spawn(async move { previous.parked().await });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "not parked yet");
+        drop(first.link);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("the waiter is woken when the guard is dropped")
+            .expect("waiter task");
+        let link = Arc::clone(&second.link.0);
+        let holder = tokio::spawn(async move { poll_fn(|cx| link.poll_close(cx)).await });
+        tokio::task::yield_now().await;
+        assert!(!holder.is_finished(), "not told to close yet");
+        store.close_all(CloseReason::Shutdown);
+        let reason = tokio::time::timeout(Duration::from_secs(1), holder)
+            .await
+            .expect("the holder is woken by close_all")
+            .expect("holder task");
+        assert_eq!(reason, CloseReason::Shutdown);
+        second.link.0.close(CloseReason::Takeover);
+        assert_eq!(second.link.0.close_reason(), Some(CloseReason::Shutdown), "first reason wins");
     }
 }

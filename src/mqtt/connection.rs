@@ -12,10 +12,11 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::task::{ready, Poll};
+use std::task::{ready, Context, Poll};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::io::poll_read_buf;
 
 use crate::mqtt::codec::{self, DecodeError, EncodeError, Packet, ProtocolVersion};
 
@@ -40,13 +41,13 @@ pub struct Connection<S> {
     wbuf: BytesMut,
     /// Set from the CONNECT; `None` until then.
     version: Option<ProtocolVersion>,
-    /// Largest packet we accept.
-    max_packet_size: usize,
+    /// Largest packet we accept (u32: MQTT's own bound, and every connection carries it).
+    max_packet_size: u32,
     /// Largest packet the client accepts (MQTT 5 Maximum Packet Size), `u32::MAX` if unset.
     client_max_packet_size: u32,
     /// How much to read next: doubles while reads fill the buffer, halves while they do not,
     /// between `READ_MIN` and `READ_MAX`.
-    read_size: usize,
+    read_size: u32,
 }
 
 /// Why a packet could not be queued for writing.
@@ -73,9 +74,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             rbuf: BytesMut::new(),
             wbuf: BytesMut::new(),
             version: None,
-            max_packet_size,
+            max_packet_size: u32::try_from(max_packet_size).unwrap_or(u32::MAX),
             client_max_packet_size: u32::MAX,
-            read_size: READ_MIN,
+            read_size: READ_MIN as u32,
         }
     }
 
@@ -93,54 +94,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
     /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
     pub async fn fill(&mut self) -> io::Result<bool> {
-        let (n, room) = if self.rbuf.is_empty() && self.read_size == READ_MIN {
-            // Quiet: hold no buffer while waiting (payloads split from the old one keep only
-            // their own part alive).
-            self.rbuf = BytesMut::new();
-            (self.read_via_stack().await?, READ_MIN)
-        } else {
-            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * self.read_size {
-                // Give a large buffer back once a burst is over.
-                self.rbuf = BytesMut::new();
-            }
-            let spare = self.rbuf.capacity() - self.rbuf.len();
-            if spare < self.read_size / 2 {
-                self.rbuf.reserve(self.read_size);
-            }
-            let room = self.rbuf.capacity() - self.rbuf.len();
-            (self.stream.read_buf(&mut self.rbuf).await?, room)
-        };
-        self.read_size = if n == room {
-            (self.read_size * 2).min(READ_MAX)
-        } else if n < room / 4 {
-            (self.read_size / 2).max(READ_MIN)
-        } else {
-            self.read_size
-        };
-        if n == 0 {
-            if self.rbuf.is_empty() {
-                return Ok(false);
-            }
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "connection closed mid-packet",
-            ));
-        }
-        Ok(true)
+        poll_fn(|cx| self.poll_fill(cx)).await
     }
 
-    /// Reads up to `READ_MIN` bytes into a buffer on the stack of `poll` (so not kept in the
-    /// future while waiting) and appends them to `rbuf`. Cancel-safe: bytes are taken from the
-    /// socket only in the poll that returns them.
-    async fn read_via_stack(&mut self) -> io::Result<usize> {
-        poll_fn(|cx| {
+    /// [`fill`](Self::fill) as a poll: a session waits for its socket and its other events
+    /// in one poll without storing a future for each. Bytes are taken from the socket only in
+    /// the poll that returns them.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let read_size = self.read_size as usize;
+        let (n, room) = if self.rbuf.is_empty() && read_size == READ_MIN {
+            // Quiet: hold no buffer while waiting (payloads split from the old one keep only
+            // their own part alive). The read goes to a buffer on this poll's stack and only
+            // what came is copied to the heap.
+            self.rbuf = BytesMut::new();
             let mut stack = [MaybeUninit::<u8>::uninit(); READ_MIN];
             let mut buf = ReadBuf::uninit(&mut stack);
             ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf))?;
             self.rbuf.extend_from_slice(buf.filled());
-            Poll::Ready(Ok(buf.filled().len()))
-        })
-        .await
+            (buf.filled().len(), READ_MIN)
+        } else {
+            if self.rbuf.is_empty() && self.rbuf.capacity() > 2 * read_size {
+                // Give a large buffer back once a burst is over.
+                self.rbuf = BytesMut::new();
+            }
+            let spare = self.rbuf.capacity() - self.rbuf.len();
+            if spare < read_size / 2 {
+                self.rbuf.reserve(read_size);
+            }
+            let room = self.rbuf.capacity() - self.rbuf.len();
+            (ready!(poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.rbuf))?, room)
+        };
+        let read_size = if n == room {
+            (read_size * 2).min(READ_MAX)
+        } else if n < room / 4 {
+            (read_size / 2).max(READ_MIN)
+        } else {
+            read_size
+        };
+        // At most READ_MAX: fits.
+        self.read_size = read_size as u32;
+        if n == 0 {
+            if self.rbuf.is_empty() {
+                return Poll::Ready(Ok(false));
+            }
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed mid-packet",
+            )));
+        }
+        Poll::Ready(Ok(true))
     }
 
     /// Decodes the next complete packet already in the buffer, if any.
@@ -148,7 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.rbuf.is_empty() {
             return Ok(None);
         }
-        codec::decode(&mut self.rbuf, self.version, self.max_packet_size)
+        codec::decode(&mut self.rbuf, self.version, self.max_packet_size as usize)
     }
 
     /// True when undecoded bytes are buffered.
@@ -173,17 +175,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         !self.wbuf.is_empty()
     }
 
-    /// Writes everything queued.
+    /// Writes everything queued. Used after [`write_now`](Self::write_now) found the socket
+    /// full (the buffer may have been advanced, hiding how large its allocation is, so it is
+    /// given back) and on close.
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
-            if self.wbuf.capacity() > WRITE_KEEP {
-                self.wbuf = BytesMut::new();
-            } else {
-                self.wbuf.clear();
-            }
+            self.wbuf = BytesMut::new();
         }
         Ok(())
+    }
+
+    /// Writes as much of the queue as the socket takes now, without waiting: `Ok(true)` when
+    /// everything is written, `Ok(false)` when the socket is full (then `cx` is woken when it
+    /// has room, and [`flush`](Self::flush) writes the rest). Most flushes end here, so the
+    /// session's future needs no state for a waiting write.
+    pub fn write_now(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        while !self.wbuf.is_empty() {
+            match Pin::new(&mut self.stream).poll_write(cx, &self.wbuf) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) if n == self.wbuf.len() => {
+                    // All in one write (the usual case): keep a small buffer for the next
+                    // packets, give a large one back so that idle connections stay small.
+                    if self.wbuf.capacity() > WRITE_KEEP {
+                        self.wbuf = BytesMut::new();
+                    } else {
+                        self.wbuf.clear();
+                    }
+                    return Ok(true);
+                }
+                Poll::Ready(Ok(n)) => self.wbuf.advance(n),
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok(false),
+            }
+        }
+        // Written in parts: the advanced buffer no longer shows its allocation's size.
+        self.wbuf = BytesMut::new();
+        Ok(true)
     }
 
     /// Flushes, then shuts the write side down (best effort, at most a second: the client
@@ -194,5 +222,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             let _ = self.stream.shutdown().await;
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::codec::{Properties, Publish, QoS};
+
+    fn publish(payload: usize) -> Packet {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "t".into(),
+            packet_id: 0,
+            properties: Properties::default(),
+            payload: bytes::Bytes::from(vec![7u8; payload]),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_write_to_a_full_socket_finishes_in_flush_and_gives_the_buffer_back() {
+        let (ours, mut theirs) = tokio::io::duplex(1024);
+        let mut conn = Connection::new(ours, 1 << 20);
+        conn.set_version(ProtocolVersion::V311, None);
+        conn.queue(&publish(64 * 1024)).expect("queue");
+        let expected = conn.wbuf.to_vec();
+        let all = poll_fn(|cx| Poll::Ready(conn.write_now(cx))).await.expect("write");
+        assert!(!all, "a 64 KiB packet does not fit a 1 KiB pipe at once");
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut theirs, &mut got).await.map(|_| got)
+        });
+        conn.flush().await.expect("flush");
+        assert_eq!(conn.wbuf.capacity(), 0, "the large buffer is given back after the burst");
+        conn.close().await;
+        drop(conn);
+        assert_eq!(reader.await.expect("reader").expect("read"), expected, "bytes in order");
+    }
+
+    #[tokio::test]
+    async fn a_write_that_fits_keeps_a_small_buffer_and_drops_a_large_one() {
+        let (ours, mut theirs) = tokio::io::duplex(256 * 1024);
+        let mut conn = Connection::new(ours, 1 << 20);
+        conn.set_version(ProtocolVersion::V311, None);
+        conn.queue(&Packet::PingResp).expect("queue");
+        assert!(poll_fn(|cx| Poll::Ready(conn.write_now(cx))).await.expect("write"));
+        assert!(conn.wbuf.is_empty() && conn.wbuf.capacity() > 0, "a small buffer is kept");
+        conn.queue(&publish(64 * 1024)).expect("queue");
+        assert!(poll_fn(|cx| Poll::Ready(conn.write_now(cx))).await.expect("write"));
+        assert_eq!(conn.wbuf.capacity(), 0, "a large buffer is given back");
+        let mut got = vec![0u8; 2];
+        tokio::io::AsyncReadExt::read_exact(&mut theirs, &mut got).await.expect("read");
+        assert_eq!(got, [0xD0, 0], "PINGRESP first");
     }
 }

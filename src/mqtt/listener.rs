@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -50,12 +51,20 @@ pub async fn run(listener: TcpListener, shared: Arc<SessionShared>, max_connecti
         let shared = Arc::clone(&shared);
         shared.metrics.connections.inc();
         shared.metrics.connections_total.inc();
-        tasks.spawn(async move {
-            session::run(stream, peer, Arc::clone(&shared)).await;
+        // The session's future is made here and moved in: made inside the task, the socket
+        // and address it starts from would keep their own space in the task for its whole
+        // life (every idle connection's memory, see `session::run`).
+        let session = session::run(stream, peer, Arc::clone(&shared));
+        // `map`, not an `async` block awaiting it: a future captured by one is stored twice
+        // in the task (as the block's capture and as what it awaits).
+        tasks.spawn(session.map(move |()| {
             shared.metrics.connections.dec();
             drop(permit);
-        });
+        }));
     }
+    // Sessions wait for shutdown through their registry link, not on the token (an idle
+    // session's future stores no waiter for it). One registering after this sees the token.
+    shared.broker.close_connections();
     tasks.close();
     info!(sessions = tasks.len(), "MQTT listener stopped; waiting for sessions to close");
     if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {

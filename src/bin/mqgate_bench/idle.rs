@@ -1,7 +1,7 @@
 //! `--mode idle`: opens N idle MQTT 3.1.1 connections (CONNECT, CONNACK, then nothing;
-//! keepalive 0) to a server process and reports its resident memory per connection (VmRSS
-//! delta over N) and the rate at which they were accepted (connections/s from the first
-//! connect to the last CONNACK).
+//! keepalive 0 unless `--keepalive`) to a server process and reports its resident memory per
+//! connection (VmRSS delta over N) and the rate at which they were accepted (connections/s
+//! from the first connect to the last CONNACK).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -84,19 +84,21 @@ pub fn rss_kb(pid: u32) -> Result<u64> {
         .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// CONNECT, MQTT 3.1.1, clean session, keepalive 0 (idle for as long as we like).
-fn encode_connect(client_id: &str) -> Vec<u8> {
+/// CONNECT, MQTT 3.1.1, clean session, `keepalive` seconds (0: idle for as long as we like;
+/// otherwise the run must end before 1.5 × keepalive).
+fn encode_connect(client_id: &str, keepalive: u16) -> Vec<u8> {
     let len = 10 + 2 + client_id.len();
-    let mut out = vec![0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
+    let [ka_hi, ka_lo] = keepalive.to_be_bytes();
+    let mut out = vec![0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, ka_hi, ka_lo];
     out.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
     out.extend_from_slice(client_id.as_bytes());
     out
 }
 
 /// Opens one connection and waits for a successful CONNACK.
-async fn open_one(addr: &str, client_id: &str) -> Result<TcpStream> {
+async fn open_one(addr: &str, client_id: &str, keepalive: u16) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
-    s.write_all(&encode_connect(client_id)).await.context("send CONNECT")?;
+    s.write_all(&encode_connect(client_id, keepalive)).await.context("send CONNECT")?;
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).await.context("read CONNACK")?;
     if connack[0] >> 4 != 2 || connack[3] != 0 {
@@ -107,7 +109,13 @@ async fn open_one(addr: &str, client_id: &str) -> Result<TcpStream> {
 
 /// Opens `n` idle connections to `addr` (served by process `pid`), reads the server's RSS,
 /// then closes them all.
-pub async fn measure(server: &'static str, addr: &str, pid: u32, n: usize) -> Result<IdleReport> {
+pub async fn measure(
+    server: &'static str,
+    addr: &str,
+    pid: u32,
+    n: usize,
+    keepalive: u16,
+) -> Result<IdleReport> {
     let rss_before_kb = rss_kb(pid)?;
     let tag = std::process::id();
     let permits = Arc::new(Semaphore::new(CONCURRENCY));
@@ -119,7 +127,7 @@ pub async fn measure(server: &'static str, addr: &str, pid: u32, n: usize) -> Re
             let permit = Arc::clone(&permits).acquire_owned().await?;
             let addr = addr.to_owned();
             set.spawn(async move {
-                let r = open_one(&addr, &format!("idle-{tag}-{i}")).await;
+                let r = open_one(&addr, &format!("idle-{tag}-{i}"), keepalive).await;
                 drop(permit);
                 r
             });

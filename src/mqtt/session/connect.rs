@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::SessionShared;
 use crate::auth::acl::ClientAcl;
 use crate::auth::Refusal;
-use crate::broker::{Expiry, Registration, SessionState};
+use crate::broker::{CloseReason, Expiry, Registration, SessionState};
 use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
     ConnAck, Connect, DecodeError, LastWill, Packet, Properties, ProtocolVersion, ReasonCode,
@@ -32,7 +32,7 @@ pub(super) struct Connected {
     pub username: Option<Arc<str>>,
     /// The ACL specialised for this client.
     pub acl: ClientAcl,
-    /// The client id's registration: connection id, takeover token, done guard.
+    /// The client id's registration: connection id and the link to the registry.
     pub registration: Registration,
     /// The resumed or new session state.
     pub state: SessionState,
@@ -96,11 +96,17 @@ where
             return Ok(None);
         }
     };
-    let registration = shared.broker.register(&accepted.client_id);
+    // One string for the session, its messages and its registry entry.
+    let client_id: Arc<str> = Arc::from(accepted.client_id.as_str());
+    let registration = shared.broker.register(&client_id);
+    if shared.shutdown.is_cancelled() {
+        // Registered after the listener told every registered connection to close.
+        registration.link.0.close(CloseReason::Shutdown);
+    }
     if let Some(previous) = &registration.previous {
         // Takeover: the old connection was told to close; its session state is ours only
         // once it has parked it.
-        if tokio::time::timeout_at(deadline, previous.cancelled()).await.is_err() {
+        if tokio::time::timeout_at(deadline, previous.parked()).await.is_err() {
             shared.broker.unregister(&accepted.client_id, registration.conn_id);
             let reason = "the previous connection of this client id is still closing";
             refuse(conn, &connect, ReasonCode::SERVER_BUSY, reason);
@@ -164,7 +170,7 @@ where
         .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
     Ok(Some(Connected {
         version,
-        client_id: Arc::from(accepted.client_id.as_str()),
+        client_id,
         username: username.map(Arc::from),
         acl,
         registration,
