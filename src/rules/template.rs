@@ -672,9 +672,12 @@ mod tests {
                 assert_eq!(c.eval_for(m, &mut None), engine, "{source} on {}", m.topic);
             }
         }
-        for engine_only in
-            ["json.temp > 30", "qos > 0 or retain", "topic_name == 'a and b'", "levels | length > 2"]
-        {
+        for engine_only in [
+            "json.temp > 30",
+            "qos > 0 or retain",
+            "topic_name == 'a and b'",
+            "levels | length > 2",
+        ] {
             assert!(condition_plan(engine_only).is_none(), "{engine_only}");
         }
     }
