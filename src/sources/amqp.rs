@@ -30,11 +30,11 @@ use crate::metrics::SourceMetrics;
 use crate::mqtt::codec::QoS;
 use crate::sinks::amqp::transport::{self, describe, Transport, Uri};
 use crate::sinks::amqp::wire::consume::{
-    self, BasicProperties, ConsumerFrame, ConsumerMethod, Deliver, QueueFlags,
+    self, BasicProperties, ConsumerFrame, ConsumerMethod, Deliver,
 };
 use crate::sinks::amqp::wire::frame;
 use crate::sinks::amqp::wire::methods::{self, Method, REPLY_SUCCESS};
-use crate::sinks::amqp::wire::table::Value;
+use crate::sinks::amqp::wire::methods::{queue_bind, queue_declare, QueueFlags};
 
 /// How often heartbeats and requeue delays are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -51,7 +51,7 @@ pub struct Settings {
     /// The queue.
     queue: String,
     /// Declare it (flags, arguments), or only check it exists.
-    declare: Option<(QueueFlags, Vec<(String, super::config::ArgumentValue)>)>,
+    declare: Option<(QueueFlags, Vec<(String, crate::config::ArgumentValue)>)>,
     /// Bindings (exchange, binding key).
     bind: Vec<(String, String)>,
     /// `basic.qos` prefetch count.
@@ -194,28 +194,18 @@ async fn setup(uri: &Uri, s: &Settings) -> Result<(Transport, u16), String> {
     let wire = |e: crate::sinks::amqp::wire::WireError| e.to_string();
     match &s.declare {
         Some((flags, args)) => {
-            let args: Vec<(&str, Value<'_>)> = args
-                .iter()
-                .map(|(k, v)| {
-                    let v = match v {
-                        super::config::ArgumentValue::Bool(b) => Value::Bool(*b),
-                        super::config::ArgumentValue::Int(n) => Value::I64(*n),
-                        super::config::ArgumentValue::Text(t) => Value::LongString(t.as_bytes()),
-                    };
-                    (k.as_str(), v)
-                })
-                .collect();
-            consume::queue_declare(&mut t.wbuf, ch, &s.queue, *flags, &args).map_err(wire)?;
+            let args = crate::sinks::amqp::queues::argument_table(args);
+            queue_declare(&mut t.wbuf, ch, &s.queue, *flags, &args).map_err(wire)?;
         }
         None => {
             let flags = QueueFlags { passive: true, ..QueueFlags::default() };
-            consume::queue_declare(&mut t.wbuf, ch, &s.queue, flags, &[]).map_err(wire)?;
+            queue_declare(&mut t.wbuf, ch, &s.queue, flags, &[]).map_err(wire)?;
         }
     }
     expect(&mut t, ch, "queue.declare-ok", |m| matches!(m, ConsumerMethod::QueueDeclareOk { .. }))
         .await?;
     for (exchange, key) in &s.bind {
-        consume::queue_bind(&mut t.wbuf, ch, &s.queue, exchange, key).map_err(wire)?;
+        queue_bind(&mut t.wbuf, ch, &s.queue, exchange, key).map_err(wire)?;
         expect(&mut t, ch, "queue.bind-ok", |m| matches!(m, ConsumerMethod::QueueBindOk)).await?;
     }
     consume::basic_qos(&mut t.wbuf, ch, s.prefetch);

@@ -77,17 +77,7 @@ pub struct DeclareConfig {
     pub arguments: BTreeMap<String, ArgumentValue>,
 }
 
-/// A queue argument's value.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum ArgumentValue {
-    /// true / false.
-    Bool(bool),
-    /// An integer (sent as a signed 64-bit one).
-    Int(i64),
-    /// A string.
-    Text(String),
-}
+pub use crate::config::ArgumentValue;
 
 /// One `bind:` entry.
 #[derive(Debug, Clone, Deserialize)]

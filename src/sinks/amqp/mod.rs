@@ -16,7 +16,7 @@
 mod exchanges;
 mod headers;
 mod publisher;
-mod queues;
+pub(crate) mod queues;
 mod supervisor;
 #[cfg(test)]
 mod tests;

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::wire::methods::QueueFlags;
 use super::wire::table::Value;
 use super::wire::MAX_SHORT_STRING_LENGTH;
 use super::PublishRequest;
@@ -36,6 +37,10 @@ pub struct QueueSpec {
 }
 
 impl QueueSpec {
+    /// How mqgate declares its job and last-value queues: durable, shared, kept.
+    pub const FLAGS: QueueFlags =
+        QueueFlags { passive: false, durable: true, exclusive: false, auto_delete: false };
+
     /// A job queue named `name` with `arguments` from the config.
     pub fn job(name: &str, arguments: Vec<(String, ArgumentValue)>) -> QueueSpec {
         QueueSpec { name: Arc::from(name), arguments }
@@ -55,18 +60,23 @@ impl QueueSpec {
 
     /// The arguments as field-table entries (for the declare).
     pub(crate) fn table(&self) -> Vec<(&str, Value<'_>)> {
-        self.arguments
-            .iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    ArgumentValue::Bool(b) => Value::Bool(*b),
-                    ArgumentValue::Int(n) => Value::I64(*n),
-                    ArgumentValue::Text(t) => Value::LongString(t.as_bytes()),
-                };
-                (k.as_str(), v)
-            })
-            .collect()
+        argument_table(&self.arguments)
     }
+}
+
+/// Queue `arguments:` from the config as field-table entries (job queues, sources).
+pub(crate) fn argument_table(arguments: &[(String, ArgumentValue)]) -> Vec<(&str, Value<'_>)> {
+    arguments
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                ArgumentValue::Bool(b) => Value::Bool(*b),
+                ArgumentValue::Int(n) => Value::I64(*n),
+                ArgumentValue::Text(t) => Value::LongString(t.as_bytes()),
+            };
+            (k.as_str(), v)
+        })
+        .collect()
 }
 
 /// The name of `topic`'s last-value queue: [`LAST_VALUE_PREFIX`] and the topic in the lossless

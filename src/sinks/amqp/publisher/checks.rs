@@ -77,7 +77,7 @@ impl Publisher<'_> {
             let sent = match &op {
                 Op::Exchange(exchange) => methods::exchange_declare_passive(wbuf, id, exchange),
                 Op::Queue(spec) => {
-                    methods::queue_declare(wbuf, id, &spec.name, true, &spec.table())
+                    methods::queue_declare(wbuf, id, &spec.name, QueueSpec::FLAGS, &spec.table())
                 }
                 Op::Purge(req) => match &req.options.declare {
                     Some(spec) => methods::queue_purge(wbuf, id, &spec.name),

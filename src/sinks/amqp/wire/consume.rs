@@ -9,9 +9,9 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::frame::{self, BODY, HEADER, HEARTBEAT, METHOD, MIN_FRAME_MAX, OVERHEAD};
-use super::methods::{self, Method};
-use super::table::{self, put_short, Decoded, Reader, Value};
+use super::frame::{self, BODY, HEADER, HEARTBEAT, METHOD};
+use super::methods::{self, begin, Method};
+use super::table::{self, put_short, Decoded, Reader};
 use super::WireError;
 
 /// Class ids.
@@ -121,24 +121,10 @@ pub enum ConsumerFrame {
 /// Takes the first complete frame off the front of `buf`: `Ok(None)` when more bytes are
 /// needed. A frame larger than `frame_max` is an error (never buffered without bound).
 pub fn take_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<ConsumerFrame>, WireError> {
-    if buf.len() < 7 {
+    let Some(frame::Envelope { kind, channel, payload, total }) = frame::envelope(buf, frame_max)?
+    else {
         return Ok(None);
-    }
-    let kind = buf[0];
-    let channel = u16::from_be_bytes([buf[1], buf[2]]);
-    let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
-    let total = size as u64 + OVERHEAD as u64;
-    if total > u64::from(frame_max.max(MIN_FRAME_MAX)) {
-        return Err(WireError::FrameTooLarge { size: total, max: frame_max });
-    }
-    let total = total as usize;
-    if buf.len() < total {
-        return Ok(None);
-    }
-    if buf[total - 1] != frame::FRAME_END {
-        return Err(WireError::BadFrameEnd);
-    }
-    let payload = &buf[7..7 + size];
+    };
     let frame = match kind {
         METHOD => ConsumerFrame::Method { channel, method: decode_method(payload)? },
         HEADER => {
@@ -240,82 +226,6 @@ pub fn decode_header(payload: &[u8]) -> Result<(u64, BasicProperties), WireError
     Ok((body_size, p))
 }
 
-/// Starts a method frame: envelope, class and method ids.
-fn begin(out: &mut BytesMut, channel: u16, class: u16, method: u16) -> usize {
-    let start = frame::begin(out, METHOD, channel);
-    out.put_u16(class);
-    out.put_u16(method);
-    start
-}
-
-/// How a queue is declared.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct QueueFlags {
-    /// Only check that it exists (404 closes the channel if not).
-    pub passive: bool,
-    /// Survives a broker restart.
-    pub durable: bool,
-    /// Only this connection may use it; deleted with it.
-    pub exclusive: bool,
-    /// Deleted when its last consumer goes.
-    pub auto_delete: bool,
-}
-
-/// Appends `queue.declare` (waiting for declare-ok). On error nothing is appended.
-pub fn queue_declare(
-    out: &mut BytesMut,
-    channel: u16,
-    queue: &str,
-    flags: QueueFlags,
-    arguments: &[(&str, Value<'_>)],
-) -> Result<(), WireError> {
-    let start = out.len();
-    let res = (|| {
-        let f = begin(out, channel, QUEUE, 10);
-        out.put_u16(0); // reserved
-        put_short(out, queue.as_bytes(), "queue name")?;
-        let bits = u8::from(flags.passive)
-            | u8::from(flags.durable) << 1
-            | u8::from(flags.exclusive) << 2
-            | u8::from(flags.auto_delete) << 3;
-        out.put_u8(bits); // no-wait off
-        table::put_table(out, arguments)?;
-        frame::end(out, f);
-        Ok(())
-    })();
-    if res.is_err() {
-        out.truncate(start);
-    }
-    res
-}
-
-/// Appends `queue.bind` of `queue` to `exchange` with `routing_key` (waiting for bind-ok).
-/// On error nothing is appended.
-pub fn queue_bind(
-    out: &mut BytesMut,
-    channel: u16,
-    queue: &str,
-    exchange: &str,
-    routing_key: &str,
-) -> Result<(), WireError> {
-    let start = out.len();
-    let res = (|| {
-        let f = begin(out, channel, QUEUE, 20);
-        out.put_u16(0); // reserved
-        put_short(out, queue.as_bytes(), "queue name")?;
-        put_short(out, exchange.as_bytes(), "exchange name")?;
-        put_short(out, routing_key.as_bytes(), "routing key")?;
-        out.put_u8(0); // no-wait off
-        out.put_u32(0); // no arguments
-        frame::end(out, f);
-        Ok(())
-    })();
-    if res.is_err() {
-        out.truncate(start);
-    }
-    res
-}
-
 /// Appends `basic.qos`: at most `prefetch` unacknowledged deliveries on the channel.
 pub fn basic_qos(out: &mut BytesMut, channel: u16, prefetch: u16) {
     let f = begin(out, channel, BASIC, 10);
@@ -380,6 +290,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::sinks::amqp::wire::methods::{queue_bind, queue_declare, QueueFlags};
+    use crate::sinks::amqp::wire::table::Value;
 
     /// A content header as RabbitMQ would send it.
     fn header_frame(channel: u16, body: u64) -> BytesMut {

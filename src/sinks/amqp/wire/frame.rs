@@ -71,10 +71,22 @@ pub fn heartbeat(out: &mut BytesMut) {
     out.extend_from_slice(&[HEARTBEAT, 0, 0, 0, 0, 0, 0, FRAME_END]);
 }
 
-/// Decodes the first frame of `buf`: `Ok(None)` when more bytes are needed, otherwise the
-/// frame and how many bytes it took. A frame larger than `frame_max` (envelope included) is an
-/// error, so a garbage size never makes the caller buffer without bound.
-pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(Frame, usize)>, WireError> {
+/// One complete frame at the front of a buffer, its envelope checked.
+pub struct Envelope<'a> {
+    /// The frame type ([`METHOD`], [`HEADER`], [`BODY`], [`HEARTBEAT`]).
+    pub kind: u8,
+    /// The channel.
+    pub channel: u16,
+    /// The payload between the envelope's header and its end octet.
+    pub payload: &'a [u8],
+    /// Bytes the whole frame takes.
+    pub total: usize,
+}
+
+/// Checks the frame at the front of `buf`: `Ok(None)` when more bytes are needed. A frame
+/// larger than `frame_max` (envelope included) or without its end octet is an error, so a
+/// garbage size never makes the caller buffer without bound.
+pub fn envelope(buf: &[u8], frame_max: u32) -> Result<Option<Envelope<'_>>, WireError> {
     if buf.len() < 7 {
         return Ok(None);
     }
@@ -92,7 +104,16 @@ pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(Frame, usize)>, Wire
     if buf[total - 1] != FRAME_END {
         return Err(WireError::BadFrameEnd);
     }
-    let payload = &buf[7..7 + size];
+    Ok(Some(Envelope { kind, channel, payload: &buf[7..7 + size], total }))
+}
+
+/// Decodes the first frame of `buf`: `Ok(None)` when more bytes are needed, otherwise the
+/// frame and how many bytes it took. A frame larger than `frame_max` (envelope included) is an
+/// error, so a garbage size never makes the caller buffer without bound.
+pub fn decode(buf: &[u8], frame_max: u32) -> Result<Option<(Frame, usize)>, WireError> {
+    let Some(Envelope { kind, channel, payload, total }) = envelope(buf, frame_max)? else {
+        return Ok(None);
+    };
     let frame = match kind {
         METHOD => Frame::Method { channel, method: methods::decode(payload)? },
         HEADER | BODY => Frame::Content { channel, kind, payload: payload.to_vec() },

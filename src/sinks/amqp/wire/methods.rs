@@ -217,7 +217,7 @@ fn close(r: &mut Reader<'_>) -> Result<Close, WireError> {
 }
 
 /// Starts a method frame: envelope, class and method ids.
-fn begin(out: &mut BytesMut, channel: u16, class: u16, method: u16) -> usize {
+pub(super) fn begin(out: &mut BytesMut, channel: u16, class: u16, method: u16) -> usize {
     let start = frame::begin(out, METHOD, channel);
     out.put_u16(class);
     out.put_u16(method);
@@ -333,13 +333,27 @@ pub fn exchange_declare_passive(
     Ok(())
 }
 
-/// Appends `queue.declare` (waiting for declare-ok): a durable (or not) queue with `arguments`.
-/// A declare of an existing queue with other arguments gets a 406 channel close.
+/// How a queue is declared.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueFlags {
+    /// Only check that it exists (404 closes the channel if not).
+    pub passive: bool,
+    /// Survives a broker restart.
+    pub durable: bool,
+    /// Only this connection may use it; deleted with it.
+    pub exclusive: bool,
+    /// Deleted when its last consumer goes.
+    pub auto_delete: bool,
+}
+
+/// Appends `queue.declare` (waiting for declare-ok) with `flags` and `arguments`. A declare of
+/// an existing queue with other arguments gets a 406 channel close. On error nothing is
+/// appended.
 pub fn queue_declare(
     out: &mut BytesMut,
     channel: u16,
     queue: &str,
-    durable: bool,
+    flags: QueueFlags,
     arguments: &[(&str, Value<'_>)],
 ) -> Result<(), WireError> {
     let start = out.len();
@@ -347,8 +361,11 @@ pub fn queue_declare(
         let frame = begin(out, channel, QUEUE, 10);
         out.put_u16(0); // reserved
         put_short(out, queue.as_bytes(), "queue name")?;
-        // passive, durable, exclusive, auto-delete, no-wait
-        out.put_u8(if durable { 0b0000_0010 } else { 0 });
+        let bits = u8::from(flags.passive)
+            | u8::from(flags.durable) << 1
+            | u8::from(flags.exclusive) << 2
+            | u8::from(flags.auto_delete) << 3;
+        out.put_u8(bits); // no-wait off
         table::put_table(out, arguments)?;
         frame::end(out, frame);
         Ok(())
@@ -360,7 +377,6 @@ pub fn queue_declare(
 }
 
 /// Appends `queue.bind` (waiting for bind-ok) of `queue` to `exchange` with `routing_key`.
-#[cfg_attr(not(test), allow(dead_code))] // for the AMQP → MQTT sources (issue 4, downlink)
 pub fn queue_bind(
     out: &mut BytesMut,
     channel: u16,
@@ -606,6 +622,10 @@ mod tests {
     use super::super::frame::{decode as decode_frame, Frame};
     use super::*;
 
+    fn durable() -> QueueFlags {
+        QueueFlags { durable: true, ..QueueFlags::default() }
+    }
+
     fn method_of(out: &[u8]) -> Method {
         match decode_frame(out, 131_072) {
             Ok(Some((Frame::Method { method, .. }, _))) => method,
@@ -737,7 +757,7 @@ mod tests {
     fn queue_methods_encode_and_refuse_long_names_without_writing() {
         let args = [("x-queue-type", Value::LongString(b"quorum"))];
         let mut out = BytesMut::new();
-        queue_declare(&mut out, 3, "jobs", true, &args).expect("declare");
+        queue_declare(&mut out, 3, "jobs", durable(), &args).expect("declare");
         let (frame, used) = decode_frame(&out, 4096).expect("ok").expect("complete");
         assert_eq!(used, out.len());
         assert!(matches!(
@@ -751,7 +771,7 @@ mod tests {
         assert_eq!(payload[11], 0b10, "durable, not exclusive, not auto-delete");
         let long = "q".repeat(256);
         let mut out = BytesMut::from(&b"keep"[..]);
-        assert!(queue_declare(&mut out, 3, &long, true, &[]).is_err());
+        assert!(queue_declare(&mut out, 3, &long, durable(), &[]).is_err());
         assert!(queue_bind(&mut out, 3, "q", "x", &long).is_err());
         assert!(queue_purge(&mut out, 3, &long).is_err());
         assert_eq!(&out[..], b"keep");
