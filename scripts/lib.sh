@@ -42,6 +42,13 @@ ensure_mosquitto_clients() {
   apt_install mosquitto-clients
 }
 
+# The openssl command line tool: tests/webhooks_tls.rs makes its CA and certificates with it.
+ensure_openssl() {
+  command -v openssl >/dev/null && return
+  log "installing openssl"
+  apt_install openssl
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null && return
   [ -x "$HOME/.cargo/bin/cargo" ] && { export PATH="$HOME/.cargo/bin:$PATH"; return; }

@@ -3,6 +3,7 @@
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
 #    Debian's rabbitmq-server package if missing (needs root).
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub): installed if missing.
+#  - openssl (the command line tool; tests/webhooks_tls.rs makes certificates with it).
 #  - paho-mqtt 2.x for python3 (tests/paho.rs): pip-installed if missing, or into a venv
 #    under the target dir where pip refuses (externally managed python).
 # Then formatting, clippy and every test. An unreachable service fails the run with a message;
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_rabbitmq
 ensure_mosquitto_clients
+ensure_openssl
 ensure_paho
 
 log "cargo fmt --check"
