@@ -298,6 +298,8 @@ async fn retained_messages_keep_a_last_value_queue_that_an_empty_payload_purges(
     let (ch, exchange, queue) = exchange_with_queue(&conn, "#").await;
     let topic = format!("lv/{}", unique("t"));
     let lv = last_value_queue_name(&topic);
+    // mqgate declares it (durable): delete it when the test ends, passed or failed.
+    let _cleanup = delete_queues_on_drop(&[&lv]);
     let app = gateway(&config_rules(
         "",
         &rule("r", "lv/#", &exchange, "          last_value: true\n", ""),
@@ -325,7 +327,6 @@ async fn retained_messages_keep_a_last_value_queue_that_an_empty_payload_purges(
     p.retain = true;
     assert!(publish_ack(&mut c, p).await.code.is_success());
     assert_eq!(queue_len(&ch, &lv).await, 0, "an empty retained payload purges it");
-    delete_queue(&conn, &lv).await;
     app.stop().await;
 }
 
@@ -333,6 +334,9 @@ async fn retained_messages_keep_a_last_value_queue_that_an_empty_payload_purges(
 async fn a_job_queue_is_declared_with_arguments_and_shared_by_competing_consumers() {
     let conn = rabbit().await;
     let jobs = unique("mqgate-test-jobs");
+    // A durable quorum queue (x-expires would change the declare the test checks): deleted
+    // when the test ends, passed or failed.
+    let _cleanup = delete_queues_on_drop(&[&jobs]);
     let target = format!(
         "          queue: \"{jobs}\"\n          arguments:\n            x-queue-type: quorum\n"
     );
@@ -407,7 +411,6 @@ async fn a_job_queue_is_declared_with_arguments_and_shared_by_competing_consumer
     let ch = conn.create_channel().await.expect("channel");
     let m = get(&ch, &jobs, Duration::from_secs(5)).await.expect("the queue is back");
     assert_eq!(m.data, b"again");
-    delete_queue(&conn, &jobs).await;
     app.stop().await;
 }
 
@@ -415,6 +418,7 @@ async fn a_job_queue_is_declared_with_arguments_and_shared_by_competing_consumer
 async fn a_job_queue_is_declared_again_after_a_reconnect() {
     let conn = rabbit().await;
     let jobs = unique("mqgate-test-redeclare");
+    let _cleanup = delete_queues_on_drop(&[&jobs]);
     let proxy = proxy::Proxy::start().await;
     let yaml = config_rules(
         "",
@@ -442,6 +446,5 @@ async fn a_job_queue_is_declared_again_after_a_reconnect() {
     let ch = conn.create_channel().await.expect("channel");
     let m = get(&ch, &jobs, Duration::from_secs(5)).await.expect("declared again");
     assert_eq!(m.data, b"after");
-    delete_queue(&conn, &jobs).await;
     app.stop().await;
 }

@@ -34,13 +34,18 @@ fn config(url: &str, rules: &str, sources: &str) -> String {
     )
 }
 
-/// A source `s` on `queue`, declared (not durable, deleted by the test) and bound to
-/// `exchange` with `#`, plus `extra` lines (indented four spaces).
+/// A source `s` on `queue`, declared (not durable, deleted by the test, and expiring a minute
+/// after its last use in case the test fails first) and bound to `exchange` with `#`, plus
+/// `extra` lines (indented four spaces).
 fn source(queue: &str, exchange: &str, extra: &str) -> String {
     format!(
-        "  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    declare:\n      durable: false\n    bind:\n      - exchange: \"{exchange}\"\n        routing_key: \"#\"\n{extra}"
+        "  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    declare:\n      durable: false\n      arguments:\n        x-expires: {QUEUE_EXPIRES_MS}\n    bind:\n      - exchange: \"{exchange}\"\n        routing_key: \"#\"\n{extra}"
     )
 }
+
+/// `x-expires` of the test queues: RabbitMQ deletes a queue left unused this long (ms), so a
+/// failed test (which skips its `delete_queue`) leaves nothing behind for good.
+const QUEUE_EXPIRES_MS: u32 = 60_000;
 
 /// A topic exchange (auto-delete) for a test.
 async fn exchange(ch: &Channel) -> String {
@@ -376,7 +381,7 @@ async fn no_subscriber_dead_letters_requeues_or_drops_per_policy() {
     let (_, dlx, dlq) = exchange_with_queue(&conn, "#").await;
     let queue = unique("mqgate-src-q");
     let extra = format!(
-        "    on_no_subscriber: dead_letter\n    declare:\n      durable: false\n      arguments:\n        x-dead-letter-exchange: \"{dlx}\"\n"
+        "    on_no_subscriber: dead_letter\n    declare:\n      durable: false\n      arguments:\n        x-dead-letter-exchange: \"{dlx}\"\n        x-expires: {QUEUE_EXPIRES_MS}\n"
     );
     let src = format!(
         "  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    bind:\n      - exchange: \"{x}\"\n{extra}"
@@ -666,7 +671,7 @@ async fn a_delivery_the_subscriber_refuses_goes_by_the_failure_policy() {
     let (_, dlx, dlq) = exchange_with_queue(&conn, "#").await;
     let queue = unique("mqgate-src-q");
     let src = format!(
-        "  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    on_failure: dead_letter\n    declare:\n      durable: false\n      arguments:\n        x-dead-letter-exchange: \"{dlx}\"\n    bind:\n      - exchange: \"{x}\"\n"
+        "  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    on_failure: dead_letter\n    declare:\n      durable: false\n      arguments:\n        x-dead-letter-exchange: \"{dlx}\"\n        x-expires: {QUEUE_EXPIRES_MS}\n    bind:\n      - exchange: \"{x}\"\n"
     );
     let app = start(&config(AMQP_URL, "", &src)).await;
     let mut c = subscriber(&app, "refuses", "r/#", QoS::AtLeastOnce).await;

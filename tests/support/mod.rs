@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use lapin::options::{
     BasicGetOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -47,6 +48,57 @@ pub async fn rabbit() -> Connection {
             "RabbitMQ is not reachable at 127.0.0.1:5672 ({e}); run scripts/test.sh, which starts it"
         ),
         Err(_) => panic!("RabbitMQ at 127.0.0.1:5672 did not answer within 10 s"),
+    }
+}
+
+/// Deletes queues a test created that RabbitMQ would otherwise keep (durable or job queues,
+/// mqgate's last-value queues) when it is dropped: at the end of the test, and also while a
+/// failed assertion unwinds. Create it right after choosing the names, before the gateway,
+/// so the gateway (declared later, dropped earlier) is gone first.
+#[must_use = "the queues are deleted when the guard is dropped"]
+pub struct DeleteQueues(Vec<String>);
+
+/// A [`DeleteQueues`] guard for `names`.
+pub fn delete_queues_on_drop<S: AsRef<str>>(names: &[S]) -> DeleteQueues {
+    DeleteQueues(names.iter().map(|n| n.as_ref().to_owned()).collect())
+}
+
+impl Drop for DeleteQueues {
+    fn drop(&mut self) {
+        let names = std::mem::take(&mut self.0);
+        // Its own connection on its own thread and runtime: works from any runtime flavour,
+        // inside a panic, and whatever state the test left its own channels in.
+        let worker = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                let connect = Connection::connect(AMQP_URL, ConnectionProperties::default());
+                let Ok(Ok(conn)) = tokio::time::timeout(Duration::from_secs(10), connect).await
+                else {
+                    eprintln!("could not connect to RabbitMQ to delete test queues {names:?}");
+                    return;
+                };
+                for name in &names {
+                    // A channel each: a failed delete closes its channel.
+                    let deleted = match conn.create_channel().await {
+                        Ok(ch) => ch
+                            .queue_delete(
+                                ShortString::from(name.as_str()),
+                                QueueDeleteOptions::default(),
+                            )
+                            .await
+                            .map(|_| ()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = deleted {
+                        eprintln!("could not delete test queue {name}: {e}");
+                    }
+                }
+                let _ = conn.close(200, ShortString::from("test cleanup")).await;
+            });
+        });
+        let _ = worker.join();
     }
 }
 
