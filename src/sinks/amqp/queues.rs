@@ -81,7 +81,7 @@ pub(crate) fn argument_table(arguments: &[(String, ArgumentValue)]) -> Vec<(&str
 
 /// The name of `topic`'s last-value queue: [`LAST_VALUE_PREFIX`] and the topic in the lossless
 /// mapping (`sensors/a/temp` → `mqgate.last_value.sensors.a.temp`). A name that would pass 255
-/// bytes is cut at a character boundary and ends in `~` and 32 hex digits of a BLAKE2s hash of
+/// bytes is cut at a character boundary and ends in `~` and 32 hex digits of a SHA-256 hash of
 /// the topic, so it stays unique and within AMQP's limit.
 pub fn last_value_queue_name(topic: &str) -> String {
     let mut name = String::from(LAST_VALUE_PREFIX);
