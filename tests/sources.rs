@@ -16,7 +16,7 @@ use lapin::options::{
     QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use mqgate::app::App;
 use mqgate::config::Config;
 use mqgate::mqtt::codec::{
@@ -46,6 +46,16 @@ fn source(queue: &str, exchange: &str, extra: &str) -> String {
 /// `x-expires` of the test queues: RabbitMQ deletes a queue left unused this long (ms), so a
 /// failed test (which skips its `delete_queue`) leaves nothing behind for good.
 const QUEUE_EXPIRES_MS: u32 = 60_000;
+
+/// What most tests start with: a connection (kept alive by the caller), a confirm-mode channel
+/// on it, an auto-delete topic exchange and a unique name for the source's queue.
+async fn setup() -> (Connection, Channel, String, String) {
+    let conn = rabbit().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default()).await.expect("confirms");
+    let x = exchange(&ch).await;
+    (conn, ch, x, unique("mqgate-src-q"))
+}
 
 /// A topic exchange (auto-delete) for a test.
 async fn exchange(ch: &Channel) -> String {
@@ -134,11 +144,7 @@ async fn maybe_publish(c: &mut RawClient, wait: Duration) -> Option<Publish> {
 
 #[tokio::test]
 async fn broadcast_reaches_every_subscriber_and_acks_after_both_pubacks() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, ""))).await;
     let mut a = subscriber(&app, "bc-a", "cmd/#", QoS::AtLeastOnce).await;
     let mut b = subscriber(&app, "bc-b", "cmd/+/go", QoS::AtLeastOnce).await;
@@ -167,11 +173,7 @@ async fn broadcast_reaches_every_subscriber_and_acks_after_both_pubacks() {
 
 #[tokio::test]
 async fn a_message_not_pubacked_stays_unacked_and_returns_when_the_gateway_stops() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, ""))).await;
     let mut a = subscriber(&app, "noack", "t/#", QoS::AtLeastOnce).await;
     amqp_publish(&ch, &x, "t.1", b"keep me", BasicProperties::default()).await;
@@ -195,11 +197,7 @@ async fn a_message_not_pubacked_stays_unacked_and_returns_when_the_gateway_stops
 
 #[tokio::test]
 async fn qos0_is_acked_on_hand_off_and_persistent_sessions_count_as_taken() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, ""))).await;
     // A persistent session whose client is away: the message is queued there, which is MQTT
     // taking responsibility, so RabbitMQ gets its ack without any PUBACK.
@@ -248,11 +246,7 @@ async fn qos0_is_acked_on_hand_off_and_persistent_sessions_count_as_taken() {
 
 #[tokio::test]
 async fn work_mode_gives_each_message_to_one_subscriber_and_redelivers_on_disconnect() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     // `drop`: a redelivery must come from mqgate itself, not from a requeue by RabbitMQ.
     let extra = "    mode: work\n    on_no_subscriber: drop\n";
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, extra))).await;
@@ -295,11 +289,7 @@ async fn work_mode_gives_each_message_to_one_subscriber_and_redelivers_on_discon
 
 #[tokio::test]
 async fn a_share_group_is_a_consumer_group_of_the_queue() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, ""))).await;
     let mut a = subscriber(&app, "g-a", "$share/workers/tasks/#", QoS::AtLeastOnce).await;
     let mut b = subscriber(&app, "g-b", "$share/workers/tasks/#", QoS::AtLeastOnce).await;
@@ -342,11 +332,7 @@ async fn a_share_group_is_a_consumer_group_of_the_queue() {
 
 #[tokio::test]
 async fn prefetch_bounds_what_a_slow_subscriber_has_outstanding() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, "    prefetch: 5\n"))).await;
     let mut a = subscriber(&app, "slow", "p/#", QoS::AtLeastOnce).await;
     for i in 0..20u8 {
@@ -424,11 +410,7 @@ async fn no_subscriber_dead_letters_requeues_or_drops_per_policy() {
 
 #[tokio::test]
 async fn qos_retain_and_mqtt5_properties_come_from_the_amqp_message() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let extra = "    qos: 2\n    topic: \"dev/{{ header.device }}/{{ routing_key }}\"\n";
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, extra))).await;
     let mut c = subscriber(&app, "props", "dev/#", QoS::ExactlyOnce).await;
@@ -526,11 +508,7 @@ async fn rpc_from_an_mqtt_device_to_an_amqp_server_and_back() {
 /// correlation data) → its answer → rule to the default exchange → the client's reply queue.
 #[tokio::test]
 async fn rpc_from_an_amqp_client_to_an_mqtt_device_and_back() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let reply_queue = format!("rpcr.{}", unique("c").replace('-', ""));
     ch.queue_declare(
         ShortString::from(reply_queue.as_str()),
@@ -572,11 +550,7 @@ async fn rpc_from_an_amqp_client_to_an_mqtt_device_and_back() {
 
 #[tokio::test]
 async fn a_source_survives_a_lost_connection_and_unacked_messages_come_again() {
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (_conn, ch, x, queue) = setup().await;
     let proxy = proxy::Proxy::start().await;
     let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
     let app = start(&config(&url, "", &source(&queue, &x, ""))).await;
@@ -622,11 +596,7 @@ async fn source_config_errors_have_line_and_column() {
 #[tokio::test]
 async fn a_plain_amqp_consumer_and_the_source_share_a_queue_fairly() {
     // Competing consumers: mqgate's source is one consumer among others on the queue.
-    let conn = rabbit().await;
-    let ch = conn.create_channel().await.expect("channel");
-    ch.confirm_select(Default::default()).await.expect("confirms");
-    let x = exchange(&ch).await;
-    let queue = unique("mqgate-src-q");
+    let (conn, ch, x, queue) = setup().await;
     let app = start(&config(AMQP_URL, "", &source(&queue, &x, "    prefetch: 1\n"))).await;
     let mut c = subscriber(&app, "fair", "f/#", QoS::AtLeastOnce).await;
     let other = conn.create_channel().await.expect("channel");
