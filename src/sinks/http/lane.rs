@@ -77,10 +77,8 @@ impl Lane {
 
     /// Sends one message in its own request.
     async fn single(&mut self, req: HttpRequest) {
-        let outcome = match self.spec.build_single(&req.msg) {
-            Ok(request) => self.deliver(request).await,
-            Err(reason) => Outcome::Failed(Failure::fatal(reason)),
-        };
+        let spec = Arc::clone(&self.spec);
+        let outcome = self.deliver(|| spec.build_single(&req.msg)).await;
         self.resolve(vec![req], outcome);
     }
 
@@ -141,23 +139,24 @@ impl Lane {
         let keys: Vec<Option<String>> =
             reqs.iter().map(|r| body::idempotency_key(&r.msg)).collect();
         let key = body::batch_key(keys.iter().map(Option::as_deref));
-        let outcome = match self.spec.build_batch(&elements, cfg.format, key) {
-            Ok(request) => self.deliver(request).await,
-            Err(reason) => Outcome::Failed(Failure::fatal(reason)),
-        };
+        let spec = Arc::clone(&self.spec);
+        let outcome = self.deliver(|| spec.build_batch(&elements, cfg.format, key.clone())).await;
         self.resolve(reqs, outcome);
     }
 
-    /// Sends `request` until it is settled; the outcome of every message in it.
-    async fn deliver(&mut self, request: reqwest::Request) -> Outcome {
+    /// Sends the request until it is settled; the outcome of every message in it.
+    /// The request is built by `build` for each attempt (a retry is rare, so this is cheaper
+    /// than keeping a clone of every request for one); a build error is a permanent failure.
+    async fn deliver(&mut self, build: impl Fn() -> Result<reqwest::Request, String>) -> Outcome {
         let spec = Arc::clone(&self.spec);
         let ep = &spec.endpoint.inner;
         let retry = &spec.retry;
         let started = Instant::now();
         let mut attempt = 1u32;
         loop {
-            let Some(req) = request.try_clone() else {
-                return Outcome::Failed(Failure::fatal("the request body cannot be resent"));
+            let req = match build() {
+                Ok(req) => req,
+                Err(reason) => return Outcome::Failed(Failure::fatal(reason)),
             };
             let (reason, after) = match self.attempt(req).await {
                 Verdict::Delivered => return Outcome::Delivered,
