@@ -28,19 +28,13 @@ async fn malformed_and_oversized_packets_get_reason_codes_and_others_are_unaffec
     // SUBSCRIBE with reserved flags 0000 instead of 0010: malformed.
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "bad-flags").await;
     c.send_raw(&[0x80, 0x06, 0x00, 0x01, 0x00, 0x00, 0x01, b'a']).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::MALFORMED_PACKET),
-        other => panic!("expected DISCONNECT 0x81, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::MALFORMED_PACKET).await;
     assert_eq!(c.recv().await, None);
 
     // Larger than max_packet_size: 0x95, detected from the header.
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "too-big").await;
     c.publish("ok/big", QoS::AtMostOnce, 0, &vec![0u8; 8000]).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PACKET_TOO_LARGE),
-        other => panic!("expected DISCONNECT 0x95, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PACKET_TOO_LARGE).await;
 
     // A wildcard in a PUBLISH topic (3.1.1: the connection is closed).
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "bad-topic").await;
@@ -50,10 +44,7 @@ async fn malformed_and_oversized_packets_get_reason_codes_and_others_are_unaffec
     // A second CONNECT is a protocol error.
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "twice").await;
     c.send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V5, "twice")))).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
 
     // Garbage instead of CONNECT: closed.
     let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V311).await;
@@ -169,9 +160,6 @@ async fn topic_and_subscription_limits_get_the_protocols_answers() {
     assert_eq!(c3.subscribe("z", QoS::AtMostOnce).await, vec![ReasonCode::UNSPECIFIED_ERROR]);
 
     c5.publish("a/b/c/d", QoS::AtMostOnce, 0, b"deep").await;
-    match c5.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::TOPIC_NAME_INVALID),
-        other => panic!("expected DISCONNECT 0x90, got {other:?}"),
-    }
+    expect_disconnect(&mut c5, ReasonCode::TOPIC_NAME_INVALID).await;
     app.stop().await;
 }

@@ -22,10 +22,7 @@ async fn shutdown_disconnects_idle_clients_of_both_versions_at_once() {
     let mut half = RawClient::tcp(addr, ProtocolVersion::V311).await;
     let started = Instant::now();
     let stop = tokio::spawn(app.stop());
-    match v5.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_SHUTTING_DOWN),
-        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
-    }
+    expect_disconnect(&mut v5, ReasonCode::SERVER_SHUTTING_DOWN).await;
     assert!(v5.recv().await.is_none(), "the v5 connection is closed after its DISCONNECT");
     assert!(v311.recv().await.is_none(), "the 3.1.1 connection is closed (no DISCONNECT in 3.1.1)");
     assert!(half.recv().await.is_none(), "a connection without CONNECT is closed");

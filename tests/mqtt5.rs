@@ -140,10 +140,7 @@ async fn two_subscription_identifiers_on_one_subscribe_are_a_protocol_error() {
         properties: Properties { subscription_identifiers: vec![1, 2], ..Default::default() },
     }))
     .await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     app.stop().await;
 }
 
@@ -335,10 +332,7 @@ async fn a_takeover_that_resumes_the_session_cancels_a_delayed_will() {
     // The same client id connects while the first connection is still up.
     let (_new, connack) = connect_with(app.mqtt_addr, connect_packet_resume(&id)).await;
     assert!(connack.session_present);
-    match old.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SESSION_TAKEN_OVER),
-        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
-    }
+    expect_disconnect(&mut old, ReasonCode::SESSION_TAKEN_OVER).await;
     expect_silence(&mut sub, Duration::from_millis(2000)).await;
     app.stop().await;
 }

@@ -200,10 +200,7 @@ async fn auth_is_answered_cleanly() {
         properties: Default::default(),
     }))
     .await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     app.stop().await;
 }
 

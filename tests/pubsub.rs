@@ -186,18 +186,12 @@ async fn mqtt5_topic_aliases_set_use_and_reject() {
     let mut unknown = publish_packet("", QoS::AtMostOnce, 0, b"x");
     unknown.properties.topic_alias = Some(3);
     c.send(&Packet::Publish(unknown)).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "aliaser2").await;
     let mut too_big = publish_packet("alias/x", QoS::AtMostOnce, 0, b"x");
     too_big.properties.topic_alias = Some(5);
     c.send(&Packet::Publish(too_big)).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::TOPIC_ALIAS_INVALID),
-        other => panic!("expected DISCONNECT 0x94, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::TOPIC_ALIAS_INVALID).await;
     app.stop().await;
 }
 

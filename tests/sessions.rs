@@ -204,10 +204,7 @@ async fn takeover_without_clean_start_hands_the_session_over() {
 
     let (mut new, present) = connect(app.mqtt_addr, V5, &id, false, Some(60)).await;
     assert!(present, "the session was handed over");
-    match old.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SESSION_TAKEN_OVER),
-        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
-    }
+    expect_disconnect(&mut old, ReasonCode::SESSION_TAKEN_OVER).await;
     let p = expect_publish(&mut new).await;
     assert_eq!(
         (p.payload.as_ref(), p.dup, p.packet_id),
@@ -447,10 +444,7 @@ async fn v5_disconnect_may_not_raise_an_expiry_of_zero() {
     c.subscribe("z/#", QoS::AtLeastOnce).await;
     let properties = Properties { session_expiry_interval: Some(60), ..Default::default() };
     c.send(&Packet::Disconnect(Disconnect { code: ReasonCode::SUCCESS, properties })).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     let (_c, present) = connect(app.mqtt_addr, V5, &id, false, Some(60)).await;
     assert!(!present, "the session ended with the connection");
     app.stop().await;

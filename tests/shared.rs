@@ -115,10 +115,7 @@ async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
         properties: Properties::default(),
     }))
     .await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("expected DISCONNECT 0x82, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     app.stop().await;
 }
 

@@ -294,10 +294,7 @@ async fn exhausted_retries_fail_retryable_mqtt5_disconnect_and_311_close() {
     let app = gateway(&config(&server.url(), "", &rule("t/#", target))).await;
     let mut c5 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "v5-503").await;
     c5.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
-    match c5.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.code, ReasonCode::SERVER_BUSY, "{d:?}"),
-        other => panic!("expected DISCONNECT 0x89, got {other:?}"),
-    }
+    expect_disconnect(&mut c5, ReasonCode::SERVER_BUSY).await;
     assert_eq!(server.seen().len(), 3, "3 attempts");
     let mut c3 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "v3-503").await;
     c3.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;

@@ -17,8 +17,8 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use mqgate::app::App;
 use mqgate::config::Config;
 use mqgate::mqtt::codec::{
-    self, Connect, Packet, Properties, ProtocolVersion, Publish, QoS, SubscribeFilter,
-    SubscriptionOptions,
+    self, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    SubscribeFilter, SubscriptionOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -286,7 +286,7 @@ impl RawClient {
         self.send(&Packet::Publish(publish_packet(topic, qos, packet_id, payload))).await;
     }
 
-    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<codec::ReasonCode> {
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<ReasonCode> {
         self.send(&Packet::Subscribe(codec::Subscribe {
             packet_id: 1,
             filters: vec![SubscribeFilter {
@@ -342,6 +342,14 @@ pub async fn expect_publish(c: &mut RawClient) -> Publish {
     match c.recv().await {
         Some(Packet::Publish(p)) => p,
         other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}
+
+/// Asserts the next packet is a DISCONNECT with reason `code`, and returns it.
+pub async fn expect_disconnect(c: &mut RawClient, code: ReasonCode) -> Disconnect {
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) if d.code == code => d,
+        other => panic!("expected DISCONNECT {:#04x}, got {other:?}", code.0),
     }
 }
 
