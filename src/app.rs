@@ -23,6 +23,7 @@ use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
 use crate::sinks::http::HttpEndpoint;
+use crate::store::Store;
 
 /// A running gateway.
 pub struct App {
@@ -41,6 +42,12 @@ impl App {
     pub async fn start(config: Config) -> Result<App> {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
+        // First: a store that cannot be opened (locked, corrupt, unreadable) stops the start
+        // before anything listens.
+        let _store = match &config.store {
+            Some(cfg) => Some(Store::open(&cfg.path.value)?),
+            None => None,
+        };
         let mqtt_listener = bind(config.mqtt_addr(), "mqtt.listen").await?;
         let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
         let mqtt_addr = mqtt_listener.local_addr()?;

@@ -47,6 +47,19 @@ pub struct Config {
     /// AMQP queues consumed and published to MQTT (downlink).
     #[serde(default)]
     pub sources: Vec<crate::sources::SourceConfig>,
+    /// The embedded store (retained messages, persistent sessions, spool, dead letters).
+    /// Without it everything is kept in memory only and `ack: spool` cannot be used.
+    #[serde(default)]
+    pub store: Option<StoreConfig>,
+}
+
+/// `store:`: where mqgate keeps what must survive a restart.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The directory holding the store file (`mqgate.redb`); created if missing. A relative
+    /// path is taken from the working directory.
+    pub path: Spanned<std::path::PathBuf>,
 }
 
 /// `mqtt:`: the device-facing listener.

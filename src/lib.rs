@@ -11,3 +11,4 @@ pub mod mqtt;
 pub mod rules;
 pub mod sinks;
 pub mod sources;
+pub mod store;

@@ -354,7 +354,7 @@ async fn messages_of_one_topic_arrive_in_order_across_lanes_and_retries() {
     // sending anything after it.
     let server = Server::start(|s, before| {
         let n: u32 = s.text().rsplit(':').next().and_then(|n| n.parse().ok()).unwrap_or(0);
-        if n % 3 == 0 && before == 0 {
+        if n.is_multiple_of(3) && before == 0 {
             Reply::Status(500)
         } else {
             Reply::Status(200)
