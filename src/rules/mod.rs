@@ -16,13 +16,15 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
+use tokio::sync::oneshot;
 
 use crate::config::{Config, RuleErrorPolicy, TargetConfig};
 use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::mqtt::topic::TopicTree;
-use crate::sinks::amqp::{AmqpBroker, PublishOptions, QueueSpec};
-use crate::sinks::http::{HttpEndpoint, HttpError, HttpTarget};
+use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
+use crate::sinks::http::{HttpEndpoint, HttpError, HttpRequest, HttpTarget};
+use crate::sinks::{Failure, Outcome};
 use template::{Condition, Template, TemplateError, TemplatesBuilder};
 
 /// A message's template context, built on first use (see [`Rule::applies`]).
@@ -88,6 +90,104 @@ pub enum Target {
     Amqp(AmqpTarget),
     /// An HTTP endpoint (a webhook): the handle of the target's lanes.
     Http(HttpTarget),
+}
+
+/// The stable id of target `index` (0-based, in `to:` order) of rule `rule`: `rule/index`.
+/// What the spool and dead letters record, and what a replay names. Rule names are unique.
+pub fn target_id(rule: &str, index: usize) -> String {
+    format!("{rule}/{index}")
+}
+
+impl Target {
+    /// Hands `msg` to this target's sink outside a session (the spool's forwarder, a dead
+    /// letter's replay): waits for room in the sink's queue, then returns its pending outcome.
+    /// The outcome is always a real one (an AMQP confirm, an HTTP 2xx), whatever the message's
+    /// QoS. Awaiting the returned [`Delivery`] is separate so a caller can keep several in
+    /// flight (order per topic is kept by the sink, as for a session's messages).
+    pub async fn send(&self, msg: &Arc<Message>) -> Delivery {
+        let mut delivery = Delivery { waits: Vec::with_capacity(1), failed: None };
+        match self {
+            Target::Amqp(t) => {
+                let mut ctx = None;
+                let (exchange, routing_key) = match t.resolve(msg, &mut ctx) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        delivery.failed = Some(Failure::fatal(format!("template: {e}")));
+                        return delivery;
+                    }
+                };
+                let options = t.options.clone();
+                delivery.push_amqp(t, exchange, routing_key, options, msg).await;
+                if t.last_value && msg.retain {
+                    // The topic's last value: an empty retained payload clears it.
+                    let spec = Arc::new(QueueSpec::last_value(&msg.topic));
+                    let name = spec.name.to_string();
+                    let options = PublishOptions {
+                        mandatory: None,
+                        mapping: t.options.mapping,
+                        declare: Some(spec),
+                        purge: msg.payload.is_empty(),
+                    };
+                    delivery.push_amqp(t, Arc::from(""), name, options, msg).await;
+                }
+            }
+            Target::Http(t) => {
+                let (tx, rx) = oneshot::channel();
+                delivery.waits.push(rx);
+                t.publish(HttpRequest { msg: Arc::clone(msg), ack: Some(tx) }).await;
+            }
+        }
+        delivery
+    }
+}
+
+/// The pending outcome of [`Target::send`].
+#[derive(Debug)]
+pub struct Delivery {
+    waits: Vec<oneshot::Receiver<Outcome>>,
+    /// A failure known before anything was sent (a template that cannot be rendered).
+    failed: Option<Failure>,
+}
+
+impl Delivery {
+    async fn push_amqp(
+        &mut self,
+        t: &AmqpTarget,
+        exchange: Arc<str>,
+        routing_key: String,
+        options: PublishOptions,
+        msg: &Arc<Message>,
+    ) {
+        let (tx, rx) = oneshot::channel();
+        self.waits.push(rx);
+        let req = PublishRequest {
+            exchange,
+            routing_key,
+            msg: Arc::clone(msg),
+            ack: Some(tx),
+            metrics: t.metrics.clone(),
+            options,
+        };
+        t.broker.publish(req).await;
+    }
+
+    /// The outcome: delivered when every publish it made was; else the first failure. A sink
+    /// that dropped the message without an answer counts as a retryable failure.
+    pub async fn outcome(self) -> Outcome {
+        if let Some(f) = self.failed {
+            return Outcome::Failed(f);
+        }
+        for rx in self.waits {
+            match rx.await {
+                Ok(Outcome::Delivered) => {}
+                Ok(failed) => return failed,
+                Err(_) => {
+                    return Outcome::Failed(Failure::retryable("the sink dropped the message"))
+                }
+            }
+        }
+        Outcome::Delivered
+    }
 }
 
 /// An AMQP exchange target.
@@ -290,5 +390,13 @@ impl RuleSet {
     /// All rules, in config order.
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The target with id `id` (see [`target_id`]) and its rule.
+    pub fn target(&self, id: &str) -> Option<(&Rule, &Target)> {
+        let (rule, index) = id.rsplit_once('/')?;
+        let index: usize = index.parse().ok()?;
+        let rule = self.rules.iter().find(|r| r.name == rule)?;
+        Some((rule, rule.targets.get(index)?))
     }
 }
