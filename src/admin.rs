@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::sinks::amqp::AmqpBroker;
+use crate::spool::Spools;
 
 /// What the admin routes read.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Checked by `/readyz`.
     pub brokers: Vec<AmqpBroker>,
+    /// Their depth is shown by `/readyz` (not a readiness condition: a spool exists to fill).
+    pub spools: Spools,
 }
 
 /// The admin routes.
@@ -57,6 +60,10 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             b.name(),
             if up { "connected" } else { "disconnected" }
         ));
+    }
+    for s in state.spools.iter() {
+        let (messages, bytes) = s.depth();
+        body.push_str(&format!("spool {}: {messages} messages, {bytes} bytes\n", s.id()));
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body)

@@ -23,6 +23,7 @@ use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
 use crate::sinks::http::HttpEndpoint;
+use crate::spool;
 use crate::store::Store;
 
 /// A running gateway.
@@ -44,7 +45,7 @@ impl App {
         let metrics = Metrics::new();
         // First: a store that cannot be opened (locked, corrupt, unreadable) stops the start
         // before anything listens.
-        let _store = match &config.store {
+        let store = match &config.store {
             Some(cfg) => Some(Store::open(&cfg.path.value)?),
             None => None,
         };
@@ -69,6 +70,8 @@ impl App {
             http.insert(name.clone(), HttpEndpoint::new(name, cfg, shutdown.child_token())?);
         }
         let rules = Arc::new(RuleSet::compile(&config, &brokers, &http, &metrics)?);
+        let spools =
+            spool::start(&config, &rules, store.as_ref(), &metrics, &shutdown, &mut tasks).await?;
         // Every HTTP target's lanes are started: wait for them at shutdown.
         for endpoint in http.into_values() {
             tasks.spawn(endpoint.finished());
@@ -87,17 +90,20 @@ impl App {
                 }
             });
         }
-        let shared = Arc::new(SessionShared::new(
-            broker,
-            rules,
-            Arc::new(Authenticator::from_config(&config)?),
-            Arc::clone(&metrics),
-            SessionLimits::from_config(&config.mqtt),
-            shutdown.clone(),
-        ));
+        let shared = Arc::new(
+            SessionShared::new(
+                broker,
+                rules,
+                Arc::new(Authenticator::from_config(&config)?),
+                Arc::clone(&metrics),
+                SessionLimits::from_config(&config.mqtt),
+                shutdown.clone(),
+            )
+            .with_spools(spools.clone()),
+        );
         let max_connections = config.mqtt.max_connections;
         tasks.spawn(listener::run(mqtt_listener, shared, max_connections));
-        let state = AdminState { metrics, brokers: brokers.into_values().collect() };
+        let state = AdminState { metrics, brokers: brokers.into_values().collect(), spools };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = admin::serve(admin_listener, state, admin_shutdown).await {

@@ -163,6 +163,8 @@ pub struct Metrics {
     pub source_messages: Family<SourceLabels, Counter>,
     /// Per source: consuming (1/0).
     pub source_connected: Family<SourceNameLabels, Gauge>,
+    /// The spool families (per target of `ack: spool` rules).
+    pub spool: crate::spool::metrics::SpoolFamilies,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,6 +178,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("mqgate");
         let http = HttpFamilies::register(&mut registry);
+        let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
         let m = Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
@@ -200,6 +203,7 @@ impl Metrics {
             rule_skipped: Family::default(),
             source_messages: Family::default(),
             source_connected: Family::default(),
+            spool,
             registry: Registry::default(),
         };
         registry.register("connections", "Open MQTT connections", m.connections.clone());
