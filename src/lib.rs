@@ -5,6 +5,7 @@ pub mod app;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod deadletters;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

@@ -21,6 +21,15 @@ pub struct TargetLabels {
     pub target: String,
 }
 
+/// Labels of the dead-letter counter: the rule and its target id (`rule/index`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    /// The rule's `name`.
+    pub rule: String,
+    /// The target id, `rule/index` (what `mqgate dead-letters replay --to` names).
+    pub target: String,
+}
+
 /// Labels naming an AMQP broker connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BrokerLabels {
@@ -165,6 +174,10 @@ pub struct Metrics {
     pub source_connected: Family<SourceNameLabels, Gauge>,
     /// The spool families (per target of `ack: spool` rules).
     pub spool: crate::spool::metrics::SpoolFamilies,
+    /// Dead letters kept in the store now.
+    pub dead_letters: Gauge,
+    /// Per rule and target: messages recorded as dead letters.
+    pub dead_lettered: Family<DeadLetterLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -204,6 +217,8 @@ impl Metrics {
             source_messages: Family::default(),
             source_connected: Family::default(),
             spool,
+            dead_letters: Gauge::default(),
+            dead_lettered: Family::default(),
             registry: Registry::default(),
         };
         registry.register("connections", "Open MQTT connections", m.connections.clone());
@@ -311,6 +326,16 @@ impl Metrics {
             "source_connected",
             "1 while a source consumes its queue",
             m.source_connected.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages kept as dead letters in the store (failed for good)",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages recorded as dead letters, by rule and target",
+            m.dead_lettered.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }
