@@ -17,6 +17,7 @@ use crate::admin::{self, AdminState};
 use crate::auth::Authenticator;
 use crate::broker::{sessions, sys, Broker};
 use crate::config::Config;
+use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
 use crate::mqtt::listener;
 use crate::mqtt::session::{SessionLimits, SessionShared};
@@ -49,6 +50,10 @@ impl App {
             Some(cfg) => Some(Store::open(&cfg.path.value)?),
             None => None,
         };
+        let dead_letters = match &store {
+            Some(store) => Some(DeadLetters::new(store.clone(), &metrics)?),
+            None => None,
+        };
         let mqtt_listener = bind(config.mqtt_addr(), "mqtt.listen").await?;
         let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
         let mqtt_addr = mqtt_listener.local_addr()?;
@@ -70,8 +75,16 @@ impl App {
             http.insert(name.clone(), HttpEndpoint::new(name, cfg, shutdown.child_token())?);
         }
         let rules = Arc::new(RuleSet::compile(&config, &brokers, &http, &metrics)?);
-        let spools =
-            spool::start(&config, &rules, store.as_ref(), &metrics, &shutdown, &mut tasks).await?;
+        let spools = spool::start(
+            &config,
+            &rules,
+            store.as_ref(),
+            dead_letters.as_ref(),
+            &metrics,
+            &shutdown,
+            &mut tasks,
+        )
+        .await?;
         // Every HTTP target's lanes are started: wait for them at shutdown.
         for endpoint in http.into_values() {
             tasks.spawn(endpoint.finished());

@@ -165,6 +165,15 @@ async fn hook(State(h): State<Hook>, _headers: HeaderMap, body: Bytes) -> Status
     StatusCode::OK
 }
 
+/// A loopback port bound but not listening: connections to it are refused until the test
+/// calls `listen` on the socket (the port cannot be taken by anyone else meanwhile).
+fn reserved_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
+}
+
 async fn serve_hook(listener: TcpListener, h: Hook) {
     let app = Router::new().fallback(hook).with_state(h);
     let _ = axum::serve(listener, app).await;
@@ -172,11 +181,8 @@ async fn serve_hook(listener: TcpListener, h: Hook) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_endpoint_refusing_then_503_then_up_gets_everything_in_order() {
-    // A port nobody listens on yet: connections are refused.
-    let addr: SocketAddr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        l.local_addr().expect("addr")
-    };
+    // A port bound but not listening yet: connections are refused.
+    let (socket, addr) = reserved_port();
     let dir = tempfile::tempdir().expect("tempdir");
     let yaml = format!(
         "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\nhttp:\n  hook:\n    url: \"http://{addr}\"\n    connect_timeout: 1s\nrules:\n  - name: h\n    from: \"sensors/#\"\n    ack: spool\n    spool:\n      replay_rate: 0\n    to:\n      - http:\n          endpoint: hook\n          concurrency: 2\n          retry: {{ attempts: 1 }}\n",
@@ -190,7 +196,7 @@ async fn an_http_endpoint_refusing_then_503_then_up_gets_everything_in_order() {
 
     // Up, but answering 503.
     let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_503)), bodies: Arc::default() };
-    let listener = TcpListener::bind(addr).await.expect("rebind the endpoint's port");
+    let listener = socket.listen(1024).expect("listen on the endpoint's port");
     tokio::spawn(serve_hook(listener, h.clone()));
     let acked = publish_all(&mut c, &sent[30..], Duration::from_secs(5)).await;
     assert_eq!(acked.len(), 30, "acknowledged while the endpoint answers 503");
@@ -481,4 +487,148 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
         counts.len()
     );
     let _ = exchange;
+}
+
+/// A hook answering 404 to bodies ending in `:bad`, 503 to everything while `mode` says so.
+async fn hook_with_404(State(h): State<Hook>, body: Bytes) -> StatusCode {
+    let text = String::from_utf8_lossy(&body).into_owned();
+    if text.ends_with(":bad") {
+        return StatusCode::NOT_FOUND;
+    }
+    if h.mode.load(Ordering::SeqCst) == HOOK_503 {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    h.bodies.lock().expect("bodies").push(text);
+    StatusCode::OK
+}
+
+fn http_spool_config(store: &Path, addr: SocketAddr, spool: &str) -> String {
+    format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\nhttp:\n  hook:\n    url: \"http://{addr}\"\nrules:\n  - name: h\n    from: \"sensors/#\"\n    ack: spool\n    spool:\n      replay_rate: 0\n{spool}    to:\n      - http:\n          endpoint: hook\n          retry: {{ attempts: 1 }}\n",
+        store.display()
+    )
+}
+
+/// Starts a gateway on a store a stopped one used (its writer thread may take a moment to
+/// let go of the file lock after the last handle is dropped).
+async fn gateway_on_store(yaml: &str) -> mqgate::app::App {
+    let config = Config::parse(Path::new("test.yaml"), yaml).expect("valid config");
+    for _ in 0..100 {
+        match mqgate::app::App::start(config.clone()).await {
+            Ok(app) => return app,
+            Err(e) if e.to_string().contains("locked") => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("gateway starts: {e:#}"),
+        }
+    }
+    panic!("the store stayed locked after the gateway stopped");
+}
+
+/// Opens the store of a stopped gateway and lists its dead letters: (target, reason, payload).
+async fn dead_letters_in(store: &Path) -> Vec<(String, String, String)> {
+    let metrics = mqgate::metrics::Metrics::new();
+    let mut opened = None;
+    for _ in 0..100 {
+        match mqgate::store::Store::open(store) {
+            Ok(s) => {
+                opened = Some(s);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let store = opened.expect("the store opens once the gateway stopped");
+    let dl = mqgate::deadletters::DeadLetters::new(store, &metrics).expect("dead letters");
+    dl.list(None, 1000)
+        .expect("list")
+        .into_iter()
+        .map(|(_, l)| {
+            (l.target, l.reason, String::from_utf8_lossy(&l.message.payload).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_failure_and_exhausted_retries_go_to_the_dead_letters() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
+    let app = Router::new().fallback(hook_with_404).with_state(h.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gw = gateway(&http_spool_config(dir.path(), addr, "      max_retry_time: 1s\n")).await;
+    let mut c = RawClient::connect(gw.mqtt_addr, ProtocolVersion::V311, "spool-dead").await;
+    let msgs: Vec<(String, String)> =
+        ["0:0", "0:bad", "0:2"].iter().map(|t| ("sensors/0".to_owned(), t.to_string())).collect();
+    assert_eq!(publish_all(&mut c, &msgs, Duration::from_secs(5)).await.len(), 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.bodies.lock().expect("bodies").len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        *h.bodies.lock().expect("bodies"),
+        vec!["0:0", "0:2"],
+        "the 404 does not block the rest"
+    );
+
+    // Down for longer than max_retry_time: the next message goes to the dead letters.
+    h.mode.store(HOOK_503, Ordering::SeqCst);
+    let late = vec![("sensors/0".to_owned(), "0:3".to_owned())];
+    assert_eq!(publish_all(&mut c, &late, Duration::from_secs(5)).await.len(), 1);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let m = metrics(&gw).await;
+        if metric(&m, "mqgate_spool_dead_lettered_total{target=\"h/0\"}") >= 2.0 {
+            assert_eq!(metric(&m, "mqgate_spool_depth_messages{target=\"h/0\"}"), 0.0, "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not dead-lettered:\n{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gw.stop().await;
+    let letters = dead_letters_in(dir.path()).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert_eq!((letters[0].0.as_str(), letters[0].2.as_str()), ("h/0", "0:bad"), "{letters:?}");
+    assert!(letters[0].1.contains("404"), "{letters:?}");
+    assert_eq!(letters[1].2, "0:3", "{letters:?}");
+    assert!(letters[1].1.contains("max_retry_time"), "{letters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_forwards_the_spool_and_dead_letters_what_no_target_claims() {
+    // An endpoint that refuses connections: everything stays in the spools.
+    let (socket, addr) = reserved_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let two_targets = http_spool_config(dir.path(), addr, "").replace(
+        "          retry: { attempts: 1 }\n",
+        "          retry: { attempts: 1 }\n      - http:\n          endpoint: hook\n          path: \"/second\"\n          retry: { attempts: 1 }\n",
+    );
+    let gw = gateway(&two_targets).await;
+    let mut c = RawClient::connect(gw.mqtt_addr, ProtocolVersion::V311, "spool-restart").await;
+    let sent = messages(20, 2);
+    assert_eq!(publish_all(&mut c, &sent, Duration::from_secs(5)).await.len(), 20);
+    gw.stop().await;
+
+    // Restart with one target only (h/1 is gone) and the endpoint up.
+    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
+    let listener = socket.listen(1024).expect("listen");
+    tokio::spawn(serve_hook(listener, h.clone()));
+    let gw = gateway_on_store(&http_spool_config(dir.path(), addr, "")).await;
+    let (_, body) = http_get(gw.admin_addr, "/readyz").await.expect("readyz");
+    assert!(body.contains("spool h/0:"), "{body}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while h.bodies.lock().expect("bodies").len() < sent.len() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = h.bodies.lock().expect("bodies").clone();
+    let dups = check_order(&sent, &got);
+    println!("restart: {} received, {dups} duplicates", got.len());
+    gw.stop().await;
+    let letters = dead_letters_in(dir.path()).await;
+    assert_eq!(letters.len(), 20, "h/1's spool went to the dead letters: {letters:?}");
+    assert!(
+        letters.iter().all(|(t, r, _)| t == "h/1" && r.contains("no longer configured")),
+        "{letters:?}"
+    );
 }

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 use super::config::SpoolConfig;
 use super::state::Shared;
 use super::{key, parse_key};
+use crate::deadletters::DeadLetters;
 use crate::message::Message;
 use crate::rules::RuleSet;
 use crate::sinks::Outcome;
@@ -60,6 +61,10 @@ pub(super) struct Forwarder {
     shared: Arc<Shared>,
     store: Store,
     rules: Arc<RuleSet>,
+    /// The target's rule name (what its dead letters record).
+    rule: String,
+    /// Where final failures go.
+    dead_letters: DeadLetters,
     /// `0` = no pacing.
     replay_rate: u32,
     /// Zero = retry forever.
@@ -92,7 +97,12 @@ pub(super) struct Forwarder {
 
 impl Forwarder {
     /// The forwarder of spool `shared`, sending to its target in `rules`.
-    pub fn new(shared: Arc<Shared>, store: Store, rules: &Arc<RuleSet>, cfg: &SpoolConfig) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        store: Store,
+        (rules, rule, dead_letters): (&Arc<RuleSet>, &str, &DeadLetters),
+        cfg: &SpoolConfig,
+    ) -> Self {
         let (head, depth) = {
             let s = shared.lock();
             (s.head, s.depth())
@@ -101,6 +111,8 @@ impl Forwarder {
             shared,
             store,
             rules: Arc::clone(rules),
+            rule: rule.to_owned(),
+            dead_letters: dead_letters.clone(),
             replay_rate: cfg.replay_rate,
             max_retry_time: cfg.max_retry_time.0,
             next: head,
@@ -146,7 +158,10 @@ impl Forwarder {
                 self.flush();
             }
         }
-        self.flush();
+        // At shutdown the last deletions are waited for: fewer resends after the restart.
+        if let Some(batch) = self.take_flush() {
+            commit_deletions(&self.store, &self.shared.id, batch).await;
+        }
     }
 
     /// Sends entries while the window has room and there are entries to send.
@@ -227,7 +242,9 @@ impl Forwarder {
     /// forwarder halted, to try again after a backoff) when the table cannot be read.
     async fn read(&mut self, from: u64, to: u64) -> bool {
         let (store, id) = (self.store.clone(), self.shared.id.clone());
-        let read = tokio::task::spawn_blocking(move || read_range(&store, &id, from, to)).await;
+        let read =
+            tokio::task::spawn_blocking(move || read_range(&store, &id, from, to, READ_BATCH))
+                .await;
         match read {
             Ok(Ok(entries)) => {
                 for (seq, value) in entries {
@@ -269,7 +286,7 @@ impl Forwarder {
                 self.done(seq);
             }
             Outcome::Failed(f) if !f.retryable => {
-                self.dead_letter(seq, &msg, &f.reason);
+                self.dead_letter(&msg, &f.reason);
                 self.done(seq);
             }
             Outcome::Failed(f) => {
@@ -286,7 +303,7 @@ impl Forwarder {
                     );
                     self.failing = None;
                     self.backoff = BACKOFF_MIN;
-                    self.dead_letter(seq, &msg, &reason);
+                    self.dead_letter(&msg, &reason);
                     self.done(seq);
                     return;
                 }
@@ -322,18 +339,26 @@ impl Forwarder {
     }
 
     /// Records `msg` as a dead letter, committed with the next deletion.
-    fn dead_letter(&mut self, seq: u64, msg: &Message, reason: &str) {
+    fn dead_letter(&mut self, msg: &Message, reason: &str) {
         self.shared.metrics.dead_lettered.inc();
-        super::recover::dead_letter(&mut self.dead, &self.shared.id, seq, msg, reason);
+        let (rule, id) = (self.rule.as_str(), self.shared.id.as_str());
+        super::recover::dead_letter(&self.dead_letters, &mut self.dead, (rule, id), msg, reason);
     }
 
     /// Commits the deletion of every settled entry (and the dead letters) in one batch, in
     /// the background: the forwarder does not wait for the disk. A lost deletion (crash)
     /// only means those entries are sent again after the restart.
     fn flush(&mut self) {
+        let Some(batch) = self.take_flush() else { return };
+        let (store, id) = (self.store.clone(), self.shared.id.clone());
+        tokio::spawn(async move { commit_deletions(&store, &id, batch).await });
+    }
+
+    /// The batch of deletions and dead letters due, if any.
+    fn take_flush(&mut self) -> Option<WriteBatch> {
         self.flush_at = None;
         if self.settled <= self.deleted && self.dead.is_empty() {
-            return;
+            return None;
         }
         let mut batch = std::mem::take(&mut self.dead);
         if self.settled > self.deleted {
@@ -341,12 +366,14 @@ impl Forwarder {
             batch.delete_range(Table::Spool, key(id, self.deleted), key(id, self.settled));
             self.deleted = self.settled;
         }
-        let (store, id) = (self.store.clone(), self.shared.id.clone());
-        tokio::spawn(async move {
-            if let Err(e) = store.commit(batch).await {
-                error!(target_id = %id, error = %e, "cannot delete forwarded messages from the spool; they will be sent again after a restart");
-            }
-        });
+        Some(batch)
+    }
+}
+
+/// Commits a batch of deletions (and dead letters), logging a failure.
+async fn commit_deletions(store: &Store, id: &str, batch: WriteBatch) {
+    if let Err(e) = store.commit(batch).await {
+        error!(target_id = %id, error = %e, "cannot delete forwarded messages from the spool; they will be sent again after a restart");
     }
 }
 
@@ -358,12 +385,13 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Up to [`READ_BATCH`] entries of spool `id` in `[from, to)`, in order.
-fn read_range(
+/// Up to `max` entries of spool `id` in `[from, to)`, in order.
+pub(super) fn read_range(
     store: &Store,
     id: &str,
     from: u64,
     to: u64,
+    max: usize,
 ) -> Result<Vec<(u64, Vec<u8>)>, crate::store::StoreError> {
     let io = crate::store::StoreError::Io;
     let txn = store.read()?;
@@ -375,7 +403,7 @@ fn read_range(
         if let Some((_, seq)) = parse_key(k.value()) {
             out.push((seq, v.value().to_vec()));
         }
-        if out.len() >= READ_BATCH {
+        if out.len() >= max {
             break;
         }
     }

@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::config::{AckPolicy, Config};
+use crate::deadletters::DeadLetters;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::rules::{target_id, RuleSet};
@@ -144,15 +145,17 @@ impl Spools {
 /// Restores the spools found in the store and starts an append and a forward task for each
 /// target of every `ack: spool` rule. Entries of target ids no longer configured are moved to
 /// the dead letters (`recover.rs`). Call after the rule set is compiled, inside the runtime.
+/// `store` and `dead_letters` are both there when `store:` is configured.
 pub async fn start(
     config: &Config,
     rules: &Arc<RuleSet>,
     store: Option<&Store>,
+    dead_letters: Option<&DeadLetters>,
     metrics: &Metrics,
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<Spools, SpoolError> {
-    let Some(store) = store else {
+    let (Some(store), Some(dead_letters)) = (store, dead_letters) else {
         if let Some(r) = config.rules.iter().find(|r| r.ack_policy() == AckPolicy::Spool) {
             return Err(SpoolError::NoStore(r.name.value.clone()));
         }
@@ -166,7 +169,7 @@ pub async fn start(
             }
         }
     }
-    let mut restored = recover::restore(store, &wanted).await?;
+    let mut restored = recover::restore(store, &wanted, dead_letters).await?;
     let mut by_rule = Vec::with_capacity(config.rules.len());
     for rc in &config.rules {
         let mut spools = Vec::new();
@@ -187,8 +190,12 @@ pub async fn start(
                     cfg.on_full,
                     shutdown.clone(),
                 ));
-                let forwarder =
-                    forward::Forwarder::new(Arc::clone(&shared), store.clone(), rules, &cfg);
+                let forwarder = forward::Forwarder::new(
+                    Arc::clone(&shared),
+                    store.clone(),
+                    (rules, &rc.name.value, dead_letters),
+                    &cfg,
+                );
                 tasks.spawn(forwarder.run(shutdown.clone()));
                 spools.push(Spool { tx, shared });
             }

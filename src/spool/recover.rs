@@ -1,6 +1,7 @@
 //! At start: the spools found in the store, restored (sequence range and entry sizes) for the
-//! targets still configured; entries of a target id no longer configured are reported.
-//! And the hand-over of spooled messages to the dead letters.
+//! targets still configured; entries of a target id no longer configured are moved to the
+//! dead letters (where an operator sees them and can replay them to another target). And the
+//! hand-over of spooled messages to the dead letters.
 
 use std::collections::HashMap;
 
@@ -8,18 +9,23 @@ use redb::ReadableTable;
 use tracing::{error, warn};
 
 use super::state::State;
-use super::{entry_size, parse_key};
+use super::{entry_size, key, parse_key};
+use crate::deadletters::{now_ms, DeadLetter, DeadLetters};
 use crate::message::Message;
-use crate::store::{Store, StoreError, Table, WriteBatch};
+use crate::store::{codec, Store, StoreError, Table, WriteBatch};
+
+/// Entries moved to the dead letters per commit at start.
+const ORPHAN_BATCH: usize = 1024;
 
 /// Scans the spool table once; returns the state of every spool whose target id is in
-/// `wanted`. Other target ids' entries are left in the table and logged (see README).
+/// `wanted`. Other target ids' entries are moved to `dead_letters`.
 pub(super) async fn restore<V: Send + Sync + 'static>(
     store: &Store,
     wanted: &HashMap<String, V>,
+    dead_letters: &DeadLetters,
 ) -> Result<HashMap<String, State>, StoreError> {
-    let store = store.clone();
-    let scan = tokio::task::spawn_blocking(move || scan(&store))
+    let reader = store.clone();
+    let scan = tokio::task::spawn_blocking(move || scan(&reader))
         .await
         .map_err(|e| StoreError::Io(format!("spool scan task failed: {e}")))??;
     let mut restored = HashMap::new();
@@ -30,12 +36,58 @@ pub(super) async fn restore<V: Send + Sync + 'static>(
             warn!(
                 target_id = %id,
                 messages = state.depth(),
-                bytes = state.bytes,
-                "spooled messages for a target that is no longer configured (rule removed or its targets reordered); kept in the store, not forwarded: configure the target id again to forward them"
+                "spooled messages for a target that is no longer configured (rule removed, renamed, or its targets changed): moved to the dead letters"
             );
+            move_orphans(store, dead_letters, &id, &state).await?;
         }
     }
     Ok(restored)
+}
+
+/// Moves every entry of spool `id` (no longer configured) to the dead letters, in batches
+/// that each delete what they move.
+async fn move_orphans(
+    store: &Store,
+    dead_letters: &DeadLetters,
+    id: &str,
+    state: &State,
+) -> Result<(), StoreError> {
+    let rule = id.rsplit_once('/').map_or(id, |(rule, _)| rule);
+    let reason = format!(
+        "spooled for target {id}, which is no longer configured (rule removed, renamed, or its targets changed)"
+    );
+    let mut from = state.head;
+    while from < state.end {
+        let (s, i) = (store.clone(), id.to_owned());
+        let entries = tokio::task::spawn_blocking(move || {
+            super::forward::read_range(&s, &i, from, u64::MAX, ORPHAN_BATCH)
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("spool read task failed: {e}")))??;
+        let Some(last) = entries.last().map(|(seq, _)| *seq) else { break };
+        let mut batch = WriteBatch::new();
+        for (seq, value) in &entries {
+            match codec::decode_message(value) {
+                Ok(message) => {
+                    let letter = DeadLetter {
+                        rule: rule.to_owned(),
+                        target: id.to_owned(),
+                        reason: reason.clone(),
+                        failed_at_ms: now_ms(),
+                        message,
+                    };
+                    dead_letters.add_to(&mut batch, &letter)?;
+                }
+                Err(e) => {
+                    error!(target_id = %id, seq, error = %e, "spooled entry cannot be decoded; deleted")
+                }
+            }
+        }
+        batch.delete_range(Table::Spool, key(id, from), key(id, last + 1));
+        store.commit(batch).await?;
+        from = last + 1;
+    }
+    Ok(())
 }
 
 /// Every spool in the table, by target id.
@@ -64,10 +116,24 @@ fn scan(store: &Store) -> Result<HashMap<String, State>, StoreError> {
     Ok(spools)
 }
 
-/// Adds spooled message `msg` (sequence `seq` of spool `id`) to the dead letters, with
-/// `reason`, in `batch` (which also deletes it from the spool).
-pub(super) fn dead_letter(batch: &mut WriteBatch, id: &str, seq: u64, msg: &Message, reason: &str) {
-    // Until the dead-letter store is merged, a final failure is logged and counted only.
-    let _ = batch;
-    error!(target_id = %id, seq, topic = %msg.topic, %reason, "spooled message failed for good (dead letter)");
+/// Adds spooled message `msg` of rule `rule`'s target `id` to the dead letters, with
+/// `reason`, in `batch` (which also deletes it from the spool: one atomic move).
+pub(super) fn dead_letter(
+    dead_letters: &DeadLetters,
+    batch: &mut WriteBatch,
+    (rule, id): (&str, &str),
+    msg: &Message,
+    reason: &str,
+) {
+    warn!(target_id = %id, topic = %msg.topic, %reason, "spooled message failed for good: moved to the dead letters");
+    let letter = DeadLetter {
+        rule: rule.to_owned(),
+        target: id.to_owned(),
+        reason: reason.to_owned(),
+        failed_at_ms: now_ms(),
+        message: msg.clone(),
+    };
+    if let Err(e) = dead_letters.add_to(batch, &letter) {
+        error!(target_id = %id, topic = %msg.topic, error = %e, "dead letter cannot be kept; the message is deleted from the spool");
+    }
 }
