@@ -632,3 +632,34 @@ async fn a_restart_forwards_the_spool_and_dead_letters_what_no_target_claims() {
         "{letters:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_is_replayed_at_replay_rate() {
+    let (socket, addr) = reserved_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = http_spool_config(dir.path(), addr, "").replace("replay_rate: 0", "replay_rate: 20");
+    let gw = gateway(&yaml).await;
+    let mut c = RawClient::connect(gw.mqtt_addr, ProtocolVersion::V311, "spool-pace").await;
+    let sent = messages(40, 1);
+    assert_eq!(publish_all(&mut c, &sent, Duration::from_secs(5)).await.len(), 40);
+    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
+    tokio::spawn(serve_hook(socket.listen(1024).expect("listen"), h.clone()));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut first = None;
+    let last = loop {
+        let n = h.bodies.lock().expect("bodies").len();
+        if n > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if n >= sent.len() {
+            break Instant::now();
+        }
+        assert!(Instant::now() < deadline, "only {n} of 40 replayed");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let took = last - first.expect("first");
+    // 40 messages at 20/s: about 2 s from the first to the last (unpaced: milliseconds).
+    assert!(took >= Duration::from_millis(1500), "replayed in {took:?}: not paced");
+    check_order(&sent, &h.bodies.lock().expect("bodies"));
+    gw.stop().await;
+}

@@ -63,6 +63,9 @@ pub(super) struct Forwarder {
     rules: Arc<RuleSet>,
     /// The target's rule name (what its dead letters record).
     rule: String,
+    /// The rule's index in `rules`, and the target's in the rule (resolved once: the id is
+    /// not looked up per message).
+    at: (usize, usize),
     /// Where final failures go.
     dead_letters: DeadLetters,
     /// `0` = no pacing.
@@ -100,9 +103,10 @@ impl Forwarder {
     pub fn new(
         shared: Arc<Shared>,
         store: Store,
-        (rules, rule, dead_letters): (&Arc<RuleSet>, &str, &DeadLetters),
+        (rules, at, dead_letters): (&Arc<RuleSet>, (usize, usize), &DeadLetters),
         cfg: &SpoolConfig,
     ) -> Self {
+        let rule = rules.rule(at.0).map_or_else(String::new, |r| r.name.clone());
         let (head, depth) = {
             let s = shared.lock();
             (s.head, s.depth())
@@ -111,7 +115,8 @@ impl Forwarder {
             shared,
             store,
             rules: Arc::clone(rules),
-            rule: rule.to_owned(),
+            rule,
+            at,
             dead_letters: dead_letters.clone(),
             replay_rate: cfg.replay_rate,
             max_retry_time: cfg.max_retry_time.0,
@@ -180,7 +185,8 @@ impl Forwarder {
             if self.replaying {
                 self.pace().await;
             }
-            let Some((_, target)) = self.rules.target(&self.shared.id) else {
+            let target = self.rules.rule(self.at.0).and_then(|r| r.targets.get(self.at.1));
+            let Some(target) = target else {
                 // Cannot happen: spools are made from the rule set's own rules.
                 error!(target_id = %self.shared.id, "spool target not in the rule set");
                 return;

@@ -171,7 +171,7 @@ pub async fn start(
     }
     let mut restored = recover::restore(store, &wanted, dead_letters).await?;
     let mut by_rule = Vec::with_capacity(config.rules.len());
-    for rc in &config.rules {
+    for (i, rc) in config.rules.iter().enumerate() {
         let mut spools = Vec::new();
         if rc.ack_policy() == AckPolicy::Spool {
             let cfg = rc.spool.as_ref().map(|s| s.value.clone()).unwrap_or_default();
@@ -193,7 +193,7 @@ pub async fn start(
                 let forwarder = forward::Forwarder::new(
                     Arc::clone(&shared),
                     store.clone(),
-                    (rules, &rc.name.value, dead_letters),
+                    (rules, (i, j), dead_letters),
                     &cfg,
                 );
                 tasks.spawn(forwarder.run(shutdown.clone()));
