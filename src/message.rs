@@ -59,10 +59,11 @@ impl Message {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut id = String::with_capacity(32);
         for b in &h.finalize()[..16] {
-            use std::fmt::Write;
-            let _ = write!(id, "{b:02x}");
+            id.push(char::from(DIGITS[usize::from(b >> 4)]));
+            id.push(char::from(DIGITS[usize::from(b & 15)]));
         }
         Some(id)
     }
