@@ -251,15 +251,17 @@ pub fn idempotency_key(msg: &Message) -> Option<String> {
     msg.identity()
 }
 
-/// The key of a batch: over the keys of its messages, in order (`None` when none has one).
-pub fn batch_key<'a>(keys: impl Iterator<Item = Option<&'a str>>) -> Option<String> {
+/// The key of a batch: one hash over the identities of its messages, in order (`None` when
+/// none has one). The same batch sent again (a retry) gets the same key.
+pub fn batch_key<'a>(msgs: impl Iterator<Item = &'a Message>) -> Option<String> {
     let mut h = Sha256::new();
     let mut any = false;
-    for k in keys {
-        let k = k.unwrap_or("-");
-        any |= k != "-";
-        h.update(k.as_bytes());
-        h.update(b",");
+    for m in msgs {
+        if m.hash_identity(&mut h) {
+            any = true;
+        } else {
+            h.update(b"-");
+        }
     }
     any.then(|| hex(&h.finalize()[..16]))
 }
@@ -352,9 +354,13 @@ mod tests {
         assert_eq!(idempotency_key(&msg(b"x", None)), None);
         assert_eq!(a.as_deref().map(str::len), Some(32));
         assert_eq!(hex(&[0x00, 0x9f, 0xff]), "009fff");
-        let b = batch_key([a.as_deref(), None].into_iter());
-        assert_eq!(b, batch_key([a.as_deref(), None].into_iter()));
-        assert_eq!(batch_key([None, None].into_iter()), None);
+        let (m1, m2, m0) = (msg(b"x", Some(1)), msg(b"x", Some(2)), msg(b"x", None));
+        let b = batch_key([&m1, &m0].into_iter());
+        assert!(b.is_some());
+        assert_eq!(b, batch_key([&m1, &m0].into_iter()));
+        assert_ne!(b, batch_key([&m2, &m0].into_iter()));
+        assert_ne!(b, batch_key([&m0, &m1].into_iter()));
+        assert_eq!(batch_key([&m0, &m0].into_iter()), None);
     }
 
     #[test]

@@ -140,9 +140,7 @@ impl Lane {
         if reqs.is_empty() {
             return;
         }
-        let keys: Vec<Option<String>> =
-            reqs.iter().map(|r| body::idempotency_key(&r.msg)).collect();
-        let key = body::batch_key(keys.iter().map(Option::as_deref));
+        let key = body::batch_key(reqs.iter().map(|r| &*r.msg));
         let spec = Arc::clone(&self.spec);
         let outcome = self.deliver(|| spec.build_batch(&elements, cfg.format, key.clone())).await;
         self.resolve(reqs, outcome);
