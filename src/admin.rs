@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::sinks::amqp::AmqpBroker;
+use crate::store::Store;
 
 /// What the admin routes read.
 #[derive(Clone)]
@@ -22,6 +23,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Checked by `/readyz`.
     pub brokers: Vec<AmqpBroker>,
+    /// Named in `/readyz` (path and size), when configured.
+    pub store: Option<Store>,
 }
 
 /// The admin routes.
@@ -48,6 +51,13 @@ pub async fn serve(
 /// starts), 503 otherwise; the body lists each broker's state.
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let mut body = String::from("mqtt: listening\n");
+    if let Some(store) = &state.store {
+        body.push_str(&format!(
+            "store: {} ({} bytes)\n",
+            store.path().display(),
+            store.file_size()
+        ));
+    }
     let mut ready = true;
     for b in &state.brokers {
         let up = b.is_connected();

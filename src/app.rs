@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::auth::Authenticator;
+use crate::broker::persist::Persist;
 use crate::broker::{sessions, sys, Broker};
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Every task the gateway started.
     tasks: JoinSet<()>,
+    /// With a store: the broker's writes and their feeder task, flushed last at shutdown.
+    persist: Option<(Persist, JoinHandle<()>)>,
 }
 
 impl App {
@@ -44,10 +47,14 @@ impl App {
         let metrics = Metrics::new();
         // First: a store that cannot be opened (locked, corrupt, unreadable) stops the start
         // before anything listens.
-        let _store = match &config.store {
+        let store = match &config.store {
             Some(cfg) => Some(Store::open(&cfg.path.value)?),
             None => None,
         };
+        if let Some(store) = &store {
+            metrics.store.set(store.clone());
+        }
+        let persist = store.clone().map(Persist::start);
         let mqtt_listener = bind(config.mqtt_addr(), "mqtt.listen").await?;
         let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
         let mqtt_addr = mqtt_listener.local_addr()?;
@@ -73,8 +80,34 @@ impl App {
         for endpoint in http.into_values() {
             tasks.spawn(endpoint.finished());
         }
-        let broker =
-            Broker::new(Arc::clone(&metrics), config.mqtt.max_retained, config.mqtt.queue_qos0);
+        let broker = Broker::new(
+            Arc::clone(&metrics),
+            config.mqtt.max_retained,
+            config.mqtt.queue_qos0,
+            persist.as_ref().map(|(p, _)| p.clone()),
+        );
+        if let Some(store) = &store {
+            // Before the listener accepts anyone: what the store holds is the broker's state.
+            let restored = broker.restore(config.mqtt.max_queued_messages.max(1))?;
+            info!(
+                path = %store.path().display(),
+                retained = restored.retained,
+                sessions = restored.sessions,
+                messages = restored.messages,
+                expired_sessions = restored.expired,
+                "restored from the store"
+            );
+            if restored.retained_over_limit > 0 {
+                warn!(
+                    left = restored.retained_over_limit,
+                    max = config.mqtt.max_retained,
+                    "the store holds more retained messages than mqtt.max_retained; the rest were not loaded"
+                );
+            }
+            if restored.unreadable > 0 {
+                warn!(n = restored.unreadable, "stored values that could not be read were deleted");
+            }
+        }
         tasks.spawn(sessions::expire(Arc::clone(&broker), shutdown.clone()));
         if !config.mqtt.sys_interval.0.is_zero() {
             let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
@@ -97,7 +130,7 @@ impl App {
         ));
         let max_connections = config.mqtt.max_connections;
         tasks.spawn(listener::run(mqtt_listener, shared, max_connections));
-        let state = AdminState { metrics, brokers: brokers.into_values().collect() };
+        let state = AdminState { metrics, brokers: brokers.into_values().collect(), store };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = admin::serve(admin_listener, state, admin_shutdown).await {
@@ -105,13 +138,20 @@ impl App {
             }
         });
         info!(%mqtt_addr, %admin_addr, "mqgate started");
-        Ok(App { mqtt_addr, admin_addr, shutdown, tasks })
+        Ok(App { mqtt_addr, admin_addr, shutdown, tasks, persist })
     }
 
-    /// Shuts down and waits for every task.
+    /// Shuts down and waits for every task; with a store, last commits what the sessions
+    /// wrote while they closed (parked sessions).
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         while self.tasks.join_next().await.is_some() {}
+        if let Some((persist, feeder)) = self.persist.take() {
+            persist.close();
+            if let Err(e) = feeder.await {
+                error!(error = %e, "store feeder task failed");
+            }
+        }
         info!("mqgate stopped");
     }
 }

@@ -347,7 +347,9 @@ pub(super) async fn send_blocked(blocked: Blocked) {
 }
 
 /// Routes `msg` to local subscribers and to every target of every matching rule. Returns
-/// whether anything matched and, for QoS 1/2, the outcome receivers to wait for.
+/// whether anything matched and, for QoS 1/2, the outcome receivers to wait for: one per
+/// target, and with a store one for the durable write of a retained message or of the
+/// message queued for persistent sessions.
 /// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills. `hits` is
 /// scratch space for rule indexes, kept by the caller so routing does not allocate for it.
 /// Requests a sink cannot take now are appended to `blocked` (and once one is, every later
@@ -359,8 +361,9 @@ pub(super) fn route(
     hits: &mut Vec<usize>,
     blocked: &mut Blocked,
 ) -> (bool, Vec<oneshot::Receiver<Outcome>>) {
-    let local = shared.broker.publish(msg, publisher);
     let mut waits = Vec::new();
+    // With a store, a retained or persistent-session write adds its wait here.
+    let local = shared.broker.publish(msg, publisher, &mut waits);
     shared.rules.matches_into(&msg.topic, hits);
     let mut applied = 0usize;
     // Built only when a condition or template needs it.

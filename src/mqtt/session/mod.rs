@@ -221,6 +221,9 @@ struct Session<S> {
     /// Publish requests of the last PUBLISH that a sink could not take at once; the loop
     /// waits until they are queued before it reads on.
     blocked: inbound::Blocked,
+    /// The SUBACK/UNSUBACK of a stored session, held until its record is durable; the loop
+    /// waits for it before it reads on.
+    held: Option<Box<outbound::Held>>,
 }
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
@@ -306,6 +309,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             rule_hits: Vec::new(),
             aliases: inbound::TopicAliases::new(shared.limits.topic_alias_maximum),
             blocked: Vec::new(),
+            held: None,
             shared,
         }
     }
@@ -350,6 +354,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // A sink's queue is full: wait for room (rare; boxed so that its state is
                     // not part of every session's future).
                     Box::pin(inbound::send_blocked(std::mem::take(&mut self.blocked))).await;
+                }
+                if let Some(held) = self.held.take() {
+                    // A stored session's SUBSCRIBE/UNSUBSCRIBE: answered once its record is
+                    // durable (rare; boxed like the wait above).
+                    if let Some(end) = Box::pin(self.release_held(held)).await {
+                        return end;
+                    }
                 }
             }
             if self.conn.has_pending_writes() {
@@ -482,7 +493,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubRel(r) => self.on_pubrel(r),
             Packet::PubRec(r) => self.on_pubrec(r),
             Packet::PubComp(r) => {
-                self.out.completed(r.packet_id);
+                let stored = self.out.completed(r.packet_id);
+                self.shared.broker.unstore(&self.out.state.subscriber, stored);
                 None
             }
             Packet::Subscribe(s) => self.on_subscribe(s),
@@ -568,7 +580,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A PUBACK answers one of our QoS 1 deliveries.
     fn on_puback(&mut self, r: PubResponse) -> Option<End> {
-        self.out.acked(r.packet_id, r.code);
+        let stored = self.out.acked(r.packet_id, r.code);
+        self.shared.broker.unstore(&self.out.state.subscriber, stored);
         None
     }
 
