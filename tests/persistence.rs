@@ -200,7 +200,11 @@ async fn a_persistent_session_and_its_queued_messages_survive_sigkill() {
     for i in 0..5u16 {
         publish_qos1(&mut p, &format!("q/{i}"), i + 1, format!("m{i}").as_bytes()).await;
     }
-    // Killed right after the fifth PUBACK, with the subscriber away.
+    // Another persistent session subscribes last: killed right after its SUBACK.
+    let late_id = unique("late");
+    let (mut late, _) = connect(gw.mqtt, &late_id, false).await;
+    late.subscribe("q/5", QoS::AtLeastOnce).await;
+    // Killed right after that SUBACK and the fifth PUBACK, with the first subscriber away.
     gw.kill9();
 
     let gw = Gateway::start(dir.path(), &store).await;
@@ -217,6 +221,10 @@ async fn a_persistent_session_and_its_queued_messages_survive_sigkill() {
         sub.send(&Packet::PubAck(PubResponse::success(p.packet_id))).await;
     }
     expect_silence(&mut sub, Duration::from_millis(300)).await;
+    let (mut late, present) = connect(gw.mqtt, &late_id, false).await;
+    assert!(present, "a subscription acknowledged just before SIGKILL was kept");
+    assert_eq!(&expect_publish(&mut late).await.payload[..], b"m5");
+    disconnect(late).await;
     let (clean, present) = connect(gw.mqtt, &clean_id, false).await;
     assert!(!present, "a clean session leaves nothing in the store");
     disconnect(clean).await;
