@@ -315,3 +315,70 @@ async fn a_corrupt_or_unreadable_store_is_a_clear_error() {
         assert_refused(dir.path(), &locked, &locked.join("mqgate.redb"));
     }
 }
+
+#[tokio::test]
+async fn a_released_qos2_delivery_resumes_as_pubrel_and_expired_sessions_are_gone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("data");
+    let gw = Gateway::start(dir.path(), &store).await;
+    let id = unique("qos2");
+    let (mut sub, _) = connect(gw.mqtt, &id, false).await;
+    sub.subscribe("x/#", QoS::ExactlyOnce).await;
+    // An MQTT 5 session kept one second after its connection ends.
+    let short = unique("short");
+    let mut c = RawClient::tcp(gw.mqtt, ProtocolVersion::V5).await;
+    let mut p = connect_packet(ProtocolVersion::V5, &short);
+    p.clean_start = false;
+    p.properties.session_expiry_interval = Some(1);
+    c.send(&Packet::Connect(Box::new(p))).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
+    c.subscribe("x/#", QoS::AtLeastOnce).await;
+    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    let _ = c.recv_within(Duration::from_secs(5)).await;
+
+    let mut publ = RawClient::connect(gw.mqtt, V311, &unique("pub")).await;
+    publ.publish("x/1", QoS::ExactlyOnce, 1, b"once").await;
+    assert!(matches!(publ.recv().await, Some(Packet::PubRec(_))));
+    publ.send(&Packet::PubRel(PubResponse::success(1))).await;
+    assert!(matches!(publ.recv().await, Some(Packet::PubComp(_))));
+    let d = expect_publish(&mut sub).await;
+    assert_eq!(d.qos, QoS::ExactlyOnce);
+    sub.send(&Packet::PubRec(PubResponse::success(d.packet_id))).await;
+    match sub.recv().await {
+        Some(Packet::PubRel(r)) => assert_eq!(r.packet_id, d.packet_id),
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    // PUBCOMP never sent: the delivery is released and not complete.
+    gw.stop();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let gw = Gateway::start(dir.path(), &store).await;
+    let (mut sub, present) = connect(gw.mqtt, &id, false).await;
+    assert!(present);
+    match sub.recv().await {
+        Some(Packet::PubRel(r)) => {
+            assert_eq!(r.packet_id, d.packet_id, "PUBREL again, not the message")
+        }
+        other => panic!("expected PUBREL, got {other:?}"),
+    }
+    sub.send(&Packet::PubComp(PubResponse::success(d.packet_id))).await;
+    expect_silence(&mut sub, Duration::from_millis(300)).await;
+    // The one-second session expired while mqgate was stopped.
+    let mut c = RawClient::tcp(gw.mqtt, ProtocolVersion::V5).await;
+    let mut p = connect_packet(ProtocolVersion::V5, &short);
+    p.clean_start = false;
+    c.send(&Packet::Connect(Box::new(p))).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => {
+            assert!(!a.session_present, "an expired session is not restored")
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    gw.stop();
+
+    let gw = Gateway::start(dir.path(), &store).await;
+    let (mut sub, present) = connect(gw.mqtt, &id, false).await;
+    assert!(present);
+    expect_silence(&mut sub, Duration::from_millis(500)).await;
+    gw.kill9();
+}
