@@ -22,7 +22,6 @@ pub mod tracking;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-
 use std::time::SystemTime;
 
 use tokio::sync::oneshot;

@@ -540,6 +540,51 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn writes_are_committed_in_order_and_waiters_told_once_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let (p, feeder) = Persist::start(store.clone());
+        let msg = |payload: &'static [u8]| {
+            Arc::new(Message {
+                topic: "r/1".into(),
+                payload: bytes::Bytes::from_static(payload),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                client_id: Arc::from("c"),
+                username: None,
+                properties: Default::default(),
+                received: Instant::now(),
+                packet_id: Some(1),
+            })
+        };
+        let key = SessionKey::new(&Arc::from("s"));
+        // The newest retained value of a topic wins; a delete follows its put.
+        p.retained("r/1", Some(msg(b"old")));
+        p.put_delivery(&key, 1, vec![1]);
+        p.put_delivery(&key, 2, vec![2]);
+        p.retained("r/1", Some(msg(b"new")));
+        p.delete_delivery(&key, 1);
+        let durable = p.durable();
+        assert!(matches!(durable.await, Ok(Outcome::Delivered)));
+        let get = |t: Table, k: &[u8]| {
+            let r = store.read().expect("read");
+            let table = r.open_table(t.def()).expect("table");
+            let v = table.get(k).expect("get").map(|v| v.value().to_vec());
+            v
+        };
+        let kept = get(Table::Retained, b"r/1").expect("retained stored");
+        assert_eq!(&codec::decode_message(&kept).expect("decode").payload[..], b"new");
+        assert_eq!(get(Table::SessionQueue, &key.delivery(1)), None);
+        assert_eq!(get(Table::SessionQueue, &key.delivery(2)), Some(vec![2]));
+        p.delete_session(&key);
+        p.retained("r/1", None);
+        p.close();
+        feeder.await.expect("feeder ends once closed and empty");
+        assert_eq!(get(Table::SessionQueue, &key.delivery(2)), None, "closing flushes");
+        assert_eq!(get(Table::Retained, b"r/1"), None);
+    }
+
     #[test]
     fn a_delivery_round_trips_and_keys_sort_per_session() {
         let msg = Message {
