@@ -32,13 +32,18 @@ struct Gateway {
 impl Gateway {
     /// Starts `mqgate run` with `store.path: <store>` and waits until it accepts MQTT.
     async fn start(dir: &Path, store: &Path) -> Gateway {
+        Gateway::start_with(dir, store, "").await
+    }
+
+    /// [`Gateway::start`] with `extra` config (top-level YAML).
+    async fn start_with(dir: &Path, store: &Path, extra: &str) -> Gateway {
         let mqtt: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let admin: SocketAddr = ([127, 0, 0, 1], free_port()).into();
         let config = dir.join("mqgate.yaml");
         std::fs::write(
             &config,
             format!(
-                "mqtt:\n  listen: \"{mqtt}\"\nadmin:\n  listen: \"{admin}\"\nstore:\n  path: \"{}\"\n",
+                "mqtt:\n  listen: \"{mqtt}\"\nadmin:\n  listen: \"{admin}\"\nstore:\n  path: \"{}\"\n{extra}",
                 store.display()
             ),
         )
@@ -380,5 +385,69 @@ async fn a_released_qos2_delivery_resumes_as_pubrel_and_expired_sessions_are_gon
     let (mut sub, present) = connect(gw.mqtt, &id, false).await;
     assert!(present);
     expect_silence(&mut sub, Duration::from_millis(500)).await;
+    gw.kill9();
+}
+
+#[tokio::test]
+async fn a_source_delivery_acked_for_an_absent_persistent_session_survives_sigkill() {
+    use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+    use lapin::types::{AMQPValue, FieldTable, ShortString};
+    use lapin::BasicProperties;
+
+    let conn = rabbit().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(Default::default()).await.expect("confirms");
+    let queue = unique("mqgate-persist-q");
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-expires"), AMQPValue::LongUInt(60_000));
+    ch.queue_declare(ShortString::from(queue.as_str()), QueueDeclareOptions::default(), args)
+        .await
+        .expect("declare queue");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = dir.path().join("data");
+    let source = format!(
+        "amqp:\n  rabbit:\n    url: \"{AMQP_URL}\"\nrules: []\nsources:\n  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    topic: \"d/1\"\n    qos: 1\n"
+    );
+    let gw = Gateway::start_with(dir.path(), &store, &source).await;
+    let id = unique("down");
+    let (mut sub, _) = connect(gw.mqtt, &id, false).await;
+    sub.subscribe("d/#", QoS::AtLeastOnce).await;
+    disconnect(sub).await;
+    let delivered = "mqgate_source_messages_total{source=\"s\",outcome=\"delivered\"} 1";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !http_get(gw.admin, "/metrics")
+        .await
+        .expect("metrics")
+        .1
+        .contains("outcome=\"delivered\"} 0")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the source never consumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    ch.basic_publish(
+        ShortString::from(""),
+        ShortString::from(queue.as_str()),
+        BasicPublishOptions::default(),
+        b"down",
+        BasicProperties::default(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirmed");
+    // Killed as soon as mqgate acked the delivery to RabbitMQ: from then on, only the store
+    // has it (the gateway restarts without the source, so nothing can redeliver it).
+    while !http_get(gw.admin, "/metrics").await.expect("metrics").1.contains(delivered) {
+        assert!(tokio::time::Instant::now() < deadline, "the delivery was never acked");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    gw.kill9();
+    let _ = ch.queue_delete(ShortString::from(queue.as_str()), QueueDeleteOptions::default()).await;
+
+    let gw = Gateway::start(dir.path(), &store).await;
+    let (mut sub, present) = connect(gw.mqtt, &id, false).await;
+    assert!(present);
+    let p = expect_publish(&mut sub).await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("d/1", &b"down"[..]));
     gw.kill9();
 }

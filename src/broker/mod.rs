@@ -324,13 +324,16 @@ impl Broker {
             Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
             Expiry::Never => None,
         };
-        // Tracked deliveries kept in the parked session (in flight or queued) are MQTT's now.
+        // Tracked deliveries kept in the parked session (in flight or queued) are MQTT's now
+        // (a stored session's once what it wrote so far is durable).
         let mut state = state;
-        for f in &mut state.inflight {
-            tracking::finish(f.ticket.take(), Fate::Taken);
-        }
-        for t in state.subscriber.queue.take_tickets() {
-            t.finish(Fate::Taken);
+        let durable = self.persist.as_ref().filter(|_| state.subscriber.stored().is_some());
+        let tickets = state.inflight.iter_mut().filter_map(|f| f.ticket.take());
+        for t in tickets.chain(state.subscriber.queue.take_tickets()) {
+            match durable {
+                Some(p) => p.finish_when_durable(t),
+                None => t.finish(Fate::Taken),
+            }
         }
         if let (Some(p), Some(key)) = (&self.persist, state.subscriber.stored()) {
             let record = SessionRecord::of(&state, expiry.seconds(), Some(SystemTime::now()));
