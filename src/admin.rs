@@ -1,6 +1,12 @@
-//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`.
+//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, and the dead-letter API
+//! (`dead_letters`: list, show, replay, delete, purge).
 //!
-//! Reads state, never changes it: no route here can affect message flow.
+//! Only the dead-letter routes change anything, and only the dead letters: a replay hands a
+//! message to a target like the spool does, never through a session.
+
+mod dead_letters;
+
+pub use dead_letters::iso8601;
 
 use std::sync::Arc;
 
@@ -12,7 +18,9 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
+use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
 
 /// What the admin routes read.
@@ -22,6 +30,10 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Checked by `/readyz`.
     pub brokers: Vec<AmqpBroker>,
+    /// The targets a dead letter is replayed to.
+    pub rules: Arc<RuleSet>,
+    /// The dead letters; `None` without a store.
+    pub dead_letters: Option<DeadLetters>,
 }
 
 /// The admin routes.
@@ -30,6 +42,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(dead_letters::router())
         .with_state(state)
 }
 
@@ -45,21 +58,22 @@ pub async fn serve(
 }
 
 /// 200 when every AMQP broker is connected (the listeners are bound before this server
-/// starts), 503 otherwise; the body lists each broker's state.
+/// starts), 503 otherwise. The body is JSON: `ready`, `mqtt`, each broker's state under
+/// `amqp`, and `dead_letters` (the count kept; absent without a store).
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    let mut body = String::from("mqtt: listening\n");
     let mut ready = true;
+    let mut amqp = serde_json::Map::new();
     for b in &state.brokers {
         let up = b.is_connected();
         ready &= up;
-        body.push_str(&format!(
-            "amqp {}: {}\n",
-            b.name(),
-            if up { "connected" } else { "disconnected" }
-        ));
+        amqp.insert(b.name().to_owned(), (if up { "connected" } else { "disconnected" }).into());
+    }
+    let mut body = serde_json::json!({ "ready": ready, "mqtt": "listening", "amqp": amqp });
+    if let Some(dl) = &state.dead_letters {
+        body["dead_letters"] = dl.count().into();
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, body)
+    (status, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n"))
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

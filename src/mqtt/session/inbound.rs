@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use super::{End, Session, SessionShared};
 use crate::config::RuleErrorPolicy;
+use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
@@ -78,6 +79,11 @@ impl PendingQueue {
 
     pub(super) fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Entries waiting for their acknowledgement.
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
     }
 
     /// Takes over the QoS 2 packet ids a resumed session had PUBRECed and not seen released.
@@ -370,25 +376,25 @@ pub(super) fn route(
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
-                if rule_failed(shared, rule, msg, &e, &mut waits) {
+                if rule_failed(shared, rule, None, msg, &e, &mut waits) {
                     applied += 1;
                 }
                 continue;
             }
         }
         applied += 1;
-        for target in &rule.targets {
+        for (i, target) in rule.targets.iter().enumerate() {
             match target {
                 Target::Amqp(t) => {
                     let (exchange, routing_key) = match t.resolve(msg, &mut ctx) {
                         Ok(resolved) => resolved,
                         Err(e) => {
-                            rule_failed(shared, rule, msg, &e, &mut waits);
+                            rule_failed(shared, rule, Some(i), msg, &e, &mut waits);
                             continue;
                         }
                     };
                     let options = t.options.clone();
-                    let target = (t, exchange, routing_key, options);
+                    let target = (t, exchange, routing_key, options, rule.recorder(i));
                     send_request(target, msg, &mut waits, blocked);
                     if t.last_value && msg.retain {
                         // The topic's last value: an empty retained payload clears it.
@@ -400,7 +406,8 @@ pub(super) fn route(
                             declare: Some(spec),
                             purge: msg.payload.is_empty(),
                         };
-                        send_request((t, Arc::from(""), name, options), msg, &mut waits, blocked);
+                        let target = (t, Arc::from(""), name, options, rule.recorder(i));
+                        send_request(target, msg, &mut waits, blocked);
                     }
                 }
                 Target::Http(t) => {
@@ -409,7 +416,8 @@ pub(super) fn route(
                         waits.push(rx);
                         tx
                     });
-                    let req = HttpRequest { msg: Arc::clone(msg), ack };
+                    let dead_letter = rule.recorder(i);
+                    let req = HttpRequest { msg: Arc::clone(msg), ack, dead_letter };
                     if !blocked.is_empty() {
                         blocked.push(BlockedRequest::Http(t.clone(), req));
                     } else if let Err(req) = t.try_publish(req) {
@@ -422,10 +430,14 @@ pub(super) fn route(
     (local > 0 || applied > 0, waits)
 }
 
+/// One AMQP publish to make: the target, exchange, routing key, options and dead-letter
+/// recorder.
+type AmqpPublish<'a> = (&'a AmqpTarget, Arc<str>, String, PublishOptions, Option<Arc<Recorder>>);
+
 /// Hands one request for target `t` to its sink (or to `blocked`, see [`route`]); for QoS 1/2
 /// its outcome receiver goes into `waits`.
 fn send_request(
-    (t, exchange, routing_key, options): (&AmqpTarget, Arc<str>, String, PublishOptions),
+    (t, exchange, routing_key, options, dead_letter): AmqpPublish<'_>,
     msg: &Arc<Message>,
     waits: &mut Vec<oneshot::Receiver<Outcome>>,
     blocked: &mut Blocked,
@@ -444,6 +456,7 @@ fn send_request(
         ack,
         metrics: t.metrics.clone(),
         options,
+        dead_letter,
     };
     if !blocked.is_empty() {
         blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
@@ -454,11 +467,14 @@ fn send_request(
 
 /// A rule's condition or template failed on `msg`: counted, then the rule's `on_error`
 /// decides. `fail`: a QoS 1/2 message gets a failed outcome (never acknowledged as
-/// delivered), a QoS 0 one is dropped and counted; returns true (the rule counts as matched).
-/// `skip`: the rule is passed over; returns false.
+/// delivered), a QoS 0 one is dropped and counted; with a store it is kept as a dead letter of
+/// target `target` (a template of that target failed) or of every target of the rule (its
+/// condition failed); returns true (the rule counts as matched). `skip`: the rule is passed
+/// over; returns false.
 fn rule_failed(
     shared: &SessionShared,
     rule: &Rule,
+    target: Option<usize>,
     msg: &Message,
     error: &TemplateError,
     waits: &mut Vec<oneshot::Receiver<Outcome>>,
@@ -468,11 +484,18 @@ fn rule_failed(
     match rule.on_error {
         RuleErrorPolicy::Skip => false,
         RuleErrorPolicy::Fail => {
+            let reason = format!("rule {:?} could not be evaluated: {error}", rule.name);
+            let recorders = match target {
+                Some(i) => rule.dead_letters.get(i..=i).unwrap_or_default(),
+                None => &rule.dead_letters[..],
+            };
+            for r in recorders {
+                r.record(msg, &reason);
+            }
             if msg.qos == QoS::AtMostOnce {
                 shared.metrics.dropped(DROPPED_RULE_ERROR);
             } else {
                 let (tx, rx) = oneshot::channel();
-                let reason = format!("rule {:?} could not be evaluated: {error}", rule.name);
                 let _ = tx.send(Outcome::Failed(Failure::fatal(reason)));
                 waits.push(rx);
             }
