@@ -12,12 +12,13 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::auth::Authenticator;
@@ -51,7 +52,13 @@ pub struct App {
     tasks: JoinSet<()>,
     /// The store, flushed last.
     store: Option<Store>,
+    /// `shutdown_timeout`: how long in-flight messages may take at shutdown.
+    shutdown_timeout: Duration,
 }
+
+/// Time beyond `shutdown_timeout` for closing connections (sessions' sockets, the sinks'
+/// connections) before the remaining tasks are aborted.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl App {
     /// Binds the listeners, connects the sinks and starts every task.
@@ -150,19 +157,33 @@ impl App {
             listener,
             tasks,
             store,
+            shutdown_timeout: config.shutdown_timeout.0,
         })
     }
 
     /// Shuts down and waits for every task: sessions finish their in-flight messages (within
-    /// `shutdown_timeout`), then the sinks close, then the store is flushed.
+    /// `shutdown_timeout`), then the sinks close, then the store is flushed. Bounded: what is
+    /// still running `CLOSE_GRACE` after `shutdown_timeout` is aborted.
     pub async fn stop(mut self) {
+        let hard_deadline = Instant::now() + self.shutdown_timeout + CLOSE_GRACE;
         self.shutdown.cancel();
         if let Some(Err(e)) = self.listener.join_next().await {
             error!(error = %e, "MQTT listener task failed");
         }
         info!("sessions closed; closing the sinks");
         self.sinks_shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        // At least a moment for the sinks, even when the sessions used all the time.
+        let until = hard_deadline.max(Instant::now() + Duration::from_secs(1));
+        let joined = tokio::time::timeout_at(until.into(), async {
+            while self.tasks.join_next().await.is_some() {}
+        });
+        if joined.await.is_err() {
+            warn!(
+                tasks = self.tasks.len(),
+                "tasks still running at the shutdown deadline; aborted"
+            );
+            self.tasks.shutdown().await;
+        }
         if let Some(store) = self.store.take() {
             // Waits for every batch queued before it (dead letters recorded without waiting).
             match store.commit(WriteBatch::new()).await {
