@@ -58,22 +58,25 @@ pub async fn serve(
 }
 
 /// 200 when every AMQP broker is connected (the listeners are bound before this server
-/// starts), 503 otherwise. The body is JSON: `ready`, `mqtt`, each broker's state under
-/// `amqp`, and `dead_letters` (the count kept; absent without a store).
+/// starts), 503 otherwise; the body lists each broker's state and, with a store, how many
+/// dead letters are kept (not a readiness condition).
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut body = String::from("mqtt: listening\n");
     let mut ready = true;
-    let mut amqp = serde_json::Map::new();
     for b in &state.brokers {
         let up = b.is_connected();
         ready &= up;
-        amqp.insert(b.name().to_owned(), (if up { "connected" } else { "disconnected" }).into());
+        body.push_str(&format!(
+            "amqp {}: {}\n",
+            b.name(),
+            if up { "connected" } else { "disconnected" }
+        ));
     }
-    let mut body = serde_json::json!({ "ready": ready, "mqtt": "listening", "amqp": amqp });
     if let Some(dl) = &state.dead_letters {
-        body["dead_letters"] = dl.count().into();
+        body.push_str(&format!("dead letters: {}\n", dl.count()));
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, [(header::CONTENT_TYPE, "application/json")], format!("{body}\n"))
+    (status, body)
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
