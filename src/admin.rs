@@ -22,6 +22,7 @@ use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
 use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
+use crate::spool::Spools;
 
 /// What the admin routes read.
 #[derive(Clone)]
@@ -34,6 +35,8 @@ pub struct AdminState {
     pub rules: Arc<RuleSet>,
     /// The dead letters; `None` without a store.
     pub dead_letters: Option<DeadLetters>,
+    /// Their depth is shown by `/readyz` (not a readiness condition: a spool exists to fill).
+    pub spools: Spools,
 }
 
 /// The admin routes.
@@ -74,6 +77,10 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     }
     if let Some(dl) = &state.dead_letters {
         body.push_str(&format!("dead letters: {}\n", dl.count()));
+    }
+    for s in state.spools.iter() {
+        let (messages, bytes) = s.depth();
+        body.push_str(&format!("spool {}: {messages} messages, {bytes} bytes\n", s.id()));
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body)

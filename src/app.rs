@@ -31,6 +31,7 @@ use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
 use crate::sinks::http::HttpEndpoint;
+use crate::spool;
 use crate::store::{Store, WriteBatch};
 
 /// A running gateway.
@@ -104,6 +105,10 @@ impl App {
             rules.record_dead_letters(dl);
         }
         let rules = Arc::new(rules);
+        let spools =
+            // Stopped with the sinks: appends of the messages in flight at shutdown still land.
+            spool::start(&config, &rules, store.as_ref(), &metrics, &sinks_shutdown, &mut tasks)
+                .await?;
         // Every HTTP target's lanes are started: wait for them at shutdown.
         for endpoint in http.into_values() {
             tasks.spawn(endpoint.finished());
@@ -124,14 +129,17 @@ impl App {
         }
         let mut limits = SessionLimits::from_config(&config.mqtt);
         limits.shutdown_timeout = config.shutdown_timeout.0;
-        let shared = Arc::new(SessionShared::new(
-            broker,
-            Arc::clone(&rules),
-            Arc::new(Authenticator::from_config(&config)?),
-            Arc::clone(&metrics),
-            limits,
-            shutdown.clone(),
-        ));
+        let shared = Arc::new(
+            SessionShared::new(
+                broker,
+                Arc::clone(&rules),
+                Arc::new(Authenticator::from_config(&config)?),
+                Arc::clone(&metrics),
+                limits,
+                shutdown.clone(),
+            )
+            .with_spools(spools.clone()),
+        );
         let max_connections = config.mqtt.max_connections;
         let mut listener = JoinSet::new();
         listener.spawn(listener::run(mqtt_listener, shared, max_connections));
@@ -140,6 +148,7 @@ impl App {
             brokers: brokers.into_values().collect(),
             rules,
             dead_letters: dead_letters.clone(),
+            spools,
         };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {

@@ -16,6 +16,7 @@ use serde_saphyr::{Location, Spanned};
 use crate::mqtt::topic;
 pub use crate::rules::mapping::TopicMapping;
 pub use crate::sinks::http::config::{HttpEndpointConfig, HttpTargetConfig};
+pub use crate::spool::config::{AckPolicy, ByteSize, OnFull, SpoolConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +200,20 @@ pub struct RuleConfig {
     /// What happens to a message the rule's `when:` or templates fail to evaluate on.
     #[serde(default)]
     pub on_error: RuleErrorPolicy,
+    /// When a QoS 1/2 message matching the rule is acknowledged to the device: `sink`
+    /// (default), `spool` or `receive` (see [`AckPolicy`]).
+    #[serde(default)]
+    pub ack: Option<Spanned<AckPolicy>>,
+    /// The bounds of the spools of an `ack: spool` rule (one per target).
+    #[serde(default)]
+    pub spool: Option<Spanned<SpoolConfig>>,
+}
+
+impl RuleConfig {
+    /// The rule's `ack:` policy (`sink` when not given).
+    pub fn ack_policy(&self) -> AckPolicy {
+        self.ack.as_ref().map(|a| a.value).unwrap_or_default()
+    }
 }
 
 /// `on_error:` of a rule: a message its condition or templates cannot be evaluated on.
@@ -627,6 +642,7 @@ impl Config {
         crate::sources::config::validate(&self.sources, &brokers, &mut err);
         self.validate_auth(&mut err);
         crate::sinks::http::config::validate(self, &mut err);
+        crate::spool::config::validate(self, &mut err);
         errors
     }
 

@@ -129,7 +129,8 @@ impl std::fmt::Debug for DeadLetters {
 }
 
 impl DeadLetters {
-    /// Opens the dead letters of `store`, keeping at most [`DEFAULT_LIMIT`].
+    /// Opens the dead letters of `store`, keeping at most [`DEFAULT_LIMIT`]. Once per store:
+    /// a second instance would have its own index and give out the same ids (clone this one).
     pub fn new(store: Store, metrics: &Metrics) -> Result<Self, StoreError> {
         Self::with_limit(store, metrics, DEFAULT_LIMIT)
     }

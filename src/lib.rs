@@ -12,4 +12,5 @@ pub mod mqtt;
 pub mod rules;
 pub mod sinks;
 pub mod sources;
+pub mod spool;
 pub mod store;

@@ -172,6 +172,8 @@ pub struct Metrics {
     pub source_messages: Family<SourceLabels, Counter>,
     /// Per source: consuming (1/0).
     pub source_connected: Family<SourceNameLabels, Gauge>,
+    /// The spool families (per target of `ack: spool` rules).
+    pub spool: crate::spool::metrics::SpoolFamilies,
     /// Dead letters kept in the store now.
     pub dead_letters: Gauge,
     /// Per rule and target: messages recorded as dead letters.
@@ -189,6 +191,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("mqgate");
         let http = HttpFamilies::register(&mut registry);
+        let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
         let m = Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
@@ -213,6 +216,7 @@ impl Metrics {
             rule_skipped: Family::default(),
             source_messages: Family::default(),
             source_connected: Family::default(),
+            spool,
             dead_letters: Gauge::default(),
             dead_lettered: Family::default(),
             registry: Registry::default(),

@@ -273,6 +273,30 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
 }
 
 #[tokio::test]
+async fn a_replay_to_an_ack_spool_target_goes_through_its_spool() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (addr, seen) = webhook().await;
+    let rules = http_rules(addr)
+        + "  - name: spooled\n    from: \"never/#\"\n    ack: spool\n    to:\n      - http:\n          endpoint: api\n          path: /spooled\n";
+    let app = gateway(&config(dir.path(), &rules)).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "dl-spool").await;
+    c.publish("h/1", QoS::AtLeastOnce, 1, b"via the spool").await;
+    assert!(matches!(c.recv().await, Some(Packet::PubAck(a)) if !a.code.is_success()));
+    let id = wait_letters(&app, 1).await[0]["id"].as_u64().expect("id");
+    let (code, out, err) = cli_async(&app, &["replay", &id.to_string(), "--to", "spooled/0"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("spooled for spooled/0"), "{out}");
+    wait_letters(&app, 0).await;
+    // The spool's forwarder delivers it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !seen.lock().expect("seen").iter().any(|(p, _)| p == "/spooled") {
+        assert!(tokio::time::Instant::now() < deadline, "the spool never forwarded it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_311_resend_of_a_failed_message_is_kept_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (addr, _seen) = webhook().await;

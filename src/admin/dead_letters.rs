@@ -10,8 +10,10 @@
 //! ```
 //!
 //! A replay hands the message to a target with `rules::Target::send` and waits for its real
-//! outcome: delivered removes the letter; a failure keeps it with the new reason. It never
-//! goes through a session, so nothing is recorded twice and no device is told anything.
+//! outcome: delivered removes the letter; a failure keeps it with the new reason. A target of
+//! an `ack: spool` rule gets it through its spool instead: durably spooled removes the letter
+//! (the spool forwards it, and moves it back here if it fails for good). It never goes through
+//! a session, so nothing is recorded twice and no device is told anything.
 //! Errors are JSON too: `{"error": "..."}` with 400 (bad request), 404 (unknown id or target),
 //! 503 (no store configured) or 500 (the store failed).
 
@@ -28,10 +30,12 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::AdminState;
+use crate::config::AckPolicy;
 use crate::deadletters::{DeadLetter, DeadLetters};
 use crate::message::Message;
 use crate::rules::RuleSet;
 use crate::sinks::Outcome;
+use crate::spool::{Append, Spools};
 
 /// Letters in a page when `limit` is not given.
 const DEFAULT_PAGE: usize = 100;
@@ -311,6 +315,9 @@ struct Replayed {
     id: u64,
     to: String,
     delivered: bool,
+    /// Into the target's spool (`ack: spool`): delivered means durably spooled.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    spooled: bool,
     /// Why it failed again (kept, with this reason).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -339,7 +346,7 @@ async fn replay_one(
         return a;
     }
     let msg = Arc::new(letter.message);
-    let pending = send(&state.rules, &to, &msg).await;
+    let pending = send(&state.rules, &state.spools, &to, &msg).await;
     match settle(dl, id, &to, pending).await {
         Ok(r) => {
             let status = if r.delivered { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
@@ -390,7 +397,7 @@ async fn replay_all(State(state): State<AdminState>, body: Bytes) -> Answer {
             }
             let to = req.to.clone().unwrap_or(l.target);
             let msg = Arc::new(l.message);
-            pending.push((id, to.clone(), send(&state.rules, &to, &msg).await));
+            pending.push((id, to.clone(), send(&state.rules, &state.spools, &to, &msg).await));
         }
         for (id, to, p) in pending {
             match settle(dl, id, &to, p).await {
@@ -427,16 +434,26 @@ fn known_target(rules: &RuleSet, id: &str) -> Result<(), Answer> {
 
 /// A replay on its way: the pending delivery, or why it could not start.
 enum Pending {
+    /// Handed to the target's sink.
     Sent(crate::rules::Delivery),
+    /// Appended to the target's spool (`ack: spool`): `Delivered` once durably spooled.
+    Spooled(tokio::sync::oneshot::Receiver<Outcome>),
     NotSent(String),
 }
 
-/// Hands `msg` to target `to`.
-async fn send(rules: &RuleSet, to: &str, msg: &Arc<Message>) -> Pending {
-    match rules.target(to) {
-        Some((_, target)) => Pending::Sent(target.send(msg).await),
-        None => Pending::NotSent(format!("no target {to:?}")),
+/// Hands `msg` to target `to`: to its spool when its rule is `ack: spool`, else to its sink.
+async fn send(rules: &RuleSet, spools: &Spools, to: &str, msg: &Arc<Message>) -> Pending {
+    let Some((rule, target)) = rules.target(to) else {
+        return Pending::NotSent(format!("no target {to:?}"));
+    };
+    if rule.ack == AckPolicy::Spool {
+        if let Some(spool) = spools.iter().find(|s| s.id() == to) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            spool.append(Append { msg: Arc::clone(msg), ack: Some(tx) }).await;
+            return Pending::Spooled(rx);
+        }
     }
+    Pending::Sent(target.send(msg).await)
 }
 
 /// Waits for a replay's outcome: delivered removes letter `id`, a failure keeps it with the
@@ -447,20 +464,24 @@ async fn settle(
     to: &str,
     pending: Pending,
 ) -> Result<Replayed, crate::store::StoreError> {
+    let spooled = matches!(pending, Pending::Spooled(_));
     let outcome = match pending {
         Pending::Sent(d) => d.outcome().await,
+        Pending::Spooled(rx) => rx.await.unwrap_or_else(|_| {
+            Outcome::Failed(crate::sinks::Failure::retryable("the spool dropped the message"))
+        }),
         Pending::NotSent(reason) => Outcome::Failed(crate::sinks::Failure::fatal(reason)),
     };
     match outcome {
         Outcome::Delivered => {
             dl.remove(&[id]).await?;
-            info!(id, %to, "dead letter replayed");
-            Ok(Replayed { id, to: to.to_owned(), delivered: true, reason: None })
+            info!(id, %to, spooled, "dead letter replayed");
+            Ok(Replayed { id, to: to.to_owned(), delivered: true, spooled, reason: None })
         }
         Outcome::Failed(f) => {
             let reason = format!("replay to {to} failed: {}", f.reason);
             dl.update_reason(id, &reason).await?;
-            Ok(Replayed { id, to: to.to_owned(), delivered: false, reason: Some(reason) })
+            Ok(Replayed { id, to: to.to_owned(), delivered: false, spooled, reason: Some(reason) })
         }
     }
 }

@@ -163,7 +163,9 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
 
 fn render_replayed(r: &Value) -> String {
     let (id, to) = (num(r, "id"), text(r, "to"));
-    if r.get("delivered").and_then(Value::as_bool) == Some(true) {
+    if r.get("spooled").and_then(Value::as_bool) == Some(true) {
+        format!("{id}: spooled for {to} (removed; the spool forwards it)\n")
+    } else if r.get("delivered").and_then(Value::as_bool) == Some(true) {
         format!("{id}: delivered to {to} (removed)\n")
     } else {
         format!("{id}: not delivered: {} (kept)\n", text(r, "reason"))

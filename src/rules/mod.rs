@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 use tokio::sync::oneshot;
 
-use crate::config::{Config, RuleErrorPolicy, TargetConfig};
+use crate::config::{AckPolicy, Config, RuleErrorPolicy, TargetConfig};
 use crate::deadletters::{DeadLetters, Recorder};
 use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
@@ -61,6 +61,8 @@ pub struct Rule {
     pub when: Option<Condition>,
     /// What a message the condition or a template fails on gets.
     pub on_error: RuleErrorPolicy,
+    /// When a QoS 1/2 message is acknowledged: after the sinks, the spool, or on receipt.
+    pub ack: AckPolicy,
     /// Messages the condition or a template could not be evaluated on.
     pub errors: Counter,
     /// Messages the condition turned away.
@@ -368,6 +370,7 @@ impl RuleSet {
                 targets,
                 when: None,
                 on_error: rc.on_error,
+                ack: rc.ack_policy(),
                 errors,
                 skipped,
                 dead_letters: Vec::new(),

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::{End, Session, SessionShared};
-use crate::config::RuleErrorPolicy;
+use crate::config::{AckPolicy, RuleErrorPolicy};
 use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::mqtt::codec::{
@@ -30,6 +30,7 @@ use crate::rules::{AmqpTarget, LazyContext, Rule, Target};
 use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
 use crate::sinks::http::{HttpRequest, HttpTarget};
 use crate::sinks::{Failure, Outcome};
+use crate::spool::{Append, Spool};
 
 /// One QoS 1/2 PUBLISH waiting for its acknowledgement.
 #[derive(Debug)]
@@ -340,6 +341,8 @@ pub(super) enum BlockedRequest {
     Amqp(AmqpBroker, PublishRequest),
     /// For an HTTP target's lane.
     Http(HttpTarget, HttpRequest),
+    /// For a target's spool (`ack: spool`).
+    Spool(Spool, Append),
 }
 
 /// Sends requests that found their sink's queue full, in order, waiting for room.
@@ -348,6 +351,7 @@ pub(super) async fn send_blocked(blocked: Blocked) {
         match entry {
             BlockedRequest::Amqp(broker, req) => broker.publish(req).await,
             BlockedRequest::Http(target, req) => target.publish(req).await,
+            BlockedRequest::Spool(spool, append) => spool.append(append).await,
         }
     }
 }
@@ -371,7 +375,8 @@ pub(super) fn route(
     let mut applied = 0usize;
     // Built only when a condition or template needs it.
     let mut ctx: LazyContext = None;
-    for rule in hits.iter().filter_map(|i| shared.rules.rule(*i)) {
+    for &index in hits.iter() {
+        let Some(rule) = shared.rules.rule(index) else { continue };
         match rule.applies(msg, &mut ctx) {
             Ok(true) => {}
             Ok(false) => continue,
@@ -383,6 +388,16 @@ pub(super) fn route(
             }
         }
         applied += 1;
+        if rule.ack == AckPolicy::Spool {
+            let spools = shared.spools.for_rule(index);
+            spool_message(spools, rule.targets.len(), msg, &mut waits, blocked);
+            continue;
+        }
+        // `ack: receive`: the targets' outcomes are not waited for; their receivers are
+        // dropped here (the sinks still count failures). A failure known now (a template
+        // that cannot render) still fails the message.
+        let receive = rule.ack == AckPolicy::Receive;
+        let mut not_awaited = Vec::new();
         for (i, target) in rule.targets.iter().enumerate() {
             match target {
                 Target::Amqp(t) => {
@@ -393,9 +408,10 @@ pub(super) fn route(
                             continue;
                         }
                     };
+                    let w = if receive { &mut not_awaited } else { &mut waits };
                     let options = t.options.clone();
                     let target = (t, exchange, routing_key, options, rule.recorder(i));
-                    send_request(target, msg, &mut waits, blocked);
+                    send_request(target, msg, w, blocked);
                     if t.last_value && msg.retain {
                         // The topic's last value: an empty retained payload clears it.
                         let spec = Arc::new(QueueSpec::last_value(&msg.topic));
@@ -407,13 +423,14 @@ pub(super) fn route(
                             purge: msg.payload.is_empty(),
                         };
                         let target = (t, Arc::from(""), name, options, rule.recorder(i));
-                        send_request(target, msg, &mut waits, blocked);
+                        send_request(target, msg, w, blocked);
                     }
                 }
                 Target::Http(t) => {
+                    let w = if receive { &mut not_awaited } else { &mut waits };
                     let ack = (msg.qos != QoS::AtMostOnce).then(|| {
                         let (tx, rx) = oneshot::channel();
-                        waits.push(rx);
+                        w.push(rx);
                         tx
                     });
                     let dead_letter = rule.recorder(i);
@@ -428,6 +445,38 @@ pub(super) fn route(
         }
     }
     (local > 0 || applied > 0, waits)
+}
+
+/// Appends `msg` to the spool of each of an `ack: spool` rule's `targets` targets (or to
+/// `blocked`, see [`route`]); for QoS 1/2 the receivers of "durably spooled" go into `waits`.
+/// Spools that are not running (never expected: `spool::start` makes one per target) fail
+/// the message rather than let it be acknowledged without a copy.
+fn spool_message(
+    spools: &[Spool],
+    targets: usize,
+    msg: &Arc<Message>,
+    waits: &mut Vec<oneshot::Receiver<Outcome>>,
+    blocked: &mut Blocked,
+) {
+    if spools.len() != targets {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Outcome::Failed(Failure::retryable("the rule's spools are not running")));
+        waits.push(rx);
+        return;
+    }
+    for spool in spools {
+        let ack = (msg.qos != QoS::AtMostOnce).then(|| {
+            let (tx, rx) = oneshot::channel();
+            waits.push(rx);
+            tx
+        });
+        let append = Append { msg: Arc::clone(msg), ack };
+        if !blocked.is_empty() {
+            blocked.push(BlockedRequest::Spool(spool.clone(), append));
+        } else if let Err(append) = spool.try_append(append) {
+            blocked.push(BlockedRequest::Spool(spool.clone(), append));
+        }
+    }
 }
 
 /// One AMQP publish to make: the target, exchange, routing key, options and dead-letter

@@ -38,6 +38,7 @@ use crate::mqtt::codec::{
 use crate::mqtt::connection::Connection;
 use crate::mqtt::topic::TopicLimits;
 use crate::rules::RuleSet;
+use crate::spool::Spools;
 use prometheus_client::metrics::counter::Counter;
 
 use inbound::PendingQueue;
@@ -124,7 +125,13 @@ impl SessionShared {
             acl_denied_subscribe,
             limits,
             shutdown,
+            spools: Spools::default(),
         }
+    }
+
+    /// The spools of the `ack: spool` rules (none by default).
+    pub fn with_spools(self, spools: Spools) -> Self {
+        SessionShared { spools, ..self }
     }
 }
 
@@ -149,6 +156,8 @@ pub struct SessionShared {
     pub limits: SessionLimits,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
+    /// The spool of each target of every `ack: spool` rule, by rule index.
+    pub spools: Spools,
 }
 
 /// Why a session ended; decides whether the will is published and what is logged.
