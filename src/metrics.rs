@@ -25,6 +25,15 @@ pub struct TargetLabels {
     pub target: String,
 }
 
+/// Labels of the dead-letter counter: the rule and its target id (`rule/index`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    /// The rule's `name`.
+    pub rule: String,
+    /// The target id, `rule/index` (what `mqgate dead-letters replay --to` names).
+    pub target: String,
+}
+
 /// Labels naming an AMQP broker connection.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BrokerLabels {
@@ -167,6 +176,12 @@ pub struct Metrics {
     pub source_messages: Family<SourceLabels, Counter>,
     /// Per source: consuming (1/0).
     pub source_connected: Family<SourceNameLabels, Gauge>,
+    /// The spool families (per target of `ack: spool` rules).
+    pub spool: crate::spool::metrics::SpoolFamilies,
+    /// Dead letters kept in the store now.
+    pub dead_letters: Gauge,
+    /// Per rule and target: messages recorded as dead letters.
+    pub dead_lettered: Family<DeadLetterLabels, Counter>,
     /// The store's figures, read at each scrape once the store is open.
     pub store: Arc<StoreMetrics>,
 }
@@ -240,6 +255,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("mqgate");
         let http = HttpFamilies::register(&mut registry);
+        let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
         let m = Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
@@ -264,6 +280,9 @@ impl Metrics {
             rule_skipped: Family::default(),
             source_messages: Family::default(),
             source_connected: Family::default(),
+            spool,
+            dead_letters: Gauge::default(),
+            dead_lettered: Family::default(),
             store: Arc::default(),
             registry: Registry::default(),
         };
@@ -373,6 +392,16 @@ impl Metrics {
             "source_connected",
             "1 while a source consumes its queue",
             m.source_connected.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages kept as dead letters in the store (failed for good)",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages recorded as dead letters, by rule and target",
+            m.dead_lettered.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }
