@@ -22,9 +22,11 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-/// The binary running with its store under `store`.
+/// The binary running with its store under `store`; killed when dropped (a failed test
+/// leaves no process behind).
 struct Gateway {
-    child: Child,
+    /// `None` once stopped.
+    child: Option<Child>,
     mqtt: SocketAddr,
     admin: SocketAddr,
 }
@@ -58,7 +60,7 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
         loop {
             if tokio::net::TcpStream::connect(mqtt).await.is_ok() {
-                return Gateway { child, mqtt, admin };
+                return Gateway { child: Some(child), mqtt, admin };
             }
             if let Ok(Some(status)) = child.try_wait() {
                 let out = child.wait_with_output().expect("output");
@@ -71,17 +73,28 @@ impl Gateway {
 
     /// SIGKILL: no shutdown, nothing flushed that was not durable already.
     fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("wait");
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("wait");
     }
 
     /// SIGTERM, and the exit status must be success.
-    fn stop(self) {
-        let pid = self.child.id().to_string();
+    fn stop(mut self) {
+        let child = self.child.take().expect("running");
+        let pid = child.id().to_string();
         let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill -TERM");
         assert!(status.success());
-        let out = self.child.wait_with_output().expect("wait");
+        let out = child.wait_with_output().expect("wait");
         assert!(out.status.success(), "{}: {}", out.status, String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
