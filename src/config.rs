@@ -16,6 +16,7 @@ use serde_saphyr::{Location, Spanned};
 use crate::mqtt::topic;
 pub use crate::rules::mapping::TopicMapping;
 pub use crate::sinks::http::config::{HttpEndpointConfig, HttpTargetConfig};
+pub use crate::spool::config::{AckPolicy, ByteSize, OnFull, SpoolConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +52,10 @@ pub struct Config {
     /// Without it everything is kept in memory only and `ack: spool` cannot be used.
     #[serde(default)]
     pub store: Option<StoreConfig>,
+    /// On SIGTERM/SIGINT: how long in-flight QoS 1/2 messages may take to get their outcome
+    /// and acknowledgement before the connections are closed anyway.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
 }
 
 /// `store:`: where mqgate keeps what must survive a restart.
@@ -60,6 +65,10 @@ pub struct StoreConfig {
     /// The directory holding the store file (`mqgate.redb`); created if missing. A relative
     /// path is taken from the working directory.
     pub path: Spanned<std::path::PathBuf>,
+    /// Most dead letters kept; a new one beyond evicts the oldest
+    /// (`mqgate_messages_dropped{reason="dead_letters_full"}`).
+    #[serde(default = "default_max_dead_letters")]
+    pub max_dead_letters: usize,
 }
 
 /// `mqtt:`: the device-facing listener.
@@ -191,6 +200,20 @@ pub struct RuleConfig {
     /// What happens to a message the rule's `when:` or templates fail to evaluate on.
     #[serde(default)]
     pub on_error: RuleErrorPolicy,
+    /// When a QoS 1/2 message matching the rule is acknowledged to the device: `sink`
+    /// (default), `spool` or `receive` (see [`AckPolicy`]).
+    #[serde(default)]
+    pub ack: Option<Spanned<AckPolicy>>,
+    /// The bounds of the spools of an `ack: spool` rule (one per target).
+    #[serde(default)]
+    pub spool: Option<Spanned<SpoolConfig>>,
+}
+
+impl RuleConfig {
+    /// The rule's `ack:` policy (`sink` when not given).
+    pub fn ack_policy(&self) -> AckPolicy {
+        self.ack.as_ref().map(|a| a.value).unwrap_or_default()
+    }
 }
 
 /// `on_error:` of a rule: a message its condition or templates cannot be evaluated on.
@@ -367,6 +390,12 @@ fn parse_duration(text: &str) -> Option<Duration> {
     }
 }
 
+const fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+const fn default_max_dead_letters() -> usize {
+    crate::deadletters::DEFAULT_LIMIT
+}
 const fn default_max_connections() -> usize {
     10_000
 }
@@ -613,6 +642,7 @@ impl Config {
         crate::sources::config::validate(&self.sources, &brokers, &mut err);
         self.validate_auth(&mut err);
         crate::sinks::http::config::validate(self, &mut err);
+        crate::spool::config::validate(self, &mut err);
         errors
     }
 

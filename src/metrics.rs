@@ -3,11 +3,15 @@
 //! Hot paths hold pre-resolved handles (a `Counter` is a cheap `Arc` clone), so counting a
 //! message never looks up a label set. Owns no I/O; the admin server encodes the registry.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -18,6 +22,15 @@ pub struct TargetLabels {
     /// The rule's `name`.
     pub rule: String,
     /// The target, e.g. `amqp:rabbit/amq.topic`.
+    pub target: String,
+}
+
+/// Labels of the dead-letter counter: the rule and its target id (`rule/index`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeadLetterLabels {
+    /// The rule's `name`.
+    pub rule: String,
+    /// The target id, `rule/index` (what `mqgate dead-letters replay --to` names).
     pub target: String,
 }
 
@@ -163,6 +176,72 @@ pub struct Metrics {
     pub source_messages: Family<SourceLabels, Counter>,
     /// Per source: consuming (1/0).
     pub source_connected: Family<SourceNameLabels, Gauge>,
+    /// The spool families (per target of `ack: spool` rules).
+    pub spool: crate::spool::metrics::SpoolFamilies,
+    /// Dead letters kept in the store now.
+    pub dead_letters: Gauge,
+    /// Per rule and target: messages recorded as dead letters.
+    pub dead_lettered: Family<DeadLetterLabels, Counter>,
+    /// The store's figures, read at each scrape once the store is open.
+    pub store: Arc<StoreMetrics>,
+}
+
+/// The store's size and its writer's counters (`store::Stats`), exported as
+/// `mqgate_store_size_bytes`, `mqgate_store_commits_total`, `mqgate_store_batches_total`
+/// and `mqgate_store_commit_seconds_total`. Read when scraped rather than copied into
+/// metrics, so the writer counts with plain atomics; nothing is exported without a store.
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    store: OnceLock<crate::store::Store>,
+}
+
+impl StoreMetrics {
+    /// Exports `store`'s figures from now on (the first call wins).
+    pub fn set(&self, store: crate::store::Store) {
+        let _ = self.store.set(store);
+    }
+}
+
+impl Collector for StoreMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        let stats = store.stats();
+        let size = ConstGauge::new(i64::try_from(store.file_size()).unwrap_or(i64::MAX));
+        let help = "Size of the store file";
+        size.encode(encoder.encode_descriptor(
+            "store_size_bytes",
+            help,
+            None,
+            size.metric_type(),
+        )?)?;
+        let commits = ConstCounter::new(stats.commits.load(Ordering::Relaxed));
+        let help = "Durable commits of the store (each one fsync)";
+        commits.encode(encoder.encode_descriptor(
+            "store_commits",
+            help,
+            None,
+            commits.metric_type(),
+        )?)?;
+        let batches = ConstCounter::new(stats.batches.load(Ordering::Relaxed));
+        let help = "Write batches committed to the store (many share one commit)";
+        batches.encode(encoder.encode_descriptor(
+            "store_batches",
+            help,
+            None,
+            batches.metric_type(),
+        )?)?;
+        let micros = stats.commit_micros.load(Ordering::Relaxed) as f64;
+        let seconds = ConstCounter::new(micros / 1e6);
+        let help = "Time spent in store commits";
+        seconds.encode(encoder.encode_descriptor(
+            "store_commit_seconds",
+            help,
+            None,
+            seconds.metric_type(),
+        )?)
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -176,6 +255,7 @@ impl Metrics {
     pub fn new() -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("mqgate");
         let http = HttpFamilies::register(&mut registry);
+        let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
         let m = Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
@@ -200,8 +280,13 @@ impl Metrics {
             rule_skipped: Family::default(),
             source_messages: Family::default(),
             source_connected: Family::default(),
+            spool,
+            dead_letters: Gauge::default(),
+            dead_lettered: Family::default(),
+            store: Arc::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(Arc::clone(&m.store)));
         registry.register("connections", "Open MQTT connections", m.connections.clone());
         registry.register(
             "connections_accepted",
@@ -307,6 +392,16 @@ impl Metrics {
             "source_connected",
             "1 while a source consumes its queue",
             m.source_connected.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Messages kept as dead letters in the store (failed for good)",
+            m.dead_letters.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Messages recorded as dead letters, by rule and target",
+            m.dead_lettered.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

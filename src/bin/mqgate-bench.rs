@@ -225,6 +225,10 @@ enum ModeArg {
     /// AMQP→MQTT: a queue drained by a plain AMQP consumer vs by mqgate's source to one
     /// MQTT QoS 1 subscriber (prefetch = --window).
     Downlink,
+    /// Through the same spawned mqgate (with a store), alternating: a plain rule, `ack: sink`
+    /// (`gateway`), vs an `ack: spool` rule (`spool`: PUBACK once fsynced into the spool, then
+    /// forwarded to the same exchange). The figure is the acknowledged rate (`sent`).
+    Spool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -244,6 +248,8 @@ enum Mode {
     Mqgate,
     /// Through mqgate, the rule with a routing_key template and a when: condition.
     Templated,
+    /// Through mqgate, the `ack: spool` rule.
+    Spooled,
 }
 
 impl Mode {
@@ -254,6 +260,7 @@ impl Mode {
             Mode::Gateway => "gateway",
             Mode::Mqgate => "mqgate",
             Mode::Templated => "templates",
+            Mode::Spooled => "spool",
         }
     }
 }
@@ -268,6 +275,9 @@ impl Args {
         }
         if has(ModeArg::Templates) {
             return vec![Mode::Gateway, Mode::Templated];
+        }
+        if has(ModeArg::Spool) {
+            return vec![Mode::Gateway, Mode::Spooled];
         }
         let mut modes = Vec::new();
         if all || has(ModeArg::Both) || has(ModeArg::Direct) {
@@ -442,6 +452,9 @@ async fn run(args: Args) -> Result<bool> {
         for c in &comparisons {
             println!("{}", c.text());
         }
+        if let Some(line) = stats::spool_ack_rates(&reports) {
+            println!("{line}");
+        }
         for n in &bench.notes {
             println!("note: {n}");
         }
@@ -486,6 +499,7 @@ async fn run_idle(args: &Args) -> Result<bool> {
         max_connections: n + 100,
         outbound_queue: 1024,
         ready_timeout: Duration::from_secs(20),
+        store: None,
     })
     .await?;
     let pid = gw.pid().context("mqgate not running")?;
@@ -558,7 +572,10 @@ impl Bench {
                 a.publishers,
             );
         }
-        if modes.iter().any(|m| matches!(m, Mode::Direct | Mode::Gateway | Mode::Templated)) {
+        if modes
+            .iter()
+            .any(|m| matches!(m, Mode::Direct | Mode::Gateway | Mode::Templated | Mode::Spooled))
+        {
             let conn = amqp::connect(&self.args.amqp_url).await?;
             if self.args.mqtt_addr.is_some() {
                 amqp::check_exchange(&conn, &self.exchange).await?;
@@ -631,6 +648,11 @@ impl Bench {
                     .context("the bench binary has no directory")?
                     .join("mqgate"),
             };
+            // `--mode spool`: the store next to the gateway's config and log (the temp
+            // directory: a real disk here, so every commit's fsync is real), removed with them.
+            let spool_store = self.args.mode.contains(&ModeArg::Spool).then(|| {
+                std::env::temp_dir().join(format!("mqgate-bench-{}", self.pid)).join("store")
+            });
             let started = Gateway::start(&GatewaySpec {
                 binary: &binary,
                 amqp_url: &self.args.amqp_url,
@@ -646,6 +668,7 @@ impl Bench {
                     1024
                 },
                 ready_timeout: Duration::from_secs(20),
+                store: spool_store.as_deref(),
             })
             .await;
             let gw = match started {
@@ -683,7 +706,9 @@ impl Bench {
         let builder = PayloadBuilder::new(args.payload as usize, tag);
         let tracker = Tracker::new(tag, messages);
         let mqtt_addr = match mode {
-            Mode::Gateway | Mode::Mqgate | Mode::Templated => Some(self.gateway_addr().await?),
+            Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled => {
+                Some(self.gateway_addr().await?)
+            }
             Mode::Mosquitto => Some(match &self.mosquitto {
                 Some(m) => m.addr.clone(),
                 None => self.args.mosquitto_addr.clone(),
@@ -696,12 +721,13 @@ impl Bench {
             Mode::Mosquitto | Mode::Mqgate => format!("mqgate-bench/{}-{run}", self.pid),
             // Matched by the templated rule only (see gateway::config_yaml).
             Mode::Templated => gateway::TEMPLATED_PREFIX.to_owned(),
+            Mode::Spooled => gateway::SPOOL_PREFIX.to_owned(),
             _ => "bench".to_owned(),
         };
 
         // The consumer, ready before anything is sent.
         let consumer: JoinHandle<Result<RecvStats>> = match mode {
-            Mode::Direct | Mode::Gateway | Mode::Templated => {
+            Mode::Direct | Mode::Gateway | Mode::Templated | Mode::Spooled => {
                 let control = self.control.as_ref().context("no AMQP connection")?;
                 let queue = amqp::BenchQueue::declare(control, &self.exchange, "bench.#").await?;
                 tokio::spawn(queue.consume(tracker, clock, self.idle).await?)
@@ -800,7 +826,7 @@ impl Bench {
         }
 
         // Go; wait for the consumer, noting publishers that fail meanwhile.
-        let spawned = matches!(mode, Mode::Gateway | Mode::Templated);
+        let spawned = matches!(mode, Mode::Gateway | Mode::Templated | Mode::Spooled);
         let cpu_before = self.gateway.as_ref().filter(|_| spawned).and_then(Gateway::cpu_time);
         let start_ns = clock.now_ns();
         let _ = phase_tx.send(Phase::Go(start_ns));
@@ -838,7 +864,7 @@ impl Bench {
                 RecvStats::default()
             }
         };
-        if matches!(mode, Mode::Gateway | Mode::Mqgate | Mode::Templated) {
+        if matches!(mode, Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled) {
             if let Some(gw) = self.gateway.as_mut() {
                 if let Err(e) = gw.check_alive() {
                     errors.push(format!("{e:#}"));

@@ -162,6 +162,9 @@ pub enum StoreError {
     /// The writer has stopped (after a failed commit, or at shutdown).
     #[error("store: the writer has stopped")]
     Closed,
+    /// The writer's queue is full ([`Store::try_commit`] does not wait for room).
+    #[error("store: the writer is busy (its queue is full)")]
+    Busy,
 }
 
 impl StoreError {
@@ -243,6 +246,18 @@ impl Store {
         let (done, rx) = oneshot::channel();
         self.inner.tx.send(Request { batch, done }).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Queues `batch` for the writer without waiting, for a caller that cannot await (a sink's
+    /// loop recording a dead letter). The batch is committed like any other, but nobody
+    /// learns when or whether: a failed commit is only logged by the writer. `Busy` when the
+    /// writer's queue is full (the caller decides what is dropped).
+    pub fn try_commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let (done, _) = oneshot::channel();
+        self.inner.tx.try_send(Request { batch, done }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StoreError::Busy,
+            mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+        })
     }
 
     /// A consistent snapshot for reading: sees every commit that returned before this call.

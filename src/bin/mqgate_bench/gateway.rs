@@ -35,6 +35,8 @@ pub struct GatewaySpec<'a> {
     /// `mqtt.outbound_queue`: messages queued for one subscriber before new ones are dropped.
     pub outbound_queue: usize,
     pub ready_timeout: Duration,
+    /// `--mode spool`: the store directory, for the `ack: spool` rule (see [`spool_yaml`]).
+    pub store: Option<&'a Path>,
 }
 
 /// A loopback port that was free a moment ago.
@@ -46,6 +48,22 @@ pub fn free_port() -> Result<u16> {
 /// Topic prefix of `--mode templates`' templated runs: `benchT/<i>`, matched only by the
 /// templated rule.
 pub const TEMPLATED_PREFIX: &str = "benchT";
+
+/// Topic prefix of `--mode spool`'s spooled runs: `benchS/<i>`, matched only by the
+/// `ack: spool` rule.
+pub const SPOOL_PREFIX: &str = "benchS";
+
+/// What `--mode spool` adds to [`config_yaml`]: a store in `store`, and a rule that spools
+/// every `benchS/#` message (acknowledged once fsynced into the spool) and forwards it to
+/// `exchange` with the routing key `bench.s`, so the run's consumer gets them too.
+pub fn spool_yaml(store: &Path, exchange: &str) -> String {
+    format!(
+        "\x20 - name: bench-spool\n    from: \"{SPOOL_PREFIX}/#\"\n    ack: spool\n    spool:\n      replay_rate: 0\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n          routing_key: \"bench.s\"\n\
+         store:\n  path: {}\n",
+        json_str(exchange),
+        json_str(&store.display().to_string()),
+    )
+}
 
 /// The gateway config for a bench: every `bench/#` topic to `exchange` (a plain rule), and
 /// every `benchT/#` topic to the same exchange through a rule with a `when:` condition and a
@@ -79,7 +97,7 @@ impl Gateway {
     /// Writes the config, starts mqgate and waits until `/readyz` says 200.
     pub async fn start(spec: &GatewaySpec<'_>) -> Result<Gateway> {
         Gateway::start_with(spec.binary, spec.ready_timeout, |mqtt_addr, admin_addr| {
-            config_yaml(
+            let mut yaml = config_yaml(
                 mqtt_addr,
                 admin_addr,
                 spec.amqp_url,
@@ -87,7 +105,11 @@ impl Gateway {
                 spec.receive_maximum,
                 spec.max_connections,
                 spec.outbound_queue,
-            )
+            );
+            if let Some(store) = spec.store {
+                yaml.push_str(&spool_yaml(store, spec.exchange));
+            }
+            yaml
         })
         .await
     }
@@ -309,6 +331,12 @@ mod tests {
             .unwrap_or_else(|e| panic!("bench config invalid: {e}\n{y}"));
         let templated = config.rules.iter().find(|r| r.name.value == "bench-templated");
         assert!(templated.is_some_and(|r| r.when.is_some()), "{y}");
+        let spooled = format!("{y}{}", spool_yaml(Path::new("/tmp/x"), "ex-1"));
+        let config = mqgate::config::Config::parse(Path::new("bench.yaml"), &spooled)
+            .unwrap_or_else(|e| panic!("bench spool config invalid: {e}\n{spooled}"));
+        let rule = config.rules.iter().find(|r| r.name.value == "bench-spool");
+        assert!(rule.is_some_and(|r| r.ack_policy() == mqgate::config::AckPolicy::Spool));
+        assert!(config.store.is_some());
     }
 
     #[tokio::test]

@@ -255,6 +255,28 @@ const FANIN_RATIO_TARGET: f64 = 1.0;
 const P99_DELTA_TARGET_MS: f64 = 1.0;
 
 /// The median of some values (the mean of the middle two for an even count).
+/// `--mode spool`'s target: QoS 1 messages acknowledged into the spool per second.
+pub const SPOOL_ACK_TARGET: f64 = 50_000.0;
+
+/// `--mode spool`: the median rate at which QoS 1 publishers were acknowledged (`sent`), with
+/// `ack: spool` and with `ack: sink`, against [`SPOOL_ACK_TARGET`]; `None` without spool runs.
+pub fn spool_ack_rates(reports: &[RunReport]) -> Option<String> {
+    let rate = |mode: &str| {
+        let v: Vec<f64> = reports
+            .iter()
+            .filter(|r| r.qos == 1 && r.mode == mode && r.error.is_none())
+            .map(|r| r.publish_rate)
+            .collect();
+        (!v.is_empty()).then(|| (median(v.clone()), v.len()))
+    };
+    let (spool, n) = rate("spool")?;
+    let sink = rate("gateway").map_or("-".to_owned(), |(r, _)| format!("{r:.0}"));
+    let ok = if spool >= SPOOL_ACK_TARGET { "ok" } else { "MISSED" };
+    Some(format!(
+        "acknowledged (QoS 1, median of {n}): ack: spool {spool:.0} msgs/s, ack: sink {sink} msgs/s  [target spool >= {SPOOL_ACK_TARGET:.0}: {ok}]"
+    ))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {

@@ -276,8 +276,15 @@ impl Lane {
         }
         for req in reqs {
             match &outcome {
-                Outcome::Delivered => spec.target.forwarded.inc(),
-                Outcome::Failed(_) => spec.target.failed.inc(),
+                Outcome::Delivered => {
+                    spec.target.forwarded.inc();
+                }
+                Outcome::Failed(f) => {
+                    spec.target.failed.inc();
+                    if let (Some(r), false) = (&req.dead_letter, f.retryable) {
+                        r.record(&req.msg, &f.reason);
+                    }
+                }
             };
             if let Some(ack) = req.ack {
                 let _ = ack.send(outcome.clone());

@@ -35,6 +35,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::metrics::{HttpMetrics, Metrics, ReasonLabels, TargetMetrics};
 use crate::sinks::{AckSender, Failure, Outcome};
@@ -78,6 +79,10 @@ pub struct HttpRequest {
     pub msg: Arc<Message>,
     /// `Some` for QoS 1/2: exactly one [`Outcome`] is reported on it. `None` for QoS 0.
     pub ack: Option<AckSender>,
+    /// Where the message is kept if it fails for good (a 4xx or 3xx answer, a body or path
+    /// that cannot be built): set for a session's messages when a store is configured; `None`
+    /// for `Target::send` (its caller handles the outcome) and without a store.
+    pub dead_letter: Option<Arc<Recorder>>,
 }
 
 /// A cheap-to-clone handle on one configured endpoint.
