@@ -1,6 +1,12 @@
-//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`.
+//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, and the dead-letter API
+//! (`dead_letters`: list, show, replay, delete, purge).
 //!
-//! Reads state, never changes it: no route here can affect message flow.
+//! Only the dead-letter routes change anything, and only the dead letters: a replay hands a
+//! message to a target like the spool does, never through a session.
+
+mod dead_letters;
+
+pub use dead_letters::iso8601;
 
 use std::sync::Arc;
 
@@ -12,9 +18,12 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
+use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
 use crate::spool::Spools;
+use crate::store::Store;
 
 /// What the admin routes read.
 #[derive(Clone)]
@@ -23,8 +32,14 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Checked by `/readyz`.
     pub brokers: Vec<AmqpBroker>,
+    /// The targets a dead letter is replayed to.
+    pub rules: Arc<RuleSet>,
+    /// The dead letters; `None` without a store.
+    pub dead_letters: Option<DeadLetters>,
     /// Their depth is shown by `/readyz` (not a readiness condition: a spool exists to fill).
     pub spools: Spools,
+    /// Named in `/readyz` (path and size), when configured.
+    pub store: Option<Store>,
 }
 
 /// The admin routes.
@@ -33,6 +48,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(dead_letters::router())
         .with_state(state)
 }
 
@@ -48,9 +64,17 @@ pub async fn serve(
 }
 
 /// 200 when every AMQP broker is connected (the listeners are bound before this server
-/// starts), 503 otherwise; the body lists each broker's state.
+/// starts), 503 otherwise; the body lists each broker's state and, with a store, how many
+/// dead letters are kept (not a readiness condition).
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let mut body = String::from("mqtt: listening\n");
+    if let Some(store) = &state.store {
+        body.push_str(&format!(
+            "store: {} ({} bytes)\n",
+            store.path().display(),
+            store.file_size()
+        ));
+    }
     let mut ready = true;
     for b in &state.brokers {
         let up = b.is_connected();
@@ -60,6 +84,9 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             b.name(),
             if up { "connected" } else { "disconnected" }
         ));
+    }
+    if let Some(dl) = &state.dead_letters {
+        body.push_str(&format!("dead letters: {}\n", dl.count()));
     }
     for s in state.spools.iter() {
         let (messages, bytes) = s.depth();

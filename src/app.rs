@@ -1,20 +1,28 @@
 //! Starts and wires the tasks, and owns shutdown: sinks first, then the rule set over them, the
 //! MQTT listener and the admin server. `start` binds everything before returning, so a caller
 //! (the binary, or a test on port 0) knows the real addresses.
+//!
+//! Shutdown runs in the opposite order: the listener stops accepting and every session stops
+//! reading and finishes the QoS 1/2 PUBLISHes it has read (outcome, then PUBACK/PUBREC)
+//! within `shutdown_timeout`, while the sinks are still up; then the sinks close (the AMQP
+//! sink waits for outstanding confirms, HTTP lanes finish the request in flight); last, the
+//! store is flushed (an empty commit waits for every batch queued before it).
 
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
 use crate::auth::Authenticator;
+use crate::broker::persist::Persist;
 use crate::broker::{sessions, sys, Broker};
 use crate::config::Config;
 use crate::deadletters::DeadLetters;
@@ -25,7 +33,7 @@ use crate::rules::RuleSet;
 use crate::sinks::amqp::AmqpBroker;
 use crate::sinks::http::HttpEndpoint;
 use crate::spool;
-use crate::store::Store;
+use crate::store::{Store, WriteBatch};
 
 /// A running gateway.
 pub struct App {
@@ -33,11 +41,28 @@ pub struct App {
     pub mqtt_addr: SocketAddr,
     /// Where the admin server is bound.
     pub admin_addr: SocketAddr,
-    /// Cancel to shut down.
+    /// Cancel to shut down (then call [`App::stop`] to wait for the end).
     pub shutdown: CancellationToken,
-    /// Every task the gateway started.
+    /// The dead letters, when a store is configured.
+    pub dead_letters: Option<DeadLetters>,
+    /// Cancelled once the sessions have finished: the sinks stop after them.
+    sinks_shutdown: CancellationToken,
+    /// The MQTT listener: ends when every session has ended (or the deadline passed). A set
+    /// of one so that dropping the `App` aborts it, as it does the other tasks.
+    listener: JoinSet<()>,
+    /// Every other task the gateway started.
     tasks: JoinSet<()>,
+    /// With a store: the broker's writes and their feeder task, flushed last at shutdown.
+    persist: Option<(Persist, JoinHandle<()>)>,
+    /// The store, flushed last.
+    store: Option<Store>,
+    /// `shutdown_timeout`: how long in-flight messages may take at shutdown.
+    shutdown_timeout: Duration,
 }
+
+/// Time beyond `shutdown_timeout` for closing connections (sessions' sockets, the sinks'
+/// connections) before the remaining tasks are aborted.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl App {
     /// Binds the listeners, connects the sinks and starts every task.
@@ -50,10 +75,18 @@ impl App {
             Some(cfg) => Some(Store::open(&cfg.path.value)?),
             None => None,
         };
-        let dead_letters = match &store {
-            Some(store) => Some(DeadLetters::new(store.clone(), &metrics)?),
-            None => None,
+        if let Some(store) = &store {
+            metrics.store.set(store.clone());
+        }
+        let persist = store.clone().map(Persist::start);
+        let dead_letters = match (&store, &config.store) {
+            (Some(store), Some(cfg)) => {
+                Some(DeadLetters::with_limit(store.clone(), &metrics, cfg.max_dead_letters)?)
+            }
+            _ => None,
         };
+        // The sinks outlive the sessions at shutdown: in-flight messages still get outcomes.
+        let sinks_shutdown = CancellationToken::new();
         let mqtt_listener = bind(config.mqtt_addr(), "mqtt.listen").await?;
         let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
         let mqtt_addr = mqtt_listener.local_addr()?;
@@ -62,7 +95,7 @@ impl App {
         let mut tasks = JoinSet::new();
         let mut brokers = BTreeMap::new();
         for (name, cfg) in &config.amqp {
-            let (broker, handle) = AmqpBroker::spawn(name, cfg, &metrics, shutdown.child_token());
+            let (broker, handle) = AmqpBroker::spawn(name, cfg, &metrics, sinks_shutdown.clone());
             tasks.spawn(async move {
                 if let Err(e) = handle.await {
                     error!(error = %e, "AMQP sink task failed");
@@ -72,16 +105,21 @@ impl App {
         }
         let mut http = BTreeMap::new();
         for (name, cfg) in &config.http {
-            http.insert(name.clone(), HttpEndpoint::new(name, cfg, shutdown.child_token())?);
+            http.insert(name.clone(), HttpEndpoint::new(name, cfg, sinks_shutdown.clone())?);
         }
-        let rules = Arc::new(RuleSet::compile(&config, &brokers, &http, &metrics)?);
+        let mut rules = RuleSet::compile(&config, &brokers, &http, &metrics)?;
+        if let Some(dl) = &dead_letters {
+            rules.record_dead_letters(dl);
+        }
+        let rules = Arc::new(rules);
+        // Stopped with the sinks: appends of the messages in flight at shutdown still land.
         let spools = spool::start(
             &config,
             &rules,
             store.as_ref(),
             dead_letters.as_ref(),
             &metrics,
-            &shutdown,
+            &sinks_shutdown,
             &mut tasks,
         )
         .await?;
@@ -89,8 +127,34 @@ impl App {
         for endpoint in http.into_values() {
             tasks.spawn(endpoint.finished());
         }
-        let broker =
-            Broker::new(Arc::clone(&metrics), config.mqtt.max_retained, config.mqtt.queue_qos0);
+        let broker = Broker::new(
+            Arc::clone(&metrics),
+            config.mqtt.max_retained,
+            config.mqtt.queue_qos0,
+            persist.as_ref().map(|(p, _)| p.clone()),
+        );
+        if let Some(store) = &store {
+            // Before the listener accepts anyone: what the store holds is the broker's state.
+            let restored = broker.restore(config.mqtt.max_queued_messages.max(1))?;
+            info!(
+                path = %store.path().display(),
+                retained = restored.retained,
+                sessions = restored.sessions,
+                messages = restored.messages,
+                expired_sessions = restored.expired,
+                "restored from the store"
+            );
+            if restored.retained_over_limit > 0 {
+                warn!(
+                    left = restored.retained_over_limit,
+                    max = config.mqtt.max_retained,
+                    "the store holds more retained messages than mqtt.max_retained; the rest were not loaded"
+                );
+            }
+            if restored.unreadable > 0 {
+                warn!(n = restored.unreadable, "stored values that could not be read were deleted");
+            }
+        }
         tasks.spawn(sessions::expire(Arc::clone(&broker), shutdown.clone()));
         if !config.mqtt.sys_interval.0.is_zero() {
             let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
@@ -103,20 +167,30 @@ impl App {
                 }
             });
         }
+        let mut limits = SessionLimits::from_config(&config.mqtt);
+        limits.shutdown_timeout = config.shutdown_timeout.0;
         let shared = Arc::new(
             SessionShared::new(
                 broker,
-                rules,
+                Arc::clone(&rules),
                 Arc::new(Authenticator::from_config(&config)?),
                 Arc::clone(&metrics),
-                SessionLimits::from_config(&config.mqtt),
+                limits,
                 shutdown.clone(),
             )
             .with_spools(spools.clone()),
         );
         let max_connections = config.mqtt.max_connections;
-        tasks.spawn(listener::run(mqtt_listener, shared, max_connections));
-        let state = AdminState { metrics, brokers: brokers.into_values().collect(), spools };
+        let mut listener = JoinSet::new();
+        listener.spawn(listener::run(mqtt_listener, shared, max_connections));
+        let state = AdminState {
+            metrics,
+            brokers: brokers.into_values().collect(),
+            rules,
+            dead_letters: dead_letters.clone(),
+            spools,
+            store: store.clone(),
+        };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {
             if let Err(e) = admin::serve(admin_listener, state, admin_shutdown).await {
@@ -124,13 +198,60 @@ impl App {
             }
         });
         info!(%mqtt_addr, %admin_addr, "mqgate started");
-        Ok(App { mqtt_addr, admin_addr, shutdown, tasks })
+        Ok(App {
+            mqtt_addr,
+            persist,
+            admin_addr,
+            shutdown,
+            dead_letters,
+            sinks_shutdown,
+            listener,
+            tasks,
+            store,
+            shutdown_timeout: config.shutdown_timeout.0,
+        })
     }
 
-    /// Shuts down and waits for every task.
+    /// Shuts down and waits for every task: sessions finish their in-flight messages (within
+    /// `shutdown_timeout`), then the sinks close, then what the broker wrote while the sessions
+    /// closed (parked sessions) is committed, then the store is flushed. Bounded: what is
+    /// still running `CLOSE_GRACE` after `shutdown_timeout` is aborted.
     pub async fn stop(mut self) {
+        let hard_deadline = Instant::now() + self.shutdown_timeout + CLOSE_GRACE;
         self.shutdown.cancel();
-        while self.tasks.join_next().await.is_some() {}
+        if let Some(Err(e)) = self.listener.join_next().await {
+            error!(error = %e, "MQTT listener task failed");
+        }
+        info!("sessions closed; closing the sinks");
+        self.sinks_shutdown.cancel();
+        // At least a moment for the sinks, even when the sessions used all the time.
+        let until = hard_deadline.max(Instant::now() + Duration::from_secs(1));
+        let joined = tokio::time::timeout_at(until.into(), async {
+            while self.tasks.join_next().await.is_some() {}
+        });
+        if joined.await.is_err() {
+            warn!(
+                tasks = self.tasks.len(),
+                "tasks still running at the shutdown deadline; aborted"
+            );
+            self.tasks.shutdown().await;
+        }
+        if let Some((persist, feeder)) = self.persist.take() {
+            // What the broker wrote while the sessions closed (parked sessions' records).
+            persist.close();
+            match tokio::time::timeout(CLOSE_GRACE, feeder).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "store feeder task failed"),
+                Err(_) => warn!("the broker's last store writes did not finish in time"),
+            }
+        }
+        if let Some(store) = self.store.take() {
+            // Waits for every batch queued before it (dead letters recorded without waiting).
+            match store.commit(WriteBatch::new()).await {
+                Ok(()) => info!("store flushed"),
+                Err(e) => error!(error = %e, "store flush failed"),
+            }
+        }
         info!("mqgate stopped");
     }
 }

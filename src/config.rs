@@ -52,6 +52,10 @@ pub struct Config {
     /// Without it everything is kept in memory only and `ack: spool` cannot be used.
     #[serde(default)]
     pub store: Option<StoreConfig>,
+    /// On SIGTERM/SIGINT: how long in-flight QoS 1/2 messages may take to get their outcome
+    /// and acknowledgement before the connections are closed anyway.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout: HumanDuration,
 }
 
 /// `store:`: where mqgate keeps what must survive a restart.
@@ -61,6 +65,10 @@ pub struct StoreConfig {
     /// The directory holding the store file (`mqgate.redb`); created if missing. A relative
     /// path is taken from the working directory.
     pub path: Spanned<std::path::PathBuf>,
+    /// Most dead letters kept; a new one beyond evicts the oldest
+    /// (`mqgate_messages_dropped{reason="dead_letters_full"}`).
+    #[serde(default = "default_max_dead_letters")]
+    pub max_dead_letters: usize,
 }
 
 /// `mqtt:`: the device-facing listener.
@@ -382,6 +390,12 @@ fn parse_duration(text: &str) -> Option<Duration> {
     }
 }
 
+const fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+const fn default_max_dead_letters() -> usize {
+    crate::deadletters::DEFAULT_LIMIT
+}
 const fn default_max_connections() -> usize {
     10_000
 }

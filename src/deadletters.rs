@@ -23,6 +23,8 @@
 //! resends it, and it fails again: the same identity for the same target is kept once (the
 //! first failure; later ones are not recorded again while it is kept).
 
+pub mod cli;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -127,7 +129,8 @@ impl std::fmt::Debug for DeadLetters {
 }
 
 impl DeadLetters {
-    /// Opens the dead letters of `store`, keeping at most [`DEFAULT_LIMIT`].
+    /// Opens the dead letters of `store`, keeping at most [`DEFAULT_LIMIT`]. Once per store:
+    /// a second instance would have its own index and give out the same ids (clone this one).
     pub fn new(store: Store, metrics: &Metrics) -> Result<Self, StoreError> {
         Self::with_limit(store, metrics, DEFAULT_LIMIT)
     }
@@ -329,6 +332,11 @@ impl DeadLetters {
         Ok(n)
     }
 
+    /// The id of the newest letter kept.
+    pub fn last_id(&self) -> Option<u64> {
+        self.index().ids.last_key_value().map(|(id, _)| *id)
+    }
+
     /// How many letters are kept.
     pub fn count(&self) -> usize {
         self.index().ids.len()
@@ -379,6 +387,36 @@ impl DeadLetters {
     /// half-done update could break beyond a count).
     fn index(&self) -> MutexGuard<'_, Index> {
         self.inner.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What a sink needs to keep a message that failed for good at one rule target: the dead
+/// letters and the rule and target names. One per target, shared (`Arc`) by its requests, so
+/// a request carries one pointer and recording needs no lookup.
+#[derive(Debug)]
+pub struct Recorder {
+    /// Where the letter goes.
+    dead_letters: DeadLetters,
+    /// The rule's `name`.
+    rule: String,
+    /// The target's id (`rule/index`).
+    target: String,
+}
+
+impl Recorder {
+    /// The recorder of target `target` (its id) of rule `rule`.
+    pub fn new(dead_letters: DeadLetters, rule: &str, target: &str) -> Recorder {
+        Recorder { dead_letters, rule: rule.to_owned(), target: target.to_owned() }
+    }
+
+    /// Keeps `msg` as a dead letter with `reason`, without waiting (see [`DeadLetters::record`]).
+    pub fn record(&self, msg: &Message, reason: &str) {
+        self.dead_letters.record(&self.rule, &self.target, reason, msg);
+    }
+
+    /// The target's id.
+    pub fn target(&self) -> &str {
+        &self.target
     }
 }
 

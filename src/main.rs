@@ -33,6 +33,21 @@ enum Command {
         #[arg(short, long, default_value = "config/mqgate.yaml")]
         config: PathBuf,
     },
+    /// List, show, replay and purge the dead letters of a running gateway (through its admin
+    /// API): messages that failed for good, kept with the reason, rule and target.
+    DeadLetters {
+        /// The admin API, e.g. http://127.0.0.1:9090 (default: from --config, else that).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        /// Take the admin address from this config file's `admin.listen`.
+        #[arg(short, long, global = true)]
+        config: Option<PathBuf>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        action: DeadLetterCommand,
+    },
     /// Print an argon2 hash of a password, for `password_hash:` under `users:`. The password is
     /// read from stdin (one line; asked twice without echo on a terminal).
     Passwd {
@@ -42,9 +57,56 @@ enum Command {
     },
 }
 
+/// `mqgate dead-letters ...`.
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// List dead letters, oldest first (one page).
+    List {
+        /// Only those with ids above this (the next page).
+        #[arg(long)]
+        after: Option<u64>,
+        /// At most this many (default 100).
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Show one dead letter in full: payload, properties, publisher.
+    Show {
+        /// Its id.
+        id: u64,
+    },
+    /// Send a dead letter (or all) again: delivered ones are removed, failed ones kept with
+    /// the new reason.
+    Replay {
+        /// The id to replay.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<u64>,
+        /// Replay every dead letter (in id order).
+        #[arg(long)]
+        all: bool,
+        /// Send to this target instead of each letter's own (`rule/index`, index from 0 in
+        /// the rule's `to:` order).
+        #[arg(long)]
+        to: Option<String>,
+        /// With --all: only letters of this rule.
+        #[arg(long, requires = "all")]
+        rule: Option<String>,
+        /// With --all: only letters of this target (`rule/index`).
+        #[arg(long, requires = "all")]
+        target: Option<String>,
+    },
+    /// Remove one dead letter, or all of them.
+    Purge {
+        /// The id to remove; without it, every dead letter.
+        id: Option<u64>,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::DeadLetters { admin, config, json, action } => {
+            dead_letters(admin, config, json, action)
+        }
         Command::Passwd { password } => passwd(password),
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
@@ -79,6 +141,53 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `mqgate dead-letters`: one request to the admin API, printed.
+fn dead_letters(
+    admin: Option<String>,
+    config: Option<PathBuf>,
+    json: bool,
+    action: DeadLetterCommand,
+) -> ExitCode {
+    use mqgate::deadletters::cli::{self, Action};
+    let base = match (admin, config) {
+        (Some(url), _) if url.contains("://") => url,
+        (Some(addr), _) => format!("http://{addr}"),
+        (None, Some(path)) => match Config::load(&path) {
+            Ok(c) => cli::admin_url(c.admin_addr()),
+            Err(errors) => {
+                eprintln!("{errors}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => "http://127.0.0.1:9090".to_owned(),
+    };
+    let action = match action {
+        DeadLetterCommand::List { after, limit } => Action::List { after, limit },
+        DeadLetterCommand::Show { id } => Action::Show(id),
+        DeadLetterCommand::Replay { id, all: _, to, rule, target } => {
+            Action::Replay { id, to, rule, target }
+        }
+        DeadLetterCommand::Purge { id } => Action::Purge(id),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mqgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(&base, &action, json)) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("mqgate dead-letters: {e}");
+            ExitCode::FAILURE
         }
     }
 }

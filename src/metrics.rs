@@ -3,11 +3,15 @@
 //! Hot paths hold pre-resolved handles (a `Counter` is a cheap `Arc` clone), so counting a
 //! message never looks up a label set. Owns no I/O; the admin server encodes the registry.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
@@ -178,6 +182,66 @@ pub struct Metrics {
     pub dead_letters: Gauge,
     /// Per rule and target: messages recorded as dead letters.
     pub dead_lettered: Family<DeadLetterLabels, Counter>,
+    /// The store's figures, read at each scrape once the store is open.
+    pub store: Arc<StoreMetrics>,
+}
+
+/// The store's size and its writer's counters (`store::Stats`), exported as
+/// `mqgate_store_size_bytes`, `mqgate_store_commits_total`, `mqgate_store_batches_total`
+/// and `mqgate_store_commit_seconds_total`. Read when scraped rather than copied into
+/// metrics, so the writer counts with plain atomics; nothing is exported without a store.
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    store: OnceLock<crate::store::Store>,
+}
+
+impl StoreMetrics {
+    /// Exports `store`'s figures from now on (the first call wins).
+    pub fn set(&self, store: crate::store::Store) {
+        let _ = self.store.set(store);
+    }
+}
+
+impl Collector for StoreMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        let stats = store.stats();
+        let size = ConstGauge::new(i64::try_from(store.file_size()).unwrap_or(i64::MAX));
+        let help = "Size of the store file";
+        size.encode(encoder.encode_descriptor(
+            "store_size_bytes",
+            help,
+            None,
+            size.metric_type(),
+        )?)?;
+        let commits = ConstCounter::new(stats.commits.load(Ordering::Relaxed));
+        let help = "Durable commits of the store (each one fsync)";
+        commits.encode(encoder.encode_descriptor(
+            "store_commits",
+            help,
+            None,
+            commits.metric_type(),
+        )?)?;
+        let batches = ConstCounter::new(stats.batches.load(Ordering::Relaxed));
+        let help = "Write batches committed to the store (many share one commit)";
+        batches.encode(encoder.encode_descriptor(
+            "store_batches",
+            help,
+            None,
+            batches.metric_type(),
+        )?)?;
+        let micros = stats.commit_micros.load(Ordering::Relaxed) as f64;
+        let seconds = ConstCounter::new(micros / 1e6);
+        let help = "Time spent in store commits";
+        seconds.encode(encoder.encode_descriptor(
+            "store_commit_seconds",
+            help,
+            None,
+            seconds.metric_type(),
+        )?)
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -219,8 +283,10 @@ impl Metrics {
             spool,
             dead_letters: Gauge::default(),
             dead_lettered: Family::default(),
+            store: Arc::default(),
             registry: Registry::default(),
         };
+        registry.register_collector(Box::new(Arc::clone(&m.store)));
         registry.register("connections", "Open MQTT connections", m.connections.clone());
         registry.register(
             "connections_accepted",

@@ -260,6 +260,7 @@ fn request(
         ack,
         metrics: target.clone(),
         options: Default::default(),
+        dead_letter: None,
     }
 }
 

@@ -1,13 +1,18 @@
 //! The broker core shared by all sessions: local subscriptions, shared subscriptions
-//! (`shared.rs`), retained messages (in memory for now), the registry of connected client ids
-//! (takeover) and parked sessions (`sessions.rs`).
+//! (`shared.rs`), retained messages (`retained.rs`), the registry of connected client ids
+//! (takeover) and parked sessions (`sessions.rs`). With a store (`store:` in the config),
+//! retained messages and persistent sessions are also written to it (`persist.rs`, which
+//! hands the writes to the store's writer; the broker itself still does no I/O) and read back
+//! at start (`restore.rs`).
 //!
 //! No I/O and no `.await` under a lock: subscriptions sit behind a std `RwLock` taken for the
 //! length of one tree walk, and delivery to a subscriber is a `try_send` on its bounded queue
 //! outside the lock. A full queue drops the message for that subscriber and counts it
 //! (`subscriber_queue_full` while connected, `session_queue_full` while parked).
 
+pub mod persist;
 pub mod queue;
+mod restore;
 pub mod retained;
 pub mod sessions;
 mod shared;
@@ -17,6 +22,7 @@ pub mod tracking;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -25,8 +31,12 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
+use crate::sinks::Outcome;
+use crate::store::codec;
+use persist::{DeliveryStage, Persist, SessionRecord};
 use queue::TrySendError;
 
+pub use restore::Restored;
 use retained::{Retained, RetainedStore};
 pub use sessions::{CloseReason, Expiry, Registration, SessionState, Subscriber};
 use sessions::{InFlightStage, SessionStore, Taken};
@@ -52,10 +62,13 @@ pub struct Outbound {
     /// For a tracked message (from an AMQP source): this delivery's ticket, finished when the
     /// subscriber has taken it (see `tracking`). `None` for every MQTT → MQTT delivery.
     pub ticket: Option<Ticket>,
+    /// Its sequence number in the store, for a QoS 1/2 delivery to a stored (persistent)
+    /// session: deleted from the store once acknowledged or dropped.
+    pub stored: Option<u64>,
 }
 
 /// The options of one subscription that matter when delivering.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SubscribeOptions {
     /// Granted QoS.
     pub qos: QoS,
@@ -101,11 +114,20 @@ pub struct Broker {
     work_next: AtomicUsize,
     /// Where drops are counted.
     metrics: Arc<Metrics>,
+    /// With a store: where retained messages and persistent sessions are written. `None`
+    /// without `store:`, and then nothing here touches it.
+    persist: Option<Persist>,
 }
 
 impl Broker {
-    /// An empty broker.
-    pub fn new(metrics: Arc<Metrics>, max_retained: usize, queue_qos0: bool) -> Arc<Broker> {
+    /// An empty broker; with `persist`, retained messages and persistent sessions are stored
+    /// (restore what the store holds with [`Broker::restore`] before clients connect).
+    pub fn new(
+        metrics: Arc<Metrics>,
+        max_retained: usize,
+        queue_qos0: bool,
+        persist: Option<Persist>,
+    ) -> Arc<Broker> {
         Arc::new(Broker {
             subs: RwLock::new(TopicTree::default()),
             shared: RwLock::new(SharedGroups::default()),
@@ -116,7 +138,107 @@ impl Broker {
             next_id: AtomicU64::new(1),
             work_next: AtomicUsize::new(0),
             metrics,
+            persist,
         })
+    }
+
+    /// Where retained messages and persistent sessions are stored, if anywhere.
+    pub fn persist(&self) -> Option<&Persist> {
+        self.persist.as_ref()
+    }
+
+    /// Writes the record of the stored session `state` (connected, kept `expiry` after its
+    /// connection ends); with `wait`, a receiver resolved once it is durable. Nothing for a
+    /// session that is not stored.
+    pub fn store_session(
+        &self,
+        state: &SessionState,
+        expiry: Expiry,
+        wait: bool,
+    ) -> Option<oneshot::Receiver<Outcome>> {
+        let (p, key) = (self.persist.as_ref()?, state.subscriber.stored()?);
+        p.put_session(key, SessionRecord::of(state, expiry.seconds(), None).encode());
+        wait.then(|| p.durable())
+    }
+
+    /// Forgets the stored delivery `seq` of the session of `subscriber` (acknowledged,
+    /// dropped or expired).
+    pub fn unstore(&self, subscriber: &Subscriber, seq: Option<u64>) {
+        if let (Some(p), Some(key), Some(seq)) = (&self.persist, subscriber.stored(), seq) {
+            p.delete_delivery(key, seq);
+        }
+    }
+
+    /// Records in the store that delivery `seq` of `subscriber`'s session was sent as
+    /// `packet_id` (so that after a restart it is resent with DUP, with the same id) or, for
+    /// QoS 2, released.
+    pub fn store_sent(&self, subscriber: &Subscriber, f: &sessions::InFlight) {
+        let (Some(p), Some(key), Some(seq)) = (&self.persist, subscriber.stored(), f.stored) else {
+            return;
+        };
+        match codec::encode_message(&f.msg) {
+            Ok(encoded) => {
+                let stage = DeliveryStage::Sent(f.packet_id, f.stage);
+                let value =
+                    persist::delivery_value(f.qos, f.retain, &f.subscription_ids, stage, &encoded);
+                p.put_delivery(key, seq, value);
+            }
+            Err(e) => tracing::warn!(error = %e, "delivery state not stored"),
+        }
+    }
+
+    /// Stores `out` as a delivery of the stored session of `subscriber` (QoS 1/2, not of a
+    /// share group); true if it was. `encoded` is the message in the store's encoding, made
+    /// on the first call for every session it goes to.
+    fn store_delivery(
+        &self,
+        subscriber: &Subscriber,
+        out: &mut Outbound,
+        encoded: &mut Option<Vec<u8>>,
+    ) -> bool {
+        let (Some(p), Some(key)) = (&self.persist, subscriber.stored()) else {
+            return false;
+        };
+        if out.qos == QoS::AtMostOnce || out.shared.is_some() {
+            return false;
+        }
+        if encoded.is_none() {
+            match codec::encode_message(&out.msg) {
+                Ok(v) => *encoded = Some(v),
+                Err(e) => {
+                    tracing::warn!(topic = %out.msg.topic, error = %e, "delivery not stored");
+                    return false;
+                }
+            }
+        }
+        let Some(bytes) = encoded.as_deref() else {
+            return false;
+        };
+        let seq = p.next_seq();
+        let stage = DeliveryStage::Queued;
+        let value =
+            persist::delivery_value(out.qos, out.retain, &out.subscription_ids, stage, bytes);
+        p.put_delivery(key, seq, value);
+        out.stored = Some(seq);
+        true
+    }
+
+    /// Stores or clears the retained message of `msg.topic`; true when the change goes to
+    /// the store (`$SYS/` topics, which describe this process, are not stored).
+    fn set_retained(&self, msg: &Arc<Message>) -> bool {
+        let set = self.retained.set(msg);
+        if set == Retained::Full {
+            // Still delivered live; only not kept as the topic's last value.
+            self.metrics.dropped("retained_store_full");
+            return false;
+        }
+        match &self.persist {
+            Some(p) if set != Retained::Unchanged && !msg.topic.starts_with("$SYS/") => {
+                p.retained(&msg.topic, (set == Retained::Stored).then(|| Arc::clone(msg)));
+                true
+            }
+            _ => false,
+        }
     }
 
     /// A fresh id for a session or a connection.
@@ -202,24 +324,43 @@ impl Broker {
             Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
             Expiry::Never => None,
         };
-        // Tracked deliveries kept in the parked session (in flight or queued) are MQTT's now.
+        // Tracked deliveries kept in the parked session (in flight or queued) are MQTT's now
+        // (a stored session's once what it wrote so far is durable).
         let mut state = state;
-        for f in &mut state.inflight {
-            tracking::finish(f.ticket.take(), Fate::Taken);
+        let durable = self.persist.as_ref().filter(|_| state.subscriber.stored().is_some());
+        let tickets = state.inflight.iter_mut().filter_map(|f| f.ticket.take());
+        for t in tickets.chain(state.subscriber.queue.take_tickets()) {
+            match durable {
+                Some(p) => p.finish_when_durable(t),
+                None => t.finish(Fate::Taken),
+            }
         }
-        for t in state.subscriber.queue.take_tickets() {
-            t.finish(Fate::Taken);
+        if let (Some(p), Some(key)) = (&self.persist, state.subscriber.stored()) {
+            let record = SessionRecord::of(&state, expiry.seconds(), Some(SystemTime::now()));
+            p.put_session(key, record.encode());
         }
         if let Some(replaced) = self.sessions.park(client_id, state, expires) {
-            self.discard_session(replaced);
+            // Two connections raced: the record in the store is the parked one's now.
+            self.discard(replaced, false);
         }
     }
 
     /// Ends a session: removes its subscriptions; its queued messages are dropped with it,
     /// except the QoS 1/2 deliveries of shared subscriptions not yet acknowledged (queued, or
     /// sent and not PUBACKed/PUBRECed): those go to another member of their group.
-    pub fn discard_session(&self, mut state: SessionState) {
-        for filter in std::mem::take(&mut state.filters) {
+    /// A stored session's records go from the store.
+    pub fn discard_session(&self, state: SessionState) {
+        self.discard(state, true);
+    }
+
+    /// [`Broker::discard_session`]; the store is left alone unless `forget_stored`.
+    fn discard(&self, mut state: SessionState, forget_stored: bool) {
+        if let (true, Some(p), Some(key)) =
+            (forget_stored, &self.persist, state.subscriber.stored())
+        {
+            p.delete_session(key);
+        }
+        for filter in std::mem::take(&mut state.filters).into_keys() {
             self.unsubscribe(state.id, &filter);
         }
         // Nothing new arrives now; a late `try_send` sees the queue closed.
@@ -348,8 +489,17 @@ impl Broker {
     /// highest granted QoS, and one copy per matching share group to one of its members.
     /// `publisher` is the publishing session, for No Local. Returns how many sessions and
     /// groups matched (delivered or dropped).
-    pub fn publish(&self, msg: &Arc<Message>, publisher: Option<u64>) -> usize {
-        self.publish_inner(msg, publisher, None)
+    ///
+    /// With a store, a QoS 1/2 message that changes a retained message or is queued for a
+    /// stored session puts a receiver into `waits` that resolves once those writes are
+    /// durable: the publisher's acknowledgement waits for it. Nothing is added otherwise.
+    pub fn publish(
+        &self,
+        msg: &Arc<Message>,
+        publisher: Option<u64>,
+        waits: &mut Vec<oneshot::Receiver<Outcome>>,
+    ) -> usize {
+        self.publish_inner(msg, publisher, None, Some(waits))
     }
 
     /// Publishes a tracked message (from an AMQP source): like [`Broker::publish`] in
@@ -358,10 +508,10 @@ impl Broker {
     /// `tracking`). Returns how many deliveries were made or attempted.
     pub fn publish_tracked(&self, msg: &Arc<Message>, root: &Ticket) -> usize {
         match root.mode() {
-            Mode::Broadcast => self.publish_inner(msg, None, Some(root)),
+            Mode::Broadcast => self.publish_inner(msg, None, Some(root), None),
             Mode::Work => {
-                if msg.retain && self.retained.set(msg) == Retained::Full {
-                    self.metrics.dropped("retained_store_full");
+                if msg.retain {
+                    self.set_retained(msg);
                 }
                 let mut ticket = Some(root.child());
                 let attempted = self.deliver_work(msg, &mut ticket);
@@ -410,21 +560,27 @@ impl Broker {
                     if !online && qos == QoS::AtMostOnce && !self.queue_qos0 {
                         continue;
                     }
-                    let out = Outbound {
+                    let mut out = Outbound {
                         msg: Arc::clone(msg),
                         qos,
                         retain: msg.retain && options.retain_as_published,
                         shared: None,
                         subscription_ids: options.subscription_id.into_iter().collect(),
                         ticket: if online { ticket.take() } else { None },
+                        stored: None,
                     };
+                    let stored = self.store_delivery(subscriber, &mut out, &mut None);
                     match subscriber.queue.try_send(out) {
                         Ok(()) => {
-                            tracking::finish(ticket.take(), Fate::Taken);
+                            match (ticket.take(), &self.persist) {
+                                (Some(t), Some(p)) if stored => p.finish_when_durable(t),
+                                (t, _) => tracking::finish(t, Fate::Taken),
+                            }
                             self.metrics.messages_delivered_local.inc();
                             return n;
                         }
                         Err(TrySendError::Full(out) | TrySendError::Closed(out)) => {
+                            self.unstore(subscriber, out.stored);
                             if out.ticket.is_some() {
                                 *ticket = out.ticket;
                             }
@@ -450,11 +606,12 @@ impl Broker {
         msg: &Arc<Message>,
         publisher: Option<u64>,
         tracked: Option<&Ticket>,
+        waits: Option<&mut Vec<oneshot::Receiver<Outcome>>>,
     ) -> usize {
-        if msg.retain && self.retained.set(msg) == Retained::Full {
-            // Still delivered live below; only not kept as the topic's last value.
-            self.metrics.dropped("retained_store_full");
-        }
+        // Whether something was written to the store that the publisher must wait for.
+        let mut durable = msg.retain && self.set_retained(msg);
+        // The message in the store's encoding, made once if a stored session gets it.
+        let mut encoded = None;
         let mut hits: Vec<(u64, SubscribeOptions, Arc<Subscriber>, Vec<u32>)> = Vec::new();
         {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
@@ -485,34 +642,50 @@ impl Broker {
                 continue;
             }
             let ticket = tracked.map(Ticket::child);
-            let out = Outbound {
+            let mut out = Outbound {
                 msg: Arc::clone(msg),
                 qos,
                 retain: msg.retain && options.retain_as_published,
                 shared: None,
                 subscription_ids: std::mem::take(ids),
                 ticket: if online { ticket.clone() } else { None },
+                stored: None,
             };
+            // Stored before it is queued: its delete (after the PUBACK) comes after the put.
+            let stored = self.store_delivery(subscriber, &mut out, &mut encoded);
+            durable |= stored;
             match subscriber.queue.try_send(out) {
                 Ok(()) => {
-                    // Queued in a parked (persistent) session: MQTT has taken it.
+                    // Queued in a parked (persistent) session: MQTT has taken it (once it
+                    // is durable, for a stored one).
                     if !online {
-                        tracking::finish(ticket, Fate::Taken);
+                        match (ticket, &self.persist) {
+                            (Some(t), Some(p)) if stored => p.finish_when_durable(t),
+                            (t, _) => tracking::finish(t, Fate::Taken),
+                        }
                     }
                     self.metrics.messages_delivered_local.inc();
                 }
                 // Drop the newest: what is queued keeps its order and is delivered first.
-                Err(TrySendError::Full(_)) if online => {
+                Err(TrySendError::Full(out)) if online => {
+                    self.unstore(subscriber, out.stored);
                     self.metrics.dropped("subscriber_queue_full");
                 }
-                Err(TrySendError::Full(_)) => {
+                Err(TrySendError::Full(out)) => {
+                    self.unstore(subscriber, out.stored);
                     self.metrics.dropped("session_queue_full");
                 }
                 // The session is ending; its subscriptions are about to be removed.
-                Err(TrySendError::Closed(_)) => {
+                Err(TrySendError::Closed(out)) => {
+                    self.unstore(subscriber, out.stored);
                     tracking::finish(ticket, Fate::Gone);
                     self.metrics.dropped("subscriber_gone");
                 }
+            }
+        }
+        if let (true, Some(p), Some(waits)) = (durable, &self.persist, waits) {
+            if msg.qos != QoS::AtMostOnce {
+                waits.push(p.durable());
             }
         }
         hits.len() + self.publish_shared(msg, tracked)

@@ -162,6 +162,7 @@ mod tests {
             shared: None,
             subscription_ids: Default::default(),
             ticket: None,
+            stored: None,
         }
     }
 

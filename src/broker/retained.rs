@@ -1,8 +1,8 @@
 //! Retained messages: the last value of each topic, sent to new subscribers.
 //!
-//! In memory for now, bounded by `mqtt.max_retained`. The methods here (`set`, `matching`) are
-//! the interface a disk store implements when retained messages are persisted. No I/O, and the
-//! lock is held for one map operation or one scan, never across an `.await`.
+//! In memory, bounded by `mqtt.max_retained`; with a store, the broker also writes each change
+//! to it (`persist.rs`) and loads them back at start (`restore.rs`). No I/O, and the lock is
+//! held for one map operation or one scan, never across an `.await`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -16,6 +16,8 @@ pub enum Retained {
     Stored,
     /// An empty payload cleared the topic.
     Cleared,
+    /// An empty payload for a topic without a retained message: nothing changed.
+    Unchanged,
     /// Not kept: the store is full and the topic is new. The message is still delivered live.
     Full,
 }
@@ -39,8 +41,10 @@ impl RetainedStore {
     pub fn set(&self, msg: &Message) -> Retained {
         let mut map = self.by_topic.write().unwrap_or_else(|p| p.into_inner());
         if msg.payload.is_empty() {
-            map.remove(&msg.topic);
-            return Retained::Cleared;
+            return match map.remove(&msg.topic) {
+                Some(_) => Retained::Cleared,
+                None => Retained::Unchanged,
+            };
         }
         if map.len() >= self.max && !map.contains_key(&msg.topic) {
             return Retained::Full;

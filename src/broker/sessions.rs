@@ -8,9 +8,11 @@
 //! in the same bounded queue: "queued while away" is exactly the queue's content, bounded
 //! by its capacity (`mqtt.max_queued_messages` for a persistent session).
 //!
-//! The store is in memory; [`SessionStore`]'s methods (`register`, `take`, `park`, `expired`)
-//! are the interface a disk store will implement. It does no I/O and no `.await`; its lock is
-//! held for a map operation only, and never while the subscription lock is taken.
+//! The registry is in memory; with a store, a persistent session is also written to it
+//! (`persist.rs`: its record when it subscribes, connects and parks, its QoS 1/2 deliveries
+//! as they are queued, sent and acknowledged) and parked here again at start (`restore.rs`).
+//! It does no I/O and no `.await`; its lock is held for a map operation only, and never while
+//! the subscription lock is taken.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::poll_fn;
@@ -23,9 +25,11 @@ use futures::task::AtomicWaker;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::persist::SessionKey;
 use super::queue::Queue;
+use super::SubscribeOptions;
 use crate::message::Message;
-use crate::mqtt::codec::QoS;
+use crate::mqtt::codec::{ProtocolVersion, QoS};
 
 /// Where the broker hands messages for one session, shared by all its subscriptions.
 #[derive(Debug)]
@@ -35,12 +39,20 @@ pub struct Subscriber {
     /// False while the session is parked (no connection): QoS 0 is then not queued unless
     /// `mqtt.queue_qos0`, and a full queue counts as `session_queue_full`.
     online: AtomicBool,
+    /// For a persistent session when there is a store: where its records are kept (its QoS
+    /// 1/2 deliveries are stored). Boxed: one pointer for every other session.
+    stored: Option<Box<SessionKey>>,
 }
 
 impl Subscriber {
     /// Whether a connection holds the session now.
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Relaxed)
+    }
+
+    /// Where the session is stored, if it is.
+    pub fn stored(&self) -> Option<&SessionKey> {
+        self.stored.as_deref()
     }
 }
 
@@ -72,6 +84,8 @@ pub struct InFlight {
     pub subscription_ids: Vec<u32>,
     /// A tracked delivery's ticket, finished by the PUBACK/PUBCOMP (see `tracking`).
     pub ticket: Option<super::tracking::Ticket>,
+    /// Its sequence number in the store, for a delivery of a stored session.
+    pub stored: Option<u64>,
 }
 
 /// The state of one session that a connection owns while connected and parks when it ends.
@@ -87,27 +101,33 @@ pub struct SessionState {
     pub inflight_ids: HashSet<u16>,
     /// Last packet id used.
     pub last_id: u16,
-    /// Filters of this session (in the broker's tree under `id`).
-    pub filters: HashSet<String>,
+    /// Filters of this session (in the broker's tree under `id`), with their options (kept
+    /// in the session's stored record).
+    pub filters: HashMap<String, SubscribeOptions>,
     /// Inbound QoS 2 packet ids the client was sent PUBREC for and has not released with
     /// PUBREL: a resent PUBLISH with one of them is not forwarded again after a reconnect.
     pub awaiting_rel: HashSet<u16>,
+    /// The protocol of the connection that has (or last had) the session.
+    pub version: ProtocolVersion,
 }
 
 impl SessionState {
-    /// A new, empty session whose queue holds `capacity` messages.
-    pub fn new(id: u64, capacity: usize) -> Self {
+    /// A new, empty session whose queue holds `capacity` messages; `stored` for a persistent
+    /// session kept in the store.
+    pub fn new(id: u64, capacity: usize, stored: Option<SessionKey>) -> Self {
         SessionState {
             id,
             subscriber: Arc::new(Subscriber {
                 queue: Queue::new(capacity),
                 online: AtomicBool::new(true),
+                stored: stored.map(Box::new),
             }),
             inflight: VecDeque::new(),
             inflight_ids: HashSet::new(),
             last_id: 0,
-            filters: HashSet::new(),
+            filters: HashMap::new(),
             awaiting_rel: HashSet::new(),
+            version: ProtocolVersion::V311,
         }
     }
 }
@@ -131,6 +151,15 @@ impl Expiry {
             0 => Expiry::Now,
             u32::MAX => Expiry::Never,
             s => Expiry::After(s),
+        }
+    }
+
+    /// As a Session Expiry Interval (0 now, `u32::MAX` never).
+    pub fn seconds(self) -> u32 {
+        match self {
+            Expiry::Now => 0,
+            Expiry::After(s) => s,
+            Expiry::Never => u32::MAX,
         }
     }
 }
@@ -431,7 +460,7 @@ mod tests {
         let store = SessionStore::default();
         let now = Instant::now();
         assert!(matches!(store.take("c", now), Taken::Nothing));
-        let state = SessionState::new(7, 4);
+        let state = SessionState::new(7, 4, None);
         assert!(store.park("c", state, Some(now + Duration::from_secs(5))).is_none());
         assert!(!store.lock()["c"].parked.as_ref().is_some_and(|p| p.state.subscriber.is_online()));
         match store.take("c", now) {
@@ -450,8 +479,8 @@ mod tests {
     fn expired_removes_only_expired_sessions_and_empty_entries() {
         let store = SessionStore::default();
         let now = Instant::now();
-        store.park("short", SessionState::new(1, 1), Some(now + Duration::from_secs(1)));
-        store.park("never", SessionState::new(2, 1), None);
+        store.park("short", SessionState::new(1, 1, None), Some(now + Duration::from_secs(1)));
+        store.park("never", SessionState::new(2, 1, None), None);
         let gone = store.expired(now + Duration::from_secs(2));
         assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
         assert_eq!(store.parked(), 1);

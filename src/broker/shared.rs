@@ -87,6 +87,7 @@ impl Group {
                     shared: Some(Arc::clone(&self.key)),
                     subscription_ids: m.options.subscription_id.into_iter().collect(),
                     ticket: if online { ticket.take() } else { None },
+                    stored: None,
                 };
                 match m.subscriber.queue.try_send(out) {
                     Ok(()) => {
@@ -199,8 +200,8 @@ mod tests {
             retain_as_published: false,
             subscription_id: None,
         };
-        let mut a = SessionState::new(1, 1);
-        let mut b = SessionState::new(2, 2);
+        let mut a = SessionState::new(1, 1, None);
+        let mut b = SessionState::new(2, 2, None);
         let mut groups = SharedGroups::default();
         groups.join("$share/g/a/+", "a/+", 1, options, &a.subscriber);
         groups.join("$share/g/a/+", "a/+", 2, options, &b.subscriber);

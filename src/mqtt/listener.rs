@@ -12,11 +12,13 @@ use tracing::{debug, error, info, warn};
 
 use super::session::{self, SessionShared};
 
-/// How long shutdown waits for sessions to close before giving up on them.
-const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
+/// How long, beyond `shutdown_timeout` (the sessions' own deadline for their in-flight
+/// messages), shutdown waits for sessions to close before giving up on them.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// Accepts connections on `listener` until `shared.shutdown` is cancelled, then waits (bounded)
-/// for every session to end.
+/// for every session to end: each finishes the QoS 1/2 PUBLISHes it has read (outcome and
+/// acknowledgement) within `shutdown_timeout`, then closes.
 pub async fn run(listener: TcpListener, shared: Arc<SessionShared>, max_connections: usize) {
     let permits = Arc::new(Semaphore::new(max_connections));
     let tasks = TaskTracker::new();
@@ -67,7 +69,8 @@ pub async fn run(listener: TcpListener, shared: Arc<SessionShared>, max_connecti
     shared.broker.close_connections();
     tasks.close();
     info!(sessions = tasks.len(), "MQTT listener stopped; waiting for sessions to close");
-    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait()).await.is_err() {
-        warn!(sessions = tasks.len(), "sessions still open after {DRAIN_DEADLINE:?}; leaving them");
+    let deadline = shared.limits.shutdown_timeout + CLOSE_GRACE;
+    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        warn!(sessions = tasks.len(), "sessions still open after {deadline:?}; leaving them");
     }
 }

@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::sync::oneshot;
 
 use crate::config::{AckPolicy, Config, RuleErrorPolicy, TargetConfig};
+use crate::deadletters::{DeadLetters, Recorder};
 use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::mqtt::topic::TopicTree;
@@ -66,6 +67,16 @@ pub struct Rule {
     pub errors: Counter,
     /// Messages the condition turned away.
     pub skipped: Counter,
+    /// One dead-letter recorder per target, in `targets` order; empty without a store (see
+    /// [`RuleSet::record_dead_letters`]).
+    pub dead_letters: Vec<Arc<Recorder>>,
+}
+
+impl Rule {
+    /// The dead-letter recorder of target `index`, if dead letters are kept.
+    pub fn recorder(&self, index: usize) -> Option<Arc<Recorder>> {
+        self.dead_letters.get(index).cloned()
+    }
 }
 
 impl Rule {
@@ -136,7 +147,9 @@ impl Target {
             Target::Http(t) => {
                 let (tx, rx) = oneshot::channel();
                 delivery.waits.push(rx);
-                t.publish(HttpRequest { msg: Arc::clone(msg), ack: Some(tx) }).await;
+                // No dead-letter recorder: the caller (spool, replay) handles the outcome.
+                let req = HttpRequest { msg: Arc::clone(msg), ack: Some(tx), dead_letter: None };
+                t.publish(req).await;
             }
         }
         delivery
@@ -169,6 +182,7 @@ impl Delivery {
             ack: Some(tx),
             metrics: t.metrics.clone(),
             options,
+            dead_letter: None,
         };
         t.broker.publish(req).await;
     }
@@ -359,6 +373,7 @@ impl RuleSet {
                 ack: rc.ack_policy(),
                 errors,
                 skipped,
+                dead_letters: Vec::new(),
             });
             whens.push(when);
         }
@@ -375,6 +390,19 @@ impl RuleSet {
             }
         }
         Ok(set)
+    }
+
+    /// Makes every target of every rule keep the messages that fail for good at it in
+    /// `dead_letters` (a session's messages only; [`Target::send`] never records).
+    pub fn record_dead_letters(&mut self, dead_letters: &DeadLetters) {
+        for rule in &mut self.rules {
+            rule.dead_letters = (0..rule.targets.len())
+                .map(|i| {
+                    let id = target_id(&rule.name, i);
+                    Arc::new(Recorder::new(dead_letters.clone(), &rule.name, &id))
+                })
+                .collect();
+        }
     }
 
     /// Puts the indexes of the rules whose filter matches `topic` into `hits` (cleared

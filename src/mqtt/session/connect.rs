@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 use super::SessionShared;
 use crate::auth::acl::ClientAcl;
 use crate::auth::Refusal;
+use crate::broker::persist::SessionKey;
 use crate::broker::{CloseReason, Expiry, Registration, SessionState};
 use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
@@ -130,13 +131,21 @@ where
     let session_present = resumed.is_some();
     // A will still waiting for its delay: never sent if the session resumes, sent now if not.
     shared.broker.claim_will(&accepted.client_id, session_present);
-    let state = resumed.unwrap_or_else(|| {
+    let mut state = resumed.unwrap_or_else(|| {
         let capacity = match expiry {
             Expiry::Now => shared.limits.outbound_queue,
             _ => shared.limits.max_queued_messages,
         };
-        SessionState::new(shared.broker.next_id(), capacity)
+        // A persistent session is kept in the store, when there is one.
+        let stored = (expiry != Expiry::Now && shared.broker.persist().is_some())
+            .then(|| SessionKey::new(&client_id));
+        SessionState::new(shared.broker.next_id(), capacity, stored)
     });
+    state.version = version;
+    if expiry != Expiry::Now {
+        // Its record (not waited for: SUBSCRIBE is what a client relies on being kept).
+        shared.broker.store_session(&state, expiry, false);
+    }
     let mut properties = Properties::default();
     if version == ProtocolVersion::V5 {
         properties.receive_maximum = Some(shared.limits.receive_maximum);

@@ -20,6 +20,7 @@ use tracing::{debug, warn};
 
 use super::{End, Session, SessionShared};
 use crate::config::{AckPolicy, RuleErrorPolicy};
+use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
@@ -79,6 +80,11 @@ impl PendingQueue {
 
     pub(super) fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// Entries waiting for their acknowledgement.
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
     }
 
     /// Takes over the QoS 2 packet ids a resumed session had PUBRECed and not seen released.
@@ -351,7 +357,9 @@ pub(super) async fn send_blocked(blocked: Blocked) {
 }
 
 /// Routes `msg` to local subscribers and to every target of every matching rule. Returns
-/// whether anything matched and, for QoS 1/2, the outcome receivers to wait for.
+/// whether anything matched and, for QoS 1/2, the outcome receivers to wait for: one per
+/// target, and with a store one for the durable write of a retained message or of the
+/// message queued for persistent sessions.
 /// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills. `hits` is
 /// scratch space for rule indexes, kept by the caller so routing does not allocate for it.
 /// Requests a sink cannot take now are appended to `blocked` (and once one is, every later
@@ -363,8 +371,9 @@ pub(super) fn route(
     hits: &mut Vec<usize>,
     blocked: &mut Blocked,
 ) -> (bool, Vec<oneshot::Receiver<Outcome>>) {
-    let local = shared.broker.publish(msg, publisher);
     let mut waits = Vec::new();
+    // With a store, a retained or persistent-session write adds its wait here.
+    let local = shared.broker.publish(msg, publisher, &mut waits);
     shared.rules.matches_into(&msg.topic, hits);
     let mut applied = 0usize;
     // Built only when a condition or template needs it.
@@ -375,7 +384,7 @@ pub(super) fn route(
             Ok(true) => {}
             Ok(false) => continue,
             Err(e) => {
-                if rule_failed(shared, rule, msg, &e, &mut waits) {
+                if rule_failed(shared, rule, None, msg, &e, &mut waits) {
                     applied += 1;
                 }
                 continue;
@@ -392,19 +401,19 @@ pub(super) fn route(
         // that cannot render) still fails the message.
         let receive = rule.ack == AckPolicy::Receive;
         let mut not_awaited = Vec::new();
-        for target in &rule.targets {
+        for (i, target) in rule.targets.iter().enumerate() {
             match target {
                 Target::Amqp(t) => {
                     let (exchange, routing_key) = match t.resolve(msg, &mut ctx) {
                         Ok(resolved) => resolved,
                         Err(e) => {
-                            rule_failed(shared, rule, msg, &e, &mut waits);
+                            rule_failed(shared, rule, Some(i), msg, &e, &mut waits);
                             continue;
                         }
                     };
                     let w = if receive { &mut not_awaited } else { &mut waits };
                     let options = t.options.clone();
-                    let target = (t, exchange, routing_key, options);
+                    let target = (t, exchange, routing_key, options, rule.recorder(i));
                     send_request(target, msg, w, blocked);
                     if t.last_value && msg.retain {
                         // The topic's last value: an empty retained payload clears it.
@@ -416,7 +425,8 @@ pub(super) fn route(
                             declare: Some(spec),
                             purge: msg.payload.is_empty(),
                         };
-                        send_request((t, Arc::from(""), name, options), msg, w, blocked);
+                        let target = (t, Arc::from(""), name, options, rule.recorder(i));
+                        send_request(target, msg, w, blocked);
                     }
                 }
                 Target::Http(t) => {
@@ -426,7 +436,8 @@ pub(super) fn route(
                         w.push(rx);
                         tx
                     });
-                    let req = HttpRequest { msg: Arc::clone(msg), ack };
+                    let dead_letter = rule.recorder(i);
+                    let req = HttpRequest { msg: Arc::clone(msg), ack, dead_letter };
                     if !blocked.is_empty() {
                         blocked.push(BlockedRequest::Http(t.clone(), req));
                     } else if let Err(req) = t.try_publish(req) {
@@ -471,10 +482,14 @@ fn spool_message(
     }
 }
 
+/// One AMQP publish to make: the target, exchange, routing key, options and dead-letter
+/// recorder.
+type AmqpPublish<'a> = (&'a AmqpTarget, Arc<str>, String, PublishOptions, Option<Arc<Recorder>>);
+
 /// Hands one request for target `t` to its sink (or to `blocked`, see [`route`]); for QoS 1/2
 /// its outcome receiver goes into `waits`.
 fn send_request(
-    (t, exchange, routing_key, options): (&AmqpTarget, Arc<str>, String, PublishOptions),
+    (t, exchange, routing_key, options, dead_letter): AmqpPublish<'_>,
     msg: &Arc<Message>,
     waits: &mut Vec<oneshot::Receiver<Outcome>>,
     blocked: &mut Blocked,
@@ -493,6 +508,7 @@ fn send_request(
         ack,
         metrics: t.metrics.clone(),
         options,
+        dead_letter,
     };
     if !blocked.is_empty() {
         blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
@@ -503,11 +519,14 @@ fn send_request(
 
 /// A rule's condition or template failed on `msg`: counted, then the rule's `on_error`
 /// decides. `fail`: a QoS 1/2 message gets a failed outcome (never acknowledged as
-/// delivered), a QoS 0 one is dropped and counted; returns true (the rule counts as matched).
-/// `skip`: the rule is passed over; returns false.
+/// delivered), a QoS 0 one is dropped and counted; with a store it is kept as a dead letter of
+/// target `target` (a template of that target failed) or of every target of the rule (its
+/// condition failed); returns true (the rule counts as matched). `skip`: the rule is passed
+/// over; returns false.
 fn rule_failed(
     shared: &SessionShared,
     rule: &Rule,
+    target: Option<usize>,
     msg: &Message,
     error: &TemplateError,
     waits: &mut Vec<oneshot::Receiver<Outcome>>,
@@ -517,11 +536,18 @@ fn rule_failed(
     match rule.on_error {
         RuleErrorPolicy::Skip => false,
         RuleErrorPolicy::Fail => {
+            let reason = format!("rule {:?} could not be evaluated: {error}", rule.name);
+            let recorders = match target {
+                Some(i) => rule.dead_letters.get(i..=i).unwrap_or_default(),
+                None => &rule.dead_letters[..],
+            };
+            for r in recorders {
+                r.record(msg, &reason);
+            }
             if msg.qos == QoS::AtMostOnce {
                 shared.metrics.dropped(DROPPED_RULE_ERROR);
             } else {
                 let (tx, rx) = oneshot::channel();
-                let reason = format!("rule {:?} could not be evaluated: {error}", rule.name);
                 let _ = tx.send(Outcome::Failed(Failure::fatal(reason)));
                 waits.push(rx);
             }

@@ -72,6 +72,9 @@ pub struct SessionLimits {
     pub topic_limits: TopicLimits,
     /// Most subscriptions per client.
     pub max_subscriptions: usize,
+    /// At shutdown, how long the QoS 1/2 PUBLISHes already read may take to get their
+    /// outcome and acknowledgement before the connection is closed anyway (`shutdown_timeout`).
+    pub shutdown_timeout: Duration,
 }
 
 impl SessionLimits {
@@ -92,6 +95,7 @@ impl SessionLimits {
                 max_levels: c.max_topic_levels.max(1),
             },
             max_subscriptions: c.max_subscriptions,
+            shutdown_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -230,6 +234,12 @@ struct Session<S> {
     /// Publish requests of the last PUBLISH that a sink could not take at once; the loop
     /// waits until they are queued before it reads on.
     blocked: inbound::Blocked,
+    /// The SUBACK/UNSUBACK of a stored session, held until its record is durable; the loop
+    /// waits for it before it reads on.
+    held: Option<Box<outbound::Held>>,
+    /// Shutting down: nothing more is read; the PUBLISHes already read get their outcomes
+    /// and acknowledgements (until `shutdown_timeout`), then the connection is closed.
+    draining: bool,
 }
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
@@ -315,6 +325,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             rule_hits: Vec::new(),
             aliases: inbound::TopicAliases::new(shared.limits.topic_alias_maximum),
             blocked: Vec::new(),
+            held: None,
+            draining: false,
             shared,
         }
     }
@@ -360,6 +372,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // not part of every session's future).
                     Box::pin(inbound::send_blocked(std::mem::take(&mut self.blocked))).await;
                 }
+                if let Some(held) = self.held.take() {
+                    // A stored session's SUBSCRIBE/UNSUBSCRIBE: answered once its record is
+                    // durable (rare; boxed like the wait above).
+                    if let Some(end) = Box::pin(self.release_held(held)).await {
+                        return end;
+                    }
+                }
             }
             if self.conn.has_pending_writes() {
                 // What the socket takes now is written at once; only a full socket waits
@@ -385,10 +404,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             match poll_fn(|cx| self.poll_event(cx, timer.as_mut().map(|t| t.as_mut()))).await {
                 Event::Close(CloseReason::Shutdown) => {
-                    return self.server_disconnect(
-                        ReasonCode::SERVER_SHUTTING_DOWN,
-                        "server shutting down",
-                    );
+                    if self.pending.is_empty() {
+                        return self.shutdown_disconnect();
+                    }
+                    // Let the PUBLISHes already read finish; the keepalive timer becomes the
+                    // deadline (and no packet is read any more, so keepalive is moot).
+                    self.draining = true;
+                    let limit = self.shared.limits.shutdown_timeout;
+                    timer = Some(Box::pin(tokio::time::sleep(limit)));
                 }
                 Event::Close(CloseReason::Takeover) => {
                     return self.server_disconnect(
@@ -405,6 +428,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         if let Some(end) = self.complete_front(done) {
                             return end;
                         }
+                    }
+                    if self.draining && self.pending.is_empty() {
+                        return self.shutdown_disconnect();
                     }
                 }
                 // One clock read per read, not per packet: keepalive and the messages'
@@ -424,6 +450,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                             None => break,
                         }
                     }
+                }
+                Event::Keepalive if self.draining => {
+                    warn!(parent: &self.span(), unacknowledged = self.pending.len(),
+                        "shutdown_timeout passed with messages still in flight; closing (the client resends them)");
+                    return self.shutdown_disconnect();
                 }
                 Event::Keepalive => {
                     // The timer is only moved forward when it fires, not on every packet.
@@ -447,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// delivery (while the outbound window has room), the keepalive timer. Every source not
     /// ready has `cx`'s waker registered.
     fn poll_event(&mut self, cx: &mut Context<'_>, timer: Option<Pin<&mut Sleep>>) -> Poll<Event> {
-        if let Some(link) = &self.link {
+        if let (Some(link), false) = (&self.link, self.draining) {
             if let Poll::Ready(reason) = link.0.poll_close(cx) {
                 return Poll::Ready(Event::Close(reason));
             }
@@ -480,7 +511,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// it is full we stop reading (TCP pushes back). An MQTT 5 client was told our Receive
     /// Maximum in CONNACK; we keep reading so that one exceeding it gets DISCONNECT 0x93.
     fn may_read(&self) -> bool {
-        self.version == ProtocolVersion::V5 || self.pending.has_room()
+        !self.draining && (self.version == ProtocolVersion::V5 || self.pending.has_room())
+    }
+
+    /// Ends the session for shutdown (MQTT 5: DISCONNECT 0x8B).
+    fn shutdown_disconnect(&mut self) -> End {
+        self.server_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, "server shutting down")
     }
 
     /// Handles one packet; `Some` ends the session.
@@ -491,7 +527,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             Packet::PubRel(r) => self.on_pubrel(r),
             Packet::PubRec(r) => self.on_pubrec(r),
             Packet::PubComp(r) => {
-                self.out.completed(r.packet_id);
+                let stored = self.out.completed(r.packet_id);
+                self.shared.broker.unstore(&self.out.state.subscriber, stored);
                 None
             }
             Packet::Subscribe(s) => self.on_subscribe(s),
@@ -577,7 +614,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// A PUBACK answers one of our QoS 1 deliveries.
     fn on_puback(&mut self, r: PubResponse) -> Option<End> {
-        self.out.acked(r.packet_id, r.code);
+        let stored = self.out.acked(r.packet_id, r.code);
+        self.shared.broker.unstore(&self.out.state.subscriber, stored);
         None
     }
 

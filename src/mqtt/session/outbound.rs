@@ -13,7 +13,8 @@
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::debug;
+use tokio::sync::oneshot;
+use tracing::{debug, warn};
 
 use super::{End, Session, SessionLimits};
 use crate::broker::sessions::{InFlight, InFlightStage};
@@ -26,6 +27,19 @@ use crate::mqtt::codec::{
 };
 use crate::mqtt::connection::QueueError;
 use crate::mqtt::topic::{self, TopicError};
+use crate::sinks::Outcome;
+
+/// A SUBACK or UNSUBACK of a stored session waiting for its record to be durable.
+pub(super) struct Held {
+    /// Resolved once the record is durable.
+    durable: oneshot::Receiver<Outcome>,
+    /// The answer to send then.
+    ack: Packet,
+    /// A SUBSCRIBE's retained messages to send after it: filter and granted QoS.
+    retained: Vec<(String, QoS)>,
+    /// The SUBSCRIBE's subscription identifier, for those.
+    subscription_id: Option<u32>,
+}
 
 /// Outbound half of a session.
 pub(super) struct OutboundState {
@@ -57,34 +71,40 @@ impl OutboundState {
     }
 
     /// Removes the delivery with `packet_id` if `done` says it is complete; a tracked one's
-    /// ticket is finished with `fate`.
-    fn complete(&mut self, packet_id: u16, fate: Fate, done: impl Fn(&InFlight) -> bool) -> bool {
+    /// ticket is finished with `fate`. `Some` if it was there, with its sequence number in
+    /// the store if it is stored (for the caller to delete).
+    fn complete(
+        &mut self,
+        packet_id: u16,
+        fate: Fate,
+        done: impl Fn(&InFlight) -> bool,
+    ) -> Option<Option<u64>> {
         let state = &mut self.state;
-        match state.inflight.iter().position(|f| f.packet_id == packet_id && done(f)) {
-            Some(i) => {
-                if let Some(f) = state.inflight.remove(i) {
-                    tracking::finish(f.ticket, fate);
-                }
-                state.inflight_ids.remove(&packet_id);
-                true
-            }
-            None => false,
-        }
+        let i = state.inflight.iter().position(|f| f.packet_id == packet_id && done(f))?;
+        let f = state.inflight.remove(i)?;
+        tracking::finish(f.ticket, fate);
+        state.inflight_ids.remove(&packet_id);
+        Some(f.stored)
     }
 
-    /// A PUBACK from the client (MQTT 5: an error code means it refused the message).
-    pub(super) fn acked(&mut self, packet_id: u16, code: ReasonCode) {
+    /// A PUBACK from the client (MQTT 5: an error code means it refused the message). The
+    /// completed delivery's sequence number in the store, if it is stored.
+    pub(super) fn acked(&mut self, packet_id: u16, code: ReasonCode) -> Option<u64> {
         let fate = if code.is_success() { Fate::Taken } else { Fate::Failed };
-        if !self.complete(packet_id, fate, |f| f.qos == QoS::AtLeastOnce) {
+        let done = self.complete(packet_id, fate, |f| f.qos == QoS::AtLeastOnce);
+        if done.is_none() {
             debug!(session_id = self.state.id, packet_id, "PUBACK for an unknown packet id");
         }
+        done.flatten()
     }
 
-    /// A PUBCOMP from the client.
-    pub(super) fn completed(&mut self, packet_id: u16) {
-        if !self.complete(packet_id, Fate::Taken, |f| f.stage == InFlightStage::Released) {
+    /// A PUBCOMP from the client; as [`OutboundState::acked`].
+    pub(super) fn completed(&mut self, packet_id: u16) -> Option<u64> {
+        let done = self.complete(packet_id, Fate::Taken, |f| f.stage == InFlightStage::Released);
+        if done.is_none() {
             debug!(session_id = self.state.id, packet_id, "PUBCOMP for an unknown packet id");
         }
+        done.flatten()
     }
 
     fn next_packet_id(&mut self) -> u16 {
@@ -103,7 +123,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// session has left since it was queued goes to another member of the group instead.
     pub(super) fn deliver(&mut self, out: Outbound) {
         if let Some(key) = &out.shared {
-            if !self.out.state.filters.contains(&**key) {
+            if !self.out.state.filters.contains_key(&**key) {
                 if out.qos != QoS::AtMostOnce {
                     self.shared.broker.redeliver_shared_tracked(key, &out.msg, out.ticket);
                 } else {
@@ -126,16 +146,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         ) else {
             // Expired: nobody is owed it any more.
             tracking::finish(out.ticket, Fate::Gone);
+            self.shared.broker.unstore(&self.out.state.subscriber, out.stored);
             return;
         };
         let sent = self.queue_publish(publish);
         if !sent || packet_id == 0 {
             // QoS 0 is taken on hand-off; a PUBLISH that cannot be sent failed.
             tracking::finish(out.ticket, if sent { Fate::Taken } else { Fate::Failed });
+            self.shared.broker.unstore(&self.out.state.subscriber, out.stored);
         } else {
-            let state = &mut self.out.state;
-            state.inflight_ids.insert(packet_id);
-            state.inflight.push_back(InFlight {
+            let f = InFlight {
                 packet_id,
                 msg: out.msg,
                 qos: out.qos,
@@ -144,7 +164,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 shared: out.shared,
                 subscription_ids: out.subscription_ids,
                 ticket: out.ticket,
-            });
+                stored: out.stored,
+            };
+            // A stored delivery is recorded as sent: after a restart it is resent with DUP.
+            self.shared.broker.store_sent(&self.out.state.subscriber, &f);
+            let state = &mut self.out.state;
+            state.inflight_ids.insert(packet_id);
+            state.inflight.push_back(f);
         }
     }
 
@@ -170,7 +196,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             };
             if !sent {
-                self.out.complete(f.packet_id, Fate::Failed, |_| true);
+                let stored = self.out.complete(f.packet_id, Fate::Failed, |_| true).flatten();
+                self.shared.broker.unstore(&self.out.state.subscriber, stored);
             }
         }
         None
@@ -232,7 +259,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// for a repeated PUBREC). An MQTT 5 error code ends the delivery (no PUBREL, §4.3.3).
     pub(super) fn on_pubrec(&mut self, r: PubResponse) -> Option<End> {
         if !r.code.is_success() {
-            self.out.complete(r.packet_id, Fate::Failed, |f| f.qos == QoS::ExactlyOnce);
+            let stored = self
+                .out
+                .complete(r.packet_id, Fate::Failed, |f| f.qos == QoS::ExactlyOnce)
+                .flatten();
+            self.shared.broker.unstore(&self.out.state.subscriber, stored);
             debug!(
                 client_id = %self.client_id,
                 packet_id = r.packet_id,
@@ -243,7 +274,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let known = match self.out.find(r.packet_id) {
             Some(f) if f.qos == QoS::ExactlyOnce => {
-                f.stage = InFlightStage::Released;
+                if f.stage != InFlightStage::Released {
+                    f.stage = InFlightStage::Released;
+                    // After a restart it is resent as PUBREL, not as the message.
+                    let f = f.clone();
+                    self.shared.broker.store_sent(&self.out.state.subscriber, &f);
+                }
                 true
             }
             _ => false,
@@ -276,6 +312,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
+        let mut changed = false;
         for f in &s.filters {
             let parsed = topic::parse_subscription(&f.filter).and_then(|p| {
                 self.shared.limits.topic_limits.check(p.filter)?;
@@ -284,7 +321,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let code = match parsed {
                 Err(e) => self.filter_refusal(&e),
                 Ok(_)
-                    if !self.out.state.filters.contains(&f.filter)
+                    if !self.out.state.filters.contains_key(&f.filter)
                         && self.out.state.filters.len() >= self.shared.limits.max_subscriptions =>
                 {
                     debug!(
@@ -318,7 +355,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         retain_as_published: f.options.retain_as_published,
                         subscription_id,
                     };
-                    let existed = !self.out.state.filters.insert(f.filter.clone());
+                    let existed =
+                        self.out.state.filters.insert(f.filter.clone(), options).is_some();
+                    changed = true;
                     self.shared.broker.subscribe(
                         self.session_id,
                         &f.filter,
@@ -341,10 +380,45 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             codes.push(code);
         }
         let suback = SubAck { packet_id: s.packet_id, codes, properties: Properties::default() };
-        if let Some(end) = self.send(&Packet::SubAck(suback)) {
+        let ack = Packet::SubAck(suback);
+        // A stored session's subscriptions are durable before its SUBACK.
+        let expiry = self.expiry;
+        match changed.then(|| self.shared.broker.store_session(&self.out.state, expiry, true)) {
+            Some(Some(durable)) => {
+                self.held = Some(Box::new(Held { durable, ack, retained, subscription_id }));
+                None
+            }
+            _ => self.answer(&ack, retained, subscription_id),
+        }
+    }
+
+    /// Waits until the record of a stored session is durable, then sends the SUBACK or
+    /// UNSUBACK held for it (and a SUBSCRIBE's retained messages). A record that cannot be
+    /// written ends the connection: the client subscribes again when it reconnects.
+    pub(super) async fn release_held(&mut self, held: Box<Held>) -> Option<End> {
+        let Held { durable, ack, retained, subscription_id } = *held;
+        match durable.await {
+            Ok(Outcome::Delivered) => self.answer(&ack, retained, subscription_id),
+            Ok(Outcome::Failed(f)) => {
+                warn!(parent: &self.span(), reason = %f.reason, "subscriptions not stored");
+                let reason = "the session's subscriptions could not be stored";
+                Some(self.server_disconnect(ReasonCode::UNSPECIFIED_ERROR, reason))
+            }
+            Err(_) => Some(End::ServerClose { reason: "the store stopped".into() }),
+        }
+    }
+
+    /// Sends a SUBACK or UNSUBACK, then the retained messages of a SUBSCRIBE's new
+    /// subscriptions (after it, through the same bounded queue as live ones).
+    fn answer(
+        &mut self,
+        ack: &Packet,
+        retained: Vec<(String, QoS)>,
+        subscription_id: Option<u32>,
+    ) -> Option<End> {
+        if let Some(end) = self.send(ack) {
             return Some(end);
         }
-        // Retained messages go after the SUBACK, through the same bounded queue as live ones.
         for (filter, granted) in retained {
             for msg in self.shared.broker.retained_matching(&filter) {
                 let out = Outbound {
@@ -354,6 +428,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     shared: None,
                     subscription_ids: subscription_id.into_iter().collect(),
                     ticket: None,
+                    stored: None,
                 };
                 if self.out.state.subscriber.queue.try_send(out).is_err() {
                     self.shared.metrics.dropped("subscriber_queue_full");
@@ -390,6 +465,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let unsuback =
             UnsubAck { packet_id: u.packet_id, codes, properties: Properties::default() };
-        self.send(&Packet::UnsubAck(unsuback))
+        let ack = Packet::UnsubAck(unsuback);
+        let expiry = self.expiry;
+        match self.shared.broker.store_session(&self.out.state, expiry, true) {
+            Some(durable) => {
+                let retained = Vec::new();
+                self.held = Some(Box::new(Held { durable, ack, retained, subscription_id: None }));
+                None
+            }
+            None => self.send(&ack),
+        }
     }
 }

@@ -180,6 +180,7 @@ mod tests {
             ack: None,
             metrics: TargetMetrics::default(),
             options: Default::default(),
+            dead_letter: None,
         }
     }
 

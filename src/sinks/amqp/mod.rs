@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{AmqpBrokerConfig, TopicMapping, UnroutablePolicy};
+use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::metrics::{BrokerMetrics, Metrics, ReasonLabels, TargetMetrics};
 use crate::sinks::{AckSender, Failure, Outcome};
@@ -63,6 +64,10 @@ pub struct PublishRequest {
     /// Per-target publish options (mandatory, mapping, queue to declare); default for a plain
     /// rule target.
     pub options: PublishOptions,
+    /// Where the message is kept if it fails for good (a nack, a return, a missing exchange):
+    /// set for a session's messages when a store is configured; `None` for `Target::send`
+    /// (its caller handles the outcome) and without a store.
+    pub dead_letter: Option<Arc<Recorder>>,
 }
 
 /// How one request is published, beyond exchange and routing key. The default (a plain
@@ -209,10 +214,18 @@ impl Shared {
 
     /// Fails a request whose publish cannot work as is: counts it failed for its target and
     /// reports `failure()` on its ack (built only when there is one).
+    /// A final failure of a request that carries a recorder also keeps it as a dead letter.
     fn fail(&self, req: PublishRequest, failure: impl FnOnce() -> Failure) {
         req.metrics.failed.inc();
+        if req.ack.is_none() && req.dead_letter.is_none() {
+            return;
+        }
+        let failure = failure();
+        if let (Some(r), false) = (&req.dead_letter, failure.retryable) {
+            r.record(&req.msg, &failure.reason);
+        }
         if let Some(ack) = req.ack {
-            let _ = ack.send(Outcome::Failed(failure()));
+            let _ = ack.send(Outcome::Failed(failure));
         }
     }
 

@@ -33,6 +33,8 @@ use super::wire::methods::{self, Close, Method, REPLY_SUCCESS};
 use super::wire::MAX_SHORT_STRING_LENGTH;
 use super::{PublishRequest, Shared};
 use crate::config::UnroutablePolicy;
+use crate::deadletters::Recorder;
+use crate::message::Message;
 use crate::metrics::TargetMetrics;
 use crate::mqtt::codec::ReasonCode;
 use crate::sinks::{AckSender, Failure, Outcome};
@@ -65,6 +67,8 @@ struct InFlight {
     sent: Instant,
     /// Published with the mandatory flag: what identifies it in a `basic.return`.
     mandatory: Option<Box<Mandatory>>,
+    /// Where it is kept if it fails for good, and the message.
+    dead_letter: Option<(Arc<Recorder>, Arc<Message>)>,
 }
 
 /// One confirm-mode channel.
@@ -595,7 +599,7 @@ impl Publisher<'_> {
 
     /// Encodes the publish of a request whose exchange is verified, tracking QoS 1/2 ones.
     fn publish(&mut self, req: PublishRequest, now: Instant, timestamp: u64) {
-        let PublishRequest { exchange, routing_key, msg, ack, metrics, options } = req;
+        let PublishRequest { exchange, routing_key, msg, ack, metrics, options, dead_letter } = req;
         let headers = headers::headers(&msg);
         let headers = headers.as_slice();
         let derived = headers::derived(&msg, options.mapping);
@@ -619,8 +623,11 @@ impl Publisher<'_> {
                     frame_max,
                 ) {
                     Ok(()) => self.unflushed_plain.push(metrics),
-                    Err(_) => {
+                    Err(e) => {
                         metrics.failed.inc();
+                        if let Some(r) = dead_letter {
+                            r.record(&msg, &e.to_string());
+                        }
                     }
                 }
             }
@@ -653,13 +660,21 @@ impl Publisher<'_> {
                             metrics,
                             sent: now,
                             mandatory,
+                            dead_letter: dead_letter.map(|r| (r, Arc::clone(&msg))),
                         });
                         ch.next_tag += 1;
                         self.unconfirmed += 1;
                         self.shared.metrics.unconfirmed.inc();
                     }
-                    Err(e) => InFlight { tag: 0, ack, metrics, sent: now, mandatory: None }
-                        .fail(Failure::fatal(e.to_string())),
+                    Err(e) => InFlight {
+                        tag: 0,
+                        ack,
+                        metrics,
+                        sent: now,
+                        mandatory: None,
+                        dead_letter: dead_letter.map(|r| (r, Arc::clone(&msg))),
+                    }
+                    .fail(Failure::fatal(e.to_string())),
                 }
             }
         }
@@ -762,9 +777,12 @@ impl Publisher<'_> {
 }
 
 impl InFlight {
-    /// Reports `failure` and counts it.
+    /// Reports `failure` and counts it; a final one is also kept as a dead letter.
     fn fail(self, failure: Failure) {
         self.metrics.failed.inc();
+        if let (Some((r, msg)), false) = (&self.dead_letter, failure.retryable) {
+            r.record(msg, &failure.reason);
+        }
         let _ = self.ack.send(Outcome::Failed(failure));
     }
 }

@@ -126,6 +126,7 @@ fn request(ack: Option<oneshot::Sender<Outcome>>, target: &TargetMetrics) -> Pub
         ack,
         metrics: target.clone(),
         options: Default::default(),
+        dead_letter: None,
     }
 }
 
