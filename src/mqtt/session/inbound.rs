@@ -397,7 +397,8 @@ pub(super) fn route(
             continue;
         }
         // `ack: receive`: the targets' outcomes are not waited for; their receivers are
-        // dropped here (the sinks still count failures). A failure known now (a template
+        // dropped here (the sinks still count failures and, with a store, keep final ones as
+        // dead letters). A failure known now (a template
         // that cannot render) still fails the message.
         let receive = rule.ack == AckPolicy::Receive;
         let mut not_awaited = Vec::new();
