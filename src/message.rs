@@ -47,8 +47,23 @@ impl Message {
     /// the same payload to the same topic under a reused id gets the same identity; receivers
     /// should keep their dedup window short (minutes).
     pub fn identity(&self) -> Option<String> {
-        let packet_id = self.packet_id?;
         let mut h = Sha256::new();
+        if !self.hash_identity(&mut h) {
+            return None;
+        }
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut id = String::with_capacity(32);
+        for b in &h.finalize()[..16] {
+            id.push(char::from(DIGITS[usize::from(b >> 4)]));
+            id.push(char::from(DIGITS[usize::from(b & 15)]));
+        }
+        Some(id)
+    }
+
+    /// Feeds what makes up [`identity`](Self::identity) into `h`; false (nothing fed) without
+    /// a packet id. A batch's key hashes its messages this way in one pass.
+    pub fn hash_identity(&self, h: &mut Sha256) -> bool {
+        let Some(packet_id) = self.packet_id else { return false };
         let parts: [&[u8]; 4] = [
             self.client_id.as_bytes(),
             &packet_id.to_be_bytes(),
@@ -59,11 +74,6 @@ impl Message {
             h.update((part.len() as u64).to_be_bytes());
             h.update(part);
         }
-        let mut id = String::with_capacity(32);
-        for b in &h.finalize()[..16] {
-            use std::fmt::Write;
-            let _ = write!(id, "{b:02x}");
-        }
-        Some(id)
+        true
     }
 }

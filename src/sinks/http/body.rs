@@ -89,29 +89,45 @@ impl BodySpec {
 #[derive(serde::Serialize)]
 struct Envelope<'a> {
     topic: &'a str,
-    payload: serde_json::Value,
+    payload: Payload<'a>,
     payload_encoding: &'static str,
     qos: u8,
     retain: bool,
     client_id: &'a str,
     username: Option<&'a str>,
-    received_at: String,
+    received_at: &'a str,
     content_type: Option<&'a str>,
     user_properties: Vec<[&'a str; 2]>,
 }
 
+/// The payload in the envelope.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Payload<'a> {
+    /// Valid JSON on one line: embedded as it is (no parse into a tree and back).
+    Raw(&'a serde_json::value::RawValue),
+    /// Valid JSON spread over lines: re-encoded compact, so an NDJSON batch stays one line
+    /// per message.
+    Value(serde_json::Value),
+    /// Not JSON: base64.
+    Base64(String),
+}
+
 impl<'a> Envelope<'a> {
-    fn of(msg: &'a Message) -> Envelope<'a> {
-        let (payload, payload_encoding) =
-            match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
-                Ok(v) => (v, "json"),
-                Err(_) => (
-                    serde_json::Value::String(
-                        base64::engine::general_purpose::STANDARD.encode(&msg.payload),
-                    ),
-                    "base64",
-                ),
-            };
+    fn of(msg: &'a Message, received_at: &'a str) -> Envelope<'a> {
+        let p = &msg.payload[..];
+        let one_line = !p.iter().any(|&b| b == b'\n' || b == b'\r');
+        let json = if one_line {
+            serde_json::from_slice::<&serde_json::value::RawValue>(p).ok().map(Payload::Raw)
+        } else {
+            serde_json::from_slice::<serde_json::Value>(p).ok().map(Payload::Value)
+        };
+        let (payload, payload_encoding) = match json {
+            Some(j) => (j, "json"),
+            None => {
+                (Payload::Base64(base64::engine::general_purpose::STANDARD.encode(p)), "base64")
+            }
+        };
         Envelope {
             topic: &msg.topic,
             payload,
@@ -120,7 +136,7 @@ impl<'a> Envelope<'a> {
             retain: msg.retain,
             client_id: &msg.client_id,
             username: msg.username.as_deref(),
-            received_at: rfc3339(received_at(msg.received)),
+            received_at,
             content_type: msg.properties.content_type.as_deref(),
             user_properties: msg
                 .properties
@@ -134,14 +150,18 @@ impl<'a> Envelope<'a> {
 
 /// The envelope of `msg` as compact JSON (one line).
 pub fn envelope_bytes(msg: &Message) -> Result<Vec<u8>, String> {
-    serde_json::to_vec(&Envelope::of(msg))
+    let at = rfc3339(received_at(msg.received));
+    let mut out = Vec::with_capacity(160 + msg.topic.len() + msg.payload.len() * 4 / 3);
+    serde_json::to_writer(&mut out, &Envelope::of(msg, at.as_str()))
+        .map(|()| out)
         .map_err(|e| format!("cannot encode the JSON envelope: {e}"))
 }
 
 /// The envelope of `msg` as a JSON value.
 #[cfg(test)]
 fn envelope(msg: &Message) -> serde_json::Value {
-    serde_json::to_value(Envelope::of(msg)).unwrap_or_default()
+    let at = rfc3339(received_at(msg.received));
+    serde_json::to_value(Envelope::of(msg, at.as_str())).unwrap_or_default()
 }
 
 /// The wall-clock time of a monotonic instant in the recent past.
@@ -149,8 +169,8 @@ fn received_at(received: Instant) -> SystemTime {
     SystemTime::now() - received.elapsed()
 }
 
-/// `2026-11-26T09:03:54.123Z`.
-fn rfc3339(t: SystemTime) -> String {
+/// `2026-11-26T09:03:54.123Z` (written digit by digit: this runs for every message).
+fn rfc3339(t: SystemTime) -> Rfc3339 {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -163,14 +183,32 @@ fn rfc3339(t: SystemTime) -> String {
     let mp = (5 * doy + 2) / 153;
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let year = (yoe + era * 400 + i64::from(month <= 2)).clamp(0, 9999) as u64;
+    let mut b = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            b[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, month as u64);
+    put(8, 2, day as u64);
+    put(11, 2, rem / 3600);
+    put(14, 2, rem % 3600 / 60);
+    put(17, 2, rem % 60);
+    put(20, 3, u64::from(d.subsec_millis()));
+    Rfc3339(b)
+}
+
+/// A formatted timestamp, on the stack.
+struct Rfc3339([u8; 24]);
+
+impl Rfc3339 {
+    fn as_str(&self) -> &str {
+        // Only ASCII digits and separators are ever written.
+        std::str::from_utf8(&self.0).unwrap_or("1970-01-01T00:00:00.000Z")
+    }
 }
 
 /// A batch body from its elements.
@@ -213,15 +251,17 @@ pub fn idempotency_key(msg: &Message) -> Option<String> {
     msg.identity()
 }
 
-/// The key of a batch: over the keys of its messages, in order (`None` when none has one).
-pub fn batch_key<'a>(keys: impl Iterator<Item = Option<&'a str>>) -> Option<String> {
+/// The key of a batch: one hash over the identities of its messages, in order (`None` when
+/// none has one). The same batch sent again (a retry) gets the same key.
+pub fn batch_key<'a>(msgs: impl Iterator<Item = &'a Message>) -> Option<String> {
     let mut h = Sha256::new();
     let mut any = false;
-    for k in keys {
-        let k = k.unwrap_or("-");
-        any |= k != "-";
-        h.update(k.as_bytes());
-        h.update(b",");
+    for m in msgs {
+        if m.hash_identity(&mut h) {
+            any = true;
+        } else {
+            h.update(b"-");
+        }
     }
     any.then(|| hex(&h.finalize()[..16]))
 }
@@ -260,6 +300,26 @@ mod tests {
     }
 
     #[test]
+    fn json_payloads_are_embedded_and_every_element_is_one_line() {
+        for (payload, expect) in [
+            (&b"{\"t\": 21.5, \"s\": \"a b\"}"[..], json!({"t": 21.5, "s": "a b"})),
+            (&b"{\n  \"t\": 1,\n  \"u\": [1,\r\n 2]\n}\n"[..], json!({"t": 1, "u": [1, 2]})),
+            (&b"  [1, 2]  "[..], json!([1, 2])),
+            (&b"\"x\""[..], json!("x")),
+        ] {
+            let bytes = envelope_bytes(&msg(payload, None)).expect("envelope");
+            assert!(!bytes.contains(&b'\n') && !bytes.contains(&b'\r'), "{payload:?}");
+            let v: serde_json::Value = serde_json::from_slice(&bytes).expect("valid JSON");
+            assert_eq!(v["payload"], expect, "{payload:?}");
+            assert_eq!(v["payload_encoding"], "json");
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&envelope_bytes(&msg(b"{not json", None)).expect("envelope"))
+                .expect("valid JSON");
+        assert_eq!(v["payload_encoding"], "base64");
+    }
+
+    #[test]
     fn envelope_has_json_or_base64_payload() {
         let e = envelope(&msg(br#"{"t": 21.5}"#, Some(1)));
         assert_eq!(e["payload"], json!({"t": 21.5}));
@@ -278,11 +338,11 @@ mod tests {
 
     #[test]
     fn dates() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(UNIX_EPOCH).as_str(), "1970-01-01T00:00:00.000Z");
         let t = UNIX_EPOCH + Duration::from_millis(1_795_651_434_123);
-        assert_eq!(rfc3339(t), "2026-11-26T00:03:54.123Z");
+        assert_eq!(rfc3339(t).as_str(), "2026-11-26T00:03:54.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(leap).as_str(), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]
@@ -294,9 +354,13 @@ mod tests {
         assert_eq!(idempotency_key(&msg(b"x", None)), None);
         assert_eq!(a.as_deref().map(str::len), Some(32));
         assert_eq!(hex(&[0x00, 0x9f, 0xff]), "009fff");
-        let b = batch_key([a.as_deref(), None].into_iter());
-        assert_eq!(b, batch_key([a.as_deref(), None].into_iter()));
-        assert_eq!(batch_key([None, None].into_iter()), None);
+        let (m1, m2, m0) = (msg(b"x", Some(1)), msg(b"x", Some(2)), msg(b"x", None));
+        let b = batch_key([&m1, &m0].into_iter());
+        assert!(b.is_some());
+        assert_eq!(b, batch_key([&m1, &m0].into_iter()));
+        assert_ne!(b, batch_key([&m2, &m0].into_iter()));
+        assert_ne!(b, batch_key([&m0, &m1].into_iter()));
+        assert_eq!(batch_key([&m0, &m0].into_iter()), None);
     }
 
     #[test]

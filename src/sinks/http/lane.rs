@@ -11,14 +11,18 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
+use http_body_util::Full;
 use minijinja::value::Value;
-use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use reqwest::Method;
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, Url};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
+use url::Position;
 
 use super::body::{self, BodySpec};
+use super::conn::SendError;
 use super::retry::{self, Verdict};
 use super::template::Template;
 use super::{join_url, HttpRequest, Spec, IDEMPOTENCY_KEY};
@@ -136,9 +140,7 @@ impl Lane {
         if reqs.is_empty() {
             return;
         }
-        let keys: Vec<Option<String>> =
-            reqs.iter().map(|r| body::idempotency_key(&r.msg)).collect();
-        let key = body::batch_key(keys.iter().map(Option::as_deref));
+        let key = body::batch_key(reqs.iter().map(|r| &*r.msg));
         let spec = Arc::clone(&self.spec);
         let outcome = self.deliver(|| spec.build_batch(&elements, cfg.format, key.clone())).await;
         self.resolve(reqs, outcome);
@@ -147,7 +149,7 @@ impl Lane {
     /// Sends the request until it is settled; the outcome of every message in it.
     /// The request is built by `build` for each attempt (a retry is rare, so this is cheaper
     /// than keeping a clone of every request for one); a build error is a permanent failure.
-    async fn deliver(&mut self, build: impl Fn() -> Result<reqwest::Request, String>) -> Outcome {
+    async fn deliver(&mut self, build: impl Fn() -> Result<Outgoing, String>) -> Outcome {
         let spec = Arc::clone(&self.spec);
         let ep = &spec.endpoint.inner;
         let retry = &spec.retry;
@@ -197,7 +199,7 @@ impl Lane {
     }
 
     /// One attempt: waits for a connection permit, sends, reads the status and drains the body.
-    async fn attempt(&self, req: reqwest::Request) -> Verdict {
+    async fn attempt(&self, out: Outgoing) -> Verdict {
         let spec = &self.spec;
         let ep = &spec.endpoint.inner;
         let Ok(_permit) = ep.permits.acquire().await else {
@@ -205,22 +207,49 @@ impl Lane {
         };
         spec.http.requests.inc();
         let t0 = Instant::now();
-        let result = ep.client.execute(req).await;
-        let verdict = match result {
-            Ok(mut resp) => {
-                let status = resp.status();
-                let retry_after = resp
-                    .headers()
-                    .get(RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned);
-                let mut read = 0;
-                while read < MAX_DRAIN {
-                    match resp.chunk().await {
-                        Ok(Some(c)) => read += c.len(),
-                        _ => break,
+        let answer = match &ep.lean {
+            Some(pool) => match out.into_hyper(&ep.default_headers) {
+                Err(reason) => Err(Verdict::Permanent(reason)),
+                Ok(req) => {
+                    match tokio::time::timeout(ep.timeout, pool.send(req, MAX_DRAIN)).await {
+                        Ok(Ok(a)) => Ok((a.status, a.retry_after)),
+                        Ok(Err(SendError::Connect(e))) => Err(Verdict::Retry {
+                            reason: format!("cannot connect: {e}"),
+                            after: None,
+                        }),
+                        Ok(Err(SendError::Request(e))) => Err(Verdict::Retry {
+                            reason: format!("request failed: {e}"),
+                            after: None,
+                        }),
+                        Err(_) => Err(Verdict::Retry {
+                            reason: format!("timeout: no answer within {:?}", ep.timeout),
+                            after: None,
+                        }),
                     }
                 }
+            },
+            None => match ep.client.execute(out.into_reqwest()).await {
+                Ok(mut resp) => {
+                    let status = resp.status();
+                    let retry_after = resp
+                        .headers()
+                        .get(RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let mut read = 0;
+                    while read < MAX_DRAIN {
+                        match resp.chunk().await {
+                            Ok(Some(c)) => read += c.len(),
+                            _ => break,
+                        }
+                    }
+                    Ok((status, retry_after))
+                }
+                Err(e) => Err(retry::classify_error(e)),
+            },
+        };
+        let verdict = match answer {
+            Ok((status, retry_after)) => {
                 let class = match status.as_u16() {
                     200..=299 => 0,
                     300..=399 => 1,
@@ -230,9 +259,9 @@ impl Lane {
                 spec.http.responses[class].inc();
                 retry::classify_status(status, retry_after.as_deref(), SystemTime::now())
             }
-            Err(e) => {
+            Err(verdict) => {
                 spec.http.responses[4].inc();
-                retry::classify_error(e)
+                verdict
             }
         };
         spec.http.latency.observe(t0.elapsed().as_secs_f64());
@@ -283,7 +312,7 @@ impl Spec {
     }
 
     /// The request for `msg` alone.
-    fn build_single(&self, msg: &Arc<Message>) -> Result<reqwest::Request, String> {
+    fn build_single(&self, msg: &Arc<Message>) -> Result<Outgoing, String> {
         let ctx = self.context(msg);
         let url = match (&self.static_url, &self.path) {
             (Some(u), _) => u.clone(),
@@ -299,8 +328,8 @@ impl Spec {
             (true, false) => (Method::PUT, true),
             (false, _) => (self.method.clone(), true),
         };
-        let mut req = reqwest::Request::new(method, url);
-        let headers = req.headers_mut();
+        let mut req = Outgoing::new(method, url);
+        let headers = &mut req.headers;
         for (name, t) in &self.headers {
             let value = match (t, &ctx) {
                 (Template::Static(s), _) => HeaderValue::from_str(s),
@@ -327,7 +356,7 @@ impl Spec {
                     .unwrap_or(HeaderValue::from_static("application/octet-stream")),
             };
             headers.insert(CONTENT_TYPE, content_type);
-            *req.body_mut() = Some(self.body.single(msg, ctx.as_ref())?.into());
+            req.body = Some(self.body.single(msg, ctx.as_ref())?);
         }
         Ok(req)
     }
@@ -347,10 +376,10 @@ impl Spec {
         elements: &[Vec<u8>],
         format: super::config::BatchFormat,
         key: Option<String>,
-    ) -> Result<reqwest::Request, String> {
+    ) -> Result<Outgoing, String> {
         let url = self.static_url.clone().ok_or("a batch needs a fixed path")?;
-        let mut req = reqwest::Request::new(self.method.clone(), url);
-        let headers = req.headers_mut();
+        let mut req = Outgoing::new(self.method.clone(), url);
+        let headers = &mut req.headers;
         for (name, t) in &self.headers {
             if let Template::Static(s) = t {
                 let v = HeaderValue::from_str(s)
@@ -367,7 +396,59 @@ impl Spec {
             None => HeaderValue::from_static(body::batch_content_type(format)),
         };
         headers.insert(CONTENT_TYPE, ct);
-        *req.body_mut() = Some(body::frame(format, elements).into());
+        req.body = Some(body::frame(format, elements));
+        Ok(req)
+    }
+}
+
+/// A request as a lane builds it, before it is handed to a client (see `conn.rs`).
+struct Outgoing {
+    method: Method,
+    url: Url,
+    headers: HeaderMap,
+    body: Option<Bytes>,
+}
+
+impl Outgoing {
+    fn new(method: Method, url: Url) -> Self {
+        Outgoing { method, url, headers: HeaderMap::new(), body: None }
+    }
+
+    /// For reqwest (absolute URL; reqwest adds the endpoint's default headers itself).
+    fn into_reqwest(self) -> reqwest::Request {
+        let mut req = reqwest::Request::new(self.method, self.url);
+        *req.headers_mut() = self.headers;
+        if let Some(b) = self.body {
+            *req.body_mut() = Some(b.into());
+        }
+        req
+    }
+
+    /// For our own HTTP/1.1 client: origin-form URI, the endpoint's default headers first
+    /// (the request's own replace them).
+    fn into_hyper(self, defaults: &HeaderMap) -> Result<hyper::Request<Full<Bytes>>, String> {
+        let uri: hyper::Uri = self.url[Position::BeforePath..]
+            .parse()
+            .map_err(|e| format!("invalid request path: {e}"))?;
+        let mut headers = defaults.clone();
+        let mut last = None;
+        for (name, value) in self.headers {
+            // `None`: another value of the previous name.
+            match (name, &last) {
+                (Some(name), _) => {
+                    headers.insert(name.clone(), value);
+                    last = Some(name);
+                }
+                (None, Some(name)) => {
+                    headers.append(name.clone(), value);
+                }
+                (None, None) => {}
+            }
+        }
+        let mut req = hyper::Request::new(Full::new(self.body.unwrap_or_default()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = uri;
+        *req.headers_mut() = headers;
         Ok(req)
     }
 }

@@ -18,6 +18,7 @@
 
 mod body;
 pub mod config;
+mod conn;
 mod lane;
 mod retry;
 pub mod template;
@@ -94,8 +95,16 @@ pub struct HttpEndpoint {
 struct Endpoint {
     /// The key under `http:`, for logs, reasons and metric labels.
     name: String,
-    /// The connection pool (reqwest's), with the default headers and timeouts.
+    /// The connection pool (reqwest's), with the default headers and timeouts: for `https://`
+    /// endpoints and those that follow redirects.
     client: reqwest::Client,
+    /// Our own HTTP/1.1 connections (`conn.rs`) for a plain `http://` endpoint without
+    /// redirects; `None`: requests go through `client`.
+    lean: Option<conn::Pool>,
+    /// The default headers (and User-Agent) that `lean` requests carry (`client` adds its own).
+    default_headers: HeaderMap,
+    /// The whole request's time limit (`timeout`).
+    timeout: std::time::Duration,
     /// The base URL without a trailing `/`; paths are appended to it.
     base: String,
     /// The base URL parsed, for requests without a path and the origin check.
@@ -133,6 +142,17 @@ impl HttpEndpoint {
         let redirects = match cfg.max_redirects {
             0 => reqwest::redirect::Policy::none(),
             n => reqwest::redirect::Policy::limited(n),
+        };
+        let user_agent = HeaderValue::from_static(concat!("mqgate/", env!("CARGO_PKG_VERSION")));
+        let mut default_headers = headers.clone();
+        default_headers.insert(reqwest::header::USER_AGENT, user_agent);
+        let lean = match (base_url.scheme(), base_url.host_str(), cfg.max_redirects) {
+            ("http", Some(host), 0) => conn::Pool::new(
+                host,
+                base_url.port_or_known_default().unwrap_or(80),
+                cfg.connect_timeout.0,
+            ),
+            _ => None,
         };
         let mut builder = reqwest::Client::builder()
             .default_headers(headers)
@@ -173,6 +193,9 @@ impl HttpEndpoint {
             inner: Arc::new(Endpoint {
                 name: name.to_owned(),
                 client,
+                lean,
+                default_headers,
+                timeout: cfg.timeout.0,
                 base: base_url.as_str().trim_end_matches('/').to_owned(),
                 base_url,
                 permits: Semaphore::new(cfg.max_connections.max(1)),
