@@ -77,6 +77,9 @@ pub struct DeadLetters {
     inner: Arc<Inner>,
 }
 
+/// The dead letters open in this process, by store file: one index per store.
+static OPEN: Mutex<Vec<(std::path::PathBuf, std::sync::Weak<Inner>)>> = Mutex::new(Vec::new());
+
 struct Inner {
     /// Where they are kept.
     store: Store,
@@ -129,8 +132,8 @@ impl std::fmt::Debug for DeadLetters {
 }
 
 impl DeadLetters {
-    /// Opens the dead letters of `store`, keeping at most [`DEFAULT_LIMIT`]. Once per store:
-    /// a second instance would have its own index and give out the same ids (clone this one).
+    /// Opens the dead letters of `store`, keeping at most [`DEFAULT_LIMIT`]. While one is open
+    /// for a store, opening again returns that one (two indexes would give out the same ids).
     pub fn new(store: Store, metrics: &Metrics) -> Result<Self, StoreError> {
         Self::with_limit(store, metrics, DEFAULT_LIMIT)
     }
@@ -138,6 +141,18 @@ impl DeadLetters {
     /// Opens the dead letters of `store`, keeping at most `limit` (at least 1): reads every
     /// key and header once to rebuild the index.
     pub fn with_limit(store: Store, metrics: &Metrics, limit: usize) -> Result<Self, StoreError> {
+        let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
+        open.retain(|(_, w)| w.strong_count() > 0);
+        let path = store.path().to_path_buf();
+        if let Some(inner) = open.iter().find(|(p, _)| *p == path).and_then(|(_, w)| w.upgrade()) {
+            return Ok(DeadLetters { inner });
+        }
+        let this = Self::open(store, metrics, limit)?;
+        open.push((path, Arc::downgrade(&this.inner)));
+        Ok(this)
+    }
+
+    fn open(store: Store, metrics: &Metrics, limit: usize) -> Result<Self, StoreError> {
         let mut index = Index { next_id: 1, ..Index::default() };
         {
             let read = store.read()?;
@@ -632,6 +647,19 @@ mod tests {
         assert_eq!(metrics.dead_letters.get(), 0);
         let labels = DeadLetterLabels { rule: "r".into(), target: "r/0".into() };
         assert_eq!(metrics.dead_lettered.get_or_create(&labels).get(), 2);
+    }
+
+    #[tokio::test]
+    async fn opening_twice_shares_one_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path()).expect("open");
+        let metrics = Metrics::new();
+        let a = DeadLetters::new(store.clone(), &metrics).expect("dl");
+        let b = DeadLetters::new(store, &metrics).expect("dl");
+        let x = a.add(letter(Some(1), b"1", "r/0")).await.expect("add");
+        let y = b.add(letter(Some(2), b"2", "r/0")).await.expect("add");
+        assert_ne!(x, y, "two handles gave out the same id");
+        assert_eq!((a.count(), b.count()), (2, 2));
     }
 
     #[tokio::test]
