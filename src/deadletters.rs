@@ -39,7 +39,7 @@ use tracing::{debug, warn};
 
 use crate::message::Message;
 use crate::metrics::{DeadLetterLabels, Metrics, ReasonLabels};
-use crate::store::codec::{decode_message, encode_message};
+use crate::store::codec::{decode_message, encode_message, get_str};
 use crate::store::{Store, StoreError, Table, WriteBatch};
 
 /// How many dead letters are kept by default (`store.max_dead_letters`).
@@ -552,16 +552,6 @@ fn cut(s: &str, max: usize) -> &str {
         end -= 1;
     }
     &s[..end]
-}
-
-fn get_str(b: &mut &[u8]) -> Option<String> {
-    let len = usize::from(b.try_get_u16().ok()?);
-    if b.remaining() < len {
-        return None;
-    }
-    let s = std::str::from_utf8(&b[..len]).ok()?.to_owned();
-    b.advance(len);
-    Some(s)
 }
 
 #[cfg(test)]

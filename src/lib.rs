@@ -14,3 +14,4 @@ pub mod sinks;
 pub mod sources;
 pub mod spool;
 pub mod store;
+pub mod timefmt;

@@ -131,16 +131,7 @@ impl Target {
                 };
                 let options = t.options.clone();
                 delivery.push_amqp(t, exchange, routing_key, options, msg).await;
-                if t.last_value && msg.retain {
-                    // The topic's last value: an empty retained payload clears it.
-                    let spec = Arc::new(QueueSpec::last_value(&msg.topic));
-                    let name = spec.name.to_string();
-                    let options = PublishOptions {
-                        mandatory: None,
-                        mapping: t.options.mapping,
-                        declare: Some(spec),
-                        purge: msg.payload.is_empty(),
-                    };
+                if let Some((name, options)) = t.last_value_publish(msg) {
                     delivery.push_amqp(t, Arc::from(""), name, options, msg).await;
                 }
             }
@@ -228,6 +219,24 @@ pub struct AmqpTarget {
 }
 
 impl AmqpTarget {
+    /// With `last_value: true` and a retained `msg`: the queue name and options of the
+    /// publish that keeps the topic's last value (through the default exchange; an empty
+    /// retained payload purges it). `None` otherwise.
+    pub fn last_value_publish(&self, msg: &Message) -> Option<(String, PublishOptions)> {
+        if !(self.last_value && msg.retain) {
+            return None;
+        }
+        let spec = Arc::new(QueueSpec::last_value(&msg.topic));
+        let name = spec.name.to_string();
+        let options = PublishOptions {
+            mandatory: None,
+            mapping: self.options.mapping,
+            declare: Some(spec),
+            purge: msg.payload.is_empty(),
+        };
+        Some((name, options))
+    }
+
     /// The routing key for a message published to `topic` (templates aside).
     pub fn routing_key_for(&self, topic: &str) -> String {
         match &self.routing_key {

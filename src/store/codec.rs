@@ -95,7 +95,8 @@ pub fn instant_of(millis: u64) -> Instant {
     Instant::now().checked_sub(age).unwrap_or_else(Instant::now)
 }
 
-fn put_str(buf: &mut BytesMut, s: &str) -> Result<(), StoreError> {
+/// Appends `s` with a u16 BE length; an error over 65535 bytes.
+pub fn put_str(buf: &mut BytesMut, s: &str) -> Result<(), StoreError> {
     let len = u16::try_from(s.len())
         .map_err(|_| StoreError::Decode("a string over 65535 bytes cannot be stored".into()))?;
     buf.put_u16(len);
@@ -103,7 +104,8 @@ fn put_str(buf: &mut BytesMut, s: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn get_str(b: &mut &[u8]) -> Option<String> {
+/// Takes a string written by [`put_str`] from the front of `b`.
+pub fn get_str(b: &mut &[u8]) -> Option<String> {
     let len = b.try_get_u16().ok()? as usize;
     if b.remaining() < len {
         return None;

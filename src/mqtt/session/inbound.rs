@@ -27,7 +27,7 @@ use crate::mqtt::codec::{
 };
 use crate::rules::template::TemplateError;
 use crate::rules::{AmqpTarget, LazyContext, Rule, Target};
-use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
+use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest};
 use crate::sinks::http::{HttpRequest, HttpTarget};
 use crate::sinks::{Failure, Outcome};
 use crate::spool::{Append, Spool};
@@ -416,16 +416,7 @@ pub(super) fn route(
                     let options = t.options.clone();
                     let target = (t, exchange, routing_key, options, rule.recorder(i));
                     send_request(target, msg, w, blocked);
-                    if t.last_value && msg.retain {
-                        // The topic's last value: an empty retained payload clears it.
-                        let spec = Arc::new(QueueSpec::last_value(&msg.topic));
-                        let name = spec.name.to_string();
-                        let options = PublishOptions {
-                            mandatory: None,
-                            mapping: t.options.mapping,
-                            declare: Some(spec),
-                            purge: msg.payload.is_empty(),
-                        };
+                    if let Some((name, options)) = t.last_value_publish(msg) {
                         let target = (t, Arc::from(""), name, options, rule.recorder(i));
                         send_request(target, msg, w, blocked);
                     }

@@ -4,7 +4,6 @@
 //! Pure: no I/O.
 
 use std::borrow::Cow;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -14,6 +13,8 @@ use sha2::{Digest, Sha256};
 use super::config::BatchFormat;
 use super::template::Template;
 use crate::message::Message;
+use crate::store::codec::unix_millis;
+use crate::timefmt::rfc3339;
 
 /// What the body of a request for one message is.
 #[derive(Debug)]
@@ -123,7 +124,7 @@ pub fn envelope_bytes(msg: &Message) -> Result<Vec<u8>, String> {
     out.push_str(",\"username\":");
     json_opt(&mut out, msg.username.as_deref());
     out.push_str(",\"received_at\":\"");
-    out.push_str(rfc3339(received_at(msg.received)).as_str());
+    out.push_str(rfc3339(unix_millis(msg.received)).as_str());
     out.push_str("\",\"content_type\":");
     json_opt(&mut out, msg.properties.content_type.as_deref());
     out.push_str(",\"user_properties\":[");
@@ -179,53 +180,6 @@ fn json_opt(out: &mut String, s: Option<&str>) {
 #[cfg(test)]
 fn envelope(msg: &Message) -> serde_json::Value {
     serde_json::from_slice(&envelope_bytes(msg).unwrap_or_default()).unwrap_or_default()
-}
-
-/// The wall-clock time of a monotonic instant in the recent past.
-fn received_at(received: Instant) -> SystemTime {
-    SystemTime::now() - received.elapsed()
-}
-
-/// `2026-11-26T09:03:54.123Z` (written digit by digit: this runs for every message).
-fn rfc3339(t: SystemTime) -> Rfc3339 {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = (yoe + era * 400 + i64::from(month <= 2)).clamp(0, 9999) as u64;
-    let mut b = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, width: usize, mut v: u64| {
-        for i in (at..at + width).rev() {
-            b[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-        }
-    };
-    put(0, 4, year);
-    put(5, 2, month as u64);
-    put(8, 2, day as u64);
-    put(11, 2, rem / 3600);
-    put(14, 2, rem % 3600 / 60);
-    put(17, 2, rem % 60);
-    put(20, 3, u64::from(d.subsec_millis()));
-    Rfc3339(b)
-}
-
-/// A formatted timestamp, on the stack.
-struct Rfc3339([u8; 24]);
-
-impl Rfc3339 {
-    fn as_str(&self) -> &str {
-        // Only ASCII digits and separators are ever written.
-        std::str::from_utf8(&self.0).unwrap_or("1970-01-01T00:00:00.000Z")
-    }
 }
 
 /// A batch body from its elements.
@@ -301,6 +255,7 @@ mod tests {
 
     use super::*;
     use crate::mqtt::codec::{Properties, QoS};
+    use std::time::Instant;
 
     fn msg(payload: &[u8], packet_id: Option<u16>) -> Message {
         Message {
@@ -376,15 +331,6 @@ mod tests {
         assert_eq!(e["payload_encoding"], "base64");
         let at = e["received_at"].as_str().unwrap_or_default();
         assert!(at.len() == 24 && at.ends_with('Z') && at.starts_with("20"), "{at}");
-    }
-
-    #[test]
-    fn dates() {
-        assert_eq!(rfc3339(UNIX_EPOCH).as_str(), "1970-01-01T00:00:00.000Z");
-        let t = UNIX_EPOCH + Duration::from_millis(1_795_651_434_123);
-        assert_eq!(rfc3339(t).as_str(), "2026-11-26T00:03:54.123Z");
-        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
-        assert_eq!(rfc3339(leap).as_str(), "2000-02-29T00:00:00.000Z");
     }
 
     #[test]

@@ -27,6 +27,8 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::retry::error_chain as chain;
+
 /// One keep-alive connection: the request sender and the connection future that drives it.
 pub(super) struct Conn {
     sender: http1::SendRequest<Full<Bytes>>,
@@ -188,21 +190,6 @@ async fn drive<F: Future + ?Sized>(conn: &mut Conn, mut fut: Pin<&mut F>) -> F::
         }
     })
     .await
-}
-
-/// An error and its sources on one line.
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ pub fn classify_error(e: reqwest::Error) -> Verdict {
 }
 
 /// The error and its sources on one line (reqwest's own message is terse).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(super) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
