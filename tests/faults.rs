@@ -272,6 +272,17 @@ fn http_config(addr: SocketAddr) -> String {
     )
 }
 
+/// No acknowledgement arrived before `t` (`what` says when that was).
+fn assert_none_acked_before(acked: &[(String, Instant)], t: Instant, what: &str) {
+    let early: Vec<_> = acked.iter().filter(|(_, at)| *at < t).collect();
+    assert!(
+        early.is_empty(),
+        "{} acknowledged {what}: {:?}",
+        early.len(),
+        &early[..early.len().min(5)]
+    );
+}
+
 /// Every acknowledged message was answered 2xx by the endpoint before its PUBACK.
 fn assert_delivered_before_acked(acked: &[(String, Instant)], ok: &[(String, Instant)]) {
     for (payload, acked_at) in acked {
@@ -300,13 +311,7 @@ async fn http_endpoint_refusing_then_up_nothing_acked_early_all_delivered_after(
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let acked = finish(&stop, task, &acked).await;
 
-    let early: Vec<_> = acked.iter().filter(|(_, at)| *at < up_at).collect();
-    assert!(
-        early.is_empty(),
-        "{} acknowledged while the endpoint was down: {:?}",
-        early.len(),
-        &early[..early.len().min(5)]
-    );
+    assert_none_acked_before(&acked, up_at, "while the endpoint was down");
     assert!(acked.len() > 4, "delivered after the endpoint came up: {}", acked.len());
     assert_delivered_before_acked(&acked, &ok.lock().expect("ok"));
     eprintln!("http refused then up: {} acknowledged, all at the endpoint", acked.len());
@@ -337,13 +342,7 @@ async fn http_endpoint_answering_503_then_200_nothing_acked_early_all_delivered_
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let acked = finish(&stop, task, &acked).await;
 
-    let early: Vec<_> = acked.iter().filter(|(_, at)| *at < up_at).collect();
-    assert!(
-        early.is_empty(),
-        "{} acknowledged while the endpoint answered 503: {:?}",
-        early.len(),
-        &early[..early.len().min(5)]
-    );
+    assert_none_acked_before(&acked, up_at, "while the endpoint answered 503");
     assert!(acked.len() > 4, "delivered after the endpoint recovered: {}", acked.len());
     assert_delivered_before_acked(&acked, &ok.lock().expect("ok"));
     app.stop().await;
