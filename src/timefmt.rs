@@ -1,5 +1,48 @@
 //! Timestamps as text: RFC 3339 in UTC with milliseconds, written digit by digit (the HTTP
-//! envelope writes one per message; the dead-letter API and CLI show them too).
+//! envelope writes one per message; the dead-letter API and CLI show them too), and
+//! [`WallClock`], which turns many monotonic `Instant`s into such timestamps with one clock
+//! reading.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Wall-clock time of `Instant`s, anchored on one reading of both clocks: an HTTP batch
+/// converts the receive time of every message with one anchor instead of two clock reads
+/// per message. Consecutive messages often share their receive `Instant` (a session stamps
+/// every packet of one socket read alike), so the last text is kept and reused.
+#[derive(Debug)]
+pub struct WallClock {
+    /// The monotonic reading.
+    at: Instant,
+    /// The wall-clock reading taken with it, since the Unix epoch.
+    wall: Duration,
+    /// The last instant formatted, and its text.
+    last: Option<(Instant, Rfc3339)>,
+}
+
+impl WallClock {
+    /// Reads both clocks now.
+    pub fn now() -> Self {
+        let wall = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        WallClock { at: Instant::now(), wall, last: None }
+    }
+
+    /// Milliseconds since the Unix epoch at `t`.
+    pub fn unix_millis(&self, t: Instant) -> u64 {
+        let wall = match t.checked_duration_since(self.at) {
+            Some(later) => self.wall + later,
+            None => self.wall.saturating_sub(self.at - t),
+        };
+        wall.as_millis() as u64
+    }
+
+    /// `t` as RFC 3339 text (see [`rfc3339`]).
+    pub fn rfc3339(&mut self, t: Instant) -> &str {
+        if self.last.as_ref().is_none_or(|(at, _)| *at != t) {
+            self.last = Some((t, rfc3339(self.unix_millis(t))));
+        }
+        self.last.as_ref().map_or("1970-01-01T00:00:00.000Z", |(_, text)| text.as_str())
+    }
+}
 
 /// `2026-11-26T09:03:54.123Z` for `ms` milliseconds since the Unix epoch.
 pub fn rfc3339(ms: u64) -> Rfc3339 {
@@ -33,6 +76,7 @@ pub fn rfc3339(ms: u64) -> Rfc3339 {
 }
 
 /// A formatted timestamp, on the stack.
+#[derive(Debug, Clone, Copy)]
 pub struct Rfc3339([u8; 24]);
 
 impl Rfc3339 {
@@ -52,5 +96,23 @@ mod tests {
         assert_eq!(rfc3339(0).as_str(), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400_000).as_str(), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_694_709_123).as_str(), "2026-11-26T12:05:09.123Z");
+    }
+
+    #[test]
+    fn wall_clock_agrees_with_the_system_clock() {
+        let earlier = Instant::now() - Duration::from_millis(1500);
+        let mut clock = WallClock::now();
+        let later = Instant::now() + Duration::from_millis(2500);
+        let direct = |t: Instant| crate::store::codec::unix_millis(t);
+        for t in [earlier, clock.at] {
+            let (a, b) = (clock.unix_millis(t), direct(t));
+            assert!(a.abs_diff(b) <= 2, "{a} vs {b}");
+        }
+        let ahead = clock.unix_millis(later) - clock.unix_millis(clock.at);
+        assert!(ahead.abs_diff(2500) <= 1, "{ahead}");
+        let text = clock.rfc3339(earlier).to_owned();
+        assert_eq!(text, rfc3339(clock.unix_millis(earlier)).as_str());
+        assert_eq!(clock.rfc3339(earlier), text, "cached");
+        assert_ne!(clock.rfc3339(later), text);
     }
 }

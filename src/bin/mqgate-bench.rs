@@ -187,6 +187,15 @@ struct Args {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     http_batch: u64,
 
+    /// `--mode http`: the batch's `max_delay`, milliseconds (raise it when mqgate runs under
+    /// valgrind, so that batches still fill).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    http_batch_delay: u64,
+
+    /// `--mode http`: only these runs (for profiling one of them); default: all three.
+    #[arg(long, value_delimiter = ',', value_parser = ["direct", "mqgate", "batch"])]
+    http_runs: Vec<String>,
+
     /// Keepalive (seconds) of the idle connections' CONNECT in `--mode idle`; 0 = none.
     /// Devices usually have one (a server then keeps a timer per connection).
     #[arg(long, default_value_t = 0)]
@@ -541,9 +550,11 @@ async fn run_http(args: &Args) -> Result<bool> {
         window: args.window as usize,
         concurrency: args.http_concurrency as usize,
         batch: args.http_batch as usize,
+        batch_delay_ms: args.http_batch_delay,
         repeat: args.repeat,
         warmup: args.warmup,
         json: args.json,
+        runs: args.http_runs.clone(),
     })
     .await
 }

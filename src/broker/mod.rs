@@ -497,7 +497,7 @@ impl Broker {
         &self,
         msg: &Arc<Message>,
         publisher: Option<u64>,
-        waits: &mut Vec<oneshot::Receiver<Outcome>>,
+        waits: &mut crate::sinks::Waits,
     ) -> usize {
         self.publish_inner(msg, publisher, None, Some(waits))
     }
@@ -606,7 +606,7 @@ impl Broker {
         msg: &Arc<Message>,
         publisher: Option<u64>,
         tracked: Option<&Ticket>,
-        waits: Option<&mut Vec<oneshot::Receiver<Outcome>>>,
+        waits: Option<&mut crate::sinks::Waits>,
     ) -> usize {
         // Whether something was written to the store that the publisher must wait for.
         let mut durable = msg.retain && self.set_retained(msg);

@@ -118,7 +118,7 @@ impl Target {
     /// QoS. Awaiting the returned [`Delivery`] is separate so a caller can keep several in
     /// flight (order per topic is kept by the sink, as for a session's messages).
     pub async fn send(&self, msg: &Arc<Message>) -> Delivery {
-        let mut delivery = Delivery { waits: Vec::with_capacity(1), failed: None };
+        let mut delivery = Delivery { waits: crate::sinks::Waits::new(), failed: None };
         match self {
             Target::Amqp(t) => {
                 let mut ctx = None;
@@ -150,7 +150,7 @@ impl Target {
 /// The pending outcome of [`Target::send`].
 #[derive(Debug)]
 pub struct Delivery {
-    waits: Vec<oneshot::Receiver<Outcome>>,
+    waits: crate::sinks::Waits,
     /// A failure known before anything was sent (a template that cannot be rendered).
     failed: Option<Failure>,
 }

@@ -51,3 +51,7 @@ impl Failure {
 
 /// The sender half on which a sink reports one target's outcome.
 pub type AckSender = tokio::sync::oneshot::Sender<Outcome>;
+
+/// The outcome receivers one message waits for: one per target (and one per durable write),
+/// kept inline for the usual one or two.
+pub type Waits = smallvec::SmallVec<[tokio::sync::oneshot::Receiver<Outcome>; 2]>;

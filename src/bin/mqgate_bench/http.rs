@@ -57,12 +57,17 @@ pub struct HttpBench<'a> {
     pub concurrency: usize,
     /// Messages per batch in `mqgate-batch`.
     pub batch: usize,
+    /// The batch's `max_delay` in milliseconds.
+    pub batch_delay_ms: u64,
     /// Runs per mode (medians compared).
     pub repeat: u64,
     /// Messages of an unreported warm-up run per mode.
     pub warmup: u64,
     /// One JSON document instead of text.
     pub json: bool,
+    /// The runs to make (`direct`, `mqgate`, `batch`); all three by default. The ratios need
+    /// their two runs: one run alone is for profiling.
+    pub runs: Vec<String>,
 }
 
 /// The sink's counter and when it last moved.
@@ -120,11 +125,12 @@ pub async fn run(b: &HttpBench<'_>) -> Result<bool> {
              http:\n  sink:\n    url: \"http://{sink_addr}\"\n    max_connections: {c}\n\
              rules:\n\
              \x20 - name: one\n    from: \"bench/one/#\"\n    to:\n      - http:\n          endpoint: sink\n          path: /one\n          body: raw\n          concurrency: {c}\n          queue: 1024\n\
-             \x20 - name: batch\n    from: \"bench/batch/#\"\n    to:\n      - http:\n          endpoint: sink\n          path: /batch\n          body: json\n          concurrency: {c}\n          queue: 4096\n          batch: {{ max_messages: {}, max_delay: 5ms, format: ndjson }}\n",
+             \x20 - name: batch\n    from: \"bench/batch/#\"\n    to:\n      - http:\n          endpoint: sink\n          path: /batch\n          body: json\n          concurrency: {c}\n          queue: 4096\n          batch: {{ max_messages: {}, max_delay: {}ms, format: ndjson }}\n",
             json_str(mqtt),
             b.window,
             json_str(admin),
             b.batch,
+            b.batch_delay_ms,
         )
     };
     let gw = Gateway::start_with(b.binary, Duration::from_secs(20), yaml).await?;
@@ -140,7 +146,10 @@ pub async fn run(b: &HttpBench<'_>) -> Result<bool> {
             b.batch,
             gw.log_path.display()
         );
-        println!("{:<13} {:>7} {:>12} {:>8}", "mode", "run", "msgs/s", "lost");
+        println!(
+            "{:<13} {:>7} {:>12} {:>8} {:>14}",
+            "mode", "run", "msgs/s", "lost", "mqgate us/msg"
+        );
     }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(c)
@@ -149,7 +158,10 @@ pub async fn run(b: &HttpBench<'_>) -> Result<bool> {
         .build()
         .context("build the direct client")?;
     let clock = Clock::new();
-    let modes = [Mode::Direct, Mode::Mqgate, Mode::Batch];
+    let modes: Vec<Mode> = [Mode::Direct, Mode::Mqgate, Mode::Batch]
+        .into_iter()
+        .filter(|m| b.runs.is_empty() || b.runs.iter().any(|r| m.name().ends_with(r.as_str())))
+        .collect();
     let mut rates: Vec<(Mode, f64)> = Vec::new();
     let mut errors = Vec::new();
     let mut json_runs = Vec::new();
@@ -160,13 +172,31 @@ pub async fn run(b: &HttpBench<'_>) -> Result<bool> {
     }
     for r in 0..b.repeat {
         for &mode in &modes {
+            let cpu0 = gw.cpu_time();
             match run_one(b, mode, b.messages, &sink, sink_addr, &gw, &client, clock).await {
                 Ok((rate, lost)) => {
+                    // mqgate's CPU (user + system) per message counted: what batching saves,
+                    // less noisy than the rate on a shared machine. Not for `direct`.
+                    let per_msg = match (mode, cpu0, gw.cpu_time()) {
+                        (Mode::Mqgate | Mode::Batch, Some(a), Some(z)) if lost < b.messages => {
+                            Some((z - a).as_secs_f64() * 1e6 / (b.messages - lost) as f64)
+                        }
+                        _ => None,
+                    };
                     if !b.json {
-                        println!("{:<13} {:>7} {:>12.0} {:>8}", mode.name(), r + 1, rate, lost);
+                        let cpu = per_msg.map_or_else(|| "-".to_owned(), |c| format!("{c:.2}"));
+                        println!(
+                            "{:<13} {:>7} {:>12.0} {:>8} {:>14}",
+                            mode.name(),
+                            r + 1,
+                            rate,
+                            lost,
+                            cpu
+                        );
                     }
+                    let cpu = per_msg.map_or_else(|| "null".to_owned(), |c| format!("{c:.3}"));
                     json_runs.push(format!(
-                        "{{\"mode\":{},\"rate\":{rate:.1},\"lost\":{lost}}}",
+                        "{{\"mode\":{},\"rate\":{rate:.1},\"lost\":{lost},\"mqgate_cpu_us_per_msg\":{cpu}}}",
                         json_str(mode.name())
                     ));
                     if lost > 0 {

@@ -29,7 +29,7 @@ use crate::rules::template::TemplateError;
 use crate::rules::{AmqpTarget, LazyContext, Rule, Target};
 use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest};
 use crate::sinks::http::{HttpRequest, HttpTarget};
-use crate::sinks::{Failure, Outcome};
+use crate::sinks::{Failure, Outcome, Waits};
 use crate::spool::{Append, Spool};
 
 /// One QoS 1/2 PUBLISH waiting for its acknowledgement.
@@ -40,7 +40,7 @@ pub(super) struct Pending {
     /// 1 → PUBACK, 2 → PUBREC.
     qos: QoS,
     /// Outcome receivers not yet resolved (popped as they resolve).
-    waits: Vec<oneshot::Receiver<Outcome>>,
+    waits: Waits,
     /// The first failure among resolved outcomes.
     failure: Option<Failure>,
     /// Whether any subscriber or rule matched (MQTT 5 reason 0x10 otherwise).
@@ -161,7 +161,7 @@ fn dropped() -> Outcome {
 impl Pending {
     /// An entry with nothing to wait for (a QoS 2 resend, or a publish the ACL denied).
     fn settled(packet_id: u16, qos: QoS, denied: bool) -> Self {
-        Pending { packet_id, qos, waits: Vec::new(), failure: None, matched: true, denied }
+        Pending { packet_id, qos, waits: Waits::new(), failure: None, matched: true, denied }
     }
 
     /// Keeps the first failure among the outcomes.
@@ -370,8 +370,8 @@ pub(super) fn route(
     publisher: Option<u64>,
     hits: &mut Vec<usize>,
     blocked: &mut Blocked,
-) -> (bool, Vec<oneshot::Receiver<Outcome>>) {
-    let mut waits = Vec::new();
+) -> (bool, Waits) {
+    let mut waits = Waits::new();
     // With a store, a retained or persistent-session write adds its wait here.
     let local = shared.broker.publish(msg, publisher, &mut waits);
     shared.rules.matches_into(&msg.topic, hits);
@@ -401,7 +401,7 @@ pub(super) fn route(
         // dead letters). A failure known now (a template
         // that cannot render) still fails the message.
         let receive = rule.ack == AckPolicy::Receive;
-        let mut not_awaited = Vec::new();
+        let mut not_awaited = Waits::new();
         for (i, target) in rule.targets.iter().enumerate() {
             match target {
                 Target::Amqp(t) => {
@@ -450,7 +450,7 @@ fn spool_message(
     spools: &[Spool],
     targets: usize,
     msg: &Arc<Message>,
-    waits: &mut Vec<oneshot::Receiver<Outcome>>,
+    waits: &mut Waits,
     blocked: &mut Blocked,
 ) {
     if spools.len() != targets {
@@ -483,7 +483,7 @@ type AmqpPublish<'a> = (&'a AmqpTarget, Arc<str>, String, PublishOptions, Option
 fn send_request(
     (t, exchange, routing_key, options, dead_letter): AmqpPublish<'_>,
     msg: &Arc<Message>,
-    waits: &mut Vec<oneshot::Receiver<Outcome>>,
+    waits: &mut Waits,
     blocked: &mut Blocked,
 ) {
     let ack = if msg.qos == QoS::AtMostOnce {
@@ -521,7 +521,7 @@ fn rule_failed(
     target: Option<usize>,
     msg: &Message,
     error: &TemplateError,
-    waits: &mut Vec<oneshot::Receiver<Outcome>>,
+    waits: &mut Waits,
 ) -> bool {
     rule.errors.inc();
     debug!(rule = %rule.name, topic = %msg.topic, %error, "rule could not be evaluated");

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use url::Position;
 
-use super::body::{self, BodySpec};
+use super::body::{self, BatchBody, BodySpec};
 use super::conn::SendError;
 use super::retry::{self, Verdict};
 use super::template::Template;
@@ -39,7 +39,7 @@ pub(super) async fn run(
     rx: mpsc::Receiver<HttpRequest>,
     shutdown: CancellationToken,
 ) {
-    let mut lane = Lane { spec, rx, shutdown, carry: None };
+    let mut lane = Lane { spec, rx, shutdown, carry: None, size_hint: 0 };
     while let Some(first) = lane.next().await {
         if lane.spec.batch.is_some() && !lane.spec.is_state(&first.msg) {
             lane.batch(first).await;
@@ -61,6 +61,8 @@ struct Lane {
     /// A message taken while filling a batch that could not join it (a state change, or one
     /// over `max_bytes`): the next one to send.
     carry: Option<HttpRequest>,
+    /// The largest batch body sent so far: the next one's buffer starts this large.
+    size_hint: usize,
 }
 
 impl Lane {
@@ -87,30 +89,35 @@ impl Lane {
     }
 
     /// Fills a batch starting with `first` (up to `max_messages`, `max_bytes`, or until
-    /// `max_delay` passed), then sends it as one request.
+    /// `max_delay` passed), then sends it as one request. Each element is written straight
+    /// into the body as its message is taken from the queue.
     async fn batch(&mut self, first: HttpRequest) {
         let Some(cfg) = self.spec.batch.clone() else { return self.single(first).await };
         let deadline = tokio::time::Instant::now() + cfg.max_delay.0;
-        let mut reqs = Vec::new();
-        let mut elements: Vec<Vec<u8>> = Vec::new();
-        let mut bytes = 0;
+        let mut reqs = Vec::with_capacity(cfg.max_messages.min(1024));
+        // Room for the largest body so far and a quarter more: a batch rarely reallocates.
+        let hint = self.size_hint + self.size_hint / 4;
+        let mut body = BatchBody::new(cfg.format, hint);
         let mut next = Some(first);
+        // Taken from the queue but not yet counted out of its depth gauge (one update per
+        // batch, not per message).
+        let mut taken: i64 = 0;
         loop {
             if let Some(req) = next.take() {
-                match self.spec.element(&req.msg) {
-                    Ok(e) if !elements.is_empty() && bytes + e.len() > cfg.max_bytes => {
+                let ctx = match &self.spec.body {
+                    BodySpec::Template(_) => self.spec.context(&req.msg),
+                    _ => None,
+                };
+                match body.push(&self.spec.body, &req.msg, ctx.as_ref(), cfg.max_bytes) {
+                    Ok(true) => reqs.push(req),
+                    Ok(false) => {
                         self.carry = Some(req);
                         break;
-                    }
-                    Ok(e) => {
-                        bytes += e.len();
-                        elements.push(e);
-                        reqs.push(req);
                     }
                     Err(reason) => self.resolve(vec![req], Outcome::Failed(Failure::fatal(reason))),
                 }
             }
-            if reqs.len() >= cfg.max_messages || bytes >= cfg.max_bytes {
+            if reqs.len() >= cfg.max_messages || body.element_bytes() >= cfg.max_bytes {
                 break;
             }
             let req = match self.rx.try_recv() {
@@ -129,7 +136,7 @@ impl Lane {
                     }
                 }
             };
-            self.spec.http.queue_depth.dec();
+            taken += 1;
             if self.spec.is_state(&req.msg) {
                 // Sent alone, after this batch: order per topic holds.
                 self.carry = Some(req);
@@ -137,12 +144,16 @@ impl Lane {
             }
             next = Some(req);
         }
+        self.spec.http.queue_depth.dec_by(taken);
         if reqs.is_empty() {
             return;
         }
         let key = body::batch_key(reqs.iter().map(|r| &*r.msg));
+        let body = body.finish();
+        self.size_hint = self.size_hint.max(body.len());
         let spec = Arc::clone(&self.spec);
-        let outcome = self.deliver(|| spec.build_batch(&elements, cfg.format, key.clone())).await;
+        let outcome =
+            self.deliver(|| spec.build_batch(body.clone(), cfg.format, key.clone())).await;
         self.resolve(reqs, outcome);
     }
 
@@ -361,19 +372,10 @@ impl Spec {
         Ok(req)
     }
 
-    /// The batch element of `msg`.
-    fn element(&self, msg: &Arc<Message>) -> Result<Vec<u8>, String> {
-        let ctx = match &self.body {
-            BodySpec::Template(_) => self.context(msg),
-            _ => None,
-        };
-        self.body.element(msg, ctx.as_ref())
-    }
-
     /// The request carrying a batch (path and headers are static: checked at start).
     fn build_batch(
         &self,
-        elements: &[Vec<u8>],
+        body: Bytes,
         format: super::config::BatchFormat,
         key: Option<String>,
     ) -> Result<Outgoing, String> {
@@ -396,7 +398,7 @@ impl Spec {
             None => HeaderValue::from_static(body::batch_content_type(format)),
         };
         headers.insert(CONTENT_TYPE, ct);
-        req.body = Some(body::frame(format, elements));
+        req.body = Some(body);
         Ok(req)
     }
 }
