@@ -572,7 +572,8 @@ mod tests {
             properties: Properties {
                 user_properties: vec![("k".into(), "v".into())],
                 ..Properties::default()
-            },
+            }
+            .into(),
             received: Instant::now(),
             packet_id,
         }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::mqtt::codec::{Properties, QoS};
+use crate::mqtt::codec::{PublishProperties, QoS};
 
 /// One application message received from an MQTT client (or, later, from an AMQP source).
 #[derive(Debug, Clone)]
@@ -27,7 +27,7 @@ pub struct Message {
     /// The publishing client's user name, if it gave one.
     pub username: Option<Arc<str>>,
     /// MQTT 5 PUBLISH properties that travel with the message (topic alias removed).
-    pub properties: Properties,
+    pub properties: PublishProperties,
     /// When mqgate received it, for latency metrics and message expiry.
     pub received: Instant,
     /// The client's packet id of a QoS 1/2 PUBLISH (a resend carries the same one); `None`

@@ -285,7 +285,8 @@ fn message(payload: &'static [u8], qos: QoS, content_type: Option<&str>) -> Arc<
         properties: Properties {
             content_type: content_type.map(str::to_owned),
             ..Properties::default()
-        },
+        }
+        .into(),
         received: Instant::now(),
         packet_id: None,
     })

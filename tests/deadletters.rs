@@ -111,7 +111,8 @@ async fn an_unroutable_mandatory_publish_is_kept_shown_replayed_elsewhere_and_pu
         user_properties: vec![("site".into(), "north".into())],
         content_type: Some("application/json".into()),
         ..Properties::default()
-    };
+    }
+    .into();
     c.send(&Packet::Publish(p)).await;
     match c.recv().await {
         // The device is told as before (0x10: no queue took it) ...

@@ -66,7 +66,7 @@ async fn puback_waits_for_the_confirm_and_is_refused_for_a_missing_exchange() {
         Some(Packet::PubAck(a)) => {
             assert_eq!(a.packet_id, 1);
             assert!(!a.code.is_success(), "missing exchange acknowledged as success: {a:?}");
-            let reason = a.properties.reason_string.unwrap_or_default();
+            let reason = a.properties.reason_string.clone().unwrap_or_default();
             assert!(reason.contains(&missing), "reason string should name the exchange: {reason}");
         }
         other => panic!("expected a failing PUBACK, got {other:?}"),

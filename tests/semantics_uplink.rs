@@ -124,7 +124,7 @@ async fn mandatory_unroutable_messages_fail_with_0x10_or_an_error_and_are_counte
     for _ in 0..3 {
         match c.recv().await {
             Some(Packet::PubAck(a)) => {
-                codes.push((a.packet_id, a.code, a.properties.reason_string))
+                codes.push((a.packet_id, a.code, a.properties.reason_string.clone()))
             }
             other => panic!("expected PUBACK, got {other:?}"),
         }
@@ -141,7 +141,7 @@ async fn mandatory_unroutable_messages_fail_with_0x10_or_an_error_and_are_counte
     c.send(&Packet::PubRel(PubResponse {
         packet_id: 5,
         code: ReasonCode::SUCCESS,
-        properties: Properties::default(),
+        properties: mqgate::mqtt::codec::PublishProperties::none(),
     }))
     .await;
     match c.recv().await {
@@ -214,7 +214,7 @@ async fn templates_and_when_route_by_payload_and_properties_and_errors_follow_on
     // Not JSON: the condition cannot be evaluated. on_error fail (default): not delivered.
     let bad = publish_ack(&mut c, with_site("t/dev1/temp", 3, b"31 degrees")).await;
     assert_eq!(bad.code, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR);
-    assert!(bad.properties.reason_string.unwrap_or_default().contains("\"hot\""));
+    assert!(bad.properties.reason_string.clone().unwrap_or_default().contains("\"hot\""));
     // on_error: skip: as if the rule did not match.
     let skipped = publish_ack(&mut c, with_site("s/dev1/temp", 4, b"31 degrees")).await;
     assert_eq!(skipped.code, ReasonCode::NO_MATCHING_SUBSCRIBERS);
@@ -276,7 +276,8 @@ async fn mqtt5_properties_become_amqp_properties_and_headers() {
         payload_format_indicator: Some(1),
         user_properties: vec![("site".to_owned(), "north".to_owned())],
         ..Properties::default()
-    };
+    }
+    .into();
     assert_eq!(publish_ack(&mut c, p).await.code, ReasonCode::SUCCESS);
     let m = get(&ch, &queue, Duration::from_secs(5)).await.expect("forwarded");
     let props = &m.properties;

@@ -534,7 +534,7 @@ async fn rpc_from_an_amqp_client_to_an_mqtt_device_and_back() {
     puback(&mut dev, &p).await;
 
     let mut answer = publish_packet(&response_topic, QoS::AtLeastOnce, 9, b"pong");
-    answer.properties = Properties { correlation_data: Some(corr), ..Properties::default() };
+    answer.properties = Properties { correlation_data: Some(corr), ..Properties::default() }.into();
     dev.send(&Packet::Publish(answer)).await;
     match dev.recv().await {
         Some(Packet::PubAck(a)) => assert!(a.code.is_success(), "{a:?}"),

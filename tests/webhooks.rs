@@ -237,7 +237,7 @@ async fn a_404_is_never_acknowledged_as_delivered() {
     c5.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
     let a = puback(&mut c5).await;
     assert_eq!(a.code, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR, "{a:?}");
-    let reason = a.properties.reason_string.unwrap_or_default();
+    let reason = a.properties.reason_string.clone().unwrap_or_default();
     assert!(reason.contains("404"), "reason string should give the status: {reason}");
     assert_eq!(server.seen().len(), 1, "a 404 is not retried");
 
@@ -505,7 +505,7 @@ async fn a_redirect_is_not_followed() {
     c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
     let a = puback(&mut c).await;
     assert_eq!(a.code, ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR, "{a:?}");
-    assert!(a.properties.reason_string.unwrap_or_default().contains("302"));
+    assert!(a.properties.reason_string.clone().unwrap_or_default().contains("302"));
     let paths: Vec<String> = server.seen().into_iter().map(|s| s.path).collect();
     assert_eq!(paths, vec!["/moved"], "the redirect was followed");
     app.stop().await;

@@ -179,10 +179,10 @@ async fn publish(app: &mqgate::app::App, id: &str) -> (ReasonCode, String) {
     c.publish("t/a", QoS::AtLeastOnce, 1, b"m").await;
     let (code, props) = match c.recv().await {
         Some(Packet::PubAck(a)) => (a.code, a.properties),
-        Some(Packet::Disconnect(d)) => (d.code, d.properties),
+        Some(Packet::Disconnect(d)) => (d.code, d.properties.into()),
         other => panic!("expected PUBACK or DISCONNECT, got {other:?}"),
     };
-    (code, props.reason_string.unwrap_or_default())
+    (code, props.reason_string.clone().unwrap_or_default())
 }
 
 #[tokio::test]

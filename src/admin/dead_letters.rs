@@ -252,10 +252,10 @@ fn detail(id: u64, l: DeadLetter) -> Detail {
         properties: Props {
             payload_format_indicator: p.payload_format_indicator,
             message_expiry_interval: p.message_expiry_interval,
-            content_type: p.content_type,
-            response_topic: p.response_topic,
+            content_type: p.content_type.clone(),
+            response_topic: p.response_topic.clone(),
             correlation_data_base64: p.correlation_data.as_deref().map(b64),
-            user_properties: p.user_properties,
+            user_properties: p.user_properties.clone(),
         },
     }
 }

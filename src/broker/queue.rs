@@ -151,7 +151,7 @@ mod tests {
             retain: false,
             client_id: "c".into(),
             username: None,
-            properties: crate::mqtt::codec::Properties::default(),
+            properties: crate::mqtt::codec::PublishProperties::none(),
             received: std::time::Instant::now(),
             packet_id: None,
         });

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::Broker;
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::mqtt::codec::{Properties, QoS};
+use crate::mqtt::codec::{PublishProperties, QoS};
 
 /// Publishes the `$SYS` topics every `interval` until `shutdown`.
 pub async fn run(
@@ -52,7 +52,7 @@ pub async fn run(
                 retain: true,
                 client_id: Arc::clone(&client_id),
                 username: None,
-                properties: Properties::default(),
+                properties: PublishProperties::none(),
                 received: Instant::now(),
                 packet_id: None,
             });

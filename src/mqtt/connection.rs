@@ -228,7 +228,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::codec::{Properties, Publish, QoS};
+    use crate::mqtt::codec::{Publish, PublishProperties, QoS};
 
     fn publish(payload: usize) -> Packet {
         Packet::Publish(Publish {
@@ -237,7 +237,7 @@ mod tests {
             retain: false,
             topic: "t".into(),
             packet_id: 0,
-            properties: Properties::default(),
+            properties: PublishProperties::none(),
             payload: bytes::Bytes::from(vec![7u8; payload]),
         })
     }

@@ -557,7 +557,8 @@ mod tests {
                 content_type: Some("application/json".to_owned()),
                 user_properties: vec![("site".to_owned(), "x".to_owned())],
                 ..Properties::default()
-            },
+            }
+            .into(),
             received: Instant::now(),
             packet_id: Some(3),
         })

@@ -455,7 +455,7 @@ impl<'a> Consumer<'a> {
             retain: mapping::retain_for(properties, s.retain),
             client_id: Arc::clone(&s.name),
             username: None,
-            properties: mapping::properties_for(properties, &s.qos_header),
+            properties: mapping::properties_for(properties, &s.qos_header).into(),
             received: Instant::now(),
             packet_id: None,
         });

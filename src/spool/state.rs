@@ -168,7 +168,7 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::codec::{Properties, QoS};
+    use crate::mqtt::codec::{PublishProperties, QoS};
 
     fn msg(n: u8) -> Arc<Message> {
         Arc::new(Message {
@@ -178,7 +178,7 @@ mod tests {
             retain: false,
             client_id: Arc::from("c"),
             username: None,
-            properties: Properties::default(),
+            properties: PublishProperties::none(),
             received: std::time::Instant::now(),
             packet_id: Some(1),
         })

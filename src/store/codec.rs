@@ -135,7 +135,7 @@ mod tests {
             retain: true,
             client_id: Arc::from("dev-1"),
             username: Some(Arc::from("alice")),
-            properties,
+            properties: properties.into(),
             received: Instant::now() - Duration::from_secs(5),
             packet_id,
         }

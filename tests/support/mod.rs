@@ -323,7 +323,7 @@ pub fn publish_packet(topic: &str, qos: QoS, packet_id: u16, payload: &[u8]) -> 
         retain: false,
         topic: topic.into(),
         packet_id,
-        properties: Properties::default(),
+        properties: mqgate::mqtt::codec::PublishProperties::none(),
         payload: Bytes::copy_from_slice(payload),
     }
 }

@@ -9,11 +9,11 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::error::DecodeError;
 use super::packet::{
-    Auth, ConnAck, Connect, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse,
-    Publish, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, SubscribeFilter,
+    Auth, ConnAck, Connect, Disconnect, LastWill, Packet, ProtocolVersion, PubResponse, Publish,
+    PublishProperties, QoS, ReasonCode, RetainHandling, SubAck, Subscribe, SubscribeFilter,
     SubscriptionOptions, UnsubAck, Unsubscribe,
 };
-use super::properties::{decode_properties, decode_properties_into, PropCtx};
+use super::properties::{decode_properties, decode_publish_properties, PropCtx};
 
 /// Reason codes MQTT 5 allows in CONNACK.
 pub(super) const CONNACK_CODES: &[u8] = &[
@@ -69,6 +69,13 @@ impl<'a> Reader<'a> {
         let bytes = self.buf.get(self.pos..).unwrap_or_default();
         self.pos = self.buf.len();
         bytes
+    }
+
+    /// Consumes the next byte if it is 0 (an empty property list's length); true if it did.
+    pub(super) fn skip_zero(&mut self) -> bool {
+        let zero = self.buf.get(self.pos) == Some(&0);
+        self.pos += usize::from(zero);
+        zero
     }
 
     /// One byte.
@@ -382,7 +389,7 @@ fn decode_publish(
         retain: first & 0x01 != 0,
         topic: String::new(),
         packet_id: 0,
-        properties: Properties::default(),
+        properties: PublishProperties::none(),
         payload: Bytes::new(),
     };
     let body = buf.get(header..header + remaining).ok_or(TRUNCATED)?;
@@ -392,7 +399,7 @@ fn decode_publish(
         publish.packet_id = r.packet_id()?;
     }
     if v5 {
-        decode_properties_into(&mut r, PropCtx::Publish, &mut publish.properties)?;
+        publish.properties = decode_publish_properties(&mut r, PropCtx::Publish)?;
     }
     if topic.is_empty() {
         if publish.properties.topic_alias.is_none() {
@@ -425,7 +432,7 @@ fn decode_pub_response(
         };
         response.code = code_in(r.u8()?, codes, packet)?;
         if !r.is_empty() {
-            response.properties = decode_properties(&mut r, ctx)?;
+            response.properties = decode_publish_properties(&mut r, ctx)?;
         }
     }
     r.finish()?;

@@ -98,6 +98,82 @@ impl ReasonCode {
     }
 }
 
+/// The properties of a PUBLISH, a publish acknowledgement or a [`Message`](crate::message::Message):
+/// [`Properties`], boxed only when one is set. Most PUBLISHes carry none (every 3.1.1 one), and
+/// the full struct is some 350 bytes that every move of a packet or message would copy, and
+/// every drop would check field by field. Reads go through `Deref` (an empty set when none);
+/// [`get_mut`](Self::get_mut) changes a set that exists, and `DerefMut` makes one on demand.
+#[derive(Clone, Default)]
+pub struct PublishProperties(Option<Box<Properties>>);
+
+/// The empty set that a [`PublishProperties`] without a box reads as.
+static NO_PROPERTIES: Properties = Properties::EMPTY;
+
+impl PublishProperties {
+    /// No properties (no allocation).
+    pub const fn none() -> Self {
+        PublishProperties(None)
+    }
+
+    /// The properties if any is set, for changing them without making a set.
+    pub fn get_mut(&mut self) -> Option<&mut Properties> {
+        self.0.as_deref_mut()
+    }
+
+    /// True when no property is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.as_deref().is_none_or(|p| *p == Properties::EMPTY)
+    }
+}
+
+impl From<Properties> for PublishProperties {
+    fn from(p: Properties) -> Self {
+        if p == Properties::EMPTY {
+            PublishProperties(None)
+        } else {
+            PublishProperties(Some(Box::new(p)))
+        }
+    }
+}
+
+impl From<Box<Properties>> for PublishProperties {
+    fn from(p: Box<Properties>) -> Self {
+        if *p == Properties::EMPTY {
+            PublishProperties(None)
+        } else {
+            PublishProperties(Some(p))
+        }
+    }
+}
+
+impl std::ops::Deref for PublishProperties {
+    type Target = Properties;
+
+    fn deref(&self) -> &Properties {
+        self.0.as_deref().unwrap_or(&NO_PROPERTIES)
+    }
+}
+
+impl std::ops::DerefMut for PublishProperties {
+    fn deref_mut(&mut self) -> &mut Properties {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl PartialEq for PublishProperties {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for PublishProperties {}
+
+impl std::fmt::Debug for PublishProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
 /// MQTT 5 properties. One struct for every packet type: the decoder rejects a property that
 /// the spec does not allow on the packet at hand (and a duplicate of a single-valued one), the
 /// encoder writes whatever is set. For 3.1.1 it is always empty.
@@ -159,6 +235,39 @@ pub struct Properties {
     pub shared_subscription_available: Option<u8>,
 }
 
+impl Properties {
+    /// No property set (the same as `Default`, usable in a `static`).
+    pub const EMPTY: Properties = Properties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_identifiers: Vec::new(),
+        session_expiry_interval: None,
+        assigned_client_identifier: None,
+        server_keep_alive: None,
+        authentication_method: None,
+        authentication_data: None,
+        request_problem_information: None,
+        will_delay_interval: None,
+        request_response_information: None,
+        response_information: None,
+        server_reference: None,
+        reason_string: None,
+        receive_maximum: None,
+        topic_alias_maximum: None,
+        topic_alias: None,
+        maximum_qos: None,
+        retain_available: None,
+        user_properties: Vec::new(),
+        maximum_packet_size: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+    };
+}
+
 /// The will message of a CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LastWill {
@@ -205,7 +314,7 @@ pub struct Publish {
     /// May be empty only in MQTT 5 with a topic alias property.
     pub topic: String,
     pub packet_id: u16,
-    pub properties: Properties,
+    pub properties: PublishProperties,
     pub payload: Bytes,
 }
 
@@ -215,13 +324,13 @@ pub struct PubResponse {
     pub packet_id: u16,
     /// Always SUCCESS for 3.1.1.
     pub code: ReasonCode,
-    pub properties: Properties,
+    pub properties: PublishProperties,
 }
 
 impl PubResponse {
     /// A success response with no properties.
     pub fn success(packet_id: u16) -> Self {
-        PubResponse { packet_id, code: ReasonCode::SUCCESS, properties: Properties::default() }
+        PubResponse { packet_id, code: ReasonCode::SUCCESS, properties: PublishProperties::none() }
     }
 }
 

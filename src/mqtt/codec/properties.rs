@@ -7,7 +7,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use super::decode::Reader;
 use super::encode::{binary_len, put_binary, put_str, put_vbi, str_len, vbi_len, MAX_VBI};
 use super::error::{DecodeError, EncodeError};
-use super::packet::Properties;
+use super::packet::{Properties, PublishProperties};
 
 /// Which property list is being read: a packet type, or the will properties of a CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,9 +116,22 @@ pub(super) fn decode_properties(
     Ok(props)
 }
 
-/// [`decode_properties`] into `props` (which must be empty), saving a move of the struct on the
-/// PUBLISH path.
-pub(super) fn decode_properties_into(
+/// [`decode_properties`] for a PUBLISH or publish acknowledgement: no allocation when the
+/// list is empty (the usual case), one box otherwise.
+pub(super) fn decode_publish_properties(
+    r: &mut Reader<'_>,
+    ctx: PropCtx,
+) -> Result<PublishProperties, DecodeError> {
+    if r.skip_zero() {
+        return Ok(PublishProperties::none());
+    }
+    let mut props = Box::<Properties>::default();
+    decode_properties_into(r, ctx, &mut props)?;
+    Ok(PublishProperties::from(props))
+}
+
+/// [`decode_properties`] into `props` (which must be empty).
+fn decode_properties_into(
     r: &mut Reader<'_>,
     ctx: PropCtx,
     props: &mut Properties,

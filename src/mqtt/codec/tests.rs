@@ -42,7 +42,7 @@ pub(super) fn publish(topic: &str, qos: QoS, packet_id: u16) -> Publish {
         retain: false,
         topic: topic.into(),
         packet_id,
-        properties: Properties::default(),
+        properties: PublishProperties::none(),
         payload: Bytes::from_static(b"hi"),
     }
 }
@@ -420,15 +420,15 @@ fn pub_response_short_forms() {
     let ack = |code, properties| Packet::PubAck(PubResponse { packet_id: 5, code, properties });
     assert_eq!(
         dec_ok(&[0x40, 0x02, 0x00, 0x05], V5),
-        ack(ReasonCode::SUCCESS, Properties::default())
+        ack(ReasonCode::SUCCESS, PublishProperties::none())
     );
     assert_eq!(
         dec_ok(&[0x40, 0x03, 0x00, 0x05, 0x10], V5),
-        ack(ReasonCode(0x10), Properties::default())
+        ack(ReasonCode(0x10), PublishProperties::none())
     );
     assert_eq!(
         dec_ok(&[0x40, 0x04, 0x00, 0x05, 0x00, 0x00], V5),
-        ack(ReasonCode::SUCCESS, Properties::default())
+        ack(ReasonCode::SUCCESS, PublishProperties::none())
     );
     assert!(matches!(
         dec_err(&[0x40, 0x03, 0x00, 0x05, 0x01], V5),
@@ -440,20 +440,20 @@ fn pub_response_short_forms() {
     ));
     assert!(matches!(dec_err(&[0x40, 0x02, 0x00, 0x00], V5), DecodeError::ProtocolError(_)));
     assert_eq!(
-        enc(&ack(ReasonCode::SUCCESS, Properties::default()), ProtocolVersion::V5),
+        enc(&ack(ReasonCode::SUCCESS, PublishProperties::none()), ProtocolVersion::V5),
         [0x40, 2, 0, 5]
     );
     assert_eq!(
-        enc(&ack(ReasonCode(0x10), Properties::default()), ProtocolVersion::V5),
+        enc(&ack(ReasonCode(0x10), PublishProperties::none()), ProtocolVersion::V5),
         [0x40, 3, 0, 5, 0x10]
     );
     let props = Properties { reason_string: Some("r".into()), ..Properties::default() };
     assert_eq!(
-        enc(&ack(ReasonCode::SUCCESS, props.clone()), ProtocolVersion::V5),
+        enc(&ack(ReasonCode::SUCCESS, props.clone().into()), ProtocolVersion::V5),
         [0x40, 8, 0, 5, 0, 4, 0x1F, 0, 1, b'r']
     );
     // 3.1.1 always uses the two-byte form.
-    assert_eq!(enc(&ack(ReasonCode(0x10), props), ProtocolVersion::V311), [0x40, 2, 0, 5]);
+    assert_eq!(enc(&ack(ReasonCode(0x10), props.into()), ProtocolVersion::V311), [0x40, 2, 0, 5]);
     let rel = Packet::PubRel(PubResponse::success(1));
     assert_eq!(enc(&rel, ProtocolVersion::V311), [0x62, 2, 0, 1]);
 }

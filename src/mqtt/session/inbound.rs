@@ -23,7 +23,8 @@ use crate::config::{AckPolicy, RuleErrorPolicy};
 use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::mqtt::codec::{
-    LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
+    LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, PublishProperties, QoS,
+    ReasonCode,
 };
 use crate::rules::template::TemplateError;
 use crate::rules::{AmqpTarget, LazyContext, Rule, Target};
@@ -180,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let shared = Arc::clone(&self.shared);
         shared.received[p.qos as usize].inc();
         if self.version == ProtocolVersion::V5 {
-            if let Some(alias) = p.properties.topic_alias.take() {
+            if let Some(alias) = p.properties.get_mut().and_then(|p| p.topic_alias.take()) {
                 if let Err((code, reason)) = self.aliases.resolve(alias, &mut p.topic) {
                     shared.metrics.protocol_error("topic_alias");
                     return Some(self.server_disconnect(code, reason));
@@ -310,7 +311,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
             }
         };
-        let mut properties = Properties::default();
+        let mut properties = PublishProperties::none();
         if let (Some(f), true) = (&done.failure, self.problem_info) {
             properties.reason_string = Some(f.reason.clone());
         }
@@ -567,7 +568,7 @@ pub(super) async fn publish_will(
         retain: will.retain,
         client_id: Arc::clone(client_id),
         username,
-        properties: Properties { will_delay_interval: None, ..will.properties },
+        properties: Properties { will_delay_interval: None, ..will.properties }.into(),
         received: Instant::now(),
         packet_id: None,
     });

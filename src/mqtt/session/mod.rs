@@ -33,7 +33,8 @@ use crate::broker::{Broker, CloseReason, Expiry, Outbound};
 use crate::config::MqttConfig;
 use crate::metrics::{Metrics, QosLabels};
 use crate::mqtt::codec::{
-    DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, ReasonCode,
+    DecodeError, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse,
+    PublishProperties, ReasonCode,
 };
 use crate::mqtt::connection::Connection;
 use crate::mqtt::topic::TopicLimits;
@@ -591,7 +592,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else {
             ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
         };
-        PubResponse { packet_id, code, properties: Properties::default() }
+        PubResponse { packet_id, code, properties: PublishProperties::none() }
     }
 
     /// Sends an MQTT 5 DISCONNECT with `code` (nothing on 3.1.1) and ends the session.

@@ -215,9 +215,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         dup: bool,
     ) -> Option<Publish> {
         let mut properties = msg.properties.clone();
-        properties.topic_alias = None;
-        properties.subscription_identifiers.clear();
-        if self.version == ProtocolVersion::V5 {
+        // Only a message with properties, or a delivery that adds subscription ids, has a
+        // property set to change (`DerefMut` would make one).
+        if let Some(p) = properties.get_mut() {
+            p.topic_alias = None;
+            p.subscription_identifiers.clear();
+        }
+        if self.version == ProtocolVersion::V5 && !subscription_ids.is_empty() {
             properties.subscription_identifiers.extend_from_slice(subscription_ids);
         }
         if let Some(expiry) = properties.message_expiry_interval {

@@ -160,7 +160,7 @@ mod tests {
     use super::*;
     use crate::message::Message;
     use crate::metrics::TargetMetrics;
-    use crate::mqtt::codec::{Properties, QoS};
+    use crate::mqtt::codec::{PublishProperties, QoS};
 
     fn req(exchange: &str) -> PublishRequest {
         PublishRequest {
@@ -173,7 +173,7 @@ mod tests {
                 retain: false,
                 client_id: Arc::from("c"),
                 username: None,
-                properties: Properties::default(),
+                properties: PublishProperties::none(),
                 received: Instant::now(),
                 packet_id: None,
             }),

@@ -194,7 +194,7 @@ mod tests {
             retain: true,
             client_id: Arc::from("dev-1"),
             username: None,
-            properties: Properties { content_type, ..Properties::default() },
+            properties: Properties { content_type, ..Properties::default() }.into(),
             received: Instant::now(),
             packet_id: None,
         }
@@ -260,7 +260,8 @@ mod mqtt5_tests {
                     ("k".to_owned(), "2".to_owned()),
                 ],
                 ..Properties::default()
-            },
+            }
+            .into(),
             received: Instant::now(),
             packet_id: Some(packet_id),
         }

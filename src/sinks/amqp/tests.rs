@@ -17,7 +17,7 @@ use super::{AmqpBroker, PublishRequest};
 use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
-use crate::mqtt::codec::{Properties, QoS};
+use crate::mqtt::codec::{PublishProperties, QoS};
 use crate::sinks::{Failure, Outcome};
 
 /// The broker side of one connection.
@@ -119,7 +119,7 @@ fn request(ack: Option<oneshot::Sender<Outcome>>, target: &TargetMetrics) -> Pub
             retain: false,
             client_id: Arc::from("c"),
             username: None,
-            properties: Properties::default(),
+            properties: PublishProperties::none(),
             received: Instant::now(),
             packet_id: None,
         }),

@@ -376,7 +376,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::mqtt::codec::{Properties, QoS};
+    use crate::mqtt::codec::{PublishProperties, QoS};
     use std::time::Instant;
 
     fn msg(payload: &[u8], packet_id: Option<u16>) -> Message {
@@ -387,7 +387,7 @@ mod tests {
             retain: true,
             client_id: Arc::from("dev"),
             username: Some(Arc::from("u")),
-            properties: Properties::default(),
+            properties: PublishProperties::none(),
             received: Instant::now(),
             packet_id,
         }

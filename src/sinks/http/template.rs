@@ -159,7 +159,7 @@ mod tests {
 
     use super::*;
     use crate::message::Message;
-    use crate::mqtt::codec::{Properties, QoS};
+    use crate::mqtt::codec::{PublishProperties, QoS};
     use crate::rules::template::MessageContext;
 
     fn msg(topic: &str, payload: &[u8]) -> Arc<Message> {
@@ -170,7 +170,7 @@ mod tests {
             retain: false,
             client_id: Arc::from("dev-1"),
             username: None,
-            properties: Properties::default(),
+            properties: PublishProperties::none(),
             received: Instant::now(),
             packet_id: Some(7),
         })

@@ -242,7 +242,7 @@ fn arb_publish(v5: bool) -> impl Strategy<Value = Packet> {
                 retain,
                 topic,
                 packet_id: if at_most_once { 0 } else { id },
-                properties,
+                properties: properties.into(),
                 payload,
             })
         })
@@ -257,7 +257,7 @@ fn arb_pub_response(v5: bool) -> impl Strategy<Value = Packet> {
         props(v5, Ctx::PubResp),
     )
         .prop_map(|(kind, packet_id, ack_code, rel_code, properties)| {
-            let r = |code| PubResponse { packet_id, code, properties: properties.clone() };
+            let r = |code| PubResponse { packet_id, code, properties: properties.clone().into() };
             match kind {
                 0 => Packet::PubAck(r(ack_code)),
                 1 => Packet::PubRec(r(ack_code)),

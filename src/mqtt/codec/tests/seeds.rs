@@ -49,7 +49,7 @@ pub(super) fn seed_streams() -> Vec<Seed> {
     };
     let qos1 = |props_: Properties| {
         Packet::Publish(Publish {
-            properties: props_,
+            properties: props_.into(),
             ..publish("sensors/1/temp", QoS::AtLeastOnce, 1)
         })
     };
@@ -82,9 +82,9 @@ pub(super) fn seed_streams() -> Vec<Seed> {
         packet_id: 1,
         code: ReasonCode(code),
         properties: if reason {
-            props(|p| p.reason_string = Some("why".into()))
+            props(|p| p.reason_string = Some("why".into())).into()
         } else {
-            Properties::default()
+            PublishProperties::none()
         },
     };
     let connack = |properties| {
@@ -246,7 +246,8 @@ pub(super) fn seed_streams() -> Vec<Seed> {
                         p.subscription_identifiers = vec![1, 300];
                         p.user_properties =
                             vec![("a".into(), "b".into()), ("a".into(), "c".into())];
-                    }),
+                    })
+                    .into(),
                     ..publish("", QoS::AtMostOnce, 0)
                 }),
                 P5,
