@@ -209,15 +209,68 @@ pub struct TopicTree<T> {
 
 #[derive(Debug)]
 struct Node<T> {
-    /// Children by level text; "+" and "#" are stored as literal keys.
+    /// Children by level text, but for the wildcards.
     children: HashMap<Box<str>, Node<T>, foldhash::fast::RandomState>,
+    /// The "+" child: kept apart so that matching, which looks for it at every level, needs
+    /// no hash lookup for it.
+    plus: Option<Box<Node<T>>>,
+    /// The "#" child, likewise.
+    hash: Option<Box<Node<T>>>,
     /// Values of the filters that end at this node.
     values: Vec<T>,
 }
 
 impl<T> Default for Node<T> {
     fn default() -> Self {
-        Node { children: HashMap::default(), values: Vec::new() }
+        Node { children: HashMap::default(), plus: None, hash: None, values: Vec::new() }
+    }
+}
+
+impl<T> Node<T> {
+    /// The child for filter level `level`.
+    fn child(&self, level: &str) -> Option<&Node<T>> {
+        match level {
+            "+" => self.plus.as_deref(),
+            "#" => self.hash.as_deref(),
+            _ => self.children.get(level),
+        }
+    }
+
+    /// The child for filter level `level`, to change it.
+    fn child_mut(&mut self, level: &str) -> Option<&mut Node<T>> {
+        match level {
+            "+" => self.plus.as_deref_mut(),
+            "#" => self.hash.as_deref_mut(),
+            _ => self.children.get_mut(level),
+        }
+    }
+
+    /// The child for filter level `level`, made if missing.
+    fn child_or_default(&mut self, level: &str) -> &mut Node<T> {
+        match level {
+            "+" => self.plus.get_or_insert_default(),
+            "#" => self.hash.get_or_insert_default(),
+            _ => self.children.entry(level.into()).or_default(),
+        }
+    }
+
+    /// Drops the child for filter level `level`.
+    fn remove_child(&mut self, level: &str) {
+        match level {
+            "+" => self.plus = None,
+            "#" => self.hash = None,
+            _ => {
+                self.children.remove(level);
+            }
+        }
+    }
+
+    /// True without values and children.
+    fn is_empty(&self) -> bool {
+        self.values.is_empty()
+            && self.children.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_none()
     }
 }
 
@@ -232,7 +285,7 @@ impl<T> TopicTree<T> {
     pub fn insert(&mut self, filter: &str, value: T) {
         let mut node = &mut self.root;
         for level in filter.split('/') {
-            node = node.children.entry(level.into()).or_default();
+            node = node.child_or_default(level);
         }
         node.values.push(value);
     }
@@ -256,10 +309,10 @@ impl<T> TopicTree<T> {
                 before - node.values.len()
             }
             Some((first, rest)) => {
-                let Some(child) = node.children.get_mut(*first) else { return 0 };
+                let Some(child) = node.child_mut(first) else { return 0 };
                 let n = Self::remove_at(child, rest, remove);
-                if child.values.is_empty() && child.children.is_empty() {
-                    node.children.remove(*first);
+                if child.is_empty() {
+                    node.remove_child(first);
                 }
                 n
             }
@@ -270,7 +323,7 @@ impl<T> TopicTree<T> {
     pub fn find(&self, filter: &str, pick: impl Fn(&T) -> bool) -> Option<&T> {
         let mut node = &self.root;
         for level in filter.split('/') {
-            node = node.children.get(level)?;
+            node = node.child(level)?;
         }
         node.values.iter().find(|v| pick(v))
     }
@@ -279,13 +332,16 @@ impl<T> TopicTree<T> {
     pub fn find_mut(&mut self, filter: &str, pick: impl Fn(&T) -> bool) -> Option<&mut T> {
         let mut node = &mut self.root;
         for level in filter.split('/') {
-            node = node.children.get_mut(level)?;
+            node = node.child_mut(level)?;
         }
         node.values.iter_mut().find(|v| pick(v))
     }
 
     /// Calls `found` for every value whose filter matches `topic`.
     pub fn for_each_match<'a>(&'a self, topic: &str, mut found: impl FnMut(&'a T)) {
+        if self.is_empty() {
+            return;
+        }
         let dollar = topic.starts_with('$');
         let mut levels = topic.split('/');
         Self::walk(&self.root, &mut levels, true, dollar, &mut found);
@@ -303,7 +359,7 @@ impl<T> TopicTree<T> {
             None => {
                 node.values.iter().for_each(&mut *found);
                 // "a/#" also matches "a".
-                if let Some(hash) = node.children.get("#") {
+                if let Some(hash) = &node.hash {
                     hash.values.iter().for_each(&mut *found);
                 }
             }
@@ -312,10 +368,10 @@ impl<T> TopicTree<T> {
                     Self::walk(child, &mut levels.clone(), false, dollar, found);
                 }
                 if wild_ok {
-                    if let Some(plus) = node.children.get("+") {
+                    if let Some(plus) = &node.plus {
                         Self::walk(plus, &mut levels.clone(), false, dollar, found);
                     }
-                    if let Some(hash) = node.children.get("#") {
+                    if let Some(hash) = &node.hash {
                         hash.values.iter().for_each(&mut *found);
                     }
                 }
@@ -325,7 +381,7 @@ impl<T> TopicTree<T> {
 
     /// True when the tree holds no value.
     pub fn is_empty(&self) -> bool {
-        self.root.children.is_empty() && self.root.values.is_empty()
+        self.root.is_empty()
     }
 }
 
