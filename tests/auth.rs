@@ -161,7 +161,7 @@ async fn a_filter_denied_for_everyone_gets_0x80_or_0x87_and_others_are_granted()
     {
         let mut c = RawClient::connect(app.mqtt_addr, version, "subber").await;
         let filters = ["test/nosubscribe", "test/other", "test/#", "other/+"];
-        c.send(&Packet::Subscribe(Subscribe {
+        c.send(&Packet::Subscribe(Box::new(Subscribe {
             packet_id: 9,
             filters: filters
                 .iter()
@@ -171,7 +171,7 @@ async fn a_filter_denied_for_everyone_gets_0x80_or_0x87_and_others_are_granted()
                 })
                 .collect(),
             properties: Properties::default(),
-        }))
+        })))
         .await;
         match c.recv().await {
             Some(Packet::SubAck(s)) => assert_eq!(

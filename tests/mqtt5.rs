@@ -27,7 +27,7 @@ async fn connect_with(
     match c.recv().await {
         Some(Packet::ConnAck(a)) => {
             assert!(a.code.is_success(), "CONNACK refused: {a:?}");
-            (c, a)
+            (c, *a)
         }
         other => panic!("expected CONNACK, got {other:?}"),
     }
@@ -42,14 +42,14 @@ async fn subscribe_id(
 ) -> Vec<ReasonCode> {
     let properties =
         Properties { subscription_identifiers: id.into_iter().collect(), ..Default::default() };
-    c.send(&Packet::Subscribe(Subscribe {
+    c.send(&Packet::Subscribe(Box::new(Subscribe {
         packet_id: 7,
         filters: vec![SubscribeFilter {
             filter: filter.into(),
             options: SubscriptionOptions { qos, ..Default::default() },
         }],
         properties,
-    }))
+    })))
     .await;
     match c.recv().await {
         Some(Packet::SubAck(s)) => s.codes,
@@ -131,14 +131,14 @@ async fn retained_and_shared_deliveries_carry_their_subscription_identifier() {
 async fn two_subscription_identifiers_on_one_subscribe_are_a_protocol_error() {
     let app = gateway(NO_RULES).await;
     let mut c = RawClient::connect(app.mqtt_addr, V5, &unique("sid2")).await;
-    c.send(&Packet::Subscribe(Subscribe {
+    c.send(&Packet::Subscribe(Box::new(Subscribe {
         packet_id: 1,
         filters: vec![SubscribeFilter {
             filter: "a".into(),
             options: SubscriptionOptions::default(),
         }],
         properties: Properties { subscription_identifiers: vec![1, 2], ..Default::default() },
-    }))
+    })))
     .await;
     expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     app.stop().await;
@@ -242,14 +242,14 @@ async fn disconnect_with_will_publishes_it_and_a_normal_disconnect_does_not() {
     let mut sub = will_watcher(app.mqtt_addr).await;
     let polite = unique("polite");
     let (mut c, _) = connect_with(app.mqtt_addr, with_will(&polite, None, None, true)).await;
-    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    c.send(&Packet::Disconnect(Box::default())).await;
     assert_eq!(c.recv().await, None);
     let asked = unique("asked");
     let (mut c, _) = connect_with(app.mqtt_addr, with_will(&asked, None, None, true)).await;
-    c.send(&Packet::Disconnect(Disconnect {
+    c.send(&Packet::Disconnect(Box::new(Disconnect {
         code: ReasonCode::DISCONNECT_WITH_WILL,
         properties: Properties::default(),
-    }))
+    })))
     .await;
     assert_eq!(c.recv().await, None);
     // Only the second one's will: the first would have come first.

@@ -15,7 +15,7 @@ fn config(extra: &str) -> String {
 
 async fn connack(c: &mut RawClient) -> mqgate::mqtt::codec::ConnAck {
     match c.recv().await {
-        Some(Packet::ConnAck(a)) => a,
+        Some(Packet::ConnAck(a)) => *a,
         other => panic!("expected CONNACK, got {other:?}"),
     }
 }
@@ -195,10 +195,10 @@ async fn auth_is_answered_cleanly() {
     assert_eq!(connack(&mut c).await.code, ReasonCode::BAD_AUTHENTICATION_METHOD);
     // AUTH after a plain CONNECT: DISCONNECT 0x82 (0x8C is not a DISCONNECT code).
     let mut c = RawClient::connect(app.mqtt_addr, V5, "auth-late").await;
-    c.send(&Packet::Auth(Auth {
+    c.send(&Packet::Auth(Box::new(Auth {
         code: ReasonCode::REAUTHENTICATE,
         properties: Default::default(),
-    }))
+    })))
     .await;
     expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     app.stop().await;
@@ -237,11 +237,11 @@ async fn no_local_retain_as_published_and_retain_handling() {
 
     let mut c = RawClient::connect(app.mqtt_addr, V5, "rh-sub").await;
     let sub = |id: u16, filter: &str, options: SubscriptionOptions| {
-        Packet::Subscribe(Subscribe {
+        Packet::Subscribe(Box::new(Subscribe {
             packet_id: id,
             filters: vec![SubscribeFilter { filter: filter.into(), options }],
             properties: Default::default(),
-        })
+        }))
     };
     // Retain Handling 2: no retained message on subscribe. No Local + Retain As Published.
     let opts = SubscriptionOptions {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use mqgate::mqtt::codec::{Disconnect, Packet, ProtocolVersion, PubResponse, Publish, QoS};
+use mqgate::mqtt::codec::{Packet, ProtocolVersion, PubResponse, Publish, QoS};
 use support::*;
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
@@ -114,7 +114,7 @@ async fn connect(addr: SocketAddr, id: &str, clean: bool) -> (RawClient, bool) {
 }
 
 async fn disconnect(mut c: RawClient) {
-    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    c.send(&Packet::Disconnect(Box::default())).await;
     let _ = c.recv_within(Duration::from_secs(5)).await;
 }
 
@@ -351,7 +351,7 @@ async fn a_released_qos2_delivery_resumes_as_pubrel_and_expired_sessions_are_gon
     c.send(&Packet::Connect(Box::new(p))).await;
     assert!(matches!(c.recv().await, Some(Packet::ConnAck(_))));
     c.subscribe("x/#", QoS::AtLeastOnce).await;
-    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    c.send(&Packet::Disconnect(Box::default())).await;
     let _ = c.recv_within(Duration::from_secs(5)).await;
 
     let mut publ = RawClient::connect(gw.mqtt, V311, &unique("pub")).await;

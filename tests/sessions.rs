@@ -43,7 +43,7 @@ async fn connect(
 }
 
 async fn disconnect(mut c: RawClient) {
-    c.send(&Packet::Disconnect(Disconnect::default())).await;
+    c.send(&Packet::Disconnect(Box::default())).await;
     // Wait for the server to close, so the session is parked before the test goes on.
     let _ = c.recv_within(Duration::from_secs(5)).await;
 }
@@ -185,7 +185,8 @@ async fn v5_disconnect_may_change_the_session_expiry() {
     let (mut sub, _) = connect(app.mqtt_addr, V5, &id, true, Some(3600)).await;
     sub.subscribe("de/#", QoS::AtLeastOnce).await;
     let properties = Properties { session_expiry_interval: Some(0), ..Default::default() };
-    sub.send(&Packet::Disconnect(Disconnect { code: ReasonCode::SUCCESS, properties })).await;
+    sub.send(&Packet::Disconnect(Box::new(Disconnect { code: ReasonCode::SUCCESS, properties })))
+        .await;
     let _ = sub.recv_within(Duration::from_secs(5)).await;
     let (_sub, present) = connect(app.mqtt_addr, V5, &id, false, Some(3600)).await;
     assert!(!present, "DISCONNECT set the expiry to 0");
@@ -443,7 +444,8 @@ async fn v5_disconnect_may_not_raise_an_expiry_of_zero() {
     let (mut c, _) = connect(app.mqtt_addr, V5, &id, true, None).await;
     c.subscribe("z/#", QoS::AtLeastOnce).await;
     let properties = Properties { session_expiry_interval: Some(60), ..Default::default() };
-    c.send(&Packet::Disconnect(Disconnect { code: ReasonCode::SUCCESS, properties })).await;
+    c.send(&Packet::Disconnect(Box::new(Disconnect { code: ReasonCode::SUCCESS, properties })))
+        .await;
     expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     let (_c, present) = connect(app.mqtt_addr, V5, &id, false, Some(60)).await;
     assert!(!present, "the session ended with the connection");

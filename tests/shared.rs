@@ -102,7 +102,7 @@ async fn invalid_share_filters_are_refused_per_version() {
 async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
     let app = gateway(NO_RULES).await;
     let mut c = RawClient::connect(app.mqtt_addr, V5, "share-nolocal").await;
-    c.send(&Packet::Subscribe(codec::Subscribe {
+    c.send(&Packet::Subscribe(Box::new(codec::Subscribe {
         packet_id: 1,
         filters: vec![SubscribeFilter {
             filter: "$share/g/a".into(),
@@ -113,7 +113,7 @@ async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
             },
         }],
         properties: Properties::default(),
-    }))
+    })))
     .await;
     expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
     app.stop().await;
@@ -172,11 +172,11 @@ async fn unsubscribe_completes_sent_deliveries_and_leaves_only_that_group() {
     assert_eq!(got_a, vec![b"m1".to_vec(), b"m1".to_vec(), b"m2".to_vec()]);
     let got_b: Vec<Vec<u8>> = drain(&mut b).await.into_iter().map(|p| p.payload.to_vec()).collect();
     assert_eq!(got_b, vec![b"m2".to_vec()]);
-    a.send(&Packet::Unsubscribe(codec::Unsubscribe {
+    a.send(&Packet::Unsubscribe(Box::new(codec::Unsubscribe {
         packet_id: 9,
         filters: vec!["$share/g/t".into()],
         properties: Properties::default(),
-    }))
+    })))
     .await;
     match a.recv().await {
         Some(Packet::UnsubAck(u)) => assert_eq!(u.codes, vec![ReasonCode::SUCCESS]),
@@ -352,7 +352,7 @@ async fn parked_members_get_messages_only_when_no_member_is_online() {
     p.send(&Packet::Connect(Box::new(connect.clone()))).await;
     assert!(matches!(p.recv().await, Some(Packet::ConnAck(_))));
     assert_eq!(p.subscribe("$share/g/p", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
-    p.send(&Packet::Disconnect(codec::Disconnect::default())).await;
+    p.send(&Packet::Disconnect(Box::default())).await;
     let _ = p.recv_within(Duration::from_secs(5)).await;
     let mut online = RawClient::connect(app.mqtt_addr, V5, "online-member").await;
     assert_eq!(online.subscribe("$share/g/p", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);

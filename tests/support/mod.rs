@@ -287,14 +287,14 @@ impl RawClient {
     }
 
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<ReasonCode> {
-        self.send(&Packet::Subscribe(codec::Subscribe {
+        self.send(&Packet::Subscribe(Box::new(codec::Subscribe {
             packet_id: 1,
             filters: vec![SubscribeFilter {
                 filter: filter.into(),
                 options: SubscriptionOptions { qos, ..Default::default() },
             }],
             properties: Properties::default(),
-        }))
+        })))
         .await;
         match self.recv().await {
             Some(Packet::SubAck(s)) => s.codes,
@@ -348,7 +348,7 @@ pub async fn expect_publish(c: &mut RawClient) -> Publish {
 /// Asserts the next packet is a DISCONNECT with reason `code`, and returns it.
 pub async fn expect_disconnect(c: &mut RawClient, code: ReasonCode) -> Disconnect {
     match c.recv().await {
-        Some(Packet::Disconnect(d)) if d.code == code => d,
+        Some(Packet::Disconnect(d)) if d.code == code => *d,
         other => panic!("expected DISCONNECT {:#04x}, got {other:?}", code.0),
     }
 }

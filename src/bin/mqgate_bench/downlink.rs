@@ -366,7 +366,7 @@ async fn subscribe(addr: &str) -> Result<TcpStream> {
         }],
         properties: Properties::default(),
     };
-    codec::encode(&Packet::Subscribe(subscribe), ProtocolVersion::V311, &mut out)?;
+    codec::encode(&Packet::Subscribe(Box::new(subscribe)), ProtocolVersion::V311, &mut out)?;
     s.write_all(&out).await?;
     let mut buf = BytesMut::new();
     let mut acked = 0;

@@ -232,16 +232,16 @@ pub fn decode(
     let body = &buf[header..total];
     let packet = match first >> 4 {
         1 => Packet::Connect(Box::new(decode_connect(body)?)),
-        2 => Packet::ConnAck(decode_connack(body, v5)?),
+        2 => Packet::ConnAck(Box::new(decode_connack(body, v5)?)),
         3 => return decode_publish(buf, first, header, remaining, v5).map(Some),
         4 => Packet::PubAck(decode_pub_response(body, v5, PropCtx::PubAck, PUBACK_CODES)?),
         5 => Packet::PubRec(decode_pub_response(body, v5, PropCtx::PubRec, PUBACK_CODES)?),
         6 => Packet::PubRel(decode_pub_response(body, v5, PropCtx::PubRel, PUBREL_CODES)?),
         7 => Packet::PubComp(decode_pub_response(body, v5, PropCtx::PubComp, PUBREL_CODES)?),
-        8 => Packet::Subscribe(decode_subscribe(body, v5)?),
-        9 => Packet::SubAck(decode_suback(body, v5)?),
-        10 => Packet::Unsubscribe(decode_unsubscribe(body, v5)?),
-        11 => Packet::UnsubAck(decode_unsuback(body, v5)?),
+        8 => Packet::Subscribe(Box::new(decode_subscribe(body, v5)?)),
+        9 => Packet::SubAck(Box::new(decode_suback(body, v5)?)),
+        10 => Packet::Unsubscribe(Box::new(decode_unsubscribe(body, v5)?)),
+        11 => Packet::UnsubAck(Box::new(decode_unsuback(body, v5)?)),
         12 | 13 => {
             Reader::new(body).finish()?;
             if first >> 4 == 12 {
@@ -250,8 +250,8 @@ pub fn decode(
                 Packet::PingResp
             }
         }
-        14 => Packet::Disconnect(decode_disconnect(body, v5)?),
-        _ => Packet::Auth(decode_auth(body)?),
+        14 => Packet::Disconnect(Box::new(decode_disconnect(body, v5)?)),
+        _ => Packet::Auth(Box::new(decode_auth(body)?)),
     };
     buf.advance(total);
     Ok(Some(packet))

@@ -413,20 +413,20 @@ pub struct Auth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Packet {
     Connect(Box<Connect>),
-    ConnAck(ConnAck),
+    ConnAck(Box<ConnAck>),
     Publish(Publish),
     PubAck(PubResponse),
     PubRec(PubResponse),
     PubRel(PubResponse),
     PubComp(PubResponse),
-    Subscribe(Subscribe),
-    SubAck(SubAck),
-    Unsubscribe(Unsubscribe),
-    UnsubAck(UnsubAck),
+    Subscribe(Box<Subscribe>),
+    SubAck(Box<SubAck>),
+    Unsubscribe(Box<Unsubscribe>),
+    UnsubAck(Box<UnsubAck>),
     PingReq,
     PingResp,
-    Disconnect(Disconnect),
-    Auth(Auth),
+    Disconnect(Box<Disconnect>),
+    Auth(Box<Auth>),
 }
 
 impl Packet {

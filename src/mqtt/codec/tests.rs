@@ -76,36 +76,39 @@ fn connect_bytes(name: &[u8], level: u8, flags: u8, props: Option<&[u8]>, rest: 
 
 #[test]
 fn v5_empty_disconnect_is_normal_disconnection() {
-    assert_eq!(dec_ok(&[0xE0, 0x00], V5), Packet::Disconnect(Disconnect::default()));
+    assert_eq!(dec_ok(&[0xE0, 0x00], V5), Packet::Disconnect(Box::default()));
     let d = dec_ok(&[0xE0, 0x01, 0x8E], V5);
     assert_eq!(
         d,
-        Packet::Disconnect(Disconnect {
+        Packet::Disconnect(Box::new(Disconnect {
             code: ReasonCode::SESSION_TAKEN_OVER,
             properties: Properties::default()
-        })
+        }))
     );
-    assert_eq!(enc(&Packet::Disconnect(Disconnect::default()), ProtocolVersion::V5), [0xE0, 0]);
+    assert_eq!(enc(&Packet::Disconnect(Box::default()), ProtocolVersion::V5), [0xE0, 0]);
     assert_eq!(enc(&d, ProtocolVersion::V5), [0xE0, 0x01, 0x8E]);
 }
 
 #[test]
 fn v3_disconnect_must_be_empty() {
-    assert_eq!(dec_ok(&[0xE0, 0x00], V3), Packet::Disconnect(Disconnect::default()));
+    assert_eq!(dec_ok(&[0xE0, 0x00], V3), Packet::Disconnect(Box::default()));
     assert!(matches!(dec_err(&[0xE0, 0x01, 0x00], V3), DecodeError::Malformed(_)));
     assert!(matches!(dec_err(&[0xE1, 0x00], V3), DecodeError::Malformed(_)));
 }
 
 #[test]
 fn auth_decodes_in_v5_only() {
-    assert_eq!(dec_ok(&[0xF0, 0x00], V5), Packet::Auth(Auth::default()));
+    assert_eq!(dec_ok(&[0xF0, 0x00], V5), Packet::Auth(Box::default()));
     let a = dec_ok(&[0xF0, 0x05, 0x18, 0x03, 0x15, 0x00, 0x00], V5);
     let Packet::Auth(a) = a else { panic!() };
     assert_eq!(a.code, ReasonCode::CONTINUE_AUTHENTICATION);
     assert_eq!(a.properties.authentication_method.as_deref(), Some(""));
     assert!(matches!(dec_err(&[0xF0, 0x00], V3), DecodeError::Malformed(_)));
     assert!(matches!(dec_err(&[0xF0, 0x01, 0x01], V5), DecodeError::InvalidReasonCode { .. }));
-    let cont = Packet::Auth(Auth { code: ReasonCode::CONTINUE_AUTHENTICATION, ..Auth::default() });
+    let cont = Packet::Auth(Box::new(Auth {
+        code: ReasonCode::CONTINUE_AUTHENTICATION,
+        ..Auth::default()
+    }));
     assert_eq!(enc(&cont, ProtocolVersion::V5), [0xF0, 0x02, 0x18, 0x00]);
     assert!(encode(&cont, ProtocolVersion::V311, &mut BytesMut::new()).is_err());
 }
@@ -461,11 +464,11 @@ fn pub_response_short_forms() {
 #[test]
 fn connack_v3_translation() {
     let connack = |code: u8| {
-        Packet::ConnAck(ConnAck {
+        Packet::ConnAck(Box::new(ConnAck {
             session_present: false,
             code: ReasonCode(code),
             properties: Properties::default(),
-        })
+        }))
     };
     for (v5, v3) in [
         (0x00, 0),
@@ -489,39 +492,39 @@ fn connack_v3_translation() {
     assert!(matches!(dec_err(&[0x20, 2, 0x01, 5], V3), DecodeError::ProtocolError(_)));
     assert!(encode(&connack(0x10), ProtocolVersion::V311, &mut BytesMut::new()).is_err());
     assert_eq!(enc(&connack(0x87), ProtocolVersion::V5), [0x20, 3, 0, 0x87, 0]);
-    let sp = Packet::ConnAck(ConnAck {
+    let sp = Packet::ConnAck(Box::new(ConnAck {
         session_present: true,
         code: ReasonCode::SUCCESS,
         properties: Properties::default(),
-    });
+    }));
     assert_eq!(enc(&sp, ProtocolVersion::V311), [0x20, 2, 1, 0]);
 }
 
 #[test]
 fn suback_and_unsuback_versions() {
-    let suback = Packet::SubAck(SubAck {
+    let suback = Packet::SubAck(Box::new(SubAck {
         packet_id: 3,
         codes: vec![ReasonCode(0), ReasonCode(2), ReasonCode(0x87), ReasonCode(0x80)],
         properties: Properties::default(),
-    });
+    }));
     assert_eq!(enc(&suback, ProtocolVersion::V311), [0x90, 6, 0, 3, 0, 2, 0x80, 0x80]);
     assert_eq!(enc(&suback, ProtocolVersion::V5), [0x90, 7, 0, 3, 0, 0, 2, 0x87, 0x80]);
     assert!(matches!(dec_err(&[0x90, 3, 0, 3, 0x03], V3), DecodeError::Malformed(_)));
     assert!(matches!(dec_err(&[0x90, 2, 0, 3], V3), DecodeError::ProtocolError(_)));
-    let unsuback = Packet::UnsubAck(UnsubAck {
+    let unsuback = Packet::UnsubAck(Box::new(UnsubAck {
         packet_id: 3,
         codes: vec![ReasonCode(0x11)],
         properties: Properties::default(),
-    });
+    }));
     assert_eq!(enc(&unsuback, ProtocolVersion::V311), [0xB0, 2, 0, 3]);
     assert_eq!(enc(&unsuback, ProtocolVersion::V5), [0xB0, 4, 0, 3, 0, 0x11]);
     assert_eq!(
         dec_ok(&[0xB0, 2, 0, 3], V3),
-        Packet::UnsubAck(UnsubAck {
+        Packet::UnsubAck(Box::new(UnsubAck {
             packet_id: 3,
             codes: vec![],
             properties: Properties::default()
-        })
+        }))
     );
 }
 
@@ -556,27 +559,27 @@ fn encode_errors_leave_buffer_untouched() {
         (Packet::Publish(publish(&"x".repeat(65_536), QoS::AtMostOnce, 0)), ProtocolVersion::V311),
         (Packet::PubAck(PubResponse::success(0)), ProtocolVersion::V311),
         (
-            Packet::Subscribe(Subscribe {
+            Packet::Subscribe(Box::new(Subscribe {
                 packet_id: 1,
                 filters: vec![],
                 properties: Properties::default(),
-            }),
+            })),
             ProtocolVersion::V5,
         ),
         (
-            Packet::Unsubscribe(Unsubscribe {
+            Packet::Unsubscribe(Box::new(Unsubscribe {
                 packet_id: 0,
                 filters: vec!["a".into()],
                 properties: Properties::default(),
-            }),
+            })),
             ProtocolVersion::V5,
         ),
         (
-            Packet::SubAck(SubAck {
+            Packet::SubAck(Box::new(SubAck {
                 packet_id: 1,
                 codes: vec![ReasonCode(0x11)],
                 properties: Properties::default(),
-            }),
+            })),
             ProtocolVersion::V311,
         ),
     ];
@@ -596,7 +599,7 @@ fn encode_errors_leave_buffer_untouched() {
     let mut cases = cases;
     for properties in props_cases {
         cases.push((
-            Packet::Disconnect(Disconnect { code: ReasonCode(0), properties }),
+            Packet::Disconnect(Box::new(Disconnect { code: ReasonCode(0), properties })),
             ProtocolVersion::V5,
         ));
     }

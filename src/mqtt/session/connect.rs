@@ -167,7 +167,7 @@ where
         }
     }
     let connack = ConnAck { session_present, code: ReasonCode::SUCCESS, properties };
-    if let Err(e) = conn.queue(&Packet::ConnAck(connack)) {
+    if let Err(e) = conn.queue(&Packet::ConnAck(Box::new(connack))) {
         warn!(error = %e, "cannot encode CONNACK");
         shared.broker.park_session(&accepted.client_id, state, expiry);
         shared.broker.unregister(&accepted.client_id, registration.conn_id);
@@ -205,7 +205,7 @@ where
         properties.reason_string = Some(reason.to_owned());
     }
     let connack = ConnAck { session_present: false, code, properties };
-    let _ = conn.queue(&Packet::ConnAck(connack));
+    let _ = conn.queue(&Packet::ConnAck(Box::new(connack)));
 }
 
 /// A CONNECT that passed the checks.
@@ -307,6 +307,6 @@ where
             code: ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
             properties: Properties::default(),
         };
-        let _ = conn.queue(&Packet::ConnAck(connack));
+        let _ = conn.queue(&Packet::ConnAck(Box::new(connack)));
     }
 }

@@ -532,8 +532,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.shared.broker.unstore(&self.out.state.subscriber, stored);
                 None
             }
-            Packet::Subscribe(s) => self.on_subscribe(s),
-            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::Subscribe(s) => self.on_subscribe(*s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(*u),
             Packet::PingReq => self.send(&Packet::PingResp),
             Packet::Disconnect(d) => {
                 if let Some(interval) = d.properties.session_expiry_interval {
@@ -602,7 +602,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if self.problem_info {
                 properties.reason_string = Some(reason.to_owned());
             }
-            let _ = self.conn.queue(&Packet::Disconnect(Disconnect { code, properties }));
+            let _ = self.conn.queue(&Packet::Disconnect(Box::new(Disconnect { code, properties })));
         }
         End::ServerClose { reason: reason.to_owned() }
     }

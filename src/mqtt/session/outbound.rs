@@ -384,7 +384,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             codes.push(code);
         }
         let suback = SubAck { packet_id: s.packet_id, codes, properties: Properties::default() };
-        let ack = Packet::SubAck(suback);
+        let ack = Packet::SubAck(Box::new(suback));
         // A stored session's subscriptions are durable before its SUBACK.
         let expiry = self.expiry;
         match changed.then(|| self.shared.broker.store_session(&self.out.state, expiry, true)) {
@@ -469,7 +469,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let unsuback =
             UnsubAck { packet_id: u.packet_id, codes, properties: Properties::default() };
-        let ack = Packet::UnsubAck(unsuback);
+        let ack = Packet::UnsubAck(Box::new(unsuback));
         let expiry = self.expiry;
         match self.shared.broker.store_session(&self.out.state, expiry, true) {
             Some(durable) => {

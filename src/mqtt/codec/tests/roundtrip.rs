@@ -286,7 +286,7 @@ fn arb_subscribe(v5: bool) -> impl Strategy<Value = Packet> {
         (text(8), options).prop_map(|(filter, options)| SubscribeFilter { filter, options });
     (packet_id(), vec(filter, 1..4), props(v5, Ctx::Subscribe)).prop_map(
         |(packet_id, filters, properties)| {
-            Packet::Subscribe(Subscribe { packet_id, filters, properties })
+            Packet::Subscribe(Box::new(Subscribe { packet_id, filters, properties }))
         },
     )
 }
@@ -298,34 +298,35 @@ fn arb_other(v5: bool) -> impl Strategy<Value = Packet> {
         props(v5, Ctx::ConnAck),
     )
         .prop_map(|(sp, code, properties)| {
-            Packet::ConnAck(ConnAck {
+            Packet::ConnAck(Box::new(ConnAck {
                 session_present: sp && code == ReasonCode::SUCCESS,
                 code,
                 properties,
-            })
+            }))
         });
     let suback =
         (packet_id(), vec(codes(v5, SUBACK_CODES, &[0, 1, 2, 0x80]), 1..4), props(v5, Ctx::SubAck))
             .prop_map(|(packet_id, codes, properties)| {
-                Packet::SubAck(SubAck { packet_id, codes, properties })
+                Packet::SubAck(Box::new(SubAck { packet_id, codes, properties }))
             });
     let unsubscribe = (packet_id(), vec(text(8), 1..4), props(v5, Ctx::Unsubscribe)).prop_map(
         |(packet_id, filters, properties)| {
-            Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties })
+            Packet::Unsubscribe(Box::new(Unsubscribe { packet_id, filters, properties }))
         },
     );
     let unsuback = (packet_id(), vec(code(UNSUBACK_CODES), 1..4), props(v5, Ctx::UnsubAck))
         .prop_map(move |(packet_id, codes, properties)| {
-            Packet::UnsubAck(UnsubAck {
+            Packet::UnsubAck(Box::new(UnsubAck {
                 packet_id,
                 codes: if v5 { codes } else { Vec::new() },
                 properties,
-            })
+            }))
         });
-    let disconnect = (codes(v5, DISCONNECT_CODES, &[0]), props(v5, Ctx::Disconnect))
-        .prop_map(|(code, properties)| Packet::Disconnect(Disconnect { code, properties }));
+    let disconnect = (codes(v5, DISCONNECT_CODES, &[0]), props(v5, Ctx::Disconnect)).prop_map(
+        |(code, properties)| Packet::Disconnect(Box::new(Disconnect { code, properties })),
+    );
     let auth = (code(AUTH_CODES), props(true, Ctx::Auth))
-        .prop_map(|(code, properties)| Packet::Auth(Auth { code, properties }));
+        .prop_map(|(code, properties)| Packet::Auth(Box::new(Auth { code, properties })));
     let mut options = vec![
         connack.boxed(),
         suback.boxed(),

@@ -64,20 +64,20 @@ pub(super) fn seed_streams() -> Vec<Seed> {
                 RetainHandling::SendAtSubscribe
             },
         };
-        Packet::Subscribe(Subscribe {
+        Packet::Subscribe(Box::new(Subscribe {
             packet_id: 2,
             filters: vec![
                 SubscribeFilter { filter: "a/+/c".into(), options: o },
                 SubscribeFilter { filter: "#".into(), options: SubscriptionOptions::default() },
             ],
             properties,
-        })
+        }))
     };
-    let unsubscribe = Packet::Unsubscribe(Unsubscribe {
+    let unsubscribe = Packet::Unsubscribe(Box::new(Unsubscribe {
         packet_id: 3,
         filters: vec!["a/+/c".into()],
         properties: Properties::default(),
-    });
+    }));
     let resp = |code: u8, reason: bool| PubResponse {
         packet_id: 1,
         code: ReasonCode(code),
@@ -88,20 +88,28 @@ pub(super) fn seed_streams() -> Vec<Seed> {
         },
     };
     let connack = |properties| {
-        Packet::ConnAck(ConnAck { session_present: false, code: ReasonCode::SUCCESS, properties })
+        Packet::ConnAck(Box::new(ConnAck {
+            session_present: false,
+            code: ReasonCode::SUCCESS,
+            properties,
+        }))
     };
-    let suback = Packet::SubAck(SubAck {
+    let suback = Packet::SubAck(Box::new(SubAck {
         packet_id: 2,
         codes: vec![ReasonCode(1), ReasonCode(0x80)],
         properties: Properties::default(),
-    });
+    }));
     let unsuback = |codes| {
-        Packet::UnsubAck(UnsubAck { packet_id: 3, codes, properties: Properties::default() })
+        Packet::UnsubAck(Box::new(UnsubAck {
+            packet_id: 3,
+            codes,
+            properties: Properties::default(),
+        }))
     };
-    let disconnect = Packet::Disconnect(Disconnect {
+    let disconnect = Packet::Disconnect(Box::new(Disconnect {
         code: ReasonCode(0x04),
         properties: props(|p| p.session_expiry_interval = Some(0)),
-    });
+    }));
     vec![
         (
             "v3_session",
@@ -112,7 +120,7 @@ pub(super) fn seed_streams() -> Vec<Seed> {
                 (Packet::PingReq, P3),
                 (subscribe(false, Properties::default()), P3),
                 (unsubscribe.clone(), P3),
-                (Packet::Disconnect(Disconnect::default()), P3),
+                (Packet::Disconnect(Box::default()), P3),
             ],
         ),
         (
@@ -223,16 +231,16 @@ pub(super) fn seed_streams() -> Vec<Seed> {
             2,
             vec![
                 (
-                    Packet::Auth(Auth {
+                    Packet::Auth(Box::new(Auth {
                         code: ReasonCode::CONTINUE_AUTHENTICATION,
                         properties: props(|p| {
                             p.authentication_method = Some("SCRAM-SHA-1".into());
                             p.authentication_data = Some(Bytes::from_static(b"nonce"));
                         }),
-                    }),
+                    })),
                     P5,
                 ),
-                (Packet::Auth(Auth::default()), P5),
+                (Packet::Auth(Box::default()), P5),
             ],
         ),
         (
