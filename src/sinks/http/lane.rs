@@ -285,18 +285,17 @@ impl Lane {
         if let Outcome::Failed(f) = &outcome {
             warn!(endpoint = %spec.endpoint.inner.name, rule = %spec.rule, reason = %f.reason, retryable = f.retryable, messages = reqs.len(), "HTTP target did not take the message(s)");
         }
+        let counter = match &outcome {
+            Outcome::Delivered => &spec.target.forwarded,
+            Outcome::Failed(_) => &spec.target.failed,
+        };
+        counter.inc_by(reqs.len() as u64);
         for req in reqs {
-            match &outcome {
-                Outcome::Delivered => {
-                    spec.target.forwarded.inc();
+            if let (Outcome::Failed(f), Some(r)) = (&outcome, &req.dead_letter) {
+                if !f.retryable {
+                    r.record(&req.msg, &f.reason);
                 }
-                Outcome::Failed(f) => {
-                    spec.target.failed.inc();
-                    if let (Some(r), false) = (&req.dead_letter, f.retryable) {
-                        r.record(&req.msg, &f.reason);
-                    }
-                }
-            };
+            }
             if let Some(ack) = req.ack {
                 let _ = ack.send(outcome.clone());
             }
