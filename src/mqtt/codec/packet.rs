@@ -120,6 +120,17 @@ impl PublishProperties {
         self.0.as_deref_mut()
     }
 
+    /// Takes the topic alias out (it belongs to the connection, not to the message); a set
+    /// that held nothing else is dropped, so the message moves on without a box.
+    pub fn take_topic_alias(&mut self) -> Option<u16> {
+        let props = self.0.as_deref_mut()?;
+        let alias = props.topic_alias.take();
+        if *props == Properties::EMPTY {
+            self.0 = None;
+        }
+        alias
+    }
+
     /// True when no property is set.
     pub fn is_empty(&self) -> bool {
         self.0.as_deref().is_none_or(|p| *p == Properties::EMPTY)

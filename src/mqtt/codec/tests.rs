@@ -355,6 +355,34 @@ fn connect_properties() {
 }
 
 #[test]
+fn publish_properties_are_boxed_only_when_set() {
+    let d = |props: &[u8]| match dec(&v5_publish_with_props(props), V5) {
+        Ok(Some(Packet::Publish(p))) => p.properties,
+        other => panic!("{other:?}"),
+    };
+    // An empty list: nothing boxed, reads see an empty set.
+    let none = d(&[]);
+    assert!(none.is_empty() && none.content_type.is_none());
+    assert_eq!(none, PublishProperties::none());
+    // Only a topic alias: taken out, the set is gone.
+    let mut alias = d(&[0x23, 0, 7]);
+    assert!(!alias.is_empty());
+    assert_eq!(alias.take_topic_alias(), Some(7));
+    assert!(alias.is_empty() && alias.get_mut().is_none());
+    // A topic alias and more: the rest stays.
+    let mut both = d(&[0x23, 0, 7, 0x02, 0, 0, 0, 9]);
+    assert_eq!(both.take_topic_alias(), Some(7));
+    assert_eq!((both.topic_alias, both.message_expiry_interval), (None, Some(9)));
+    assert!(both.get_mut().is_some());
+    // Writing through `DerefMut` makes a set; equality looks through the box.
+    let mut made = PublishProperties::none();
+    made.content_type = Some("text/plain".into());
+    let expect = Properties { content_type: Some("text/plain".into()), ..Properties::default() };
+    assert_eq!(made, PublishProperties::from(expect));
+    assert_eq!(PublishProperties::from(Properties::default()), PublishProperties::none());
+}
+
+#[test]
 fn publish_properties() {
     let d = |props: &[u8]| dec(&v5_publish_with_props(props), V5);
     assert_eq!(d(&[0x02, 0, 0, 0, 1, 0x02, 0, 0, 0, 1]), Err(DecodeError::DuplicateProperty(0x02)));

@@ -181,7 +181,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let shared = Arc::clone(&self.shared);
         shared.received[p.qos as usize].inc();
         if self.version == ProtocolVersion::V5 {
-            if let Some(alias) = p.properties.get_mut().and_then(|p| p.topic_alias.take()) {
+            if let Some(alias) = p.properties.take_topic_alias() {
                 if let Err((code, reason)) = self.aliases.resolve(alias, &mut p.topic) {
                     shared.metrics.protocol_error("topic_alias");
                     return Some(self.server_disconnect(code, reason));
