@@ -61,7 +61,8 @@ struct Lane {
     /// A message taken while filling a batch that could not join it (a state change, or one
     /// over `max_bytes`): the next one to send.
     carry: Option<HttpRequest>,
-    /// The largest batch body sent so far: the next one's buffer starts this large.
+    /// The size of the last batch body: the next one's buffer starts a quarter larger (the
+    /// last, not the largest, so one outsized batch does not make every later buffer large).
     size_hint: usize,
 }
 
@@ -95,7 +96,7 @@ impl Lane {
         let Some(cfg) = self.spec.batch.clone() else { return self.single(first).await };
         let deadline = tokio::time::Instant::now() + cfg.max_delay.0;
         let mut reqs = Vec::with_capacity(cfg.max_messages.min(1024));
-        // Room for the largest body so far and a quarter more: a batch rarely reallocates.
+        // Room for the last body and a quarter more: a batch rarely reallocates.
         let hint = self.size_hint + self.size_hint / 4;
         let mut body = BatchBody::new(cfg.format, hint);
         let mut next = Some(first);
@@ -150,7 +151,7 @@ impl Lane {
         }
         let key = body::batch_key(reqs.iter().map(|r| &*r.msg));
         let body = body.finish();
-        self.size_hint = self.size_hint.max(body.len());
+        self.size_hint = body.len();
         let spec = Arc::clone(&self.spec);
         let outcome =
             self.deliver(|| spec.build_batch(body.clone(), cfg.format, key.clone())).await;
