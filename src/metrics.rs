@@ -505,7 +505,8 @@ pub struct HttpFamilies {
     pub retries: Family<HttpLabels, Counter>,
     /// Seconds from sending a request to its response (or error).
     pub latency: Family<HttpLabels, Histogram>,
-    /// Messages waiting in the target's lanes.
+    /// Messages waiting in the target's lanes: queued, or gathered into a batch that is
+    /// still filling (a lane counts a batch's messages out when it sends the batch).
     pub queue_depth: Family<HttpLabels, Gauge>,
 }
 
@@ -547,7 +548,7 @@ impl HttpFamilies {
         );
         registry.register(
             "http_queue_depth",
-            "Messages waiting for an HTTP target",
+            "Messages waiting for an HTTP target (queued, or in a batch still filling)",
             f.queue_depth.clone(),
         );
         f
