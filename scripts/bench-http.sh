@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 
 log "building release binaries"
-cargo build --release --bins
+cargo build --release --workspace --bins
 
 bench="${CARGO_TARGET_DIR:-target}/release/mqgate-bench"
 log "http: direct reqwest loop vs mqgate, one message per request and batched"

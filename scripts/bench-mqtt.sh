@@ -16,7 +16,7 @@ command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || apt_install mos
 export PATH="$PATH:/usr/sbin"
 
 log "building release binaries"
-cargo build --release --bins
+cargo build --release --workspace --bins
 
 bench="${CARGO_TARGET_DIR:-target}/release/mqgate-bench"
 connections="${BENCH_CONNECTIONS:-15000}"

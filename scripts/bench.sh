@@ -17,7 +17,7 @@ ensure_cargo
 ensure_rabbitmq
 
 log "building release binaries"
-cargo build --release --bins
+cargo build --release --workspace --bins
 
 bench=target/release/mqgate-bench
 rc=0

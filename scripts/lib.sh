@@ -42,7 +42,7 @@ ensure_mosquitto_clients() {
   apt_install mosquitto-clients
 }
 
-# The openssl command line tool: tests/webhooks_tls.rs makes its CA and certificates with it.
+# The openssl command line tool: tests/it/webhooks_tls.rs makes its CA and certificates with it.
 ensure_openssl() {
   command -v openssl >/dev/null && return
   log "installing openssl"
@@ -61,7 +61,7 @@ ensure_cargo() {
   export PATH="$HOME/.cargo/bin:$PATH"
 }
 
-# paho-mqtt 2.x for Python, for tests/paho.rs. Installed with pip into python3's own
+# paho-mqtt 2.x for Python, for tests/it/paho.rs. Installed with pip into python3's own
 # site-packages when pip allows it; where it refuses (a Debian python3 is "externally managed",
 # PEP 668), into a venv under the cargo target dir, which MQGATE_PYTHON then points the test at.
 paho_ok() { "$1" -c 'import sys, paho.mqtt as p; sys.exit(int(p.__version__.split(".")[0]) < 2)' 2>/dev/null; }

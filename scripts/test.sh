@@ -3,8 +3,8 @@
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
 #    Debian's rabbitmq-server package if missing (needs root).
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub): installed if missing.
-#  - openssl (the command line tool; tests/webhooks_tls.rs makes certificates with it).
-#  - paho-mqtt 2.x for python3 (tests/paho.rs): pip-installed if missing, or into a venv
+#  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
+#  - paho-mqtt 2.x for python3 (tests/it/paho.rs): pip-installed if missing, or into a venv
 #    under the target dir where pip refuses (externally managed python).
 # Then formatting, clippy and every test. An unreachable service fails the run with a message;
 # nothing is skipped silently.
@@ -22,6 +22,6 @@ ensure_paho
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy --all-targets -- -D warnings"
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings
 log "cargo test"
-cargo test --all-targets "$@"
+cargo test --workspace --all-targets "$@"

@@ -2,18 +2,16 @@
 //! server offers it, against a real axum server behind rustls. The certificates are made for
 //! each run with the `openssl` command line tool (a temporary directory, nothing kept).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use crate::support::*;
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, Version};
 use axum::Router;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
-use support::*;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};

@@ -2,15 +2,13 @@
 //! session over, the offline queue bound, and QoS 2 deliveries, with real clients: our raw
 //! client (exact flags: session present, DUP) and rumqttc.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use mqgate::mqtt::codec::{
     Disconnect, Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket};
-use support::*;
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
 const V5: ProtocolVersion = ProtocolVersion::V5;

@@ -4,8 +4,6 @@
 //! client on mqgate's codec, so the tests see the exact acks (MQTT 5 reason codes, 3.1.1
 //! withheld PUBACKs).
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,6 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
@@ -20,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use mqgate::config::Config;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
-use support::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 

@@ -1,15 +1,11 @@
 //! The gateway loses RabbitMQ and gets it back: /readyz follows, nothing is acknowledged while
 //! the broker is away, and forwarding resumes after the reconnect.
 
-#[path = "support/proxy.rs"]
-mod proxy;
-mod support;
-
 use std::time::Duration;
 
+use crate::support::proxy::Proxy;
+use crate::support::*;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
-use proxy::Proxy;
-use support::*;
 
 async fn ready_status(app: &mqgate::app::App) -> u16 {
     http_get(app.admin_addr, "/readyz").await.map(|(s, _)| s).unwrap_or(0)

@@ -1,13 +1,11 @@
 //! MQTT 5 details a device library relies on: properties passed through, message expiry,
 //! Server Keep Alive, payload format, Receive Maximum, Maximum Packet Size, AUTH.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use mqgate::mqtt::codec::{Auth, Packet, ProtocolVersion::V5, PubResponse, QoS, ReasonCode};
-use support::*;
 
 fn config(extra: &str) -> String {
     format!("mqtt:\n  listen: \"127.0.0.1:0\"\n{extra}admin:\n  listen: \"127.0.0.1:0\"\n")

@@ -1,18 +1,16 @@
 //! Shared subscriptions (`$share/{group}/{filter}`) with real clients: our raw client for exact
 //! reason codes and flags, rumqttc and mosquitto_sub as any user would run them.
 
-mod support;
-
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::*;
 use mqgate::mqtt::codec::{
     self, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
     SubscribeFilter, SubscriptionOptions,
 };
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket};
-use support::*;
 use tokio::process::Command;
 
 const V311: ProtocolVersion = ProtocolVersion::V311;

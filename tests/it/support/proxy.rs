@@ -1,6 +1,5 @@
 //! A TCP proxy between mqgate and RabbitMQ that a test can pause in one direction or cut, to
 //! make a broker "go away" without touching the machine's RabbitMQ.
-#![allow(dead_code)] // each test binary uses a different subset
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

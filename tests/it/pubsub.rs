@@ -1,14 +1,12 @@
 //! Local publish/subscribe between real MQTT clients (mosquitto_pub/mosquitto_sub and
 //! rumqttc), as from any broker.
 
-mod support;
-
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::*;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket};
-use support::*;
 use tokio::process::Command;
 
 const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n";

@@ -2,18 +2,16 @@
 //! credentials (both versions), anonymous clients, and the ACL on SUBSCRIBE and PUBLISH,
 //! including that a denied PUBLISH never reaches RabbitMQ.
 
-mod support;
-
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use mqgate::auth::passwd::hash_password;
 use mqgate::mqtt::codec::{
     Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode, Subscribe, SubscribeFilter,
     SubscriptionOptions,
 };
-use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 

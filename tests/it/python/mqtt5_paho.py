@@ -1,6 +1,6 @@
 """MQTT 5 features of mqgate driven by paho-mqtt 2.x (a real third-party client).
 
-Usage: python3 tests/python/mqtt5_paho.py PORT
+Usage: python3 tests/it/python/mqtt5_paho.py PORT
 
 Run by tests/paho.rs against a gateway it starts; exits 0 and prints "ALL OK" when every
 check passed, non-zero with the failed check otherwise. Checks:

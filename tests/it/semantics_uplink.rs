@@ -1,12 +1,9 @@
 //! The uplink rows of docs/semantics.md (MQTT → AMQP, issue 4), each against the real
 //! RabbitMQ on 127.0.0.1:5672 with our raw MQTT client and lapin as the AMQP consumer.
 
-#[path = "support/proxy.rs"]
-mod proxy;
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use futures::StreamExt;
 use lapin::options::{
@@ -17,7 +14,6 @@ use lapin::Channel;
 use mqgate::mqtt::codec::{Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode};
 use mqgate::rules::mapping::{decode_routing_key, TopicMapping};
 use mqgate::sinks::amqp::{last_value_queue_name, MESSAGE_ID_PREFIX};
-use support::*;
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V311: ProtocolVersion = ProtocolVersion::V311;
@@ -420,7 +416,7 @@ async fn a_job_queue_is_declared_again_after_a_reconnect() {
     let conn = rabbit().await;
     let jobs = unique("mqgate-test-redeclare");
     let _cleanup = delete_queues_on_drop(&[&jobs]);
-    let proxy = proxy::Proxy::start().await;
+    let proxy = crate::support::proxy::Proxy::start().await;
     let yaml = config_rules(
         "",
         &format!(

@@ -3,16 +3,14 @@
 //! (SIGTERM) and after SIGKILL right after the acknowledgement the device relied on; and a
 //! store that cannot be opened (corrupt, unreadable) is a clear one-line error, not a panic.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, PubResponse, Publish, QoS};
-use support::*;
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
 

@@ -3,8 +3,6 @@
 //! answers 503, then 200, and the real binary killed with SIGKILL mid-stream. Devices are the
 //! raw MQTT client on mqgate's codec, so the tests see exactly which PUBACKs came.
 
-mod support;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -13,6 +11,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::proxy::Proxy;
+use crate::support::*;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -21,13 +21,8 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use mqgate::config::Config;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS};
-use proxy::Proxy;
-use support::*;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-
-#[path = "support/proxy.rs"]
-mod proxy;
 
 /// A gateway config: MQTT and admin on port 0, RabbitMQ at `amqp_url` as broker `rabbit`
 /// (quick reconnects), a store in `store`, and `rules`.

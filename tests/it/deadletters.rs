@@ -3,20 +3,18 @@
 //! reason, rule and target; the admin API and `mqgate dead-letters` list, show, replay (to
 //! its own or another target) and purge them; ids survive a restart.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::*;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::Router;
 use mqgate::mqtt::codec::{Packet, Properties, ProtocolVersion, QoS, ReasonCode};
 use serde_json::Value;
-use support::*;
 
 /// The admin API: method, path, optional JSON body; the status and the JSON answer.
 async fn api(app: &mqgate::app::App, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {

@@ -1,13 +1,11 @@
 //! MQTT 5 features driven by a third-party client: paho-mqtt 2.x for Python (from PyPI), run
-//! as `python3 tests/python/mqtt5_paho.py PORT` against a gateway started here. A missing
+//! as `python3 tests/it/python/mqtt5_paho.py PORT` against a gateway started here. A missing
 //! python3 or paho-mqtt fails the test with a message saying how to install it (scripts/test.sh
 //! does); nothing is skipped.
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 use tokio::process::Command;
 
 const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n";
@@ -15,7 +13,7 @@ const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"12
 #[tokio::test]
 async fn paho_mqtt5_client_sees_identifiers_properties_and_a_delayed_will() {
     let app = gateway(NO_RULES).await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/mqtt5_paho.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/python/mqtt5_paho.py");
     let python = std::env::var("MQGATE_PYTHON").unwrap_or_else(|_| "python3".into());
     let child = Command::new(&python)
         .arg(script)

@@ -21,16 +21,13 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/proxy.rs"]
-mod proxy;
-
+use crate::support::proxy::Proxy;
 use mqgate::config::AmqpBrokerConfig;
 use mqgate::message::Message;
 use mqgate::metrics::{Metrics, ReasonLabels, TargetMetrics};
 use mqgate::mqtt::codec::{Properties, QoS};
 use mqgate::sinks::amqp::{AmqpBroker, PublishRequest};
 use mqgate::sinks::{Failure, Outcome};
-use proxy::Proxy;
 
 const RABBIT_ADDR: &str = "127.0.0.1:5672";
 const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

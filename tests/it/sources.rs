@@ -3,13 +3,10 @@
 //! no-subscriber policies, QoS and properties from AMQP, request/response both ways, and a
 //! source surviving a lost connection.
 
-#[path = "support/proxy.rs"]
-mod proxy;
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ExchangeDeclareOptions,
@@ -22,7 +19,6 @@ use mqgate::config::Config;
 use mqgate::mqtt::codec::{
     Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode,
 };
-use support::*;
 
 /// A gateway config with the local RabbitMQ as `rabbit` (at `url`), `rules` (YAML list
 /// items, unindented, may be empty) and `sources` (likewise).
@@ -551,7 +547,7 @@ async fn rpc_from_an_amqp_client_to_an_mqtt_device_and_back() {
 #[tokio::test]
 async fn a_source_survives_a_lost_connection_and_unacked_messages_come_again() {
     let (_conn, ch, x, queue) = setup().await;
-    let proxy = proxy::Proxy::start().await;
+    let proxy = crate::support::proxy::Proxy::start().await;
     let url = format!("amqp://guest:guest@{}/%2f", proxy.addr);
     let app = start(&config(&url, "", &source(&queue, &x, ""))).await;
     let mut c = subscriber(&app, "rc", "rc/#", QoS::AtLeastOnce).await;

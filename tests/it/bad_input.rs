@@ -1,11 +1,9 @@
 //! Bad input gets the protocol's answer, and nothing else breaks.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
-use support::*;
 
 const CONFIG: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\n  connect_timeout: 1s\n  max_packet_size: 4096\nadmin:\n  listen: \"127.0.0.1:0\"\n";
 

@@ -1,14 +1,12 @@
 //! MQTT in, RabbitMQ out: QoS 0/1 forwarding, headers, and honest acknowledgements, against
 //! the real RabbitMQ on 127.0.0.1:5672.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
-use support::*;
 
 #[tokio::test]
 async fn qos0_and_qos1_reach_rabbitmq_with_delivery_mode_and_headers() {

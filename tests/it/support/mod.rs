@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: a gateway on port 0, a real RabbitMQ connection,
 //! and a raw MQTT client built on mqgate's own codec (so tests see every byte's meaning,
 //! including reason codes that high-level clients hide).
-#![allow(dead_code)] // each test binary uses a different subset
+#![allow(dead_code)] // not every helper is used by every test module
+
+pub mod proxy;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -3,12 +3,10 @@
 //! `poll_event`): shutdown comes through its registry link, keepalive from a boxed timer made
 //! only when the client asked for a keepalive.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, ReasonCode};
-use support::*;
 
 const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n";
 

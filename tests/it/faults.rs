@@ -4,10 +4,6 @@
 //! message is acknowledged before its sink took it, memory stays bounded while a sink cannot
 //! take anything, and everything acknowledged arrives.
 
-#[path = "support/proxy.rs"]
-mod proxy;
-mod support;
-
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -15,13 +11,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::support::proxy::Proxy;
+use crate::support::*;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Router;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
-use proxy::Proxy;
-use support::*;
 use tokio::io::AsyncWriteExt;
 
 /// Messages a device got a successful PUBACK for, with when.
@@ -429,7 +425,7 @@ async fn sigterm_mid_stream_exits_0_and_every_acknowledged_message_is_at_rabbitm
     let dir = tempfile::tempdir().expect("tempdir");
     let conn = rabbit().await;
     let (ch, exchange, queue) = exchange_with_queue(&conn, "#").await;
-    let mut gw = Binary::start(dir.path(), support::AMQP_URL, &exchange, "5s").await;
+    let mut gw = Binary::start(dir.path(), crate::support::AMQP_URL, &exchange, "5s").await;
     let stop = Arc::new(AtomicBool::new(false));
     let (task, acked) = spawn_device(gw.mqtt, "term", 64, &stop);
     tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -2,16 +2,14 @@
 //! identifiers, Will Delay Interval and the ends that publish a will, Request Response
 //! Information and Request Problem Information.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use bytes::Bytes;
 use mqgate::mqtt::codec::{
     ConnAck, Disconnect, LastWill, Packet, Properties, ProtocolVersion, PubResponse, QoS,
     ReasonCode, Subscribe, SubscribeFilter, SubscriptionOptions,
 };
-use support::*;
 
 const V311: ProtocolVersion = ProtocolVersion::V311;
 const V5: ProtocolVersion = ProtocolVersion::V5;

@@ -52,25 +52,15 @@
 //! `--repeat` runs) against the targets: ≥ 0.9× direct throughput,
 //! and under +1 ms p99 at a fixed rate.
 
-#[path = "mqgate_bench/amqp.rs"]
 mod amqp;
-#[path = "mqgate_bench/downlink.rs"]
 mod downlink;
-#[path = "mqgate_bench/gateway.rs"]
 mod gateway;
-#[path = "mqgate_bench/http.rs"]
 mod http;
-#[path = "mqgate_bench/idle.rs"]
 mod idle;
-#[path = "mqgate_bench/load.rs"]
 mod load;
-#[path = "mqgate_bench/mosquitto.rs"]
 mod mosquitto;
-#[path = "mqgate_bench/mqtt.rs"]
 mod mqtt;
-#[path = "mqgate_bench/payload.rs"]
 mod payload;
-#[path = "mqgate_bench/stats.rs"]
 mod stats;
 
 use std::path::PathBuf;
