@@ -5,23 +5,31 @@
 
 mod support;
 
+mod acl_filter;
+mod admin_auth;
 mod amqp_sink;
 mod auth;
 mod bad_input;
+mod bounds;
 mod cli;
 mod deadletters;
+mod disk_full;
 mod faults;
 mod forwarding;
+mod identity;
 mod idle;
 mod mqtt5;
+mod mqtt5_conformance;
 mod mqtt5_props;
 mod paho;
+mod pathological;
 mod persistence;
 mod pubsub;
 mod reconnect;
 mod semantics_uplink;
 mod sessions;
 mod shared;
+mod slow_clients;
 mod sources;
 mod spool;
 mod webhooks;

@@ -1,0 +1,1 @@
+//! MQTT 5 conformance: server-to-client topic aliases, request/response (issue 13, item 10).
