@@ -41,6 +41,12 @@ pub struct App {
     pub mqtt_addr: SocketAddr,
     /// Where the admin server is bound.
     pub admin_addr: SocketAddr,
+    /// Every MQTT listener's label and address, `mqtt.listen` (label `mqtt`) first.
+    pub listener_addrs: Vec<(String, SocketAddr)>,
+    /// What each listener's connections go through (its TLS config: reloaded on SIGHUP).
+    preludes: Vec<Arc<crate::listeners::Prelude>>,
+    /// The metrics (the listeners' families count certificate reload errors).
+    metrics: Arc<crate::metrics::Metrics>,
     /// Cancel to shut down (then call [`App::stop`] to wait for the end).
     pub shutdown: CancellationToken,
     /// The dead letters, when a store is configured.
@@ -87,9 +93,14 @@ impl App {
         };
         // The sinks outlive the sessions at shutdown: in-flight messages still get outcomes.
         let sinks_shutdown = CancellationToken::new();
-        let mqtt_listener = bind(config.mqtt_addr(), "mqtt.listen").await?;
+        let mqtt_listeners = crate::listeners::bind(&config).await?;
         let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
-        let mqtt_addr = mqtt_listener.local_addr()?;
+        let mut listener_addrs = Vec::with_capacity(mqtt_listeners.len());
+        for l in &mqtt_listeners {
+            listener_addrs.push((l.prelude.label.to_string(), l.tcp.local_addr()?));
+        }
+        let preludes: Vec<_> = mqtt_listeners.iter().map(|l| Arc::clone(&l.prelude)).collect();
+        let mqtt_addr = listener_addrs[0].1;
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
@@ -182,9 +193,9 @@ impl App {
         );
         let max_connections = config.mqtt.max_connections;
         let mut listener = JoinSet::new();
-        listener.spawn(listener::run(mqtt_listener, shared, max_connections));
+        listener.spawn(listener::run(mqtt_listeners, shared, max_connections));
         let state = AdminState {
-            metrics,
+            metrics: Arc::clone(&metrics),
             brokers: brokers.into_values().collect(),
             rules,
             dead_letters: dead_letters.clone(),
@@ -200,6 +211,9 @@ impl App {
         info!(%mqtt_addr, %admin_addr, "mqgate started");
         Ok(App {
             mqtt_addr,
+            listener_addrs,
+            preludes,
+            metrics,
             persist,
             admin_addr,
             shutdown,
@@ -210,6 +224,18 @@ impl App {
             store,
             shutdown_timeout: config.shutdown_timeout.0,
         })
+    }
+
+    /// Reads every TLS listener's certificate, key and client CA files again (SIGHUP): new
+    /// handshakes use them, established connections keep theirs; a bad file keeps the old
+    /// certificate (logged, `mqgate_tls_reload_errors_total`).
+    pub fn reload_certificates(&self) {
+        crate::listeners::reload_certificates(&self.preludes, &self.metrics.listeners);
+    }
+
+    /// The address of the listener labelled `label` (`mqtt` for `mqtt.listen`).
+    pub fn listener_addr(&self, label: &str) -> Option<SocketAddr> {
+        self.listener_addrs.iter().find(|(l, _)| l == label).map(|(_, a)| *a)
     }
 
     /// Shuts down and waits for every task: sessions finish their in-flight messages (within
@@ -256,10 +282,22 @@ impl App {
     }
 }
 
-/// Runs the gateway until `signal` completes, then shuts down gracefully.
+/// Runs the gateway until `signal` completes, then shuts down gracefully. SIGHUP reloads the
+/// TLS listeners' certificates.
 pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<()> {
     let app = App::start(config).await?;
-    signal.await;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            Some(()) = hangup.recv() => {
+                info!("SIGHUP: reloading TLS certificates");
+                app.reload_certificates();
+            }
+        }
+    }
     info!("shutting down");
     app.stop().await;
     Ok(())

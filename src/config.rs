@@ -77,6 +77,12 @@ pub struct StoreConfig {
 pub struct MqttConfig {
     /// Address the MQTT listener binds, e.g. "0.0.0.0:1883".
     pub listen: Spanned<String>,
+    /// `mqtt.listen` connections start with a PROXY protocol (v1/v2) header.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// More listeners: TLS, WebSocket, WebSocket over TLS, plain TCP (`listeners/config.rs`).
+    #[serde(default)]
+    pub listeners: Vec<crate::listeners::ListenerConfig>,
     /// Connections beyond this are refused (closed right after accept).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
@@ -530,7 +536,7 @@ impl Config {
 
     /// Parses and validates `text`, attributing errors to `file`.
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        let config: Config = serde_saphyr::from_str(text).map_err(|e| {
+        let mut config: Config = serde_saphyr::from_str(text).map_err(|e| {
             let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
             ConfigErrors(vec![ConfigError {
                 file: file.to_owned(),
@@ -539,6 +545,7 @@ impl Config {
                 message: first_line(&e.to_string()),
             }])
         })?;
+        crate::listeners::config::resolve_paths(&mut config.mqtt.listeners, file);
         let errors = config.validate(file);
         if errors.is_empty() {
             Ok(config)
@@ -560,6 +567,7 @@ impl Config {
         if let Err(e) = self.mqtt.listen.value.parse::<SocketAddr>() {
             err(&self.mqtt.listen.referenced, format!("mqtt.listen: not an address:port ({e})"));
         }
+        crate::listeners::config::validate(&self.mqtt.listeners, &mut err);
         if let Err(e) = self.admin.listen.value.parse::<SocketAddr>() {
             err(&self.admin.listen.referenced, format!("admin.listen: not an address:port ({e})"));
         }

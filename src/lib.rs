@@ -6,6 +6,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod deadletters;
+pub mod listeners;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

@@ -178,6 +178,8 @@ pub struct Metrics {
     pub source_connected: Family<SourceNameLabels, Gauge>,
     /// The spool families (per target of `ack: spool` rules).
     pub spool: crate::spool::metrics::SpoolFamilies,
+    /// The listeners' families (per listener: accepted connections, refused handshakes).
+    pub listeners: crate::listeners::ListenerFamilies,
     /// Dead letters kept in the store now.
     pub dead_letters: Gauge,
     /// Per rule and target: messages recorded as dead letters.
@@ -256,6 +258,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("mqgate");
         let http = HttpFamilies::register(&mut registry);
         let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
+        let listeners = crate::listeners::ListenerFamilies::register(&mut registry);
         let m = Metrics {
             connections: Gauge::default(),
             connections_total: Counter::default(),
@@ -281,6 +284,7 @@ impl Metrics {
             source_messages: Family::default(),
             source_connected: Family::default(),
             spool,
+            listeners,
             dead_letters: Gauge::default(),
             dead_lettered: Family::default(),
             store: Arc::default(),

@@ -91,6 +91,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.version
     }
 
+    /// The stream (what the listener learnt of the client: a certificate's name).
+    pub fn stream(&self) -> &S {
+        &self.stream
+    }
+
     /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
     /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
     pub async fn fill(&mut self) -> io::Result<bool> {
@@ -183,7 +188,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf = BytesMut::new();
         }
-        Ok(())
+        // TLS and WebSocket streams buffer what they were given (a plain socket: no-op).
+        self.stream.flush().await
     }
 
     /// Writes as much of the queue as the socket takes now, without waiting: `Ok(true)` when
@@ -202,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     } else {
                         self.wbuf.clear();
                     }
-                    return Ok(true);
+                    return self.flush_stream(cx);
                 }
                 Poll::Ready(Ok(n)) => self.wbuf.advance(n),
                 Poll::Ready(Err(e)) => return Err(e),
@@ -211,7 +217,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         // Written in parts: the advanced buffer no longer shows its allocation's size.
         self.wbuf = BytesMut::new();
-        Ok(true)
+        self.flush_stream(cx)
+    }
+
+    /// Pushes out what a TLS or WebSocket stream buffered (a plain socket buffers nothing):
+    /// `Ok(false)` when it could not all go now, as for a full socket.
+    fn flush_stream(&mut self, cx: &mut Context<'_>) -> io::Result<bool> {
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => Ok(true),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Pending => Ok(false),
+        }
     }
 
     /// Flushes, then shuts the write side down (best effort, at most a second: the client

@@ -1,32 +1,61 @@
-//! The MQTT accept loop: caps connections, spawns one session task per client, and waits for
-//! them to finish on shutdown. A connection's errors end in its own task, never here.
+//! The MQTT accept loops: one per listener (`listeners::bind`), all under one connection cap,
+//! spawning one session task per client, and waiting for them to finish on shutdown. A
+//! connection's errors end in its own task, never here.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
-use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
 use super::session::{self, SessionShared};
+use crate::listeners::{self, Listener};
 
 /// How long, beyond `shutdown_timeout` (the sessions' own deadline for their in-flight
 /// messages), shutdown waits for sessions to close before giving up on them.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
-/// Accepts connections on `listener` until `shared.shutdown` is cancelled, then waits (bounded)
-/// for every session to end: each finishes the QoS 1/2 PUBLISHes it has read (outcome and
-/// acknowledgement) within `shutdown_timeout`, then closes.
-pub async fn run(listener: TcpListener, shared: Arc<SessionShared>, max_connections: usize) {
+/// Accepts connections on every listener until `shared.shutdown` is cancelled, then waits
+/// (bounded) for every session to end: each finishes the QoS 1/2 PUBLISHes it has read
+/// (outcome and acknowledgement) within `shutdown_timeout`, then closes. `max_connections`
+/// counts the connections of all listeners together.
+pub async fn run(listeners: Vec<Listener>, shared: Arc<SessionShared>, max_connections: usize) {
     let permits = Arc::new(Semaphore::new(max_connections));
     let tasks = TaskTracker::new();
+    let loops = listeners.into_iter().map(|l| accept_loop(l, &shared, &permits, &tasks));
+    futures::future::join_all(loops).await;
+    // Sessions wait for shutdown through their registry link, not on the token (an idle
+    // session's future stores no waiter for it). One registering after this sees the token.
+    shared.broker.close_connections();
+    tasks.close();
+    info!(sessions = tasks.len(), "MQTT listeners stopped; waiting for sessions to close");
+    let deadline = shared.limits.shutdown_timeout + CLOSE_GRACE;
+    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
+        warn!(sessions = tasks.len(), "sessions still open after {deadline:?}; leaving them");
+    }
+}
+
+/// One listener's accept loop.
+async fn accept_loop(
+    listener: Listener,
+    shared: &Arc<SessionShared>,
+    permits: &Arc<Semaphore>,
+    tasks: &TaskTracker,
+) {
+    let Listener { tcp: socket, prelude } = listener;
+    let accepted_total = shared
+        .metrics
+        .listeners
+        .accepted
+        .get_or_create(&listeners::ListenerLabels { listener: prelude.label.to_string() })
+        .clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
             () = shared.shutdown.cancelled() => break,
-            a = listener.accept() => a,
+            a = socket.accept() => a,
         };
         let (stream, peer) = match accepted {
             Ok(a) => {
@@ -35,42 +64,43 @@ pub async fn run(listener: TcpListener, shared: Arc<SessionShared>, max_connecti
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait, then go on accepting.
-                error!(error = %e, "accept failed; retrying in {backoff:?}");
+                error!(listener = %prelude.label, error = %e, "accept failed; retrying in {backoff:?}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+        let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
             shared.metrics.connections_refused.inc();
-            warn!(%peer, max_connections, "connection refused: mqtt.max_connections reached");
+            warn!(%peer, listener = %prelude.label, "connection refused: mqtt.max_connections reached");
             drop(stream);
             continue;
         };
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "set_nodelay failed");
         }
-        let shared = Arc::clone(&shared);
+        accepted_total.inc();
+        let shared = Arc::clone(shared);
         shared.metrics.connections.inc();
         shared.metrics.connections_total.inc();
-        // The session's future is made here and moved in: made inside the task, the socket
-        // and address it starts from would keep their own space in the task for its whole
-        // life (every idle connection's memory, see `session::run`).
-        let session = session::run(stream, peer, Arc::clone(&shared));
-        // `map`, not an `async` block awaiting it: a future captured by one is stored twice
-        // in the task (as the block's capture and as what it awaits).
-        tasks.spawn(session.map(move |()| {
-            shared.metrics.connections.dec();
-            drop(permit);
-        }));
-    }
-    // Sessions wait for shutdown through their registry link, not on the token (an idle
-    // session's future stores no waiter for it). One registering after this sees the token.
-    shared.broker.close_connections();
-    tasks.close();
-    info!(sessions = tasks.len(), "MQTT listener stopped; waiting for sessions to close");
-    let deadline = shared.limits.shutdown_timeout + CLOSE_GRACE;
-    if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
-        warn!(sessions = tasks.len(), "sessions still open after {deadline:?}; leaving them");
+        let done = {
+            let shared = Arc::clone(&shared);
+            move |()| {
+                shared.metrics.connections.dec();
+                drop(permit);
+            }
+        };
+        if prelude.is_direct() {
+            // The session's future is made here and moved in: made inside the task, the
+            // socket and address it starts from would keep their own space in the task for
+            // its whole life (every idle connection's memory, see `session::run`).
+            let session = session::run(stream, peer, shared);
+            // `map`, not an `async` block awaiting it: a future captured by one is stored
+            // twice in the task (as the block's capture and as what it awaits).
+            tasks.spawn(session.map(done));
+        } else {
+            let serve = listeners::serve(stream, peer, shared, Arc::clone(&prelude));
+            tasks.spawn(serve.map(done));
+        }
     }
 }

@@ -32,5 +32,6 @@ mod shared;
 mod slow_clients;
 mod sources;
 mod spool;
+mod tls_listeners;
 mod webhooks;
 mod webhooks_tls;

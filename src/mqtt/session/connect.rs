@@ -52,7 +52,7 @@ pub(super) async fn handshake<S>(
     shared: &SessionShared,
 ) -> std::io::Result<Option<Connected>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: crate::listeners::Transport,
 {
     let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
     let connect = loop {
@@ -86,9 +86,12 @@ where
     let version = connect.protocol;
     let client_max_packet = connect.properties.maximum_packet_size;
     conn.set_version(version, client_max_packet);
-    let accepted = match accept(&connect, shared) {
-        Ok(accepted) => authenticate(&connect, shared, deadline).await.map(|()| accepted),
-        Err(refused) => Err(refused),
+    // A verified client certificate's name (`tls.identity`) is the user name: no password.
+    let cert_user: Option<Arc<str>> = conn.stream().certificate_user().map(Arc::from);
+    let accepted = match (accept(&connect, shared), &cert_user) {
+        (Ok(accepted), Some(user)) => certificate_login(&connect, user, shared).map(|()| accepted),
+        (Ok(accepted), None) => authenticate(&connect, shared, deadline).await.map(|()| accepted),
+        (Err(refused), _) => Err(refused),
     };
     let accepted = match accepted {
         Ok(accepted) => accepted,
@@ -173,7 +176,7 @@ where
         shared.broker.unregister(&accepted.client_id, registration.conn_id);
         return Ok(None);
     }
-    let username = connect.username.as_deref();
+    let username = cert_user.as_deref().or(connect.username.as_deref());
     let acl = shared.auth.acl.for_client(username, &accepted.client_id);
     let keepalive = (accepted.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
@@ -250,6 +253,27 @@ fn accept(c: &Connect, shared: &SessionShared) -> Result<Accepted, (ReasonCode, 
         c.keep_alive
     };
     Ok(Accepted { client_id, assigned, keep_alive })
+}
+
+/// A client authenticated by its certificate: a CONNECT may repeat the certificate's name as
+/// its user name, or carry none; another name is refused (0x86 / 3.1.1 return code 4), so a
+/// device cannot act under a name its certificate does not prove. A password is not checked.
+fn certificate_login(
+    c: &Connect,
+    user: &str,
+    shared: &SessionShared,
+) -> Result<(), (ReasonCode, &'static str)> {
+    match c.username.as_deref() {
+        Some(given) if given != user => {
+            let reason = ReasonLabels { reason: "certificate_user_mismatch".into() };
+            shared.metrics.auth_refused.get_or_create(&reason).inc();
+            Err((
+                ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+                "the user name is not the client certificate's name",
+            ))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks the credentials (on the blocking pool, bounded; see `auth`). The wait for a

@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use crate::listeners::Transport;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
@@ -258,7 +259,7 @@ pub fn run<S>(
     shared: Arc<SessionShared>,
 ) -> impl Future<Output = ()> + Send
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Transport,
 {
     let handshake = Box::pin(connect(stream, peer, shared));
     async move {
@@ -274,7 +275,7 @@ where
 /// Runs the handshake; the session, or `None` when the connection closed.
 async fn connect<S>(stream: S, peer: SocketAddr, shared: Arc<SessionShared>) -> Option<Session<S>>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: Transport,
 {
     let mut conn = Connection::new(stream, shared.limits.max_packet_size as usize);
     match connect::handshake(&mut conn, &shared).await {

@@ -3,6 +3,7 @@
 //! including reason codes that high-level clients hide).
 #![allow(dead_code)] // not every helper is used by every test module
 
+pub mod certs;
 pub mod proxy;
 
 use std::path::Path;
@@ -222,9 +223,13 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result
     Ok((status, body))
 }
 
+/// What a raw client talks over: TCP, TLS or a WebSocket.
+pub trait RawIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> RawIo for T {}
+
 /// A raw MQTT client on mqgate's codec.
 pub struct RawClient {
-    pub stream: TcpStream,
+    pub stream: Box<dyn RawIo>,
     pub version: ProtocolVersion,
     buf: BytesMut,
 }
@@ -233,7 +238,12 @@ impl RawClient {
     /// Opens a TCP connection without sending anything.
     pub async fn tcp(addr: std::net::SocketAddr, version: ProtocolVersion) -> RawClient {
         let stream = TcpStream::connect(addr).await.expect("connect to gateway");
-        RawClient { stream, version, buf: BytesMut::new() }
+        RawClient::over(stream, version)
+    }
+
+    /// A client over an already open stream (TLS, WebSocket), nothing sent yet.
+    pub fn over(stream: impl RawIo + 'static, version: ProtocolVersion) -> RawClient {
+        RawClient { stream: Box::new(stream), version, buf: BytesMut::new() }
     }
 
     /// Connects and expects a successful CONNACK.
@@ -254,11 +264,13 @@ impl RawClient {
     pub async fn send(&mut self, p: &Packet) {
         let mut out = BytesMut::new();
         codec::encode(p, self.version, &mut out).expect("encode");
-        self.stream.write_all(&out).await.expect("write");
+        self.send_raw(&out).await;
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
+        // TLS and WebSocket streams buffer (a TCP stream: no-op).
+        self.stream.flush().await.expect("flush");
     }
 
     /// The next packet within 10 s; `None` if the server closed the connection.
