@@ -79,11 +79,12 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     for b in &state.brokers {
         let up = b.is_connected();
         ready &= up;
-        body.push_str(&format!(
-            "amqp {}: {}\n",
-            b.name(),
-            if up { "connected" } else { "disconnected" }
-        ));
+        let state = match (up, b.last_error()) {
+            (true, _) => "connected".to_owned(),
+            (false, Some(e)) => format!("disconnected ({e})"),
+            (false, None) => "disconnected".to_owned(),
+        };
+        body.push_str(&format!("amqp {}: {state}\n", b.name()));
     }
     if let Some(dl) = &state.dead_letters {
         body.push_str(&format!("dead letters: {}\n", dl.count()));

@@ -187,6 +187,23 @@ pub struct AmqpBrokerConfig {
     /// Default topic ↔ routing key mapping of this broker's targets (`plugin` or `lossless`).
     #[serde(default)]
     pub topic_mapping: TopicMapping,
+    /// With `amqps://`: CAs, client certificate, server name (default: system roots, the
+    /// URL's host, no client certificate).
+    #[serde(default)]
+    pub tls: Option<crate::sinks::amqp::tls::AmqpTlsConfig>,
+    /// `plain` (the URL's user and password) or `external` (the TLS client certificate).
+    #[serde(default)]
+    pub auth_mechanism: Option<Spanned<crate::sinks::amqp::tls::AuthMechanism>>,
+}
+
+impl AmqpBrokerConfig {
+    /// How the connection is secured and authenticated.
+    pub(crate) fn security(&self) -> crate::sinks::amqp::transport::Security {
+        crate::sinks::amqp::transport::Security {
+            tls: self.tls.clone(),
+            mechanism: self.auth_mechanism.as_ref().map(|m| m.value).unwrap_or_default(),
+        }
+    }
 }
 
 /// One entry of `rules:`.
@@ -546,6 +563,9 @@ impl Config {
             }])
         })?;
         crate::listeners::config::resolve_paths(&mut config.mqtt.listeners, file);
+        for tls in config.amqp.values_mut().filter_map(|b| b.tls.as_mut()) {
+            tls.resolve_paths(file);
+        }
         let errors = config.validate(file);
         if errors.is_empty() {
             Ok(config)
@@ -582,14 +602,19 @@ impl Config {
         }
         for (name, broker) in &self.amqp {
             let url = &broker.url.value;
-            if url.starts_with("amqps://") {
+            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
                 err(
                     &broker.url.referenced,
-                    format!("amqp.{name}.url: amqps:// (TLS) is not supported yet; use amqp://"),
+                    format!("amqp.{name}.url must start with amqp:// or amqps://"),
                 );
-            } else if !url.starts_with("amqp://") {
-                err(&broker.url.referenced, format!("amqp.{name}.url must start with amqp://"));
             }
+            crate::sinks::amqp::tls::validate(
+                &format!("amqp.{name}"),
+                &broker.url,
+                broker.tls.as_ref(),
+                broker.auth_mechanism.as_ref(),
+                &mut err,
+            );
             if broker.channels == 0 || broker.max_unconfirmed == 0 || broker.queue == 0 {
                 err(
                     &broker.url.referenced,
@@ -790,12 +815,28 @@ mod tests {
     }
 
     #[test]
-    fn amqps_is_refused_with_a_clear_error() {
-        let text =
-            "mqtt:\n  listen: \"0.0.0.0:1883\"\namqp:\n  r:\n    url: \"amqps://u:p@h/%2f\"\n";
-        let e = Config::parse(Path::new("c.yaml"), text).unwrap_err();
-        assert!(e.to_string().contains("amqps:// (TLS) is not supported"), "{e}");
+    fn amqps_settings_are_checked_with_positions() {
+        let head = "mqtt:\n  listen: \"0.0.0.0:1883\"\namqp:\n  r:\n";
+        let ok = format!("{head}    url: \"amqps://u:p@h/%2f\"\n");
+        Config::parse(Path::new("c.yaml"), &ok).expect("amqps:// with the system roots");
+        let plain_with_tls =
+            format!("{head}    url: \"amqp://u:p@h/%2f\"\n    tls:\n      server_name: h\n");
+        let e = Config::parse(Path::new("c.yaml"), &plain_with_tls).unwrap_err();
+        assert!(
+            e.to_string().starts_with("c.yaml:5:") && e.to_string().contains("amqps://"),
+            "{e}"
+        );
         assert!(!e.to_string().contains("u:p@"), "the error quotes the password: {e}");
+        let missing =
+            format!("{head}    url: \"amqps://h/\"\n    tls:\n      ca: /nonexistent/ca.pem\n");
+        let e = Config::parse(Path::new("c.yaml"), &missing).unwrap_err();
+        assert!(e.to_string().starts_with("c.yaml:7:") && e.to_string().contains("ca.pem"), "{e}");
+        let external = format!("{head}    url: \"amqps://h/\"\n    auth_mechanism: external\n");
+        let e = Config::parse(Path::new("c.yaml"), &external).unwrap_err();
+        assert!(
+            e.to_string().starts_with("c.yaml:6:") && e.to_string().contains("tls.cert"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Settings {
     pub name: Arc<str>,
     /// The broker's URL (with credentials: never logged).
     url: String,
+    /// TLS and the SASL mechanism of the broker.
+    security: transport::Security,
     /// The queue.
     queue: String,
     /// Declare it (flags, arguments), or only check it exists.
@@ -120,6 +122,7 @@ impl Settings {
             on_failure: cfg.on_failure,
             requeue_delay: cfg.requeue_delay.0,
             connect_timeout: broker.connect_timeout.0,
+            security: broker.security(),
             reconnect_min,
             reconnect_max: broker.reconnect_max.0.max(reconnect_min),
         }
@@ -185,7 +188,7 @@ pub async fn run(
 /// Connects, declares or checks the queue, binds it, sets the prefetch and starts consuming.
 /// Returns the transport and the consuming channel.
 async fn setup(uri: &Uri, s: &Settings) -> Result<(Transport, u16), String> {
-    let link = transport::connect(uri, &format!("source/{}", s.name), 1)
+    let link = transport::connect(uri, &s.security, &format!("source/{}", s.name), 1)
         .await
         .map_err(|e| e.to_string())?;
     let mut t = link.transport;
@@ -320,7 +323,7 @@ impl<'a> Consumer<'a> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let want_write = !self.t.wbuf.is_empty();
+            let want_write = self.t.has_pending_writes();
             let res = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {

@@ -606,3 +606,84 @@ async fn sighup_reloads_the_certificate_and_keeps_established_connections() {
     assert!(metric_value(&m, "mqgate_tls_reload_errors_total") >= 1.0, "{m}");
     drop(child);
 }
+
+/// A TLS-terminating proxy in front of the machine's RabbitMQ (127.0.0.1:5672), with a server
+/// certificate from `server`: what a hosted RabbitMQ on 5671 looks like to mqgate.
+async fn amqps_proxy(server: &Pair) -> SocketAddr {
+    let chain: Vec<_> =
+        CertificateDer::pem_file_iter(&server.cert).unwrap().map(|c| c.unwrap()).collect();
+    let key = PrivateKeyDer::from_pem_file(&server.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                let Ok(mut rabbit) = TcpStream::connect("127.0.0.1:5672").await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut rabbit).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn amqps_forwards_qos1_through_tls_and_refuses_an_untrusted_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "rabbit");
+    let other = Ca::new(dir.path(), "other");
+    let proxy = amqps_proxy(&ca.server("rabbit-server")).await;
+    let conn = rabbit().await;
+    let (ch, exchange, queue) = exchange_with_queue(&conn, "tls.#").await;
+    let rules = format!(
+        "  - name: r1\n    from: \"tls/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: \"{exchange}\"\n"
+    );
+    let with_ca = |ca: &Path| {
+        config_rules("", &rules).replace(
+            &format!("    url: \"{AMQP_URL}\"\n"),
+            &format!(
+                "    url: \"amqps://guest:guest@localhost:{}/%2f\"\n    tls:\n      ca: \"{}\"\n",
+                proxy.port(),
+                ca.display()
+            ),
+        )
+    };
+    let app = gateway(&with_ca(&ca.pem)).await;
+    wait_ready(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, V5, &unique("amqps")).await;
+    c.publish("tls/a", QoS::AtLeastOnce, 1, b"through TLS").await;
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => assert!(a.code.is_success(), "{a:?}"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    let d = get(&ch, &queue, Duration::from_secs(5)).await.expect("the message reached RabbitMQ");
+    assert_eq!(d.data, b"through TLS");
+    app.stop().await;
+
+    // A broker whose certificate the configured CA did not sign: never connected, and
+    // /readyz says why.
+    let app = gateway(&with_ca(&other.pem)).await;
+    let mut body = String::new();
+    for _ in 0..50 {
+        let (status, b) = http_get(app.admin_addr, "/readyz").await.unwrap();
+        assert_eq!(status, 503, "{b}");
+        body = b;
+        if body.contains("TLS handshake") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        body.contains("amqp rabbit: disconnected (TLS handshake with the broker failed"),
+        "{body}"
+    );
+    app.stop().await;
+}

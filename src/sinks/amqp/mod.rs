@@ -20,6 +20,7 @@ pub(crate) mod queues;
 mod supervisor;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 pub(crate) mod transport;
 pub(crate) mod wire;
 
@@ -105,6 +106,8 @@ pub(crate) struct Shared {
     metrics: BrokerMetrics,
     /// `messages_dropped{reason="amqp_unavailable"}`, resolved once.
     unavailable: Counter,
+    /// Why the last connection attempt failed (for `/readyz`); cleared once connected.
+    last_error: std::sync::Mutex<Option<String>>,
 }
 
 impl AmqpBroker {
@@ -123,6 +126,7 @@ impl AmqpBroker {
             connected: AtomicBool::new(false),
             metrics: metrics.broker(name),
             unavailable: metrics.messages_dropped.get_or_create(&unavailable).clone(),
+            last_error: std::sync::Mutex::new(None),
         });
         shared.metrics.connected.set(0);
         let settings = supervisor::Settings::from_config(cfg);
@@ -191,6 +195,13 @@ impl AmqpBroker {
     }
 }
 
+impl AmqpBroker {
+    /// Why the last connection attempt failed, while disconnected.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.last_error.lock().ok().and_then(|e| e.clone())
+    }
+}
+
 impl fmt::Debug for AmqpBroker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AmqpBroker")
@@ -205,6 +216,16 @@ impl Shared {
     fn set_connected(&self, up: bool) {
         self.connected.store(up, Ordering::Release);
         self.metrics.connected.set(i64::from(up));
+        if up {
+            self.set_last_error(None);
+        }
+    }
+
+    /// Records why connecting failed (no credentials in it: errors never quote the URL).
+    fn set_last_error(&self, error: Option<String>) {
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = error;
+        }
     }
 
     /// The failure of a request that finds the broker disconnected.

@@ -181,7 +181,7 @@ pub(crate) async fn run(
 
     loop {
         let take = p.can_take();
-        let want_write = !p.t.wbuf.is_empty();
+        let want_write = p.t.has_pending_writes();
         let res = tokio::select! {
             biased;
             () = shutdown.cancelled() => return p.finish(rx, "is shutting down").await,
@@ -687,7 +687,7 @@ impl Publisher<'_> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !done(self) {
-            let want_write = !self.t.wbuf.is_empty();
+            let want_write = self.t.has_pending_writes();
             let res = tokio::select! {
                 biased;
                 r = self.t.stream.readable() => match r {

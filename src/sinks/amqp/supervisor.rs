@@ -23,6 +23,8 @@ use crate::config::AmqpBrokerConfig;
 pub(crate) struct Settings {
     /// The AMQP URI (with credentials: never logged).
     url: String,
+    /// TLS and the SASL mechanism.
+    security: transport::Security,
     /// Confirm-mode channels to open.
     channels: usize,
     /// Bound on publishes in flight on the connection.
@@ -42,6 +44,7 @@ impl Settings {
         let reconnect_min = cfg.reconnect_min.0.max(Duration::from_millis(1));
         Settings {
             url: cfg.url.value.clone(),
+            security: cfg.security(),
             channels: cfg.channels.max(1),
             max_unconfirmed: cfg.max_unconfirmed.max(1),
             connect_timeout: cfg.connect_timeout.0,
@@ -96,9 +99,15 @@ impl Supervisor {
         let endpoint = format!("{}:{} (vhost {:?})", uri.host, uri.port, uri.vhost);
         let mut delay = self.settings.reconnect_min;
         let mut failures = 0u32;
+        let security = self.settings.security.clone();
         loop {
-            let attempt =
-                connect(&uri, name, self.settings.channels, self.settings.connect_timeout);
+            let attempt = connect(
+                &uri,
+                &security,
+                name,
+                self.settings.channels,
+                self.settings.connect_timeout,
+            );
             let Some(attempt) = self.while_disconnected(attempt).await else { return };
             match attempt {
                 Ok(link) => {
@@ -110,6 +119,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     failures += 1;
+                    self.shared.set_last_error(Some(e.to_string()));
                     let retry_in = delay;
                     warn!(broker = %name, %endpoint, error = %e, failures, ?retry_in,
                         "could not connect to the AMQP broker");
@@ -169,11 +179,12 @@ impl Supervisor {
 /// all within `timeout`.
 async fn connect(
     uri: &Uri,
+    security: &transport::Security,
     name: &str,
     channels: usize,
     timeout: Duration,
 ) -> Result<Link, ConnectError> {
-    match tokio::time::timeout(timeout, transport::connect(uri, name, channels)).await {
+    match tokio::time::timeout(timeout, transport::connect(uri, security, name, channels)).await {
         Ok(link) => link,
         Err(_) => Err(ConnectError::Timeout(timeout)),
     }

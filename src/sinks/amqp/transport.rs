@@ -12,10 +12,13 @@ use std::io;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
+use std::io::{Read, Write};
+
 use bytes::{Buf, BytesMut};
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::tls::{AmqpTlsConfig, AuthMechanism};
 
 use super::wire::frame::{self, Frame, MIN_FRAME_MAX, PROTOCOL_HEADER};
 use super::wire::methods::{self, Close, Method};
@@ -41,6 +44,9 @@ pub(crate) enum ConnectError {
     /// The broker refused (credentials, vhost) or said something we did not expect.
     #[error("{0}")]
     Protocol(String),
+    /// TLS could not be set up or the handshake failed (untrusted certificate, ...).
+    #[error("{0}")]
+    Tls(String),
 }
 
 impl From<WireError> for ConnectError {
@@ -62,22 +68,22 @@ pub(crate) struct Uri {
     pub(crate) port: u16,
     /// Virtual host, percent-decoded (default "/").
     pub(crate) vhost: String,
+    /// `amqps://`: TLS (default port 5671).
+    pub(crate) tls: bool,
 }
 
 impl fmt::Debug for Uri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "amqp://{}@{}:{}/{:?}", self.user, self.host, self.port, self.vhost)
+        let scheme = if self.tls { "amqps" } else { "amqp" };
+        write!(f, "{scheme}://{}@{}:{}/{:?}", self.user, self.host, self.port, self.vhost)
     }
 }
 
 /// Why a URL was refused (never quotes the URL: it holds the password).
 #[derive(Debug, Error, PartialEq, Eq)]
 pub(crate) enum UriError {
-    /// `amqps://`: TLS is not supported by this transport.
-    #[error("amqps:// (TLS) is not supported; use amqp://")]
-    Tls,
-    /// Not `amqp://`.
-    #[error("the URL must start with amqp://")]
+    /// Neither `amqp://` nor `amqps://`.
+    #[error("the URL must start with amqp:// or amqps://")]
     Scheme,
     /// A port that is not a number in 1..=65535.
     #[error("invalid port")]
@@ -94,10 +100,10 @@ impl FromStr for Uri {
     type Err = UriError;
 
     fn from_str(url: &str) -> Result<Uri, UriError> {
-        let rest = if let Some(rest) = url.strip_prefix("amqp://") {
-            rest
-        } else if url.starts_with("amqps://") {
-            return Err(UriError::Tls);
+        let (rest, tls) = if let Some(rest) = url.strip_prefix("amqp://") {
+            (rest, false)
+        } else if let Some(rest) = url.strip_prefix("amqps://") {
+            (rest, true)
         } else {
             return Err(UriError::Scheme);
         };
@@ -127,6 +133,7 @@ impl FromStr for Uri {
             }
         };
         let port = match port {
+            None | Some("") if tls => 5671,
             None | Some("") => 5672,
             Some(p) => p.parse::<u16>().ok().filter(|&p| p > 0).ok_or(UriError::Port)?,
         };
@@ -135,7 +142,7 @@ impl FromStr for Uri {
             None | Some("") => "/".to_owned(),
             Some(p) => decode(p, "vhost")?,
         };
-        Ok(Uri { user, password, host, port, vhost })
+        Ok(Uri { user, password, host, port, vhost, tls })
     }
 }
 
@@ -160,8 +167,10 @@ fn decode(s: &str, what: &'static str) -> Result<String, UriError> {
 
 /// The socket of one connection and its two buffers.
 pub(crate) struct Transport {
-    /// The TCP stream.
+    /// The TCP stream (ciphertext with `amqps://`).
     pub(crate) stream: TcpStream,
+    /// With `amqps://`: the TLS state, driven sans-I/O by `try_fill` and `try_flush`.
+    tls: Option<Box<rustls::ClientConnection>>,
     /// Bytes read and not yet decoded.
     rbuf: BytesMut,
     /// Frames encoded and not yet written.
@@ -180,10 +189,11 @@ pub(crate) struct Transport {
 
 impl Transport {
     /// Wraps a freshly connected stream (limits as before `connection.tune`).
-    fn new(stream: TcpStream) -> Transport {
+    fn new(stream: TcpStream, tls: Option<Box<rustls::ClientConnection>>) -> Transport {
         let now = Instant::now();
         Transport {
             stream,
+            tls,
             rbuf: BytesMut::with_capacity(READ_CHUNK * 2),
             wbuf: BytesMut::with_capacity(64 * 1024),
             frame_max: OUR_FRAME_MAX,
@@ -194,8 +204,16 @@ impl Transport {
         }
     }
 
+    /// Whether anything waits to be written (frames, or TLS records).
+    pub(crate) fn has_pending_writes(&self) -> bool {
+        !self.wbuf.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())
+    }
+
     /// Writes what the socket takes now without waiting. `Ok(true)` when the buffer is empty.
     pub(crate) fn try_flush(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return self.try_flush_tls();
+        }
         while !self.wbuf.is_empty() {
             match self.stream.try_write(&self.wbuf) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -211,8 +229,62 @@ impl Transport {
         Ok(true)
     }
 
+    /// [`try_flush`](Self::try_flush) through TLS: the frames become records in rustls,
+    /// the records go to the socket as far as it takes them.
+    fn try_flush_tls(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(true) };
+        loop {
+            if !self.wbuf.is_empty() {
+                let n = tls.writer().write(&self.wbuf)?;
+                self.wbuf.advance(n);
+            }
+            if !tls.wants_write() {
+                if self.wbuf.is_empty() {
+                    self.wbuf.clear();
+                    return Ok(true);
+                }
+                continue;
+            }
+            match tls.write_tls(&mut SocketWriter(&self.stream)) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(_) => self.last_write = Instant::now(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// [`try_fill`](Self::try_fill) through TLS: records from the socket, decrypted into the
+    /// read buffer.
+    fn try_fill_tls(&mut self) -> io::Result<bool> {
+        let Some(tls) = self.tls.as_mut() else { return Ok(true) };
+        match tls.read_tls(&mut SocketReader(&self.stream)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        }
+        let state =
+            tls.process_new_packets().map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let n = state.plaintext_bytes_to_read();
+        if n > 0 {
+            let start = self.rbuf.len();
+            self.rbuf.resize(start + n, 0);
+            tls.reader().read_exact(&mut self.rbuf[start..])?;
+        }
+        self.last_read = Instant::now();
+        if tls.wants_write() {
+            // An alert or a key update to answer; the rest goes with the next flush.
+            let _ = tls.write_tls(&mut SocketWriter(&self.stream));
+        }
+        Ok(!(state.peer_has_closed() && n == 0))
+    }
+
     /// Reads what the socket has now without waiting. `Ok(false)`: the peer closed it.
     pub(crate) fn try_fill(&mut self) -> io::Result<bool> {
+        if self.tls.is_some() {
+            return self.try_fill_tls();
+        }
         self.rbuf.reserve(READ_CHUNK);
         match self.stream.try_read_buf(&mut self.rbuf) {
             Ok(0) => Ok(false),
@@ -246,9 +318,9 @@ impl Transport {
 
     /// Writes the whole buffer, waiting as needed (handshake only).
     async fn flush(&mut self) -> io::Result<()> {
-        self.stream.write_all(&self.wbuf).await?;
-        self.wbuf.clear();
-        self.last_write = Instant::now();
+        while !self.try_flush()? {
+            self.stream.writable().await?;
+        }
         Ok(())
     }
 
@@ -258,11 +330,10 @@ impl Transport {
             if let Some(frame) = self.next_frame()? {
                 return Ok(frame);
             }
-            self.rbuf.reserve(READ_CHUNK);
-            if self.stream.read_buf(&mut self.rbuf).await? == 0 {
+            self.stream.readable().await?;
+            if !self.try_fill()? {
                 return Err(ConnectError::Protocol("the broker closed the connection".into()));
             }
-            self.last_read = Instant::now();
         }
     }
 
@@ -321,12 +392,61 @@ pub(crate) struct Link {
     pub(crate) server: String,
 }
 
-/// Connects to `uri` and opens `channels` confirm-mode channels and as many plain ones.
-/// The caller bounds the time it takes.
-pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Link, ConnectError> {
+/// The socket as `std::io::Read` for rustls: a non-blocking read (`WouldBlock` when empty).
+struct SocketReader<'a>(&'a TcpStream);
+
+impl Read for SocketReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
+}
+
+/// The socket as `std::io::Write` for rustls: a non-blocking write.
+struct SocketWriter<'a>(&'a TcpStream);
+
+impl Write for SocketWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// How a connection is secured and authenticated, beside its URL.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Security {
+    /// `amqp.<name>.tls` (used with `amqps://`; the system roots when absent).
+    pub(crate) tls: Option<AmqpTlsConfig>,
+    /// PLAIN (URL credentials) or EXTERNAL (the client certificate).
+    pub(crate) mechanism: AuthMechanism,
+}
+
+/// Connects to `uri` (through TLS for `amqps://`) and opens `channels` confirm-mode channels
+/// and as many plain ones. The caller bounds the time it takes.
+pub(crate) async fn connect(
+    uri: &Uri,
+    security: &Security,
+    name: &str,
+    channels: usize,
+) -> Result<Link, ConnectError> {
     let stream = TcpStream::connect((uri.host.as_str(), uri.port)).await?;
     stream.set_nodelay(true)?;
-    let mut t = Transport::new(stream);
+    let mut t = if uri.tls {
+        let settings = security.tls.clone().unwrap_or_default();
+        let config = settings.client_config().map_err(|e| ConnectError::Tls(e.0))?;
+        let server = settings.server_name(&uri.host).map_err(|e| ConnectError::Tls(e.0))?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let tls = connector
+            .connect(server, stream)
+            .await
+            .map_err(|e| ConnectError::Tls(format!("TLS handshake with the broker failed: {e}")))?;
+        let (stream, conn) = tls.into_inner();
+        Transport::new(stream, Some(Box::new(conn)))
+    } else {
+        Transport::new(stream, None)
+    };
 
     t.wbuf.extend_from_slice(PROTOCOL_HEADER);
     t.flush().await?;
@@ -337,9 +457,13 @@ pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Li
         if (major, minor) != (0, 9) {
             return Err(ConnectError::Protocol(format!("unsupported AMQP {major}-{minor}")));
         }
-        if !mechanisms.split(' ').any(|m| m == "PLAIN") {
+        let wanted = match security.mechanism {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::External => "EXTERNAL",
+        };
+        if !mechanisms.split(' ').any(|m| m == wanted) {
             return Err(ConnectError::Protocol(format!(
-                "the broker does not offer PLAIN authentication (offers {mechanisms})"
+                "the broker does not offer {wanted} authentication (offers {mechanisms})"
             )));
         }
     }
@@ -359,7 +483,12 @@ pub(crate) async fn connect(uri: &Uri, name: &str, channels: usize) -> Result<Li
         ("connection_name", Value::LongString(connection_name.as_bytes())),
         ("capabilities", Value::Table(&capabilities)),
     ];
-    methods::start_ok(&mut t.wbuf, &properties, &uri.user, &uri.password)?;
+    match security.mechanism {
+        AuthMechanism::Plain => {
+            methods::start_ok(&mut t.wbuf, &properties, &uri.user, &uri.password)?
+        }
+        AuthMechanism::External => methods::start_ok_external(&mut t.wbuf, &properties)?,
+    }
     t.flush().await?;
 
     let tune = t.expect(0, "connection.tune", |m| matches!(m, Method::ConnectionTune { .. }));
@@ -425,9 +554,12 @@ mod tests {
                 password: "gu@st".into(),
                 host: "127.0.0.1".into(),
                 port: 5672,
-                vhost: "/".into()
+                vhost: "/".into(),
+                tls: false,
             }
         );
+        let u: Uri = "amqps://u:p@rabbit.example/prod".parse().expect("valid");
+        assert_eq!((u.host.as_str(), u.port, u.tls), ("rabbit.example", 5671, true));
         let u: Uri = "amqp://rabbit".parse().expect("valid");
         assert_eq!((u.user.as_str(), u.port, u.vhost.as_str()), ("guest", 5672, "/"));
         let u: Uri = "amqp://u:p@[::1]:5673/prod?heartbeat=10".parse().expect("valid");
@@ -435,11 +567,11 @@ mod tests {
     }
 
     #[test]
-    fn refuses_tls_and_bad_urls_without_quoting_them() {
-        assert_eq!("amqps://u:secret@h/".parse::<Uri>(), Err(UriError::Tls));
+    fn refuses_bad_urls_without_quoting_them() {
         assert_eq!("http://h/".parse::<Uri>(), Err(UriError::Scheme));
         assert_eq!("amqp://u:secret@h:99999/".parse::<Uri>(), Err(UriError::Port));
         assert_eq!("amqp://u:secret@h/%zz".parse::<Uri>(), Err(UriError::Escape("vhost")));
         assert!(!format!("{:?}", "amqp://u:secret@h/".parse::<Uri>()).contains("secret"));
+        assert!(!format!("{:?}", "amqps://u:secret@h/".parse::<Uri>()).contains("secret"));
     }
 }

@@ -245,6 +245,21 @@ pub fn start_ok(
     Ok(())
 }
 
+/// Appends `connection.start-ok` with SASL EXTERNAL (the TLS client certificate is the
+/// identity; the response is empty).
+pub fn start_ok_external(
+    out: &mut BytesMut,
+    properties: &[(&str, Value<'_>)],
+) -> Result<(), WireError> {
+    let start = begin(out, 0, CONNECTION, 11);
+    table::put_table(out, properties)?;
+    put_short(out, b"EXTERNAL", "mechanism")?;
+    put_long(out, b"", "credentials")?;
+    put_short(out, b"en_US", "locale")?;
+    frame::end(out, start);
+    Ok(())
+}
+
 /// Appends `connection.tune-ok`.
 pub fn tune_ok(out: &mut BytesMut, channel_max: u16, frame_max: u32, heartbeat: u16) {
     let start = begin(out, 0, CONNECTION, 31);
