@@ -37,6 +37,8 @@ pub struct GatewaySpec<'a> {
     pub ready_timeout: Duration,
     /// `--mode spool`: the store directory, for the `ack: spool` rule (see [`spool_yaml`]).
     pub store: Option<&'a Path>,
+    /// Lines added to the `mqtt:` section (indented two spaces, each ending in a newline).
+    pub extra_mqtt: &'a str,
 }
 
 /// A loopback port that was free a moment ago.
@@ -108,6 +110,9 @@ impl Gateway {
             );
             if let Some(store) = spec.store {
                 yaml.push_str(&spool_yaml(store, spec.exchange));
+            }
+            if !spec.extra_mqtt.is_empty() {
+                yaml = yaml.replacen("admin:\n", &format!("{}admin:\n", spec.extra_mqtt), 1);
             }
             yaml
         })

@@ -53,6 +53,7 @@
 //! and under +1 ms p99 at a fixed rate.
 
 mod amqp;
+mod dial;
 mod downlink;
 mod gateway;
 mod http;
@@ -62,6 +63,7 @@ mod mosquitto;
 mod mqtt;
 mod payload;
 mod stats;
+mod tls;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -165,7 +167,11 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
     repeat: u64,
 
-    /// Idle connections per server in `--mode idle`.
+    /// `--mode tls`: full TLS handshakes per server and key type for the connection rate.
+    #[arg(long, default_value_t = 2_000)]
+    tls_connections: u64,
+
+    /// Idle connections per server in `--mode idle` (and `--mode tls`).
     #[arg(long, default_value_t = 15_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     connections: u64,
 
@@ -228,6 +234,10 @@ enum ModeArg {
     /// (`gateway`), vs an `ack: spool` rule (`spool`: PUBACK once fsynced into the spool, then
     /// forwarded to the same exchange). The figure is the acknowledged rate (`sent`).
     Spool,
+    /// TLS and WebSocket, mqgate vs a spawned Mosquitto with the same certificates: new TLS
+    /// connections/s (ECDSA P-256, RSA 2048), QoS 1 fan-in over tcp/tls/ws/wss, memory per
+    /// idle TLS connection (`--connections`).
+    Tls,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -325,6 +335,11 @@ struct Bench {
     /// The bench's own Mosquitto (fan-in), else `--mosquitto-addr` is used.
     mosquitto: Option<mosquitto::Mosquitto>,
     notes: Vec<String>,
+    /// `--mode tls`: the MQTT address of the next runs (a `tls://`, `ws://`... address of the
+    /// spawned mqgate or Mosquitto) instead of the plain one.
+    addr_override: Option<String>,
+    /// Lines added to the spawned mqgate's `mqtt:` section (`--mode tls`: its listeners).
+    extra_mqtt: String,
 }
 
 #[tokio::main]
@@ -391,6 +406,9 @@ async fn run(args: Args) -> Result<bool> {
     if args.mode.contains(&ModeArg::Http) {
         return run_http(&args).await;
     }
+    if args.mode.contains(&ModeArg::Tls) {
+        return run_tls(args).await;
+    }
     if args.mode.contains(&ModeArg::Downlink) {
         let binary = mqgate_binary(&args)?;
         let spec = downlink::Spec {
@@ -429,6 +447,8 @@ async fn run(args: Args) -> Result<bool> {
         mosquitto: if fanin { Some(mosquitto::Mosquitto::start().await?) } else { None },
         notes: Vec::new(),
         clock: Clock::new(),
+        addr_override: None,
+        extra_mqtt: String::new(),
         args,
     };
     let result = bench.run_all(&modes).await;
@@ -499,6 +519,7 @@ async fn run_idle(args: &Args) -> Result<bool> {
         outbound_queue: 1024,
         ready_timeout: Duration::from_secs(20),
         store: None,
+        extra_mqtt: "",
     })
     .await?;
     let pid = gw.pid().context("mqgate not running")?;
@@ -520,6 +541,144 @@ async fn run_idle(args: &Args) -> Result<bool> {
         }
     }
     Ok(true)
+}
+
+/// `--mode tls`: see `tls.rs`. One invocation: connection rates, fan-in per transport, idle
+/// TLS memory, mqgate beside a Mosquitto with the same certificates.
+async fn run_tls(mut args: Args) -> Result<bool> {
+    let pid = std::process::id();
+    let dir = std::env::temp_dir().join(format!("mqgate-bench-tls-{pid}"));
+    let certs = tls::Certs::make(&dir)?;
+    dial::set_tls_roots(&certs.ca)?;
+    let ports = tls::Ports::pick()?;
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(&conf, tls::mosquitto_conf(&ports, &certs))?;
+    let mosquitto = mosquitto::Mosquitto::start_conf(&conf, ports.mosquitto_tcp).await?;
+    let mosquitto_pid = mosquitto.pid();
+    args.mode = vec![ModeArg::Fanin];
+    args.qos = QosArg::One;
+    let json = args.json;
+    let (messages, publishers, repeat) = (args.messages, args.publishers, args.repeat);
+    let (tls_n, idle_n) = (args.tls_connections as usize, args.connections as usize);
+    let mut bench = Bench {
+        idle: args.idle()?,
+        pid,
+        runs: 0,
+        control: None,
+        exchange: "amq.topic".to_owned(),
+        own_exchange: false,
+        gateway: None,
+        gateway_failed: None,
+        mosquitto: Some(mosquitto),
+        notes: Vec::new(),
+        clock: Clock::new(),
+        addr_override: None,
+        extra_mqtt: tls::mqgate_listeners(&ports, &certs),
+        args,
+    };
+    let plain = bench.gateway_addr().await?;
+    let gw_pid = bench.gateway.as_ref().and_then(Gateway::pid).context("mqgate not running")?;
+    let mosq_tcp = format!("127.0.0.1:{}", ports.mosquitto_tcp);
+    let runs: [(&str, Mode, String); 6] = [
+        ("mqgate tcp", Mode::Mqgate, plain),
+        ("mqgate tls", Mode::Mqgate, format!("tls://127.0.0.1:{}", ports.mqgate_tls_ec)),
+        ("mqgate ws", Mode::Mqgate, format!("ws://127.0.0.1:{}/mqtt", ports.mqgate_ws)),
+        ("mqgate wss", Mode::Mqgate, format!("wss://127.0.0.1:{}/mqtt", ports.mqgate_wss)),
+        ("mosquitto tcp", Mode::Mosquitto, mosq_tcp),
+        ("mosquitto tls", Mode::Mosquitto, format!("tls://127.0.0.1:{}", ports.mosquitto_tls_ec)),
+    ];
+    if !json {
+        println!(
+            "mqgate-bench tls: fan-in QoS 1, {messages} msgs x {} B, {publishers} publishers -> 1 \
+             subscriber, {repeat} runs each (alternating); {tls_n} TLS handshakes per server and \
+             key; {idle_n} idle TLS connections per server",
+            bench.args.payload
+        );
+        println!("{}", RunReport::text_header());
+    }
+    let mut reports: Vec<Vec<RunReport>> = runs.iter().map(|_| Vec::new()).collect();
+    for _ in 0..repeat {
+        for (i, (_, mode, addr)) in runs.iter().enumerate() {
+            bench.addr_override = Some(addr.clone());
+            if bench.args.warmup > 0 && reports[i].is_empty() {
+                let _ = bench.run_one(*mode, 1, bench.args.warmup).await;
+            }
+            let report = match bench.run_one(*mode, 1, messages).await {
+                Ok(r) => r,
+                Err(e) => bench.failed_report(*mode, 1, format!("{e:#}")),
+            };
+            if !json {
+                println!("{:<14} {}", runs[i].0, report.text_line());
+            }
+            reports[i].push(report);
+        }
+    }
+    let medians: Vec<f64> = reports.iter().map(|r| tls::median_rate(r)).collect();
+    let mut rates = Vec::new();
+    for (key, mq, mo) in [
+        ("ecdsa-p256", ports.mqgate_tls_ec, ports.mosquitto_tls_ec),
+        ("rsa-2048", ports.mqgate_tls_rsa, ports.mosquitto_tls_rsa),
+    ] {
+        let m = tls::connection_rate(&format!("tls://127.0.0.1:{mq}"), tls_n, "mq").await?;
+        let o = tls::connection_rate(&format!("tls://127.0.0.1:{mo}"), tls_n, "mo").await?;
+        rates.push((key, m, o));
+    }
+    let tls_mq = format!("tls://127.0.0.1:{}", ports.mqgate_tls_ec);
+    let (mq_idle, _) = tls::idle_memory(&tls_mq, gw_pid, idle_n, "mq").await?;
+    let tls_mo = format!("tls://127.0.0.1:{}", ports.mosquitto_tls_ec);
+    let (mo_idle, _) = tls::idle_memory(&tls_mo, mosquitto_pid, idle_n, "mo").await?;
+    bench.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let ok = reports.iter().flatten().all(|r| r.error.is_none());
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    if json {
+        let fanin: Vec<String> = runs
+            .iter()
+            .zip(&medians)
+            .map(|((name, _, _), m)| {
+                format!("{{\"run\":{},\"median_msgs_per_s\":{m:.0}}}", stats::json_str(name))
+            })
+            .collect();
+        let conn: Vec<String> = rates
+            .iter()
+            .map(|(k, m, o)| {
+                format!("{{\"key\":\"{k}\",\"mqgate_per_s\":{m:.0},\"mosquitto_per_s\":{o:.0}}}")
+            })
+            .collect();
+        println!(
+            "{{\"fanin\":[{}],\"tls_connections\":[{}],\"idle_tls_bytes\":{{\"mqgate\":{mq_idle:.0},\"mosquitto\":{mo_idle:.0}}}}}",
+            fanin.join(","),
+            conn.join(",")
+        );
+    } else {
+        for ((name, _, _), m) in runs.iter().zip(&medians) {
+            println!("fan-in QoS 1 {name:<14} median {m:>9.0} msgs/s");
+        }
+        let (tcp, tls_, ws, wss, mo_tcp, mo_tls) =
+            (medians[0], medians[1], medians[2], medians[3], medians[4], medians[5]);
+        println!(
+            "fan-in: mqgate tls/tcp {:.2}x (>= 0.8), ws/tcp {:.2}x (>= 0.8), wss/tcp {:.2}x; \
+             mqgate tls / mosquitto tls {:.2}x (>= 1); mqgate tcp / mosquitto tcp {:.2}x",
+            ratio(tls_, tcp),
+            ratio(ws, tcp),
+            ratio(wss, tcp),
+            ratio(tls_, mo_tls),
+            ratio(tcp, mo_tcp)
+        );
+        for (key, m, o) in &rates {
+            println!(
+                "new TLS connections/s to CONNACK, {key}: mqgate {m:.0}, mosquitto {o:.0} ({:.2}x, >= 1)",
+                ratio(*m, *o)
+            );
+        }
+        println!(
+            "memory per idle TLS connection ({idle_n} each): mqgate {mq_idle:.0} B, mosquitto {mo_idle:.0} B"
+        );
+        for n in &bench.notes {
+            println!("note: {n}");
+        }
+    }
+    Ok(ok)
 }
 
 /// `--mode http`: the HTTP webhook bench.
@@ -670,6 +829,7 @@ impl Bench {
                 },
                 ready_timeout: Duration::from_secs(20),
                 store: spool_store.as_deref(),
+                extra_mqtt: &self.extra_mqtt,
             })
             .await;
             let gw = match started {
@@ -707,6 +867,10 @@ impl Bench {
         let builder = PayloadBuilder::new(args.payload as usize, tag);
         let tracker = Tracker::new(tag, messages);
         let mqtt_addr = match mode {
+            Mode::Mqgate | Mode::Mosquitto if self.addr_override.is_some() => {
+                self.gateway_addr().await?;
+                self.addr_override.clone()
+            }
             Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled => {
                 Some(self.gateway_addr().await?)
             }

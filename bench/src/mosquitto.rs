@@ -43,6 +43,32 @@ impl Mosquitto {
         }
     }
 
+    /// Starts `mosquitto -c CONF` (the TLS bench's listeners), waiting until `port` accepts.
+    pub async fn start_conf(conf: &std::path::Path, port: u16) -> Result<Mosquitto> {
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawn mosquitto (is the mosquitto package installed?)")?;
+        let mut m = Mosquitto { child, addr: format!("127.0.0.1:{port}") };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = m.child.try_wait().context("poll mosquitto")? {
+                bail!("mosquitto -c {} exited with {status} before it was ready", conf.display());
+            }
+            if TcpStream::connect(&m.addr).await.is_ok() {
+                return Ok(m);
+            }
+            if Instant::now() >= deadline {
+                bail!("mosquitto not accepting on {} after 10 s", m.addr);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The child's process id (for its RSS).
     pub fn pid(&self) -> u32 {
         self.child.id()

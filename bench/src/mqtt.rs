@@ -7,11 +7,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::dial::{self, Rd, Wr};
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{oneshot, watch, Notify, Semaphore};
 use tokio::time::timeout;
 
@@ -113,7 +112,7 @@ fn next_packet(buf: &mut BytesMut) -> Result<Option<(u8, Bytes)>> {
 }
 
 /// Reads more bytes into `buf`; errors on EOF.
-async fn fill(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<()> {
+async fn fill(rd: &mut Rd, buf: &mut BytesMut) -> Result<()> {
     buf.reserve(64 * 1024);
     if rd.read_buf(buf).await.context("read from MQTT server")? == 0 {
         bail!("MQTT server closed the connection");
@@ -122,7 +121,7 @@ async fn fill(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<()> {
 }
 
 /// Reads one whole packet.
-async fn read_packet(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<(u8, Bytes)> {
+async fn read_packet(rd: &mut Rd, buf: &mut BytesMut) -> Result<(u8, Bytes)> {
     loop {
         if let Some(p) = next_packet(buf)? {
             return Ok(p);
@@ -132,14 +131,12 @@ async fn read_packet(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<(u8, 
 }
 
 /// Connects and completes the CONNECT/CONNACK handshake.
-async fn connect(addr: &str, client_id: &str) -> Result<(OwnedReadHalf, OwnedWriteHalf, BytesMut)> {
-    let stream = timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+async fn connect(addr: &str, client_id: &str) -> Result<(Rd, Wr, BytesMut)> {
+    let (mut rd, mut wr) = timeout(CONNECT_TIMEOUT, dial::open(addr))
         .await
-        .map_err(|_| anyhow!("connecting to MQTT {addr} timed out"))?
-        .with_context(|| format!("connect to MQTT {addr}"))?;
-    stream.set_nodelay(true).context("set TCP_NODELAY")?;
-    let (mut rd, mut wr) = stream.into_split();
+        .map_err(|_| anyhow!("connecting to MQTT {addr} timed out"))??;
     wr.write_all(&encode_connect(client_id)).await.context("send CONNECT")?;
+    wr.flush().await.context("send CONNECT")?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let (header, body) = timeout(CONNECT_TIMEOUT, read_packet(&mut rd, &mut buf))
         .await
@@ -191,7 +188,7 @@ struct AckCounts {
 /// Reads PUBACKs, frees their window slots, until `expected` arrived or the
 /// connection ends.
 async fn read_acks(
-    mut rd: OwnedReadHalf,
+    mut rd: Rd,
     mut buf: BytesMut,
     inflight: Arc<InFlight>,
     window: Arc<Semaphore>,
@@ -226,7 +223,7 @@ async fn read_acks(
 /// closed because the PUBACK reader stopped.
 async fn take_credits(
     window: &Semaphore,
-    wr: &mut OwnedWriteHalf,
+    wr: &mut Wr,
     out: &mut Vec<u8>,
     remaining: u64,
     counts: &AckCounts,
@@ -241,6 +238,7 @@ async fn take_credits(
         }
     }
     wr.write_all(out).await.context("send PUBLISH")?;
+    wr.flush().await.context("send PUBLISH")?;
     out.clear();
     let want = (job.window / 16).clamp(1, remaining.max(1));
     match timeout(STALL_TIMEOUT, window.acquire_many(want as u32)).await {
@@ -349,10 +347,12 @@ pub async fn raw_publisher_topics(
         stats.sent += 1;
         if job.rate > 0 || out.len() >= WRITE_CHUNK {
             wr.write_all(&out).await.context("send PUBLISH")?;
+            wr.flush().await.context("send PUBLISH")?;
             out.clear();
         }
     }
     wr.write_all(&out).await.context("send PUBLISH")?;
+    wr.flush().await.context("send PUBLISH")?;
 
     if qos1 {
         // Wait for the last PUBACKs, giving up after a stall.
@@ -372,6 +372,7 @@ pub async fn raw_publisher_topics(
     }
     load::wait_stop(&mut phase).await;
     let _ = wr.write_all(&DISCONNECT).await;
+    let _ = wr.flush().await;
     let _ = wr.shutdown().await;
     reader.abort();
     stats.acked = counts.acked.load(Ordering::Acquire);
@@ -401,6 +402,7 @@ pub async fn raw_subscriber(
     let Subscription { addr, client_id, filter, qos, idle } = sub;
     let (mut rd, mut wr, mut buf) = connect(&addr, &client_id).await?;
     wr.write_all(&encode_subscribe(1, &filter, qos)).await.context("send SUBSCRIBE")?;
+    wr.flush().await.context("send SUBSCRIBE")?;
     let (header, body) = timeout(CONNECT_TIMEOUT, read_packet(&mut rd, &mut buf))
         .await
         .map_err(|_| anyhow!("no SUBACK within {CONNECT_TIMEOUT:?}"))??;
@@ -440,6 +442,7 @@ pub async fn raw_subscriber(
         }
         if !acks.is_empty() {
             wr.write_all(&acks).await.context("send PUBACK")?;
+            wr.flush().await.context("send PUBACK")?;
             acks.clear();
         }
         if tracker.complete() {
@@ -454,6 +457,7 @@ pub async fn raw_subscriber(
         }
     }
     let _ = wr.write_all(&DISCONNECT).await;
+    let _ = wr.flush().await;
     let _ = wr.shutdown().await;
     Ok(tracker.finish())
 }
