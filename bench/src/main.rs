@@ -192,6 +192,10 @@ struct Args {
     #[arg(long, value_delimiter = ',', value_parser = ["direct", "mqgate", "batch"])]
     http_runs: Vec<String>,
 
+    /// `--mode tls`: only these parts; default: all three.
+    #[arg(long, value_delimiter = ',', value_parser = ["fanin", "rate", "idle"])]
+    tls_parts: Vec<String>,
+
     /// Keepalive (seconds) of the idle connections' CONNECT in `--mode idle`; 0 = none.
     /// Devices usually have one (a server then keeps a timer per connection).
     #[arg(long, default_value_t = 0)]
@@ -560,6 +564,8 @@ async fn run_tls(mut args: Args) -> Result<bool> {
     let json = args.json;
     let (messages, publishers, repeat) = (args.messages, args.publishers, args.repeat);
     let (tls_n, idle_n) = (args.tls_connections as usize, args.connections as usize);
+    let part = |p: &str| args.tls_parts.is_empty() || args.tls_parts.iter().any(|x| x == p);
+    let (do_fanin, do_rate, do_idle) = (part("fanin"), part("rate"), part("idle"));
     let mut bench = Bench {
         idle: args.idle()?,
         pid,
@@ -597,7 +603,7 @@ async fn run_tls(mut args: Args) -> Result<bool> {
         println!("{}", RunReport::text_header());
     }
     let mut reports: Vec<Vec<RunReport>> = runs.iter().map(|_| Vec::new()).collect();
-    for _ in 0..repeat {
+    for _ in 0..if do_fanin { repeat } else { 0 } {
         for (i, (_, mode, addr)) in runs.iter().enumerate() {
             bench.addr_override = Some(addr.clone());
             if bench.args.warmup > 0 && reports[i].is_empty() {
@@ -615,18 +621,25 @@ async fn run_tls(mut args: Args) -> Result<bool> {
     }
     let medians: Vec<f64> = reports.iter().map(|r| tls::median_rate(r)).collect();
     let mut rates = Vec::new();
-    for (key, mq, mo) in [
-        ("ecdsa-p256", ports.mqgate_tls_ec, ports.mosquitto_tls_ec),
-        ("rsa-2048", ports.mqgate_tls_rsa, ports.mosquitto_tls_rsa),
-    ] {
+    for (key, mq, mo) in if !do_rate {
+        Vec::new()
+    } else {
+        vec![
+            ("ecdsa-p256", ports.mqgate_tls_ec, ports.mosquitto_tls_ec),
+            ("rsa-2048", ports.mqgate_tls_rsa, ports.mosquitto_tls_rsa),
+        ]
+    } {
         let m = tls::connection_rate(&format!("tls://127.0.0.1:{mq}"), tls_n, "mq").await?;
         let o = tls::connection_rate(&format!("tls://127.0.0.1:{mo}"), tls_n, "mo").await?;
         rates.push((key, m, o));
     }
-    let tls_mq = format!("tls://127.0.0.1:{}", ports.mqgate_tls_ec);
-    let (mq_idle, _) = tls::idle_memory(&tls_mq, gw_pid, idle_n, "mq").await?;
-    let tls_mo = format!("tls://127.0.0.1:{}", ports.mosquitto_tls_ec);
-    let (mo_idle, _) = tls::idle_memory(&tls_mo, mosquitto_pid, idle_n, "mo").await?;
+    let (mut mq_idle, mut mo_idle) = (0.0, 0.0);
+    if do_idle {
+        let tls_mq = format!("tls://127.0.0.1:{}", ports.mqgate_tls_ec);
+        mq_idle = tls::idle_memory(&tls_mq, gw_pid, idle_n, "mq").await?.0;
+        let tls_mo = format!("tls://127.0.0.1:{}", ports.mosquitto_tls_ec);
+        mo_idle = tls::idle_memory(&tls_mo, mosquitto_pid, idle_n, "mo").await?.0;
+    }
     bench.shutdown().await;
     let _ = std::fs::remove_dir_all(&dir);
     let ok = reports.iter().flatten().all(|r| r.error.is_none());

@@ -270,21 +270,28 @@ pub async fn serve(
             }
         }
     }
+    // Each branch's handshake and session are boxed: the task then holds what its own
+    // transport needs, not the largest of all four branches (a plain socket's session
+    // future is ~900 B, one over WebSocket over TLS several KiB).
     use crate::mqtt::session::run;
     match prelude.kind {
-        ListenerKind::Tcp => run(tcp, peer, shared).await,
+        ListenerKind::Tcp => Box::pin(run(tcp, peer, shared)).await,
         ListenerKind::Tls => {
-            let Some(t) = tls_accept(tcp, peer, &prelude, metrics, timeout).await else { return };
-            run(t, peer, shared).await
+            let accept = Box::pin(tls_accept(tcp, peer, &prelude, metrics, timeout));
+            let Some(t) = accept.await else { return };
+            Box::pin(run(t, peer, shared)).await
         }
         ListenerKind::Ws => {
-            let Some(w) = ws_accept(tcp, peer, &prelude, metrics, timeout).await else { return };
-            run(w, peer, shared).await
+            let upgrade = Box::pin(ws_accept(tcp, peer, &prelude, metrics, timeout));
+            let Some(w) = upgrade.await else { return };
+            Box::pin(run(w, peer, shared)).await
         }
         ListenerKind::Wss => {
-            let Some(t) = tls_accept(tcp, peer, &prelude, metrics, timeout).await else { return };
-            let Some(w) = ws_accept(t, peer, &prelude, metrics, timeout).await else { return };
-            run(w, peer, shared).await
+            let accept = Box::pin(tls_accept(tcp, peer, &prelude, metrics, timeout));
+            let Some(t) = accept.await else { return };
+            let upgrade = Box::pin(ws_accept(t, peer, &prelude, metrics, timeout));
+            let Some(w) = upgrade.await else { return };
+            Box::pin(run(w, peer, shared)).await
         }
     }
 }
