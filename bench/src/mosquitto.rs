@@ -20,34 +20,18 @@ impl Mosquitto {
     /// waits until it accepts connections.
     pub async fn start() -> Result<Mosquitto> {
         let port = free_port()?;
-        let child = Command::new("mosquitto")
-            .args(["-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawn mosquitto (is the mosquitto package installed?)")?;
-        let mut m = Mosquitto { child, addr: format!("127.0.0.1:{port}") };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(status) = m.child.try_wait().context("poll mosquitto")? {
-                bail!("mosquitto exited with {status} before it was ready");
-            }
-            if TcpStream::connect(&m.addr).await.is_ok() {
-                return Ok(m);
-            }
-            if Instant::now() >= deadline {
-                bail!("mosquitto not accepting on {} after 10 s", m.addr);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Mosquitto::spawn(&["-p".into(), port.to_string()], port).await
     }
 
     /// Starts `mosquitto -c CONF` (the TLS bench's listeners), waiting until `port` accepts.
     pub async fn start_conf(conf: &std::path::Path, port: u16) -> Result<Mosquitto> {
+        Mosquitto::spawn(&["-c".into(), conf.display().to_string()], port).await
+    }
+
+    /// Spawns `mosquitto ARGS` and waits (10 s at most) until `port` accepts connections.
+    async fn spawn(args: &[String], port: u16) -> Result<Mosquitto> {
         let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(conf)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -57,7 +41,7 @@ impl Mosquitto {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = m.child.try_wait().context("poll mosquitto")? {
-                bail!("mosquitto -c {} exited with {status} before it was ready", conf.display());
+                bail!("mosquitto {args:?} exited with {status} before it was ready");
             }
             if TcpStream::connect(&m.addr).await.is_ok() {
                 return Ok(m);
