@@ -14,7 +14,10 @@ const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"12
 async fn paho_mqtt5_client_sees_identifiers_properties_and_a_delayed_will() {
     let app = gateway(NO_RULES).await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/python/mqtt5_paho.py");
-    let python = std::env::var("MQGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = std::env::var("MQGATE_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into());
     let child = Command::new(&python)
         .arg(script)
         .arg(app.mqtt_addr.port().to_string())

@@ -328,7 +328,10 @@ async fn bad_tls_input_is_refused_counted_and_disturbs_no_one() {
 
 async fn paho_ws(args: &[String]) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/python/ws_paho.py");
-    let python = std::env::var("MQGATE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let python = std::env::var("MQGATE_PYTHON")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "python3".into());
     let out = run_client(Command::new(&python).arg(script).args(args)).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
