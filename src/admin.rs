@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
 use crate::rules::RuleSet;
-use crate::sinks::amqp::AmqpBroker;
 use crate::spool::Spools;
 use crate::store::Store;
+use crate::targets::amqp::AmqpBroker;
 
 /// What the admin routes read.
 #[derive(Clone)]

@@ -30,10 +30,10 @@ use crate::metrics::Metrics;
 use crate::mqtt::listener;
 use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
-use crate::sinks::amqp::AmqpBroker;
-use crate::sinks::http::HttpEndpoint;
 use crate::spool;
 use crate::store::{Store, WriteBatch};
+use crate::targets::amqp::AmqpBroker;
+use crate::targets::http::HttpEndpoint;
 
 /// A running gateway.
 pub struct App {

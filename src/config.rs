@@ -15,8 +15,8 @@ use serde_saphyr::{Location, Spanned};
 
 use crate::mqtt::topic;
 pub use crate::rules::mapping::TopicMapping;
-pub use crate::sinks::http::config::{HttpEndpointConfig, HttpTargetConfig};
 pub use crate::spool::config::{AckPolicy, ByteSize, OnFull, SpoolConfig};
+pub use crate::targets::http::config::{HttpEndpointConfig, HttpTargetConfig};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -190,16 +190,16 @@ pub struct AmqpBrokerConfig {
     /// With `amqps://`: CAs, client certificate, server name (default: system roots, the
     /// URL's host, no client certificate).
     #[serde(default)]
-    pub tls: Option<crate::sinks::amqp::tls::AmqpTlsConfig>,
+    pub tls: Option<crate::targets::amqp::tls::AmqpTlsConfig>,
     /// `plain` (the URL's user and password) or `external` (the TLS client certificate).
     #[serde(default)]
-    pub auth_mechanism: Option<Spanned<crate::sinks::amqp::tls::AuthMechanism>>,
+    pub auth_mechanism: Option<Spanned<crate::targets::amqp::tls::AuthMechanism>>,
 }
 
 impl AmqpBrokerConfig {
     /// How the connection is secured and authenticated.
-    pub(crate) fn security(&self) -> crate::sinks::amqp::transport::Security {
-        crate::sinks::amqp::transport::Security {
+    pub(crate) fn security(&self) -> crate::targets::amqp::transport::Security {
+        crate::targets::amqp::transport::Security {
             tls: self.tls.clone(),
             mechanism: self.auth_mechanism.as_ref().map(|m| m.value).unwrap_or_default(),
         }
@@ -608,7 +608,7 @@ impl Config {
                     format!("amqp.{name}.url must start with amqp:// or amqps://"),
                 );
             }
-            crate::sinks::amqp::tls::validate(
+            crate::targets::amqp::tls::validate(
                 &format!("amqp.{name}"),
                 &broker.url,
                 broker.tls.as_ref(),
@@ -674,7 +674,7 @@ impl Config {
         let brokers: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
         crate::sources::config::validate(&self.sources, &brokers, &mut err);
         self.validate_auth(&mut err);
-        crate::sinks::http::config::validate(self, &mut err);
+        crate::targets::http::config::validate(self, &mut err);
         crate::spool::config::validate(self, &mut err);
         errors
     }

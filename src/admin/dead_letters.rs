@@ -34,8 +34,8 @@ use crate::config::AckPolicy;
 use crate::deadletters::{DeadLetter, DeadLetters};
 use crate::message::Message;
 use crate::rules::RuleSet;
-use crate::sinks::Outcome;
 use crate::spool::{Append, Spools};
+use crate::targets::Outcome;
 
 /// Letters in a page when `limit` is not given.
 const DEFAULT_PAGE: usize = 100;
@@ -435,7 +435,7 @@ fn known_target(rules: &RuleSet, id: &str) -> Result<(), Answer> {
 /// A replay on its way: the pending delivery, or why it could not start.
 enum Pending {
     /// Handed to the target's sink.
-    Sent(crate::rules::Delivery),
+    Sent(crate::targets::Delivery),
     /// Appended to the target's spool (`ack: spool`): `Delivered` once durably spooled.
     Spooled(tokio::sync::oneshot::Receiver<Outcome>),
     NotSent(String),
@@ -453,7 +453,7 @@ async fn send(rules: &RuleSet, spools: &Spools, to: &str, msg: &Arc<Message>) ->
             return Pending::Spooled(rx);
         }
     }
-    Pending::Sent(target.send(msg).await)
+    Pending::Sent(crate::targets::send(target.as_ref(), msg).await)
 }
 
 /// Waits for a replay's outcome: delivered removes letter `id`, a failure keeps it with the
@@ -468,9 +468,9 @@ async fn settle(
     let outcome = match pending {
         Pending::Sent(d) => d.outcome().await,
         Pending::Spooled(rx) => rx.await.unwrap_or_else(|_| {
-            Outcome::Failed(crate::sinks::Failure::retryable("the spool dropped the message"))
+            Outcome::Failed(crate::targets::Failure::retryable("the spool dropped the message"))
         }),
-        Pending::NotSent(reason) => Outcome::Failed(crate::sinks::Failure::fatal(reason)),
+        Pending::NotSent(reason) => Outcome::Failed(crate::targets::Failure::fatal(reason)),
     };
     match outcome {
         Outcome::Delivered => {

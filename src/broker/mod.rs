@@ -31,8 +31,8 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic::{self, SubscriptionFilter, TopicTree};
-use crate::sinks::Outcome;
 use crate::store::codec;
+use crate::targets::Outcome;
 use persist::{DeliveryStage, Persist, SessionRecord};
 use queue::TrySendError;
 
@@ -497,7 +497,7 @@ impl Broker {
         &self,
         msg: &Arc<Message>,
         publisher: Option<u64>,
-        waits: &mut crate::sinks::Waits,
+        waits: &mut crate::targets::Waits,
     ) -> usize {
         self.publish_inner(msg, publisher, None, Some(waits))
     }
@@ -606,7 +606,7 @@ impl Broker {
         msg: &Arc<Message>,
         publisher: Option<u64>,
         tracked: Option<&Ticket>,
-        waits: Option<&mut crate::sinks::Waits>,
+        waits: Option<&mut crate::targets::Waits>,
     ) -> usize {
         // Whether something was written to the store that the publisher must wait for.
         let mut durable = msg.retain && self.set_retained(msg);

@@ -35,8 +35,8 @@ use super::tracking::{Fate, Ticket};
 use super::SubscribeOptions;
 use crate::message::Message;
 use crate::mqtt::codec::{ProtocolVersion, QoS};
-use crate::sinks::{Failure, Outcome};
 use crate::store::{codec, Store, StoreError, Table, WriteBatch};
+use crate::targets::{Failure, Outcome};
 
 /// The broker's handle on the store: appends writes to the backlog the feeder commits.
 #[derive(Debug, Clone)]

@@ -56,7 +56,7 @@ pub async fn run(
                 received: Instant::now(),
                 packet_id: None,
             });
-            broker.publish(&msg, None, &mut crate::sinks::Waits::new());
+            broker.publish(&msg, None, &mut crate::targets::Waits::new());
         }
     }
 }

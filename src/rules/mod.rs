@@ -16,17 +16,17 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
-use tokio::sync::oneshot;
 
 use crate::config::{AckPolicy, Config, RuleErrorPolicy, TargetConfig};
 use crate::deadletters::{DeadLetters, Recorder};
 use crate::message::Message;
-use crate::metrics::{Metrics, TargetMetrics};
+use crate::metrics::Metrics;
 use crate::mqtt::topic::TopicTree;
-use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
-use crate::sinks::http::{HttpEndpoint, HttpError, HttpRequest, HttpTarget};
-use crate::sinks::{Failure, Outcome};
-use template::{Condition, Template, TemplateError, TemplatesBuilder};
+use crate::targets::amqp::target::AmqpTarget;
+use crate::targets::amqp::AmqpBroker;
+use crate::targets::http::{HttpEndpoint, HttpError, HttpTarget};
+use crate::targets::Target;
+use template::{Condition, TemplateError};
 
 /// A message's template context, built on first use (see [`Rule::applies`]).
 pub type LazyContext = Option<minijinja::Value>;
@@ -56,7 +56,7 @@ pub struct Rule {
     /// Its topic filter.
     pub filter: String,
     /// Where matching messages go, in config order.
-    pub targets: Vec<Target>,
+    pub targets: Vec<Arc<dyn Target>>,
     /// The `when:` condition, if any.
     pub when: Option<Condition>,
     /// What a message the condition or a template fails on gets.
@@ -96,172 +96,10 @@ impl Rule {
     }
 }
 
-/// One destination of a rule.
-#[derive(Debug)]
-pub enum Target {
-    /// An AMQP exchange on a named broker.
-    Amqp(AmqpTarget),
-    /// An HTTP endpoint (a webhook): the handle of the target's lanes.
-    Http(HttpTarget),
-}
-
 /// The stable id of target `index` (0-based, in `to:` order) of rule `rule`: `rule/index`.
 /// What the spool and dead letters record, and what a replay names. Rule names are unique.
 pub fn target_id(rule: &str, index: usize) -> String {
     format!("{rule}/{index}")
-}
-
-impl Target {
-    /// Hands `msg` to this target's sink outside a session (the spool's forwarder, a dead
-    /// letter's replay): waits for room in the sink's queue, then returns its pending outcome.
-    /// The outcome is always a real one (an AMQP confirm, an HTTP 2xx), whatever the message's
-    /// QoS. Awaiting the returned [`Delivery`] is separate so a caller can keep several in
-    /// flight (order per topic is kept by the sink, as for a session's messages).
-    pub async fn send(&self, msg: &Arc<Message>) -> Delivery {
-        let mut delivery = Delivery { waits: crate::sinks::Waits::new(), failed: None };
-        match self {
-            Target::Amqp(t) => {
-                let mut ctx = None;
-                let (exchange, routing_key) = match t.resolve(msg, &mut ctx) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        delivery.failed = Some(Failure::fatal(format!("template: {e}")));
-                        return delivery;
-                    }
-                };
-                let options = t.options.clone();
-                delivery.push_amqp(t, exchange, routing_key, options, msg).await;
-                if let Some((name, options)) = t.last_value_publish(msg) {
-                    delivery.push_amqp(t, Arc::from(""), name, options, msg).await;
-                }
-            }
-            Target::Http(t) => {
-                let (tx, rx) = oneshot::channel();
-                delivery.waits.push(rx);
-                // No dead-letter recorder: the caller (spool, replay) handles the outcome.
-                let req = HttpRequest { msg: Arc::clone(msg), ack: Some(tx), dead_letter: None };
-                t.publish(req).await;
-            }
-        }
-        delivery
-    }
-}
-
-/// The pending outcome of [`Target::send`].
-#[derive(Debug)]
-pub struct Delivery {
-    waits: crate::sinks::Waits,
-    /// A failure known before anything was sent (a template that cannot be rendered).
-    failed: Option<Failure>,
-}
-
-impl Delivery {
-    async fn push_amqp(
-        &mut self,
-        t: &AmqpTarget,
-        exchange: Arc<str>,
-        routing_key: String,
-        options: PublishOptions,
-        msg: &Arc<Message>,
-    ) {
-        let (tx, rx) = oneshot::channel();
-        self.waits.push(rx);
-        let req = PublishRequest {
-            exchange,
-            routing_key,
-            msg: Arc::clone(msg),
-            ack: Some(tx),
-            metrics: t.metrics.clone(),
-            options,
-            dead_letter: None,
-        };
-        t.broker.publish(req).await;
-    }
-
-    /// The outcome: delivered when every publish it made was; else the first failure. A sink
-    /// that dropped the message without an answer counts as a retryable failure.
-    pub async fn outcome(self) -> Outcome {
-        if let Some(f) = self.failed {
-            return Outcome::Failed(f);
-        }
-        for rx in self.waits {
-            match rx.await {
-                Ok(Outcome::Delivered) => {}
-                Ok(failed) => return failed,
-                Err(_) => {
-                    return Outcome::Failed(Failure::retryable("the sink dropped the message"))
-                }
-            }
-        }
-        Outcome::Delivered
-    }
-}
-
-/// An AMQP exchange target.
-#[derive(Debug)]
-pub struct AmqpTarget {
-    /// The sink for the broker this target names.
-    pub broker: AmqpBroker,
-    /// Exchange name, shared with every publish request.
-    pub exchange: Arc<str>,
-    /// Fixed routing key; `None` means the topic translated by `options.mapping`.
-    pub routing_key: Option<String>,
-    /// Pre-resolved metric handles for this rule and target.
-    pub metrics: TargetMetrics,
-    /// `exchange` when it is a template.
-    pub exchange_template: Option<Template>,
-    /// `routing_key` when it is a template.
-    pub routing_key_template: Option<Template>,
-    /// Publish options of every request (mandatory, mapping, the job queue to declare).
-    pub options: PublishOptions,
-    /// `last_value: true`: retained messages also go to the topic's last-value queue.
-    pub last_value: bool,
-}
-
-impl AmqpTarget {
-    /// With `last_value: true` and a retained `msg`: the queue name and options of the
-    /// publish that keeps the topic's last value (through the default exchange; an empty
-    /// retained payload purges it). `None` otherwise.
-    pub fn last_value_publish(&self, msg: &Message) -> Option<(String, PublishOptions)> {
-        if !(self.last_value && msg.retain) {
-            return None;
-        }
-        let spec = Arc::new(QueueSpec::last_value(&msg.topic));
-        let name = spec.name.to_string();
-        let options = PublishOptions {
-            mandatory: None,
-            mapping: self.options.mapping,
-            declare: Some(spec),
-            purge: msg.payload.is_empty(),
-        };
-        Some((name, options))
-    }
-
-    /// The routing key for a message published to `topic` (templates aside).
-    pub fn routing_key_for(&self, topic: &str) -> String {
-        match &self.routing_key {
-            Some(rk) => rk.clone(),
-            None => mapping::encode_topic(self.options.mapping, topic),
-        }
-    }
-
-    /// The exchange and routing key for `msg`, rendering the templates the target has (and
-    /// building `ctx` only then).
-    pub fn resolve(
-        &self,
-        msg: &Arc<Message>,
-        ctx: &mut LazyContext,
-    ) -> Result<(Arc<str>, String), TemplateError> {
-        let exchange = match &self.exchange_template {
-            None => Arc::clone(&self.exchange),
-            Some(t) => Arc::from(t.render_for(msg, ctx)?),
-        };
-        let routing_key = match &self.routing_key_template {
-            None => self.routing_key_for(&msg.topic),
-            Some(t) => t.render_for(msg, ctx)?,
-        };
-        Ok((exchange, routing_key))
-    }
 }
 
 /// Every rule, with a filter tree for matching.
@@ -282,20 +120,19 @@ impl RuleSet {
         metrics: &Metrics,
     ) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet::default();
-        let mut builder = TemplatesBuilder::new();
         let template_error =
             |rule: &str, error: TemplateError| RuleError::Template { rule: rule.to_owned(), error };
-        // Templates compile into one environment, resolved once it is complete.
-        let mut pending = Vec::new();
-        let mut whens = Vec::new();
         for rc in &config.rules {
             let name = rc.name.value.clone();
             let when = match &rc.when {
-                Some(w) => Some(builder.condition(&w.value).map_err(|e| template_error(&name, e))?),
+                Some(w) => {
+                    Some(Condition::compile(&w.value).map_err(|e| template_error(&name, e))?)
+                }
                 None => None,
             };
-            let mut targets = Vec::with_capacity(rc.to.len());
-            for tc in &rc.to {
+            let mut targets: Vec<Arc<dyn Target>> = Vec::with_capacity(rc.to.len());
+            for (index, tc) in rc.to.iter().enumerate() {
+                let id = target_id(&name, index);
                 match tc {
                     TargetConfig::Amqp(t) => {
                         let broker = brokers.get(&t.broker.value).ok_or_else(|| {
@@ -304,61 +141,14 @@ impl RuleSet {
                                 broker: t.broker.value.clone(),
                             }
                         })?;
-                        let mut compile = |text: &str| {
-                            if template::is_template(text) {
-                                builder
-                                    .template(text)
-                                    .map(Some)
-                                    .map_err(|e| template_error(&name, e))
-                            } else {
-                                Ok(None)
-                            }
-                        };
-                        let exchange_t = compile(&t.exchange.value)?;
-                        let routing_key_t = match &t.routing_key {
-                            Some(rk) => compile(&rk.value)?,
-                            None => None,
-                        };
-                        let mapping = t
-                            .topic_mapping
-                            .or_else(|| config.amqp.get(&t.broker.value).map(|b| b.topic_mapping))
+                        let mapping = config
+                            .amqp
+                            .get(&t.broker.value)
+                            .map(|b| b.topic_mapping)
                             .unwrap_or_default();
-                        let (exchange, routing_key, declare) = match &t.queue {
-                            Some(q) => {
-                                let args = t.arguments.clone().into_iter().collect();
-                                let spec = Arc::new(QueueSpec::job(&q.value, args));
-                                (String::new(), Some(q.value.clone()), Some(spec))
-                            }
-                            None => (
-                                t.exchange.value.clone(),
-                                t.routing_key.as_ref().map(|r| r.value.clone()),
-                                None,
-                            ),
-                        };
-                        let label = match &t.queue {
-                            Some(q) => format!("amqp:{}/queue:{}", t.broker.value, q.value),
-                            None => format!("amqp:{}/{}", t.broker.value, t.exchange.value),
-                        };
-                        let options = PublishOptions {
-                            // A job queue's publishes are always mandatory: a deleted
-                            // queue fails them (and gets declared again) instead of
-                            // dropping them silently.
-                            mandatory: (t.mandatory || t.queue.is_some()).then_some(t.unroutable),
-                            mapping,
-                            declare,
-                            purge: false,
-                        };
-                        pending.push((exchange_t, routing_key_t));
-                        targets.push(Target::Amqp(AmqpTarget {
-                            broker: broker.clone(),
-                            exchange: Arc::from(exchange.as_str()),
-                            routing_key,
-                            metrics: metrics.target(&name, &label),
-                            exchange_template: None,
-                            routing_key_template: None,
-                            options,
-                            last_value: t.last_value,
-                        }));
+                        let target = AmqpTarget::build(&id, &name, t, broker, mapping, metrics)
+                            .map_err(|e| template_error(&name, e))?;
+                        targets.push(Arc::new(target));
                     }
                     TargetConfig::Http(t) => {
                         let endpoint = http.get(&t.endpoint.value).ok_or_else(|| {
@@ -367,7 +157,8 @@ impl RuleSet {
                                 endpoint: t.endpoint.value.clone(),
                             }
                         })?;
-                        targets.push(Target::Http(HttpTarget::start(endpoint, &name, t, metrics)?));
+                        targets
+                            .push(Arc::new(HttpTarget::start(endpoint, &id, &name, t, metrics)?));
                     }
                 }
             }
@@ -377,26 +168,13 @@ impl RuleSet {
                 name,
                 filter: rc.from.value.clone(),
                 targets,
-                when: None,
+                when,
                 on_error: rc.on_error,
                 ack: rc.ack_policy(),
                 errors,
                 skipped,
                 dead_letters: Vec::new(),
             });
-            whens.push(when);
-        }
-        let templates = builder.finish();
-        let mut pending = pending.into_iter();
-        for (rule, when) in set.rules.iter_mut().zip(whens) {
-            rule.when = when.map(|w| templates.condition(w));
-            for target in &mut rule.targets {
-                let Target::Amqp(t) = target else { continue };
-                if let Some((exchange_t, routing_key_t)) = pending.next() {
-                    t.exchange_template = exchange_t.map(|p| templates.template(p));
-                    t.routing_key_template = routing_key_t.map(|p| templates.template(p));
-                }
-            }
         }
         Ok(set)
     }
@@ -407,8 +185,8 @@ impl RuleSet {
         for rule in &mut self.rules {
             rule.dead_letters = (0..rule.targets.len())
                 .map(|i| {
-                    let id = target_id(&rule.name, i);
-                    Arc::new(Recorder::new(dead_letters.clone(), &rule.name, &id))
+                    let id = rule.targets[i].id();
+                    Arc::new(Recorder::new(dead_letters.clone(), &rule.name, id))
                 })
                 .collect();
         }
@@ -432,11 +210,11 @@ impl RuleSet {
         &self.rules
     }
 
-    /// The target with id `id` (see [`target_id`]) and its rule.
-    pub fn target(&self, id: &str) -> Option<(&Rule, &Target)> {
-        let (rule, index) = id.rsplit_once('/')?;
-        let index: usize = index.parse().ok()?;
-        let rule = self.rules.iter().find(|r| r.name == rule)?;
-        Some((rule, rule.targets.get(index)?))
+    /// The target with id `id` and its rule.
+    pub fn target(&self, id: &str) -> Option<(&Rule, &Arc<dyn Target>)> {
+        self.rules.iter().find_map(|rule| {
+            let target = rule.targets.iter().find(|t| t.id() == id)?;
+            Some((rule, target))
+        })
     }
 }

@@ -52,29 +52,11 @@ pub const VARIABLES: &[&str] = &[
 #[error("{0}")]
 pub struct TemplateError(pub String);
 
-/// The environment every template of a rule set lives in (templates are looked up by name).
-#[derive(Debug, Clone)]
-pub struct Templates {
-    /// Shared by every compiled template; read-only after compile.
-    env: Arc<Environment<'static>>,
-}
-
-/// The templates of a rule set while it is being compiled.
-#[derive(Debug)]
-pub struct TemplatesBuilder {
-    /// The environment being filled.
-    env: Environment<'static>,
-    /// Names handed out so far.
-    next: usize,
-}
-
 /// One compiled template: renders to a string.
 #[derive(Debug, Clone)]
 pub struct Template {
-    /// The environment holding it.
+    /// An environment with mqgate's settings holding this one template, named `t`.
     env: Arc<Environment<'static>>,
-    /// Its name in the environment.
-    name: String,
     /// The native plan of a template that only substitutes variables (see [`Segment`]):
     /// rendered without the template engine, with the same result.
     fast: Option<Arc<[Segment]>>,
@@ -150,100 +132,57 @@ fn environment() -> Environment<'static> {
 /// Checks that `source` compiles as a template and uses only known variables (for config
 /// validation; the message says what is wrong).
 pub fn check_template(source: &str) -> Result<(), TemplateError> {
-    let mut b = TemplatesBuilder::new();
-    b.template(source).map(|_| ())
+    Template::compile(source).map(|_| ())
 }
 
 /// Checks that `source` compiles as a `when:` condition and uses only known variables.
 pub fn check_condition(source: &str) -> Result<(), TemplateError> {
-    let mut b = TemplatesBuilder::new();
-    b.condition(source).map(|_| ())
+    Condition::compile(source).map(|_| ())
 }
 
-impl Default for TemplatesBuilder {
-    fn default() -> Self {
-        TemplatesBuilder::new()
+/// Compiles `source` into an environment of its own, as template `t`, refusing variables a
+/// message does not have.
+fn compile(source: String) -> Result<Arc<Environment<'static>>, TemplateError> {
+    let mut env = environment();
+    env.add_template_owned("t", source).map_err(describe)?;
+    let tmpl = env.get_template("t").map_err(describe)?;
+    let mut unknown: Vec<String> = tmpl
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|v| !VARIABLES.contains(&v.as_str()))
+        .filter(|v| !env.globals().any(|(g, _)| g == v.as_str()))
+        .collect();
+    if !unknown.is_empty() {
+        unknown.sort();
+        return Err(TemplateError(format!(
+            "unknown variable {} (known: {})",
+            unknown.join(", "),
+            VARIABLES.join(", ")
+        )));
     }
+    Ok(Arc::new(env))
 }
 
-impl TemplatesBuilder {
-    /// An empty builder.
-    pub fn new() -> Self {
-        TemplatesBuilder { env: environment(), next: 0 }
-    }
-
-    /// Adds a template; the handle renders once [`finish`](Self::finish) has been called.
-    fn add(&mut self, source: String) -> Result<String, TemplateError> {
-        let name = format!("t{}", self.next);
-        self.next += 1;
-        self.env.add_template_owned(name.clone(), source).map_err(describe)?;
-        let tmpl = self.env.get_template(&name).map_err(describe)?;
-        let mut unknown: Vec<String> = tmpl
-            .undeclared_variables(false)
-            .into_iter()
-            .filter(|v| !VARIABLES.contains(&v.as_str()))
-            .filter(|v| !self.env.globals().any(|(g, _)| g == v.as_str()))
-            .collect();
-        if !unknown.is_empty() {
-            unknown.sort();
-            return Err(TemplateError(format!(
-                "unknown variable {} (known: {})",
-                unknown.join(", "),
-                VARIABLES.join(", ")
-            )));
-        }
-        Ok(name)
-    }
-
-    /// Compiles a string template (a name such as `sensors.{{ levels[1] }}`).
-    pub fn template(&mut self, source: &str) -> Result<PendingTemplate, TemplateError> {
-        let name = self.add(source.to_owned())?;
-        Ok(PendingTemplate(name, plan(source).map(Arc::from), None))
-    }
-
+impl Condition {
     /// Compiles a condition: a minijinja expression such as `qos > 0 and json.temp > 30`.
-    pub fn condition(&mut self, source: &str) -> Result<PendingTemplate, TemplateError> {
+    pub fn compile(source: &str) -> Result<Condition, TemplateError> {
         // Compiled on its own first, so a syntax error points into the user's text.
-        self.env.compile_expression(source).map_err(describe)?;
-        let name = self.add(format!("{{% if {source} %}}1{{% endif %}}"))?;
-        Ok(PendingTemplate(name, None, None).with_clauses(condition_plan(source)))
-    }
-
-    /// Freezes the environment: every pending template can now be resolved.
-    pub fn finish(self) -> Templates {
-        Templates { env: Arc::new(self.env) }
-    }
-}
-
-/// A template added to a builder, to be resolved against the finished [`Templates`].
-#[derive(Debug)]
-pub struct PendingTemplate(String, Option<Arc<[Segment]>>, Option<Arc<[Clause]>>);
-
-impl PendingTemplate {
-    /// With the native plan of a condition.
-    fn with_clauses(mut self, clauses: Option<Vec<Clause>>) -> Self {
-        self.2 = clauses.map(Arc::from);
-        self
-    }
-}
-
-impl Templates {
-    /// The template `pending` stands for.
-    pub fn template(&self, pending: PendingTemplate) -> Template {
-        Template { env: Arc::clone(&self.env), name: pending.0, fast: pending.1 }
-    }
-
-    /// The condition `pending` stands for.
-    pub fn condition(&self, pending: PendingTemplate) -> Condition {
-        let clauses = pending.2.clone();
-        Condition(self.template(pending), clauses)
+        environment().compile_expression(source).map_err(describe)?;
+        let env = compile(format!("{{% if {source} %}}1{{% endif %}}"))?;
+        Ok(Condition(Template { env, fast: None }, condition_plan(source).map(Arc::from)))
     }
 }
 
 impl Template {
+    /// Compiles a string template (a name such as `sensors.{{ levels[1] }}`).
+    pub fn compile(source: &str) -> Result<Template, TemplateError> {
+        let env = compile(source.to_owned())?;
+        Ok(Template { env, fast: plan(source).map(Arc::from) })
+    }
+
     /// Renders the template for the message behind `ctx` (through the engine).
     pub fn render(&self, ctx: &Value) -> Result<String, TemplateError> {
-        let tmpl = self.env.get_template(&self.name).map_err(describe)?;
+        let tmpl = self.env.get_template("t").map_err(describe)?;
         tmpl.render(ctx).map_err(describe)
     }
 
@@ -565,11 +504,9 @@ mod tests {
     }
 
     fn build(tmpl: &str, cond: &str) -> (Template, Condition) {
-        let mut b = TemplatesBuilder::new();
-        let t = b.template(tmpl).expect("template compiles");
-        let c = b.condition(cond).expect("condition compiles");
-        let set = b.finish();
-        (set.template(t), set.condition(c))
+        let t = Template::compile(tmpl).expect("template compiles");
+        let c = Condition::compile(cond).expect("condition compiles");
+        (t, c)
     }
 
     #[test]
@@ -624,9 +561,7 @@ mod tests {
         let messages = [msg("sensors/a/telemetry", b""), msg("one", b"")];
         for source in sources {
             assert!(plan(source).is_some(), "{source} should have a native plan");
-            let mut b = TemplatesBuilder::new();
-            let pending = b.template(source).expect("compiles");
-            let t = b.finish().template(pending);
+            let t = Template::compile(source).expect("compiles");
             for m in &messages {
                 let native = render_plan(t.fast.as_deref().expect("plan"), m);
                 let engine = t.render(&MessageContext::value(m));
@@ -661,9 +596,7 @@ mod tests {
         let messages = [msg("benchT/a/telemetry", b""), msg("one", b""), Arc::new(retained)];
         for source in conditions {
             let clauses = condition_plan(source).unwrap_or_else(|| panic!("{source}: no plan"));
-            let mut b = TemplatesBuilder::new();
-            let pending = b.condition(source).expect("compiles");
-            let c = b.finish().condition(pending);
+            let c = Condition::compile(source).expect("compiles");
             for m in &messages {
                 let engine = c.eval(&MessageContext::value(m));
                 // `None`: left to the engine.

@@ -3,7 +3,7 @@
 //! tracker's summary. Reconnects with backoff; a lost connection's unacked deliveries are
 //! redelivered by RabbitMQ to the next one.
 //!
-//! One task per source owns its connection (our own AMQP codec, `sinks::amqp::wire`, no
+//! One task per source owns its connection (our own AMQP codec, `targets::amqp::wire`, no
 //! client library): a `select!` over the socket, the trackers' reports, a tick (heartbeats,
 //! requeue delays) and shutdown. Memory is bounded by `prefetch`: at most that many
 //! deliveries are unacked, each holds one message, one tracker and at most one report.
@@ -28,13 +28,13 @@ use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
 use crate::metrics::SourceMetrics;
 use crate::mqtt::codec::QoS;
-use crate::sinks::amqp::transport::{self, describe, Transport, Uri};
-use crate::sinks::amqp::wire::consume::{
+use crate::targets::amqp::transport::{self, describe, Transport, Uri};
+use crate::targets::amqp::wire::consume::{
     self, BasicProperties, ConsumerFrame, ConsumerMethod, Deliver,
 };
-use crate::sinks::amqp::wire::frame;
-use crate::sinks::amqp::wire::methods::{self, Method, REPLY_SUCCESS};
-use crate::sinks::amqp::wire::methods::{queue_bind, queue_declare, QueueFlags};
+use crate::targets::amqp::wire::frame;
+use crate::targets::amqp::wire::methods::{self, Method, REPLY_SUCCESS};
+use crate::targets::amqp::wire::methods::{queue_bind, queue_declare, QueueFlags};
 
 /// How often heartbeats and requeue delays are looked at.
 const TICK: Duration = Duration::from_millis(100);
@@ -194,10 +194,10 @@ async fn setup(uri: &Uri, s: &Settings) -> Result<(Transport, u16), String> {
     let mut t = link.transport;
     // The plain (non-confirm) channel `connect` opens after the confirm one.
     let ch = link.confirm_channels + 1;
-    let wire = |e: crate::sinks::amqp::wire::WireError| e.to_string();
+    let wire = |e: crate::targets::amqp::wire::WireError| e.to_string();
     match &s.declare {
         Some((flags, args)) => {
-            let args = crate::sinks::amqp::queues::argument_table(args);
+            let args = crate::targets::amqp::queues::argument_table(args);
             queue_declare(&mut t.wbuf, ch, &s.queue, *flags, &args).map_err(wire)?;
         }
         None => {

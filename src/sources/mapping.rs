@@ -9,8 +9,8 @@ use std::fmt;
 
 use crate::mqtt::codec::{Properties, QoS};
 use crate::mqtt::topic;
-use crate::sinks::amqp::wire::consume::BasicProperties;
-use crate::sinks::amqp::wire::table::Decoded;
+use crate::targets::amqp::wire::consume::BasicProperties;
+use crate::targets::amqp::wire::table::Decoded;
 
 /// Header carrying the RETAIN flag (as the uplink sets it).
 pub const HEADER_RETAIN: &str = "x-mqtt-retain";

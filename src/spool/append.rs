@@ -17,8 +17,8 @@ use tracing::{error, warn};
 use super::config::OnFull;
 use super::state::Shared;
 use super::{entry_size, key, Append};
-use crate::sinks::{Failure, Outcome};
 use crate::store::{codec, Store, Table, WriteBatch};
+use crate::targets::{Failure, Outcome};
 
 /// Appends committed together at most (a commit this large already costs little per
 /// message; a larger one only delays the sessions at its front).

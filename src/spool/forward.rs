@@ -34,8 +34,8 @@ use super::{key, parse_key};
 use crate::deadletters::DeadLetters;
 use crate::message::Message;
 use crate::rules::RuleSet;
-use crate::sinks::Outcome;
 use crate::store::{codec, Store, Table, WriteBatch};
+use crate::targets::Outcome;
 
 /// Messages sent and not yet settled, at most.
 pub(super) const WINDOW: usize = 512;
@@ -191,7 +191,7 @@ impl Forwarder {
                 error!(target_id = %self.shared.id, "spool target not in the rule set");
                 return;
             };
-            let delivery = target.send(&msg).await;
+            let delivery = crate::targets::send(target.as_ref(), &msg).await;
             self.next = seq + 1;
             self.in_flight.push_back(Box::pin(async move {
                 let outcome = delivery.outcome().await;

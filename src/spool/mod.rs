@@ -41,8 +41,8 @@ use crate::deadletters::DeadLetters;
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::rules::{target_id, RuleSet};
-use crate::sinks::{AckSender, Failure, Outcome};
 use crate::store::{Store, StoreError};
+use crate::targets::{AckSender, Failure, Outcome};
 use state::Shared;
 
 /// Appends queued in front of one spool's append task at most; more make the sessions wait

@@ -26,8 +26,8 @@ use mqgate::config::AmqpBrokerConfig;
 use mqgate::message::Message;
 use mqgate::metrics::{Metrics, ReasonLabels, TargetMetrics};
 use mqgate::mqtt::codec::{Properties, QoS};
-use mqgate::sinks::amqp::{AmqpBroker, PublishRequest};
-use mqgate::sinks::{Failure, Outcome};
+use mqgate::targets::amqp::{AmqpBroker, PublishRequest};
+use mqgate::targets::{Failure, Outcome};
 
 const RABBIT_ADDR: &str = "127.0.0.1:5672";
 const RABBIT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";

@@ -13,7 +13,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::Channel;
 use mqgate::mqtt::codec::{Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode};
 use mqgate::rules::mapping::{decode_routing_key, TopicMapping};
-use mqgate::sinks::amqp::{last_value_queue_name, MESSAGE_ID_PREFIX};
+use mqgate::targets::amqp::{last_value_queue_name, MESSAGE_ID_PREFIX};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const V311: ProtocolVersion = ProtocolVersion::V311;

@@ -19,19 +19,13 @@ use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
 use super::{End, Session, SessionShared};
-use crate::config::{AckPolicy, RuleErrorPolicy};
-use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, PublishProperties, QoS,
     ReasonCode,
 };
-use crate::rules::template::TemplateError;
-use crate::rules::{AmqpTarget, LazyContext, Rule, Target};
-use crate::sinks::amqp::{AmqpBroker, PublishOptions, PublishRequest};
-use crate::sinks::http::{HttpRequest, HttpTarget};
-use crate::sinks::{Failure, Outcome, Waits};
-use crate::spool::{Append, Spool};
+use crate::routing::route;
+use crate::targets::{send_blocked, Failure, Outcome, Waits};
 
 /// One QoS 1/2 PUBLISH waiting for its acknowledgement.
 #[derive(Debug)]
@@ -249,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         });
         let mut hits = std::mem::take(&mut self.rule_hits);
         let (matched, waits) =
-            route(&shared, &msg, Some(self.session_id), &mut hits, &mut self.blocked);
+            route(shared.routing(), &msg, Some(self.session_id), &mut hits, &mut self.blocked);
         self.rule_hits = hits;
         if p.qos != QoS::AtMostOnce {
             if p.qos == QoS::ExactlyOnce {
@@ -330,228 +324,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
-/// Publish requests a sink could not take at once (its queue was full), in routing order,
-/// with the sink each goes to: the caller waits for room with [`send_blocked`]. That wait is
-/// the backpressure from the sinks to the client.
-pub(super) type Blocked = Vec<BlockedRequest>;
-
-/// One request waiting for room in its sink's queue.
-#[derive(Debug)]
-pub(super) enum BlockedRequest {
-    /// For an AMQP broker.
-    Amqp(AmqpBroker, PublishRequest),
-    /// For an HTTP target's lane.
-    Http(HttpTarget, HttpRequest),
-    /// For a target's spool (`ack: spool`).
-    Spool(Spool, Append),
-}
-
-/// Sends requests that found their sink's queue full, in order, waiting for room.
-pub(super) async fn send_blocked(blocked: Blocked) {
-    for entry in blocked {
-        match entry {
-            BlockedRequest::Amqp(broker, req) => broker.publish(req).await,
-            BlockedRequest::Http(target, req) => target.publish(req).await,
-            BlockedRequest::Spool(spool, append) => spool.append(append).await,
-        }
-    }
-}
-
-/// Routes `msg` to local subscribers and to every target of every matching rule. Returns
-/// whether anything matched and, for QoS 1/2, the outcome receivers to wait for: one per
-/// target, and with a store one for the durable write of a retained message or of the
-/// message queued for persistent sessions.
-/// `publisher` is the publishing session (for MQTT 5 No Local); `None` for wills. `hits` is
-/// scratch space for rule indexes, kept by the caller so routing does not allocate for it.
-/// Requests a sink cannot take now are appended to `blocked` (and once one is, every later
-/// one too, so each sink gets them in order).
-pub(super) fn route(
-    shared: &SessionShared,
-    msg: &Arc<Message>,
-    publisher: Option<u64>,
-    hits: &mut Vec<usize>,
-    blocked: &mut Blocked,
-) -> (bool, Waits) {
-    let mut waits = Waits::new();
-    // With a store, a retained or persistent-session write adds its wait here.
-    let local = shared.broker.publish(msg, publisher, &mut waits);
-    shared.rules.matches_into(&msg.topic, hits);
-    let mut applied = 0usize;
-    // Built only when a condition or template needs it.
-    let mut ctx: LazyContext = None;
-    for &index in hits.iter() {
-        let Some(rule) = shared.rules.rule(index) else { continue };
-        match rule.applies(msg, &mut ctx) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                if rule_failed(shared, rule, None, msg, &e, &mut waits) {
-                    applied += 1;
-                }
-                continue;
-            }
-        }
-        applied += 1;
-        if rule.ack == AckPolicy::Spool {
-            let spools = shared.spools.for_rule(index);
-            spool_message(spools, rule.targets.len(), msg, &mut waits, blocked);
-            continue;
-        }
-        // `ack: receive`: the targets' outcomes are not waited for; their receivers are
-        // dropped here (the sinks still count failures and, with a store, keep final ones as
-        // dead letters). A failure known now (a template
-        // that cannot render) still fails the message.
-        let receive = rule.ack == AckPolicy::Receive;
-        let mut not_awaited = Waits::new();
-        for (i, target) in rule.targets.iter().enumerate() {
-            match target {
-                Target::Amqp(t) => {
-                    let (exchange, routing_key) = match t.resolve(msg, &mut ctx) {
-                        Ok(resolved) => resolved,
-                        Err(e) => {
-                            rule_failed(shared, rule, Some(i), msg, &e, &mut waits);
-                            continue;
-                        }
-                    };
-                    let w = if receive { &mut not_awaited } else { &mut waits };
-                    let options = t.options.clone();
-                    let target = (t, exchange, routing_key, options, rule.recorder(i));
-                    send_request(target, msg, w, blocked);
-                    if let Some((name, options)) = t.last_value_publish(msg) {
-                        let target = (t, Arc::from(""), name, options, rule.recorder(i));
-                        send_request(target, msg, w, blocked);
-                    }
-                }
-                Target::Http(t) => {
-                    let w = if receive { &mut not_awaited } else { &mut waits };
-                    let ack = (msg.qos != QoS::AtMostOnce).then(|| {
-                        let (tx, rx) = oneshot::channel();
-                        w.push(rx);
-                        tx
-                    });
-                    let dead_letter = rule.recorder(i);
-                    let req = HttpRequest { msg: Arc::clone(msg), ack, dead_letter };
-                    if !blocked.is_empty() {
-                        blocked.push(BlockedRequest::Http(t.clone(), req));
-                    } else if let Err(req) = t.try_publish(req) {
-                        blocked.push(BlockedRequest::Http(t.clone(), req));
-                    }
-                }
-            }
-        }
-    }
-    (local > 0 || applied > 0, waits)
-}
-
-/// Appends `msg` to the spool of each of an `ack: spool` rule's `targets` targets (or to
-/// `blocked`, see [`route`]); for QoS 1/2 the receivers of "durably spooled" go into `waits`.
-/// Spools that are not running (never expected: `spool::start` makes one per target) fail
-/// the message rather than let it be acknowledged without a copy.
-fn spool_message(
-    spools: &[Spool],
-    targets: usize,
-    msg: &Arc<Message>,
-    waits: &mut Waits,
-    blocked: &mut Blocked,
-) {
-    if spools.len() != targets {
-        let (tx, rx) = oneshot::channel();
-        let _ = tx.send(Outcome::Failed(Failure::retryable("the rule's spools are not running")));
-        waits.push(rx);
-        return;
-    }
-    for spool in spools {
-        let ack = (msg.qos != QoS::AtMostOnce).then(|| {
-            let (tx, rx) = oneshot::channel();
-            waits.push(rx);
-            tx
-        });
-        let append = Append { msg: Arc::clone(msg), ack };
-        if !blocked.is_empty() {
-            blocked.push(BlockedRequest::Spool(spool.clone(), append));
-        } else if let Err(append) = spool.try_append(append) {
-            blocked.push(BlockedRequest::Spool(spool.clone(), append));
-        }
-    }
-}
-
-/// One AMQP publish to make: the target, exchange, routing key, options and dead-letter
-/// recorder.
-type AmqpPublish<'a> = (&'a AmqpTarget, Arc<str>, String, PublishOptions, Option<Arc<Recorder>>);
-
-/// Hands one request for target `t` to its sink (or to `blocked`, see [`route`]); for QoS 1/2
-/// its outcome receiver goes into `waits`.
-fn send_request(
-    (t, exchange, routing_key, options, dead_letter): AmqpPublish<'_>,
-    msg: &Arc<Message>,
-    waits: &mut Waits,
-    blocked: &mut Blocked,
-) {
-    let ack = if msg.qos == QoS::AtMostOnce {
-        None
-    } else {
-        let (tx, rx) = oneshot::channel();
-        waits.push(rx);
-        Some(tx)
-    };
-    let req = PublishRequest {
-        exchange,
-        routing_key,
-        msg: Arc::clone(msg),
-        ack,
-        metrics: t.metrics.clone(),
-        options,
-        dead_letter,
-    };
-    if !blocked.is_empty() {
-        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
-    } else if let Err(req) = t.broker.try_publish(req) {
-        blocked.push(BlockedRequest::Amqp(t.broker.clone(), req));
-    }
-}
-
-/// A rule's condition or template failed on `msg`: counted, then the rule's `on_error`
-/// decides. `fail`: a QoS 1/2 message gets a failed outcome (never acknowledged as
-/// delivered), a QoS 0 one is dropped and counted; with a store it is kept as a dead letter of
-/// target `target` (a template of that target failed) or of every target of the rule (its
-/// condition failed); returns true (the rule counts as matched). `skip`: the rule is passed
-/// over; returns false.
-fn rule_failed(
-    shared: &SessionShared,
-    rule: &Rule,
-    target: Option<usize>,
-    msg: &Message,
-    error: &TemplateError,
-    waits: &mut Waits,
-) -> bool {
-    rule.errors.inc();
-    debug!(rule = %rule.name, topic = %msg.topic, %error, "rule could not be evaluated");
-    match rule.on_error {
-        RuleErrorPolicy::Skip => false,
-        RuleErrorPolicy::Fail => {
-            let reason = format!("rule {:?} could not be evaluated: {error}", rule.name);
-            let recorders = match target {
-                Some(i) => rule.dead_letters.get(i..=i).unwrap_or_default(),
-                None => &rule.dead_letters[..],
-            };
-            for r in recorders {
-                r.record(msg, &reason);
-            }
-            if msg.qos == QoS::AtMostOnce {
-                shared.metrics.dropped(DROPPED_RULE_ERROR);
-            } else {
-                let (tx, rx) = oneshot::channel();
-                let _ = tx.send(Outcome::Failed(Failure::fatal(reason)));
-                waits.push(rx);
-            }
-            true
-        }
-    }
-}
-
-/// Reason label of `messages_dropped` for QoS 0 messages a rule failed to evaluate on.
-pub const DROPPED_RULE_ERROR: &str = "rule_error";
-
 /// Publishes a will after an ungraceful end. Its outcomes have nobody to tell, so they are only
 /// logged (and counted by the sinks).
 pub(super) async fn publish_will(
@@ -574,7 +346,7 @@ pub(super) async fn publish_will(
     });
     debug!(parent: span, topic = %msg.topic, "publishing will");
     let mut blocked = Vec::new();
-    let (_, waits) = route(shared, &msg, None, &mut Vec::new(), &mut blocked);
+    let (_, waits) = route(shared.routing(), &msg, None, &mut Vec::new(), &mut blocked);
     send_blocked(blocked).await;
     if !waits.is_empty() {
         let span = span.clone();

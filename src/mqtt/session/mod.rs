@@ -162,6 +162,18 @@ pub struct SessionShared {
     pub spools: Spools,
 }
 
+impl SessionShared {
+    /// What routing a message reads.
+    pub fn routing(&self) -> crate::routing::RoutingContext<'_> {
+        crate::routing::RoutingContext {
+            broker: &self.broker,
+            rules: &self.rules,
+            spools: &self.spools,
+            metrics: &self.metrics,
+        }
+    }
+}
+
 /// Why a session ended; decides whether the will is published and what is logged.
 #[derive(Debug)]
 enum End {
@@ -235,7 +247,7 @@ struct Session<S> {
     aliases: inbound::TopicAliases,
     /// Publish requests of the last PUBLISH that a sink could not take at once; the loop
     /// waits until they are queued before it reads on.
-    blocked: inbound::Blocked,
+    blocked: crate::targets::Blocked,
     /// The SUBACK/UNSUBACK of a stored session, held until its record is durable; the loop
     /// waits for it before it reads on.
     held: Option<Box<outbound::Held>>,
@@ -372,7 +384,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if !self.blocked.is_empty() {
                     // A sink's queue is full: wait for room (rare; boxed so that its state is
                     // not part of every session's future).
-                    Box::pin(inbound::send_blocked(std::mem::take(&mut self.blocked))).await;
+                    Box::pin(crate::targets::send_blocked(std::mem::take(&mut self.blocked))).await;
                 }
                 if let Some(held) = self.held.take() {
                     // A stored session's SUBSCRIBE/UNSUBSCRIBE: answered once its record is

@@ -27,7 +27,7 @@ use crate::mqtt::codec::{
 };
 use crate::mqtt::connection::QueueError;
 use crate::mqtt::topic::{self, TopicError};
-use crate::sinks::Outcome;
+use crate::targets::Outcome;
 
 /// A SUBACK or UNSUBACK of a stored session waiting for its record to be durable.
 pub(super) struct Held {

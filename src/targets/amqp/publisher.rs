@@ -37,7 +37,7 @@ use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::metrics::TargetMetrics;
 use crate::mqtt::codec::ReasonCode;
-use crate::sinks::{AckSender, Failure, Outcome};
+use crate::targets::{AckSender, Failure, Outcome};
 
 /// How often heartbeats and the deadlines of channel reopens and exchange checks are looked at.
 const TICK: Duration = Duration::from_millis(100);

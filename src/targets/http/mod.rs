@@ -38,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::metrics::{HttpMetrics, Metrics, ReasonLabels, TargetMetrics};
-use crate::sinks::{AckSender, Failure, Outcome};
+use crate::targets::{AckSender, Failure, Outcome};
 
 use body::BodySpec;
 use config::{substitute_env, BatchConfig, HttpEndpointConfig, HttpTargetConfig, RetryConfig};
@@ -239,6 +239,8 @@ struct TargetHandle {
     spec: Arc<Spec>,
     /// `messages_dropped{reason="http_queue_full"}`.
     dropped_full: Counter,
+    /// The target's stable id.
+    id: String,
 }
 
 /// A target's compiled settings, shared by its lanes.
@@ -276,9 +278,10 @@ pub(crate) struct Spec {
 }
 
 impl HttpTarget {
-    /// Compiles the target `cfg` of rule `rule` and starts its lanes on `endpoint`.
+    /// Compiles the target `cfg` (id `id`) of rule `rule` and starts its lanes on `endpoint`.
     pub fn start(
         endpoint: &HttpEndpoint,
+        id: &str,
         rule: &str,
         cfg: &HttpTargetConfig,
         metrics: &Metrics,
@@ -359,7 +362,8 @@ impl HttpTarget {
             })
             .collect();
         let dropped_full = dropped(metrics, DROPPED_QUEUE_FULL);
-        Ok(HttpTarget { inner: Arc::new(TargetHandle { lanes, spec, dropped_full }) })
+        let id = id.to_owned();
+        Ok(HttpTarget { inner: Arc::new(TargetHandle { lanes, spec, dropped_full, id }) })
     }
 
     /// The lane of `topic`: the same topic always gets the same lane (order per topic).
@@ -402,6 +406,32 @@ impl HttpTarget {
             spec.http.queue_depth.dec();
             spec.fail(req, "is not running");
         }
+    }
+}
+
+impl crate::targets::Target for HttpTarget {
+    fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Queues the message on its topic's lane; the lane renders the templates.
+    fn hand_over(
+        &self,
+        msg: &Arc<Message>,
+        _ctx: &mut crate::rules::LazyContext,
+        hand: &mut crate::targets::Handoff<'_>,
+    ) -> Result<(), crate::rules::template::TemplateError> {
+        let req =
+            HttpRequest { msg: Arc::clone(msg), ack: hand.ack(), dead_letter: hand.dead_letter() };
+        hand.offer(
+            req,
+            |req| self.try_publish(req),
+            |req| {
+                let target = self.clone();
+                Box::pin(async move { target.publish(req).await })
+            },
+        );
+        Ok(())
     }
 }
 

@@ -13,8 +13,8 @@ use tracing::debug;
 use super::{Publisher, Role};
 use crate::config::UnroutablePolicy;
 use crate::message::Message;
-use crate::sinks::amqp::wire::frame;
-use crate::sinks::amqp::wire::methods::{self, ReturnedHeader, NO_ROUTE};
+use crate::targets::amqp::wire::frame;
+use crate::targets::amqp::wire::methods::{self, ReturnedHeader, NO_ROUTE};
 
 /// Most bytes of a returned message's body kept to tell it from other publishes; a longer one
 /// is told apart by its length alone.

@@ -18,7 +18,7 @@ use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::mqtt::codec::{PublishProperties, QoS};
-use crate::sinks::{Failure, Outcome};
+use crate::targets::{Failure, Outcome};
 
 /// The broker side of one connection.
 struct Fake {

@@ -290,8 +290,8 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::sinks::amqp::wire::methods::{queue_bind, queue_declare, QueueFlags};
-    use crate::sinks::amqp::wire::table::Value;
+    use crate::targets::amqp::wire::methods::{queue_bind, queue_declare, QueueFlags};
+    use crate::targets::amqp::wire::table::Value;
 
     /// A content header as RabbitMQ would send it.
     fn header_frame(channel: u16, body: u64) -> BytesMut {

@@ -18,6 +18,7 @@ mod headers;
 mod publisher;
 pub(crate) mod queues;
 mod supervisor;
+pub mod target;
 #[cfg(test)]
 mod tests;
 pub mod tls;
@@ -37,7 +38,7 @@ use crate::config::{AmqpBrokerConfig, TopicMapping, UnroutablePolicy};
 use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::metrics::{BrokerMetrics, Metrics, ReasonLabels, TargetMetrics};
-use crate::sinks::{AckSender, Failure, Outcome};
+use crate::targets::{AckSender, Failure, Outcome};
 
 pub use headers::{
     message_id, HEADER_CLIENT_ID, HEADER_CORRELATION_DATA, HEADER_PAYLOAD_FORMAT, HEADER_QOS,

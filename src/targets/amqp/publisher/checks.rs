@@ -10,14 +10,14 @@ use std::time::Instant;
 use tracing::{debug, warn};
 
 use super::{missing_exchange, Publisher};
-use crate::sinks::amqp::exchanges::{Checked, Released};
-use crate::sinks::amqp::headers;
-use crate::sinks::amqp::queues::{Declared, QueueSpec};
-use crate::sinks::amqp::transport::describe;
-use crate::sinks::amqp::wire::methods::{self, Close, NOT_FOUND};
-use crate::sinks::amqp::wire::WireError;
-use crate::sinks::amqp::PublishRequest;
-use crate::sinks::{Failure, Outcome};
+use crate::targets::amqp::exchanges::{Checked, Released};
+use crate::targets::amqp::headers;
+use crate::targets::amqp::queues::{Declared, QueueSpec};
+use crate::targets::amqp::transport::describe;
+use crate::targets::amqp::wire::methods::{self, Close, NOT_FOUND};
+use crate::targets::amqp::wire::WireError;
+use crate::targets::amqp::PublishRequest;
+use crate::targets::{Failure, Outcome};
 
 /// One synchronous request on the check channel.
 pub(super) enum Op {
