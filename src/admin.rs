@@ -23,15 +23,15 @@ use crate::metrics::Metrics;
 use crate::rules::RuleSet;
 use crate::spool::Spools;
 use crate::store::Store;
-use crate::targets::amqp::AmqpBroker;
+use crate::targets::kinds::Health;
 
 /// What the admin routes read.
 #[derive(Clone)]
 pub struct AdminState {
     /// Encoded by `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Checked by `/readyz`.
-    pub brokers: Vec<AmqpBroker>,
+    /// Every target kind's systems (brokers...), checked by `/readyz`.
+    pub systems: Vec<Arc<dyn Health>>,
     /// The targets a dead letter is replayed to.
     pub rules: Arc<RuleSet>,
     /// The dead letters; `None` without a store.
@@ -76,15 +76,15 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         ));
     }
     let mut ready = true;
-    for b in &state.brokers {
-        let up = b.is_connected();
-        ready &= up;
-        let state = match (up, b.last_error()) {
-            (true, _) => "connected".to_owned(),
-            (false, Some(e)) => format!("disconnected ({e})"),
-            (false, None) => "disconnected".to_owned(),
+    for system in &state.systems {
+        let text = match system.state() {
+            Ok(text) => text,
+            Err(text) => {
+                ready = false;
+                text
+            }
         };
-        body.push_str(&format!("amqp {}: {state}\n", b.name()));
+        body.push_str(&format!("{}: {text}\n", system.name()));
     }
     if let Some(dl) = &state.dead_letters {
         body.push_str(&format!("dead letters: {}\n", dl.count()));

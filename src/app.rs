@@ -8,7 +8,6 @@
 //! sink waits for outstanding confirms, HTTP lanes finish the request in flight); last, the
 //! store is flushed (an empty commit waits for every batch queued before it).
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +31,7 @@ use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
 use crate::spool;
 use crate::store::{Store, WriteBatch};
-use crate::targets::amqp::AmqpBroker;
-use crate::targets::http::HttpEndpoint;
+use crate::targets::kinds::{self, StartContext, Systems};
 
 /// A running gateway.
 pub struct App {
@@ -85,6 +83,10 @@ impl App {
             metrics.store.set(store.clone());
         }
         let persist = store.clone().map(Persist::start);
+        if let Some(store) = &store {
+            // Before the dead letters and spools read them: ids by name, not position.
+            crate::targets::ids::migrate_positional_ids(store, &config).await?;
+        }
         let dead_letters = match (&store, &config.store) {
             (Some(store), Some(cfg)) => {
                 Some(DeadLetters::with_limit(store.clone(), &metrics, cfg.max_dead_letters)?)
@@ -104,21 +106,15 @@ impl App {
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
-        let mut brokers = BTreeMap::new();
-        for (name, cfg) in &config.amqp {
-            let (broker, handle) = AmqpBroker::spawn(name, cfg, &metrics, sinks_shutdown.clone());
-            tasks.spawn(async move {
-                if let Err(e) = handle.await {
-                    error!(error = %e, "AMQP sink task failed");
-                }
-            });
-            brokers.insert(name.clone(), broker);
-        }
-        let mut http = BTreeMap::new();
-        for (name, cfg) in &config.http {
-            http.insert(name.clone(), HttpEndpoint::new(name, cfg, sinks_shutdown.clone())?);
-        }
-        let mut rules = RuleSet::compile(&config, &brokers, &http, &metrics)?;
+        let mut systems = Systems::default();
+        let mut starting = StartContext {
+            metrics: &metrics,
+            shutdown: &sinks_shutdown,
+            tasks: &mut tasks,
+            systems: &mut systems,
+        };
+        kinds::start_systems(&config, &mut starting)?;
+        let mut rules = RuleSet::compile(&config, &systems, &metrics)?;
         if let Some(dl) = &dead_letters {
             rules.record_dead_letters(dl);
         }
@@ -134,10 +130,7 @@ impl App {
             &mut tasks,
         )
         .await?;
-        // Every HTTP target's lanes are started: wait for them at shutdown.
-        for endpoint in http.into_values() {
-            tasks.spawn(endpoint.finished());
-        }
+        kinds::started(&systems, &mut tasks);
         let broker = Broker::new(
             Arc::clone(&metrics),
             config.mqtt.max_retained,
@@ -196,7 +189,7 @@ impl App {
         listener.spawn(listener::run(mqtt_listeners, shared, max_connections));
         let state = AdminState {
             metrics: Arc::clone(&metrics),
-            brokers: brokers.into_values().collect(),
+            systems: systems.health().to_vec(),
             rules,
             dead_letters: dead_letters.clone(),
             spools,

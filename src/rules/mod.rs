@@ -11,20 +11,18 @@
 pub mod mapping;
 pub mod template;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use prometheus_client::metrics::counter::Counter;
 use thiserror::Error;
 
-use crate::config::{AckPolicy, Config, RuleErrorPolicy, TargetConfig};
+use crate::config::{AckPolicy, Config, RuleErrorPolicy};
 use crate::deadletters::{DeadLetters, Recorder};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::topic::TopicTree;
-use crate::targets::amqp::target::AmqpTarget;
-use crate::targets::amqp::AmqpBroker;
-use crate::targets::http::{HttpEndpoint, HttpError, HttpTarget};
+use crate::targets::http::HttpError;
+use crate::targets::kinds::{target_id, BuildContext, Systems};
 use crate::targets::Target;
 use template::{Condition, TemplateError};
 
@@ -96,12 +94,6 @@ impl Rule {
     }
 }
 
-/// The stable id of target `index` (0-based, in `to:` order) of rule `rule`: `rule/index`.
-/// What the spool and dead letters record, and what a replay names. Rule names are unique.
-pub fn target_id(rule: &str, index: usize) -> String {
-    format!("{rule}/{index}")
-}
-
 /// Every rule, with a filter tree for matching.
 #[derive(Debug, Default)]
 pub struct RuleSet {
@@ -111,56 +103,27 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    /// Compiles the rules of `config` against the running sinks. HTTP targets start their
-    /// lanes (tasks) on their endpoint here, so this runs inside the tokio runtime.
+    /// Compiles the rules of `config` against the running systems. Kinds may start tasks for
+    /// their targets here (HTTP lanes), so this runs inside the tokio runtime.
     pub fn compile(
         config: &Config,
-        brokers: &BTreeMap<String, AmqpBroker>,
-        http: &BTreeMap<String, HttpEndpoint>,
+        systems: &Systems,
         metrics: &Metrics,
     ) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet::default();
-        let template_error =
-            |rule: &str, error: TemplateError| RuleError::Template { rule: rule.to_owned(), error };
+        let at = BuildContext { metrics, systems };
         for rc in &config.rules {
             let name = rc.name.value.clone();
             let when = match &rc.when {
-                Some(w) => {
-                    Some(Condition::compile(&w.value).map_err(|e| template_error(&name, e))?)
-                }
+                Some(w) => Some(
+                    Condition::compile(&w.value)
+                        .map_err(|error| RuleError::Template { rule: name.clone(), error })?,
+                ),
                 None => None,
             };
             let mut targets: Vec<Arc<dyn Target>> = Vec::with_capacity(rc.to.len());
-            for (index, tc) in rc.to.iter().enumerate() {
-                let id = target_id(&name, index);
-                match tc {
-                    TargetConfig::Amqp(t) => {
-                        let broker = brokers.get(&t.broker.value).ok_or_else(|| {
-                            RuleError::UnknownBroker {
-                                rule: name.clone(),
-                                broker: t.broker.value.clone(),
-                            }
-                        })?;
-                        let mapping = config
-                            .amqp
-                            .get(&t.broker.value)
-                            .map(|b| b.topic_mapping)
-                            .unwrap_or_default();
-                        let target = AmqpTarget::build(&id, &name, t, broker, mapping, metrics)
-                            .map_err(|e| template_error(&name, e))?;
-                        targets.push(Arc::new(target));
-                    }
-                    TargetConfig::Http(t) => {
-                        let endpoint = http.get(&t.endpoint.value).ok_or_else(|| {
-                            RuleError::UnknownEndpoint {
-                                rule: name.clone(),
-                                endpoint: t.endpoint.value.clone(),
-                            }
-                        })?;
-                        targets
-                            .push(Arc::new(HttpTarget::start(endpoint, &id, &name, t, metrics)?));
-                    }
-                }
+            for tc in &rc.to {
+                targets.push(tc.build(&target_id(&name, tc), &name, &at)?);
             }
             let (errors, skipped) = metrics.rule(&name);
             set.tree.insert(&rc.from.value, set.rules.len());

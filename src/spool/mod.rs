@@ -40,8 +40,9 @@ use crate::config::{AckPolicy, Config};
 use crate::deadletters::DeadLetters;
 use crate::message::Message;
 use crate::metrics::Metrics;
-use crate::rules::{target_id, RuleSet};
+use crate::rules::RuleSet;
 use crate::store::{Store, StoreError};
+use crate::targets::kinds::target_id;
 use crate::targets::{AckSender, Failure, Outcome};
 use state::Shared;
 
@@ -164,8 +165,8 @@ pub async fn start(
     let mut wanted = HashMap::new();
     for (i, rc) in config.rules.iter().enumerate() {
         if rc.ack_policy() == AckPolicy::Spool {
-            for j in 0..rc.to.len() {
-                wanted.insert(target_id(&rc.name.value, j), i);
+            for t in &rc.to {
+                wanted.insert(target_id(&rc.name.value, t), i);
             }
         }
     }
@@ -175,8 +176,8 @@ pub async fn start(
         let mut spools = Vec::new();
         if rc.ack_policy() == AckPolicy::Spool {
             let cfg = rc.spool.as_ref().map(|s| s.value.clone()).unwrap_or_default();
-            for j in 0..rc.to.len() {
-                let id = target_id(&rc.name.value, j);
+            for (j, t) in rc.to.iter().enumerate() {
+                let id = target_id(&rc.name.value, t);
                 let state = restored.remove(&id).unwrap_or_default();
                 if state.depth() > 0 {
                     info!(target_id = %id, messages = state.depth(), bytes = state.bytes, "spool restored; forwarding its backlog");

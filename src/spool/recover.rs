@@ -52,7 +52,8 @@ async fn move_orphans(
     id: &str,
     state: &State,
 ) -> Result<(), StoreError> {
-    let rule = id.rsplit_once('/').map_or(id, |(rule, _)| rule);
+    // A target id is `RULE/KIND:ENDPOINT` unless it was set with `id:` (then this is a guess).
+    let rule = id.split_once('/').map_or(id, |(rule, _)| rule);
     let reason = format!(
         "spooled for target {id}, which is no longer configured (rule removed, renamed, or its targets changed)"
     );

@@ -8,6 +8,8 @@
 
 pub mod amqp;
 pub mod http;
+pub mod ids;
+pub mod kinds;
 
 use std::sync::Arc;
 

@@ -91,7 +91,7 @@ fn config(dir: &std::path::Path, rest: &str) -> String {
 /// (never/# → `exchange`, routing key `good.1`, which the test's queue is bound to).
 fn amqp_rules(exchange: &str) -> String {
     format!(
-        "rules:\n  - name: lost\n    from: \"dl/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: \"{exchange}\"\n          routing_key: \"nowhere\"\n          mandatory: true\n  - name: good\n    from: \"never/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: \"{exchange}\"\n          routing_key: \"good.1\"\n"
+        "rules:\n  - name: lost\n    from: \"dl/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: \"{exchange}\"\n          routing_key: \"nowhere\"\n          mandatory: true\n          id: lost/0\n  - name: good\n    from: \"never/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: \"{exchange}\"\n          routing_key: \"good.1\"\n          id: good/0\n"
     )
 }
 
@@ -227,12 +227,17 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
     }
     let letters = wait_letters(&app, 1).await;
     let id = letters[0]["id"].as_u64().expect("id");
-    assert_eq!(letters[0]["target"], "hooks/0");
+    assert_eq!(letters[0]["target"], "hooks/http:api/missing");
     assert!(letters[0]["reason"].as_str().expect("reason").contains("404"), "{}", letters[0]);
 
     // An unknown target, an unknown id, a bad body: clear errors, nothing changes.
-    let (status, e) =
-        api(&app, "POST", &format!("/dead-letters/{id}/replay"), Some(r#"{"to":"nope/0"}"#)).await;
+    let (status, e) = api(
+        &app,
+        "POST",
+        &format!("/dead-letters/{id}/replay"),
+        Some(r#"{"to":"nope/http:api/x"}"#),
+    )
+    .await;
     assert_eq!(status, 404, "{e}");
     let (status, _) = api(&app, "POST", "/dead-letters/999999/replay", None).await;
     assert_eq!(status, 404);
@@ -240,9 +245,13 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
     assert_eq!(status, 400);
     assert!(seen.lock().expect("seen").is_empty());
 
-    let (status, r) =
-        api(&app, "POST", &format!("/dead-letters/{id}/replay"), Some(r#"{"to":"hooks_ok/0"}"#))
-            .await;
+    let (status, r) = api(
+        &app,
+        "POST",
+        &format!("/dead-letters/{id}/replay"),
+        Some(r#"{"to":"hooks_ok/http:api/ok"}"#),
+    )
+    .await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["delivered"], true);
     assert_eq!(
@@ -258,11 +267,16 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
         assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
     }
     wait_letters(&app, 2).await;
-    let (status, r) =
-        api(&app, "POST", "/dead-letters/replay", Some(r#"{"rule":"other","to":"hooks_ok/0"}"#))
-            .await;
+    let (status, r) = api(
+        &app,
+        "POST",
+        "/dead-letters/replay",
+        Some(r#"{"rule":"other","to":"hooks_ok/http:api/ok"}"#),
+    )
+    .await;
     assert_eq!((status, r["delivered"].as_u64()), (200, Some(0)), "{r}");
-    let (code, out, err) = cli_async(&app, &["replay", "--all", "--to", "hooks_ok/0"]).await;
+    let (code, out, err) =
+        cli_async(&app, &["replay", "--all", "--to", "hooks_ok/http:api/ok"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("replayed: 2 delivered, 0 failed"), "{out}");
     let bodies: Vec<Bytes> = seen.lock().expect("seen").iter().map(|s| s.1.clone()).collect();
@@ -282,9 +296,10 @@ async fn a_replay_to_an_ack_spool_target_goes_through_its_spool() {
     c.publish("h/1", QoS::AtLeastOnce, 1, b"via the spool").await;
     assert!(matches!(c.recv().await, Some(Packet::PubAck(a)) if !a.code.is_success()));
     let id = wait_letters(&app, 1).await[0]["id"].as_u64().expect("id");
-    let (code, out, err) = cli_async(&app, &["replay", &id.to_string(), "--to", "spooled/0"]).await;
+    let (code, out, err) =
+        cli_async(&app, &["replay", &id.to_string(), "--to", "spooled/http:api/spooled"]).await;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("spooled for spooled/0"), "{out}");
+    assert!(out.contains("spooled for spooled/http:api/spooled"), "{out}");
     wait_letters(&app, 0).await;
     // The spool's forwarder delivers it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -330,7 +345,7 @@ async fn a_rule_error_is_kept_for_each_target_of_the_rule() {
     assert!(matches!(c.recv().await, Some(Packet::PubAck(a)) if !a.code.is_success()));
     let letters = wait_letters(&app, 2).await;
     let targets: Vec<&str> = letters.iter().filter_map(|l| l["target"].as_str()).collect();
-    assert_eq!(targets, ["hot/0", "hot/1"]);
+    assert_eq!(targets, ["hot/http:api/a", "hot/http:api/b"]);
     assert!(letters[0]["reason"].as_str().expect("reason").contains("could not be evaluated"));
     app.stop().await;
 }

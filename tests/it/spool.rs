@@ -127,7 +127,8 @@ async fn spooled_messages_survive_a_rabbitmq_outage_and_arrive_in_order() {
     assert_eq!(acked.len(), during.len(), "every PUBLISH is acknowledged while RabbitMQ is down");
     let m = metrics(&app).await;
     assert!(
-        metric(&m, "mqgate_spool_depth_messages{target=\"s/0\"}") > 0.0,
+        metric(&m, &format!("mqgate_spool_depth_messages{{target=\"s/amqp:rabbit/{exchange}\"}}"))
+            > 0.0,
         "spool holds them:\n{m}"
     );
     tokio::time::sleep(Duration::from_millis(800)).await;
@@ -138,7 +139,11 @@ async fn spooled_messages_survive_a_rabbitmq_outage_and_arrive_in_order() {
     let dups = check_order(&sent, &got);
     println!("outage: {} messages, {} received, {dups} duplicates", sent.len(), got.len());
     let m = metrics(&app).await;
-    assert!(metric(&m, "mqgate_spool_retries_total{target=\"s/0\"}") > 0.0, "{m}");
+    assert!(
+        metric(&m, &format!("mqgate_spool_retries_total{{target=\"s/amqp:rabbit/{exchange}\"}}"))
+            > 0.0,
+        "{m}"
+    );
     app.stop().await;
 }
 
@@ -235,7 +240,8 @@ async fn a_full_spool_applies_backpressure_until_room_frees() {
         acked.len()
     );
     let m = metrics(&app).await;
-    let bytes = metric(&m, "mqgate_spool_depth_bytes{target=\"s/0\"}");
+    let bytes =
+        metric(&m, &format!("mqgate_spool_depth_bytes{{target=\"s/amqp:rabbit/{exchange}\"}}"));
     assert!(bytes > 0.0 && bytes <= 2048.0, "depth within max_bytes: {bytes}\n{m}");
 
     proxy.restore();
@@ -271,7 +277,8 @@ async fn a_full_spool_with_drop_oldest_drops_and_counts() {
     let acked = publish_all(&mut c, &sent, Duration::from_secs(5)).await;
     assert_eq!(acked.len(), sent.len(), "drop_oldest never holds a PUBACK back");
     let m = metrics(&app).await;
-    let dropped = metric(&m, "mqgate_spool_dropped_total{target=\"s/0\"}");
+    let dropped =
+        metric(&m, &format!("mqgate_spool_dropped_total{{target=\"s/amqp:rabbit/{exchange}\"}}"));
     assert!(dropped >= 100.0, "the oldest were dropped and counted: {dropped}\n{m}");
     proxy.restore();
     let got = drain(&ch, &queue, sent.len() - dropped as usize, Duration::from_secs(5)).await;
@@ -574,8 +581,12 @@ async fn a_final_failure_and_exhausted_retries_go_to_the_dead_letters() {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let m = metrics(&gw).await;
-        if metric(&m, "mqgate_spool_dead_lettered_total{target=\"h/0\"}") >= 2.0 {
-            assert_eq!(metric(&m, "mqgate_spool_depth_messages{target=\"h/0\"}"), 0.0, "{m}");
+        if metric(&m, "mqgate_spool_dead_lettered_total{target=\"h/http:hook\"}") >= 2.0 {
+            assert_eq!(
+                metric(&m, "mqgate_spool_depth_messages{target=\"h/http:hook\"}"),
+                0.0,
+                "{m}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "not dead-lettered:\n{m}");
@@ -584,7 +595,11 @@ async fn a_final_failure_and_exhausted_retries_go_to_the_dead_letters() {
     gw.stop().await;
     let letters = dead_letters_in(dir.path()).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
-    assert_eq!((letters[0].0.as_str(), letters[0].2.as_str()), ("h/0", "0:bad"), "{letters:?}");
+    assert_eq!(
+        (letters[0].0.as_str(), letters[0].2.as_str()),
+        ("h/http:hook", "0:bad"),
+        "{letters:?}"
+    );
     assert!(letters[0].1.contains("404"), "{letters:?}");
     assert_eq!(letters[1].2, "0:3", "{letters:?}");
     assert!(letters[1].1.contains("max_retry_time"), "{letters:?}");
@@ -605,13 +620,13 @@ async fn a_restart_forwards_the_spool_and_dead_letters_what_no_target_claims() {
     assert_eq!(publish_all(&mut c, &sent, Duration::from_secs(5)).await.len(), 20);
     gw.stop().await;
 
-    // Restart with one target only (h/1 is gone) and the endpoint up.
+    // Restart with one target only (h/http:hook/second is gone) and the endpoint up.
     let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
     let listener = socket.listen(1024).expect("listen");
     tokio::spawn(serve_hook(listener, h.clone()));
     let gw = gateway_on_store(&http_spool_config(dir.path(), addr, "")).await;
     let (_, body) = http_get(gw.admin_addr, "/readyz").await.expect("readyz");
-    assert!(body.contains("spool h/0:"), "{body}");
+    assert!(body.contains("spool h/http:hook:"), "{body}");
     let deadline = Instant::now() + Duration::from_secs(15);
     while h.bodies.lock().expect("bodies").len() < sent.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -621,9 +636,15 @@ async fn a_restart_forwards_the_spool_and_dead_letters_what_no_target_claims() {
     println!("restart: {} received, {dups} duplicates", got.len());
     gw.stop().await;
     let letters = dead_letters_in(dir.path()).await;
-    assert_eq!(letters.len(), 20, "h/1's spool went to the dead letters: {letters:?}");
+    assert_eq!(
+        letters.len(),
+        20,
+        "the second target's spool went to the dead letters: {letters:?}"
+    );
     assert!(
-        letters.iter().all(|(t, r, _)| t == "h/1" && r.contains("no longer configured")),
+        letters
+            .iter()
+            .all(|(t, r, _)| t == "h/http:hook/second" && r.contains("no longer configured")),
         "{letters:?}"
     );
 }

@@ -13,8 +13,10 @@
 //! (no client library): `wire` encodes and decodes frames, `transport` owns the socket, the URL
 //! and the handshake; the publisher task drives the socket itself, with no extra thread.
 
+pub mod config;
 mod exchanges;
 mod headers;
+mod kind;
 mod publisher;
 pub(crate) mod queues;
 mod supervisor;
@@ -34,16 +36,18 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AmqpBrokerConfig, TopicMapping, UnroutablePolicy};
 use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::metrics::{BrokerMetrics, Metrics, ReasonLabels, TargetMetrics};
+use crate::rules::mapping::TopicMapping;
 use crate::targets::{AckSender, Failure, Outcome};
+use config::{AmqpBrokerConfig, UnroutablePolicy};
 
 pub use headers::{
     message_id, HEADER_CLIENT_ID, HEADER_CORRELATION_DATA, HEADER_PAYLOAD_FORMAT, HEADER_QOS,
     HEADER_RESPONSE_TOPIC, HEADER_RETAIN, HEADER_TOPIC, MESSAGE_ID_PREFIX,
 };
+pub use kind::AmqpKind;
 pub use queues::{last_value_queue_name, QueueSpec, LAST_VALUE_PREFIX};
 pub use wire::MAX_SHORT_STRING_LENGTH;
 

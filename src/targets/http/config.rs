@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
-use crate::config::{Config, HumanDuration, TargetConfig};
+use crate::config::types::{defined, HumanDuration, Report};
 
 use super::template;
 
@@ -68,6 +68,10 @@ pub struct HttpTlsConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpTargetConfig {
+    /// The target's stable id (spool keys, dead letters); default: derived from the rule's
+    /// name, the endpoint and the path.
+    #[serde(default)]
+    pub id: Option<Spanned<String>>,
     /// Key of an endpoint under `http:`.
     pub endpoint: Spanned<String>,
     /// HTTP method; default POST.
@@ -248,20 +252,14 @@ fn substitute_with(
 }
 
 /// Checks the `http:` section and every `- http:` target; reports through `err`.
-pub fn validate(config: &Config, err: &mut impl FnMut(&Location, String)) {
-    for (name, ep) in &config.http {
-        validate_endpoint(name, ep, err);
-    }
-    for rule in &config.rules {
-        for target in &rule.to {
-            if let TargetConfig::Http(t) = target {
-                validate_target(config, &rule.name.value, t, err);
-            }
-        }
+/// Checks every endpoint under `http:`.
+pub fn validate_endpoints(endpoints: &BTreeMap<String, HttpEndpointConfig>, err: &mut Report<'_>) {
+    for (name, ep) in endpoints {
+        validate_endpoint(name, ep, &mut *err);
     }
 }
 
-fn validate_endpoint(name: &str, ep: &HttpEndpointConfig, err: &mut impl FnMut(&Location, String)) {
+fn validate_endpoint(name: &str, ep: &HttpEndpointConfig, err: &mut Report<'_>) {
     let at = &ep.url.referenced;
     match substitute_env(&ep.url.value) {
         Err(e) => err(at, format!("http.{name}.url: {e}")),
@@ -317,20 +315,20 @@ fn validate_endpoint(name: &str, ep: &HttpEndpointConfig, err: &mut impl FnMut(&
     }
 }
 
-fn validate_target(
-    config: &Config,
+/// The checks of an HTTP target of rule `rule`.
+pub fn validate_target(
     rule: &str,
     t: &HttpTargetConfig,
-    err: &mut impl FnMut(&Location, String),
+    endpoints: &BTreeMap<String, HttpEndpointConfig>,
+    err: &mut Report<'_>,
 ) {
-    if !config.http.contains_key(&t.endpoint.value) {
-        let known: Vec<&str> = config.http.keys().map(String::as_str).collect();
+    if !endpoints.contains_key(&t.endpoint.value) {
         err(
             &t.endpoint.referenced,
             format!(
                 "rule {rule:?}: no endpoint {:?} under http: (defined: {})",
                 t.endpoint.value,
-                if known.is_empty() { "none".into() } else { known.join(", ") }
+                defined(endpoints.keys())
             ),
         );
     }

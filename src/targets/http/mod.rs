@@ -19,6 +19,7 @@
 mod body;
 pub mod config;
 mod conn;
+mod kind;
 mod lane;
 mod retry;
 pub mod template;
@@ -42,6 +43,7 @@ use crate::targets::{AckSender, Failure, Outcome};
 
 use body::BodySpec;
 use config::{substitute_env, BatchConfig, HttpEndpointConfig, HttpTargetConfig, RetryConfig};
+pub use kind::HttpKind;
 use template::{Kind, Needs, Template};
 
 /// Reason label of `messages_dropped` for QoS 0 messages that found the target's lane full.

@@ -5,18 +5,24 @@
 //! and the code cannot disagree.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
+pub mod types;
+
 use crate::mqtt::topic;
 pub use crate::rules::mapping::TopicMapping;
 pub use crate::spool::config::{AckPolicy, ByteSize, OnFull, SpoolConfig};
+pub use crate::targets::amqp::config::{
+    AmqpBrokerConfig, AmqpTargetConfig, ArgumentValue, UnroutablePolicy,
+};
 pub use crate::targets::http::config::{HttpEndpointConfig, HttpTargetConfig};
+pub use crate::targets::kinds::TargetConfig;
+pub use types::{unspanned, ConfigError, ConfigErrors, HumanDuration};
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -160,52 +166,6 @@ impl Default for AdminConfig {
     }
 }
 
-/// `amqp.NAME:`: one AMQP 0-9-1 broker connection.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpBrokerConfig {
-    /// amqp://user:pass@host:port/vhost (vhost URL-encoded, "%2f" for "/").
-    pub url: Spanned<String>,
-    /// Channels in confirm mode that publishes are spread over.
-    #[serde(default = "default_channels")]
-    pub channels: usize,
-    /// Publishes awaiting a confirm, across the connection; at the bound, publishers wait.
-    #[serde(default = "default_max_unconfirmed")]
-    pub max_unconfirmed: usize,
-    /// Publish requests queued in front of the connection.
-    #[serde(default = "default_queue")]
-    pub queue: usize,
-    /// Time allowed for the TCP and AMQP handshake.
-    #[serde(default = "default_amqp_connect_timeout")]
-    pub connect_timeout: HumanDuration,
-    /// First reconnect delay; doubles after each failure up to `reconnect_max`.
-    #[serde(default = "default_reconnect_min")]
-    pub reconnect_min: HumanDuration,
-    /// Longest reconnect delay.
-    #[serde(default = "default_reconnect_max")]
-    pub reconnect_max: HumanDuration,
-    /// Default topic ↔ routing key mapping of this broker's targets (`plugin` or `lossless`).
-    #[serde(default)]
-    pub topic_mapping: TopicMapping,
-    /// With `amqps://`: CAs, client certificate, server name (default: system roots, the
-    /// URL's host, no client certificate).
-    #[serde(default)]
-    pub tls: Option<crate::targets::amqp::tls::AmqpTlsConfig>,
-    /// `plain` (the URL's user and password) or `external` (the TLS client certificate).
-    #[serde(default)]
-    pub auth_mechanism: Option<Spanned<crate::targets::amqp::tls::AuthMechanism>>,
-}
-
-impl AmqpBrokerConfig {
-    /// How the connection is secured and authenticated.
-    pub(crate) fn security(&self) -> crate::targets::amqp::transport::Security {
-        crate::targets::amqp::transport::Security {
-            tls: self.tls.clone(),
-            mechanism: self.auth_mechanism.as_ref().map(|m| m.value).unwrap_or_default(),
-        }
-    }
-}
-
 /// One entry of `rules:`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -249,76 +209,6 @@ pub enum RuleErrorPolicy {
     Fail,
     /// The rule is skipped for this message (counted), as if it did not match.
     Skip,
-}
-
-/// `unroutable:` of a `mandatory` target: what an MQTT 5 client is told when RabbitMQ returns
-/// the message because no queue is bound for it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum UnroutablePolicy {
-    /// PUBACK/PUBREC 0x10 "No matching subscribers" (accepted, but nobody got it).
-    #[default]
-    NoMatchingSubscribers,
-    /// PUBACK/PUBREC 0x80 "Unspecified error" with a reason string.
-    Error,
-}
-
-/// A queue argument value (`arguments:` of a job-queue target).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
-pub enum ArgumentValue {
-    /// A boolean.
-    Bool(bool),
-    /// An integer (e.g. `x-max-length`).
-    Int(i64),
-    /// A string (e.g. `x-queue-type: quorum`).
-    Text(String),
-}
-
-/// One target of a rule.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "snake_case")]
-// Parsed once at start: the variants' sizes do not matter.
-#[allow(clippy::large_enum_variant)]
-pub enum TargetConfig {
-    /// Publish to an AMQP exchange.
-    Amqp(AmqpTargetConfig),
-    /// Send to an HTTP endpoint (a webhook).
-    Http(HttpTargetConfig),
-}
-
-/// `- amqp:` target.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AmqpTargetConfig {
-    /// Key of a broker under `amqp:`.
-    pub broker: Spanned<String>,
-    /// Exchange to publish to ("" is the default exchange); may be a template.
-    #[serde(default = "default_exchange")]
-    pub exchange: Spanned<String>,
-    /// Fixed routing key or a template (`sensors.{{ levels[1] }}`). Default: the topic mapped
-    /// by `topic_mapping` (sensors/a/telemetry -> sensors.a.telemetry).
-    #[serde(default)]
-    pub routing_key: Option<Spanned<String>>,
-    /// Topic ↔ routing key mapping for this target; default: the broker's `topic_mapping`.
-    #[serde(default)]
-    pub topic_mapping: Option<TopicMapping>,
-    /// Publish with AMQP's mandatory flag: a message no queue receives (basic.return) fails.
-    #[serde(default)]
-    pub mandatory: bool,
-    /// With `mandatory`: what an MQTT 5 client is told about a returned message.
-    #[serde(default)]
-    pub unroutable: UnroutablePolicy,
-    /// Also keep the topic's retained message in a durable per-topic last-value queue.
-    #[serde(default)]
-    pub last_value: bool,
-    /// A job queue: publish through the default exchange to this durable queue, declared
-    /// with `arguments`. Excludes `exchange` and `routing_key`.
-    #[serde(default)]
-    pub queue: Option<Spanned<String>>,
-    /// Arguments of the `queue` declare (e.g. `x-queue-type: quorum`).
-    #[serde(default)]
-    pub arguments: BTreeMap<String, ArgumentValue>,
 }
 
 /// One entry of `users:`.
@@ -374,43 +264,6 @@ pub struct AclEntryConfig {
     /// Client id pattern: `*` matches any run of characters, `%u` is the user name.
     #[serde(default)]
     pub client: Option<Spanned<String>>,
-}
-
-/// A duration written as seconds (`10`) or with a unit (`250ms`, `10s`, `5m`, `1h`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(HumanDuration(Duration::from_secs(s))),
-            Raw::Text(t) => parse_duration(&t).map(HumanDuration).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {t:?}: write e.g. 10, \"250ms\", \"10s\", \"5m\" or \"1h\""
-                ))
-            }),
-        }
-    }
-}
-
-fn parse_duration(text: &str) -> Option<Duration> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    match unit.trim() {
-        "" | "s" => Some(Duration::from_secs(n)),
-        "ms" => Some(Duration::from_millis(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-        _ => None,
-    }
 }
 
 const fn default_shutdown_timeout() -> HumanDuration {
@@ -473,69 +326,6 @@ fn default_admin_listen_str() -> String {
 fn default_admin_listen() -> Spanned<String> {
     unspanned(default_admin_listen_str())
 }
-const fn default_channels() -> usize {
-    2
-}
-const fn default_max_unconfirmed() -> usize {
-    8192
-}
-const fn default_queue() -> usize {
-    1024
-}
-const fn default_amqp_connect_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-const fn default_reconnect_min() -> HumanDuration {
-    HumanDuration(Duration::from_millis(100))
-}
-const fn default_reconnect_max() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
-}
-
-fn default_exchange() -> Spanned<String> {
-    unspanned(String::new())
-}
-
-fn unspanned<T>(value: T) -> Spanned<T> {
-    Spanned::new(value, Location::UNKNOWN, Location::UNKNOWN)
-}
-
-/// One problem in a config file, with where it is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// The file as the user named it.
-    pub file: PathBuf,
-    /// 1-based line, 0 when unknown.
-    pub line: u64,
-    /// 1-based column, 0 when unknown.
-    pub column: u64,
-    /// What is wrong and, where possible, how to fix it.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
-    }
-}
-
-/// Every problem found in a config file (at least one).
-#[derive(Debug, Clone)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
 
 impl Config {
     /// Reads, parses and validates `path`.
@@ -575,6 +365,7 @@ impl Config {
     }
 
     fn validate(&self, file: &Path) -> Vec<ConfigError> {
+        let sections: &dyn types::Sections = self;
         let mut errors = Vec::new();
         let mut err = |loc: &Location, message: String| {
             errors.push(ConfigError {
@@ -601,28 +392,10 @@ impl Config {
             err(&self.mqtt.connect_timeout.referenced, "mqtt.connect_timeout must be > 0".into());
         }
         for (name, broker) in &self.amqp {
-            let url = &broker.url.value;
-            if !url.starts_with("amqp://") && !url.starts_with("amqps://") {
-                err(
-                    &broker.url.referenced,
-                    format!("amqp.{name}.url must start with amqp:// or amqps://"),
-                );
-            }
-            crate::targets::amqp::tls::validate(
-                &format!("amqp.{name}"),
-                &broker.url,
-                broker.tls.as_ref(),
-                broker.auth_mechanism.as_ref(),
-                &mut err,
-            );
-            if broker.channels == 0 || broker.max_unconfirmed == 0 || broker.queue == 0 {
-                err(
-                    &broker.url.referenced,
-                    format!("amqp.{name}: channels, max_unconfirmed and queue must be at least 1"),
-                );
-            }
+            crate::targets::amqp::config::validate_broker(name, broker, &mut err);
         }
         let mut names = std::collections::HashSet::new();
+        let mut target_ids = std::collections::HashSet::new();
         for rule in &self.rules {
             if !names.insert(rule.name.value.as_str()) {
                 err(&rule.name.referenced, format!("duplicate rule name {:?}", rule.name.value));
@@ -633,38 +406,7 @@ impl Config {
             if rule.to.is_empty() {
                 err(&rule.name.referenced, format!("rule {:?} has no targets", rule.name.value));
             }
-            for target in &rule.to {
-                match target {
-                    TargetConfig::Amqp(t) => {
-                        if !self.amqp.contains_key(&t.broker.value) {
-                            let known: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
-                            err(
-                                &t.broker.referenced,
-                                format!(
-                                    "rule {:?}: no broker {:?} under amqp: (defined: {})",
-                                    rule.name.value,
-                                    t.broker.value,
-                                    if known.is_empty() { "none".into() } else { known.join(", ") }
-                                ),
-                            );
-                        }
-                        if t.exchange.value.len() > 255 {
-                            err(
-                                &t.exchange.referenced,
-                                "exchange name longer than 255 bytes".into(),
-                            );
-                        }
-                        if let Some(rk) = &t.routing_key {
-                            if rk.value.len() > 255 {
-                                err(&rk.referenced, "routing_key longer than 255 bytes".into());
-                            }
-                        }
-                        self.validate_uplink_target(rule, t, &mut err);
-                    }
-                    // Checked with the `http:` section below.
-                    TargetConfig::Http(_) => {}
-                }
-            }
+            crate::targets::kinds::validate_targets(sections, rule, &mut target_ids, &mut err);
             if let Some(when) = &rule.when {
                 if let Err(e) = crate::rules::template::check_condition(&when.value) {
                     err(&when.referenced, format!("rule {:?}: when: {e}", rule.name.value));
@@ -674,47 +416,9 @@ impl Config {
         let brokers: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
         crate::sources::config::validate(&self.sources, &brokers, &mut err);
         self.validate_auth(&mut err);
-        crate::targets::http::config::validate(self, &mut err);
+        crate::targets::http::config::validate_endpoints(&self.http, &mut err);
         crate::spool::config::validate(self, &mut err);
         errors
-    }
-
-    /// The checks of an AMQP target's templates, job queue and last-value options.
-    fn validate_uplink_target(
-        &self,
-        rule: &RuleConfig,
-        t: &AmqpTargetConfig,
-        err: &mut impl FnMut(&Location, String),
-    ) {
-        let name = &rule.name.value;
-        for (what, field) in
-            [("exchange", Some(&t.exchange)), ("routing_key", t.routing_key.as_ref())]
-        {
-            let Some(field) = field else { continue };
-            if crate::rules::template::is_template(&field.value) {
-                if let Err(e) = crate::rules::template::check_template(&field.value) {
-                    err(&field.referenced, format!("rule {name:?}: {what}: {e}"));
-                }
-            }
-        }
-        match &t.queue {
-            Some(q) => {
-                if q.value.is_empty() || q.value.len() > 255 {
-                    err(&q.referenced, format!("rule {name:?}: queue: 1 to 255 bytes"));
-                }
-                if !t.exchange.value.is_empty() || t.routing_key.is_some() {
-                    err(
-                        &q.referenced,
-                        format!("rule {name:?}: a `queue:` target publishes through the default exchange; remove `exchange:` and `routing_key:`"),
-                    );
-                }
-            }
-            None if !t.arguments.is_empty() => err(
-                &t.broker.referenced,
-                format!("rule {name:?}: `arguments:` needs `queue:` (they are the queue's declare arguments)"),
-            ),
-            None => {}
-        }
     }
 
     fn validate_auth(&self, err: &mut impl FnMut(&Location, String)) {
@@ -764,6 +468,17 @@ impl Config {
     }
 }
 
+impl types::Sections for Config {
+    /// One line per top-level section that names a kind's systems.
+    fn section(&self, name: &str) -> Option<&dyn std::any::Any> {
+        match name {
+            "amqp" => Some(&self.amqp),
+            "http" => Some(&self.http),
+            _ => None,
+        }
+    }
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_owned()
 }
@@ -772,7 +487,7 @@ fn first_line(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../config/mqgate.yaml");
+    const EXAMPLE: &str = include_str!("../../config/mqgate.yaml");
 
     #[test]
     fn shipped_example_parses() {
@@ -799,6 +514,28 @@ mod tests {
         let lines: Vec<u64> = e.0.iter().map(|e| e.line).collect();
         assert_eq!(lines, vec![5, 8], "{e}");
         assert!(e.to_string().contains("no broker \"nope\""), "{e}");
+    }
+
+    #[test]
+    fn target_ids_come_from_names_and_must_be_unique() {
+        use crate::targets::kinds::target_id;
+        let text = "mqtt:\n  listen: \"127.0.0.1:1883\"\namqp:\n  r:\n    url: \"amqp://localhost\"\nrules:\n  - name: a\n    from: \"a/#\"\n    to:\n      - amqp:\n          broker: r\n          exchange: x\n      - amqp:\n          broker: r\n          exchange: y\n";
+        let c = Config::parse(Path::new("i.yaml"), text).expect("valid");
+        let ids: Vec<String> = c.rules[0].to.iter().map(|t| target_id("a", t)).collect();
+        assert_eq!(ids, ["a/amqp:r/x", "a/amqp:r/y"]);
+        // The same endpoint twice: each needs an `id:`; the error points at the second.
+        let twice = text.replace("exchange: y", "exchange: x");
+        let e = Config::parse(Path::new("i.yaml"), &twice).unwrap_err();
+        assert_eq!((e.0.len(), e.0[0].line), (1, 14), "{e}");
+        assert!(e.0[0].message.contains("give each an `id:`"), "{e}");
+        let named = twice
+            .replace("exchange: x\n      - amqp", "exchange: x\n          id: first\n      - amqp");
+        let c = Config::parse(Path::new("i.yaml"), &named).expect("valid with an id");
+        assert_eq!(target_id("a", &c.rules[0].to[0]), "first");
+        // An explicit id that another rule's target already has.
+        let clash = format!("{named}  - name: b\n    from: \"b\"\n    to:\n      - amqp:\n          broker: r\n          id: first\n");
+        let e = Config::parse(Path::new("i.yaml"), &clash).unwrap_err();
+        assert!(e.to_string().contains("another target has the id \"first\""), "{e}");
     }
 
     #[test]
@@ -860,11 +597,11 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Some(Duration::from_secs(7)));
-        assert_eq!(parse_duration("ten"), None);
-        assert_eq!(parse_duration("5 parsecs"), None);
+        assert_eq!(types::parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(types::parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(types::parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(types::parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(types::parse_duration("ten"), None);
+        assert_eq!(types::parse_duration("5 parsecs"), None);
     }
 }

@@ -1,0 +1,86 @@
+//! The HTTP kind in the target registry: endpoints under `http:`, `- http:` targets.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_saphyr::{Location, Spanned};
+use tokio::task::JoinSet;
+
+use super::config::{validate_target, HttpEndpointConfig, HttpTargetConfig};
+use super::{HttpEndpoint, HttpTarget};
+use crate::config::types::{Report, Sections};
+use crate::rules::RuleError;
+use crate::targets::kinds::{BuildContext, StartContext, Systems, TargetKind};
+use crate::targets::Target;
+
+/// The kind's name: its key in a rule's `to:` and its section of the config.
+const NAME: &str = "http";
+
+/// The HTTP kind.
+pub struct HttpKind;
+
+/// The endpoints, by name.
+pub struct HttpSystems {
+    endpoints: BTreeMap<String, HttpEndpoint>,
+}
+
+/// The `http:` section.
+fn endpoints(sections: &dyn Sections) -> Option<&BTreeMap<String, HttpEndpointConfig>> {
+    sections.section(NAME)?.downcast_ref()
+}
+
+impl TargetKind for HttpKind {
+    type Config = HttpTargetConfig;
+
+    fn explicit_id(t: &HttpTargetConfig) -> Option<&Spanned<String>> {
+        t.id.as_ref()
+    }
+
+    fn endpoint(t: &HttpTargetConfig) -> String {
+        match &t.path {
+            Some(p) => format!("{NAME}:{}{}", t.endpoint.value, p.value),
+            None => format!("{NAME}:{}", t.endpoint.value),
+        }
+    }
+
+    fn location(t: &HttpTargetConfig) -> &Location {
+        &t.endpoint.referenced
+    }
+
+    fn validate(rule: &str, t: &HttpTargetConfig, sections: &dyn Sections, err: &mut Report<'_>) {
+        validate_target(rule, t, endpoints(sections).unwrap_or(&BTreeMap::new()), err);
+    }
+
+    fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
+        let mut running = BTreeMap::new();
+        for (name, cfg) in endpoints(sections).into_iter().flatten() {
+            running.insert(name.clone(), HttpEndpoint::new(name, cfg, at.shutdown.clone())?);
+        }
+        at.systems.insert(NAME, HttpSystems { endpoints: running });
+        Ok(())
+    }
+
+    fn build(
+        id: &str,
+        rule: &str,
+        t: &HttpTargetConfig,
+        at: &BuildContext<'_>,
+    ) -> Result<Arc<dyn Target>, RuleError> {
+        let unknown = || RuleError::UnknownEndpoint {
+            rule: rule.to_owned(),
+            endpoint: t.endpoint.value.clone(),
+        };
+        let systems = at.systems.get::<HttpSystems>(NAME).ok_or_else(unknown)?;
+        let endpoint = systems.endpoints.get(&t.endpoint.value).ok_or_else(unknown)?;
+        Ok(Arc::new(HttpTarget::start(endpoint, id, rule, t, at.metrics)?))
+    }
+
+    /// Every target's lanes are started: wait for them at shutdown.
+    fn started(systems: &Systems, tasks: &mut JoinSet<()>) {
+        if let Some(s) = systems.get::<HttpSystems>(NAME) {
+            for endpoint in s.endpoints.values() {
+                tasks.spawn(endpoint.clone().finished());
+            }
+        }
+    }
+}

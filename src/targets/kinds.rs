@@ -1,0 +1,219 @@
+//! The registry of target kinds: each kind is a folder under `src/targets/` implementing
+//! [`TargetKind`], and one line in [`kinds!`] below. The line makes `- <kind>: {...}` a valid
+//! entry of a rule's `to:` ([`TargetConfig`]), and routes the checks, the start of the kind's
+//! systems (broker connections, endpoints) and the building of its targets to the kind.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_saphyr::{Location, Spanned};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::Target;
+use crate::config::types::{Report, Sections};
+use crate::metrics::Metrics;
+use crate::rules::RuleError;
+
+/// One kind of target.
+pub trait TargetKind {
+    /// The config of one target (`- amqp: {...}`).
+    type Config;
+
+    /// The target's `id:`, when the config gives one.
+    fn explicit_id(t: &Self::Config) -> Option<&Spanned<String>>;
+
+    /// Where the target sends, as `KIND:SYSTEM/...` (`amqp:main/events`): with the rule's
+    /// name, the target's id when no `id:` is given. Also its label in metrics.
+    fn endpoint(t: &Self::Config) -> String;
+
+    /// Where problems of the target as a whole are reported.
+    fn location(t: &Self::Config) -> &Location;
+
+    /// Checks one target of rule `rule` (with what it names in `sections`).
+    fn validate(rule: &str, t: &Self::Config, sections: &dyn Sections, err: &mut Report<'_>);
+
+    /// Starts what the kind's targets share (connections to brokers, endpoints' clients), from
+    /// the kind's sections of the config, before any target is built.
+    fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()>;
+
+    /// Builds target `t` (id `id`) of rule `rule` on the started systems.
+    fn build(
+        id: &str,
+        rule: &str,
+        t: &Self::Config,
+        at: &BuildContext<'_>,
+    ) -> Result<Arc<dyn Target>, RuleError>;
+
+    /// Called once every target is built: e.g. waits (as a task) for the targets' own tasks at
+    /// shutdown.
+    fn started(_systems: &Systems, _tasks: &mut JoinSet<()>) {}
+}
+
+/// What a kind starts its systems with.
+pub struct StartContext<'a> {
+    /// The metrics.
+    pub metrics: &'a Metrics,
+    /// Cancelled once the sessions have finished: the systems stop after them.
+    pub shutdown: &'a CancellationToken,
+    /// The gateway's tasks: a system's tasks go here (joined at shutdown).
+    pub tasks: &'a mut JoinSet<()>,
+    /// Where the kind keeps its running systems (and their health).
+    pub systems: &'a mut Systems,
+}
+
+/// What a kind builds its targets with.
+pub struct BuildContext<'a> {
+    /// The metrics.
+    pub metrics: &'a Metrics,
+    /// The running systems of every kind.
+    pub systems: &'a Systems,
+}
+
+/// The running systems of every kind, each kind's own value by its name, and the health of
+/// each system for `/readyz`.
+#[derive(Default)]
+pub struct Systems {
+    by_kind: HashMap<&'static str, Box<dyn Any + Send + Sync>>,
+    health: Vec<Arc<dyn Health>>,
+}
+
+impl Systems {
+    /// Keeps `value` as kind `kind`'s systems.
+    pub fn insert<T: Any + Send + Sync>(&mut self, kind: &'static str, value: T) {
+        self.by_kind.insert(kind, Box::new(value));
+    }
+
+    /// Kind `kind`'s systems.
+    pub fn get<T: Any>(&self, kind: &str) -> Option<&T> {
+        self.by_kind.get(kind)?.downcast_ref()
+    }
+
+    /// Adds a system to what `/readyz` reports.
+    pub fn add_health(&mut self, system: Arc<dyn Health>) {
+        self.health.push(system);
+    }
+
+    /// Every system's health, in start order.
+    pub fn health(&self) -> &[Arc<dyn Health>] {
+        &self.health
+    }
+}
+
+/// A system's state for `/readyz`.
+pub trait Health: Send + Sync {
+    /// `KIND NAME` (`amqp main`).
+    fn name(&self) -> String;
+    /// `Ok(state)` when ready (`connected`), `Err(state)` when not (`disconnected (why)`).
+    fn state(&self) -> Result<String, String>;
+}
+
+/// A future a kind leaves running.
+pub type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The stable id of a target of rule `rule`: its `id:` or `RULE/ENDPOINT`.
+pub fn target_id(rule: &str, t: &TargetConfig) -> String {
+    match t.explicit_id() {
+        Some(id) => id.value.clone(),
+        None => format!("{rule}/{}", t.endpoint()),
+    }
+}
+
+/// Checks every target of `rule`, and that the targets' ids are unique among `ids` (every
+/// target of the config: two targets of a rule with the same endpoint need an `id:` each)
+/// and printable.
+pub fn validate_targets(
+    sections: &dyn Sections,
+    rule: &crate::config::RuleConfig,
+    ids: &mut std::collections::HashSet<String>,
+    err: &mut Report<'_>,
+) {
+    let name = &rule.name.value;
+    for t in &rule.to {
+        t.validate(name, sections, err);
+        if let Some(id) = t.explicit_id() {
+            if id.value.is_empty() || id.value.len() > 200 || id.value.contains(char::is_control) {
+                err(&id.referenced, format!("rule {name:?}: id: 1 to 200 printable bytes"));
+            }
+        }
+        let id = target_id(name, t);
+        if t.explicit_id().is_none() && id.contains(char::is_control) {
+            err(t.location(), format!("rule {name:?}: the target's id {id:?} would hold a control character; give it an `id:`"));
+        }
+        if !ids.insert(id.clone()) {
+            err(
+                t.location(),
+                format!("rule {name:?}: another target has the id {id:?}; give each an `id:` of its own"),
+            );
+        }
+    }
+}
+
+macro_rules! kinds {
+    ($($variant:ident => $kind:ty),* $(,)?) => {
+        /// One target of a rule: `- KIND: {...}`, one variant per registered kind.
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "snake_case")]
+        // Parsed once at start: the variants' sizes do not matter.
+        #[allow(clippy::large_enum_variant)]
+        pub enum TargetConfig {
+            $(
+                #[allow(missing_docs)]
+                $variant(<$kind as TargetKind>::Config),
+            )*
+        }
+
+        impl TargetConfig {
+            /// The target's `id:`, when the config gives one.
+            pub fn explicit_id(&self) -> Option<&Spanned<String>> {
+                match self { $(TargetConfig::$variant(t) => <$kind>::explicit_id(t),)* }
+            }
+
+            /// Where the target sends (`amqp:main/events`).
+            pub fn endpoint(&self) -> String {
+                match self { $(TargetConfig::$variant(t) => <$kind>::endpoint(t),)* }
+            }
+
+            /// Where problems of the target as a whole are reported.
+            pub fn location(&self) -> &Location {
+                match self { $(TargetConfig::$variant(t) => <$kind>::location(t),)* }
+            }
+
+            /// Checks the target.
+            pub fn validate(&self, rule: &str, sections: &dyn Sections, err: &mut Report<'_>) {
+                match self { $(TargetConfig::$variant(t) => <$kind>::validate(rule, t, sections, err),)* }
+            }
+
+            /// Builds the target.
+            pub fn build(
+                &self,
+                id: &str,
+                rule: &str,
+                at: &BuildContext<'_>,
+            ) -> Result<Arc<dyn Target>, RuleError> {
+                match self { $(TargetConfig::$variant(t) => <$kind>::build(id, rule, t, at),)* }
+            }
+        }
+
+        /// Starts every kind's systems.
+        pub fn start_systems(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
+            $(<$kind>::start(sections, at)?;)*
+            Ok(())
+        }
+
+        /// Tells every kind that its targets are built.
+        pub fn started(systems: &Systems, tasks: &mut JoinSet<()>) {
+            $(<$kind>::started(systems, tasks);)*
+        }
+    };
+}
+
+// The registry: one line per kind.
+kinds! {
+    Amqp => super::amqp::AmqpKind,
+    Http => super::http::HttpKind,
+}
