@@ -32,6 +32,7 @@ mod shared;
 mod slow_clients;
 mod sources;
 mod spool;
+mod target_ids;
 mod tls_listeners;
 mod webhooks;
 mod webhooks_tls;

@@ -511,22 +511,6 @@ fn http_spool_config(store: &Path, addr: SocketAddr, spool: &str) -> String {
     )
 }
 
-/// Starts a gateway on a store a stopped one used (its writer thread may take a moment to
-/// let go of the file lock after the last handle is dropped).
-async fn gateway_on_store(yaml: &str) -> mqgate::app::App {
-    let config = Config::parse(Path::new("test.yaml"), yaml).expect("valid config");
-    for _ in 0..100 {
-        match mqgate::app::App::start(config.clone()).await {
-            Ok(app) => return app,
-            Err(e) if e.to_string().contains("locked") => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
-            Err(e) => panic!("gateway starts: {e:#}"),
-        }
-    }
-    panic!("the store stayed locked after the gateway stopped");
-}
-
 /// Opens the store of a stopped gateway and lists its dead letters: (target, reason, payload).
 async fn dead_letters_in(store: &Path) -> Vec<(String, String, String)> {
     let metrics = mqgate::metrics::Metrics::new();

@@ -5,6 +5,7 @@
 
 pub mod certs;
 pub mod proxy;
+pub mod webhook;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -179,6 +180,22 @@ pub async fn gateway(yaml: &str) -> App {
     let config = Config::parse(Path::new("test.yaml"), yaml)
         .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
     App::start(config).await.expect("gateway starts")
+}
+
+/// Starts a gateway on a store a stopped one used (its writer thread may take a moment to
+/// let go of the file lock after the last handle is dropped).
+pub async fn gateway_on_store(yaml: &str) -> mqgate::app::App {
+    let config = Config::parse(Path::new("test.yaml"), yaml).expect("valid config");
+    for _ in 0..100 {
+        match mqgate::app::App::start(config.clone()).await {
+            Ok(app) => return app,
+            Err(e) if e.to_string().contains("locked") => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("gateway starts: {e:#}"),
+        }
+    }
+    panic!("the store stayed locked after the gateway stopped");
 }
 
 /// A gateway config on port 0 with the local RabbitMQ as broker `rabbit`, extra `mqtt:` lines
