@@ -16,4 +16,5 @@ pub mod sources;
 pub mod spool;
 pub mod store;
 pub mod targets;
+pub mod template;
 pub mod timefmt;

@@ -16,10 +16,10 @@ use crate::config::{AckPolicy, RuleErrorPolicy};
 use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
-use crate::rules::template::TemplateError;
 use crate::rules::{LazyContext, Rule, RuleSet};
 use crate::spool::{Append, Spool, Spools};
 use crate::targets::{Blocked, Failure, Handoff, Outcome, Waits};
+use crate::template::TemplateError;
 
 /// What routing reads: the broker (local subscribers, retained messages), the rules and the
 /// spools of `ack: spool` rules.

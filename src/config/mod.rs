@@ -408,7 +408,7 @@ impl Config {
             }
             crate::targets::kinds::validate_targets(sections, rule, &mut target_ids, &mut err);
             if let Some(when) = &rule.when {
-                if let Err(e) = crate::rules::template::check_condition(&when.value) {
+                if let Err(e) = crate::template::check_condition(&when.value) {
                     err(&when.referenced, format!("rule {:?}: when: {e}", rule.name.value));
                 }
             }

@@ -4,12 +4,11 @@
 //! Pure: no I/O and no locks. A target holds the handle of the sink it feeds, but publishing is
 //! the caller's job (the session), so the rule set never blocks.
 //!
-//! `mapping` is the topic ↔ routing key translation (both ways), `template` the minijinja
-//! templates and `when:` conditions. A rule without templates or condition never builds a
-//! template context: its cost per message is the filter match and the routing key.
+//! `mapping` is the topic ↔ routing key translation (both ways); templates and `when:`
+//! conditions are [`crate::template`]'s. A rule without templates or condition never builds
+//! a template context: its cost per message is the filter match and the routing key.
 
 pub mod mapping;
-pub mod template;
 
 use std::sync::Arc;
 
@@ -24,7 +23,7 @@ use crate::mqtt::topic::TopicTree;
 use crate::targets::http::HttpError;
 use crate::targets::kinds::{target_id, BuildContext, Systems};
 use crate::targets::Target;
-use template::{Condition, TemplateError};
+use crate::template::{Condition, TemplateError};
 
 /// A message's template context, built on first use (see [`Rule::applies`]).
 pub type LazyContext = Option<minijinja::Value>;

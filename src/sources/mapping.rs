@@ -43,7 +43,11 @@ impl fmt::Display for TemplateError {
     }
 }
 
-/// One piece of a topic template.
+/// The variables a source's topic template may use: `routing_key` ('.' → '/', as the topic
+/// mapping reads it), `exchange`, `queue` and `header` (the AMQP headers, by name).
+pub const VARIABLES: &[&str] = &["routing_key", "exchange", "queue", "header"];
+
+/// One piece of a topic template that only substitutes variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     /// Text copied as is.
@@ -58,10 +62,15 @@ enum Part {
     Header(String),
 }
 
-/// A compiled topic template (`devices/{{ header.device }}/commands`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A compiled topic template (`devices/{{ header.device }}/commands`): through mqgate's one
+/// template engine ([`crate::template`]); a template that only substitutes variables renders
+/// natively, with the same result.
+#[derive(Debug, Clone)]
 pub struct TopicTemplate {
-    parts: Vec<Part>,
+    /// The native plan, when the template has one.
+    plan: Option<Vec<Part>>,
+    /// The template in the engine (always compiled: the config check is the engine's).
+    env: std::sync::Arc<minijinja::Environment<'static>>,
 }
 
 /// What a template is filled from.
@@ -78,64 +87,116 @@ pub struct Delivered<'a> {
 }
 
 impl TopicTemplate {
-    /// Compiles `text`; an unknown placeholder, an unclosed `{{` or a wildcard is an error.
+    /// Compiles `text`; a syntax error, an unknown variable or a wildcard in the text is an
+    /// error.
     pub fn parse(text: &str) -> Result<TopicTemplate, TemplateError> {
-        let mut parts = Vec::new();
-        let mut rest = text;
-        while let Some(open) = rest.find("{{") {
-            if open > 0 {
-                parts.push(Part::Text(rest[..open].to_owned()));
-            }
-            let after = &rest[open + 2..];
-            let close =
-                after.find("}}").ok_or_else(|| TemplateError("unclosed `{{`".to_owned()))?;
-            let name = after[..close].trim();
-            parts.push(match name {
-                "routing_key" => Part::RoutingKey,
-                "exchange" => Part::Exchange,
-                "queue" => Part::Queue,
-                h if h.starts_with("header.") && h.len() > 7 => Part::Header(h[7..].to_owned()),
-                other => {
-                    return Err(TemplateError(format!(
-                        "unknown placeholder {other:?} (routing_key, exchange, queue, header.NAME)"
-                    )))
-                }
-            });
-            rest = &after[close + 2..];
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Text(rest.to_owned()));
-        }
-        for p in &parts {
-            if let Part::Text(t) = p {
-                if t.contains(['+', '#']) || t.contains("}}") {
-                    return Err(TemplateError(format!("{t:?}: no wildcards or stray `}}}}`")));
-                }
-            }
-        }
-        if parts.is_empty() {
+        if text.is_empty() {
             return Err(TemplateError("empty topic".to_owned()));
         }
-        Ok(TopicTemplate { parts })
+        let env = crate::template::compile_with(
+            crate::template::environment(),
+            text.to_owned(),
+            VARIABLES,
+        )
+        .map_err(|e| TemplateError(e.to_string()))?;
+        let plan = plan(text);
+        if let Some(parts) = &plan {
+            for p in parts {
+                if let Part::Text(t) = p {
+                    if t.contains(['+', '#']) {
+                        return Err(TemplateError(format!("{t:?}: no wildcards in a topic")));
+                    }
+                }
+            }
+        }
+        Ok(TopicTemplate { plan, env })
     }
 
     /// The topic for one delivery (checked to be a valid topic name).
     pub fn render(&self, d: &Delivered<'_>) -> Result<String, String> {
-        let mut out = String::new();
-        for p in &self.parts {
-            match p {
-                Part::Text(t) => out.push_str(t),
-                Part::RoutingKey => out.push_str(&d.routing_key.replace('.', "/")),
-                Part::Exchange => out.push_str(d.exchange),
-                Part::Queue => out.push_str(d.queue),
-                Part::Header(name) => match header_text(d.properties, name) {
-                    Some(v) => out.push_str(&v),
-                    None => return Err(format!("no header {name:?} for the topic")),
-                },
+        let out = match &self.plan {
+            Some(parts) => render_plan(parts, d)?,
+            None => {
+                let t = self.env.get_template("t").map_err(|e| e.to_string())?;
+                t.render(context(d)).map_err(|e| crate::template::describe(e).to_string())?
             }
-        }
+        };
         topic::validate_name(&out).map_err(|e| format!("topic {out:?}: {e}"))?;
         Ok(out)
+    }
+}
+
+/// The native plan of `text`: literal text and `{{ VAR }}` of the plain variables, nothing
+/// else (filters, statements, whitespace control go to the engine).
+fn plan(text: &str) -> Option<Vec<Part>> {
+    if text.contains("{%") || text.contains("{#") {
+        return None;
+    }
+    let mut parts = Vec::new();
+    let mut rest = text;
+    while let Some(open) = rest.find("{{") {
+        if open > 0 {
+            parts.push(Part::Text(rest[..open].to_owned()));
+        }
+        let after = &rest[open + 2..];
+        let close = after.find("}}")?;
+        let raw = &after[..close];
+        if raw.trim().starts_with('-') || raw.trim().ends_with('-') {
+            return None;
+        }
+        let ident = |s: &str| {
+            !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        parts.push(match raw.trim() {
+            "routing_key" => Part::RoutingKey,
+            "exchange" => Part::Exchange,
+            "queue" => Part::Queue,
+            h if h.starts_with("header.") && ident(&h[7..]) && !h[7..].contains('-') => {
+                Part::Header(h[7..].to_owned())
+            }
+            _ => return None,
+        });
+        rest = &after[close + 2..];
+    }
+    if rest.contains("}}") {
+        return None;
+    }
+    if !rest.is_empty() {
+        parts.push(Part::Text(rest.to_owned()));
+    }
+    Some(parts)
+}
+
+fn render_plan(parts: &[Part], d: &Delivered<'_>) -> Result<String, String> {
+    let mut out = String::new();
+    for p in parts {
+        match p {
+            Part::Text(t) => out.push_str(t),
+            Part::RoutingKey => out.push_str(&d.routing_key.replace('.', "/")),
+            Part::Exchange => out.push_str(d.exchange),
+            Part::Queue => out.push_str(d.queue),
+            Part::Header(name) => match header_text(d.properties, name) {
+                Some(v) => out.push_str(&v),
+                None => return Err(format!("no header {name:?} for the topic")),
+            },
+        }
+    }
+    Ok(out)
+}
+
+/// The engine's view of a delivery.
+fn context(d: &Delivered<'_>) -> minijinja::Value {
+    let headers: std::collections::BTreeMap<&str, String> = d
+        .properties
+        .headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), scalar_text(v)?)))
+        .collect();
+    minijinja::context! {
+        routing_key => d.routing_key.replace('.', "/"),
+        exchange => d.exchange,
+        queue => d.queue,
+        header => headers,
     }
 }
 
@@ -280,6 +341,33 @@ mod tests {
         assert!(TopicTemplate::parse("x/{{ queue").is_err());
         assert!(TopicTemplate::parse("x/+/{{ queue }}").is_err());
         assert!(TopicTemplate::parse("").is_err());
+    }
+
+    #[test]
+    fn topic_templates_use_the_one_engine_and_native_plans_agree_with_it() {
+        let p = props();
+        let d = delivered(&p);
+        // Filters and expressions: through the engine.
+        let t = TopicTemplate::parse(
+            "{{ header.device | upper }}/{{ routing_key | replace('a/', '') }}",
+        )
+        .expect("compiles");
+        assert!(t.plan.is_none());
+        assert_eq!(t.render(&d), Ok("D7/b/c".to_owned()));
+        let t = TopicTemplate::parse("{% if header.missing %}x{% else %}y{% endif %}/{{ queue }}")
+            .expect("compiles");
+        assert_eq!(t.render(&d), Ok(format!("y/{}", d.queue)));
+        // A rendered wildcard is refused at render time.
+        let t = TopicTemplate::parse("{{ '#' }}").expect("compiles");
+        assert!(t.render(&d).is_err());
+        for source in
+            ["devices/{{ header.device }}/{{ routing_key }}", "{{ exchange }}/{{ queue }}"]
+        {
+            let t = TopicTemplate::parse(source).expect("compiles");
+            assert!(t.plan.is_some(), "{source}");
+            let engine = t.env.get_template("t").expect("t").render(context(&d)).expect("renders");
+            assert_eq!(t.render(&d), Ok(engine), "{source}");
+        }
     }
 
     #[test]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use crate::deadletters::Recorder;
 use crate::message::Message;
 use crate::mqtt::codec::ReasonCode;
-use crate::rules::template::TemplateError;
 use crate::rules::LazyContext;
+use crate::template::TemplateError;
 
 /// The result of handing one message to one target.
 #[derive(Debug, Clone, PartialEq, Eq)]

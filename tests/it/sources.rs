@@ -582,7 +582,7 @@ async fn source_config_errors_have_line_and_column() {
     let at: Vec<(u64, u64)> = e.0.iter().map(|e| (e.line, e.column)).collect();
     assert_eq!(at, vec![(8, 13), (10, 15), (12, 10), (11, 12)], "{e}");
     assert!(e.to_string().contains("no broker \"nope\""), "{e}");
-    assert!(e.to_string().contains("unknown placeholder"), "{e}");
+    assert!(e.to_string().contains("unknown variable what"), "{e}");
     let text = text.replace("    qos: 3\n", "    mode: sometimes\n");
     let e = Config::parse(Path::new("s.yaml"), &text).unwrap_err();
     assert!(e.to_string().starts_with("s.yaml:12:"), "{e}");

@@ -8,7 +8,7 @@ use serde_saphyr::{Location, Spanned};
 
 use crate::config::types::{defined, unspanned, HumanDuration, Report};
 use crate::rules::mapping::TopicMapping;
-use crate::rules::template;
+use crate::template;
 
 /// `amqp.NAME:`: one AMQP 0-9-1 broker connection.
 #[derive(Debug, Clone, Deserialize)]

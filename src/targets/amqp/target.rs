@@ -7,9 +7,9 @@ use std::sync::Arc;
 use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::rules::mapping;
-use crate::rules::template::{self, Template, TemplateError};
 use crate::rules::LazyContext;
 use crate::targets::{Handoff, Target};
+use crate::template::{self, Template, TemplateError};
 
 use super::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
 use crate::config::{AmqpTargetConfig, TopicMapping};

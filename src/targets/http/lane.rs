@@ -27,8 +27,8 @@ use super::retry::{self, Verdict};
 use super::template::Template;
 use super::{join_url, HttpRequest, Spec, IDEMPOTENCY_KEY};
 use crate::message::Message;
-use crate::rules::template::MessageContext;
 use crate::targets::{Failure, Outcome};
+use crate::template::MessageContext;
 
 /// Response bytes read (and dropped) so the connection can be reused; a longer body is cut.
 const MAX_DRAIN: usize = 64 * 1024;

@@ -422,7 +422,7 @@ impl crate::targets::Target for HttpTarget {
         msg: &Arc<Message>,
         _ctx: &mut crate::rules::LazyContext,
         hand: &mut crate::targets::Handoff<'_>,
-    ) -> Result<(), crate::rules::template::TemplateError> {
+    ) -> Result<(), crate::template::TemplateError> {
         let req =
             HttpRequest { msg: Arc::clone(msg), ack: hand.ack(), dead_letter: hand.dead_letter() };
         hand.offer(

@@ -1,26 +1,24 @@
 //! minijinja templates of HTTP targets (path, headers, body): compiled once at load, rendered
 //! per message with a bounded amount of work (fuel), never panicking on a message.
 //!
-//! A template sees the message through the rules' lazy context
-//! ([`MessageContext`](crate::rules::template::MessageContext)): the same variables as rule
+//! One engine for every template ([`crate::template`]: the same fuel and undefined-value
+//! policy). A template sees the message through the rules' lazy context
+//! ([`MessageContext`](crate::template::MessageContext)): the same variables as rule
 //! templates and `when:` conditions — `topic` (the list of levels: `topic[1]` is the second),
 //! `topic_name` (the whole topic), `client_id`, `username`, `qos`, `retain`, `content_type`,
 //! `user_properties`, `payload` (text, when UTF-8), `json` (parsed, when JSON) and the other
-//! MQTT 5 properties. The payload is parsed only when a template reads `json`. An undefined value is an
-//! error (a path must not silently lose a segment): the message fails, permanently. In a
+//! MQTT 5 properties; an unknown variable is a config error. The payload is parsed only when a
+//! template reads `json`. Printing an undefined value is an error (a path must not silently
+//! lose a segment): the message fails, permanently. In a
 //! `path`, every `{{ }}` value is percent-encoded (`/` kept, so `{{ topic_name }}` gives
 //! several segments); a rendered path with a `.` or `..` segment is refused.
 
 use std::borrow::Cow;
 
 use minijinja::value::Value;
-use minijinja::{Environment, ErrorKind, UndefinedBehavior};
+use minijinja::{Environment, ErrorKind};
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC};
 use thiserror::Error;
-
-/// Instructions one rendering may execute: generous for any sensible template, small enough
-/// that a loop over a large payload cannot stall a lane.
-const FUEL: u64 = 50_000;
 
 /// Bytes kept as they are in a path value: RFC 3986 unreserved characters and `/`.
 const PATH_VALUE: &AsciiSet =
@@ -70,7 +68,7 @@ pub enum Template {
     /// An environment holding the one template, named `t`.
     Dynamic {
         /// The environment owning the compiled template.
-        env: Box<Environment<'static>>,
+        env: std::sync::Arc<Environment<'static>>,
         /// Path or text.
         kind: Kind,
         /// What the template reads.
@@ -87,9 +85,7 @@ impl Template {
             }
             return Ok(Template::Static(source.to_owned()));
         }
-        let mut env = Environment::new();
-        env.set_fuel(Some(FUEL));
-        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut env = crate::template::environment();
         if kind == Kind::Path {
             env.set_formatter(|out, _state, value| {
                 let text = value.to_string();
@@ -102,14 +98,14 @@ impl Template {
                     .map_err(|_| minijinja::Error::new(ErrorKind::WriteFailure, "write failed"))
             });
         }
-        env.add_template_owned("t", source.to_owned())
+        let env = crate::template::compile_with(env, source.to_owned(), crate::template::VARIABLES)
             .map_err(|e| TemplateError::Compile(e.to_string()))?;
         let vars = env
             .get_template("t")
             .map_err(|e| TemplateError::Compile(e.to_string()))?
             .undeclared_variables(false);
         let needs = Needs { payload: vars.contains("payload"), json: vars.contains("json") };
-        Ok(Template::Dynamic { env: Box::new(env), kind, needs })
+        Ok(Template::Dynamic { env, kind, needs })
     }
 
     /// What the template reads from the message.
@@ -160,7 +156,7 @@ mod tests {
     use super::*;
     use crate::message::Message;
     use crate::mqtt::codec::{PublishProperties, QoS};
-    use crate::rules::template::MessageContext;
+    use crate::template::MessageContext;
 
     fn msg(topic: &str, payload: &[u8]) -> Arc<Message> {
         Arc::new(Message {
@@ -217,6 +213,15 @@ mod tests {
             Template::compile(Kind::Text, "{{ topic[1 }}"),
             Err(TemplateError::Compile(_))
         ));
+        assert!(matches!(
+            Template::compile(Kind::Text, "{{ topik }}"),
+            Err(TemplateError::Compile(e)) if e.contains("unknown variable topik")
+        ));
+        // Tested, an undefined value is not an error (the same policy as conditions).
+        assert_eq!(
+            render(Kind::Text, "{% if topic[3] %}x{% else %}y{% endif %}", &m).unwrap(),
+            "y"
+        );
     }
 
     #[test]

@@ -1,6 +1,17 @@
-//! Rule templates (`exchange`, `routing_key`) and `when:` conditions: minijinja, compiled once
-//! when the rule set is built, evaluated per message with a fuel limit.
+//! The one template engine of mqgate: minijinja with one set of settings ([`environment`]:
+//! one fuel bound, one undefined-value policy, no HTML escaping) for every template there is:
+//! `when:` conditions, AMQP exchanges and routing keys, HTTP paths, headers and bodies, and the
+//! topics of sources. Compiled once at start, evaluated per message.
 //!
+//! Undefined values: minijinja's semi-strict mode everywhere. A template may test a value
+//! (`{% if json.temp is defined %}`, `{% if header.x %}`), but printing, comparing or
+//! iterating an undefined one is an error: the message fails by the rule's or source's policy
+//! rather than going to a wrong exchange, path or topic.
+//!
+//! Fuel: [`FUEL`] instructions per evaluation, the same for every template: enough for loops
+//! over a payload's JSON in a body, and a bound on what a runaway template costs per message.
+//!
+//! Message templates (rules and targets)
 //! A template sees one message through [`MessageContext`], a lazy view: nothing is copied until
 //! a template reads it, and the payload is parsed as JSON only when a template reads `json`
 //! (once per message, however many templates read it). Variables: `topic` (the topic's levels,
@@ -24,9 +35,10 @@ use thiserror::Error;
 
 use crate::message::Message;
 
-/// Instructions one evaluation may execute (minijinja fuel): plenty for routing keys and
-/// conditions, and a bound on what a runaway loop in a template can cost per message.
-pub const FUEL: u64 = 10_000;
+/// Instructions one evaluation may execute (minijinja fuel), for every template: plenty for
+/// routing keys, conditions, topics and bodies that loop over a payload's JSON, and a bound on
+/// what a runaway loop can cost per message.
+pub const FUEL: u64 = 50_000;
 
 /// The variables a template may use.
 pub const VARIABLES: &[&str] = &[
@@ -119,8 +131,9 @@ pub fn is_template(text: &str) -> bool {
     text.contains("{{") || text.contains("{%")
 }
 
-/// A fresh environment with mqgate's settings.
-fn environment() -> Environment<'static> {
+/// A fresh environment with mqgate's settings: every template of every kind is compiled in
+/// one of these.
+pub fn environment() -> Environment<'static> {
     let mut env = Environment::new();
     env.set_fuel(Some(FUEL));
     env.set_undefined_behavior(UndefinedBehavior::SemiStrict);
@@ -143,13 +156,22 @@ pub fn check_condition(source: &str) -> Result<(), TemplateError> {
 /// Compiles `source` into an environment of its own, as template `t`, refusing variables a
 /// message does not have.
 fn compile(source: String) -> Result<Arc<Environment<'static>>, TemplateError> {
-    let mut env = environment();
+    compile_with(environment(), source, VARIABLES)
+}
+
+/// Compiles `source` as template `t` into `env` (made by [`environment`], possibly with a
+/// formatter of its own), refusing variables not in `variables`.
+pub fn compile_with(
+    mut env: Environment<'static>,
+    source: String,
+    variables: &[&str],
+) -> Result<Arc<Environment<'static>>, TemplateError> {
     env.add_template_owned("t", source).map_err(describe)?;
     let tmpl = env.get_template("t").map_err(describe)?;
     let mut unknown: Vec<String> = tmpl
         .undeclared_variables(false)
         .into_iter()
-        .filter(|v| !VARIABLES.contains(&v.as_str()))
+        .filter(|v| !variables.contains(&v.as_str()))
         .filter(|v| !env.globals().any(|(g, _)| g == v.as_str()))
         .collect();
     if !unknown.is_empty() {
@@ -157,9 +179,10 @@ fn compile(source: String) -> Result<Arc<Environment<'static>>, TemplateError> {
         return Err(TemplateError(format!(
             "unknown variable {} (known: {})",
             unknown.join(", "),
-            VARIABLES.join(", ")
+            variables.join(", ")
         )));
     }
+    drop(tmpl);
     Ok(Arc::new(env))
 }
 
@@ -390,7 +413,8 @@ fn eval_clauses(clauses: &[Clause], msg: &Message) -> Option<bool> {
 }
 
 /// minijinja's error, with its detail, as one line.
-fn describe(e: minijinja::Error) -> TemplateError {
+/// A minijinja error as a [`TemplateError`] (with the detail minijinja gives).
+pub fn describe(e: minijinja::Error) -> TemplateError {
     let mut text = e.to_string();
     if let Some(detail) = e.detail() {
         if !text.contains(detail) {
