@@ -5,14 +5,12 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
+use crate::support::webhook::{Reply, Webhook};
 use crate::support::*;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{StatusCode, Uri};
-use axum::Router;
 use mqgate::mqtt::codec::{Packet, Properties, ProtocolVersion, QoS, ReasonCode};
 use serde_json::Value;
 
@@ -187,25 +185,19 @@ async fn an_unroutable_mandatory_publish_is_kept_shown_replayed_elsewhere_and_pu
 }
 
 /// What a webhook server took: path and body.
-type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
+/// A webhook server: `/missing` answers 404, anything else 200.
+async fn webhook() -> (SocketAddr, Webhook) {
+    let hook = Webhook::start(|r, _| match r.path.as_str() {
+        "/missing" => Reply::Status(404),
+        _ => Reply::Status(200),
+    })
+    .await;
+    (hook.addr, hook)
+}
 
-/// A webhook server: `/missing` answers 404, anything else 200; records the bodies it took.
-async fn webhook() -> (SocketAddr, Seen) {
-    let seen: Seen = Arc::default();
-    async fn handle(State(seen): State<Seen>, uri: Uri, body: Bytes) -> StatusCode {
-        if uri.path() == "/missing" {
-            return StatusCode::NOT_FOUND;
-        }
-        seen.lock().expect("seen").push((uri.path().to_owned(), body));
-        StatusCode::OK
-    }
-    let app = Router::new().fallback(handle).with_state(Arc::clone(&seen));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, seen)
+/// What the server took (answered 2xx): path and body.
+fn taken(hook: &Webhook) -> Vec<(String, Bytes)> {
+    hook.taken().into_iter().map(|r| (r.path, r.body)).collect()
 }
 
 fn http_rules(addr: SocketAddr) -> String {
@@ -243,7 +235,7 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
     assert_eq!(status, 404);
     let (status, _) = api(&app, "POST", &format!("/dead-letters/{id}/replay"), Some("{x")).await;
     assert_eq!(status, 400);
-    assert!(seen.lock().expect("seen").is_empty());
+    assert!(taken(&seen).is_empty());
 
     let (status, r) = api(
         &app,
@@ -254,10 +246,7 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
     .await;
     assert_eq!(status, 200, "{r}");
     assert_eq!(r["delivered"], true);
-    assert_eq!(
-        seen.lock().expect("seen").clone(),
-        vec![("/ok".to_owned(), Bytes::from_static(b"hook me"))]
-    );
+    assert_eq!(taken(&seen), vec![("/ok".to_owned(), Bytes::from_static(b"hook me"))]);
     wait_letters(&app, 0).await;
 
     // Replay of all with a filter: only the matching letters go.
@@ -279,7 +268,7 @@ async fn an_http_404_is_kept_and_replayed_to_a_working_target_through_the_api() 
         cli_async(&app, &["replay", "--all", "--to", "hooks_ok/http:api/ok"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("replayed: 2 delivered, 0 failed"), "{out}");
-    let bodies: Vec<Bytes> = seen.lock().expect("seen").iter().map(|s| s.1.clone()).collect();
+    let bodies: Vec<Bytes> = taken(&seen).into_iter().map(|s| s.1).collect();
     assert_eq!(bodies[1..], [Bytes::from_static(b"two"), Bytes::from_static(b"three")]);
     wait_letters(&app, 0).await;
     app.stop().await;
@@ -303,7 +292,7 @@ async fn a_replay_to_an_ack_spool_target_goes_through_its_spool() {
     wait_letters(&app, 0).await;
     // The spool's forwarder delivers it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !seen.lock().expect("seen").iter().any(|(p, _)| p == "/spooled") {
+    while !taken(&seen).iter().any(|(p, _)| p == "/spooled") {
         assert!(tokio::time::Instant::now() < deadline, "the spool never forwarded it");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -12,11 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::support::proxy::Proxy;
+use crate::support::webhook::{Reply, Webhook};
 use crate::support::*;
-use axum::body::Bytes;
-use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Router;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::AsyncWriteExt;
 
@@ -237,29 +235,17 @@ async fn rabbitmq_silent_the_gateway_stops_reading_and_memory_stays_bounded() {
     app.stop().await;
 }
 
-/// A webhook server on `listener` whose answer `status()` decides; records each message it
-/// answered 2xx, with when.
-async fn webhook_on(
+/// A webhook server on `listener` whose answer `status()` decides.
+fn webhook_on(
     listener: tokio::net::TcpListener,
     status: impl Fn() -> StatusCode + Send + Sync + 'static,
-) -> Arc<Mutex<Vec<(String, Instant)>>> {
-    type Shared = (Arc<Mutex<Vec<(String, Instant)>>>, Arc<dyn Fn() -> StatusCode + Send + Sync>);
-    let ok: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
-    async fn handle(State((ok, status)): State<Shared>, body: Bytes) -> StatusCode {
-        let s = status();
-        if s.is_success() {
-            ok.lock()
-                .expect("ok")
-                .push((String::from_utf8_lossy(&body).into_owned(), Instant::now()));
-        }
-        s
-    }
-    let state: Shared = (Arc::clone(&ok), Arc::new(status));
-    let app = Router::new().fallback(handle).with_state(state);
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    ok
+) -> Webhook {
+    Webhook::on(listener, move |_, _| Reply::Status(status().as_u16()))
+}
+
+/// Each message the server answered 2xx, with when.
+fn delivered(hook: &Webhook) -> Vec<(String, Instant)> {
+    hook.taken().iter().map(|r| (r.text(), r.at)).collect()
 }
 
 fn http_config(addr: SocketAddr) -> String {
@@ -303,13 +289,13 @@ async fn http_endpoint_refusing_then_up_nothing_acked_early_all_delivered_after(
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let up_at = Instant::now();
     let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the endpoint");
-    let ok = webhook_on(listener, || StatusCode::OK).await;
+    let ok = webhook_on(listener, || StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let acked = finish(&stop, task, &acked).await;
 
     assert_none_acked_before(&acked, up_at, "while the endpoint was down");
     assert!(acked.len() > 4, "delivered after the endpoint came up: {}", acked.len());
-    assert_delivered_before_acked(&acked, &ok.lock().expect("ok"));
+    assert_delivered_before_acked(&acked, &delivered(&ok));
     eprintln!("http refused then up: {} acknowledged, all at the endpoint", acked.len());
     app.stop().await;
 }
@@ -326,8 +312,7 @@ async fn http_endpoint_answering_503_then_200_nothing_acked_early_all_delivered_
         } else {
             StatusCode::SERVICE_UNAVAILABLE
         }
-    })
-    .await;
+    });
     let app = gateway(&http_config(addr)).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (task, acked) = spawn_device(app.mqtt_addr, "busy", 4, &stop);
@@ -340,7 +325,7 @@ async fn http_endpoint_answering_503_then_200_nothing_acked_early_all_delivered_
 
     assert_none_acked_before(&acked, up_at, "while the endpoint answered 503");
     assert!(acked.len() > 4, "delivered after the endpoint recovered: {}", acked.len());
-    assert_delivered_before_acked(&acked, &ok.lock().expect("ok"));
+    assert_delivered_before_acked(&acked, &delivered(&ok));
     app.stop().await;
 }
 

@@ -12,11 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::support::proxy::Proxy;
+use crate::support::webhook::{Reply, Webhook};
 use crate::support::*;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::Router;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions};
 use lapin::types::FieldTable;
 use mqgate::config::Config;
@@ -147,22 +144,36 @@ async fn spooled_messages_survive_a_rabbitmq_outage_and_arrive_in_order() {
     app.stop().await;
 }
 
-/// The webhook server: answers 200, 503, or is not listening, as `mode` says; records bodies.
+/// The webhook server: answers 200 or 503 as `mode` says (with `with_404`, 404 to bodies
+/// ending in `:bad` whatever the mode); `bodies()` is what it took (answered 2xx).
 #[derive(Clone)]
 struct Hook {
     mode: Arc<AtomicU8>,
-    bodies: Arc<Mutex<Vec<String>>>,
+    web: Webhook,
 }
 
 const HOOK_OK: u8 = 0;
 const HOOK_503: u8 = 1;
 
-async fn hook(State(h): State<Hook>, _headers: HeaderMap, body: Bytes) -> StatusCode {
-    if h.mode.load(Ordering::SeqCst) == HOOK_503 {
-        return StatusCode::SERVICE_UNAVAILABLE;
+impl Hook {
+    fn serve(listener: TcpListener, mode: u8, with_404: bool) -> Hook {
+        let mode = Arc::new(AtomicU8::new(mode));
+        let m = Arc::clone(&mode);
+        let web = Webhook::on(listener, move |r, _| {
+            if with_404 && r.text().ends_with(":bad") {
+                Reply::Status(404)
+            } else if m.load(Ordering::SeqCst) == HOOK_503 {
+                Reply::Status(503)
+            } else {
+                Reply::Status(200)
+            }
+        });
+        Hook { mode, web }
     }
-    h.bodies.lock().expect("bodies").push(String::from_utf8_lossy(&body).into_owned());
-    StatusCode::OK
+
+    fn bodies(&self) -> Vec<String> {
+        self.web.taken_bodies()
+    }
 }
 
 /// A loopback port bound but not listening: connections to it are refused until the test
@@ -172,11 +183,6 @@ fn reserved_port() -> (tokio::net::TcpSocket, SocketAddr) {
     socket.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
     let addr = socket.local_addr().expect("addr");
     (socket, addr)
-}
-
-async fn serve_hook(listener: TcpListener, h: Hook) {
-    let app = Router::new().fallback(hook).with_state(h);
-    let _ = axum::serve(listener, app).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,18 +201,17 @@ async fn an_http_endpoint_refusing_then_503_then_up_gets_everything_in_order() {
     assert_eq!(acked.len(), 30, "acknowledged while the endpoint refuses connections");
 
     // Up, but answering 503.
-    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_503)), bodies: Arc::default() };
     let listener = socket.listen(1024).expect("listen on the endpoint's port");
-    tokio::spawn(serve_hook(listener, h.clone()));
+    let h = Hook::serve(listener, HOOK_503, false);
     let acked = publish_all(&mut c, &sent[30..], Duration::from_secs(5)).await;
     assert_eq!(acked.len(), 30, "acknowledged while the endpoint answers 503");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(h.bodies.lock().expect("bodies").is_empty());
+    assert!(h.bodies().is_empty());
     h.mode.store(HOOK_OK, Ordering::SeqCst);
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let got = loop {
-        let got = h.bodies.lock().expect("bodies").clone();
+        let got = h.bodies();
         let distinct: std::collections::HashSet<_> = got.iter().collect();
         if distinct.len() >= sent.len() || Instant::now() > deadline {
             break got;
@@ -491,19 +496,6 @@ async fn sigkill_mid_stream_loses_no_acknowledged_message() {
     let _ = exchange;
 }
 
-/// A hook answering 404 to bodies ending in `:bad`, 503 to everything while `mode` says so.
-async fn hook_with_404(State(h): State<Hook>, body: Bytes) -> StatusCode {
-    let text = String::from_utf8_lossy(&body).into_owned();
-    if text.ends_with(":bad") {
-        return StatusCode::NOT_FOUND;
-    }
-    if h.mode.load(Ordering::SeqCst) == HOOK_503 {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    h.bodies.lock().expect("bodies").push(text);
-    StatusCode::OK
-}
-
 fn http_spool_config(store: &Path, addr: SocketAddr, spool: &str) -> String {
     format!(
         "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\nhttp:\n  hook:\n    url: \"http://{addr}\"\nrules:\n  - name: h\n    from: \"sensors/#\"\n    ack: spool\n    spool:\n      replay_rate: 0\n{spool}    to:\n      - http:\n          endpoint: hook\n          retry: {{ attempts: 1 }}\n",
@@ -539,9 +531,7 @@ async fn dead_letters_in(store: &Path) -> Vec<(String, String, String)> {
 async fn a_final_failure_and_exhausted_retries_go_to_the_dead_letters() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
-    let app = Router::new().fallback(hook_with_404).with_state(h.clone());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let h = Hook::serve(listener, HOOK_OK, true);
     let dir = tempfile::tempdir().expect("tempdir");
     let gw = gateway(&http_spool_config(dir.path(), addr, "      max_retry_time: 1s\n")).await;
     let mut c = RawClient::connect(gw.mqtt_addr, ProtocolVersion::V311, "spool-dead").await;
@@ -549,14 +539,10 @@ async fn a_final_failure_and_exhausted_retries_go_to_the_dead_letters() {
         ["0:0", "0:bad", "0:2"].iter().map(|t| ("sensors/0".to_owned(), t.to_string())).collect();
     assert_eq!(publish_all(&mut c, &msgs, Duration::from_secs(5)).await.len(), 3);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while h.bodies.lock().expect("bodies").len() < 2 && Instant::now() < deadline {
+    while h.bodies().len() < 2 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        *h.bodies.lock().expect("bodies"),
-        vec!["0:0", "0:2"],
-        "the 404 does not block the rest"
-    );
+    assert_eq!(h.bodies(), vec!["0:0", "0:2"], "the 404 does not block the rest");
 
     // Down for longer than max_retry_time: the next message goes to the dead letters.
     h.mode.store(HOOK_503, Ordering::SeqCst);
@@ -605,17 +591,15 @@ async fn a_restart_forwards_the_spool_and_dead_letters_what_no_target_claims() {
     gw.stop().await;
 
     // Restart with one target only (h/http:hook/second is gone) and the endpoint up.
-    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
-    let listener = socket.listen(1024).expect("listen");
-    tokio::spawn(serve_hook(listener, h.clone()));
+    let h = Hook::serve(socket.listen(1024).expect("listen"), HOOK_OK, false);
     let gw = gateway_on_store(&http_spool_config(dir.path(), addr, "")).await;
     let (_, body) = http_get(gw.admin_addr, "/readyz").await.expect("readyz");
     assert!(body.contains("spool h/http:hook:"), "{body}");
     let deadline = Instant::now() + Duration::from_secs(15);
-    while h.bodies.lock().expect("bodies").len() < sent.len() && Instant::now() < deadline {
+    while h.bodies().len() < sent.len() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let got = h.bodies.lock().expect("bodies").clone();
+    let got = h.bodies();
     let dups = check_order(&sent, &got);
     println!("restart: {} received, {dups} duplicates", got.len());
     gw.stop().await;
@@ -642,12 +626,11 @@ async fn a_backlog_is_replayed_at_replay_rate() {
     let mut c = RawClient::connect(gw.mqtt_addr, ProtocolVersion::V311, "spool-pace").await;
     let sent = messages(40, 1);
     assert_eq!(publish_all(&mut c, &sent, Duration::from_secs(5)).await.len(), 40);
-    let h = Hook { mode: Arc::new(AtomicU8::new(HOOK_OK)), bodies: Arc::default() };
-    tokio::spawn(serve_hook(socket.listen(1024).expect("listen"), h.clone()));
+    let h = Hook::serve(socket.listen(1024).expect("listen"), HOOK_OK, false);
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut first = None;
     let last = loop {
-        let n = h.bodies.lock().expect("bodies").len();
+        let n = h.bodies().len();
         if n > 0 && first.is_none() {
             first = Some(Instant::now());
         }
@@ -660,6 +643,6 @@ async fn a_backlog_is_replayed_at_replay_rate() {
     let took = last - first.expect("first");
     // 40 messages at 20/s: about 2 s from the first to the last (unpaced: milliseconds).
     assert!(took >= Duration::from_millis(1500), "replayed in {took:?}: not paced");
-    check_order(&sent, &h.bodies.lock().expect("bodies"));
+    check_order(&sent, &h.bodies());
     gw.stop().await;
 }

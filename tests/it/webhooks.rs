@@ -8,136 +8,15 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::support::webhook::{Reply, Request as Seen, Webhook as Server};
 use crate::support::*;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use axum::Router;
 use mqgate::config::Config;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
-
-/// One request the test server received.
-#[derive(Clone, Debug)]
-struct Seen {
-    method: Method,
-    path: String,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Seen {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// How the server answers one request.
-#[derive(Clone, Debug)]
-enum Reply {
-    Status(u16),
-    RetryAfter(u16, String),
-    Hang(Duration),
-    Redirect(&'static str),
-}
-
-/// Decides the reply from the request and how many identical requests (same method, path
-/// and body) came before it.
-type Script = dyn Fn(&Seen, usize) -> Reply + Send + Sync;
-
-/// The test's HTTP server.
-#[derive(Clone)]
-struct Server {
-    addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-}
-
-#[derive(Clone)]
-struct ServerState {
-    seen: Arc<Mutex<Vec<Seen>>>,
-    script: Arc<Script>,
-}
-
-impl Server {
-    async fn start(script: impl Fn(&Seen, usize) -> Reply + Send + Sync + 'static) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind test server");
-        let addr = listener.local_addr().expect("addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let state = ServerState { seen: Arc::clone(&seen), script: Arc::new(script) };
-        let app = Router::new().fallback(handle).with_state(state);
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Server { addr, seen }
-    }
-
-    async fn ok() -> Server {
-        Server::start(|_, _| Reply::Status(200)).await
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
-    }
-
-    /// Waits until at least `n` requests came (10 s at most).
-    async fn wait_for(&self, n: usize) -> Vec<Seen> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let seen = self.seen();
-            if seen.len() >= n {
-                return seen;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {n} requests, got {}: {seen:#?}",
-                seen.len()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-async fn handle(
-    State(s): State<ServerState>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let seen = Seen { method, path: uri.path().to_owned(), headers, body };
-    let before = {
-        let mut all = s.seen.lock().unwrap();
-        let before = all
-            .iter()
-            .filter(|o| o.method == seen.method && o.path == seen.path && o.body == seen.body)
-            .count();
-        all.push(seen.clone());
-        before
-    };
-    match (s.script)(&seen, before) {
-        Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
-        Reply::RetryAfter(code, after) => {
-            (StatusCode::from_u16(code).unwrap(), [("retry-after", after)]).into_response()
-        }
-        Reply::Hang(d) => {
-            tokio::time::sleep(d).await;
-            StatusCode::OK.into_response()
-        }
-        Reply::Redirect(to) => (StatusCode::FOUND, [("location", to)]).into_response(),
-    }
-}
 
 /// A listener that accepts connections, reads a little and closes them; counts them.
 async fn closer() -> (SocketAddr, Arc<AtomicUsize>) {

@@ -7,10 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 
+use crate::support::webhook::{Reply, Webhook};
 use crate::support::*;
-use axum::extract::{Request, State};
-use axum::http::{StatusCode, Version};
-use axum::Router;
+use axum::http::Version;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS, ReasonCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -121,10 +120,7 @@ impl axum::serve::Listener for TlsListener {
 
 /// An HTTPS server offering h2 and http/1.1; records each request's HTTP version. With
 /// `client_auth`, it requires a client certificate signed by the CA.
-async fn https_server(
-    dir: &Path,
-    client_auth: bool,
-) -> (SocketAddr, Arc<Mutex<Vec<Version>>>, Arc<Mutex<usize>>) {
+async fn https_server(dir: &Path, client_auth: bool) -> (SocketAddr, Webhook, Arc<Mutex<usize>>) {
     let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(dir.join("server.pem"))
         .unwrap()
         .map(Result::unwrap)
@@ -144,22 +140,13 @@ async fn https_server(
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    let versions = Arc::new(Mutex::new(Vec::new()));
     let failed = Arc::new(Mutex::new(0));
     let listener = TlsListener {
         tcp,
         acceptor: TlsAcceptor::from(Arc::new(config)),
         failed: Arc::clone(&failed),
     };
-    let app = Router::new()
-        .fallback(|State(v): State<Arc<Mutex<Vec<Version>>>>, req: Request| async move {
-            v.lock().unwrap().push(req.version());
-            StatusCode::OK
-        })
-        .with_state(Arc::clone(&versions));
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let versions = Webhook::on_listener(listener, |_, _| Reply::Status(200));
     (addr, versions, failed)
 }
 
@@ -195,14 +182,15 @@ async fn a_custom_ca_is_trusted_and_http2_is_used_when_offered() {
     let (code, reason) = publish(&app, "no-ca").await;
     assert_eq!(code, ReasonCode::SERVER_BUSY, "{reason}");
     assert!(reason.contains("certificate"), "{reason}");
-    assert!(versions.lock().unwrap().is_empty());
+    assert!(versions.seen().is_empty());
     app.stop().await;
 
     let app =
         gateway(&config(addr, &format!("      ca: \"{}\"\n      ca_only: true\n", ca.display())))
             .await;
     assert_eq!(publish(&app, "ca").await.0, ReasonCode::SUCCESS);
-    assert_eq!(*versions.lock().unwrap(), vec![Version::HTTP_2], "ALPN offered h2");
+    let got: Vec<Version> = versions.seen().iter().map(|r| r.version).collect();
+    assert_eq!(got, vec![Version::HTTP_2], "ALPN offered h2");
     app.stop().await;
 }
 
@@ -216,7 +204,7 @@ async fn a_client_certificate_is_presented_when_configured() {
     let app = gateway(&config(addr, &format!("      ca: \"{}\"\n", p("ca.pem")))).await;
     let (code, reason) = publish(&app, "no-cert").await;
     assert_eq!(code, ReasonCode::SERVER_BUSY, "no client certificate: refused ({reason})");
-    assert!(versions.lock().unwrap().is_empty());
+    assert!(versions.seen().is_empty());
     app.stop().await;
     assert!(*failed.lock().unwrap() >= 1, "the server saw no failed handshake");
 
@@ -228,6 +216,6 @@ async fn a_client_certificate_is_presented_when_configured() {
     );
     let app = gateway(&config(addr, &tls)).await;
     assert_eq!(publish(&app, "cert").await.0, ReasonCode::SUCCESS);
-    assert_eq!(versions.lock().unwrap().len(), 1);
+    assert_eq!(versions.seen().len(), 1);
     app.stop().await;
 }

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, Version};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
@@ -16,13 +16,21 @@ use tokio::net::TcpListener;
 #[derive(Clone, Debug)]
 pub struct Request {
     pub method: Method,
+    pub version: Version,
     pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
+    /// The status the server answered (200 after a hang).
+    pub status: u16,
 }
 
 impl Request {
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    }
+
     /// The body as text.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
@@ -78,6 +86,17 @@ impl Webhook {
         listener: TcpListener,
         script: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static,
     ) -> Webhook {
+        Webhook::on_listener(listener, script)
+    }
+
+    /// Starts a server on any listener axum can serve (a TLS one, say).
+    pub fn on_listener<L>(
+        listener: L,
+        script: impl Fn(&Request, usize) -> Reply + Send + Sync + 'static,
+    ) -> Webhook
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let state = ServerState { seen: Arc::clone(&seen), script: Arc::new(script) };
@@ -103,6 +122,16 @@ impl Webhook {
         self.seen().iter().filter(|r| r.path == path).map(Request::text).collect()
     }
 
+    /// The requests answered 2xx (what the server took), in arrival order.
+    pub fn taken(&self) -> Vec<Request> {
+        self.seen().into_iter().filter(|r| (200..300).contains(&r.status)).collect()
+    }
+
+    /// The bodies of the requests answered 2xx, in arrival order.
+    pub fn taken_bodies(&self) -> Vec<String> {
+        self.taken().iter().map(Request::text).collect()
+    }
+
     /// Waits until at least `n` requests came (10 s at most).
     pub async fn wait_for(&self, n: usize) -> Vec<Request> {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -124,23 +153,32 @@ impl Webhook {
 async fn handle(
     State(state): State<ServerState>,
     method: Method,
+    version: Version,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let req = Request { method, path: uri.path().to_owned(), headers, body, at: Instant::now() };
-    let before = {
+    let path = uri.path().to_owned();
+    let mut req = Request { method, version, path, headers, body, at: Instant::now(), status: 0 };
+    // Decided and recorded under one lock: `before` counts earlier identical requests.
+    let reply = {
         let mut seen = state.seen.lock().expect("seen");
-        let n = seen
+        let before = seen
             .iter()
             .filter(|r| r.method == req.method && r.path == req.path && r.body == req.body)
             .count();
-        seen.push(req.clone());
-        n
+        let reply = (state.script)(&req, before);
+        req.status = match &reply {
+            Reply::Status(code) | Reply::RetryAfter(code, _) => *code,
+            Reply::Hang(_) => 200,
+            Reply::Redirect(_) => 302,
+        };
+        seen.push(req);
+        reply
     };
     let status =
         |code: u16| StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    match (state.script)(&req, before) {
+    match reply {
         Reply::Status(code) => status(code).into_response(),
         Reply::RetryAfter(code, after) => {
             (status(code), [(axum::http::header::RETRY_AFTER, after)]).into_response()
