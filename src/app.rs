@@ -31,7 +31,7 @@ use crate::mqtt::session::{SessionLimits, SessionShared};
 use crate::rules::RuleSet;
 use crate::spool;
 use crate::store::{Store, WriteBatch};
-use crate::targets::kinds::{self, StartContext, Systems};
+use crate::targets::kinds::{self, StartContext, StartedContext, Systems};
 
 /// A running gateway.
 pub struct App {
@@ -130,7 +130,6 @@ impl App {
             &mut tasks,
         )
         .await?;
-        kinds::started(&systems, &mut tasks);
         let broker = Broker::new(
             Arc::clone(&metrics),
             config.mqtt.max_retained,
@@ -171,6 +170,15 @@ impl App {
                 }
             });
         }
+        // Every target built, the broker restored: bridges connect now (their downlink
+        // publishes into the broker), HTTP endpoints' lanes are waited for at shutdown.
+        let mut started = StartedContext {
+            systems: &systems,
+            tasks: &mut tasks,
+            broker: &broker,
+            shutdown: &sinks_shutdown,
+        };
+        kinds::started(&config, &mut started);
         let mut limits = SessionLimits::from_config(&config.mqtt);
         limits.shutdown_timeout = config.shutdown_timeout.0;
         let shared = Arc::new(

@@ -130,6 +130,8 @@ pub struct RuleLabels {
 pub struct Metrics {
     /// Encoded by `GET /metrics`.
     pub registry: Registry,
+    /// Each target kind's own families, registered by the kind (`TargetKind::register_metrics`).
+    pub kinds: crate::targets::kinds::KindMetrics,
     /// Open MQTT connections.
     pub connections: Gauge,
     /// MQTT connections accepted since start.
@@ -259,7 +261,9 @@ impl Metrics {
         let http = HttpFamilies::register(&mut registry);
         let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
         let listeners = crate::listeners::ListenerFamilies::register(&mut registry);
+        let kinds = crate::targets::kinds::register_metrics(&mut registry);
         let m = Metrics {
+            kinds,
             connections: Gauge::default(),
             connections_total: Counter::default(),
             connections_refused: Counter::default(),

@@ -39,6 +39,9 @@ pub struct Config {
     /// Named HTTP endpoints (webhooks), referenced by `- http:` rule targets.
     #[serde(default)]
     pub http: BTreeMap<String, HttpEndpointConfig>,
+    /// Upstream MQTT brokers (bridges), referenced by `- mqtt:` targets and `bridge:` sources.
+    #[serde(default)]
+    pub bridges: BTreeMap<String, crate::targets::mqtt::config::BridgeConfig>,
     /// Routing rules: an MQTT topic filter and the targets a matching message goes to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -356,6 +359,9 @@ impl Config {
         for tls in config.amqp.values_mut().filter_map(|b| b.tls.as_mut()) {
             tls.resolve_paths(file);
         }
+        for bridge in config.bridges.values_mut() {
+            bridge.resolve_paths(file);
+        }
         let errors = config.validate(file);
         if errors.is_empty() {
             Ok(config)
@@ -391,9 +397,7 @@ impl Config {
         if self.mqtt.connect_timeout.value.0.is_zero() {
             err(&self.mqtt.connect_timeout.referenced, "mqtt.connect_timeout must be > 0".into());
         }
-        for (name, broker) in &self.amqp {
-            crate::targets::amqp::config::validate_broker(name, broker, &mut err);
-        }
+        crate::targets::kinds::validate_systems(sections, &mut err);
         let mut names = std::collections::HashSet::new();
         let mut target_ids = std::collections::HashSet::new();
         for rule in &self.rules {
@@ -414,9 +418,9 @@ impl Config {
             }
         }
         let brokers: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
-        crate::sources::config::validate(&self.sources, &brokers, &mut err);
+        let bridges: Vec<&str> = self.bridges.keys().map(String::as_str).collect();
+        crate::sources::config::validate(&self.sources, &brokers, &bridges, &mut err);
         self.validate_auth(&mut err);
-        crate::targets::http::config::validate_endpoints(&self.http, &mut err);
         crate::spool::config::validate(self, &mut err);
         errors
     }
@@ -474,6 +478,8 @@ impl types::Sections for Config {
         match name {
             "amqp" => Some(&self.amqp),
             "http" => Some(&self.http),
+            "bridges" => Some(&self.bridges),
+            "sources" => Some(&self.sources),
             _ => None,
         }
     }
@@ -601,6 +607,7 @@ mod tests {
         assert_eq!(types::parse_duration("10s"), Some(Duration::from_secs(10)));
         assert_eq!(types::parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(types::parse_duration("7"), Some(Duration::from_secs(7)));
+        assert_eq!(types::parse_duration("1d"), Some(Duration::from_secs(86_400)));
         assert_eq!(types::parse_duration("ten"), None);
         assert_eq!(types::parse_duration("5 parsecs"), None);
     }

@@ -31,7 +31,7 @@ pub fn defined<'a>(names: impl Iterator<Item = &'a String>) -> String {
     }
 }
 
-/// A duration written as seconds (`10`) or with a unit (`250ms`, `10s`, `5m`, `1h`).
+/// A duration written as seconds (`10`) or with a unit (`250ms`, `10s`, `5m`, `1h`, `1d`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -47,7 +47,7 @@ impl<'de> Deserialize<'de> for HumanDuration {
             Raw::Secs(s) => Ok(HumanDuration(Duration::from_secs(s))),
             Raw::Text(t) => parse_duration(&t).map(HumanDuration).ok_or_else(|| {
                 serde::de::Error::custom(format!(
-                    "invalid duration {t:?}: write e.g. 10, \"250ms\", \"10s\", \"5m\" or \"1h\""
+                    "invalid duration {t:?}: write e.g. 10, \"250ms\", \"10s\", \"5m\", \"1h\" or \"1d\""
                 ))
             }),
         }
@@ -64,6 +64,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "ms" => Some(Duration::from_millis(n)),
         "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
         "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        "d" => Some(Duration::from_secs(n.checked_mul(86_400)?)),
         _ => None,
     }
 }

@@ -34,6 +34,9 @@ pub enum RuleError {
     /// A target names a broker that is not configured.
     #[error("rule {rule:?}: unknown AMQP broker {broker:?}")]
     UnknownBroker { rule: String, broker: String },
+    /// A target names a bridge that is not configured.
+    #[error("rule {rule:?}: unknown bridge {bridge:?}")]
+    UnknownBridge { rule: String, bridge: String },
     /// A target names an HTTP endpoint that is not configured.
     #[error("rule {rule:?}: unknown HTTP endpoint {endpoint:?}")]
     UnknownEndpoint { rule: String, endpoint: String },

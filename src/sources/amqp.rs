@@ -98,7 +98,7 @@ impl Settings {
         Settings {
             name: Arc::from(cfg.name.value.as_str()),
             url: broker.url.value.clone(),
-            queue: cfg.queue.value.clone(),
+            queue: cfg.queue.as_ref().map(|q| q.value.clone()).unwrap_or_default(),
             declare,
             bind: cfg
                 .bind

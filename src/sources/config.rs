@@ -1,4 +1,5 @@
-//! `sources:` in the config: AMQP queues whose messages mqgate publishes to MQTT.
+//! `sources:` in the config: AMQP queues (`broker:` + `queue:`) and upstream MQTT brokers
+//! (`bridge:` + `subscribe:`) whose messages mqgate publishes to MQTT.
 //!
 //! The serde structs and their checks (called from `Config::validate`, so errors carry
 //! file:line:column like every other config error). No I/O.
@@ -18,10 +19,18 @@ use crate::config::HumanDuration;
 pub struct SourceConfig {
     /// Unique name; labels the source's metrics and its AMQP connection.
     pub name: Spanned<String>,
-    /// Key of a broker under `amqp:` (its URL and reconnect delays are used).
-    pub broker: Spanned<String>,
-    /// The queue to consume. Must exist unless `declare:` is given.
-    pub queue: Spanned<String>,
+    /// Key of a broker under `amqp:` (its URL and reconnect delays are used): an AMQP source.
+    #[serde(default)]
+    pub broker: Option<Spanned<String>>,
+    /// The queue to consume (AMQP). Must exist unless `declare:` is given.
+    #[serde(default)]
+    pub queue: Option<Spanned<String>>,
+    /// Key of a bridge under `bridges:`: an MQTT source (the bridge's upstream broker).
+    #[serde(default)]
+    pub bridge: Option<Spanned<String>>,
+    /// Upstream topic filters to subscribe to (MQTT sources).
+    #[serde(default)]
+    pub subscribe: Vec<Spanned<String>>,
     /// Declare the queue (idempotent; a mismatch with an existing queue is a broker error).
     #[serde(default)]
     pub declare: Option<DeclareConfig>,
@@ -134,10 +143,12 @@ const fn default_requeue_delay() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))
 }
 
-/// Checks `sources` against the configured brokers; reports each problem with where it is.
+/// Checks `sources` against the configured AMQP brokers and bridges; reports each problem
+/// with where it is.
 pub fn validate(
     sources: &[SourceConfig],
     brokers: &[&str],
+    bridges: &[&str],
     err: &mut impl FnMut(&Location, String),
 ) {
     let mut names = std::collections::HashSet::new();
@@ -149,18 +160,70 @@ pub fn validate(
         if !names.insert(name.as_str()) {
             err(&s.name.referenced, format!("duplicate source name {name:?}"));
         }
-        if !brokers.contains(&s.broker.value.as_str()) {
-            let known = if brokers.is_empty() { "none".into() } else { brokers.join(", ") };
-            err(
-                &s.broker.referenced,
+        match (&s.broker, &s.bridge) {
+            (Some(broker), None) => {
+                if !brokers.contains(&broker.value.as_str()) {
+                    let known = if brokers.is_empty() { "none".into() } else { brokers.join(", ") };
+                    err(
+                        &broker.referenced,
+                        format!(
+                            "source {name:?}: no broker {:?} under amqp: (defined: {known})",
+                            broker.value
+                        ),
+                    );
+                }
+                match &s.queue {
+                    Some(q) if q.value.is_empty() || q.value.len() > 255 => {
+                        err(&q.referenced, format!("source {name:?}: queue must be 1 to 255 bytes"))
+                    }
+                    Some(_) => {}
+                    None => err(
+                        &s.name.referenced,
+                        format!("source {name:?}: an AMQP source needs `queue:`"),
+                    ),
+                }
+                if let Some(f) = s.subscribe.first() {
+                    err(&f.referenced, format!("source {name:?}: `subscribe:` is for `bridge:` sources; an AMQP source consumes `queue:`"));
+                }
+            }
+            (None, Some(bridge)) => {
+                if !bridges.contains(&bridge.value.as_str()) {
+                    let known = if bridges.is_empty() { "none".into() } else { bridges.join(", ") };
+                    err(
+                        &bridge.referenced,
+                        format!(
+                            "source {name:?}: no bridge {:?} under bridges: (defined: {known})",
+                            bridge.value
+                        ),
+                    );
+                }
+                if s.subscribe.is_empty() {
+                    err(&bridge.referenced, format!("source {name:?}: a bridge source needs `subscribe:` (upstream filters)"));
+                }
+                for f in &s.subscribe {
+                    if let Err(e) = crate::mqtt::topic::validate_filter(&f.value) {
+                        err(&f.referenced, format!("source {name:?}: subscribe: {e}"));
+                    }
+                }
+                if let Some(q) = &s.queue {
+                    err(
+                        &q.referenced,
+                        format!("source {name:?}: `queue:` is for AMQP sources (`broker:`)"),
+                    );
+                }
+                if s.declare.is_some() || !s.bind.is_empty() {
+                    err(
+                        &bridge.referenced,
+                        format!("source {name:?}: `declare:` and `bind:` are for AMQP sources"),
+                    );
+                }
+            }
+            _ => err(
+                &s.name.referenced,
                 format!(
-                    "source {name:?}: no broker {:?} under amqp: (defined: {known})",
-                    s.broker.value
+                    "source {name:?}: give exactly one of `broker:` (AMQP) or `bridge:` (MQTT)"
                 ),
-            );
-        }
-        if s.queue.value.is_empty() || s.queue.value.len() > 255 {
-            err(&s.queue.referenced, format!("source {name:?}: queue must be 1 to 255 bytes"));
+            ),
         }
         if !(1..=65_535).contains(&s.prefetch.value) {
             err(&s.prefetch.referenced, format!("source {name:?}: prefetch must be 1..=65535"));
@@ -169,7 +232,12 @@ pub fn validate(
             err(&s.qos.referenced, format!("source {name:?}: qos must be 0, 1 or 2"));
         }
         if let Some(t) = &s.topic {
-            if let Err(e) = TopicTemplate::parse(&t.value) {
+            let checked = if s.bridge.is_some() {
+                crate::template::check_template(&t.value).map_err(|e| e.to_string())
+            } else {
+                TopicTemplate::parse(&t.value).map(|_| ()).map_err(|e| e.to_string())
+            };
+            if let Err(e) = checked {
                 err(&t.referenced, format!("source {name:?}: topic: {e}"));
             }
         }

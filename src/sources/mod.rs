@@ -35,7 +35,9 @@ pub fn spawn_all(
 ) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
     for s in &config.sources {
-        let Some(amqp) = config.amqp.get(&s.broker.value) else { continue };
+        // Bridge sources run inside their bridge's connection (`targets::mqtt`).
+        let Some(amqp_broker) = &s.broker else { continue };
+        let Some(amqp) = config.amqp.get(&amqp_broker.value) else { continue };
         let settings = amqp::Settings::new(s, amqp);
         let m = metrics.source(&s.name.value);
         tasks.push(tokio::spawn(amqp::run(

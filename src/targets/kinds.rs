@@ -21,6 +21,9 @@ use crate::rules::RuleError;
 
 /// One kind of target.
 pub trait TargetKind {
+    /// The kind's name (its key in a rule's `to:`).
+    const NAME: &'static str;
+
     /// The config of one target (`- amqp: {...}`).
     type Config;
 
@@ -33,6 +36,9 @@ pub trait TargetKind {
 
     /// Where problems of the target as a whole are reported.
     fn location(t: &Self::Config) -> &Location;
+
+    /// Checks the kind's systems (its sections of the config).
+    fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>);
 
     /// Checks one target of rule `rule` (with what it names in `sections`).
     fn validate(rule: &str, t: &Self::Config, sections: &dyn Sections, err: &mut Report<'_>);
@@ -49,9 +55,17 @@ pub trait TargetKind {
         at: &BuildContext<'_>,
     ) -> Result<Arc<dyn Target>, RuleError>;
 
-    /// Called once every target is built: e.g. waits (as a task) for the targets' own tasks at
-    /// shutdown.
-    fn started(_systems: &Systems, _tasks: &mut JoinSet<()>) {}
+    /// Registers the kind's own metric families (kept in `Metrics::kinds` under its name).
+    fn register_metrics(
+        _registry: &mut prometheus_client::registry::Registry,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        None
+    }
+
+    /// Called once every target is built and the broker holds what the store had (before the
+    /// listeners accept anyone): e.g. connects systems that also bring messages in (bridges),
+    /// or waits (as a task) for the targets' own tasks at shutdown.
+    fn started(_sections: &dyn Sections, _at: &mut StartedContext<'_>) {}
 }
 
 /// What a kind starts its systems with.
@@ -64,6 +78,18 @@ pub struct StartContext<'a> {
     pub tasks: &'a mut JoinSet<()>,
     /// Where the kind keeps its running systems (and their health).
     pub systems: &'a mut Systems,
+}
+
+/// What a kind is told once everything is built.
+pub struct StartedContext<'a> {
+    /// The running systems of every kind.
+    pub systems: &'a Systems,
+    /// The gateway's tasks.
+    pub tasks: &'a mut JoinSet<()>,
+    /// Where messages coming in are published (sources of bridges).
+    pub broker: &'a Arc<crate::broker::Broker>,
+    /// Cancelled once the sessions have finished: the systems stop after them.
+    pub shutdown: &'a CancellationToken,
 }
 
 /// What a kind builds its targets with.
@@ -110,6 +136,17 @@ pub trait Health: Send + Sync {
     fn name(&self) -> String;
     /// `Ok(state)` when ready (`connected`), `Err(state)` when not (`disconnected (why)`).
     fn state(&self) -> Result<String, String>;
+}
+
+/// Each kind's own metric families, by kind name.
+#[derive(Default)]
+pub struct KindMetrics(HashMap<&'static str, Box<dyn Any + Send + Sync>>);
+
+impl KindMetrics {
+    /// Kind `kind`'s families.
+    pub fn get<T: Any>(&self, kind: &str) -> Option<&T> {
+        self.0.get(kind)?.downcast_ref()
+    }
 }
 
 /// A future a kind leaves running.
@@ -199,15 +236,31 @@ macro_rules! kinds {
             }
         }
 
+        /// Registers every kind's own metric families.
+        pub fn register_metrics(registry: &mut prometheus_client::registry::Registry) -> KindMetrics {
+            let mut kinds = HashMap::new();
+            $(
+                if let Some(m) = <$kind>::register_metrics(registry) {
+                    kinds.insert(<$kind as TargetKind>::NAME, m);
+                }
+            )*
+            KindMetrics(kinds)
+        }
+
+        /// Checks every kind's systems.
+        pub fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
+            $(<$kind>::validate_systems(sections, err);)*
+        }
+
         /// Starts every kind's systems.
         pub fn start_systems(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
             $(<$kind>::start(sections, at)?;)*
             Ok(())
         }
 
-        /// Tells every kind that its targets are built.
-        pub fn started(systems: &Systems, tasks: &mut JoinSet<()>) {
-            $(<$kind>::started(systems, tasks);)*
+        /// Tells every kind that its targets are built and the broker is ready.
+        pub fn started(sections: &dyn Sections, at: &mut StartedContext<'_>) {
+            $(<$kind>::started(sections, at);)*
         }
     };
 }
@@ -216,4 +269,5 @@ macro_rules! kinds {
 kinds! {
     Amqp => super::amqp::AmqpKind,
     Http => super::http::HttpKind,
+    Mqtt => super::mqtt::MqttKind,
 }

@@ -10,6 +10,7 @@ pub mod amqp;
 pub mod http;
 pub mod ids;
 pub mod kinds;
+pub mod mqtt;
 
 use std::sync::Arc;
 

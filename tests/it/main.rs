@@ -11,6 +11,7 @@ mod amqp_sink;
 mod auth;
 mod bad_input;
 mod bounds;
+mod bridge;
 mod cli;
 mod deadletters;
 mod disk_full;

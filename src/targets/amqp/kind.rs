@@ -32,6 +32,7 @@ fn brokers(sections: &dyn Sections) -> Option<&BTreeMap<String, AmqpBrokerConfig
 }
 
 impl TargetKind for AmqpKind {
+    const NAME: &'static str = NAME;
     type Config = AmqpTargetConfig;
 
     fn explicit_id(t: &AmqpTargetConfig) -> Option<&Spanned<String>> {
@@ -44,6 +45,12 @@ impl TargetKind for AmqpKind {
 
     fn location(t: &AmqpTargetConfig) -> &Location {
         &t.broker.referenced
+    }
+
+    fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
+        for (name, broker) in brokers(sections).into_iter().flatten() {
+            super::config::validate_broker(name, broker, err);
+        }
     }
 
     fn validate(rule: &str, t: &AmqpTargetConfig, sections: &dyn Sections, err: &mut Report<'_>) {

@@ -4,13 +4,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_saphyr::{Location, Spanned};
-use tokio::task::JoinSet;
 
 use super::config::{validate_target, HttpEndpointConfig, HttpTargetConfig};
 use super::{HttpEndpoint, HttpTarget};
 use crate::config::types::{Report, Sections};
 use crate::rules::RuleError;
-use crate::targets::kinds::{BuildContext, StartContext, Systems, TargetKind};
+use crate::targets::kinds::{BuildContext, StartContext, StartedContext, TargetKind};
 use crate::targets::Target;
 
 /// The kind's name: its key in a rule's `to:` and its section of the config.
@@ -30,6 +29,7 @@ fn endpoints(sections: &dyn Sections) -> Option<&BTreeMap<String, HttpEndpointCo
 }
 
 impl TargetKind for HttpKind {
+    const NAME: &'static str = NAME;
     type Config = HttpTargetConfig;
 
     fn explicit_id(t: &HttpTargetConfig) -> Option<&Spanned<String>> {
@@ -45,6 +45,12 @@ impl TargetKind for HttpKind {
 
     fn location(t: &HttpTargetConfig) -> &Location {
         &t.endpoint.referenced
+    }
+
+    fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
+        if let Some(endpoints) = endpoints(sections) {
+            super::config::validate_endpoints(endpoints, err);
+        }
     }
 
     fn validate(rule: &str, t: &HttpTargetConfig, sections: &dyn Sections, err: &mut Report<'_>) {
@@ -76,10 +82,10 @@ impl TargetKind for HttpKind {
     }
 
     /// Every target's lanes are started: wait for them at shutdown.
-    fn started(systems: &Systems, tasks: &mut JoinSet<()>) {
-        if let Some(s) = systems.get::<HttpSystems>(NAME) {
+    fn started(_sections: &dyn Sections, at: &mut StartedContext<'_>) {
+        if let Some(s) = at.systems.get::<HttpSystems>(NAME) {
             for endpoint in s.endpoints.values() {
-                tasks.spawn(endpoint.clone().finished());
+                at.tasks.spawn(endpoint.clone().finished());
             }
         }
     }

@@ -1,0 +1,197 @@
+//! The MQTT bridge kind in the target registry: bridges under `bridges:`, `- mqtt:` targets,
+//! and the `bridge:` sources that ride on the same connections.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use serde_saphyr::{Location, Spanned};
+use tracing::error;
+
+use super::client::{Bridge, BridgeMetrics, Downlink};
+use super::config::{validate_bridge, validate_target, BridgeConfig, MqttTargetConfig};
+use super::target::MqttTarget;
+use crate::broker::tracking::Mode;
+use crate::config::types::{Report, Sections};
+use crate::mqtt::codec::QoS;
+use crate::rules::RuleError;
+use crate::sources::config::{SourceConfig, SourceMode};
+use crate::targets::kinds::{BuildContext, StartContext, StartedContext, TargetKind};
+use crate::targets::Target;
+
+/// The kind's name: its key in a rule's `to:`.
+const NAME: &str = "mqtt";
+/// Its section of systems.
+const SECTION: &str = "bridges";
+
+/// The MQTT bridge kind.
+pub struct MqttKind;
+
+/// The bridges, by name, with their config (the task starts in `started`).
+pub struct MqttSystems {
+    bridges: BTreeMap<String, (Bridge, BridgeConfig)>,
+}
+
+/// `mqgate_bridge_messages_total{bridge, outcome}` and `mqgate_bridge_connects_total{bridge}`.
+pub struct BridgeFamilies {
+    messages: Family<BridgeOutcome, Counter>,
+    connects: Family<BridgeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BridgeOutcome {
+    bridge: String,
+    /// `published`, `failed`, `dropped_full`, `received`, `echo_dropped`.
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BridgeLabel {
+    bridge: String,
+}
+
+impl BridgeFamilies {
+    fn for_bridge(&self, name: &str) -> BridgeMetrics {
+        let c = |outcome| {
+            self.messages.get_or_create(&BridgeOutcome { bridge: name.to_owned(), outcome }).clone()
+        };
+        BridgeMetrics {
+            published: c("published"),
+            failed: c("failed"),
+            dropped_full: c("dropped_full"),
+            received: c("received"),
+            echoes: c("echo_dropped"),
+            connects: self.connects.get_or_create(&BridgeLabel { bridge: name.to_owned() }).clone(),
+        }
+    }
+}
+
+fn bridges(sections: &dyn Sections) -> Option<&BTreeMap<String, BridgeConfig>> {
+    sections.section(SECTION)?.downcast_ref()
+}
+
+impl TargetKind for MqttKind {
+    const NAME: &'static str = NAME;
+    type Config = MqttTargetConfig;
+
+    fn explicit_id(t: &MqttTargetConfig) -> Option<&Spanned<String>> {
+        t.id.as_ref()
+    }
+
+    fn endpoint(t: &MqttTargetConfig) -> String {
+        match &t.topic {
+            Some(topic) => format!("{NAME}:{}/{}", t.bridge.value, topic.value),
+            None => format!("{NAME}:{}", t.bridge.value),
+        }
+    }
+
+    fn location(t: &MqttTargetConfig) -> &Location {
+        super::config::location(t)
+    }
+
+    fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
+        for (name, b) in bridges(sections).into_iter().flatten() {
+            validate_bridge(name, b, err);
+        }
+    }
+
+    fn validate(rule: &str, t: &MqttTargetConfig, sections: &dyn Sections, err: &mut Report<'_>) {
+        validate_target(rule, t, bridges(sections).unwrap_or(&BTreeMap::new()), err);
+    }
+
+    fn register_metrics(registry: &mut Registry) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        let families = BridgeFamilies { messages: Family::default(), connects: Family::default() };
+        registry.register(
+            "bridge_messages",
+            "Messages through MQTT bridges by outcome: published (the upstream took it), failed, dropped_full (QoS 0, queue full), received (from the upstream, taken locally), echo_dropped (a 3.1.1 upstream's echo of our own)",
+            families.messages.clone(),
+        );
+        registry.register(
+            "bridge_connects",
+            "Connections made to the upstream broker (the first and every reconnect)",
+            families.connects.clone(),
+        );
+        Some(Box::new(families))
+    }
+
+    fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
+        let families = at.metrics.kinds.get::<BridgeFamilies>(NAME);
+        let mut running = BTreeMap::new();
+        for (name, cfg) in bridges(sections).into_iter().flatten() {
+            let metrics = families.map(|f| f.for_bridge(name)).unwrap_or_default();
+            let bridge = Bridge::new(name, cfg, metrics);
+            at.systems.add_health(Arc::new(bridge.clone()));
+            running.insert(name.clone(), (bridge, cfg.clone()));
+        }
+        at.systems.insert(NAME, MqttSystems { bridges: running });
+        Ok(())
+    }
+
+    fn build(
+        id: &str,
+        rule: &str,
+        t: &MqttTargetConfig,
+        at: &BuildContext<'_>,
+    ) -> Result<Arc<dyn Target>, RuleError> {
+        let unknown =
+            || RuleError::UnknownBridge { rule: rule.to_owned(), bridge: t.bridge.value.clone() };
+        let systems = at.systems.get::<MqttSystems>(NAME).ok_or_else(unknown)?;
+        let (bridge, _) = systems.bridges.get(&t.bridge.value).ok_or_else(unknown)?;
+        let metrics = at.metrics.target(rule, &Self::endpoint(t));
+        let target = MqttTarget::build(id, t, bridge, metrics)
+            .map_err(|error| RuleError::Template { rule: rule.to_owned(), error })?;
+        Ok(Arc::new(target))
+    }
+
+    /// Connects every bridge, with the `bridge:` sources that ride on it.
+    fn started(sections: &dyn Sections, at: &mut StartedContext<'_>) {
+        let Some(systems) = at.systems.get::<MqttSystems>(NAME) else { return };
+        let sources: &[SourceConfig] = sections
+            .section("sources")
+            .and_then(|s| s.downcast_ref::<Vec<SourceConfig>>())
+            .map_or(&[], Vec::as_slice);
+        for (name, (bridge, cfg)) in &systems.bridges {
+            let downlinks = sources
+                .iter()
+                .filter(|s| s.bridge.as_ref().is_some_and(|b| b.value == *name))
+                .filter_map(downlink)
+                .collect();
+            let shutdown = at.shutdown.clone();
+            if let Some(handle) =
+                bridge.start(cfg.clone(), downlinks, Arc::clone(at.broker), shutdown)
+            {
+                let name = name.clone();
+                at.tasks.spawn(async move {
+                    if let Err(e) = handle.await {
+                        error!(bridge = %name, error = %e, "bridge task failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// A `bridge:` source as the bridge runs it (the config is validated).
+fn downlink(s: &SourceConfig) -> Option<Downlink> {
+    let topic = match &s.topic {
+        Some(t) => Some(crate::template::Template::compile(&t.value).ok()?),
+        None => None,
+    };
+    Some(Downlink {
+        name: s.name.value.clone(),
+        filters: s.subscribe.iter().map(|f| f.value.clone()).collect(),
+        qos: match s.qos.value {
+            0 => QoS::AtMostOnce,
+            2 => QoS::ExactlyOnce,
+            _ => QoS::AtLeastOnce,
+        },
+        topic,
+        mode: match s.mode {
+            SourceMode::Broadcast => Mode::Broadcast,
+            SourceMode::Work => Mode::Work,
+        },
+    })
+}
