@@ -42,6 +42,16 @@ ensure_mosquitto_clients() {
   apt_install mosquitto-clients
 }
 
+# The Mosquitto broker binary (Debian's mosquitto): tests/it/bridge.rs starts its own on a
+# spare port as the upstream of MQTT bridges (never the machine's instance on 1883).
+ensure_mosquitto_broker() {
+  command -v mosquitto >/dev/null && return
+  [ -x /usr/sbin/mosquitto ] && { export PATH="$PATH:/usr/sbin"; return; }
+  log "installing mosquitto (the broker binary; its service is not used by the tests)"
+  apt_install mosquitto
+  [ -x /usr/sbin/mosquitto ] && export PATH="$PATH:/usr/sbin"
+}
+
 # The openssl command line tool: tests/it/webhooks_tls.rs makes its CA and certificates with it.
 ensure_openssl() {
   command -v openssl >/dev/null && return

@@ -2,7 +2,8 @@
 # The whole test suite, with everything it needs set up first (README: "Run the tests").
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
 #    Debian's rabbitmq-server package if missing (needs root).
-#  - mosquitto-clients (mosquitto_pub/mosquitto_sub): installed if missing.
+#  - mosquitto-clients (mosquitto_pub/mosquitto_sub) and the mosquitto broker binary (the
+#    bridge tests start their own on a spare port): installed if missing.
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
 #  - paho-mqtt 2.x for python3 (tests/it/paho.rs): pip-installed if missing, or into a venv
 #    under the target dir where pip refuses (externally managed python).
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_rabbitmq
 ensure_mosquitto_clients
+ensure_mosquitto_broker
 ensure_openssl
 ensure_paho
 
