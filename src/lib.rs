@@ -7,6 +7,7 @@ pub mod broker;
 pub mod config;
 pub mod deadletters;
 pub mod listeners;
+pub mod logtext;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

@@ -146,6 +146,15 @@ fn glob(segs: &[Seg], name: &str) -> bool {
     }
 }
 
+/// Whether `client_id` matches one of `patterns` (`%u` the user name, `*` any run of
+/// characters), for a `users:` entry's `client_ids`.
+pub fn client_id_allowed(patterns: &[String], user: &str, client_id: &str) -> bool {
+    let who = Who { user: Some(user), client: client_id };
+    patterns.iter().any(|p| {
+        Pattern::parse(p, true, None).substitute(&who).is_some_and(|segs| glob(&segs, client_id))
+    })
+}
+
 /// Whom a connection is: the values `%u` and `%c` stand for.
 struct Who<'a> {
     user: Option<&'a str>,

@@ -67,6 +67,8 @@ impl Refusal {
 pub struct Authenticator {
     /// Configured users and their parsed hashes.
     users: HashMap<String, Arc<PasswordHash>>,
+    /// Users limited to client id patterns (`users[].client_ids`).
+    client_ids: HashMap<String, Vec<String>>,
     /// `mqtt.allow_anonymous`.
     allow_anonymous: bool,
     /// Bounds concurrent verifications.
@@ -79,17 +81,31 @@ impl Authenticator {
     /// Compiles `users:`, `mqtt.allow_anonymous` and `acl:`.
     pub fn from_config(config: &Config) -> Result<Authenticator, AuthError> {
         let mut users = HashMap::new();
+        let mut client_ids = HashMap::new();
         for u in &config.users {
+            if !u.client_ids.is_empty() {
+                let patterns = u.client_ids.iter().map(|p| p.value.clone()).collect();
+                client_ids.insert(u.username.value.clone(), patterns);
+            }
             let hash = passwd::parse_hash(&u.password_hash.value)
                 .map_err(|source| AuthError::BadHash { user: u.username.value.clone(), source })?;
             users.insert(u.username.value.clone(), Arc::new(hash));
         }
         Ok(Authenticator {
             users,
+            client_ids,
             allow_anonymous: config.mqtt.allow_anonymous,
             verifying: Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFICATIONS)),
             acl: Acl::compile(&config.acl, config.acl_default),
         })
+    }
+
+    /// Whether `user` may use `client_id` (its `client_ids` patterns; any without).
+    pub fn client_id_allowed(&self, user: Option<&str>, client_id: &str) -> bool {
+        match user.and_then(|u| Some((u, self.client_ids.get(u)?))) {
+            Some((u, patterns)) => acl::client_id_allowed(patterns, u, client_id),
+            None => true,
+        }
     }
 
     /// Checks CONNECT credentials. A user name is accepted only as a configured user with the

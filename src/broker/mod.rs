@@ -248,8 +248,15 @@ impl Broker {
 
     /// Registers `client_id` for a new connection, telling any connection that held it to
     /// close (takeover). Wait for `previous` to be parked before [`Broker::take_session`].
-    pub fn register(&self, client_id: &Arc<str>) -> Registration {
-        self.sessions.register(client_id, self.next_id())
+    /// Registers a connection of identity `owner` for `client_id` (see
+    /// [`SessionStore::register`](sessions::SessionStore::register)).
+    pub fn register(
+        &self,
+        client_id: &Arc<str>,
+        owner: sessions::Owner,
+        same_identity: bool,
+    ) -> Result<Registration, sessions::Owner> {
+        self.sessions.register(client_id, self.next_id(), owner, same_identity)
     }
 
     /// Tells every registered connection to close because the gateway shuts down.

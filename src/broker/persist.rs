@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, warn};
 
-use super::sessions::{InFlightStage, SessionState};
+use super::sessions::{InFlightStage, Owner, SessionState};
 use super::tracking::{Fate, Ticket};
 use super::SubscribeOptions;
 use crate::message::Message;
@@ -366,7 +366,9 @@ pub fn decode_delivery(bytes: &[u8]) -> Result<StoredDelivery, StoreError> {
 /// connection ended (u64 BE, ms since the Unix epoch; 0 while connected), its subscriptions
 /// (u16 count; each filter as u16 length + UTF-8, QoS, flags: 1 No Local, 2 Retain As
 /// Published, 4 with a subscription identifier, then that identifier as u32 BE), and the
-/// inbound QoS 2 packet ids awaiting PUBREL (u16 count, u16 each).
+/// inbound QoS 2 packet ids awaiting PUBREL (u16 count, u16 each), then its owner: `0u8`
+/// anonymous or `1u8` + u16 length + UTF-8 user name (absent in records written before
+/// sessions had owners: [`Owner::Unknown`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
     /// The protocol of its last connection.
@@ -379,6 +381,8 @@ pub struct SessionRecord {
     pub subscriptions: Vec<(String, SubscribeOptions)>,
     /// Inbound QoS 2 packet ids PUBRECed and not released.
     pub awaiting_rel: Vec<u16>,
+    /// Who created the session.
+    pub owner: Owner,
 }
 
 impl SessionRecord {
@@ -393,7 +397,14 @@ impl SessionRecord {
         subscriptions.sort_by(|a, b| a.0.cmp(&b.0));
         let mut awaiting_rel: Vec<u16> = state.awaiting_rel.iter().copied().collect();
         awaiting_rel.sort_unstable();
-        SessionRecord { version: state.version, expiry, disconnected, subscriptions, awaiting_rel }
+        SessionRecord {
+            version: state.version,
+            expiry,
+            disconnected,
+            subscriptions,
+            awaiting_rel,
+            owner: state.owner.clone(),
+        }
     }
 
     /// The stored bytes.
@@ -430,6 +441,17 @@ impl SessionRecord {
         v.put_u16(ids.len() as u16);
         for id in ids {
             v.put_u16(*id);
+        }
+        match &self.owner {
+            Owner::Anonymous => v.put_u8(0),
+            Owner::User(name) => {
+                let n = &name.as_bytes()[..name.len().min(usize::from(u16::MAX))];
+                v.put_u8(1);
+                v.put_u16(n.len() as u16);
+                v.put_slice(n);
+            }
+            // Not written: read back as unknown again.
+            Owner::Unknown => {}
         }
         v
     }
@@ -483,7 +505,20 @@ impl SessionRecord {
         for _ in 0..n {
             awaiting_rel.push(b.try_get_u16().map_err(|_| bad("packet ids"))?);
         }
-        Ok(SessionRecord { version, expiry, disconnected, subscriptions, awaiting_rel })
+        let owner = match b.try_get_u8() {
+            Err(_) => Owner::Unknown,
+            Ok(0) => Owner::Anonymous,
+            Ok(1) => {
+                let len = usize::from(b.try_get_u16().map_err(|_| bad("owner"))?);
+                if b.remaining() < len {
+                    return Err(bad("owner"));
+                }
+                let name = std::str::from_utf8(&b[..len]).map_err(|_| bad("owner"))?;
+                Owner::User(Arc::from(name))
+            }
+            Ok(_) => return Err(bad("owner")),
+        };
+        Ok(SessionRecord { version, expiry, disconnected, subscriptions, awaiting_rel, owner })
     }
 
     /// How long the session is still kept from now (`None`: never expires).
@@ -532,12 +567,19 @@ mod tests {
                 ),
             ],
             awaiting_rel: vec![3, 9],
+            owner: Owner::User(Arc::from("alice")),
         };
         let bytes = rec.encode();
         assert_eq!(SessionRecord::decode(&bytes).expect("decode"), rec);
-        for cut in 0..bytes.len() {
+        // A record as written before sessions had owners: everything but the owner.
+        let old = bytes.len() - (1 + 2 + "alice".len());
+        let decoded = SessionRecord::decode(&bytes[..old]).expect("an old record");
+        assert_eq!(decoded, SessionRecord { owner: Owner::Unknown, ..rec.clone() });
+        for cut in (0..bytes.len()).filter(|c| *c != old) {
             assert!(SessionRecord::decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
+        let anonymous = SessionRecord { owner: Owner::Anonymous, ..rec };
+        assert_eq!(SessionRecord::decode(&anonymous.encode()).expect("decode"), anonymous);
     }
 
     #[tokio::test]

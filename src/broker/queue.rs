@@ -119,6 +119,22 @@ impl Queue {
         inner.items.iter_mut().filter_map(|out| out.ticket.take()).collect()
     }
 
+    /// Removes the queued messages `keep` says no to, and returns them (in order).
+    pub fn remove_unless(&self, mut keep: impl FnMut(&Outbound) -> bool) -> Vec<Outbound> {
+        let mut inner = self.lock();
+        let mut removed = Vec::new();
+        let mut kept = VecDeque::with_capacity(inner.items.len());
+        for out in inner.items.drain(..) {
+            if keep(&out) {
+                kept.push_back(out);
+            } else {
+                removed.push(out);
+            }
+        }
+        inner.items = kept;
+        removed
+    }
+
     /// Refuses further sends; what is queued can still be received.
     pub fn close(&self) {
         self.lock().closed = true;

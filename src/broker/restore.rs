@@ -144,6 +144,7 @@ impl Broker {
         let (from, to) = key.range();
         let mut state = SessionState::new(self.next_id(), capacity, Some(key));
         state.version = record.version;
+        state.owner = record.owner.clone();
         state.awaiting_rel = record.awaiting_rel.into_iter().collect();
         for (filter, options) in record.subscriptions {
             if topic::parse_subscription(&filter).is_err() {

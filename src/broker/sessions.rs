@@ -31,6 +31,35 @@ use super::SubscribeOptions;
 use crate::message::Message;
 use crate::mqtt::codec::{ProtocolVersion, QoS};
 
+/// Who a session belongs to: the identity that created it. A CONNECT for its client id from
+/// another identity is refused (`mqtt.client_id_takeover: same_identity`, the default).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Owner {
+    /// A client without a user name (or certificate identity).
+    Anonymous,
+    /// A user name (from CONNECT, checked) or a client certificate's identity.
+    User(Arc<str>),
+    /// A session restored from a store written before sessions recorded their owner: the
+    /// first client to resume it becomes its owner.
+    #[default]
+    Unknown,
+}
+
+impl Owner {
+    /// The owner for a client with `user` (or none).
+    pub fn of(user: Option<&str>) -> Owner {
+        match user {
+            Some(u) => Owner::User(Arc::from(u)),
+            None => Owner::Anonymous,
+        }
+    }
+
+    /// Whether a client of identity `other` may take a session owned by `self`.
+    pub fn admits(&self, other: &Owner) -> bool {
+        matches!(self, Owner::Unknown) || self == other
+    }
+}
+
 /// Where the broker hands messages for one session, shared by all its subscriptions.
 #[derive(Debug)]
 pub struct Subscriber {
@@ -109,6 +138,8 @@ pub struct SessionState {
     pub awaiting_rel: HashSet<u16>,
     /// The protocol of the connection that has (or last had) the session.
     pub version: ProtocolVersion,
+    /// The identity that created the session (kept in its stored record).
+    pub owner: Owner,
 }
 
 impl SessionState {
@@ -128,6 +159,7 @@ impl SessionState {
             filters: HashMap::new(),
             awaiting_rel: HashSet::new(),
             version: ProtocolVersion::V311,
+            owner: Owner::Unknown,
         }
     }
 }
@@ -186,6 +218,8 @@ pub enum CloseReason {
 pub struct ConnLink {
     /// Unique per connection.
     conn_id: u64,
+    /// The identity of the connection's client.
+    owner: Owner,
     /// 0 while open, then `1 + CloseReason as u8`; the first reason set wins.
     close: AtomicU8,
     /// The connection's task, woken when `close` is set.
@@ -197,9 +231,10 @@ pub struct ConnLink {
 }
 
 impl ConnLink {
-    fn new(conn_id: u64) -> Self {
+    fn new(conn_id: u64, owner: Owner) -> Self {
         ConnLink {
             conn_id,
+            owner,
             close: AtomicU8::new(0),
             close_waker: AtomicWaker::new(),
             done: AtomicBool::new(false),
@@ -329,11 +364,30 @@ pub struct SessionStore {
 }
 
 impl SessionStore {
-    /// Registers a new connection for `client_id`, telling the connection that held it to
-    /// close (takeover).
-    pub fn register(&self, client_id: &Arc<str>, conn_id: u64) -> Registration {
-        let link = Arc::new(ConnLink::new(conn_id));
+    /// Registers a new connection of identity `owner` for `client_id`, telling the connection
+    /// that held it to close (takeover). With `same_identity`, a client id held (connected or
+    /// parked) by another identity is refused: `Err` with that owner, nothing changed.
+    pub fn register(
+        &self,
+        client_id: &Arc<str>,
+        conn_id: u64,
+        owner: Owner,
+        same_identity: bool,
+    ) -> Result<Registration, Owner> {
         let mut entries = self.lock();
+        if same_identity {
+            if let Some(entry) = entries.get(&**client_id) {
+                let holder = match (&entry.conn, &entry.parked) {
+                    (Some(conn), _) => Some(&conn.owner),
+                    (None, Some(parked)) => Some(&parked.state.owner),
+                    (None, None) => None,
+                };
+                if let Some(holder) = holder.filter(|h| !h.admits(&owner)) {
+                    return Err(holder.clone());
+                }
+            }
+        }
+        let link = Arc::new(ConnLink::new(conn_id, owner));
         let entry = match entries.get_mut(&**client_id) {
             Some(entry) => entry,
             None => entries.entry(Arc::clone(client_id)).or_default(),
@@ -342,7 +396,7 @@ impl SessionStore {
         if let Some(old) = &previous {
             old.close(CloseReason::Takeover);
         }
-        Registration { conn_id, link: DoneGuard(link), previous }
+        Ok(Registration { conn_id, link: DoneGuard(link), previous })
     }
 
     /// Tells every registered connection to close (shutdown).
@@ -488,13 +542,33 @@ mod tests {
     }
 
     #[test]
+    fn a_parked_session_is_kept_for_its_owner() {
+        let store = SessionStore::default();
+        let c: Arc<str> = Arc::from("c");
+        let mut state = SessionState::new(1, 4, None);
+        state.owner = Owner::of(Some("alice"));
+        store.park("c", state, None);
+        assert!(store.register(&c, 1, Owner::Anonymous, true).is_err());
+        assert!(store.register(&c, 2, Owner::of(Some("bob")), true).is_err());
+        assert!(store.register(&c, 3, Owner::of(Some("alice")), true).is_ok());
+        // Restored from an old store: whoever resumes first.
+        let d: Arc<str> = Arc::from("d");
+        store.park("d", SessionState::new(2, 4, None), None);
+        assert!(store.register(&d, 4, Owner::Anonymous, true).is_ok());
+    }
+
+    #[test]
     fn register_closes_the_holder_and_hands_out_its_link() {
         let store = SessionStore::default();
         let c: Arc<str> = Arc::from("c");
-        let first = store.register(&c, 1);
+        let alice = || Owner::of(Some("alice"));
+        let first = store.register(&c, 1, alice(), true).expect("free");
         assert!(first.previous.is_none());
         assert_eq!(first.link.0.close_reason(), None);
-        let second = store.register(&c, 2);
+        // Another identity may not take it over; the same one may.
+        assert_eq!(store.register(&c, 9, Owner::Anonymous, true).err(), Some(alice()));
+        assert_eq!(first.link.0.close_reason(), None, "a refused CONNECT changes nothing");
+        let second = store.register(&c, 2, alice(), true).expect("same identity");
         assert_eq!(first.link.0.close_reason(), Some(CloseReason::Takeover));
         let previous = second.previous.clone().expect("the first connection's link");
         assert!(!previous.is_parked());
@@ -512,8 +586,9 @@ mod tests {
     async fn parked_wakes_the_waiting_connection_and_close_wakes_the_holder() {
         let store = SessionStore::default();
         let c: Arc<str> = Arc::from("c");
-        let first = store.register(&c, 1);
-        let second = store.register(&c, 2);
+        let first = store.register(&c, 1, Owner::Anonymous, true).expect("free");
+        // `any`: another identity takes over.
+        let second = store.register(&c, 2, Owner::of(Some("bob")), false).expect("any");
         let previous = second.previous.clone().expect("the first connection's link");
         let waiter = tokio::spawn(async move { previous.parked().await });
         tokio::task::yield_now().await;

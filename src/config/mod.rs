@@ -152,6 +152,11 @@ pub struct MqttConfig {
     /// `queue_qos0_messages`); by default only QoS 1/2 are kept.
     #[serde(default)]
     pub queue_qos0: bool,
+    /// Who may take over a client id (and its session): `same_identity` (default: only the
+    /// identity that created the session; others get CONNACK 0x85 / return code 2) or `any`
+    /// (anyone, as before: unsafe, a client can take over another's session).
+    #[serde(default)]
+    pub client_id_takeover: ClientIdTakeover,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -214,6 +219,17 @@ pub enum RuleErrorPolicy {
     Skip,
 }
 
+/// `mqtt.client_id_takeover`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientIdTakeover {
+    /// Only the identity that created a session may connect with its client id.
+    #[default]
+    SameIdentity,
+    /// Any client may (unsafe: it gets the session's subscriptions and queued messages).
+    Any,
+}
+
 /// One entry of `users:`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -223,6 +239,10 @@ pub struct UserConfig {
     /// An argon2 PHC string (`$argon2id$v=19$m=...,t=...,p=...$salt$hash`), as printed by
     /// `mqgate passwd`.
     pub password_hash: Spanned<String>,
+    /// Client ids the user may connect with: patterns where `%u` is the user name and `*`
+    /// any run of characters (`["%u", "%u-*"]`). Default: any.
+    #[serde(default)]
+    pub client_ids: Vec<Spanned<String>>,
 }
 
 /// What an `acl:` entry is about.

@@ -14,6 +14,7 @@ use super::SessionShared;
 use crate::auth::acl::ClientAcl;
 use crate::auth::Refusal;
 use crate::broker::persist::SessionKey;
+use crate::broker::sessions::Owner;
 use crate::broker::{CloseReason, Expiry, Registration, SessionState};
 use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
@@ -100,9 +101,37 @@ where
             return Ok(None);
         }
     };
+    // Who the client is: its user name or certificate identity, or anonymous.
+    let username = cert_user.as_deref().or(connect.username.as_deref());
+    if !shared.auth.client_id_allowed(username, &accepted.client_id) {
+        let reason = ReasonLabels { reason: "client_id_not_allowed".into() };
+        shared.metrics.auth_refused.get_or_create(&reason).inc();
+        refuse(
+            conn,
+            &connect,
+            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
+            "this user may not use this client id",
+        );
+        return Ok(None);
+    }
+    let owner = Owner::of(username);
     // One string for the session, its messages and its registry entry.
     let client_id: Arc<str> = Arc::from(accepted.client_id.as_str());
-    let registration = shared.broker.register(&client_id);
+    let registration = match shared.broker.register(
+        &client_id,
+        owner.clone(),
+        shared.limits.same_identity,
+    ) {
+        Ok(registration) => registration,
+        Err(_) => {
+            let reason = ReasonLabels { reason: "client_id_owned".into() };
+            shared.metrics.auth_refused.get_or_create(&reason).inc();
+            debug!(client_id = %crate::logtext::LogText(&accepted.client_id), "client id held by another identity");
+            let reason = "the client id's session belongs to another identity";
+            refuse(conn, &connect, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, reason);
+            return Ok(None);
+        }
+    };
     if shared.shutdown.is_cancelled() {
         // Registered after the listener told every registered connection to close.
         registration.link.0.close(CloseReason::Shutdown);
@@ -145,6 +174,38 @@ where
         SessionState::new(shared.broker.next_id(), capacity, stored)
     });
     state.version = version;
+    // A new session is the client's; one restored from an older store becomes it.
+    state.owner = owner;
+    let acl = shared.auth.acl.for_client(username, &accepted.client_id);
+    if session_present {
+        // The resuming client's ACL decides what the session may still receive.
+        let revoked: Vec<String> =
+            state.filters.keys().filter(|f| !acl.may_subscribe(f)).cloned().collect();
+        let any_revoked = !revoked.is_empty();
+        for filter in revoked {
+            state.filters.remove(&filter);
+            shared.broker.unsubscribe(state.id, &filter);
+            shared.acl_denied_subscribe.inc();
+            debug!(filter = %crate::logtext::LogText(&filter), "resumed subscription no longer allowed by the ACL: removed");
+        }
+        if any_revoked {
+            // What was queued or sent for it is not this client's to read either.
+            let readable = |topic: &str| acl.may_subscribe(topic);
+            let subscriber = Arc::clone(&state.subscriber);
+            for out in subscriber.queue.remove_unless(|out| readable(&out.msg.topic)) {
+                shared.broker.unstore(&subscriber, out.stored);
+                crate::broker::tracking::finish(out.ticket, crate::broker::tracking::Fate::Gone);
+            }
+            let (keep, drop): (Vec<_>, Vec<_>) =
+                state.inflight.drain(..).partition(|f| readable(&f.msg.topic));
+            for f in drop {
+                state.inflight_ids.remove(&f.packet_id);
+                shared.broker.unstore(&subscriber, f.stored);
+                crate::broker::tracking::finish(f.ticket, crate::broker::tracking::Fate::Gone);
+            }
+            state.inflight = keep.into();
+        }
+    }
     if expiry != Expiry::Now {
         // Its record (not waited for: SUBSCRIBE is what a client relies on being kept).
         shared.broker.store_session(&state, expiry, false);
@@ -176,8 +237,6 @@ where
         shared.broker.unregister(&accepted.client_id, registration.conn_id);
         return Ok(None);
     }
-    let username = cert_user.as_deref().or(connect.username.as_deref());
-    let acl = shared.auth.acl.for_client(username, &accepted.client_id);
     let keepalive = (accepted.keep_alive > 0)
         .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
     Ok(Some(Connected {
@@ -305,15 +364,24 @@ async fn authenticate(
     })
 }
 
+/// An unpredictable client id (128 random bits from the TLS library's CSPRNG): a client
+/// cannot guess another's assigned id to take its session.
 fn generated_client_id() -> String {
+    use std::fmt::Write;
     use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    format!("mqgate-{:x}-{n}", t & 0xffff_ffff)
+    let mut bytes = [0u8; 16];
+    let random = rustls::crypto::aws_lc_rs::default_provider().secure_random.fill(&mut bytes);
+    if random.is_err() {
+        // Never expected; still unique, and not the session of anyone else (ownership).
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        bytes[..8].copy_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    }
+    let mut id = String::with_capacity(7 + 32);
+    id.push_str("mqgate-");
+    for b in bytes {
+        let _ = write!(id, "{b:02x}");
+    }
+    id
 }
 
 /// Answers a CONNECT that could not be decoded: CONNACK 0x01/0x84 for an unsupported protocol
