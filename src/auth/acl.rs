@@ -7,9 +7,16 @@
 //! Rules (first entry that applies decides; none applies: `acl_default`):
 //! - PUBLISH: an entry applies when its filter matches the topic name.
 //! - SUBSCRIBE to filter S: an `allow` entry with filter F applies when S is a subset of F
-//!   (every topic S matches, F matches too); a `deny` entry applies when S and F overlap (some
-//!   topic matches both). So `deny: subscribe, topic: a/b` also refuses `a/#` and `#`: granting
-//!   those would deliver `a/b`'s messages.
+//!   (every topic S matches, F matches too); a `deny` entry whose F contains S refuses it. A
+//!   `deny` entry that merely overlaps S (`deny: a/b` and S = `a/#` or `#`) does not refuse it:
+//!   the subscription is granted *filtered* ([`Grant::Filtered`]), and each message delivered
+//!   to the session is checked ([`ClientAcl::may_receive`]): `a/b`'s are withheld, retained
+//!   ones too. Only sessions holding a filtered subscription pay that check.
+//! - Entries whose topic starts with `$share/` apply to shared subscriptions only, against the
+//!   whole `$share/GROUP/FILTER` (`+` as GROUP: any group): they restrict group names. Other
+//!   entries see the filter a shared subscription matches topics with.
+//! - `#` and `+` in the first level never match `$` topics (MQTT §4.7.2); entries naming
+//!   `$…` topics explicitly do.
 //! - A `%u`/`%c` value that could change the filter's shape (it contains `/`, `+` or `#`, or
 //!   starts with `$`) is never substituted: an `allow` entry using it does not apply, a `deny`
 //!   entry using it applies to every topic. An absent user name (anonymous client): entries
@@ -211,11 +218,33 @@ struct ClientRule {
 pub struct ClientAcl {
     rules: Arc<[ClientRule]>,
     default_allow: bool,
+    /// The session holds a subscription granted filtered: its deliveries are checked.
+    filtering: bool,
+}
+
+/// The ACL's answer to one SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Refused (MQTT 5 0x87).
+    Refused,
+    /// Granted; no topic it matches is denied.
+    Granted,
+    /// Granted, but it overlaps a `deny`: messages on denied topics are withheld at delivery.
+    Filtered,
 }
 
 /// Checks an `acl:` topic: a valid filter once `%u`/`%c` are replaced.
 pub fn validate_topic_pattern(pattern: &str) -> Result<(), TopicError> {
-    topic::validate_filter(&pattern.replace("%u", "u").replace("%c", "c"))
+    let pattern = pattern.replace("%u", "u").replace("%c", "c");
+    // `$share/GROUP/FILTER`: GROUP a name or `+` (any group), then a filter.
+    if let Some(rest) = pattern.strip_prefix("$share/") {
+        let (group, filter) = rest.split_once('/').unwrap_or((rest, ""));
+        if group.is_empty() || (group != "+" && group.contains(['+', '#'])) {
+            return topic::validate_filter("$share/#/bad");
+        }
+        return topic::validate_filter(filter);
+    }
+    topic::validate_filter(&pattern)
 }
 
 impl Acl {
@@ -264,7 +293,7 @@ impl Acl {
             Some(shared) => Arc::clone(shared),
             None => self.build(&Who { user, client: client_id }),
         };
-        ClientAcl { rules, default_allow: self.default_allow }
+        ClientAcl { rules, default_allow: self.default_allow, filtering: false }
     }
 
     fn build(&self, who: &Who<'_>) -> Arc<[ClientRule]> {
@@ -314,11 +343,14 @@ impl Entry {
 impl ClientAcl {
     /// An ACL that allows everything (no `acl:` configured).
     pub fn allow_all() -> ClientAcl {
-        ClientAcl { rules: Arc::from(Vec::new()), default_allow: true }
+        ClientAcl { rules: Arc::from(Vec::new()), default_allow: true, filtering: false }
     }
 
-    /// May this client publish to `topic_name`?
+    /// May this client publish to `topic_name`? Never to `$SYS/…` (the gateway's own).
     pub fn may_publish(&self, topic_name: &str) -> bool {
+        if topic_name == "$SYS" || topic_name.starts_with("$SYS/") {
+            return false;
+        }
         for r in self.rules.iter().filter(|r| r.publish) {
             if r.filter.as_deref().is_none_or(|f| topic::matches(f, topic_name)) {
                 return r.allow;
@@ -327,16 +359,72 @@ impl ClientAcl {
         self.default_allow
     }
 
-    /// May this client subscribe to `filter` (valid)? See the module docs for the rule.
+    /// May this client subscribe to `filter` (valid, not shared)? True when granted, filtered
+    /// or not (see [`grant`](Self::grant)).
     pub fn may_subscribe(&self, filter: &str) -> bool {
+        self.grant(filter) != Grant::Refused
+    }
+
+    /// The decision for SUBSCRIBE filter `subscription` (valid; `$share/GROUP/FILTER` or a
+    /// plain filter). See the module docs for the rules.
+    pub fn grant(&self, subscription: &str) -> Grant {
+        let (filter, shared) = match topic::parse_subscription(subscription) {
+            Ok(topic::SubscriptionFilter { group: Some(_), filter }) => (filter, true),
+            _ => (subscription, false),
+        };
+        let mut overlapped = false;
         for r in self.rules.iter().filter(|r| r.subscribe) {
-            let applies = match r.filter.as_deref() {
-                None => true,
-                Some(f) if r.allow => topic::filter_is_subset(filter, f),
-                Some(f) => topic::filters_overlap(filter, f),
+            let Some(f) = r.filter.as_deref() else {
+                if r.allow {
+                    continue;
+                }
+                return Grant::Refused;
             };
-            if applies {
-                return r.allow;
+            let share_rule = f.starts_with("$share/");
+            let (candidate, f) = match (share_rule, shared) {
+                (true, true) => (subscription, f),
+                (true, false) => continue,
+                (false, _) => (filter, f),
+            };
+            if topic::filter_is_subset(candidate, f) {
+                return match (r.allow, overlapped) {
+                    (false, _) => Grant::Refused,
+                    (true, false) => Grant::Granted,
+                    (true, true) => Grant::Filtered,
+                };
+            }
+            if !r.allow && topic::filters_overlap(candidate, f) {
+                overlapped = true;
+            }
+        }
+        match (self.default_allow, overlapped) {
+            (false, _) => Grant::Refused,
+            (true, false) => Grant::Granted,
+            (true, true) => Grant::Filtered,
+        }
+    }
+
+    /// Notes that the session holds a filtered subscription: from now on its deliveries are
+    /// checked with [`may_receive`](Self::may_receive).
+    pub fn set_filtering(&mut self) {
+        self.filtering = true;
+    }
+
+    /// Whether the session's deliveries must be checked.
+    pub fn is_filtering(&self) -> bool {
+        self.filtering
+    }
+
+    /// May this client receive a message on `topic_name`? The subscribe entries decide, as
+    /// for a subscription to exactly that topic (`$share/` entries aside).
+    pub fn may_receive(&self, topic_name: &str) -> bool {
+        for r in self.rules.iter().filter(|r| r.subscribe) {
+            match r.filter.as_deref() {
+                None if !r.allow => return false,
+                None => {}
+                Some(f) if f.starts_with("$share/") => {}
+                Some(f) if topic::matches(f, topic_name) => return r.allow,
+                Some(_) => {}
             }
         }
         self.default_allow
@@ -356,15 +444,19 @@ mod tests {
     }
 
     #[test]
-    fn deny_for_everyone_overlaps_wildcard_subscriptions() {
+    fn a_deny_filters_overlapping_wildcards_instead_of_refusing_them() {
         let a = acl("acl:\n  - deny: subscribe\n    topic: \"test/nosubscribe\"\n");
         let c = a.for_client(None, "x");
-        for denied in ["test/nosubscribe", "test/#", "#", "+/nosubscribe", "test/+"] {
-            assert!(!c.may_subscribe(denied), "{denied}");
+        assert_eq!(c.grant("test/nosubscribe"), Grant::Refused, "wholly inside the deny");
+        for filtered in ["test/#", "#", "+/nosubscribe", "test/+", "$share/g/test/#"] {
+            assert_eq!(c.grant(filtered), Grant::Filtered, "{filtered}");
         }
-        for allowed in ["test/other", "test/nosubscribe/deeper", "other/#", "$SYS/#"] {
-            assert!(c.may_subscribe(allowed), "{allowed}");
+        for granted in ["test/other", "test/nosubscribe/deeper", "other/#", "$SYS/#"] {
+            assert_eq!(c.grant(granted), Grant::Granted, "{granted}");
         }
+        assert!(!c.may_receive("test/nosubscribe") && c.may_receive("test/other"));
+        // `#` never matches `$` topics; `$SYS/#` does.
+        assert!(c.may_receive("$SYS/x"));
         assert!(c.may_publish("test/nosubscribe"), "subscribe-only entry");
         assert!(Arc::ptr_eq(&c.rules, &a.for_client(Some("u"), "y").rules), "shared list");
     }
@@ -423,6 +515,25 @@ mod tests {
     }
 
     #[test]
+    fn share_groups_can_be_restricted_and_sys_is_never_published_to() {
+        let a = acl(
+            "acl:\n  - allow: subscribe\n    topic: \"$share/workers/jobs/#\"\n  - deny: subscribe\n    topic: \"$share/+/jobs/#\"\n  - allow: all\n    topic: \"#\"\n",
+        );
+        let c = a.for_client(None, "x");
+        assert_eq!(c.grant("$share/workers/jobs/a"), Grant::Granted);
+        assert_eq!(c.grant("$share/other/jobs/a"), Grant::Refused);
+        assert_eq!(c.grant("$share/other/news/a"), Grant::Granted, "other groups elsewhere");
+        assert_eq!(c.grant("jobs/#"), Grant::Granted, "$share entries: shared subscriptions only");
+        assert!(!c.may_publish("$SYS/broker/uptime") && !c.may_publish("$SYS"));
+        assert!(!ClientAcl::allow_all().may_publish("$SYS/x"));
+        // Explicit `$` entries match `$` topics; `#` does not.
+        let d = acl("acl:\n  - deny: subscribe\n    topic: \"#\"\n");
+        let c = d.for_client(None, "x");
+        assert_eq!(c.grant("$SYS/#"), Grant::Granted);
+        assert_eq!(c.grant("a/b"), Grant::Refused);
+    }
+
+    #[test]
     fn first_match_wins_and_default_policy() {
         let a = acl(
             "acl:\n  - allow: subscribe\n    client: \"admin-*\"\n    topic: \"#\"\n  - deny: all\n    topic: \"secret/#\"\n",
@@ -431,7 +542,8 @@ mod tests {
         assert!(admin.may_subscribe("secret/#") && admin.may_subscribe("#"));
         assert!(!admin.may_publish("secret/x"), "the allow is for subscribe only");
         let dev = a.for_client(None, "dev");
-        assert!(!dev.may_subscribe("#") && !dev.may_subscribe("secret/a"));
+        assert_eq!(dev.grant("#"), Grant::Filtered, "granted, secret/# withheld");
+        assert!(!dev.may_subscribe("secret/a") && !dev.may_receive("secret/a"));
         assert!(dev.may_subscribe("public/#") && dev.may_publish("public/x"));
         assert!(
             ClientAcl::allow_all().may_publish("a") && ClientAcl::allow_all().may_subscribe("#")

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::SessionShared;
-use crate::auth::acl::ClientAcl;
+use crate::auth::acl::{ClientAcl, Grant};
 use crate::auth::Refusal;
 use crate::broker::persist::SessionKey;
 use crate::broker::sessions::Owner;
@@ -176,11 +176,16 @@ where
     state.version = version;
     // A new session is the client's; one restored from an older store becomes it.
     state.owner = owner;
-    let acl = shared.auth.acl.for_client(username, &accepted.client_id);
+    let mut acl = shared.auth.acl.for_client(username, &accepted.client_id);
     if session_present {
         // The resuming client's ACL decides what the session may still receive.
+        let grants: Vec<(String, Grant)> =
+            state.filters.keys().map(|f| (f.clone(), acl.grant(f))).collect();
+        if grants.iter().any(|(_, g)| *g == Grant::Filtered) {
+            acl.set_filtering();
+        }
         let revoked: Vec<String> =
-            state.filters.keys().filter(|f| !acl.may_subscribe(f)).cloned().collect();
+            grants.into_iter().filter(|(_, g)| *g == Grant::Refused).map(|(f, _)| f).collect();
         let any_revoked = !revoked.is_empty();
         for filter in revoked {
             state.filters.remove(&filter);
@@ -190,7 +195,7 @@ where
         }
         if any_revoked {
             // What was queued or sent for it is not this client's to read either.
-            let readable = |topic: &str| acl.may_subscribe(topic);
+            let readable = |topic: &str| acl.may_receive(topic);
             let subscriber = Arc::clone(&state.subscriber);
             for out in subscriber.queue.remove_unless(|out| readable(&out.msg.topic)) {
                 shared.broker.unstore(&subscriber, out.stored);

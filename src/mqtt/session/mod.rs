@@ -121,6 +121,7 @@ impl SessionShared {
         });
         let acl_denied_publish = metrics.acl_denied("publish");
         let acl_denied_subscribe = metrics.acl_denied("subscribe");
+        let acl_denied_delivery = metrics.acl_denied("deliver");
         SessionShared {
             broker,
             rules,
@@ -129,6 +130,7 @@ impl SessionShared {
             received,
             acl_denied_publish,
             acl_denied_subscribe,
+            acl_denied_delivery,
             limits,
             shutdown,
             spools: Spools::default(),
@@ -158,6 +160,8 @@ pub struct SessionShared {
     pub acl_denied_publish: Counter,
     /// `acl_denied{action="subscribe"}`, resolved once.
     pub acl_denied_subscribe: Counter,
+    /// `acl_denied{action="deliver"}`: messages withheld from a filtered subscription.
+    pub acl_denied_delivery: Counter,
     /// Limits from the config.
     pub limits: SessionLimits,
     /// Cancelled when the gateway shuts down.

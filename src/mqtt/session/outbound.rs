@@ -10,6 +10,7 @@
 //! and the filters are the session state (`broker::SessionState`) that outlives the
 //! connection; a resumed session resends its incomplete deliveries first ([`Session::resend`]).
 
+use crate::auth::acl::Grant;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -122,6 +123,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Writes one delivered message to the client. A delivery of a shared subscription this
     /// session has left since it was queued goes to another member of the group instead.
     pub(super) fn deliver(&mut self, out: Outbound) {
+        if self.acl.is_filtering() && !self.acl.may_receive(&out.msg.topic) {
+            // A filtered subscription (it overlaps a deny) matched a denied topic: withheld.
+            self.shared.acl_denied_delivery.inc();
+            tracking::finish(out.ticket, Fate::Gone);
+            self.shared.broker.unstore(&self.out.state.subscriber, out.stored);
+            return;
+        }
         if let Some(key) = &out.shared {
             if !self.out.state.filters.contains_key(&**key) {
                 if out.qos != QoS::AtMostOnce {
@@ -338,8 +346,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         ProtocolVersion::V5 => ReasonCode::QUOTA_EXCEEDED,
                     }
                 }
-                // The ACL sees the filter a shared subscription matches topics with.
-                Ok(p) if !self.acl.may_subscribe(p.filter) => {
+                // The ACL sees the filter a shared subscription matches topics with (and the
+                // group, for `$share/` entries).
+                Ok(_) if self.acl.grant(&f.filter) == Grant::Refused => {
                     self.shared.acl_denied_subscribe.inc();
                     debug!(
                         client_id = %self.client_id,
@@ -352,6 +361,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                 }
                 Ok(p) => {
+                    if self.acl.grant(&f.filter) == Grant::Filtered {
+                        // It overlaps a deny: this session's deliveries are checked from now.
+                        self.acl.set_filtering();
+                    }
                     let granted = f.options.qos;
                     let options = SubscribeOptions {
                         qos: granted,
