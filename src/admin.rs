@@ -5,6 +5,7 @@
 //! message to a target like the spool does, never through a session.
 
 mod dead_letters;
+pub mod guard;
 
 pub use dead_letters::iso8601;
 
@@ -40,6 +41,8 @@ pub struct AdminState {
     pub spools: Spools,
     /// Named in `/readyz` (path and size), when configured.
     pub store: Option<Store>,
+    /// Host, token and cross-site checks in front of every route.
+    pub guard: guard::Guard,
 }
 
 /// The admin routes.
@@ -49,6 +52,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(dead_letters::router())
+        .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
 }
 

@@ -202,6 +202,13 @@ impl App {
             dead_letters: dead_letters.clone(),
             spools,
             store: store.clone(),
+            guard: admin::guard::Guard::new(
+                admin_addr,
+                config.admin.token(),
+                config.admin.metrics_public,
+                &config.admin.allowed_hosts,
+                metrics.admin_refused.clone(),
+            ),
         };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {

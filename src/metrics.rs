@@ -152,6 +152,8 @@ pub struct Metrics {
     pub acl_denied: Family<ActionLabels, Counter>,
     /// CONNECTs refused for their credentials, by reason.
     pub auth_refused: Family<ReasonLabels, Counter>,
+    /// Admin API requests refused, by reason (host, token, content_type, origin).
+    pub admin_refused: Family<ReasonLabels, Counter>,
     /// Per rule and target: forwarded.
     pub target_forwarded: Family<TargetLabels, Counter>,
     /// Per rule and target: failed.
@@ -274,6 +276,7 @@ impl Metrics {
             protocol_errors: Family::default(),
             acl_denied: Family::default(),
             auth_refused: Family::default(),
+            admin_refused: Family::default(),
             target_forwarded: Family::default(),
             target_failed: Family::default(),
             amqp_connected: Family::default(),
@@ -338,8 +341,13 @@ impl Metrics {
         );
         registry.register(
             "auth_refused",
-            "CONNECTs refused for their credentials (bad_credentials, not_authorized, busy)",
+            "CONNECTs refused for their credentials or identity (bad_credentials, not_authorized, busy, certificate_user_mismatch, client_id_owned, client_id_not_allowed)",
             m.auth_refused.clone(),
+        );
+        registry.register(
+            "admin_refused",
+            "Admin API requests refused (host: Host header not this server, token: missing or wrong bearer token, content_type: a write without application/json, origin: a cross-origin write)",
+            m.admin_refused.clone(),
         );
         registry.register(
             "target_forwarded",

@@ -166,11 +166,35 @@ pub struct AdminConfig {
     /// Address the admin HTTP server binds.
     #[serde(default = "default_admin_listen")]
     pub listen: Spanned<String>,
+    /// Bearer token every route but `/healthz` and `/readyz` needs; may be `${env:NAME}`.
+    /// Required when `listen` is not a loopback address.
+    #[serde(default)]
+    pub token: Option<Spanned<String>>,
+    /// `/metrics` without the token (for a scraper on a trusted network).
+    #[serde(default)]
+    pub metrics_public: bool,
+    /// Host names (besides loopback names and the listen address) requests may name in their
+    /// `Host` header: the names the admin API is reached by.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: unspanned(default_admin_listen_str()) }
+        AdminConfig {
+            listen: unspanned(default_admin_listen_str()),
+            token: None,
+            metrics_public: false,
+            allowed_hosts: Vec::new(),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The token, `${env:NAME}` resolved (checked by the validation).
+    pub fn token(&self) -> Option<String> {
+        let t = self.token.as_ref()?;
+        crate::targets::http::config::substitute_env(&t.value).ok().filter(|t| !t.is_empty())
     }
 }
 
@@ -405,8 +429,25 @@ impl Config {
             err(&self.mqtt.listen.referenced, format!("mqtt.listen: not an address:port ({e})"));
         }
         crate::listeners::config::validate(&self.mqtt.listeners, &mut err);
-        if let Err(e) = self.admin.listen.value.parse::<SocketAddr>() {
-            err(&self.admin.listen.referenced, format!("admin.listen: not an address:port ({e})"));
+        match self.admin.listen.value.parse::<SocketAddr>() {
+            Err(e) => err(
+                &self.admin.listen.referenced,
+                format!("admin.listen: not an address:port ({e})"),
+            ),
+            Ok(addr) if !addr.ip().is_loopback() && self.admin.token.is_none() => err(
+                &self.admin.listen.referenced,
+                "admin.listen is not a loopback address: set admin.token (a bearer token, e.g. \"${env:MQGATE_ADMIN_TOKEN}\"), or listen on 127.0.0.1".into(),
+            ),
+            Ok(_) => {}
+        }
+        if let Some(t) = &self.admin.token {
+            match crate::targets::http::config::substitute_env(&t.value) {
+                Err(e) => err(&t.referenced, format!("admin.token: {e}")),
+                Ok(v) if v.len() < 16 => {
+                    err(&t.referenced, "admin.token: at least 16 characters".into())
+                }
+                Ok(_) => {}
+            }
         }
         if self.mqtt.receive_maximum == 0 {
             err(&self.mqtt.listen.referenced, "mqtt.receive_maximum must be at least 1".into());

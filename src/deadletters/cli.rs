@@ -87,9 +87,15 @@ pub async fn run(base: &str, action: &Action, json: bool) -> Result<String, CliE
         Action::Purge(None) => (reqwest::Method::DELETE, "/dead-letters".to_owned(), None),
     };
     let url = format!("{base}{path}");
-    let mut req = client.request(method, &url);
+    let mut req = client.request(method.clone(), &url);
+    if let Some(token) = std::env::var("MQGATE_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()) {
+        req = req.bearer_auth(token);
+    }
     if let Some(body) = body {
         req = req.header("content-type", "application/json").body(body);
+    } else if method != reqwest::Method::GET {
+        // Every write to the admin API is JSON (its cross-site guard).
+        req = req.header("content-type", "application/json");
     }
     let resp = req.send().await.map_err(|e| {
         CliError(format!(

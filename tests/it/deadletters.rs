@@ -19,9 +19,12 @@ async fn api(app: &mqgate::app::App, method: &str, path: &str, body: Option<&str
     let url = format!("http://{}{path}", app.admin_addr);
     let client = reqwest::Client::new();
     let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let write = method != reqwest::Method::GET;
     let mut req = client.request(method, &url);
     if let Some(b) = body {
         req = req.header("content-type", "application/json").body(b.to_owned());
+    } else if write {
+        req = req.header("content-type", "application/json");
     }
     let resp = req.send().await.expect("admin API reachable");
     let status = resp.status().as_u16();
