@@ -103,6 +103,12 @@ impl App {
         }
         let preludes: Vec<_> = mqtt_listeners.iter().map(|l| Arc::clone(&l.prelude)).collect();
         let mqtt_addr = listener_addrs[0].1;
+        for exposed in anonymous_exposed(&config) {
+            warn!(
+                listener = %exposed,
+                "anonymous clients are accepted on a non-loopback listener without TLS: anyone who reaches it can publish and subscribe (set mqtt.allow_anonymous: false, listen on 127.0.0.1, or use a tls/wss listener)"
+            );
+        }
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
@@ -311,8 +317,50 @@ pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<()>
     Ok(())
 }
 
+/// The listeners (as configured) where anonymous clients get in over a non-loopback address
+/// without TLS: worth a warning at start.
+pub fn anonymous_exposed(config: &Config) -> Vec<String> {
+    use crate::listeners::config::ListenerKind;
+    if !config.mqtt.allow_anonymous {
+        return Vec::new();
+    }
+    let exposed = |listen: &str| listen.parse::<SocketAddr>().is_ok_and(|a| !a.ip().is_loopback());
+    let mut out = Vec::new();
+    if exposed(&config.mqtt.listen.value) {
+        out.push(format!("mqtt.listen {}", config.mqtt.listen.value));
+    }
+    for l in &config.mqtt.listeners {
+        let plain = matches!(l.kind, ListenerKind::Tcp | ListenerKind::Ws);
+        if plain && exposed(&l.listen.value) {
+            out.push(format!("{:?} {}", l.kind, l.listen.value).to_lowercase());
+        }
+    }
+    out
+}
+
 async fn bind(addr: SocketAddr, key: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (set by `{key}` in the config)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(text: &str) -> Config {
+        Config::parse(std::path::Path::new("t.yaml"), text).expect("valid")
+    }
+
+    #[test]
+    fn anonymous_clients_on_a_network_without_tls_are_named_at_start() {
+        let shipped = include_str!("../config/mqgate.yaml");
+        assert!(anonymous_exposed(&config(shipped)).is_empty(), "the example is safe");
+        let open = config("mqtt:\n  listen: \"0.0.0.0:1883\"\n");
+        assert_eq!(anonymous_exposed(&open), vec!["mqtt.listen 0.0.0.0:1883"]);
+        let closed = config("mqtt:\n  listen: \"0.0.0.0:1883\"\n  allow_anonymous: false\n");
+        assert!(anonymous_exposed(&closed).is_empty());
+        let ws = config("mqtt:\n  listen: \"127.0.0.1:1883\"\n  listeners:\n    - kind: ws\n      listen: \"0.0.0.0:8080\"\n");
+        assert_eq!(anonymous_exposed(&ws), vec!["ws 0.0.0.0:8080"]);
+    }
 }

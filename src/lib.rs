@@ -1,5 +1,7 @@
 //! mqgate: an MQTT to AMQP/HTTP bridge gateway. See ARCHITECTURE.md for the code map.
 
+#![forbid(unsafe_code)]
+
 pub mod admin;
 pub mod app;
 pub mod auth;

@@ -1,5 +1,7 @@
 //! The `mqgate` binary: flags, tracing, then `app::run`.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -52,6 +52,8 @@
 //! `--repeat` runs) against the targets: ≥ 0.9× direct throughput,
 //! and under +1 ms p99 at a fixed rate.
 
+#![forbid(unsafe_code)]
+
 mod amqp;
 mod dial;
 mod downlink;

@@ -641,6 +641,19 @@ mod tests {
     }
 
     #[test]
+    fn tojson_quotes_whatever_the_payload_holds() {
+        let m = msg("a/b", b"he said \"hi\"\n\x01");
+        let t = Template::compile(
+            r#"{"text": {{ payload | tojson }}, "topic": {{ topic_name | tojson }}}"#,
+        )
+        .expect("compiles");
+        let out = t.render(&MessageContext::value(&m)).expect("renders");
+        let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(v["text"], "he said \"hi\"\n\u{1}");
+        assert_eq!(v["topic"], "a/b");
+    }
+
+    #[test]
     fn fuel_bounds_a_runaway_template() {
         let (t, _) = build("{% for i in range(100000) %}{{ i }}{% endfor %}", "true");
         let e = t.render(&MessageContext::value(&msg("a", b""))).unwrap_err();

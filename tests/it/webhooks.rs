@@ -419,6 +419,24 @@ async fn the_json_envelope_carries_the_message() {
 }
 
 #[tokio::test]
+async fn a_body_template_with_tojson_stays_json_whatever_the_payload_holds() {
+    let server = Server::ok().await;
+    let body = "          body: '{\"device\": {{ topic[1] | tojson }}, \"text\": {{ payload | tojson }}}'\n          content_type: application/json\n";
+    let app = gateway(&config(&server.url(), "", &rule("j/#", body))).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "tojson").await;
+    let nasty = "quote \" backslash \\ newline \n tab \t ctrl \u{1} </script>";
+    c.send(&Packet::Publish(publish_packet("j/dev\"1", QoS::AtLeastOnce, 1, nasty.as_bytes())))
+        .await;
+    assert_eq!(puback(&mut c).await.code, ReasonCode::SUCCESS);
+    let seen = server.wait_for(1).await;
+    let j: serde_json::Value = serde_json::from_slice(&seen[0].body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", seen[0].text()));
+    assert_eq!(j["device"], "dev\"1");
+    assert_eq!(j["text"], nasty);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_full_queue_drops_qos0_with_a_metric_and_makes_qos1_wait() {
     let server = Server::start(|s, _| {
         if s.path == "/slow" {
