@@ -244,7 +244,7 @@ impl DeadLetters {
                 self.sync_gauge(&index);
                 drop(index);
                 self.inner.busy.inc();
-                warn!(%rule, %target, topic = %msg.topic, error = %e, "dead letter not kept");
+                warn!(%rule, %target, topic = %crate::logtext::LogText(&msg.topic), error = %e, "dead letter not kept");
             }
         }
     }

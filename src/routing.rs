@@ -139,7 +139,7 @@ fn rule_failed(
     waits: &mut Waits,
 ) -> bool {
     rule.errors.inc();
-    debug!(rule = %rule.name, topic = %msg.topic, %error, "rule could not be evaluated");
+    debug!(rule = %rule.name, topic = %crate::logtext::LogText(&msg.topic), %error, "rule could not be evaluated");
     match rule.on_error {
         RuleErrorPolicy::Skip => false,
         RuleErrorPolicy::Fail => {

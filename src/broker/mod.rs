@@ -206,7 +206,7 @@ impl Broker {
             match codec::encode_message(&out.msg) {
                 Ok(v) => *encoded = Some(v),
                 Err(e) => {
-                    tracing::warn!(topic = %out.msg.topic, error = %e, "delivery not stored");
+                    tracing::warn!(topic = %crate::logtext::LogText(&out.msg.topic), error = %e, "delivery not stored");
                     return false;
                 }
             }
@@ -410,7 +410,7 @@ impl Broker {
         self.deliver_work(msg, &mut ticket);
         match ticket {
             None => {
-                tracing::debug!(topic = %msg.topic, "work delivery handed to another subscriber")
+                tracing::debug!(topic = %crate::logtext::LogText(&msg.topic), "work delivery handed to another subscriber")
             }
             Some(t) => t.finish(Fate::Gone),
         }
@@ -439,7 +439,7 @@ impl Broker {
         match sent {
             Some(Sent::Delivered) => {
                 self.metrics.messages_delivered_local.inc();
-                tracing::debug!(%key, topic = %msg.topic, "shared delivery handed to another member");
+                tracing::debug!(%key, topic = %crate::logtext::LogText(&msg.topic), "shared delivery handed to another member");
             }
             Some(Sent::Full) => self.metrics.dropped("shared_group_full"),
             Some(Sent::NoMember) | None => self.metrics.dropped("shared_member_left"),

@@ -163,7 +163,7 @@ impl Broker {
             let d = match persist::decode_delivery(v.value()) {
                 Ok(d) => d,
                 Err(e) => {
-                    tracing::warn!(client_id = %key.client_id, error = %e, "a stored message cannot be read; deleted");
+                    tracing::warn!(client_id = %crate::logtext::LogText(&key.client_id), error = %e, "a stored message cannot be read; deleted");
                     restored.unreadable += 1;
                     p.delete_delivery(key, seq);
                     continue;

@@ -126,7 +126,7 @@ pub(super) fn dead_letter(
     msg: &Message,
     reason: &str,
 ) {
-    warn!(target_id = %id, topic = %msg.topic, %reason, "spooled message failed for good: moved to the dead letters");
+    warn!(target_id = %id, topic = %crate::logtext::LogText(&msg.topic), %reason, "spooled message failed for good: moved to the dead letters");
     let letter = DeadLetter {
         rule: rule.to_owned(),
         target: id.to_owned(),
@@ -135,6 +135,6 @@ pub(super) fn dead_letter(
         message: msg.clone(),
     };
     if let Err(e) = dead_letters.add_to(batch, &letter) {
-        error!(target_id = %id, topic = %msg.topic, error = %e, "dead letter cannot be kept; the message is deleted from the spool");
+        error!(target_id = %id, topic = %crate::logtext::LogText(&msg.topic), error = %e, "dead letter cannot be kept; the message is deleted from the spool");
     }
 }

@@ -205,7 +205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if p.qos == QoS::ExactlyOnce && self.pending.awaiting_rel.contains(&p.packet_id) {
             // A resend before PUBREL: already taken; acknowledge again without forwarding.
             debug!(
-                client_id = %self.client_id,
+                client_id = %crate::logtext::LogText(&self.client_id),
                 packet_id = p.packet_id,
                 "QoS 2 PUBLISH resent before PUBREL; not forwarded again"
             );
@@ -216,8 +216,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Never routed: no local subscriber and no rule target sees it.
             shared.acl_denied_publish.inc();
             debug!(
-                client_id = %self.client_id,
-                topic = %p.topic,
+                client_id = %crate::logtext::LogText(&self.client_id),
+                topic = %crate::logtext::LogText(&p.topic),
                 qos = p.qos as u8,
                 "PUBLISH denied by the ACL"
             );
@@ -344,7 +344,7 @@ pub(super) async fn publish_will(
         received: Instant::now(),
         packet_id: None,
     });
-    debug!(parent: span, topic = %msg.topic, "publishing will");
+    debug!(parent: span, topic = %crate::logtext::LogText(&msg.topic), "publishing will");
     let mut blocked = Vec::new();
     let (_, waits) = route(shared.routing(), &msg, None, &mut Vec::new(), &mut blocked);
     send_blocked(blocked).await;

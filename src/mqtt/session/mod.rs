@@ -356,7 +356,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// A span naming this session, made only when something is logged: a span held for the
     /// whole connection cost about 1.5 KB per connection in the log subscriber.
     fn span(&self) -> tracing::Span {
-        tracing::info_span!("session", client_id = %self.client_id, peer = %self.peer)
+        tracing::info_span!("session", client_id = %crate::logtext::LogText(&self.client_id), peer = %self.peer)
     }
 
     /// The main loop: waits in one poll ([`Session::poll_event`]) for the registry link
@@ -567,7 +567,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         ));
                     }
                     debug!(
-                        client_id = %self.client_id,
+                        client_id = %crate::logtext::LogText(&self.client_id),
                         interval,
                         "session expiry interval changed by DISCONNECT"
                     );
@@ -665,7 +665,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             if !self.acl.may_publish(&will.topic) {
                 self.shared.acl_denied_publish.inc();
-                info!(parent: span, topic = %will.topic, "will not published: denied by the ACL");
+                info!(parent: span, topic = %crate::logtext::LogText(&will.topic), "will not published: denied by the ACL");
                 return false;
             }
             true

@@ -260,7 +260,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 false
             }
             Err(QueueError::Encode(e)) => {
-                debug!(client_id = %self.client_id, error = %e, "cannot encode a delivery");
+                debug!(client_id = %crate::logtext::LogText(&self.client_id), error = %e, "cannot encode a delivery");
                 self.shared.metrics.dropped("unencodable");
                 false
             }
@@ -277,7 +277,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .flatten();
             self.shared.broker.unstore(&self.out.state.subscriber, stored);
             debug!(
-                client_id = %self.client_id,
+                client_id = %crate::logtext::LogText(&self.client_id),
                 packet_id = r.packet_id,
                 code = ?r.code,
                 "client refused a QoS 2 delivery"
@@ -337,8 +337,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         && self.out.state.filters.len() >= self.shared.limits.max_subscriptions =>
                 {
                     debug!(
-                        client_id = %self.client_id,
-                        filter = %f.filter,
+                        client_id = %crate::logtext::LogText(&self.client_id),
+                        filter = %crate::logtext::LogText(&f.filter),
                         "SUBSCRIBE refused: mqtt.max_subscriptions reached"
                     );
                     match self.version {
@@ -351,8 +351,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(_) if self.acl.grant(&f.filter) == Grant::Refused => {
                     self.shared.acl_denied_subscribe.inc();
                     debug!(
-                        client_id = %self.client_id,
-                        filter = %f.filter,
+                        client_id = %crate::logtext::LogText(&self.client_id),
+                        filter = %crate::logtext::LogText(&f.filter),
                         "SUBSCRIBE denied by the ACL"
                     );
                     match self.version {
