@@ -157,6 +157,14 @@ pub struct MqttConfig {
     /// (anyone, as before: unsafe, a client can take over another's session).
     #[serde(default)]
     pub client_id_takeover: ClientIdTakeover,
+    /// A packet that has started must be complete within this (default 30s; 0: no limit): a
+    /// client that starts a large packet and trickles it is disconnected, its buffer freed.
+    #[serde(default = "default_packet_timeout")]
+    pub packet_timeout: HumanDuration,
+    /// The silence allowed of a client that asked for no keepalive (keepalive 0) before it is
+    /// disconnected (default 1h; 0: forever).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -313,6 +321,12 @@ pub struct AclEntryConfig {
     pub client: Option<Spanned<String>>,
 }
 
+const fn default_packet_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+const fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
 const fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }

@@ -242,8 +242,17 @@ where
         shared.broker.unregister(&accepted.client_id, registration.conn_id);
         return Ok(None);
     }
-    let keepalive = (accepted.keep_alive > 0)
-        .then(|| Duration::from_millis(u64::from(accepted.keep_alive) * 1500));
+    // The silence allowed: 1.5 × keepalive. A 3.1.1 client cannot be told `max_keepalive`, so
+    // it is held to it anyway; one without keepalive (either version) gets `idle_timeout`.
+    let max = shared.limits.max_keepalive;
+    let keep_alive = match accepted.keep_alive {
+        k if max > 0 && k > max => max,
+        k => k,
+    };
+    let keepalive = match keep_alive {
+        0 => Some(shared.limits.idle_timeout).filter(|d| !d.is_zero()),
+        k => Some(Duration::from_millis(u64::from(k) * 1500)),
+    };
     Ok(Some(Connected {
         version,
         client_id,

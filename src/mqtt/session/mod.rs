@@ -77,6 +77,10 @@ pub struct SessionLimits {
     /// `mqtt.client_id_takeover: same_identity`: a client id held by another identity is
     /// refused.
     pub same_identity: bool,
+    /// `mqtt.packet_timeout`: a started packet must be complete within it (0: no limit).
+    pub packet_timeout: Duration,
+    /// `mqtt.idle_timeout`: the silence allowed of a client without keepalive (0: none).
+    pub idle_timeout: Duration,
     /// At shutdown, how long the QoS 1/2 PUBLISHes already read may take to get their
     /// outcome and acknowledgement before the connection is closed anyway (`shutdown_timeout`).
     pub shutdown_timeout: Duration,
@@ -101,6 +105,8 @@ impl SessionLimits {
             },
             max_subscriptions: c.max_subscriptions,
             same_identity: c.client_id_takeover == crate::config::ClientIdTakeover::SameIdentity,
+            packet_timeout: c.packet_timeout.0,
+            idle_timeout: c.idle_timeout.0,
             shutdown_timeout: Duration::from_secs(10),
         }
     }
@@ -178,6 +184,29 @@ impl SessionShared {
             rules: &self.rules,
             spools: &self.spools,
             metrics: &self.metrics,
+        }
+    }
+}
+
+/// The session's timer (keepalive or idle timeout, shutdown drain) and when the partial
+/// packet in the read buffer began, boxed together: an idle session's future holds a pointer.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+    partial_since: Option<Instant>,
+}
+
+impl Timer {
+    fn new(after: Duration) -> Box<Timer> {
+        Box::new(Timer { sleep: Box::pin(tokio::time::sleep(after)), partial_since: None })
+    }
+
+    /// A packet started arriving now: the timer fires by `limit` from now at the latest.
+    fn partial_started(&mut self, limit: Duration) {
+        let now = Instant::now();
+        self.partial_since = Some(now);
+        let due = now + limit;
+        if self.sleep.deadline() > due {
+            self.sleep.as_mut().reset(due);
         }
     }
 }
@@ -367,10 +396,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// session waits on is polled in place, so its future holds the session, the timer and
     /// little else. The rare waits (a full socket, a full sink queue) are boxed.
     async fn run(&mut self) -> End {
-        // Boxed, and only with a keepalive: the 112-byte timer inline would push the task of
-        // every connection past a 128-byte step (1,024 -> 896 bytes without it, and 896 +
-        // 112 with it is still less than 1,024).
-        let mut timer = self.keepalive.map(|k| Box::pin(tokio::time::sleep(k)));
+        // Boxed, and only with a keepalive (or idle timeout): the 112-byte timer inline would
+        // push the task of every connection past a 128-byte step (1,024 -> 896 bytes without
+        // it, and 896 + 112 with it is still less than 1,024). It also keeps when the packet
+        // the buffer holds the start of began (`mqtt.packet_timeout`), off the future.
+        let mut timer: Option<Box<Timer>> = self.keepalive.map(Timer::new);
         if std::mem::take(&mut self.resend_due) {
             if let Some(end) = self.resend() {
                 return end;
@@ -378,12 +408,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         loop {
             // Decode what is buffered while the inbound window has room.
+            let mut partial = false;
             while self.may_read() && self.conn.has_buffered_input() {
                 // The decoded packet is handled before any `.await`: a `match` on the decode
                 // result around the await below would keep a whole `Packet` in the future.
                 let packet = match self.conn.decode() {
                     Ok(Some(packet)) => packet,
-                    Ok(None) => break,
+                    Ok(None) => {
+                        partial = true;
+                        break;
+                    }
                     Err(e) => return self.decode_error(e),
                 };
                 if let Some(end) = self.handle(packet) {
@@ -400,6 +434,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if let Some(end) = Box::pin(self.release_held(held)).await {
                         return end;
                     }
+                }
+            }
+            // A packet that has started must be complete within `mqtt.packet_timeout`.
+            if !self.draining {
+                let limit = self.shared.limits.packet_timeout;
+                match (&mut timer, partial) {
+                    (Some(t), true) if t.partial_since.is_none() => t.partial_started(limit),
+                    (Some(t), false) => t.partial_since = None,
+                    (None, true) if !limit.is_zero() => {
+                        let mut t = Timer::new(limit);
+                        t.partial_started(limit);
+                        timer = Some(t);
+                    }
+                    _ => {}
                 }
             }
             if self.conn.has_pending_writes() {
@@ -424,7 +472,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Err(e) => return End::Io(e),
                 }
             }
-            match poll_fn(|cx| self.poll_event(cx, timer.as_mut().map(|t| t.as_mut()))).await {
+            match poll_fn(|cx| self.poll_event(cx, timer.as_mut().map(|t| t.sleep.as_mut()))).await
+            {
                 Event::Close(CloseReason::Shutdown) => {
                     if self.pending.is_empty() {
                         return self.shutdown_disconnect();
@@ -433,7 +482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // deadline (and no packet is read any more, so keepalive is moot).
                     self.draining = true;
                     let limit = self.shared.limits.shutdown_timeout;
-                    timer = Some(Box::pin(tokio::time::sleep(limit)));
+                    timer = Some(Timer::new(limit));
                 }
                 Event::Close(CloseReason::Takeover) => {
                     return self.server_disconnect(
@@ -479,16 +528,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     return self.shutdown_disconnect();
                 }
                 Event::Keepalive => {
+                    let now = Instant::now();
+                    if let Some(since) = timer.as_ref().and_then(|t| t.partial_since) {
+                        if now >= since + self.shared.limits.packet_timeout {
+                            self.shared.metrics.protocol_error("packet_timeout");
+                            return self.server_disconnect(
+                                ReasonCode::MAXIMUM_CONNECT_TIME,
+                                "a packet was not completed within mqtt.packet_timeout",
+                            );
+                        }
+                    }
                     // The timer is only moved forward when it fires, not on every packet.
-                    let due = self.last_packet + self.keepalive.unwrap_or_default();
-                    if Instant::now() >= due {
+                    let keepalive_due = self.keepalive.map(|k| self.last_packet + k);
+                    if keepalive_due.is_some_and(|due| now >= due) {
                         return self.server_disconnect(
                             ReasonCode::KEEP_ALIVE_TIMEOUT,
                             "keepalive timeout",
                         );
                     }
                     if let Some(timer) = &mut timer {
-                        timer.as_mut().reset(due);
+                        let partial_due =
+                            timer.partial_since.map(|s| s + self.shared.limits.packet_timeout);
+                        let due = match (keepalive_due, partial_due) {
+                            (Some(a), Some(b)) => a.min(b),
+                            (Some(a), None) | (None, Some(a)) => a,
+                            // Only a finished partial packet kept the timer: far away.
+                            (None, None) => now + Duration::from_secs(86_400),
+                        };
+                        timer.sleep.as_mut().reset(due);
                     }
                 }
             }
