@@ -246,17 +246,18 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers `client_id` for a new connection, telling any connection that held it to
-    /// close (takeover). Wait for `previous` to be parked before [`Broker::take_session`].
-    /// Registers a connection of identity `owner` for `client_id` (see
-    /// [`SessionStore::register`](sessions::SessionStore::register)).
+    /// Registers a connection of identity `owner` for `client_id`, telling any connection
+    /// that held it to close (takeover): see
+    /// [`SessionStore::register`](sessions::SessionStore::register). Wait for `previous` to
+    /// be parked before [`Broker::take_session`].
     pub fn register(
         &self,
         client_id: &Arc<str>,
         owner: sessions::Owner,
         same_identity: bool,
-    ) -> Result<Registration, sessions::Owner> {
-        self.sessions.register(client_id, self.next_id(), owner, same_identity)
+        max_sessions: usize,
+    ) -> Result<Registration, sessions::Refused> {
+        self.sessions.register(client_id, self.next_id(), owner, same_identity, max_sessions)
     }
 
     /// Tells every registered connection to close because the gateway shuts down.

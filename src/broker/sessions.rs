@@ -345,6 +345,15 @@ pub struct Registration {
     pub previous: Option<Arc<ConnLink>>,
 }
 
+/// Why [`SessionStore::register`] refused a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The client id's session belongs to this other identity.
+    Owned(Owner),
+    /// `mqtt.max_sessions` client ids are connected or parked.
+    Full,
+}
+
 /// Marks the link parked when dropped, so a connection signals "my state is parked" on every
 /// path out of its task, even a panic.
 #[derive(Debug)]
@@ -366,15 +375,21 @@ pub struct SessionStore {
 impl SessionStore {
     /// Registers a new connection of identity `owner` for `client_id`, telling the connection
     /// that held it to close (takeover). With `same_identity`, a client id held (connected or
-    /// parked) by another identity is refused: `Err` with that owner, nothing changed.
+    /// parked) by another identity is refused: `Err` with that owner, nothing changed. A new
+    /// client id when `max_sessions` client ids (connected or parked) exist is refused too.
     pub fn register(
         &self,
         client_id: &Arc<str>,
         conn_id: u64,
         owner: Owner,
         same_identity: bool,
-    ) -> Result<Registration, Owner> {
+        max_sessions: usize,
+    ) -> Result<Registration, Refused> {
         let mut entries = self.lock();
+        if max_sessions > 0 && entries.len() >= max_sessions && !entries.contains_key(&**client_id)
+        {
+            return Err(Refused::Full);
+        }
         if same_identity {
             if let Some(entry) = entries.get(&**client_id) {
                 let holder = match (&entry.conn, &entry.parked) {
@@ -383,7 +398,7 @@ impl SessionStore {
                     (None, None) => None,
                 };
                 if let Some(holder) = holder.filter(|h| !h.admits(&owner)) {
-                    return Err(holder.clone());
+                    return Err(Refused::Owned(holder.clone()));
                 }
             }
         }
@@ -548,13 +563,13 @@ mod tests {
         let mut state = SessionState::new(1, 4, None);
         state.owner = Owner::of(Some("alice"));
         store.park("c", state, None);
-        assert!(store.register(&c, 1, Owner::Anonymous, true).is_err());
-        assert!(store.register(&c, 2, Owner::of(Some("bob")), true).is_err());
-        assert!(store.register(&c, 3, Owner::of(Some("alice")), true).is_ok());
+        assert!(store.register(&c, 1, Owner::Anonymous, true, 0).is_err());
+        assert!(store.register(&c, 2, Owner::of(Some("bob")), true, 0).is_err());
+        assert!(store.register(&c, 3, Owner::of(Some("alice")), true, 0).is_ok());
         // Restored from an old store: whoever resumes first.
         let d: Arc<str> = Arc::from("d");
         store.park("d", SessionState::new(2, 4, None), None);
-        assert!(store.register(&d, 4, Owner::Anonymous, true).is_ok());
+        assert!(store.register(&d, 4, Owner::Anonymous, true, 0).is_ok());
     }
 
     #[test]
@@ -562,13 +577,16 @@ mod tests {
         let store = SessionStore::default();
         let c: Arc<str> = Arc::from("c");
         let alice = || Owner::of(Some("alice"));
-        let first = store.register(&c, 1, alice(), true).expect("free");
+        let first = store.register(&c, 1, alice(), true, 0).expect("free");
         assert!(first.previous.is_none());
         assert_eq!(first.link.0.close_reason(), None);
         // Another identity may not take it over; the same one may.
-        assert_eq!(store.register(&c, 9, Owner::Anonymous, true).err(), Some(alice()));
+        assert_eq!(
+            store.register(&c, 9, Owner::Anonymous, true, 0).err(),
+            Some(Refused::Owned(alice()))
+        );
         assert_eq!(first.link.0.close_reason(), None, "a refused CONNECT changes nothing");
-        let second = store.register(&c, 2, alice(), true).expect("same identity");
+        let second = store.register(&c, 2, alice(), true, 0).expect("same identity");
         assert_eq!(first.link.0.close_reason(), Some(CloseReason::Takeover));
         let previous = second.previous.clone().expect("the first connection's link");
         assert!(!previous.is_parked());
@@ -586,9 +604,9 @@ mod tests {
     async fn parked_wakes_the_waiting_connection_and_close_wakes_the_holder() {
         let store = SessionStore::default();
         let c: Arc<str> = Arc::from("c");
-        let first = store.register(&c, 1, Owner::Anonymous, true).expect("free");
+        let first = store.register(&c, 1, Owner::Anonymous, true, 0).expect("free");
         // `any`: another identity takes over.
-        let second = store.register(&c, 2, Owner::of(Some("bob")), false).expect("any");
+        let second = store.register(&c, 2, Owner::of(Some("bob")), false, 0).expect("any");
         let previous = second.previous.clone().expect("the first connection's link");
         let waiter = tokio::spawn(async move { previous.parked().await });
         tokio::task::yield_now().await;

@@ -165,6 +165,18 @@ pub struct MqttConfig {
     /// disconnected (default 1h; 0: forever).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// Client ids connected or parked at once (default 100,000; 0: no limit); a CONNECT for a
+    /// new one beyond it gets 0x97 Quota exceeded (3.1.1: return code 3).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// The longest a session is kept after its connection ends (default 7d; 0: no cap): caps
+    /// MQTT 5 Session Expiry Intervals (never-expiring ones too) and applies to 3.1.1
+    /// persistent sessions, which otherwise never expire.
+    #[serde(default = "default_max_session_expiry")]
+    pub max_session_expiry: HumanDuration,
+    /// The longest an MQTT 5 will waits for its Will Delay Interval (default 1h).
+    #[serde(default = "default_max_will_delay")]
+    pub max_will_delay: HumanDuration,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -321,6 +333,15 @@ pub struct AclEntryConfig {
     pub client: Option<Spanned<String>>,
 }
 
+const fn default_max_sessions() -> usize {
+    100_000
+}
+const fn default_max_session_expiry() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 86_400))
+}
+const fn default_max_will_delay() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
 const fn default_packet_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }

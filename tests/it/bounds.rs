@@ -1,1 +1,112 @@
-//! State bounded in bytes: queued bytes per session, retained bytes, will delay, write buffers, the memory budget; repeated SUBSCRIBEs (issue 13, items 3 and 5).
+//! Bounds that keep a small deployment alive under abuse (issue 13, item 3): how many
+//! sessions exist, how long they are kept (3.1.1 persistent ones too), how long a will waits.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mqgate::mqtt::codec::{LastWill, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
+
+use crate::support::*;
+
+fn config(extra: &str) -> String {
+    format!("mqtt:\n  listen: \"127.0.0.1:0\"\n{extra}admin:\n  listen: \"127.0.0.1:0\"\n")
+}
+
+/// CONNECT `id` (persistent when `persistent`); the client and its CONNACK.
+async fn connect(
+    addr: std::net::SocketAddr,
+    version: ProtocolVersion,
+    id: &str,
+    persistent: bool,
+) -> (RawClient, mqgate::mqtt::codec::ConnAck) {
+    let mut c = RawClient::tcp(addr, version).await;
+    let mut connect = connect_packet(version, id);
+    connect.clean_start = !persistent;
+    if persistent && version == ProtocolVersion::V5 {
+        connect.properties.session_expiry_interval = Some(u32::MAX);
+    }
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => (c, *a),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_sessions_counts_connected_and_parked_client_ids() {
+    let app = gateway(&config("  max_sessions: 2\n")).await;
+    let (a, ack) = connect(app.mqtt_addr, ProtocolVersion::V311, "bound-a", true).await;
+    assert!(ack.code.is_success());
+    drop(a); // parked
+    let (_b, ack) = connect(app.mqtt_addr, ProtocolVersion::V5, "bound-b", false).await;
+    assert!(ack.code.is_success());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+        let (_, ack) = connect(app.mqtt_addr, version, "bound-c", false).await;
+        let want = match version {
+            // 3.1.1 has no quota code: return code 3, Server unavailable.
+            ProtocolVersion::V311 => ReasonCode::SERVER_UNAVAILABLE,
+            ProtocolVersion::V5 => ReasonCode::QUOTA_EXCEEDED,
+        };
+        assert_eq!(ack.code, want, "{version:?}");
+    }
+    // The parked session's owner gets back in.
+    let (_, ack) = connect(app.mqtt_addr, ProtocolVersion::V311, "bound-a", true).await;
+    assert!(ack.code.is_success() && ack.session_present);
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_auth_refused_total{reason=\"max_sessions\"} 2"), "{m}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_sessions_expire_at_max_session_expiry_311_included() {
+    let app = gateway(&config("  max_session_expiry: 1s\n")).await;
+    // 3.1.1 Clean Session 0 used to mean "forever".
+    let (mut c, ack) = connect(app.mqtt_addr, ProtocolVersion::V311, "exp-311", true).await;
+    assert!(ack.code.is_success());
+    c.subscribe("x/#", QoS::AtLeastOnce).await;
+    drop(c);
+    // MQTT 5 asking for "never" is told the cap.
+    let (c5, ack) = connect(app.mqtt_addr, ProtocolVersion::V5, "exp-5", true).await;
+    assert_eq!(ack.properties.session_expiry_interval, Some(1));
+    drop(c5);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (c, ack) = connect(app.mqtt_addr, ProtocolVersion::V311, "exp-311", true).await;
+    assert!(ack.session_present, "kept within the cap");
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for (version, id) in [(ProtocolVersion::V311, "exp-311"), (ProtocolVersion::V5, "exp-5")] {
+        let (_, ack) = connect(app.mqtt_addr, version, id, true).await;
+        assert!(ack.code.is_success() && !ack.session_present, "{id}: expired after the cap");
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_waits_at_most_max_will_delay() {
+    let app = gateway(&config("  max_will_delay: 1s\n")).await;
+    let (mut watcher, _) =
+        connect(app.mqtt_addr, ProtocolVersion::V5, &unique("watch"), false).await;
+    watcher.subscribe("wills/#", QoS::AtMostOnce).await;
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
+    let mut connect = connect_packet(ProtocolVersion::V5, &unique("dying"));
+    connect.properties.session_expiry_interval = Some(3600);
+    connect.will = Some(LastWill {
+        topic: "wills/x".into(),
+        payload: Bytes::from_static(b"gone"),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties { will_delay_interval: Some(86_400), ..Properties::default() },
+    });
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    assert!(matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.code.is_success()));
+    let gone = Instant::now();
+    drop(c); // no DISCONNECT: the will is due
+    match watcher.recv_within(Duration::from_secs(5)).await {
+        Ok(Some(Packet::Publish(p))) => assert_eq!(p.topic, "wills/x"),
+        other => panic!("the will never came: {other:?}"),
+    }
+    let waited = gone.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
+    app.stop().await;
+}

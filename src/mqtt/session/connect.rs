@@ -14,7 +14,8 @@ use super::SessionShared;
 use crate::auth::acl::{ClientAcl, Grant};
 use crate::auth::Refusal;
 use crate::broker::persist::SessionKey;
-use crate::broker::sessions::Owner;
+
+use crate::broker::sessions::{Owner, Refused};
 use crate::broker::{CloseReason, Expiry, Registration, SessionState};
 use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
@@ -121,9 +122,17 @@ where
         &client_id,
         owner.clone(),
         shared.limits.same_identity,
+        shared.limits.max_sessions,
     ) {
         Ok(registration) => registration,
-        Err(_) => {
+        Err(Refused::Full) => {
+            let reason = ReasonLabels { reason: "max_sessions".into() };
+            shared.metrics.auth_refused.get_or_create(&reason).inc();
+            let reason = "mqtt.max_sessions reached (connected and parked sessions)";
+            refuse(conn, &connect, ReasonCode::QUOTA_EXCEEDED, reason);
+            return Ok(None);
+        }
+        Err(Refused::Owned(_)) => {
             let reason = ReasonLabels { reason: "client_id_owned".into() };
             shared.metrics.auth_refused.get_or_create(&reason).inc();
             debug!(client_id = %crate::logtext::LogText(&accepted.client_id), "client id held by another identity");
@@ -146,12 +155,19 @@ where
             return Ok(None);
         }
     }
-    let expiry = match version {
+    let asked = match version {
         ProtocolVersion::V311 if connect.clean_start => Expiry::Now,
         ProtocolVersion::V311 => Expiry::Never,
         ProtocolVersion::V5 => {
             Expiry::from_interval(connect.properties.session_expiry_interval.unwrap_or(0))
         }
+    };
+    // `mqtt.max_session_expiry` caps every kept session, 3.1.1 persistent ones too.
+    let cap = shared.limits.max_session_expiry;
+    let expiry = match asked {
+        Expiry::Never if cap > 0 => Expiry::After(cap),
+        Expiry::After(s) if cap > 0 && s > cap => Expiry::After(cap),
+        other => other,
     };
     let resumed = match shared.broker.take_session(&accepted.client_id) {
         Some(old) if connect.clean_start => {
@@ -218,6 +234,10 @@ where
     let mut properties = Properties::default();
     if version == ProtocolVersion::V5 {
         properties.receive_maximum = Some(shared.limits.receive_maximum);
+        if expiry != asked {
+            // Capped by mqtt.max_session_expiry: the client is told (MQTT 5 §3.2.2.3.2).
+            properties.session_expiry_interval = Some(expiry.seconds());
+        }
         properties.maximum_packet_size = Some(shared.limits.max_packet_size);
         properties.subscription_identifier_available = Some(1);
         properties.shared_subscription_available = Some(1);

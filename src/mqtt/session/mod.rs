@@ -77,6 +77,13 @@ pub struct SessionLimits {
     /// `mqtt.client_id_takeover: same_identity`: a client id held by another identity is
     /// refused.
     pub same_identity: bool,
+    /// `mqtt.max_sessions`: client ids connected or parked at once (0: no limit).
+    pub max_sessions: usize,
+    /// `mqtt.max_session_expiry` in seconds: the longest a session is kept after its
+    /// connection ends, 3.1.1 persistent sessions included (0: no cap).
+    pub max_session_expiry: u32,
+    /// `mqtt.max_will_delay` in seconds: the longest an MQTT 5 will waits.
+    pub max_will_delay: u32,
     /// `mqtt.packet_timeout`: a started packet must be complete within it (0: no limit).
     pub packet_timeout: Duration,
     /// `mqtt.idle_timeout`: the silence allowed of a client without keepalive (0: none).
@@ -106,6 +113,10 @@ impl SessionLimits {
             max_subscriptions: c.max_subscriptions,
             same_identity: c.client_id_takeover == crate::config::ClientIdTakeover::SameIdentity,
             packet_timeout: c.packet_timeout.0,
+            max_sessions: c.max_sessions,
+            max_session_expiry: u32::try_from(c.max_session_expiry.0.as_secs())
+                .unwrap_or(u32::MAX - 1),
+            max_will_delay: u32::try_from(c.max_will_delay.0.as_secs()).unwrap_or(u32::MAX),
             idle_timeout: c.idle_timeout.0,
             shutdown_timeout: Duration::from_secs(10),
         }
@@ -741,7 +752,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // of the session, unless the session is resumed first. It is recorded before the
         // client id is released, so that a connection resuming the session finds it.
         let delay = match (&will, self.version) {
-            (Some(will), ProtocolVersion::V5) => will.properties.will_delay_interval.unwrap_or(0),
+            (Some(will), ProtocolVersion::V5) => will
+                .properties
+                .will_delay_interval
+                .unwrap_or(0)
+                .min(self.shared.limits.max_will_delay),
             _ => 0,
         };
         let delay = match self.expiry {
