@@ -144,7 +144,8 @@ impl App {
         );
         if let Some(store) = &store {
             // Before the listener accepts anyone: what the store holds is the broker's state.
-            let restored = broker.restore(config.mqtt.max_queued_messages.max(1))?;
+            let max_bytes = usize::try_from(config.mqtt.max_queued_bytes.0).unwrap_or(usize::MAX);
+            let restored = broker.restore(config.mqtt.max_queued_messages.max(1), max_bytes)?;
             info!(
                 path = %store.path().display(),
                 retained = restored.retained,

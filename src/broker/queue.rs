@@ -32,6 +32,9 @@ pub enum TrySendError {
 pub struct Queue {
     /// Most messages queued at once.
     capacity: usize,
+    /// Most bytes (topics and payloads) queued at once; one message larger than this still
+    /// fits an empty queue.
+    max_bytes: usize,
     /// The messages, the receiver's waker and whether it is closed.
     inner: Mutex<Inner>,
 }
@@ -44,12 +47,28 @@ struct Inner {
     waker: Option<Waker>,
     /// Set by [`Queue::close`]: sends fail from then on.
     closed: bool,
+    /// Bytes (topics and payloads) of `items`.
+    bytes: usize,
+}
+
+/// What a queued message counts against the byte bound.
+fn size(out: &Outbound) -> usize {
+    out.msg.topic.len() + out.msg.payload.len()
 }
 
 impl Queue {
     /// An empty queue of `capacity` messages (at least 1); allocates nothing.
     pub fn new(capacity: usize) -> Self {
-        Queue { capacity: capacity.max(1), inner: Mutex::new(Inner::default()) }
+        Queue::with_bytes(capacity, usize::MAX)
+    }
+
+    /// An empty queue of at most `capacity` messages and `max_bytes` bytes.
+    pub fn with_bytes(capacity: usize, max_bytes: usize) -> Self {
+        Queue {
+            capacity: capacity.max(1),
+            max_bytes: max_bytes.max(1),
+            inner: Mutex::new(Inner::default()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -64,9 +83,13 @@ impl Queue {
             if inner.closed {
                 return Err(TrySendError::Closed(out));
             }
-            if inner.items.len() >= self.capacity {
+            let n = size(&out);
+            if inner.items.len() >= self.capacity
+                || (!inner.items.is_empty() && inner.bytes + n > self.max_bytes)
+            {
                 return Err(TrySendError::Full(out));
             }
+            inner.bytes += n;
             inner.items.push_back(out);
             inner.waker.take()
         };
@@ -80,6 +103,9 @@ impl Queue {
     pub fn try_recv(&self) -> Option<Outbound> {
         let mut inner = self.lock();
         let out = inner.items.pop_front();
+        if let Some(out) = &out {
+            inner.bytes -= size(out);
+        }
         if inner.items.is_empty() && inner.items.capacity() > KEEP_SLOTS {
             inner.items.shrink_to(KEEP_SLOTS);
         }
@@ -97,6 +123,7 @@ impl Queue {
     pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Outbound>> {
         let mut inner = self.lock();
         if let Some(out) = inner.items.pop_front() {
+            inner.bytes -= size(&out);
             if inner.items.is_empty() && inner.items.capacity() > KEEP_SLOTS {
                 inner.items.shrink_to(KEEP_SLOTS);
             }
@@ -132,6 +159,7 @@ impl Queue {
             }
         }
         inner.items = kept;
+        inner.bytes = inner.items.iter().map(size).sum();
         removed
     }
 

@@ -44,7 +44,7 @@ impl Broker {
     /// Loads the retained messages and persistent sessions the store holds (nothing without
     /// a store). A restored session's queue holds `capacity` messages (the persistent
     /// session queue, `mqtt.max_queued_messages`); what is beyond is dropped and counted.
-    pub fn restore(&self, capacity: usize) -> Result<Restored, StoreError> {
+    pub fn restore(&self, capacity: usize, max_bytes: usize) -> Result<Restored, StoreError> {
         let Some(p) = &self.persist else {
             return Ok(Restored::default());
         };
@@ -101,7 +101,8 @@ impl Broker {
                 p.put_session(&key, record.encode());
             }
             live.insert(k.value().to_vec());
-            let state = self.restore_session(p, key, record, &queue, capacity, &mut restored)?;
+            let limits = (capacity, max_bytes);
+            let state = self.restore_session(p, key, record, &queue, limits, &mut restored)?;
             let expires = remaining.map(|d| Instant::now() + d);
             if let Some(other) = self.sessions.park(client_id, state, expires) {
                 self.discard(other, false);
@@ -138,11 +139,11 @@ impl Broker {
         key: SessionKey,
         record: SessionRecord,
         queue: &redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
-        capacity: usize,
+        (capacity, max_bytes): (usize, usize),
         restored: &mut Restored,
     ) -> Result<SessionState, StoreError> {
         let (from, to) = key.range();
-        let mut state = SessionState::new(self.next_id(), capacity, Some(key));
+        let mut state = SessionState::with_bytes(self.next_id(), capacity, max_bytes, Some(key));
         state.version = record.version;
         state.owner = record.owner.clone();
         state.awaiting_rel = record.awaiting_rel.into_iter().collect();

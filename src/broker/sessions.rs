@@ -146,10 +146,20 @@ impl SessionState {
     /// A new, empty session whose queue holds `capacity` messages; `stored` for a persistent
     /// session kept in the store.
     pub fn new(id: u64, capacity: usize, stored: Option<SessionKey>) -> Self {
+        SessionState::with_bytes(id, capacity, usize::MAX, stored)
+    }
+
+    /// A new session whose queue holds at most `capacity` messages and `max_bytes` bytes.
+    pub fn with_bytes(
+        id: u64,
+        capacity: usize,
+        max_bytes: usize,
+        stored: Option<SessionKey>,
+    ) -> Self {
         SessionState {
             id,
             subscriber: Arc::new(Subscriber {
-                queue: Queue::new(capacity),
+                queue: Queue::with_bytes(capacity, max_bytes),
                 online: AtomicBool::new(true),
                 stored: stored.map(Box::new),
             }),

@@ -177,6 +177,12 @@ pub struct MqttConfig {
     /// The longest an MQTT 5 will waits for its Will Delay Interval (default 1h).
     #[serde(default = "default_max_will_delay")]
     pub max_will_delay: HumanDuration,
+    /// Bytes (topics and payloads) one session's queue holds (default 8 MiB): with
+    /// `max_queued_messages`, what a persistent session keeps while its client is away and
+    /// what waits for a client that does not read. Beyond it, messages for the session are
+    /// dropped and counted (`messages_dropped{reason="session_queue_full"}`).
+    #[serde(default = "default_max_queued_bytes")]
+    pub max_queued_bytes: ByteSize,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -333,6 +339,9 @@ pub struct AclEntryConfig {
     pub client: Option<Spanned<String>>,
 }
 
+const fn default_max_queued_bytes() -> ByteSize {
+    ByteSize(8 * 1024 * 1024)
+}
 const fn default_max_sessions() -> usize {
     100_000
 }

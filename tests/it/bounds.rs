@@ -110,3 +110,30 @@ async fn a_will_waits_at_most_max_will_delay() {
     assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_session_keeps_at_most_max_queued_bytes() {
+    let app = gateway(&config("  max_queued_bytes: 1KiB\n")).await;
+    let (mut c, _) = connect(app.mqtt_addr, ProtocolVersion::V311, "bytes-away", true).await;
+    c.subscribe("big/#", QoS::AtLeastOnce).await;
+    drop(c);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut p = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("pub")).await;
+    let payload = vec![b'x'; 300];
+    for i in 1..=10u16 {
+        p.publish("big/1", QoS::AtLeastOnce, i, &payload).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    let (mut c, ack) = connect(app.mqtt_addr, ProtocolVersion::V311, "bytes-away", true).await;
+    assert!(ack.session_present);
+    let mut got = 0;
+    while let Ok(Some(Packet::Publish(m))) = c.recv_within(Duration::from_millis(300)).await {
+        c.send(&Packet::PubAck(mqgate::mqtt::codec::PubResponse::success(m.packet_id))).await;
+        got += 1;
+    }
+    // 1 KiB holds three 305-byte messages: the rest were dropped, and counted.
+    assert_eq!(got, 3);
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_messages_dropped_total{reason=\"session_queue_full\"} 7"), "{m}");
+    app.stop().await;
+}

@@ -187,7 +187,8 @@ where
         // A persistent session is kept in the store, when there is one.
         let stored = (expiry != Expiry::Now && shared.broker.persist().is_some())
             .then(|| SessionKey::new(&client_id));
-        SessionState::new(shared.broker.next_id(), capacity, stored)
+        let max_bytes = shared.limits.max_queued_bytes;
+        SessionState::with_bytes(shared.broker.next_id(), capacity, max_bytes, stored)
     });
     state.version = version;
     // A new session is the client's; one restored from an older store becomes it.

@@ -77,6 +77,8 @@ pub struct SessionLimits {
     /// `mqtt.client_id_takeover: same_identity`: a client id held by another identity is
     /// refused.
     pub same_identity: bool,
+    /// `mqtt.max_queued_bytes`: bytes a session's queue holds (topics and payloads).
+    pub max_queued_bytes: usize,
     /// `mqtt.max_sessions`: client ids connected or parked at once (0: no limit).
     pub max_sessions: usize,
     /// `mqtt.max_session_expiry` in seconds: the longest a session is kept after its
@@ -114,6 +116,7 @@ impl SessionLimits {
             same_identity: c.client_id_takeover == crate::config::ClientIdTakeover::SameIdentity,
             packet_timeout: c.packet_timeout.0,
             max_sessions: c.max_sessions,
+            max_queued_bytes: usize::try_from(c.max_queued_bytes.0).unwrap_or(usize::MAX),
             max_session_expiry: u32::try_from(c.max_session_expiry.0.as_secs())
                 .unwrap_or(u32::MAX - 1),
             max_will_delay: u32::try_from(c.max_will_delay.0.as_secs()).unwrap_or(u32::MAX),
