@@ -138,7 +138,10 @@ impl App {
         .await?;
         let broker = Broker::new(
             Arc::clone(&metrics),
-            config.mqtt.max_retained,
+            (
+                config.mqtt.max_retained,
+                usize::try_from(config.mqtt.max_retained_bytes.0).unwrap_or(usize::MAX),
+            ),
             config.mqtt.queue_qos0,
             persist.as_ref().map(|(p, _)| p.clone()),
         );

@@ -124,7 +124,7 @@ impl Broker {
     /// (restore what the store holds with [`Broker::restore`] before clients connect).
     pub fn new(
         metrics: Arc<Metrics>,
-        max_retained: usize,
+        (max_retained, max_retained_bytes): (usize, usize),
         queue_qos0: bool,
         persist: Option<Persist>,
     ) -> Arc<Broker> {
@@ -132,7 +132,7 @@ impl Broker {
             subs: RwLock::new(TopicTree::default()),
             shared: RwLock::new(SharedGroups::default()),
             sessions: SessionStore::default(),
-            retained: RetainedStore::new(max_retained),
+            retained: RetainedStore::with_bytes(max_retained, max_retained_bytes),
             queue_qos0,
             delayed_wills: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -239,6 +239,12 @@ impl Broker {
             }
             _ => false,
         }
+    }
+
+    /// Whether a retained `msg` fits `mqtt.max_retained_bytes` (always, for one that clears
+    /// its topic or is not retained).
+    pub fn retained_has_room(&self, topic: &str, payload_len: usize) -> bool {
+        self.retained.has_room(topic, payload_len)
     }
 
     /// A fresh id for a session or a connection.

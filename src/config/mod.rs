@@ -183,6 +183,12 @@ pub struct MqttConfig {
     /// dropped and counted (`messages_dropped{reason="session_queue_full"}`).
     #[serde(default = "default_max_queued_bytes")]
     pub max_queued_bytes: ByteSize,
+    /// Bytes (topics and payloads) of all retained messages together (default 64 MiB): a
+    /// retained PUBLISH beyond it is refused (MQTT 5: PUBACK/PUBREC 0x97, QoS 0 dropped;
+    /// 3.1.1: delivered live, not retained), counted in
+    /// `messages_dropped{reason="retained_bytes_full"}`.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: ByteSize,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -341,6 +347,9 @@ pub struct AclEntryConfig {
 
 const fn default_max_queued_bytes() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
+}
+const fn default_max_retained_bytes() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
 }
 const fn default_max_sessions() -> usize {
     100_000

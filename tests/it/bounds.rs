@@ -137,3 +137,42 @@ async fn a_parked_session_keeps_at_most_max_queued_bytes() {
     assert!(m.contains("mqgate_messages_dropped_total{reason=\"session_queue_full\"} 7"), "{m}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_beyond_max_retained_bytes_are_refused() {
+    let app = gateway(&config("  max_retained_bytes: 1KiB\n")).await;
+    let big = vec![b'r'; 600];
+    let mut c5 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("r5")).await;
+    let retain = |topic: &str, id: u16| {
+        let mut p = publish_packet(topic, QoS::AtLeastOnce, id, &big);
+        p.retain = true;
+        Packet::Publish(p)
+    };
+    c5.send(&retain("keep/a", 1)).await;
+    assert!(puback_code(&mut c5).await.is_success());
+    c5.send(&retain("keep/b", 2)).await;
+    assert_eq!(puback_code(&mut c5).await, ReasonCode::QUOTA_EXCEEDED, "1 KiB holds one");
+    c5.send(&retain("keep/a", 3)).await;
+    assert!(puback_code(&mut c5).await.is_success(), "replacing a topic's value fits");
+    // 3.1.1 cannot be told: acknowledged, delivered live, not retained.
+    let mut c3 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("r3")).await;
+    c3.send(&retain("keep/c", 1)).await;
+    assert!(puback_code(&mut c3).await.is_success());
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("s")).await;
+    sub.subscribe("keep/#", QoS::AtMostOnce).await;
+    let mut topics = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) = sub.recv_within(Duration::from_millis(300)).await {
+        topics.push(p.topic.clone());
+    }
+    assert_eq!(topics, vec!["keep/a"]);
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_messages_dropped_total{reason=\"retained_bytes_full\"} 2"), "{m}");
+    app.stop().await;
+}
+
+async fn puback_code(c: &mut RawClient) -> ReasonCode {
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => a.code,
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}

@@ -40,8 +40,9 @@ pub(super) struct Pending {
     failure: Option<Failure>,
     /// Whether any subscriber or rule matched (MQTT 5 reason 0x10 otherwise).
     matched: bool,
-    /// Refused by the ACL: MQTT 5 gets 0x87; 3.1.1, which cannot say so, a plain ack.
-    denied: bool,
+    /// Refused (the ACL: 0x87; a bound: 0x97): MQTT 5 gets the code; 3.1.1, which cannot
+    /// say so, a plain ack.
+    denied: Option<ReasonCode>,
 }
 
 /// The inbound window: pending acknowledgements in arrival order plus QoS 2 state.
@@ -61,7 +62,7 @@ pub(super) struct FrontDone {
     qos: QoS,
     failure: Option<Failure>,
     matched: bool,
-    denied: bool,
+    denied: Option<ReasonCode>,
 }
 
 impl PendingQueue {
@@ -155,7 +156,7 @@ fn dropped() -> Outcome {
 
 impl Pending {
     /// An entry with nothing to wait for (a QoS 2 resend, or a publish the ACL denied).
-    fn settled(packet_id: u16, qos: QoS, denied: bool) -> Self {
+    fn settled(packet_id: u16, qos: QoS, denied: Option<ReasonCode>) -> Self {
         Pending { packet_id, qos, waits: Waits::new(), failure: None, matched: true, denied }
     }
 
@@ -209,7 +210,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 packet_id = p.packet_id,
                 "QoS 2 PUBLISH resent before PUBREL; not forwarded again"
             );
-            self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, false));
+            self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, None));
             return None;
         }
         if !self.acl.may_publish(&p.topic) {
@@ -226,9 +227,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // 3.1.1 is told success, so its PUBREL must find the id.
                     self.pending.awaiting_rel.insert(p.packet_id);
                 }
-                self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, true));
+                self.pending.queue.push_back(Pending::settled(
+                    p.packet_id,
+                    p.qos,
+                    Some(ReasonCode::NOT_AUTHORIZED),
+                ));
             }
             return None;
+        }
+        if p.retain && !shared.broker.retained_has_room(&p.topic, p.payload.len()) {
+            shared.metrics.dropped("retained_bytes_full");
+            if self.version == ProtocolVersion::V5 {
+                // Refused whole: MQTT 5 can say why (0x97), nothing is routed.
+                debug!(client_id = %crate::logtext::LogText(&self.client_id), "retained PUBLISH refused: mqtt.max_retained_bytes");
+                if p.qos != QoS::AtMostOnce {
+                    if p.qos == QoS::ExactlyOnce {
+                        self.pending.awaiting_rel.insert(p.packet_id);
+                    }
+                    let refused = Some(ReasonCode::QUOTA_EXCEEDED);
+                    self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, refused));
+                }
+                return None;
+            }
+            // 3.1.1 cannot be told: delivered live, not kept as the topic's last value.
         }
         let msg = Arc::new(Message {
             topic: p.topic,
@@ -255,7 +276,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 waits,
                 failure: None,
                 matched,
-                denied: false,
+                denied: None,
             });
         }
         None
@@ -265,8 +286,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// message failed in a way the protocol version cannot express.
     pub(super) fn complete_front(&mut self, done: FrontDone) -> Option<End> {
         let code = match &done.failure {
-            None if done.denied && self.version == ProtocolVersion::V5 => {
-                ReasonCode::NOT_AUTHORIZED
+            None if done.denied.is_some() && self.version == ProtocolVersion::V5 => {
+                done.denied.unwrap_or(ReasonCode::NOT_AUTHORIZED)
             }
             None if !done.matched && self.version == ProtocolVersion::V5 => {
                 ReasonCode::NO_MATCHING_SUBSCRIBERS
