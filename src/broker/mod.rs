@@ -43,6 +43,9 @@ use sessions::{InFlightStage, SessionStore, Taken};
 use shared::{Sent, SharedGroups};
 use tracking::{Fate, Mode, Ticket};
 
+/// Matching subscriptions a publish de-duplicates by scanning before it builds an index.
+const DEDUP_SCAN: usize = 16;
+
 /// A message on its way to one subscriber's session.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -627,13 +630,30 @@ impl Broker {
         // The message in the store's encoding, made once if a stored session gets it.
         let mut encoded = None;
         let mut hits: Vec<(u64, SubscribeOptions, Arc<Subscriber>, Vec<u32>)> = Vec::new();
+        // Sessions matching through several subscriptions get one copy: found by a scan while
+        // the matches are few, through an index once they are many (linear, not quadratic,
+        // in the number of matching subscriptions).
+        let mut index: Option<HashMap<u64, usize>> = None;
         {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
             subs.for_each_match(&msg.topic, |s| {
                 if s.options.no_local && publisher == Some(s.session_id) {
                     return;
                 }
-                match hits.iter_mut().find(|h| h.0 == s.session_id) {
+                if index.is_none() && hits.len() >= DEDUP_SCAN {
+                    index = Some(hits.iter().enumerate().map(|(i, h)| (h.0, i)).collect());
+                }
+                let found = match &mut index {
+                    Some(index) => match index.entry(s.session_id) {
+                        std::collections::hash_map::Entry::Occupied(e) => hits.get_mut(*e.get()),
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(hits.len());
+                            None
+                        }
+                    },
+                    None => hits.iter_mut().find(|h| h.0 == s.session_id),
+                };
+                match found {
                     Some(h) => {
                         h.1.qos = h.1.qos.max(s.options.qos);
                         h.1.retain_as_published |= s.options.retain_as_published;
@@ -665,6 +685,15 @@ impl Broker {
                 ticket: if online { ticket.clone() } else { None },
                 stored: None,
             };
+            // A full queue drops it now, before anything is written to the store for it.
+            if !subscriber.queue.has_room_for(&out) {
+                self.metrics.dropped(if online {
+                    "subscriber_queue_full"
+                } else {
+                    "session_queue_full"
+                });
+                continue;
+            }
             // Stored before it is queued: its delete (after the PUBACK) comes after the put.
             let stored = self.store_delivery(subscriber, &mut out, &mut encoded);
             durable |= stored;
@@ -729,5 +758,53 @@ impl Broker {
     /// The retained messages whose topics match `filter`.
     pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
         self.retained.matching(filter)
+    }
+}
+
+#[cfg(test)]
+mod fanout_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::mqtt::codec::PublishProperties;
+
+    #[test]
+    fn a_publish_to_many_sessions_is_linear_in_them() {
+        let broker = Broker::new(Metrics::new(), (1000, usize::MAX), false, None);
+        let options = SubscribeOptions {
+            qos: QoS::AtMostOnce,
+            no_local: false,
+            retain_as_published: false,
+            subscription_id: None,
+        };
+        let mut sessions = Vec::new();
+        for id in 0..30_000u64 {
+            let state = SessionState::new(id + 1, 4, None);
+            broker.subscribe(id + 1, "fan/out", options, &state.subscriber);
+            // Overlapping subscriptions of the same session: one copy.
+            if id % 100 == 0 {
+                broker.subscribe(id + 1, "fan/+", options, &state.subscriber);
+            }
+            sessions.push(state);
+        }
+        let msg = Arc::new(Message {
+            topic: "fan/out".into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            client_id: Arc::from("p"),
+            username: None,
+            properties: PublishProperties::none(),
+            received: std::time::Instant::now(),
+            packet_id: None,
+        });
+        let start = Instant::now();
+        let delivered = broker.publish(&msg, None, &mut crate::targets::Waits::new());
+        let took = start.elapsed();
+        eprintln!("publish to {delivered} sessions: {took:?}");
+        assert_eq!(delivered, 30_000, "one copy per session");
+        // Quadratic de-duplication took seconds here; linear takes milliseconds.
+        assert!(took < Duration::from_millis(300), "{took:?}");
+        assert!(sessions.iter().all(|s| s.subscriber.queue.len() == 1));
     }
 }

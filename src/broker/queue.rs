@@ -163,6 +163,15 @@ impl Queue {
         removed
     }
 
+    /// Whether `out` would fit now (a hint: [`try_send`](Self::try_send) decides; a closed
+    /// queue answers true so that the send reports it closed).
+    pub fn has_room_for(&self, out: &Outbound) -> bool {
+        let inner = self.lock();
+        inner.closed
+            || (inner.items.len() < self.capacity
+                && (inner.items.is_empty() || inner.bytes + size(out) <= self.max_bytes))
+    }
+
     /// Refuses further sends; what is queued can still be received.
     pub fn close(&self) {
         self.lock().closed = true;

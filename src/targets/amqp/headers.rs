@@ -93,13 +93,20 @@ pub(crate) fn headers(msg: &Message) -> Headers<'_> {
     if let Some(data) = long_correlation {
         all.push((HEADER_CORRELATION_DATA, Value::LongString(data)));
     }
-    for (i, (name, value)) in p.user_properties.iter().enumerate() {
-        let later = p.user_properties[i + 1..].iter().any(|(n, _)| n == name);
-        if name.starts_with("x-mqtt-") || name.len() > MAX_SHORT_STRING_LENGTH || later {
+    // The last value of a repeated name wins: walked from the end with the names seen
+    // (linear however many properties a client sends), then put back in their order.
+    let start = all.len();
+    let mut seen = std::collections::HashSet::with_capacity(p.user_properties.len());
+    for (name, value) in p.user_properties.iter().rev() {
+        if name.starts_with("x-mqtt-")
+            || name.len() > MAX_SHORT_STRING_LENGTH
+            || !seen.insert(name.as_str())
+        {
             continue;
         }
         all.push((name.as_str(), Value::LongString(value.as_bytes())));
     }
+    all[start..].reverse();
     Headers::Extended(all)
 }
 
@@ -265,6 +272,26 @@ mod mqtt5_tests {
             received: Instant::now(),
             packet_id: Some(packet_id),
         }
+    }
+
+    #[test]
+    fn many_user_properties_map_in_linear_time_last_value_wins() {
+        let mut msg = message(QoS::AtLeastOnce, 1, b"x");
+        let mut props = (*msg.properties).clone();
+        // A client's worst: 20,000 properties, every name repeated (the old de-duplication
+        // compared each with every later one: 200 million comparisons).
+        props.user_properties =
+            (0..20_000).map(|i| (format!("n{}", i % 10_000), i.to_string())).collect();
+        msg.properties = props.into();
+        let start = Instant::now();
+        let Headers::Extended(all) = headers(&msg) else { panic!("extended headers") };
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_millis(500), "{took:?}");
+        let n5 = all.iter().find(|(n, _)| *n == "n5").expect("n5");
+        assert_eq!(n5.1, Value::LongString(b"10005"), "the last value");
+        let names: Vec<&str> = all.iter().map(|(n, _)| *n).filter(|n| n.starts_with('n')).collect();
+        assert_eq!(names.len(), 10_000);
+        assert_eq!(&names[..2], ["n0", "n1"], "in the order of their last values");
     }
 
     #[test]
