@@ -39,6 +39,9 @@ pub struct GatewaySpec<'a> {
     pub store: Option<&'a Path>,
     /// Lines added to the `mqtt:` section (indented two spaces, each ending in a newline).
     pub extra_mqtt: &'a str,
+    /// `--mode bridge`: the upstream broker (`host:port`) of a bridge `up`, and a rule sending
+    /// `mqgate-bench/#` to it at QoS 1.
+    pub bridge_to: Option<String>,
 }
 
 /// A loopback port that was free a moment ago.
@@ -110,6 +113,11 @@ impl Gateway {
             );
             if let Some(store) = spec.store {
                 yaml.push_str(&spool_yaml(store, spec.exchange));
+            }
+            if let Some(up) = &spec.bridge_to {
+                yaml.push_str(&format!(
+                    "  - name: bridged\n    from: \"mqgate-bench/#\"\n    to:\n      - mqtt: {{ bridge: up, qos: 1 }}\nbridges:\n  up:\n    url: \"mqtt://{up}\"\n    client_id: \"mqgate-bench-bridge\"\n    clean_start: true\n"
+                ));
             }
             if !spec.extra_mqtt.is_empty() {
                 yaml = yaml.replacen("admin:\n", &format!("{}admin:\n", spec.extra_mqtt), 1);

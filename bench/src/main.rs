@@ -40,6 +40,7 @@
 //! target/release/mqgate-bench --mode all --qos 1       # add the Mosquitto baseline
 //! target/release/mqgate-bench --mqtt-addr 127.0.0.1:1883 --exchange amq.topic  # running gateway
 //! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
+//! target/release/mqgate-bench --mode bridge --qos 1 --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
@@ -226,6 +227,9 @@ enum ModeArg {
     All,
     /// MQTT→MQTT fan-in through mqgate vs a spawned Mosquitto.
     Fanin,
+    /// Uplink through an MQTT bridge: P publishers → mqgate → bridge → a spawned Mosquitto →
+    /// 1 subscriber, vs the same publishers straight to that Mosquitto.
+    Bridge,
     /// Idle connections: RSS per connection and accept rate, mqgate vs a spawned Mosquitto.
     Idle,
     /// HTTP webhook targets: direct reqwest loop vs mqgate, one message per request and batched.
@@ -265,6 +269,9 @@ enum Mode {
     Templated,
     /// Through mqgate, the `ack: spool` rule.
     Spooled,
+    /// MQTT publishers to mqgate, which bridges to the bench's Mosquitto; the subscriber is on
+    /// that Mosquitto.
+    Bridged,
 }
 
 impl Mode {
@@ -276,6 +283,7 @@ impl Mode {
             Mode::Mqgate => "mqgate",
             Mode::Templated => "templates",
             Mode::Spooled => "spool",
+            Mode::Bridged => "bridged",
         }
     }
 }
@@ -287,6 +295,9 @@ impl Args {
         let all = has(ModeArg::All);
         if has(ModeArg::Fanin) {
             return vec![Mode::Mosquitto, Mode::Mqgate];
+        }
+        if has(ModeArg::Bridge) {
+            return vec![Mode::Mosquitto, Mode::Bridged];
         }
         if has(ModeArg::Templates) {
             return vec![Mode::Gateway, Mode::Templated];
@@ -429,7 +440,8 @@ async fn run(args: Args) -> Result<bool> {
         };
         return downlink::run(&spec).await;
     }
-    let fanin = args.mode.contains(&ModeArg::Fanin);
+    let bridge = args.mode.contains(&ModeArg::Bridge);
+    let fanin = args.mode.contains(&ModeArg::Fanin) || bridge;
     let modes = args.modes();
     if modes.is_empty() {
         bail!("no mode selected");
@@ -526,6 +538,7 @@ async fn run_idle(args: &Args) -> Result<bool> {
         ready_timeout: Duration::from_secs(20),
         store: None,
         extra_mqtt: "",
+        bridge_to: None,
     })
     .await?;
     let pid = gw.pid().context("mqgate not running")?;
@@ -845,6 +858,13 @@ impl Bench {
                 ready_timeout: Duration::from_secs(20),
                 store: spool_store.as_deref(),
                 extra_mqtt: &self.extra_mqtt,
+                // `--mode bridge`: a bridge to the bench's Mosquitto and a rule using it.
+                bridge_to: self
+                    .args
+                    .mode
+                    .contains(&ModeArg::Bridge)
+                    .then(|| self.mosquitto.as_ref().map(|m| m.addr.clone()))
+                    .flatten(),
             })
             .await;
             let gw = match started {
@@ -886,7 +906,7 @@ impl Bench {
                 self.gateway_addr().await?;
                 self.addr_override.clone()
             }
-            Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled => {
+            Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled | Mode::Bridged => {
                 Some(self.gateway_addr().await?)
             }
             Mode::Mosquitto => Some(match &self.mosquitto {
@@ -898,7 +918,9 @@ impl Bench {
         let args = &self.args;
         let clock = self.clock;
         let prefix = match mode {
-            Mode::Mosquitto | Mode::Mqgate => format!("mqgate-bench/{}-{run}", self.pid),
+            Mode::Mosquitto | Mode::Mqgate | Mode::Bridged => {
+                format!("mqgate-bench/{}-{run}", self.pid)
+            }
             // Matched by the templated rule only (see gateway::config_yaml).
             Mode::Templated => gateway::TEMPLATED_PREFIX.to_owned(),
             Mode::Spooled => gateway::SPOOL_PREFIX.to_owned(),
@@ -912,10 +934,15 @@ impl Bench {
                 let queue = amqp::BenchQueue::declare(control, &self.exchange, "bench.#").await?;
                 tokio::spawn(queue.consume(tracker, clock, self.idle).await?)
             }
-            Mode::Mosquitto | Mode::Mqgate => {
+            Mode::Mosquitto | Mode::Mqgate | Mode::Bridged => {
                 let (ready_tx, ready_rx) = oneshot::channel();
+                // Bridged: the subscriber is on the upstream Mosquitto.
+                let sub_addr = match (mode, &self.mosquitto) {
+                    (Mode::Bridged, Some(m)) => Some(m.addr.clone()),
+                    _ => mqtt_addr.clone(),
+                };
                 let sub = mqtt::Subscription {
-                    addr: mqtt_addr.clone().context("no MQTT address")?,
+                    addr: sub_addr.context("no MQTT address")?,
                     client_id: format!("mqgate-bench-{}-{run}-sub", self.pid),
                     filter: format!("{prefix}/#"),
                     // Mosquitto's default max_queued_messages (1000) drops
@@ -1006,7 +1033,8 @@ impl Bench {
         }
 
         // Go; wait for the consumer, noting publishers that fail meanwhile.
-        let spawned = matches!(mode, Mode::Gateway | Mode::Templated | Mode::Spooled);
+        let spawned =
+            matches!(mode, Mode::Gateway | Mode::Templated | Mode::Spooled | Mode::Bridged);
         let cpu_before = self.gateway.as_ref().filter(|_| spawned).and_then(Gateway::cpu_time);
         let start_ns = clock.now_ns();
         let _ = phase_tx.send(Phase::Go(start_ns));
@@ -1044,7 +1072,10 @@ impl Bench {
                 RecvStats::default()
             }
         };
-        if matches!(mode, Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled) {
+        if matches!(
+            mode,
+            Mode::Gateway | Mode::Mqgate | Mode::Templated | Mode::Spooled | Mode::Bridged
+        ) {
             if let Some(gw) = self.gateway.as_mut() {
                 if let Err(e) = gw.check_alive() {
                     errors.push(format!("{e:#}"));
@@ -1056,7 +1087,7 @@ impl Bench {
         let seconds = end_ns.saturating_sub(start_ns) as f64 / 1e9;
         let per_sec = |count: u64, secs: f64| if secs > 0.0 { count as f64 / secs } else { 0.0 };
         let mut notes = Vec::new();
-        if matches!(mode, Mode::Mosquitto | Mode::Mqgate) {
+        if matches!(mode, Mode::Mosquitto | Mode::Mqgate | Mode::Bridged) {
             notes.push("sub qos 0".to_owned());
         }
         // mqgate's CPU per message: what decides the ratio when RabbitMQ takes most of the

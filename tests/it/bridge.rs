@@ -295,13 +295,10 @@ async fn uplink_over_tls_to_a_mosquitto() {
     let plain = crate::support::mosquitto::spare_port();
     let upstream =
         Mosquitto::start(dir.path(), &format!("{tls}listener {plain} 127.0.0.1\n")).await;
-    let mut sub = subscriber(
-        std::net::SocketAddr::from(([127, 0, 0, 1], plain)),
-        &unique("up-sub"),
-        "site-1/#",
-        true,
-    )
-    .await;
+    let plain_addr = std::net::SocketAddr::from(([127, 0, 0, 1], plain));
+    // Mosquitto::start waited for the first (TLS) listener only.
+    crate::support::mosquitto::wait_port(plain_addr).await;
+    let mut sub = subscriber(plain_addr, &unique("up-sub"), "site-1/#", true).await;
     let yaml = bridge_config(
         &format!("mqtts://127.0.0.1:{}", upstream.port),
         &format!("    tls: {{ ca: \"{}\" }}\n", ca.pem.display()),

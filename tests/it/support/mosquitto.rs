@@ -112,3 +112,12 @@ impl Drop for Mosquitto {
         }
     }
 }
+
+/// Waits (5 s at most) until `addr` accepts connections (a second listener of a Mosquitto).
+pub async fn wait_port(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing accepting on {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
