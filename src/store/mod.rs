@@ -228,6 +228,8 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Microseconds spent committing, in all.
     pub commit_micros: AtomicU64,
+    /// Attempts to write that failed with an I/O error (disk full); each is retried.
+    pub write_failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -359,7 +361,8 @@ fn writer(path: &Path, shared: &Shared, mut rx: mpsc::Receiver<Request>, stats: 
             }
         }
         let t0 = Instant::now();
-        let result = if ops == 0 { Ok(()) } else { write_until_stored(path, shared, &rx, &reqs) };
+        let result =
+            if ops == 0 { Ok(()) } else { write_until_stored(path, shared, &rx, &reqs, stats) };
         let n = reqs.len() as u64;
         if ops > 0 {
             stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -405,6 +408,7 @@ fn write_until_stored(
     shared: &Shared,
     rx: &mpsc::Receiver<Request>,
     reqs: &[Request],
+    stats: &Stats,
 ) -> Result<(), StoreError> {
     let mut pause = RETRY_FIRST;
     loop {
@@ -421,6 +425,7 @@ fn write_until_stored(
                 Err(Failed::Io(reason)) => reason,
             },
         };
+        stats.write_failures.fetch_add(1, Ordering::Relaxed);
         if shared.set_failure(Some(reason.clone())).is_none() {
             error!(
                 error = %reason,

@@ -105,6 +105,8 @@ async fn a_full_disk_stops_acknowledgements_and_writing_resumes_when_space_is_fr
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("store: not writable"), "{body}");
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_store_writable 0"), "{m}");
 
     std::fs::remove_file(&filler).expect("free the space");
     assert!(
@@ -113,6 +115,13 @@ async fn a_full_disk_stops_acknowledgements_and_writing_resumes_when_space_is_fr
     );
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 200, "{body}");
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_store_writable 1"), "{m}");
+    let failures = m
+        .lines()
+        .find_map(|l| l.strip_prefix("mqgate_store_write_failures_total "))
+        .and_then(|n| n.trim().parse::<u64>().ok());
+    assert!(failures.is_some_and(|n| n >= 1), "{m}");
     c.send(&retained("full/after", 3, b"fits again")).await;
     assert!(puback_within(&mut c, 3, Duration::from_secs(10)).await, "PUBACK after recovery");
     app.stop().await;
