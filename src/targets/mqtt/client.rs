@@ -904,7 +904,7 @@ impl Task {
             match t.render_for(&m, &mut None) {
                 Ok(topic) if crate::mqtt::topic::validate_name(&topic).is_ok() => msg.topic = topic,
                 Ok(topic) => {
-                    warn!(bridge = %self.shared.name, source = %downlink.name, %topic, "downlink topic is no valid topic name; dropped");
+                    warn!(bridge = %self.shared.name, source = %downlink.name, topic = %crate::logtext::LogText(&topic), "downlink topic is no valid topic name; dropped");
                     self.ack_now(conn, p.packet_id, msg.qos)?;
                     return Ok(());
                 }
