@@ -685,8 +685,10 @@ impl Broker {
                 ticket: if online { ticket.clone() } else { None },
                 stored: None,
             };
-            // A full queue drops it now, before anything is written to the store for it.
-            if !subscriber.queue.has_room_for(&out) {
+            // A full queue drops it now, before anything is written to the store for it (only
+            // a stored session's deliveries: the others need no second look at the queue).
+            let stores = qos != QoS::AtMostOnce && subscriber.stored().is_some();
+            if stores && !subscriber.queue.has_room_for(&out) {
                 self.metrics.dropped(if online {
                     "subscriber_queue_full"
                 } else {
