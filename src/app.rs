@@ -173,13 +173,14 @@ impl App {
             let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
             tasks.spawn(sys::run(b, m, config.mqtt.sys_interval.0, shutdown.clone()));
         }
-        for handle in crate::sources::spawn_all(&config, &broker, &metrics, &shutdown) {
-            tasks.spawn(async move {
-                if let Err(e) = handle.await {
-                    error!(error = %e, "source task failed");
-                }
-            });
-        }
+        let mut sources = crate::sources::SourceContext {
+            broker: &broker,
+            metrics: &metrics,
+            shutdown: &shutdown,
+            systems: &systems,
+            tasks: &mut tasks,
+        };
+        crate::sources::start_all(&config, &mut sources);
         // Every target built, the broker restored: bridges connect now (their downlink
         // publishes into the broker), HTTP endpoints' lanes are waited for at shutdown.
         let mut started = StartedContext {

@@ -17,7 +17,6 @@ pub mod mapping;
 
 use std::sync::Arc;
 
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::SourceConfig;
@@ -26,26 +25,72 @@ use crate::broker::Broker;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-/// Starts one task per configured source (the config is validated: every broker exists).
-pub fn spawn_all(
-    config: &Config,
-    broker: &Arc<Broker>,
-    metrics: &Metrics,
-    shutdown: &CancellationToken,
-) -> Vec<JoinHandle<()>> {
-    let mut tasks = Vec::new();
-    for s in &config.sources {
-        // Bridge sources run inside their bridge's connection (`targets::mqtt`).
-        let Some(amqp_broker) = &s.broker else { continue };
-        let Some(amqp) = config.amqp.get(&amqp_broker.value) else { continue };
-        let settings = amqp::Settings::new(s, amqp);
-        let m = metrics.source(&s.name.value);
-        tasks.push(tokio::spawn(amqp::run(
-            settings,
-            Arc::clone(broker),
-            m,
-            shutdown.child_token(),
-        )));
+/// What a source kind starts its sources with.
+pub struct SourceContext<'a> {
+    /// Where their messages are published (tracked).
+    pub broker: &'a Arc<Broker>,
+    /// The metrics.
+    pub metrics: &'a Metrics,
+    /// Cancelled at shutdown.
+    pub shutdown: &'a CancellationToken,
+    /// The target kinds' running systems (a bridge carries its sources' subscriptions).
+    pub systems: &'a crate::targets::kinds::Systems,
+    /// The gateway's tasks.
+    pub tasks: &'a mut tokio::task::JoinSet<()>,
+}
+
+/// One kind of source: where messages come in from another system. The contract every kind
+/// keeps (the model is the AMQP source): each message is published into the broker tracked
+/// (`broker::tracking`), and acknowledged to the other system only once MQTT has taken it.
+pub trait SourceKind {
+    /// Whether this kind runs `source` (by its keys: `broker:` AMQP, `bridge:` MQTT).
+    fn claims(source: &SourceConfig) -> bool;
+
+    /// Starts `source` (the config is validated).
+    fn start(source: &SourceConfig, config: &Config, at: &mut SourceContext<'_>);
+}
+
+/// The registry of source kinds: one line per kind.
+macro_rules! source_kinds {
+    ($($kind:ty),* $(,)?) => {
+        /// Starts every configured source with the kind that claims it.
+        pub fn start_all(config: &Config, at: &mut SourceContext<'_>) {
+            for s in &config.sources {
+                $(
+                    if <$kind>::claims(s) {
+                        <$kind>::start(s, config, at);
+                        continue;
+                    }
+                )*
+            }
+        }
+    };
+}
+
+source_kinds! {
+    AmqpSourceKind,
+    crate::targets::mqtt::MqttSourceKind,
+}
+
+/// AMQP queues (`broker:` + `queue:`): one consumer task per source.
+pub struct AmqpSourceKind;
+
+impl SourceKind for AmqpSourceKind {
+    fn claims(source: &SourceConfig) -> bool {
+        source.broker.is_some()
     }
-    tasks
+
+    fn start(s: &SourceConfig, config: &Config, at: &mut SourceContext<'_>) {
+        let Some(amqp_broker) = &s.broker else { return };
+        let Some(amqp) = config.amqp.get(&amqp_broker.value) else { return };
+        let settings = amqp::Settings::new(s, amqp);
+        let m = at.metrics.source(&s.name.value);
+        let handle =
+            tokio::spawn(amqp::run(settings, Arc::clone(at.broker), m, at.shutdown.child_token()));
+        at.tasks.spawn(async move {
+            if let Err(e) = handle.await {
+                tracing::error!(error = %e, "source task failed");
+            }
+        });
+    }
 }

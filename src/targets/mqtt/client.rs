@@ -135,6 +135,8 @@ struct Shared {
     rx: Mutex<Option<mpsc::Receiver<Outgoing>>>,
     /// The broker for the downlink, set before the task starts.
     broker: OnceLock<Arc<Broker>>,
+    /// The bridge's sources, added by the MQTT source kind before the task starts.
+    downlinks: Mutex<Vec<Downlink>>,
 }
 
 impl std::fmt::Debug for Bridge {
@@ -163,6 +165,7 @@ impl Bridge {
                     metrics: metrics.clone(),
                     rx: Mutex::new(Some(rx)),
                     broker: OnceLock::new(),
+                    downlinks: Mutex::new(Vec::new()),
                 })
             })
             .collect();
@@ -191,15 +194,21 @@ impl Bridge {
             .find_map(|l| l.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
+    /// Adds a source (upstream filters published locally) to the bridge, before it starts.
+    pub fn add_downlink(&self, downlink: Downlink) {
+        self.links[0].downlinks.lock().unwrap_or_else(|e| e.into_inner()).push(downlink);
+    }
+
     /// Starts the connection tasks (once): uplink on every connection, the downlinks (into
     /// `broker`) on the first. Connection `i > 0` uses client id `CLIENT_ID-i`.
     pub fn start(
         &self,
         cfg: BridgeConfig,
-        downlinks: Vec<Downlink>,
         broker: Arc<Broker>,
         shutdown: CancellationToken,
     ) -> Vec<tokio::task::JoinHandle<()>> {
+        let downlinks =
+            std::mem::take(&mut *self.links[0].downlinks.lock().unwrap_or_else(|e| e.into_inner()));
         let mut tasks = Vec::new();
         for (i, link) in self.links.iter().enumerate() {
             let Some(rx) = link.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {

@@ -158,21 +158,12 @@ impl TargetKind for MqttKind {
         Ok(Arc::new(target))
     }
 
-    /// Connects every bridge, with the `bridge:` sources that ride on it.
-    fn started(sections: &dyn Sections, at: &mut StartedContext<'_>) {
+    /// Connects every bridge, with the `bridge:` sources that rode on it ([`MqttSourceKind`]).
+    fn started(_sections: &dyn Sections, at: &mut StartedContext<'_>) {
         let Some(systems) = at.systems.get::<MqttSystems>(NAME) else { return };
-        let sources: &[SourceConfig] = sections
-            .section("sources")
-            .and_then(|s| s.downcast_ref::<Vec<SourceConfig>>())
-            .map_or(&[], Vec::as_slice);
         for (name, (bridge, cfg)) in &systems.bridges {
-            let downlinks = sources
-                .iter()
-                .filter(|s| s.bridge.as_ref().is_some_and(|b| b.value == *name))
-                .filter_map(downlink)
-                .collect();
             let shutdown = at.shutdown.clone();
-            for handle in bridge.start(cfg.clone(), downlinks, Arc::clone(at.broker), shutdown) {
+            for handle in bridge.start(cfg.clone(), Arc::clone(at.broker), shutdown) {
                 let name = name.clone();
                 at.tasks.spawn(async move {
                     if let Err(e) = handle.await {
@@ -181,6 +172,31 @@ impl TargetKind for MqttKind {
                 });
             }
         }
+    }
+}
+
+/// `bridge:` sources: their subscriptions ride on the bridge's connection, which publishes
+/// what comes in into the broker, tracked, and acknowledges upstream once MQTT has taken it.
+pub struct MqttSourceKind;
+
+impl crate::sources::SourceKind for MqttSourceKind {
+    fn claims(source: &SourceConfig) -> bool {
+        source.bridge.is_some()
+    }
+
+    fn start(
+        source: &SourceConfig,
+        _config: &crate::config::Config,
+        at: &mut crate::sources::SourceContext<'_>,
+    ) {
+        let Some(name) = &source.bridge else { return };
+        let Some(systems) = at.systems.get::<MqttSystems>(NAME) else { return };
+        let (Some((bridge, _)), Some(downlink)) =
+            (systems.bridges.get(&name.value), downlink(source))
+        else {
+            return;
+        };
+        bridge.add_downlink(downlink);
     }
 }
 

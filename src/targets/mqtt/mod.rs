@@ -12,4 +12,4 @@ mod kind;
 pub mod target;
 
 pub use client::{Bridge, BridgeMetrics, Downlink, Outgoing};
-pub use kind::MqttKind;
+pub use kind::{MqttKind, MqttSourceKind};
