@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite, with everything it needs set up first (README: "Run the tests").
+# The whole test suite, with everything it needs set up first (README: "Two commands").
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
 #    Debian's rabbitmq-server package if missing (needs root).
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub) and the mosquitto broker binary (the

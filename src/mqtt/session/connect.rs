@@ -247,7 +247,7 @@ where
             properties.assigned_client_identifier = Some(accepted.client_id.clone());
         }
         if connect.properties.request_response_information == Some(1) {
-            // A per-client prefix for response topics (README: "Response Information"); the
+            // A per-client prefix for response topics (docs/reference.md: "Response Information"); the
             // ACL still decides whether the client may use it.
             properties.response_information =
                 Some(format!("{RESPONSE_TOPIC_PREFIX}{}", accepted.client_id));
