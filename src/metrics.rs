@@ -190,6 +190,13 @@ pub struct Metrics {
     pub dead_lettered: Family<DeadLetterLabels, Counter>,
     /// The store's figures, read at each scrape once the store is open.
     pub store: Arc<StoreMetrics>,
+    /// MQTT connections closed before their CONNECT was read, by reason (connect_rate).
+    pub connections_rejected: Family<ReasonLabels, Counter>,
+    /// Password checks answered from the cache of recent successful ones (no argon2).
+    pub login_cache_hits: Counter,
+    /// Failed logins by reason (bad_password, unknown_user, no_password, backoff, busy,
+    /// not_authorized).
+    pub login_failures: Family<ReasonLabels, Counter>,
 }
 
 /// The store's size and its writer's counters (`store::Stats`), exported as
@@ -311,6 +318,9 @@ impl Metrics {
             dead_letters: Gauge::default(),
             dead_lettered: Family::default(),
             store: Arc::default(),
+            connections_rejected: Family::default(),
+            login_cache_hits: Counter::default(),
+            login_failures: Family::default(),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(Arc::clone(&m.store)));
@@ -434,6 +444,21 @@ impl Metrics {
             "dead_lettered",
             "Messages recorded as dead letters, by rule and target",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "connections_rejected",
+            "MQTT connections closed before their CONNECT was read (connect_rate: mqtt.max_connect_rate_per_address)",
+            m.connections_rejected.clone(),
+        );
+        registry.register(
+            "login_cache_hits",
+            "Password checks answered from the cache of recent successful ones (mqtt.login_cache_size)",
+            m.login_cache_hits.clone(),
+        );
+        registry.register(
+            "login_failures",
+            "Failed logins by reason (bad_password, unknown_user, no_password, backoff: refused without a check during the address's backoff, busy, not_authorized)",
+            m.login_failures.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -9,6 +9,7 @@
 //! - `acl.rs`: the `acl:` list and its per-connection form.
 
 pub mod acl;
+pub mod backoff;
 pub mod passwd;
 
 use std::collections::HashMap;
@@ -98,6 +99,11 @@ impl Authenticator {
             verifying: Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFICATIONS)),
             acl: Acl::compile(&config.acl, config.acl_default),
         })
+    }
+
+    /// Whether `user` is a configured user (for counting failed logins by reason).
+    pub fn has_user(&self, user: &str) -> bool {
+        self.users.contains_key(user)
     }
 
     /// Whether `user` may use `client_id` (its `client_ids` patterns; any without).

@@ -189,6 +189,52 @@ pub struct MqttConfig {
     /// `messages_dropped{reason="retained_bytes_full"}`.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: ByteSize,
+    /// PUBLISHes per second one client may send (token bucket, a second's worth of burst);
+    /// beyond it its socket is not read until the bucket refills (TCP pushes back). 0: no limit.
+    #[serde(default)]
+    pub max_publish_rate: u32,
+    /// Bytes (topics and payloads) per second one client may publish, as `max_publish_rate`.
+    /// 0: no limit.
+    #[serde(default = "default_zero_bytes")]
+    pub max_publish_bytes_rate: ByteSize,
+    /// New connections per second from one IP address (token bucket); beyond it (and the
+    /// burst) a connection is closed before its CONNECT is read. 0: no limit.
+    #[serde(default)]
+    pub max_connect_rate_per_address: u32,
+    /// Connections one address may open at once before `max_connect_rate_per_address`
+    /// applies (default: the rate, at least 1).
+    #[serde(default)]
+    pub connect_burst_per_address: u32,
+    /// Failed logins from one IP address before its further logins are refused without a
+    /// password check, for a time that doubles with each failure (default 5; 0: never).
+    #[serde(default = "default_login_failures_before_backoff")]
+    pub login_failures_before_backoff: u32,
+    /// Longest refusal time of `login_failures_before_backoff` (default 5m).
+    #[serde(default = "default_login_backoff_max")]
+    pub login_backoff_max: HumanDuration,
+    /// Recent successful password checks remembered (user name and a SHA-256 of the
+    /// password), so a reconnecting client skips the argon2 hash (default 1024; 0: none).
+    #[serde(default = "default_login_cache_size")]
+    pub login_cache_size: usize,
+    /// How long a remembered password check stays valid (default 10m).
+    #[serde(default = "default_login_cache_ttl")]
+    pub login_cache_ttl: HumanDuration,
+}
+
+const fn default_zero_bytes() -> ByteSize {
+    ByteSize(0)
+}
+const fn default_login_failures_before_backoff() -> u32 {
+    5
+}
+const fn default_login_backoff_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+const fn default_login_cache_size() -> usize {
+    1024
+}
+const fn default_login_cache_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.

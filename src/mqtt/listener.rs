@@ -2,8 +2,10 @@
 //! spawning one session task per client, and waiting for them to finish on shutdown. A
 //! connection's errors end in its own task, never here.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::Semaphore;
@@ -24,7 +26,11 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 pub async fn run(listeners: Vec<Listener>, shared: Arc<SessionShared>, max_connections: usize) {
     let permits = Arc::new(Semaphore::new(max_connections));
     let tasks = TaskTracker::new();
-    let loops = listeners.into_iter().map(|l| accept_loop(l, &shared, &permits, &tasks));
+    let limits = &shared.limits;
+    let rate =
+        ConnectRate::new(limits.max_connect_rate_per_address, limits.connect_burst_per_address);
+    let rate = rate.as_ref();
+    let loops = listeners.into_iter().map(|l| accept_loop(l, &shared, &permits, &tasks, rate));
     futures::future::join_all(loops).await;
     // Sessions wait for shutdown through their registry link, not on the token (an idle
     // session's future stores no waiter for it). One registering after this sees the token.
@@ -43,6 +49,7 @@ async fn accept_loop(
     shared: &Arc<SessionShared>,
     permits: &Arc<Semaphore>,
     tasks: &TaskTracker,
+    rate: Option<&ConnectRate>,
 ) {
     let Listener { tcp: socket, prelude } = listener;
     let accepted_total = shared
@@ -51,6 +58,13 @@ async fn accept_loop(
         .accepted
         .get_or_create(&listeners::ListenerLabels { listener: prelude.label.to_string() })
         .clone();
+    let rejected_rate = shared
+        .metrics
+        .connections_rejected
+        .get_or_create(&crate::metrics::ReasonLabels { reason: "connect_rate".into() })
+        .clone();
+    // Behind a PROXY protocol header the accepted address is the proxy's: not limited here.
+    let rate = rate.filter(|_| !prelude.proxy_protocol);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -70,6 +84,12 @@ async fn accept_loop(
                 continue;
             }
         };
+        if rate.is_some_and(|r| !r.allow(peer.ip())) {
+            rejected_rate.inc();
+            debug!(%peer, listener = %prelude.label, "connection closed: mqtt.max_connect_rate_per_address");
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
             shared.metrics.connections_refused.inc();
             warn!(%peer, listener = %prelude.label, "connection refused: mqtt.max_connections reached");
@@ -102,5 +122,77 @@ async fn accept_loop(
             let serve = listeners::serve(stream, peer, shared, Arc::clone(&prelude));
             tasks.spawn(serve.map(done));
         }
+    }
+}
+
+/// Addresses tracked by the connect rate limit at most; beyond, refilled ones are forgotten.
+const CONNECT_RATE_ADDRESSES: usize = 65_536;
+
+/// `mqtt.max_connect_rate_per_address`: a token bucket per IP address, shared by every listener.
+#[derive(Debug)]
+struct ConnectRate {
+    /// Connections per second.
+    rate: f64,
+    /// Bucket size.
+    burst: f64,
+    /// Tokens left and when they were counted, by address (bounded: `CONNECT_RATE_ADDRESSES`).
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+}
+
+impl ConnectRate {
+    /// `None` without a limit.
+    fn new(rate: u32, burst: u32) -> Option<ConnectRate> {
+        (rate > 0).then(|| ConnectRate {
+            rate: f64::from(rate),
+            burst: f64::from(if burst == 0 { rate } else { burst }),
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Whether `ip` may open a connection now (and counts it).
+    fn allow(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let Ok(mut buckets) = self.buckets.lock() else { return true };
+        if buckets.len() >= CONNECT_RATE_ADDRESSES && !buckets.contains_key(&ip) {
+            // Forget the addresses whose buckets are full again (they are as good as new).
+            let (rate, burst) = (self.rate, self.burst);
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.saturating_duration_since(*at).as_secs_f64() * rate < burst
+            });
+            if buckets.len() >= CONNECT_RATE_ADDRESSES {
+                // Every tracked address is busy: let this one through untracked rather than
+                // grow the table.
+                return true;
+            }
+        }
+        let (tokens, at) = buckets.entry(ip).or_insert((self.burst, now));
+        let refilled = (*tokens + now.saturating_duration_since(*at).as_secs_f64() * self.rate)
+            .min(self.burst);
+        *at = now;
+        if refilled >= 1.0 {
+            *tokens = refilled - 1.0;
+            true
+        } else {
+            *tokens = refilled;
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_rate_allows_the_burst_then_the_rate_per_address() {
+        let r = ConnectRate::new(10, 3).expect("limit");
+        let a: IpAddr = [127, 0, 0, 1].into();
+        let b: IpAddr = [127, 0, 0, 2].into();
+        assert!((0..3).all(|_| r.allow(a)), "the burst");
+        assert!(!r.allow(a), "beyond the burst");
+        assert!(r.allow(b), "another address has its own bucket");
+        std::thread::sleep(Duration::from_millis(120));
+        assert!(r.allow(a), "refilled at 10/s");
+        assert!(ConnectRate::new(0, 5).is_none(), "0: no limit");
     }
 }

@@ -378,8 +378,8 @@ async fn authenticate(
     deadline: tokio::time::Instant,
 ) -> Result<(), (ReasonCode, &'static str)> {
     let refusal = match shared
-        .auth
-        .authenticate(c.username.as_deref(), c.password.as_deref(), deadline)
+        .logins
+        .authenticate(&shared.auth, c.username.as_deref(), c.password.as_deref(), deadline)
         .await
     {
         Ok(()) => return Ok(()),

@@ -461,3 +461,58 @@ impl TopicAliases {
         Ok(())
     }
 }
+
+/// Per-client publish rate limits (`mqtt.max_publish_rate`, `mqtt.max_publish_bytes_rate`):
+/// token buckets with a second's worth of burst. A PUBLISH may take a bucket below zero; the
+/// session then reads nothing until it is back at zero (backpressure, not disconnect).
+#[derive(Debug)]
+pub(super) struct PublishRate {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    /// Tokens per second (also the burst).
+    rate: f64,
+    tokens: f64,
+    at: tokio::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Option<Bucket> {
+        (rate > 0.0).then(|| Bucket { rate, tokens: rate, at: tokio::time::Instant::now() })
+    }
+
+    /// Takes `n` tokens; how long until the bucket is back at zero when that overdraws it.
+    fn take(&mut self, now: tokio::time::Instant, n: f64) -> Option<std::time::Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate) - n;
+        (self.tokens < 0.0).then(|| std::time::Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+}
+
+impl PublishRate {
+    /// The limits configured, `None` when there are none.
+    pub(super) fn new(limits: &super::SessionLimits) -> Option<PublishRate> {
+        let messages = Bucket::new(f64::from(limits.max_publish_rate));
+        // u64 to f64: exact for any sensible rate.
+        #[allow(clippy::cast_precision_loss)]
+        let bytes = Bucket::new(limits.max_publish_bytes_rate as f64);
+        (messages.is_some() || bytes.is_some()).then_some(PublishRate { messages, bytes })
+    }
+
+    /// Charges one PUBLISH of `bytes`; how long to stop reading, if at all.
+    pub(super) fn take(
+        &mut self,
+        now: tokio::time::Instant,
+        bytes: usize,
+    ) -> Option<std::time::Duration> {
+        #[allow(clippy::cast_precision_loss)]
+        let bytes = bytes as f64;
+        let a = self.messages.as_mut().and_then(|b| b.take(now, 1.0));
+        let b = self.bytes.as_mut().and_then(|b| b.take(now, bytes));
+        a.max(b)
+    }
+}

@@ -93,6 +93,16 @@ pub struct SessionLimits {
     /// At shutdown, how long the QoS 1/2 PUBLISHes already read may take to get their
     /// outcome and acknowledgement before the connection is closed anyway (`shutdown_timeout`).
     pub shutdown_timeout: Duration,
+    /// `mqtt.max_publish_rate`: PUBLISHes per second per client (0: no limit).
+    pub max_publish_rate: u32,
+    /// `mqtt.max_publish_bytes_rate`: bytes per second per client (0: no limit).
+    pub max_publish_bytes_rate: u64,
+    /// `mqtt.max_connect_rate_per_address`: connections per second per IP (0: no limit).
+    pub max_connect_rate_per_address: u32,
+    /// `mqtt.connect_burst_per_address` (0: the rate).
+    pub connect_burst_per_address: u32,
+    /// `mqtt.login_*`: per-address failure backoff and the cache of successful checks.
+    pub logins: crate::auth::backoff::LoginLimits,
 }
 
 impl SessionLimits {
@@ -122,6 +132,16 @@ impl SessionLimits {
             max_will_delay: u32::try_from(c.max_will_delay.0.as_secs()).unwrap_or(u32::MAX),
             idle_timeout: c.idle_timeout.0,
             shutdown_timeout: Duration::from_secs(10),
+            max_publish_rate: c.max_publish_rate,
+            max_publish_bytes_rate: c.max_publish_bytes_rate.0,
+            max_connect_rate_per_address: c.max_connect_rate_per_address,
+            connect_burst_per_address: c.connect_burst_per_address,
+            logins: crate::auth::backoff::LoginLimits {
+                failures_before_backoff: c.login_failures_before_backoff,
+                backoff_max: c.login_backoff_max.0,
+                cache_size: c.login_cache_size,
+                cache_ttl: c.login_cache_ttl.0,
+            },
         }
     }
 }
@@ -142,6 +162,7 @@ impl SessionShared {
         let acl_denied_publish = metrics.acl_denied("publish");
         let acl_denied_subscribe = metrics.acl_denied("subscribe");
         let acl_denied_delivery = metrics.acl_denied("deliver");
+        let logins = crate::auth::backoff::LoginGuard::new(limits.logins, &metrics);
         SessionShared {
             broker,
             rules,
@@ -154,6 +175,7 @@ impl SessionShared {
             limits,
             shutdown,
             spools: Spools::default(),
+            logins,
         }
     }
 
@@ -188,6 +210,8 @@ pub struct SessionShared {
     pub shutdown: CancellationToken,
     /// The spool of each target of every `ack: spool` rule, by rule index.
     pub spools: Spools,
+    /// Per-address login backoff and the cache of successful password checks.
+    pub logins: crate::auth::backoff::LoginGuard,
 }
 
 impl SessionShared {
@@ -202,16 +226,42 @@ impl SessionShared {
     }
 }
 
-/// The session's timer (keepalive or idle timeout, shutdown drain) and when the partial
-/// packet in the read buffer began, boxed together: an idle session's future holds a pointer.
+/// The session's timer (keepalive or idle timeout, shutdown drain), when the partial
+/// packet in the read buffer began and the publish rate limits, boxed together: an idle
+/// session's future holds a pointer.
 struct Timer {
     sleep: Pin<Box<Sleep>>,
     partial_since: Option<Instant>,
+    /// `mqtt.max_publish_rate` / `max_publish_bytes_rate`, when set.
+    rate: Option<inbound::PublishRate>,
+    /// Over the publish rate: the socket is not read until then.
+    throttled_until: Option<Instant>,
 }
+
+/// A timer that only the publish rate limits keep: it fires when they say.
+const FAR: Duration = Duration::from_secs(86_400);
 
 impl Timer {
     fn new(after: Duration) -> Box<Timer> {
-        Box::new(Timer { sleep: Box::pin(tokio::time::sleep(after)), partial_since: None })
+        Box::new(Timer {
+            sleep: Box::pin(tokio::time::sleep(after)),
+            partial_since: None,
+            rate: None,
+            throttled_until: None,
+        })
+    }
+
+    /// A PUBLISH of `bytes` was read: over the rate, reading stops until the buckets allow.
+    fn charge(&mut self, bytes: usize) {
+        let Some(rate) = &mut self.rate else { return };
+        let now = Instant::now();
+        if let Some(wait) = rate.take(now, bytes) {
+            let until = now + wait;
+            self.throttled_until = Some(until);
+            if self.sleep.deadline() > until {
+                self.sleep.as_mut().reset(until);
+            }
+        }
     }
 
     /// A packet started arriving at `at` (the read's time): checked as more bytes come (no
@@ -337,7 +387,9 @@ where
     S: Transport,
 {
     let mut conn = Connection::new(stream, shared.limits.max_packet_size as usize);
-    match connect::handshake(&mut conn, &shared).await {
+    // The address is what the login backoff keys on (`auth::backoff`).
+    let handshake = connect::handshake(&mut conn, &shared);
+    match crate::auth::backoff::LOGIN_PEER.scope(peer.ip(), handshake).await {
         Ok(Some(c)) => Some(Session::new(conn, c, shared, peer)),
         Ok(None) => {
             conn.close().await;
@@ -411,6 +463,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // it, and 896 + 112 with it is still less than 1,024). It also keeps when the packet
         // the buffer holds the start of began (`mqtt.packet_timeout`), off the future.
         let mut timer: Option<Box<Timer>> = self.keepalive.map(Timer::new);
+        // Publish rate limits live in the timer too (nothing when unset).
+        if let Some(rate) = inbound::PublishRate::new(&self.shared.limits) {
+            timer.get_or_insert_with(|| Timer::new(FAR)).rate = Some(rate);
+        }
         if std::mem::take(&mut self.resend_due) {
             if let Some(end) = self.resend() {
                 return end;
@@ -419,7 +475,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             // Decode what is buffered while the inbound window has room.
             let mut partial = false;
-            while self.may_read() && self.conn.has_buffered_input() {
+            while self.may_read()
+                && self.conn.has_buffered_input()
+                && timer.as_ref().is_none_or(|t| t.throttled_until.is_none())
+            {
                 // The decoded packet is handled before any `.await`: a `match` on the decode
                 // result around the await below would keep a whole `Packet` in the future.
                 let packet = match self.conn.decode() {
@@ -430,7 +489,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     Err(e) => return self.decode_error(e),
                 };
-                if let Some(end) = self.handle(packet) {
+                if let Some(end) = self.handle_charged(packet, timer.as_deref_mut()) {
                     return end;
                 }
                 if !self.blocked.is_empty() {
@@ -486,7 +545,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Err(e) => return End::Io(e),
                 }
             }
-            match poll_fn(|cx| self.poll_event(cx, timer.as_mut().map(|t| t.sleep.as_mut()))).await
+            match poll_fn(|cx| {
+                let throttled = timer.as_ref().is_some_and(|t| t.throttled_until.is_some());
+                self.poll_event(cx, throttled, timer.as_mut().map(|t| t.sleep.as_mut()))
+            })
+            .await
             {
                 Event::Close(CloseReason::Shutdown) => {
                     if self.pending.is_empty() {
@@ -554,6 +617,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Event::Keepalive => {
                     let now = Instant::now();
+                    // Over the publish rate: what the client sent waits unread, so its silence
+                    // is ours; the clock restarts when reading does.
+                    let mut throttled_until = None;
+                    if let Some(t) = &mut timer {
+                        match t.throttled_until {
+                            Some(until) if now >= until => {
+                                t.throttled_until = None;
+                                self.last_packet = now;
+                            }
+                            Some(until) => {
+                                self.last_packet = now;
+                                throttled_until = Some(until);
+                            }
+                            None => {}
+                        }
+                    }
                     if let Some(since) = timer.as_ref().and_then(|t| t.partial_since) {
                         if now >= since + self.shared.limits.packet_timeout {
                             self.shared.metrics.protocol_error("packet_timeout");
@@ -574,12 +653,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     if let Some(timer) = &mut timer {
                         let partial_due =
                             timer.partial_since.map(|s| s + self.shared.limits.packet_timeout);
-                        let due = match (keepalive_due, partial_due) {
-                            (Some(a), Some(b)) => a.min(b),
-                            (Some(a), None) | (None, Some(a)) => a,
-                            // Only a finished partial packet kept the timer: far away.
-                            (None, None) => now + Duration::from_secs(86_400),
-                        };
+                        // Nothing due (only a finished partial packet or the rate limits
+                        // kept the timer): far away.
+                        let due = [keepalive_due, partial_due, throttled_until]
+                            .into_iter()
+                            .flatten()
+                            .min()
+                            .unwrap_or(now + FAR);
                         timer.sleep.as_mut().reset(due);
                     }
                 }
@@ -591,7 +671,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// front acknowledgement, bytes from the client (while the inbound window has room), a
     /// delivery (while the outbound window has room), the keepalive timer. Every source not
     /// ready has `cx`'s waker registered.
-    fn poll_event(&mut self, cx: &mut Context<'_>, timer: Option<Pin<&mut Sleep>>) -> Poll<Event> {
+    fn poll_event(
+        &mut self,
+        cx: &mut Context<'_>,
+        throttled: bool,
+        timer: Option<Pin<&mut Sleep>>,
+    ) -> Poll<Event> {
         if let (Some(link), false) = (&self.link, self.draining) {
             if let Poll::Ready(reason) = link.0.poll_close(cx) {
                 return Poll::Ready(Event::Close(reason));
@@ -602,7 +687,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Poll::Ready(Event::Acked(front));
             }
         }
-        if self.may_read() {
+        if self.may_read() && !throttled {
             if let Poll::Ready(read) = self.conn.poll_fill(cx) {
                 return Poll::Ready(Event::Read(read));
             }
@@ -631,6 +716,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Ends the session for shutdown (MQTT 5: DISCONNECT 0x8B).
     fn shutdown_disconnect(&mut self) -> End {
         self.server_disconnect(ReasonCode::SERVER_SHUTTING_DOWN, "server shutting down")
+    }
+
+    /// Handles one packet and charges a PUBLISH to the publish rate limits, if any (a plain
+    /// function: its locals stay out of the session's future).
+    fn handle_charged(&mut self, packet: Packet, timer: Option<&mut Timer>) -> Option<End> {
+        let Some(timer) = timer.filter(|t| t.rate.is_some()) else {
+            return self.handle(packet);
+        };
+        let cost = match &packet {
+            Packet::Publish(p) => Some(p.topic.len() + p.payload.len()),
+            _ => None,
+        };
+        let end = self.handle(packet);
+        if let Some(cost) = cost {
+            timer.charge(cost);
+        }
+        end
     }
 
     /// Handles one packet; `Some` ends the session.
