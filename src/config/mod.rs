@@ -78,6 +78,10 @@ pub struct StoreConfig {
     /// (`mqgate_messages_dropped{reason="dead_letters_full"}`).
     #[serde(default = "default_max_dead_letters")]
     pub max_dead_letters: usize,
+    /// Most bytes of dead letters kept (as stored); a new one beyond evicts the oldest ones
+    /// (`mqgate_messages_dropped{reason="dead_letters_full"}`).
+    #[serde(default = "default_max_dead_letter_bytes")]
+    pub max_dead_letter_bytes: ByteSize,
 }
 
 /// `mqtt:`: the device-facing listener.
@@ -189,6 +193,18 @@ pub struct MqttConfig {
     /// `messages_dropped{reason="retained_bytes_full"}`.
     #[serde(default = "default_max_retained_bytes")]
     pub max_retained_bytes: ByteSize,
+    /// Retained topics one client id may own (default 10,000; 0: no limit). A topic belongs
+    /// to the client that last set its value; beyond it a retained PUBLISH for a new topic is
+    /// refused like one beyond `max_retained_bytes`, counted in
+    /// `messages_dropped{reason="retained_per_client_full"}`.
+    #[serde(default = "default_max_retained_per_client")]
+    pub max_retained_per_client: usize,
+    /// Bytes (topics and payloads) of deliveries written to a client's connection at once
+    /// (default 4 MiB): the write buffer of a client that does not read. Beyond it a QoS 0
+    /// delivery is dropped (`messages_dropped{reason="outbound_full"}`) and QoS 1/2 wait in
+    /// the session queue (bounded by `max_queued_bytes`).
+    #[serde(default = "default_max_outbound_bytes")]
+    pub max_outbound_bytes: ByteSize,
 }
 
 /// `admin:`: health, readiness and metrics over HTTP.
@@ -348,6 +364,12 @@ pub struct AclEntryConfig {
 const fn default_max_queued_bytes() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
 }
+const fn default_max_outbound_bytes() -> ByteSize {
+    ByteSize(4 * 1024 * 1024)
+}
+const fn default_max_retained_per_client() -> usize {
+    10_000
+}
 const fn default_max_retained_bytes() -> ByteSize {
     ByteSize(64 * 1024 * 1024)
 }
@@ -368,6 +390,9 @@ const fn default_idle_timeout() -> HumanDuration {
 }
 const fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+const fn default_max_dead_letter_bytes() -> ByteSize {
+    ByteSize(crate::deadletters::DEFAULT_MAX_BYTES)
 }
 const fn default_max_dead_letters() -> usize {
     crate::deadletters::DEFAULT_LIMIT

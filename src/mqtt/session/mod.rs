@@ -93,6 +93,8 @@ pub struct SessionLimits {
     /// At shutdown, how long the QoS 1/2 PUBLISHes already read may take to get their
     /// outcome and acknowledgement before the connection is closed anyway (`shutdown_timeout`).
     pub shutdown_timeout: Duration,
+    /// `mqtt.max_outbound_bytes`: deliveries (topics and payloads) in the write buffer.
+    pub max_outbound_bytes: usize,
 }
 
 impl SessionLimits {
@@ -122,6 +124,7 @@ impl SessionLimits {
             max_will_delay: u32::try_from(c.max_will_delay.0.as_secs()).unwrap_or(u32::MAX),
             idle_timeout: c.idle_timeout.0,
             shutdown_timeout: Duration::from_secs(10),
+            max_outbound_bytes: usize::try_from(c.max_outbound_bytes.0).unwrap_or(usize::MAX),
         }
     }
 }
@@ -527,7 +530,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.deliver(out);
                     // Take what else is queued (bounded) so it leaves in one write.
                     for _ in 1..DELIVERY_BATCH {
-                        if !self.out.has_room() {
+                        if !self.out.has_room() || self.outbound_full() {
                             break;
                         }
                         match self.out.state.subscriber.queue.try_recv() {
