@@ -190,6 +190,9 @@ pub struct Metrics {
     pub dead_lettered: Family<DeadLetterLabels, Counter>,
     /// The store's figures, read at each scrape once the store is open.
     pub store: Arc<StoreMetrics>,
+    /// The most bytes one connection's write buffer held after taking deliveries
+    /// (`mqtt.max_outbound_bytes` bounds it), since start.
+    pub write_buffer_peak: Gauge,
 }
 
 /// The store's size and its writer's counters (`store::Stats`), exported as
@@ -295,6 +298,7 @@ impl Metrics {
             dead_letters: Gauge::default(),
             dead_lettered: Family::default(),
             store: Arc::default(),
+            write_buffer_peak: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(Arc::clone(&m.store)));
@@ -418,6 +422,11 @@ impl Metrics {
             "dead_lettered",
             "Messages recorded as dead letters, by rule and target",
             m.dead_lettered.clone(),
+        );
+        registry.register(
+            "write_buffer_peak_bytes",
+            "Most bytes one connection's write buffer held after taking deliveries (mqtt.max_outbound_bytes)",
+            m.write_buffer_peak.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -199,10 +199,10 @@ pub struct MqttConfig {
     /// `messages_dropped{reason="retained_per_client_full"}`.
     #[serde(default = "default_max_retained_per_client")]
     pub max_retained_per_client: usize,
-    /// Bytes (topics and payloads) of deliveries written to a client's connection at once
-    /// (default 4 MiB): the write buffer of a client that does not read. Beyond it a QoS 0
-    /// delivery is dropped (`messages_dropped{reason="outbound_full"}`) and QoS 1/2 wait in
-    /// the session queue (bounded by `max_queued_bytes`).
+    /// Bytes (topics and payloads) of deliveries taken into a client's write buffer at once
+    /// (default 4 MiB; one delivery alone always goes). The rest waits in the session queue,
+    /// bounded by `max_queued_bytes` (beyond: dropped and counted); a client that does not
+    /// read is disconnected after `write_timeout`.
     #[serde(default = "default_max_outbound_bytes")]
     pub max_outbound_bytes: ByteSize,
 }

@@ -530,14 +530,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.deliver(out);
                     // Take what else is queued (bounded) so it leaves in one write.
                     for _ in 1..DELIVERY_BATCH {
-                        if !self.out.has_room() || self.outbound_full() {
+                        if !self.out.has_room() {
                             break;
                         }
-                        match self.out.state.subscriber.queue.try_recv() {
+                        // `mqtt.max_outbound_bytes`: what does not fit waits in the queue.
+                        let room = self.outbound_room();
+                        match self.out.state.subscriber.queue.try_recv_within(room) {
                             Some(out) => self.deliver(out),
                             None => break,
                         }
                     }
+                    self.note_write_buffer();
                 }
                 Event::Keepalive if self.draining => {
                     warn!(parent: &self.span(), unacknowledged = self.pending.len(),

@@ -157,13 +157,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.shared.broker.unstore(&self.out.state.subscriber, out.stored);
             return;
         };
-        if packet_id == 0 && self.outbound_over(publish.topic.len() + publish.payload.len()) {
-            // `mqtt.max_outbound_bytes`: the client is not taking what it was sent.
-            self.shared.metrics.dropped("outbound_full");
-            tracking::finish(out.ticket, Fate::Gone);
-            self.shared.broker.unstore(&self.out.state.subscriber, out.stored);
-            return;
-        }
         let sent = self.queue_publish(publish);
         if !sent || packet_id == 0 {
             // QoS 0 is taken on hand-off; a PUBLISH that cannot be sent failed.
@@ -258,17 +251,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
     }
 
-    /// True when the write buffer holds `mqtt.max_outbound_bytes`: no more deliveries are
-    /// taken from the session queue before it is written.
-    pub(super) fn outbound_full(&self) -> bool {
-        self.conn.pending_write_bytes() >= self.shared.limits.max_outbound_bytes
+    /// Bytes of deliveries the write buffer may still take before it is written
+    /// (`mqtt.max_outbound_bytes`; the first delivery of a batch always goes).
+    pub(super) fn outbound_room(&self) -> usize {
+        self.shared.limits.max_outbound_bytes.saturating_sub(self.conn.pending_write_bytes())
     }
 
-    /// True when `size` more bytes would take a non-empty write buffer beyond
-    /// `mqtt.max_outbound_bytes` (one delivery alone always goes).
-    fn outbound_over(&self, size: usize) -> bool {
-        let pending = self.conn.pending_write_bytes();
-        pending > 0 && pending.saturating_add(size) > self.shared.limits.max_outbound_bytes
+    /// Records the write buffer's size after a batch of deliveries in the high-water mark
+    /// `mqgate_write_buffer_peak_bytes`.
+    pub(super) fn note_write_buffer(&self) {
+        let held = i64::try_from(self.conn.pending_write_bytes()).unwrap_or(i64::MAX);
+        let peak = self.shared.metrics.write_buffer_peak.inner();
+        peak.fetch_max(held, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Queues a PUBLISH to the client; false (counted) if it cannot be sent at all.
