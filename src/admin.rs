@@ -68,18 +68,23 @@ pub async fn serve(
 }
 
 /// 200 when every AMQP broker is connected (the listeners are bound before this server
-/// starts), 503 otherwise; the body lists each broker's state and, with a store, how many
+/// starts) and the store can write, 503 otherwise; the body lists each broker's state and, with a store, how many
 /// dead letters are kept (not a readiness condition).
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let mut body = String::from("mqtt: listening\n");
+    let mut ready = true;
     if let Some(store) = &state.store {
         body.push_str(&format!(
             "store: {} ({} bytes)\n",
             store.path().display(),
             store.file_size()
         ));
+        // Disk full: writes wait, nothing that needs the store is acknowledged.
+        if let Some(failure) = store.failure() {
+            ready = false;
+            body.push_str(&format!("store: not writable: {failure}\n"));
+        }
     }
-    let mut ready = true;
     for system in &state.systems {
         let text = match system.state() {
             Ok(text) => text,

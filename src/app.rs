@@ -295,9 +295,11 @@ impl App {
         }
         if let Some(store) = self.store.take() {
             // Waits for every batch queued before it (dead letters recorded without waiting).
-            match store.commit(WriteBatch::new()).await {
-                Ok(()) => info!("store flushed"),
-                Err(e) => error!(error = %e, "store flush failed"),
+            // Bounded: with a full disk, writes wait for space that may not come.
+            match tokio::time::timeout(CLOSE_GRACE, store.commit(WriteBatch::new())).await {
+                Ok(Ok(())) => info!("store flushed"),
+                Ok(Err(e)) => error!(error = %e, "store flush failed"),
+                Err(_) => error!("store flush did not finish in time (disk full?)"),
             }
         }
         info!("mqgate stopped");

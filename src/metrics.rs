@@ -249,6 +249,22 @@ impl Collector for StoreMetrics {
             help,
             None,
             seconds.metric_type(),
+        )?)?;
+        let failures = ConstCounter::new(stats.write_failures.load(Ordering::Relaxed));
+        let help = "Store writes that failed with an I/O error (disk full), each retried";
+        failures.encode(encoder.encode_descriptor(
+            "store_write_failures",
+            help,
+            None,
+            failures.metric_type(),
+        )?)?;
+        let writable = ConstGauge::new(i64::from(store.failure().is_none()));
+        let help = "1 while the store can write, 0 while writes wait (disk full)";
+        writable.encode(encoder.encode_descriptor(
+            "store_writable",
+            help,
+            None,
+            writable.metric_type(),
         )?)
     }
 }

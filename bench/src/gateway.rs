@@ -116,7 +116,7 @@ impl Gateway {
             }
             if let Some(up) = &spec.bridge_to {
                 yaml.push_str(&format!(
-                    "  - name: bridged\n    from: \"mqgate-bench/#\"\n    to:\n      - mqtt: {{ bridge: up, qos: 1 }}\nbridges:\n  up:\n    url: \"mqtt://{up}\"\n    client_id: \"mqgate-bench-bridge\"\n    clean_start: true\n"
+                    "  - name: bridged\n    from: \"mqgate-bench/#\"\n    to:\n      - mqtt: {{ bridge: up, qos: 1 }}\nbridges:\n  up:\n    url: \"mqtt://{up}\"\n    client_id: \"mqgate-bench-bridge\"\n    clean_start: true\n    connections: 4\n"
                 ));
             }
             if !spec.extra_mqtt.is_empty() {

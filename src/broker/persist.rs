@@ -216,7 +216,9 @@ async fn feed(shared: Arc<Shared>) {
             match msg.map(|m| codec::encode_message(&m)) {
                 None => ops.delete(Table::Retained, topic.into_bytes()),
                 Some(Ok(value)) => ops.put(Table::Retained, topic.into_bytes(), value),
-                Some(Err(e)) => warn!(%topic, error = %e, "retained message not stored"),
+                Some(Err(e)) => {
+                    warn!(topic = %crate::logtext::LogText(&topic), error = %e, "retained message not stored")
+                }
             }
         }
         if !ops.is_empty() {

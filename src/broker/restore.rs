@@ -83,7 +83,7 @@ impl Broker {
             let record = match SessionRecord::decode(v.value()) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(%client_id, error = %e, "a stored session cannot be read; deleted");
+                    tracing::warn!(client_id = %crate::logtext::LogText(client_id), error = %e, "a stored session cannot be read; deleted");
                     restored.unreadable += 1;
                     p.delete_session(&key);
                     continue;

@@ -18,15 +18,15 @@ pub mod codec;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{
     Database, DatabaseError, ReadTransaction, ReadableDatabase, StorageError, TableDefinition,
 };
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, error};
+use tracing::{debug, error, info, warn};
 
 /// The store file's name inside `store.path`.
 pub const FILE_NAME: &str = "mqgate.redb";
@@ -35,6 +35,11 @@ const QUEUE: usize = 4096;
 /// Operations applied in one transaction at most (a commit this large is already cheap per
 /// operation; more would only delay the callers at its front).
 const MAX_OPS_PER_COMMIT: usize = 65_536;
+/// After a failed write, the first wait before reopening the file and writing again; it
+/// doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two attempts to write after a failure.
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// A byte-keyed, byte-valued table.
 type Def = TableDefinition<'static, &'static [u8], &'static [u8]>;
@@ -186,10 +191,32 @@ pub struct Store {
 }
 
 struct Inner {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     path: PathBuf,
     tx: mpsc::Sender<Request>,
     stats: Arc<Stats>,
+}
+
+/// What the writer and the readers share.
+struct Shared {
+    /// The open database; `None` while the writer reopens it after an I/O error.
+    db: RwLock<Option<Arc<Database>>>,
+    /// Why the store cannot write, while it cannot (shown by `/readyz`).
+    failure: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn db(&self) -> Option<Arc<Database>> {
+        self.db.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_db(&self, db: Option<Arc<Database>>) -> Option<Arc<Database>> {
+        std::mem::replace(&mut *self.db.write().unwrap_or_else(|p| p.into_inner()), db)
+    }
+
+    fn set_failure(&self, failure: Option<String>) -> Option<String> {
+        std::mem::replace(&mut *self.failure.lock().unwrap_or_else(|p| p.into_inner()), failure)
+    }
 }
 
 /// What the writer counts (read by the metrics).
@@ -201,6 +228,8 @@ pub struct Stats {
     pub batches: AtomicU64,
     /// Microseconds spent committing, in all.
     pub commit_micros: AtomicU64,
+    /// Attempts to write that failed with an I/O error (disk full); each is retried.
+    pub write_failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Store {
@@ -228,20 +257,25 @@ impl Store {
             txn.open_table(t.def()).map_err(|e| open_err(e.to_string()))?;
         }
         txn.commit().map_err(|e| open_err(e.to_string()))?;
-        let db = Arc::new(db);
+        let shared =
+            Arc::new(Shared { db: RwLock::new(Some(Arc::new(db))), failure: Mutex::new(None) });
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(QUEUE);
-        let writer_db = Arc::clone(&db);
+        let writer_shared = Arc::clone(&shared);
         let writer_stats = Arc::clone(&stats);
+        let writer_path = path.clone();
         std::thread::Builder::new()
             .name("mqgate-store".into())
-            .spawn(move || writer(&writer_db, rx, &writer_stats))
+            .spawn(move || writer(&writer_path, &writer_shared, rx, &writer_stats))
             .map_err(|e| open_err(format!("cannot start the writer thread: {e}")))?;
-        Ok(Store { inner: Arc::new(Inner { db, path, tx, stats }) })
+        Ok(Store { inner: Arc::new(Inner { shared, path, tx, stats }) })
     }
 
     /// Applies `batch` atomically and durably; returns once it is on disk. Batches from many
     /// callers share one commit. An empty batch waits for every batch queued before it.
+    ///
+    /// When the disk fails (full), the caller keeps waiting: the writer reopens the file and
+    /// writes the same batch again until it is on disk (see [`Store::failure`]).
     pub async fn commit(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let (done, rx) = oneshot::channel();
         self.inner.tx.send(Request { batch, done }).await.map_err(|_| StoreError::Closed)?;
@@ -262,8 +296,18 @@ impl Store {
 
     /// A consistent snapshot for reading: sees every commit that returned before this call.
     /// Keep it short-lived (the file cannot reuse pages a live snapshot still sees).
+    /// While the writer reopens the file after an I/O error, an `Io` error.
     pub fn read(&self) -> Result<ReadTransaction, StoreError> {
-        self.inner.db.begin_read().map_err(StoreError::io)
+        let db = self.inner.shared.db().ok_or_else(|| {
+            StoreError::Io("the store is being reopened after a write failed".into())
+        })?;
+        db.begin_read().map_err(StoreError::io)
+    }
+
+    /// Why the store cannot write now (disk full, I/O error), `None` when it can: writes wait
+    /// (nothing is acknowledged) until the writer has written them.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.shared.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The store file.
@@ -302,7 +346,7 @@ fn classify(path: &Path, e: DatabaseError) -> StoreError {
 }
 
 /// The writer thread: group commit until every handle is gone.
-fn writer(db: &Database, mut rx: mpsc::Receiver<Request>, stats: &Stats) {
+fn writer(path: &Path, shared: &Shared, mut rx: mpsc::Receiver<Request>, stats: &Stats) {
     let mut reqs: Vec<Request> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut ops = first.batch.ops.len();
@@ -317,7 +361,8 @@ fn writer(db: &Database, mut rx: mpsc::Receiver<Request>, stats: &Stats) {
             }
         }
         let t0 = Instant::now();
-        let result = if ops == 0 { Ok(()) } else { apply(db, &reqs) };
+        let result =
+            if ops == 0 { Ok(()) } else { write_until_stored(path, shared, &rx, &reqs, stats) };
         let n = reqs.len() as u64;
         if ops > 0 {
             stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -334,32 +379,105 @@ fn writer(db: &Database, mut rx: mpsc::Receiver<Request>, stats: &Stats) {
     }
 }
 
+/// Why [`apply`] failed.
+enum Failed {
+    /// The file or the disk (full, I/O error): redb latches these, the database must be
+    /// reopened; the same batch is written again.
+    Io(String),
+    /// Anything else (a value too large...): the callers get the error.
+    Other(StoreError),
+}
+
+impl<E: Into<redb::Error>> From<E> for Failed {
+    fn from(e: E) -> Self {
+        match e.into() {
+            e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => {
+                Failed::Io(e.to_string())
+            }
+            e => Failed::Other(StoreError::io(e)),
+        }
+    }
+}
+
+/// Writes `reqs` in one durable commit. After an I/O error (disk full) nothing is answered:
+/// the failure is shown by [`Store::failure`], the database is dropped and reopened (redb
+/// refuses every write after an I/O error), with a growing pause, and the same batches are
+/// written again, until they are on disk or every handle on the store is gone.
+fn write_until_stored(
+    path: &Path,
+    shared: &Shared,
+    rx: &mpsc::Receiver<Request>,
+    reqs: &[Request],
+    stats: &Stats,
+) -> Result<(), StoreError> {
+    let mut pause = RETRY_FIRST;
+    loop {
+        let reason = match shared.db() {
+            None => "the store is closed".to_owned(),
+            Some(db) => match apply(&db, reqs) {
+                Ok(()) => {
+                    if let Some(was) = shared.set_failure(None) {
+                        info!(was = %was, "store writable again; the waiting writes are on disk");
+                    }
+                    return Ok(());
+                }
+                Err(Failed::Other(e)) => return Err(e),
+                Err(Failed::Io(reason)) => reason,
+            },
+        };
+        stats.write_failures.fetch_add(1, Ordering::Relaxed);
+        if shared.set_failure(Some(reason.clone())).is_none() {
+            error!(
+                error = %reason,
+                "store write failed (disk full?): nothing more is acknowledged until it is \
+                 written; reopening the store and retrying"
+            );
+        }
+        if rx.is_closed() {
+            return Err(StoreError::Io(reason));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(RETRY_MAX);
+        // Reopen: the old handle goes first (the file is locked while it is open; a reader's
+        // snapshot still open keeps it, the next round tries again).
+        drop(shared.set_db(None));
+        match Database::builder().create(path) {
+            Ok(db) => {
+                shared.set_db(Some(Arc::new(db)));
+            }
+            Err(e) => {
+                warn!(error = %e, "store not reopened yet; retrying");
+                shared.set_failure(Some(format!("reopening: {e}")));
+            }
+        }
+    }
+}
+
 /// Applies every request's batch in one transaction and commits it durably.
-fn apply(db: &Database, reqs: &[Request]) -> Result<(), StoreError> {
-    let txn = db.begin_write().map_err(StoreError::io)?;
+fn apply(db: &Database, reqs: &[Request]) -> Result<(), Failed> {
+    let txn = db.begin_write()?;
     {
         let mut tables = Vec::with_capacity(Table::ALL.len());
         for t in Table::ALL {
-            tables.push(txn.open_table(t.def()).map_err(StoreError::io)?);
+            tables.push(txn.open_table(t.def())?);
         }
         let index = |t: Table| Table::ALL.iter().position(|x| *x == t).unwrap_or(0);
         for op in reqs.iter().flat_map(|r| &r.batch.ops) {
             match op {
                 Op::Put(t, k, v) => {
-                    tables[index(*t)].insert(k.as_slice(), v.as_slice()).map_err(StoreError::io)?;
+                    tables[index(*t)].insert(k.as_slice(), v.as_slice())?;
                 }
                 Op::Delete(t, k) => {
-                    tables[index(*t)].remove(k.as_slice()).map_err(StoreError::io)?;
+                    tables[index(*t)].remove(k.as_slice())?;
                 }
                 Op::DeleteRange(t, from, to) => {
-                    tables[index(*t)]
-                        .retain_in(from.as_slice()..to.as_slice(), |_, _| false)
-                        .map_err(StoreError::io)?;
+                    tables[index(*t)].retain_in(from.as_slice()..to.as_slice(), |_, _| false)?;
                 }
             }
         }
     }
-    txn.commit().map_err(StoreError::io)
+    txn.commit()?;
+    Ok(())
 }
 
 #[cfg(test)]

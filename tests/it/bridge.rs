@@ -480,3 +480,47 @@ fn bridge_config_errors_point_at_the_value() {
         assert!(s.contains(want), "{want}: {s}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uplink_over_several_connections_keeps_the_order_per_topic() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = Mosquitto::start(dir.path(), "").await;
+    let mut sub = subscriber(upstream.addr(), &unique("up-sub"), "site-1/#", true).await;
+    let yaml = bridge_config(
+        &format!("mqtt://127.0.0.1:{}", upstream.port),
+        "    connections: 3\n",
+        UPLINK,
+    );
+    let app = gateway(&yaml).await;
+    wait_bridge_up(&app).await;
+    let mut dev = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("dev")).await;
+    // Pipelined: 120 messages over 6 topics, then the acks.
+    for i in 1..=120u16 {
+        let p = crate::support::publish_packet(
+            &format!("sensors/{}", i % 6),
+            QoS::AtLeastOnce,
+            i,
+            format!("{i}").as_bytes(),
+        );
+        dev.send(&Packet::Publish(p)).await;
+    }
+    for _ in 1..=120 {
+        assert!(matches!(dev.recv().await, Some(Packet::PubAck(a)) if a.code.is_success()));
+    }
+    let got = drain(&mut sub, Duration::from_millis(800)).await;
+    assert_eq!(got.len(), 120);
+    let mut last: HashMap<String, u16> = HashMap::new();
+    for (topic, payload) in &got {
+        let n: u16 = payload.parse().expect("number");
+        let prev = last.insert(topic.clone(), n).unwrap_or(0);
+        assert!(n > prev, "{topic}: {n} after {prev}");
+    }
+    app.stop().await;
+}
+
+#[test]
+fn several_connections_are_refused_for_a_bridge_with_sources() {
+    let text = "mqtt:\n  listen: \"127.0.0.1:0\"\nbridges:\n  cloud:\n    url: \"mqtt://127.0.0.1:1\"\n    client_id: x\n    connections: 2\nsources:\n  - name: s\n    bridge: cloud\n    subscribe: [\"a/#\"]\n";
+    let e = mqgate::config::Config::parse(std::path::Path::new("c.yaml"), text).unwrap_err();
+    assert!(e.to_string().contains("connections: more than one only"), "{e}");
+}

@@ -110,10 +110,12 @@ pub struct BridgeMetrics {
     pub connects: Counter,
 }
 
-/// A cheap-to-clone handle on one bridge.
+/// A cheap-to-clone handle on one bridge: its connections (`connections:`, default 1), each
+/// with its own queue and task. A message goes to the connection of its upstream topic, so
+/// the order per topic is kept.
 #[derive(Clone)]
 pub struct Bridge {
-    shared: Arc<Shared>,
+    links: Arc<[Arc<Shared>]>,
 }
 
 struct Shared {
@@ -137,68 +139,95 @@ struct Shared {
 
 impl std::fmt::Debug for Bridge {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Bridge").field("name", &self.shared.name).finish()
+        f.debug_struct("Bridge").field("name", &self.links[0].name).finish()
     }
 }
 
 impl Bridge {
-    /// A bridge named `name`: its queue exists at once (targets can be built), its connection
-    /// starts with [`Bridge::start`].
+    /// A bridge named `name`: its queues exist at once (targets can be built), its
+    /// connections start with [`Bridge::start`].
     pub fn new(name: &str, cfg: &BridgeConfig, metrics: BridgeMetrics) -> Bridge {
-        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-        Bridge {
-            shared: Arc::new(Shared {
-                name: name.to_owned(),
-                origin: Arc::from(origin_of(name)),
-                tx,
-                queued_bytes: AtomicU64::new(0),
-                max_bytes: cfg.max_queued_bytes.0.max(1),
-                room: Notify::new(),
-                connected: AtomicBool::new(false),
-                last_error: Mutex::new(None),
-                metrics,
-                rx: Mutex::new(Some(rx)),
-                broker: OnceLock::new(),
-            }),
-        }
+        let origin: Arc<str> = Arc::from(origin_of(name));
+        let links: Vec<Arc<Shared>> = (0..cfg.connections.max(1))
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+                Arc::new(Shared {
+                    name: name.to_owned(),
+                    origin: Arc::clone(&origin),
+                    tx,
+                    queued_bytes: AtomicU64::new(0),
+                    max_bytes: cfg.max_queued_bytes.0.max(1),
+                    room: Notify::new(),
+                    connected: AtomicBool::new(false),
+                    last_error: Mutex::new(None),
+                    metrics: metrics.clone(),
+                    rx: Mutex::new(Some(rx)),
+                    broker: OnceLock::new(),
+                })
+            })
+            .collect();
+        Bridge { links: links.into() }
     }
 
     /// The bridge's name.
     pub fn name(&self) -> &str {
-        &self.shared.name
+        &self.links[0].name
     }
 
     /// The client id of the messages that came in through this bridge.
     pub fn origin(&self) -> &Arc<str> {
-        &self.shared.origin
+        &self.links[0].origin
     }
 
-    /// Whether the upstream connection is up.
+    /// Whether every upstream connection is up.
     pub fn is_connected(&self) -> bool {
-        self.shared.connected.load(Ordering::Relaxed)
+        self.links.iter().all(|l| l.connected.load(Ordering::Relaxed))
     }
 
-    /// Why the last connection attempt or connection failed.
+    /// Why a connection attempt or connection last failed.
     pub fn last_error(&self) -> Option<String> {
-        self.shared.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.links
+            .iter()
+            .find_map(|l| l.last_error.lock().unwrap_or_else(|e| e.into_inner()).clone())
     }
 
-    /// Starts the connection task (once): uplink, and the downlinks into `broker`.
+    /// Starts the connection tasks (once): uplink on every connection, the downlinks (into
+    /// `broker`) on the first. Connection `i > 0` uses client id `CLIENT_ID-i`.
     pub fn start(
         &self,
         cfg: BridgeConfig,
         downlinks: Vec<Downlink>,
         broker: Arc<Broker>,
         shutdown: CancellationToken,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let rx = self.shared.rx.lock().unwrap_or_else(|e| e.into_inner()).take()?;
-        let _ = self.shared.broker.set(broker);
-        let task = Task::new(Arc::clone(&self.shared), cfg, downlinks, rx, shutdown);
-        Some(tokio::spawn(task.run()))
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        for (i, link) in self.links.iter().enumerate() {
+            let Some(rx) = link.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+                continue;
+            };
+            let _ = link.broker.set(Arc::clone(&broker));
+            let mut cfg = cfg.clone();
+            if i > 0 {
+                cfg.client_id.value = format!("{}-{i}", cfg.client_id.value);
+            }
+            let downlinks = if i == 0 { downlinks.clone() } else { Vec::new() };
+            let task = Task::new(Arc::clone(link), cfg, downlinks, rx, shutdown.clone());
+            tasks.push(tokio::spawn(task.run()));
+        }
+        tasks
     }
 
-    fn admit(&self, out: &Outgoing) -> bool {
-        let s = &self.shared;
+    /// The connection of `topic`: always the same one (order per topic).
+    fn link(&self, topic: &str) -> &Arc<Shared> {
+        use std::hash::BuildHasher;
+        if self.links.len() == 1 {
+            return &self.links[0];
+        }
+        let h = foldhash::fast::FixedState::with_seed(0x6d71_6762).hash_one(topic);
+        &self.links[(h % self.links.len() as u64) as usize]
+    }
+
+    fn admit(s: &Shared, out: &Outgoing) -> bool {
         let held = s.queued_bytes.load(Ordering::Relaxed);
         // One message larger than the whole budget still goes through an empty queue.
         held == 0 || held + out.bytes() <= s.max_bytes
@@ -208,9 +237,9 @@ impl Bridge {
     /// full is dropped and counted; a QoS 1/2 one is handed back (then [`publish`]
     /// (Self::publish) waits for room: the backpressure).
     pub fn try_publish(&self, out: Outgoing) -> Result<(), Outgoing> {
-        let s = &self.shared;
-        if !self.admit(&out) {
-            return self.full(out);
+        let s = self.link(&out.topic);
+        if !Self::admit(s, &out) {
+            return Self::full(s, out);
         }
         let bytes = out.bytes();
         s.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
@@ -218,7 +247,7 @@ impl Bridge {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(out)) => {
                 s.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                self.full(out)
+                Self::full(s, out)
             }
             Err(mpsc::error::TrySendError::Closed(out)) => {
                 s.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
@@ -228,20 +257,20 @@ impl Bridge {
         }
     }
 
-    fn full(&self, out: Outgoing) -> Result<(), Outgoing> {
+    fn full(s: &Shared, out: Outgoing) -> Result<(), Outgoing> {
         if out.ack.is_some() {
             return Err(out);
         }
-        self.shared.metrics.dropped_full.inc();
+        s.metrics.dropped_full.inc();
         Ok(())
     }
 
     /// Queues `out`, waiting while the queue is full (count or bytes).
     pub async fn publish(&self, out: Outgoing) {
-        let s = &self.shared;
+        let s = self.link(&out.topic);
         loop {
             let notified = s.room.notified();
-            if self.admit(&out) {
+            if Self::admit(s, &out) {
                 break;
             }
             notified.await;
@@ -369,7 +398,8 @@ impl Task {
                     self.shared.metrics.connects.inc();
                     self.shared.connected.store(true, Ordering::Relaxed);
                     *self.shared.last_error.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    info!(bridge = %self.shared.name, session_present = connack.session_present, "bridge connected");
+                    let upstream_max = connack.properties.receive_maximum;
+                    info!(bridge = %self.shared.name, session_present = connack.session_present, ?upstream_max, "bridge connected");
                     let end = self.session(conn, &connack).await;
                     self.shared.connected.store(false, Ordering::Relaxed);
                     self.lost();
@@ -874,7 +904,7 @@ impl Task {
             match t.render_for(&m, &mut None) {
                 Ok(topic) if crate::mqtt::topic::validate_name(&topic).is_ok() => msg.topic = topic,
                 Ok(topic) => {
-                    warn!(bridge = %self.shared.name, source = %downlink.name, %topic, "downlink topic is no valid topic name; dropped");
+                    warn!(bridge = %self.shared.name, source = %downlink.name, topic = %crate::logtext::LogText(&topic), "downlink topic is no valid topic name; dropped");
                     self.ack_now(conn, p.packet_id, msg.qos)?;
                     return Ok(());
                 }
@@ -1039,7 +1069,7 @@ impl Task {
 
 impl crate::targets::kinds::Health for Bridge {
     fn name(&self) -> String {
-        format!("mqtt bridge {}", self.shared.name)
+        format!("mqtt bridge {}", Bridge::name(self))
     }
 
     fn state(&self) -> Result<String, String> {

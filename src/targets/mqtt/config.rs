@@ -56,7 +56,13 @@ pub struct BridgeConfig {
     /// Receive Maximum, MQTT 5).
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
-    /// Messages queued for the upstream (count); at the bound, QoS 1/2 publishers wait
+    /// Connections to the upstream (default 1): messages are spread over them by topic
+    /// (order per topic kept), each with its own in-flight window (the upstream's Receive
+    /// Maximum is per connection). More than one only for a bridge without `bridge:` sources
+    /// (No Local works per connection).
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+    /// Messages queued for the upstream (count, per connection); at the bound, QoS 1/2 publishers wait
     /// (backpressure) and QoS 0 messages are dropped (counted).
     #[serde(default = "default_queue")]
     pub queue: usize,
@@ -151,6 +157,9 @@ fn default_reconnect_max() -> HumanDuration {
 }
 const fn default_max_inflight() -> u16 {
     256
+}
+const fn default_connections() -> usize {
+    1
 }
 const fn default_queue() -> usize {
     1024
@@ -277,6 +286,9 @@ pub fn validate_bridge(name: &str, b: &BridgeConfig, err: &mut Report<'_>) {
             at,
             format!("bridges.{name}: max_inflight, queue and max_queued_bytes must be at least 1"),
         );
+    }
+    if b.connections == 0 || b.connections > 64 {
+        err(at, format!("bridges.{name}.connections: 1 to 64"));
     }
     if b.keepalive.0.as_secs() > u64::from(u16::MAX) {
         err(at, format!("bridges.{name}.keepalive: at most 65535 s"));

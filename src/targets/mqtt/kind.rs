@@ -93,8 +93,20 @@ impl TargetKind for MqttKind {
     }
 
     fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
+        let sources: &[SourceConfig] = sections
+            .section("sources")
+            .and_then(|s| s.downcast_ref::<Vec<SourceConfig>>())
+            .map_or(&[], Vec::as_slice);
         for (name, b) in bridges(sections).into_iter().flatten() {
             validate_bridge(name, b, err);
+            let downlink =
+                sources.iter().any(|s| s.bridge.as_ref().is_some_and(|x| x.value == *name));
+            if b.connections > 1 && downlink {
+                err(
+                    &b.url.referenced,
+                    format!("bridges.{name}.connections: more than one only for a bridge without `bridge:` sources (No Local, which keeps the upstream from sending back what the bridge published, works per connection)"),
+                );
+            }
         }
     }
 
@@ -160,9 +172,7 @@ impl TargetKind for MqttKind {
                 .filter_map(downlink)
                 .collect();
             let shutdown = at.shutdown.clone();
-            if let Some(handle) =
-                bridge.start(cfg.clone(), downlinks, Arc::clone(at.broker), shutdown)
-            {
+            for handle in bridge.start(cfg.clone(), downlinks, Arc::clone(at.broker), shutdown) {
                 let name = name.clone();
                 at.tasks.spawn(async move {
                     if let Err(e) = handle.await {
