@@ -88,9 +88,12 @@ impl App {
             crate::targets::ids::migrate_positional_ids(store, &config).await?;
         }
         let dead_letters = match (&store, &config.store) {
-            (Some(store), Some(cfg)) => {
-                Some(DeadLetters::with_limit(store.clone(), &metrics, cfg.max_dead_letters)?)
-            }
+            (Some(store), Some(cfg)) => Some(DeadLetters::with_limits(
+                store.clone(),
+                &metrics,
+                cfg.max_dead_letters,
+                cfg.max_dead_letter_bytes.0,
+            )?),
             _ => None,
         };
         // The sinks outlive the sessions at shutdown: in-flight messages still get outcomes.
@@ -141,6 +144,7 @@ impl App {
             (
                 config.mqtt.max_retained,
                 usize::try_from(config.mqtt.max_retained_bytes.0).unwrap_or(usize::MAX),
+                config.mqtt.max_retained_per_client,
             ),
             config.mqtt.queue_qos0,
             persist.as_ref().map(|(p, _)| p.clone()),

@@ -14,9 +14,12 @@
 //! the message as `store::codec` stores it.
 //!
 //! Memory: an index of the ids and their dedup keys (~50 bytes per letter), so the count, the
-//! bound and duplicates are known without reading the disk. The table is bounded
-//! (`store.max_dead_letters`): a new letter beyond it evicts the oldest one, counted in
-//! `messages_dropped{reason="dead_letters_full"}`.
+//! bound and duplicates are known without reading the disk. The table is bounded in count
+//! (`store.max_dead_letters`) and in bytes of stored values (`store.max_dead_letter_bytes`):
+//! a new letter beyond either evicts the oldest ones, counted in
+//! `messages_dropped{reason="dead_letters_full"}`. The newest letter is always kept, so one
+//! letter larger than the byte bound on its own (at most `mqtt.max_packet_size` and its
+//! header) is kept alone.
 //!
 //! Duplicates: a QoS 1/2 message has an identity (`Message::identity`: client id, packet id,
 //! topic, payload). An MQTT 3.1.1 client whose message failed for good is disconnected and
@@ -44,6 +47,9 @@ use crate::store::{Store, StoreError, Table, WriteBatch};
 
 /// How many dead letters are kept by default (`store.max_dead_letters`).
 pub const DEFAULT_LIMIT: usize = 100_000;
+/// How many bytes of dead letters (stored values) are kept by default
+/// (`store.max_dead_letter_bytes`): 256 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 256 << 20;
 /// Reason label of `messages_dropped` for the oldest dead letter evicted by a new one.
 pub const DROPPED_FULL: &str = "dead_letters_full";
 /// Reason label of `messages_dropped` for a dead letter not recorded because the store's
@@ -87,6 +93,8 @@ struct Inner {
     index: Mutex<Index>,
     /// Most letters kept; a new one beyond evicts the oldest.
     limit: usize,
+    /// Most bytes (stored values) kept; a new letter beyond evicts the oldest ones.
+    max_bytes: u64,
     /// `mqgate_dead_letters`: letters kept now.
     gauge: Gauge,
     /// `mqgate_dead_lettered{rule, target}`: letters recorded.
@@ -102,8 +110,10 @@ struct Inner {
 struct Index {
     /// The id the next letter gets.
     next_id: u64,
-    /// Every id kept, with its dedup key (for a message with an identity).
-    ids: BTreeMap<u64, Option<u128>>,
+    /// Every id kept, with its dedup key (for a message with an identity) and its size.
+    ids: BTreeMap<u64, (Option<u128>, u64)>,
+    /// Bytes of the values kept (the sum of the sizes in `ids`).
+    bytes: u64,
     /// Dedup key → id.
     dedup: HashMap<u128, u64>,
 }
@@ -112,7 +122,8 @@ impl Index {
     /// Forgets `id`; true if it was kept.
     fn remove(&mut self, id: u64) -> bool {
         match self.ids.remove(&id) {
-            Some(key) => {
+            Some((key, size)) => {
+                self.bytes = self.bytes.saturating_sub(size);
                 if let Some(key) = key {
                     if self.dedup.get(&key) == Some(&id) {
                         self.dedup.remove(&key);
@@ -141,18 +152,34 @@ impl DeadLetters {
     /// Opens the dead letters of `store`, keeping at most `limit` (at least 1): reads every
     /// key and header once to rebuild the index.
     pub fn with_limit(store: Store, metrics: &Metrics, limit: usize) -> Result<Self, StoreError> {
+        Self::with_limits(store, metrics, limit, u64::MAX)
+    }
+
+    /// Like [`DeadLetters::with_limit`], also keeping at most `max_bytes` bytes of stored
+    /// letters (`store.max_dead_letter_bytes`).
+    pub fn with_limits(
+        store: Store,
+        metrics: &Metrics,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let mut open = OPEN.lock().unwrap_or_else(|e| e.into_inner());
         open.retain(|(_, w)| w.strong_count() > 0);
         let path = store.path().to_path_buf();
         if let Some(inner) = open.iter().find(|(p, _)| *p == path).and_then(|(_, w)| w.upgrade()) {
             return Ok(DeadLetters { inner });
         }
-        let this = Self::open(store, metrics, limit)?;
+        let this = Self::open(store, metrics, limit, max_bytes)?;
         open.push((path, Arc::downgrade(&this.inner)));
         Ok(this)
     }
 
-    fn open(store: Store, metrics: &Metrics, limit: usize) -> Result<Self, StoreError> {
+    fn open(
+        store: Store,
+        metrics: &Metrics,
+        limit: usize,
+        max_bytes: u64,
+    ) -> Result<Self, StoreError> {
         let mut index = Index { next_id: 1, ..Index::default() };
         {
             let read = store.read()?;
@@ -168,7 +195,9 @@ impl DeadLetters {
                     continue;
                 };
                 let key = Header::decode(v.value()).ok().and_then(|(h, _)| h.dedup);
-                index.ids.insert(id, key);
+                let size = v.value().len() as u64;
+                index.ids.insert(id, (key, size));
+                index.bytes += size;
                 if let Some(key) = key {
                     index.dedup.insert(key, id);
                 }
@@ -186,6 +215,7 @@ impl DeadLetters {
             evicted: reason(DROPPED_FULL),
             busy: reason(DROPPED_BUSY),
             limit: limit.max(1),
+            max_bytes: max_bytes.max(1),
             index: Mutex::new(index),
         };
         let this = DeadLetters { inner: Arc::new(inner) };
@@ -317,8 +347,12 @@ impl DeadLetters {
         reason.clone_into(&mut letter.reason);
         letter.failed_at_ms = now_ms();
         let value = encode(&letter)?;
-        if !self.contains(id) {
-            return Ok(false);
+        {
+            // The reason's length changes the size (by at most MAX_REASON bytes).
+            let mut index = self.index();
+            let Some(entry) = index.ids.get_mut(&id) else { return Ok(false) };
+            let old = std::mem::replace(&mut entry.1, value.len() as u64);
+            index.bytes = index.bytes.saturating_sub(old).saturating_add(value.len() as u64);
         }
         let mut batch = WriteBatch::new();
         batch.put(Table::DeadLetters, id.to_be_bytes().to_vec(), value);
@@ -340,6 +374,7 @@ impl DeadLetters {
             );
             index.ids.clear();
             index.dedup.clear();
+            index.bytes = 0;
             self.sync_gauge(&index);
             n
         };
@@ -371,7 +406,10 @@ impl DeadLetters {
         if let Some(&id) = dedup.as_ref().and_then(|k| index.dedup.get(k)) {
             return (id, false);
         }
-        while index.ids.len() >= self.inner.limit {
+        let size = value.len() as u64;
+        while index.ids.len() >= self.inner.limit
+            || (!index.ids.is_empty() && index.bytes.saturating_add(size) > self.inner.max_bytes)
+        {
             let Some((&oldest, _)) = index.ids.iter().next() else { break };
             index.remove(oldest);
             batch.delete(Table::DeadLetters, oldest.to_be_bytes().to_vec());
@@ -380,7 +418,8 @@ impl DeadLetters {
         let id = index.next_id;
         index.next_id += 1;
         batch.put(Table::Meta, NEXT_ID_KEY.to_vec(), index.next_id.to_be_bytes().to_vec());
-        index.ids.insert(id, dedup);
+        index.ids.insert(id, (dedup, size));
+        index.bytes += size;
         if let Some(key) = dedup {
             index.dedup.insert(key, id);
         }
@@ -728,6 +767,38 @@ mod tests {
         assert_eq!(ids, vec![b, c]);
         assert!(dl.get(a).expect("get").is_none());
         let labels = ReasonLabels { reason: DROPPED_FULL.into() };
+        assert_eq!(metrics.messages_dropped.get_or_create(&labels).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_oldest_are_evicted_beyond_the_byte_bound() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let metrics = Metrics::new();
+        let one = encode(&letter(Some(1), &[b'x'; 1000], "r/0")).expect("encode").len() as u64;
+        // Room for two letters of ~1 KB, not three.
+        let dl = DeadLetters::with_limits(
+            Store::open(dir.path()).expect("open"),
+            &metrics,
+            100,
+            2 * one + one / 2,
+        )
+        .expect("dl");
+        let mut ids = Vec::new();
+        for i in 1..=4u16 {
+            ids.push(dl.add(letter(Some(i), &[b'x'; 1000], "r/0")).await.expect("add"));
+        }
+        let kept: Vec<u64> = dl.list(None, 10).expect("list").into_iter().map(|e| e.0).collect();
+        assert_eq!(kept, ids[2..]);
+        let labels = ReasonLabels { reason: DROPPED_FULL.into() };
+        assert_eq!(metrics.messages_dropped.get_or_create(&labels).get(), 2);
+        // After a restart the sizes are read back: the bound still holds.
+        drop(dl);
+        let metrics = Metrics::new();
+        let dl =
+            DeadLetters::with_limits(reopen(dir.path()).await, &metrics, 100, 2 * one + one / 2)
+                .expect("dl");
+        dl.add(letter(Some(9), &[b'x'; 1000], "r/0")).await.expect("add");
+        assert_eq!(dl.count(), 2);
         assert_eq!(metrics.messages_dropped.get_or_create(&labels).get(), 1);
     }
 

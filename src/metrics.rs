@@ -197,6 +197,9 @@ pub struct Metrics {
     /// Failed logins by reason (bad_password, unknown_user, no_password, backoff, busy,
     /// not_authorized).
     pub login_failures: Family<ReasonLabels, Counter>,
+    /// The most bytes one connection's write buffer held after taking deliveries
+    /// (`mqtt.max_outbound_bytes` bounds it), since start.
+    pub write_buffer_peak: Gauge,
 }
 
 /// The store's size and its writer's counters (`store::Stats`), exported as
@@ -321,6 +324,7 @@ impl Metrics {
             connections_rejected: Family::default(),
             login_cache_hits: Counter::default(),
             login_failures: Family::default(),
+            write_buffer_peak: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(Arc::clone(&m.store)));
@@ -459,6 +463,11 @@ impl Metrics {
             "login_failures",
             "Failed logins by reason (bad_password, unknown_user, no_password, backoff: refused without a check during the address's backoff, busy, not_authorized)",
             m.login_failures.clone(),
+        );
+        registry.register(
+            "write_buffer_peak_bytes",
+            "Most bytes one connection's write buffer held after taking deliveries (mqtt.max_outbound_bytes)",
+            m.write_buffer_peak.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -127,7 +127,7 @@ impl Broker {
     /// (restore what the store holds with [`Broker::restore`] before clients connect).
     pub fn new(
         metrics: Arc<Metrics>,
-        (max_retained, max_retained_bytes): (usize, usize),
+        (max_retained, max_retained_bytes, max_retained_per_client): (usize, usize, usize),
         queue_qos0: bool,
         persist: Option<Persist>,
     ) -> Arc<Broker> {
@@ -135,7 +135,11 @@ impl Broker {
             subs: RwLock::new(TopicTree::default()),
             shared: RwLock::new(SharedGroups::default()),
             sessions: SessionStore::default(),
-            retained: RetainedStore::with_bytes(max_retained, max_retained_bytes),
+            retained: RetainedStore::with_limits(
+                max_retained,
+                max_retained_bytes,
+                max_retained_per_client,
+            ),
             queue_qos0,
             delayed_wills: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -248,6 +252,17 @@ impl Broker {
     /// its topic or is not retained).
     pub fn retained_has_room(&self, topic: &str, payload_len: usize) -> bool {
         self.retained.has_room(topic, payload_len)
+    }
+
+    /// Why a retained PUBLISH from `client_id` would not be kept (`mqtt.max_retained_bytes`,
+    /// `mqtt.max_retained_per_client`): the `messages_dropped` reason, or `None` when it fits.
+    pub fn retained_refusal(
+        &self,
+        client_id: &str,
+        topic: &str,
+        payload_len: usize,
+    ) -> Option<&'static str> {
+        self.retained.room_for(Some(client_id), topic, payload_len).err().map(|r| r.reason())
     }
 
     /// A fresh id for a session or a connection.
@@ -772,7 +787,7 @@ mod fanout_tests {
 
     #[test]
     fn a_publish_to_many_sessions_is_linear_in_them() {
-        let broker = Broker::new(Metrics::new(), (1000, usize::MAX), false, None);
+        let broker = Broker::new(Metrics::new(), (1000, usize::MAX, 0), false, None);
         let options = SubscribeOptions {
             qos: QoS::AtMostOnce,
             no_local: false,

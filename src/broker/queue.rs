@@ -112,6 +112,23 @@ impl Queue {
         out
     }
 
+    /// The oldest message if its topic and payload take at most `room` bytes, without
+    /// waiting (`mqtt.max_outbound_bytes`: what does not fit the write buffer stays queued).
+    pub fn try_recv_within(&self, room: usize) -> Option<Outbound> {
+        let mut inner = self.lock();
+        if size(inner.items.front()?) > room {
+            return None;
+        }
+        let out = inner.items.pop_front();
+        if let Some(out) = &out {
+            inner.bytes -= size(out);
+        }
+        if inner.items.is_empty() && inner.items.capacity() > KEEP_SLOTS {
+            inner.items.shrink_to(KEEP_SLOTS);
+        }
+        out
+    }
+
     /// Waits for the oldest message; `None` once closed and empty. Cancel-safe: a message is
     /// taken only when it is returned. One receiver only (a second one's waker replaces the
     /// first's).

@@ -1,6 +1,8 @@
 //! Retained messages: the last value of each topic, sent to new subscribers.
 //!
-//! In memory, bounded by `mqtt.max_retained`; with a store, the broker also writes each change
+//! In memory, bounded by `mqtt.max_retained` (topics), `mqtt.max_retained_bytes` (topics and
+//! payloads) and `mqtt.max_retained_per_client` (topics one client id owns: a topic belongs to
+//! the client that last set its value, the `client_id` of the message kept); with a store, the broker also writes each change
 //! to it (`persist.rs`) and loads them back at start (`restore.rs`). No I/O, and the lock is
 //! held for one map operation or one scan, never across an `.await`.
 
@@ -25,14 +27,66 @@ pub enum Retained {
 /// The retained message of each topic.
 #[derive(Debug)]
 pub struct RetainedStore {
-    /// Messages by topic.
-    by_topic: RwLock<HashMap<String, Arc<Message>>>,
+    /// Messages by topic, and how many topics each client id owns.
+    by_topic: RwLock<Topics>,
     /// Most topics held.
     max: usize,
     /// Most bytes (topics and payloads) held (`mqtt.max_retained_bytes`).
     max_bytes: usize,
     /// Bytes held now (changed under the write lock).
     bytes: std::sync::atomic::AtomicUsize,
+    /// Most topics one client id owns (`mqtt.max_retained_per_client`).
+    max_per_client: usize,
+}
+
+/// Why a retained message would not be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoRoom {
+    /// `mqtt.max_retained_bytes`.
+    Bytes,
+    /// `mqtt.max_retained_per_client`.
+    PerClient,
+}
+
+impl NoRoom {
+    /// The `messages_dropped` reason label.
+    pub fn reason(self) -> &'static str {
+        match self {
+            NoRoom::Bytes => "retained_bytes_full",
+            NoRoom::PerClient => "retained_per_client_full",
+        }
+    }
+}
+
+/// The retained messages and their owners' counts, under one lock.
+#[derive(Debug, Default)]
+struct Topics {
+    /// Messages by topic; a topic's owner is its message's `client_id`.
+    map: HashMap<String, Arc<Message>>,
+    /// Topics owned, by client id (no entry for none).
+    owned: HashMap<Arc<str>, usize>,
+}
+
+impl Topics {
+    fn own(&mut self, client: &Arc<str>) {
+        *self.owned.entry(Arc::clone(client)).or_default() += 1;
+    }
+
+    fn disown(&mut self, client: &Arc<str>) {
+        if let Some(n) = self.owned.get_mut(client) {
+            *n -= 1;
+            if *n == 0 {
+                self.owned.remove(client);
+            }
+        }
+    }
+
+    /// Whether `client` may own one more topic, `topic` (which it may own already).
+    fn share_left(&self, client: &str, topic: &str, max: usize) -> bool {
+        max == usize::MAX
+            || self.map.get(topic).is_some_and(|m| &*m.client_id == client)
+            || self.owned.get(client).copied().unwrap_or(0) < max
+    }
 }
 
 /// What a retained message counts against `max_retained_bytes`.
@@ -48,43 +102,71 @@ impl RetainedStore {
 
     /// An empty store holding at most `max` topics and `max_bytes` bytes.
     pub fn with_bytes(max: usize, max_bytes: usize) -> Self {
+        RetainedStore::with_limits(max, max_bytes, usize::MAX)
+    }
+
+    /// An empty store holding at most `max` topics, `max_bytes` bytes and `max_per_client`
+    /// topics owned by one client id (0: no limit).
+    pub fn with_limits(max: usize, max_bytes: usize, max_per_client: usize) -> Self {
         RetainedStore {
-            by_topic: RwLock::new(HashMap::new()),
+            by_topic: RwLock::new(Topics::default()),
             max,
             max_bytes,
             bytes: std::sync::atomic::AtomicUsize::new(0),
+            max_per_client: if max_per_client == 0 { usize::MAX } else { max_per_client },
         }
     }
 
     /// Whether a retained message of `payload_len` bytes on `topic` would fit the byte
     /// budget now (replacing the topic's current one).
     pub fn has_room(&self, topic: &str, payload_len: usize) -> bool {
+        self.room_for(None, topic, payload_len).is_ok()
+    }
+
+    /// Whether a retained message of `payload_len` bytes on `topic` from `client` (when
+    /// known) would be kept now: the byte budget and the client's share of topics.
+    pub fn room_for(
+        &self,
+        client: Option<&str>,
+        topic: &str,
+        payload_len: usize,
+    ) -> Result<(), NoRoom> {
         use std::sync::atomic::Ordering;
-        if payload_len == 0 || self.max_bytes == usize::MAX {
-            return true;
+        if payload_len == 0 || (self.max_bytes == usize::MAX && self.max_per_client == usize::MAX) {
+            return Ok(());
         }
-        let map = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
-        let old = map.get(topic).map_or(0, |m| size(&m.topic, m.payload.len()));
-        self.bytes.load(Ordering::Relaxed) - old + size(topic, payload_len) <= self.max_bytes
+        let topics = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        let old = topics.map.get(topic).map_or(0, |m| size(&m.topic, m.payload.len()));
+        if self.bytes.load(Ordering::Relaxed) - old + size(topic, payload_len) > self.max_bytes {
+            return Err(NoRoom::Bytes);
+        }
+        match client {
+            Some(c) if !topics.share_left(c, topic, self.max_per_client) => Err(NoRoom::PerClient),
+            _ => Ok(()),
+        }
     }
 
     /// Stores `msg` as its topic's value, or clears the topic if the payload is empty.
     pub fn set(&self, msg: &Message) -> Retained {
-        let mut map = self.by_topic.write().unwrap_or_else(|p| p.into_inner());
+        let mut topics = self.by_topic.write().unwrap_or_else(|p| p.into_inner());
         use std::sync::atomic::Ordering;
         if msg.payload.is_empty() {
-            return match map.remove(&msg.topic) {
+            return match topics.map.remove(&msg.topic) {
                 Some(old) => {
                     self.bytes.fetch_sub(size(&old.topic, old.payload.len()), Ordering::Relaxed);
+                    topics.disown(&old.client_id);
                     Retained::Cleared
                 }
                 None => Retained::Unchanged,
             };
         }
-        if map.len() >= self.max && !map.contains_key(&msg.topic) {
+        if topics.map.len() >= self.max && !topics.map.contains_key(&msg.topic) {
             return Retained::Full;
         }
-        let old = map.get(&msg.topic).map_or(0, |m| size(&m.topic, m.payload.len()));
+        if !topics.share_left(&msg.client_id, &msg.topic, self.max_per_client) {
+            return Retained::Full;
+        }
+        let old = topics.map.get(&msg.topic).map_or(0, |m| size(&m.topic, m.payload.len()));
         let new = size(&msg.topic, msg.payload.len());
         if self.bytes.load(Ordering::Relaxed) - old + new > self.max_bytes {
             return Retained::Full;
@@ -95,23 +177,70 @@ impl RetainedStore {
         // value does not keep a whole buffer alive.
         let mut kept = msg.clone();
         kept.payload = bytes::Bytes::copy_from_slice(&msg.payload);
-        map.insert(msg.topic.clone(), Arc::new(kept));
+        if let Some(previous) = topics.map.insert(msg.topic.clone(), Arc::new(kept)) {
+            topics.disown(&previous.client_id);
+        }
+        topics.own(&msg.client_id);
         Retained::Stored
     }
 
     /// The retained messages whose topics match `filter`.
     pub fn matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        let map = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
-        map.values().filter(|m| crate::mqtt::topic::matches(filter, &m.topic)).cloned().collect()
+        let topics = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        topics
+            .map
+            .values()
+            .filter(|m| crate::mqtt::topic::matches(filter, &m.topic))
+            .cloned()
+            .collect()
     }
 
     /// Number of topics with a retained message.
     pub fn len(&self) -> usize {
-        self.by_topic.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.by_topic.read().unwrap_or_else(|p| p.into_inner()).map.len()
     }
 
     /// True when no topic has a retained message.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::codec::QoS;
+
+    fn msg(client: &str, topic: &str, payload: &'static [u8]) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(payload),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            client_id: Arc::from(client),
+            username: None,
+            properties: crate::mqtt::codec::Properties::default().into(),
+            received: std::time::Instant::now(),
+            packet_id: None,
+        }
+    }
+
+    #[test]
+    fn a_client_owns_the_topics_it_set_last() {
+        let r = RetainedStore::with_limits(100, usize::MAX, 2);
+        assert_eq!(r.set(&msg("a", "t/1", b"x")), Retained::Stored);
+        assert_eq!(r.set(&msg("a", "t/2", b"x")), Retained::Stored);
+        assert_eq!(r.room_for(Some("a"), "t/3", 1), Err(NoRoom::PerClient));
+        assert_eq!(r.set(&msg("a", "t/3", b"x")), Retained::Full);
+        // Its own topics can be replaced; others still have their share.
+        assert_eq!(r.room_for(Some("a"), "t/1", 1), Ok(()));
+        assert_eq!(r.set(&msg("a", "t/1", b"y")), Retained::Stored);
+        // b takes t/1 over: a owns one topic now, b one.
+        assert_eq!(r.set(&msg("b", "t/1", b"z")), Retained::Stored);
+        assert_eq!(r.set(&msg("a", "t/3", b"x")), Retained::Stored);
+        // Clearing gives the share back.
+        assert_eq!(r.set(&msg("a", "t/3", b"")), Retained::Cleared);
+        assert_eq!(r.room_for(Some("a"), "t/4", 1), Ok(()));
+        assert_eq!(r.len(), 2);
     }
 }

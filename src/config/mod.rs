@@ -78,6 +78,10 @@ pub struct StoreConfig {
     /// (`mqgate_messages_dropped{reason="dead_letters_full"}`).
     #[serde(default = "default_max_dead_letters")]
     pub max_dead_letters: usize,
+    /// Most bytes of dead letters kept (as stored); a new one beyond evicts the oldest ones
+    /// (`mqgate_messages_dropped{reason="dead_letters_full"}`).
+    #[serde(default = "default_max_dead_letter_bytes")]
+    pub max_dead_letter_bytes: ByteSize,
 }
 
 /// `mqtt:`: the device-facing listener.
@@ -219,6 +223,18 @@ pub struct MqttConfig {
     /// How long a remembered password check stays valid (default 10m).
     #[serde(default = "default_login_cache_ttl")]
     pub login_cache_ttl: HumanDuration,
+    /// Retained topics one client id may own (default 10,000; 0: no limit). A topic belongs
+    /// to the client that last set its value; beyond it a retained PUBLISH for a new topic is
+    /// refused like one beyond `max_retained_bytes`, counted in
+    /// `messages_dropped{reason="retained_per_client_full"}`.
+    #[serde(default = "default_max_retained_per_client")]
+    pub max_retained_per_client: usize,
+    /// Bytes (topics and payloads) of deliveries taken into a client's write buffer at once
+    /// (default 4 MiB; one delivery alone always goes). The rest waits in the session queue,
+    /// bounded by `max_queued_bytes` (beyond: dropped and counted); a client that does not
+    /// read is disconnected after `write_timeout`.
+    #[serde(default = "default_max_outbound_bytes")]
+    pub max_outbound_bytes: ByteSize,
 }
 
 const fn default_zero_bytes() -> ByteSize {
@@ -394,6 +410,12 @@ pub struct AclEntryConfig {
 const fn default_max_queued_bytes() -> ByteSize {
     ByteSize(8 * 1024 * 1024)
 }
+const fn default_max_outbound_bytes() -> ByteSize {
+    ByteSize(4 * 1024 * 1024)
+}
+const fn default_max_retained_per_client() -> usize {
+    10_000
+}
 const fn default_max_retained_bytes() -> ByteSize {
     ByteSize(64 * 1024 * 1024)
 }
@@ -414,6 +436,9 @@ const fn default_idle_timeout() -> HumanDuration {
 }
 const fn default_shutdown_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+const fn default_max_dead_letter_bytes() -> ByteSize {
+    ByteSize(crate::deadletters::DEFAULT_MAX_BYTES)
 }
 const fn default_max_dead_letters() -> usize {
     crate::deadletters::DEFAULT_LIMIT

@@ -175,6 +175,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         Ok(())
     }
 
+    /// Bytes queued and not yet written.
+    pub fn pending_write_bytes(&self) -> usize {
+        self.wbuf.len()
+    }
+
     /// True when queued bytes wait to be written.
     pub fn has_pending_writes(&self) -> bool {
         !self.wbuf.is_empty()

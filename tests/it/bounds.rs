@@ -176,3 +176,129 @@ async fn puback_code(c: &mut RawClient) -> ReasonCode {
         other => panic!("expected PUBACK, got {other:?}"),
     }
 }
+
+/// Polls the metrics until `line` appears (values counted without waiting for the disk).
+async fn wait_metric(app: &mqgate::app::App, line: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(app).await;
+        if m.contains(line) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "never saw {line}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_beyond_max_dead_letter_bytes_evict_the_oldest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hook =
+        crate::support::webhook::Webhook::start(|_, _| crate::support::webhook::Reply::Status(404))
+            .await;
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\n  max_dead_letter_bytes: 5KiB\nhttp:\n  api:\n    url: \"http://{}\"\nrules:\n  - name: hooks\n    from: \"h/#\"\n    to:\n      - http:\n          endpoint: api\n          path: /missing\n",
+        dir.path().display(),
+        hook.addr
+    );
+    let app = gateway(&yaml).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("dl")).await;
+    // Ten letters of a bit more than 1 KiB each: 5 KiB keeps four of them.
+    let payload = vec![b'd'; 1024];
+    for i in 1..=10u16 {
+        c.publish(&format!("h/{i}"), QoS::AtLeastOnce, i, &payload).await;
+        assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
+    }
+    let m =
+        wait_metric(&app, "mqgate_messages_dropped_total{reason=\"dead_letters_full\"} 6").await;
+    assert!(m.contains("mqgate_dead_letters 4\n"), "{m}");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_owns_at_most_max_retained_per_client_topics() {
+    let app = gateway(&config("  max_retained_per_client: 2\n")).await;
+    let retain = |topic: &str, id: u16, payload: &[u8]| {
+        let mut p = publish_packet(topic, QoS::AtLeastOnce, id, payload);
+        p.retain = true;
+        Packet::Publish(p)
+    };
+    let greedy = unique("greedy");
+    let mut c5 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &greedy).await;
+    for (i, topic) in ["own/1", "own/2"].into_iter().enumerate() {
+        c5.send(&retain(topic, i as u16 + 1, b"v")).await;
+        assert!(puback_code(&mut c5).await.is_success());
+    }
+    c5.send(&retain("own/3", 3, b"v")).await;
+    assert_eq!(puback_code(&mut c5).await, ReasonCode::QUOTA_EXCEEDED, "a third topic");
+    c5.send(&retain("own/1", 4, b"v2")).await;
+    assert!(puback_code(&mut c5).await.is_success(), "its own topic can be replaced");
+    // Another client has its own share, and clearing a topic gives one back.
+    let mut other = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("o")).await;
+    other.send(&retain("own/3", 1, b"w")).await;
+    assert!(puback_code(&mut other).await.is_success());
+    c5.send(&retain("own/2", 5, b"")).await;
+    assert!(puback_code(&mut c5).await.is_success());
+    c5.send(&retain("own/4", 6, b"v")).await;
+    assert!(puback_code(&mut c5).await.is_success());
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("s")).await;
+    sub.subscribe("own/#", QoS::AtMostOnce).await;
+    let mut topics = Vec::new();
+    while let Ok(Some(Packet::Publish(p))) = sub.recv_within(Duration::from_millis(300)).await {
+        topics.push(p.topic.clone());
+    }
+    topics.sort();
+    assert_eq!(topics, vec!["own/1", "own/3", "own/4"]);
+    let m = metrics(&app).await;
+    assert!(
+        m.contains("mqgate_messages_dropped_total{reason=\"retained_per_client_full\"} 1"),
+        "{m}"
+    );
+    app.stop().await;
+}
+
+/// The sum of the `mqgate_messages_dropped_total` lines of `m` whose reason is in `reasons`.
+fn dropped(m: &str, reasons: &[&str]) -> u64 {
+    reasons
+        .iter()
+        .filter_map(|r| {
+            let prefix = format!("mqgate_messages_dropped_total{{reason=\"{r}\"}} ");
+            m.lines().find_map(|l| l.strip_prefix(prefix.as_str())?.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// The value of the metric line starting with `name ` in `m`.
+fn gauge(m: &str, name: &str) -> Option<u64> {
+    m.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_does_not_read_gets_at_most_max_outbound_bytes_written_at_once() {
+    let app = gateway(&config("  max_outbound_bytes: 64KiB\n")).await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("stuck")).await;
+    sub.subscribe("flood/#", QoS::AtMostOnce).await;
+    // 600 × 32 KiB: more than the sockets hold; the subscriber reads nothing meanwhile.
+    let mut p = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("flood")).await;
+    let payload = vec![b'f'; 32 * 1024];
+    const SENT: u64 = 600;
+    for _ in 0..SENT {
+        p.publish("flood/x", QoS::AtMostOnce, 0, &payload).await;
+    }
+    p.send(&Packet::PingReq).await;
+    assert!(matches!(p.recv().await, Some(Packet::PingResp)), "every PUBLISH was read");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Now it reads. What waited was in the bounded session queue (the rest dropped and
+    // counted), never more than 64 KiB (and one delivery) in its write buffer.
+    let mut got = 0u64;
+    while let Ok(Some(Packet::Publish(_))) = sub.recv_within(Duration::from_millis(1000)).await {
+        got += 1;
+    }
+    let m = metrics(&app).await;
+    let queue = dropped(&m, &["subscriber_queue_full", "session_queue_full"]);
+    let peak = gauge(&m, "mqgate_write_buffer_peak_bytes").expect("the peak is exported");
+    eprintln!("sent {SENT}: delivered {got}, queue full {queue}, write buffer peak {peak} bytes");
+    assert!(peak > 0 && peak <= 64 * 1024 + 33 * 1024, "write buffer peak {peak}");
+    assert_eq!(got + queue, SENT, "got {got}, dropped {queue}");
+    app.stop().await;
+}

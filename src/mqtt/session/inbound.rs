@@ -235,11 +235,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             return None;
         }
-        if p.retain && !shared.broker.retained_has_room(&p.topic, p.payload.len()) {
-            shared.metrics.dropped("retained_bytes_full");
+        let refused = if p.retain {
+            shared.broker.retained_refusal(&self.client_id, &p.topic, p.payload.len())
+        } else {
+            None
+        };
+        if let Some(reason) = refused {
+            shared.metrics.dropped(reason);
             if self.version == ProtocolVersion::V5 {
                 // Refused whole: MQTT 5 can say why (0x97), nothing is routed.
-                debug!(client_id = %crate::logtext::LogText(&self.client_id), "retained PUBLISH refused: mqtt.max_retained_bytes");
+                debug!(client_id = %crate::logtext::LogText(&self.client_id), "retained PUBLISH refused: mqtt.max_retained_bytes or max_retained_per_client");
                 if p.qos != QoS::AtMostOnce {
                     if p.qos == QoS::ExactlyOnce {
                         self.pending.awaiting_rel.insert(p.packet_id);

@@ -103,6 +103,8 @@ pub struct SessionLimits {
     pub connect_burst_per_address: u32,
     /// `mqtt.login_*`: per-address failure backoff and the cache of successful checks.
     pub logins: crate::auth::backoff::LoginLimits,
+    /// `mqtt.max_outbound_bytes`: deliveries (topics and payloads) in the write buffer.
+    pub max_outbound_bytes: usize,
 }
 
 impl SessionLimits {
@@ -142,6 +144,7 @@ impl SessionLimits {
                 cache_size: c.login_cache_size,
                 cache_ttl: c.login_cache_ttl.0,
             },
+            max_outbound_bytes: usize::try_from(c.max_outbound_bytes.0).unwrap_or(usize::MAX),
         }
     }
 }
@@ -604,11 +607,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         if !self.out.has_room() {
                             break;
                         }
-                        match self.out.state.subscriber.queue.try_recv() {
+                        // `mqtt.max_outbound_bytes`: what does not fit waits in the queue.
+                        let room = self.outbound_room();
+                        match self.out.state.subscriber.queue.try_recv_within(room) {
                             Some(out) => self.deliver(out),
                             None => break,
                         }
                     }
+                    self.note_write_buffer();
                 }
                 Event::Keepalive if self.draining => {
                     warn!(parent: &self.span(), unacknowledged = self.pending.len(),

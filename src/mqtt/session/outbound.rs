@@ -251,6 +251,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         })
     }
 
+    /// Bytes of deliveries the write buffer may still take before it is written
+    /// (`mqtt.max_outbound_bytes`; the first delivery of a batch always goes).
+    pub(super) fn outbound_room(&self) -> usize {
+        self.shared.limits.max_outbound_bytes.saturating_sub(self.conn.pending_write_bytes())
+    }
+
+    /// Records the write buffer's size after a batch of deliveries in the high-water mark
+    /// `mqgate_write_buffer_peak_bytes`.
+    pub(super) fn note_write_buffer(&self) {
+        let held = i64::try_from(self.conn.pending_write_bytes()).unwrap_or(i64::MAX);
+        let peak = self.shared.metrics.write_buffer_peak.inner();
+        peak.fetch_max(held, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Queues a PUBLISH to the client; false (counted) if it cannot be sent at all.
     fn queue_publish(&mut self, publish: Publish) -> bool {
         match self.conn.queue(&Packet::Publish(publish)) {
