@@ -776,6 +776,12 @@ impl Broker {
     pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
         self.retained.matching(filter)
     }
+
+    /// At most `limit` retained messages whose topics match `filter` (see
+    /// [`RetainedStore::matching_at_most`]): a SUBSCRIBE asks for no more than its queue holds.
+    pub fn retained_matching_at_most(&self, filter: &str, limit: usize) -> Vec<Arc<Message>> {
+        self.retained.matching_at_most(filter, limit)
+    }
 }
 
 #[cfg(test)]

@@ -203,6 +203,11 @@ impl Queue {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// How many more messages fit now by count (the byte bound may take fewer).
+    pub fn room(&self) -> usize {
+        self.capacity.saturating_sub(self.len())
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,10 @@
 //! payloads) and `mqtt.max_retained_per_client` (topics one client id owns: a topic belongs to
 //! the client that last set its value, the `client_id` of the message kept); with a store, the broker also writes each change
 //! to it (`persist.rs`) and loads them back at start (`restore.rs`). No I/O, and the lock is
-//! held for one map operation or one scan, never across an `.await`.
+//! held for one map operation or one bounded scan, never across an `.await`. Topics are kept
+//! sorted, so a filter is looked up by its literal prefix (the levels before its first
+//! wildcard) rather than by a scan of every topic, and a subscriber's lookup stops once it has
+//! as many messages as its queue has room for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -61,8 +64,9 @@ impl NoRoom {
 /// The retained messages and their owners' counts, under one lock.
 #[derive(Debug, Default)]
 struct Topics {
-    /// Messages by topic; a topic's owner is its message's `client_id`.
-    map: HashMap<String, Arc<Message>>,
+    /// Messages by topic, sorted (lookups by a filter's literal prefix); a topic's owner is
+    /// its message's `client_id`.
+    map: std::collections::BTreeMap<String, Arc<Message>>,
     /// Topics owned, by client id (no entry for none).
     owned: HashMap<Arc<str>, usize>,
 }
@@ -195,6 +199,27 @@ impl RetainedStore {
             .collect()
     }
 
+    /// At most `limit` retained messages whose topics match `filter`: a filter without
+    /// wildcards is one lookup; one with wildcards scans only the topics that start with its
+    /// literal prefix, and stops at `limit` matches. The lock is held for that walk only.
+    pub fn matching_at_most(&self, filter: &str, limit: usize) -> Vec<Arc<Message>> {
+        if limit == 0 {
+            return Vec::new();
+        }
+        let topics = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        let map = &topics.map;
+        if !filter.contains(['+', '#']) {
+            return map.get(filter).cloned().into_iter().collect();
+        }
+        let prefix = literal_prefix(filter);
+        map.range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .take_while(|(topic, _)| topic.starts_with(prefix))
+            .filter(|(topic, _)| crate::mqtt::topic::matches(filter, topic))
+            .take(limit)
+            .map(|(_, m)| Arc::clone(m))
+            .collect()
+    }
+
     /// Number of topics with a retained message.
     pub fn len(&self) -> usize {
         self.by_topic.read().unwrap_or_else(|p| p.into_inner()).map.len()
@@ -204,6 +229,13 @@ impl RetainedStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// The levels of a wildcard `filter` before its first wildcard, without the separator that
+/// ends them ("a/b" for "a/b/+/c" and "a/b/#", "" for "#"): every topic it matches starts so.
+fn literal_prefix(filter: &str) -> &str {
+    let first = filter.find(['+', '#']).unwrap_or(filter.len());
+    filter[..first].strip_suffix('/').unwrap_or(&filter[..first])
 }
 
 #[cfg(test)]
@@ -242,5 +274,44 @@ mod tests {
         assert_eq!(r.set(&msg("a", "t/3", b"")), Retained::Cleared);
         assert_eq!(r.room_for(Some("a"), "t/4", 1), Ok(()));
         assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn lookup_by_filter_matches_a_full_scan_and_stops_at_the_limit() {
+        let store = RetainedStore::new(100_000);
+        for t in ["a", "a/b", "a/b/c", "a/bc", "a/b/c/d", "b/x", "$SYS/up", "ab/c"] {
+            store.set(&msg("c", t, b"v"));
+        }
+        for filter in ["#", "a/#", "a/b/#", "a/+", "+/c", "a/b/+/d", "+", "a/b", "$SYS/#", "x/#"] {
+            let mut want: Vec<String> =
+                store.matching(filter).iter().map(|m| m.topic.clone()).collect();
+            let mut got: Vec<String> = store
+                .matching_at_most(filter, usize::MAX)
+                .iter()
+                .map(|m| m.topic.clone())
+                .collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "{filter}");
+        }
+        assert_eq!(store.matching_at_most("#", 2).len(), 2);
+        assert!(store.matching_at_most("#", 0).is_empty());
+    }
+
+    #[test]
+    fn a_narrow_filter_does_not_walk_every_topic() {
+        let store = RetainedStore::new(1_000_000);
+        for i in 0..200_000 {
+            store.set(&msg("c", &format!("other/{i}"), b"v"));
+        }
+        store.set(&msg("c", "mine/1", b"v"));
+        let start = std::time::Instant::now();
+        for _ in 0..10_000 {
+            assert_eq!(store.matching_at_most("mine/#", 100).len(), 1);
+            assert_eq!(store.matching_at_most("#", 100).len(), 100);
+        }
+        // 20,000 lookups among 200,000 topics; a full scan each would take minutes.
+        let took = start.elapsed();
+        assert!(took < std::time::Duration::from_secs(5), "{took:?}");
     }
 }

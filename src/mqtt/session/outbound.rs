@@ -451,7 +451,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Some(end);
         }
         for (filter, granted) in retained {
-            for msg in self.shared.broker.retained_matching(&filter) {
+            // No more than the queue has room for: the rest would be dropped anyway, and a
+            // client re-subscribing `#` in a loop must not copy every retained message each time.
+            let room = self.out.state.subscriber.queue.room();
+            for msg in self.shared.broker.retained_matching_at_most(&filter, room) {
                 let out = Outbound {
                     qos: msg.qos.min(granted),
                     msg,
