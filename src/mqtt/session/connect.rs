@@ -46,6 +46,8 @@ pub(super) struct Connected {
     pub problem_info: bool,
     /// The client's Receive Maximum (MQTT 5), caps our outbound window.
     pub client_receive_maximum: Option<u16>,
+    /// The client's Topic Alias Maximum (MQTT 5): aliases we may set on deliveries.
+    pub client_topic_alias_maximum: u16,
 }
 
 /// Runs the handshake. `Ok(None)`: the connection must close (an answer may be queued).
@@ -286,6 +288,10 @@ where
         will: connect.will.clone(),
         problem_info: connect.properties.request_problem_information != Some(0),
         client_receive_maximum: connect.properties.receive_maximum,
+        client_topic_alias_maximum: match version {
+            ProtocolVersion::V5 => connect.properties.topic_alias_maximum.unwrap_or(0),
+            ProtocolVersion::V311 => 0,
+        },
     }))
 }
 

@@ -419,21 +419,58 @@ impl DelayedWill {
     }
 }
 
-/// The topic aliases an MQTT 5 client set on this connection (client to server only; we do
-/// not send aliases). At most `mqtt.topic_alias_maximum`, advertised in CONNACK.
+/// The topic aliases of this MQTT 5 connection: the ones the client sets (at most
+/// `mqtt.topic_alias_maximum`, advertised in CONNACK) and the ones we set on deliveries (at
+/// most the client's Topic Alias Maximum from CONNECT; the first topics delivered get one,
+/// later ones go by name once they are all taken).
 #[derive(Debug, Default)]
 pub(super) struct TopicAliases {
-    /// Topic by alias - 1; grows up to `maximum` as the client uses aliases. Boxed, and made
-    /// on the first alias: most clients never set one, and every session carries this field.
-    #[allow(clippy::box_collection, reason = "8 bytes per session instead of 24")]
-    topics: Option<Box<Vec<Option<String>>>>,
+    /// Both tables, boxed together and made on the first alias: most clients use none, and
+    /// every session carries this field.
+    tables: Option<Box<AliasTables>>,
     /// Our Topic Alias Maximum.
     maximum: u16,
+    /// The client's Topic Alias Maximum: aliases we may set on deliveries.
+    client_maximum: u16,
+}
+
+#[derive(Debug, Default)]
+struct AliasTables {
+    /// Client to server: topic by alias - 1; grows up to `maximum` as the client uses them.
+    inbound: Vec<Option<String>>,
+    /// Server to client: the alias of each topic given one.
+    outbound: std::collections::HashMap<String, u16>,
 }
 
 impl TopicAliases {
-    pub(super) fn new(maximum: u16) -> Self {
-        TopicAliases { topics: None, maximum }
+    pub(super) fn new(maximum: u16, client_maximum: u16) -> Self {
+        TopicAliases { tables: None, maximum, client_maximum }
+    }
+
+    /// For a delivery of `publish` (MQTT 5): the topic's alias replaces its name when it has
+    /// one; a topic without one gets the next free alias, set on this PUBLISH (name and alias)
+    /// and returned, to be recorded with [`record`](Self::record) once the PUBLISH is queued.
+    pub(super) fn outbound(&mut self, publish: &mut Publish) -> Option<u16> {
+        if self.client_maximum == 0 {
+            return None;
+        }
+        let tables = self.tables.get_or_insert_with(Box::default);
+        if let Some(alias) = tables.outbound.get(&publish.topic) {
+            publish.properties.topic_alias = Some(*alias);
+            publish.topic.clear();
+            return None;
+        }
+        let next = u16::try_from(tables.outbound.len()).ok()?.checked_add(1)?;
+        if next > self.client_maximum {
+            return None;
+        }
+        publish.properties.topic_alias = Some(next);
+        Some(next)
+    }
+
+    /// Records that `topic` now has `alias` on this connection (its PUBLISH was queued).
+    pub(super) fn record(&mut self, topic: String, alias: u16) {
+        self.tables.get_or_insert_with(Box::default).outbound.insert(topic, alias);
     }
 
     /// Sets (non-empty topic) or applies (empty topic) `alias`, per MQTT 5 §3.3.2.3.4.
@@ -449,7 +486,7 @@ impl TopicAliases {
             ));
         }
         let slot = usize::from(alias - 1);
-        let topics = self.topics.get_or_insert_with(Box::default);
+        let topics = &mut self.tables.get_or_insert_with(Box::default).inbound;
         if topic.is_empty() {
             match topics.get(slot).and_then(Option::as_ref) {
                 Some(known) => topic.clone_from(known),

@@ -439,7 +439,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             out,
             resend_due,
             rule_hits: Vec::new(),
-            aliases: inbound::TopicAliases::new(shared.limits.topic_alias_maximum),
+            aliases: inbound::TopicAliases::new(
+                shared.limits.topic_alias_maximum,
+                connected.client_topic_alias_maximum,
+            ),
             blocked: Vec::new(),
             held: None,
             draining: false,

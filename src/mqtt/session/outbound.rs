@@ -144,7 +144,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             QoS::AtMostOnce => 0,
             _ => self.out.next_packet_id(),
         };
-        let Some(publish) = self.publish_for(
+        let Some(mut publish) = self.publish_for(
             &out.msg,
             out.qos,
             out.retain,
@@ -157,7 +157,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.shared.broker.unstore(&self.out.state.subscriber, out.stored);
             return;
         };
+        // MQTT 5 server-to-client topic aliases (resends after a reconnect go by name).
+        let new_alias = self.aliases.outbound(&mut publish);
         let sent = self.queue_publish(publish);
+        if let (true, Some(alias)) = (sent, new_alias) {
+            self.aliases.record(out.msg.topic.clone(), alias);
+        }
         if !sent || packet_id == 0 {
             // QoS 0 is taken on hand-off; a PUBLISH that cannot be sent failed.
             tracking::finish(out.ticket, if sent { Fate::Taken } else { Fate::Failed });
