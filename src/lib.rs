@@ -10,6 +10,7 @@ pub mod config;
 pub mod deadletters;
 pub mod listeners;
 pub mod logtext;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;
