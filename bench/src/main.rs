@@ -44,6 +44,7 @@
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
+//! target/release/mqgate-bench --mode attack --repeat 2   # pathological inputs (attack.rs)
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
