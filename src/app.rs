@@ -121,9 +121,11 @@ impl App {
             shutdown: &sinks_shutdown,
             tasks: &mut tasks,
             systems: &mut systems,
+            connect: true,
         };
         kinds::start_systems(&config, &mut starting)?;
         let mut rules = RuleSet::compile(&config, &systems, &metrics)?;
+        rules.start();
         if let Some(dl) = &dead_letters {
             rules.record_dead_letters(dl);
         }
