@@ -11,6 +11,7 @@ pub mod deadletters;
 pub mod dryrun;
 pub mod listeners;
 pub mod logtext;
+pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;

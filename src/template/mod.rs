@@ -643,6 +643,7 @@ mod tests {
 
     fn msg(topic: &str, payload: &'static [u8]) -> Arc<Message> {
         Arc::new(Message {
+            charge: Default::default(),
             topic: topic.to_owned(),
             payload: Bytes::from_static(payload),
             qos: QoS::AtLeastOnce,

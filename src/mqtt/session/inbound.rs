@@ -256,7 +256,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             // 3.1.1 cannot be told: delivered live, not kept as the topic's last value.
         }
+        if shared.memory.over() {
+            // `mqtt.max_memory`: QoS 0 is dropped; QoS 1/2 is taken and its publisher paused.
+            if p.qos == QoS::AtMostOnce {
+                shared.metrics.dropped("max_memory");
+                return None;
+            }
+            self.memory_paused = true;
+        }
+        let charge = shared.memory.charge(p.topic.len() + p.payload.len());
         let msg = Arc::new(Message {
+            charge,
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
@@ -360,6 +370,7 @@ pub(super) async fn publish_will(
     span: &tracing::Span,
 ) {
     let msg = Arc::new(Message {
+        charge: Default::default(),
         topic: will.topic,
         payload: will.payload,
         qos: will.qos,
