@@ -328,7 +328,7 @@ fn plain(v: &serde_json::Value) -> String {
 }
 
 /// Builds the message a dry-run or an HTTP publish carries (no packet id: it did not come
-/// in as an MQTT PUBLISH).
+/// in as an MQTT PUBLISH; no memory charge: the publish API sets its own).
 pub fn message(
     topic: String,
     payload: bytes::Bytes,
@@ -337,8 +337,8 @@ pub fn message(
     user: Option<&str>,
     client_id: &str,
     properties: crate::mqtt::codec::PublishProperties,
-) -> Arc<Message> {
-    Arc::new(Message {
+) -> Message {
+    Message {
         topic,
         payload,
         qos,
@@ -348,5 +348,6 @@ pub fn message(
         properties,
         received: std::time::Instant::now(),
         packet_id: None,
-    })
+        charge: Default::default(),
+    }
 }

@@ -304,7 +304,7 @@ fn route(config: &Config, p: RouteProbe, json: bool) -> anyhow::Result<String> {
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
     };
-    let msg = mqgate::dryrun::message(
+    let msg = std::sync::Arc::new(mqgate::dryrun::message(
         p.topic,
         payload,
         qos,
@@ -312,7 +312,7 @@ fn route(config: &Config, p: RouteProbe, json: bool) -> anyhow::Result<String> {
         p.user.as_deref(),
         &p.client_id,
         properties,
-    );
+    ));
     // The HTTP kind builds its clients (and reads their TLS files) in a runtime's context;
     // nothing is spawned on it.
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -81,7 +81,7 @@ pub struct Answer {
     /// invalid message (0x81, 0x90 topic, 0x99 payload format), 401 wrong user or password
     /// (0x86), 403 refused by the ACL or client id (0x87), 413 too large (0x95), 429 over the
     /// publish rate (0x96), 502 a target refused it for good (its code, 0x83 by default), 503
-    /// a target is unavailable (0x89: try again), 507 the retained store's quota (0x97).
+    /// a target is unavailable or `mqtt.max_memory` is reached (0x89: try again), 507 the retained store's quota (0x97).
     pub status: u16,
     /// The MQTT 5 reason code a PUBACK (or CONNACK) would carry.
     pub reason_code: u8,
@@ -291,7 +291,15 @@ fn admit(
             ));
         }
     }
-    Ok(crate::dryrun::message(
+    if shared.memory.over() {
+        // `mqtt.max_memory`: a client would be paused (QoS 1/2) or its message dropped (QoS 0);
+        // an HTTP publisher is told to come back.
+        shared.metrics.dropped("max_memory");
+        let reason = "mqtt.max_memory reached: try again";
+        return Err(Answer::new(StatusCode::SERVICE_UNAVAILABLE, ReasonCode::SERVER_BUSY, reason)
+            .retry(Duration::from_secs(1)));
+    }
+    let mut msg = crate::dryrun::message(
         parts.topic,
         parts.payload,
         parts.qos,
@@ -299,7 +307,9 @@ fn admit(
         user,
         &client_id,
         parts.properties,
-    ))
+    );
+    msg.charge = shared.memory.charge(size);
+    Ok(Arc::new(msg))
 }
 
 /// Waits for a routed message's outcomes and answers as a PUBACK would.

@@ -29,7 +29,7 @@ pub async fn route(State(state): State<AdminState>, bytes: Bytes) -> Response {
         Ok(p) => p,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.reason),
     };
-    let msg = crate::dryrun::message(
+    let msg = std::sync::Arc::new(crate::dryrun::message(
         parts.topic,
         parts.payload,
         parts.qos,
@@ -37,7 +37,7 @@ pub async fn route(State(state): State<AdminState>, bytes: Bytes) -> Response {
         user.as_deref(),
         &client_id,
         parts.properties,
-    );
+    ));
     let shared = &state.gateway;
     let report =
         crate::dryrun::explain(&state.rules, &shared.auth, &shared.limits.topic_limits, &msg);
