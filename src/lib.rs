@@ -8,6 +8,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod deadletters;
+pub mod dryrun;
 pub mod listeners;
 pub mod logtext;
 pub mod memory;

@@ -44,6 +44,7 @@ use crate::spool::Spools;
 use prometheus_client::metrics::counter::Counter;
 
 use inbound::PendingQueue;
+pub(crate) use inbound::PublishRate;
 use outbound::OutboundState;
 
 /// Deliveries taken from the outbound queue before the next write.
