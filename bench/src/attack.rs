@@ -43,8 +43,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::ExchangeKind;
 use mqgate::mqtt::codec::{
-    self, Connect, Disconnect, Packet, Properties, ProtocolVersion, Publish, PublishProperties,
-    QoS, Subscribe, SubscribeFilter, SubscriptionOptions,
+    self, Connect, Packet, Properties, ProtocolVersion, Publish, PublishProperties, QoS, Subscribe,
+    SubscribeFilter, SubscriptionOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
@@ -479,7 +479,7 @@ impl Client {
     }
 
     async fn disconnect(mut self) {
-        let _ = self.send(&Packet::Disconnect(Box::new(Disconnect::default()))).await;
+        let _ = self.send(&Packet::Disconnect(Box::default())).await;
         let _ = self.wr.shutdown().await;
     }
 }
