@@ -19,6 +19,7 @@ mod faults;
 mod forwarding;
 mod identity;
 mod idle;
+mod json_logs;
 mod mqtt5;
 mod mqtt5_conformance;
 mod mqtt5_props;
