@@ -23,6 +23,7 @@ mod json_logs;
 mod mqtt5;
 mod mqtt5_conformance;
 mod mqtt5_props;
+mod packaging;
 mod paho;
 mod pathological;
 mod persistence;
