@@ -15,6 +15,7 @@ mod bridge;
 mod cli;
 mod deadletters;
 mod disk_full;
+mod docs;
 mod faults;
 mod forwarding;
 mod identity;
