@@ -1,11 +1,16 @@
-//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, and the dead-letter API
-//! (`dead_letters`: list, show, replay, delete, purge).
+//! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the dead-letter API
+//! (`dead_letters`: list, show, replay, delete, purge), the route dry-run (`route`:
+//! `POST /api/v1/route`) and the HTTP publish API (`publish`: `POST /api/v1/publish`).
 //!
-//! Only the dead-letter routes change anything, and only the dead letters: a replay hands a
-//! message to a target like the spool does, never through a session.
+//! The dead-letter routes change only the dead letters: a replay hands a message to a target
+//! like the spool does, never through a session. A publish goes through `routing::route` as
+//! an MQTT PUBLISH does, with its own context (never a session's internals).
 
+pub mod body;
 mod dead_letters;
 pub mod guard;
+pub mod publish;
+mod route;
 
 pub use dead_letters::iso8601;
 
@@ -14,7 +19,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -43,6 +48,11 @@ pub struct AdminState {
     pub store: Option<Store>,
     /// Host, token and cross-site checks in front of every route.
     pub guard: guard::Guard,
+    /// What sessions share (broker, rules, users and ACL, login backoff, limits): the publish
+    /// API routes through it, the dry-run reads its ACL.
+    pub gateway: Arc<crate::mqtt::session::SessionShared>,
+    /// The publish API's rate buckets, per user and for the token.
+    pub publishers: Arc<publish::Publishers>,
 }
 
 /// The admin routes.
@@ -52,6 +62,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .merge(dead_letters::router())
+        .route("/api/v1/route", post(route::route))
+        .route("/api/v1/publish", post(publish::publish))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
 }
@@ -62,7 +74,8 @@ pub async fn serve(
     state: AdminState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
 }

@@ -121,9 +121,11 @@ impl App {
             shutdown: &sinks_shutdown,
             tasks: &mut tasks,
             systems: &mut systems,
+            connect: true,
         };
         kinds::start_systems(&config, &mut starting)?;
         let mut rules = RuleSet::compile(&config, &systems, &metrics)?;
+        rules.start();
         if let Some(dl) = &dead_letters {
             rules.record_dead_letters(dl);
         }
@@ -209,7 +211,7 @@ impl App {
         );
         let max_connections = config.mqtt.max_connections;
         let mut listener = JoinSet::new();
-        listener.spawn(listener::run(mqtt_listeners, shared, max_connections));
+        listener.spawn(listener::run(mqtt_listeners, Arc::clone(&shared), max_connections));
         let state = AdminState {
             metrics: Arc::clone(&metrics),
             systems: systems.health().to_vec(),
@@ -224,6 +226,8 @@ impl App {
                 &config.admin.allowed_hosts,
                 metrics.admin_refused.clone(),
             ),
+            gateway: shared,
+            publishers: Arc::default(),
         };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {

@@ -602,6 +602,7 @@ mod tests {
 
     fn msg(packet_id: Option<u16>, payload: &'static [u8]) -> Message {
         Message {
+            charge: Default::default(),
             topic: "a/b".into(),
             payload: Bytes::from_static(payload),
             qos: if packet_id.is_some() { QoS::AtLeastOnce } else { QoS::AtMostOnce },

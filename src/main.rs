@@ -54,6 +54,42 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterCommand,
     },
+    /// Show where a message would go, without connecting anywhere: the ACL's decision, the
+    /// rules whose filter matches, each `when:` (and why it does not hold), and what each
+    /// target would send (exchange and routing key, queue, HTTP method, URL, headers and body,
+    /// bridge topic).
+    Route {
+        /// The YAML configuration file.
+        #[arg(short, long, default_value = "config/mqgate.yaml")]
+        config: PathBuf,
+        /// The topic published to.
+        #[arg(long)]
+        topic: String,
+        /// The payload, as text.
+        #[arg(long, conflicts_with = "payload_file")]
+        payload: Option<String>,
+        /// The payload, read from this file.
+        #[arg(long)]
+        payload_file: Option<PathBuf>,
+        /// The QoS.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+        qos: u8,
+        /// The RETAIN flag.
+        #[arg(long)]
+        retain: bool,
+        /// The publishing user (for the ACL and templates); anonymous without.
+        #[arg(long)]
+        user: Option<String>,
+        /// The publishing client's id.
+        #[arg(long, default_value = "mqgate-route")]
+        client_id: String,
+        /// An MQTT 5 user property, NAME=VALUE (repeatable).
+        #[arg(long = "property", value_name = "NAME=VALUE")]
+        properties: Vec<String>,
+        /// Print JSON (as `POST /api/v1/route` answers) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print an argon2 hash of a password, for `password_hash:` under `users:`. The password is
     /// read from stdin (one line; asked twice without echo on a terminal).
     Passwd {
@@ -123,6 +159,46 @@ fn main() -> ExitCode {
             dead_letters(admin, config, json, action)
         }
         Command::Passwd { password } => passwd(password),
+        Command::Route {
+            config,
+            topic,
+            payload,
+            payload_file,
+            qos,
+            retain,
+            user,
+            client_id,
+            properties,
+            json,
+        } => {
+            let loaded = match Config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return ExitCode::from(2);
+                }
+            };
+            let probe = RouteProbe {
+                topic,
+                payload,
+                payload_file,
+                qos,
+                retain,
+                user,
+                client_id,
+                properties,
+            };
+            match route(&loaded, probe, json) {
+                Ok(out) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mqgate route: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { config } => match Config::load(&config) {
             Ok(_) => {
                 println!("{}: ok", config.display());
@@ -204,6 +280,62 @@ fn dead_letters(
             eprintln!("mqgate dead-letters: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The message `mqgate route` explains.
+struct RouteProbe {
+    topic: String,
+    payload: Option<String>,
+    payload_file: Option<PathBuf>,
+    qos: u8,
+    retain: bool,
+    user: Option<String>,
+    client_id: String,
+    properties: Vec<String>,
+}
+
+/// `mqgate route`: the dry-run on the config, nothing started; the report as text or JSON.
+fn route(config: &Config, p: RouteProbe, json: bool) -> anyhow::Result<String> {
+    use anyhow::Context;
+    use mqgate::mqtt::codec::{Properties, QoS};
+    let payload = match (p.payload, &p.payload_file) {
+        (Some(text), _) => bytes::Bytes::from(text),
+        (None, Some(path)) => std::fs::read(path)
+            .map(bytes::Bytes::from)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+        (None, None) => bytes::Bytes::new(),
+    };
+    let mut user_properties = Vec::new();
+    for kv in &p.properties {
+        let (k, v) = kv.split_once('=').context(format!("--property {kv:?}: NAME=VALUE"))?;
+        user_properties.push((k.to_owned(), v.to_owned()));
+    }
+    let properties = Properties { user_properties, ..Properties::default() }.into();
+    let qos = match p.qos {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    };
+    let msg = std::sync::Arc::new(mqgate::dryrun::message(
+        p.topic,
+        payload,
+        qos,
+        p.retain,
+        p.user.as_deref(),
+        &p.client_id,
+        properties,
+    ));
+    // The HTTP kind builds its clients (and reads their TLS files) in a runtime's context;
+    // nothing is spawned on it.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let report = runtime.block_on(async { mqgate::dryrun::offline(config, &msg) })?;
+    if json {
+        let mut text = serde_json::to_string_pretty(&report)?;
+        text.push('\n');
+        Ok(text)
+    } else {
+        Ok(mqgate::dryrun::render_text(&report))
     }
 }
 

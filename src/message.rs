@@ -33,6 +33,9 @@ pub struct Message {
     /// The client's packet id of a QoS 1/2 PUBLISH (a resend carries the same one); `None`
     /// for QoS 0, wills and messages mqgate makes itself. Part of HTTP idempotency keys.
     pub packet_id: Option<u16>,
+    /// What it counts against `mqtt.max_memory` until it is dropped (nothing for messages
+    /// mqgate makes itself, and for clones).
+    pub charge: crate::memory::Charge,
 }
 
 impl Message {

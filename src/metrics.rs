@@ -200,6 +200,10 @@ pub struct Metrics {
     /// The most bytes one connection's write buffer held after taking deliveries
     /// (`mqtt.max_outbound_bytes` bounds it), since start.
     pub write_buffer_peak: Gauge,
+    /// Message bytes held in memory against `mqtt.max_memory` (`crate::memory`).
+    pub memory_bytes: Gauge,
+    /// Times a publisher was paused (not read) at `mqtt.max_memory`.
+    pub memory_pauses: Counter,
 }
 
 /// The store's size and its writer's counters (`store::Stats`), exported as
@@ -325,6 +329,8 @@ impl Metrics {
             login_cache_hits: Counter::default(),
             login_failures: Family::default(),
             write_buffer_peak: Gauge::default(),
+            memory_bytes: Gauge::default(),
+            memory_pauses: Counter::default(),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(Arc::clone(&m.store)));
@@ -468,6 +474,16 @@ impl Metrics {
             "write_buffer_peak_bytes",
             "Most bytes one connection's write buffer held after taking deliveries (mqtt.max_outbound_bytes)",
             m.write_buffer_peak.clone(),
+        );
+        registry.register(
+            "memory_message_bytes",
+            "Message bytes (topics and payloads) received from clients and held in memory, against mqtt.max_memory",
+            m.memory_bytes.clone(),
+        );
+        registry.register(
+            "memory_pauses",
+            "Times a publisher was not read because message bytes held reached mqtt.max_memory",
+            m.memory_pauses.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

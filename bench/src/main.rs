@@ -44,6 +44,7 @@
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
+//! target/release/mqgate-bench --mode attack --repeat 2   # pathological inputs (attack.rs)
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -56,6 +57,7 @@
 #![forbid(unsafe_code)]
 
 mod amqp;
+mod attack;
 mod dial;
 mod downlink;
 mod gateway;
@@ -207,6 +209,9 @@ struct Args {
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
+
+    #[command(flatten)]
+    attack: attack::AttackArgs,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -248,6 +253,9 @@ enum ModeArg {
     /// connections/s (ECDSA P-256, RSA 2048), QoS 1 fan-in over tcp/tls/ws/wss, memory per
     /// idle TLS connection (`--connections`).
     Tls,
+    /// Pathological inputs (issue 13 item 5): an unrelated client's QoS 1 PUBACK latency
+    /// without and with each attack (`--attacks`; see `attack.rs`).
+    Attack,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -425,6 +433,21 @@ async fn run(args: Args) -> Result<bool> {
     }
     if args.mode.contains(&ModeArg::Tls) {
         return run_tls(args).await;
+    }
+    if args.mode.contains(&ModeArg::Attack) {
+        let binary = mqgate_binary(&args)?;
+        let exchange = own_exchange_name();
+        let spec = attack::Spec {
+            attack: &args.attack,
+            binary: &binary,
+            amqp_url: &args.amqp_url,
+            exchange: &exchange,
+            rate: if args.rate == 0 { 1000 } else { args.rate },
+            payload: args.payload as usize,
+            repeat: args.repeat,
+            json: args.json,
+        };
+        return attack::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Downlink) {
         let binary = mqgate_binary(&args)?;

@@ -6,7 +6,8 @@
 //! - **Token**: with `admin.token`, every route but `/healthz` and `/readyz` (and `/metrics`
 //!   with `admin.metrics_public`) needs `Authorization: Bearer TOKEN` (401, compared in
 //!   constant time). Without a token the API is open, which the config allows only on a
-//!   loopback `admin.listen`.
+//!   loopback `admin.listen`. `POST /api/v1/publish` also takes `Authorization: Basic` (a
+//!   `users:` entry, checked by the publish handler as an MQTT CONNECT is) instead.
 //! - **Cross-site writes**: a state-changing request (any method but GET, HEAD, OPTIONS) needs
 //!   `Content-Type: application/json` (415: a cross-origin form post cannot send it without a
 //!   preflight, which this server never grants) and no `Origin` or a same-origin one (403).
@@ -114,7 +115,14 @@ pub async fn check(State(guard): State<Guard>, req: Request, next: Next) -> Resp
         return guard.refuse(StatusCode::MISDIRECTED_REQUEST, "host");
     }
     let public_metrics = path == "/metrics" && guard.inner.metrics_public;
-    if !public_metrics && !guard.token_ok(&req) {
+    // A user's password is checked by the publish handler (argon2, backoff, ACL).
+    let user_publish = path == "/api/v1/publish"
+        && req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().get(..6))
+            .is_some_and(|s| s.eq_ignore_ascii_case(b"basic "));
+    if !public_metrics && !user_publish && !guard.token_ok(&req) {
         let mut r = guard.refuse(StatusCode::UNAUTHORIZED, "token");
         r.headers_mut()
             .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));

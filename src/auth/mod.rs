@@ -101,6 +101,11 @@ impl Authenticator {
         })
     }
 
+    /// Whether clients without a user name may connect (`mqtt.allow_anonymous`).
+    pub fn allows_anonymous(&self) -> bool {
+        self.allow_anonymous
+    }
+
     /// Whether `user` is a configured user (for counting failed logins by reason).
     pub fn has_user(&self, user: &str) -> bool {
         self.users.contains_key(user)

@@ -811,6 +811,7 @@ mod fanout_tests {
             sessions.push(state);
         }
         let msg = Arc::new(Message {
+            charge: Default::default(),
             topic: "fan/out".into(),
             payload: bytes::Bytes::from_static(b"x"),
             qos: QoS::AtMostOnce,

@@ -591,6 +591,7 @@ mod tests {
         let (p, feeder) = Persist::start(store.clone());
         let msg = |payload: &'static [u8]| {
             Arc::new(Message {
+                charge: Default::default(),
                 topic: "r/1".into(),
                 payload: bytes::Bytes::from_static(payload),
                 qos: QoS::AtLeastOnce,
@@ -632,6 +633,7 @@ mod tests {
     #[test]
     fn a_delivery_round_trips_and_keys_sort_per_session() {
         let msg = Message {
+            charge: Default::default(),
             topic: "t/1".into(),
             payload: bytes::Bytes::from_static(b"hello"),
             qos: QoS::ExactlyOnce,

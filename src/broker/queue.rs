@@ -220,6 +220,7 @@ mod tests {
 
     fn out(n: u8) -> Outbound {
         let msg = Arc::new(Message {
+            charge: Default::default(),
             topic: format!("t/{n}"),
             payload: bytes::Bytes::from(vec![n]),
             qos: QoS::AtMostOnce,

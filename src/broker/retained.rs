@@ -245,6 +245,7 @@ mod tests {
 
     fn msg(client: &str, topic: &str, payload: &'static [u8]) -> Message {
         Message {
+            charge: Default::default(),
             topic: topic.into(),
             payload: bytes::Bytes::from_static(payload),
             qos: QoS::AtMostOnce,

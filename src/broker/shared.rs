@@ -180,6 +180,7 @@ mod tests {
 
     fn msg() -> Arc<Message> {
         Arc::new(Message {
+            charge: Default::default(),
             topic: "a/b".into(),
             payload: bytes::Bytes::from_static(b"x"),
             qos: QoS::AtLeastOnce,

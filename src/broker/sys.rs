@@ -46,6 +46,7 @@ pub async fn run(
         ];
         for (topic, value) in stats {
             let msg = Arc::new(Message {
+                charge: Default::default(),
                 topic: topic.to_owned(),
                 payload: Bytes::from(value),
                 qos: QoS::AtMostOnce,

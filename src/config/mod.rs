@@ -235,6 +235,17 @@ pub struct MqttConfig {
     /// read is disconnected after `write_timeout`.
     #[serde(default = "default_max_outbound_bytes")]
     pub max_outbound_bytes: ByteSize,
+    /// One budget for the message bytes (topics and payloads) received from clients and held
+    /// in memory anywhere in mqgate: session queues, in-flight windows, target buffers, the
+    /// retained store (default 512 MiB; 0: no budget). At the budget a QoS 0 PUBLISH is
+    /// dropped and counted (`messages_dropped{reason="max_memory"}`) and a client that sends a
+    /// QoS 1/2 PUBLISH is not read again until the level falls below seven eighths of it.
+    #[serde(default = "default_max_memory")]
+    pub max_memory: ByteSize,
+}
+
+const fn default_max_memory() -> ByteSize {
+    ByteSize(512 * 1024 * 1024)
 }
 
 const fn default_zero_bytes() -> ByteSize {
@@ -578,6 +589,16 @@ impl Config {
         }
         if self.mqtt.max_packet_size < 16 {
             err(&self.mqtt.listen.referenced, "mqtt.max_packet_size must be at least 16".into());
+        }
+        let (memory, retained) = (self.mqtt.max_memory.0, self.mqtt.max_retained_bytes.0);
+        if memory != 0 && memory <= retained.saturating_add(u64::from(self.mqtt.max_packet_size)) {
+            err(
+                &self.mqtt.listen.referenced,
+                format!(
+                    "mqtt.max_memory ({memory} bytes) must be above mqtt.max_retained_bytes plus mqtt.max_packet_size ({} bytes): retained messages count against it",
+                    retained.saturating_add(u64::from(self.mqtt.max_packet_size))
+                ),
+            );
         }
         if self.mqtt.connect_timeout.value.0.is_zero() {
             err(&self.mqtt.connect_timeout.referenced, "mqtt.connect_timeout must be > 0".into());

@@ -105,8 +105,10 @@ pub struct RuleSet {
 }
 
 impl RuleSet {
-    /// Compiles the rules of `config` against the running systems. Kinds may start tasks for
-    /// their targets here (HTTP lanes), so this runs inside the tokio runtime.
+    /// Compiles the rules of `config` against the systems (running, or detached for the route
+    /// dry-run). No side effects: nothing is spawned or connected, so a rule set can be
+    /// compiled and dropped (a dry-run, a refused reload). [`start`](Self::start) starts what
+    /// its targets run.
     pub fn compile(
         config: &Config,
         systems: &Systems,
@@ -142,6 +144,17 @@ impl RuleSet {
             });
         }
         Ok(set)
+    }
+
+    /// Starts what the targets run on their own (HTTP lanes), inside the tokio runtime. Once,
+    /// before the rule set routes anything: a target not started never takes a message off
+    /// its queue.
+    pub fn start(&self) {
+        for rule in &self.rules {
+            for target in &rule.targets {
+                target.start();
+            }
+        }
     }
 
     /// Makes every target of every rule keep the messages that fail for good at it in

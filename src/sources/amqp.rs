@@ -452,6 +452,7 @@ impl<'a> Consumer<'a> {
             }
         };
         let msg = Arc::new(Message {
+            charge: Default::default(),
             topic,
             payload: body.freeze(),
             qos: mapping::qos_for(properties, &s.qos_header, s.qos),

@@ -172,6 +172,7 @@ mod tests {
 
     fn msg(n: u8) -> Arc<Message> {
         Arc::new(Message {
+            charge: Default::default(),
             topic: format!("t/{n}"),
             payload: bytes::Bytes::from(vec![n]),
             qos: QoS::AtLeastOnce,

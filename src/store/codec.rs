@@ -65,6 +65,7 @@ pub fn decode_message(bytes: &[u8]) -> Result<Message, StoreError> {
         .map_err(|e| StoreError::Decode(format!("stored message: {e}")))?;
     let Some(Packet::Publish(p)) = packet else { return Err(bad("not a PUBLISH")) };
     Ok(Message {
+        charge: Default::default(),
         topic: p.topic,
         payload: p.payload,
         qos: p.qos,
@@ -129,6 +130,7 @@ mod tests {
             ..Properties::default()
         };
         Message {
+            charge: Default::default(),
             topic: "a/b/c".into(),
             payload: Bytes::from_static(b"{\"x\":1}"),
             qos,

@@ -44,7 +44,9 @@ pub trait TargetKind {
     fn validate(rule: &str, t: &Self::Config, sections: &dyn Sections, err: &mut Report<'_>);
 
     /// Starts what the kind's targets share (connections to brokers, endpoints' clients), from
-    /// the kind's sections of the config, before any target is built.
+    /// the kind's sections of the config, before any target is built. With `at.connect`
+    /// false (the route dry-run) it only builds the handles its targets need: no task, no
+    /// connection.
     fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()>;
 
     /// Builds target `t` (id `id`) of rule `rule` on the started systems.
@@ -78,6 +80,9 @@ pub struct StartContext<'a> {
     pub tasks: &'a mut JoinSet<()>,
     /// Where the kind keeps its running systems (and their health).
     pub systems: &'a mut Systems,
+    /// False for the route dry-run: build the systems' handles only; spawn nothing, connect
+    /// nowhere.
+    pub connect: bool,
 }
 
 /// What a kind is told once everything is built.

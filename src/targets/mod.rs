@@ -154,6 +154,66 @@ pub trait Target: std::fmt::Debug + Send + Sync {
         ctx: &mut LazyContext,
         hand: &mut Handoff<'_>,
     ) -> Result<(), TemplateError>;
+
+    /// What [`hand_over`](Self::hand_over) would send for `msg`, resolved as it would be
+    /// (templates rendered, names mapped) but sent nowhere: the route dry-run (`mqgate route`,
+    /// `POST /api/v1/route`). Each kind answers for itself; no I/O, no counters.
+    fn explain(&self, msg: &Arc<Message>, ctx: &mut LazyContext) -> Explained;
+
+    /// Starts what the target runs on its own (an HTTP target's lanes). Building a target
+    /// starts nothing, so a rule set can be compiled without side effects (the dry-run, a
+    /// reload that may be refused); the gateway calls this once it keeps the rule set.
+    fn start(&self) {}
+}
+
+/// One target's answer to [`Target::explain`]: what it would send, field by field in the
+/// kind's own order (`exchange`, `routing_key`; `method`, `url`, `headers`, `body`; ...).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Explained {
+    /// The target's id.
+    pub id: String,
+    /// Its kind: its key in a rule's `to:`.
+    pub kind: &'static str,
+    /// What it resolved, in order.
+    #[serde(serialize_with = "ordered_fields")]
+    pub fields: Vec<(&'static str, serde_json::Value)>,
+    /// Why the message would not be sent (a template that cannot render for it): the rule's
+    /// `on_error` then decides.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Remarks: what the dry-run cannot know or what happens beside the fields.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl Explained {
+    /// An empty answer for target `id` of kind `kind`.
+    pub fn new(id: &str, kind: &'static str) -> Explained {
+        Explained { id: id.to_owned(), kind, fields: Vec::new(), error: None, notes: Vec::new() }
+    }
+
+    /// Adds a field.
+    pub fn field(&mut self, name: &'static str, value: impl Into<serde_json::Value>) {
+        self.fields.push((name, value.into()));
+    }
+
+    /// Adds a remark.
+    pub fn note(&mut self, text: impl Into<String>) {
+        self.notes.push(text.into());
+    }
+}
+
+/// The fields as one JSON object, in their order.
+fn ordered_fields<S: serde::Serializer>(
+    fields: &[(&'static str, serde_json::Value)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(fields.len()))?;
+    for (k, v) in fields {
+        map.serialize_entry(k, v)?;
+    }
+    map.end()
 }
 
 /// Hands `msg` to `target` outside a session (the spool's forwarder, a dead letter's replay):

@@ -98,7 +98,7 @@ enum Segment {
 /// One compiled `when:` condition: through the engine, or natively when it is a chain of
 /// simple comparisons joined by `and` (see [`Clause`]).
 #[derive(Debug, Clone)]
-pub struct Condition(Template, Option<Arc<[Clause]>>);
+pub struct Condition(Template, Option<Arc<[Clause]>>, Arc<str>);
 
 /// One clause of a condition evaluated natively: `qos < 2`, `levels[0] == 'a'`,
 /// `client_id != "x"`, `retain`, `not retain`. A clause whose value is undefined for a message
@@ -192,7 +192,8 @@ impl Condition {
         // Compiled on its own first, so a syntax error points into the user's text.
         environment().compile_expression(source).map_err(describe)?;
         let env = compile(format!("{{% if {source} %}}1{{% endif %}}"))?;
-        Ok(Condition(Template { env, fast: None }, condition_plan(source).map(Arc::from)))
+        let plan = condition_plan(source).map(Arc::from);
+        Ok(Condition(Template { env, fast: None }, plan, Arc::from(source)))
     }
 }
 
@@ -329,6 +330,138 @@ impl Condition {
         }
         self.eval(ctx.get_or_insert_with(|| MessageContext::value(msg)))
     }
+}
+
+/// How a `when:` condition came out for one message, and why (the route dry-run).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ConditionReport {
+    /// The condition as configured.
+    pub condition: String,
+    /// Whether it holds; `None` when it cannot be evaluated (`error` says why).
+    pub held: Option<bool>,
+    /// Why it cannot be evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Its top-level `and` clauses, each evaluated on its own (when it has more than one):
+    /// which one is false.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub clauses: Vec<ClauseReport>,
+    /// What the values it reads are for this message (`json.temp`: `12`), as the engine
+    /// shows them (`undefined` for one the message lacks).
+    pub values: std::collections::BTreeMap<String, String>,
+}
+
+/// One `and` clause of a condition, evaluated alone.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClauseReport {
+    /// The clause's text.
+    pub clause: String,
+    /// Whether it holds; `None` when it cannot be evaluated.
+    pub held: Option<bool>,
+    /// Why it cannot be evaluated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Longest shown value in a [`ConditionReport`], in characters.
+const MAX_SHOWN_VALUE: usize = 200;
+
+impl Condition {
+    /// The condition's text.
+    pub fn source(&self) -> &str {
+        &self.2
+    }
+
+    /// Evaluates the condition for `msg` as routing does, then each of its top-level `and`
+    /// clauses and each value it reads on their own, to say why it does not hold.
+    pub fn explain(&self, msg: &Arc<Message>) -> ConditionReport {
+        let ctx = MessageContext::value(msg);
+        let (held, error) = match self.eval_for(msg, &mut Some(ctx.clone())) {
+            Ok(held) => (Some(held), None),
+            Err(e) => (None, Some(e.0)),
+        };
+        let env = environment();
+        let eval = |source: &str| -> Result<Value, TemplateError> {
+            let expr = env.compile_expression(source).map_err(describe)?;
+            expr.eval(ctx.clone()).map_err(describe)
+        };
+        let parts = top_level_and(&self.2);
+        let clauses = if parts.len() > 1 {
+            parts
+                .iter()
+                .map(|part| {
+                    let (held, error) = match eval(part) {
+                        Ok(v) => (Some(v.is_true()), None),
+                        Err(e) => (None, Some(e.0)),
+                    };
+                    ClauseReport { clause: (*part).to_owned(), held, error }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut names: Vec<String> = match env.compile_expression(&self.2) {
+            Ok(expr) => expr.undeclared_variables(true).into_iter().collect(),
+            Err(_) => Vec::new(),
+        };
+        names.sort();
+        let values = names
+            .into_iter()
+            .map(|name| {
+                let shown = match eval(&name) {
+                    Ok(v) if v.is_undefined() => "undefined".to_owned(),
+                    Ok(v) => {
+                        let text = format!("{v:?}");
+                        match text.char_indices().nth(MAX_SHOWN_VALUE) {
+                            Some((at, _)) => format!("{}…", &text[..at]),
+                            None => text,
+                        }
+                    }
+                    Err(e) => format!("(error: {e})"),
+                };
+                (name, shown)
+            })
+            .collect();
+        ConditionReport { condition: self.2.to_string(), held, error, clauses, values }
+    }
+}
+
+/// The clauses of `source` joined by `and` outside quotes and brackets; the whole of it when
+/// there is an `or` at that level too (then `and` binds inside the `or`s).
+fn top_level_and(source: &str) -> Vec<&str> {
+    let bytes = source.as_bytes();
+    let mut parts = Vec::new();
+    let (mut depth, mut quote, mut start) = (0i32, None::<u8>, 0usize);
+    let word_at = |i: usize, word: &[u8]| {
+        let before = i == 0 || bytes[i - 1].is_ascii_whitespace() || bytes[i - 1] == b')';
+        let end = i + word.len();
+        let after = end >= bytes.len() || bytes[end].is_ascii_whitespace() || bytes[end] == b'(';
+        before && after && bytes.get(i..end) == Some(word)
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(_) if b == b'\\' => i += 1,
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None => match b {
+                b'\'' | b'"' => quote = Some(b),
+                b'(' | b'[' | b'{' => depth += 1,
+                b')' | b']' | b'}' => depth -= 1,
+                _ if depth == 0 && word_at(i, b"or") => return vec![source.trim()],
+                _ if depth == 0 && word_at(i, b"and") => {
+                    parts.push(source[start..i].trim());
+                    start = i + 3;
+                    i += 2;
+                }
+                _ => {}
+            },
+        }
+        i += 1;
+    }
+    parts.push(source[start..].trim());
+    parts
 }
 
 /// The native plan of a condition: clauses joined by ` and `, each of a form [`Clause`]
@@ -510,6 +643,7 @@ mod tests {
 
     fn msg(topic: &str, payload: &'static [u8]) -> Arc<Message> {
         Arc::new(Message {
+            charge: Default::default(),
             topic: topic.to_owned(),
             payload: Bytes::from_static(payload),
             qos: QoS::AtLeastOnce,
@@ -651,6 +785,32 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
         assert_eq!(v["text"], "he said \"hi\"\n\u{1}");
         assert_eq!(v["topic"], "a/b");
+    }
+
+    #[test]
+    fn a_condition_says_which_clause_fails_and_what_it_read() {
+        let c = Condition::compile("qos > 0 and json.temp > 30 and levels[0] == 'sensors'")
+            .expect("compiles");
+        let r = c.explain(&msg("sensors/a", br#"{"temp": 12}"#));
+        assert_eq!(r.held, Some(false));
+        let clauses: Vec<_> = r.clauses.iter().map(|c| (c.clause.as_str(), c.held)).collect();
+        assert_eq!(
+            clauses,
+            [
+                ("qos > 0", Some(true)),
+                ("json.temp > 30", Some(false)),
+                ("levels[0] == 'sensors'", Some(true))
+            ]
+        );
+        assert_eq!(r.values.get("json.temp").map(String::as_str), Some("12"));
+        assert_eq!(r.values.get("qos").map(String::as_str), Some("1"));
+        // An undefined value is named as such; `or` at the top level is one clause.
+        let c = Condition::compile("json.missing == 1 or retain").expect("compiles");
+        let r = c.explain(&msg("a", b"{}"));
+        assert!(r.clauses.is_empty());
+        assert_eq!(r.values.get("json.missing").map(String::as_str), Some("undefined"));
+        assert_eq!(top_level_and("a == 'x and y' and (b or c)"), ["a == 'x and y'", "(b or c)"]);
+        assert_eq!(top_level_and("android and b"), ["android", "b"]);
     }
 
     #[test]

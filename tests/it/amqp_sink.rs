@@ -273,6 +273,7 @@ fn msg0(payload: &'static [u8]) -> Arc<Message> {
 
 fn message(payload: &'static [u8], qos: QoS, content_type: Option<&str>) -> Arc<Message> {
     Arc::new(Message {
+        charge: Default::default(),
         topic: "sensors/a/telemetry".to_owned(),
         payload: Bytes::from_static(payload),
         qos,

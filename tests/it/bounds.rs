@@ -4,7 +4,9 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mqgate::mqtt::codec::{LastWill, Packet, Properties, ProtocolVersion, QoS, ReasonCode};
+use mqgate::mqtt::codec::{
+    LastWill, Packet, Properties, ProtocolVersion, PubResponse, QoS, ReasonCode,
+};
 
 use crate::support::*;
 
@@ -300,5 +302,122 @@ async fn a_subscriber_that_does_not_read_gets_at_most_max_outbound_bytes_written
     eprintln!("sent {SENT}: delivered {got}, queue full {queue}, write buffer peak {peak} bytes");
     assert!(peak > 0 && peak <= 64 * 1024 + 33 * 1024, "write buffer peak {peak}");
     assert_eq!(got + queue, SENT, "got {got}, dropped {queue}");
+    app.stop().await;
+}
+
+/// `mqtt.max_memory`: at the budget a QoS 0 PUBLISH is dropped and counted, a QoS 1 publisher
+/// is not read any more (its later PUBLISHes wait unacknowledged in TCP), and once the
+/// subscriber that holds the bytes takes its messages, the publisher goes on: nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_memory_drops_qos0_and_pauses_qos1_publishers_until_bytes_are_freed() {
+    let app = gateway(&config(
+        "  max_memory: 1MiB\n  max_retained_bytes: 64KiB\n  max_packet_size: 131072\n",
+    ))
+    .await;
+    let topic = unique("mem");
+    // A subscriber that takes nothing: what it is sent stays in its window and queue.
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("slow")).await;
+    sub.subscribe(&format!("{topic}/#"), QoS::AtLeastOnce).await;
+    let mut publisher =
+        RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("pub")).await;
+    let payload = vec![7u8; 64 * 1024];
+    let total: u16 = 32; // 2 MiB, twice the budget
+    for id in 1..=total {
+        publisher.publish(&format!("{topic}/q1"), QoS::AtLeastOnce, id, &payload).await;
+    }
+    // About 1 MiB is taken and acknowledged; then the publisher is no longer read.
+    let mut acked = 0u16;
+    while let Ok(Some(p)) = publisher.recv_within(Duration::from_secs(2)).await {
+        match p {
+            Packet::PubAck(a) => {
+                acked += 1;
+                assert_eq!(a.packet_id, acked, "acks in order");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!((10..total).contains(&acked), "{acked} of {total} acknowledged at the budget");
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_memory_pauses_total 1"), "{m}");
+    let held: i64 = metric_value(&m, "mqgate_memory_message_bytes").expect("gauge");
+    assert!(((1 << 20)..=(1 << 20) + 2 * 65_600).contains(&held), "held {held}");
+    // A QoS 0 publisher at the budget: dropped and counted, not paused.
+    let mut q0 = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("q0")).await;
+    for _ in 0..3 {
+        q0.publish(&format!("{topic}/q0"), QoS::AtMostOnce, 0, b"small").await;
+    }
+    q0.send(&Packet::PingReq).await;
+    assert!(matches!(q0.recv().await, Some(Packet::PingResp)), "a QoS 0 client is still read");
+    let m = metrics(&app).await;
+    assert!(m.contains("mqgate_messages_dropped_total{reason=\"max_memory\"} 3"), "{m}");
+    // The subscriber takes its messages: every QoS 1 message arrives, in order, once.
+    let mut got = 0u16;
+    while got < total {
+        match sub.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                assert_eq!(p.topic, format!("{topic}/q1"), "the QoS 0 ones were dropped");
+                assert_eq!(p.payload.len(), payload.len());
+                got += 1;
+                sub.send(&Packet::PubAck(PubResponse::success(p.packet_id))).await;
+            }
+            other => panic!("after {got} messages: {other:?}"),
+        }
+    }
+    // ... and the publisher was read again: all its acks came.
+    while acked < total {
+        match publisher.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::PubAck(a))) => {
+                acked += 1;
+                assert_eq!(a.packet_id, acked);
+            }
+            other => panic!("after {acked} acks: {other:?}"),
+        }
+    }
+    expect_silence(&mut sub, Duration::from_millis(300)).await;
+    let m = metrics(&app).await;
+    assert_eq!(metric_value(&m, "mqgate_memory_message_bytes"), Some(0), "all given back");
+    app.stop().await;
+}
+
+/// The value of an unlabelled metric in a `/metrics` text.
+fn metric_value(text: &str, name: &str) -> Option<i64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// `mqtt.max_memory`: a publisher whose own unacknowledged deliveries hold the budget is not
+/// paused for good: it is read again now and then, so its PUBACKs (sent after its PUBLISHes)
+/// come through and free the bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_memory_does_not_deadlock_a_publisher_that_holds_the_budget_itself() {
+    let app = gateway(&config(
+        "  max_memory: 1MiB\n  max_retained_bytes: 64KiB\n  max_packet_size: 131072\n",
+    ))
+    .await;
+    let topic = unique("self");
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("selfpub")).await;
+    c.subscribe(&topic, QoS::AtLeastOnce).await;
+    let payload = vec![1u8; 64 * 1024];
+    let total: u16 = 24;
+    for id in 1..=total {
+        c.publish(&topic, QoS::AtLeastOnce, id, &payload).await;
+    }
+    let (mut delivered, mut acked) = (0u16, 0u16);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while delivered < total || acked < total {
+        assert!(Instant::now() < deadline, "stuck: {delivered} delivered, {acked} acked");
+        match c.recv_within(Duration::from_secs(5)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                delivered += 1;
+                c.send(&Packet::PubAck(PubResponse::success(p.packet_id))).await;
+            }
+            Ok(Some(Packet::PubAck(a))) => {
+                acked += 1;
+                assert_eq!(a.packet_id, acked, "acks in order");
+            }
+            other => panic!("{delivered} delivered, {acked} acked: {other:?}"),
+        }
+    }
+    let m = metrics(&app).await;
+    assert!(metric_value(&m, "mqgate_memory_pauses_total").is_some_and(|n| n >= 1), "{m}");
     app.stop().await;
 }

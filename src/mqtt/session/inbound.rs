@@ -256,7 +256,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             // 3.1.1 cannot be told: delivered live, not kept as the topic's last value.
         }
+        if shared.memory.over() {
+            // `mqtt.max_memory`: QoS 0 is dropped; QoS 1/2 is taken and its publisher paused.
+            if p.qos == QoS::AtMostOnce {
+                shared.metrics.dropped("max_memory");
+                return None;
+            }
+            self.memory_paused = true;
+        }
+        let charge = shared.memory.charge(p.topic.len() + p.payload.len());
         let msg = Arc::new(Message {
+            charge,
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,
@@ -360,6 +370,7 @@ pub(super) async fn publish_will(
     span: &tracing::Span,
 ) {
     let msg = Arc::new(Message {
+        charge: Default::default(),
         topic: will.topic,
         payload: will.payload,
         qos: will.qos,
@@ -508,7 +519,7 @@ impl TopicAliases {
 /// token buckets with a second's worth of burst. A PUBLISH may take a bucket below zero; the
 /// session then reads nothing until it is back at zero (backpressure, not disconnect).
 #[derive(Debug)]
-pub(super) struct PublishRate {
+pub(crate) struct PublishRate {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
 }
@@ -526,6 +537,14 @@ impl Bucket {
         (rate > 0.0).then(|| Bucket { rate, tokens: rate, at: tokio::time::Instant::now() })
     }
 
+    /// Refills; how long until the bucket is back at zero while it is overdrawn.
+    fn debt(&mut self, now: tokio::time::Instant) -> Option<std::time::Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        (self.tokens < 0.0).then(|| std::time::Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
     /// Takes `n` tokens; how long until the bucket is back at zero when that overdraws it.
     fn take(&mut self, now: tokio::time::Instant, n: f64) -> Option<std::time::Duration> {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
@@ -537,7 +556,7 @@ impl Bucket {
 
 impl PublishRate {
     /// The limits configured, `None` when there are none.
-    pub(super) fn new(limits: &super::SessionLimits) -> Option<PublishRate> {
+    pub(crate) fn new(limits: &super::SessionLimits) -> Option<PublishRate> {
         let messages = Bucket::new(f64::from(limits.max_publish_rate));
         // u64 to f64: exact for any sensible rate.
         #[allow(clippy::cast_precision_loss)]
@@ -556,5 +575,24 @@ impl PublishRate {
         let a = self.messages.as_mut().and_then(|b| b.take(now, 1.0));
         let b = self.bytes.as_mut().and_then(|b| b.take(now, bytes));
         a.max(b)
+    }
+}
+
+impl PublishRate {
+    /// For a publisher that is refused rather than made to wait (the HTTP publish API): a
+    /// message is taken, and charged, only while no bucket is overdrawn; otherwise how long
+    /// until they all are back at zero. One message may overdraw them, as a PUBLISH does.
+    pub(crate) fn admit(
+        &mut self,
+        now: tokio::time::Instant,
+        bytes: usize,
+    ) -> Result<(), std::time::Duration> {
+        let a = self.messages.as_mut().and_then(|b| b.debt(now));
+        let b = self.bytes.as_mut().and_then(|b| b.debt(now));
+        if let Some(wait) = a.max(b) {
+            return Err(wait);
+        }
+        let _ = self.take(now, bytes);
+        Ok(())
     }
 }

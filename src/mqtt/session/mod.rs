@@ -44,6 +44,7 @@ use crate::spool::Spools;
 use prometheus_client::metrics::counter::Counter;
 
 use inbound::PendingQueue;
+pub(crate) use inbound::PublishRate;
 use outbound::OutboundState;
 
 /// Deliveries taken from the outbound queue before the next write.
@@ -105,6 +106,8 @@ pub struct SessionLimits {
     pub logins: crate::auth::backoff::LoginLimits,
     /// `mqtt.max_outbound_bytes`: deliveries (topics and payloads) in the write buffer.
     pub max_outbound_bytes: usize,
+    /// `mqtt.max_memory`: message bytes held in memory (0: no budget).
+    pub max_memory: u64,
 }
 
 impl SessionLimits {
@@ -145,6 +148,7 @@ impl SessionLimits {
                 cache_ttl: c.login_cache_ttl.0,
             },
             max_outbound_bytes: usize::try_from(c.max_outbound_bytes.0).unwrap_or(usize::MAX),
+            max_memory: c.max_memory.0,
         }
     }
 }
@@ -166,7 +170,12 @@ impl SessionShared {
         let acl_denied_subscribe = metrics.acl_denied("subscribe");
         let acl_denied_delivery = metrics.acl_denied("deliver");
         let logins = crate::auth::backoff::LoginGuard::new(limits.logins, &metrics);
+        let memory =
+            crate::memory::MemoryBudget::new(limits.max_memory, metrics.memory_bytes.clone());
+        let memory_pauses = metrics.memory_pauses.clone();
         SessionShared {
+            memory,
+            memory_pauses,
             broker,
             rules,
             auth,
@@ -215,6 +224,10 @@ pub struct SessionShared {
     pub spools: Spools,
     /// Per-address login backoff and the cache of successful password checks.
     pub logins: crate::auth::backoff::LoginGuard,
+    /// `mqtt.max_memory`.
+    pub memory: &'static crate::memory::MemoryBudget,
+    /// `mqgate_memory_pauses_total`: publishers paused at the budget.
+    pub memory_pauses: Counter,
 }
 
 impl SessionShared {
@@ -239,10 +252,18 @@ struct Timer {
     rate: Option<inbound::PublishRate>,
     /// Over the publish rate: the socket is not read until then.
     throttled_until: Option<Instant>,
+    /// Paused at `mqtt.max_memory`: the socket is not read until this wait is over.
+    memory_wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// `memory_wait` ends after `OWN_DELIVERIES_PAUSE` at the latest.
+    memory_bounded: bool,
 }
 
 /// A timer that only the publish rate limits keep: it fires when they say.
 const FAR: Duration = Duration::from_secs(86_400);
+
+/// At `mqtt.max_memory`, the longest a publisher with unacknowledged deliveries of its own is
+/// not read: those may be what holds the budget, and its PUBACKs are what frees them.
+const OWN_DELIVERIES_PAUSE: Duration = Duration::from_millis(500);
 
 impl Timer {
     fn new(after: Duration) -> Box<Timer> {
@@ -251,6 +272,8 @@ impl Timer {
             partial_since: None,
             rate: None,
             throttled_until: None,
+            memory_wait: None,
+            memory_bounded: false,
         })
     }
 
@@ -299,6 +322,8 @@ enum Event {
     Deliver(Outbound),
     /// The keepalive timer fired.
     Keepalive,
+    /// Message bytes held fell below `mqtt.max_memory`'s resume mark: read again.
+    MemoryRoom,
 }
 
 /// The state of one connected session (after a successful CONNECT).
@@ -354,6 +379,9 @@ struct Session<S> {
     /// Shutting down: nothing more is read; the PUBLISHes already read get their outcomes
     /// and acknowledgements (until `shutdown_timeout`), then the connection is closed.
     draining: bool,
+    /// A QoS 1/2 PUBLISH came at `mqtt.max_memory`: nothing more is read until the bytes
+    /// held fall below its resume mark (deliveries and acknowledgements still go out).
+    memory_paused: bool,
 }
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
@@ -446,6 +474,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             blocked: Vec::new(),
             held: None,
             draining: false,
+            memory_paused: false,
             shared,
         }
     }
@@ -482,6 +511,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             // Decode what is buffered while the inbound window has room.
             let mut partial = false;
             while self.may_read()
+                && !self.memory_paused
                 && self.conn.has_buffered_input()
                 && timer.as_ref().is_none_or(|t| t.throttled_until.is_none())
             {
@@ -529,6 +559,44 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     _ => {}
                 }
             }
+            if self.memory_paused {
+                // `mqtt.max_memory`: wait (in the poll below, deliveries and acks going on)
+                // until the bytes held fall below the resume mark, unless they already did.
+                // A session holding unacknowledged deliveries of its own waits at most
+                // OWN_DELIVERIES_PAUSE: those may be what holds the budget, and only its
+                // PUBACKs (behind its next PUBLISH, perhaps) free them.
+                let holds = !self.out.state.inflight.is_empty()
+                    || !self.out.state.subscriber.queue.is_empty();
+                let (waiting, bounded) = timer
+                    .as_ref()
+                    .map_or((false, false), |t| (t.memory_wait.is_some(), t.memory_bounded));
+                if !waiting || (holds && !bounded) {
+                    match self.shared.memory.wait_for_room() {
+                        None => {
+                            self.memory_paused = false;
+                            if let Some(t) = &mut timer {
+                                t.memory_wait = None;
+                            }
+                            continue;
+                        }
+                        Some(wait) => {
+                            if !waiting {
+                                self.shared.memory_pauses.inc();
+                            }
+                            let wait: Pin<Box<dyn Future<Output = ()> + Send>> = if holds {
+                                Box::pin(async move {
+                                    let _ = tokio::time::timeout(OWN_DELIVERIES_PAUSE, wait).await;
+                                })
+                            } else {
+                                wait
+                            };
+                            let t = timer.get_or_insert_with(|| Timer::new(FAR));
+                            t.memory_wait = Some(wait);
+                            t.memory_bounded = holds;
+                        }
+                    }
+                }
+            }
             if self.conn.has_pending_writes() {
                 // What the socket takes now is written at once; only a full socket waits
                 // (boxed), and for at most `write_timeout`: a client that stops reading
@@ -551,12 +619,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     Err(e) => return End::Io(e),
                 }
             }
-            match poll_fn(|cx| {
-                let throttled = timer.as_ref().is_some_and(|t| t.throttled_until.is_some());
-                self.poll_event(cx, throttled, timer.as_mut().map(|t| t.sleep.as_mut()))
-            })
-            .await
-            {
+            match poll_fn(|cx| self.poll_event(cx, timer.as_deref_mut())).await {
                 Event::Close(CloseReason::Shutdown) => {
                     if self.pending.is_empty() {
                         return self.shutdown_disconnect();
@@ -619,6 +682,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     self.note_write_buffer();
                 }
+                Event::MemoryRoom => {
+                    self.memory_paused = false;
+                    if let Some(t) = &mut timer {
+                        t.memory_wait = None;
+                    }
+                }
                 Event::Keepalive if self.draining => {
                     warn!(parent: &self.span(), unacknowledged = self.pending.len(),
                         "shutdown_timeout passed with messages still in flight; closing (the client resends them)");
@@ -629,6 +698,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     // Over the publish rate: what the client sent waits unread, so its silence
                     // is ours; the clock restarts when reading does.
                     let mut throttled_until = None;
+                    if self.memory_paused {
+                        // Not read at `mqtt.max_memory`: its silence is ours too.
+                        self.last_packet = now;
+                    }
                     if let Some(t) = &mut timer {
                         match t.throttled_until {
                             Some(until) if now >= until => {
@@ -680,12 +753,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// front acknowledgement, bytes from the client (while the inbound window has room), a
     /// delivery (while the outbound window has room), the keepalive timer. Every source not
     /// ready has `cx`'s waker registered.
-    fn poll_event(
-        &mut self,
-        cx: &mut Context<'_>,
-        throttled: bool,
-        timer: Option<Pin<&mut Sleep>>,
-    ) -> Poll<Event> {
+    fn poll_event(&mut self, cx: &mut Context<'_>, mut timer: Option<&mut Timer>) -> Poll<Event> {
+        let throttled = timer.as_ref().is_some_and(|t| t.throttled_until.is_some());
         if let (Some(link), false) = (&self.link, self.draining) {
             if let Poll::Ready(reason) = link.0.poll_close(cx) {
                 return Poll::Ready(Event::Close(reason));
@@ -696,7 +765,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 return Poll::Ready(Event::Acked(front));
             }
         }
-        if self.may_read() && !throttled {
+        if let Some(wait) = timer.as_mut().and_then(|t| t.memory_wait.as_mut()) {
+            if wait.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::MemoryRoom);
+            }
+        } else if self.may_read() && !throttled {
             if let Poll::Ready(read) = self.conn.poll_fill(cx) {
                 return Poll::Ready(Event::Read(read));
             }
@@ -708,7 +781,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         if let Some(timer) = timer {
-            if timer.poll(cx).is_ready() {
+            if timer.sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Keepalive);
             }
         }

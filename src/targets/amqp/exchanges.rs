@@ -167,6 +167,7 @@ mod tests {
             exchange: Arc::from(exchange),
             routing_key: "k".to_owned(),
             msg: Arc::new(Message {
+                charge: Default::default(),
                 topic: "t".to_owned(),
                 payload: Bytes::new(),
                 qos: QoS::AtMostOnce,

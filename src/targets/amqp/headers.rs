@@ -195,6 +195,7 @@ mod tests {
 
     fn message(content_type: Option<String>) -> Message {
         Message {
+            charge: Default::default(),
             topic: "sensors/a/telemetry".to_owned(),
             payload: Bytes::from_static(b"{}"),
             qos: QoS::AtLeastOnce,
@@ -250,6 +251,7 @@ mod mqtt5_tests {
 
     fn message(qos: QoS, packet_id: u16, payload: &'static [u8]) -> Message {
         Message {
+            charge: Default::default(),
             topic: "a/b.c".to_owned(),
             payload: Bytes::from_static(payload),
             qos,

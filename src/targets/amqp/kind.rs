@@ -60,6 +60,11 @@ impl TargetKind for AmqpKind {
     fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
         let mut running = BTreeMap::new();
         for (name, cfg) in brokers(sections).into_iter().flatten() {
+            if !at.connect {
+                let broker = AmqpBroker::detached(name, cfg, at.metrics);
+                running.insert(name.clone(), (broker, cfg.topic_mapping));
+                continue;
+            }
             let (broker, handle) = AmqpBroker::spawn(name, cfg, at.metrics, at.shutdown.clone());
             at.tasks.spawn(async move {
                 if let Err(e) = handle.await {

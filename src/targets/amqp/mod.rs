@@ -124,6 +124,26 @@ impl AmqpBroker {
         metrics: &Metrics,
         shutdown: CancellationToken,
     ) -> (AmqpBroker, JoinHandle<()>) {
+        let (broker, rx) = AmqpBroker::handle(name, cfg, metrics);
+        let settings = supervisor::Settings::from_config(cfg);
+        let shared = Arc::clone(&broker.shared);
+        let task = supervisor::Supervisor::new(shared, settings, rx, shutdown);
+        let handle = tokio::spawn(task.run());
+        (broker, handle)
+    }
+
+    /// A handle on broker `name` with no sink behind it: no task, no connection (the route
+    /// dry-run builds its targets on these). A publish to it fails as "not running".
+    pub fn detached(name: &str, cfg: &AmqpBrokerConfig, metrics: &Metrics) -> AmqpBroker {
+        AmqpBroker::handle(name, cfg, metrics).0
+    }
+
+    /// The handle and the receiving end of its queue.
+    fn handle(
+        name: &str,
+        cfg: &AmqpBrokerConfig,
+        metrics: &Metrics,
+    ) -> (AmqpBroker, mpsc::Receiver<PublishRequest>) {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let unavailable = ReasonLabels { reason: DROPPED_UNAVAILABLE.to_owned() };
         let shared = Arc::new(Shared {
@@ -134,10 +154,7 @@ impl AmqpBroker {
             last_error: std::sync::Mutex::new(None),
         });
         shared.metrics.connected.set(0);
-        let settings = supervisor::Settings::from_config(cfg);
-        let task = supervisor::Supervisor::new(Arc::clone(&shared), settings, rx, shutdown);
-        let handle = tokio::spawn(task.run());
-        (AmqpBroker { tx, shared }, handle)
+        (AmqpBroker { tx, shared }, rx)
     }
 
     /// Queues a publish; waits while the queue is full — that is the backpressure. A request

@@ -8,7 +8,7 @@ use crate::message::Message;
 use crate::metrics::{Metrics, TargetMetrics};
 use crate::rules::mapping;
 use crate::rules::LazyContext;
-use crate::targets::{Handoff, Target};
+use crate::targets::{Explained, Handoff, Target};
 use crate::template::{self, Template, TemplateError};
 
 use super::{AmqpBroker, PublishOptions, PublishRequest, QueueSpec};
@@ -182,6 +182,37 @@ impl Target for AmqpTarget {
             self.publish(msg, Arc::from(""), name, options, hand);
         }
         Ok(())
+    }
+
+    fn explain(&self, msg: &Arc<Message>, ctx: &mut LazyContext) -> Explained {
+        let mut e = Explained::new(&self.id, "amqp");
+        e.field("broker", self.broker.name());
+        match self.resolve(msg, ctx) {
+            Ok((exchange, routing_key)) => {
+                match &self.options.declare {
+                    Some(queue) => {
+                        e.field("queue", queue.name.to_string());
+                        e.field("exchange", "");
+                        e.note("a job queue: declared before the first publish, published to through the default exchange");
+                    }
+                    None => e.field("exchange", &*exchange),
+                }
+                if routing_key.len() > super::MAX_SHORT_STRING_LENGTH {
+                    e.error = Some("routing key longer than 255 bytes: the publish fails".into());
+                }
+                e.field("routing_key", routing_key);
+            }
+            Err(error) => e.error = Some(error.to_string()),
+        }
+        e.field("mandatory", self.options.mandatory.is_some());
+        e.field("topic_mapping", format!("{:?}", self.options.mapping).to_lowercase());
+        if let Some((name, options)) = self.last_value_publish(msg) {
+            e.field("last_value_queue", name);
+            if options.purge {
+                e.note("an empty retained message purges the topic's last-value queue");
+            }
+        }
+        e
     }
 }
 

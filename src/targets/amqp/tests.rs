@@ -113,6 +113,7 @@ fn request(ack: Option<oneshot::Sender<Outcome>>, target: &TargetMetrics) -> Pub
         exchange: Arc::from(""),
         routing_key: "q".to_owned(),
         msg: Arc::new(Message {
+            charge: Default::default(),
             topic: "t".to_owned(),
             payload: Bytes::from_static(b"x"),
             qos: QoS::AtLeastOnce,

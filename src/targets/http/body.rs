@@ -381,6 +381,7 @@ mod tests {
 
     fn msg(payload: &[u8], packet_id: Option<u16>) -> Message {
         Message {
+            charge: Default::default(),
             topic: "s/a".into(),
             payload: Bytes::copy_from_slice(payload),
             qos: QoS::AtLeastOnce,

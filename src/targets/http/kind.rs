@@ -78,10 +78,10 @@ impl TargetKind for HttpKind {
         };
         let systems = at.systems.get::<HttpSystems>(NAME).ok_or_else(unknown)?;
         let endpoint = systems.endpoints.get(&t.endpoint.value).ok_or_else(unknown)?;
-        Ok(Arc::new(HttpTarget::start(endpoint, id, rule, t, at.metrics)?))
+        Ok(Arc::new(HttpTarget::build(endpoint, id, rule, t, at.metrics)?))
     }
 
-    /// Every target's lanes are started: wait for them at shutdown.
+    /// Every target is built (its lanes start with the rule set): wait for them at shutdown.
     fn started(_sections: &dyn Sections, at: &mut StartedContext<'_>) {
         if let Some(s) = at.systems.get::<HttpSystems>(NAME) {
             for endpoint in s.endpoints.values() {

@@ -27,7 +27,7 @@ use super::retry::{self, Verdict};
 use super::template::Template;
 use super::{join_url, HttpRequest, Spec, IDEMPOTENCY_KEY};
 use crate::message::Message;
-use crate::targets::{Failure, Outcome};
+use crate::targets::{Explained, Failure, Outcome};
 use crate::template::MessageContext;
 
 /// Response bytes read (and dropped) so the connection can be reused; a longer body is cut.
@@ -452,5 +452,65 @@ impl Outgoing {
         *req.uri_mut() = uri;
         *req.headers_mut() = headers;
         Ok(req)
+    }
+}
+
+impl Spec {
+    /// What [`Spec::build_single`] makes of `msg`, for the route dry-run: method, URL, the
+    /// request's headers (the endpoint's own headers by name only: they may hold secrets),
+    /// body.
+    pub(super) fn explain(&self, id: &str, msg: &Arc<Message>) -> Explained {
+        let ep = &self.endpoint.inner;
+        let mut e = Explained::new(id, "http");
+        e.field("endpoint", ep.name.as_str());
+        match self.build_single(msg) {
+            Ok(out) => {
+                e.field("method", out.method.as_str());
+                e.field("url", out.url.as_str());
+                let mut headers = serde_json::Map::new();
+                for (name, value) in &ep.default_headers {
+                    let shown = if name == reqwest::header::USER_AGENT {
+                        value.to_str().unwrap_or("").to_owned()
+                    } else {
+                        "(the endpoint's header: not shown)".to_owned()
+                    };
+                    headers.insert(name.as_str().to_owned(), shown.into());
+                }
+                for (name, value) in &out.headers {
+                    let text = value.to_str().unwrap_or("(not printable)");
+                    headers.insert(name.as_str().to_owned(), text.into());
+                }
+                e.field("headers", headers);
+                match out.body.as_deref().map(std::str::from_utf8) {
+                    None => e.field("body", serde_json::Value::Null),
+                    Some(Ok(text)) => e.field("body", text),
+                    Some(Err(_)) => {
+                        use base64::Engine;
+                        let bytes = out.body.unwrap_or_default();
+                        e.field(
+                            "body_base64",
+                            base64::engine::general_purpose::STANDARD.encode(bytes),
+                        );
+                    }
+                }
+            }
+            Err(reason) => e.error = Some(reason),
+        }
+        if msg.packet_id.is_none() && msg.qos != crate::mqtt::codec::QoS::AtMostOnce {
+            e.note(
+                "an MQTT QoS 1/2 PUBLISH also gets an Idempotency-Key header (from its packet id)",
+            );
+        }
+        if let (Some(batch), false) = (&self.batch, self.is_state(msg)) {
+            e.note(format!(
+                "batched: this body is one element of a {} body of up to {} messages",
+                match batch.format {
+                    super::config::BatchFormat::Json => "JSON array",
+                    super::config::BatchFormat::Ndjson => "NDJSON",
+                },
+                batch.max_messages
+            ));
+        }
+        e
     }
 }

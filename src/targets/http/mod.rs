@@ -227,7 +227,8 @@ impl fmt::Debug for HttpEndpoint {
     }
 }
 
-/// A cheap-to-clone handle on one rule's HTTP target: its lanes' queues.
+/// A cheap-to-clone handle on one rule's HTTP target: its lanes' queues. Built without its
+/// lanes running ([`HttpTarget::build`]); `Target::start` starts them.
 #[derive(Clone)]
 pub struct HttpTarget {
     inner: Arc<TargetHandle>,
@@ -237,6 +238,8 @@ pub struct HttpTarget {
 struct TargetHandle {
     /// One bounded queue per lane.
     lanes: Vec<mpsc::Sender<HttpRequest>>,
+    /// The lanes' receiving ends until `Target::start` hands them to the lane tasks.
+    idle: std::sync::Mutex<Vec<mpsc::Receiver<HttpRequest>>>,
     /// What the lanes share (for failing requests here).
     spec: Arc<Spec>,
     /// `messages_dropped{reason="http_queue_full"}`.
@@ -280,8 +283,9 @@ pub(crate) struct Spec {
 }
 
 impl HttpTarget {
-    /// Compiles the target `cfg` (id `id`) of rule `rule` and starts its lanes on `endpoint`.
-    pub fn start(
+    /// Compiles the target `cfg` (id `id`) of rule `rule` on `endpoint`, its lanes' queues
+    /// made but no lane running: nothing is spawned until `Target::start`.
+    pub fn build(
         endpoint: &HttpEndpoint,
         id: &str,
         rule: &str,
@@ -356,16 +360,12 @@ impl HttpTarget {
             target: metrics.target(rule, &label),
             dropped_shutdown: dropped(metrics, DROPPED_SHUTDOWN),
         });
-        let lanes = (0..cfg.concurrency.max(1))
-            .map(|_| {
-                let (tx, rx) = mpsc::channel(cfg.queue.max(1));
-                ep.tracker.spawn(lane::run(Arc::clone(&spec), rx, ep.shutdown.clone()));
-                tx
-            })
-            .collect();
+        let (lanes, idle) =
+            (0..cfg.concurrency.max(1)).map(|_| mpsc::channel(cfg.queue.max(1))).unzip();
         let dropped_full = dropped(metrics, DROPPED_QUEUE_FULL);
         let id = id.to_owned();
-        Ok(HttpTarget { inner: Arc::new(TargetHandle { lanes, spec, dropped_full, id }) })
+        let idle = std::sync::Mutex::new(idle);
+        Ok(HttpTarget { inner: Arc::new(TargetHandle { lanes, idle, spec, dropped_full, id }) })
     }
 
     /// The lane of `topic`: the same topic always gets the same lane (order per topic).
@@ -414,6 +414,27 @@ impl HttpTarget {
 impl crate::targets::Target for HttpTarget {
     fn id(&self) -> &str {
         &self.inner.id
+    }
+
+    /// Spawns the lanes (once; tracked by the endpoint, which waits for them at shutdown).
+    fn start(&self) {
+        let idle = match self.inner.idle.lock() {
+            Ok(mut idle) => std::mem::take(&mut *idle),
+            Err(_) => return,
+        };
+        let spec = &self.inner.spec;
+        let ep = &spec.endpoint.inner;
+        for rx in idle {
+            ep.tracker.spawn(lane::run(Arc::clone(spec), rx, ep.shutdown.clone()));
+        }
+    }
+
+    fn explain(
+        &self,
+        msg: &Arc<Message>,
+        _ctx: &mut crate::rules::LazyContext,
+    ) -> crate::targets::Explained {
+        self.inner.spec.explain(&self.inner.id, msg)
     }
 
     /// Queues the message on its topic's lane; the lane renders the templates.

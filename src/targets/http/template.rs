@@ -160,6 +160,7 @@ mod tests {
 
     fn msg(topic: &str, payload: &[u8]) -> Arc<Message> {
         Arc::new(Message {
+            charge: Default::default(),
             topic: topic.into(),
             payload: Bytes::copy_from_slice(payload),
             qos: QoS::AtLeastOnce,

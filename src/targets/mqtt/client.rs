@@ -898,6 +898,7 @@ impl Task {
             return Ok(());
         };
         let mut msg = Message {
+            charge: Default::default(),
             topic: p.topic,
             payload: p.payload,
             qos: p.qos,

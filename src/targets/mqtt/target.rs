@@ -9,7 +9,7 @@ use crate::message::Message;
 use crate::metrics::TargetMetrics;
 use crate::mqtt::codec::QoS;
 use crate::rules::LazyContext;
-use crate::targets::{Handoff, Target};
+use crate::targets::{Explained, Handoff, Target};
 use crate::template::{self, Template, TemplateError};
 
 /// The upstream topic of a target.
@@ -64,6 +64,21 @@ impl MqttTarget {
         })
     }
 
+    /// Whether `msg` came in through this target's bridge (then it is never sent back).
+    fn came_from_bridge(&self, msg: &Message) -> bool {
+        Arc::ptr_eq(&msg.client_id, self.bridge.origin())
+            || *msg.client_id == **self.bridge.origin()
+    }
+
+    /// The RETAIN flag upstream.
+    fn retain_for(&self, msg: &Message) -> bool {
+        match self.retain {
+            RetainPolicy::AsPublished => msg.retain,
+            RetainPolicy::True => true,
+            RetainPolicy::False => false,
+        }
+    }
+
     fn topic_for(
         &self,
         msg: &Arc<Message>,
@@ -91,18 +106,12 @@ impl Target for MqttTarget {
         ctx: &mut LazyContext,
         hand: &mut Handoff<'_>,
     ) -> Result<(), TemplateError> {
-        if Arc::ptr_eq(&msg.client_id, self.bridge.origin())
-            || *msg.client_id == **self.bridge.origin()
-        {
+        if self.came_from_bridge(msg) {
             // It came from this bridge: never back (no loops). Nothing to wait for.
             return Ok(());
         }
         let topic = self.topic_for(msg, ctx)?;
-        let retain = match self.retain {
-            RetainPolicy::AsPublished => msg.retain,
-            RetainPolicy::True => true,
-            RetainPolicy::False => false,
-        };
+        let retain = self.retain_for(msg);
         let out = Outgoing {
             topic,
             msg: Arc::clone(msg),
@@ -120,5 +129,20 @@ impl Target for MqttTarget {
             },
         );
         Ok(())
+    }
+
+    fn explain(&self, msg: &Arc<Message>, ctx: &mut LazyContext) -> Explained {
+        let mut e = Explained::new(&self.id, "mqtt");
+        e.field("bridge", self.bridge.name());
+        if self.came_from_bridge(msg) {
+            e.note("not sent: the message came in through this bridge (never sent back)");
+        }
+        match self.topic_for(msg, ctx) {
+            Ok(topic) => e.field("topic", topic),
+            Err(error) => e.error = Some(error.to_string()),
+        }
+        e.field("qos", self.qos.unwrap_or(msg.qos) as u8);
+        e.field("retain", self.retain_for(msg));
+        e
     }
 }
