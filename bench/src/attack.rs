@@ -234,7 +234,7 @@ fn config_yaml(
 ) -> String {
     let mut yaml = format!(
         "# Written by mqgate-bench --mode attack.\n\
-         mqtt:\n  listen: {}\n  max_connections: 1000\n  max_queued_messages: {QUEUED_MESSAGES}\n  max_retained: 1000000\n  max_retained_bytes: 1GiB\n  max_retained_per_client: 0\n\
+         mqtt:\n  listen: {}\n  max_connections: 1000\n  max_queued_messages: {QUEUED_MESSAGES}\n  max_retained: 1000000\n  max_retained_bytes: 1GiB\n  max_memory: 2GiB\n  max_retained_per_client: 0\n\
          admin:\n  listen: {}\n\
          amqp:\n  rabbit:\n    url: {}\n\
          rules:\n  - name: victim\n    from: \"victim/#\"\n    to:\n      - amqp:\n          broker: rabbit\n          exchange: {}\n\
