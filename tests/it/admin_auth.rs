@@ -4,22 +4,14 @@
 
 use std::path::Path;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
 use crate::support::*;
 
 const TOKEN: &str = "an-admin-token-0123456789";
 
 /// One raw HTTP/1.0 request; (status, body).
 async fn raw(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    let (status, _, body) = raw_http(addr, request).await;
+    (status, body)
 }
 
 fn get(path: &str, host: &str, token: Option<&str>) -> String {

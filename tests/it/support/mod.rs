@@ -254,6 +254,11 @@ pub async fn post(
         "POST {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    raw_http(addr, &request).await
+}
+
+/// One raw HTTP/1.0 request as written; (status, response head, body).
+pub async fn raw_http(addr: std::net::SocketAddr, request: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.write_all(request.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
