@@ -1,16 +1,25 @@
 //! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the dead-letter API
 //! (`dead_letters`: list, show, replay, delete, purge), the route dry-run (`route`:
-//! `POST /api/v1/route`) and the HTTP publish API (`publish`: `POST /api/v1/publish`).
+//! `POST /api/v1/route`), the HTTP publish API (`publish`: `POST /api/v1/publish`) and the
+//! web console (`console`: its embedded files at `/`; its JSON routes in `overview`,
+//! `clients`, `retained`, `trace`: snapshots and bounded pages of the broker's state, and a
+//! live trace of routed messages). The routes are described in `docs/admin-api.yaml`.
 //!
 //! The dead-letter routes change only the dead letters: a replay hands a message to a target
 //! like the spool does, never through a session. A publish goes through `routing::route` as
 //! an MQTT PUBLISH does, with its own context (never a session's internals).
 
 pub mod body;
+mod clients;
+pub mod console;
 mod dead_letters;
 pub mod guard;
+mod overview;
 pub mod publish;
+mod reply;
+mod retained;
 mod route;
+mod trace;
 
 pub use dead_letters::iso8601;
 
@@ -19,7 +28,7 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -53,6 +62,10 @@ pub struct AdminState {
     pub gateway: Arc<crate::mqtt::session::SessionShared>,
     /// The publish API's rate buckets, per user and for the token.
     pub publishers: Arc<publish::Publishers>,
+    /// The configured sources' names (the overview shows their state).
+    pub sources: Vec<String>,
+    /// When the gateway started (the overview's uptime).
+    pub started: std::time::Instant,
 }
 
 /// The admin routes.
@@ -64,6 +77,15 @@ pub fn router(state: AdminState) -> Router {
         .merge(dead_letters::router())
         .route("/api/v1/route", post(route::route))
         .route("/api/v1/publish", post(publish::publish))
+        .route("/", get(console::index))
+        .route("/console/{file}", get(console::asset))
+        .route("/api/v1/overview", get(overview::overview))
+        .route("/api/v1/rules", get(overview::rules))
+        .route("/api/v1/clients", get(clients::list))
+        .route("/api/v1/clients/{id}", get(clients::show).delete(clients::disconnect))
+        .route("/api/v1/subscriptions", get(clients::subscriptions))
+        .route("/api/v1/retained", get(retained::list).merge(delete(retained::remove)))
+        .route("/api/v1/trace", get(trace::trace))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
 }

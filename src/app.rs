@@ -228,6 +228,8 @@ impl App {
             ),
             gateway: shared,
             publishers: Arc::default(),
+            sources: config.sources.iter().map(|s| s.name.value.clone()).collect(),
+            started: Instant::now(),
         };
         let admin_shutdown = shutdown.clone();
         tasks.spawn(async move {

@@ -23,3 +23,4 @@ pub mod store;
 pub mod targets;
 pub mod template;
 pub mod timefmt;
+pub mod trace;

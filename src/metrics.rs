@@ -204,6 +204,8 @@ pub struct Metrics {
     pub memory_bytes: Gauge,
     /// Times a publisher was paused (not read) at `mqtt.max_memory`.
     pub memory_pauses: Counter,
+    /// Trace events dropped because the console reading them was slow.
+    pub trace_dropped: Counter,
 }
 
 /// The store's size and its writer's counters (`store::Stats`), exported as
@@ -331,6 +333,7 @@ impl Metrics {
             write_buffer_peak: Gauge::default(),
             memory_bytes: Gauge::default(),
             memory_pauses: Counter::default(),
+            trace_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register_collector(Box::new(Arc::clone(&m.store)));
@@ -484,6 +487,11 @@ impl Metrics {
             "memory_pauses",
             "Times a publisher was not read because message bytes held reached mqtt.max_memory",
             m.memory_pauses.clone(),
+        );
+        registry.register(
+            "trace_dropped",
+            "Live trace events (web console) dropped because the browser read them too slowly",
+            m.trace_dropped.clone(),
         );
         Arc::new(Metrics { registry, ..m })
     }

@@ -55,6 +55,9 @@ pub fn route(
     // With a store, a retained or persistent-session write adds its wait here.
     let local = ctx.broker.publish(msg, publisher, &mut waits);
     ctx.rules.matches_into(&msg.topic, hits);
+    ctx.broker.tracer().offer(msg, "publish", || {
+        hits.iter().filter_map(|&i| ctx.rules.rule(i)).map(|r| r.name.as_str()).collect()
+    });
     let mut applied = 0usize;
     // Built only when a condition or template needs it.
     let mut template_ctx: LazyContext = None;

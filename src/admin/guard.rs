@@ -3,8 +3,9 @@
 //! - **Host**: the `Host` header must name this server (loopback names, the listen address,
 //!   `admin.allowed_hosts`): a page on another site that resolves its name to the gateway (DNS
 //!   rebinding) is refused (421).
-//! - **Token**: with `admin.token`, every route but `/healthz` and `/readyz` (and `/metrics`
-//!   with `admin.metrics_public`) needs `Authorization: Bearer TOKEN` (401, compared in
+//! - **Token**: with `admin.token`, every route but `/healthz` and `/readyz`, the web
+//!   console's static files (`/`, `/console/*`: no data in them) and `/metrics` with
+//!   `admin.metrics_public` needs `Authorization: Bearer TOKEN` (401, compared in
 //!   constant time). Without a token the API is open, which the config allows only on a
 //!   loopback `admin.listen`. `POST /api/v1/publish` also takes `Authorization: Basic` (a
 //!   `users:` entry, checked by the publish handler as an MQTT CONNECT is) instead.
@@ -113,6 +114,10 @@ pub async fn check(State(guard): State<Guard>, req: Request, next: Next) -> Resp
     let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
     if !guard.host_allowed(host) {
         return guard.refuse(StatusCode::MISDIRECTED_REQUEST, "host");
+    }
+    // The console's files hold no data; the page sends the token on its API calls.
+    if super::console::is_asset(path) && matches!(*req.method(), Method::GET | Method::HEAD) {
+        return next.run(req).await;
     }
     let public_metrics = path == "/metrics" && guard.inner.metrics_public;
     // A user's password is checked by the publish handler (argon2, backoff, ACL).

@@ -120,6 +120,22 @@ pub struct Broker {
     /// With a store: where retained messages and persistent sessions are written. `None`
     /// without `store:`, and then nothing here touches it.
     persist: Option<Persist>,
+    /// Live traces of routed messages (the web console's): one relaxed load per message
+    /// while none is open.
+    tracer: crate::trace::Tracer,
+}
+
+/// One subscription as the admin API lists it.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSnapshot {
+    /// The filter as subscribed (`$share/{group}/...` for a share group's member).
+    pub filter: String,
+    /// The subscribing session.
+    pub session_id: u64,
+    /// Granted QoS and flags.
+    pub options: SubscribeOptions,
+    /// Messages queued for the session now.
+    pub queued: usize,
 }
 
 impl Broker {
@@ -144,9 +160,133 @@ impl Broker {
             delayed_wills: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             work_next: AtomicUsize::new(0),
+            tracer: crate::trace::Tracer::new(metrics.trace_dropped.clone()),
             metrics,
             persist,
         })
+    }
+
+    /// The live traces of routed messages.
+    pub fn tracer(&self) -> &crate::trace::Tracer {
+        &self.tracer
+    }
+
+    /// The admin API's client list: see [`SessionStore::clients`](sessions::SessionStore::clients).
+    pub fn clients(
+        &self,
+        search: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<sessions::ClientSnapshot>, usize) {
+        self.sessions.clients(search, after, limit)
+    }
+
+    /// The client id `client_id`, connected or parked.
+    pub fn client(&self, client_id: &str) -> Option<sessions::ClientSnapshot> {
+        self.sessions.client(client_id)
+    }
+
+    /// Tells the connection of `client_id` to close (MQTT 5: DISCONNECT 0x98); false when
+    /// it is not connected.
+    pub fn disconnect_client(&self, client_id: &str) -> bool {
+        self.sessions.disconnect(client_id)
+    }
+
+    /// The client ids of sessions `ids`, in order.
+    pub fn client_ids_of(&self, ids: &[u64]) -> Vec<Option<Arc<str>>> {
+        self.sessions.client_ids_of(ids)
+    }
+
+    /// At most `limit` subscriptions (share groups' members included) whose filter contains
+    /// `search`, after `after` in (filter, session) order, and how many matched in all. One
+    /// walk of each tree under its read lock (not both at once), keeping only the page.
+    pub fn subscriptions(
+        &self,
+        search: &str,
+        after: Option<(&str, u64)>,
+        limit: usize,
+        session: Option<u64>,
+    ) -> (Vec<SubscriptionSnapshot>, usize) {
+        let mut page: std::collections::BTreeMap<(String, u64), SubscriptionSnapshot> =
+            Default::default();
+        let mut matched = 0;
+        let mut consider = |filter: &str,
+                            session_id: u64,
+                            options: SubscribeOptions,
+                            queued: &dyn Fn() -> usize| {
+            if session.is_some_and(|s| s != session_id) || !filter.contains(search) {
+                return;
+            }
+            matched += 1;
+            if after.is_some_and(|(f, id)| (filter, session_id) <= (f, id)) || limit == 0 {
+                return;
+            }
+            if page.len() == limit {
+                match page.last_key_value() {
+                    Some(((f, id), _)) if (f.as_str(), *id) > (filter, session_id) => {
+                        page.pop_last();
+                    }
+                    _ => return,
+                }
+            }
+            let snapshot = SubscriptionSnapshot {
+                filter: filter.to_owned(),
+                session_id,
+                options,
+                queued: queued(),
+            };
+            page.insert((filter.to_owned(), session_id), snapshot);
+        };
+        {
+            let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+            subs.for_each(|filter, s| {
+                consider(filter, s.session_id, s.options, &|| s.subscriber.queue.len())
+            });
+        }
+        {
+            let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+            groups.for_each_member(|filter, session_id, options, subscriber| {
+                consider(filter, session_id, options, &|| subscriber.queue.len())
+            });
+        }
+        (page.into_values().collect(), matched)
+    }
+
+    /// The admin API's page of retained messages (see [`RetainedStore::page`]).
+    pub fn retained_page(
+        &self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<Message>>, bool) {
+        self.retained.page(filter, after, limit)
+    }
+
+    /// Topics with a retained message.
+    pub fn retained_count(&self) -> usize {
+        self.retained.len()
+    }
+
+    /// Clears the retained message of `topic` (an operator's delete; in the store too, when
+    /// there is one); false when it has none.
+    pub fn clear_retained(&self, topic: &str) -> bool {
+        if !self.retained.contains(topic) {
+            return false;
+        }
+        let empty = Arc::new(Message {
+            topic: topic.to_owned(),
+            payload: bytes::Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: true,
+            client_id: Arc::from("mqgate-admin"),
+            username: None,
+            properties: crate::mqtt::codec::PublishProperties::none(),
+            received: std::time::Instant::now(),
+            packet_id: None,
+            charge: Default::default(),
+        });
+        self.set_retained(&empty);
+        true
     }
 
     /// Where retained messages and persistent sessions are stored, if anywhere.
@@ -539,6 +679,7 @@ impl Broker {
     /// delivery made carries a child of `root`, which the caller finishes afterwards (see
     /// `tracking`). Returns how many deliveries were made or attempted.
     pub fn publish_tracked(&self, msg: &Arc<Message>, root: &Ticket) -> usize {
+        self.tracer.offer(msg, "source", Vec::new);
         match root.mode() {
             Mode::Broadcast => self.publish_inner(msg, None, Some(root), None),
             Mode::Work => {

@@ -220,6 +220,39 @@ impl RetainedStore {
             .collect()
     }
 
+    /// The admin API's page: at most `limit` retained messages whose topics match `filter`
+    /// and sort after `after`, in topic order; and whether more follow. One bounded scan
+    /// under the read lock (the topics from the filter's literal prefix on).
+    pub fn page(
+        &self,
+        filter: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<Arc<Message>>, bool) {
+        let topics = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        let prefix = literal_prefix(filter);
+        let start = match after {
+            Some(a) if a >= prefix => std::ops::Bound::Excluded(a),
+            _ => std::ops::Bound::Included(prefix),
+        };
+        let mut page: Vec<Arc<Message>> = topics
+            .map
+            .range::<str, _>((start, std::ops::Bound::Unbounded))
+            .take_while(|(topic, _)| topic.starts_with(prefix))
+            .filter(|(topic, _)| crate::mqtt::topic::matches(filter, topic))
+            .take(limit.saturating_add(1))
+            .map(|(_, m)| Arc::clone(m))
+            .collect();
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
+    }
+
+    /// Whether `topic` has a retained message.
+    pub fn contains(&self, topic: &str) -> bool {
+        self.by_topic.read().unwrap_or_else(|p| p.into_inner()).map.contains_key(topic)
+    }
+
     /// Number of topics with a retained message.
     pub fn len(&self) -> usize {
         self.by_topic.read().unwrap_or_else(|p| p.into_inner()).map.len()

@@ -213,6 +213,51 @@ pub enum CloseReason {
     Takeover,
     /// The gateway is shutting down.
     Shutdown,
+    /// An operator disconnected it (admin API, `DELETE /api/v1/clients/{id}`).
+    Admin,
+}
+
+/// What the admin API shows of a connection: set once, when its CONNECT is accepted.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// 3.1.1 or 5.0.
+    pub version: ProtocolVersion,
+    /// The keepalive granted, seconds (0: none).
+    pub keep_alive: u16,
+    /// When the CONNECT was accepted, ms since the Unix epoch.
+    pub connected_at_ms: u64,
+    /// The session's id (its subscriptions are under it in the broker's tree).
+    pub session_id: u64,
+}
+
+/// One client id as the admin API lists it: a snapshot taken under the registry's lock.
+#[derive(Debug, Clone)]
+pub struct ClientSnapshot {
+    /// The client id.
+    pub client_id: Arc<str>,
+    /// Its owner: the user name, if any.
+    pub user: Option<Arc<str>>,
+    /// The connection holding it, if connected (`None` until its CONNECT completes).
+    pub conn: Option<ConnInfo>,
+    /// Whether a connection holds it (also true during its handshake).
+    pub connected: bool,
+    /// A parked session: its id, its filters, messages queued, seconds until it expires.
+    pub parked: Option<ParkedSnapshot>,
+}
+
+/// A parked session as the admin API shows it.
+#[derive(Debug, Clone)]
+pub struct ParkedSnapshot {
+    /// The session's id.
+    pub session_id: u64,
+    /// Its subscriptions (filter, granted QoS), sorted.
+    pub filters: Vec<(String, QoS)>,
+    /// Messages queued for it.
+    pub queued: usize,
+    /// Seconds until it expires (`None`: never).
+    pub expires_in: Option<u64>,
 }
 
 /// The link between one connection and the registry, shared by both (one small allocation per
@@ -234,6 +279,8 @@ pub struct ConnLink {
     close: AtomicU8,
     /// The connection's task, woken when `close` is set.
     close_waker: AtomicWaker,
+    /// What the admin API shows of the connection, set once its CONNECT is accepted.
+    info: std::sync::OnceLock<ConnInfo>,
     /// Set once the connection's session state is parked or discarded ([`DoneGuard`]).
     done: AtomicBool,
     /// The connection that took the client id over, woken when `done` is set.
@@ -247,6 +294,7 @@ impl ConnLink {
             owner,
             close: AtomicU8::new(0),
             close_waker: AtomicWaker::new(),
+            info: std::sync::OnceLock::new(),
             done: AtomicBool::new(false),
             done_waker: AtomicWaker::new(),
         }
@@ -255,6 +303,11 @@ impl ConnLink {
     /// The connection's id (unique per connection).
     pub fn conn_id(&self) -> u64 {
         self.conn_id
+    }
+
+    /// Records what the admin API shows of the connection (once; later calls are ignored).
+    pub fn describe(&self, info: ConnInfo) {
+        let _ = self.info.set(info);
     }
 
     /// Tells the connection to close for `reason` (a no-op if it was told already).
@@ -282,7 +335,8 @@ impl ConnLink {
         match self.close.load(Ordering::Acquire) {
             0 => None,
             1 => Some(CloseReason::Takeover),
-            _ => Some(CloseReason::Shutdown),
+            2 => Some(CloseReason::Shutdown),
+            _ => Some(CloseReason::Admin),
         }
     }
 
@@ -499,8 +553,131 @@ impl SessionStore {
         self.lock().values().filter(|e| e.parked.is_some()).count()
     }
 
+    /// At most `limit` client ids (connected or parked) after `after` in client-id order
+    /// whose id or user contains `search` (ASCII case-insensitive), and how many matched in
+    /// all. One pass over the registry under its lock, keeping only the page (O(n log limit)).
+    pub fn clients(
+        &self,
+        search: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<ClientSnapshot>, usize) {
+        let needle = search.to_ascii_lowercase();
+        let contains = |s: &str| {
+            needle.is_empty()
+                || s.as_bytes()
+                    .windows(needle.len())
+                    .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+        };
+        let now = Instant::now();
+        let entries = self.lock();
+        let mut page: std::collections::BTreeMap<&Arc<str>, &Entry> = Default::default();
+        let mut matched = 0;
+        for (id, entry) in entries.iter() {
+            let user = entry_owner(entry).and_then(owner_name);
+            if !(contains(id) || user.is_some_and(|u| contains(u))) {
+                continue;
+            }
+            matched += 1;
+            if after.is_some_and(|a| &**id <= a) || limit == 0 {
+                continue;
+            }
+            if page.len() == limit {
+                match page.last_key_value() {
+                    Some((last, _)) if *last > id => {
+                        page.pop_last();
+                    }
+                    _ => continue,
+                }
+            }
+            page.insert(id, entry);
+        }
+        let list = page.into_iter().map(|(id, e)| snapshot(id, e, now)).collect();
+        (list, matched)
+    }
+
+    /// The client id `client_id`, if it is connected or parked.
+    pub fn client(&self, client_id: &str) -> Option<ClientSnapshot> {
+        let entries = self.lock();
+        let (id, entry) = entries.get_key_value(client_id)?;
+        Some(snapshot(id, entry, Instant::now()))
+    }
+
+    /// Tells the connection holding `client_id` to close (an operator's disconnect); false
+    /// when none does.
+    pub fn disconnect(&self, client_id: &str) -> bool {
+        match self.lock().get(client_id).and_then(|e| e.conn.as_ref()) {
+            Some(link) => {
+                link.close(CloseReason::Admin);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The client ids of the sessions `ids` (connected or parked), in the same order.
+    pub fn client_ids_of(&self, ids: &[u64]) -> Vec<Option<Arc<str>>> {
+        let mut out = vec![None; ids.len()];
+        for (client_id, entry) in self.lock().iter() {
+            let session = entry
+                .conn
+                .as_ref()
+                .and_then(|c| c.info.get().map(|i| i.session_id))
+                .or(entry.parked.as_ref().map(|p| p.state.id));
+            if let Some(session) = session {
+                for (i, id) in ids.iter().enumerate() {
+                    if *id == session {
+                        out[i] = Some(Arc::clone(client_id));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Who holds an entry: its connection's owner, else its parked session's.
+fn entry_owner(entry: &Entry) -> Option<&Owner> {
+    match (&entry.conn, &entry.parked) {
+        (Some(conn), _) => Some(&conn.owner),
+        (None, Some(parked)) => Some(&parked.state.owner),
+        (None, None) => None,
+    }
+}
+
+fn owner_name(owner: &Owner) -> Option<&str> {
+    match owner {
+        Owner::User(u) => Some(u),
+        Owner::Anonymous | Owner::Unknown => None,
+    }
+}
+
+fn snapshot(id: &Arc<str>, entry: &Entry, now: Instant) -> ClientSnapshot {
+    let user = match entry_owner(entry) {
+        Some(Owner::User(u)) => Some(Arc::clone(u)),
+        _ => None,
+    };
+    let parked = entry.parked.as_ref().map(|p| {
+        let mut filters: Vec<(String, QoS)> =
+            p.state.filters.iter().map(|(f, o)| (f.clone(), o.qos)).collect();
+        filters.sort();
+        ParkedSnapshot {
+            session_id: p.state.id,
+            filters,
+            queued: p.state.subscriber.queue.len(),
+            expires_in: p.expires.map(|t| t.saturating_duration_since(now).as_secs()),
+        }
+    });
+    ClientSnapshot {
+        client_id: Arc::clone(id),
+        user,
+        conn: entry.conn.as_ref().and_then(|c| c.info.get().cloned()),
+        connected: entry.conn.is_some(),
+        parked,
     }
 }
 

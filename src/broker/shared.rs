@@ -168,6 +168,19 @@ impl SharedGroups {
     }
 
     /// True when there is no group (the common case: publishing skips the walk).
+    /// Calls `found` with every member of every group: the group's key, the session, its
+    /// options and queue (the admin API's listing).
+    pub(super) fn for_each_member(
+        &self,
+        mut found: impl FnMut(&str, u64, SubscribeOptions, &Subscriber),
+    ) {
+        self.tree.for_each(|_, g| {
+            for m in &g.members {
+                found(&g.key, m.session_id, m.options, &m.subscriber);
+            }
+        });
+    }
+
     pub(super) fn is_empty(&self) -> bool {
         self.tree.is_empty()
     }

@@ -383,11 +383,53 @@ impl<T> TopicTree<T> {
     pub fn is_empty(&self) -> bool {
         self.root.is_empty()
     }
+
+    /// Calls `found` with every value and the filter it is under (the admin API's listing:
+    /// one walk of the whole tree).
+    pub fn for_each(&self, mut found: impl FnMut(&str, &T)) {
+        let mut path = String::new();
+        Self::walk_all(&self.root, &mut path, true, &mut found);
+    }
+
+    fn walk_all(node: &Node<T>, path: &mut String, root: bool, found: &mut impl FnMut(&str, &T)) {
+        if !root {
+            for v in &node.values {
+                found(path, v);
+            }
+        }
+        let named = node.children.iter().map(|(k, n)| (&**k, n));
+        let wild = node.plus.as_deref().map(|n| ("+", n)).into_iter();
+        let wild = wild.chain(node.hash.as_deref().map(|n| ("#", n)));
+        for (level, child) in named.chain(wild) {
+            let len = path.len();
+            if !root {
+                path.push('/');
+            }
+            path.push_str(level);
+            Self::walk_all(child, path, false, found);
+            path.truncate(len);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_walk_names_every_filter() {
+        let mut tree = TopicTree::default();
+        for f in ["a/b", "a/+", "#", "/", "a//b", "a"] {
+            tree.insert(f, f.to_owned());
+        }
+        let mut seen = Vec::new();
+        tree.for_each(|filter, v: &String| {
+            assert_eq!(filter, v);
+            seen.push(filter.to_owned());
+        });
+        seen.sort();
+        assert_eq!(seen, ["#", "/", "a", "a/+", "a//b", "a/b"]);
+    }
 
     #[test]
     fn filters() {

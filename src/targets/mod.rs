@@ -164,6 +164,12 @@ pub trait Target: std::fmt::Debug + Send + Sync {
     /// starts nothing, so a rule set can be compiled without side effects (the dry-run, a
     /// reload that may be refused); the gateway calls this once it keeps the rule set.
     fn start(&self) {}
+
+    /// Its forwarded/failed counters (`mqgate_target_forwarded_total`, `..._failed_total`),
+    /// which the web console shows beside the rule.
+    fn counters(&self) -> Option<&crate::metrics::TargetMetrics> {
+        None
+    }
 }
 
 /// One target's answer to [`Target::explain`]: what it would send, field by field in the

@@ -6,6 +6,7 @@
 mod support;
 
 mod acl_filter;
+mod admin_api;
 mod admin_auth;
 mod amqp_sink;
 mod auth;

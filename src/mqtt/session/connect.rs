@@ -54,6 +54,7 @@ pub(super) struct Connected {
 pub(super) async fn handshake<S>(
     conn: &mut Connection<S>,
     shared: &SessionShared,
+    peer: std::net::SocketAddr,
 ) -> std::io::Result<Option<Connected>>
 where
     S: crate::listeners::Transport,
@@ -272,6 +273,16 @@ where
         k if max > 0 && k > max => max,
         k => k,
     };
+    registration.link.0.describe(crate::broker::sessions::ConnInfo {
+        peer,
+        version,
+        keep_alive,
+        connected_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+        session_id: state.id,
+    });
     let keepalive = match keep_alive {
         0 => Some(shared.limits.idle_timeout).filter(|d| !d.is_zero()),
         k => Some(Duration::from_millis(u64::from(k) * 1500)),

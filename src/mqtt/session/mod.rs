@@ -419,7 +419,7 @@ where
 {
     let mut conn = Connection::new(stream, shared.limits.max_packet_size as usize);
     // The address is what the login backoff keys on (`auth::backoff`).
-    let handshake = connect::handshake(&mut conn, &shared);
+    let handshake = connect::handshake(&mut conn, &shared, peer);
     match crate::auth::backoff::LOGIN_PEER.scope(peer.ip(), handshake).await {
         Ok(Some(c)) => Some(Session::new(conn, c, shared, peer)),
         Ok(None) => {
@@ -629,6 +629,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.draining = true;
                     let limit = self.shared.limits.shutdown_timeout;
                     timer = Some(Timer::new(limit));
+                }
+                Event::Close(CloseReason::Admin) => {
+                    return self.server_disconnect(
+                        ReasonCode::ADMINISTRATIVE_ACTION,
+                        "disconnected by an operator (admin API)",
+                    );
                 }
                 Event::Close(CloseReason::Takeover) => {
                     return self.server_disconnect(

@@ -166,6 +166,10 @@ impl AmqpTarget {
 }
 
 impl Target for AmqpTarget {
+    fn counters(&self) -> Option<&crate::metrics::TargetMetrics> {
+        Some(&self.metrics)
+    }
+
     fn id(&self) -> &str {
         &self.id
     }

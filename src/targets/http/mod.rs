@@ -412,6 +412,10 @@ impl HttpTarget {
 }
 
 impl crate::targets::Target for HttpTarget {
+    fn counters(&self) -> Option<&crate::metrics::TargetMetrics> {
+        Some(&self.inner.spec.target)
+    }
+
     fn id(&self) -> &str {
         &self.inner.id
     }

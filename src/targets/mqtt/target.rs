@@ -96,6 +96,10 @@ impl MqttTarget {
 }
 
 impl Target for MqttTarget {
+    fn counters(&self) -> Option<&crate::metrics::TargetMetrics> {
+        Some(&self.metrics)
+    }
+
     fn id(&self) -> &str {
         &self.id
     }
