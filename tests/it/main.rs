@@ -14,6 +14,7 @@ mod bad_input;
 mod bounds;
 mod bridge;
 mod cli;
+mod console;
 mod deadletters;
 mod disk_full;
 mod docs;

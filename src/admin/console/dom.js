@@ -25,6 +25,13 @@ export function h(spec, attrs, ...children) {
   return el;
 }
 
+// Replaces the children of `el` (arrays flattened, as h() does).
+export function fill(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+  return el;
+}
+
 function append(el, children) {
   for (const c of children) {
     if (c === null || c === undefined || c === false) continue;

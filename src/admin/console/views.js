@@ -2,7 +2,7 @@
 // itself while shown, and stops when unmounted. `ui.notify(text, kind)` shows a message.
 
 import { call, get, qs, stream } from './api.js';
-import { h, table, kv, bytes, count, rate, duration, time, badge, Rates } from './dom.js';
+import { h, fill, table, kv, bytes, count, rate, duration, time, badge, Rates } from './dom.js';
 
 const enc = encodeURIComponent;
 
@@ -14,7 +14,7 @@ function poll(ms, draw, box) {
     try {
       await draw();
     } catch (e) {
-      box.replaceChildren(h('p.error', String(e.message || e)));
+      fill(box, h('p.error', String(e.message || e)));
     }
     if (!stopped) timer = setTimeout(tick, ms);
   };
@@ -31,12 +31,12 @@ const overviewRates = new Rates();
 
 export function overview(main) {
   const box = h('div');
-  main.replaceChildren(h('h2', 'Overview'), box);
+  fill(main, h('h2', 'Overview'), box);
   return poll(2000, async () => {
     const o = await get('/api/v1/overview');
     const r = (k, v) => overviewRates.rate(k, v);
     const c = o.connections;
-    box.replaceChildren(
+    fill(box, 
       h('div.cards',
         h('div.card#card-connections', h('h3', 'Connections'),
           h('div.big', count(c.connected)), h('div.muted', `connected · ${count(c.parked)} parked · ${count(c.open)} open sockets`),
@@ -97,7 +97,7 @@ export function clients(main, ui) {
   const list = h('div.panel');
   const detail = h('div.panel#client-detail', h('p.empty', 'Select a client.'));
   const input = h('input#client-search', { type: 'search', value: search, placeholder: 'client id or user', oninput: () => { search = input.value.trim(); after = ''; refresh(); } });
-  main.replaceChildren(h('h2', 'Clients'), h('div.toolbar', input, h('span.muted#client-count')), h('div.split', list, detail));
+  fill(main, h('h2', 'Clients'), h('div.toolbar', input, h('span.muted#client-count')), h('div.split', list, detail));
 
   async function disconnect(id) {
     if (!confirm(`Disconnect ${id}?`)) return;
@@ -110,11 +110,11 @@ export function clients(main, ui) {
     selected = id;
     const r = await call('GET', `/api/v1/clients/${enc(id)}`);
     if (!r.ok) {
-      detail.replaceChildren(h('p.error', r.data.error));
+      fill(detail, h('p.error', r.data.error));
       return;
     }
     const c = r.data;
-    detail.replaceChildren(
+    fill(detail, 
       h('h3', 'Client'),
       kv([
         ['Client id', h('span.mono', c.client_id)], ['User', c.user],
@@ -124,7 +124,7 @@ export function clients(main, ui) {
         c.parked ? ['Expires in', duration(c.expires_in)] : null,
         c.parked ? ['Queued', count(c.queued)] : null,
       ]),
-      h('h3', { style: 'margin-top:12px' }, `Subscriptions (${c.subscriptions.length})`),
+      h('h3.gap', `Subscriptions (${c.subscriptions.length})`),
       table([
         { title: 'Filter', cell: s => h('span.mono', s.filter) },
         { title: 'QoS', num: true, cell: s => s.qos },
@@ -136,7 +136,7 @@ export function clients(main, ui) {
   async function draw() {
     const p = await get(`/api/v1/clients${qs({ search, after, limit: 100 })}`);
     document.getElementById('client-count').textContent = `${count(p.count)} matching`;
-    list.replaceChildren(
+    fill(list, 
       table([
         { title: 'Client id', cell: c => h('span.mono', c.client_id) },
         { title: 'User', cell: c => c.user ?? h('span.muted', 'anonymous') },
@@ -164,11 +164,11 @@ export function subscriptions(main) {
   const list = h('div.panel');
   const input = h('input', { type: 'search', placeholder: 'filter contains', oninput: () => { search = input.value.trim(); after = ''; refresh(); } });
   const total = h('span.muted');
-  main.replaceChildren(h('h2', 'Subscriptions'), h('div.toolbar', input, total), list);
+  fill(main, h('h2', 'Subscriptions'), h('div.toolbar', input, total), list);
   async function draw() {
     const p = await get(`/api/v1/subscriptions${qs({ search, after, limit: 200 })}`);
     total.textContent = `${count(p.count)} matching`;
-    list.replaceChildren(
+    fill(list, 
       table([
         { title: 'Filter', cell: s => h('span.mono', s.filter) },
         { title: 'Client', cell: s => s.client_id ? h('a', { href: '#clients', onclick: () => sessionStorage.setItem('mqgate.search', s.client_id) }, s.client_id) : '—' },
@@ -194,22 +194,22 @@ export function retained(main, ui) {
   const total = h('span.muted');
   const form = h('form.toolbar', { onsubmit: e => { e.preventDefault(); filter = input.value.trim() || '#'; after = ''; refresh(); } },
     input, h('button', { type: 'submit' }, 'Show'), total);
-  main.replaceChildren(h('h2', 'Retained messages'), form, h('div.split', list, detail));
+  fill(main, h('h2', 'Retained messages'), form, h('div.split', list, detail));
 
   async function remove(topic) {
     if (!confirm(`Delete the retained message of ${topic}?`)) return;
     const r = await call('DELETE', `/api/v1/retained${qs({ topic })}`);
     ui.notify(r.ok ? `Deleted the retained message of ${topic}` : `Delete failed: ${r.data.error}`, r.ok ? 'ok' : 'bad');
-    detail.replaceChildren(h('p.empty', 'Select a message.'));
+    fill(detail, h('p.empty', 'Select a message.'));
     refresh();
   }
   function show(m) {
-    detail.replaceChildren(h('h3', 'Retained message'),
+    fill(detail, h('h3', 'Retained message'),
       kv([['Topic', h('span.mono', m.topic)], ['QoS', m.qos], ['Set by', m.client_id], ['User', m.user],
         ['Size', bytes(m.payload_bytes)], ['Content type', m.content_type],
         ['Expiry', m.message_expiry_interval === null ? null : `${m.message_expiry_interval} s`],
         m.user_properties.length ? ['User properties', m.user_properties.map(([k, v]) => `${k}=${v}`).join(', ')] : null]),
-      h('h3', { style: 'margin-top:12px' }, 'Payload'), h('pre#retained-payload', m.payload_preview),
+      h('h3.gap', 'Payload'), h('pre#retained-payload', m.payload_preview),
       h('p', h('button.danger', { type: 'button', onclick: () => remove(m.topic) }, 'Delete')));
   }
   async function draw() {
@@ -217,7 +217,7 @@ export function retained(main, ui) {
     if (!r.ok) throw new Error(r.data.error);
     const p = r.data;
     total.textContent = `${count(p.count)} topics retained`;
-    list.replaceChildren(
+    fill(list, 
       table([
         { title: 'Topic', cell: m => h('span.mono', m.topic) },
         { title: 'QoS', num: true, cell: m => m.qos },
@@ -241,10 +241,10 @@ const ruleRates = new Rates();
 
 export function rules(main) {
   const box = h('div');
-  main.replaceChildren(h('h2', 'Rules and targets'), box);
+  fill(main, h('h2', 'Rules and targets'), box);
   return poll(2000, async () => {
     const p = await get('/api/v1/rules');
-    box.replaceChildren(p.rules.length ? p.rules.map(rule => h('div.panel', { dataset: { rule: rule.name } },
+    fill(box, p.rules.length ? p.rules.map(rule => h('div.panel', { dataset: { rule: rule.name } },
       h('h3', `${rule.name}`),
       kv([['Filter', h('span.mono', rule.filter)], ['Ack', rule.ack], ['Condition', rule.conditional ? 'when: …' : 'none'],
         ['Errors', count(rule.errors_total)], ['Skipped by condition', count(rule.skipped_total)]]),
@@ -264,7 +264,7 @@ export function deadLetters(main, ui) {
   const list = h('div.panel');
   const detail = h('div.panel#dead-letter-detail', h('p.empty', 'Select a dead letter.'));
   const total = h('span.muted');
-  main.replaceChildren(h('h2', 'Dead letters'),
+  fill(main, h('h2', 'Dead letters'),
     h('div.toolbar', total, h('span.spacer'),
       h('button.quiet', { type: 'button', onclick: () => replayAll() }, 'Replay all'),
       h('button.danger', { type: 'button', onclick: () => purge() }, 'Purge all')),
@@ -274,14 +274,14 @@ export function deadLetters(main, ui) {
     const r = await call('POST', `/dead-letters/${id}/replay`);
     if (r.ok && r.data.delivered) ui.notify(`Dead letter ${id} replayed to ${r.data.to}${r.data.spooled ? ' (spooled)' : ''}`, 'ok');
     else ui.notify(`Replay of ${id} failed: ${r.data.reason || r.data.error || r.status}`, 'bad');
-    detail.replaceChildren(h('p.empty', 'Select a dead letter.'));
+    fill(detail, h('p.empty', 'Select a dead letter.'));
     refresh();
   }
   async function remove(id) {
     if (!confirm(`Delete dead letter ${id}?`)) return;
     const r = await call('DELETE', `/dead-letters/${id}`);
     ui.notify(r.ok ? `Dead letter ${id} deleted` : `Delete failed: ${r.data.error}`, r.ok ? 'ok' : 'bad');
-    detail.replaceChildren(h('p.empty', 'Select a dead letter.'));
+    fill(detail, h('p.empty', 'Select a dead letter.'));
     refresh();
   }
   async function replayAll() {
@@ -298,26 +298,26 @@ export function deadLetters(main, ui) {
   }
   async function show(id) {
     const r = await call('GET', `/dead-letters/${id}`);
-    if (!r.ok) { detail.replaceChildren(h('p.error', r.data.error)); return; }
+    if (!r.ok) { fill(detail, h('p.error', r.data.error)); return; }
     const d = r.data;
     const p = d.properties;
-    detail.replaceChildren(h('h3', `Dead letter ${d.id}`),
+    fill(detail, h('h3', `Dead letter ${d.id}`),
       kv([['Failed at', time(d.failed_at)], ['Rule', d.rule], ['Target', h('span.mono', d.target)], ['Reason', h('span.bad', d.reason)],
         ['Topic', h('span.mono', d.topic)], ['QoS', d.qos], ['Retain', d.retain ? 'yes' : 'no'], ['Client', d.client_id], ['User', d.username],
         ['Received at', time(d.received_at)], ['Size', bytes(d.payload_bytes)], ['Content type', p.content_type],
         p.user_properties.length ? ['User properties', p.user_properties.map(([k, v]) => `${k}=${v}`).join(', ')] : null]),
-      h('h3', { style: 'margin-top:12px' }, d.payload_utf8 !== null ? 'Payload' : 'Payload (base64)'),
+      h('h3.gap', d.payload_utf8 !== null ? 'Payload' : 'Payload (base64)'),
       h('pre#dead-letter-payload', d.payload_utf8 ?? d.payload_base64),
       h('p', h('button', { type: 'button', onclick: () => replay(d.id) }, 'Replay'), ' ',
         h('button.danger', { type: 'button', onclick: () => remove(d.id) }, 'Delete')));
   }
   async function draw() {
     const r = await call('GET', `/dead-letters${qs({ after, limit: 100 })}`);
-    if (r.status === 503) { list.replaceChildren(h('p.empty', r.data.error)); total.textContent = ''; return; }
+    if (r.status === 503) { fill(list, h('p.empty', r.data.error)); total.textContent = ''; return; }
     if (!r.ok) throw new Error(r.data.error);
     const p = r.data;
     total.textContent = `${count(p.count)} dead letters kept`;
-    list.replaceChildren(
+    fill(list, 
       table([
         { title: 'Id', num: true, cell: l => l.id },
         { title: 'Failed at', cell: l => time(l.failed_at) },
@@ -347,7 +347,7 @@ export function tester(main) {
     retain: h('input#tester-retain', { type: 'checkbox' }),
     user: h('input#tester-user', { placeholder: 'anonymous' }),
     client: h('input#tester-client', { placeholder: 'mqgate-http' }),
-    props: h('textarea#tester-props', { placeholder: 'name=value, one per line (MQTT 5 user properties)', style: 'min-height:48px' }),
+    props: h('textarea#tester-props', { placeholder: 'name=value, one per line (MQTT 5 user properties)', class: 'short' }),
   };
   const out = h('div#tester-result');
   const form = h('form.panel', { onsubmit: e => { e.preventDefault(); run(); } },
@@ -358,7 +358,7 @@ export function tester(main) {
       h('label', h('span', 'User properties'), f.props)),
     h('p', h('button#tester-run', { type: 'submit' }, 'Where would it go?'),
       h('span.muted', ' Nothing is sent: POST /api/v1/route on the running rules.')));
-  main.replaceChildren(h('h2', 'Rule tester'), form, out);
+  fill(main, h('h2', 'Rule tester'), form, out);
 
   async function run() {
     const body = { topic: f.topic.value, payload: f.payload.value, qos: Number(f.qos.value), retain: f.retain.checked };
@@ -370,10 +370,10 @@ export function tester(main) {
     });
     if (props.length) body.properties = { user_properties: props };
     const r = await call('POST', '/api/v1/route', body);
-    if (!r.ok) { out.replaceChildren(h('p.error', r.data.error)); return; }
+    if (!r.ok) { fill(out, h('p.error', r.data.error)); return; }
     const rep = r.data;
     const matched = rep.rules.filter(x => x.matches);
-    out.replaceChildren(
+    fill(out, 
       h('div.panel',
         h('h3', 'Verdict'),
         kv([['Topic', h('span.mono', rep.topic)],
@@ -390,7 +390,7 @@ export function tester(main) {
             ...(rule.when.clauses || []).map(c => h('div.muted.mono', JSON.stringify(c)))]] : null,
           rule.on_error ? ['On error', rule.on_error] : null]),
         rule.targets.map(t => h('div.target', { dataset: { target: t.id } },
-          h('h3', { style: 'margin-top:10px' }, `→ ${t.kind} target ${t.id}`),
+          h('h3.gap', `→ ${t.kind} target ${t.id}`),
           t.error ? h('p.bad', t.error) : null,
           kv(Object.entries(t.fields).map(([k, v]) => [k, h('span.mono', typeof v === 'string' ? v : JSON.stringify(v))])),
           (t.notes || []).map(n => h('div.muted', n)))))),
@@ -406,12 +406,12 @@ export function trace(main, ui) {
   let dropped = 0;
   const MAX_ROWS = 500;
   const filter = h('input#trace-filter', { value: '#', placeholder: 'topic filter' });
-  const sample = h('input#trace-sample', { type: 'number', min: 1, value: 1, style: 'width:6em', title: 'one message in N' });
+  const sample = h('input#trace-sample', { type: 'number', min: 1, value: 1, class: 'narrow', title: 'one message in N' });
   const start = h('button#trace-start', { type: 'submit' }, 'Start');
   const stop = h('button.quiet#trace-stop', { type: 'button', disabled: true, onclick: () => end() }, 'Stop');
   const status = h('span.muted#trace-status', 'Not running.');
   const rows = h('tbody#trace-rows');
-  main.replaceChildren(h('h2', 'Live trace'),
+  fill(main, h('h2', 'Live trace'),
     h('form.toolbar', { onsubmit: e => { e.preventDefault(); begin(); } },
       h('label', 'Filter', filter), h('label', 'Sample 1 in', sample), start, stop, status),
     h('div.panel', h('table',
@@ -432,7 +432,7 @@ export function trace(main, ui) {
     end('Restarting');
     received = 0;
     dropped = 0;
-    rows.replaceChildren();
+    fill(rows);
     const controller = new AbortController();
     abort = controller;
     start.disabled = true;
