@@ -89,3 +89,32 @@ ensure_paho() {
   MQGATE_PYTHON="$(cd "$venv" && pwd)/bin/python"
   export MQGATE_PYTHON
 }
+
+# Debian's Chromium for tests/it/console.rs (the web console in a headless browser, driven by
+# playwright-core; no browser is downloaded).
+ensure_chromium() {
+  [ -x /usr/bin/chromium ] && return
+  log "installing chromium and chromium-driver"
+  apt_install chromium chromium-driver
+  [ -x /usr/bin/chromium ] || die "chromium did not install /usr/bin/chromium"
+}
+
+# node and npm, for the console test's script.
+ensure_node() {
+  command -v node >/dev/null && command -v npm >/dev/null && return
+  log "installing nodejs and npm"
+  apt_install nodejs npm
+}
+
+# playwright-core from npm into tests/console/node_modules, as package-lock.json pins it
+# (never `playwright install`: the browser is Debian's).
+ensure_console_deps() {
+  ensure_node
+  local want have
+  want=$(node -p "require('./tests/console/package-lock.json').packages['node_modules/playwright-core'].version")
+  have=$(node -p "require('./tests/console/node_modules/playwright-core/package.json').version" 2>/dev/null || true)
+  [ -n "$want" ] && [ "$want" = "$have" ] && return
+  log "installing the console test's npm packages (tests/console: npm ci)"
+  (cd tests/console && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error) \
+    || die "npm ci failed in tests/console"
+}

@@ -7,6 +7,8 @@
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
 #  - paho-mqtt 2.x for python3 (tests/it/paho.rs): pip-installed if missing, or into a venv
 #    under the target dir where pip refuses (externally managed python).
+#  - Debian's chromium and chromium-driver, node and npm, and playwright-core (npm ci in
+#    tests/console) for the web console's end-to-end test (tests/it/console.rs).
 # Then formatting, clippy and every test. An unreachable service fails the run with a message;
 # nothing is skipped silently.
 set -euo pipefail
@@ -20,6 +22,8 @@ ensure_mosquitto_clients
 ensure_mosquitto_broker
 ensure_openssl
 ensure_paho
+ensure_chromium
+ensure_console_deps
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

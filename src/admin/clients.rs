@@ -83,11 +83,11 @@ struct ClientPage {
 pub(super) async fn list(State(state): State<AdminState>, RawQuery(q): RawQuery) -> Response {
     let params = match reply::query(q.as_deref(), &["search", "after", "limit"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let limit = match reply::limit(reply::get(&params, "limit")) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let search = reply::get(&params, "search").unwrap_or("");
     let broker = &state.gateway.broker;
@@ -192,11 +192,11 @@ pub(super) async fn subscriptions(
 ) -> Response {
     let params = match reply::query(q.as_deref(), &["search", "after", "limit"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let limit = match reply::limit(reply::get(&params, "limit")) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let after = match reply::get(&params, "after") {
         None => None,

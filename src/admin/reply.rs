@@ -28,35 +28,37 @@ pub fn error(status: StatusCode, message: &str) -> Response {
 }
 
 /// A query string's parameters, percent-decoded (`+` is a space), limited to `known` names:
-/// an unknown one is an error naming the ones allowed.
-pub fn query<'a>(raw: Option<&str>, known: &[&'a str]) -> Result<Vec<(&'a str, String)>, Response> {
+/// an unknown one is an error naming the ones allowed (for a 400: [`bad`]).
+pub fn query<'a>(raw: Option<&str>, known: &[&'a str]) -> Result<Vec<(&'a str, String)>, String> {
     let mut out = Vec::new();
     for pair in raw.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let Some(name) = known.iter().find(|n| **n == k) else {
-            return Err(error(
-                StatusCode::BAD_REQUEST,
-                &format!("unknown query parameter {k:?}: use {}", known.join(", ")),
-            ));
+            return Err(format!("unknown query parameter {k:?}: use {}", known.join(", ")));
         };
         let v = v.replace('+', " ");
-        let decoded = percent_encoding::percent_decode_str(&v).decode_utf8().map_err(|_| {
-            error(StatusCode::BAD_REQUEST, &format!("query parameter {k}: not UTF-8"))
-        })?;
+        let decoded = percent_encoding::percent_decode_str(&v)
+            .decode_utf8()
+            .map_err(|_| format!("query parameter {k}: not UTF-8"))?;
         out.push((*name, decoded.into_owned()));
     }
     Ok(out)
 }
 
 /// The `limit` parameter: `DEFAULT_PAGE` when absent, clamped to 1..=`MAX_PAGE`.
-pub fn limit(value: Option<&str>) -> Result<usize, Response> {
+pub fn limit(value: Option<&str>) -> Result<usize, String> {
     match value {
         None => Ok(DEFAULT_PAGE),
         Some(v) => v
             .parse::<usize>()
             .map(|n| n.clamp(1, MAX_PAGE))
-            .map_err(|_| error(StatusCode::BAD_REQUEST, &format!("limit: not a number: {v:?}"))),
+            .map_err(|_| format!("limit: not a number: {v:?}")),
     }
+}
+
+/// A 400 saying `message`.
+pub fn bad(message: String) -> Response {
+    error(StatusCode::BAD_REQUEST, &message)
 }
 
 /// The first value of parameter `name`.
@@ -71,7 +73,6 @@ mod tests {
     #[test]
     fn queries_are_decoded_and_checked() {
         let q = query(Some("filter=a%2F%23&search=x+y&limit=5"), &["filter", "search", "limit"])
-            .ok()
             .expect("valid");
         assert_eq!(get(&q, "filter"), Some("a/#"));
         assert_eq!(get(&q, "search"), Some("x y"));

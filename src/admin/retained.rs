@@ -44,11 +44,11 @@ struct Page {
 pub(super) async fn list(State(state): State<AdminState>, RawQuery(q): RawQuery) -> Response {
     let params = match reply::query(q.as_deref(), &["filter", "after", "limit"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let limit = match reply::limit(reply::get(&params, "limit")) {
         Ok(n) => n,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let filter = reply::get(&params, "filter").filter(|f| !f.is_empty()).unwrap_or("#");
     if let Err(e) = crate::mqtt::topic::validate_filter(filter) {
@@ -77,7 +77,7 @@ pub(super) async fn list(State(state): State<AdminState>, RawQuery(q): RawQuery)
 pub(super) async fn remove(State(state): State<AdminState>, RawQuery(q): RawQuery) -> Response {
     let params = match reply::query(q.as_deref(), &["topic"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let Some(topic) = reply::get(&params, "topic") else {
         return error(StatusCode::BAD_REQUEST, "topic: required");

@@ -31,7 +31,7 @@ const DROP_REPORT: Duration = Duration::from_secs(1);
 pub async fn trace(State(state): State<AdminState>, RawQuery(q): RawQuery) -> Response {
     let params = match reply::query(q.as_deref(), &["filter", "sample"]) {
         Ok(p) => p,
-        Err(r) => return r,
+        Err(m) => return reply::bad(m),
     };
     let filter = reply::get(&params, "filter").filter(|f| !f.is_empty()).unwrap_or("#");
     if let Err(e) = crate::mqtt::topic::validate_filter(filter) {

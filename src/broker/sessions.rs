@@ -575,7 +575,7 @@ impl SessionStore {
         let mut matched = 0;
         for (id, entry) in entries.iter() {
             let user = entry_owner(entry).and_then(owner_name);
-            if !(contains(id) || user.is_some_and(|u| contains(u))) {
+            if !(contains(id) || user.is_some_and(&contains)) {
                 continue;
             }
             matched += 1;
