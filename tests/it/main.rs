@@ -15,6 +15,7 @@ mod bounds;
 mod bridge;
 mod cli;
 mod console;
+mod console_api;
 mod deadletters;
 mod disk_full;
 mod docs;
