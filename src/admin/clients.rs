@@ -51,7 +51,10 @@ impl Client {
             client_id: c.client_id.to_string(),
             user: c.user.as_deref().map(str::to_owned),
             connected: c.connected,
-            peer: c.conn.as_ref().map(|i| i.peer.to_string()),
+            peer: c
+                .conn
+                .as_ref()
+                .map(|i| std::net::SocketAddr::new(i.peer_ip, i.peer_port).to_string()),
             protocol: c.conn.as_ref().map(|i| match i.version {
                 ProtocolVersion::V311 => "3.1.1",
                 ProtocolVersion::V5 => "5.0",

@@ -220,8 +220,10 @@ pub enum CloseReason {
 /// What the admin API shows of a connection: set once, when its CONNECT is accepted.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
-    /// The client's address.
-    pub peer: std::net::SocketAddr,
+    /// The client's address (an `IpAddr` and a port: 12 bytes less than a `SocketAddr`).
+    pub peer_ip: std::net::IpAddr,
+    /// The client's port.
+    pub peer_port: u16,
     /// 3.1.1 or 5.0.
     pub version: ProtocolVersion,
     /// The keepalive granted, seconds (0: none).
@@ -306,6 +308,7 @@ impl ConnLink {
     }
 
     /// Records what the admin API shows of the connection (once; later calls are ignored).
+    /// Costs every connection 56 bytes (`a_connection_link_stays_small`).
     pub fn describe(&self, info: ConnInfo) {
         let _ = self.info.set(info);
     }
@@ -709,6 +712,14 @@ pub async fn expire(broker: Arc<super::Broker>, shutdown: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_link_stays_small() {
+        // Every connection has one (in an `Arc`): 80 bytes before the admin API's `ConnInfo`,
+        // 136 with it (the `Arc`'s allocation: 152 bytes, mimalloc's 160-byte class).
+        let size = std::mem::size_of::<ConnLink>();
+        assert!(size <= 136, "ConnLink grew to {size} bytes");
+    }
     use std::time::Duration;
 
     #[test]

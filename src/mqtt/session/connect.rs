@@ -274,7 +274,8 @@ where
         k => k,
     };
     registration.link.0.describe(crate::broker::sessions::ConnInfo {
-        peer,
+        peer_ip: peer.ip(),
+        peer_port: peer.port(),
         version,
         keep_alive,
         connected_at_ms: std::time::SystemTime::now()
