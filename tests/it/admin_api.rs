@@ -55,6 +55,16 @@ rules:
     )
 }
 
+/// Starts a gateway on `yaml` written to `dir/mqgate.yaml` (a file a config reload can read
+/// again).
+pub async fn gateway_from_file(dir: &std::path::Path, yaml: &str) -> mqgate::app::App {
+    let path = dir.join("mqgate.yaml");
+    std::fs::write(&path, yaml).expect("write the config");
+    let config = mqgate::config::Config::parse(&path, yaml)
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    mqgate::app::App::start(config).await.expect("gateway starts")
+}
+
 /// Waits until the gateway keeps `n` dead letters.
 pub async fn wait_dead_letters(app: &mqgate::app::App, n: usize) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -372,7 +382,7 @@ fn the_description_names_every_registered_route() {
 #[tokio::test]
 async fn every_operation_answers_as_the_openapi_description_says() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let app = gateway(&config(dir.path(), TOKEN)).await;
+    let app = gateway_from_file(dir.path(), &config(dir.path(), TOKEN)).await;
     wait_ready(&app).await;
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "api-client").await;
     c.subscribe("api/#", QoS::AtLeastOnce).await;

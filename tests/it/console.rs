@@ -13,7 +13,7 @@ use std::time::Duration;
 use mqgate::mqtt::codec::{Packet, ProtocolVersion, QoS};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::admin_api::{publish_retained, wait_dead_letters};
+use crate::admin_api::{gateway_from_file, publish_retained, wait_dead_letters};
 use crate::support::webhook::{Reply, Webhook};
 use crate::support::*;
 
@@ -92,7 +92,7 @@ async fn the_console_in_headless_chromium() {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let app = gateway(&config(dir.path(), hook.addr)).await;
+    let app = gateway_from_file(dir.path(), &config(dir.path(), hook.addr)).await;
     wait_ready(&app).await;
 
     let mut setter = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "console-setter").await;
