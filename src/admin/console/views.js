@@ -245,7 +245,7 @@ export function rules(main) {
   return poll(2000, async () => {
     const p = await get('/api/v1/rules');
     fill(box, p.rules.length ? p.rules.map(rule => h('div.panel', { dataset: { rule: rule.name } },
-      h('h3', `${rule.name}`),
+      h('h3.name', rule.name),
       kv([['Filter', h('span.mono', rule.filter)], ['Ack', rule.ack], ['Condition', rule.conditional ? 'when: …' : 'none'],
         ['Errors', count(rule.errors_total)], ['Skipped by condition', count(rule.skipped_total)]]),
       table([
@@ -384,13 +384,13 @@ export function tester(main) {
           rep.retained ? ['Retained', rep.retained] : null,
           ['Rules matching', matched.length ? matched.map(x => x.rule).join(', ') : 'none']])),
       matched.map(rule => h(rule.applies ? 'div.panel.rule.applies' : 'div.panel.rule', { dataset: { rule: rule.rule } },
-        h('h3', `Rule ${rule.rule} — ${rule.applies ? 'applies' : 'does not apply'}`),
+        h('h3.name', `Rule ${rule.rule} — ${rule.applies ? 'applies' : 'does not apply'}`),
         kv([['Filter', h('span.mono', rule.filter)], ['Ack', rule.ack],
           rule.when ? ['Condition', [h('span.mono', rule.when.condition), ' → ', rule.when.held === true ? h('span.ok', 'holds') : h('span.bad', rule.when.error || 'does not hold'),
             ...(rule.when.clauses || []).map(c => h('div.muted.mono', JSON.stringify(c)))]] : null,
           rule.on_error ? ['On error', rule.on_error] : null]),
         rule.targets.map(t => h('div.target', { dataset: { target: t.id } },
-          h('h3.gap', `→ ${t.kind} target ${t.id}`),
+          h('h3.gap.name', `→ ${t.kind} target ${t.id}`),
           t.error ? h('p.bad', t.error) : null,
           kv(Object.entries(t.fields).map(([k, v]) => [k, h('span.mono', typeof v === 'string' ? v : JSON.stringify(v))])),
           (t.notes || []).map(n => h('div.muted', n)))))),
