@@ -771,6 +771,48 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_list_pages_searches_and_disconnects() {
+        let store = SessionStore::default();
+        let mut links = Vec::new();
+        for (i, (id, user)) in
+            [("d", None), ("b", Some("Alice")), ("a", None), ("c", Some("bob"))].iter().enumerate()
+        {
+            let r = store.register(&Arc::from(*id), i as u64, Owner::of(*user), true, 0);
+            links.push(r.expect("free"));
+        }
+        links[0].link.0.describe(ConnInfo {
+            peer_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            peer_port: 1883,
+            version: ProtocolVersion::V5,
+            keep_alive: 30,
+            connected_at_ms: 1,
+            session_id: 7,
+        });
+        // "e" is only parked.
+        store.park("e", SessionState::new(8, 4, None), None);
+        let ids =
+            |v: Vec<ClientSnapshot>| v.iter().map(|c| c.client_id.to_string()).collect::<Vec<_>>();
+        let (page, matched) = store.clients("", None, 2);
+        assert_eq!((ids(page), matched), (vec!["a".to_owned(), "b".to_owned()], 5));
+        let (page, _) = store.clients("", Some("b"), 10);
+        assert_eq!(ids(page), ["c", "d", "e"]);
+        let (page, matched) = store.clients("ALICE", None, 10);
+        assert_eq!((ids(page), matched), (vec!["b".to_owned()], 1), "by user, any case");
+        let d = store.client("d").expect("d");
+        assert_eq!(d.conn.as_ref().map(|i| (i.session_id, i.peer_port)), Some((7, 1883)));
+        let e = store.client("e").expect("e");
+        assert!(!e.connected && e.parked.as_ref().is_some_and(|p| p.expires_in.is_none()));
+        assert_eq!(
+            store.client_ids_of(&[8, 7, 99]),
+            [Some(Arc::from("e")), Some(Arc::from("d")), None]
+        );
+        assert!(!store.disconnect("e"), "parked: no connection to close");
+        assert!(store.disconnect("d"));
+        assert_eq!(links[0].link.0.close_reason(), Some(CloseReason::Admin));
+        assert_eq!(links[1].link.0.close_reason(), None);
+    }
+
+    #[test]
     fn register_closes_the_holder_and_hands_out_its_link() {
         let store = SessionStore::default();
         let c: Arc<str> = Arc::from("c");
