@@ -17,10 +17,9 @@ use crate::support::*;
 
 const TOKEN: &str = "admin-api-test-token-0123456789";
 
-/// The gateway: a store in `dir`, RabbitMQ, rule `lost` (dl/# → a mandatory publish nobody
-/// routes: dead letters) and `good` (a target replays can reach).
-pub fn config(dir: &std::path::Path, token: &str) -> String {
-    let nowhere = unique("mqgate.nowhere");
+/// The gateway: a store in `dir`, RabbitMQ, rule `lost` (dl/# → a mandatory publish to
+/// `exchange` that nothing routes: dead letters) and `good` (a target replays can reach).
+fn config(dir: &std::path::Path, token: &str, exchange: &str) -> String {
     format!(
         r#"mqtt:
   listen: "127.0.0.1:0"
@@ -38,8 +37,8 @@ rules:
     to:
       - amqp:
           broker: rabbit
-          exchange: "amq.topic"
-          routing_key: "{nowhere}"
+          exchange: "{exchange}"
+          routing_key: "nowhere"
           mandatory: true
           id: lost/0
   - name: good
@@ -47,8 +46,8 @@ rules:
     to:
       - amqp:
           broker: rabbit
-          exchange: "amq.topic"
-          routing_key: "mqgate.test.good"
+          exchange: "{exchange}"
+          routing_key: "good.1"
           id: good/0
 "#,
         dir.display()
@@ -382,7 +381,9 @@ fn the_description_names_every_registered_route() {
 #[tokio::test]
 async fn every_operation_answers_as_the_openapi_description_says() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let app = gateway_from_file(dir.path(), &config(dir.path(), TOKEN)).await;
+    let conn = rabbit().await;
+    let (_ch, exchange, _queue) = exchange_with_queue(&conn, "good.#").await;
+    let app = gateway_from_file(dir.path(), &config(dir.path(), TOKEN, &exchange)).await;
     wait_ready(&app).await;
     let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "api-client").await;
     c.subscribe("api/#", QoS::AtLeastOnce).await;
