@@ -40,13 +40,46 @@ pub(crate) enum ConnectError {
     Timeout(Duration),
     /// TCP trouble.
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// The broker refused (credentials, vhost) or said something we did not expect.
     #[error("{0}")]
     Protocol(String),
     /// TLS could not be set up or the handshake failed (untrusted certificate, ...).
     #[error("{0}")]
     Tls(String),
+}
+
+impl From<io::Error> for ConnectError {
+    /// A TLS failure (from the handshake, or an alert read by `try_fill` afterwards) is a
+    /// [`ConnectError::Tls`] saying what it means; the rest is TCP trouble.
+    fn from(e: io::Error) -> Self {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(tls) => ConnectError::Tls(tls_failure(tls)),
+            None => ConnectError::Io(e),
+        }
+    }
+}
+
+/// What a TLS failure while connecting means. With TLS 1.3 the broker checks mqgate's client
+/// certificate after mqgate's side of the handshake is done, so a refused certificate arrives
+/// as an alert on the first read, not from the handshake call: both say the same here.
+fn tls_failure(e: &rustls::Error) -> String {
+    use rustls::AlertDescription as A;
+    let what = match e {
+        rustls::Error::AlertReceived(A::CertificateRequired) => {
+            format!("the broker requires a client certificate (tls.cert, tls.key): {e}")
+        }
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA,
+        ) => format!("the broker refused the client certificate: {e}"),
+        _ => e.to_string(),
+    };
+    format!("TLS handshake with the broker failed: {what}")
 }
 
 impl From<WireError> for ConnectError {
@@ -423,6 +456,25 @@ pub(crate) struct Security {
     pub(crate) mechanism: AuthMechanism,
 }
 
+/// Checks that `connection.start`'s SASL mechanisms (space separated) include ours.
+fn check_mechanism(mechanisms: &str, ours: AuthMechanism) -> Result<(), ConnectError> {
+    let (wanted, hint) = match ours {
+        AuthMechanism::Plain => ("PLAIN", ""),
+        // RabbitMQ offers EXTERNAL only when all of these hold.
+        AuthMechanism::External => (
+            "EXTERNAL",
+            "; RabbitMQ offers it with the rabbitmq_auth_mechanism_ssl plugin enabled and \
+             EXTERNAL in auth_mechanisms, on a TLS listener that verified a client certificate",
+        ),
+    };
+    if mechanisms.split_ascii_whitespace().any(|m| m == wanted) {
+        return Ok(());
+    }
+    Err(ConnectError::Protocol(format!(
+        "the broker does not offer {wanted} authentication (offers {mechanisms:?}){hint}"
+    )))
+}
+
 /// Connects to `uri` (through TLS for `amqps://`) and opens `channels` confirm-mode channels
 /// and as many plain ones. The caller bounds the time it takes.
 pub(crate) async fn connect(
@@ -438,10 +490,12 @@ pub(crate) async fn connect(
         let config = settings.client_config().map_err(|e| ConnectError::Tls(e.0))?;
         let server = settings.server_name(&uri.host).map_err(|e| ConnectError::Tls(e.0))?;
         let connector = tokio_rustls::TlsConnector::from(config);
-        let tls = connector
-            .connect(server, stream)
-            .await
-            .map_err(|e| ConnectError::Tls(format!("TLS handshake with the broker failed: {e}")))?;
+        let tls = connector.connect(server, stream).await.map_err(|e| match e.into() {
+            ConnectError::Io(e) => {
+                ConnectError::Tls(format!("TLS handshake with the broker failed: {e}"))
+            }
+            tls => tls,
+        })?;
         let (stream, conn) = tls.into_inner();
         Transport::new(stream, Some(Box::new(conn)))
     } else {
@@ -457,15 +511,7 @@ pub(crate) async fn connect(
         if (major, minor) != (0, 9) {
             return Err(ConnectError::Protocol(format!("unsupported AMQP {major}-{minor}")));
         }
-        let wanted = match security.mechanism {
-            AuthMechanism::Plain => "PLAIN",
-            AuthMechanism::External => "EXTERNAL",
-        };
-        if !mechanisms.split(' ').any(|m| m == wanted) {
-            return Err(ConnectError::Protocol(format!(
-                "the broker does not offer {wanted} authentication (offers {mechanisms})"
-            )));
-        }
+        check_mechanism(&mechanisms, security.mechanism)?;
     }
     let connection_name = format!("mqgate/{name}");
     let capabilities = [
@@ -564,6 +610,47 @@ mod tests {
         assert_eq!((u.user.as_str(), u.port, u.vhost.as_str()), ("guest", 5672, "/"));
         let u: Uri = "amqp://u:p@[::1]:5673/prod?heartbeat=10".parse().expect("valid");
         assert_eq!((u.host.as_str(), u.port, u.vhost.as_str()), ("::1", 5673, "prod"));
+    }
+
+    #[test]
+    fn the_broker_must_offer_our_sasl_mechanism() {
+        let offered = "EXTERNAL PLAIN AMQPLAIN";
+        assert!(check_mechanism(offered, AuthMechanism::External).is_ok());
+        assert!(check_mechanism(offered, AuthMechanism::Plain).is_ok());
+        assert!(check_mechanism(" PLAIN  EXTERNAL ", AuthMechanism::External).is_ok());
+        // A name that only contains ours is not ours.
+        let e = check_mechanism("PLAINTEXT AMQPLAIN", AuthMechanism::Plain).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the broker does not offer PLAIN authentication (offers \"PLAINTEXT AMQPLAIN\")"
+        );
+        let e = check_mechanism("PLAIN AMQPLAIN", AuthMechanism::External).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "the broker does not offer EXTERNAL authentication (offers \"PLAIN AMQPLAIN\"); \
+                 RabbitMQ offers it with the rabbitmq_auth_mechanism_ssl plugin"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_alerts_while_connecting_say_what_was_refused() {
+        use rustls::AlertDescription as A;
+        let e = |alert| {
+            let io =
+                io::Error::new(io::ErrorKind::InvalidData, rustls::Error::AlertReceived(alert));
+            ConnectError::from(io).to_string()
+        };
+        assert_eq!(
+            e(A::UnknownCA),
+            "TLS handshake with the broker failed: the broker refused the client certificate: \
+             received fatal alert: UnknownCA"
+        );
+        assert!(e(A::CertificateRequired).contains("requires a client certificate"));
+        assert!(e(A::HandshakeFailure).ends_with("failed: received fatal alert: HandshakeFailure"));
+        let plain = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(matches!(ConnectError::from(plain), ConnectError::Io(_)));
     }
 
     #[test]
