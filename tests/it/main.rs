@@ -7,6 +7,7 @@ mod support;
 
 mod acl_filter;
 mod admin_auth;
+mod amqp_external;
 mod amqp_sink;
 mod auth;
 mod bad_input;
