@@ -172,23 +172,33 @@ async fn sasl_external_logs_in_as_the_certificate_cn_and_refusals_are_clear() {
     assert!(gw.log().contains("connected to the AMQP broker"), "{}", gw.log());
     gw.stop().await;
 
-    // 2. A certificate the node trusts whose CN is no user of it, and 3. one from a CA it does
-    //    not trust: never connected, the reason logged and in /readyz, nothing acknowledged.
+    // 2. A certificate the node trusts whose CN is no user of it, 3. one from a CA it does
+    //    not trust, and 4. none at all (PLAIN over TLS): never connected, the reason logged
+    //    and in /readyz, nothing acknowledged.
+    let no_cert = format!(
+        "  nocert:\n    url: \"amqps://guest:guest@127.0.0.1:{}/\"\n    tls:\n      ca: \"{}\"\n      \
+         server_name: localhost\n",
+        node.amqps_port,
+        ca.pem.display()
+    );
     let gw = Gateway::start(
         dir.path(),
         "refused",
         &format!(
-            "amqp:\n{}{}rules:\n{}{}",
+            "amqp:\n{}{}{no_cert}rules:\n{}{}{}",
             external_broker("stranger", &node, &ca.pem, &stranger),
             external_broker("forged", &node, &ca.pem, &forged),
             rule("r1", "bad/#", "stranger", &exchange),
             rule("r2", "forged/#", "forged", &exchange),
+            rule("r3", "nocert/#", "nocert", &exchange),
         ),
     )
     .await;
     let (status, body) = gw
         .readyz_until(|b| {
-            b.contains("stranger: disconnected (") && b.contains("forged: disconnected (")
+            ["stranger", "forged", "nocert"]
+                .iter()
+                .all(|name| b.contains(&format!("amqp {name}: disconnected (")))
         })
         .await;
     eprintln!("/readyz: {status} {body}");
@@ -205,6 +215,10 @@ async fn sasl_external_logs_in_as_the_certificate_cn_and_refusals_are_clear() {
     let forged_refused = "amqp forged: disconnected (TLS handshake with the broker failed: the \
                           broker refused the client certificate: received fatal alert: UnknownCA)";
     assert!(body.contains(forged_refused), "{body}");
+    let no_cert_refused = "amqp nocert: disconnected (TLS handshake with the broker failed: the \
+                           broker requires a client certificate (tls.cert, tls.key): received \
+                           fatal alert: CertificateRequired)";
+    assert!(body.contains(no_cert_refused), "{body}");
     let log = gw.log();
     assert!(log.contains("could not connect to the AMQP broker"), "{log}");
     assert!(log.contains("403 ACCESS_REFUSED"), "{log}");
@@ -212,7 +226,7 @@ async fn sasl_external_logs_in_as_the_certificate_cn_and_refusals_are_clear() {
 
     // The default ack policy (`ack: sink`) with the broker unreachable: a retryable failure,
     // never a PUBACK. MQTT 5: DISCONNECT 0x89; 3.1.1: the connection is closed.
-    for topic in ["bad/x", "forged/x"] {
+    for topic in ["bad/x", "forged/x", "nocert/x"] {
         let mut c5 = RawClient::connect(gw.mqtt, ProtocolVersion::V5, &unique("ext5")).await;
         c5.publish(topic, QoS::AtLeastOnce, 1, b"refused").await;
         match c5.recv().await {
