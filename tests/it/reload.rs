@@ -1,0 +1,290 @@
+//! Hot reload (`POST /api/v1/reload`, SIGHUP): rules, targets, users and the ACL swap while
+//! clients stay connected; what needs a restart or does not validate changes nothing.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use mqgate::app::App;
+use mqgate::mqtt::codec::{Connect, Packet, ProtocolVersion, QoS, ReasonCode};
+
+use crate::support::{
+    connect_packet, exchange_with_queue, expect_disconnect, expect_publish, expect_silence, get,
+    http_get, metrics, post, rabbit, RawClient, AMQP_URL,
+};
+
+/// The config text: listeners on port 0, the local RabbitMQ as `rabbit`, then `rest`.
+fn config(rest: &str) -> String {
+    format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp:\n  rabbit:\n    url: \"{AMQP_URL}\"\n{rest}"
+    )
+}
+
+async fn reload(app: &App) -> (u16, serde_json::Value) {
+    let (status, _, body) = post(app.admin_addr, "/api/v1/reload", None, "{}").await;
+    let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+    (status, json)
+}
+
+async fn readyz_hash(app: &App) -> String {
+    let (_, body) = http_get(app.admin_addr, "/readyz").await.expect("readyz");
+    body.lines()
+        .find_map(|l| l.strip_prefix("config: sha256 "))
+        .unwrap_or_else(|| panic!("no config hash in /readyz: {body}"))
+        .to_owned()
+}
+
+/// Every payload in `queue` now (waiting a little for the last ones).
+async fn drain(ch: &lapin::Channel, queue: &str) -> HashSet<String> {
+    let mut out = HashSet::new();
+    while let Some(d) = get(ch, queue, Duration::from_millis(500)).await {
+        out.insert(String::from_utf8_lossy(&d.data).into_owned());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_swaps_the_rules_under_a_publishing_client_and_keeps_the_broker_connection() {
+    let conn = rabbit().await;
+    let (ch, xa, qa) = exchange_with_queue(&conn, "#").await;
+    let (_, xb, qb) = exchange_with_queue(&conn, "#").await;
+    let (_, xc, qc) = exchange_with_queue(&conn, "#").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("mqgate.yaml");
+    let two = |x: &str, y: &str| {
+        config(&format!("rules:\n  - name: r\n    from: \"t/#\"\n    to:\n      - amqp: {{broker: rabbit, exchange: \"{x}\", id: a}}\n      - amqp: {{broker: rabbit, exchange: \"{y}\", id: b}}\n"))
+    };
+    std::fs::write(&path, two(&xa, &xb)).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    crate::support::wait_ready(&app).await;
+    let hash_before = readyz_hash(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "reload-pub").await;
+    // The new rule: one target only, on another exchange.
+    let one = config(&format!("rules:\n  - name: r\n    from: \"t/#\"\n    to:\n      - amqp: {{broker: rabbit, exchange: \"{xc}\", id: c}}\n"));
+    let admin = app.admin_addr;
+    let mut reloading = None;
+    for i in 1..=300u16 {
+        if i == 100 {
+            std::fs::write(&path, &one).expect("write");
+            reloading =
+                Some(tokio::spawn(async move { post(admin, "/api/v1/reload", None, "{}").await }));
+        }
+        c.publish("t/x", QoS::AtLeastOnce, i, format!("m{i}").as_bytes()).await;
+        match c.recv().await {
+            Some(Packet::PubAck(a)) => {
+                assert_eq!(a.packet_id, i);
+                assert!(a.code.is_success(), "message {i} refused: {a:?}");
+            }
+            other => panic!("expected PUBACK {i}, got {other:?}"),
+        }
+    }
+    let (status, _, body) = reloading.expect("spawned").await.expect("reload task");
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["result"], "ok");
+    assert_eq!(answer["changed"]["rules"]["changed"], serde_json::json!(["r"]));
+    assert_eq!(answer["changed"]["systems"]["kept"], serde_json::json!(["amqp.rabbit"]));
+    // After the answer: the new rules, for certain.
+    for i in 301..=310u16 {
+        crate::support::publish_qos1(&mut c, "t/x", i, format!("m{i}").as_bytes()).await;
+    }
+    let (a, b, cc) = (drain(&ch, &qa).await, drain(&ch, &qb).await, drain(&ch, &qc).await);
+    for i in 1..=310u16 {
+        let m = format!("m{i}");
+        let old = a.contains(&m) && b.contains(&m) && !cc.contains(&m);
+        let new = !a.contains(&m) && !b.contains(&m) && cc.contains(&m);
+        assert!(
+            old || new,
+            "{m} routed by neither rule set wholly: A {} B {} C {}",
+            a.contains(&m),
+            b.contains(&m),
+            cc.contains(&m)
+        );
+        if i < 100 {
+            assert!(old, "{m} was published before the reload");
+        }
+        if i > 300 {
+            assert!(new, "{m} was published after the reload answered");
+        }
+    }
+    // Same socket throughout (no DISCONNECT, nothing else arrived), same AMQP connection.
+    expect_silence(&mut c, Duration::from_millis(100)).await;
+    let text = metrics(&app).await;
+    assert!(text.contains("mqgate_amqp_connects_total{broker=\"rabbit\"} 1"), "{text}");
+    assert!(text.contains("mqgate_config_reloads_total{result=\"ok\"} 1"), "{text}");
+    let hash_after = readyz_hash(&app).await;
+    assert_ne!(hash_before, hash_after);
+    assert_eq!(answer["hash"], hash_after.as_str());
+    assert!(text.contains(&format!("mqgate_config_info{{hash=\"{hash_after}\"}} 1")), "{text}");
+    assert!(!text.contains(&hash_before), "the old hash is no longer a series");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_file_or_a_restart_key_changes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    let good = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nrules: []\n";
+    std::fs::write(&path, good).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    let hash = readyz_hash(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "reload-watch").await;
+    assert_eq!(c.subscribe("a/#", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+
+    // Invalid: an unknown key, and a rule denying what the client does.
+    std::fs::write(&path, format!("{good}acl_default: deny\nbogus: 1\n")).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 400, "{json}");
+    assert_eq!(json["result"], "invalid");
+    let error = json["error"].as_str().expect("error");
+    let prefix = format!("{}:7:1:", path.display());
+    assert!(error.starts_with(&prefix), "file:line:column expected: {error}");
+
+    // A listener change (and an ACL change beside it): refused whole, the keys listed.
+    let moved = "mqtt:\n  listen: \"127.0.0.1:1\"\n  max_connections: 5\nadmin:\n  listen: \"127.0.0.1:0\"\nacl_default: deny\nrules: []\n";
+    std::fs::write(&path, moved).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 409, "{json}");
+    assert_eq!(
+        json,
+        serde_json::json!({"result": "needs_restart", "keys": ["mqtt.listen", "mqtt.max_connections"]})
+    );
+
+    // Nothing changed: same hash, the ACL still allows everything.
+    assert_eq!(readyz_hash(&app).await, hash);
+    let mut p = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "reload-pub2").await;
+    crate::support::publish_qos1(&mut p, "a/1", 1, b"x").await;
+    assert_eq!(expect_publish(&mut c).await.topic.as_ref() as &str, "a/1");
+    let text = metrics(&app).await;
+    assert!(text.contains("mqgate_config_reloads_total{result=\"invalid\"} 1"), "{text}");
+    assert!(text.contains("mqgate_config_reloads_total{result=\"needs_restart\"} 1"), "{text}");
+    assert!(text.contains(&format!("mqgate_config_info{{hash=\"{hash}\"}} 1")), "{text}");
+    app.stop().await;
+}
+
+fn login(id: &str, user: &str, password: &str) -> Packet {
+    let mut c: Connect = connect_packet(ProtocolVersion::V5, id);
+    c.username = Some(user.into());
+    c.password = Some(password.as_bytes().to_vec().into());
+    Packet::Connect(Box::new(c))
+}
+
+async fn connect_as(app: &App, id: &str, user: &str, password: &str) -> RawClient {
+    let mut c = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
+    c.send(&login(id, user, password)).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert!(a.code.is_success(), "{a:?}"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_and_users_apply_to_connected_clients_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    let hash = mqgate::auth::passwd::hash_password(b"pw").expect("hash");
+    let users = |with_bob: bool| {
+        let mut u = format!("users:\n  - username: alice\n    password_hash: \"{hash}\"\n");
+        if with_bob {
+            u.push_str(&format!("  - username: bob\n    password_hash: \"{hash}\"\n"));
+        }
+        u
+    };
+    let head = "mqtt:\n  listen: \"127.0.0.1:0\"\n  allow_anonymous: false\nadmin:\n  listen: \"127.0.0.1:0\"\n";
+    std::fs::write(&path, format!("{head}{}", users(true))).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    let mut alice = connect_as(&app, "alice-1", "alice", "pw").await;
+    let mut bob = connect_as(&app, "bob-1", "bob", "pw").await;
+    assert_eq!(alice.subscribe("secret/#", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+    assert_eq!(bob.subscribe("secret/#", QoS::AtLeastOnce).await, vec![ReasonCode(1)]);
+
+    // alice may no longer read or write secret/#; bob is removed.
+    let acl = "acl:\n  - deny: all\n    topic: \"secret/#\"\n    user: alice\n";
+    std::fs::write(&path, format!("{head}{}{acl}", users(false))).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["changed"]["users"]["removed"], serde_json::json!(["bob"]));
+    assert_eq!(json["changed"]["disconnected"], 1);
+    assert_eq!(json["changed"]["acl"], true);
+
+    // bob: told at once (0x87) and closed.
+    let d = expect_disconnect(&mut bob, ReasonCode::NOT_AUTHORIZED).await;
+    assert_eq!(d.code, ReasonCode::NOT_AUTHORIZED);
+    assert!(bob.recv().await.is_none(), "closed after the DISCONNECT");
+    // alice: still connected; her next publish and subscription see the new ACL, and her
+    // old subscription is gone.
+    alice.publish("secret/x", QoS::AtLeastOnce, 7, b"no").await;
+    match alice.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.code, ReasonCode::NOT_AUTHORIZED),
+        other => panic!("expected PUBACK 0x87, got {other:?}"),
+    }
+    assert_eq!(
+        alice.subscribe("secret/y", QoS::AtLeastOnce).await,
+        vec![ReasonCode::NOT_AUTHORIZED]
+    );
+    let mut carol = connect_as(&app, "alice-2", "alice", "pw").await;
+    carol.subscribe("open/#", QoS::AtMostOnce).await;
+    drop(carol);
+    let mut writer = connect_as(&app, "alice-3", "alice", "pw").await;
+    writer.publish("open/1", QoS::AtMostOnce, 0, b"ok").await;
+    expect_silence(&mut alice, Duration::from_millis(300)).await;
+    // A removed user cannot come back.
+    let mut again = RawClient::tcp(app.mqtt_addr, ProtocolVersion::V5).await;
+    again.send(&login("bob-2", "bob", "pw")).await;
+    match again.recv().await {
+        Some(Packet::ConnAck(a)) => assert!(!a.code.is_success()),
+        other => panic!("expected a refused CONNACK, got {other:?}"),
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config_file_of_a_running_mqgate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    let admin = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+        l.local_addr().expect("addr")
+    };
+    let text =
+        format!("mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"{admin}\"\nrules: []\n");
+    std::fs::write(&path, &text).expect("write");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqgate"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn mqgate");
+    let hash_of = |t: &str| mqgate::reload::hash(t.as_bytes());
+    let readyz = || async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok((200, body)) = http_get(admin, "/readyz").await {
+                return body;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    assert!(readyz().await.contains(&hash_of(&text)));
+    let changed = format!("{text}acl_default: deny\n");
+    std::fs::write(&path, &changed).expect("write");
+    let pid = child.id().expect("pid").to_string();
+    let status = std::process::Command::new("kill").args(["-HUP", &pid]).status().expect("kill");
+    assert!(status.success());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = readyz().await;
+        if body.contains(&hash_of(&changed)) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "SIGHUP did not reload: {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, text) = http_get(admin, "/metrics").await.expect("metrics");
+    assert!(text.contains("mqgate_config_reloads_total{result=\"ok\"} 1"), "{text}");
+    let _ = Path::new("");
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+}
