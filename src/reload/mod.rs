@@ -38,7 +38,7 @@ use crate::config::{AckPolicy, Config};
 use crate::deadletters::DeadLetters;
 use crate::metrics::{HashLabels, Metrics, ResultLabels};
 use crate::rules::RuleSet;
-use crate::spool::{self, SpoolContext, Spools};
+use crate::spool::{self, SpoolContext};
 use crate::store::Store;
 use crate::targets::kinds::{self, Reuse, StartContext, StartedContext, Systems};
 use crate::targets::Target;
@@ -562,9 +562,4 @@ impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Running").field("file", &self.file.as_ref().map(|f| &f.path)).finish()
     }
-}
-
-/// The spools of a snapshot (for `/readyz`, the dead-letter replay).
-pub fn spools(live: &Live) -> &Spools {
-    &live.spools
 }

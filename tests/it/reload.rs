@@ -2,7 +2,6 @@
 //! clients stay connected; what needs a restart or does not validate changes nothing.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use mqgate::app::App;
@@ -284,7 +283,44 @@ async fn sighup_reloads_the_config_file_of_a_running_mqgate() {
     }
     let (_, text) = http_get(admin, "/metrics").await.expect("metrics");
     assert!(text.contains("mqgate_config_reloads_total{result=\"ok\"} 1"), "{text}");
-    let _ = Path::new("");
     let _ = child.start_kill();
     let _ = child.wait().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_targets_spool_goes_to_the_dead_letters() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    // The endpoint refuses connections: the spool keeps what it took.
+    let head = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\nhttp:\n  hook:\n    url: \"http://127.0.0.1:1\"\n    connect_timeout: 1s\n",
+        dir.path().join("store").display()
+    );
+    let spooled = format!("{head}rules:\n  - name: s\n    from: \"s/#\"\n    ack: spool\n    to:\n      - http:\n          endpoint: hook\n          retry: {{ attempts: 1 }}\n");
+    std::fs::write(&path, &spooled).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, "reload-spool").await;
+    for i in 1..=5u16 {
+        crate::support::publish_qos1(&mut c, "s/1", i, format!("m{i}").as_bytes()).await;
+    }
+    std::fs::write(&path, format!("{head}rules: []\n")).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["changed"]["rules"]["removed"], serde_json::json!(["s"]));
+    // Once no session routes with the old rules, the spool stops and what it held is a dead
+    // letter each (the client stays connected).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let letters = loop {
+        let (_, body) = http_get(app.admin_addr, "/dead-letters").await.expect("dead letters");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if v["count"] == 5 {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not moved: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = letters["dead_letters"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("removed by a config reload"), "{letters}");
+    crate::support::publish_qos1(&mut c, "s/1", 6, b"after").await;
+    app.stop().await;
 }
