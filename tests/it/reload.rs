@@ -324,3 +324,25 @@ async fn a_removed_targets_spool_goes_to_the_dead_letters() {
     crate::support::publish_qos1(&mut c, "s/1", 6, b"after").await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reload_route_is_behind_the_admin_guard() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    let token = "reload-token-0123456789";
+    let text = format!("mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n  token: \"{token}\"\nrules: []\n");
+    std::fs::write(&path, &text).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    let (status, _, _) = post(app.admin_addr, "/api/v1/reload", None, "{}").await;
+    assert_eq!(status, 401, "no token");
+    let plain = format!(
+        "POST /api/v1/reload HTTP/1.0\r\nHost: {}\r\nAuthorization: Bearer {token}\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{{}}",
+        app.admin_addr
+    );
+    let (status, _, _) = crate::support::raw_http(app.admin_addr, &plain).await;
+    assert_eq!(status, 415, "a write without application/json");
+    let bearer = format!("Bearer {token}");
+    let (status, _, body) = post(app.admin_addr, "/api/v1/reload", Some(&bearer), "{}").await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
