@@ -346,3 +346,75 @@ async fn the_reload_route_is_behind_the_admin_guard() {
     assert_eq!(status, 200, "{body}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adds_http_targets_on_a_kept_endpoint_and_starts_and_stops_sources() {
+    use lapin::options::{BasicPublishOptions, QueueDeleteOptions};
+    use lapin::types::ShortString;
+    let hook = crate::support::webhook::Webhook::ok().await;
+    let conn = rabbit().await;
+    let (ch, x, _) = exchange_with_queue(&conn, "unused").await;
+    let queue = crate::support::unique("mqgate-reload-src");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("gw.yaml");
+    let head = config(&format!("http:\n  hook:\n    url: \"{}\"\n", hook.url()));
+    let h1 = "  - name: h1\n    from: \"h/#\"\n    to:\n      - http: {endpoint: hook, path: /a}\n";
+    let h2 = "  - name: h2\n    from: \"h/#\"\n    to:\n      - http: {endpoint: hook, path: /b}\n";
+    let source = format!("sources:\n  - name: s\n    broker: rabbit\n    queue: \"{queue}\"\n    declare:\n      durable: false\n      arguments:\n        x-expires: 60000\n    bind:\n      - exchange: \"{x}\"\n        routing_key: \"#\"\n");
+    std::fs::write(&path, format!("{head}rules:\n{h1}")).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "reload-http").await;
+    crate::support::publish_qos1(&mut c, "h/1", 1, b"one").await;
+    assert_eq!(hook.bodies("/a").len(), 1);
+
+    // A second rule on the same endpoint, and a source.
+    std::fs::write(&path, format!("{head}rules:\n{h1}{h2}{source}")).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["changed"]["targets"], serde_json::json!({"kept": 1, "built": 1}));
+    assert_eq!(json["changed"]["systems"]["kept"], serde_json::json!(["amqp.rabbit", "http.hook"]));
+    assert_eq!(json["changed"]["sources"]["added"], serde_json::json!(["s"]));
+    crate::support::publish_qos1(&mut c, "h/1", 2, b"two").await;
+    assert_eq!(hook.bodies("/a").len(), 2, "the kept target");
+    assert_eq!(hook.bodies("/b").len(), 1, "the new target's lanes run");
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "reload-sub").await;
+    sub.subscribe("#", QoS::AtMostOnce).await;
+    let publish = |body: &'static [u8]| {
+        let ch = ch.clone();
+        let x = x.clone();
+        async move {
+            ch.basic_publish(
+                ShortString::from(x.as_str()),
+                ShortString::from("cmd.1"),
+                BasicPublishOptions::default(),
+                body,
+                Default::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        }
+    };
+    // The source consumes once it has declared and bound its queue.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        publish(b"down").await;
+        if let Ok(Some(Packet::Publish(p))) = sub.recv_within(Duration::from_millis(300)).await {
+            assert_eq!(p.topic.as_ref() as &str, "cmd/1");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the added source never delivered");
+    }
+    // Removed: it stops consuming.
+    std::fs::write(&path, format!("{head}rules:\n{h1}{h2}")).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["changed"]["sources"]["removed"], serde_json::json!(["s"]));
+    while sub.recv_within(Duration::from_millis(300)).await.is_ok() {}
+    publish(b"after").await;
+    expect_silence(&mut sub, Duration::from_millis(500)).await;
+    app.stop().await;
+    assert!(hook.bodies("/b").len() == 1);
+    let _ = ch.queue_delete(ShortString::from(queue.as_str()), QueueDeleteOptions::default()).await;
+}
