@@ -313,9 +313,10 @@ pub async fn run(
     file: Option<ConfigFile>,
     signal: impl Future<Output = ()>,
 ) -> Result<()> {
-    let app = App::start_with(config, file).await?;
+    // Before the start: a SIGHUP as soon as the process logs "mqgate started" must not end it.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
+    let app = App::start_with(config, file).await?;
     tokio::pin!(signal);
     loop {
         tokio::select! {

@@ -216,7 +216,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // A reload since the last packet: this PUBLISH is checked and routed by the new
         // config (one atomic load when nothing changed).
         if self.live.generation != shared.live.generation() {
-            self.reloaded();
+            if let Some(end) = self.reloaded() {
+                return Some(end);
+            }
         }
         if !self.acl.may_publish(&p.topic) {
             // Never routed: no local subscriber and no rule target sees it.

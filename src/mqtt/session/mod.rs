@@ -626,14 +626,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let limit = self.shared.limits.shutdown_timeout;
                     timer = Some(Timer::new(limit));
                 }
-                Event::Close(CloseReason::Revoked) => {
-                    self.server_disconnect(
-                        ReasonCode::NOT_AUTHORIZED,
-                        "no longer authorized after a configuration reload",
-                    );
-                    return End::Revoked;
+                Event::Close(CloseReason::Revoked) => return self.revoked(),
+                Event::Reloaded => {
+                    if let Some(end) = self.reloaded() {
+                        return end;
+                    }
                 }
-                Event::Reloaded => self.reloaded(),
                 Event::Close(CloseReason::Takeover) => {
                     return self.server_disconnect(
                         ReasonCode::SESSION_TAKEN_OVER,
@@ -800,8 +798,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// a resuming client would (`connect.rs`): subscriptions it now refuses are removed
     /// (and what was queued for them and may not be read is dropped), ones overlapping a
     /// deny have their deliveries checked. Deliveries already sent stay in flight.
-    fn reloaded(&mut self) {
+    ///
+    /// A client the new users would not let in (its user removed, its client id no longer
+    /// allowed, anonymous clients no longer allowed) is closed: the reload tells connected
+    /// ones through the registry, this catches one whose CONNECT raced with it.
+    fn reloaded(&mut self) -> Option<End> {
         let live = self.shared.live.load();
+        let revoked = match self.username.as_deref() {
+            None => !live.auth.allows_anonymous(),
+            Some(u) => {
+                (self.live.auth.has_user(u) && !live.auth.has_user(u))
+                    || !live.auth.client_id_allowed(Some(u), &self.client_id)
+            }
+        };
+        if revoked {
+            self.live = live;
+            return Some(self.revoked());
+        }
         let mut acl = live.auth.acl.for_client(self.username.as_deref(), &self.client_id);
         let shared = &self.shared;
         let state = &mut self.out.state;
@@ -831,6 +844,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.acl = acl;
         self.live = live;
+        None
+    }
+
+    /// Ends the session because a reload took its rights away (MQTT 5: DISCONNECT 0x87).
+    fn revoked(&mut self) -> End {
+        self.server_disconnect(
+            ReasonCode::NOT_AUTHORIZED,
+            "no longer authorized after a configuration reload",
+        );
+        End::Revoked
     }
 
     /// Whether to read from the client now. A 3.1.1 client cannot be told our window, so when
