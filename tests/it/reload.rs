@@ -439,3 +439,71 @@ async fn a_reload_adds_http_targets_on_a_kept_endpoint_and_starts_and_stops_sour
     assert!(hook.bodies("/b").len() == 1);
     let _ = ch.queue_delete(ShortString::from(queue.as_str()), QueueDeleteOptions::default()).await;
 }
+
+/// Waits until `/metrics` contains `line`.
+async fn wait_metric(app: &App, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(app).await;
+        if text.contains(line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {line} in:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unchanged_bridge_keeps_its_connection_and_a_changed_one_reconnects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let upstream = crate::support::mosquitto::Mosquitto::start(dir.path(), "").await;
+    let mut sub = RawClient::tcp(upstream.addr(), ProtocolVersion::V311).await;
+    sub.send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V311, "reload-up")))).await;
+    assert!(matches!(sub.recv().await, Some(Packet::ConnAck(a)) if a.code.is_success()));
+    sub.subscribe("site/#", QoS::AtMostOnce).await;
+    let path = dir.path().join("gw.yaml");
+    let bridge = |max: &str| {
+        format!(
+            "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\nbridges:\n  cloud:\n    url: \"mqtt://127.0.0.1:{}\"\n    client_id: \"{}\"\n    reconnect_min: 50ms\n    reconnect_max: {max}\nrules:\n  - name: up\n    from: \"s/#\"\n    to:\n      - mqtt: {{ bridge: cloud, topic: \"site/{{{{ topic_name }}}}\", qos: 1 }}\n",
+            upstream.port,
+            "reload-edge"
+        )
+    };
+    std::fs::write(&path, bridge("500ms")).expect("write");
+    let app = App::start_file(&path).await.expect("start");
+    wait_metric(&app, "mqgate_bridge_connects_total{bridge=\"cloud\"} 1").await;
+    let mut dev = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "reload-dev").await;
+    crate::support::publish_qos1(&mut dev, "s/1", 1, b"x").await;
+    assert!(
+        matches!(sub.recv().await, Some(Packet::Publish(p)) if p.topic.as_ref() as &str == "site/s/1")
+    );
+
+    // Another rule beside it: the bridge is the same connection.
+    let more = format!(
+        "{}  - name: other\n    from: \"o/#\"\n    to:\n      - mqtt: {{ bridge: cloud }}\n",
+        bridge("500ms")
+    );
+    std::fs::write(&path, &more).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["changed"]["systems"]["kept"], serde_json::json!(["bridges.cloud"]));
+    crate::support::publish_qos1(&mut dev, "s/1", 2, b"x").await;
+    assert!(matches!(sub.recv().await, Some(Packet::Publish(_))));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_metric(&app, "mqgate_bridge_connects_total{bridge=\"cloud\"} 1").await;
+
+    // The bridge itself changed: a new connection, the old one closed.
+    std::fs::write(&path, bridge("600ms")).expect("write");
+    let (status, json) = reload(&app).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["changed"]["systems"]["started"], serde_json::json!(["bridges.cloud"]));
+    wait_metric(&app, "mqgate_bridge_connects_total{bridge=\"cloud\"} 2").await;
+    crate::support::publish_qos1(&mut dev, "s/1", 3, b"x").await;
+    assert!(matches!(sub.recv().await, Some(Packet::Publish(_))));
+    // The old connection is gone for good: with the same client id, two live bridges would
+    // keep taking the session from each other (and reconnecting).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let text = metrics(&app).await;
+    assert!(text.contains("mqgate_bridge_connects_total{bridge=\"cloud\"} 2"), "{text}");
+    app.stop().await;
+}
