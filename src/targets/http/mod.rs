@@ -41,8 +41,9 @@ use crate::message::Message;
 use crate::metrics::{HttpMetrics, Metrics, ReasonLabels, TargetMetrics};
 use crate::targets::{AckSender, Failure, Outcome};
 
+use crate::config::env::substitute_env;
 use body::BodySpec;
-use config::{substitute_env, BatchConfig, HttpEndpointConfig, HttpTargetConfig, RetryConfig};
+use config::{BatchConfig, HttpEndpointConfig, HttpTargetConfig, RetryConfig};
 pub use kind::HttpKind;
 use template::{Kind, Needs, Template};
 
