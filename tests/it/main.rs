@@ -32,6 +32,7 @@ mod pathological;
 mod persistence;
 mod pubsub;
 mod reconnect;
+mod reload;
 mod route_dryrun;
 mod semantics_uplink;
 mod sessions;
