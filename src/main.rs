@@ -62,30 +62,9 @@ enum Command {
         /// The YAML configuration file.
         #[arg(short, long, default_value = "config/mqgate.yaml")]
         config: PathBuf,
-        /// The topic published to.
-        #[arg(long)]
-        topic: String,
-        /// The payload, as text.
-        #[arg(long, conflicts_with = "payload_file")]
-        payload: Option<String>,
-        /// The payload, read from this file.
-        #[arg(long)]
-        payload_file: Option<PathBuf>,
-        /// The QoS.
-        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
-        qos: u8,
-        /// The RETAIN flag.
-        #[arg(long)]
-        retain: bool,
-        /// The publishing user (for the ACL and templates); anonymous without.
-        #[arg(long)]
-        user: Option<String>,
-        /// The publishing client's id.
-        #[arg(long, default_value = "mqgate-route")]
-        client_id: String,
-        /// An MQTT 5 user property, NAME=VALUE (repeatable).
-        #[arg(long = "property", value_name = "NAME=VALUE")]
-        properties: Vec<String>,
+        /// The message.
+        #[command(flatten)]
+        probe: RouteProbe,
         /// Print JSON (as `POST /api/v1/route` answers) instead of text.
         #[arg(long)]
         json: bool,
@@ -159,34 +138,13 @@ fn main() -> ExitCode {
             dead_letters(admin, config, json, action)
         }
         Command::Passwd { password } => passwd(password),
-        Command::Route {
-            config,
-            topic,
-            payload,
-            payload_file,
-            qos,
-            retain,
-            user,
-            client_id,
-            properties,
-            json,
-        } => {
+        Command::Route { config, probe, json } => {
             let loaded = match Config::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
                     return ExitCode::from(2);
                 }
-            };
-            let probe = RouteProbe {
-                topic,
-                payload,
-                payload_file,
-                qos,
-                retain,
-                user,
-                client_id,
-                properties,
             };
             match route(&loaded, probe, json) {
                 Ok(out) => {
@@ -210,7 +168,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, log_format } => {
-            let loaded = match Config::load(&config) {
+            let (file, loaded) = match mqgate::reload::ConfigFile::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -225,7 +183,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(mqgate::app::run(loaded, shutdown_signal())) {
+            match runtime.block_on(mqgate::app::run(loaded, Some(file), shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mqgate: {e:#}");
@@ -284,14 +242,31 @@ fn dead_letters(
 }
 
 /// The message `mqgate route` explains.
+#[derive(clap::Args)]
 struct RouteProbe {
+    /// The topic published to.
+    #[arg(long)]
     topic: String,
+    /// The payload, as text.
+    #[arg(long, conflicts_with = "payload_file")]
     payload: Option<String>,
+    /// The payload, read from this file.
+    #[arg(long)]
     payload_file: Option<PathBuf>,
+    /// The QoS.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     qos: u8,
+    /// The RETAIN flag.
+    #[arg(long)]
     retain: bool,
+    /// The publishing user (for the ACL and templates); anonymous without.
+    #[arg(long)]
     user: Option<String>,
+    /// The publishing client's id.
+    #[arg(long, default_value = "mqgate-route")]
     client_id: String,
+    /// An MQTT 5 user property, NAME=VALUE (repeatable).
+    #[arg(long = "property", value_name = "NAME=VALUE")]
     properties: Vec<String>,
 }
 

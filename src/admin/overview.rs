@@ -100,9 +100,9 @@ struct Traces {
     dropped_total: u64,
 }
 
-fn targets(state: &AdminState) -> Vec<TargetCounters> {
+fn targets(rules: &crate::rules::RuleSet) -> Vec<TargetCounters> {
     let mut out = Vec::new();
-    for rule in state.rules.rules() {
+    for rule in rules.rules() {
         for t in &rule.targets {
             let (forwarded_total, failed_total) =
                 t.counters().map(|c| (c.forwarded.get(), c.failed.get())).unwrap_or((0, 0));
@@ -120,8 +120,10 @@ fn targets(state: &AdminState) -> Vec<TargetCounters> {
 pub(super) async fn overview(State(state): State<AdminState>) -> Response {
     let m = &state.metrics;
     let broker = &state.gateway.broker;
-    let systems = state
-        .systems
+    // The config in force now (a reload swaps it).
+    let live = state.gateway.live.load();
+    let systems = live
+        .health
         .iter()
         .map(|s| {
             let (ok, text) = match s.state() {
@@ -149,7 +151,7 @@ pub(super) async fn overview(State(state): State<AdminState>) -> Response {
         bytes: s.file_size(),
         failure: s.failure().map(|f| f.to_string()),
     });
-    let spools = state
+    let spools = live
         .spools
         .iter()
         .map(|s| {
@@ -179,7 +181,7 @@ pub(super) async fn overview(State(state): State<AdminState>) -> Response {
         dead_letters: state.dead_letters.as_ref().map(|d| d.count()),
         spools,
         retained: broker.retained_count(),
-        targets: targets(&state),
+        targets: targets(&live.rules),
         traces: Traces {
             active: tracer.active(),
             max: crate::trace::MAX_TRACES,
@@ -221,7 +223,8 @@ struct Target {
 }
 
 pub(super) async fn rules(State(state): State<AdminState>) -> Response {
-    let rules = state
+    let live = state.gateway.live.load();
+    let rules = live
         .rules
         .rules()
         .iter()

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::{Location, Spanned};
 
+pub mod env;
 pub mod types;
 
 use crate::mqtt::topic;
@@ -299,7 +300,7 @@ impl AdminConfig {
     /// The token, `${env:NAME}` resolved (checked by the validation).
     pub fn token(&self) -> Option<String> {
         let t = self.token.as_ref()?;
-        crate::targets::http::config::substitute_env(&t.value).ok().filter(|t| !t.is_empty())
+        crate::config::env::substitute_env(&t.value).ok().filter(|t| !t.is_empty())
     }
 }
 
@@ -541,7 +542,20 @@ impl Config {
         for bridge in config.bridges.values_mut() {
             bridge.resolve_paths(file);
         }
-        let errors = config.validate(file);
+        let mut errors = Vec::new();
+        // The URL carries the password: `${env:...}` keeps it out of the file.
+        for (name, broker) in &mut config.amqp {
+            match env::substitute_env(&broker.url.value) {
+                Ok(url) => broker.url.value = url,
+                Err(e) => errors.push(ConfigError {
+                    file: file.to_owned(),
+                    line: broker.url.referenced.line(),
+                    column: broker.url.referenced.column(),
+                    message: format!("amqp.{name}.url: {e}"),
+                }),
+            }
+        }
+        errors.extend(config.validate(file));
         if errors.is_empty() {
             Ok(config)
         } else {
@@ -576,7 +590,7 @@ impl Config {
             Ok(_) => {}
         }
         if let Some(t) = &self.admin.token {
-            match crate::targets::http::config::substitute_env(&t.value) {
+            match crate::config::env::substitute_env(&t.value) {
                 Err(e) => err(&t.referenced, format!("admin.token: {e}")),
                 Ok(v) if v.len() < 16 => {
                     err(&t.referenced, "admin.token: at least 16 characters".into())
@@ -786,6 +800,20 @@ mod tests {
             e.to_string().starts_with("c.yaml:6:") && e.to_string().contains("tls.cert"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn amqp_url_takes_its_password_from_the_environment() {
+        // Only this test sets or reads this variable.
+        std::env::set_var("MQGATE_TEST_AMQP_URL_PASSWORD", "s3cret");
+        let head = "mqtt:\n  listen: \"0.0.0.0:1883\"\namqp:\n  r:\n";
+        let ok =
+            format!("{head}    url: \"amqp://u:${{env:MQGATE_TEST_AMQP_URL_PASSWORD}}@h/%2f\"\n");
+        let c = Config::parse(Path::new("c.yaml"), &ok).expect("valid");
+        assert_eq!(c.amqp["r"].url.value, "amqp://u:s3cret@h/%2f");
+        let unset = format!("{head}    url: \"amqp://u:${{env:MQGATE_TEST_UNSET_VARIABLE}}@h/\"\n");
+        let e = Config::parse(Path::new("c.yaml"), &unset).unwrap_err().to_string();
+        assert!(e.starts_with("c.yaml:5:") && e.contains("MQGATE_TEST_UNSET_VARIABLE"), "{e}");
     }
 
     #[test]

@@ -59,9 +59,7 @@ rules:
 pub async fn gateway_from_file(dir: &std::path::Path, yaml: &str) -> mqgate::app::App {
     let path = dir.join("mqgate.yaml");
     std::fs::write(&path, yaml).expect("write the config");
-    let config = mqgate::config::Config::parse(&path, yaml)
-        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-    mqgate::app::App::start(config).await.expect("gateway starts")
+    mqgate::app::App::start_file(&path).await.expect("gateway starts")
 }
 
 /// Waits until the gateway keeps `n` dead letters.
@@ -395,7 +393,7 @@ async fn every_operation_answers_as_the_openapi_description_says() {
     }
     wait_dead_letters(&app, 3).await;
     let skipped = walk(&app, TOKEN).await;
-    assert_eq!(skipped, ["POST /api/v1/reload"], "only the pending reload route is skipped");
+    assert!(skipped.is_empty(), "{skipped:?}");
     // What the calls did: the client was told to go, the letters are gone.
     match c.recv_within(Duration::from_secs(5)).await {
         Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.code.0, 0x98, "administrative action"),

@@ -478,8 +478,7 @@ impl Task {
         conn.set_version(self.version, None);
         let password = match &self.cfg.password {
             Some(p) => Some(Bytes::from(
-                crate::targets::http::config::substitute_env(&p.value)
-                    .map_err(|e| e.to_string())?,
+                crate::config::env::substitute_env(&p.value).map_err(|e| e.to_string())?,
             )),
             None => None,
         };

@@ -277,7 +277,7 @@ pub fn validate_bridge(name: &str, b: &BridgeConfig, err: &mut Report<'_>) {
         err(&b.client_id.referenced, format!("bridges.{name}.client_id: 1 to 65535 bytes"));
     }
     if let Some(p) = &b.password {
-        if let Err(e) = crate::targets::http::config::substitute_env(&p.value) {
+        if let Err(e) = crate::config::env::substitute_env(&p.value) {
             err(&p.referenced, format!("bridges.{name}.password: {e}"));
         }
     }
