@@ -79,6 +79,23 @@ document.getElementById('logout').addEventListener('click', () => {
   askToken('');
 });
 
+// What a reload's `changed` says, as lines: the non-empty lists, true flags and non-zero
+// counts, by their path (`rules.added: a, b`).
+function summary(changed, prefix = '') {
+  const out = [];
+  for (const [k, v] of Object.entries(changed)) {
+    const name = prefix + k;
+    if (Array.isArray(v)) {
+      if (v.length) out.push(`${name}: ${v.join(', ')}`);
+    } else if (v && typeof v === 'object') {
+      out.push(...summary(v, `${name}.`));
+    } else if (v === true || (typeof v === 'number' && v !== 0 && !name.endsWith('kept'))) {
+      out.push(`${name}: ${v}`);
+    }
+  }
+  return out;
+}
+
 // POST /api/v1/reload and what it answered: 200 reloaded (hash, what changed), 409 keys
 // that need a restart (nothing changed), 400 an invalid file (nothing changed).
 document.getElementById('reload').addEventListener('click', async e => {
@@ -88,14 +105,16 @@ document.getElementById('reload').addEventListener('click', async e => {
     const r = await call('POST', '/api/v1/reload');
     const d = r.data;
     if (r.status === 200) {
-      const changed = d.changed && Object.keys(d.changed).length ? `\nchanged: ${JSON.stringify(d.changed)}` : '\nnothing changed';
-      ui.notify(`Config reloaded (hash ${d.hash})${changed}`, 'ok');
+      const changes = summary(d.changed || {});
+      ui.notify(`Config reloaded (hash ${String(d.hash).slice(0, 12)}…)\n${changes.length ? changes.join('\n') : 'nothing changed'}`, 'ok');
     } else if (r.status === 409) {
       ui.notify(`Not reloaded: these keys need a restart: ${(d.keys || []).join(', ')}`, 'bad');
     } else if (r.status === 400) {
       ui.notify(`Not reloaded: the config is invalid:\n${d.error}`, 'bad');
     } else if (r.status === 404 || r.status === 405) {
       ui.notify('This gateway has no reload API (POST /api/v1/reload).', 'bad');
+    } else if (r.status === 500) {
+      ui.notify(`Not reloaded: ${d.error || d.result}`, 'bad');
     } else if (r.status !== 401) {
       ui.notify(`Reload failed: ${r.status} ${d.error || d.result || ''}`, 'bad');
     }
