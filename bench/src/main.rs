@@ -63,6 +63,7 @@ mod downlink;
 mod gateway;
 mod http;
 mod idle;
+mod kafka;
 mod load;
 mod mosquitto;
 mod mqtt;
@@ -253,6 +254,9 @@ enum ModeArg {
     /// connections/s (ECDSA P-256, RSA 2048), QoS 1 fan-in over tcp/tls/ws/wss, memory per
     /// idle TLS connection (`--connections`).
     Tls,
+    /// MQTT → Kafka (librdkafka's mock cluster): a direct idempotent producer vs MQTT QoS 1
+    /// publishers through mqgate's kafka target.
+    Kafka,
     /// Pathological inputs (issue 13 item 5): an unrelated client's QoS 1 PUBACK latency
     /// without and with each attack (`--attacks`; see `attack.rs`).
     Attack,
@@ -448,6 +452,19 @@ async fn run(args: Args) -> Result<bool> {
             json: args.json,
         };
         return attack::run(&spec).await;
+    }
+    if args.mode.contains(&ModeArg::Kafka) {
+        let binary = mqgate_binary(&args)?;
+        let spec = kafka::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            publishers: args.publishers,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            binary: &binary,
+            json: args.json,
+        };
+        return kafka::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Downlink) {
         let binary = mqgate_binary(&args)?;

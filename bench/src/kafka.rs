@@ -1,0 +1,335 @@
+//! `--mode kafka`: MQTT → Kafka throughput against a direct Kafka producer, in the same run, on
+//! librdkafka's mock cluster (`rdkafka::mocking`, in this process, on a loopback port; no
+//! Kafka server can be installed on these machines):
+//!
+//! * `direct`: `--publishers` tasks, each keeping `--window` records in flight, send N records
+//!   (key `bench/<publisher>`) through one idempotent librdkafka producer configured as mqgate's
+//!   (`acks=all`, `linger.ms=5`); a record counts when its delivery report says delivered;
+//! * `mqgate`: `--publishers` MQTT 3.1.1 connections, each keeping `--window` QoS 1 PUBLISHes
+//!   in flight, send N messages (topic `bench/<publisher>`) to a spawned mqgate whose rule
+//!   sends them to the same cluster; a message counts at its PUBACK, which mqgate sends after
+//!   the record's delivery report.
+//!
+//! Throughput is N over the time from the first send to the last acknowledgement. After each
+//! run the topic's high watermarks must have grown by exactly N (nothing lost or doubled).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::BytesMut;
+use mqgate::mqtt::codec::{self, Connect, Packet, Properties, ProtocolVersion, Publish, QoS};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientConfig;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use super::gateway::Gateway;
+use super::stats::json_str;
+
+/// What one Kafka comparison needs.
+pub struct Spec<'a> {
+    /// Messages per run.
+    pub messages: u64,
+    /// Payload bytes.
+    pub payload: usize,
+    /// Publishers (MQTT connections; producer tasks).
+    pub publishers: u64,
+    /// In-flight records (QoS 1 PUBLISHes) per publisher.
+    pub window: u16,
+    /// Runs of each side, alternating.
+    pub repeat: u64,
+    /// The mqgate binary.
+    pub binary: &'a Path,
+    /// One JSON document instead of text.
+    pub json: bool,
+}
+
+const TOPIC: &str = "mqgate-bench";
+const PARTITIONS: i32 = 4;
+
+/// Runs both sides `repeat` times, alternating; prints the rates and the ratio of the medians.
+/// `Ok(false)` when a run's record count in the cluster was off.
+pub async fn run(spec: &Spec<'_>) -> Result<bool> {
+    let mock = MockCluster::new(1).context("start librdkafka's mock cluster")?;
+    mock.create_topic(TOPIC, PARTITIONS, 1).context("create the bench topic")?;
+    let bootstrap = mock.bootstrap_servers();
+    if !spec.json {
+        println!(
+            "mqgate-bench kafka: {} msgs x {} B per run, {} publishers x window {}, mock cluster (1 broker, {PARTITIONS} partitions); \
+             direct = librdkafka idempotent producer (acks=all, linger 5 ms), mqgate = MQTT QoS 1 -> kafka target",
+            spec.messages, spec.payload, spec.publishers, spec.window
+        );
+    }
+    let mut runs: Vec<(&str, f64, f64, bool)> = Vec::new();
+    for _ in 0..spec.repeat {
+        for side in ["direct", "mqgate"] {
+            let before = records(&bootstrap).await?;
+            let secs = match side {
+                "direct" => direct(spec, &bootstrap).await,
+                _ => through_mqgate(spec, &bootstrap).await,
+            }
+            .with_context(|| format!("{side} run"))?;
+            let grown = records(&bootstrap).await? - before;
+            let exact = grown == spec.messages;
+            let rate = spec.messages as f64 / secs;
+            if !spec.json {
+                println!(
+                    "  {side:<7} {rate:>10.0} msgs/s  {secs:>6.2} s  records written {grown}{}",
+                    if exact { "" } else { "  (expected exactly the messages sent)" }
+                );
+            }
+            runs.push((side, rate, secs, exact));
+        }
+    }
+    let median = |side: &str| {
+        let mut v: Vec<f64> = runs.iter().filter(|r| r.0 == side).map(|r| r.1).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (d, m) = (median("direct"), median("mqgate"));
+    let ratio = if d > 0.0 { m / d } else { 0.0 };
+    if spec.json {
+        let list: Vec<String> = runs
+            .iter()
+            .map(|(side, rate, secs, exact)| {
+                format!(
+                    "{{\"side\":{},\"msgs_per_s\":{rate:.0},\"secs\":{secs:.3},\"exact\":{exact}}}",
+                    json_str(side)
+                )
+            })
+            .collect();
+        println!(
+            "{{\"kafka\":{{\"runs\":[{}],\"direct_median\":{d:.0},\"mqgate_median\":{m:.0},\"ratio\":{ratio:.3}}}}}",
+            list.join(",")
+        );
+    } else {
+        let verdict = if ratio >= 0.9 { "meets" } else { "below" };
+        println!(
+            "kafka QoS 1: direct {d:.0} msgs/s, mqgate {m:.0} msgs/s, ratio {ratio:.2}x ({verdict} the 0.9x target; medians of {})",
+            spec.repeat
+        );
+    }
+    Ok(runs.iter().all(|r| r.3))
+}
+
+/// The records in the bench topic: the sum of its partitions' high watermarks.
+async fn records(bootstrap: &str) -> Result<u64> {
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", "mqgate-bench-watermarks")
+            .create()
+            .context("watermark consumer")?;
+        let mut sum = 0u64;
+        for p in 0..PARTITIONS {
+            let (_, high) = consumer
+                .fetch_watermarks(TOPIC, p, Duration::from_secs(10))
+                .context("fetch watermarks")?;
+            sum += u64::try_from(high).unwrap_or(0);
+        }
+        Ok(sum)
+    })
+    .await?
+}
+
+/// Counts delivery reports and frees the window slot each record took.
+struct Counting {
+    delivered: AtomicU64,
+    failed: AtomicU64,
+    slots: Arc<Semaphore>,
+}
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
+        self.slots.add_permits(1);
+    }
+}
+
+/// The direct side: one producer, `publishers` tasks with `window` records in flight each
+/// (one semaphore of publishers x window slots: the same total window as mqgate's side).
+async fn direct(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
+    let slots = Arc::new(Semaphore::new(0));
+    let ctx = Counting {
+        delivered: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        slots: Arc::clone(&slots),
+    };
+    let producer: Arc<ThreadedProducer<Counting>> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .create_with_context(ctx)
+            .context("direct producer")?,
+    );
+    slots.add_permits(spec.publishers as usize * usize::from(spec.window));
+    let payload = vec![b'x'; spec.payload];
+    let start = Instant::now();
+    let per = spec.messages / spec.publishers;
+    let mut tasks = Vec::new();
+    for p in 0..spec.publishers {
+        let n = per + u64::from(p < spec.messages % spec.publishers);
+        let (producer, slots, payload) =
+            (Arc::clone(&producer), Arc::clone(&slots), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let key = format!("bench/{p}");
+            for _ in 0..n {
+                slots.acquire().await.context("slots")?.forget();
+                let mut record = BaseRecord::to(TOPIC).key(&key).payload(&payload[..]);
+                loop {
+                    match producer.send(record) {
+                        Ok(()) => break,
+                        Err((_, back)) => {
+                            record = back;
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let c = producer.context();
+        let done = c.delivered.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
+        if done >= spec.messages {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {done} of {} records reported within 120 s", spec.messages);
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        bail!("{failed} records failed");
+    }
+    Ok(secs)
+}
+
+/// The mqgate side: a spawned gateway with one rule `bench/#` → the bench topic.
+async fn through_mqgate(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
+    let gw = Gateway::start_with(spec.binary, Duration::from_secs(20), |mqtt, admin| {
+        format!(
+            "mqtt:\n  listen: \"{mqtt}\"\n  receive_maximum: {}\nadmin:\n  listen: \"{admin}\"\nkafka:\n  bench:\n    bootstrap: [\"{bootstrap}\"]\nrules:\n  - name: bench\n    from: \"bench/#\"\n    to:\n      - kafka: {{ cluster: bench, topic: \"{TOPIC}\" }}\n",
+            spec.window.max(1)
+        )
+    })
+    .await?;
+    let mut conns = Vec::new();
+    for p in 0..spec.publishers {
+        conns.push(connect(&gw.mqtt_addr, &format!("mqgate-bench-kafka-{p}")).await?);
+    }
+    let per = spec.messages / spec.publishers;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (p, s) in conns.into_iter().enumerate() {
+        let n = per + u64::from((p as u64) < spec.messages % spec.publishers);
+        let (window, payload) =
+            (u64::from(spec.window), bytes::Bytes::from(vec![b'x'; spec.payload]));
+        tasks.push(tokio::spawn(publish(s, format!("bench/{p}"), n, window, payload)));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(note) = gw.stop(Duration::from_secs(10)).await {
+        eprintln!("mqgate-bench: {note}");
+    }
+    Ok(secs)
+}
+
+/// An MQTT 3.1.1 connection, CONNACK read.
+async fn connect(addr: &str, id: &str) -> Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+    s.set_nodelay(true)?;
+    let mut out = BytesMut::new();
+    let connect = Connect {
+        protocol: ProtocolVersion::V311,
+        clean_start: true,
+        keep_alive: 0,
+        client_id: id.into(),
+        will: None,
+        username: None,
+        password: None,
+        properties: Properties::default(),
+    };
+    codec::encode(&Packet::Connect(Box::new(connect)), ProtocolVersion::V311, &mut out)?;
+    s.write_all(&out).await?;
+    let mut buf = BytesMut::new();
+    loop {
+        if tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut buf)).await?? == 0 {
+            bail!("mqgate closed the connection before CONNACK");
+        }
+        if let Some(p) = codec::decode(&mut buf, Some(ProtocolVersion::V311), 1 << 20)? {
+            match p {
+                Packet::ConnAck(_) => return Ok(s),
+                other => bail!("unexpected {} before CONNACK", other.name()),
+            }
+        }
+    }
+}
+
+/// Publishes `n` QoS 1 messages to `topic` keeping `window` unacknowledged; returns after the
+/// last PUBACK.
+async fn publish(
+    mut s: TcpStream,
+    topic: String,
+    n: u64,
+    window: u64,
+    payload: bytes::Bytes,
+) -> Result<()> {
+    let (mut sent, mut acked) = (0u64, 0u64);
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while acked < n {
+        while sent < n && sent - acked < window {
+            let p = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: topic.clone(),
+                packet_id: (sent % 65_535) as u16 + 1,
+                properties: Default::default(),
+                payload: payload.clone(),
+            };
+            codec::encode(&Packet::Publish(p), ProtocolVersion::V311, &mut out)?;
+            sent += 1;
+        }
+        if !out.is_empty() {
+            s.write_all(&out).await?;
+            out.clear();
+        }
+        if tokio::time::timeout(Duration::from_secs(30), s.read_buf(&mut buf)).await?? == 0 {
+            bail!("mqgate closed the publisher's connection after {acked} PUBACKs");
+        }
+        while let Some(p) = codec::decode(&mut buf, Some(ProtocolVersion::V311), 1 << 20)? {
+            match p {
+                Packet::PubAck(_) => acked += 1,
+                other => bail!("unexpected {}", other.name()),
+            }
+        }
+    }
+    Ok(())
+}
