@@ -16,11 +16,14 @@ apt_install() {
 }
 
 ensure_rabbitmq() {
-  if port_open 5672; then log "RabbitMQ is listening on 127.0.0.1:5672"; return; fi
-  if ! command -v rabbitmq-server >/dev/null && [ ! -x /usr/sbin/rabbitmq-server ]; then
+  # Debian's package, also when something else already serves 5672: tests/it/amqp_external.rs
+  # starts a second node of its own from /usr/lib/rabbitmq/bin, with the
+  # rabbitmq_auth_mechanism_ssl plugin (shipped in the same package) enabled on that node only.
+  if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     log "installing rabbitmq-server"
     apt_install rabbitmq-server
   fi
+  if port_open 5672; then log "RabbitMQ is listening on 127.0.0.1:5672"; return; fi
   log "starting RabbitMQ"
   if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
     systemctl start rabbitmq-server || true

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, with everything it needs set up first (README: "Two commands").
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
-#    Debian's rabbitmq-server package if missing (needs root).
+#    Debian's rabbitmq-server package if missing (needs root). The SASL EXTERNAL test starts a
+#    second node of its own from that package (spare ports, a temp dir; the machine's node is
+#    left alone).
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub) and the mosquitto broker binary (the
 #    bridge tests start their own on a spare port): installed if missing.
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).

@@ -1,6 +1,7 @@
 //! The admin HTTP server (axum): `/healthz`, `/readyz`, `/metrics`, the dead-letter API
 //! (`dead_letters`: list, show, replay, delete, purge), the route dry-run (`route`:
-//! `POST /api/v1/route`) and the HTTP publish API (`publish`: `POST /api/v1/publish`).
+//! `POST /api/v1/route`), the HTTP publish API (`publish`: `POST /api/v1/publish`) and the
+//! config reload (`POST /api/v1/reload`, `crate::reload`).
 //!
 //! The dead-letter routes change only the dead letters: a replay hands a message to a target
 //! like the spool does, never through a session. A publish goes through `routing::route` as
@@ -26,30 +27,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
-use crate::rules::RuleSet;
-use crate::spool::Spools;
 use crate::store::Store;
-use crate::targets::kinds::Health;
 
 /// What the admin routes read.
 #[derive(Clone)]
 pub struct AdminState {
     /// Encoded by `/metrics`.
     pub metrics: Arc<Metrics>,
-    /// Every target kind's systems (brokers...), checked by `/readyz`.
-    pub systems: Vec<Arc<dyn Health>>,
-    /// The targets a dead letter is replayed to.
-    pub rules: Arc<RuleSet>,
     /// The dead letters; `None` without a store.
     pub dead_letters: Option<DeadLetters>,
-    /// Their depth is shown by `/readyz` (not a readiness condition: a spool exists to fill).
-    pub spools: Spools,
+    /// Reads the config file again and swaps what it configures (`POST /api/v1/reload`).
+    pub reloader: Arc<crate::reload::Reloader>,
     /// Named in `/readyz` (path and size), when configured.
     pub store: Option<Store>,
     /// Host, token and cross-site checks in front of every route.
     pub guard: guard::Guard,
-    /// What sessions share (broker, rules, users and ACL, login backoff, limits): the publish
-    /// API routes through it, the dry-run reads its ACL.
+    /// What sessions share (broker, the live config: rules, spools, users and ACL, systems'
+    /// health; login backoff, limits): the publish API routes through it, the dry-run reads
+    /// its rules and ACL, a replay its targets, `/readyz` its systems.
     pub gateway: Arc<crate::mqtt::session::SessionShared>,
     /// The publish API's rate buckets, per user and for the token.
     pub publishers: Arc<publish::Publishers>,
@@ -64,6 +59,7 @@ pub fn router(state: AdminState) -> Router {
         .merge(dead_letters::router())
         .route("/api/v1/route", post(route::route))
         .route("/api/v1/publish", post(publish::publish))
+        .route("/api/v1/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(state.guard.clone(), guard::check))
         .with_state(state)
 }
@@ -84,7 +80,11 @@ pub async fn serve(
 /// starts) and the store can write, 503 otherwise; the body lists each broker's state and, with a store, how many
 /// dead letters are kept (not a readiness condition).
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    let live = state.gateway.live.load();
     let mut body = String::from("mqtt: listening\n");
+    if !live.hash.is_empty() {
+        body.push_str(&format!("config: sha256 {}\n", live.hash));
+    }
     let mut ready = true;
     if let Some(store) = &state.store {
         body.push_str(&format!(
@@ -98,7 +98,7 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
             body.push_str(&format!("store: not writable: {failure}\n"));
         }
     }
-    for system in &state.systems {
+    for system in &live.health {
         let text = match system.state() {
             Ok(text) => text,
             Err(text) => {
@@ -111,12 +111,24 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     if let Some(dl) = &state.dead_letters {
         body.push_str(&format!("dead letters: {}\n", dl.count()));
     }
-    for s in state.spools.iter() {
+    for s in live.spools.iter() {
         let (messages, bytes) = s.depth();
         body.push_str(&format!("spool {}: {messages} messages, {bytes} bytes\n", s.id()));
     }
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, body)
+}
+
+/// `POST /api/v1/reload`: reads the config file again (as SIGHUP does). 200
+/// `{"result":"ok","hash":…,"changed":{…}}`, 400 `{"result":"invalid","error":"file:line:column: …"}`,
+/// 409 `{"result":"needs_restart","keys":[…]}`, 500 `{"result":"failed","error":…}`; nothing
+/// changes unless the answer is 200.
+async fn reload(State(state): State<AdminState>) -> impl IntoResponse {
+    let (status, body) = state.reloader.reload().await.to_json();
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut text = body.to_string();
+    text.push('\n');
+    (status, [(header::CONTENT_TYPE, "application/json")], text)
 }
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {

@@ -20,7 +20,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
-use crate::auth::Authenticator;
 use crate::broker::persist::Persist;
 use crate::broker::{sessions, sys, Broker};
 use crate::config::Config;
@@ -28,10 +27,8 @@ use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
 use crate::mqtt::listener;
 use crate::mqtt::session::{SessionLimits, SessionShared};
-use crate::rules::RuleSet;
-use crate::spool;
+use crate::reload::{self, ConfigFile, LiveCell};
 use crate::store::{Store, WriteBatch};
-use crate::targets::kinds::{self, StartContext, StartedContext, Systems};
 
 /// A running gateway.
 pub struct App {
@@ -60,6 +57,8 @@ pub struct App {
     persist: Option<(Persist, JoinHandle<()>)>,
     /// The store, flushed last.
     store: Option<Store>,
+    /// Config reloads (their tasks are joined with the others at shutdown).
+    reloader: Arc<reload::Reloader>,
     /// `shutdown_timeout`: how long in-flight messages may take at shutdown.
     shutdown_timeout: Duration,
 }
@@ -69,8 +68,20 @@ pub struct App {
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 impl App {
-    /// Binds the listeners, connects the sinks and starts every task.
+    /// Binds the listeners, connects the sinks and starts every task. Without a file to read
+    /// again, a reload answers `failed`: see [`start_file`](Self::start_file).
     pub async fn start(config: Config) -> Result<App> {
+        App::start_with(config, None).await
+    }
+
+    /// [`start`](Self::start) from config file `path` (read again by a reload).
+    pub async fn start_file(path: &std::path::Path) -> Result<App> {
+        let (file, config) = ConfigFile::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        App::start_with(config, Some(file)).await
+    }
+
+    /// [`start`](Self::start) with the file `config` was read from, if any.
+    pub async fn start_with(config: Config, file: Option<ConfigFile>) -> Result<App> {
         let shutdown = CancellationToken::new();
         let metrics = Metrics::new();
         // First: a store that cannot be opened (locked, corrupt, unreadable) stops the start
@@ -115,32 +126,6 @@ impl App {
         let admin_addr = admin_listener.local_addr()?;
 
         let mut tasks = JoinSet::new();
-        let mut systems = Systems::default();
-        let mut starting = StartContext {
-            metrics: &metrics,
-            shutdown: &sinks_shutdown,
-            tasks: &mut tasks,
-            systems: &mut systems,
-            connect: true,
-        };
-        kinds::start_systems(&config, &mut starting)?;
-        let mut rules = RuleSet::compile(&config, &systems, &metrics)?;
-        rules.start();
-        if let Some(dl) = &dead_letters {
-            rules.record_dead_letters(dl);
-        }
-        let rules = Arc::new(rules);
-        // Stopped with the sinks: appends of the messages in flight at shutdown still land.
-        let spools = spool::start(
-            &config,
-            &rules,
-            store.as_ref(),
-            dead_letters.as_ref(),
-            &metrics,
-            &sinks_shutdown,
-            &mut tasks,
-        )
-        .await?;
         let broker = Broker::new(
             Arc::clone(&metrics),
             (
@@ -152,7 +137,8 @@ impl App {
             persist.as_ref().map(|(p, _)| p.clone()),
         );
         if let Some(store) = &store {
-            // Before the listener accepts anyone: what the store holds is the broker's state.
+            // Before the listener accepts anyone and before the sources and bridges publish
+            // into it: what the store holds is the broker's state.
             let max_bytes = usize::try_from(config.mqtt.max_queued_bytes.0).unwrap_or(usize::MAX);
             let restored = broker.restore(config.mqtt.max_queued_messages.max(1), max_bytes)?;
             info!(
@@ -179,45 +165,41 @@ impl App {
             let (b, m) = (Arc::clone(&broker), Arc::clone(&metrics));
             tasks.spawn(sys::run(b, m, config.mqtt.sys_interval.0, shutdown.clone()));
         }
-        let mut sources = crate::sources::SourceContext {
-            broker: &broker,
-            metrics: &metrics,
-            shutdown: &shutdown,
-            systems: &systems,
-            tasks: &mut tasks,
+        // The sinks' systems, the rule set over them, the spools, the sources, then the
+        // bridges' connections: the same code a reload runs (`reload::build`).
+        let base = reload::Base {
+            broker: Arc::clone(&broker),
+            metrics: Arc::clone(&metrics),
+            store: store.clone(),
+            dead_letters: dead_letters.clone(),
+            sinks_shutdown: sinks_shutdown.clone(),
+            shutdown: shutdown.clone(),
         };
-        crate::sources::start_all(&config, &mut sources);
-        // Every target built, the broker restored: bridges connect now (their downlink
-        // publishes into the broker), HTTP endpoints' lanes are waited for at shutdown.
-        let mut started = StartedContext {
-            systems: &systems,
-            tasks: &mut tasks,
-            broker: &broker,
-            shutdown: &sinks_shutdown,
-        };
-        kinds::started(&config, &mut started);
+        let (running, live) =
+            reload::build(&base, config.clone(), file, None, 0, &mut tasks).await?;
+        let live = Arc::new(LiveCell::new(live));
         let mut limits = SessionLimits::from_config(&config.mqtt);
         limits.shutdown_timeout = config.shutdown_timeout.0;
-        let shared = Arc::new(
-            SessionShared::new(
-                broker,
-                Arc::clone(&rules),
-                Arc::new(Authenticator::from_config(&config)?),
-                Arc::clone(&metrics),
-                limits,
-                shutdown.clone(),
-            )
-            .with_spools(spools.clone()),
-        );
+        let shared = Arc::new(SessionShared::new(
+            broker,
+            Arc::clone(&live),
+            Arc::clone(&metrics),
+            limits,
+            shutdown.clone(),
+        ));
+        let reloader = Arc::new(reload::Reloader::new(
+            base,
+            Arc::clone(&shared),
+            running,
+            config.shutdown_timeout.0,
+        ));
         let max_connections = config.mqtt.max_connections;
         let mut listener = JoinSet::new();
         listener.spawn(listener::run(mqtt_listeners, Arc::clone(&shared), max_connections));
         let state = AdminState {
             metrics: Arc::clone(&metrics),
-            systems: systems.health().to_vec(),
-            rules,
             dead_letters: dead_letters.clone(),
-            spools,
+            reloader: Arc::clone(&reloader),
             store: store.clone(),
             guard: admin::guard::Guard::new(
                 admin_addr,
@@ -249,8 +231,15 @@ impl App {
             listener,
             tasks,
             store,
+            reloader,
             shutdown_timeout: config.shutdown_timeout.0,
         })
+    }
+
+    /// Reads the config file again and swaps what it configures (SIGHUP, `POST
+    /// /api/v1/reload`; see [`crate::reload`]).
+    pub async fn reload(&self) -> reload::Outcome {
+        self.reloader.reload().await
     }
 
     /// Reads every TLS listener's certificate, key and client CA files again (SIGHUP): new
@@ -277,6 +266,12 @@ impl App {
         }
         info!("sessions closed; closing the sinks");
         self.sinks_shutdown.cancel();
+        // What reloads started (systems, spools, sources, retirements) ends with the rest.
+        let mut reloaded = self.reloader.take_tasks().await;
+        while let Some(task) = reloaded.try_join_next() {
+            let _ = task;
+        }
+        self.tasks.spawn(async move { while reloaded.join_next().await.is_some() {} });
         // At least a moment for the sinks, even when the sessions used all the time.
         let until = hard_deadline.max(Instant::now() + Duration::from_secs(1));
         let joined = tokio::time::timeout_at(until.into(), async {
@@ -312,18 +307,25 @@ impl App {
 }
 
 /// Runs the gateway until `signal` completes, then shuts down gracefully. SIGHUP reloads the
-/// TLS listeners' certificates.
-pub async fn run(config: Config, signal: impl Future<Output = ()>) -> Result<()> {
-    let app = App::start(config).await?;
+/// config file (`file`, see [`crate::reload`]) and the TLS listeners' certificates.
+pub async fn run(
+    config: Config,
+    file: Option<ConfigFile>,
+    signal: impl Future<Output = ()>,
+) -> Result<()> {
+    // Before the start: a SIGHUP as soon as the process logs "mqgate started" must not end it.
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot install the SIGHUP handler")?;
+    let app = App::start_with(config, file).await?;
     tokio::pin!(signal);
     loop {
         tokio::select! {
             () = &mut signal => break,
             Some(()) = hangup.recv() => {
-                info!("SIGHUP: reloading TLS certificates");
+                info!("SIGHUP: reloading the config file and TLS certificates");
                 app.reload_certificates();
+                // The outcome is logged and counted by the reload itself.
+                let _ = app.reload().await;
             }
         }
     }

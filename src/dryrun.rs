@@ -223,6 +223,7 @@ pub fn offline(config: &Config, msg: &Arc<Message>) -> anyhow::Result<Report> {
         tasks: &mut tasks,
         systems: &mut systems,
         connect: false,
+        reuse: None,
     };
     kinds::start_systems(config, &mut at)?;
     anyhow::ensure!(tasks.is_empty(), "the dry-run started a task");

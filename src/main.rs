@@ -168,7 +168,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config, log_format } => {
-            let loaded = match Config::load(&config) {
+            let (file, loaded) = match mqgate::reload::ConfigFile::load(&config) {
                 Ok(c) => c,
                 Err(errors) => {
                     eprintln!("{errors}");
@@ -183,7 +183,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(mqgate::app::run(loaded, shutdown_signal())) {
+            match runtime.block_on(mqgate::app::run(loaded, Some(file), shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mqgate: {e:#}");

@@ -16,6 +16,20 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// Labels of `config_reloads`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// ok, invalid, needs_restart, failed.
+    pub result: &'static str,
+}
+
+/// Labels of `config_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabels {
+    /// The config file's sha256, hex.
+    pub hash: String,
+}
+
 /// Labels of a per-rule, per-target series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TargetLabels {
@@ -154,6 +168,11 @@ pub struct Metrics {
     pub auth_refused: Family<ReasonLabels, Counter>,
     /// Admin API requests refused, by reason (host, token, content_type, origin).
     pub admin_refused: Family<ReasonLabels, Counter>,
+    /// Config reloads (SIGHUP, `POST /api/v1/reload`), by result (ok, invalid,
+    /// needs_restart, failed).
+    pub config_reloads: Family<ResultLabels, Counter>,
+    /// 1 for the hash of the config file in use (`hash` label: sha256 of its bytes, hex).
+    pub config_info: Family<HashLabels, Gauge>,
     /// Per rule and target: forwarded.
     pub target_forwarded: Family<TargetLabels, Counter>,
     /// Per rule and target: failed.
@@ -307,6 +326,8 @@ impl Metrics {
             acl_denied: Family::default(),
             auth_refused: Family::default(),
             admin_refused: Family::default(),
+            config_reloads: Family::default(),
+            config_info: Family::default(),
             target_forwarded: Family::default(),
             target_failed: Family::default(),
             amqp_connected: Family::default(),
@@ -379,6 +400,16 @@ impl Metrics {
             "auth_refused",
             "CONNECTs refused for their credentials or identity (bad_credentials, not_authorized, busy, certificate_user_mismatch, client_id_owned, client_id_not_allowed)",
             m.auth_refused.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads (SIGHUP, POST /api/v1/reload) by result: ok, invalid (the file does not parse or validate), needs_restart (a key that only a restart applies changed), failed (a system could not be built)",
+            m.config_reloads.clone(),
+        );
+        registry.register(
+            "config_info",
+            "1 for the config in use; its hash label is the sha256 of the file's bytes (hex), as /readyz shows",
+            m.config_info.clone(),
         );
         registry.register(
             "admin_refused",

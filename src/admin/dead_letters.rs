@@ -342,11 +342,12 @@ async fn replay_one(
         Err(e) => return store_error(e),
     };
     let to = req.to.or(req.target).unwrap_or_else(|| letter.target.clone());
-    if let Err(a) = known_target(&state.rules, &to) {
+    let live = state.gateway.live.load();
+    if let Err(a) = known_target(&live.rules, &to) {
         return a;
     }
     let msg = Arc::new(letter.message);
-    let pending = send(&state.rules, &state.spools, &to, &msg).await;
+    let pending = send(&live.rules, &live.spools, &to, &msg).await;
     match settle(dl, id, &to, pending).await {
         Ok(r) => {
             let status = if r.delivered { StatusCode::OK } else { StatusCode::BAD_GATEWAY };
@@ -370,7 +371,7 @@ async fn replay_all(State(state): State<AdminState>, body: Bytes) -> Answer {
         Err(a) => return a,
     };
     if let Some(to) = &req.to {
-        if let Err(a) = known_target(&state.rules, to) {
+        if let Err(a) = known_target(&state.gateway.live.load().rules, to) {
             return a;
         }
     }
@@ -397,7 +398,8 @@ async fn replay_all(State(state): State<AdminState>, body: Bytes) -> Answer {
             }
             let to = req.to.clone().unwrap_or(l.target);
             let msg = Arc::new(l.message);
-            pending.push((id, to.clone(), send(&state.rules, &state.spools, &to, &msg).await));
+            let live = state.gateway.live.load();
+            pending.push((id, to.clone(), send(&live.rules, &live.spools, &to, &msg).await));
         }
         for (id, to, p) in pending {
             match settle(dl, id, &to, p).await {

@@ -184,10 +184,13 @@ async fn publish_all(
 ) -> Vec<Answer> {
     let mut pending: Vec<Result<(QoS, bool, Waits), Answer>> = Vec::with_capacity(messages.len());
     let mut hits = Vec::new();
+    // One config snapshot per message: checked and routed by the same one.
     for m in messages {
+        let live = shared.live.load();
         let mut blocked = Blocked::new();
-        let routed = admit(state, shared, publisher, m).map(|msg| {
-            let (matched, waits) = route(shared.routing(), &msg, None, &mut hits, &mut blocked);
+        let routed = admit(state, shared, &live, publisher, m).map(|msg| {
+            let (matched, waits) =
+                route(shared.routing(&live), &msg, None, &mut hits, &mut blocked);
             (msg.qos, matched, waits)
         });
         send_blocked(blocked).await;
@@ -208,6 +211,7 @@ async fn publish_all(
 fn admit(
     state: &AdminState,
     shared: &SessionShared,
+    live: &crate::reload::Live,
     publisher: &Publisher,
     m: MessageBody,
 ) -> Result<Arc<Message>, Answer> {
@@ -220,7 +224,7 @@ fn admit(
         (None, None) => TOKEN_CLIENT_ID.to_owned(),
     };
     let user = publisher.user.as_deref();
-    if !shared.auth.client_id_allowed(user, &client_id) {
+    if !live.auth.client_id_allowed(user, &client_id) {
         let reason = format!("client id {client_id:?} is not among the user's client_ids");
         return Err(Answer::new(
             StatusCode::FORBIDDEN,
@@ -265,7 +269,7 @@ fn admit(
     }
     shared.received[parts.qos as usize].inc();
     let acl = match user {
-        Some(u) => shared.auth.acl.for_client(Some(u), &client_id),
+        Some(u) => live.auth.acl.for_client(Some(u), &client_id),
         None => ClientAcl::allow_all(),
     };
     if !acl.may_publish(&parts.topic) {
@@ -380,8 +384,9 @@ async fn authenticate(
     let text = String::from_utf8(decoded).map_err(|_| bad())?;
     let (user, password) = text.split_once(':').ok_or_else(bad)?;
     let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
+    let live = shared.live.load();
     let check =
-        shared.logins.authenticate(&shared.auth, Some(user), Some(password.as_bytes()), deadline);
+        shared.logins.authenticate(&live.auth, Some(user), Some(password.as_bytes()), deadline);
     let result = match peer {
         Some(addr) => crate::auth::backoff::LOGIN_PEER.scope(addr.ip(), check).await,
         None => check.await,

@@ -39,8 +39,8 @@ pub async fn route(State(state): State<AdminState>, bytes: Bytes) -> Response {
         parts.properties,
     ));
     let shared = &state.gateway;
-    let report =
-        crate::dryrun::explain(&state.rules, &shared.auth, &shared.limits.topic_limits, &msg);
+    let live = shared.live.load();
+    let report = crate::dryrun::explain(&live.rules, &live.auth, &shared.limits.topic_limits, &msg);
     match serde_json::to_string_pretty(&report) {
         Ok(mut text) => {
             text.push('\n');

@@ -200,7 +200,7 @@ pub struct Acl {
     /// Decision when no entry applies.
     default_allow: bool,
     /// The per-client list when no entry depends on the client: shared by every connection.
-    shared: Option<Arc<[ClientRule]>>,
+    shared: Option<Arc<ClientRules>>,
 }
 
 /// One entry as it applies to one connection.
@@ -216,10 +216,25 @@ struct ClientRule {
 /// The ACL of one connection: only the entries that apply to it, placeholders substituted.
 #[derive(Debug, Clone)]
 pub struct ClientAcl {
-    rules: Arc<[ClientRule]>,
-    default_allow: bool,
+    /// One pointer (with the decision when no entry applies): a session holds this inline,
+    /// and every idle connection pays for its size.
+    rules: Arc<ClientRules>,
     /// The session holds a subscription granted filtered: its deliveries are checked.
     filtering: bool,
+}
+
+/// The entries that apply to one connection and the default decision.
+#[derive(Debug)]
+struct ClientRules {
+    rules: Box<[ClientRule]>,
+    default_allow: bool,
+}
+
+impl std::ops::Deref for ClientRules {
+    type Target = [ClientRule];
+    fn deref(&self) -> &[ClientRule] {
+        &self.rules
+    }
 }
 
 /// The ACL's answer to one SUBSCRIBE filter.
@@ -293,11 +308,12 @@ impl Acl {
             Some(shared) => Arc::clone(shared),
             None => self.build(&Who { user, client: client_id }),
         };
-        ClientAcl { rules, default_allow: self.default_allow, filtering: false }
+        ClientAcl { rules, filtering: false }
     }
 
-    fn build(&self, who: &Who<'_>) -> Arc<[ClientRule]> {
-        self.entries.iter().filter_map(|e| e.for_client(who)).collect()
+    fn build(&self, who: &Who<'_>) -> Arc<ClientRules> {
+        let rules = self.entries.iter().filter_map(|e| e.for_client(who)).collect();
+        Arc::new(ClientRules { rules, default_allow: self.default_allow })
     }
 }
 
@@ -343,7 +359,8 @@ impl Entry {
 impl ClientAcl {
     /// An ACL that allows everything (no `acl:` configured).
     pub fn allow_all() -> ClientAcl {
-        ClientAcl { rules: Arc::from(Vec::new()), default_allow: true, filtering: false }
+        let rules = ClientRules { rules: Box::new([]), default_allow: true };
+        ClientAcl { rules: Arc::new(rules), filtering: false }
     }
 
     /// May this client publish to `topic_name`? Never to `$SYS/…` (the gateway's own).
@@ -356,7 +373,7 @@ impl ClientAcl {
                 return r.allow;
             }
         }
-        self.default_allow
+        self.rules.default_allow
     }
 
     /// May this client subscribe to `filter` (valid, not shared)? True when granted, filtered
@@ -397,7 +414,7 @@ impl ClientAcl {
                 overlapped = true;
             }
         }
-        match (self.default_allow, overlapped) {
+        match (self.rules.default_allow, overlapped) {
             (false, _) => Grant::Refused,
             (true, false) => Grant::Granted,
             (true, true) => Grant::Filtered,
@@ -427,7 +444,7 @@ impl ClientAcl {
                 Some(_) => {}
             }
         }
-        self.default_allow
+        self.rules.default_allow
     }
 }
 

@@ -215,6 +215,14 @@ impl LoginGuard {
         h.finalize().into()
     }
 
+    /// Forgets every cached successful check (a config reload: a user removed or given a
+    /// new password must not get in on a check made against the old `users:`).
+    pub fn forget_verified(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+    }
+
     fn cached(&self, user: &str, digest: &[u8; 32], now: Instant) -> bool {
         if self.limits.cache_size == 0 {
             return false;

@@ -284,6 +284,12 @@ impl Broker {
         self.sessions.register(client_id, self.next_id(), owner, same_identity, max_sessions)
     }
 
+    /// After a config reload: closes the connections `revoked` names (see
+    /// [`SessionStore::reloaded`]), wakes the others to take the new ACL.
+    pub fn reloaded(&self, revoked: &dyn Fn(&str, &sessions::Owner) -> bool) -> usize {
+        self.sessions.reloaded(revoked)
+    }
+
     /// Tells every registered connection to close because the gateway shuts down.
     pub fn close_connections(&self) {
         self.sessions.close_all(CloseReason::Shutdown);

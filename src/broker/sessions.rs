@@ -213,6 +213,9 @@ pub enum CloseReason {
     Takeover,
     /// The gateway is shutting down.
     Shutdown,
+    /// A config reload took the client's right to be connected away (its user removed, its
+    /// client id no longer allowed, anonymous clients no longer allowed).
+    Revoked,
 }
 
 /// The link between one connection and the registry, shared by both (one small allocation per
@@ -282,7 +285,8 @@ impl ConnLink {
         match self.close.load(Ordering::Acquire) {
             0 => None,
             1 => Some(CloseReason::Takeover),
-            _ => Some(CloseReason::Shutdown),
+            2 => Some(CloseReason::Shutdown),
+            _ => Some(CloseReason::Revoked),
         }
     }
 
@@ -305,6 +309,12 @@ impl ConnLink {
             }
         })
         .await;
+    }
+
+    /// Wakes the connection's task without telling it to close: it then sees that the
+    /// config was reloaded and takes the new ACL.
+    pub fn nudge(&self) {
+        self.close_waker.wake();
     }
 
     fn set_parked(&self) {
@@ -429,6 +439,23 @@ impl SessionStore {
         for link in self.lock().values().filter_map(|e| e.conn.as_ref()) {
             link.close(reason);
         }
+    }
+
+    /// After a config reload: every connection for which `revoked(client_id, owner)` holds is
+    /// told to close ([`CloseReason::Revoked`]), every other one is woken to take the new
+    /// ACL. Returns how many were told to close.
+    pub fn reloaded(&self, revoked: &dyn Fn(&str, &Owner) -> bool) -> usize {
+        let mut closed = 0;
+        for (client_id, link) in self.lock().iter().filter_map(|(k, e)| Some((k, e.conn.as_ref()?)))
+        {
+            if revoked(client_id, &link.owner) {
+                link.close(CloseReason::Revoked);
+                closed += 1;
+            } else {
+                link.nudge();
+            }
+        }
+        closed
     }
 
     /// Forgets the connection `conn_id` if it still holds `client_id`.

@@ -25,6 +25,9 @@ use crate::targets::kinds::{target_id, BuildContext, Systems};
 use crate::targets::Target;
 use crate::template::{Condition, TemplateError};
 
+/// A reload's lookup of a running target to keep: `(rule, index in to:, id)`.
+pub type KeptTarget<'a> = dyn Fn(&str, usize, &str) -> Option<Arc<dyn Target>> + 'a;
+
 /// A message's template context, built on first use (see [`Rule::applies`]).
 pub type LazyContext = Option<minijinja::Value>;
 
@@ -117,6 +120,18 @@ impl RuleSet {
         systems: &Systems,
         metrics: &Metrics,
     ) -> Result<RuleSet, RuleError> {
+        RuleSet::compile_reusing(config, systems, metrics, &|_, _, _| None)
+    }
+
+    /// [`compile`](Self::compile) for a reload: `kept(rule, index, id)` gives the running
+    /// target to keep in place of building target `index` of rule `rule` (id `id`), when it
+    /// is the same (same id, same config, same system).
+    pub fn compile_reusing(
+        config: &Config,
+        systems: &Systems,
+        metrics: &Metrics,
+        kept: &KeptTarget<'_>,
+    ) -> Result<RuleSet, RuleError> {
         let mut set = RuleSet::default();
         let at = BuildContext { metrics, systems };
         for rc in &config.rules {
@@ -129,8 +144,12 @@ impl RuleSet {
                 None => None,
             };
             let mut targets: Vec<Arc<dyn Target>> = Vec::with_capacity(rc.to.len());
-            for tc in &rc.to {
-                targets.push(tc.build(&target_id(&name, tc), &name, &at)?);
+            for (i, tc) in rc.to.iter().enumerate() {
+                let id = target_id(&name, tc);
+                match kept(&name, i, &id) {
+                    Some(target) => targets.push(target),
+                    None => targets.push(tc.build(&id, &name, &at)?),
+                }
             }
             let (errors, skipped) = metrics.rule(&name);
             set.tree.insert(&rc.from.value, set.rules.len());

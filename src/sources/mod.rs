@@ -56,13 +56,19 @@ macro_rules! source_kinds {
         /// Starts every configured source with the kind that claims it.
         pub fn start_all(config: &Config, at: &mut SourceContext<'_>) {
             for s in &config.sources {
-                $(
-                    if <$kind>::claims(s) {
-                        <$kind>::start(s, config, at);
-                        continue;
-                    }
-                )*
+                start_one(s, config, at);
             }
+        }
+
+        /// Starts one source with the kind that claims it (a reload starts the sources it
+        /// added or changed, each with a shutdown of its own).
+        pub fn start_one(s: &SourceConfig, config: &Config, at: &mut SourceContext<'_>) {
+            $(
+                if <$kind>::claims(s) {
+                    <$kind>::start(s, config, at);
+                    return;
+                }
+            )*
         }
     };
 }

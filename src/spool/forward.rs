@@ -30,10 +30,10 @@ use tracing::{debug, error, info, warn};
 
 use super::config::SpoolConfig;
 use super::state::Shared;
+use super::TargetSlot;
 use super::{key, parse_key};
 use crate::deadletters::DeadLetters;
 use crate::message::Message;
-use crate::rules::RuleSet;
 use crate::store::{codec, Store, Table, WriteBatch};
 use crate::targets::Outcome;
 
@@ -60,12 +60,9 @@ type InFlight = Pin<Box<dyn Future<Output = Settled> + Send>>;
 pub(super) struct Forwarder {
     shared: Arc<Shared>,
     store: Store,
-    rules: Arc<RuleSet>,
-    /// The target's rule name (what its dead letters record).
-    rule: String,
-    /// The rule's index in `rules`, and the target's in the rule (resolved once: the id is
-    /// not looked up per message).
-    at: (usize, usize),
+    /// The target and its rule's name (what its dead letters record): a reload that keeps
+    /// the spool may put a rebuilt target there.
+    slot: Arc<TargetSlot>,
     /// Where final failures go.
     dead_letters: DeadLetters,
     /// `0` = no pacing.
@@ -99,14 +96,13 @@ pub(super) struct Forwarder {
 }
 
 impl Forwarder {
-    /// The forwarder of spool `shared`, sending to its target in `rules`.
+    /// The forwarder of spool `shared`, sending to the target in `slot`.
     pub fn new(
         shared: Arc<Shared>,
         store: Store,
-        (rules, at, dead_letters): (&Arc<RuleSet>, (usize, usize), &DeadLetters),
+        (slot, dead_letters): (Arc<TargetSlot>, &DeadLetters),
         cfg: &SpoolConfig,
     ) -> Self {
-        let rule = rules.rule(at.0).map_or_else(String::new, |r| r.name.clone());
         let (head, depth) = {
             let s = shared.lock();
             (s.head, s.depth())
@@ -114,9 +110,7 @@ impl Forwarder {
         Forwarder {
             shared,
             store,
-            rules: Arc::clone(rules),
-            rule,
-            at,
+            slot,
             dead_letters: dead_letters.clone(),
             replay_rate: cfg.replay_rate,
             max_retry_time: cfg.max_retry_time.0,
@@ -185,12 +179,7 @@ impl Forwarder {
             if self.replaying {
                 self.pace().await;
             }
-            let target = self.rules.rule(self.at.0).and_then(|r| r.targets.get(self.at.1));
-            let Some(target) = target else {
-                // Cannot happen: spools are made from the rule set's own rules.
-                error!(target_id = %self.shared.id, "spool target not in the rule set");
-                return;
-            };
+            let target = self.slot.target();
             let delivery = crate::targets::send(target.as_ref(), &msg).await;
             self.next = seq + 1;
             self.in_flight.push_back(Box::pin(async move {
@@ -347,7 +336,8 @@ impl Forwarder {
     /// Records `msg` as a dead letter, committed with the next deletion.
     fn dead_letter(&mut self, msg: &Message, reason: &str) {
         self.shared.metrics.dead_lettered.inc();
-        let (rule, id) = (self.rule.as_str(), self.shared.id.as_str());
+        let rule = self.slot.rule();
+        let (rule, id) = (rule.as_str(), self.shared.id.as_str());
         super::recover::dead_letter(&self.dead_letters, &mut self.dead, (rule, id), msg, reason);
     }
 

@@ -28,13 +28,14 @@ mod recover;
 mod state;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
 
 use crate::config::{AckPolicy, Config};
 use crate::deadletters::DeadLetters;
@@ -43,7 +44,7 @@ use crate::metrics::Metrics;
 use crate::rules::RuleSet;
 use crate::store::{Store, StoreError};
 use crate::targets::kinds::target_id;
-use crate::targets::{AckSender, Failure, Outcome};
+use crate::targets::{AckSender, Failure, Outcome, Target};
 use state::Shared;
 
 /// Appends queued in front of one spool's append task at most; more make the sessions wait
@@ -79,6 +80,41 @@ impl Append {
     }
 }
 
+/// The target a spool forwards to and its rule's name: set at start, replaced by a reload
+/// that keeps the spool but rebuilt its target (the forwarder reads it per message; a std
+/// `Mutex` held for a clone).
+pub struct TargetSlot(Mutex<(String, Arc<dyn Target>)>);
+
+impl TargetSlot {
+    fn new(rule: &str, target: Arc<dyn Target>) -> Arc<TargetSlot> {
+        Arc::new(TargetSlot(Mutex::new((rule.to_owned(), target))))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (String, Arc<dyn Target>)> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The target.
+    pub fn target(&self) -> Arc<dyn Target> {
+        Arc::clone(&self.lock().1)
+    }
+
+    /// Its rule's name.
+    pub fn rule(&self) -> String {
+        self.lock().0.clone()
+    }
+
+    fn set(&self, rule: &str, target: Arc<dyn Target>) {
+        *self.lock() = (rule.to_owned(), target);
+    }
+}
+
+impl std::fmt::Debug for TargetSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TargetSlot").field(&self.lock().1.id()).finish()
+    }
+}
+
 /// The handle of one target's spool: cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Spool {
@@ -86,6 +122,13 @@ pub struct Spool {
     tx: mpsc::Sender<Append>,
     /// State shared with the append and forward tasks.
     shared: Arc<Shared>,
+    /// The target the forwarder sends to.
+    slot: Arc<TargetSlot>,
+    /// Stops this spool's two tasks (a child of the sinks' shutdown): a reload that removes
+    /// the spool's target cancels it.
+    stop: CancellationToken,
+    /// The spool's two tasks, waited for when a reload removes it.
+    tracker: TaskTracker,
 }
 
 impl Spool {
@@ -141,6 +184,11 @@ impl Spools {
     pub fn iter(&self) -> impl Iterator<Item = &Spool> {
         self.by_rule.iter().flatten()
     }
+
+    /// The spool of target `id`.
+    pub fn get(&self, id: &str) -> Option<&Spool> {
+        self.iter().find(|s| s.id() == id)
+    }
 }
 
 /// Restores the spools found in the store and starts an append and a forward task for each
@@ -156,7 +204,35 @@ pub async fn start(
     shutdown: &CancellationToken,
     tasks: &mut JoinSet<()>,
 ) -> Result<Spools, SpoolError> {
-    let (Some(store), Some(dead_letters)) = (store, dead_letters) else {
+    let at = SpoolContext { store, dead_letters, metrics, shutdown };
+    start_reusing(config, rules, &at, None, tasks).await
+}
+
+/// What spools are started with.
+pub struct SpoolContext<'a> {
+    /// The store (with `store:`).
+    pub store: Option<&'a Store>,
+    /// The dead letters (with `store:`).
+    pub dead_letters: Option<&'a DeadLetters>,
+    /// The metrics.
+    pub metrics: &'a Metrics,
+    /// The sinks' shutdown: each spool stops on a child of it.
+    pub shutdown: &'a CancellationToken,
+}
+
+/// [`start`], or for a reload (`previous`: the running spools): a spool whose target id is
+/// still an `ack: spool` target is kept (its tasks go on; its forwarder sends to the target
+/// of the new rule set), a new one is started from what the store holds for it. Spools of
+/// `previous` not kept are left to [`retire`]. At start (`previous` is `None`), entries of
+/// target ids not configured are moved to the dead letters.
+pub async fn start_reusing(
+    config: &Config,
+    rules: &Arc<RuleSet>,
+    at: &SpoolContext<'_>,
+    previous: Option<&Spools>,
+    tasks: &mut JoinSet<()>,
+) -> Result<Spools, SpoolError> {
+    let (Some(store), Some(dead_letters)) = (at.store, at.dead_letters) else {
         if let Some(r) = config.rules.iter().find(|r| r.ack_policy() == AckPolicy::Spool) {
             return Err(SpoolError::NoStore(r.name.value.clone()));
         }
@@ -166,11 +242,19 @@ pub async fn start(
     for (i, rc) in config.rules.iter().enumerate() {
         if rc.ack_policy() == AckPolicy::Spool {
             for t in &rc.to {
-                wanted.insert(target_id(&rc.name.value, t), i);
+                let id = target_id(&rc.name.value, t);
+                if previous.and_then(|p| p.get(&id)).is_none() {
+                    wanted.insert(id, i);
+                }
             }
         }
     }
-    let mut restored = recover::restore(store, &wanted, dead_letters).await?;
+    let mut restored = match previous {
+        None => recover::restore(store, &wanted, dead_letters).await?,
+        // A reload: only what the store holds for new spools; running ones keep their own.
+        Some(_) if wanted.is_empty() => HashMap::new(),
+        Some(_) => recover::restore_only(store, &wanted).await?,
+    };
     let mut by_rule = Vec::with_capacity(config.rules.len());
     for (i, rc) in config.rules.iter().enumerate() {
         let mut spools = Vec::new();
@@ -178,32 +262,75 @@ pub async fn start(
             let cfg = rc.spool.as_ref().map(|s| s.value.clone()).unwrap_or_default();
             for (j, t) in rc.to.iter().enumerate() {
                 let id = target_id(&rc.name.value, t);
+                let Some(target) = rules.rule(i).and_then(|r| r.targets.get(j)).cloned() else {
+                    continue;
+                };
+                if let Some(kept) = previous.and_then(|p| p.get(&id)) {
+                    kept.slot.set(&rc.name.value, target);
+                    spools.push(kept.clone());
+                    continue;
+                }
                 let state = restored.remove(&id).unwrap_or_default();
                 if state.depth() > 0 {
                     info!(target_id = %id, messages = state.depth(), bytes = state.bytes, "spool restored; forwarding its backlog");
                 }
-                let shared = Arc::new(Shared::new(id, state, &cfg, metrics));
+                let shared = Arc::new(Shared::new(id, state, &cfg, at.metrics));
                 let (tx, rx) = mpsc::channel(APPEND_QUEUE);
-                tasks.spawn(append::run(
-                    Arc::clone(&shared),
-                    store.clone(),
-                    rx,
-                    cfg.on_full,
-                    shutdown.clone(),
-                ));
+                let stop = at.shutdown.child_token();
+                let tracker = TaskTracker::new();
+                let slot = TargetSlot::new(&rc.name.value, target);
+                let append =
+                    append::run(Arc::clone(&shared), store.clone(), rx, cfg.on_full, stop.clone());
+                tasks.spawn(tracker.track_future(append));
                 let forwarder = forward::Forwarder::new(
                     Arc::clone(&shared),
                     store.clone(),
-                    (rules, (i, j), dead_letters),
+                    (Arc::clone(&slot), dead_letters),
                     &cfg,
                 );
-                tasks.spawn(forwarder.run(shutdown.clone()));
-                spools.push(Spool { tx, shared });
+                tasks.spawn(tracker.track_future(forwarder.run(stop.clone())));
+                tracker.close();
+                spools.push(Spool { tx, shared, slot, stop, tracker });
             }
         }
         by_rule.push(spools);
     }
     Ok(Spools { by_rule: Arc::new(by_rule) })
+}
+
+/// After a reload: stops `removed` spools (their targets are no longer `ack: spool` targets)
+/// and moves what they still hold to the dead letters, as a restart would (reason: removed by
+/// a reload). Call once no session routes with the rule set that had them.
+pub async fn retire(removed: Vec<Spool>, store: &Store, dead_letters: &DeadLetters) {
+    for spool in removed {
+        spool.stop.cancel();
+        spool.tracker.wait().await;
+        let state = {
+            let s = spool.shared.lock();
+            let mut range = state::State::starting_at(s.head);
+            range.end = s.end;
+            range
+        };
+        if state.depth() == 0 {
+            continue;
+        }
+        warn!(
+            target_id = %spool.id(),
+            messages = state.depth(),
+            "spool of a target removed by a config reload: what it holds goes to the dead letters"
+        );
+        let rule = spool.slot.rule();
+        let reason = format!(
+            "spooled for target {}, removed by a config reload before it was forwarded",
+            spool.id()
+        );
+        if let Err(e) =
+            recover::move_to_dead_letters(store, dead_letters, (&rule, spool.id()), &reason, &state)
+                .await
+        {
+            error!(target_id = %spool.id(), error = %e, "cannot move a removed spool to the dead letters; its entries stay in the store (moved at the next start)");
+        }
+    }
 }
 
 /// The first key of `id`'s entries.

@@ -44,6 +44,19 @@ pub(super) async fn restore<V: Send + Sync + 'static>(
     Ok(restored)
 }
 
+/// Scans the spool table once; returns the state of the spools in `wanted` only (a reload's
+/// new spools: other entries belong to running spools).
+pub(super) async fn restore_only<V: Send + Sync + 'static>(
+    store: &Store,
+    wanted: &HashMap<String, V>,
+) -> Result<HashMap<String, State>, StoreError> {
+    let reader = store.clone();
+    let scan = tokio::task::spawn_blocking(move || scan(&reader))
+        .await
+        .map_err(|e| StoreError::Io(format!("spool scan task failed: {e}")))??;
+    Ok(scan.into_iter().filter(|(id, _)| wanted.contains_key(id)).collect())
+}
+
 /// Moves every entry of spool `id` (no longer configured) to the dead letters, in batches
 /// that each delete what they move.
 async fn move_orphans(
@@ -57,6 +70,18 @@ async fn move_orphans(
     let reason = format!(
         "spooled for target {id}, which is no longer configured (rule removed, renamed, or its targets changed)"
     );
+    move_to_dead_letters(store, dead_letters, (rule, id), &reason, state).await
+}
+
+/// Moves the entries `[state.head, state.end)` of spool `id` (of rule `rule`) to the dead
+/// letters with `reason`, in batches that each delete what they move.
+pub(super) async fn move_to_dead_letters(
+    store: &Store,
+    dead_letters: &DeadLetters,
+    (rule, id): (&str, &str),
+    reason: &str,
+    state: &State,
+) -> Result<(), StoreError> {
     let mut from = state.head;
     while from < state.end {
         let (s, i) = (store.clone(), id.to_owned());
@@ -73,7 +98,7 @@ async fn move_orphans(
                     let letter = DeadLetter {
                         rule: rule.to_owned(),
                         target: id.to_owned(),
-                        reason: reason.clone(),
+                        reason: reason.to_owned(),
                         failed_at_ms: now_ms(),
                         message,
                     };

@@ -24,6 +24,9 @@ pub trait TargetKind {
     /// The kind's name (its key in a rule's `to:`).
     const NAME: &'static str;
 
+    /// Its top-level section of systems (`amqp`, `http`, `bridges`).
+    const SECTION: &'static str;
+
     /// The config of one target (`- amqp: {...}`).
     type Config;
 
@@ -36,6 +39,9 @@ pub trait TargetKind {
 
     /// Where problems of the target as a whole are reported.
     fn location(t: &Self::Config) -> &Location;
+
+    /// The name of the system (under [`SECTION`](Self::SECTION)) the target sends through.
+    fn system(t: &Self::Config) -> &str;
 
     /// Checks the kind's systems (its sections of the config).
     fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>);
@@ -68,6 +74,20 @@ pub trait TargetKind {
     /// listeners accept anyone): e.g. connects systems that also bring messages in (bridges),
     /// or waits (as a task) for the targets' own tasks at shutdown.
     fn started(_sections: &dyn Sections, _at: &mut StartedContext<'_>) {}
+
+    /// After a reload swapped a new config in: stops what `old` runs that the new one did not
+    /// keep (`kept(section, name)`) and that does not end by itself once its handles are
+    /// dropped (a bridge's connection).
+    fn retire(_old: &Systems, _kept: &dyn Fn(&str, &str) -> bool) {}
+}
+
+/// What a reload may keep: the running systems, and which of them are unchanged.
+pub struct Reuse<'a> {
+    /// The systems running now.
+    pub systems: &'a Systems,
+    /// Whether system `name` of section `section` is the same in the new config (then its
+    /// running object is kept).
+    pub same: &'a (dyn Fn(&str, &str) -> bool + Sync),
 }
 
 /// What a kind starts its systems with.
@@ -83,6 +103,20 @@ pub struct StartContext<'a> {
     /// False for the route dry-run: build the systems' handles only; spawn nothing, connect
     /// nowhere.
     pub connect: bool,
+    /// A reload: the running systems that may be kept.
+    pub reuse: Option<&'a Reuse<'a>>,
+}
+
+impl StartContext<'_> {
+    /// The running systems of kind `kind` (`T`), when system `name` of `section` is the same
+    /// in the new config: the kind takes its running object from there (and marks it reused).
+    pub fn reusable<T: Any>(&self, kind: &str, section: &str, name: &str) -> Option<&T> {
+        let reuse = self.reuse?;
+        if !(reuse.same)(section, name) {
+            return None;
+        }
+        reuse.systems.get(kind)
+    }
 }
 
 /// What a kind is told once everything is built.
@@ -111,6 +145,8 @@ pub struct BuildContext<'a> {
 pub struct Systems {
     by_kind: HashMap<&'static str, Box<dyn Any + Send + Sync>>,
     health: Vec<Arc<dyn Health>>,
+    /// `SECTION.NAME` of the systems kept from the previous config by a reload.
+    reused: std::collections::HashSet<String>,
 }
 
 impl Systems {
@@ -132,6 +168,21 @@ impl Systems {
     /// Every system's health, in start order.
     pub fn health(&self) -> &[Arc<dyn Health>] {
         &self.health
+    }
+
+    /// Notes that system `name` of `section` was kept from the previous config.
+    pub fn mark_reused(&mut self, section: &str, name: &str) {
+        self.reused.insert(format!("{section}.{name}"));
+    }
+
+    /// Whether system `name` of `section` was kept from the previous config.
+    pub fn is_reused(&self, section: &str, name: &str) -> bool {
+        self.reused.contains(&format!("{section}.{name}"))
+    }
+
+    /// `SECTION.NAME` of every system kept from the previous config.
+    pub fn reused(&self) -> impl Iterator<Item = &str> {
+        self.reused.iter().map(String::as_str)
     }
 }
 
@@ -225,6 +276,11 @@ macro_rules! kinds {
                 match self { $(TargetConfig::$variant(t) => <$kind>::location(t),)* }
             }
 
+            /// The section and name of the system the target sends through (`amqp`, `main`).
+            pub fn system(&self) -> (&'static str, &str) {
+                match self { $(TargetConfig::$variant(t) => (<$kind>::SECTION, <$kind>::system(t)),)* }
+            }
+
             /// Checks the target.
             pub fn validate(&self, rule: &str, sections: &dyn Sections, err: &mut Report<'_>) {
                 match self { $(TargetConfig::$variant(t) => <$kind>::validate(rule, t, sections, err),)* }
@@ -266,6 +322,11 @@ macro_rules! kinds {
         /// Tells every kind that its targets are built and the broker is ready.
         pub fn started(sections: &dyn Sections, at: &mut StartedContext<'_>) {
             $(<$kind>::started(sections, at);)*
+        }
+
+        /// Stops what `old` runs that the new config did not keep (see [`TargetKind::retire`]).
+        pub fn retire(old: &Systems, kept: &dyn Fn(&str, &str) -> bool) {
+            $(<$kind>::retire(old, kept);)*
         }
     };
 }

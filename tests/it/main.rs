@@ -7,6 +7,7 @@ mod support;
 
 mod acl_filter;
 mod admin_auth;
+mod amqp_external;
 mod amqp_sink;
 mod auth;
 mod bad_input;
@@ -32,6 +33,7 @@ mod pathological;
 mod persistence;
 mod pubsub;
 mod reconnect;
+mod reload;
 mod route_dryrun;
 mod semantics_uplink;
 mod sessions;

@@ -35,6 +35,8 @@ pub(super) struct Connected {
     pub username: Option<Arc<str>>,
     /// The ACL specialised for this client.
     pub acl: ClientAcl,
+    /// The config snapshot it was admitted by.
+    pub live: Arc<crate::reload::Live>,
     /// The client id's registration: connection id and the link to the registry.
     pub registration: Registration,
     /// The resumed or new session state.
@@ -59,6 +61,9 @@ where
     S: crate::listeners::Transport,
 {
     let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
+    // The users and ACL this CONNECT is checked against (a reload after this is seen by the
+    // session at its first packet).
+    let live = shared.live.load();
     let connect = loop {
         match conn.decode() {
             Ok(Some(Packet::Connect(c))) => break c,
@@ -94,7 +99,9 @@ where
     let cert_user: Option<Arc<str>> = conn.stream().certificate_user().map(Arc::from);
     let accepted = match (accept(&connect, shared), &cert_user) {
         (Ok(accepted), Some(user)) => certificate_login(&connect, user, shared).map(|()| accepted),
-        (Ok(accepted), None) => authenticate(&connect, shared, deadline).await.map(|()| accepted),
+        (Ok(accepted), None) => {
+            authenticate(&connect, shared, &live.auth, deadline).await.map(|()| accepted)
+        }
         (Err(refused), _) => Err(refused),
     };
     let accepted = match accepted {
@@ -106,7 +113,7 @@ where
     };
     // Who the client is: its user name or certificate identity, or anonymous.
     let username = cert_user.as_deref().or(connect.username.as_deref());
-    if !shared.auth.client_id_allowed(username, &accepted.client_id) {
+    if !live.auth.client_id_allowed(username, &accepted.client_id) {
         let reason = ReasonLabels { reason: "client_id_not_allowed".into() };
         shared.metrics.auth_refused.get_or_create(&reason).inc();
         refuse(
@@ -195,7 +202,7 @@ where
     state.version = version;
     // A new session is the client's; one restored from an older store becomes it.
     state.owner = owner;
-    let mut acl = shared.auth.acl.for_client(username, &accepted.client_id);
+    let mut acl = live.auth.acl.for_client(username, &accepted.client_id);
     if session_present {
         // The resuming client's ACL decides what the session may still receive.
         let grants: Vec<(String, Grant)> =
@@ -281,6 +288,7 @@ where
         client_id,
         username: username.map(Arc::from),
         acl,
+        live,
         registration,
         state,
         expiry,
@@ -381,11 +389,12 @@ fn certificate_login(
 async fn authenticate(
     c: &Connect,
     shared: &SessionShared,
+    auth: &crate::auth::Authenticator,
     deadline: tokio::time::Instant,
 ) -> Result<(), (ReasonCode, &'static str)> {
     let refusal = match shared
         .logins
-        .authenticate(&shared.auth, c.username.as_deref(), c.password.as_deref(), deadline)
+        .authenticate(auth, c.username.as_deref(), c.password.as_deref(), deadline)
         .await
     {
         Ok(()) => return Ok(()),

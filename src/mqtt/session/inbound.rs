@@ -213,6 +213,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, None));
             return None;
         }
+        // A reload since the last packet: this PUBLISH is checked and routed by the new
+        // config (one atomic load when nothing changed).
+        if self.live.generation != shared.live.generation() {
+            if let Some(end) = self.reloaded() {
+                return Some(end);
+            }
+        }
         if !self.acl.may_publish(&p.topic) {
             // Never routed: no local subscriber and no rule target sees it.
             shared.acl_denied_publish.inc();
@@ -278,8 +285,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             packet_id: (p.qos != QoS::AtMostOnce).then_some(p.packet_id),
         });
         let mut hits = std::mem::take(&mut self.rule_hits);
-        let (matched, waits) =
-            route(shared.routing(), &msg, Some(self.session_id), &mut hits, &mut self.blocked);
+        let (matched, waits) = route(
+            shared.routing(&self.live),
+            &msg,
+            Some(self.session_id),
+            &mut hits,
+            &mut self.blocked,
+        );
         self.rule_hits = hits;
         if p.qos != QoS::AtMostOnce {
             if p.qos == QoS::ExactlyOnce {
@@ -383,7 +395,9 @@ pub(super) async fn publish_will(
     });
     debug!(parent: span, topic = %crate::logtext::LogText(&msg.topic), "publishing will");
     let mut blocked = Vec::new();
-    let (_, waits) = route(shared.routing(), &msg, None, &mut Vec::new(), &mut blocked);
+    let live = shared.live.load();
+    let (_, waits) = route(shared.routing(&live), &msg, None, &mut Vec::new(), &mut blocked);
+    drop(live);
     send_blocked(blocked).await;
     if !waits.is_empty() {
         let span = span.clone();

@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::auth::acl::ClientAcl;
-use crate::auth::Authenticator;
 use crate::broker::sessions::DoneGuard;
 use crate::broker::{Broker, CloseReason, Expiry, Outbound};
 use crate::config::MqttConfig;
@@ -39,8 +38,7 @@ use crate::mqtt::codec::{
 };
 use crate::mqtt::connection::Connection;
 use crate::mqtt::topic::TopicLimits;
-use crate::rules::RuleSet;
-use crate::spool::Spools;
+use crate::reload::{Live, LiveCell};
 use prometheus_client::metrics::counter::Counter;
 
 use inbound::PendingQueue;
@@ -157,8 +155,7 @@ impl SessionShared {
     /// Everything sessions share, with metric handles resolved once.
     pub fn new(
         broker: Arc<Broker>,
-        rules: Arc<RuleSet>,
-        auth: Arc<Authenticator>,
+        live: Arc<LiveCell>,
         metrics: Arc<Metrics>,
         limits: SessionLimits,
         shutdown: CancellationToken,
@@ -177,8 +174,7 @@ impl SessionShared {
             memory,
             memory_pauses,
             broker,
-            rules,
-            auth,
+            live,
             metrics,
             received,
             acl_denied_publish,
@@ -186,14 +182,8 @@ impl SessionShared {
             acl_denied_delivery,
             limits,
             shutdown,
-            spools: Spools::default(),
             logins,
         }
-    }
-
-    /// The spools of the `ack: spool` rules (none by default).
-    pub fn with_spools(self, spools: Spools) -> Self {
-        SessionShared { spools, ..self }
     }
 }
 
@@ -202,10 +192,8 @@ impl SessionShared {
 pub struct SessionShared {
     /// Subscriptions, retained messages and the client-id registry.
     pub broker: Arc<Broker>,
-    /// The compiled rules.
-    pub rules: Arc<RuleSet>,
-    /// Users, anonymous policy and the ACL.
-    pub auth: Arc<Authenticator>,
+    /// The rules with their spools, the users and the ACL: swapped by a config reload.
+    pub live: Arc<LiveCell>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// `messages_received` by QoS (0, 1, 2), resolved once.
@@ -220,8 +208,6 @@ pub struct SessionShared {
     pub limits: SessionLimits,
     /// Cancelled when the gateway shuts down.
     pub shutdown: CancellationToken,
-    /// The spool of each target of every `ack: spool` rule, by rule index.
-    pub spools: Spools,
     /// Per-address login backoff and the cache of successful password checks.
     pub logins: crate::auth::backoff::LoginGuard,
     /// `mqtt.max_memory`.
@@ -231,12 +217,13 @@ pub struct SessionShared {
 }
 
 impl SessionShared {
-    /// What routing a message reads.
-    pub fn routing(&self) -> crate::routing::RoutingContext<'_> {
+    /// What routing a message reads: the broker and `live`'s rules and spools (a message
+    /// is routed wholly by one snapshot).
+    pub fn routing<'a>(&'a self, live: &'a Live) -> crate::routing::RoutingContext<'a> {
         crate::routing::RoutingContext {
             broker: &self.broker,
-            rules: &self.rules,
-            spools: &self.spools,
+            rules: &live.rules,
+            spools: &live.spools,
             metrics: &self.metrics,
         }
     }
@@ -306,6 +293,9 @@ enum End {
     Closed,
     /// We closed it (protocol error, keepalive, takeover, shutdown, failed ack).
     ServerClose { reason: String },
+    /// A config reload took the client's rights away (its user removed...): closed without
+    /// its will.
+    Revoked,
     /// The socket failed.
     Io(std::io::Error),
 }
@@ -324,6 +314,8 @@ enum Event {
     Keepalive,
     /// Message bytes held fell below `mqtt.max_memory`'s resume mark: read again.
     MemoryRoom,
+    /// The config was reloaded: take the new ACL.
+    Reloaded,
 }
 
 /// The state of one connected session (after a successful CONNECT).
@@ -342,6 +334,9 @@ struct Session<S> {
     username: Option<Arc<str>>,
     /// What this client may publish and subscribe to (`%u`/`%c` already substituted).
     acl: ClientAcl,
+    /// The config snapshot the session routes and checks with; replaced (with `acl`) when
+    /// the cell's generation moves on (a reload).
+    live: Arc<Live>,
     /// The session's stable id (keys its subscriptions, No Local); survives reconnects.
     session_id: u64,
     /// How long the session is kept after this connection (MQTT 5: DISCONNECT may change it).
@@ -455,6 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             client_id: connected.client_id,
             username: connected.username,
             acl: connected.acl,
+            live: connected.live,
             session_id: out.state.id,
             expiry: connected.expiry,
             expiry_zero_at_connect: connected.expiry == Expiry::Now,
@@ -630,6 +626,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     let limit = self.shared.limits.shutdown_timeout;
                     timer = Some(Timer::new(limit));
                 }
+                Event::Close(CloseReason::Revoked) => return self.revoked(),
+                Event::Reloaded => {
+                    if let Some(end) = self.reloaded() {
+                        return end;
+                    }
+                }
                 Event::Close(CloseReason::Takeover) => {
                     return self.server_disconnect(
                         ReasonCode::SESSION_TAKEN_OVER,
@@ -759,6 +761,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Poll::Ready(reason) = link.0.poll_close(cx) {
                 return Poll::Ready(Event::Close(reason));
             }
+            // A reload wakes every connection through its link (`ConnLink::nudge`).
+            if self.live.generation != self.shared.live.generation() {
+                return Poll::Ready(Event::Reloaded);
+            }
         }
         if !self.pending.is_empty() {
             if let Poll::Ready(front) = self.pending.poll_front_done(cx) {
@@ -786,6 +792,68 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
         }
         Poll::Pending
+    }
+
+    /// The config was reloaded: routes with the new snapshot from now, and takes its ACL as
+    /// a resuming client would (`connect.rs`): subscriptions it now refuses are removed
+    /// (and what was queued for them and may not be read is dropped), ones overlapping a
+    /// deny have their deliveries checked. Deliveries already sent stay in flight.
+    ///
+    /// A client the new users would not let in (its user removed, its client id no longer
+    /// allowed, anonymous clients no longer allowed) is closed: the reload tells connected
+    /// ones through the registry, this catches one whose CONNECT raced with it.
+    fn reloaded(&mut self) -> Option<End> {
+        let live = self.shared.live.load();
+        let revoked = match self.username.as_deref() {
+            None => !live.auth.allows_anonymous(),
+            Some(u) => {
+                (self.live.auth.has_user(u) && !live.auth.has_user(u))
+                    || !live.auth.client_id_allowed(Some(u), &self.client_id)
+            }
+        };
+        if revoked {
+            self.live = live;
+            return Some(self.revoked());
+        }
+        let mut acl = live.auth.acl.for_client(self.username.as_deref(), &self.client_id);
+        let shared = &self.shared;
+        let state = &mut self.out.state;
+        let mut revoked = Vec::new();
+        for filter in state.filters.keys() {
+            match acl.grant(filter) {
+                crate::auth::acl::Grant::Refused => revoked.push(filter.clone()),
+                crate::auth::acl::Grant::Filtered => acl.set_filtering(),
+                crate::auth::acl::Grant::Granted => {}
+            }
+        }
+        if !revoked.is_empty() {
+            for filter in &revoked {
+                state.filters.remove(filter);
+                shared.broker.unsubscribe(state.id, filter);
+                shared.acl_denied_subscribe.inc();
+                debug!(client_id = %crate::logtext::LogText(&self.client_id), filter = %crate::logtext::LogText(filter), "subscription no longer allowed by the reloaded ACL: removed");
+            }
+            let subscriber = Arc::clone(&state.subscriber);
+            for out in subscriber.queue.remove_unless(|out| acl.may_receive(&out.msg.topic)) {
+                shared.broker.unstore(&subscriber, out.stored);
+                crate::broker::tracking::finish(out.ticket, crate::broker::tracking::Fate::Gone);
+            }
+            if self.expiry != Expiry::Now {
+                shared.broker.store_session(state, self.expiry, false);
+            }
+        }
+        self.acl = acl;
+        self.live = live;
+        None
+    }
+
+    /// Ends the session because a reload took its rights away (MQTT 5: DISCONNECT 0x87).
+    fn revoked(&mut self) -> End {
+        self.server_disconnect(
+            ReasonCode::NOT_AUTHORIZED,
+            "no longer authorized after a configuration reload",
+        );
+        End::Revoked
     }
 
     /// Whether to read from the client now. A 3.1.1 client cannot be told our window, so when
@@ -925,6 +993,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // The will goes out on every end but a normal DISCONNECT (MQTT 5: unless it asked for it).
         let publish_will = match &end {
             End::ClientDisconnect { with_will } => *with_will,
+            End::Revoked => false,
             _ => true,
         };
         match &end {
@@ -934,6 +1003,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 info!(parent: span, %reason, "connection closed by mqgate")
             }
             End::Io(e) => info!(parent: span, error = %e, "connection lost"),
+            End::Revoked => {
+                info!(parent: span, "connection closed: no longer authorized after a configuration reload (will not published)")
+            }
         }
         let will = self.will.take().filter(|will| {
             if !publish_will {

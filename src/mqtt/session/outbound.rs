@@ -320,6 +320,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// SUBSCRIBE: one answer per filter.
     pub(super) fn on_subscribe(&mut self, s: Subscribe) -> Option<End> {
+        if self.live.generation != self.shared.live.generation() {
+            if let Some(end) = self.reloaded() {
+                return Some(end);
+            }
+        }
         // MQTT 5 §3.8.2.1.2: at most one Subscription Identifier (0 is refused by the codec).
         if s.properties.subscription_identifiers.len() > 1 {
             self.shared.metrics.protocol_error("subscription_identifier");

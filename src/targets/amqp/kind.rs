@@ -33,6 +33,7 @@ fn brokers(sections: &dyn Sections) -> Option<&BTreeMap<String, AmqpBrokerConfig
 
 impl TargetKind for AmqpKind {
     const NAME: &'static str = NAME;
+    const SECTION: &'static str = NAME;
     type Config = AmqpTargetConfig;
 
     fn explicit_id(t: &AmqpTargetConfig) -> Option<&Spanned<String>> {
@@ -45,6 +46,10 @@ impl TargetKind for AmqpKind {
 
     fn location(t: &AmqpTargetConfig) -> &Location {
         &t.broker.referenced
+    }
+
+    fn system(t: &AmqpTargetConfig) -> &str {
+        &t.broker.value
     }
 
     fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
@@ -63,6 +68,18 @@ impl TargetKind for AmqpKind {
             if !at.connect {
                 let broker = AmqpBroker::detached(name, cfg, at.metrics);
                 running.insert(name.clone(), (broker, cfg.topic_mapping));
+                continue;
+            }
+            // A reload with this broker unchanged: the same connection (its task ends once
+            // every handle of a broker no longer configured is dropped).
+            let kept = at
+                .reusable::<AmqpSystems>(NAME, NAME, name)
+                .and_then(|s| s.brokers.get(name))
+                .cloned();
+            if let Some(kept) = kept {
+                at.systems.add_health(Arc::new(kept.0.clone()));
+                at.systems.mark_reused(NAME, name);
+                running.insert(name.clone(), kept);
                 continue;
             }
             let (broker, handle) = AmqpBroker::spawn(name, cfg, at.metrics, at.shutdown.clone());

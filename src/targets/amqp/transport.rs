@@ -29,6 +29,8 @@ use super::wire::WireError;
 const OUR_FRAME_MAX: u32 = 131_072;
 /// The heartbeat interval we ask for when the broker leaves it to us or offers a longer one.
 const OUR_HEARTBEAT: u16 = 60;
+/// How long a failed handshake write waits for the broker's TLS alert behind it.
+const ALERT_WAIT: Duration = Duration::from_millis(500);
 /// Spare room made in the read buffer before each read.
 const READ_CHUNK: usize = 32 * 1024;
 
@@ -40,13 +42,46 @@ pub(crate) enum ConnectError {
     Timeout(Duration),
     /// TCP trouble.
     #[error("{0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
     /// The broker refused (credentials, vhost) or said something we did not expect.
     #[error("{0}")]
     Protocol(String),
     /// TLS could not be set up or the handshake failed (untrusted certificate, ...).
     #[error("{0}")]
     Tls(String),
+}
+
+impl From<io::Error> for ConnectError {
+    /// A TLS failure (from the handshake, or an alert read by `try_fill` afterwards) is a
+    /// [`ConnectError::Tls`] saying what it means; the rest is TCP trouble.
+    fn from(e: io::Error) -> Self {
+        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+            Some(tls) => ConnectError::Tls(tls_failure(tls)),
+            None => ConnectError::Io(e),
+        }
+    }
+}
+
+/// What a TLS failure while connecting means. With TLS 1.3 the broker checks mqgate's client
+/// certificate after mqgate's side of the handshake is done, so a refused certificate arrives
+/// as an alert on the first read, not from the handshake call: both say the same here.
+fn tls_failure(e: &rustls::Error) -> String {
+    use rustls::AlertDescription as A;
+    let what = match e {
+        rustls::Error::AlertReceived(A::CertificateRequired) => {
+            format!("the broker requires a client certificate (tls.cert, tls.key): {e}")
+        }
+        rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA,
+        ) => format!("the broker refused the client certificate: {e}"),
+        _ => e.to_string(),
+    };
+    format!("TLS handshake with the broker failed: {what}")
 }
 
 impl From<WireError> for ConnectError {
@@ -316,12 +351,40 @@ impl Transport {
         super::wire::consume::take_frame(&mut self.rbuf, self.frame_max)
     }
 
-    /// Writes the whole buffer, waiting as needed (handshake only).
+    /// Writes the whole buffer, waiting as needed (handshake only). A write that fails on a
+    /// TLS connection fails with the broker's alert when one is waiting to be read: a broker
+    /// refusing the client certificate under TLS 1.3 sends its alert and resets the
+    /// connection, and the reset reaches our next write before we read the alert.
     async fn flush(&mut self) -> io::Result<()> {
-        while !self.try_flush()? {
-            self.stream.writable().await?;
+        loop {
+            match self.try_flush() {
+                Ok(true) => return Ok(()),
+                Ok(false) => self.stream.writable().await?,
+                Err(e) => return Err(self.tls_alert().await.unwrap_or(e)),
+            }
         }
-        Ok(())
+    }
+
+    /// After a failed write: the TLS error (an alert) in what the broker sent before the
+    /// connection broke, if any. Reads until the end of what came (a reset connection is
+    /// readable at once), for [`ALERT_WAIT`] at most.
+    async fn tls_alert(&mut self) -> Option<io::Error> {
+        self.tls.as_ref()?;
+        let read_to_the_end = async {
+            loop {
+                // Not `try_fill_tls` alone: tokio answers WouldBlock without reading until
+                // its reactor has seen the socket readable.
+                self.stream.readable().await.ok()?;
+                match self.try_fill_tls() {
+                    Err(e) if e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) => {
+                        return Some(e)
+                    }
+                    Ok(true) => {}
+                    Ok(false) | Err(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(ALERT_WAIT, read_to_the_end).await.ok().flatten()
     }
 
     /// Reads until a whole frame is there (handshake only).
@@ -423,6 +486,25 @@ pub(crate) struct Security {
     pub(crate) mechanism: AuthMechanism,
 }
 
+/// Checks that `connection.start`'s SASL mechanisms (space separated) include ours.
+fn check_mechanism(mechanisms: &str, ours: AuthMechanism) -> Result<(), ConnectError> {
+    let (wanted, hint) = match ours {
+        AuthMechanism::Plain => ("PLAIN", ""),
+        // RabbitMQ offers EXTERNAL only when all of these hold.
+        AuthMechanism::External => (
+            "EXTERNAL",
+            "; RabbitMQ offers it with the rabbitmq_auth_mechanism_ssl plugin enabled and \
+             EXTERNAL in auth_mechanisms, on a TLS listener that verified a client certificate",
+        ),
+    };
+    if mechanisms.split_ascii_whitespace().any(|m| m == wanted) {
+        return Ok(());
+    }
+    Err(ConnectError::Protocol(format!(
+        "the broker does not offer {wanted} authentication (offers {mechanisms:?}){hint}"
+    )))
+}
+
 /// Connects to `uri` (through TLS for `amqps://`) and opens `channels` confirm-mode channels
 /// and as many plain ones. The caller bounds the time it takes.
 pub(crate) async fn connect(
@@ -438,10 +520,12 @@ pub(crate) async fn connect(
         let config = settings.client_config().map_err(|e| ConnectError::Tls(e.0))?;
         let server = settings.server_name(&uri.host).map_err(|e| ConnectError::Tls(e.0))?;
         let connector = tokio_rustls::TlsConnector::from(config);
-        let tls = connector
-            .connect(server, stream)
-            .await
-            .map_err(|e| ConnectError::Tls(format!("TLS handshake with the broker failed: {e}")))?;
+        let tls = connector.connect(server, stream).await.map_err(|e| match e.into() {
+            ConnectError::Io(e) => {
+                ConnectError::Tls(format!("TLS handshake with the broker failed: {e}"))
+            }
+            tls => tls,
+        })?;
         let (stream, conn) = tls.into_inner();
         Transport::new(stream, Some(Box::new(conn)))
     } else {
@@ -457,15 +541,7 @@ pub(crate) async fn connect(
         if (major, minor) != (0, 9) {
             return Err(ConnectError::Protocol(format!("unsupported AMQP {major}-{minor}")));
         }
-        let wanted = match security.mechanism {
-            AuthMechanism::Plain => "PLAIN",
-            AuthMechanism::External => "EXTERNAL",
-        };
-        if !mechanisms.split(' ').any(|m| m == wanted) {
-            return Err(ConnectError::Protocol(format!(
-                "the broker does not offer {wanted} authentication (offers {mechanisms})"
-            )));
-        }
+        check_mechanism(&mechanisms, security.mechanism)?;
     }
     let connection_name = format!("mqgate/{name}");
     let capabilities = [
@@ -564,6 +640,118 @@ mod tests {
         assert_eq!((u.user.as_str(), u.port, u.vhost.as_str()), ("guest", 5672, "/"));
         let u: Uri = "amqp://u:p@[::1]:5673/prod?heartbeat=10".parse().expect("valid");
         assert_eq!((u.host.as_str(), u.port, u.vhost.as_str()), ("::1", 5673, "prod"));
+    }
+
+    #[test]
+    fn the_broker_must_offer_our_sasl_mechanism() {
+        let offered = "EXTERNAL PLAIN AMQPLAIN";
+        assert!(check_mechanism(offered, AuthMechanism::External).is_ok());
+        assert!(check_mechanism(offered, AuthMechanism::Plain).is_ok());
+        assert!(check_mechanism(" PLAIN  EXTERNAL ", AuthMechanism::External).is_ok());
+        // A name that only contains ours is not ours.
+        let e = check_mechanism("PLAINTEXT AMQPLAIN", AuthMechanism::Plain).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the broker does not offer PLAIN authentication (offers \"PLAINTEXT AMQPLAIN\")"
+        );
+        let e = check_mechanism("PLAIN AMQPLAIN", AuthMechanism::External).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "the broker does not offer EXTERNAL authentication (offers \"PLAIN AMQPLAIN\"); \
+                 RabbitMQ offers it with the rabbitmq_auth_mechanism_ssl plugin"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn tls_alerts_while_connecting_say_what_was_refused() {
+        use rustls::AlertDescription as A;
+        let e = |alert| {
+            let io =
+                io::Error::new(io::ErrorKind::InvalidData, rustls::Error::AlertReceived(alert));
+            ConnectError::from(io).to_string()
+        };
+        assert_eq!(
+            e(A::UnknownCA),
+            "TLS handshake with the broker failed: the broker refused the client certificate: \
+             received fatal alert: UnknownCA"
+        );
+        assert!(e(A::CertificateRequired).contains("requires a client certificate"));
+        assert!(e(A::HandshakeFailure).ends_with("failed: received fatal alert: HandshakeFailure"));
+        let plain = io::Error::from(io::ErrorKind::ConnectionRefused);
+        assert!(matches!(ConnectError::from(plain), ConnectError::Io(_)));
+    }
+
+    /// A broker refusing the client certificate under TLS 1.3 (here: none where one is
+    /// required) sends its alert after mqgate's side of the handshake is done and resets the
+    /// connection. When the reset is there before mqgate's first write, that write fails: the
+    /// error must still be the alert, not "connection reset" (RabbitMQ closes with linger 0).
+    #[tokio::test]
+    async fn a_write_into_a_refused_tls_connection_fails_with_the_brokers_alert() {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        use std::sync::Arc;
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().expect("key"))
+            .expect("CA");
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .expect("params")
+            .signed_by(&key, &ca)
+            .expect("server certificate");
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).expect("root");
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            provider.clone(),
+        )
+        .build()
+        .expect("verifier");
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![cert.der().clone()],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .expect("server config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let broker = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+            let Err((_, tcp)) = acceptor.accept(tcp).into_fallible().await else {
+                panic!("the handshake without a client certificate succeeded")
+            };
+            // The alert went out; now a reset, as RabbitMQ's linger 0 close does.
+            tcp.set_zero_linger().expect("linger 0");
+        });
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+            .connect(name, tcp)
+            .await
+            .expect("our side of a TLS 1.3 handshake completes");
+        broker.await.expect("broker task");
+        tokio::time::sleep(Duration::from_millis(50)).await; // the reset has arrived
+        let (tcp, conn) = tls.into_inner();
+        let mut t = Transport::new(tcp, Some(Box::new(conn)));
+        t.wbuf.extend_from_slice(PROTOCOL_HEADER);
+        let e = t.flush().await.expect_err("the connection was reset");
+        assert_eq!(
+            ConnectError::from(e).to_string(),
+            "TLS handshake with the broker failed: the broker requires a client certificate \
+             (tls.cert, tls.key): received fatal alert: CertificateRequired"
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn endpoints(sections: &dyn Sections) -> Option<&BTreeMap<String, HttpEndpointCo
 
 impl TargetKind for HttpKind {
     const NAME: &'static str = NAME;
+    const SECTION: &'static str = NAME;
     type Config = HttpTargetConfig;
 
     fn explicit_id(t: &HttpTargetConfig) -> Option<&Spanned<String>> {
@@ -47,6 +48,10 @@ impl TargetKind for HttpKind {
         &t.endpoint.referenced
     }
 
+    fn system(t: &HttpTargetConfig) -> &str {
+        &t.endpoint.value
+    }
+
     fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
         if let Some(endpoints) = endpoints(sections) {
             super::config::validate_endpoints(endpoints, err);
@@ -60,6 +65,16 @@ impl TargetKind for HttpKind {
     fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
         let mut running = BTreeMap::new();
         for (name, cfg) in endpoints(sections).into_iter().flatten() {
+            // A reload with this endpoint unchanged: the same client and connection pool.
+            let kept = at
+                .reusable::<HttpSystems>(NAME, NAME, name)
+                .and_then(|s| s.endpoints.get(name))
+                .cloned();
+            if let Some(kept) = kept {
+                at.systems.mark_reused(NAME, name);
+                running.insert(name.clone(), kept);
+                continue;
+            }
             running.insert(name.clone(), HttpEndpoint::new(name, cfg, at.shutdown.clone())?);
         }
         at.systems.insert(NAME, HttpSystems { endpoints: running });
@@ -81,11 +96,14 @@ impl TargetKind for HttpKind {
         Ok(Arc::new(HttpTarget::build(endpoint, id, rule, t, at.metrics)?))
     }
 
-    /// Every target is built (its lanes start with the rule set): wait for them at shutdown.
+    /// Every target is built (its lanes start with the rule set): wait for them at shutdown
+    /// (once per endpoint: not again for one a reload kept).
     fn started(_sections: &dyn Sections, at: &mut StartedContext<'_>) {
         if let Some(s) = at.systems.get::<HttpSystems>(NAME) {
-            for endpoint in s.endpoints.values() {
-                at.tasks.spawn(endpoint.clone().finished());
+            for (name, endpoint) in &s.endpoints {
+                if !at.systems.is_reused(NAME, name) {
+                    at.tasks.spawn(endpoint.clone().finished());
+                }
             }
         }
     }

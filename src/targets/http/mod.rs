@@ -213,9 +213,12 @@ impl HttpEndpoint {
         &self.inner.name
     }
 
-    /// Resolves when every lane of every target of this endpoint has ended (after shutdown, or
-    /// when the rule set holding the targets is dropped). Call once all targets are started.
+    /// Resolves when every lane of every target of this endpoint has ended after shutdown.
+    /// The tracker is closed only then: a reload may start lanes of new targets on a kept
+    /// endpoint at any time before (closed earlier, `wait` could end while it was empty and
+    /// those lanes would not be waited for).
     pub async fn finished(self) {
+        self.inner.shutdown.cancelled().await;
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
     }

@@ -9,7 +9,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_saphyr::{Location, Spanned};
-use tracing::error;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
 
 use super::client::{Bridge, BridgeMetrics, Downlink};
 use super::config::{validate_bridge, validate_target, BridgeConfig, MqttTargetConfig};
@@ -19,7 +20,7 @@ use crate::config::types::{Report, Sections};
 use crate::mqtt::codec::QoS;
 use crate::rules::RuleError;
 use crate::sources::config::{SourceConfig, SourceMode};
-use crate::targets::kinds::{BuildContext, StartContext, StartedContext, TargetKind};
+use crate::targets::kinds::{BuildContext, StartContext, StartedContext, Systems, TargetKind};
 use crate::targets::Target;
 
 /// The kind's name: its key in a rule's `to:`.
@@ -30,9 +31,11 @@ const SECTION: &str = "bridges";
 /// The MQTT bridge kind.
 pub struct MqttKind;
 
-/// The bridges, by name, with their config (the task starts in `started`).
+/// The bridges, by name, with their config (the task starts in `started`) and what stops
+/// them (a child of the sinks' shutdown: a reload cancels it for a bridge it removed or
+/// changed).
 pub struct MqttSystems {
-    bridges: BTreeMap<String, (Bridge, BridgeConfig)>,
+    bridges: BTreeMap<String, (Bridge, BridgeConfig, CancellationToken)>,
 }
 
 /// `mqgate_bridge_messages_total{bridge, outcome}` and `mqgate_bridge_connects_total{bridge}`.
@@ -75,6 +78,7 @@ fn bridges(sections: &dyn Sections) -> Option<&BTreeMap<String, BridgeConfig>> {
 
 impl TargetKind for MqttKind {
     const NAME: &'static str = NAME;
+    const SECTION: &'static str = SECTION;
     type Config = MqttTargetConfig;
 
     fn explicit_id(t: &MqttTargetConfig) -> Option<&Spanned<String>> {
@@ -90,6 +94,10 @@ impl TargetKind for MqttKind {
 
     fn location(t: &MqttTargetConfig) -> &Location {
         super::config::location(t)
+    }
+
+    fn system(t: &MqttTargetConfig) -> &str {
+        &t.bridge.value
     }
 
     fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
@@ -133,10 +141,22 @@ impl TargetKind for MqttKind {
         let families = at.metrics.kinds.get::<BridgeFamilies>(NAME);
         let mut running = BTreeMap::new();
         for (name, cfg) in bridges(sections).into_iter().flatten() {
+            // A reload with this bridge (and its `bridge:` sources) unchanged: the same
+            // connections.
+            let kept = at
+                .reusable::<MqttSystems>(NAME, SECTION, name)
+                .and_then(|s| s.bridges.get(name))
+                .cloned();
+            if let Some(kept) = kept {
+                at.systems.add_health(Arc::new(kept.0.clone()));
+                at.systems.mark_reused(SECTION, name);
+                running.insert(name.clone(), kept);
+                continue;
+            }
             let metrics = families.map(|f| f.for_bridge(name)).unwrap_or_default();
             let bridge = Bridge::new(name, cfg, metrics);
             at.systems.add_health(Arc::new(bridge.clone()));
-            running.insert(name.clone(), (bridge, cfg.clone()));
+            running.insert(name.clone(), (bridge, cfg.clone(), at.shutdown.child_token()));
         }
         at.systems.insert(NAME, MqttSystems { bridges: running });
         Ok(())
@@ -151,7 +171,7 @@ impl TargetKind for MqttKind {
         let unknown =
             || RuleError::UnknownBridge { rule: rule.to_owned(), bridge: t.bridge.value.clone() };
         let systems = at.systems.get::<MqttSystems>(NAME).ok_or_else(unknown)?;
-        let (bridge, _) = systems.bridges.get(&t.bridge.value).ok_or_else(unknown)?;
+        let (bridge, _, _) = systems.bridges.get(&t.bridge.value).ok_or_else(unknown)?;
         let metrics = at.metrics.target(rule, &Self::endpoint(t));
         let target = MqttTarget::build(id, t, bridge, metrics)
             .map_err(|error| RuleError::Template { rule: rule.to_owned(), error })?;
@@ -161,8 +181,11 @@ impl TargetKind for MqttKind {
     /// Connects every bridge, with the `bridge:` sources that rode on it ([`MqttSourceKind`]).
     fn started(_sections: &dyn Sections, at: &mut StartedContext<'_>) {
         let Some(systems) = at.systems.get::<MqttSystems>(NAME) else { return };
-        for (name, (bridge, cfg)) in &systems.bridges {
-            let shutdown = at.shutdown.clone();
+        for (name, (bridge, cfg, shutdown)) in &systems.bridges {
+            if at.systems.is_reused(SECTION, name) {
+                continue;
+            }
+            let shutdown = shutdown.clone();
             for handle in bridge.start(cfg.clone(), Arc::clone(at.broker), shutdown) {
                 let name = name.clone();
                 at.tasks.spawn(async move {
@@ -170,6 +193,17 @@ impl TargetKind for MqttKind {
                         error!(bridge = %name, error = %e, "bridge task failed");
                     }
                 });
+            }
+        }
+    }
+
+    /// Disconnects the bridges a reload removed or changed.
+    fn retire(old: &Systems, kept: &dyn Fn(&str, &str) -> bool) {
+        let Some(systems) = old.get::<MqttSystems>(NAME) else { return };
+        for (name, (_, _, shutdown)) in &systems.bridges {
+            if !kept(SECTION, name) {
+                info!(bridge = %name, "bridge removed or changed by a reload: disconnecting");
+                shutdown.cancel();
             }
         }
     }
@@ -191,7 +225,11 @@ impl crate::sources::SourceKind for MqttSourceKind {
     ) {
         let Some(name) = &source.bridge else { return };
         let Some(systems) = at.systems.get::<MqttSystems>(NAME) else { return };
-        let (Some((bridge, _)), Some(downlink)) =
+        if at.systems.is_reused(SECTION, &name.value) {
+            // Kept by a reload: its downlinks are the same and already added.
+            return;
+        }
+        let (Some((bridge, _, _)), Some(downlink)) =
             (systems.bridges.get(&name.value), downlink(source))
         else {
             return;

@@ -6,6 +6,7 @@
 pub mod certs;
 pub mod mosquitto;
 pub mod proxy;
+pub mod rabbit_node;
 pub mod webhook;
 
 use std::path::Path;
