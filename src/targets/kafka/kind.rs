@@ -10,7 +10,7 @@ use super::producer::{client_config, Cluster};
 use super::target::KafkaTarget;
 use crate::config::types::{Report, Sections};
 use crate::rules::RuleError;
-use crate::targets::kinds::{BuildContext, StartContext, StartedContext, TargetKind};
+use crate::targets::kinds::{BuildContext, StartContext, StartedContext, Systems, TargetKind};
 use crate::targets::Target;
 
 /// The kind's name: its key in a rule's `to:`, and its section.
@@ -30,6 +30,7 @@ fn clusters(sections: &dyn Sections) -> Option<&BTreeMap<String, KafkaClusterCon
 
 impl TargetKind for KafkaKind {
     const NAME: &'static str = NAME;
+    const SECTION: &'static str = NAME;
     type Config = KafkaTargetConfig;
 
     fn explicit_id(t: &KafkaTargetConfig) -> Option<&Spanned<String>> {
@@ -42,6 +43,10 @@ impl TargetKind for KafkaKind {
 
     fn location(t: &KafkaTargetConfig) -> &Location {
         super::config::location(t)
+    }
+
+    fn system(t: &KafkaTargetConfig) -> &str {
+        &t.cluster.value
     }
 
     fn validate_systems(sections: &dyn Sections, err: &mut Report<'_>) {
@@ -64,6 +69,18 @@ impl TargetKind for KafkaKind {
     fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
         let mut running = BTreeMap::new();
         for (name, c) in clusters(sections).into_iter().flatten() {
+            // A reload with this cluster unchanged: the same producer.
+            let kept = at
+                .reusable::<KafkaSystems>(NAME, NAME, name)
+                .and_then(|s| s.clusters.get(name))
+                .cloned();
+            if let Some(kept) = kept {
+                at.systems
+                    .add_health(Arc::clone(&kept.0) as Arc<dyn crate::targets::kinds::Health>);
+                at.systems.mark_reused(NAME, name);
+                running.insert(name.clone(), kept);
+                continue;
+            }
             let cluster = Arc::new(Cluster::new(name, c, at.connect)?);
             if at.connect {
                 at.systems
@@ -97,13 +114,33 @@ impl TargetKind for KafkaKind {
     /// At shutdown (after the sessions), waits for what the producers still hold.
     fn started(_sections: &dyn Sections, at: &mut StartedContext<'_>) {
         let Some(systems) = at.systems.get::<KafkaSystems>(NAME) else { return };
-        for (cluster, timeout) in systems.clusters.values() {
+        for (name, (cluster, timeout)) in &systems.clusters {
+            if at.systems.is_reused(NAME, name) {
+                continue;
+            }
             let (cluster, timeout) = (Arc::clone(cluster), *timeout);
             let shutdown = at.shutdown.clone();
             at.tasks.spawn(async move {
                 shutdown.cancelled().await;
                 let _ = tokio::task::spawn_blocking(move || cluster.flush(timeout)).await;
             });
+        }
+    }
+
+    /// A cluster a reload removed or changed: its producer is flushed (what it holds is
+    /// reported) on a thread of its own, then dropped once its last target is.
+    fn retire(old: &Systems, kept: &dyn Fn(&str, &str) -> bool) {
+        let Some(systems) = old.get::<KafkaSystems>(NAME) else { return };
+        for (name, (cluster, timeout)) in &systems.clusters {
+            if !kept(NAME, name) {
+                let (cluster, timeout) = (Arc::clone(cluster), *timeout);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("kafka-retire-{name}"))
+                    .spawn(move || cluster.flush(timeout));
+                if let Err(e) = spawned {
+                    tracing::warn!(cluster = %name, error = %e, "cannot flush a retired Kafka producer");
+                }
+            }
         }
     }
 }
