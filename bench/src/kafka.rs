@@ -1,10 +1,12 @@
 //! `--mode kafka`: MQTT → Kafka throughput against a direct Kafka producer, in the same run, on
-//! librdkafka's mock cluster (`rdkafka::mocking`, in this process, on a loopback port; no
-//! Kafka server can be installed on these machines):
+//! librdkafka's mock cluster (`rdkafka::mocking`, in a child process of its own, on a loopback
+//! port; no Kafka server can be installed on these machines):
 //!
-//! * `direct`: `--publishers` tasks, each keeping `--window` records in flight, send N records
-//!   (key `bench/<publisher>`) through one idempotent librdkafka producer configured as mqgate's
-//!   (`acks=all`, `linger.ms=5`); a record counts when its delivery report says delivered;
+//! * `direct`: `--publishers` tasks, each keeping `--window` delivery futures in flight, send N
+//!   records (key `bench/<publisher>`) through one librdkafka `FutureProducer` configured as
+//!   mqgate's (idempotent, `acks=all`, `linger.ms=5`); a record counts when its delivery
+//!   report says delivered; the records carry the headers mqgate's do (`x-mqtt-topic`,
+//!   `x-mqtt-qos`, `x-mqtt-retain`, `x-mqtt-client-id`);
 //! * `rskafka`: the same with the pure-Rust client (rskafka's `BatchProducer`, linger 5 ms, one
 //!   per partition; publisher p writes partition p mod 4): what the other client choice would
 //!   give;
@@ -17,21 +19,17 @@
 //! run the topic's high watermarks must have grown by exactly N (nothing lost or doubled).
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::BytesMut;
 use mqgate::mqtt::codec::{self, Connect, Packet, Properties, ProtocolVersion, Publish, QoS};
-use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 
 use super::gateway::Gateway;
 use super::stats::json_str;
@@ -55,18 +53,58 @@ pub struct Spec<'a> {
 }
 
 const TOPIC: &str = "mqgate-bench";
+/// The argument that makes this binary serve the mock cluster (see [`serve_mock`]).
+pub const MOCK_ARG: &str = "--kafka-mock-cluster";
+
+/// The child process: starts the mock cluster with the bench topic, prints its bootstrap
+/// servers on one line and serves until its stdin closes (the parent went away).
+pub fn serve_mock() -> Result<()> {
+    use std::io::{Read, Write};
+    let mock = MockCluster::new(1).context("start librdkafka's mock cluster")?;
+    mock.create_topic(TOPIC, PARTITIONS, 1).context("create the bench topic")?;
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", mock.bootstrap_servers())?;
+    out.flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    Ok(())
+}
+
+/// Starts [`serve_mock`] in a child process; returns it (killed on drop) and the bootstrap.
+async fn spawn_mock() -> Result<(tokio::process::Child, String)> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe().context("this binary's path")?;
+    let mut child = tokio::process::Command::new(exe)
+        .arg(MOCK_ARG)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("start the mock cluster process")?;
+    let stdout = child.stdout.take().context("mock cluster stdout")?;
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .context("the mock cluster did not start within 20 s")??;
+    let bootstrap = line.trim().to_owned();
+    if bootstrap.is_empty() {
+        bail!("the mock cluster process printed no bootstrap servers");
+    }
+    Ok((child, bootstrap))
+}
 const PARTITIONS: i32 = 4;
 
 /// Runs both sides `repeat` times, alternating; prints the rates and the ratio of the medians.
 /// `Ok(false)` when a run's record count in the cluster was off.
 pub async fn run(spec: &Spec<'_>) -> Result<bool> {
-    let mock = MockCluster::new(1).context("start librdkafka's mock cluster")?;
-    mock.create_topic(TOPIC, PARTITIONS, 1).context("create the bench topic")?;
-    let bootstrap = mock.bootstrap_servers();
+    let (_mock, bootstrap) = spawn_mock().await?;
     if !spec.json {
         println!(
-            "mqgate-bench kafka: {} msgs x {} B per run, {} publishers x window {}, mock cluster (1 broker, {PARTITIONS} partitions); \
-             direct = librdkafka idempotent producer (acks=all, linger 5 ms), mqgate = MQTT QoS 1 -> kafka target",
+            "mqgate-bench kafka: {} msgs x {} B per run, {} publishers x window {}, mock cluster (1 broker, {PARTITIONS} partitions, own process); \
+             direct = librdkafka FutureProducer, idempotent (acks=all, linger 5 ms), mqgate = MQTT QoS 1 -> kafka target",
             spec.messages, spec.payload, spec.publishers, spec.window
         );
     }
@@ -144,67 +182,50 @@ async fn records(bootstrap: &str) -> Result<u64> {
     .await?
 }
 
-/// Counts delivery reports and frees the window slot each record took.
-struct Counting {
-    delivered: AtomicU64,
-    failed: AtomicU64,
-    slots: Arc<Semaphore>,
-}
-
-impl ClientContext for Counting {}
-
-impl ProducerContext for Counting {
-    type DeliveryOpaque = ();
-    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
-        match r {
-            Ok(_) => self.delivered.fetch_add(1, Ordering::Relaxed),
-            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
-        };
-        self.slots.add_permits(1);
-    }
-}
-
-/// The direct side: one producer, `publishers` tasks with `window` records in flight each
-/// (one semaphore of publishers x window slots: the same total window as mqgate's side).
+/// The direct side: one `FutureProducer` (what a Rust service writing to Kafka itself would
+/// use), `publishers` tasks with `window` delivery futures in flight each.
 async fn direct(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
-    let slots = Arc::new(Semaphore::new(0));
-    let ctx = Counting {
-        delivered: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        slots: Arc::clone(&slots),
-    };
-    let producer: Arc<ThreadedProducer<Counting>> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .create_with_context(ctx)
-            .context("direct producer")?,
-    );
-    slots.add_permits(spec.publishers as usize * usize::from(spec.window));
-    let payload = vec![b'x'; spec.payload];
-    let start = Instant::now();
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .context("direct producer")?;
     let per = spec.messages / spec.publishers;
+    let start = Instant::now();
     let mut tasks = Vec::new();
     for p in 0..spec.publishers {
         let n = per + u64::from(p < spec.messages % spec.publishers);
-        let (producer, slots, payload) =
-            (Arc::clone(&producer), Arc::clone(&slots), payload.clone());
+        let (producer, window) = (producer.clone(), usize::from(spec.window.max(1)));
+        let payload = vec![b'x'; spec.payload];
         tasks.push(tokio::spawn(async move {
             let key = format!("bench/{p}");
+            let client = format!("mqgate-bench-kafka-{p}");
+            let mut inflight = FuturesUnordered::new();
             for _ in 0..n {
-                slots.acquire().await.context("slots")?.forget();
-                let mut record = BaseRecord::to(TOPIC).key(&key).payload(&payload[..]);
-                loop {
-                    match producer.send(record) {
-                        Ok(()) => break,
+                if inflight.len() >= window {
+                    delivered(inflight.next().await)?;
+                }
+                let mut record = FutureRecord::to(TOPIC)
+                    .key(&key)
+                    .payload(&payload[..])
+                    .headers(mqtt_headers(&key, &client));
+                let delivery = loop {
+                    match producer.send_result(record) {
+                        Ok(d) => break d,
                         Err((_, back)) => {
                             record = back;
                             tokio::time::sleep(Duration::from_millis(1)).await;
                         }
                     }
-                }
+                };
+                inflight.push(delivery);
+            }
+            while !inflight.is_empty() {
+                delivered(inflight.next().await)?;
             }
             anyhow::Ok(())
         }));
@@ -212,24 +233,34 @@ async fn direct(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
     for t in tasks {
         t.await??;
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let c = producer.context();
-        let done = c.delivered.load(Ordering::Relaxed) + c.failed.load(Ordering::Relaxed);
-        if done >= spec.messages {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {done} of {} records reported within 120 s", spec.messages);
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// The headers mqgate's records carry (topic, QoS, retain, client id), so both sides write
+/// the same records.
+fn mqtt_headers(topic: &str, client: &str) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    OwnedHeaders::new_with_capacity(4)
+        .insert(Header { key: "x-mqtt-topic", value: Some(topic) })
+        .insert(Header { key: "x-mqtt-qos", value: Some("1") })
+        .insert(Header { key: "x-mqtt-retain", value: Some("false") })
+        .insert(Header { key: "x-mqtt-client-id", value: Some(client) })
+}
+
+/// A delivery future's result as an error when the record was not delivered.
+fn delivered(
+    r: Option<
+        Result<
+            rdkafka::producer::future_producer::OwnedDeliveryResult,
+            futures::channel::oneshot::Canceled,
+        >,
+    >,
+) -> Result<()> {
+    match r {
+        Some(Ok(Ok(_))) | None => Ok(()),
+        Some(Ok(Err((e, _)))) => bail!("record not delivered: {e}"),
+        Some(Err(_)) => bail!("the producer dropped a delivery report"),
     }
-    let secs = start.elapsed().as_secs_f64();
-    let failed = producer.context().failed.load(Ordering::Relaxed);
-    if failed > 0 {
-        bail!("{failed} records failed");
-    }
-    Ok(secs)
 }
 
 /// The rskafka side: one `BatchProducer` per partition, `publishers` tasks with `window`
@@ -264,6 +295,15 @@ async fn direct_rskafka(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
         let (window, payload) = (usize::from(spec.window.max(1)), vec![b'x'; spec.payload]);
         tasks.push(tokio::spawn(async move {
             let key = format!("bench/{p}").into_bytes();
+            let headers: std::collections::BTreeMap<String, Vec<u8>> = [
+                ("x-mqtt-topic", format!("bench/{p}")),
+                ("x-mqtt-qos", "1".to_owned()),
+                ("x-mqtt-retain", "false".to_owned()),
+                ("x-mqtt-client-id", format!("mqgate-bench-kafka-{p}")),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.into_bytes()))
+            .collect();
             let mut inflight = FuturesUnordered::new();
             for _ in 0..n {
                 if inflight.len() >= window {
@@ -272,7 +312,7 @@ async fn direct_rskafka(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
                 let record = rskafka::record::Record {
                     key: Some(key.clone()),
                     value: Some(payload.clone()),
-                    headers: Default::default(),
+                    headers: headers.clone(),
                     timestamp: chrono::Utc::now(),
                 };
                 let producer = Arc::clone(&producer);

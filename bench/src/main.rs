@@ -373,6 +373,17 @@ struct Bench {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `--mode kafka` runs librdkafka's mock cluster in a child process of its own (this binary
+    // with this one argument), so neither side shares a process with the broker.
+    if std::env::args().nth(1).as_deref() == Some(kafka::MOCK_ARG) {
+        return match kafka::serve_mock() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mqgate-bench: mock cluster: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     let json = args.json;
     let own_exchange =
