@@ -62,6 +62,21 @@ ensure_openssl() {
   apt_install openssl
 }
 
+# What the build needs besides Rust: a C compiler and make (librdkafka, the Kafka target's
+# client, is built from the rdkafka crate's vendored source), OpenSSL's and zlib's headers
+# (librdkafka links them), pkg-config.
+ensure_build_deps() {
+  local missing=()
+  command -v cc >/dev/null || missing+=(build-essential)
+  command -v make >/dev/null || missing+=(make)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  [ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+  [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+  ((${#missing[@]} == 0)) && return
+  log "installing build dependencies: ${missing[*]}"
+  apt_install "${missing[@]}"
+}
+
 ensure_cargo() {
   command -v cargo >/dev/null && return
   [ -x "$HOME/.cargo/bin/cargo" ] && { export PATH="$HOME/.cargo/bin:$PATH"; return; }

@@ -5,5 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_cargo
+ensure_build_deps
 ensure_rabbitmq
 exec cargo run --release --bin mqgate -- run --config "${MQGATE_CONFIG:-config/mqgate.yaml}" "$@"

@@ -19,6 +19,7 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
 ensure_cargo
+ensure_build_deps
 ensure_rabbitmq
 ensure_mosquitto_clients
 ensure_mosquitto_broker

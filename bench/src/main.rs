@@ -63,6 +63,7 @@ mod downlink;
 mod gateway;
 mod http;
 mod idle;
+mod kafka;
 mod load;
 mod mosquitto;
 mod mqtt;
@@ -253,6 +254,9 @@ enum ModeArg {
     /// connections/s (ECDSA P-256, RSA 2048), QoS 1 fan-in over tcp/tls/ws/wss, memory per
     /// idle TLS connection (`--connections`).
     Tls,
+    /// MQTT → Kafka (librdkafka's mock cluster): a direct idempotent producer vs MQTT QoS 1
+    /// publishers through mqgate's kafka target.
+    Kafka,
     /// Pathological inputs (issue 13 item 5): an unrelated client's QoS 1 PUBACK latency
     /// without and with each attack (`--attacks`; see `attack.rs`).
     Attack,
@@ -369,6 +373,17 @@ struct Bench {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // `--mode kafka` runs librdkafka's mock cluster in a child process of its own (this binary
+    // with this one argument), so neither side shares a process with the broker.
+    if std::env::args().nth(1).as_deref() == Some(kafka::MOCK_ARG) {
+        return match kafka::serve_mock() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mqgate-bench: mock cluster: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = Args::parse();
     let json = args.json;
     let own_exchange =
@@ -448,6 +463,19 @@ async fn run(args: Args) -> Result<bool> {
             json: args.json,
         };
         return attack::run(&spec).await;
+    }
+    if args.mode.contains(&ModeArg::Kafka) {
+        let binary = mqgate_binary(&args)?;
+        let spec = kafka::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            publishers: args.publishers,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            binary: &binary,
+            json: args.json,
+        };
+        return kafka::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Downlink) {
         let binary = mqgate_binary(&args)?;

@@ -43,6 +43,9 @@ pub struct Config {
     /// Upstream MQTT brokers (bridges), referenced by `- mqtt:` targets and `bridge:` sources.
     #[serde(default)]
     pub bridges: BTreeMap<String, crate::targets::mqtt::config::BridgeConfig>,
+    /// Kafka clusters, referenced by `- kafka:` targets.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, crate::targets::kafka::config::KafkaClusterConfig>,
     /// Routing rules: an MQTT topic filter and the targets a matching message goes to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -542,6 +545,9 @@ impl Config {
         for bridge in config.bridges.values_mut() {
             bridge.resolve_paths(file);
         }
+        for tls in config.kafka.values_mut().filter_map(|c| c.tls.as_mut()) {
+            tls.resolve_paths(file);
+        }
         let mut errors = Vec::new();
         // The URL carries the password: `${env:...}` keeps it out of the file.
         for (name, broker) in &mut config.amqp {
@@ -699,6 +705,7 @@ impl types::Sections for Config {
             "amqp" => Some(&self.amqp),
             "http" => Some(&self.http),
             "bridges" => Some(&self.bridges),
+            "kafka" => Some(&self.kafka),
             "sources" => Some(&self.sources),
             _ => None,
         }

@@ -510,6 +510,7 @@ fn summary(old: &Running, old_live: &Live, new: &Running, new_live: &Live) -> Va
             ("amqp", &r.config.amqp.keys().cloned().collect::<Vec<_>>()),
             ("http", &r.config.http.keys().cloned().collect()),
             ("bridges", &r.config.bridges.keys().cloned().collect()),
+            ("kafka", &r.config.kafka.keys().cloned().collect()),
         ] {
             for name in v {
                 s.insert(format!("{k}.{name}"));

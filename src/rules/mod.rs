@@ -43,6 +43,9 @@ pub enum RuleError {
     /// A target names an HTTP endpoint that is not configured.
     #[error("rule {rule:?}: unknown HTTP endpoint {endpoint:?}")]
     UnknownEndpoint { rule: String, endpoint: String },
+    /// A target names a system of its kind's section that is not configured (any kind).
+    #[error("rule {rule:?}: no {section}.{name} configured")]
+    UnknownSystem { rule: String, section: &'static str, name: String },
     /// An HTTP target cannot be set up.
     #[error(transparent)]
     Http(#[from] HttpError),

@@ -335,5 +335,6 @@ macro_rules! kinds {
 kinds! {
     Amqp => super::amqp::AmqpKind,
     Http => super::http::HttpKind,
+    Kafka => super::kafka::KafkaKind,
     Mqtt => super::mqtt::MqttKind,
 }

@@ -9,6 +9,7 @@
 pub mod amqp;
 pub mod http;
 pub mod ids;
+pub mod kafka;
 pub mod kinds;
 pub mod mqtt;
 

@@ -26,6 +26,7 @@ mod http_publish;
 mod identity;
 mod idle;
 mod json_logs;
+mod kafka;
 mod mqtt5;
 mod mqtt5_conformance;
 mod mqtt5_props;
