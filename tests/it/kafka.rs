@@ -234,7 +234,14 @@ async fn an_outage_with_ack_spool_loses_nothing_and_keeps_order() {
         m.contains(&format!("mqgate_spool_depth_messages{{target=\"k/kafka:events/{topic}\"}}")),
         "{m}"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Down until the spool's forwarder has seen a record fail (delivery_timeout: 1 s), so the
+    // outage is one the target reports, not one librdkafka rides out by itself.
+    let retries = format!("mqgate_spool_retries_total{{target=\"k/kafka:events/{topic}\"}}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while retried(&metrics(&app).await, &retries) == 0.0 {
+        assert!(tokio::time::Instant::now() < deadline, "no failed forward while Kafka was down");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     mock.broker_up(1).expect("broker up");
     let got = read_all(&bootstrap, &topic, 2, n, Duration::from_secs(60)).await;
     // At least once: a record whose report timed out may also have been written; order per
@@ -252,6 +259,16 @@ async fn an_outage_with_ack_spool_loses_nothing_and_keeps_order() {
         "the outage was seen: {retries} in\n{m}"
     );
     app.stop().await;
+}
+
+/// The value of the series `name` (with its labels) in `metrics`, 0 when absent.
+fn retried(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
