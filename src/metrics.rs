@@ -195,6 +195,8 @@ pub struct Metrics {
     pub rule_errors: Family<RuleLabels, Counter>,
     /// Per rule: messages its `when:` condition turned away.
     pub rule_skipped: Family<RuleLabels, Counter>,
+    /// Per rule: messages it applied to (filter matched, `when:` held).
+    pub rule_matched: Family<RuleLabels, Counter>,
     /// Per source: messages by outcome.
     pub source_messages: Family<SourceLabels, Counter>,
     /// Per source: consuming (1/0).
@@ -341,6 +343,7 @@ impl Metrics {
             amqp_returned: Family::default(),
             rule_errors: Family::default(),
             rule_skipped: Family::default(),
+            rule_matched: Family::default(),
             source_messages: Family::default(),
             source_connected: Family::default(),
             spool,
@@ -465,6 +468,11 @@ impl Metrics {
             m.rule_errors.clone(),
         );
         registry.register(
+            "rule_matched",
+            "Messages a rule applied to (its filter matched and its when: condition held): the rule's messages in",
+            m.rule_matched.clone(),
+        );
+        registry.register(
             "rule_skipped",
             "Messages a rule's when: condition turned away",
             m.rule_skipped.clone(),
@@ -565,10 +573,11 @@ impl Metrics {
         }
     }
 
-    /// The error and skip counters of rule `rule`, to resolve once.
-    pub fn rule(&self, rule: &str) -> (Counter, Counter) {
+    /// The matched, error and skip counters of rule `rule`, to resolve once.
+    pub fn rule(&self, rule: &str) -> (Counter, Counter, Counter) {
         let labels = RuleLabels { rule: rule.to_owned() };
         (
+            self.rule_matched.get_or_create(&labels).clone(),
             self.rule_errors.get_or_create(&labels).clone(),
             self.rule_skipped.get_or_create(&labels).clone(),
         )

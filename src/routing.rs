@@ -75,6 +75,7 @@ pub fn route(
             }
         }
         applied += 1;
+        rule.matched.inc();
         if rule.ack == AckPolicy::Spool {
             let spools = ctx.spools.for_rule(index);
             spool_message(spools, rule.targets.len(), msg, &mut waits, blocked);

@@ -88,6 +88,8 @@ struct SpoolInfo {
 #[derive(Serialize)]
 struct TargetCounters {
     rule: String,
+    /// Messages the rule applied to: what came in to its targets.
+    rule_matched_total: u64,
     target: String,
     forwarded_total: u64,
     failed_total: u64,
@@ -108,6 +110,7 @@ fn targets(rules: &crate::rules::RuleSet) -> Vec<TargetCounters> {
                 t.counters().map(|c| (c.forwarded.get(), c.failed.get())).unwrap_or((0, 0));
             out.push(TargetCounters {
                 rule: rule.name.clone(),
+                rule_matched_total: rule.matched.get(),
                 target: t.id().to_owned(),
                 forwarded_total,
                 failed_total,
@@ -208,6 +211,8 @@ struct Rule {
     ack: String,
     /// Whether it has a `when:` condition.
     conditional: bool,
+    /// Messages it applied to (filter matched, condition held): its messages in.
+    matched_total: u64,
     /// Messages its condition or a template could not be evaluated on.
     errors_total: u64,
     /// Messages its condition turned away.
@@ -233,6 +238,7 @@ pub(super) async fn rules(State(state): State<AdminState>) -> Response {
             filter: r.filter.clone(),
             ack: format!("{:?}", r.ack).to_lowercase(),
             conditional: r.when.is_some(),
+            matched_total: r.matched.get(),
             errors_total: r.errors.get(),
             skipped_total: r.skipped.get(),
             targets: r

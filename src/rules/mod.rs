@@ -69,6 +69,8 @@ pub struct Rule {
     pub on_error: RuleErrorPolicy,
     /// When a QoS 1/2 message is acknowledged: after the sinks, the spool, or on receipt.
     pub ack: AckPolicy,
+    /// Messages the rule applied to (filter matched, condition held).
+    pub matched: Counter,
     /// Messages the condition or a template could not be evaluated on.
     pub errors: Counter,
     /// Messages the condition turned away.
@@ -151,7 +153,7 @@ impl RuleSet {
                     None => targets.push(tc.build(&id, &name, &at)?),
                 }
             }
-            let (errors, skipped) = metrics.rule(&name);
+            let (matched, errors, skipped) = metrics.rule(&name);
             set.tree.insert(&rc.from.value, set.rules.len());
             set.rules.push(Rule {
                 name,
@@ -160,6 +162,7 @@ impl RuleSet {
                 when,
                 on_error: rc.on_error,
                 ack: rc.ack_policy(),
+                matched,
                 errors,
                 skipped,
                 dead_letters: Vec::new(),

@@ -220,6 +220,9 @@ async fn templates_and_when_route_by_payload_and_properties_and_errors_follow_on
     assert!(text.contains("mqgate_rule_errors_total{rule=\"hot\"} 1"), "{text}");
     assert!(text.contains("mqgate_rule_errors_total{rule=\"lenient\"} 1"), "{text}");
     assert!(text.contains("mqgate_rule_skipped_total{rule=\"hot\"} 1"), "{text}");
+    // In: only the message whose condition held (not the one turned away, not the errors).
+    assert!(text.contains("mqgate_rule_matched_total{rule=\"hot\"} 1"), "{text}");
+    assert!(text.contains("mqgate_rule_matched_total{rule=\"lenient\"} 0"), "{text}");
     app.stop().await;
 }
 

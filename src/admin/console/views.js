@@ -55,9 +55,10 @@ export function overview(main) {
           h('div.big', `v${o.version}`), h('div.muted', `up ${duration(o.uptime_seconds)}`),
           h('div.muted', `${o.traces.active}/${o.traces.max} traces · ${count(o.traces.dropped_total)} trace events dropped`))),
       h('div.split',
-        h('div.panel', h('h3', 'Messages out, per rule and target'),
+        h('div.panel', h('h3', 'Messages in and out, per rule and target'),
           table([
             { title: 'Rule', cell: t => t.rule },
+            { title: 'In', num: true, cell: t => rate(r(`m:${t.rule}:${t.target}`, t.rule_matched_total)) },
             { title: 'Target', cell: t => h('span.mono', t.target) },
             { title: 'Forwarded', num: true, cell: t => rate(r(`f:${t.target}`, t.forwarded_total)) },
             { title: 'Failed', num: true, cell: t => {
@@ -247,6 +248,7 @@ export function rules(main) {
     fill(box, p.rules.length ? p.rules.map(rule => h('div.panel', { dataset: { rule: rule.name } },
       h('h3.name', rule.name),
       kv([['Filter', h('span.mono', rule.filter)], ['Ack', rule.ack], ['Condition', rule.conditional ? 'when: …' : 'none'],
+        ['Messages in', h('span', rate(ruleRates.rate(`m:${rule.name}`, rule.matched_total)), ' · ', count(rule.matched_total), ' total')],
         ['Errors', count(rule.errors_total)], ['Skipped by condition', count(rule.skipped_total)]]),
       table([
         { title: 'Target', cell: t => h('span.mono', t.id) },
