@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, with everything it needs set up first (README: "Two commands").
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
-#    Debian's rabbitmq-server package if missing (needs root).
+#    Debian's rabbitmq-server package if missing (needs root); on 3.x its rabbitmq_amqp1_0 plugin
+#    enabled (AMQP 1.0 for tests/it/amqp10.rs), nothing else changed.
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub) and the mosquitto broker binary (the
 #    bridge tests start their own on a spare port): installed if missing.
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 
 ensure_cargo
 ensure_rabbitmq
+ensure_amqp10
 ensure_mosquitto_clients
 ensure_mosquitto_broker
 ensure_openssl

@@ -273,6 +273,7 @@ macro_rules! kinds {
 // The registry: one line per kind.
 kinds! {
     Amqp => super::amqp::AmqpKind,
+    Amqp10 => super::amqp10::Amqp10Kind,
     Http => super::http::HttpKind,
     Mqtt => super::mqtt::MqttKind,
 }

@@ -7,6 +7,7 @@ mod support;
 
 mod acl_filter;
 mod admin_auth;
+mod amqp10;
 mod amqp_sink;
 mod auth;
 mod bad_input;
