@@ -3,7 +3,8 @@
 //!
 //! * `direct`: `--publishers` fe2o3-amqp clients (a connection, a session, a sender link
 //!   each) sending unsettled with `send_batchable`, at most `--window` deliveries without an
-//!   outcome per client; a message counts when the broker `accepted` it — the ceiling;
+//!   outcome per client, the same message mqgate sends (header, properties, `x-mqtt-*`
+//!   application properties); a message counts when the broker `accepted` it — the ceiling;
 //! * `mqgate`: `--publishers` MQTT 3.1.1 clients publishing QoS 1 (at most `--window`
 //!   unacknowledged each) to a spawned mqgate whose `- amqp10:` target sends to the same
 //!   address; a message counts at its PUBACK, which mqgate sends after `accepted`.
@@ -17,7 +18,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
-use fe2o3_amqp::types::messaging::{Message, Outcome};
+use fe2o3_amqp::types::messaging::{
+    ApplicationProperties, Data, Header, Message, Outcome, Properties as AmqpProperties,
+};
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Timestamp};
 use fe2o3_amqp::types::primitives::Binary;
 use fe2o3_amqp::{Connection as Amqp10Connection, Sender, Session};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
@@ -177,6 +181,7 @@ async fn direct(spec: &Spec<'_>, address: &str) -> Result<Run> {
         let payload = payload.clone();
         let window = Arc::new(Semaphore::new(spec.window.max(1)));
         let idle = spec.idle;
+        let (topic, client_id) = (format!("bench/{i}"), format!("bench-a10-{i}"));
         tasks.spawn(async move {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let settler = tokio::spawn(async move {
@@ -193,7 +198,7 @@ async fn direct(spec: &Spec<'_>, address: &str) -> Result<Run> {
             });
             for _ in 0..count {
                 let permit = Arc::clone(&window).acquire_owned().await.context("window")?;
-                let msg = Message::builder().data(Binary::from(payload.to_vec())).build();
+                let msg = same_message(&topic, &client_id, &payload);
                 let fut = timeout(idle, sender.send_batchable(msg))
                     .await
                     .context("no link credit")?
@@ -216,6 +221,36 @@ async fn direct(spec: &Spec<'_>, address: &str) -> Result<Run> {
         bail!("direct: {accepted} of {} accepted", spec.messages);
     }
     Ok(Run { side: "direct", rate: accepted as f64 / secs, secs })
+}
+
+/// The message mqgate sends for a QoS 1 PUBLISH of `payload` to `topic` by `client_id`
+/// (`src/targets/amqp10/message.rs`): header `durable`, `subject` and `creation-time`, the
+/// four `x-mqtt-*` application properties, one data section. The baseline sends the same
+/// bytes, so the comparison measures mqgate, not a smaller message.
+fn same_message(topic: &str, client_id: &str, payload: &Bytes) -> Message<Data> {
+    let header = Header { durable: true, ..Header::default() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let properties = AmqpProperties {
+        subject: Some(topic.to_owned()),
+        creation_time: Some(Timestamp::from_milliseconds(now)),
+        ..AmqpProperties::default()
+    };
+    let mut app = OrderedMap::with_capacity(4);
+    app.insert("x-mqtt-topic".to_owned(), SimpleValue::String(topic.to_owned()));
+    app.insert("x-mqtt-qos".to_owned(), SimpleValue::Int(1));
+    app.insert("x-mqtt-retain".to_owned(), SimpleValue::Bool(false));
+    app.insert("x-mqtt-client-id".to_owned(), SimpleValue::String(client_id.to_owned()));
+    Message {
+        header: Some(header),
+        delivery_annotations: None,
+        message_annotations: None,
+        properties: Some(properties),
+        application_properties: Some(ApplicationProperties(app)),
+        body: Data(Binary::from(payload.to_vec())),
+        footer: None,
+    }
 }
 
 /// Through mqgate: MQTT 3.1.1 QoS 1 publishers; a message counts at its PUBACK.

@@ -358,3 +358,36 @@ async fn a_blocked_link_holds_back_its_own_rule_only() {
     }
     app.stop().await;
 }
+
+#[test]
+fn mqgate_route_explains_the_address_and_connects_nowhere() {
+    let broker = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("route.yaml");
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\namqp10:\n  artemis:\n    url: \"amqp://user:pass@{}\"\nrules:\n  - name: to-artemis\n    from: \"sensors/#\"\n    to:\n      - amqp10: {{ broker: artemis, address: \"telemetry.{{{{ topic[1] }}}}\", ttl: 30s }}\n",
+        broker.local_addr().expect("addr")
+    );
+    std::fs::write(&path, yaml).expect("write");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mqgate"))
+        .args(["route", "--config"])
+        .arg(&path)
+        .args(["--topic", "sensors/dev1/temp", "--payload", "21", "--qos", "1", "--json"])
+        .output()
+        .expect("run mqgate route");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let t = &r["rules"][0]["targets"][0];
+    assert_eq!(t["kind"], "amqp10", "{r:#}");
+    assert_eq!(t["id"], "to-artemis/amqp10:artemis/telemetry.{{ topic[1] }}");
+    assert_eq!(t["fields"]["broker"], "artemis");
+    assert_eq!(t["fields"]["address"], "telemetry.dev1");
+    assert_eq!(t["fields"]["durable"], true);
+    assert_eq!(t["fields"]["ttl_ms"], 30_000);
+    broker.set_nonblocking(true).expect("nonblocking");
+    let touched = broker.accept();
+    assert!(
+        matches!(&touched, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the dry-run connected to the broker: {touched:?}"
+    );
+}
