@@ -21,8 +21,8 @@ use bytes::{Bytes, BytesMut};
 use fe2o3_amqp::types::messaging::{
     ApplicationProperties, Data, Header, Message, Outcome, Properties as AmqpProperties,
 };
-use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Timestamp};
 use fe2o3_amqp::types::primitives::Binary;
+use fe2o3_amqp::types::primitives::{OrderedMap, SimpleValue, Timestamp};
 use fe2o3_amqp::{Connection as Amqp10Connection, Sender, Session};
 use lapin::options::{QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions};
 use lapin::types::FieldTable;
