@@ -391,3 +391,22 @@ fn mqgate_route_explains_the_address_and_connects_nowhere() {
         "the dry-run connected to the broker: {touched:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_anonymous_connects_and_a_refused_login_shows_in_readyz_without_the_password() {
+    let _ = amqp10_connection().await;
+    let yaml = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  anon:\n    url: \"amqp://127.0.0.1:5672\"\n  bad:\n    url: \"amqp://guest:not-the-password@127.0.0.1:5672\"\n";
+    let app = gateway(yaml).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let body = loop {
+        let (_, body) = http_get(app.admin_addr, "/readyz").await.expect("readyz");
+        if body.contains("amqp10 anon: connected") && body.contains("amqp10 bad: disconnected (") {
+            break body;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(body.contains("SASL"), "{body}");
+    assert!(!body.contains("not-the-password"), "{body}");
+    app.stop().await;
+}
