@@ -39,6 +39,24 @@ ensure_rabbitmq() {
   die "RabbitMQ did not come up on 127.0.0.1:5672 within 90 s (see /var/log/rabbitmq/)"
 }
 
+# RabbitMQ's AMQP 1.0 support for tests/it/amqp10.rs: native on 5672 in 4.x; 3.x needs its
+# rabbitmq_amqp1_0 plugin (shipped in the Debian package), which this enables, and nothing else.
+ensure_amqp10() {
+  command -v rabbitmq-plugins >/dev/null || [ -x /usr/sbin/rabbitmq-plugins ] || export PATH="$PATH:/usr/sbin"
+  local version
+  version="$(rabbitmqctl version 2>/dev/null || true)"
+  case "$version" in
+    [4-9].*) log "RabbitMQ $version speaks AMQP 1.0 natively"; return ;;
+  esac
+  if rabbitmq-plugins list -e rabbitmq_amqp1_0 2>/dev/null | grep -q 'rabbitmq_amqp1_0'; then
+    log "RabbitMQ's rabbitmq_amqp1_0 plugin is enabled"
+    return
+  fi
+  log "enabling RabbitMQ's rabbitmq_amqp1_0 plugin (AMQP 1.0 on 5672)"
+  rabbitmq-plugins enable rabbitmq_amqp1_0 >/dev/null \
+    || die "could not enable rabbitmq_amqp1_0 (tests/it/amqp10.rs needs AMQP 1.0 on 127.0.0.1:5672)"
+}
+
 ensure_mosquitto_clients() {
   if command -v mosquitto_pub >/dev/null && command -v mosquitto_sub >/dev/null; then return; fi
   log "installing mosquitto-clients"

@@ -3,7 +3,8 @@
 #  - RabbitMQ on 127.0.0.1:5672 (guest/guest): started if installed and stopped, installed from
 #    Debian's rabbitmq-server package if missing (needs root). The SASL EXTERNAL test starts a
 #    second node of its own from that package (spare ports, a temp dir; the machine's node is
-#    left alone).
+#    left alone). On RabbitMQ 3.x the rabbitmq_amqp1_0 plugin is enabled (AMQP 1.0 for
+#    tests/it/amqp10.rs), nothing else changed.
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub) and the mosquitto broker binary (the
 #    bridge tests start their own on a spare port): installed if missing.
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
@@ -21,6 +22,7 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_build_deps
 ensure_rabbitmq
+ensure_amqp10
 ensure_mosquitto_clients
 ensure_mosquitto_broker
 ensure_openssl

@@ -44,6 +44,7 @@
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
+//! target/release/mqgate-bench --mode amqp10 --messages 100000 --repeat 3   # AMQP 1.0 target
 //! target/release/mqgate-bench --mode attack --repeat 2   # pathological inputs (attack.rs)
 //! scripts/bench.sh                                     # the standard set
 //! ```
@@ -57,6 +58,7 @@
 #![forbid(unsafe_code)]
 
 mod amqp;
+mod amqp10;
 mod attack;
 mod dial;
 mod downlink;
@@ -144,6 +146,10 @@ struct Args {
     /// gateway).
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
+
+    /// The AMQP 1.0 broker of `--mode amqp10` (RabbitMQ 3.x: its rabbitmq_amqp1_0 plugin).
+    #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672")]
+    amqp10_url: String,
 
     /// Mosquitto for `--mode mosquitto`.
     #[arg(long, default_value = "127.0.0.1:1883")]
@@ -257,6 +263,10 @@ enum ModeArg {
     /// MQTT → Kafka (librdkafka's mock cluster): a direct idempotent producer vs MQTT QoS 1
     /// publishers through mqgate's kafka target.
     Kafka,
+    /// MQTT → AMQP 1.0: `--publishers` fe2o3-amqp clients straight to a queue's address vs
+    /// as many MQTT QoS 1 publishers through a spawned mqgate's `- amqp10:` target to the
+    /// same address (RabbitMQ's AMQP 1.0 support; see `amqp10.rs`).
+    Amqp10,
     /// Pathological inputs (issue 13 item 5): an unrelated client's QoS 1 PUBACK latency
     /// without and with each attack (`--attacks`; see `attack.rs`).
     Attack,
@@ -476,6 +486,23 @@ async fn run(args: Args) -> Result<bool> {
             json: args.json,
         };
         return kafka::run(&spec).await;
+    }
+    if args.mode.contains(&ModeArg::Amqp10) {
+        let binary = mqgate_binary(&args)?;
+        let amqp10_url = args.amqp10_url.clone();
+        let spec = amqp10::Spec {
+            messages: args.messages,
+            publishers: args.publishers,
+            payload: args.payload as usize,
+            window: args.window as usize,
+            repeat: args.repeat,
+            amqp_url: &args.amqp_url,
+            amqp10_url: &amqp10_url,
+            binary: &binary,
+            idle,
+            json: args.json,
+        };
+        return amqp10::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Downlink) {
         let binary = mqgate_binary(&args)?;

@@ -37,6 +37,10 @@ pub struct Config {
     /// Named AMQP 0-9-1 broker connections, referenced by rule targets.
     #[serde(default)]
     pub amqp: BTreeMap<String, AmqpBrokerConfig>,
+    /// Named AMQP 1.0 brokers (Artemis, Service Bus, Qpid, RabbitMQ), referenced by `- amqp10:`
+    /// rule targets.
+    #[serde(default)]
+    pub amqp10: BTreeMap<String, crate::targets::amqp10::config::Amqp10BrokerConfig>,
     /// Named HTTP endpoints (webhooks), referenced by `- http:` rule targets.
     #[serde(default)]
     pub http: BTreeMap<String, HttpEndpointConfig>,
@@ -542,6 +546,9 @@ impl Config {
         for tls in config.amqp.values_mut().filter_map(|b| b.tls.as_mut()) {
             tls.resolve_paths(file);
         }
+        for broker in config.amqp10.values_mut() {
+            broker.resolve_paths(file);
+        }
         for bridge in config.bridges.values_mut() {
             bridge.resolve_paths(file);
         }
@@ -703,6 +710,7 @@ impl types::Sections for Config {
     fn section(&self, name: &str) -> Option<&dyn std::any::Any> {
         match name {
             "amqp" => Some(&self.amqp),
+            "amqp10" => Some(&self.amqp10),
             "http" => Some(&self.http),
             "bridges" => Some(&self.bridges),
             "kafka" => Some(&self.kafka),

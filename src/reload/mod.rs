@@ -511,6 +511,7 @@ fn summary(old: &Running, old_live: &Live, new: &Running, new_live: &Live) -> Va
             ("http", &r.config.http.keys().cloned().collect()),
             ("bridges", &r.config.bridges.keys().cloned().collect()),
             ("kafka", &r.config.kafka.keys().cloned().collect()),
+            ("amqp10", &r.config.amqp10.keys().cloned().collect()),
         ] {
             for name in v {
                 s.insert(format!("{k}.{name}"));

@@ -334,6 +334,7 @@ macro_rules! kinds {
 // The registry: one line per kind.
 kinds! {
     Amqp => super::amqp::AmqpKind,
+    Amqp10 => super::amqp10::Amqp10Kind,
     Http => super::http::HttpKind,
     Kafka => super::kafka::KafkaKind,
     Mqtt => super::mqtt::MqttKind,

@@ -7,6 +7,7 @@
 //! the session (a closed channel is never taken for success).
 
 pub mod amqp;
+pub mod amqp10;
 pub mod http;
 pub mod ids;
 pub mod kafka;

@@ -8,6 +8,7 @@ mod support;
 mod acl_filter;
 mod admin_api;
 mod admin_auth;
+mod amqp10;
 mod amqp_external;
 mod amqp_sink;
 mod auth;
