@@ -112,6 +112,15 @@ ensure_cargo() {
 # PEP 668), into a venv under the cargo target dir, which MQGATE_PYTHON then points the test at.
 paho_ok() { "$1" -c 'import sys, paho.mqtt as p; sys.exit(int(p.__version__.split(".")[0]) < 2)' 2>/dev/null; }
 
+# pyzmq for tests/it/zmq.rs (the ZeroMQ peer of the zmq target's tests): into the python
+# ensure_paho settled on (python3, or its venv through MQGATE_PYTHON).
+ensure_pyzmq() {
+  local py="${MQGATE_PYTHON:-python3}"
+  "$py" -c 'import zmq' 2>/dev/null && return
+  log "installing pyzmq (PyPI) for $py"
+  "$py" -m pip install --quiet 'pyzmq>=25' || die "could not install pyzmq for $py"
+}
+
 ensure_paho() {
   command -v python3 >/dev/null || { log "installing python3"; apt_install python3 python3-venv; }
   if [ -n "${MQGATE_PYTHON:-}" ] && paho_ok "$MQGATE_PYTHON"; then return; fi

@@ -8,6 +8,7 @@
 #  - mosquitto-clients (mosquitto_pub/mosquitto_sub) and the mosquitto broker binary (the
 #    bridge tests start their own on a spare port): installed if missing.
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
+#  - pyzmq for python3 (tests/it/zmq.rs: the ZeroMQ peer), installed like paho-mqtt.
 #  - paho-mqtt 2.x for python3 (tests/it/paho.rs): pip-installed if missing, or into a venv
 #    under the target dir where pip refuses (externally managed python).
 #  - Debian's chromium and chromium-driver, node and npm, and playwright-core (npm ci in
@@ -27,6 +28,7 @@ ensure_mosquitto_clients
 ensure_mosquitto_broker
 ensure_openssl
 ensure_paho
+ensure_pyzmq
 ensure_chromium
 ensure_console_deps
 

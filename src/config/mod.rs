@@ -50,6 +50,9 @@ pub struct Config {
     /// Kafka clusters, referenced by `- kafka:` targets.
     #[serde(default)]
     pub kafka: BTreeMap<String, crate::targets::kafka::config::KafkaClusterConfig>,
+    /// ZeroMQ sockets, referenced by `- zmq:` targets.
+    #[serde(default)]
+    pub zmq: BTreeMap<String, crate::targets::zmq::config::ZmqSocketConfig>,
     /// Routing rules: an MQTT topic filter and the targets a matching message goes to.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
@@ -714,6 +717,7 @@ impl types::Sections for Config {
             "http" => Some(&self.http),
             "bridges" => Some(&self.bridges),
             "kafka" => Some(&self.kafka),
+            "zmq" => Some(&self.zmq),
             "sources" => Some(&self.sources),
             _ => None,
         }

@@ -512,6 +512,7 @@ fn summary(old: &Running, old_live: &Live, new: &Running, new_live: &Live) -> Va
             ("bridges", &r.config.bridges.keys().cloned().collect()),
             ("kafka", &r.config.kafka.keys().cloned().collect()),
             ("amqp10", &r.config.amqp10.keys().cloned().collect()),
+            ("zmq", &r.config.zmq.keys().cloned().collect()),
         ] {
             for name in v {
                 s.insert(format!("{k}.{name}"));

@@ -27,6 +27,17 @@ pub enum AckPolicy {
     Receive,
 }
 
+impl AckPolicy {
+    /// The policy as written in the config.
+    pub fn name(self) -> &'static str {
+        match self {
+            AckPolicy::Sink => "sink",
+            AckPolicy::Spool => "spool",
+            AckPolicy::Receive => "receive",
+        }
+    }
+}
+
 /// What an append to a full spool does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

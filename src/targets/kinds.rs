@@ -27,6 +27,11 @@ pub trait TargetKind {
     /// Its top-level section of systems (`amqp`, `http`, `bridges`).
     const SECTION: &'static str;
 
+    /// Whether the kind's systems confirm what they take (an AMQP confirm, an HTTP 2xx, a
+    /// Kafka acknowledgement). A kind that confirms nothing (ZeroMQ) may only be used by
+    /// `ack: receive` rules: anything else would promise what it cannot keep.
+    const CONFIRMS: bool = true;
+
     /// The config of one target (`- amqp: {...}`).
     type Config;
 
@@ -228,6 +233,12 @@ pub fn validate_targets(
     let name = &rule.name.value;
     for t in &rule.to {
         t.validate(name, sections, err);
+        if !t.confirms() && rule.ack_policy() != crate::spool::config::AckPolicy::Receive {
+            err(
+                t.location(),
+                format!("rule {name:?}: a {} target confirms nothing it is given, so its rule needs `ack: receive` (acknowledged on receipt, at most once); `ack: {}` would promise a delivery it cannot know of", t.kind_name(), rule.ack_policy().name()),
+            );
+        }
         if let Some(id) = t.explicit_id() {
             if id.value.is_empty() || id.value.len() > 200 || id.value.contains(char::is_control) {
                 err(&id.referenced, format!("rule {name:?}: id: 1 to 200 printable bytes"));
@@ -269,6 +280,16 @@ macro_rules! kinds {
             /// Where the target sends (`amqp:main/events`).
             pub fn endpoint(&self) -> String {
                 match self { $(TargetConfig::$variant(t) => <$kind>::endpoint(t),)* }
+            }
+
+            /// Whether the target's kind confirms what it takes ([`TargetKind::CONFIRMS`]).
+            pub fn confirms(&self) -> bool {
+                match self { $(TargetConfig::$variant(_) => <$kind>::CONFIRMS,)* }
+            }
+
+            /// The kind's name (its key in `to:`).
+            pub fn kind_name(&self) -> &'static str {
+                match self { $(TargetConfig::$variant(_) => <$kind as TargetKind>::NAME,)* }
             }
 
             /// Where problems of the target as a whole are reported.
@@ -338,4 +359,5 @@ kinds! {
     Http => super::http::HttpKind,
     Kafka => super::kafka::KafkaKind,
     Mqtt => super::mqtt::MqttKind,
+    Zmq => super::zmq::ZmqTargetKind,
 }

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod kafka;
 pub mod kinds;
 pub mod mqtt;
+pub mod zmq;
 
 use std::sync::Arc;
 

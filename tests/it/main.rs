@@ -49,3 +49,4 @@ mod target_ids;
 mod tls_listeners;
 mod webhooks;
 mod webhooks_tls;
+mod zmq;
