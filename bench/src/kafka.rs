@@ -363,7 +363,7 @@ async fn through_mqgate(spec: &Spec<'_>, bootstrap: &str) -> Result<f64> {
 }
 
 /// An MQTT 3.1.1 connection, CONNACK read.
-async fn connect(addr: &str, id: &str) -> Result<TcpStream> {
+pub(crate) async fn connect(addr: &str, id: &str) -> Result<TcpStream> {
     let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
     s.set_nodelay(true)?;
     let mut out = BytesMut::new();
@@ -395,7 +395,7 @@ async fn connect(addr: &str, id: &str) -> Result<TcpStream> {
 
 /// Publishes `n` QoS 1 messages to `topic` keeping `window` unacknowledged; returns after the
 /// last PUBACK.
-async fn publish(
+pub(crate) async fn publish(
     mut s: TcpStream,
     topic: String,
     n: u64,

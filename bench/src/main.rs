@@ -72,6 +72,7 @@ mod mqtt;
 mod payload;
 mod stats;
 mod tls;
+mod zmq;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -263,6 +264,9 @@ enum ModeArg {
     /// MQTT → Kafka (librdkafka's mock cluster): a direct idempotent producer vs MQTT QoS 1
     /// publishers through mqgate's kafka target.
     Kafka,
+    /// MQTT → ZeroMQ: a direct zeromq PUSH vs MQTT QoS 1 publishers through mqgate's zmq
+    /// target (PUSH), both to one PULL in the bench.
+    Zmq,
     /// MQTT → AMQP 1.0: `--publishers` fe2o3-amqp clients straight to a queue's address vs
     /// as many MQTT QoS 1 publishers through a spawned mqgate's `- amqp10:` target to the
     /// same address (RabbitMQ's AMQP 1.0 support; see `amqp10.rs`).
@@ -473,6 +477,19 @@ async fn run(args: Args) -> Result<bool> {
             json: args.json,
         };
         return attack::run(&spec).await;
+    }
+    if args.mode.contains(&ModeArg::Zmq) {
+        let binary = mqgate_binary(&args)?;
+        let spec = zmq::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            publishers: args.publishers,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            binary: &binary,
+            json: args.json,
+        };
+        return zmq::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Kafka) {
         let binary = mqgate_binary(&args)?;
