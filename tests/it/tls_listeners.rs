@@ -690,3 +690,64 @@ async fn amqps_forwards_qos1_through_tls_and_refuses_an_untrusted_broker() {
     );
     app.stop().await;
 }
+
+#[tokio::test]
+async fn amqp10_over_amqps_forwards_qos1_and_refuses_an_untrusted_broker() {
+    // The AMQP 1.0 target over TLS: the same TLS-terminating proxy in front of the machine's
+    // RabbitMQ (whose rabbitmq_amqp1_0 plugin scripts/test.sh enables).
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "rabbit10");
+    let other = Ca::new(dir.path(), "other10");
+    let proxy = amqps_proxy(&ca.server("rabbit10-server")).await;
+    let conn = rabbit().await;
+    let q = unique("amqp10-tls");
+    let _guard = delete_queues_on_drop(&[&q]);
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_declare(
+        q.as_str().into(),
+        lapin::options::QueueDeclareOptions { durable: true, ..Default::default() },
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let yaml = |ca: &Path| {
+        format!(
+            "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  rabbit:\n    url: \"amqps://guest:guest@localhost:{}\"\n    reconnect_max: 300ms\n    tls:\n      ca: \"{}\"\nrules:\n  - name: r\n    from: \"tls10/#\"\n    to:\n      - amqp10: {{ broker: rabbit, address: \"/amq/queue/{q}\" }}\n",
+            proxy.port(),
+            ca.display()
+        )
+    };
+    let app = gateway(&yaml(&ca.pem)).await;
+    wait_ready(&app).await;
+    let mut c = RawClient::connect(app.mqtt_addr, V5, &unique("amqps10")).await;
+    c.publish("tls10/a", QoS::AtLeastOnce, 1, b"AMQP 1.0 through TLS").await;
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => assert!(a.code.is_success(), "{a:?}"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    let d = get(&ch, &q, Duration::from_secs(5)).await.expect("the message reached RabbitMQ");
+    assert!(
+        d.data.windows(20).any(|w| w == b"AMQP 1.0 through TLS"),
+        "the payload is in the AMQP 1.0 message body: {:?}",
+        String::from_utf8_lossy(&d.data)
+    );
+    app.stop().await;
+
+    // A broker certificate the configured CA did not sign: never connected, /readyz says so.
+    let app = gateway(&yaml(&other.pem)).await;
+    let mut body = String::new();
+    for _ in 0..50 {
+        let (status, b) = http_get(app.admin_addr, "/readyz").await.unwrap();
+        assert_eq!(status, 503, "{b}");
+        body = b;
+        if body.contains("amqp10 rabbit") && body.to_lowercase().contains("certificate") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        body.contains("amqp10 rabbit") && body.to_lowercase().contains("certificate"),
+        "{body}"
+    );
+    app.stop().await;
+}
