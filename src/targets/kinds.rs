@@ -124,6 +124,83 @@ impl StartContext<'_> {
     }
 }
 
+/// The running systems of a kind whose every system runs a task of its own (AMQP 1.0 brokers,
+/// ZeroMQ sockets), by name, each with the token that stops it: reuse on reload, the task's
+/// start and its retirement, written once for those kinds.
+pub struct RunningSystems<T> {
+    by_name: std::collections::BTreeMap<String, (T, CancellationToken)>,
+}
+
+impl<T: Clone + Health + Send + Sync + 'static> Default for RunningSystems<T> {
+    fn default() -> Self {
+        RunningSystems { by_name: std::collections::BTreeMap::new() }
+    }
+}
+
+impl<T: Clone + Health + Send + Sync + 'static> RunningSystems<T> {
+    /// Takes system `name` of `section` over from the previous config (kept as kind `kind`'s
+    /// systems) when a reload left it unchanged; true when it did.
+    pub fn keep(
+        &mut self,
+        at: &mut StartContext<'_>,
+        kind: &str,
+        section: &str,
+        name: &str,
+    ) -> bool {
+        let kept = at
+            .reusable::<RunningSystems<T>>(kind, section, name)
+            .and_then(|r| r.by_name.get(name))
+            .cloned();
+        let Some(kept) = kept else { return false };
+        at.systems.add_health(Arc::new(kept.0.clone()));
+        at.systems.mark_reused(section, name);
+        self.by_name.insert(name.to_owned(), kept);
+        true
+    }
+
+    /// Adds the new system `name`. With `at.connect`, `start` starts its task with the token
+    /// that stops it (a child of the sinks' shutdown) and the system reports its health;
+    /// without (the route dry-run), nothing runs.
+    pub fn add(
+        &mut self,
+        at: &mut StartContext<'_>,
+        name: &str,
+        system: T,
+        start: impl FnOnce(&T, CancellationToken) -> Option<tokio::task::JoinHandle<()>>,
+    ) {
+        let stop = at.shutdown.child_token();
+        if at.connect {
+            if let Some(handle) = start(&system, stop.clone()) {
+                let label = system.name();
+                at.tasks.spawn(async move {
+                    if let Err(e) = handle.await {
+                        tracing::error!(system = %label, error = %e, "task failed");
+                    }
+                });
+            }
+            at.systems.add_health(Arc::new(system.clone()));
+        }
+        self.by_name.insert(name.to_owned(), (system, stop));
+    }
+
+    /// System `name`.
+    pub fn get(&self, name: &str) -> Option<&T> {
+        self.by_name.get(name).map(|(s, _)| s)
+    }
+
+    /// After a reload: stops the systems of kind `kind` in `old` that the new config did not
+    /// keep (`kept(section, name)`).
+    pub fn retire(old: &Systems, kind: &str, section: &str, kept: &dyn Fn(&str, &str) -> bool) {
+        let Some(running) = old.get::<RunningSystems<T>>(kind) else { return };
+        for (name, (system, stop)) in &running.by_name {
+            if !kept(section, name) {
+                tracing::info!(system = %system.name(), "removed or changed by a reload: stopping");
+                stop.cancel();
+            }
+        }
+    }
+}
+
 /// What a kind is told once everything is built.
 pub struct StartedContext<'a> {
     /// The running systems of every kind.

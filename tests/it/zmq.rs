@@ -178,9 +178,17 @@ async fn a_pub_socket_that_cannot_send_drops_and_counts_without_holding_back_its
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     assert!(dropped >= 34.0, "at most sndhwm (+1 in the task's hands) kept, the rest dropped and counted: {dropped}\n{m}");
-    let (status, body) = http_get(app.admin_addr, "/readyz").await.expect("readyz");
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("zmq out") && body.contains("not bound"), "{body}");
+    // /readyz says why once the socket has tried to bind (its task may not have run yet).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = http_get(app.admin_addr, "/readyz").await.expect("readyz");
+        assert_eq!(status, 503, "{body}");
+        if body.contains("zmq out") && body.contains("not bound") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.stop().await;
 }
 

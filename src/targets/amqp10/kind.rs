@@ -9,14 +9,13 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_saphyr::{Location, Spanned};
-use tracing::error;
 
 use super::client::{Amqp10Broker, BrokerMetrics};
 use super::config::{validate_broker, validate_target, Amqp10BrokerConfig, Amqp10TargetConfig};
 use super::target::Amqp10Target;
 use crate::config::types::{Report, Sections};
 use crate::rules::RuleError;
-use crate::targets::kinds::{BuildContext, StartContext, TargetKind};
+use crate::targets::kinds::{BuildContext, RunningSystems, StartContext, TargetKind};
 use crate::targets::Target;
 
 /// The kind's name: its key in a rule's `to:`, and its section.
@@ -25,11 +24,8 @@ const NAME: &str = "amqp10";
 /// The AMQP 1.0 kind.
 pub struct Amqp10Kind;
 
-/// The brokers, by name, with what stops each one's connection task (a child of the sinks'
-/// shutdown: a reload cancels it for a broker it removed or changed).
-struct Amqp10Systems {
-    brokers: BTreeMap<String, (Amqp10Broker, tokio_util::sync::CancellationToken)>,
-}
+/// The brokers, by name, each with what stops its connection task.
+type Amqp10Systems = RunningSystems<Amqp10Broker>;
 
 /// The kind's metric families.
 struct Families {
@@ -138,36 +134,17 @@ impl TargetKind for Amqp10Kind {
 
     fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
         let families = at.metrics.kinds.get::<Families>(NAME);
-        let mut running = BTreeMap::new();
+        let mut running = Amqp10Systems::default();
         for (name, cfg) in brokers(sections).into_iter().flatten() {
             // A reload with this broker unchanged: the same connection.
-            let kept = at
-                .reusable::<Amqp10Systems>(NAME, NAME, name)
-                .and_then(|s| s.brokers.get(name))
-                .cloned();
-            if let Some(kept) = kept {
-                at.systems.add_health(Arc::new(kept.0.clone()));
-                at.systems.mark_reused(NAME, name);
-                running.insert(name.clone(), kept);
+            if running.keep(at, NAME, NAME, name) {
                 continue;
             }
             let metrics = families.map(|f| f.for_broker(name)).unwrap_or_default();
             let broker = Amqp10Broker::new(name, cfg, metrics);
-            let stop = at.shutdown.child_token();
-            if at.connect {
-                if let Some(handle) = broker.start(cfg, stop.clone()) {
-                    let name = name.clone();
-                    at.tasks.spawn(async move {
-                        if let Err(e) = handle.await {
-                            error!(broker = %name, error = %e, "AMQP 1.0 broker task failed");
-                        }
-                    });
-                }
-                at.systems.add_health(Arc::new(broker.clone()));
-            }
-            running.insert(name.clone(), (broker, stop));
+            running.add(at, name, broker, |b, stop| b.start(cfg, stop));
         }
-        at.systems.insert(NAME, Amqp10Systems { brokers: running });
+        at.systems.insert(NAME, running);
         Ok(())
     }
 
@@ -180,7 +157,7 @@ impl TargetKind for Amqp10Kind {
         let unknown =
             || RuleError::UnknownBroker { rule: rule.to_owned(), broker: t.broker.value.clone() };
         let systems = at.systems.get::<Amqp10Systems>(NAME).ok_or_else(unknown)?;
-        let (broker, _) = systems.brokers.get(&t.broker.value).ok_or_else(unknown)?;
+        let broker = systems.get(&t.broker.value).ok_or_else(unknown)?;
         let metrics = at.metrics.target(rule, &Self::endpoint(t));
         let target = Amqp10Target::build(id, t, broker, metrics)
             .map_err(|error| RuleError::Template { rule: rule.to_owned(), error })?;
@@ -189,12 +166,6 @@ impl TargetKind for Amqp10Kind {
 
     /// Closes the connections of the brokers a reload removed or changed.
     fn retire(old: &crate::targets::kinds::Systems, kept: &dyn Fn(&str, &str) -> bool) {
-        let Some(systems) = old.get::<Amqp10Systems>(NAME) else { return };
-        for (name, (_, stop)) in &systems.brokers {
-            if !kept(NAME, name) {
-                tracing::info!(broker = %name, "AMQP 1.0 broker removed or changed by a reload: disconnecting");
-                stop.cancel();
-            }
-        }
+        Amqp10Systems::retire(old, NAME, NAME, kept);
     }
 }

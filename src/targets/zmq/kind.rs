@@ -8,15 +8,13 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use serde_saphyr::{Location, Spanned};
-use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
 
 use super::config::{validate_socket, validate_target, ZmqSocketConfig, ZmqTargetConfig};
 use super::socket::ZmqSocket;
 use super::target::ZmqTarget;
 use crate::config::types::{Report, Sections};
 use crate::rules::RuleError;
-use crate::targets::kinds::{BuildContext, StartContext, Systems, TargetKind};
+use crate::targets::kinds::{BuildContext, RunningSystems, StartContext, Systems, TargetKind};
 use crate::targets::Target;
 
 /// The kind's name: its key in a rule's `to:`, and its section.
@@ -25,10 +23,8 @@ const NAME: &str = "zmq";
 /// The ZeroMQ kind.
 pub struct ZmqKindImpl;
 
-/// The sockets, by name, with what stops each one's task.
-struct ZmqSystems {
-    sockets: BTreeMap<String, (ZmqSocket, CancellationToken)>,
-}
+/// The sockets, by name, each with what stops its task.
+type ZmqSystems = RunningSystems<ZmqSocket>;
 
 /// `mqgate_zmq_dropped_total{socket}`.
 struct Families {
@@ -88,38 +84,18 @@ impl TargetKind for ZmqKindImpl {
 
     fn start(sections: &dyn Sections, at: &mut StartContext<'_>) -> anyhow::Result<()> {
         let families = at.metrics.kinds.get::<Families>(NAME);
-        let mut running = BTreeMap::new();
+        let mut running = ZmqSystems::default();
         for (name, cfg) in sockets(sections).into_iter().flatten() {
             // A reload with this socket unchanged: the same socket (and its peers).
-            let kept = at
-                .reusable::<ZmqSystems>(NAME, NAME, name)
-                .and_then(|s| s.sockets.get(name))
-                .cloned();
-            if let Some(kept) = kept {
-                at.systems.add_health(Arc::new(kept.0.clone()));
-                at.systems.mark_reused(NAME, name);
-                running.insert(name.clone(), kept);
+            if running.keep(at, NAME, NAME, name) {
                 continue;
             }
             let dropped = families
                 .map(|f| f.dropped.get_or_create(&SocketLabel { socket: name.clone() }).clone())
                 .unwrap_or_default();
-            let socket = ZmqSocket::new(name, cfg, dropped);
-            let stop = at.shutdown.child_token();
-            if at.connect {
-                if let Some(handle) = socket.start(cfg, stop.clone()) {
-                    let name = name.clone();
-                    at.tasks.spawn(async move {
-                        if let Err(e) = handle.await {
-                            error!(socket = %name, error = %e, "ZeroMQ socket task failed");
-                        }
-                    });
-                }
-                at.systems.add_health(Arc::new(socket.clone()));
-            }
-            running.insert(name.clone(), (socket, stop));
+            running.add(at, name, ZmqSocket::new(name, cfg, dropped), |s, stop| s.start(cfg, stop));
         }
-        at.systems.insert(NAME, ZmqSystems { sockets: running });
+        at.systems.insert(NAME, running);
         Ok(())
     }
 
@@ -135,18 +111,12 @@ impl TargetKind for ZmqKindImpl {
             name: t.socket.value.clone(),
         };
         let systems = at.systems.get::<ZmqSystems>(NAME).ok_or_else(unknown)?;
-        let (socket, _) = systems.sockets.get(&t.socket.value).ok_or_else(unknown)?;
+        let socket = systems.get(&t.socket.value).ok_or_else(unknown)?;
         Ok(Arc::new(ZmqTarget::new(id, socket, at.metrics.target(rule, &Self::endpoint(t)))))
     }
 
     /// Closes the sockets a reload removed or changed.
     fn retire(old: &Systems, kept: &dyn Fn(&str, &str) -> bool) {
-        let Some(systems) = old.get::<ZmqSystems>(NAME) else { return };
-        for (name, (_, stop)) in &systems.sockets {
-            if !kept(NAME, name) {
-                info!(socket = %name, "ZeroMQ socket removed or changed by a reload: closing");
-                stop.cancel();
-            }
-        }
+        ZmqSystems::retire(old, NAME, NAME, kept);
     }
 }
