@@ -588,6 +588,16 @@ impl Metrics {
         self.messages_dropped.get_or_create(&ReasonLabels { reason: reason.to_owned() }).inc();
     }
 
+    /// Counts `n` dropped messages at once (a fan-out adds its drops up first: one label
+    /// lookup per publish, not one per full queue). Nothing for 0.
+    pub fn dropped_n(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.messages_dropped
+                .get_or_create(&ReasonLabels { reason: reason.to_owned() })
+                .inc_by(n);
+        }
+    }
+
     /// The ACL-denial counter for `action` (`publish`, `subscribe`), to resolve once.
     pub fn acl_denied(&self, action: &str) -> Counter {
         self.acl_denied.get_or_create(&ActionLabels { action: action.to_owned() }).clone()

@@ -51,6 +51,19 @@ pub fn route(
     hits: &mut Vec<usize>,
     blocked: &mut Blocked,
 ) -> (bool, Waits) {
+    let (matched, waits, _) = route_counted(ctx, msg, publisher, hits, blocked);
+    (matched, waits)
+}
+
+/// [`route`], also returning how many local sessions and share groups matched: the work the
+/// fan-out did, which an MQTT session adds up to yield to other tasks after a large one.
+pub fn route_counted(
+    ctx: RoutingContext<'_>,
+    msg: &Arc<Message>,
+    publisher: Option<u64>,
+    hits: &mut Vec<usize>,
+    blocked: &mut Blocked,
+) -> (bool, Waits, usize) {
     let mut waits = Waits::new();
     // With a store, a retained or persistent-session write adds its wait here.
     let local = ctx.broker.publish(msg, publisher, &mut waits);
@@ -94,7 +107,7 @@ pub fn route(
             }
         }
     }
-    (local > 0 || applied > 0, waits)
+    (local > 0 || applied > 0, waits, local)
 }
 
 /// Appends `msg` to the spool of each of an `ack: spool` rule's `targets` targets (or to

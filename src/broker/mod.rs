@@ -830,6 +830,9 @@ impl Broker {
                 }
             });
         }
+        // Counted once per publish: a fan-out to thousands of full queues must not look a
+        // metric label up thousands of times.
+        let mut tally = Tally::default();
         for (_, options, subscriber, ids) in &mut hits {
             let qos = msg.qos.min(options.qos);
             let online = subscriber.is_online();
@@ -851,11 +854,11 @@ impl Broker {
             // a stored session's deliveries: the others need no second look at the queue).
             let stores = qos != QoS::AtMostOnce && subscriber.stored().is_some();
             if stores && !subscriber.queue.has_room_for(&out) {
-                self.metrics.dropped(if online {
-                    "subscriber_queue_full"
+                if online {
+                    tally.online_full += 1;
                 } else {
-                    "session_queue_full"
-                });
+                    tally.parked_full += 1;
+                }
                 continue;
             }
             // Stored before it is queued: its delete (after the PUBACK) comes after the put.
@@ -871,25 +874,29 @@ impl Broker {
                             (t, _) => tracking::finish(t, Fate::Taken),
                         }
                     }
-                    self.metrics.messages_delivered_local.inc();
+                    tally.delivered += 1;
                 }
                 // Drop the newest: what is queued keeps its order and is delivered first.
                 Err(TrySendError::Full(out)) if online => {
                     self.unstore(subscriber, out.stored);
-                    self.metrics.dropped("subscriber_queue_full");
+                    tally.online_full += 1;
                 }
                 Err(TrySendError::Full(out)) => {
                     self.unstore(subscriber, out.stored);
-                    self.metrics.dropped("session_queue_full");
+                    tally.parked_full += 1;
                 }
                 // The session is ending; its subscriptions are about to be removed.
                 Err(TrySendError::Closed(out)) => {
                     self.unstore(subscriber, out.stored);
                     tracking::finish(ticket, Fate::Gone);
-                    self.metrics.dropped("subscriber_gone");
+                    tally.gone += 1;
                 }
             }
         }
+        self.metrics.messages_delivered_local.inc_by(tally.delivered);
+        self.metrics.dropped_n("subscriber_queue_full", tally.online_full);
+        self.metrics.dropped_n("session_queue_full", tally.parked_full);
+        self.metrics.dropped_n("subscriber_gone", tally.gone);
         if let (true, Some(p), Some(waits)) = (durable, &self.persist, waits) {
             if msg.qos != QoS::AtMostOnce {
                 waits.push(p.durable());
@@ -924,11 +931,32 @@ impl Broker {
         self.retained.matching(filter)
     }
 
+    /// One step of a SUBSCRIBE's walk over the retained messages (see
+    /// [`RetainedStore::walk`]).
+    pub fn retained_walk(
+        &self,
+        filter: &str,
+        from: std::ops::Bound<&str>,
+        max_matches: usize,
+        max_looked: usize,
+    ) -> (Vec<Arc<Message>>, Option<String>) {
+        self.retained.walk(filter, from, max_matches, max_looked)
+    }
+
     /// At most `limit` retained messages whose topics match `filter` (see
     /// [`RetainedStore::matching_at_most`]): a SUBSCRIBE asks for no more than its queue holds.
     pub fn retained_matching_at_most(&self, filter: &str, limit: usize) -> Vec<Arc<Message>> {
         self.retained.matching_at_most(filter, limit)
     }
+}
+
+/// What one fan-out did, added to the metrics once at its end.
+#[derive(Default)]
+struct Tally {
+    delivered: u64,
+    online_full: u64,
+    parked_full: u64,
+    gone: u64,
 }
 
 #[cfg(test)]

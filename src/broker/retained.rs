@@ -220,6 +220,54 @@ impl RetainedStore {
             .collect()
     }
 
+    /// One step of a subscriber's walk over the retained messages matching `filter` (see
+    /// `mqtt::session::retained`): the matches among at most `max_looked` topics from `from`
+    /// (from the filter's literal prefix when `Unbounded`), no more than `max_matches` of
+    /// them, and the last topic looked at when more may follow (`None`: the walk is done;
+    /// the next step starts after it).
+    /// The read lock is held for those `max_looked` topics only, however few of them match,
+    /// so a filter that covers many topics but matches few is walked in bounded steps.
+    pub fn walk(
+        &self,
+        filter: &str,
+        from: std::ops::Bound<&str>,
+        max_matches: usize,
+        max_looked: usize,
+    ) -> (Vec<Arc<Message>>, Option<String>) {
+        // At least one of each: a step always moves on.
+        let (max_matches, max_looked) = (max_matches.max(1), max_looked.max(1));
+        let topics = self.by_topic.read().unwrap_or_else(|p| p.into_inner());
+        if !filter.contains(['+', '#']) {
+            let found = match from {
+                std::ops::Bound::Unbounded => topics.map.get(filter).cloned(),
+                _ => None,
+            };
+            return (found.into_iter().collect(), None);
+        }
+        let prefix = literal_prefix(filter);
+        let start = match from {
+            std::ops::Bound::Unbounded => std::ops::Bound::Included(prefix),
+            bound => bound,
+        };
+        let mut found = Vec::new();
+        let mut last: Option<&str> = None;
+        let range = topics.map.range::<str, _>((start, std::ops::Bound::Unbounded));
+        for (looked, (topic, m)) in range.enumerate() {
+            if !topic.starts_with(prefix) {
+                return (found, None);
+            }
+            if looked == max_looked || found.len() == max_matches {
+                // More may follow: resume after the last topic looked at.
+                return (found, last.map(str::to_owned));
+            }
+            last = Some(topic);
+            if crate::mqtt::topic::matches(filter, topic) {
+                found.push(Arc::clone(m));
+            }
+        }
+        (found, None)
+    }
+
     /// The admin API's page: at most `limit` retained messages whose topics match `filter`
     /// and sort after `after`, in topic order; and whether more follow. One bounded scan
     /// under the read lock (the topics from the filter's literal prefix on).
@@ -308,6 +356,46 @@ mod tests {
         assert_eq!(r.set(&msg("a", "t/3", b"")), Retained::Cleared);
         assert_eq!(r.room_for(Some("a"), "t/4", 1), Ok(()));
         assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn a_walk_in_small_steps_finds_what_a_full_scan_finds() {
+        use std::ops::Bound;
+        let r = RetainedStore::new(10_000);
+        for i in 0..300 {
+            r.set(&msg("a", &format!("w/{}/x", i % 17), b"v"));
+            r.set(&msg("a", &format!("w/{i}/y"), b"v"));
+            r.set(&msg("a", &format!("wz/{i}"), b"v"));
+        }
+        r.set(&msg("a", "$SYS/w", b"v"));
+        r.set(&msg("a", "w", b"v"));
+        for filter in ["#", "w/#", "w/+/x", "w/+/nomatch", "+/1", "w", "w/3/y", "nothing/#"] {
+            let mut all: Vec<String> =
+                r.matching(filter).iter().map(|m| m.topic.to_string()).collect();
+            all.sort();
+            for (matches, looked) in [(1, 1), (3, 7), (1000, 5), (5, 1000)] {
+                let mut got = Vec::new();
+                let mut after: Option<String> = None;
+                let mut steps = 0;
+                loop {
+                    let from = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+                    let (found, next) = r.walk(filter, from, matches, looked);
+                    assert!(found.len() <= matches);
+                    got.extend(found.iter().map(|m| m.topic.to_string()));
+                    steps += 1;
+                    assert!(steps < 2_000, "{filter}: the walk does not end");
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => break,
+                    }
+                }
+                assert_eq!(got, all, "{filter} in steps of {matches}/{looked}");
+            }
+        }
+        // A filter matching few of many topics under its prefix takes bounded steps.
+        let (found, next) = r.walk("w/+/nomatch", Bound::Unbounded, 10, 50);
+        assert!(found.is_empty());
+        assert!(next.is_some(), "stopped after 50 topics looked at");
     }
 
     #[test]

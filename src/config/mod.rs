@@ -212,6 +212,19 @@ pub struct MqttConfig {
     /// 0: no limit.
     #[serde(default = "default_zero_bytes")]
     pub max_publish_bytes_rate: ByteSize,
+    /// Retained messages per second one client is sent for its SUBSCRIBEs (token bucket, a
+    /// second's worth of burst; default 10,000). Beyond it the rest follow as the bucket
+    /// refills: none is dropped, and a client re-subscribing `#` in a loop costs the others
+    /// no more than this. 0: no limit (still paced by the client's queue).
+    #[serde(default = "default_max_retained_rate")]
+    pub max_retained_rate: u32,
+    /// MQTT 5 user properties one PUBLISH may carry (default 64). One with more is refused
+    /// (PUBACK/PUBREC 0x97, QoS 0 dropped; counted in
+    /// `messages_dropped{reason="too_many_user_properties"}`): every target maps them into
+    /// its own headers (AMQP, HTTP, Kafka), and thousands of them per message cost the
+    /// peer's parser and every message sharing that connection.
+    #[serde(default = "default_max_user_properties")]
+    pub max_user_properties: usize,
     /// New connections per second from one IP address (token bucket); beyond it (and the
     /// burst) a connection is closed before its CONNECT is read. 0: no limit.
     #[serde(default)]
@@ -492,6 +505,14 @@ const fn default_max_topic_length() -> usize {
 const fn default_max_topic_levels() -> usize {
     128
 }
+const fn default_max_user_properties() -> usize {
+    64
+}
+
+const fn default_max_retained_rate() -> u32 {
+    10_000
+}
+
 const fn default_max_subscriptions() -> usize {
     1000
 }

@@ -24,7 +24,7 @@ use crate::mqtt::codec::{
     LastWill, Packet, Properties, ProtocolVersion, PubResponse, Publish, PublishProperties, QoS,
     ReasonCode,
 };
-use crate::routing::route;
+use crate::routing::{route, route_counted};
 use crate::targets::{send_blocked, Failure, Outcome, Waits};
 
 /// One QoS 1/2 PUBLISH waiting for its acknowledgement.
@@ -199,6 +199,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ));
             }
         }
+        if p.properties.user_properties.len() > shared.limits.max_user_properties {
+            // Refused whole, as a retained PUBLISH over its quota below: nothing is routed.
+            shared.metrics.dropped("too_many_user_properties");
+            debug!(
+                client_id = %crate::logtext::LogText(&self.client_id),
+                count = p.properties.user_properties.len(),
+                "PUBLISH refused: more user properties than mqtt.max_user_properties"
+            );
+            if p.qos != QoS::AtMostOnce {
+                if p.qos == QoS::ExactlyOnce {
+                    self.pending.awaiting_rel.insert(p.packet_id);
+                }
+                let refused = Some(ReasonCode::QUOTA_EXCEEDED);
+                self.pending.queue.push_back(Pending::settled(p.packet_id, p.qos, refused));
+            }
+            return None;
+        }
         if let Err(e) = shared.limits.topic_limits.check(&p.topic) {
             shared.metrics.protocol_error("topic_limit");
             return Some(self.server_disconnect(ReasonCode::TOPIC_NAME_INVALID, &e.to_string()));
@@ -285,7 +302,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             packet_id: (p.qos != QoS::AtMostOnce).then_some(p.packet_id),
         });
         let mut hits = std::mem::take(&mut self.rule_hits);
-        let (matched, waits) = route(
+        let (matched, waits, fanout) = route_counted(
             shared.routing(&self.live),
             &msg,
             Some(self.session_id),
@@ -293,6 +310,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             &mut self.blocked,
         );
         self.rule_hits = hits;
+        self.fanout_work =
+            self.fanout_work.saturating_add(u16::try_from(fanout).unwrap_or(u16::MAX));
         if p.qos != QoS::AtMostOnce {
             if p.qos == QoS::ExactlyOnce {
                 self.pending.awaiting_rel.insert(p.packet_id);

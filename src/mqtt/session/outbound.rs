@@ -426,7 +426,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let expiry = self.expiry;
         match changed.then(|| self.shared.broker.store_session(&self.out.state, expiry, true)) {
             Some(Some(durable)) => {
-                self.held = Some(Box::new(Held { durable, ack, retained, subscription_id }));
+                self.hold(Held { durable, ack, retained, subscription_id });
                 None
             }
             _ => self.answer(&ack, retained, subscription_id),
@@ -461,23 +461,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Some(end);
         }
         for (filter, granted) in retained {
-            // No more than the queue has room for: the rest would be dropped anyway, and a
-            // client re-subscribing `#` in a loop must not copy every retained message each time.
-            let room = self.out.state.subscriber.queue.room();
-            for msg in self.shared.broker.retained_matching_at_most(&filter, room) {
-                let out = Outbound {
-                    qos: msg.qos.min(granted),
-                    msg,
-                    retain: true,
-                    shared: None,
-                    subscription_ids: subscription_id.into_iter().collect(),
-                    ticket: None,
-                    stored: None,
-                };
-                if self.out.state.subscriber.queue.try_send(out).is_err() {
-                    self.shared.metrics.dropped("subscriber_queue_full");
-                }
-            }
+            self.start_retained(filter, granted, subscription_id);
+        }
+        // The first step at once: a few retained messages go out in the SUBACK's write.
+        if self.poll_retained(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            self.retained_step();
         }
         None
     }
@@ -514,7 +502,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match self.shared.broker.store_session(&self.out.state, expiry, true) {
             Some(durable) => {
                 let retained = Vec::new();
-                self.held = Some(Box::new(Held { durable, ack, retained, subscription_id: None }));
+                self.hold(Held { durable, ack, retained, subscription_id: None });
                 None
             }
             None => self.send(&ack),
