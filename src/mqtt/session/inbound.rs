@@ -310,8 +310,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             &mut self.blocked,
         );
         self.rule_hits = hits;
-        self.fanout_work =
-            self.fanout_work.saturating_add(u16::try_from(fanout).unwrap_or(u16::MAX));
+        self.work = self.work.saturating_add(u16::try_from(fanout).unwrap_or(u16::MAX));
         if p.qos != QoS::AtMostOnce {
             if p.qos == QoS::ExactlyOnce {
                 self.pending.awaiting_rel.insert(p.packet_id);

@@ -384,20 +384,33 @@ struct Session<S> {
     /// A QoS 1/2 PUBLISH came at `mqtt.max_memory`: nothing more is read until the bytes
     /// held fall below its resume mark (deliveries and acknowledgements still go out).
     memory_paused: bool,
-    /// Sessions and share groups the PUBLISHes handled since the loop last yielded matched:
-    /// past [`FANOUT_YIELD`] the loop lets other tasks run before it reads on, so one
-    /// client's large fan-outs do not hold a worker thread for a whole read.
-    fanout_work: u16,
+    /// Work done since the loop last yielded: one unit per packet, per KiB of payload, per
+    /// user property and per session or share group a PUBLISH matched. Past [`WORK_YIELD`]
+    /// the loop lets other tasks run before it reads on, so one client's large fan-outs or
+    /// heavy packets do not hold a worker thread for many reads at once.
+    work: u16,
     /// Retained messages still to send for SUBSCRIBEs (`retained.rs`), and the SUBACK/UNSUBACK
     /// of a stored session held until its record is durable (the loop waits for it before it
     /// reads on); `None` when there is neither.
     subscribe_work: Option<Box<retained::SubscribeWork>>,
 }
 
-/// Matched sessions and groups after which the loop yields (see `Session::fanout_work`).
-/// About 1 ms of fan-out on these machines; a small fan-out per PUBLISH never reaches it
-/// within one read's worth of packets, so the fan-in path does not pay for it.
-const FANOUT_YIELD: u16 = 4096;
+/// Units of work after which the loop yields (see `Session::work`): about a millisecond of
+/// decoding or fan-out on these machines. Small PUBLISHes yield once per ~4,000 of them: the
+/// fan-in path does not notice.
+const WORK_YIELD: u16 = 4096;
+
+/// The work of handling `packet` before routing (see `Session::work`): the fan-out is added
+/// by the PUBLISH's handler.
+fn work_of(packet: &Packet) -> u16 {
+    match packet {
+        Packet::Publish(p) => {
+            let units = 1 + p.payload.len() / 1024 + p.properties.user_properties.len();
+            u16::try_from(units).unwrap_or(u16::MAX)
+        }
+        _ => 1,
+    }
+}
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
 ///
@@ -490,7 +503,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             blocked: Vec::new(),
             draining: false,
             memory_paused: false,
-            fanout_work: 0,
+            work: 0,
             subscribe_work: None,
             shared,
         }
@@ -545,8 +558,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if let Some(end) = self.handle_charged(packet, timer.as_deref_mut()) {
                     return end;
                 }
-                if self.fanout_work >= FANOUT_YIELD {
-                    self.fanout_work = 0;
+                if self.work >= WORK_YIELD {
+                    self.work = 0;
                     tokio::task::yield_now().await;
                 }
                 if !self.blocked.is_empty() {
@@ -906,6 +919,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Handles one packet and charges a PUBLISH to the publish rate limits, if any (a plain
     /// function: its locals stay out of the session's future).
     fn handle_charged(&mut self, packet: Packet, timer: Option<&mut Timer>) -> Option<End> {
+        self.work = self.work.saturating_add(work_of(&packet));
         let Some(timer) = timer.filter(|t| t.rate.is_some()) else {
             return self.handle(packet);
         };
