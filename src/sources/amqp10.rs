@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fe2o3_amqp::link::delivery::DeliveryInfo;
 use fe2o3_amqp::link::receiver::CreditMode;
-use fe2o3_amqp::types::messaging::{Body, Message as AmqpMessage};
+use fe2o3_amqp::types::messaging::{Body, Message as AmqpMessage, MessageId};
 use fe2o3_amqp::types::primitives::{SimpleValue, Value};
 use fe2o3_amqp::{Receiver, Session};
 use tokio::sync::mpsc;
@@ -30,7 +30,7 @@ use crate::broker::tracking::{Done, Fate, Mode, Summary, Tracker};
 use crate::broker::Broker;
 use crate::message::Message;
 use crate::metrics::SourceMetrics;
-use crate::mqtt::codec::QoS;
+use crate::mqtt::codec::{Properties, QoS};
 use crate::targets::amqp10::config::{Amqp10BrokerConfig, BrokerUrl};
 
 /// How often requeue delays are looked at.
@@ -335,10 +335,57 @@ fn to_mqtt(s: &Settings, m: &AmqpMessage<Body<Value>>) -> Result<Message, String
         retain,
         client_id: Arc::clone(&s.name),
         username: None,
-        properties: Default::default(),
+        properties: properties(m, &s.qos_header).into(),
         received: Instant::now(),
         packet_id: None,
     })
+}
+
+/// MQTT 5 properties, the `- amqp10:` target's mapping reversed: content type; correlation
+/// id → correlation data (a string's bytes, a binary as is, a number in decimal); reply-to →
+/// response topic (when it is a topic name); header `ttl` (ms) → message expiry (s, rounded
+/// up); application property `x-mqtt-payload-format-indicator` → payload format indicator;
+/// the other scalar application properties → user properties (mqgate's own `x-mqtt-*` and
+/// `qos_header` left out).
+fn properties(m: &AmqpMessage<Body<Value>>, qos_header: &str) -> Properties {
+    let mut out = Properties::default();
+    if let Some(p) = &m.properties {
+        out.content_type = p.content_type.as_ref().map(|c| c.0.clone());
+        out.correlation_data = p.correlation_id.as_ref().map(|c| match c {
+            MessageId::String(t) => Bytes::from(t.clone().into_bytes()),
+            MessageId::Binary(b) => Bytes::from(b.to_vec()),
+            MessageId::Ulong(n) => Bytes::from(n.to_string().into_bytes()),
+            MessageId::Uuid(u) => Bytes::copy_from_slice(u.as_ref()),
+        });
+        out.response_topic =
+            p.reply_to.clone().filter(|t| crate::mqtt::topic::validate_name(t).is_ok());
+    }
+    if let Some(ttl) = m.header.as_ref().and_then(|h| h.ttl) {
+        out.message_expiry_interval = Some(u64::from(ttl).div_ceil(1000).max(1) as u32);
+    }
+    if let Some(app) = &m.application_properties {
+        for (k, v) in app.0.iter() {
+            if k == "x-mqtt-payload-format-indicator" {
+                out.payload_format_indicator =
+                    int(v).filter(|f| *f == 0 || *f == 1).map(|f| f as u8);
+                continue;
+            }
+            if k.starts_with("x-mqtt-") || k == qos_header {
+                continue;
+            }
+            let text = match v {
+                SimpleValue::String(t) => Some(t.clone()),
+                SimpleValue::Symbol(t) => Some(t.0.clone()),
+                SimpleValue::Bool(b) => Some(b.to_string()),
+                SimpleValue::Char(c) => Some(c.to_string()),
+                other => int(other).map(|n| n.to_string()),
+            };
+            if let Some(text) = text {
+                out.user_properties.push((k.clone(), text));
+            }
+        }
+    }
+    out
 }
 
 /// An integer application property's value.
@@ -354,5 +401,87 @@ fn int(v: &SimpleValue) -> Option<i64> {
         SimpleValue::Ulong(x) => i64::try_from(*x).ok(),
         SimpleValue::String(t) => t.parse().ok(),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Header, Properties as P};
+    use fe2o3_amqp::types::primitives::{Binary, OrderedMap, Symbol};
+
+    use super::*;
+    use crate::sources::config::SourceConfig;
+
+    fn settings(yaml_extra: &str) -> Settings {
+        let yaml = format!(
+            "mqtt:\n  listen: \"127.0.0.1:1883\"\namqp10:\n  b:\n    url: \"amqp://h:5672\"\nsources:\n  - name: s\n    amqp10: b\n    address: a\n{yaml_extra}"
+        );
+        let c = crate::config::Config::parse(std::path::Path::new("t.yaml"), &yaml).unwrap();
+        let cfg: &SourceConfig = &c.sources[0];
+        Settings::new(cfg, "b", &c.amqp10["b"])
+    }
+
+    fn message(subject: Option<&str>, app: &[(&str, SimpleValue)]) -> AmqpMessage<Body<Value>> {
+        let mut map = OrderedMap::new();
+        for (k, v) in app {
+            map.insert((*k).to_owned(), v.clone());
+        }
+        AmqpMessage {
+            header: Some(Header { ttl: Some(1500), ..Header::default() }),
+            delivery_annotations: None,
+            message_annotations: None,
+            properties: Some(P {
+                subject: subject.map(str::to_owned),
+                content_type: Some(Symbol::from("application/json")),
+                correlation_id: Some(MessageId::String("c-1".into())),
+                reply_to: Some("replies/x1".into()),
+                ..P::default()
+            }),
+            application_properties: Some(ApplicationProperties(map)),
+            body: Body::Data(
+                vec![Data(Binary::from(b"ab".to_vec())), Data(Binary::from(b"c".to_vec()))].into(),
+            ),
+            footer: None,
+        }
+    }
+
+    #[test]
+    fn topic_qos_retain_payload_and_properties() {
+        let s = settings("");
+        let m = message(
+            Some("cmd/1"),
+            &[
+                ("x-mqtt-qos", SimpleValue::Int(2)),
+                ("x-mqtt-retain", SimpleValue::Bool(true)),
+                ("x-mqtt-payload-format-indicator", SimpleValue::Int(1)),
+                ("device", SimpleValue::String("d7".into())),
+                ("n", SimpleValue::Long(3)),
+            ],
+        );
+        let msg = to_mqtt(&s, &m).unwrap();
+        assert_eq!((msg.topic.as_str(), &msg.payload[..]), ("cmd/1", &b"abc"[..]));
+        assert_eq!((msg.qos, msg.retain), (QoS::ExactlyOnce, true));
+        let p = &msg.properties;
+        assert_eq!(p.content_type.as_deref(), Some("application/json"));
+        assert_eq!(p.correlation_data.as_deref(), Some(&b"c-1"[..]));
+        assert_eq!(p.response_topic.as_deref(), Some("replies/x1"));
+        assert_eq!(p.message_expiry_interval, Some(2));
+        assert_eq!(p.payload_format_indicator, Some(1));
+        assert_eq!(
+            p.user_properties,
+            vec![("device".to_owned(), "d7".to_owned()), ("n".to_owned(), "3".to_owned())]
+        );
+    }
+
+    #[test]
+    fn the_topic_comes_from_subject_then_x_mqtt_topic_then_config_and_must_be_a_name() {
+        let s = settings("");
+        let from_app = message(None, &[("x-mqtt-topic", SimpleValue::String("a/b".into()))]);
+        assert_eq!(to_mqtt(&s, &from_app).unwrap().topic, "a/b");
+        assert!(to_mqtt(&s, &message(None, &[])).unwrap_err().contains("no MQTT topic"));
+        assert!(to_mqtt(&s, &message(Some("a/+"), &[])).is_err(), "a wildcard is no topic name");
+        let fixed = settings("    topic: \"fixed/t\"\n    qos: 0\n");
+        let msg = to_mqtt(&fixed, &message(Some("cmd/1"), &[])).unwrap();
+        assert_eq!((msg.topic.as_str(), msg.qos), ("fixed/t", QoS::AtMostOnce));
     }
 }

@@ -497,3 +497,47 @@ fn amqp10_source_config_errors_have_positions() {
     assert!(e.contains("c.yaml:12:") && e.contains("`queue:` is for AMQP 0-9-1 sources"), "{e}");
     assert!(e.contains("c.yaml:16:") && e.contains("topic"), "{e}");
 }
+
+/// `on_no_subscriber: dead_letter`: a message nobody subscribed to is `rejected`, which
+/// RabbitMQ dead-letters into the queue's dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp10_source_rejects_what_nobody_subscribed_to_into_the_dead_letter_queue() {
+    use fe2o3_amqp::types::messaging::{Data, Message, Properties};
+    use fe2o3_amqp::types::primitives::Binary;
+    use fe2o3_amqp::Sender;
+    let conn = rabbit().await;
+    let (dlq, _dlq_guard) = queue(&conn, "a10-dlq", FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dlq.as_str().into()));
+    let (q, _guard) = queue(&conn, "a10-source-dl", args).await;
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  rabbit:\n    url: \"{AMQP10_URL}\"\nsources:\n  - name: dl\n    amqp10: rabbit\n    address: \"/amq/queue/{q}\"\n    on_no_subscriber: dead_letter\n"
+    );
+    let app = gateway(&yaml).await;
+    wait_series(&app, "mqgate_source_connected{source=\"dl\"} 1").await;
+    let mut c = amqp10_connection().await;
+    let mut session = Session::begin(&mut c).await.expect("session");
+    let mut tx = Sender::attach(&mut session, unique("tx"), format!("/amq/queue/{q}"))
+        .await
+        .expect("sender");
+    let m = Message::builder()
+        .properties(Properties { subject: Some("nobody/here".into()), ..Default::default() })
+        .body(Data(Binary::from(b"unheard".to_vec())))
+        .build();
+    assert!(tx.send(m).await.expect("send").is_accepted());
+    let _ = tx.close().await;
+    let _ = session.end().await;
+    let _ = c.close().await;
+    wait_series(&app, "mqgate_source_messages_total{source=\"dl\",outcome=\"dead_lettered\"} 1")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while messages_in(&conn, &dlq).await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing dead-lettered into {dlq}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+    assert_eq!(messages_in(&conn, &q).await, 0, "rejected, not requeued");
+    let got = receive(&dlq, 1, Duration::from_secs(5)).await;
+    assert_eq!(body_text(&got[0]), "unheard");
+}
