@@ -541,3 +541,54 @@ async fn an_amqp10_source_rejects_what_nobody_subscribed_to_into_the_dead_letter
     let got = receive(&dlq, 1, Duration::from_secs(5)).await;
     assert_eq!(body_text(&got[0]), "unheard");
 }
+
+/// A lost connection: what the source had not settled goes back to the queue with the link;
+/// the source reconnects and delivers it again (at least once), and settles it after the
+/// PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp10_source_reconnects_and_gets_back_what_it_had_not_settled() {
+    use fe2o3_amqp::types::messaging::{Data, Message, Properties};
+    use fe2o3_amqp::types::primitives::Binary;
+    use fe2o3_amqp::Sender;
+    let conn = rabbit().await;
+    let (q, _guard) = queue(&conn, "a10-source-lost", FieldTable::default()).await;
+    let proxy = Proxy::start().await;
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  rabbit:\n    url: \"amqp://guest:guest@{}\"\n    reconnect_min: 50ms\n    reconnect_max: 200ms\nsources:\n  - name: lost\n    amqp10: rabbit\n    address: \"/amq/queue/{q}\"\n",
+        proxy.addr
+    );
+    let app = gateway(&yaml).await;
+    wait_series(&app, "mqgate_source_connected{source=\"lost\"} 1").await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("sub")).await;
+    sub.subscribe("lost/#", QoS::AtLeastOnce).await;
+    let mut c = amqp10_connection().await;
+    let mut session = Session::begin(&mut c).await.expect("session");
+    let mut tx = Sender::attach(&mut session, unique("tx"), format!("/amq/queue/{q}"))
+        .await
+        .expect("sender");
+    let m = Message::builder()
+        .properties(Properties { subject: Some("lost/1".into()), ..Default::default() })
+        .body(Data(Binary::from(b"again".to_vec())))
+        .build();
+    assert!(tx.send(m).await.expect("send").is_accepted());
+    let _ = tx.close().await;
+    let _ = session.end().await;
+    let _ = c.close().await;
+    let first = expect_publish(&mut sub).await;
+    assert_eq!(&first.payload[..], b"again");
+    // No PUBACK yet: the delivery is unsettled when the connection goes.
+    proxy.cut();
+    wait_series(&app, "mqgate_source_connected{source=\"lost\"} 0").await;
+    proxy.restore();
+    wait_series(&app, "mqgate_source_connected{source=\"lost\"} 1").await;
+    let again = match sub.recv_within(Duration::from_secs(10)).await {
+        Ok(Some(Packet::Publish(p))) => p,
+        other => panic!("expected the unsettled message again, got {other:?}"),
+    };
+    assert_eq!(&again.payload[..], b"again");
+    sub.send(&Packet::PubAck(mqgate::mqtt::codec::PubResponse::success(again.packet_id))).await;
+    wait_series(&app, "mqgate_source_messages_total{source=\"lost\",outcome=\"delivered\"} 1")
+        .await;
+    app.stop().await;
+    assert_eq!(messages_in(&conn, &q).await, 0, "settled after the PUBACK");
+}
