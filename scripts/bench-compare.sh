@@ -43,6 +43,7 @@ def reports(v):
         for x in v:
             yield from reports(x)
 rates = {}
+cpu = {}  # mqgate's CPU time per message, where the mode reports it
 for which in ("before", "after"):
     for r in range(1, rounds + 1):
         path = os.path.join(out, f"{which}.{r}.json")
@@ -63,6 +64,8 @@ for which in ("before", "after"):
                     continue
                 key = (rep["mode"], rep.get("qos", ""))
                 rates.setdefault(key, {}).setdefault(which, []).append(rep["rate"])
+                if rep.get("mqgate_cpu_us_per_msg") is not None:
+                    cpu.setdefault(key, {}).setdefault(which, []).append(rep["mqgate_cpu_us_per_msg"])
 print(f"{'mode':<16} {'qos':>3} {'before msgs/s':>14} {'after msgs/s':>13} {'after/before':>12}  runs")
 for (mode, qos), v in sorted(rates.items(), key=lambda kv: (str(kv[0][0]), str(kv[0][1]))):
     b, a = v.get("before", []), v.get("after", [])
@@ -70,5 +73,9 @@ for (mode, qos), v in sorted(rates.items(), key=lambda kv: (str(kv[0][0]), str(k
         continue
     mb, ma = statistics.median(b), statistics.median(a)
     print(f"{mode:<16} {qos!s:>3} {mb:>14.0f} {ma:>13.0f} {ma / mb:>12.3f}  {len(b)}+{len(a)}")
+    c = cpu.get((mode, qos), {})
+    if c.get("before") and c.get("after"):
+        cb, ca = statistics.median(c["before"]), statistics.median(c["after"])
+        print(f"{'':<16} {'':>3} mqgate CPU us/msg (median): before {cb:.3f}, after {ca:.3f}, after/before {ca / cb:.3f}")
 PY
 rm -rf "$out"

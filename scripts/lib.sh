@@ -48,7 +48,9 @@ ensure_amqp10() {
   case "$version" in
     [4-9].*) log "RabbitMQ $version speaks AMQP 1.0 natively"; return ;;
   esac
-  if rabbitmq-plugins list -e rabbitmq_amqp1_0 2>/dev/null | grep -q 'rabbitmq_amqp1_0'; then
+  # Only a plugin line counts ("[E*] rabbitmq_amqp1_0 ..."): the listing's header names the
+  # pattern too.
+  if rabbitmq-plugins list -e rabbitmq_amqp1_0 2>/dev/null | grep -Eq '^ *\[[Ee].*\] +rabbitmq_amqp1_0 '; then
     log "RabbitMQ's rabbitmq_amqp1_0 plugin is enabled"
     return
   fi

@@ -100,8 +100,12 @@ pub fn route_counted(
         // message.
         let mut not_awaited = Waits::new();
         for (i, target) in rule.targets.iter().enumerate() {
-            let w = if rule.ack == AckPolicy::Receive { &mut not_awaited } else { &mut waits };
+            let receive = rule.ack == AckPolicy::Receive;
+            let w = if receive { &mut not_awaited } else { &mut waits };
             let mut hand = Handoff::new(w, blocked, acked, rule.recorder(i));
+            if receive {
+                hand = hand.unawaited();
+            }
             if let Err(e) = target.hand_over(msg, &mut template_ctx, &mut hand) {
                 rule_failed(ctx, rule, Some(i), msg, &e, &mut waits);
             }

@@ -56,6 +56,69 @@ struct Run {
     side: &'static str,
     rate: f64,
     secs: f64,
+    /// CPU time per message (µs) of the bench process, mqgate (mqgate side) and RabbitMQ, over
+    /// the run; `None` where `/proc` could not tell.
+    cpu: Cpu,
+}
+
+/// CPU time per message (µs) of each process over one run.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    bench: Option<f64>,
+    mqgate: Option<f64>,
+    rabbit: Option<f64>,
+}
+
+/// CPU time (user + system) of process `pid` (`self` for this one) so far, from
+/// `/proc/PID/stat` (ticks of 10 ms).
+fn proc_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
+/// The machine's RabbitMQ node (the Debian service's `beam.smp`, HOME /var/lib/rabbitmq), if
+/// found.
+fn rabbit_pid() -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        pid.bytes().all(|b| b.is_ascii_digit()).then_some(())?;
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("beam.smp") && cmd.contains("-home /var/lib/rabbitmq ")).then_some(pid)
+    })
+}
+
+/// CPU readings at the start of a run.
+struct CpuStart {
+    bench: Option<Duration>,
+    mqgate: Option<Duration>,
+    rabbit: Option<Duration>,
+}
+
+impl CpuStart {
+    fn now(mqgate: Option<&str>, rabbit: Option<&str>) -> CpuStart {
+        CpuStart {
+            bench: proc_cpu("self"),
+            mqgate: mqgate.and_then(proc_cpu),
+            rabbit: rabbit.and_then(proc_cpu),
+        }
+    }
+
+    /// Per message since `self`.
+    fn per_message(&self, n: u64, mqgate: Option<&str>, rabbit: Option<&str>) -> Cpu {
+        let us = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64() * 1e6 / n.max(1) as f64),
+            _ => None,
+        };
+        Cpu {
+            bench: us(self.bench, proc_cpu("self")),
+            mqgate: us(self.mqgate, mqgate.and_then(proc_cpu)),
+            rabbit: us(self.rabbit, rabbit.and_then(proc_cpu)),
+        }
+    }
 }
 
 /// Runs the comparison; `Ok(false)` when mqgate's median is under 0.9× direct.
@@ -84,12 +147,16 @@ async fn compare(spec: &Spec<'_>, conn: &Connection, queue: &str, address: &str)
         )
     };
     let gw = Gateway::start_with(spec.binary, Duration::from_secs(20), yaml).await?;
+    let mqgate_pid = gw.pid().map(|p| p.to_string());
+    let rabbit = rabbit_pid();
     let mut runs = Vec::new();
     for _ in 0..spec.repeat {
-        runs.push(direct(spec, address).await?);
+        let mut run = direct(spec, address, rabbit.as_deref()).await?;
         settle_queue(conn, queue, spec.messages).await?;
-        runs.push(through_mqgate(spec, &gw.mqtt_addr).await?);
+        runs.push(run);
+        run = through_mqgate(spec, &gw.mqtt_addr, mqgate_pid.as_deref(), rabbit.as_deref()).await?;
         settle_queue(conn, queue, spec.messages).await?;
+        runs.push(run);
     }
     let log = gw.stop(Duration::from_secs(5)).await;
     let median = |side: &str| {
@@ -103,9 +170,15 @@ async fn compare(spec: &Spec<'_>, conn: &Connection, queue: &str, address: &str)
         let list: Vec<String> = runs
             .iter()
             .map(|r| {
+                let f = |v: Option<f64>| v.map_or("null".to_owned(), |v| format!("{v:.2}"));
                 format!(
-                    "{{\"side\":\"{}\",\"msgs_per_s\":{:.0},\"secs\":{:.3}}}",
-                    r.side, r.rate, r.secs
+                    "{{\"mode\":\"amqp10-{}\",\"rate\":{:.1},\"secs\":{:.3},\"cpu_us_per_msg\":{{\"bench\":{},\"mqgate\":{},\"rabbitmq\":{}}}}}",
+                    r.side,
+                    r.rate,
+                    r.secs,
+                    f(r.cpu.bench),
+                    f(r.cpu.mqgate),
+                    f(r.cpu.rabbit)
                 )
             })
             .collect();
@@ -119,10 +192,33 @@ async fn compare(spec: &Spec<'_>, conn: &Connection, queue: &str, address: &str)
         );
     } else {
         for r in &runs {
-            println!("amqp10 {:<7} {:>9.0} msgs/s  ({:.2} s)", r.side, r.rate, r.secs);
+            let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+            println!(
+                "amqp10 {:<7} {:>9.0} msgs/s  ({:.2} s)  CPU us/msg: bench {}, mqgate {}, RabbitMQ {}",
+                r.side,
+                r.rate,
+                r.secs,
+                f(r.cpu.bench),
+                f(r.cpu.mqgate),
+                f(r.cpu.rabbit)
+            );
         }
         println!(
             "amqp10 median: direct {d:.0} msgs/s, mqgate {m:.0} msgs/s = {ratio:.2}x direct (target >= 0.9x)"
+        );
+        let cpu_median = |side: &str, pick: fn(&Cpu) -> Option<f64>| {
+            let mut v: Vec<f64> =
+                runs.iter().filter(|r| r.side == side).filter_map(|r| pick(&r.cpu)).collect();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).map_or("-".to_owned(), |v| format!("{v:.1}"))
+        };
+        println!(
+            "amqp10 CPU us/msg (medians): direct: bench {}, RabbitMQ {}; mqgate: bench {}, mqgate {}, RabbitMQ {}",
+            cpu_median("direct", |c| c.bench),
+            cpu_median("direct", |c| c.rabbit),
+            cpu_median("mqgate", |c| c.bench),
+            cpu_median("mqgate", |c| c.mqgate),
+            cpu_median("mqgate", |c| c.rabbit)
         );
     }
     if let Some(e) = log {
@@ -162,7 +258,7 @@ fn share(spec: &Spec<'_>, i: u64) -> u64 {
 }
 
 /// The ceiling: fe2o3-amqp clients sending straight to the address.
-async fn direct(spec: &Spec<'_>, address: &str) -> Result<Run> {
+async fn direct(spec: &Spec<'_>, address: &str, rabbit: Option<&str>) -> Result<Run> {
     let mut clients = Vec::new();
     for i in 0..spec.publishers {
         let mut conn = Amqp10Connection::open(format!("mqgate-bench-{i}"), spec.amqp10_url)
@@ -175,6 +271,7 @@ async fn direct(spec: &Spec<'_>, address: &str) -> Result<Run> {
     }
     let payload = Bytes::from(vec![b'x'; spec.payload]);
     let start = Instant::now();
+    let cpu = CpuStart::now(None, rabbit);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, (conn, session, mut sender)) in clients.into_iter().enumerate() {
         let count = share(spec, i as u64);
@@ -217,10 +314,11 @@ async fn direct(spec: &Spec<'_>, address: &str) -> Result<Run> {
         accepted += r.context("client task")??;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu.per_message(spec.messages, None, rabbit);
     if accepted != spec.messages {
         bail!("direct: {accepted} of {} accepted", spec.messages);
     }
-    Ok(Run { side: "direct", rate: accepted as f64 / secs, secs })
+    Ok(Run { side: "direct", rate: accepted as f64 / secs, secs, cpu })
 }
 
 /// The message mqgate sends for a QoS 1 PUBLISH of `payload` to `topic` by `client_id`
@@ -254,13 +352,19 @@ fn same_message(topic: &str, client_id: &str, payload: &Bytes) -> Message<Data> 
 }
 
 /// Through mqgate: MQTT 3.1.1 QoS 1 publishers; a message counts at its PUBACK.
-async fn through_mqgate(spec: &Spec<'_>, addr: &str) -> Result<Run> {
+async fn through_mqgate(
+    spec: &Spec<'_>,
+    addr: &str,
+    mqgate: Option<&str>,
+    rabbit: Option<&str>,
+) -> Result<Run> {
     let mut socks = Vec::new();
     for i in 0..spec.publishers {
         socks.push(mqtt_connect(addr, &format!("bench-a10-{i}")).await?);
     }
     let payload = Bytes::from(vec![b'x'; spec.payload]);
     let start = Instant::now();
+    let cpu = CpuStart::now(mqgate, rabbit);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, sock) in socks.into_iter().enumerate() {
         let count = share(spec, i as u64);
@@ -322,7 +426,8 @@ async fn through_mqgate(spec: &Spec<'_>, addr: &str) -> Result<Run> {
         acked += r.context("publisher task")??;
     }
     let secs = start.elapsed().as_secs_f64();
-    Ok(Run { side: "mqgate", rate: acked as f64 / secs, secs })
+    let cpu = cpu.per_message(spec.messages, mqgate, rabbit);
+    Ok(Run { side: "mqgate", rate: acked as f64 / secs, secs, cpu })
 }
 
 async fn mqtt_connect(addr: &str, client_id: &str) -> Result<TcpStream> {

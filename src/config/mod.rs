@@ -676,7 +676,14 @@ impl Config {
         }
         let brokers: Vec<&str> = self.amqp.keys().map(String::as_str).collect();
         let bridges: Vec<&str> = self.bridges.keys().map(String::as_str).collect();
-        crate::sources::config::validate(&self.sources, &brokers, &bridges, &mut err);
+        let amqp10_brokers: Vec<&str> = self.amqp10.keys().map(String::as_str).collect();
+        crate::sources::config::validate(
+            &self.sources,
+            &brokers,
+            &amqp10_brokers,
+            &bridges,
+            &mut err,
+        );
         self.validate_auth(&mut err);
         crate::spool::config::validate(self, &mut err);
         errors

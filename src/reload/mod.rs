@@ -221,7 +221,10 @@ pub async fn build(
             && diff::source(&old_tree, name) == diff::source(&new_tree, name)
             && s.broker
                 .as_ref()
-                .is_none_or(|b| diff::same_entry(&old_tree, &new_tree, "amqp", &b.value));
+                .is_none_or(|b| diff::same_entry(&old_tree, &new_tree, "amqp", &b.value))
+            && s.amqp10
+                .as_ref()
+                .is_none_or(|b| diff::same_entry(&old_tree, &new_tree, "amqp10", &b.value));
         if let Some(token) = previous.filter(|_| unchanged).and_then(|(r, _)| r.sources.get(name)) {
             sources.insert(name.clone(), token.clone());
             kept_sources.insert(name.clone());

@@ -28,6 +28,13 @@ pub struct SourceConfig {
     /// Key of a bridge under `bridges:`: an MQTT source (the bridge's upstream broker).
     #[serde(default)]
     pub bridge: Option<Spanned<String>>,
+    /// Key of a broker under `amqp10:`: an AMQP 1.0 source (a receiver link on `address:`).
+    #[serde(default)]
+    pub amqp10: Option<Spanned<String>>,
+    /// The address an AMQP 1.0 source receives from (e.g. `/amq/queue/commands` on RabbitMQ,
+    /// a queue name on Artemis).
+    #[serde(default)]
+    pub address: Option<Spanned<String>>,
     /// Upstream topic filters to subscribe to (MQTT sources).
     #[serde(default)]
     pub subscribe: Vec<Spanned<String>>,
@@ -148,6 +155,7 @@ const fn default_requeue_delay() -> HumanDuration {
 pub fn validate(
     sources: &[SourceConfig],
     brokers: &[&str],
+    amqp10_brokers: &[&str],
     bridges: &[&str],
     err: &mut impl FnMut(&Location, String),
 ) {
@@ -160,7 +168,16 @@ pub fn validate(
         if !names.insert(name.as_str()) {
             err(&s.name.referenced, format!("duplicate source name {name:?}"));
         }
+        if let Some(b) = &s.amqp10 {
+            validate_amqp10(s, b, amqp10_brokers, err);
+        } else if let Some(a) = &s.address {
+            err(
+                &a.referenced,
+                format!("source {name:?}: `address:` is for AMQP 1.0 sources (`amqp10:`)"),
+            );
+        }
         match (&s.broker, &s.bridge) {
+            _ if s.amqp10.is_some() => {}
             (Some(broker), None) => {
                 if !brokers.contains(&broker.value.as_str()) {
                     let known = if brokers.is_empty() { "none".into() } else { brokers.join(", ") };
@@ -221,7 +238,7 @@ pub fn validate(
             _ => err(
                 &s.name.referenced,
                 format!(
-                    "source {name:?}: give exactly one of `broker:` (AMQP) or `bridge:` (MQTT)"
+                    "source {name:?}: give exactly one of `broker:` (AMQP), `amqp10:` (AMQP 1.0) or `bridge:` (MQTT)"
                 ),
             ),
         }
@@ -232,7 +249,10 @@ pub fn validate(
             err(&s.qos.referenced, format!("source {name:?}: qos must be 0, 1 or 2"));
         }
         if let Some(t) = &s.topic {
-            let checked = if s.bridge.is_some() {
+            let checked = if s.amqp10.is_some() {
+                crate::mqtt::topic::validate_name(&t.value)
+                    .map_err(|e| format!("{e} (an AMQP 1.0 source's topic is a topic name)"))
+            } else if s.bridge.is_some() {
                 crate::template::check_template(&t.value).map_err(|e| e.to_string())
             } else {
                 TopicTemplate::parse(&t.value).map(|_| ()).map_err(|e| e.to_string())
@@ -249,5 +269,49 @@ pub fn validate(
                 err(&b.routing_key.referenced, format!("source {name:?}: routing_key too long"));
             }
         }
+    }
+}
+
+/// The checks of an AMQP 1.0 source (`amqp10:` broker `b`).
+fn validate_amqp10(
+    s: &SourceConfig,
+    b: &Spanned<String>,
+    amqp10_brokers: &[&str],
+    err: &mut impl FnMut(&Location, String),
+) {
+    let name = &s.name.value;
+    if s.broker.is_some() || s.bridge.is_some() {
+        err(
+            &b.referenced,
+            format!("source {name:?}: give exactly one of `broker:` (AMQP), `amqp10:` (AMQP 1.0) or `bridge:` (MQTT)"),
+        );
+    }
+    if !amqp10_brokers.contains(&b.value.as_str()) {
+        let known =
+            if amqp10_brokers.is_empty() { "none".into() } else { amqp10_brokers.join(", ") };
+        err(
+            &b.referenced,
+            format!("source {name:?}: no broker {:?} under amqp10: (defined: {known})", b.value),
+        );
+    }
+    match &s.address {
+        Some(a) => {
+            if let Err(e) = crate::targets::amqp10::config::check_address(&a.value) {
+                err(&a.referenced, format!("source {name:?}: address: {e}"));
+            }
+        }
+        None => err(&b.referenced, format!("source {name:?}: an AMQP 1.0 source needs `address:`")),
+    }
+    if let Some(q) = &s.queue {
+        err(&q.referenced, format!("source {name:?}: `queue:` is for AMQP 0-9-1 sources; an AMQP 1.0 source receives from `address:`"));
+    }
+    if let Some(f) = s.subscribe.first() {
+        err(&f.referenced, format!("source {name:?}: `subscribe:` is for `bridge:` sources"));
+    }
+    if s.declare.is_some() || !s.bind.is_empty() {
+        err(
+            &b.referenced,
+            format!("source {name:?}: `declare:` and `bind:` are for AMQP 0-9-1 sources"),
+        );
     }
 }

@@ -12,6 +12,7 @@
 
 mod acks;
 pub mod amqp;
+pub mod amqp10;
 pub mod config;
 pub mod mapping;
 
@@ -75,6 +76,7 @@ macro_rules! source_kinds {
 
 source_kinds! {
     AmqpSourceKind,
+    Amqp10SourceKind,
     crate::targets::mqtt::MqttSourceKind,
 }
 
@@ -93,6 +95,33 @@ impl SourceKind for AmqpSourceKind {
         let m = at.metrics.source(&s.name.value);
         let handle =
             tokio::spawn(amqp::run(settings, Arc::clone(at.broker), m, at.shutdown.child_token()));
+        at.tasks.spawn(async move {
+            if let Err(e) = handle.await {
+                tracing::error!(error = %e, "source task failed");
+            }
+        });
+    }
+}
+
+/// AMQP 1.0 addresses (`amqp10:` + `address:`): one receiver task per source.
+pub struct Amqp10SourceKind;
+
+impl SourceKind for Amqp10SourceKind {
+    fn claims(source: &SourceConfig) -> bool {
+        source.amqp10.is_some()
+    }
+
+    fn start(s: &SourceConfig, config: &Config, at: &mut SourceContext<'_>) {
+        let Some(name) = &s.amqp10 else { return };
+        let Some(b) = config.amqp10.get(&name.value) else { return };
+        let settings = amqp10::Settings::new(s, &name.value, b);
+        let m = at.metrics.source(&s.name.value);
+        let handle = tokio::spawn(amqp10::run(
+            settings,
+            Arc::clone(at.broker),
+            m,
+            at.shutdown.child_token(),
+        ));
         at.tasks.spawn(async move {
             if let Err(e) = handle.await {
                 tracing::error!(error = %e, "source task failed");

@@ -90,6 +90,8 @@ pub struct Handoff<'a> {
     waits: &'a mut Waits,
     blocked: &'a mut Blocked,
     acked: bool,
+    /// False for an `ack: receive` rule: its outcome receivers are dropped unread.
+    awaited: bool,
     dead_letter: Option<Arc<Recorder>>,
 }
 
@@ -102,7 +104,20 @@ impl<'a> Handoff<'a> {
         acked: bool,
         dead_letter: Option<Arc<Recorder>>,
     ) -> Self {
-        Handoff { waits, blocked, acked, dead_letter }
+        Handoff { waits, blocked, acked, awaited: true, dead_letter }
+    }
+
+    /// The same hand-over for an `ack: receive` rule: nobody reads the outcomes.
+    pub fn unawaited(mut self) -> Self {
+        self.awaited = false;
+        self
+    }
+
+    /// Whether anybody reads the outcome of [`Handoff::ack`]: false for an `ack: receive`
+    /// rule. A kind whose outcome says nothing more than its own counters do (ZeroMQ) may
+    /// skip the channel then.
+    pub fn awaited(&self) -> bool {
+        self.awaited
     }
 
     /// The sender of one request's outcome, its receiver added to what the message waits for;

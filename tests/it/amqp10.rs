@@ -410,3 +410,185 @@ async fn sasl_anonymous_connects_and_a_refused_login_shows_in_readyz_without_the
     assert!(!body.contains("not-the-password"), "{body}");
     app.stop().await;
 }
+
+/// Polls `/metrics` until it holds `series` (10 s at most).
+async fn wait_series(app: &mqgate::app::App, series: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics(app).await;
+        if m.contains(series) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {series} in\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An AMQP 1.0 source (a receiver link on `/amq/queue/Q`): a message sent to the queue over
+/// AMQP 1.0 reaches an MQTT subscriber (topic from its `subject`, QoS from `x-mqtt-qos`); it is
+/// `released` back to the queue when its subscriber leaves without PUBACK, delivered again
+/// to the next one, and `accepted` only after that one's PUBACK: once mqgate has stopped, the
+/// queue is empty (an unsettled delivery would have gone back to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp10_source_publishes_to_mqtt_and_accepts_only_after_the_puback() {
+    use fe2o3_amqp::types::messaging::{ApplicationProperties, Data, Message, Properties};
+    use fe2o3_amqp::types::primitives::{Binary, OrderedMap};
+    use fe2o3_amqp::Sender;
+    let conn = rabbit().await;
+    let (q, _guard) = queue(&conn, "a10-source", FieldTable::default()).await;
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  rabbit:\n    url: \"{AMQP10_URL}\"\nsources:\n  - name: cmds\n    amqp10: rabbit\n    address: \"/amq/queue/{q}\"\n    qos: 0\n    requeue_delay: 200ms\n"
+    );
+    let app = gateway(&yaml).await;
+    wait_series(&app, "mqgate_source_connected{source=\"cmds\"} 1").await;
+
+    let mut first = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("sub1")).await;
+    first.subscribe("cmd/#", QoS::AtLeastOnce).await;
+    // Sent over AMQP 1.0, as a device's back end would.
+    let mut c = amqp10_connection().await;
+    let mut session = Session::begin(&mut c).await.expect("session");
+    let mut tx = Sender::attach(&mut session, unique("tx"), format!("/amq/queue/{q}"))
+        .await
+        .expect("sender");
+    let mut app_props = OrderedMap::new();
+    app_props.insert("x-mqtt-qos".to_owned(), SimpleValue::Int(1));
+    let m = Message::builder()
+        .properties(Properties { subject: Some("cmd/dev1".into()), ..Default::default() })
+        .application_properties(ApplicationProperties(app_props))
+        .body(Data(Binary::from(b"open the valve".to_vec())))
+        .build();
+    let outcome = tx.send(m).await.expect("send");
+    assert!(outcome.is_accepted(), "{outcome:?}");
+    let _ = tx.close().await;
+    let _ = session.end().await;
+    let _ = c.close().await;
+
+    let p = expect_publish(&mut first).await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("cmd/dev1", &b"open the valve"[..]));
+    assert_eq!(p.qos, QoS::AtLeastOnce, "QoS from x-mqtt-qos, not the source's qos: 0");
+    // Held unsettled by mqgate: not ready in the queue.
+    assert_eq!(messages_in(&conn, &q).await, 0);
+    // The subscriber leaves without PUBACK (clean session): released, and delivered again.
+    drop(first);
+    wait_series(&app, "mqgate_source_messages_total{source=\"cmds\",outcome=\"requeued\"}").await;
+    let mut second = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("sub2")).await;
+    second.subscribe("cmd/#", QoS::AtLeastOnce).await;
+    let p = match second.recv_within(Duration::from_secs(10)).await {
+        Ok(Some(Packet::Publish(p))) => p,
+        other => panic!("expected the released message again, got {other:?}"),
+    };
+    assert_eq!(&p.payload[..], b"open the valve");
+    second.send(&Packet::PubAck(mqgate::mqtt::codec::PubResponse::success(p.packet_id))).await;
+    wait_series(&app, "mqgate_source_messages_total{source=\"cmds\",outcome=\"delivered\"} 1")
+        .await;
+    expect_silence(&mut second, Duration::from_millis(700)).await;
+    app.stop().await;
+    assert_eq!(messages_in(&conn, &q).await, 0, "accepted: nothing went back to the queue");
+}
+
+#[test]
+fn amqp10_source_config_errors_have_positions() {
+    let yaml = "mqtt:\n  listen: \"127.0.0.1:1883\"\namqp10:\n  rabbit:\n    url: \"amqp://h:5672\"\nsources:\n  - name: a\n    amqp10: nope\n    address: \"/amq/queue/x\"\n  - name: b\n    amqp10: rabbit\n    queue: q\n  - name: c\n    amqp10: rabbit\n    address: \"/q\"\n    topic: \"cmd/+\"\n";
+    let e = mqgate::config::Config::parse(std::path::Path::new("c.yaml"), yaml)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.yaml:8:") && e.contains("no broker \"nope\" under amqp10:"), "{e}");
+    assert!(e.contains("an AMQP 1.0 source needs `address:`"), "{e}");
+    assert!(e.contains("c.yaml:12:") && e.contains("`queue:` is for AMQP 0-9-1 sources"), "{e}");
+    assert!(e.contains("c.yaml:16:") && e.contains("topic"), "{e}");
+}
+
+/// `on_no_subscriber: dead_letter`: a message nobody subscribed to is `rejected`, which
+/// RabbitMQ dead-letters into the queue's dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp10_source_rejects_what_nobody_subscribed_to_into_the_dead_letter_queue() {
+    use fe2o3_amqp::types::messaging::{Data, Message, Properties};
+    use fe2o3_amqp::types::primitives::Binary;
+    use fe2o3_amqp::Sender;
+    let conn = rabbit().await;
+    let (dlq, _dlq_guard) = queue(&conn, "a10-dlq", FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dlq.as_str().into()));
+    let (q, _guard) = queue(&conn, "a10-source-dl", args).await;
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  rabbit:\n    url: \"{AMQP10_URL}\"\nsources:\n  - name: dl\n    amqp10: rabbit\n    address: \"/amq/queue/{q}\"\n    on_no_subscriber: dead_letter\n"
+    );
+    let app = gateway(&yaml).await;
+    wait_series(&app, "mqgate_source_connected{source=\"dl\"} 1").await;
+    let mut c = amqp10_connection().await;
+    let mut session = Session::begin(&mut c).await.expect("session");
+    let mut tx = Sender::attach(&mut session, unique("tx"), format!("/amq/queue/{q}"))
+        .await
+        .expect("sender");
+    let m = Message::builder()
+        .properties(Properties { subject: Some("nobody/here".into()), ..Default::default() })
+        .body(Data(Binary::from(b"unheard".to_vec())))
+        .build();
+    assert!(tx.send(m).await.expect("send").is_accepted());
+    let _ = tx.close().await;
+    let _ = session.end().await;
+    let _ = c.close().await;
+    wait_series(&app, "mqgate_source_messages_total{source=\"dl\",outcome=\"dead_lettered\"} 1")
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while messages_in(&conn, &dlq).await < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "nothing dead-lettered into {dlq}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.stop().await;
+    assert_eq!(messages_in(&conn, &q).await, 0, "rejected, not requeued");
+    let got = receive(&dlq, 1, Duration::from_secs(5)).await;
+    assert_eq!(body_text(&got[0]), "unheard");
+}
+
+/// A lost connection: what the source had not settled goes back to the queue with the link;
+/// the source reconnects and delivers it again (at least once), and settles it after the
+/// PUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_amqp10_source_reconnects_and_gets_back_what_it_had_not_settled() {
+    use fe2o3_amqp::types::messaging::{Data, Message, Properties};
+    use fe2o3_amqp::types::primitives::Binary;
+    use fe2o3_amqp::Sender;
+    let conn = rabbit().await;
+    let (q, _guard) = queue(&conn, "a10-source-lost", FieldTable::default()).await;
+    let proxy = Proxy::start().await;
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp10:\n  rabbit:\n    url: \"amqp://guest:guest@{}\"\n    reconnect_min: 50ms\n    reconnect_max: 200ms\nsources:\n  - name: lost\n    amqp10: rabbit\n    address: \"/amq/queue/{q}\"\n",
+        proxy.addr
+    );
+    let app = gateway(&yaml).await;
+    wait_series(&app, "mqgate_source_connected{source=\"lost\"} 1").await;
+    let mut sub = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, &unique("sub")).await;
+    sub.subscribe("lost/#", QoS::AtLeastOnce).await;
+    let mut c = amqp10_connection().await;
+    let mut session = Session::begin(&mut c).await.expect("session");
+    let mut tx = Sender::attach(&mut session, unique("tx"), format!("/amq/queue/{q}"))
+        .await
+        .expect("sender");
+    let m = Message::builder()
+        .properties(Properties { subject: Some("lost/1".into()), ..Default::default() })
+        .body(Data(Binary::from(b"again".to_vec())))
+        .build();
+    assert!(tx.send(m).await.expect("send").is_accepted());
+    let _ = tx.close().await;
+    let _ = session.end().await;
+    let _ = c.close().await;
+    let first = expect_publish(&mut sub).await;
+    assert_eq!(&first.payload[..], b"again");
+    // No PUBACK yet: the delivery is unsettled when the connection goes.
+    proxy.cut();
+    wait_series(&app, "mqgate_source_connected{source=\"lost\"} 0").await;
+    proxy.restore();
+    wait_series(&app, "mqgate_source_connected{source=\"lost\"} 1").await;
+    let again = match sub.recv_within(Duration::from_secs(10)).await {
+        Ok(Some(Packet::Publish(p))) => p,
+        other => panic!("expected the unsettled message again, got {other:?}"),
+    };
+    assert_eq!(&again.payload[..], b"again");
+    sub.send(&Packet::PubAck(mqgate::mqtt::codec::PubResponse::success(again.packet_id))).await;
+    wait_series(&app, "mqgate_source_messages_total{source=\"lost\",outcome=\"delivered\"} 1")
+        .await;
+    app.stop().await;
+    assert_eq!(messages_in(&conn, &q).await, 0, "settled after the PUBACK");
+}

@@ -20,8 +20,14 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 fn config(bootstrap: &str, cluster: &str, store: Option<&std::path::Path>, rules: &str) -> String {
     let store = store.map_or(String::new(), |p| format!("store:\n  path: \"{}\"\n", p.display()));
     format!(
-        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n{store}kafka:\n  events:\n    bootstrap: [\"{bootstrap}\"]\n{cluster}rules:\n{rules}"
+        "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n{store}{}",
+        kafka_section(bootstrap, cluster, rules)
     )
+}
+
+/// The `kafka:` section (cluster `events`) and `rules`.
+fn kafka_section(bootstrap: &str, cluster: &str, rules: &str) -> String {
+    format!("kafka:\n  events:\n    bootstrap: [\"{bootstrap}\"]\n{cluster}rules:\n{rules}")
 }
 
 fn rule(topic: &str, ack: &str) -> String {
@@ -52,9 +58,26 @@ async fn read_all(
     want: usize,
     wait: Duration,
 ) -> Vec<Got> {
-    let (bootstrap, topic) = (bootstrap.to_owned(), topic.to_owned());
+    read_all_with(bootstrap, &[], topic, partitions, want, wait).await
+}
+
+/// [`read_all`] with extra consumer properties (TLS, SASL).
+async fn read_all_with(
+    bootstrap: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+    want: usize,
+    wait: Duration,
+) -> Vec<Got> {
+    let (bootstrap, topic, properties) =
+        (bootstrap.to_owned(), topic.to_owned(), properties.to_vec());
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut cc = ClientConfig::new();
+        for (k, v) in &properties {
+            cc.set(k, v);
+        }
+        let consumer: BaseConsumer = cc
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", unique("mqgate-kafka-test"))
             .set("enable.auto.commit", "false")
@@ -295,4 +318,179 @@ async fn config_errors_have_positions() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no.such.property"), "{e}");
+}
+
+/// The real binary (its log is what the refusal tests read), on spare ports.
+struct Spawned {
+    /// Killed on drop.
+    child: tokio::process::Child,
+    mqtt: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Spawned {
+    async fn start(dir: &std::path::Path, yaml_after_listeners: &str) -> Spawned {
+        use crate::support::mosquitto::spare_port;
+        let mqtt = std::net::SocketAddr::from(([127, 0, 0, 1], spare_port()));
+        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], spare_port()));
+        let config = dir.join("mqgate.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "mqtt:\n  listen: \"{mqtt}\"\nadmin:\n  listen: \"{admin}\"\n{yaml_after_listeners}"
+            ),
+        )
+        .expect("write config");
+        let log = dir.join("mqgate.log");
+        let out = std::fs::File::create(&log).expect("log file");
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mqgate"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(out.try_clone().expect("log file"))
+            .stderr(out)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn mqgate");
+        let gw = Spawned { child, mqtt, admin, log };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while !matches!(http_get(admin, "/healthz").await, Ok((200, _))) {
+            assert!(tokio::time::Instant::now() < deadline, "mqgate did not start:\n{}", gw.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        gw
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `/readyz` until its body satisfies `done` (20 s at most); returns status and body.
+    async fn readyz_until(&self, done: impl Fn(&str) -> bool) -> (u16, String) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = http_get(self.admin, "/readyz").await.expect("readyz");
+            if done(&body) {
+                return (status, body);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "/readyz never got there: {status} {body}\nlog:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The `tls:`/`sasl:` lines of cluster `events` (indented four spaces).
+fn security_yaml(ca: Option<&std::path::Path>, plain: Option<(&str, &str)>) -> String {
+    let mut y = String::new();
+    if let Some(ca) = ca {
+        y.push_str(&format!("    tls:\n      ca: \"{}\"\n", ca.display()));
+    }
+    if let Some((u, p)) = plain {
+        y.push_str(&format!(
+            "    sasl:\n      mechanism: plain\n      username: \"{u}\"\n      password: \"{p}\"\n"
+        ));
+    }
+    y
+}
+
+/// SASL_SSL (PLAIN over TLS) with the right password and a trusted broker certificate: QoS 1
+/// is acknowledged after the cluster's acknowledgement, and the record is in Kafka (read back
+/// by a consumer logging in the same way).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_plain_over_tls_with_good_credentials_delivers() {
+    use crate::support::certs::Ca;
+    use crate::support::kafka_front::{client_properties, SecureCluster, Security};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "kafka");
+    let server = ca.server("kafka-broker");
+    let topic = unique("secure");
+    let login = ("mqgate", "s3cret");
+    let cluster =
+        SecureCluster::start(&topic, 1, Security { tls: Some(&server), plain: Some(login) }).await;
+    let bootstrap = cluster.bootstrap();
+    let yaml =
+        config(&bootstrap, &security_yaml(Some(&ca.pem), Some(login)), None, &rule(&topic, "sink"));
+    let app = gateway(&yaml).await;
+    let mut c = RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, "kafka-sasl-ssl").await;
+    let acked = publish(&mut c, 20, 2, 1, Duration::from_secs(15)).await;
+    assert_eq!(acked, (1..=20).collect::<Vec<u16>>(), "every QoS 1 PUBLISH acknowledged, in order");
+    let (status, body) = http_get(app.admin_addr, "/readyz").await.expect("readyz");
+    assert_eq!(status, 200, "{body}");
+    let props = client_properties(Some(&ca.pem), Some(login));
+    let got = read_all_with(&bootstrap, &props, &topic, 1, 20, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 20, "each message once in Kafka");
+    assert_in_order_per_key(&got, 20, 2);
+    app.stop().await;
+}
+
+/// SASL/PLAIN with a wrong password: never acknowledged as delivered; `/readyz` (503) and the
+/// log carry the broker's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_plain_with_a_wrong_password_is_refused_with_the_reason() {
+    use crate::support::kafka_front::{SecureCluster, Security};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let topic = unique("secure");
+    let cluster =
+        SecureCluster::start(&topic, 1, Security { tls: None, plain: Some(("mqgate", "s3cret")) })
+            .await;
+    let yaml = kafka_section(
+        &cluster.bootstrap(),
+        &format!("    delivery_timeout: 2s\n{}", security_yaml(None, Some(("mqgate", "wrong")))),
+        &rule(&topic, "sink"),
+    );
+    let gw = Spawned::start(dir.path(), &yaml).await;
+    let (status, body) = gw.readyz_until(|b| b.contains("Authentication failed")).await;
+    println!("/readyz: {status} {body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("SASL"), "/readyz names SASL: {body}");
+    let log = gw.log();
+    assert!(
+        log.contains("Invalid username or password") && log.contains("SASL"),
+        "the log has the broker's reason:\n{log}"
+    );
+    // A QoS 1 message is not acknowledged as delivered (MQTT 5: DISCONNECT 0x89 once its
+    // delivery_timeout passed; never a success PUBACK).
+    let mut c = RawClient::connect(gw.mqtt, ProtocolVersion::V5, "kafka-sasl-bad").await;
+    c.publish("k/0", QoS::AtLeastOnce, 1, b"refused").await;
+    match c.recv_within(Duration::from_secs(15)).await {
+        Ok(Some(Packet::PubAck(a))) => assert!(a.code.0 >= 0x80, "PUBACK {:#04x}", a.code.0),
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.code.0, 0x89, "{d:?}"),
+        Ok(None) => {}
+        other => panic!("expected no success, got {other:?}"),
+    }
+    drop(gw.child);
+}
+
+/// TLS to a broker whose certificate the configured CA did not sign: never connected;
+/// `/readyz` (503) and the log say it is the certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_an_untrusted_broker_is_refused_with_the_reason() {
+    use crate::support::certs::Ca;
+    use crate::support::kafka_front::{SecureCluster, Security};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new(dir.path(), "kafka");
+    let other = Ca::new(dir.path(), "other");
+    let server = other.server("kafka-broker");
+    let topic = unique("secure");
+    let cluster =
+        SecureCluster::start(&topic, 1, Security { tls: Some(&server), plain: None }).await;
+    let yaml = kafka_section(
+        &cluster.bootstrap(),
+        &security_yaml(Some(&ca.pem), None),
+        &rule(&topic, "sink"),
+    );
+    let gw = Spawned::start(dir.path(), &yaml).await;
+    let (status, body) = gw.readyz_until(|b| b.contains("certificate verify failed")).await;
+    println!("/readyz: {status} {body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        gw.log().contains("certificate verify failed"),
+        "the log has the reason:\n{}",
+        gw.log()
+    );
+    drop(gw.child);
 }

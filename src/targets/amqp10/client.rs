@@ -615,8 +615,9 @@ fn refuse(shared: &Shared, a: Attach) {
     let _ = a.reply.send(Err(Failure::retryable(why)));
 }
 
-/// TCP, TLS (`amqps://`, with the `tls:` rustls config), SASL and open.
-async fn connect(
+/// TCP, TLS (`amqps://`, with the `tls:` rustls config), SASL and open (also the AMQP 1.0
+/// sources' connection, `sources/amqp10.rs`).
+pub(crate) async fn connect(
     name: &str,
     cfg: &Amqp10BrokerConfig,
     url: &BrokerUrl,

@@ -99,6 +99,10 @@ struct Shared {
     down: AtomicBool,
     /// The last error librdkafka reported (for `/readyz`).
     last_error: Mutex<String>,
+    /// The last refusal of the brokers' TLS or SASL (a certificate not trusted, a wrong
+    /// password): kept until a record is delivered again, so `/readyz` names it rather than the
+    /// "all brokers down" that follows it.
+    refused: Mutex<Option<String>>,
 }
 
 impl ClientContext for Ctx {
@@ -123,11 +127,17 @@ impl ClientContext for Ctx {
         if let Ok(mut last) = self.shared.last_error.lock() {
             *last = format!("{error}: {reason}");
         }
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::Fatal)
-        ) {
-            self.shared.down.store(true, Ordering::Relaxed);
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SSL) => {
+                if let Ok(mut refused) = self.shared.refused.lock() {
+                    *refused = Some(reason.to_owned());
+                }
+                self.shared.down.store(true, Ordering::Relaxed);
+            }
+            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::Fatal) => {
+                self.shared.down.store(true, Ordering::Relaxed);
+            }
+            _ => {}
         }
     }
 }
@@ -138,7 +148,11 @@ impl ProducerContext for Ctx {
     fn delivery(&self, result: &DeliveryResult<'_>, pending: Box<Pending>) {
         match result {
             Ok(_) => {
-                self.shared.down.store(false, Ordering::Relaxed);
+                if self.shared.down.swap(false, Ordering::Relaxed) {
+                    if let Ok(mut refused) = self.shared.refused.lock() {
+                        *refused = None;
+                    }
+                }
                 pending.resolve(Outcome::Delivered);
             }
             Err((e, _)) => pending.resolve(Outcome::Failed(failure(e))),
@@ -237,6 +251,7 @@ impl Cluster {
             name: name.to_owned(),
             down: AtomicBool::new(false),
             last_error: Mutex::new(String::new()),
+            refused: Mutex::new(None),
         });
         let producer = if connect {
             let cc = client_config(c)?;
@@ -354,7 +369,10 @@ impl Health for Cluster {
 
     fn state(&self) -> Result<String, String> {
         if self.shared.down.load(Ordering::Relaxed) {
-            let last = self.shared.last_error.lock().map(|l| l.clone()).unwrap_or_default();
+            let refused = self.shared.refused.lock().ok().and_then(|r| r.clone());
+            let last = refused.unwrap_or_else(|| {
+                self.shared.last_error.lock().map(|l| l.clone()).unwrap_or_default()
+            });
             Err(format!("disconnected ({last})"))
         } else {
             Ok("up".into())

@@ -199,6 +199,9 @@ fn set_state(shared: &Shared, state: Result<String, String>) {
     }
 }
 
+/// Messages taken from the queue at once.
+const BATCH: usize = 256;
+
 /// The socket task.
 async fn run<S: Socket + SocketSend>(
     mut socket: S,
@@ -234,31 +237,52 @@ async fn run<S: Socket + SocketSend>(
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
-    loop {
-        let out = tokio::select! {
+    // The queue is drained a batch at a time: one wake-up of this task per batch, and the
+    // batch's share of the byte budget given back at once (the semaphore's release takes a
+    // lock), once the batch is in the socket's hands.
+    let mut batch: Vec<Out> = Vec::with_capacity(BATCH);
+    'run: loop {
+        let n = tokio::select! {
             biased;
-            out = rx.recv() => match out { Some(o) => o, None => break },
+            n = rx.recv_many(&mut batch, BATCH) => n,
             () = shutdown.cancelled() => break,
         };
-        let frames = vec![out.topic.clone(), out.payload.clone()];
-        let msg = match ZmqMessage::try_from(frames) {
-            Ok(m) => m,
-            Err(_) => {
-                out.resolve(Outcome::Failed(Failure::fatal("empty ZeroMQ message")));
-                continue;
+        if n == 0 {
+            break;
+        }
+        let mut budget: Option<OwnedSemaphorePermit> = None;
+        let mut outs = batch.drain(..);
+        while let Some(mut out) = outs.next() {
+            if let Some(p) = out.bytes.take() {
+                match &mut budget {
+                    Some(b) => b.merge(p),
+                    None => budget = Some(p),
+                }
             }
-        };
-        // A PUSH socket waits here for a peer (the queue behind it fills: backpressure).
-        let sent = tokio::select! {
-            r = socket.send(msg) => r,
-            () = shutdown.cancelled() => {
-                out.resolve(Outcome::Failed(Failure::retryable("mqgate is shutting down")));
-                break;
+            let frames = vec![std::mem::take(&mut out.topic), std::mem::take(&mut out.payload)];
+            let msg = match ZmqMessage::try_from(frames) {
+                Ok(m) => m,
+                Err(_) => {
+                    out.resolve(Outcome::Failed(Failure::fatal("empty ZeroMQ message")));
+                    continue;
+                }
+            };
+            // A PUSH socket waits here for a peer (the queue behind it fills: backpressure).
+            let sent = tokio::select! {
+                biased;
+                r = socket.send(msg) => r,
+                () = shutdown.cancelled() => {
+                    out.resolve(Outcome::Failed(Failure::retryable("mqgate is shutting down")));
+                    for rest in outs {
+                        rest.resolve(Outcome::Failed(Failure::retryable("mqgate is shutting down")));
+                    }
+                    break 'run;
+                }
+            };
+            match sent {
+                Ok(()) => out.resolve(Outcome::Delivered),
+                Err(e) => out.resolve(Outcome::Failed(Failure::retryable(format!("ZeroMQ: {e}")))),
             }
-        };
-        match sent {
-            Ok(()) => out.resolve(Outcome::Delivered),
-            Err(e) => out.resolve(Outcome::Failed(Failure::retryable(format!("ZeroMQ: {e}")))),
         }
     }
     // What is left is not sent: counted as failed.

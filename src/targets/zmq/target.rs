@@ -38,10 +38,14 @@ impl Target for ZmqTarget {
         _ctx: &mut LazyContext,
         hand: &mut Handoff<'_>,
     ) -> Result<(), TemplateError> {
+        // Only `ack: receive` rules send here; their outcomes are not read, so no outcome
+        // channel is made for them (the counters say what became of the message). Anything
+        // else that waits (a replay's `targets::send`) gets one.
+        let ack = if hand.awaited() { hand.ack() } else { None };
         let out = Out::new(
             Bytes::copy_from_slice(msg.topic.as_bytes()),
             msg.payload.clone(),
-            hand.ack(),
+            ack,
             self.metrics.clone(),
         );
         hand.offer(out, |o| self.socket.try_send(o), |o| Box::pin(self.socket.clone().send(o)));

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // not every helper is used by every test module
 
 pub mod certs;
+pub mod kafka_front;
 pub mod mosquitto;
 pub mod proxy;
 pub mod rabbit_node;
