@@ -1,0 +1,531 @@
+//! The node's one AMQP connection to the cluster's broker, owned by one task: declares the
+//! exchange and the node's queue, keeps the queue's bindings equal to the node's interest,
+//! publishes what routing forwards (channel 1, confirm mode: a QoS 1/2 message's outcome is
+//! the broker's confirm) and consumes the node's queue (channel 2, no-ack, exclusive),
+//! handing each message from another node to the local broker. Reconnects with backoff; the
+//! new queue is bound again from the whole interest.
+//!
+//! A message on the wire: `1u8`, the sending node's id (u8 length + bytes), then the message
+//! in the store's encoding (`store::codec`: topic, QoS, RETAIN, payload, every MQTT 5
+//! property, client id, user name): exact, whatever the topic or properties hold.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{keys, Cluster, ClusterConfig, Forward};
+use crate::broker::Broker;
+use crate::config::AmqpBrokerConfig;
+use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
+use crate::store::codec;
+use crate::targets::amqp::transport::{self, describe, Transport, Uri};
+use crate::targets::amqp::wire::consume::{self, ConsumerFrame, ConsumerMethod, Deliver};
+use crate::targets::amqp::wire::frame;
+use crate::targets::amqp::wire::methods::{self, Method, Properties, QueueFlags, REPLY_SUCCESS};
+use crate::targets::amqp::wire::table::Value;
+use crate::targets::{Failure, Outcome, Waits};
+
+/// The confirm-mode channel messages are published on.
+const PUBLISH_CHANNEL: u16 = 1;
+/// The channel of declares, bindings and the consumer.
+const CONSUME_CHANNEL: u16 = 2;
+/// Publishes sent and not yet confirmed, at most.
+const MAX_UNCONFIRMED: usize = 4096;
+/// Forwards taken from the queue into one write, at most.
+const BATCH: usize = 256;
+/// How often heartbeats are looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// On shutdown, how long the broker may take to answer `connection.close`.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Version byte of a message on the wire.
+const WIRE_VERSION: u8 = 1;
+
+/// The link's settings, from `cluster:` and its `amqp:` broker.
+pub(super) struct Settings {
+    /// The broker's URL (with credentials: never logged).
+    url: String,
+    /// TLS and SASL of the broker.
+    security: transport::Security,
+    /// The topic exchange.
+    exchange: String,
+    /// This node's queue.
+    queue: String,
+    /// Its `x-max-length`.
+    inbound_max: u32,
+    /// Time allowed for connecting and the setup.
+    connect_timeout: Duration,
+    /// First reconnect delay.
+    reconnect_min: Duration,
+    /// Longest reconnect delay.
+    reconnect_max: Duration,
+}
+
+impl Settings {
+    pub(super) fn new(cfg: &ClusterConfig, broker: &AmqpBrokerConfig) -> Settings {
+        let reconnect_min = broker.reconnect_min.0.max(Duration::from_millis(1));
+        Settings {
+            url: broker.url.value.clone(),
+            security: broker.security(),
+            exchange: cfg.exchange(),
+            queue: cfg.node_queue(),
+            inbound_max: cfg.inbound_max,
+            connect_timeout: broker.connect_timeout.0,
+            reconnect_min,
+            reconnect_max: broker.reconnect_max.0.max(reconnect_min),
+        }
+    }
+}
+
+/// Runs the link until `shutdown`: connect, set up, publish and consume, reconnect.
+pub(super) async fn run(
+    s: Settings,
+    cluster: Arc<Cluster>,
+    broker: Arc<Broker>,
+    mut rx: mpsc::Receiver<Forward>,
+    shutdown: CancellationToken,
+) {
+    let uri = match s.url.parse::<Uri>() {
+        Ok(uri) => uri,
+        Err(e) => {
+            cluster.set_down(Some(format!("the broker's url is not a valid AMQP URI: {e}")));
+            shutdown.cancelled().await;
+            return;
+        }
+    };
+    let endpoint = format!("{}:{} (vhost {:?})", uri.host, uri.port, uri.vhost);
+    let node = Arc::clone(&cluster.node_id);
+    let mut delay = s.reconnect_min;
+    loop {
+        let attempt = tokio::time::timeout(s.connect_timeout, setup(&uri, &s, &cluster));
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = attempt => a,
+        };
+        let why = match attempt {
+            Ok(Ok((t, bound))) => {
+                delay = s.reconnect_min;
+                info!(%node, %endpoint, queue = %s.queue, "cluster link up");
+                cluster.set_down(None);
+                let mut link = Link::new(&s, &cluster, &broker, t, bound);
+                let ended = link.run(&mut rx, &shutdown).await;
+                let reason = ended.clone().unwrap_or_else(|| "shutting down".into());
+                cluster.set_down(Some(reason.clone()));
+                link.fail_unconfirmed(&reason);
+                let Some(reason) = ended else { return };
+                warn!(%node, %endpoint, %reason, retry_in = ?delay, "cluster link lost");
+                reason
+            }
+            Ok(Err(e)) => {
+                warn!(%node, %endpoint, error = %e, retry_in = ?delay, "cluster link could not start");
+                e
+            }
+            Err(_) => {
+                let e = format!("no connection within {:?}", s.connect_timeout);
+                warn!(%node, %endpoint, error = %e, retry_in = ?delay, "cluster link could not start");
+                e
+            }
+        };
+        cluster.set_down(Some(why.clone()));
+        // While down, what was queued before fails (retryable): the publisher resends.
+        let pause = tokio::time::sleep(jitter(delay));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut pause => break,
+                Some(fwd) = rx.recv() => fail(fwd.ack, &why),
+            }
+        }
+        delay = (delay * 2).min(s.reconnect_max);
+    }
+}
+
+/// Reports a retryable failure on `ack`, if there is one.
+fn fail(ack: Option<crate::targets::AckSender>, why: &str) {
+    if let Some(ack) = ack {
+        let reason = format!("cluster link down: {why}");
+        let _ = ack.send(Outcome::Failed(Failure::retryable(reason)));
+    }
+}
+
+/// Connects, declares the exchange and the node's queue, binds what the node needs and starts
+/// consuming. Returns the transport and the bound keys.
+async fn setup(
+    uri: &Uri,
+    s: &Settings,
+    cluster: &Cluster,
+) -> Result<(Transport, HashSet<String>), String> {
+    let name = format!("cluster/{}", cluster.node_id);
+    let link = transport::connect(uri, &s.security, &name, 1).await.map_err(|e| e.to_string())?;
+    let mut t = link.transport;
+    let ch = CONSUME_CHANNEL;
+    let wire = |e: crate::targets::amqp::wire::WireError| e.to_string();
+    methods::exchange_declare(&mut t.wbuf, ch, &s.exchange, "topic", true).map_err(wire)?;
+    expect(&mut t, ch, "exchange.declare", |m| {
+        matches!(m, ConsumerMethod::Common(Method::ExchangeDeclareOk))
+    })
+    .await?;
+    let flags = QueueFlags { passive: false, durable: false, exclusive: true, auto_delete: true };
+    let max_length = i32::try_from(s.inbound_max).unwrap_or(i32::MAX);
+    let args = [("x-max-length", Value::I32(max_length))];
+    methods::queue_declare(&mut t.wbuf, ch, &s.queue, flags, &args).map_err(wire)?;
+    expect(&mut t, ch, "queue.declare", |m| matches!(m, ConsumerMethod::QueueDeclareOk { .. }))
+        .await
+        .map_err(|e| {
+            if e.contains("405") {
+                format!("{e} (another running node uses node_id {})", cluster.node_id)
+            } else {
+                e
+            }
+        })?;
+    let mut bound = HashSet::new();
+    let wanted = cluster.all_wanted();
+    let all = std::iter::once(keys::RETAINED_BINDING.to_owned()).chain(wanted);
+    for key in all {
+        methods::queue_bind(&mut t.wbuf, ch, &s.queue, &s.exchange, &key).map_err(wire)?;
+        bound.insert(key);
+    }
+    // Every bind-ok, in order (the binds went in one write).
+    for _ in 0..bound.len() {
+        expect(&mut t, ch, "queue.bind", |m| matches!(m, ConsumerMethod::QueueBindOk)).await?;
+    }
+    let tag = format!("mqgate-cluster/{}", cluster.node_id);
+    consume::basic_consume_with(&mut t.wbuf, ch, &s.queue, &tag, true, true).map_err(wire)?;
+    expect(&mut t, ch, "basic.consume", |m| matches!(m, ConsumerMethod::ConsumeOk(_))).await?;
+    Ok((t, bound))
+}
+
+/// A delivery being assembled from its frames.
+enum Assembly {
+    /// Between messages.
+    Idle,
+    /// `basic.deliver` came; its content header is next.
+    Header,
+    /// Header came; body frames until `size` bytes.
+    Body { size: usize, body: BytesMut },
+}
+
+/// The link on one live connection.
+struct Link<'a> {
+    /// Settings.
+    s: &'a Settings,
+    /// The handle (interest, node id, metrics).
+    cluster: &'a Cluster,
+    /// Where messages from other nodes are delivered.
+    broker: &'a Broker,
+    /// The socket and its buffers.
+    t: Transport,
+    /// Keys the queue is bound with now.
+    bound: HashSet<String>,
+    /// Publishes awaiting their confirm: delivery tag and the ack to tell, in tag order.
+    unconfirmed: VecDeque<(u64, Option<crate::targets::AckSender>)>,
+    /// The delivery tag of the next publish.
+    next_tag: u64,
+    /// The delivery being assembled.
+    assembly: Assembly,
+    /// Scratch for encoding one message.
+    body: BytesMut,
+}
+
+impl<'a> Link<'a> {
+    fn new(
+        s: &'a Settings,
+        cluster: &'a Cluster,
+        broker: &'a Broker,
+        t: Transport,
+        bound: HashSet<String>,
+    ) -> Self {
+        Link {
+            s,
+            cluster,
+            broker,
+            t,
+            bound,
+            unconfirmed: VecDeque::new(),
+            next_tag: 1,
+            assembly: Assembly::Idle,
+            body: BytesMut::new(),
+        }
+    }
+
+    /// Runs until the connection is lost (`Some(reason)`) or shutdown (`None`).
+    async fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<Forward>,
+        shutdown: &CancellationToken,
+    ) -> Option<String> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Changes made while connecting (the setup bound a snapshot).
+        self.apply_changes();
+        loop {
+            let want_write = self.t.has_pending_writes();
+            let room = self.unconfirmed.len() < MAX_UNCONFIRMED;
+            let res = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.close().await;
+                    return None;
+                }
+                r = self.t.stream.readable() => match r {
+                    Ok(()) => self.on_readable(),
+                    Err(e) => Err(format!("read failed: {e}")),
+                },
+                () = self.cluster.changed.notified() => {
+                    self.apply_changes();
+                    Ok(())
+                }
+                Some(fwd) = rx.recv(), if room => {
+                    self.publish(fwd);
+                    for _ in 1..BATCH {
+                        if self.unconfirmed.len() >= MAX_UNCONFIRMED {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(fwd) => self.publish(fwd),
+                            Err(_) => break,
+                        }
+                    }
+                    Ok(())
+                }
+                r = self.t.stream.writable(), if want_write => match r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(format!("write failed: {e}")),
+                },
+                _ = tick.tick() => self.on_tick(),
+            };
+            if let Err(reason) = res {
+                return Some(reason);
+            }
+            if let Err(e) = self.t.try_flush() {
+                return Some(format!("write failed: {e}"));
+            }
+        }
+    }
+
+    /// Binds and unbinds as the interest changed.
+    fn apply_changes(&mut self) {
+        for (key, wanted) in self.cluster.take_changes() {
+            let (q, x) = (&self.s.queue, &self.s.exchange);
+            if wanted && !self.bound.contains(&key) {
+                if methods::queue_bind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
+                    self.bound.insert(key);
+                }
+            } else if !wanted
+                && self.bound.remove(&key)
+                && methods::queue_unbind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_err()
+            {
+                debug!(%key, "unbind not encoded");
+            }
+        }
+    }
+
+    /// Publishes `fwd` to the exchange (one publish whoever wants it).
+    fn publish(&mut self, fwd: Forward) {
+        let msg = &fwd.msg;
+        let encoded = match codec::encode_message(msg) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                if let Some(ack) = fwd.ack {
+                    let reason = format!("cannot be sent to the cluster: {e}");
+                    let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
+                }
+                return;
+            }
+        };
+        let node = self.cluster.node_id.as_bytes();
+        self.body.clear();
+        self.body.reserve(2 + node.len() + encoded.len());
+        self.body.put_u8(WIRE_VERSION);
+        self.body.put_u8(node.len() as u8);
+        self.body.extend_from_slice(node);
+        self.body.extend_from_slice(&encoded);
+        let key = keys::routing_key(&msg.topic, msg.retain);
+        let properties = Properties { delivery_mode: 1, ..Properties::default() };
+        let sent = methods::publish_with(
+            &mut self.t.wbuf,
+            PUBLISH_CHANNEL,
+            &self.s.exchange,
+            &key,
+            false,
+            &properties,
+            &self.body,
+            self.t.frame_max,
+        );
+        match sent {
+            Ok(()) => {
+                self.unconfirmed.push_back((self.next_tag, fwd.ack));
+                self.next_tag += 1;
+            }
+            Err(e) => {
+                if let Some(ack) = fwd.ack {
+                    let reason = format!("cannot be sent to the cluster: {e}");
+                    let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
+                }
+            }
+        }
+    }
+
+    /// Reads what is there and handles every complete frame.
+    fn on_readable(&mut self) -> Result<(), String> {
+        if !self.t.try_fill().map_err(|e| format!("read failed: {e}"))? {
+            return Err("the broker closed the connection".into());
+        }
+        while let Some(frame) = self.t.next_consumer_frame().map_err(|e| e.to_string())? {
+            self.on_frame(frame)?;
+        }
+        Ok(())
+    }
+
+    fn on_frame(&mut self, frame: ConsumerFrame) -> Result<(), String> {
+        match frame {
+            ConsumerFrame::Heartbeat => {}
+            ConsumerFrame::Method { channel, method } => return self.on_method(channel, method),
+            ConsumerFrame::Header { channel: CONSUME_CHANNEL, body_size, .. } => {
+                if !matches!(self.assembly, Assembly::Header) {
+                    return Err("content header without basic.deliver".into());
+                }
+                let size = usize::try_from(body_size).map_err(|_| "body too large")?;
+                if size == 0 {
+                    self.assembly = Assembly::Idle;
+                    self.on_message(&[]);
+                } else {
+                    let body = BytesMut::with_capacity(size.min(self.t.frame_max as usize));
+                    self.assembly = Assembly::Body { size, body };
+                }
+            }
+            ConsumerFrame::Body { channel: CONSUME_CHANNEL, bytes } => {
+                let Assembly::Body { body, size } = &mut self.assembly else {
+                    return Err("content body without a header".into());
+                };
+                body.extend_from_slice(&bytes);
+                if body.len() >= *size {
+                    if let Assembly::Body { body, .. } =
+                        std::mem::replace(&mut self.assembly, Assembly::Idle)
+                    {
+                        self.on_message(&body);
+                    }
+                }
+            }
+            ConsumerFrame::Header { .. } | ConsumerFrame::Body { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn on_method(&mut self, channel: u16, method: ConsumerMethod) -> Result<(), String> {
+        match method {
+            ConsumerMethod::Deliver(Deliver { .. }) if channel == CONSUME_CHANNEL => {
+                self.assembly = Assembly::Header;
+            }
+            ConsumerMethod::Common(Method::BasicAck { tag, multiple }) => {
+                self.confirmed(tag, multiple, true)
+            }
+            ConsumerMethod::Common(Method::BasicNack { tag, multiple }) => {
+                self.confirmed(tag, multiple, false)
+            }
+            ConsumerMethod::Cancel(tag) => {
+                consume::basic_cancel_ok(&mut self.t.wbuf, channel, &tag);
+                return Err("the broker cancelled the node's consumer (queue deleted?)".into());
+            }
+            ConsumerMethod::Common(Method::ConnectionClose(c)) => {
+                methods::connection_close_ok(&mut self.t.wbuf);
+                let _ = self.t.try_flush();
+                return Err(format!("the broker closed the connection: {}", describe(&c)));
+            }
+            ConsumerMethod::Common(Method::ChannelClose(c)) => {
+                methods::channel_close_ok(&mut self.t.wbuf, channel);
+                return Err(format!("the broker closed channel {channel}: {}", describe(&c)));
+            }
+            ConsumerMethod::Common(Method::ChannelFlow(active)) => {
+                methods::channel_flow_ok(&mut self.t.wbuf, channel, active);
+            }
+            // bind-ok, unbind-ok, blocked/unblocked (publishes wait in TCP and confirms).
+            other => debug!(channel, ?other, "cluster link: method ignored"),
+        }
+        Ok(())
+    }
+
+    /// A confirm (`ok`) or nack of `tag` (and every lower one with `multiple`).
+    fn confirmed(&mut self, tag: u64, multiple: bool, ok: bool) {
+        let outcome = || {
+            if ok {
+                Outcome::Delivered
+            } else {
+                Outcome::Failed(Failure::retryable("the broker refused the message (nack)"))
+            }
+        };
+        if multiple {
+            while self.unconfirmed.front().is_some_and(|(t, _)| *t <= tag) {
+                if let Some((_, Some(ack))) = self.unconfirmed.pop_front() {
+                    let _ = ack.send(outcome());
+                }
+            }
+        } else if let Ok(i) = self.unconfirmed.binary_search_by_key(&tag, |(t, _)| *t) {
+            if let Some((_, Some(ack))) = self.unconfirmed.remove(i) {
+                let _ = ack.send(outcome());
+            }
+        }
+    }
+
+    /// One message from the cluster's exchange: another node's is delivered locally, this
+    /// node's own (it came back through a binding) is dropped: delivered already.
+    fn on_message(&mut self, body: &[u8]) {
+        let Some((&WIRE_VERSION, rest)) = body.split_first() else {
+            warn!("cluster message of an unknown format dropped");
+            return;
+        };
+        let Some((&len, rest)) = rest.split_first() else { return };
+        let Some((origin, encoded)) = rest.split_at_checked(usize::from(len)) else {
+            warn!("truncated cluster message dropped");
+            return;
+        };
+        if origin == self.cluster.node_id.as_bytes() {
+            return;
+        }
+        match codec::decode_message(encoded) {
+            Ok(msg) => {
+                let msg = Arc::new(msg);
+                self.broker.publish(&msg, None, &mut Waits::new());
+            }
+            Err(e) => warn!(error = %e, "cluster message that cannot be read dropped"),
+        }
+    }
+
+    /// Heartbeats, and the broker's silence.
+    fn on_tick(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        if let Some(hb) = self.t.heartbeat {
+            if now.duration_since(self.t.last_read) > hb * 2 {
+                return Err(format!("no data from the broker for {:?}", hb * 2));
+            }
+            if self.t.wbuf.is_empty() && now.duration_since(self.t.last_write) >= hb / 2 {
+                frame::heartbeat(&mut self.t.wbuf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails every publish still waiting for its confirm (the connection is gone: it may or
+    /// may not have reached the other nodes; the publisher resends).
+    fn fail_unconfirmed(&mut self, why: &str) {
+        for (_, ack) in self.unconfirmed.drain(..) {
+            fail(ack, why);
+        }
+    }
+
+    /// Closes the connection on shutdown.
+    async fn close(&mut self) {
+        methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate node stopping");
+        let t = &mut self.t;
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            flush_all(t).await?;
+            expect_close_ok(t).await
+        })
+        .await;
+    }
+}

@@ -1,0 +1,257 @@
+//! Several mqgate nodes acting as one MQTT broker, with RabbitMQ as the backbone
+//! (`cluster:` in the config; docs/cluster.md). Without `cluster:` nothing here exists and
+//! routing pays one `OnceLock` load per message.
+//!
+//! Cross-node delivery: every message routed on a node (a PUBLISH, a will, an HTTP publish) is
+//! also published, once, to the topic exchange `{prefix}.messages` with a coarse routing key
+//! (`keys`). Each node consumes its own exclusive, auto-deleted queue
+//! `{prefix}.node.{node_id}`, bound with one binding key per distinct coarse key of its
+//! subscriptions (reference-counted here: a binding is added on the first subscription that
+//! needs it and removed with the last), plus `r.#` so that every node keeps every retained
+//! message. What arrives is handed to the local broker (`Broker::publish`), which matches the
+//! topic exactly against the node's own subscriptions: the coarse keys only decide which nodes
+//! see a message. Rules run only where the message arrived; a node drops its own messages when
+//! they come back through its queue (it delivered them locally already).
+//!
+//! Layout: `config` (`cluster:`), `keys` (topics and filters as routing and binding keys,
+//! pure), `link` (the one task owning the node's AMQP connection: publishes with confirms,
+//! binds, consumes), this file the handle the broker and routing hold.
+//!
+//! Bounded: the queue to the link (`cluster.queue`, full: publishers wait as for a full AMQP
+//! sink), the node's RabbitMQ queue (`cluster.inbound_max`, RabbitMQ drops the oldest), the
+//! unconfirmed publishes of the link; the interest map holds one entry per distinct binding.
+
+pub mod config;
+pub mod keys;
+mod link;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic;
+use crate::targets::{AckSender, Blocked, Handoff, Waits};
+pub use config::ClusterConfig;
+
+/// Reason label of `messages_dropped` for messages not sent to the other nodes because this
+/// node has no connection to RabbitMQ.
+pub const DROPPED_UNAVAILABLE: &str = "cluster_unavailable";
+
+/// One message for the other nodes.
+#[derive(Debug)]
+struct Forward {
+    /// The message.
+    msg: Arc<Message>,
+    /// QoS 1/2: told `Delivered` once RabbitMQ confirmed the publish.
+    ack: Option<AckSender>,
+}
+
+/// The bindings this node's subscriptions need.
+#[derive(Debug, Default)]
+struct Interest {
+    /// Subscriptions (and share-group memberships) per binding key.
+    counts: HashMap<String, usize>,
+    /// Keys whose count went to or from zero since the link last looked.
+    dirty: HashSet<String>,
+}
+
+/// The cluster as the broker and routing see it: where messages for the other nodes go and
+/// where subscriptions register their interest. One per node, shared.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This node's id (also in every message it sends, to recognise them coming back).
+    node_id: Arc<str>,
+    /// The queue in front of the link task.
+    tx: mpsc::Sender<Forward>,
+    /// Binding keys and their subscriptions.
+    interest: Mutex<Interest>,
+    /// Told when `interest.dirty` gained a key.
+    changed: Notify,
+    /// True while the link is connected and consuming.
+    connected: AtomicBool,
+    /// Why the link is down, for `/readyz` (`None` while connected).
+    down: Mutex<Option<String>>,
+    /// Drops are counted here.
+    metrics: Arc<Metrics>,
+}
+
+impl Cluster {
+    /// Attaches a cluster to `broker` (its current subscriptions become the first bindings)
+    /// and returns the link of this node to the cluster's broker `broker_cfg`, to spawn: it
+    /// runs until `shutdown`.
+    pub fn start(
+        cfg: &ClusterConfig,
+        broker_cfg: &crate::config::AmqpBrokerConfig,
+        broker: &Arc<Broker>,
+        metrics: &Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let cluster = Arc::new(Cluster {
+            node_id: Arc::from(cfg.node_id.value.as_str()),
+            tx,
+            interest: Mutex::new(Interest::default()),
+            changed: Notify::new(),
+            connected: AtomicBool::new(false),
+            down: Mutex::new(Some("connecting".into())),
+            metrics: Arc::clone(metrics),
+        });
+        broker.attach_cluster(Arc::clone(&cluster));
+        let settings = link::Settings::new(cfg, broker_cfg);
+        link::run(settings, cluster, Arc::clone(broker), rx, shutdown)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// For `/readyz`: `Ok` while connected, else why not.
+    pub fn state(&self) -> Result<String, String> {
+        match self.down.lock().ok().and_then(|d| d.clone()) {
+            None => Ok(format!("node {} connected", self.node_id)),
+            Some(why) => Err(format!("node {} not connected: {why}", self.node_id)),
+        }
+    }
+
+    /// Records whether the link is up (and if not, why).
+    fn set_down(&self, why: Option<String>) {
+        self.connected.store(why.is_none(), Ordering::Release);
+        if let Ok(mut d) = self.down.lock() {
+            *d = why;
+        }
+    }
+
+    /// Sends `msg`, routed on this node, to the other nodes; for QoS 1/2 its outcome (the
+    /// broker's confirm) goes into `waits`. Never waits: a full queue puts the send into
+    /// `blocked` (the publisher's backpressure). While this node has no connection to the
+    /// broker, the message is not sent (counted as `cluster_unavailable`): local delivery goes
+    /// on. `$SYS/` topics describe this node and stay here.
+    pub fn forward(&self, msg: &Arc<Message>, waits: &mut Waits, blocked: &mut Blocked) {
+        if msg.topic.starts_with("$SYS/") {
+            return;
+        }
+        if !self.connected.load(Ordering::Acquire) {
+            self.metrics.dropped(DROPPED_UNAVAILABLE);
+            return;
+        }
+        let mut hand = Handoff::new(waits, blocked, msg.qos != QoS::AtMostOnce, None);
+        let fwd = Forward { msg: Arc::clone(msg), ack: hand.ack() };
+        let tx = self.tx.clone();
+        hand.offer(
+            fwd,
+            |fwd| match self.tx.try_send(fwd) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(fwd)) => Err(fwd),
+                // The link is gone (shutdown): the dropped ack fails a QoS 1/2 message.
+                Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            },
+            |fwd| {
+                Box::pin(async move {
+                    let _ = tx.send(fwd).await;
+                })
+            },
+        );
+    }
+
+    /// A subscription to `filter` (`$share/{group}/` included) was added on this node.
+    pub fn add_interest(&self, filter: &str) {
+        let key = binding_of(filter);
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let n = i.counts.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            i.dirty.insert(key);
+            drop(i);
+            self.changed.notify_one();
+        }
+    }
+
+    /// A subscription to `filter` was removed from this node.
+    pub fn remove_interest(&self, filter: &str) {
+        let key = binding_of(filter);
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = i.counts.get_mut(&key) else { return };
+        *n -= 1;
+        if *n == 0 {
+            i.counts.remove(&key);
+            i.dirty.insert(key);
+            drop(i);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The changed keys since the last call, each with whether it is wanted now.
+    fn take_changes(&self) -> Vec<(String, bool)> {
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let dirty = std::mem::take(&mut i.dirty);
+        dirty
+            .into_iter()
+            .map(|k| {
+                let wanted = i.counts.contains_key(&k);
+                (k, wanted)
+            })
+            .collect()
+    }
+
+    /// Every key wanted now (after a reconnect: the new queue has no bindings); clears the
+    /// changes.
+    fn all_wanted(&self) -> Vec<String> {
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        i.dirty.clear();
+        i.counts.keys().cloned().collect()
+    }
+}
+
+/// The binding key of a subscription to `filter` (a share group's: of its inner filter).
+fn binding_of(filter: &str) -> String {
+    match topic::parse_subscription(filter) {
+        Ok(f) => keys::binding_key(f.filter),
+        Err(_) => keys::binding_key(filter),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        let (tx, _rx) = mpsc::channel(1);
+        Cluster {
+            node_id: Arc::from("a"),
+            tx,
+            interest: Mutex::new(Interest::default()),
+            changed: Notify::new(),
+            connected: AtomicBool::new(false),
+            down: Mutex::new(None),
+            metrics: Metrics::new(),
+        }
+    }
+
+    #[test]
+    fn bindings_are_reference_counted() {
+        let c = cluster();
+        c.add_interest("a/b");
+        c.add_interest("a/b/#"); // same coarse key m.la.lb
+        c.add_interest("$share/g/a/b");
+        assert_eq!(c.take_changes(), vec![("m.la.lb".to_owned(), true)]);
+        c.remove_interest("a/b");
+        c.remove_interest("$share/g/a/b");
+        assert!(c.take_changes().is_empty(), "one subscription still needs it");
+        c.remove_interest("a/b/#");
+        assert_eq!(c.take_changes(), vec![("m.la.lb".to_owned(), false)]);
+        // Added and removed before the link looked: it sees the key unwanted.
+        c.add_interest("x");
+        c.remove_interest("x");
+        assert_eq!(c.take_changes(), vec![("m.lx".to_owned(), false)]);
+        c.remove_interest("never/added");
+        assert!(c.all_wanted().is_empty());
+    }
+}
