@@ -458,9 +458,25 @@ impl Broker {
         self.sessions.close_all(CloseReason::Shutdown);
     }
 
-    /// Forgets `client_id` if it is still held by the connection `conn_id`.
+    /// Forgets `client_id` if it is still held by the connection `conn_id` (in a cluster:
+    /// the connection's claim on the client id ends too).
     pub fn unregister(&self, client_id: &str, conn_id: u64) {
         self.sessions.unregister(client_id, conn_id);
+        if let Some(c) = self.cluster.get() {
+            c.release(client_id, conn_id);
+        }
+    }
+
+    /// Another node of the cluster took `client_id` over: a connection holding it here is
+    /// told to close (MQTT 5: DISCONNECT 0x8E) and a session parked here is discarded (the
+    /// client's session is the other node's now). Returns the closing connection's link: once
+    /// it has parked, [`Broker::take_session`] and discard what it left.
+    pub fn taken_elsewhere(&self, client_id: &str) -> Option<Arc<sessions::ConnLink>> {
+        let link = self.sessions.close_conn(client_id, CloseReason::Takeover);
+        if let Some(state) = self.take_session(client_id) {
+            self.discard_session(state);
+        }
+        link
     }
 
     /// Records that the will of `client_id` waits for its delay. Returns the entry's id (for

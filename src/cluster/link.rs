@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{keys, Cluster, ClusterConfig, Forward};
+use super::{keys, Cluster, ClusterConfig, Command, Forward};
 use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
 use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
@@ -34,6 +34,15 @@ use crate::targets::{Failure, Outcome, Waits};
 const PUBLISH_CHANNEL: u16 = 1;
 /// The channel of declares, bindings and the consumer.
 const CONSUME_CHANNEL: u16 = 2;
+/// The channel of the client-id locks (a refused lock closes it; it is opened again).
+const LOCK_CHANNEL: u16 = 3;
+/// The routing key of takeover notices (every node binds it).
+const NOTICE_KEY: &str = "c";
+/// Kind byte of a notice "let go of this client id" on the wire (a message is
+/// [`WIRE_VERSION`]).
+const NOTICE_RELEASE: u8 = 2;
+/// Kind byte of a notice "this node took this client id".
+const NOTICE_ACQUIRED: u8 = 3;
 /// Publishes sent and not yet confirmed, at most.
 const MAX_UNCONFIRMED: usize = 4096;
 /// Forwards taken from the queue into one write, at most.
@@ -55,6 +64,8 @@ pub(super) struct Settings {
     exchange: String,
     /// This node's queue.
     queue: String,
+    /// The name of a client id's lock queue, before the hash of the client id.
+    lock_prefix: String,
     /// Its `x-max-length`.
     inbound_max: u32,
     /// Time allowed for connecting and the setup.
@@ -73,6 +84,7 @@ impl Settings {
             security: broker.security(),
             exchange: cfg.exchange(),
             queue: cfg.node_queue(),
+            lock_prefix: format!("{}.client.", cfg.prefix.value),
             inbound_max: cfg.inbound_max,
             connect_timeout: broker.connect_timeout.0,
             reconnect_min,
@@ -81,12 +93,25 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// The lock queue of `client_id`: the prefix and 32 hex digits of its SHA-256.
+    fn lock_queue(&self, client_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(client_id.as_bytes());
+        let mut name = self.lock_prefix.clone();
+        for b in &digest[..16] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+}
+
 /// Runs the link until `shutdown`: connect, set up, publish and consume, reconnect.
 pub(super) async fn run(
     s: Settings,
     cluster: Arc<Cluster>,
     broker: Arc<Broker>,
-    mut rx: mpsc::Receiver<Forward>,
+    (mut rx, mut commands): (mpsc::Receiver<Forward>, mpsc::UnboundedReceiver<Command>),
     shutdown: CancellationToken,
 ) {
     let uri = match s.url.parse::<Uri>() {
@@ -112,7 +137,7 @@ pub(super) async fn run(
                 info!(%node, %endpoint, queue = %s.queue, "cluster link up");
                 cluster.set_down(None);
                 let mut link = Link::new(&s, &cluster, &broker, t, bound);
-                let ended = link.run(&mut rx, &shutdown).await;
+                let ended = link.run(&mut rx, &mut commands, &shutdown).await;
                 let reason = ended.clone().unwrap_or_else(|| "shutting down".into());
                 cluster.set_down(Some(reason.clone()));
                 link.fail_unconfirmed(&reason);
@@ -139,10 +164,17 @@ pub(super) async fn run(
                 () = shutdown.cancelled() => return,
                 () = &mut pause => break,
                 Some(fwd) = rx.recv() => fail(fwd.ack, &why),
+                // A claim's dropped reply says "unavailable"; locks went with the connection.
+                Some(_) = commands.recv() => {}
             }
         }
         delay = (delay * 2).min(s.reconnect_max);
     }
+}
+
+/// A lock queue: exclusive to the connection that declared it (deleted with it).
+fn lock_flags() -> QueueFlags {
+    QueueFlags { passive: false, durable: false, exclusive: true, auto_delete: false }
 }
 
 /// Reports a retryable failure on `ack`, if there is one.
@@ -183,9 +215,15 @@ async fn setup(
                 e
             }
         })?;
+    methods::channel_open(&mut t.wbuf, LOCK_CHANNEL);
+    expect(&mut t, LOCK_CHANNEL, "channel.open", |m| {
+        matches!(m, ConsumerMethod::Common(Method::ChannelOpenOk))
+    })
+    .await?;
     let mut bound = HashSet::new();
     let wanted = cluster.all_wanted();
-    let all = std::iter::once(keys::RETAINED_BINDING.to_owned()).chain(wanted);
+    let fixed = [keys::RETAINED_BINDING.to_owned(), NOTICE_KEY.to_owned()];
+    let all = fixed.into_iter().chain(wanted);
     for key in all {
         methods::queue_bind(&mut t.wbuf, ch, &s.queue, &s.exchange, &key).map_err(wire)?;
         bound.insert(key);
@@ -210,6 +248,18 @@ enum Assembly {
     Body { size: usize, body: BytesMut },
 }
 
+/// The lock request the broker is answering on [`LOCK_CHANNEL`].
+enum LockWait {
+    /// A session's claim.
+    Claim(oneshot::Sender<Result<(), String>>),
+    /// Taking a held lock again after a reconnect: refused, the client id is another node's.
+    Reclaim(String),
+    /// A release.
+    Delete,
+    /// The channel is being opened again after a refused lock.
+    Reopen,
+}
+
 /// The link on one live connection.
 struct Link<'a> {
     /// Settings.
@@ -217,7 +267,11 @@ struct Link<'a> {
     /// The handle (interest, node id, metrics).
     cluster: &'a Cluster,
     /// Where messages from other nodes are delivered.
-    broker: &'a Broker,
+    broker: &'a Arc<Broker>,
+    /// The lock request in progress (one at a time: a refusal closes the channel).
+    lock_wait: Option<LockWait>,
+    /// Held locks to take again on this new connection.
+    reclaims: VecDeque<String>,
     /// The socket and its buffers.
     t: Transport,
     /// Keys the queue is bound with now.
@@ -236,7 +290,7 @@ impl<'a> Link<'a> {
     fn new(
         s: &'a Settings,
         cluster: &'a Cluster,
-        broker: &'a Broker,
+        broker: &'a Arc<Broker>,
         t: Transport,
         bound: HashSet<String>,
     ) -> Self {
@@ -244,6 +298,8 @@ impl<'a> Link<'a> {
             s,
             cluster,
             broker,
+            lock_wait: None,
+            reclaims: cluster.held().into(),
             t,
             bound,
             unconfirmed: VecDeque::new(),
@@ -257,6 +313,7 @@ impl<'a> Link<'a> {
     async fn run(
         &mut self,
         rx: &mut mpsc::Receiver<Forward>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
         shutdown: &CancellationToken,
     ) -> Option<String> {
         let mut tick = tokio::time::interval(TICK);
@@ -264,8 +321,10 @@ impl<'a> Link<'a> {
         // Changes made while connecting (the setup bound a snapshot).
         self.apply_changes();
         loop {
+            self.next_reclaim();
             let want_write = self.t.has_pending_writes();
             let room = self.unconfirmed.len() < MAX_UNCONFIRMED;
+            let locks_free = self.lock_wait.is_none() && self.reclaims.is_empty();
             let res = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -278,6 +337,10 @@ impl<'a> Link<'a> {
                 },
                 () = self.cluster.changed.notified() => {
                     self.apply_changes();
+                    Ok(())
+                }
+                Some(cmd) = commands.recv(), if locks_free => {
+                    self.on_command(cmd);
                     Ok(())
                 }
                 Some(fwd) = rx.recv(), if room => {
@@ -306,6 +369,100 @@ impl<'a> Link<'a> {
                 return Some(format!("write failed: {e}"));
             }
         }
+    }
+
+    /// Starts taking the next held lock again, when no lock request is in progress.
+    fn next_reclaim(&mut self) {
+        if self.lock_wait.is_some() {
+            return;
+        }
+        if let Some(client_id) = self.reclaims.pop_front() {
+            let flags = lock_flags();
+            let q = self.s.lock_queue(&client_id);
+            if methods::queue_declare(&mut self.t.wbuf, LOCK_CHANNEL, &q, flags, &[]).is_ok() {
+                self.lock_wait = Some(LockWait::Reclaim(client_id));
+            }
+        }
+    }
+
+    /// A session's lock request or takeover notice.
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Claim { client_id, reply } => {
+                let q = self.s.lock_queue(&client_id);
+                let flags = lock_flags();
+                match methods::queue_declare(&mut self.t.wbuf, LOCK_CHANNEL, &q, flags, &[]) {
+                    Ok(()) => self.lock_wait = Some(LockWait::Claim(reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Command::Release { client_id } => {
+                let q = self.s.lock_queue(&client_id);
+                if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &q).is_ok() {
+                    self.lock_wait = Some(LockWait::Delete);
+                }
+            }
+            Command::Notice { client_id, release } => {
+                let node = self.cluster.node_id.as_bytes();
+                self.body.clear();
+                self.body.put_u8(if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED });
+                self.body.put_u8(node.len() as u8);
+                self.body.extend_from_slice(node);
+                self.body.extend_from_slice(client_id.as_bytes());
+                let properties = Properties { delivery_mode: 1, ..Properties::default() };
+                let sent = methods::publish_with(
+                    &mut self.t.wbuf,
+                    PUBLISH_CHANNEL,
+                    &self.s.exchange,
+                    NOTICE_KEY,
+                    false,
+                    &properties,
+                    &self.body,
+                    self.t.frame_max,
+                );
+                if sent.is_ok() {
+                    self.unconfirmed.push_back((self.next_tag, None));
+                    self.next_tag += 1;
+                }
+            }
+        }
+    }
+
+    /// The broker's answer to the lock request in progress: `Ok` granted (or released, or
+    /// the channel open again), `Err` refused (the channel was closed: opened again here).
+    fn lock_answer(&mut self, answer: Result<(), String>) {
+        let refused = answer.is_err();
+        match (self.lock_wait.take(), answer) {
+            (Some(LockWait::Claim(reply)), answer) => {
+                let _ = reply.send(answer);
+            }
+            (Some(LockWait::Reclaim(client_id)), Err(_)) => {
+                // Taken by another node while this one was cut off: the client goes.
+                self.cluster.forget_lock(&client_id);
+                self.taken_elsewhere(&client_id);
+            }
+            _ => {}
+        }
+        if refused {
+            methods::channel_open(&mut self.t.wbuf, LOCK_CHANNEL);
+            self.lock_wait = Some(LockWait::Reopen);
+        }
+    }
+
+    /// Another node took `client_id` over: its connection here closes (0x8E) and what it
+    /// leaves of its session is discarded once parked.
+    fn taken_elsewhere(&self, client_id: &str) {
+        let Some(link) = self.broker.taken_elsewhere(client_id) else { return };
+        let broker = Arc::clone(self.broker);
+        let client_id = client_id.to_owned();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), link.parked()).await;
+            if let Some(state) = broker.take_session(&client_id) {
+                broker.discard_session(state);
+            }
+        });
     }
 
     /// Binds and unbinds as the interest changed.
@@ -437,6 +594,19 @@ impl<'a> Link<'a> {
                 let _ = self.t.try_flush();
                 return Err(format!("the broker closed the connection: {}", describe(&c)));
             }
+            ConsumerMethod::QueueDeclareOk { .. } if channel == LOCK_CHANNEL => {
+                self.lock_answer(Ok(()))
+            }
+            ConsumerMethod::Common(Method::Other { class: 50, method: 41 })
+            | ConsumerMethod::Common(Method::ChannelOpenOk)
+                if channel == LOCK_CHANNEL =>
+            {
+                self.lock_answer(Ok(()))
+            }
+            ConsumerMethod::Common(Method::ChannelClose(c)) if channel == LOCK_CHANNEL => {
+                methods::channel_close_ok(&mut self.t.wbuf, channel);
+                self.lock_answer(Err(describe(&c)));
+            }
             ConsumerMethod::Common(Method::ChannelClose(c)) => {
                 methods::channel_close_ok(&mut self.t.wbuf, channel);
                 return Err(format!("the broker closed channel {channel}: {}", describe(&c)));
@@ -475,7 +645,8 @@ impl<'a> Link<'a> {
     /// One message from the cluster's exchange: another node's is delivered locally, this
     /// node's own (it came back through a binding) is dropped: delivered already.
     fn on_message(&mut self, body: &[u8]) {
-        let Some((&WIRE_VERSION, rest)) = body.split_first() else {
+        let kinds = [WIRE_VERSION, NOTICE_RELEASE, NOTICE_ACQUIRED];
+        let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
             return;
         };
@@ -485,6 +656,17 @@ impl<'a> Link<'a> {
             return;
         };
         if origin == self.cluster.node_id.as_bytes() {
+            return;
+        }
+        if kind != WIRE_VERSION {
+            let Ok(client_id) = std::str::from_utf8(encoded) else { return };
+            if kind == NOTICE_RELEASE && self.cluster.holds(client_id) {
+                self.taken_elsewhere(client_id);
+            } else if kind == NOTICE_ACQUIRED && !self.cluster.holds(client_id) {
+                if let Some(state) = self.broker.take_session(client_id) {
+                    self.broker.discard_session(state);
+                }
+            }
             return;
         }
         match codec::decode_message(encoded) {

@@ -29,7 +29,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
@@ -52,6 +52,36 @@ struct Forward {
     /// QoS 1/2: told `Delivered` once RabbitMQ confirmed the publish.
     ack: Option<AckSender>,
 }
+
+/// What sessions ask of the link besides forwarding: the client-id locks. A lock is the
+/// exclusive queue `{prefix}.client.{sha256(client_id)}` declared on the node's connection:
+/// RabbitMQ lets one connection hold it, and drops it with the connection.
+#[derive(Debug)]
+enum Command {
+    /// Take the lock of `client_id`; `Err` holds the broker's reason (405: another node
+    /// holds it).
+    Claim { client_id: String, reply: oneshot::Sender<Result<(), String>> },
+    /// Give the lock of `client_id` back.
+    Release { client_id: String },
+    /// Tell every node that this one took `client_id` (`released: false`: a session parked
+    /// elsewhere is discarded) or needs its holder to let go (`released: true`: the holder
+    /// closes its connection, 0x8E).
+    Notice { client_id: String, release: bool },
+}
+
+/// What [`Cluster::claim`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node holds the client id: no other node has it connected.
+    Held,
+    /// The lock could not be asked for (no connection to the broker): why.
+    Unavailable(String),
+    /// Another node still holds it at the deadline (its connection did not close in time).
+    Busy,
+}
+
+/// How long a claim waits between attempts while another node still holds the client id.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// The bindings this node's subscriptions need.
 #[derive(Debug, Default)]
@@ -80,6 +110,12 @@ pub struct Cluster {
     down: Mutex<Option<String>>,
     /// Drops are counted here.
     metrics: Arc<Metrics>,
+    /// Lock requests to the link. Unbounded: at most one claim and one release per
+    /// connection (`mqtt.max_connections`) and one notice per CONNECT in the handshake.
+    commands: mpsc::UnboundedSender<Command>,
+    /// The client ids whose lock this node holds, with the connections that claimed it (a
+    /// local takeover overlaps two): released when the last one ends.
+    locks: Mutex<HashMap<String, Vec<u64>>>,
 }
 
 impl Cluster {
@@ -94,7 +130,10 @@ impl Cluster {
         shutdown: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
         let cluster = Arc::new(Cluster {
+            commands,
+            locks: Mutex::new(HashMap::new()),
             node_id: Arc::from(cfg.node_id.value.as_str()),
             tx,
             interest: Mutex::new(Interest::default()),
@@ -105,7 +144,7 @@ impl Cluster {
         });
         broker.attach_cluster(Arc::clone(&cluster));
         let settings = link::Settings::new(cfg, broker_cfg);
-        link::run(settings, cluster, Arc::clone(broker), rx, shutdown)
+        link::run(settings, cluster, Arc::clone(broker), (rx, commands_rx), shutdown)
     }
 
     /// This node's id.
@@ -159,6 +198,103 @@ impl Cluster {
                 })
             },
         );
+    }
+
+    /// Makes the connection `conn_id` the cluster-wide holder of `client_id` (its handshake,
+    /// after the local registration): takes the client id's lock; while another node holds
+    /// it, asks that node to close its connection (once) and tries again until `deadline`.
+    /// Once held, tells the other nodes to discard a session they keep parked for it. On
+    /// [`Claim::Held`], [`Cluster::release`] when the connection ends (`Broker::unregister`
+    /// does).
+    pub async fn claim(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        deadline: tokio::time::Instant,
+    ) -> Claim {
+        {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(conns) = locks.get_mut(client_id) {
+                // Held for another connection of this node (a local takeover).
+                conns.push(conn_id);
+                return Claim::Held;
+            }
+        }
+        if !self.connected.load(Ordering::Acquire) {
+            return Claim::Unavailable(self.state().err().unwrap_or_default());
+        }
+        let notice = |release| Command::Notice { client_id: client_id.to_owned(), release };
+        let mut asked = false;
+        loop {
+            let (reply, answer) = oneshot::channel();
+            let claim = Command::Claim { client_id: client_id.to_owned(), reply };
+            if self.commands.send(claim).is_err() {
+                return Claim::Unavailable("the cluster link stopped".into());
+            }
+            let result = match tokio::time::timeout_at(deadline, answer).await {
+                Err(_) => None,
+                Ok(Err(_)) => return Claim::Unavailable("the cluster link was lost".into()),
+                Ok(Ok(result)) => Some(result),
+            };
+            match result {
+                Some(Ok(())) => {
+                    let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                    locks.entry(client_id.to_owned()).or_default().push(conn_id);
+                    drop(locks);
+                    let _ = self.commands.send(notice(false));
+                    return Claim::Held;
+                }
+                Some(Err(e)) if !e.contains("405") => return Claim::Unavailable(e),
+                // Held by another node: it lets go once its connection has closed.
+                Some(Err(_)) if !asked => {
+                    asked = true;
+                    let _ = self.commands.send(notice(true));
+                }
+                _ => {}
+            }
+            let retry = tokio::time::Instant::now() + CLAIM_RETRY;
+            if result.is_none() || retry >= deadline {
+                // The claim may still be granted after we stopped waiting: given back, unless
+                // another connection of this node holds it by then.
+                let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                if !locks.contains_key(client_id) {
+                    let _ =
+                        self.commands.send(Command::Release { client_id: client_id.to_owned() });
+                }
+                return Claim::Busy;
+            }
+            tokio::time::sleep_until(retry).await;
+        }
+    }
+
+    /// The connection `conn_id` of `client_id` ended: the lock goes back when no other
+    /// connection of this node holds it.
+    pub fn release(&self, client_id: &str, conn_id: u64) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(conns) = locks.get_mut(client_id) else { return };
+        conns.retain(|c| *c != conn_id);
+        if conns.is_empty() {
+            locks.remove(client_id);
+            let _ = self.commands.send(Command::Release { client_id: client_id.to_owned() });
+        }
+    }
+
+    /// Whether this node holds the lock of `client_id`.
+    fn holds(&self, client_id: &str) -> bool {
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.contains_key(client_id)
+    }
+
+    /// Forgets the lock of `client_id` (another node took it while this one was cut off).
+    fn forget_lock(&self, client_id: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.remove(client_id);
+    }
+
+    /// The client ids whose lock this node holds (to take again after a reconnect).
+    fn held(&self) -> Vec<String> {
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.keys().cloned().collect()
     }
 
     /// A subscription to `filter` (`$share/{group}/` included) was added on this node.
@@ -225,6 +361,8 @@ mod tests {
     fn cluster() -> Cluster {
         let (tx, _rx) = mpsc::channel(1);
         Cluster {
+            commands: mpsc::unbounded_channel().0,
+            locks: Mutex::new(HashMap::new()),
             node_id: Arc::from("a"),
             tx,
             interest: Mutex::new(Interest::default()),

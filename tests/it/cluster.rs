@@ -263,3 +263,56 @@ fn an_unknown_broker_is_named_with_its_position() {
         .expect_err("bad node id");
     assert!(err.to_string().contains("c.yaml:7:12: cluster.node_id \"n 1\""), "{err}");
 }
+
+#[tokio::test]
+async fn a_connect_on_another_node_takes_the_client_id_over() {
+    let (a, b, _c) = three_nodes().await;
+    let mut first = v5(&a, "device-7").await;
+    subscribe(&mut first, "cmd/7", qos(QoS::AtLeastOnce), None).await;
+    let second = v5(&b, "device-7").await;
+    crate::support::expect_disconnect(&mut first, codec::ReasonCode::SESSION_TAKEN_OVER).await;
+    // Node A let go: a third CONNECT, back on A, takes it from B the same way.
+    let mut second = second;
+    let _third = v5(&a, "device-7").await;
+    crate::support::expect_disconnect(&mut second, codec::ReasonCode::SESSION_TAKEN_OVER).await;
+}
+
+/// Sends a CONNECT for `id` to `addr`; the CONNACK's success and, if it succeeded, whether the
+/// connection stays up for `hold`.
+async fn try_connect(addr: std::net::SocketAddr, id: String, hold: Duration) -> (bool, bool) {
+    let mut c = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    let connect = crate::support::connect_packet(ProtocolVersion::V5, &id);
+    c.send(&Packet::Connect(Box::new(connect))).await;
+    let accepted = match c.recv_within(Duration::from_secs(15)).await {
+        Ok(Some(Packet::ConnAck(ack))) => ack.code.is_success(),
+        other => panic!("expected CONNACK, got {other:?}"),
+    };
+    if !accepted {
+        return (false, false);
+    }
+    let stays = matches!(c.recv_within(hold).await, Err(()));
+    (true, stays)
+}
+
+#[tokio::test]
+async fn simultaneous_connects_on_two_nodes_leave_exactly_one_connected() {
+    let prefix = unique("it-cluster");
+    let extra = "  connect_timeout: 3s\n";
+    let with = |id: &str| {
+        node_config(&prefix, id, AMQP_URL).replacen("mqtt:\n", &format!("mqtt:\n{extra}"), 1)
+    };
+    let a = gateway(&with("a")).await;
+    let b = gateway(&with("b")).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    for round in 0..5 {
+        let id = format!("twin-{round}");
+        let hold = Duration::from_secs(4);
+        let (on_a, on_b) = tokio::join!(
+            try_connect(a.mqtt_addr, id.clone(), hold),
+            try_connect(b.mqtt_addr, id.clone(), hold)
+        );
+        let connected = [on_a, on_b].iter().filter(|(_, stays)| *stays).count();
+        assert_eq!(connected, 1, "round {round}: node a {on_a:?}, node b {on_b:?}");
+    }
+}

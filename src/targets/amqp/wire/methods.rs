@@ -402,6 +402,20 @@ pub fn queue_unbind(
     res
 }
 
+/// Appends `queue.delete` (waiting for delete-ok) of `queue`, whether used or not.
+pub fn queue_delete(out: &mut BytesMut, channel: u16, queue: &str) -> Result<(), WireError> {
+    let start = out.len();
+    let frame = begin(out, channel, QUEUE, 40);
+    out.put_u16(0); // reserved
+    if let Err(e) = put_short(out, queue.as_bytes(), "queue name") {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.put_u8(0); // if-unused, if-empty, no-wait: off
+    frame::end(out, frame);
+    Ok(())
+}
+
 /// How a queue is declared.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueFlags {
