@@ -316,3 +316,84 @@ async fn simultaneous_connects_on_two_nodes_leave_exactly_one_connected() {
         assert_eq!(connected, 1, "round {round}: node a {on_a:?}, node b {on_b:?}");
     }
 }
+
+/// A node as the real binary (so that a test can SIGKILL it), its config and log in `dir`.
+struct NodeProcess {
+    child: std::process::Child,
+    mqtt: std::net::SocketAddr,
+    admin: std::net::SocketAddr,
+}
+
+impl NodeProcess {
+    async fn start(dir: &std::path::Path, prefix: &str, id: &str) -> NodeProcess {
+        let free = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let (mqtt, admin) = (free(), free());
+        let yaml = node_config(prefix, id, AMQP_URL)
+            .replacen("127.0.0.1:0", &mqtt.to_string(), 1)
+            .replacen("127.0.0.1:0", &admin.to_string(), 1);
+        let path = dir.join(format!("{id}.yaml"));
+        std::fs::write(&path, yaml).expect("write config");
+        let log = std::fs::File::create(dir.join(format!("{id}.log"))).expect("log");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_mqgate"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn mqgate");
+        let node = NodeProcess { child, mqtt, admin };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !matches!(http_get(node.admin, "/readyz").await, Ok((200, _))) {
+            let log = std::fs::read_to_string(dir.join(format!("{id}.log"))).unwrap_or_default();
+            assert!(tokio::time::Instant::now() < deadline, "node {id} not ready: {log}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        node
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_sigkilled_node_s_clients_reconnect_to_another_node_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("it-cluster");
+    let mut a = NodeProcess::start(dir.path(), &prefix, "a").await;
+    let b = NodeProcess::start(dir.path(), &prefix, "b").await;
+    let c = NodeProcess::start(dir.path(), &prefix, "c").await;
+    let mut device = RawClient::connect(a.mqtt, ProtocolVersion::V5, "device-k").await;
+    let mut watcher = RawClient::connect(c.mqtt, ProtocolVersion::V5, "watcher").await;
+    subscribe(&mut watcher, "status/#", qos(QoS::AtLeastOnce), None).await;
+
+    // SIGKILL: no DISCONNECT, no clean close of its AMQP connection.
+    a.child.kill().expect("kill");
+    a.child.wait().expect("reap");
+    assert!(matches!(device.recv_within(Duration::from_secs(5)).await, Ok(None)), "closed");
+    // Its lock went with its connection: the client id connects on b without waiting for a.
+    let t0 = std::time::Instant::now();
+    let mut moved = RawClient::connect(b.mqtt, ProtocolVersion::V5, "device-k").await;
+    assert!(t0.elapsed() < Duration::from_secs(5), "took {:?}", t0.elapsed());
+    // And what it publishes there reaches the subscriber on c.
+    let mut p = None;
+    for i in 0..50u16 {
+        moved.publish("status/k", QoS::AtMostOnce, 0, format!("{i}").as_bytes()).await;
+        if let Ok(Some(Packet::Publish(got))) =
+            watcher.recv_within(Duration::from_millis(200)).await
+        {
+            p = Some(got);
+            break;
+        }
+    }
+    assert!(p.is_some(), "nothing from b reached c after a died");
+    let (status, body) = http_get(b.admin, "/readyz").await.expect("readyz");
+    assert_eq!(status, 200, "{body}");
+}
