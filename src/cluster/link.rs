@@ -284,6 +284,8 @@ struct Link<'a> {
     assembly: Assembly,
     /// Scratch for encoding one message.
     body: BytesMut,
+    /// Binds (`Some(key)`) and unbinds (`None`) sent and not yet answered, in order.
+    binding: VecDeque<Option<String>>,
 }
 
 impl<'a> Link<'a> {
@@ -306,6 +308,7 @@ impl<'a> Link<'a> {
             next_tag: 1,
             assembly: Assembly::Idle,
             body: BytesMut::new(),
+            binding: VecDeque::new(),
         }
     }
 
@@ -318,7 +321,10 @@ impl<'a> Link<'a> {
     ) -> Option<String> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Changes made while connecting (the setup bound a snapshot).
+        // What the setup bound is in place; then the changes made while connecting.
+        for key in &self.bound {
+            self.cluster.applied(key, true);
+        }
         self.apply_changes();
         loop {
             self.next_reclaim();
@@ -471,13 +477,14 @@ impl<'a> Link<'a> {
             let (q, x) = (&self.s.queue, &self.s.exchange);
             if wanted && !self.bound.contains(&key) {
                 if methods::queue_bind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
+                    self.binding.push_back(Some(key.clone()));
                     self.bound.insert(key);
                 }
-            } else if !wanted
-                && self.bound.remove(&key)
-                && methods::queue_unbind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_err()
-            {
-                debug!(%key, "unbind not encoded");
+            } else if !wanted && self.bound.remove(&key) {
+                self.cluster.applied(&key, false);
+                if methods::queue_unbind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
+                    self.binding.push_back(None);
+                }
             }
         }
     }
@@ -593,6 +600,14 @@ impl<'a> Link<'a> {
                 methods::connection_close_ok(&mut self.t.wbuf);
                 let _ = self.t.try_flush();
                 return Err(format!("the broker closed the connection: {}", describe(&c)));
+            }
+            ConsumerMethod::QueueBindOk
+            | ConsumerMethod::Common(Method::Other { class: 50, method: 51 })
+                if channel == CONSUME_CHANNEL =>
+            {
+                if let Some(Some(key)) = self.binding.pop_front() {
+                    self.cluster.applied(&key, true);
+                }
             }
             ConsumerMethod::QueueDeclareOk { .. } if channel == LOCK_CHANNEL => {
                 self.lock_answer(Ok(()))

@@ -37,7 +37,7 @@ use crate::message::Message;
 use crate::metrics::Metrics;
 use crate::mqtt::codec::QoS;
 use crate::mqtt::topic;
-use crate::targets::{AckSender, Blocked, Handoff, Waits};
+use crate::targets::{AckSender, Blocked, Failure, Handoff, Outcome, Waits};
 pub use config::ClusterConfig;
 
 /// Reason label of `messages_dropped` for messages not sent to the other nodes because this
@@ -90,6 +90,20 @@ struct Interest {
     counts: HashMap<String, usize>,
     /// Keys whose count went to or from zero since the link last looked.
     dirty: HashSet<String>,
+    /// Keys the node's queue is bound with now (bind-ok received on this connection).
+    applied: HashSet<String>,
+    /// SUBACKs waiting for their key's bind-ok (told `Delivered` then, also when the key is
+    /// no longer wanted or the link goes down: the subscription works locally anyway).
+    waiters: HashMap<String, Vec<oneshot::Sender<Outcome>>>,
+}
+
+impl Interest {
+    /// Lets every SUBACK waiting for `key` go.
+    fn release_waiters(&mut self, key: &str) {
+        for w in self.waiters.remove(key).unwrap_or_default() {
+            let _ = w.send(Outcome::Delivered);
+        }
+    }
 }
 
 /// The cluster as the broker and routing see it: where messages for the other nodes go and
@@ -162,10 +176,48 @@ impl Cluster {
 
     /// Records whether the link is up (and if not, why).
     fn set_down(&self, why: Option<String>) {
-        self.connected.store(why.is_none(), Ordering::Release);
+        let down = why.is_some();
+        self.connected.store(!down, Ordering::Release);
         if let Ok(mut d) = self.down.lock() {
             *d = why;
         }
+        if down {
+            let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+            i.applied.clear();
+            for (_, waiters) in i.waiters.drain() {
+                for w in waiters {
+                    let _ = w.send(Outcome::Delivered);
+                }
+            }
+        }
+    }
+
+    /// For a SUBACK: a receiver resolved once the node's queue is bound for `filter` (so a
+    /// message published on another node after the SUBACK reaches the subscription); `None`
+    /// when it is bound already, or the link is down (nothing to wait for).
+    pub fn bound(&self, filter: &str) -> Option<oneshot::Receiver<Outcome>> {
+        if !self.connected.load(Ordering::Acquire) {
+            return None;
+        }
+        let key = binding_of(filter);
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        if i.applied.contains(&key) || !i.counts.contains_key(&key) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        i.waiters.entry(key).or_default().push(tx);
+        Some(rx)
+    }
+
+    /// The broker confirmed the binding `key` (`true`), or it is being removed (`false`).
+    fn applied(&self, key: &str, bound: bool) {
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        if bound {
+            i.applied.insert(key.to_owned());
+        } else {
+            i.applied.remove(key);
+        }
+        i.release_waiters(key);
     }
 
     /// Sends `msg`, routed on this node, to the other nodes; for QoS 1/2 its outcome (the
@@ -318,6 +370,7 @@ impl Cluster {
         *n -= 1;
         if *n == 0 {
             i.counts.remove(&key);
+            i.release_waiters(&key);
             i.dirty.insert(key);
             drop(i);
             self.changed.notify_one();
@@ -344,6 +397,34 @@ impl Cluster {
         i.dirty.clear();
         i.counts.keys().cloned().collect()
     }
+}
+
+/// One receiver for all of `waits`: `Delivered` once every one is, else the first failure
+/// (a SUBACK waiting for the store and for the cluster's bindings). Spawns a task only for
+/// more than one.
+pub fn all_of(mut waits: Vec<oneshot::Receiver<Outcome>>) -> Option<oneshot::Receiver<Outcome>> {
+    if waits.len() < 2 {
+        return waits.pop();
+    }
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut outcome = Outcome::Delivered;
+        for w in waits {
+            match w.await {
+                Ok(Outcome::Delivered) => {}
+                Ok(failed) => {
+                    outcome = failed;
+                    break;
+                }
+                Err(_) => {
+                    outcome = Outcome::Failed(Failure::retryable("dropped before it was done"));
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(outcome);
+    });
+    Some(rx)
 }
 
 /// The binding key of a subscription to `filter` (a share group's: of its inner filter).

@@ -160,12 +160,12 @@ async fn a_message_reaches_the_subscribers_of_every_node_once_with_what_it_carri
 }
 
 #[tokio::test]
-async fn subscribing_and_unsubscribing_changes_what_a_node_receives() {
+async fn a_suback_means_messages_from_every_node_arrive_and_unsubscribing_stops_them() {
     let (a, b, _c) = three_nodes().await;
     let mut publisher = v5(&a, "pub").await;
     let mut on_b = v5(&b, "sub").await;
     subscribe(&mut on_b, "room/1", qos(QoS::AtMostOnce), None).await;
-    until_bound(&mut publisher, &mut on_b, "room/1").await;
+    // The SUBACK came once B's queue was bound: what A takes after it reaches B.
     // A topic the filter does not match, with the same coarse key: matched exactly on B.
     publisher.publish("room/1/sub", QoS::AtMostOnce, 0, b"no").await;
     publisher.publish("room/1", QoS::AtMostOnce, 0, b"yes").await;
@@ -396,4 +396,32 @@ async fn a_sigkilled_node_s_clients_reconnect_to_another_node_at_once() {
     assert!(p.is_some(), "nothing from b reached c after a died");
     let (status, body) = http_get(b.admin, "/readyz").await.expect("readyz");
     assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn the_suback_waits_until_the_node_s_queue_is_bound() {
+    let proxy = Proxy::start().await;
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", AMQP_URL)).await;
+    let b = gateway(&node_config(&prefix, "b", &proxy.url())).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    let mut on_b = v5(&b, "sub").await;
+    // B's queue.bind cannot reach RabbitMQ: no SUBACK yet.
+    proxy.pause_to_broker.send_replace(true);
+    on_b.send(&Packet::Subscribe(Box::new(codec::Subscribe {
+        packet_id: 9,
+        filters: vec![SubscribeFilter { filter: "late/+".into(), options: qos(QoS::AtLeastOnce) }],
+        properties: Properties::default(),
+    })))
+    .await;
+    expect_silence(&mut on_b, Duration::from_millis(700)).await;
+    proxy.pause_to_broker.send_replace(false);
+    match on_b.recv().await {
+        Some(Packet::SubAck(s)) => assert_eq!(s.packet_id, 9),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    let mut publisher = v5(&a, "pub").await;
+    crate::support::publish_qos1(&mut publisher, "late/1", 1, b"first").await;
+    assert_eq!(expect_publish(&mut on_b).await.payload, &b"first"[..]);
 }
