@@ -312,6 +312,17 @@ impl Broker {
         true
     }
 
+    /// A retained message another node of the cluster holds, sent to this node when it
+    /// joined: kept only if its topic has none here (one published since is newer); delivered
+    /// to nobody. True if kept.
+    pub fn retain_if_absent(&self, msg: &Arc<Message>) -> bool {
+        if msg.payload.is_empty() || self.retained.contains(&msg.topic) {
+            return false;
+        }
+        self.set_retained(msg);
+        true
+    }
+
     /// Where retained messages and persistent sessions are stored, if anywhere.
     pub fn persist(&self) -> Option<&Persist> {
         self.persist.as_ref()

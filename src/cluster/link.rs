@@ -43,6 +43,11 @@ const NOTICE_KEY: &str = "c";
 const NOTICE_RELEASE: u8 = 2;
 /// Kind byte of a notice "this node took this client id".
 const NOTICE_ACQUIRED: u8 = 3;
+/// Kind byte of a retained message sent to one node that asked for them (encoded as a
+/// message), folded in only where its topic has none yet.
+const SNAPSHOT: u8 = 4;
+/// Kind byte of a notice "send me your retained messages" (a node that (re)connected).
+const NOTICE_RETAINED: u8 = 5;
 /// Publishes sent and not yet confirmed, at most.
 const MAX_UNCONFIRMED: usize = 4096;
 /// Forwards taken from the queue into one write, at most.
@@ -172,6 +177,11 @@ pub(super) async fn run(
     }
 }
 
+/// The routing key of what is sent to node `node_id` alone (every node binds its own).
+fn direct_key(node_id: &str) -> String {
+    format!("n.{node_id}")
+}
+
 /// A lock queue: exclusive to the connection that declared it (deleted with it).
 fn lock_flags() -> QueueFlags {
     QueueFlags { passive: false, durable: false, exclusive: true, auto_delete: false }
@@ -222,7 +232,8 @@ async fn setup(
     .await?;
     let mut bound = HashSet::new();
     let wanted = cluster.all_wanted();
-    let fixed = [keys::RETAINED_BINDING.to_owned(), NOTICE_KEY.to_owned()];
+    let fixed =
+        [keys::RETAINED_BINDING.to_owned(), NOTICE_KEY.to_owned(), direct_key(&cluster.node_id)];
     let all = fixed.into_iter().chain(wanted);
     for key in all {
         methods::queue_bind(&mut t.wbuf, ch, &s.queue, &s.exchange, &key).map_err(wire)?;
@@ -326,6 +337,8 @@ impl<'a> Link<'a> {
             self.cluster.applied(key, true);
         }
         self.apply_changes();
+        // The retained messages published while this node was not there.
+        self.notice(NOTICE_RETAINED, b"");
         loop {
             self.next_reclaim();
             let want_write = self.t.has_pending_writes();
@@ -411,28 +424,62 @@ impl<'a> Link<'a> {
                 }
             }
             Command::Notice { client_id, release } => {
-                let node = self.cluster.node_id.as_bytes();
-                self.body.clear();
-                self.body.put_u8(if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED });
-                self.body.put_u8(node.len() as u8);
-                self.body.extend_from_slice(node);
-                self.body.extend_from_slice(client_id.as_bytes());
-                let properties = Properties { delivery_mode: 1, ..Properties::default() };
-                let sent = methods::publish_with(
-                    &mut self.t.wbuf,
-                    PUBLISH_CHANNEL,
-                    &self.s.exchange,
-                    NOTICE_KEY,
-                    false,
-                    &properties,
-                    &self.body,
-                    self.t.frame_max,
-                );
-                if sent.is_ok() {
-                    self.unconfirmed.push_back((self.next_tag, None));
-                    self.next_tag += 1;
+                let kind = if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED };
+                self.notice(kind, client_id.as_bytes());
+            }
+        }
+    }
+
+    /// Publishes a notice of `kind` about `subject` to every node.
+    fn notice(&mut self, kind: u8, subject: &[u8]) {
+        self.body.clear();
+        self.body.put_u8(kind);
+        let node = self.cluster.node_id.as_bytes();
+        self.body.put_u8(node.len() as u8);
+        self.body.extend_from_slice(node);
+        self.body.extend_from_slice(subject);
+        self.send_body(NOTICE_KEY.to_owned(), None);
+    }
+
+    /// Publishes `self.body` with `key`; `ack` is told the confirm.
+    fn send_body(&mut self, key: String, ack: Option<crate::targets::AckSender>) {
+        let properties = Properties { delivery_mode: 1, ..Properties::default() };
+        let sent = methods::publish_with(
+            &mut self.t.wbuf,
+            PUBLISH_CHANNEL,
+            &self.s.exchange,
+            &key,
+            false,
+            &properties,
+            &self.body,
+            self.t.frame_max,
+        );
+        match sent {
+            Ok(()) => {
+                self.unconfirmed.push_back((self.next_tag, ack));
+                self.next_tag += 1;
+            }
+            Err(e) => {
+                if let Some(ack) = ack {
+                    let reason = format!("cannot be sent to the cluster: {e}");
+                    let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
                 }
             }
+        }
+    }
+
+    /// Sends every retained message of this node to node `to` (which just connected).
+    fn send_retained(&mut self, to: &str) {
+        let key = direct_key(to);
+        let node = Arc::clone(&self.cluster.node_id);
+        for msg in self.broker.retained_matching("#") {
+            let Ok(encoded) = codec::encode_message(&msg) else { continue };
+            self.body.clear();
+            self.body.put_u8(SNAPSHOT);
+            self.body.put_u8(node.len() as u8);
+            self.body.extend_from_slice(node.as_bytes());
+            self.body.extend_from_slice(&encoded);
+            self.send_body(key.clone(), None);
         }
     }
 
@@ -509,30 +556,7 @@ impl<'a> Link<'a> {
         self.body.put_u8(node.len() as u8);
         self.body.extend_from_slice(node);
         self.body.extend_from_slice(&encoded);
-        let key = keys::routing_key(&msg.topic, msg.retain);
-        let properties = Properties { delivery_mode: 1, ..Properties::default() };
-        let sent = methods::publish_with(
-            &mut self.t.wbuf,
-            PUBLISH_CHANNEL,
-            &self.s.exchange,
-            &key,
-            false,
-            &properties,
-            &self.body,
-            self.t.frame_max,
-        );
-        match sent {
-            Ok(()) => {
-                self.unconfirmed.push_back((self.next_tag, fwd.ack));
-                self.next_tag += 1;
-            }
-            Err(e) => {
-                if let Some(ack) = fwd.ack {
-                    let reason = format!("cannot be sent to the cluster: {e}");
-                    let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
-                }
-            }
-        }
+        self.send_body(keys::routing_key(&msg.topic, msg.retain), fwd.ack);
     }
 
     /// Reads what is there and handles every complete frame.
@@ -660,7 +684,7 @@ impl<'a> Link<'a> {
     /// One message from the cluster's exchange: another node's is delivered locally, this
     /// node's own (it came back through a binding) is dropped: delivered already.
     fn on_message(&mut self, body: &[u8]) {
-        let kinds = [WIRE_VERSION, NOTICE_RELEASE, NOTICE_ACQUIRED];
+        let kinds = [WIRE_VERSION, NOTICE_RELEASE, NOTICE_ACQUIRED, SNAPSHOT, NOTICE_RETAINED];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
             return;
@@ -671,6 +695,18 @@ impl<'a> Link<'a> {
             return;
         };
         if origin == self.cluster.node_id.as_bytes() {
+            return;
+        }
+        if kind == NOTICE_RETAINED {
+            if let Ok(to) = std::str::from_utf8(origin) {
+                self.send_retained(to);
+            }
+            return;
+        }
+        if kind == SNAPSHOT {
+            if let Ok(msg) = codec::decode_message(encoded) {
+                self.broker.retain_if_absent(&Arc::new(msg));
+            }
             return;
         }
         if kind != WIRE_VERSION {

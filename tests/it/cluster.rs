@@ -425,3 +425,34 @@ async fn the_suback_waits_until_the_node_s_queue_is_bound() {
     crate::support::publish_qos1(&mut publisher, "late/1", 1, b"first").await;
     assert_eq!(expect_publish(&mut on_b).await.payload, &b"first"[..]);
 }
+
+#[tokio::test]
+async fn a_node_that_joins_later_gets_the_retained_messages_published_before() {
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", AMQP_URL)).await;
+    wait_ready(&a).await;
+    let mut publisher = v5(&a, "pub").await;
+    for (i, topic) in ["old/1", "old/2"].iter().enumerate() {
+        let mut p = crate::support::publish_packet(topic, QoS::AtLeastOnce, i as u16 + 1, b"v1");
+        p.retain = true;
+        publisher.send(&Packet::Publish(p)).await;
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
+    wait_ready(&b).await;
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        let mut s = v5(&b, "late").await;
+        subscribe(&mut s, "old/#", qos(QoS::AtMostOnce), None).await;
+        got.clear();
+        while let Ok(Some(Packet::Publish(p))) = s.recv_within(Duration::from_millis(200)).await {
+            assert!(p.retain);
+            got.push(p.topic);
+        }
+        if got.len() == 2 {
+            break;
+        }
+    }
+    got.sort();
+    assert_eq!(got, ["old/1", "old/2"], "node b has what was retained before it started");
+}
