@@ -297,6 +297,8 @@ struct Link<'a> {
     body: BytesMut,
     /// Binds (`Some(key)`) and unbinds (`None`) sent and not yet answered, in order.
     binding: VecDeque<Option<String>>,
+    /// `cluster_messages` out, in and own, resolved once.
+    counted: [prometheus_client::metrics::counter::Counter; 3],
 }
 
 impl<'a> Link<'a> {
@@ -320,6 +322,7 @@ impl<'a> Link<'a> {
             assembly: Assembly::Idle,
             body: BytesMut::new(),
             binding: VecDeque::new(),
+            counted: ["out", "in", "own"].map(|d| cluster.metrics.cluster.direction(d)),
         }
     }
 
@@ -520,6 +523,13 @@ impl<'a> Link<'a> {
 
     /// Binds and unbinds as the interest changed.
     fn apply_changes(&mut self) {
+        self.apply_binding_changes();
+        let n = i64::try_from(self.bound.len()).unwrap_or(i64::MAX);
+        self.cluster.metrics.cluster.bindings.set(n);
+    }
+
+    /// [`apply_changes`](Self::apply_changes) without the gauge.
+    fn apply_binding_changes(&mut self) {
         for (key, wanted) in self.cluster.take_changes() {
             let (q, x) = (&self.s.queue, &self.s.exchange);
             if wanted && !self.bound.contains(&key) {
@@ -557,6 +567,7 @@ impl<'a> Link<'a> {
         self.body.extend_from_slice(node);
         self.body.extend_from_slice(&encoded);
         self.send_body(keys::routing_key(&msg.topic, msg.retain), fwd.ack);
+        self.counted[0].inc();
     }
 
     /// Reads what is there and handles every complete frame.
@@ -695,6 +706,9 @@ impl<'a> Link<'a> {
             return;
         };
         if origin == self.cluster.node_id.as_bytes() {
+            if kind == WIRE_VERSION {
+                self.counted[2].inc();
+            }
             return;
         }
         if kind == NOTICE_RETAINED {
@@ -723,6 +737,7 @@ impl<'a> Link<'a> {
         match codec::decode_message(encoded) {
             Ok(msg) => {
                 let msg = Arc::new(msg);
+                self.counted[1].inc();
                 self.broker.publish(&msg, None, &mut Waits::new());
             }
             Err(e) => warn!(error = %e, "cluster message that cannot be read dropped"),

@@ -24,6 +24,7 @@
 pub mod config;
 pub mod keys;
 mod link;
+pub mod metrics;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -178,6 +179,7 @@ impl Cluster {
     fn set_down(&self, why: Option<String>) {
         let down = why.is_some();
         self.connected.store(!down, Ordering::Release);
+        self.metrics.cluster.connected.set(i64::from(!down));
         if let Ok(mut d) = self.down.lock() {
             *d = why;
         }

@@ -157,6 +157,19 @@ async fn a_message_reaches_the_subscribers_of_every_node_once_with_what_it_carri
     expect_silence(&mut on_a, Duration::from_millis(500)).await;
     expect_silence(&mut on_b, Duration::from_millis(100)).await;
     expect_silence(&mut on_c, Duration::from_millis(100)).await;
+    // Counted: sent by a, delivered in by b, a's own copies back (it has a subscriber) dropped.
+    let counter = |text: &str, direction: &str| -> u64 {
+        let name = format!("mqgate_cluster_messages_total{{direction=\"{direction}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (ma, mb) = (crate::support::metrics(&a).await, crate::support::metrics(&b).await);
+    assert!(counter(&ma, "out") >= u64::from(n), "{ma}");
+    assert!(counter(&mb, "in") >= u64::from(n), "{mb}");
+    assert!(counter(&ma, "own") >= u64::from(n), "{ma}");
+    assert!(ma.contains("mqgate_cluster_connected 1"), "{ma}");
 }
 
 #[tokio::test]
