@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use super::{keys, Cluster, ClusterConfig, Command, Forward};
 use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
+use crate::message::Message;
 use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
 use crate::store::codec;
 use crate::targets::amqp::transport::{self, describe, Transport, Uri};
@@ -48,6 +49,13 @@ const NOTICE_ACQUIRED: u8 = 3;
 const SNAPSHOT: u8 = 4;
 /// Kind byte of a notice "send me your retained messages" (a node that (re)connected).
 const NOTICE_RETAINED: u8 = 5;
+/// Kind byte of a notice "this client of mine has this will": the sender's epoch (u64), the
+/// client id (u16 length + bytes), the will in the store's encoding.
+const WILL_SET: u8 = 6;
+/// Kind byte of a notice "this client's will no longer waits here": epoch and client id.
+const WILL_CLEAR: u8 = 7;
+/// Ticks between two checks of the nodes whose wills this node keeps.
+const PROBE_TICKS: u32 = 8;
 /// Publishes sent and not yet confirmed, at most.
 const MAX_UNCONFIRMED: usize = 4096;
 /// Forwards taken from the queue into one write, at most.
@@ -267,6 +275,10 @@ enum LockWait {
     Reclaim(String),
     /// A release.
     Delete,
+    /// Whether the node (of that epoch) that announced wills still holds its queue.
+    Probe(String, u64),
+    /// The right to publish a dead node's wills (one survivor gets it).
+    ClaimWills(String, u64),
     /// The channel is being opened again after a refused lock.
     Reopen,
 }
@@ -283,6 +295,12 @@ struct Link<'a> {
     lock_wait: Option<LockWait>,
     /// Held locks to take again on this new connection.
     reclaims: VecDeque<String>,
+    /// Nodes (and epochs) whose wills this node keeps, to check.
+    probes: VecDeque<(String, u64)>,
+    /// Dead nodes whose wills to claim and publish.
+    will_claims: VecDeque<(String, u64)>,
+    /// Ticks since the last round of probes.
+    ticks: u32,
     /// The socket and its buffers.
     t: Transport,
     /// Keys the queue is bound with now.
@@ -315,6 +333,9 @@ impl<'a> Link<'a> {
             broker,
             lock_wait: None,
             reclaims: cluster.held().into(),
+            probes: VecDeque::new(),
+            will_claims: VecDeque::new(),
+            ticks: 0,
             t,
             bound,
             unconfirmed: VecDeque::new(),
@@ -340,8 +361,10 @@ impl<'a> Link<'a> {
             self.cluster.applied(key, true);
         }
         self.apply_changes();
-        // The retained messages published while this node was not there.
+        // The retained messages published while this node was not there; the wills of its
+        // clients, which the others may have missed.
         self.notice(NOTICE_RETAINED, b"");
+        self.announce_wills();
         loop {
             self.next_reclaim();
             let want_write = self.t.has_pending_writes();
@@ -393,17 +416,90 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// Starts taking the next held lock again, when no lock request is in progress.
+    /// Starts the next request of the link's own on the lock channel, when none is in
+    /// progress: taking a held lock again, claiming a dead node's wills, checking a node.
     fn next_reclaim(&mut self) {
         if self.lock_wait.is_some() {
             return;
         }
+        let w = &mut self.t.wbuf;
         if let Some(client_id) = self.reclaims.pop_front() {
-            let flags = lock_flags();
             let q = self.s.lock_queue(&client_id);
-            if methods::queue_declare(&mut self.t.wbuf, LOCK_CHANNEL, &q, flags, &[]).is_ok() {
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, lock_flags(), &[]).is_ok() {
                 self.lock_wait = Some(LockWait::Reclaim(client_id));
             }
+        } else if let Some((node, epoch)) = self.will_claims.pop_front() {
+            let q =
+                format!("{}wills.{node}.{epoch}", self.s.lock_prefix.trim_end_matches("client."));
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, lock_flags(), &[]).is_ok() {
+                self.lock_wait = Some(LockWait::ClaimWills(node, epoch));
+            }
+        } else if let Some((node, epoch)) = self.probes.pop_front() {
+            let q = format!("{}node.{node}", self.s.lock_prefix.trim_end_matches("client."));
+            let passive = QueueFlags { passive: true, ..QueueFlags::default() };
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, passive, &[]).is_ok() {
+                self.lock_wait = Some(LockWait::Probe(node, epoch));
+            }
+        }
+    }
+
+    /// Announces the wills of this node's clients to every node.
+    fn announce_wills(&mut self) {
+        for (client_id, will) in self.cluster.local_wills() {
+            self.will_notice(&client_id, Some(&will));
+        }
+    }
+
+    /// A will notice about `client_id` (`will`: set, `None`: cleared).
+    fn will_notice(&mut self, client_id: &str, will: Option<&[u8]>) {
+        let mut subject = Vec::with_capacity(10 + client_id.len() + will.map_or(0, <[u8]>::len));
+        subject.extend_from_slice(&self.cluster.epoch.to_be_bytes());
+        subject
+            .extend_from_slice(&(client_id.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+        subject.extend_from_slice(client_id.as_bytes());
+        if let Some(w) = will {
+            subject.extend_from_slice(w);
+        }
+        self.notice(if will.is_some() { WILL_SET } else { WILL_CLEAR }, &subject);
+    }
+
+    /// A will notice from node `origin`.
+    fn on_will(&mut self, origin: &str, kind: u8, subject: &[u8]) {
+        let Some((epoch, rest)) = subject.split_at_checked(8) else { return };
+        let Some((len, rest)) = rest.split_at_checked(2) else { return };
+        let epoch = u64::from_be_bytes(epoch.try_into().unwrap_or([0; 8]));
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let Some((client_id, will)) = rest.split_at_checked(len) else { return };
+        let Ok(client_id) = std::str::from_utf8(client_id) else { return };
+        let will = (kind == WILL_SET).then(|| will.to_vec());
+        self.cluster.remote_will(origin, epoch, client_id, will);
+        // Wills of an older epoch of this node: that incarnation is dead.
+        for (node, old) in self.cluster.will_holders() {
+            if node == origin && old < epoch && !self.will_claims.contains(&(node.clone(), old)) {
+                self.will_claims.push_back((node, old));
+            }
+        }
+    }
+
+    /// Publishes the wills of a dead node (this node won the right to): here as a local
+    /// publish, and to the other nodes.
+    fn publish_wills(&mut self, node: &str, epoch: u64) {
+        let wills = self.cluster.take_wills(node, epoch);
+        if !wills.is_empty() {
+            info!(dead = %node, wills = wills.len(), "publishing the wills of a node that left the cluster");
+        }
+        for encoded in wills {
+            let Ok(msg) = codec::decode_message(&encoded) else { continue };
+            let msg = Arc::new(Message { received: std::time::Instant::now(), ..msg });
+            self.broker.publish(&msg, None, &mut Waits::new());
+            let own = self.cluster.node_id.as_bytes();
+            self.body.clear();
+            self.body.put_u8(WIRE_VERSION);
+            self.body.put_u8(own.len() as u8);
+            self.body.extend_from_slice(own);
+            self.body.extend_from_slice(&encoded);
+            self.send_body(keys::routing_key(&msg.topic, msg.retain), None);
+            self.counted[0].inc();
         }
     }
 
@@ -430,6 +526,7 @@ impl<'a> Link<'a> {
                 let kind = if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED };
                 self.notice(kind, client_id.as_bytes());
             }
+            Command::Will { client_id, will } => self.will_notice(&client_id, will.as_deref()),
         }
     }
 
@@ -498,6 +595,16 @@ impl<'a> Link<'a> {
                 // Taken by another node while this one was cut off: the client goes.
                 self.cluster.forget_lock(&client_id);
                 self.taken_elsewhere(&client_id);
+            }
+            // The node's queue is gone: so is its connection to RabbitMQ (a node cut off
+            // from RabbitMQ counts as gone; its clients' wills go out).
+            (Some(LockWait::Probe(node, epoch)), Err(e)) if e.starts_with("404") => {
+                self.will_claims.push_back((node, epoch));
+            }
+            (Some(LockWait::ClaimWills(node, epoch)), Ok(())) => self.publish_wills(&node, epoch),
+            (Some(LockWait::ClaimWills(node, epoch)), Err(_)) => {
+                // Another node publishes them.
+                self.cluster.take_wills(&node, epoch);
             }
             _ => {}
         }
@@ -695,7 +802,15 @@ impl<'a> Link<'a> {
     /// One message from the cluster's exchange: another node's is delivered locally, this
     /// node's own (it came back through a binding) is dropped: delivered already.
     fn on_message(&mut self, body: &[u8]) {
-        let kinds = [WIRE_VERSION, NOTICE_RELEASE, NOTICE_ACQUIRED, SNAPSHOT, NOTICE_RETAINED];
+        let kinds = [
+            WIRE_VERSION,
+            NOTICE_RELEASE,
+            NOTICE_ACQUIRED,
+            SNAPSHOT,
+            NOTICE_RETAINED,
+            WILL_SET,
+            WILL_CLEAR,
+        ];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
             return;
@@ -714,6 +829,13 @@ impl<'a> Link<'a> {
         if kind == NOTICE_RETAINED {
             if let Ok(to) = std::str::from_utf8(origin) {
                 self.send_retained(to);
+            }
+            self.announce_wills();
+            return;
+        }
+        if kind == WILL_SET || kind == WILL_CLEAR {
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                self.on_will(origin, kind, encoded);
             }
             return;
         }
@@ -744,8 +866,14 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// Heartbeats, and the broker's silence.
+    /// Heartbeats, the broker's silence, and now and then a check of the nodes whose wills
+    /// this node keeps.
     fn on_tick(&mut self) -> Result<(), String> {
+        self.ticks += 1;
+        if self.ticks >= PROBE_TICKS && self.probes.is_empty() {
+            self.ticks = 0;
+            self.probes.extend(self.cluster.will_holders());
+        }
         let now = Instant::now();
         if let Some(hb) = self.t.heartbeat {
             if now.duration_since(self.t.last_read) > hb * 2 {

@@ -68,7 +68,14 @@ enum Command {
     /// elsewhere is discarded) or needs its holder to let go (`released: true`: the holder
     /// closes its connection, 0x8E).
     Notice { client_id: String, release: bool },
+    /// Tell every node the will of `client_id` connected here (`Some`: in the store's
+    /// encoding), or that it no longer waits here (`None`): the others publish the wills of a
+    /// node that died.
+    Will { client_id: String, will: Option<Vec<u8>> },
 }
+
+/// Wills by client id, in the store's encoding.
+type Wills = HashMap<String, Vec<u8>>;
 
 /// What [`Cluster::claim`] got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +138,16 @@ pub struct Cluster {
     /// The client ids whose lock this node holds, with the connections that claimed it (a
     /// local takeover overlaps two): released when the last one ends.
     locks: Mutex<HashMap<String, Vec<u64>>>,
+    /// The wills of this node's connected clients (client id → connection, encoded will), as
+    /// announced to the other nodes.
+    wills: Mutex<HashMap<String, (u64, Vec<u8>)>>,
+    /// The wills other nodes announced: (node, its epoch) → client id → encoded will. One
+    /// entry per connected client with a will in the cluster (bounded by the nodes'
+    /// `mqtt.max_connections` and `mqtt.max_packet_size`).
+    remote_wills: Mutex<HashMap<(String, u64), Wills>>,
+    /// This process's epoch (start time): wills announced by an older epoch of a node are
+    /// those of a dead incarnation.
+    epoch: u64,
 }
 
 impl Cluster {
@@ -146,7 +163,14 @@ impl Cluster {
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let (commands, commands_rx) = mpsc::unbounded_channel();
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         let cluster = Arc::new(Cluster {
+            wills: Mutex::new(HashMap::new()),
+            remote_wills: Mutex::new(HashMap::new()),
+            epoch,
             commands,
             locks: Mutex::new(HashMap::new()),
             node_id: Arc::from(cfg.node_id.value.as_str()),
@@ -324,6 +348,7 @@ impl Cluster {
     /// The connection `conn_id` of `client_id` ended: the lock goes back when no other
     /// connection of this node holds it.
     pub fn release(&self, client_id: &str, conn_id: u64) {
+        self.will_clear(client_id, conn_id);
         let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
         let Some(conns) = locks.get_mut(client_id) else { return };
         conns.retain(|c| *c != conn_id);
@@ -331,6 +356,66 @@ impl Cluster {
             locks.remove(client_id);
             let _ = self.commands.send(Command::Release { client_id: client_id.to_owned() });
         }
+    }
+
+    /// The connection `conn_id` of `client_id` has a will (`msg`): announced to the other
+    /// nodes, which publish it if this node dies while the connection is up. Cleared by
+    /// [`Cluster::release`] (the connection ended: this node publishes it or not, as usual).
+    pub fn will_set(&self, client_id: &str, conn_id: u64, msg: &Message) {
+        let Ok(encoded) = crate::store::codec::encode_message(msg) else { return };
+        let mut wills = self.wills.lock().unwrap_or_else(|p| p.into_inner());
+        wills.insert(client_id.to_owned(), (conn_id, encoded.clone()));
+        drop(wills);
+        let will = Command::Will { client_id: client_id.to_owned(), will: Some(encoded) };
+        let _ = self.commands.send(will);
+    }
+
+    /// Forgets the will of `client_id` if the connection `conn_id` set it.
+    fn will_clear(&self, client_id: &str, conn_id: u64) {
+        let mut wills = self.wills.lock().unwrap_or_else(|p| p.into_inner());
+        if wills.get(client_id).is_some_and(|(c, _)| *c == conn_id) {
+            wills.remove(client_id);
+            drop(wills);
+            let _ =
+                self.commands.send(Command::Will { client_id: client_id.to_owned(), will: None });
+        }
+    }
+
+    /// The wills of this node's clients (announced again after a reconnect).
+    fn local_wills(&self) -> Vec<(String, Vec<u8>)> {
+        let wills = self.wills.lock().unwrap_or_else(|p| p.into_inner());
+        wills.iter().map(|(k, (_, w))| (k.clone(), w.clone())).collect()
+    }
+
+    /// Another node announced (`Some`) or cleared (`None`) the will of `client_id`.
+    fn remote_will(&self, node: &str, epoch: u64, client_id: &str, will: Option<Vec<u8>>) {
+        let mut all = self.remote_wills.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (node.to_owned(), epoch);
+        match will {
+            Some(w) => {
+                all.entry(key).or_default().insert(client_id.to_owned(), w);
+            }
+            None => {
+                if let Some(m) = all.get_mut(&key) {
+                    m.remove(client_id);
+                    if m.is_empty() {
+                        all.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The (node, epoch) pairs holding wills: the ones to check for liveness.
+    fn will_holders(&self) -> Vec<(String, u64)> {
+        let all = self.remote_wills.lock().unwrap_or_else(|p| p.into_inner());
+        all.keys().cloned().collect()
+    }
+
+    /// Takes the wills of (node, epoch) out (to publish them, or because another node does).
+    fn take_wills(&self, node: &str, epoch: u64) -> Vec<Vec<u8>> {
+        let mut all = self.remote_wills.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(&(node.to_owned(), epoch)).map(|m| m.into_values().collect()).unwrap_or_default()
     }
 
     /// Whether this node holds the lock of `client_id`.
@@ -446,6 +531,9 @@ mod tests {
         Cluster {
             commands: mpsc::unbounded_channel().0,
             locks: Mutex::new(HashMap::new()),
+            wills: Mutex::new(HashMap::new()),
+            remote_wills: Mutex::new(HashMap::new()),
+            epoch: 1,
             node_id: Arc::from("a"),
             tx,
             interest: Mutex::new(Interest::default()),

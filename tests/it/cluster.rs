@@ -469,3 +469,59 @@ async fn a_node_that_joins_later_gets_the_retained_messages_published_before() {
     got.sort();
     assert_eq!(got, ["old/1", "old/2"], "node b has what was retained before it started");
 }
+
+#[tokio::test]
+async fn the_wills_of_a_sigkilled_node_are_published_once_by_a_survivor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("it-cluster");
+    let mut a = NodeProcess::start(dir.path(), &prefix, "a").await;
+    let b = NodeProcess::start(dir.path(), &prefix, "b").await;
+    let c = NodeProcess::start(dir.path(), &prefix, "c").await;
+    let mut watchers = Vec::new();
+    for (node, id) in [(&b, "w-b"), (&c, "w-c")] {
+        let mut w = RawClient::connect(node.mqtt, ProtocolVersion::V5, id).await;
+        subscribe(&mut w, "wills/#", qos(QoS::AtLeastOnce), None).await;
+        watchers.push(w);
+    }
+    let with_will = |id: &str, topic: &str| {
+        let mut connect = crate::support::connect_packet(ProtocolVersion::V5, id);
+        connect.will = Some(codec::LastWill {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        connect
+    };
+    let mut devices = Vec::new();
+    for (id, topic) in [("dev-1", "wills/1"), ("dev-2", "wills/2")] {
+        let mut d = RawClient::tcp(a.mqtt, ProtocolVersion::V5).await;
+        d.send(&Packet::Connect(Box::new(with_will(id, topic)))).await;
+        assert!(matches!(d.recv().await, Some(Packet::ConnAck(ack)) if ack.code.is_success()));
+        devices.push(d);
+    }
+    // dev-2 leaves normally: its will is not published, now or when a dies.
+    devices[1]
+        .send(&Packet::Disconnect(Box::new(codec::Disconnect {
+            code: codec::ReasonCode::SUCCESS,
+            properties: Properties::default(),
+        })))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    a.child.kill().expect("kill");
+    a.child.wait().expect("reap");
+    for w in &mut watchers {
+        let p = match w.recv_within(Duration::from_secs(15)).await {
+            Ok(Some(Packet::Publish(p))) => p,
+            other => panic!("no will from the dead node: {other:?}"),
+        };
+        assert_eq!((p.topic.as_str(), &p.payload[..]), ("wills/1", &b"gone"[..]));
+        w.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+    }
+    // Once: not by both survivors, and not dev-2's.
+    for w in &mut watchers {
+        expect_silence(w, Duration::from_secs(3)).await;
+    }
+}

@@ -183,6 +183,26 @@ where
             return Ok(None);
         }
     }
+    if let (Some(cluster), Some(will)) = (shared.broker.cluster(), &connect.will) {
+        // Kept by the other nodes too: published by one of them if this node dies.
+        let acl = live.auth.acl.for_client(username, &accepted.client_id);
+        if acl.may_publish(&will.topic) {
+            let msg = crate::message::Message {
+                charge: Default::default(),
+                topic: will.topic.clone(),
+                payload: will.payload.clone(),
+                qos: will.qos,
+                retain: will.retain,
+                client_id: Arc::clone(&client_id),
+                username: username.map(Arc::from),
+                properties: Properties { will_delay_interval: None, ..will.properties.clone() }
+                    .into(),
+                received: std::time::Instant::now(),
+                packet_id: None,
+            };
+            cluster.will_set(&client_id, registration.conn_id, &msg);
+        }
+    }
     if let Some(previous) = &registration.previous {
         // Takeover: the old connection was told to close; its session state is ours only
         // once it has parked it.
