@@ -250,7 +250,9 @@ fn rabbitmqctl(args: &[&str]) -> Result<String> {
 impl MqttPlugin {
     fn start() -> Result<MqttPlugin> {
         let listed = rabbitmqctl(&["rabbitmq-plugins", "list", "-e", "rabbitmq_mqtt"])?;
-        if listed.contains("rabbitmq_mqtt") {
+        // "[E*] rabbitmq_mqtt 3.10.8" (the header names the pattern too).
+        let enabled = listed.lines().any(|l| l.starts_with('[') && l.contains(" rabbitmq_mqtt "));
+        if enabled {
             let env = rabbitmqctl(&[
                 "rabbitmqctl",
                 "eval",

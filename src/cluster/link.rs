@@ -54,6 +54,13 @@ const NOTICE_RETAINED: u8 = 5;
 const WILL_SET: u8 = 6;
 /// Kind byte of a notice "this client's will no longer waits here": epoch and client id.
 const WILL_CLEAR: u8 = 7;
+/// Kind byte of several messages with one routing key in one AMQP message: a u32 count, then
+/// each message as a u32 length and its store encoding.
+const BATCH_KIND: u8 = 8;
+/// Messages in one batch, at most.
+const BATCH_MESSAGES: usize = 64;
+/// Bytes of one batch's messages before it is closed (one message alone may be larger).
+const BATCH_BYTES: usize = 256 * 1024;
 /// Ticks between two checks of the nodes whose wills this node keeps.
 const PROBE_TICKS: u32 = 8;
 /// Publishes sent and not yet confirmed, at most.
@@ -267,6 +274,9 @@ enum Assembly {
     Body { size: usize, body: BytesMut },
 }
 
+/// The acknowledgements one publish resolves (a batch carries several; most one or none).
+type Acks = smallvec::SmallVec<[crate::targets::AckSender; 1]>;
+
 /// The lock request the broker is answering on [`LOCK_CHANNEL`].
 enum LockWait {
     /// A session's claim.
@@ -306,7 +316,7 @@ struct Link<'a> {
     /// Keys the queue is bound with now.
     bound: HashSet<String>,
     /// Publishes awaiting their confirm: delivery tag and the ack to tell, in tag order.
-    unconfirmed: VecDeque<(u64, Option<crate::targets::AckSender>)>,
+    unconfirmed: VecDeque<(u64, Acks)>,
     /// The delivery tag of the next publish.
     next_tag: u64,
     /// The delivery being assembled.
@@ -389,16 +399,14 @@ impl<'a> Link<'a> {
                     Ok(())
                 }
                 Some(fwd) = rx.recv(), if room => {
-                    self.publish(fwd);
-                    for _ in 1..BATCH {
-                        if self.unconfirmed.len() >= MAX_UNCONFIRMED {
-                            break;
-                        }
+                    let mut taken = vec![fwd];
+                    while taken.len() < BATCH {
                         match rx.try_recv() {
-                            Ok(fwd) => self.publish(fwd),
+                            Ok(fwd) => taken.push(fwd),
                             Err(_) => break,
                         }
                     }
+                    self.publish(taken);
                     Ok(())
                 }
                 r = self.t.stream.writable(), if want_write => match r {
@@ -543,6 +551,11 @@ impl<'a> Link<'a> {
 
     /// Publishes `self.body` with `key`; `ack` is told the confirm.
     fn send_body(&mut self, key: String, ack: Option<crate::targets::AckSender>) {
+        self.send_body_acks(key, ack.into_iter().collect());
+    }
+
+    /// Publishes `self.body` with `key`; every one of `acks` is told the confirm.
+    fn send_body_acks(&mut self, key: String, acks: Acks) {
         let properties = Properties { delivery_mode: 1, ..Properties::default() };
         let sent = methods::publish_with(
             &mut self.t.wbuf,
@@ -556,11 +569,11 @@ impl<'a> Link<'a> {
         );
         match sent {
             Ok(()) => {
-                self.unconfirmed.push_back((self.next_tag, ack));
+                self.unconfirmed.push_back((self.next_tag, acks));
                 self.next_tag += 1;
             }
             Err(e) => {
-                if let Some(ack) = ack {
+                for ack in acks {
                     let reason = format!("cannot be sent to the cluster: {e}");
                     let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
                 }
@@ -653,28 +666,60 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// Publishes `fwd` to the exchange (one publish whoever wants it).
-    fn publish(&mut self, fwd: Forward) {
-        let msg = &fwd.msg;
-        let encoded = match codec::encode_message(msg) {
-            Ok(encoded) => encoded,
-            Err(e) => {
-                if let Some(ack) = fwd.ack {
-                    let reason = format!("cannot be sent to the cluster: {e}");
-                    let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
+    /// Publishes `taken` to the exchange (one publish whoever wants them), in order:
+    /// consecutive messages with one routing key go as one AMQP message (a batch), which
+    /// RabbitMQ routes once.
+    fn publish(&mut self, taken: Vec<Forward>) {
+        let mut group: Vec<(Vec<u8>, Option<crate::targets::AckSender>)> = Vec::new();
+        let (mut key, mut bytes) = (String::new(), 0);
+        for fwd in taken {
+            let encoded = match codec::encode_message(&fwd.msg) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    if let Some(ack) = fwd.ack {
+                        let reason = format!("cannot be sent to the cluster: {e}");
+                        let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
+                    }
+                    continue;
                 }
-                return;
+            };
+            let k = keys::routing_key(&fwd.msg.topic, fwd.msg.retain);
+            if k != key || group.len() >= BATCH_MESSAGES || bytes >= BATCH_BYTES {
+                self.send_group(&key, &mut group);
+                (key, bytes) = (k, 0);
             }
-        };
+            bytes += encoded.len();
+            group.push((encoded, fwd.ack));
+        }
+        self.send_group(&key, &mut group);
+    }
+
+    /// Sends the messages of `group` (one routing key `key`) as one publish, and empties it.
+    fn send_group(
+        &mut self,
+        key: &str,
+        group: &mut Vec<(Vec<u8>, Option<crate::targets::AckSender>)>,
+    ) {
+        if group.is_empty() {
+            return;
+        }
         let node = self.cluster.node_id.as_bytes();
         self.body.clear();
-        self.body.reserve(2 + node.len() + encoded.len());
-        self.body.put_u8(WIRE_VERSION);
+        self.body.put_u8(if group.len() == 1 { WIRE_VERSION } else { BATCH_KIND });
         self.body.put_u8(node.len() as u8);
         self.body.extend_from_slice(node);
-        self.body.extend_from_slice(&encoded);
-        self.send_body(keys::routing_key(&msg.topic, msg.retain), fwd.ack);
-        self.counted[0].inc();
+        if group.len() == 1 {
+            self.body.extend_from_slice(&group[0].0);
+        } else {
+            self.body.put_u32(group.len() as u32);
+            for (encoded, _) in group.iter() {
+                self.body.put_u32(encoded.len() as u32);
+                self.body.extend_from_slice(encoded);
+            }
+        }
+        self.counted[0].inc_by(group.len() as u64);
+        let acks: Acks = group.drain(..).filter_map(|(_, ack)| ack).collect();
+        self.send_body_acks(key.to_owned(), acks);
     }
 
     /// Reads what is there and handles every complete frame.
@@ -788,13 +833,17 @@ impl<'a> Link<'a> {
         };
         if multiple {
             while self.unconfirmed.front().is_some_and(|(t, _)| *t <= tag) {
-                if let Some((_, Some(ack))) = self.unconfirmed.pop_front() {
-                    let _ = ack.send(outcome());
+                if let Some((_, acks)) = self.unconfirmed.pop_front() {
+                    for ack in acks {
+                        let _ = ack.send(outcome());
+                    }
                 }
             }
         } else if let Ok(i) = self.unconfirmed.binary_search_by_key(&tag, |(t, _)| *t) {
-            if let Some((_, Some(ack))) = self.unconfirmed.remove(i) {
-                let _ = ack.send(outcome());
+            if let Some((_, acks)) = self.unconfirmed.remove(i) {
+                for ack in acks {
+                    let _ = ack.send(outcome());
+                }
             }
         }
     }
@@ -810,6 +859,7 @@ impl<'a> Link<'a> {
             NOTICE_RETAINED,
             WILL_SET,
             WILL_CLEAR,
+            BATCH_KIND,
         ];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
@@ -823,6 +873,20 @@ impl<'a> Link<'a> {
         if origin == self.cluster.node_id.as_bytes() {
             if kind == WIRE_VERSION {
                 self.counted[2].inc();
+            } else if let (BATCH_KIND, Some(n)) = (kind, encoded.get(..4)) {
+                self.counted[2].inc_by(u64::from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])));
+            }
+            return;
+        }
+        if kind == BATCH_KIND {
+            let Some((count, mut rest)) = encoded.split_at_checked(4) else { return };
+            let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+            for _ in 0..count {
+                let Some((len, after)) = rest.split_at_checked(4) else { break };
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                let Some((one, after)) = after.split_at_checked(len) else { break };
+                rest = after;
+                self.deliver(one);
             }
             return;
         }
@@ -856,6 +920,11 @@ impl<'a> Link<'a> {
             }
             return;
         }
+        self.deliver(encoded);
+    }
+
+    /// Delivers one message from another node (`encoded` in the store's encoding) here.
+    fn deliver(&mut self, encoded: &[u8]) {
         match codec::decode_message(encoded) {
             Ok(msg) => {
                 let msg = Arc::new(msg);
@@ -889,8 +958,10 @@ impl<'a> Link<'a> {
     /// Fails every publish still waiting for its confirm (the connection is gone: it may or
     /// may not have reached the other nodes; the publisher resends).
     fn fail_unconfirmed(&mut self, why: &str) {
-        for (_, ack) in self.unconfirmed.drain(..) {
-            fail(ack, why);
+        for (_, acks) in self.unconfirmed.drain(..) {
+            for ack in acks {
+                fail(Some(ack), why);
+            }
         }
     }
 

@@ -525,3 +525,37 @@ async fn the_wills_of_a_sigkilled_node_are_published_once_by_a_survivor() {
         expect_silence(w, Duration::from_secs(3)).await;
     }
 }
+
+#[tokio::test]
+async fn a_burst_on_topics_sharing_a_key_arrives_complete_and_in_order() {
+    let (a, b, _c) = three_nodes().await;
+    let mut on_b = v5(&b, "bulk-sub").await;
+    subscribe(&mut on_b, "bulk/#", qos(QoS::AtLeastOnce), None).await;
+    let mut publisher = v5(&a, "bulk-pub").await;
+    // One routing key (bulk/k/...): sent to RabbitMQ as batches of messages.
+    let n = 600u16;
+    for i in 0..n {
+        let topic = format!("bulk/k/{}", i % 3);
+        let (q, id) = if i % 2 == 0 { (QoS::AtMostOnce, 0) } else { (QoS::AtLeastOnce, i) };
+        let mut p = crate::support::publish_packet(&topic, q, id, i.to_string().as_bytes());
+        p.properties.user_properties = vec![("i".into(), i.to_string())];
+        publisher.send(&Packet::Publish(p)).await;
+    }
+    let mut acked = 0;
+    while acked < n / 2 {
+        match publisher.recv().await {
+            Some(Packet::PubAck(_)) => acked += 1,
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    for i in 0..n {
+        let p = expect_publish(&mut on_b).await;
+        assert_eq!(p.payload, i.to_string().as_bytes(), "in publish order");
+        assert_eq!(p.topic, format!("bulk/k/{}", i % 3));
+        assert_eq!(p.properties.user_properties, vec![("i".to_owned(), i.to_string())]);
+        if p.qos != QoS::AtMostOnce {
+            on_b.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+        }
+    }
+    expect_silence(&mut on_b, Duration::from_millis(300)).await;
+}
