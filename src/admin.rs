@@ -130,6 +130,13 @@ async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
         };
         body.push_str(&format!("{}: {text}\n", system.name()));
     }
+    if let Some(cluster) = state.gateway.broker.cluster() {
+        let text = cluster.state().unwrap_or_else(|why| {
+            ready = false;
+            why
+        });
+        body.push_str(&format!("cluster: {text}\n"));
+    }
     if let Some(dl) = &state.dead_letters {
         body.push_str(&format!("dead letters: {}\n", dl.count()));
     }

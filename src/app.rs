@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::broker::persist::Persist;
 use crate::broker::{sessions, sys, Broker};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::deadletters::DeadLetters;
 use crate::metrics::Metrics;
@@ -159,6 +160,13 @@ impl App {
             if restored.unreadable > 0 {
                 warn!(n = restored.unreadable, "stored values that could not be read were deleted");
             }
+        }
+        if let Some(cluster) = &config.cluster {
+            // Before the listener: every subscription from now on registers its interest.
+            // Closed with the sinks: the sessions' last messages still reach the other nodes.
+            let amqp = config.amqp.get(&cluster.broker.value).context("cluster.broker")?;
+            let token = sinks_shutdown.clone();
+            tasks.spawn(Cluster::start(cluster, amqp, &broker, &metrics, token));
         }
         tasks.spawn(sessions::expire(Arc::clone(&broker), shutdown.clone()));
         if !config.mqtt.sys_interval.0.is_zero() {

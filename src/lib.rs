@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod deadletters;
 pub mod dryrun;

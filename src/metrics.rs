@@ -205,6 +205,8 @@ pub struct Metrics {
     pub spool: crate::spool::metrics::SpoolFamilies,
     /// The listeners' families (per listener: accepted connections, refused handshakes).
     pub listeners: crate::listeners::ListenerFamilies,
+    /// The cluster's families (`cluster:`; zero without it).
+    pub cluster: crate::cluster::metrics::ClusterFamilies,
     /// Dead letters kept in the store now.
     pub dead_letters: Gauge,
     /// Per rule and target: messages recorded as dead letters.
@@ -316,6 +318,7 @@ impl Metrics {
         let http = HttpFamilies::register(&mut registry);
         let spool = crate::spool::metrics::SpoolFamilies::register(&mut registry);
         let listeners = crate::listeners::ListenerFamilies::register(&mut registry);
+        let cluster = crate::cluster::metrics::ClusterFamilies::register(&mut registry);
         let kinds = crate::targets::kinds::register_metrics(&mut registry);
         let m = Metrics {
             kinds,
@@ -348,6 +351,7 @@ impl Metrics {
             source_connected: Family::default(),
             spool,
             listeners,
+            cluster,
             dead_letters: Gauge::default(),
             dead_lettered: Family::default(),
             store: Arc::default(),

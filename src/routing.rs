@@ -67,6 +67,8 @@ pub fn route_counted(
     let mut waits = Waits::new();
     // With a store, a retained or persistent-session write adds its wait here.
     let local = ctx.broker.publish(msg, publisher, &mut waits);
+    // The other nodes of a cluster: their subscribers are matched where they are.
+    let remote = ctx.broker.cluster().map(|c| c.forward(msg, &mut waits, blocked)).is_some();
     ctx.rules.matches_into(&msg.topic, hits);
     ctx.broker.tracer().offer(msg, "publish", || {
         hits.iter().filter_map(|&i| ctx.rules.rule(i)).map(|r| r.name.as_str()).collect()
@@ -111,7 +113,7 @@ pub fn route_counted(
             }
         }
     }
-    (local > 0 || applied > 0, waits, local)
+    (local > 0 || applied > 0 || remote, waits, local)
 }
 
 /// Appends `msg` to the spool of each of an `ack: spool` rule's `targets` targets (or to

@@ -46,6 +46,7 @@
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode amqp10 --messages 100000 --repeat 3   # AMQP 1.0 target
 //! target/release/mqgate-bench --mode attack --repeat 2   # pathological inputs (attack.rs)
+//! target/release/mqgate-bench --mode cluster --messages 100000 --repeat 3   # cluster.rs
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -60,6 +61,7 @@
 mod amqp;
 mod amqp10;
 mod attack;
+mod cluster;
 mod dial;
 mod downlink;
 mod gateway;
@@ -267,6 +269,9 @@ enum ModeArg {
     /// MQTT → ZeroMQ: a direct zeromq PUSH vs MQTT QoS 1 publishers through mqgate's zmq
     /// target (PUSH), both to one PULL in the bench.
     Zmq,
+    /// `cluster:`: MQTT fan-in across two mqgate nodes vs RabbitMQ's MQTT plugin (enabled on a
+    /// spare port for the run), and on one node in cluster mode vs a single node (cluster.rs).
+    Cluster,
     /// MQTT → AMQP 1.0: `--publishers` fe2o3-amqp clients straight to a queue's address vs
     /// as many MQTT QoS 1 publishers through a spawned mqgate's `- amqp10:` target to the
     /// same address (RabbitMQ's AMQP 1.0 support; see `amqp10.rs`).
@@ -477,6 +482,22 @@ async fn run(args: Args) -> Result<bool> {
             json: args.json,
         };
         return attack::run(&spec).await;
+    }
+    if args.mode.contains(&ModeArg::Cluster) {
+        let binary = mqgate_binary(&args)?;
+        let spec = cluster::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            publishers: args.publishers,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            qos: args.qos_levels(),
+            binary: &binary,
+            amqp_url: &args.amqp_url,
+            idle: args.idle()?,
+            json: args.json,
+        };
+        return cluster::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Zmq) {
         let binary = mqgate_binary(&args)?;

@@ -123,6 +123,9 @@ pub struct Broker {
     /// Live traces of routed messages (the web console's): one relaxed load per message
     /// while none is open.
     tracer: crate::trace::Tracer,
+    /// With `cluster:`: the other nodes (routing forwards to them; subscriptions register
+    /// their interest). Set once at start, before clients connect.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
 }
 
 /// One subscription as the admin API lists it.
@@ -163,7 +166,27 @@ impl Broker {
             tracer: crate::trace::Tracer::new(metrics.trace_dropped.clone()),
             metrics,
             persist,
+            cluster: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The cluster this node is part of, if any.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Makes this broker a node of `cluster`: the subscriptions it holds now (restored ones)
+    /// register their interest, later ones as they come. Called once, before clients connect.
+    pub fn attach_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        {
+            let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+            subs.for_each(|filter, _| cluster.add_interest(filter));
+        }
+        {
+            let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+            groups.for_each_member(|filter, _, _, _| cluster.add_interest(filter));
+        }
+        let _ = self.cluster.set(cluster);
     }
 
     /// The live traces of routed messages.
@@ -286,6 +309,17 @@ impl Broker {
             charge: Default::default(),
         });
         self.set_retained(&empty);
+        true
+    }
+
+    /// A retained message another node of the cluster holds, sent to this node when it
+    /// joined: kept only if its topic has none here (one published since is newer); delivered
+    /// to nobody. True if kept.
+    pub fn retain_if_absent(&self, msg: &Arc<Message>) -> bool {
+        if msg.payload.is_empty() || self.retained.contains(&msg.topic) {
+            return false;
+        }
+        self.set_retained(msg);
         true
     }
 
@@ -435,9 +469,25 @@ impl Broker {
         self.sessions.close_all(CloseReason::Shutdown);
     }
 
-    /// Forgets `client_id` if it is still held by the connection `conn_id`.
+    /// Forgets `client_id` if it is still held by the connection `conn_id` (in a cluster:
+    /// the connection's claim on the client id ends too).
     pub fn unregister(&self, client_id: &str, conn_id: u64) {
         self.sessions.unregister(client_id, conn_id);
+        if let Some(c) = self.cluster.get() {
+            c.release(client_id, conn_id);
+        }
+    }
+
+    /// Another node of the cluster took `client_id` over: a connection holding it here is
+    /// told to close (MQTT 5: DISCONNECT 0x8E) and a session parked here is discarded (the
+    /// client's session is the other node's now). Returns the closing connection's link: once
+    /// it has parked, [`Broker::take_session`] and discard what it left.
+    pub fn taken_elsewhere(&self, client_id: &str) -> Option<Arc<sessions::ConnLink>> {
+        let link = self.sessions.close_conn(client_id, CloseReason::Takeover);
+        if let Some(state) = self.take_session(client_id) {
+            self.discard_session(state);
+        }
+        link
     }
 
     /// Records that the will of `client_id` waits for its delay. Returns the entry's id (for
@@ -640,13 +690,27 @@ impl Broker {
             topic::parse_subscription(filter)
         {
             let mut groups = self.shared.write().unwrap_or_else(|p| p.into_inner());
-            groups.join(filter, inner, session_id, options, subscriber);
+            let joined = groups.join(filter, inner, session_id, options, subscriber);
+            drop(groups);
+            self.interest(joined, true, filter);
             return;
         }
         let subscriber = Arc::clone(subscriber);
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
-        subs.remove(filter, |s| s.session_id == session_id);
+        let replaced = subs.remove(filter, |s| s.session_id == session_id) > 0;
         subs.insert(filter, Subscription { session_id, options, subscriber });
+        drop(subs);
+        self.interest(!replaced, true, filter);
+    }
+
+    /// Tells the cluster (if any) that a subscription to `filter` came (`added`) or went,
+    /// when `changed`.
+    fn interest(&self, changed: bool, added: bool, filter: &str) {
+        match self.cluster.get() {
+            Some(c) if changed && added => c.add_interest(filter),
+            Some(c) if changed => c.remove_interest(filter),
+            _ => {}
+        }
     }
 
     /// Removes the subscription of `session_id` to `filter`; true if there was one. For a
@@ -656,10 +720,16 @@ impl Broker {
             topic::parse_subscription(filter)
         {
             let mut groups = self.shared.write().unwrap_or_else(|p| p.into_inner());
-            return groups.leave(filter, inner, session_id);
+            let left = groups.leave(filter, inner, session_id);
+            drop(groups);
+            self.interest(left, false, filter);
+            return left;
         }
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
-        subs.remove(filter, |s| s.session_id == session_id) > 0
+        let removed = subs.remove(filter, |s| s.session_id == session_id) > 0;
+        drop(subs);
+        self.interest(removed, false, filter);
+        removed
     }
 
     /// Stores or clears the retained message of `msg.topic` (when `msg.retain`), then hands

@@ -633,8 +633,16 @@ impl SessionStore {
         Some(snapshot(id, entry, Instant::now()))
     }
 
-    /// Tells the connection holding `client_id` to close (an operator's disconnect); false
-    /// when none does.
+    /// Tells the connection holding `client_id` to close for `reason`; its link (to wait for
+    /// it to park its session), if a connection held it.
+    pub fn close_conn(&self, client_id: &str, reason: CloseReason) -> Option<Arc<ConnLink>> {
+        let link = self.lock().get(client_id).and_then(|e| e.conn.clone())?;
+        link.close(reason);
+        Some(link)
+    }
+
+    /// Tells the connection of `client_id` to close (an operator's disconnect); false when it
+    /// is not connected.
     pub fn disconnect(&self, client_id: &str) -> bool {
         match self.lock().get(client_id).and_then(|e| e.conn.as_ref()) {
             Some(link) => {

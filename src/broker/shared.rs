@@ -120,7 +120,7 @@ pub(super) struct SharedGroups {
 
 impl SharedGroups {
     /// Adds `session_id` to the group `key` (`$share/{group}/{filter}`, valid) whose filter is
-    /// `filter`, or replaces its options if it is a member already.
+    /// `filter`, or replaces its options if it is a member already. True if it was not one.
     pub(super) fn join(
         &mut self,
         key: &str,
@@ -128,17 +128,26 @@ impl SharedGroups {
         session_id: u64,
         options: SubscribeOptions,
         subscriber: &Arc<Subscriber>,
-    ) {
+    ) -> bool {
         let member = Member { session_id, options, subscriber: Arc::clone(subscriber) };
         match self.tree.find_mut(filter, |g| &*g.key == key) {
             Some(group) => match group.members.iter_mut().find(|m| m.session_id == session_id) {
-                Some(m) => *m = member,
-                None => group.members.push(member),
+                Some(m) => {
+                    *m = member;
+                    false
+                }
+                None => {
+                    group.members.push(member);
+                    true
+                }
             },
-            None => self.tree.insert(
-                filter,
-                Group { key: key.into(), members: vec![member], next: AtomicUsize::new(0) },
-            ),
+            None => {
+                self.tree.insert(
+                    filter,
+                    Group { key: key.into(), members: vec![member], next: AtomicUsize::new(0) },
+                );
+                true
+            }
         }
     }
 

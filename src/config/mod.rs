@@ -72,6 +72,10 @@ pub struct Config {
     /// Without it everything is kept in memory only and `ack: spool` cannot be used.
     #[serde(default)]
     pub store: Option<StoreConfig>,
+    /// Several nodes acting as one broker through RabbitMQ (docs/cluster.md). Without it this
+    /// node is on its own and nothing of the cluster runs.
+    #[serde(default)]
+    pub cluster: Option<crate::cluster::ClusterConfig>,
     /// On SIGTERM/SIGINT: how long in-flight QoS 1/2 messages may take to get their outcome
     /// and acknowledgement before the connections are closed anyway.
     #[serde(default = "default_shutdown_timeout")]
@@ -684,6 +688,9 @@ impl Config {
             &bridges,
             &mut err,
         );
+        if let Some(cluster) = &self.cluster {
+            cluster.validate(&brokers, &mut err);
+        }
         self.validate_auth(&mut err);
         crate::spool::config::validate(self, &mut err);
         errors

@@ -220,7 +220,7 @@ async fn setup(uri: &Uri, s: &Settings) -> Result<(Transport, u16), String> {
 }
 
 /// Writes what is buffered, waiting as needed.
-async fn flush_all(t: &mut Transport) -> Result<(), String> {
+pub(crate) async fn flush_all(t: &mut Transport) -> Result<(), String> {
     while !t.try_flush().map_err(|e| format!("write failed: {e}"))? {
         t.stream.writable().await.map_err(|e| format!("write failed: {e}"))?;
     }
@@ -229,7 +229,7 @@ async fn flush_all(t: &mut Transport) -> Result<(), String> {
 
 /// Flushes, then reads until a method on `ch` that `want` accepts. A close is an error
 /// naming the broker's reason (e.g. "404 NOT_FOUND - no queue 'x'").
-async fn expect(
+pub(crate) async fn expect(
     t: &mut Transport,
     ch: u16,
     what: &str,
@@ -548,7 +548,7 @@ impl<'a> Consumer<'a> {
 }
 
 /// Reads until `connection.close-ok` (or the socket closes).
-async fn expect_close_ok(t: &mut Transport) -> Result<(), String> {
+pub(crate) async fn expect_close_ok(t: &mut Transport) -> Result<(), String> {
     loop {
         while let Some(frame) = t.next_consumer_frame().map_err(|e| e.to_string())? {
             if let ConsumerFrame::Method {
@@ -567,7 +567,7 @@ async fn expect_close_ok(t: &mut Transport) -> Result<(), String> {
 }
 
 /// `delay` give or take 10 %, so that many gateways do not reconnect in step.
-fn jitter(delay: Duration) -> Duration {
+pub(crate) fn jitter(delay: Duration) -> Duration {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(delay.as_nanos() as u64);
     let unit = (h.finish() % 10_001) as f64 / 10_000.0;

@@ -16,6 +16,7 @@ mod bad_input;
 mod bounds;
 mod bridge;
 mod cli;
+mod cluster;
 mod console;
 mod console_api;
 mod deadletters;

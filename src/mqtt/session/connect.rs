@@ -17,6 +17,7 @@ use crate::broker::persist::SessionKey;
 
 use crate::broker::sessions::{Owner, Refused};
 use crate::broker::{CloseReason, Expiry, Registration, SessionState};
+use crate::cluster::Claim;
 use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{
     ConnAck, Connect, DecodeError, LastWill, Packet, Properties, ProtocolVersion, ReasonCode,
@@ -154,6 +155,53 @@ where
     if shared.shutdown.is_cancelled() {
         // Registered after the listener told every registered connection to close.
         registration.link.0.close(CloseReason::Shutdown);
+    }
+    if let Some(cluster) = shared.broker.cluster() {
+        // One connection per client id across the cluster: the other nodes close theirs.
+        let persistent = match version {
+            ProtocolVersion::V311 => !connect.clean_start,
+            ProtocolVersion::V5 => connect.properties.session_expiry_interval.unwrap_or(0) > 0,
+        };
+        let refused = match cluster.claim(&client_id, registration.conn_id, deadline).await {
+            Claim::Held => None,
+            // A clean session is served without the cluster (only this node's state).
+            Claim::Unavailable(why) if !persistent => {
+                debug!(%why, "cluster unreachable: a clean session without the cluster-wide client id lock");
+                None
+            }
+            Claim::Unavailable(_) => Some((
+                ReasonCode::SERVER_UNAVAILABLE,
+                "this node cannot reach the cluster: no persistent session now",
+            )),
+            Claim::Busy => {
+                Some((ReasonCode::SERVER_BUSY, "the client id is still connected on another node"))
+            }
+        };
+        if let Some((code, reason)) = refused {
+            shared.broker.unregister(&accepted.client_id, registration.conn_id);
+            refuse(conn, &connect, code, reason);
+            return Ok(None);
+        }
+    }
+    if let (Some(cluster), Some(will)) = (shared.broker.cluster(), &connect.will) {
+        // Kept by the other nodes too: published by one of them if this node dies.
+        let acl = live.auth.acl.for_client(username, &accepted.client_id);
+        if acl.may_publish(&will.topic) {
+            let msg = crate::message::Message {
+                charge: Default::default(),
+                topic: will.topic.clone(),
+                payload: will.payload.clone(),
+                qos: will.qos,
+                retain: will.retain,
+                client_id: Arc::clone(&client_id),
+                username: username.map(Arc::from),
+                properties: Properties { will_delay_interval: None, ..will.properties.clone() }
+                    .into(),
+                received: std::time::Instant::now(),
+                packet_id: None,
+            };
+            cluster.will_set(&client_id, registration.conn_id, &msg);
+        }
     }
     if let Some(previous) = &registration.previous {
         // Takeover: the old connection was told to close; its session state is ours only

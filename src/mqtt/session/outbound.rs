@@ -349,6 +349,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let mut codes = Vec::with_capacity(s.filters.len());
         let mut retained = Vec::new();
         let mut changed = false;
+        // In a cluster: the bindings the new subscriptions need, before the SUBACK.
+        let mut bound = Vec::new();
         for f in &s.filters {
             let parsed = topic::parse_subscription(&f.filter).and_then(|p| {
                 self.shared.limits.topic_limits.check(p.filter)?;
@@ -405,6 +407,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         options,
                         &self.out.state.subscriber,
                     );
+                    if let Some(cluster) = self.shared.broker.cluster() {
+                        bound.extend(cluster.bound(&f.filter));
+                    }
                     // Retained messages are not sent on a shared subscription (§4.8.2).
                     let send_retained = p.group.is_none()
                         && match f.options.retain_handling {
@@ -422,10 +427,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let suback = SubAck { packet_id: s.packet_id, codes, properties: Properties::default() };
         let ack = Packet::SubAck(Box::new(suback));
-        // A stored session's subscriptions are durable before its SUBACK.
+        // A stored session's subscriptions are durable before its SUBACK (and in a cluster,
+        // the node's queue bound for them).
         let expiry = self.expiry;
-        match changed.then(|| self.shared.broker.store_session(&self.out.state, expiry, true)) {
-            Some(Some(durable)) => {
+        let stored =
+            changed.then(|| self.shared.broker.store_session(&self.out.state, expiry, true));
+        let wait = match stored.flatten() {
+            Some(durable) if bound.is_empty() => Some(durable),
+            durable => crate::cluster::all_of(durable.into_iter().chain(bound).collect()),
+        };
+        match wait {
+            Some(durable) => {
                 self.hold(Held { durable, ack, retained, subscription_id });
                 None
             }

@@ -242,13 +242,27 @@ pub fn basic_consume(
     queue: &str,
     consumer_tag: &str,
 ) -> Result<(), WireError> {
+    basic_consume_with(out, channel, queue, consumer_tag, false, false)
+}
+
+/// [`basic_consume`] with `no_ack` (the broker counts a delivery as acked once sent) and
+/// `exclusive` (no other consumer on the queue: a second one gets 403 ACCESS_REFUSED).
+pub fn basic_consume_with(
+    out: &mut BytesMut,
+    channel: u16,
+    queue: &str,
+    consumer_tag: &str,
+    no_ack: bool,
+    exclusive: bool,
+) -> Result<(), WireError> {
     let start = out.len();
     let res = (|| {
         let f = begin(out, channel, BASIC, 20);
         out.put_u16(0); // reserved
         put_short(out, queue.as_bytes(), "queue name")?;
         put_short(out, consumer_tag.as_bytes(), "consumer tag")?;
-        out.put_u8(0); // no-local, no-ack, exclusive, no-wait: all off
+        // no-local off, no-ack, exclusive, no-wait off
+        out.put_u8(u8::from(no_ack) << 1 | u8::from(exclusive) << 2);
         out.put_u32(0); // no arguments
         frame::end(out, f);
         Ok(())

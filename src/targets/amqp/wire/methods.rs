@@ -348,6 +348,74 @@ pub fn exchange_declare_passive(
     Ok(())
 }
 
+/// Appends `exchange.declare` (waiting for declare-ok) of `exchange` of type `kind`
+/// (`topic`, `direct`, ...), durable or not, never auto-deleted. A declare of an existing
+/// exchange of another type or durability gets a 406 channel close. On error nothing is
+/// appended.
+pub fn exchange_declare(
+    out: &mut BytesMut,
+    channel: u16,
+    exchange: &str,
+    kind: &str,
+    durable: bool,
+) -> Result<(), WireError> {
+    let start = out.len();
+    let res = (|| {
+        let frame = begin(out, channel, EXCHANGE, 10);
+        out.put_u16(0); // reserved
+        put_short(out, exchange.as_bytes(), "exchange name")?;
+        put_short(out, kind.as_bytes(), "type")?;
+        out.put_u8(u8::from(durable) << 1); // not passive, auto-delete, internal, no-wait
+        out.put_u32(0); // no arguments
+        frame::end(out, frame);
+        Ok(())
+    })();
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+/// Appends `queue.unbind` (waiting for unbind-ok) of `queue` from `exchange` with
+/// `routing_key`. On error nothing is appended.
+pub fn queue_unbind(
+    out: &mut BytesMut,
+    channel: u16,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), WireError> {
+    let start = out.len();
+    let res = (|| {
+        let frame = begin(out, channel, QUEUE, 50);
+        out.put_u16(0); // reserved
+        put_short(out, queue.as_bytes(), "queue name")?;
+        put_short(out, exchange.as_bytes(), "exchange name")?;
+        put_short(out, routing_key.as_bytes(), "routing key")?;
+        out.put_u32(0); // no arguments
+        frame::end(out, frame);
+        Ok(())
+    })();
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
+/// Appends `queue.delete` (waiting for delete-ok) of `queue`, whether used or not.
+pub fn queue_delete(out: &mut BytesMut, channel: u16, queue: &str) -> Result<(), WireError> {
+    let start = out.len();
+    let frame = begin(out, channel, QUEUE, 40);
+    out.put_u16(0); // reserved
+    if let Err(e) = put_short(out, queue.as_bytes(), "queue name") {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.put_u8(0); // if-unused, if-empty, no-wait: off
+    frame::end(out, frame);
+    Ok(())
+}
+
 /// How a queue is declared.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueueFlags {

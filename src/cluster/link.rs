@@ -1,0 +1,978 @@
+//! The node's one AMQP connection to the cluster's broker, owned by one task: declares the
+//! exchange and the node's queue, keeps the queue's bindings equal to the node's interest,
+//! publishes what routing forwards (channel 1, confirm mode: a QoS 1/2 message's outcome is
+//! the broker's confirm) and consumes the node's queue (channel 2, no-ack, exclusive),
+//! handing each message from another node to the local broker. Reconnects with backoff; the
+//! new queue is bound again from the whole interest.
+//!
+//! A message on the wire: `1u8`, the sending node's id (u8 length + bytes), then the message
+//! in the store's encoding (`store::codec`: topic, QoS, RETAIN, payload, every MQTT 5
+//! property, client id, user name): exact, whatever the topic or properties hold.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{keys, Cluster, ClusterConfig, Command, Forward};
+use crate::broker::Broker;
+use crate::config::AmqpBrokerConfig;
+use crate::message::Message;
+use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
+use crate::store::codec;
+use crate::targets::amqp::transport::{self, describe, Transport, Uri};
+use crate::targets::amqp::wire::consume::{self, ConsumerFrame, ConsumerMethod, Deliver};
+use crate::targets::amqp::wire::frame;
+use crate::targets::amqp::wire::methods::{self, Method, Properties, QueueFlags, REPLY_SUCCESS};
+use crate::targets::amqp::wire::table::Value;
+use crate::targets::{Failure, Outcome, Waits};
+
+/// The confirm-mode channel messages are published on.
+const PUBLISH_CHANNEL: u16 = 1;
+/// The channel of declares, bindings and the consumer.
+const CONSUME_CHANNEL: u16 = 2;
+/// The channel of the client-id locks (a refused lock closes it; it is opened again).
+const LOCK_CHANNEL: u16 = 3;
+/// The routing key of takeover notices (every node binds it).
+const NOTICE_KEY: &str = "c";
+/// Kind byte of a notice "let go of this client id" on the wire (a message is
+/// [`WIRE_VERSION`]).
+const NOTICE_RELEASE: u8 = 2;
+/// Kind byte of a notice "this node took this client id".
+const NOTICE_ACQUIRED: u8 = 3;
+/// Kind byte of a retained message sent to one node that asked for them (encoded as a
+/// message), folded in only where its topic has none yet.
+const SNAPSHOT: u8 = 4;
+/// Kind byte of a notice "send me your retained messages" (a node that (re)connected).
+const NOTICE_RETAINED: u8 = 5;
+/// Kind byte of a notice "this client of mine has this will": the sender's epoch (u64), the
+/// client id (u16 length + bytes), the will in the store's encoding.
+const WILL_SET: u8 = 6;
+/// Kind byte of a notice "this client's will no longer waits here": epoch and client id.
+const WILL_CLEAR: u8 = 7;
+/// Kind byte of several messages with one routing key in one AMQP message: a u32 count, then
+/// each message as a u32 length and its store encoding.
+const BATCH_KIND: u8 = 8;
+/// Messages in one batch, at most.
+const BATCH_MESSAGES: usize = 64;
+/// Bytes of one batch's messages before it is closed (one message alone may be larger).
+const BATCH_BYTES: usize = 256 * 1024;
+/// Ticks between two checks of the nodes whose wills this node keeps.
+const PROBE_TICKS: u32 = 8;
+/// Publishes sent and not yet confirmed, at most.
+const MAX_UNCONFIRMED: usize = 4096;
+/// Forwards taken from the queue into one write, at most.
+const BATCH: usize = 256;
+/// How often heartbeats are looked at.
+const TICK: Duration = Duration::from_millis(250);
+/// On shutdown, how long the broker may take to answer `connection.close`.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Version byte of a message on the wire.
+const WIRE_VERSION: u8 = 1;
+
+/// The link's settings, from `cluster:` and its `amqp:` broker.
+pub(super) struct Settings {
+    /// The broker's URL (with credentials: never logged).
+    url: String,
+    /// TLS and SASL of the broker.
+    security: transport::Security,
+    /// The topic exchange.
+    exchange: String,
+    /// This node's queue.
+    queue: String,
+    /// The name of a client id's lock queue, before the hash of the client id.
+    lock_prefix: String,
+    /// Its `x-max-length`.
+    inbound_max: u32,
+    /// Time allowed for connecting and the setup.
+    connect_timeout: Duration,
+    /// First reconnect delay.
+    reconnect_min: Duration,
+    /// Longest reconnect delay.
+    reconnect_max: Duration,
+}
+
+impl Settings {
+    pub(super) fn new(cfg: &ClusterConfig, broker: &AmqpBrokerConfig) -> Settings {
+        let reconnect_min = broker.reconnect_min.0.max(Duration::from_millis(1));
+        Settings {
+            url: broker.url.value.clone(),
+            security: broker.security(),
+            exchange: cfg.exchange(),
+            queue: cfg.node_queue(),
+            lock_prefix: format!("{}.client.", cfg.prefix.value),
+            inbound_max: cfg.inbound_max,
+            connect_timeout: broker.connect_timeout.0,
+            reconnect_min,
+            reconnect_max: broker.reconnect_max.0.max(reconnect_min),
+        }
+    }
+}
+
+impl Settings {
+    /// The lock queue of `client_id`: the prefix and 32 hex digits of its SHA-256.
+    fn lock_queue(&self, client_id: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(client_id.as_bytes());
+        let mut name = self.lock_prefix.clone();
+        for b in &digest[..16] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+}
+
+/// Runs the link until `shutdown`: connect, set up, publish and consume, reconnect.
+pub(super) async fn run(
+    s: Settings,
+    cluster: Arc<Cluster>,
+    broker: Arc<Broker>,
+    (mut rx, mut commands): (mpsc::Receiver<Forward>, mpsc::UnboundedReceiver<Command>),
+    shutdown: CancellationToken,
+) {
+    let uri = match s.url.parse::<Uri>() {
+        Ok(uri) => uri,
+        Err(e) => {
+            cluster.set_down(Some(format!("the broker's url is not a valid AMQP URI: {e}")));
+            shutdown.cancelled().await;
+            return;
+        }
+    };
+    let endpoint = format!("{}:{} (vhost {:?})", uri.host, uri.port, uri.vhost);
+    let node = Arc::clone(&cluster.node_id);
+    let mut delay = s.reconnect_min;
+    loop {
+        let attempt = tokio::time::timeout(s.connect_timeout, setup(&uri, &s, &cluster));
+        let attempt = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = attempt => a,
+        };
+        let why = match attempt {
+            Ok(Ok((t, bound))) => {
+                delay = s.reconnect_min;
+                info!(%node, %endpoint, queue = %s.queue, "cluster link up");
+                cluster.set_down(None);
+                let mut link = Link::new(&s, &cluster, &broker, t, bound);
+                let ended = link.run(&mut rx, &mut commands, &shutdown).await;
+                let reason = ended.clone().unwrap_or_else(|| "shutting down".into());
+                cluster.set_down(Some(reason.clone()));
+                link.fail_unconfirmed(&reason);
+                let Some(reason) = ended else { return };
+                warn!(%node, %endpoint, %reason, retry_in = ?delay, "cluster link lost");
+                reason
+            }
+            Ok(Err(e)) => {
+                warn!(%node, %endpoint, error = %e, retry_in = ?delay, "cluster link could not start");
+                e
+            }
+            Err(_) => {
+                let e = format!("no connection within {:?}", s.connect_timeout);
+                warn!(%node, %endpoint, error = %e, retry_in = ?delay, "cluster link could not start");
+                e
+            }
+        };
+        cluster.set_down(Some(why.clone()));
+        // While down, what was queued before fails (retryable): the publisher resends.
+        let pause = tokio::time::sleep(jitter(delay));
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut pause => break,
+                Some(fwd) = rx.recv() => fail(fwd.ack, &why),
+                // A claim's dropped reply says "unavailable"; locks went with the connection.
+                Some(_) = commands.recv() => {}
+            }
+        }
+        delay = (delay * 2).min(s.reconnect_max);
+    }
+}
+
+/// The routing key of what is sent to node `node_id` alone (every node binds its own).
+fn direct_key(node_id: &str) -> String {
+    format!("n.{node_id}")
+}
+
+/// A lock queue: exclusive to the connection that declared it (deleted with it).
+fn lock_flags() -> QueueFlags {
+    QueueFlags { passive: false, durable: false, exclusive: true, auto_delete: false }
+}
+
+/// Reports a retryable failure on `ack`, if there is one.
+fn fail(ack: Option<crate::targets::AckSender>, why: &str) {
+    if let Some(ack) = ack {
+        let reason = format!("cluster link down: {why}");
+        let _ = ack.send(Outcome::Failed(Failure::retryable(reason)));
+    }
+}
+
+/// Connects, declares the exchange and the node's queue, binds what the node needs and starts
+/// consuming. Returns the transport and the bound keys.
+async fn setup(
+    uri: &Uri,
+    s: &Settings,
+    cluster: &Cluster,
+) -> Result<(Transport, HashSet<String>), String> {
+    let name = format!("cluster/{}", cluster.node_id);
+    let link = transport::connect(uri, &s.security, &name, 1).await.map_err(|e| e.to_string())?;
+    let mut t = link.transport;
+    let ch = CONSUME_CHANNEL;
+    let wire = |e: crate::targets::amqp::wire::WireError| e.to_string();
+    methods::exchange_declare(&mut t.wbuf, ch, &s.exchange, "topic", true).map_err(wire)?;
+    expect(&mut t, ch, "exchange.declare", |m| {
+        matches!(m, ConsumerMethod::Common(Method::ExchangeDeclareOk))
+    })
+    .await?;
+    let flags = QueueFlags { passive: false, durable: false, exclusive: true, auto_delete: true };
+    let max_length = i32::try_from(s.inbound_max).unwrap_or(i32::MAX);
+    let args = [("x-max-length", Value::I32(max_length))];
+    methods::queue_declare(&mut t.wbuf, ch, &s.queue, flags, &args).map_err(wire)?;
+    expect(&mut t, ch, "queue.declare", |m| matches!(m, ConsumerMethod::QueueDeclareOk { .. }))
+        .await
+        .map_err(|e| {
+            if e.contains("405") {
+                format!("{e} (another running node uses node_id {})", cluster.node_id)
+            } else {
+                e
+            }
+        })?;
+    methods::channel_open(&mut t.wbuf, LOCK_CHANNEL);
+    expect(&mut t, LOCK_CHANNEL, "channel.open", |m| {
+        matches!(m, ConsumerMethod::Common(Method::ChannelOpenOk))
+    })
+    .await?;
+    let mut bound = HashSet::new();
+    let wanted = cluster.all_wanted();
+    let fixed =
+        [keys::RETAINED_BINDING.to_owned(), NOTICE_KEY.to_owned(), direct_key(&cluster.node_id)];
+    let all = fixed.into_iter().chain(wanted);
+    for key in all {
+        methods::queue_bind(&mut t.wbuf, ch, &s.queue, &s.exchange, &key).map_err(wire)?;
+        bound.insert(key);
+    }
+    // Every bind-ok, in order (the binds went in one write).
+    for _ in 0..bound.len() {
+        expect(&mut t, ch, "queue.bind", |m| matches!(m, ConsumerMethod::QueueBindOk)).await?;
+    }
+    let tag = format!("mqgate-cluster/{}", cluster.node_id);
+    consume::basic_consume_with(&mut t.wbuf, ch, &s.queue, &tag, true, true).map_err(wire)?;
+    expect(&mut t, ch, "basic.consume", |m| matches!(m, ConsumerMethod::ConsumeOk(_))).await?;
+    Ok((t, bound))
+}
+
+/// A delivery being assembled from its frames.
+enum Assembly {
+    /// Between messages.
+    Idle,
+    /// `basic.deliver` came; its content header is next.
+    Header,
+    /// Header came; body frames until `size` bytes.
+    Body { size: usize, body: BytesMut },
+}
+
+/// The acknowledgements one publish resolves (a batch carries several; most one or none).
+type Acks = smallvec::SmallVec<[crate::targets::AckSender; 1]>;
+
+/// The lock request the broker is answering on [`LOCK_CHANNEL`].
+enum LockWait {
+    /// A session's claim.
+    Claim(oneshot::Sender<Result<(), String>>),
+    /// Taking a held lock again after a reconnect: refused, the client id is another node's.
+    Reclaim(String),
+    /// A release.
+    Delete,
+    /// Whether the node (of that epoch) that announced wills still holds its queue.
+    Probe(String, u64),
+    /// The right to publish a dead node's wills (one survivor gets it).
+    ClaimWills(String, u64),
+    /// The channel is being opened again after a refused lock.
+    Reopen,
+}
+
+/// The link on one live connection.
+struct Link<'a> {
+    /// Settings.
+    s: &'a Settings,
+    /// The handle (interest, node id, metrics).
+    cluster: &'a Cluster,
+    /// Where messages from other nodes are delivered.
+    broker: &'a Arc<Broker>,
+    /// The lock request in progress (one at a time: a refusal closes the channel).
+    lock_wait: Option<LockWait>,
+    /// Held locks to take again on this new connection.
+    reclaims: VecDeque<String>,
+    /// Nodes (and epochs) whose wills this node keeps, to check.
+    probes: VecDeque<(String, u64)>,
+    /// Dead nodes whose wills to claim and publish.
+    will_claims: VecDeque<(String, u64)>,
+    /// Ticks since the last round of probes.
+    ticks: u32,
+    /// The socket and its buffers.
+    t: Transport,
+    /// Keys the queue is bound with now.
+    bound: HashSet<String>,
+    /// Publishes awaiting their confirm: delivery tag and the ack to tell, in tag order.
+    unconfirmed: VecDeque<(u64, Acks)>,
+    /// The delivery tag of the next publish.
+    next_tag: u64,
+    /// The delivery being assembled.
+    assembly: Assembly,
+    /// Scratch for encoding one message.
+    body: BytesMut,
+    /// Binds (`Some(key)`) and unbinds (`None`) sent and not yet answered, in order.
+    binding: VecDeque<Option<String>>,
+    /// `cluster_messages` out, in and own, resolved once.
+    counted: [prometheus_client::metrics::counter::Counter; 3],
+}
+
+impl<'a> Link<'a> {
+    fn new(
+        s: &'a Settings,
+        cluster: &'a Cluster,
+        broker: &'a Arc<Broker>,
+        t: Transport,
+        bound: HashSet<String>,
+    ) -> Self {
+        Link {
+            s,
+            cluster,
+            broker,
+            lock_wait: None,
+            reclaims: cluster.held().into(),
+            probes: VecDeque::new(),
+            will_claims: VecDeque::new(),
+            ticks: 0,
+            t,
+            bound,
+            unconfirmed: VecDeque::new(),
+            next_tag: 1,
+            assembly: Assembly::Idle,
+            body: BytesMut::new(),
+            binding: VecDeque::new(),
+            counted: ["out", "in", "own"].map(|d| cluster.metrics.cluster.direction(d)),
+        }
+    }
+
+    /// Runs until the connection is lost (`Some(reason)`) or shutdown (`None`).
+    async fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<Forward>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        shutdown: &CancellationToken,
+    ) -> Option<String> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // What the setup bound is in place; then the changes made while connecting.
+        for key in &self.bound {
+            self.cluster.applied(key, true);
+        }
+        self.apply_changes();
+        // The retained messages published while this node was not there; the wills of its
+        // clients, which the others may have missed.
+        self.notice(NOTICE_RETAINED, b"");
+        self.announce_wills();
+        loop {
+            self.next_reclaim();
+            let want_write = self.t.has_pending_writes();
+            let room = self.unconfirmed.len() < MAX_UNCONFIRMED;
+            let locks_free = self.lock_wait.is_none() && self.reclaims.is_empty();
+            let res = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    self.close().await;
+                    return None;
+                }
+                r = self.t.stream.readable() => match r {
+                    Ok(()) => self.on_readable(),
+                    Err(e) => Err(format!("read failed: {e}")),
+                },
+                () = self.cluster.changed.notified() => {
+                    self.apply_changes();
+                    Ok(())
+                }
+                Some(cmd) = commands.recv(), if locks_free => {
+                    self.on_command(cmd);
+                    Ok(())
+                }
+                Some(fwd) = rx.recv(), if room => {
+                    let mut taken = vec![fwd];
+                    while taken.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(fwd) => taken.push(fwd),
+                            Err(_) => break,
+                        }
+                    }
+                    self.publish(taken);
+                    Ok(())
+                }
+                r = self.t.stream.writable(), if want_write => match r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(format!("write failed: {e}")),
+                },
+                _ = tick.tick() => self.on_tick(),
+            };
+            if let Err(reason) = res {
+                return Some(reason);
+            }
+            if let Err(e) = self.t.try_flush() {
+                return Some(format!("write failed: {e}"));
+            }
+        }
+    }
+
+    /// Starts the next request of the link's own on the lock channel, when none is in
+    /// progress: taking a held lock again, claiming a dead node's wills, checking a node.
+    fn next_reclaim(&mut self) {
+        if self.lock_wait.is_some() {
+            return;
+        }
+        let w = &mut self.t.wbuf;
+        if let Some(client_id) = self.reclaims.pop_front() {
+            let q = self.s.lock_queue(&client_id);
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, lock_flags(), &[]).is_ok() {
+                self.lock_wait = Some(LockWait::Reclaim(client_id));
+            }
+        } else if let Some((node, epoch)) = self.will_claims.pop_front() {
+            let q =
+                format!("{}wills.{node}.{epoch}", self.s.lock_prefix.trim_end_matches("client."));
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, lock_flags(), &[]).is_ok() {
+                self.lock_wait = Some(LockWait::ClaimWills(node, epoch));
+            }
+        } else if let Some((node, epoch)) = self.probes.pop_front() {
+            let q = format!("{}node.{node}", self.s.lock_prefix.trim_end_matches("client."));
+            let passive = QueueFlags { passive: true, ..QueueFlags::default() };
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, passive, &[]).is_ok() {
+                self.lock_wait = Some(LockWait::Probe(node, epoch));
+            }
+        }
+    }
+
+    /// Announces the wills of this node's clients to every node.
+    fn announce_wills(&mut self) {
+        for (client_id, will) in self.cluster.local_wills() {
+            self.will_notice(&client_id, Some(&will));
+        }
+    }
+
+    /// A will notice about `client_id` (`will`: set, `None`: cleared).
+    fn will_notice(&mut self, client_id: &str, will: Option<&[u8]>) {
+        let mut subject = Vec::with_capacity(10 + client_id.len() + will.map_or(0, <[u8]>::len));
+        subject.extend_from_slice(&self.cluster.epoch.to_be_bytes());
+        subject
+            .extend_from_slice(&(client_id.len().min(usize::from(u16::MAX)) as u16).to_be_bytes());
+        subject.extend_from_slice(client_id.as_bytes());
+        if let Some(w) = will {
+            subject.extend_from_slice(w);
+        }
+        self.notice(if will.is_some() { WILL_SET } else { WILL_CLEAR }, &subject);
+    }
+
+    /// A will notice from node `origin`.
+    fn on_will(&mut self, origin: &str, kind: u8, subject: &[u8]) {
+        let Some((epoch, rest)) = subject.split_at_checked(8) else { return };
+        let Some((len, rest)) = rest.split_at_checked(2) else { return };
+        let epoch = u64::from_be_bytes(epoch.try_into().unwrap_or([0; 8]));
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let Some((client_id, will)) = rest.split_at_checked(len) else { return };
+        let Ok(client_id) = std::str::from_utf8(client_id) else { return };
+        let will = (kind == WILL_SET).then(|| will.to_vec());
+        self.cluster.remote_will(origin, epoch, client_id, will);
+        // Wills of an older epoch of this node: that incarnation is dead.
+        for (node, old) in self.cluster.will_holders() {
+            if node == origin && old < epoch && !self.will_claims.contains(&(node.clone(), old)) {
+                self.will_claims.push_back((node, old));
+            }
+        }
+    }
+
+    /// Publishes the wills of a dead node (this node won the right to): here as a local
+    /// publish, and to the other nodes.
+    fn publish_wills(&mut self, node: &str, epoch: u64) {
+        let wills = self.cluster.take_wills(node, epoch);
+        if !wills.is_empty() {
+            info!(dead = %node, wills = wills.len(), "publishing the wills of a node that left the cluster");
+        }
+        for encoded in wills {
+            let Ok(msg) = codec::decode_message(&encoded) else { continue };
+            let msg = Arc::new(Message { received: std::time::Instant::now(), ..msg });
+            self.broker.publish(&msg, None, &mut Waits::new());
+            let own = self.cluster.node_id.as_bytes();
+            self.body.clear();
+            self.body.put_u8(WIRE_VERSION);
+            self.body.put_u8(own.len() as u8);
+            self.body.extend_from_slice(own);
+            self.body.extend_from_slice(&encoded);
+            self.send_body(keys::routing_key(&msg.topic, msg.retain), None);
+            self.counted[0].inc();
+        }
+    }
+
+    /// A session's lock request or takeover notice.
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Claim { client_id, reply } => {
+                let q = self.s.lock_queue(&client_id);
+                let flags = lock_flags();
+                match methods::queue_declare(&mut self.t.wbuf, LOCK_CHANNEL, &q, flags, &[]) {
+                    Ok(()) => self.lock_wait = Some(LockWait::Claim(reply)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.to_string()));
+                    }
+                }
+            }
+            Command::Release { client_id } => {
+                let q = self.s.lock_queue(&client_id);
+                if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &q).is_ok() {
+                    self.lock_wait = Some(LockWait::Delete);
+                }
+            }
+            Command::Notice { client_id, release } => {
+                let kind = if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED };
+                self.notice(kind, client_id.as_bytes());
+            }
+            Command::Will { client_id, will } => self.will_notice(&client_id, will.as_deref()),
+        }
+    }
+
+    /// Publishes a notice of `kind` about `subject` to every node.
+    fn notice(&mut self, kind: u8, subject: &[u8]) {
+        self.body.clear();
+        self.body.put_u8(kind);
+        let node = self.cluster.node_id.as_bytes();
+        self.body.put_u8(node.len() as u8);
+        self.body.extend_from_slice(node);
+        self.body.extend_from_slice(subject);
+        self.send_body(NOTICE_KEY.to_owned(), None);
+    }
+
+    /// Publishes `self.body` with `key`; `ack` is told the confirm.
+    fn send_body(&mut self, key: String, ack: Option<crate::targets::AckSender>) {
+        self.send_body_acks(key, ack.into_iter().collect());
+    }
+
+    /// Publishes `self.body` with `key`; every one of `acks` is told the confirm.
+    fn send_body_acks(&mut self, key: String, acks: Acks) {
+        let properties = Properties { delivery_mode: 1, ..Properties::default() };
+        let sent = methods::publish_with(
+            &mut self.t.wbuf,
+            PUBLISH_CHANNEL,
+            &self.s.exchange,
+            &key,
+            false,
+            &properties,
+            &self.body,
+            self.t.frame_max,
+        );
+        match sent {
+            Ok(()) => {
+                self.unconfirmed.push_back((self.next_tag, acks));
+                self.next_tag += 1;
+            }
+            Err(e) => {
+                for ack in acks {
+                    let reason = format!("cannot be sent to the cluster: {e}");
+                    let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
+                }
+            }
+        }
+    }
+
+    /// Sends every retained message of this node to node `to` (which just connected).
+    fn send_retained(&mut self, to: &str) {
+        let key = direct_key(to);
+        let node = Arc::clone(&self.cluster.node_id);
+        for msg in self.broker.retained_matching("#") {
+            let Ok(encoded) = codec::encode_message(&msg) else { continue };
+            self.body.clear();
+            self.body.put_u8(SNAPSHOT);
+            self.body.put_u8(node.len() as u8);
+            self.body.extend_from_slice(node.as_bytes());
+            self.body.extend_from_slice(&encoded);
+            self.send_body(key.clone(), None);
+        }
+    }
+
+    /// The broker's answer to the lock request in progress: `Ok` granted (or released, or
+    /// the channel open again), `Err` refused (the channel was closed: opened again here).
+    fn lock_answer(&mut self, answer: Result<(), String>) {
+        let refused = answer.is_err();
+        match (self.lock_wait.take(), answer) {
+            (Some(LockWait::Claim(reply)), answer) => {
+                let _ = reply.send(answer);
+            }
+            (Some(LockWait::Reclaim(client_id)), Err(_)) => {
+                // Taken by another node while this one was cut off: the client goes.
+                self.cluster.forget_lock(&client_id);
+                self.taken_elsewhere(&client_id);
+            }
+            // The node's queue is gone: so is its connection to RabbitMQ (a node cut off
+            // from RabbitMQ counts as gone; its clients' wills go out).
+            (Some(LockWait::Probe(node, epoch)), Err(e)) if e.starts_with("404") => {
+                self.will_claims.push_back((node, epoch));
+            }
+            (Some(LockWait::ClaimWills(node, epoch)), Ok(())) => self.publish_wills(&node, epoch),
+            (Some(LockWait::ClaimWills(node, epoch)), Err(_)) => {
+                // Another node publishes them.
+                self.cluster.take_wills(&node, epoch);
+            }
+            _ => {}
+        }
+        if refused {
+            methods::channel_open(&mut self.t.wbuf, LOCK_CHANNEL);
+            self.lock_wait = Some(LockWait::Reopen);
+        }
+    }
+
+    /// Another node took `client_id` over: its connection here closes (0x8E) and what it
+    /// leaves of its session is discarded once parked.
+    fn taken_elsewhere(&self, client_id: &str) {
+        let Some(link) = self.broker.taken_elsewhere(client_id) else { return };
+        let broker = Arc::clone(self.broker);
+        let client_id = client_id.to_owned();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), link.parked()).await;
+            if let Some(state) = broker.take_session(&client_id) {
+                broker.discard_session(state);
+            }
+        });
+    }
+
+    /// Binds and unbinds as the interest changed.
+    fn apply_changes(&mut self) {
+        self.apply_binding_changes();
+        let n = i64::try_from(self.bound.len()).unwrap_or(i64::MAX);
+        self.cluster.metrics.cluster.bindings.set(n);
+    }
+
+    /// [`apply_changes`](Self::apply_changes) without the gauge.
+    fn apply_binding_changes(&mut self) {
+        for (key, wanted) in self.cluster.take_changes() {
+            let (q, x) = (&self.s.queue, &self.s.exchange);
+            if wanted && !self.bound.contains(&key) {
+                if methods::queue_bind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
+                    self.binding.push_back(Some(key.clone()));
+                    self.bound.insert(key);
+                }
+            } else if !wanted && self.bound.remove(&key) {
+                self.cluster.applied(&key, false);
+                if methods::queue_unbind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
+                    self.binding.push_back(None);
+                }
+            }
+        }
+    }
+
+    /// Publishes `taken` to the exchange (one publish whoever wants them), in order:
+    /// consecutive messages with one routing key go as one AMQP message (a batch), which
+    /// RabbitMQ routes once.
+    fn publish(&mut self, taken: Vec<Forward>) {
+        let mut group: Vec<(Vec<u8>, Option<crate::targets::AckSender>)> = Vec::new();
+        let (mut key, mut bytes) = (String::new(), 0);
+        for fwd in taken {
+            let encoded = match codec::encode_message(&fwd.msg) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    if let Some(ack) = fwd.ack {
+                        let reason = format!("cannot be sent to the cluster: {e}");
+                        let _ = ack.send(Outcome::Failed(Failure::fatal(reason)));
+                    }
+                    continue;
+                }
+            };
+            let k = keys::routing_key(&fwd.msg.topic, fwd.msg.retain);
+            if k != key || group.len() >= BATCH_MESSAGES || bytes >= BATCH_BYTES {
+                self.send_group(&key, &mut group);
+                (key, bytes) = (k, 0);
+            }
+            bytes += encoded.len();
+            group.push((encoded, fwd.ack));
+        }
+        self.send_group(&key, &mut group);
+    }
+
+    /// Sends the messages of `group` (one routing key `key`) as one publish, and empties it.
+    fn send_group(
+        &mut self,
+        key: &str,
+        group: &mut Vec<(Vec<u8>, Option<crate::targets::AckSender>)>,
+    ) {
+        if group.is_empty() {
+            return;
+        }
+        let node = self.cluster.node_id.as_bytes();
+        self.body.clear();
+        self.body.put_u8(if group.len() == 1 { WIRE_VERSION } else { BATCH_KIND });
+        self.body.put_u8(node.len() as u8);
+        self.body.extend_from_slice(node);
+        if group.len() == 1 {
+            self.body.extend_from_slice(&group[0].0);
+        } else {
+            self.body.put_u32(group.len() as u32);
+            for (encoded, _) in group.iter() {
+                self.body.put_u32(encoded.len() as u32);
+                self.body.extend_from_slice(encoded);
+            }
+        }
+        self.counted[0].inc_by(group.len() as u64);
+        let acks: Acks = group.drain(..).filter_map(|(_, ack)| ack).collect();
+        self.send_body_acks(key.to_owned(), acks);
+    }
+
+    /// Reads what is there and handles every complete frame.
+    fn on_readable(&mut self) -> Result<(), String> {
+        if !self.t.try_fill().map_err(|e| format!("read failed: {e}"))? {
+            return Err("the broker closed the connection".into());
+        }
+        while let Some(frame) = self.t.next_consumer_frame().map_err(|e| e.to_string())? {
+            self.on_frame(frame)?;
+        }
+        Ok(())
+    }
+
+    fn on_frame(&mut self, frame: ConsumerFrame) -> Result<(), String> {
+        match frame {
+            ConsumerFrame::Heartbeat => {}
+            ConsumerFrame::Method { channel, method } => return self.on_method(channel, method),
+            ConsumerFrame::Header { channel: CONSUME_CHANNEL, body_size, .. } => {
+                if !matches!(self.assembly, Assembly::Header) {
+                    return Err("content header without basic.deliver".into());
+                }
+                let size = usize::try_from(body_size).map_err(|_| "body too large")?;
+                if size == 0 {
+                    self.assembly = Assembly::Idle;
+                    self.on_message(&[]);
+                } else {
+                    let body = BytesMut::with_capacity(size.min(self.t.frame_max as usize));
+                    self.assembly = Assembly::Body { size, body };
+                }
+            }
+            ConsumerFrame::Body { channel: CONSUME_CHANNEL, bytes } => {
+                let Assembly::Body { body, size } = &mut self.assembly else {
+                    return Err("content body without a header".into());
+                };
+                body.extend_from_slice(&bytes);
+                if body.len() >= *size {
+                    if let Assembly::Body { body, .. } =
+                        std::mem::replace(&mut self.assembly, Assembly::Idle)
+                    {
+                        self.on_message(&body);
+                    }
+                }
+            }
+            ConsumerFrame::Header { .. } | ConsumerFrame::Body { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn on_method(&mut self, channel: u16, method: ConsumerMethod) -> Result<(), String> {
+        match method {
+            ConsumerMethod::Deliver(Deliver { .. }) if channel == CONSUME_CHANNEL => {
+                self.assembly = Assembly::Header;
+            }
+            ConsumerMethod::Common(Method::BasicAck { tag, multiple }) => {
+                self.confirmed(tag, multiple, true)
+            }
+            ConsumerMethod::Common(Method::BasicNack { tag, multiple }) => {
+                self.confirmed(tag, multiple, false)
+            }
+            ConsumerMethod::Cancel(tag) => {
+                consume::basic_cancel_ok(&mut self.t.wbuf, channel, &tag);
+                return Err("the broker cancelled the node's consumer (queue deleted?)".into());
+            }
+            ConsumerMethod::Common(Method::ConnectionClose(c)) => {
+                methods::connection_close_ok(&mut self.t.wbuf);
+                let _ = self.t.try_flush();
+                return Err(format!("the broker closed the connection: {}", describe(&c)));
+            }
+            ConsumerMethod::QueueBindOk
+            | ConsumerMethod::Common(Method::Other { class: 50, method: 51 })
+                if channel == CONSUME_CHANNEL =>
+            {
+                if let Some(Some(key)) = self.binding.pop_front() {
+                    self.cluster.applied(&key, true);
+                }
+            }
+            ConsumerMethod::QueueDeclareOk { .. } if channel == LOCK_CHANNEL => {
+                self.lock_answer(Ok(()))
+            }
+            ConsumerMethod::Common(Method::Other { class: 50, method: 41 })
+            | ConsumerMethod::Common(Method::ChannelOpenOk)
+                if channel == LOCK_CHANNEL =>
+            {
+                self.lock_answer(Ok(()))
+            }
+            ConsumerMethod::Common(Method::ChannelClose(c)) if channel == LOCK_CHANNEL => {
+                methods::channel_close_ok(&mut self.t.wbuf, channel);
+                self.lock_answer(Err(describe(&c)));
+            }
+            ConsumerMethod::Common(Method::ChannelClose(c)) => {
+                methods::channel_close_ok(&mut self.t.wbuf, channel);
+                return Err(format!("the broker closed channel {channel}: {}", describe(&c)));
+            }
+            ConsumerMethod::Common(Method::ChannelFlow(active)) => {
+                methods::channel_flow_ok(&mut self.t.wbuf, channel, active);
+            }
+            // bind-ok, unbind-ok, blocked/unblocked (publishes wait in TCP and confirms).
+            other => debug!(channel, ?other, "cluster link: method ignored"),
+        }
+        Ok(())
+    }
+
+    /// A confirm (`ok`) or nack of `tag` (and every lower one with `multiple`).
+    fn confirmed(&mut self, tag: u64, multiple: bool, ok: bool) {
+        let outcome = || {
+            if ok {
+                Outcome::Delivered
+            } else {
+                Outcome::Failed(Failure::retryable("the broker refused the message (nack)"))
+            }
+        };
+        if multiple {
+            while self.unconfirmed.front().is_some_and(|(t, _)| *t <= tag) {
+                if let Some((_, acks)) = self.unconfirmed.pop_front() {
+                    for ack in acks {
+                        let _ = ack.send(outcome());
+                    }
+                }
+            }
+        } else if let Ok(i) = self.unconfirmed.binary_search_by_key(&tag, |(t, _)| *t) {
+            if let Some((_, acks)) = self.unconfirmed.remove(i) {
+                for ack in acks {
+                    let _ = ack.send(outcome());
+                }
+            }
+        }
+    }
+
+    /// One message from the cluster's exchange: another node's is delivered locally, this
+    /// node's own (it came back through a binding) is dropped: delivered already.
+    fn on_message(&mut self, body: &[u8]) {
+        let kinds = [
+            WIRE_VERSION,
+            NOTICE_RELEASE,
+            NOTICE_ACQUIRED,
+            SNAPSHOT,
+            NOTICE_RETAINED,
+            WILL_SET,
+            WILL_CLEAR,
+            BATCH_KIND,
+        ];
+        let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
+            warn!("cluster message of an unknown format dropped");
+            return;
+        };
+        let Some((&len, rest)) = rest.split_first() else { return };
+        let Some((origin, encoded)) = rest.split_at_checked(usize::from(len)) else {
+            warn!("truncated cluster message dropped");
+            return;
+        };
+        if origin == self.cluster.node_id.as_bytes() {
+            if kind == WIRE_VERSION {
+                self.counted[2].inc();
+            } else if let (BATCH_KIND, Some(n)) = (kind, encoded.get(..4)) {
+                self.counted[2].inc_by(u64::from(u32::from_be_bytes([n[0], n[1], n[2], n[3]])));
+            }
+            return;
+        }
+        if kind == BATCH_KIND {
+            let Some((count, mut rest)) = encoded.split_at_checked(4) else { return };
+            let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+            for _ in 0..count {
+                let Some((len, after)) = rest.split_at_checked(4) else { break };
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                let Some((one, after)) = after.split_at_checked(len) else { break };
+                rest = after;
+                self.deliver(one);
+            }
+            return;
+        }
+        if kind == NOTICE_RETAINED {
+            if let Ok(to) = std::str::from_utf8(origin) {
+                self.send_retained(to);
+            }
+            self.announce_wills();
+            return;
+        }
+        if kind == WILL_SET || kind == WILL_CLEAR {
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                self.on_will(origin, kind, encoded);
+            }
+            return;
+        }
+        if kind == SNAPSHOT {
+            if let Ok(msg) = codec::decode_message(encoded) {
+                self.broker.retain_if_absent(&Arc::new(msg));
+            }
+            return;
+        }
+        if kind != WIRE_VERSION {
+            let Ok(client_id) = std::str::from_utf8(encoded) else { return };
+            if kind == NOTICE_RELEASE && self.cluster.holds(client_id) {
+                self.taken_elsewhere(client_id);
+            } else if kind == NOTICE_ACQUIRED && !self.cluster.holds(client_id) {
+                if let Some(state) = self.broker.take_session(client_id) {
+                    self.broker.discard_session(state);
+                }
+            }
+            return;
+        }
+        self.deliver(encoded);
+    }
+
+    /// Delivers one message from another node (`encoded` in the store's encoding) here.
+    fn deliver(&mut self, encoded: &[u8]) {
+        match codec::decode_message(encoded) {
+            Ok(msg) => {
+                let msg = Arc::new(msg);
+                self.counted[1].inc();
+                self.broker.publish(&msg, None, &mut Waits::new());
+            }
+            Err(e) => warn!(error = %e, "cluster message that cannot be read dropped"),
+        }
+    }
+
+    /// Heartbeats, the broker's silence, and now and then a check of the nodes whose wills
+    /// this node keeps.
+    fn on_tick(&mut self) -> Result<(), String> {
+        self.ticks += 1;
+        if self.ticks >= PROBE_TICKS && self.probes.is_empty() {
+            self.ticks = 0;
+            self.probes.extend(self.cluster.will_holders());
+        }
+        let now = Instant::now();
+        if let Some(hb) = self.t.heartbeat {
+            if now.duration_since(self.t.last_read) > hb * 2 {
+                return Err(format!("no data from the broker for {:?}", hb * 2));
+            }
+            if self.t.wbuf.is_empty() && now.duration_since(self.t.last_write) >= hb / 2 {
+                frame::heartbeat(&mut self.t.wbuf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails every publish still waiting for its confirm (the connection is gone: it may or
+    /// may not have reached the other nodes; the publisher resends).
+    fn fail_unconfirmed(&mut self, why: &str) {
+        for (_, acks) in self.unconfirmed.drain(..) {
+            for ack in acks {
+                fail(Some(ack), why);
+            }
+        }
+    }
+
+    /// Closes the connection on shutdown.
+    async fn close(&mut self) {
+        methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate node stopping");
+        let t = &mut self.t;
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            flush_all(t).await?;
+            expect_close_ok(t).await
+        })
+        .await;
+    }
+}

@@ -1,0 +1,566 @@
+//! Several mqgate nodes acting as one MQTT broker, with RabbitMQ as the backbone
+//! (`cluster:` in the config; docs/cluster.md). Without `cluster:` nothing here exists and
+//! routing pays one `OnceLock` load per message.
+//!
+//! Cross-node delivery: every message routed on a node (a PUBLISH, a will, an HTTP publish) is
+//! also published, once, to the topic exchange `{prefix}.messages` with a coarse routing key
+//! (`keys`). Each node consumes its own exclusive, auto-deleted queue
+//! `{prefix}.node.{node_id}`, bound with one binding key per distinct coarse key of its
+//! subscriptions (reference-counted here: a binding is added on the first subscription that
+//! needs it and removed with the last), plus `r.#` so that every node keeps every retained
+//! message. What arrives is handed to the local broker (`Broker::publish`), which matches the
+//! topic exactly against the node's own subscriptions: the coarse keys only decide which nodes
+//! see a message. Rules run only where the message arrived; a node drops its own messages when
+//! they come back through its queue (it delivered them locally already).
+//!
+//! Layout: `config` (`cluster:`), `keys` (topics and filters as routing and binding keys,
+//! pure), `link` (the one task owning the node's AMQP connection: publishes with confirms,
+//! binds, consumes), this file the handle the broker and routing hold.
+//!
+//! Bounded: the queue to the link (`cluster.queue`, full: publishers wait as for a full AMQP
+//! sink), the node's RabbitMQ queue (`cluster.inbound_max`, RabbitMQ drops the oldest), the
+//! unconfirmed publishes of the link; the interest map holds one entry per distinct binding.
+
+pub mod config;
+pub mod keys;
+mod link;
+pub mod metrics;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::Broker;
+use crate::message::Message;
+use crate::metrics::Metrics;
+use crate::mqtt::codec::QoS;
+use crate::mqtt::topic;
+use crate::targets::{AckSender, Blocked, Failure, Handoff, Outcome, Waits};
+pub use config::ClusterConfig;
+
+/// Reason label of `messages_dropped` for messages not sent to the other nodes because this
+/// node has no connection to RabbitMQ.
+pub const DROPPED_UNAVAILABLE: &str = "cluster_unavailable";
+
+/// One message for the other nodes.
+#[derive(Debug)]
+struct Forward {
+    /// The message.
+    msg: Arc<Message>,
+    /// QoS 1/2: told `Delivered` once RabbitMQ confirmed the publish.
+    ack: Option<AckSender>,
+}
+
+/// What sessions ask of the link besides forwarding: the client-id locks. A lock is the
+/// exclusive queue `{prefix}.client.{sha256(client_id)}` declared on the node's connection:
+/// RabbitMQ lets one connection hold it, and drops it with the connection.
+#[derive(Debug)]
+enum Command {
+    /// Take the lock of `client_id`; `Err` holds the broker's reason (405: another node
+    /// holds it).
+    Claim { client_id: String, reply: oneshot::Sender<Result<(), String>> },
+    /// Give the lock of `client_id` back.
+    Release { client_id: String },
+    /// Tell every node that this one took `client_id` (`released: false`: a session parked
+    /// elsewhere is discarded) or needs its holder to let go (`released: true`: the holder
+    /// closes its connection, 0x8E).
+    Notice { client_id: String, release: bool },
+    /// Tell every node the will of `client_id` connected here (`Some`: in the store's
+    /// encoding), or that it no longer waits here (`None`): the others publish the wills of a
+    /// node that died.
+    Will { client_id: String, will: Option<Vec<u8>> },
+}
+
+/// Wills by client id, in the store's encoding.
+type Wills = HashMap<String, Vec<u8>>;
+
+/// What [`Cluster::claim`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// This node holds the client id: no other node has it connected.
+    Held,
+    /// The lock could not be asked for (no connection to the broker): why.
+    Unavailable(String),
+    /// Another node still holds it at the deadline (its connection did not close in time).
+    Busy,
+}
+
+/// How long a claim waits between attempts while another node still holds the client id.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(25);
+
+/// The bindings this node's subscriptions need.
+#[derive(Debug, Default)]
+struct Interest {
+    /// Subscriptions (and share-group memberships) per binding key.
+    counts: HashMap<String, usize>,
+    /// Keys whose count went to or from zero since the link last looked.
+    dirty: HashSet<String>,
+    /// Keys the node's queue is bound with now (bind-ok received on this connection).
+    applied: HashSet<String>,
+    /// SUBACKs waiting for their key's bind-ok (told `Delivered` then, also when the key is
+    /// no longer wanted or the link goes down: the subscription works locally anyway).
+    waiters: HashMap<String, Vec<oneshot::Sender<Outcome>>>,
+}
+
+impl Interest {
+    /// Lets every SUBACK waiting for `key` go.
+    fn release_waiters(&mut self, key: &str) {
+        for w in self.waiters.remove(key).unwrap_or_default() {
+            let _ = w.send(Outcome::Delivered);
+        }
+    }
+}
+
+/// The cluster as the broker and routing see it: where messages for the other nodes go and
+/// where subscriptions register their interest. One per node, shared.
+#[derive(Debug)]
+pub struct Cluster {
+    /// This node's id (also in every message it sends, to recognise them coming back).
+    node_id: Arc<str>,
+    /// The queue in front of the link task.
+    tx: mpsc::Sender<Forward>,
+    /// Binding keys and their subscriptions.
+    interest: Mutex<Interest>,
+    /// Told when `interest.dirty` gained a key.
+    changed: Notify,
+    /// True while the link is connected and consuming.
+    connected: AtomicBool,
+    /// Why the link is down, for `/readyz` (`None` while connected).
+    down: Mutex<Option<String>>,
+    /// Drops are counted here.
+    metrics: Arc<Metrics>,
+    /// Lock requests to the link. Unbounded: at most one claim and one release per
+    /// connection (`mqtt.max_connections`) and one notice per CONNECT in the handshake.
+    commands: mpsc::UnboundedSender<Command>,
+    /// The client ids whose lock this node holds, with the connections that claimed it (a
+    /// local takeover overlaps two): released when the last one ends.
+    locks: Mutex<HashMap<String, Vec<u64>>>,
+    /// The wills of this node's connected clients (client id → connection, encoded will), as
+    /// announced to the other nodes.
+    wills: Mutex<HashMap<String, (u64, Vec<u8>)>>,
+    /// The wills other nodes announced: (node, its epoch) → client id → encoded will. One
+    /// entry per connected client with a will in the cluster (bounded by the nodes'
+    /// `mqtt.max_connections` and `mqtt.max_packet_size`).
+    remote_wills: Mutex<HashMap<(String, u64), Wills>>,
+    /// This process's epoch (start time): wills announced by an older epoch of a node are
+    /// those of a dead incarnation.
+    epoch: u64,
+}
+
+impl Cluster {
+    /// Attaches a cluster to `broker` (its current subscriptions become the first bindings)
+    /// and returns the link of this node to the cluster's broker `broker_cfg`, to spawn: it
+    /// runs until `shutdown`.
+    pub fn start(
+        cfg: &ClusterConfig,
+        broker_cfg: &crate::config::AmqpBrokerConfig,
+        broker: &Arc<Broker>,
+        metrics: &Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let cluster = Arc::new(Cluster {
+            wills: Mutex::new(HashMap::new()),
+            remote_wills: Mutex::new(HashMap::new()),
+            epoch,
+            commands,
+            locks: Mutex::new(HashMap::new()),
+            node_id: Arc::from(cfg.node_id.value.as_str()),
+            tx,
+            interest: Mutex::new(Interest::default()),
+            changed: Notify::new(),
+            connected: AtomicBool::new(false),
+            down: Mutex::new(Some("connecting".into())),
+            metrics: Arc::clone(metrics),
+        });
+        broker.attach_cluster(Arc::clone(&cluster));
+        let settings = link::Settings::new(cfg, broker_cfg);
+        link::run(settings, cluster, Arc::clone(broker), (rx, commands_rx), shutdown)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// For `/readyz`: `Ok` while connected, else why not.
+    pub fn state(&self) -> Result<String, String> {
+        match self.down.lock().ok().and_then(|d| d.clone()) {
+            None => Ok(format!("node {} connected", self.node_id)),
+            Some(why) => Err(format!("node {} not connected: {why}", self.node_id)),
+        }
+    }
+
+    /// Records whether the link is up (and if not, why).
+    fn set_down(&self, why: Option<String>) {
+        let down = why.is_some();
+        self.connected.store(!down, Ordering::Release);
+        self.metrics.cluster.connected.set(i64::from(!down));
+        if let Ok(mut d) = self.down.lock() {
+            *d = why;
+        }
+        if down {
+            let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+            i.applied.clear();
+            for (_, waiters) in i.waiters.drain() {
+                for w in waiters {
+                    let _ = w.send(Outcome::Delivered);
+                }
+            }
+        }
+    }
+
+    /// For a SUBACK: a receiver resolved once the node's queue is bound for `filter` (so a
+    /// message published on another node after the SUBACK reaches the subscription); `None`
+    /// when it is bound already, or the link is down (nothing to wait for).
+    pub fn bound(&self, filter: &str) -> Option<oneshot::Receiver<Outcome>> {
+        if !self.connected.load(Ordering::Acquire) {
+            return None;
+        }
+        let key = binding_of(filter);
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        if i.applied.contains(&key) || !i.counts.contains_key(&key) {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        i.waiters.entry(key).or_default().push(tx);
+        Some(rx)
+    }
+
+    /// The broker confirmed the binding `key` (`true`), or it is being removed (`false`).
+    fn applied(&self, key: &str, bound: bool) {
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        if bound {
+            i.applied.insert(key.to_owned());
+        } else {
+            i.applied.remove(key);
+        }
+        i.release_waiters(key);
+    }
+
+    /// Sends `msg`, routed on this node, to the other nodes; for QoS 1/2 its outcome (the
+    /// broker's confirm) goes into `waits`. Never waits: a full queue puts the send into
+    /// `blocked` (the publisher's backpressure). While this node has no connection to the
+    /// broker, the message is not sent (counted as `cluster_unavailable`): local delivery goes
+    /// on. `$SYS/` topics describe this node and stay here.
+    pub fn forward(&self, msg: &Arc<Message>, waits: &mut Waits, blocked: &mut Blocked) {
+        if msg.topic.starts_with("$SYS/") {
+            return;
+        }
+        if !self.connected.load(Ordering::Acquire) {
+            self.metrics.dropped(DROPPED_UNAVAILABLE);
+            return;
+        }
+        let mut hand = Handoff::new(waits, blocked, msg.qos != QoS::AtMostOnce, None);
+        let fwd = Forward { msg: Arc::clone(msg), ack: hand.ack() };
+        let tx = self.tx.clone();
+        hand.offer(
+            fwd,
+            |fwd| match self.tx.try_send(fwd) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(fwd)) => Err(fwd),
+                // The link is gone (shutdown): the dropped ack fails a QoS 1/2 message.
+                Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+            },
+            |fwd| {
+                Box::pin(async move {
+                    let _ = tx.send(fwd).await;
+                })
+            },
+        );
+    }
+
+    /// Makes the connection `conn_id` the cluster-wide holder of `client_id` (its handshake,
+    /// after the local registration): takes the client id's lock; while another node holds
+    /// it, asks that node to close its connection (once) and tries again until `deadline`.
+    /// Once held, tells the other nodes to discard a session they keep parked for it. On
+    /// [`Claim::Held`], [`Cluster::release`] when the connection ends (`Broker::unregister`
+    /// does).
+    pub async fn claim(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        deadline: tokio::time::Instant,
+    ) -> Claim {
+        {
+            let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(conns) = locks.get_mut(client_id) {
+                // Held for another connection of this node (a local takeover).
+                conns.push(conn_id);
+                return Claim::Held;
+            }
+        }
+        if !self.connected.load(Ordering::Acquire) {
+            return Claim::Unavailable(self.state().err().unwrap_or_default());
+        }
+        let notice = |release| Command::Notice { client_id: client_id.to_owned(), release };
+        let mut asked = false;
+        loop {
+            let (reply, answer) = oneshot::channel();
+            let claim = Command::Claim { client_id: client_id.to_owned(), reply };
+            if self.commands.send(claim).is_err() {
+                return Claim::Unavailable("the cluster link stopped".into());
+            }
+            let result = match tokio::time::timeout_at(deadline, answer).await {
+                Err(_) => None,
+                Ok(Err(_)) => return Claim::Unavailable("the cluster link was lost".into()),
+                Ok(Ok(result)) => Some(result),
+            };
+            match result {
+                Some(Ok(())) => {
+                    let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                    locks.entry(client_id.to_owned()).or_default().push(conn_id);
+                    drop(locks);
+                    let _ = self.commands.send(notice(false));
+                    return Claim::Held;
+                }
+                Some(Err(e)) if !e.contains("405") => return Claim::Unavailable(e),
+                // Held by another node: it lets go once its connection has closed.
+                Some(Err(_)) if !asked => {
+                    asked = true;
+                    let _ = self.commands.send(notice(true));
+                }
+                _ => {}
+            }
+            let retry = tokio::time::Instant::now() + CLAIM_RETRY;
+            if result.is_none() || retry >= deadline {
+                // The claim may still be granted after we stopped waiting: given back, unless
+                // another connection of this node holds it by then.
+                let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+                if !locks.contains_key(client_id) {
+                    let _ =
+                        self.commands.send(Command::Release { client_id: client_id.to_owned() });
+                }
+                return Claim::Busy;
+            }
+            tokio::time::sleep_until(retry).await;
+        }
+    }
+
+    /// The connection `conn_id` of `client_id` ended: the lock goes back when no other
+    /// connection of this node holds it.
+    pub fn release(&self, client_id: &str, conn_id: u64) {
+        self.will_clear(client_id, conn_id);
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(conns) = locks.get_mut(client_id) else { return };
+        conns.retain(|c| *c != conn_id);
+        if conns.is_empty() {
+            locks.remove(client_id);
+            let _ = self.commands.send(Command::Release { client_id: client_id.to_owned() });
+        }
+    }
+
+    /// The connection `conn_id` of `client_id` has a will (`msg`): announced to the other
+    /// nodes, which publish it if this node dies while the connection is up. Cleared by
+    /// [`Cluster::release`] (the connection ended: this node publishes it or not, as usual).
+    pub fn will_set(&self, client_id: &str, conn_id: u64, msg: &Message) {
+        let Ok(encoded) = crate::store::codec::encode_message(msg) else { return };
+        let mut wills = self.wills.lock().unwrap_or_else(|p| p.into_inner());
+        wills.insert(client_id.to_owned(), (conn_id, encoded.clone()));
+        drop(wills);
+        let will = Command::Will { client_id: client_id.to_owned(), will: Some(encoded) };
+        let _ = self.commands.send(will);
+    }
+
+    /// Forgets the will of `client_id` if the connection `conn_id` set it.
+    fn will_clear(&self, client_id: &str, conn_id: u64) {
+        let mut wills = self.wills.lock().unwrap_or_else(|p| p.into_inner());
+        if wills.get(client_id).is_some_and(|(c, _)| *c == conn_id) {
+            wills.remove(client_id);
+            drop(wills);
+            let _ =
+                self.commands.send(Command::Will { client_id: client_id.to_owned(), will: None });
+        }
+    }
+
+    /// The wills of this node's clients (announced again after a reconnect).
+    fn local_wills(&self) -> Vec<(String, Vec<u8>)> {
+        let wills = self.wills.lock().unwrap_or_else(|p| p.into_inner());
+        wills.iter().map(|(k, (_, w))| (k.clone(), w.clone())).collect()
+    }
+
+    /// Another node announced (`Some`) or cleared (`None`) the will of `client_id`.
+    fn remote_will(&self, node: &str, epoch: u64, client_id: &str, will: Option<Vec<u8>>) {
+        let mut all = self.remote_wills.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (node.to_owned(), epoch);
+        match will {
+            Some(w) => {
+                all.entry(key).or_default().insert(client_id.to_owned(), w);
+            }
+            None => {
+                if let Some(m) = all.get_mut(&key) {
+                    m.remove(client_id);
+                    if m.is_empty() {
+                        all.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The (node, epoch) pairs holding wills: the ones to check for liveness.
+    fn will_holders(&self) -> Vec<(String, u64)> {
+        let all = self.remote_wills.lock().unwrap_or_else(|p| p.into_inner());
+        all.keys().cloned().collect()
+    }
+
+    /// Takes the wills of (node, epoch) out (to publish them, or because another node does).
+    fn take_wills(&self, node: &str, epoch: u64) -> Vec<Vec<u8>> {
+        let mut all = self.remote_wills.lock().unwrap_or_else(|p| p.into_inner());
+        all.remove(&(node.to_owned(), epoch)).map(|m| m.into_values().collect()).unwrap_or_default()
+    }
+
+    /// Whether this node holds the lock of `client_id`.
+    fn holds(&self, client_id: &str) -> bool {
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.contains_key(client_id)
+    }
+
+    /// Forgets the lock of `client_id` (another node took it while this one was cut off).
+    fn forget_lock(&self, client_id: &str) {
+        let mut locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.remove(client_id);
+    }
+
+    /// The client ids whose lock this node holds (to take again after a reconnect).
+    fn held(&self) -> Vec<String> {
+        let locks = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+        locks.keys().cloned().collect()
+    }
+
+    /// A subscription to `filter` (`$share/{group}/` included) was added on this node.
+    pub fn add_interest(&self, filter: &str) {
+        let key = binding_of(filter);
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let n = i.counts.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            i.dirty.insert(key);
+            drop(i);
+            self.changed.notify_one();
+        }
+    }
+
+    /// A subscription to `filter` was removed from this node.
+    pub fn remove_interest(&self, filter: &str) {
+        let key = binding_of(filter);
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(n) = i.counts.get_mut(&key) else { return };
+        *n -= 1;
+        if *n == 0 {
+            i.counts.remove(&key);
+            i.release_waiters(&key);
+            i.dirty.insert(key);
+            drop(i);
+            self.changed.notify_one();
+        }
+    }
+
+    /// The changed keys since the last call, each with whether it is wanted now.
+    fn take_changes(&self) -> Vec<(String, bool)> {
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        let dirty = std::mem::take(&mut i.dirty);
+        dirty
+            .into_iter()
+            .map(|k| {
+                let wanted = i.counts.contains_key(&k);
+                (k, wanted)
+            })
+            .collect()
+    }
+
+    /// Every key wanted now (after a reconnect: the new queue has no bindings); clears the
+    /// changes.
+    fn all_wanted(&self) -> Vec<String> {
+        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        i.dirty.clear();
+        i.counts.keys().cloned().collect()
+    }
+}
+
+/// One receiver for all of `waits`: `Delivered` once every one is, else the first failure
+/// (a SUBACK waiting for the store and for the cluster's bindings). Spawns a task only for
+/// more than one.
+pub fn all_of(mut waits: Vec<oneshot::Receiver<Outcome>>) -> Option<oneshot::Receiver<Outcome>> {
+    if waits.len() < 2 {
+        return waits.pop();
+    }
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let mut outcome = Outcome::Delivered;
+        for w in waits {
+            match w.await {
+                Ok(Outcome::Delivered) => {}
+                Ok(failed) => {
+                    outcome = failed;
+                    break;
+                }
+                Err(_) => {
+                    outcome = Outcome::Failed(Failure::retryable("dropped before it was done"));
+                    break;
+                }
+            }
+        }
+        let _ = tx.send(outcome);
+    });
+    Some(rx)
+}
+
+/// The binding key of a subscription to `filter` (a share group's: of its inner filter).
+fn binding_of(filter: &str) -> String {
+    match topic::parse_subscription(filter) {
+        Ok(f) => keys::binding_key(f.filter),
+        Err(_) => keys::binding_key(filter),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster() -> Cluster {
+        let (tx, _rx) = mpsc::channel(1);
+        Cluster {
+            commands: mpsc::unbounded_channel().0,
+            locks: Mutex::new(HashMap::new()),
+            wills: Mutex::new(HashMap::new()),
+            remote_wills: Mutex::new(HashMap::new()),
+            epoch: 1,
+            node_id: Arc::from("a"),
+            tx,
+            interest: Mutex::new(Interest::default()),
+            changed: Notify::new(),
+            connected: AtomicBool::new(false),
+            down: Mutex::new(None),
+            metrics: Metrics::new(),
+        }
+    }
+
+    #[test]
+    fn bindings_are_reference_counted() {
+        let c = cluster();
+        c.add_interest("a/b");
+        c.add_interest("a/b/#"); // same coarse key m.la.lb
+        c.add_interest("$share/g/a/b");
+        assert_eq!(c.take_changes(), vec![("m.la.lb".to_owned(), true)]);
+        c.remove_interest("a/b");
+        c.remove_interest("$share/g/a/b");
+        assert!(c.take_changes().is_empty(), "one subscription still needs it");
+        c.remove_interest("a/b/#");
+        assert_eq!(c.take_changes(), vec![("m.la.lb".to_owned(), false)]);
+        // Added and removed before the link looked: it sees the key unwanted.
+        c.add_interest("x");
+        c.remove_interest("x");
+        assert_eq!(c.take_changes(), vec![("m.lx".to_owned(), false)]);
+        c.remove_interest("never/added");
+        assert!(c.all_wanted().is_empty());
+    }
+}
