@@ -72,6 +72,9 @@ pub struct Config {
     /// Without it everything is kept in memory only and `ack: spool` cannot be used.
     #[serde(default)]
     pub store: Option<StoreConfig>,
+    /// The MQTT-SN gateway (UDP), when set.
+    #[serde(default)]
+    pub mqttsn: Option<crate::mqttsn::MqttSnConfig>,
     /// On SIGTERM/SIGINT: how long in-flight QoS 1/2 messages may take to get their outcome
     /// and acknowledgement before the connections are closed anyway.
     #[serde(default = "default_shutdown_timeout")]
@@ -657,6 +660,9 @@ impl Config {
         let bridges: Vec<&str> = self.bridges.keys().map(String::as_str).collect();
         crate::sources::config::validate(&self.sources, &brokers, &bridges, &mut err);
         self.validate_auth(&mut err);
+        if let Some(sn) = &self.mqttsn {
+            sn.validate(self.mqtt.allow_anonymous, &mut err);
+        }
         crate::spool::config::validate(self, &mut err);
         errors
     }
