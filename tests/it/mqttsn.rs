@@ -745,3 +745,37 @@ fn mqttsn_config_errors_carry_file_line_and_column() {
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_sleeping_client_may_wake_from_another_address_or_connect_again() {
+    let app = sn_gateway("", "").await;
+    let mut m = RawClient::connect(app.mqtt_addr, V311, &unique("pub")).await;
+    let id = unique("mover");
+    let c = Sn::connect(sn_addr(&app), &id).await;
+    let (tid, _) = c.subscribe(TopicSpec::Name("move/t".into()), SnQos::Zero, 1).await;
+    c.send(&Packet::Disconnect { duration: Some(60) }).await;
+    assert_eq!(c.recv().await, Packet::Disconnect { duration: None });
+    crate::support::publish_qos1(&mut m, "move/t", 1, b"for the new address").await;
+    // The forwarder's port changed: the PINGREQ with its client id comes from elsewhere.
+    let moved = Sn::new(sn_addr(&app)).await;
+    moved.send(&Packet::PingReq { client_id: Some(id.clone()) }).await;
+    match moved.recv().await {
+        Packet::Publish(p) => {
+            assert_eq!((p.topic, &p.data[..]), (TopicRef::Normal(tid), &b"for the new address"[..]))
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    assert_eq!(moved.recv().await, Packet::PingResp);
+    c.silence(Duration::from_millis(200)).await;
+    // Back to active with CONNECT (CleanSession 0, no will): session and topic ids kept.
+    assert_eq!(moved.connect_as(&id, 60, false).await, ReturnCode::ACCEPTED);
+    crate::support::publish_qos1(&mut m, "move/t", 2, b"active").await;
+    match moved.recv().await {
+        Packet::Publish(p) => {
+            assert_eq!((p.topic, &p.data[..]), (TopicRef::Normal(tid), &b"active"[..]))
+        }
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+    assert!(metrics(&app).await.contains("mqgate_mqttsn_clients_asleep 0"));
+    app.stop().await;
+}
