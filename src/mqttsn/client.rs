@@ -53,6 +53,9 @@ pub(super) struct Datagram {
     /// Where it came from (a sleeping client may wake from another address).
     pub from: SocketAddr,
     pub data: Bytes,
+    /// Its bytes against `mqtt.max_memory` while it waits (the queues of all clients
+    /// together are bounded by that budget, each by `mqttsn.client_queue`).
+    pub _held: crate::memory::Charge,
 }
 
 /// Where the client stands.
@@ -420,16 +423,19 @@ impl Client {
         None
     }
 
-    /// The topic of a PUBLISH's or SUBSCRIBE's id (a valid topic name), if known.
+    /// The topic of a PUBLISH's id (a valid topic name), if known. Registered and predefined
+    /// topics were checked when they got their ids; a short name is checked here.
     fn topic_of(&self, r: TopicRef) -> Option<String> {
-        let name = match r {
+        match r {
             TopicRef::Normal(id) => self.topics.name(id).map(|n| n.to_string()),
             TopicRef::Predefined(id) => self.gw.predefined.name(id).map(|n| n.to_string()),
-            TopicRef::Short(s) => std::str::from_utf8(&s).ok().map(str::to_owned),
-        }?;
-        (crate::mqtt::topic::validate_name(&name).is_ok()
-            && self.gw.shared.limits.topic_limits.check(&name).is_ok())
-        .then_some(name)
+            TopicRef::Short(s) => {
+                let name = std::str::from_utf8(&s).ok()?;
+                (crate::mqtt::topic::validate_name(name).is_ok()
+                    && self.gw.shared.limits.topic_limits.check(name).is_ok())
+                .then(|| name.to_owned())
+            }
+        }
     }
 
     /// Answers a PUBLISH at once (a rejection, or a resend already acknowledged).

@@ -181,6 +181,12 @@ struct Loop {
 }
 
 impl Loop {
+    /// A copy of `data` for a client's queue, charged to `mqtt.max_memory`.
+    fn datagram_of(&self, data: &[u8], from: SocketAddr) -> Datagram {
+        let _held = self.gw.shared.memory.charge(data.len());
+        Datagram { from, data: Bytes::copy_from_slice(data), _held }
+    }
+
     /// A client task ended.
     fn forget(&mut self, key: u64) {
         if let Some(addr) = self.keys.remove(&key) {
@@ -209,7 +215,12 @@ impl Loop {
             }
         };
         if let Some(h) = self.clients.get(&from) {
-            let d = Datagram { from, data: Bytes::copy_from_slice(data) };
+            if gw.shared.memory.over() {
+                // `mqtt.max_memory`: the client sends it again.
+                m.drop_for("max_memory");
+                return;
+            }
+            let d = self.datagram_of(data, from);
             match h.tx.try_send(d) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -276,7 +287,8 @@ impl Loop {
             return;
         }
         let (tx, rx) = mpsc::channel(self.gw.config.client_queue.max(1));
-        let _ = tx.try_send(Datagram { from, data: datagram });
+        let _held = self.gw.shared.memory.charge(datagram.len());
+        let _ = tx.try_send(Datagram { from, data: datagram, _held });
         self.next_key += 1;
         let key = self.next_key;
         let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
@@ -297,7 +309,7 @@ impl Loop {
             self.not_connected(from);
             return;
         };
-        let d = Datagram { from, data: Bytes::copy_from_slice(data) };
+        let d = self.datagram_of(data, from);
         if h.tx.try_send(d).is_err() {
             self.gw.metrics.drop_for("client_busy");
         }
