@@ -79,6 +79,10 @@ pub struct MqttSnConfig {
     /// Datagrams waiting for one client's task; beyond, dropped and counted (it resends).
     #[serde(default = "default_client_queue")]
     pub client_queue: usize,
+    /// The socket's receive buffer (SO_RCVBUF; the kernel caps it at `net.core.rmem_max`):
+    /// datagrams that arrive while the gateway is busy wait there; beyond, the kernel drops them.
+    #[serde(default = "default_recv_buffer")]
+    pub recv_buffer: ByteSize,
 }
 
 const fn default_gateway_id() -> u8 {
@@ -125,6 +129,9 @@ const fn default_max_sleep() -> HumanDuration {
 }
 const fn default_session_expiry() -> HumanDuration {
     HumanDuration(Duration::from_secs(86_400))
+}
+const fn default_recv_buffer() -> ByteSize {
+    ByteSize(4 * 1024 * 1024)
 }
 const fn default_client_queue() -> usize {
     128

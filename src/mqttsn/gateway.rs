@@ -68,12 +68,30 @@ impl Gateway {
     }
 }
 
-/// Binds `mqttsn.listen` (errors name the address and key).
+/// Binds `mqttsn.listen` (errors name the address and key) with `mqttsn.recv_buffer` as its
+/// receive buffer (a smaller one than asked is logged, not refused).
 pub async fn bind(config: &MqttSnConfig) -> Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
     let addr = config.listen_addr();
-    UdpSocket::bind(addr).await.with_context(|| {
-        format!("cannot listen on UDP {addr} (set by `mqttsn.listen` in the config)")
-    })
+    let context = || format!("cannot listen on UDP {addr} (set by `mqttsn.listen` in the config)");
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+        .with_context(context)?;
+    let asked = usize::try_from(config.recv_buffer.0).unwrap_or(usize::MAX);
+    if let Err(e) = socket.set_recv_buffer_size(asked) {
+        warn!(error = %e, "mqttsn: cannot set the receive buffer (mqttsn.recv_buffer)");
+    }
+    if let Ok(got) = socket.recv_buffer_size() {
+        // Linux reports twice what it grants (bookkeeping included).
+        if got < asked {
+            info!(
+                asked,
+                got, "mqttsn: receive buffer smaller than mqttsn.recv_buffer (net.core.rmem_max)"
+            );
+        }
+    }
+    socket.set_nonblocking(true).with_context(context)?;
+    socket.bind(&addr.into()).with_context(context)?;
+    UdpSocket::from_std(socket.into()).with_context(context)
 }
 
 /// One connected client as the loop knows it.

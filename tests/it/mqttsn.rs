@@ -131,6 +131,19 @@ impl Sn {
     }
 }
 
+/// Waits (up to 10 s) until `/metrics` has `line`.
+async fn wait_metric(app: &App, line: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics(app).await;
+        if text.contains(line) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{line} not in /metrics:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn puback(p: Packet) -> (u16, u16, ReturnCode) {
     match p {
         Packet::PubAck { topic_id, msg_id, code } => (topic_id, msg_id, code),
@@ -585,11 +598,11 @@ async fn the_gateway_sends_again_after_t_retry_and_gives_up_after_n_retry() {
         sends[1..].iter().all(|s| s.0 && s.1 == sends[0].1 && s.2 == TopicRef::Normal(tid)),
         "{sends:?}"
     );
-    // N_retry = 2 resends, then lost.
-    c.silence(Duration::from_millis(400)).await;
+    // N_retry = 2 resends, then lost (and nothing more sent).
+    wait_metric(&app, "mqgate_mqttsn_clients_lost_total{reason=\"no_answer\"} 1").await;
     let text = metrics(&app).await;
     assert!(text.contains("mqgate_mqttsn_retransmissions_total 2"), "{text}");
-    assert!(text.contains("mqgate_mqttsn_clients_lost_total{reason=\"no_answer\"} 1"), "{text}");
+    c.silence(Duration::from_millis(300)).await;
     app.stop().await;
 }
 

@@ -362,10 +362,10 @@ impl Client {
     /// it wakes, retries wait too.
     pub(super) fn fall_asleep(&mut self, seconds: u16) {
         let duration = Duration::from_secs(u64::from(seconds)).min(self.gw.config.max_sleep.0);
-        self.send(&Packet::Disconnect { duration: None });
         if self.mode == Mode::Active {
             self.gw.metrics.asleep.inc();
         }
+        self.send(&Packet::Disconnect { duration: None });
         self.mode = Mode::Asleep(duration);
         self.sleep_until = Some(Instant::now() + duration.mul_f32(1.5));
         self.sent.clear();
