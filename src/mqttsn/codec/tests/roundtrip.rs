@@ -122,6 +122,8 @@ proptest! {
     fn garbage_never_panics_and_what_decodes_re_encodes(data in vec(any::<u8>(), 0..300)) {
         let datagram = Bytes::from(data);
         if let Ok(p) = decode(&datagram) {
+            // What the gateway's loop dispatches on agrees with the message.
+            prop_assert_eq!(header(&datagram).map(|(t, _)| t), Ok(p.msg_type()));
             let mut out = BytesMut::new();
             encode(&p, &mut out).expect("a decoded message encodes");
             prop_assert_eq!(decode(&out.freeze()), Ok(p));
