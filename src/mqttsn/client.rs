@@ -780,6 +780,7 @@ impl Client {
             }
             true
         });
+        self.keep_registering();
         let mut state = self.state;
         state.awaiting_rel = self.pending.released_later();
         shared.broker.park_session(&self.client_id, state, self.expiry);

@@ -792,3 +792,36 @@ async fn a_sleeping_client_may_wake_from_another_address_or_connect_again() {
     assert!(metrics(&app).await.contains("mqgate_mqttsn_clients_asleep 0"));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_delivery_waiting_for_its_regack_stays_with_the_session() {
+    let app = sn_gateway("", "").await;
+    let id = unique("regwait");
+    let c = Sn::new(sn_addr(&app)).await;
+    assert_eq!(c.connect_as(&id, 60, false).await, ReturnCode::ACCEPTED);
+    assert_eq!(
+        c.subscribe(TopicSpec::Name("rw/+".into()), SnQos::One, 1).await.1,
+        ReturnCode::ACCEPTED
+    );
+    let mut p = RawClient::connect(app.mqtt_addr, V311, &unique("pub")).await;
+    crate::support::publish_qos1(&mut p, "rw/a", 1, b"not lost").await;
+    // The gateway REGISTERs the topic first; the client leaves without answering.
+    match c.recv().await {
+        Packet::Register { topic_name, .. } => assert_eq!(topic_name, "rw/a"),
+        other => panic!("expected REGISTER, got {other:?}"),
+    }
+    c.send(&Packet::Disconnect { duration: None }).await;
+    assert_eq!(c.recv().await, Packet::Disconnect { duration: None });
+    // The session (persistent) kept the delivery: the same client id over MQTT gets it.
+    let mut m = RawClient::tcp(app.mqtt_addr, V311).await;
+    let mut connect = crate::support::connect_packet(V311, &id);
+    connect.clean_start = false;
+    m.send(&MqttPacket::Connect(Box::new(connect))).await;
+    match m.recv().await {
+        Some(MqttPacket::ConnAck(a)) => assert!(a.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let got = expect_publish(&mut m).await;
+    assert_eq!((got.topic.as_str(), &got.payload[..]), ("rw/a", &b"not lost"[..]));
+    app.stop().await;
+}

@@ -334,6 +334,33 @@ impl Client {
         }
     }
 
+    /// The connection ends while a new delivery waits for its REGACK: a QoS 1/2 one is kept
+    /// with the session as sent (the next connection, MQTT or MQTT-SN, sends it again first);
+    /// a QoS 0 one is gone.
+    pub(super) fn keep_registering(&mut self) {
+        let Some(Registering { then: Then::New(out), .. }) = self.registering.take() else {
+            return;
+        };
+        if out.qos == QoS::AtMostOnce {
+            return self.drop_delivery(out, Fate::Gone);
+        }
+        let msg_id = self.next_msg_id();
+        let f = InFlight {
+            packet_id: msg_id,
+            msg: out.msg,
+            qos: out.qos,
+            retain: out.retain,
+            stage: InFlightStage::Published,
+            shared: out.shared,
+            subscription_ids: out.subscription_ids,
+            ticket: out.ticket,
+            stored: out.stored,
+        };
+        self.gw.shared.broker.store_sent(&self.state.subscriber, &f);
+        self.state.inflight_ids.insert(msg_id);
+        self.state.inflight.push_back(f);
+    }
+
     /// On waking: every unacknowledged delivery and a REGISTER in progress go again.
     pub(super) fn wake_resend(&mut self) {
         self.resend = self.state.inflight.iter().map(|f| f.packet_id).collect();
