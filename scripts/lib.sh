@@ -123,6 +123,15 @@ ensure_pyzmq() {
   "$py" -m pip install --quiet 'pyzmq>=25' || die "could not install pyzmq for $py"
 }
 
+# The third-party MQTT-SN client (PyPI `mqtt-sn-12`: mqtt_sn_pub / mqtt_sn_sub) for
+# tests/it/mqttsn.rs, for the python ensure_paho settled on (python3, or its venv).
+ensure_mqttsn_client() {
+  local py="${MQGATE_PYTHON:-python3}"
+  "$py" -c 'import mqttsn12' 2>/dev/null && return
+  log "installing mqtt-sn-12 (PyPI) for $py"
+  "$py" -m pip install --quiet 'mqtt-sn-12==1.0.9' || die "could not install mqtt-sn-12 for $py"
+}
+
 ensure_paho() {
   command -v python3 >/dev/null || { log "installing python3"; apt_install python3 python3-venv; }
   if [ -n "${MQGATE_PYTHON:-}" ] && paho_ok "$MQGATE_PYTHON"; then return; fi

@@ -9,6 +9,7 @@
 #    bridge tests start their own on a spare port): installed if missing.
 #  - openssl (the command line tool; tests/it/webhooks_tls.rs makes certificates with it).
 #  - pyzmq for python3 (tests/it/zmq.rs: the ZeroMQ peer), installed like paho-mqtt.
+#  - mqtt-sn-12 for python3 (tests/it/mqttsn.rs: a third-party MQTT-SN client), the same way.
 #  - paho-mqtt 2.x for python3 (tests/it/paho.rs): pip-installed if missing, or into a venv
 #    under the target dir where pip refuses (externally managed python).
 #  - Debian's chromium and chromium-driver, node and npm, and playwright-core (npm ci in
@@ -29,6 +30,7 @@ ensure_mosquitto_broker
 ensure_openssl
 ensure_paho
 ensure_pyzmq
+ensure_mqttsn_client
 ensure_chromium
 ensure_console_deps
 

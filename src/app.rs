@@ -37,6 +37,8 @@ pub struct App {
     pub mqtt_addr: SocketAddr,
     /// Where the admin server is bound.
     pub admin_addr: SocketAddr,
+    /// Where the MQTT-SN gateway's UDP socket is bound (`mqttsn.listen`), if configured.
+    pub mqttsn_addr: Option<SocketAddr>,
     /// Every MQTT listener's label and address, `mqtt.listen` (label `mqtt`) first.
     pub listener_addrs: Vec<(String, SocketAddr)>,
     /// What each listener's connections go through (its TLS config: reloaded on SIGHUP).
@@ -112,6 +114,14 @@ impl App {
         let sinks_shutdown = CancellationToken::new();
         let mqtt_listeners = crate::listeners::bind(&config).await?;
         let admin_listener = bind(config.admin_addr(), "admin.listen").await?;
+        let mqttsn_socket = match &config.mqttsn {
+            Some(sn) => Some(crate::mqttsn::bind(sn).await?),
+            None => None,
+        };
+        let mqttsn_addr = match &mqttsn_socket {
+            Some(s) => Some(s.local_addr()?),
+            None => None,
+        };
         let mut listener_addrs = Vec::with_capacity(mqtt_listeners.len());
         for l in &mqtt_listeners {
             listener_addrs.push((l.prelude.label.to_string(), l.tcp.local_addr()?));
@@ -204,6 +214,10 @@ impl App {
         let max_connections = config.mqtt.max_connections;
         let mut listener = JoinSet::new();
         listener.spawn(listener::run(mqtt_listeners, Arc::clone(&shared), max_connections));
+        if let (Some(socket), Some(sn)) = (mqttsn_socket, config.mqttsn.clone()) {
+            // In the listeners' set: stopped and waited for before the sinks close.
+            listener.spawn(crate::mqttsn::run(socket, Arc::clone(&shared), sn));
+        }
         let state = AdminState {
             metrics: Arc::clone(&metrics),
             dead_letters: dead_letters.clone(),
@@ -230,6 +244,7 @@ impl App {
         info!(%mqtt_addr, %admin_addr, "mqgate started");
         Ok(App {
             mqtt_addr,
+            mqttsn_addr,
             listener_addrs,
             preludes,
             metrics,
@@ -271,8 +286,10 @@ impl App {
     pub async fn stop(mut self) {
         let hard_deadline = Instant::now() + self.shutdown_timeout + CLOSE_GRACE;
         self.shutdown.cancel();
-        if let Some(Err(e)) = self.listener.join_next().await {
-            error!(error = %e, "MQTT listener task failed");
+        while let Some(joined) = self.listener.join_next().await {
+            if let Err(e) = joined {
+                error!(error = %e, "MQTT listener task failed");
+            }
         }
         info!("sessions closed; closing the sinks");
         self.sinks_shutdown.cancel();

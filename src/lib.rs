@@ -16,6 +16,7 @@ pub mod memory;
 pub mod message;
 pub mod metrics;
 pub mod mqtt;
+pub mod mqttsn;
 pub mod reload;
 pub mod routing;
 pub mod rules;

@@ -229,6 +229,8 @@ pub struct Metrics {
     pub memory_pauses: Counter,
     /// Trace events dropped because the console reading them was slow.
     pub trace_dropped: Counter,
+    /// The MQTT-SN gateway's families.
+    pub mqttsn: crate::mqttsn::metrics::MqttSnFamilies,
 }
 
 /// The store's size and its writer's counters (`store::Stats`), exported as
@@ -320,7 +322,9 @@ impl Metrics {
         let listeners = crate::listeners::ListenerFamilies::register(&mut registry);
         let cluster = crate::cluster::metrics::ClusterFamilies::register(&mut registry);
         let kinds = crate::targets::kinds::register_metrics(&mut registry);
+        let mqttsn = crate::mqttsn::metrics::MqttSnFamilies::register(&mut registry);
         let m = Metrics {
+            mqttsn,
             kinds,
             connections: Gauge::default(),
             connections_total: Counter::default(),

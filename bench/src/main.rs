@@ -47,6 +47,7 @@
 //! target/release/mqgate-bench --mode amqp10 --messages 100000 --repeat 3   # AMQP 1.0 target
 //! target/release/mqgate-bench --mode attack --repeat 2   # pathological inputs (attack.rs)
 //! target/release/mqgate-bench --mode cluster --messages 100000 --repeat 3   # cluster.rs
+//! target/release/mqgate-bench --mode mqttsn --messages 100000 --repeat 3   # MQTT-SN vs MQTT
 //! scripts/bench.sh                                     # the standard set
 //! ```
 //!
@@ -71,6 +72,7 @@ mod kafka;
 mod load;
 mod mosquitto;
 mod mqtt;
+mod mqttsn;
 mod payload;
 mod stats;
 mod tls;
@@ -276,6 +278,9 @@ enum ModeArg {
     /// as many MQTT QoS 1 publishers through a spawned mqgate's `- amqp10:` target to the
     /// same address (RabbitMQ's AMQP 1.0 support; see `amqp10.rs`).
     Amqp10,
+    /// QoS 1 MQTT-SN (UDP) → RabbitMQ vs the same path over MQTT/TCP through the same spawned
+    /// mqgate, and the gateway's MQTT-SN datagrams per second per core (see `mqttsn.rs`).
+    Mqttsn,
     /// Pathological inputs (issue 13 item 5): an unrelated client's QoS 1 PUBACK latency
     /// without and with each attack (`--attacks`; see `attack.rs`).
     Attack,
@@ -498,6 +503,20 @@ async fn run(args: Args) -> Result<bool> {
             json: args.json,
         };
         return cluster::run(&spec).await;
+    }
+    if args.mode.contains(&ModeArg::Mqttsn) {
+        let binary = mqgate_binary(&args)?;
+        let spec = mqttsn::Spec {
+            messages: args.messages,
+            payload: args.payload as usize,
+            publishers: args.publishers,
+            window: u16::try_from(args.window).unwrap_or(u16::MAX),
+            repeat: args.repeat,
+            binary: &binary,
+            amqp_url: &args.amqp_url,
+            json: args.json,
+        };
+        return mqttsn::run(&spec).await;
     }
     if args.mode.contains(&ModeArg::Zmq) {
         let binary = mqgate_binary(&args)?;

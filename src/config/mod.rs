@@ -76,6 +76,9 @@ pub struct Config {
     /// node is on its own and nothing of the cluster runs.
     #[serde(default)]
     pub cluster: Option<crate::cluster::ClusterConfig>,
+    /// The MQTT-SN gateway (UDP), when set.
+    #[serde(default)]
+    pub mqttsn: Option<crate::mqttsn::MqttSnConfig>,
     /// On SIGTERM/SIGINT: how long in-flight QoS 1/2 messages may take to get their outcome
     /// and acknowledgement before the connections are closed anyway.
     #[serde(default = "default_shutdown_timeout")]
@@ -692,6 +695,9 @@ impl Config {
             cluster.validate(&brokers, &mut err);
         }
         self.validate_auth(&mut err);
+        if let Some(sn) = &self.mqttsn {
+            sn.validate(self.mqtt.allow_anonymous, &mut err);
+        }
         crate::spool::config::validate(self, &mut err);
         errors
     }

@@ -287,6 +287,7 @@ fn configuration_md_names_every_key() {
         ("admin", format!("{m}admin:\n  zz: 1\n")),
         ("store", format!("{m}store:\n  zz: 1\n")),
         ("cluster", format!("{m}cluster:\n  zz: 1\n")),
+        ("mqttsn", format!("{m}mqttsn:\n  zz: 1\n")),
         ("amqp", format!("{m}amqp:\n  r:\n    zz: 1\n")),
         ("amqp.tls", format!("{m}amqp:\n  r:\n    tls:\n      zz: 1\n")),
         ("http", format!("{m}http:\n  a:\n    zz: 1\n")),

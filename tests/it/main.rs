@@ -32,6 +32,7 @@ mod kafka;
 mod mqtt5;
 mod mqtt5_conformance;
 mod mqtt5_props;
+mod mqttsn;
 mod packaging;
 mod paho;
 mod pathological;

@@ -45,9 +45,10 @@ pub(super) struct Pending {
     denied: Option<ReasonCode>,
 }
 
-/// The inbound window: pending acknowledgements in arrival order plus QoS 2 state.
+/// The inbound window: pending acknowledgements in arrival order plus QoS 2 state. Also the
+/// MQTT-SN gateway's (`mqttsn/client.rs`): the same ordered promise for its PUBACKs.
 #[derive(Debug)]
-pub(super) struct PendingQueue {
+pub(crate) struct PendingQueue {
     /// Entries in the order their PUBLISHes arrived.
     queue: VecDeque<Pending>,
     /// Our Receive Maximum.
@@ -57,16 +58,19 @@ pub(super) struct PendingQueue {
 }
 
 /// The resolved front of the queue.
-pub(super) struct FrontDone {
-    packet_id: u16,
-    qos: QoS,
-    failure: Option<Failure>,
-    matched: bool,
-    denied: Option<ReasonCode>,
+pub(crate) struct FrontDone {
+    pub(crate) packet_id: u16,
+    pub(crate) qos: QoS,
+    /// The first failed outcome, if any.
+    pub(crate) failure: Option<Failure>,
+    /// Whether any subscriber or rule matched.
+    pub(crate) matched: bool,
+    /// Refused before routing (the ACL, a bound), with the MQTT 5 code.
+    pub(crate) denied: Option<ReasonCode>,
 }
 
 impl PendingQueue {
-    pub(super) fn new(capacity: u16) -> Self {
+    pub(crate) fn new(capacity: u16) -> Self {
         PendingQueue {
             queue: VecDeque::new(),
             capacity: usize::from(capacity),
@@ -74,24 +78,24 @@ impl PendingQueue {
         }
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty()
     }
 
     /// Entries waiting for their acknowledgement.
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.queue.len()
     }
 
     /// Takes over the QoS 2 packet ids a resumed session had PUBRECed and not seen released.
-    pub(super) fn resume(&mut self, awaiting_rel: HashSet<u16>) {
+    pub(crate) fn resume(&mut self, awaiting_rel: HashSet<u16>) {
         self.awaiting_rel = awaiting_rel;
     }
 
     /// The QoS 2 packet ids to keep with a parked session: those whose PUBREC was sent. Ids
     /// still waiting for their outcome are left out, because that outcome is unknown: the
     /// client's resend must be forwarded again (a possible duplicate, never a loss).
-    pub(super) fn released_later(&mut self) -> HashSet<u16> {
+    pub(crate) fn released_later(&mut self) -> HashSet<u16> {
         let mut ids = std::mem::take(&mut self.awaiting_rel);
         for p in self.queue.iter().filter(|p| p.qos == QoS::ExactlyOnce) {
             ids.remove(&p.packet_id);
@@ -100,14 +104,14 @@ impl PendingQueue {
     }
 
     /// True while another QoS 1/2 PUBLISH may be read.
-    pub(super) fn has_room(&self) -> bool {
+    pub(crate) fn has_room(&self) -> bool {
         self.queue.len() < self.capacity
     }
 
     /// Ready with the front entry, removed, once every one of its outcomes is in. A poll, not a
     /// future: the session's loop waits for all its events in one poll. Outcomes already
     /// received stay recorded in the entry; pending while the queue is empty.
-    pub(super) fn poll_front_done(&mut self, cx: &mut Context<'_>) -> Poll<FrontDone> {
+    pub(crate) fn poll_front_done(&mut self, cx: &mut Context<'_>) -> Poll<FrontDone> {
         let Some(front) = self.queue.front_mut() else {
             return Poll::Pending;
         };
@@ -124,7 +128,7 @@ impl PendingQueue {
 
     /// The front entry if every one of its outcomes is already in, without waiting: after one
     /// acknowledgement, the session sends every one that is ready in the same write.
-    pub(super) fn try_front_done(&mut self) -> Option<FrontDone> {
+    pub(crate) fn try_front_done(&mut self) -> Option<FrontDone> {
         let front = self.queue.front_mut()?;
         while let Some(rx) = front.waits.last_mut() {
             let outcome = match rx.try_recv() {
@@ -136,6 +140,29 @@ impl PendingQueue {
             front.record(outcome);
         }
         self.pop_front()
+    }
+
+    /// Appends the entry of a QoS 1/2 PUBLISH routed with `waits` (a front-end outside the
+    /// session: the MQTT-SN gateway). A `denied` one waits for nothing.
+    pub(crate) fn push(
+        &mut self,
+        packet_id: u16,
+        qos: QoS,
+        waits: Waits,
+        matched: bool,
+        denied: Option<ReasonCode>,
+    ) {
+        self.queue.push_back(Pending { packet_id, qos, waits, failure: None, matched, denied });
+    }
+
+    /// Whether a PUBLISH with `packet_id` is still waiting for its acknowledgement.
+    pub(crate) fn contains(&self, packet_id: u16) -> bool {
+        self.queue.iter().any(|p| p.packet_id == packet_id)
+    }
+
+    /// The QoS 2 packet ids received and not yet released by PUBREL.
+    pub(crate) fn awaiting_rel(&mut self) -> &mut HashSet<u16> {
+        &mut self.awaiting_rel
     }
 
     fn pop_front(&mut self) -> Option<FrontDone> {
@@ -391,8 +418,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 }
 
 /// Publishes a will after an ungraceful end. Its outcomes have nobody to tell, so they are only
-/// logged (and counted by the sinks).
-pub(super) async fn publish_will(
+/// logged (and counted by the sinks). Also the MQTT-SN gateway's.
+pub(crate) async fn publish_will(
     shared: &SessionShared,
     client_id: &Arc<str>,
     username: Option<Arc<str>>,

@@ -42,8 +42,7 @@ use crate::mqtt::topic::TopicLimits;
 use crate::reload::{Live, LiveCell};
 use prometheus_client::metrics::counter::Counter;
 
-use inbound::PendingQueue;
-pub(crate) use inbound::PublishRate;
+pub(crate) use inbound::{publish_will, FrontDone, PendingQueue, PublishRate};
 use outbound::OutboundState;
 
 /// Deliveries taken from the outbound queue before the next write.
