@@ -15,14 +15,13 @@ pub fn tree(text: &str) -> Option<Value> {
 
 /// Sections whose keys only a restart applies (listeners, the store, sizes of structures,
 /// the admin server), with the keys inside them that a reload does apply.
-const RESTART_SECTIONS: &[(&str, &[&str])] =
-    &[
-        ("mqtt", &["allow_anonymous"]),
-        ("admin", &[]),
-        ("store", &[]),
-        ("cluster", &[]),
-        ("mqttsn", &[]),
-    ];
+const RESTART_SECTIONS: &[(&str, &[&str])] = &[
+    ("mqtt", &["allow_anonymous"]),
+    ("admin", &[]),
+    ("store", &[]),
+    ("cluster", &[]),
+    ("mqttsn", &[]),
+];
 
 /// Top-level keys that only a restart applies.
 const RESTART_KEYS: &[&str] = &["shutdown_timeout"];
