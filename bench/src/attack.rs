@@ -134,6 +134,12 @@ pub struct AttackArgs {
     /// `--mode attack`: the attacker's QoS 1 PUBLISHes in flight.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub attack_window: u16,
+
+    /// `--mode attack`: the victim publishes to `local/<id>/v`, which no rule forwards, so
+    /// its PUBACK does not wait for RabbitMQ (a diagnosis: where the victim's latency comes
+    /// from).
+    #[arg(long)]
+    pub victim_local: bool,
 }
 
 /// What `--mode attack` runs with.
@@ -318,7 +324,8 @@ async fn measure(spec: &Spec<'_>, scenario: Scenario, gw: &Gateway) -> Result<Sc
         }
     };
     gw_alive(gw)?;
-    let victim = Victim::start(addr.to_owned(), format!("victim-{tag}"), spec.payload)?;
+    let prefix = if spec.attack.victim_local { "local" } else { "victim" };
+    let victim = Victim::start(addr.to_owned(), format!("victim-{tag}"), spec.payload, prefix)?;
     let clock = Clock::new();
     let phase_count = spec.rate * spec.attack.attack_phase;
     let warmup = (spec.rate * WARMUP.as_secs()).max(1);
@@ -723,7 +730,12 @@ struct Victim {
 }
 
 impl Victim {
-    fn start(addr: String, client_id: String, payload: usize) -> Result<Victim> {
+    fn start(
+        addr: String,
+        client_id: String,
+        payload: usize,
+        prefix: &'static str,
+    ) -> Result<Victim> {
         let (tx, mut rx) = mpsc::channel::<PhaseRequest>(1);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -742,7 +754,10 @@ impl Victim {
                                 .context("victim connect"),
                         };
                         let r = match c {
-                            Ok(c) => victim_phase(c, &client_id, payload, rate, count).await,
+                            Ok(c) => {
+                                let topic = format!("{prefix}/{client_id}/v");
+                                victim_phase(c, &topic, payload, rate, count).await
+                            }
                             Err(e) => Err(e),
                         };
                         let _ = answer.send(r.map(|(c, lat)| {
@@ -771,11 +786,11 @@ impl Victim {
     }
 }
 
-/// Sends `count` QoS 1 PUBLISHes at `rate` per second to `victim/<client id>/v` and records
-/// each one's latency from when it was due to its PUBACK.
+/// Sends `count` QoS 1 PUBLISHes at `rate` per second to `topic` (`victim/<client id>/v`)
+/// and records each one's latency from when it was due to its PUBACK.
 async fn victim_phase(
     client: Client,
-    client_id: &str,
+    topic: &str,
     payload: usize,
     rate: u64,
     count: u64,
@@ -811,7 +826,6 @@ async fn victim_phase(
             anyhow::Ok((reader, hist, acked))
         })
     };
-    let topic = format!("victim/{client_id}/v");
     let body = Bytes::from(vec![b'v'; payload]);
     let start = clock.now_ns() + 1_000_000;
     let mut sent = 0u64;
