@@ -190,6 +190,18 @@ async fn mqttsn_publishes_reach_an_mqtt_subscriber_at_every_qos_and_topic_kind()
 
     c.publish(SnQos::Two, TopicRef::Predefined(7), 11, b"q2").await;
     assert_eq!(c.recv().await, Packet::PubRec { msg_id: 11 });
+    // Its PUBREC lost, the client sends it again before PUBREL: PUBREC again, not routed again
+    // (the subscriber gets it once, below).
+    let again = Publish {
+        dup: true,
+        qos: SnQos::Two,
+        retain: false,
+        topic: TopicRef::Predefined(7),
+        msg_id: 11,
+        data: Bytes::from_static(b"q2"),
+    };
+    c.send(&Packet::Publish(again)).await;
+    assert_eq!(c.recv().await, Packet::PubRec { msg_id: 11 });
     c.send(&Packet::PubRel { msg_id: 11 }).await;
     assert_eq!(c.recv().await, Packet::PubComp { msg_id: 11 });
     let p = expect_publish(&mut m).await;
