@@ -319,6 +319,18 @@ async fn recv(sock: &UdpSocket, buf: &mut [u8], wait: Duration) -> Result<Option
     }
 }
 
+/// A client's UDP socket with a 4 MiB receive buffer (as the gateway's `mqttsn.recv_buffer`):
+/// the kernel's default 208 KiB overflows under a window of 1,024 PUBACKs, and each lost one
+/// costs the client a second before it sends again.
+fn client_socket() -> Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    let _ = s.set_recv_buffer_size(4 * 1024 * 1024);
+    s.set_nonblocking(true)?;
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    Ok(UdpSocket::from_std(s.into())?)
+}
+
 /// One MQTT-SN client: CONNECT, REGISTER, `n` PUBLISHes with `window` in flight (QoS 1) or
 /// as fast as the socket takes them (QoS 0), DISCONNECT.
 async fn sn_publisher(
@@ -330,7 +342,7 @@ async fn sn_publisher(
     len: usize,
     qos: SnQos,
 ) -> Result<()> {
-    let sock = UdpSocket::bind("127.0.0.1:0").await?;
+    let sock = client_socket()?;
     sock.connect(addr).await?;
     let mut out = BytesMut::new();
     let mut buf = vec![0u8; 65_536];

@@ -20,7 +20,6 @@ mod outbound;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -32,7 +31,7 @@ use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn};
 
 use super::codec::{self, Packet, Publish, ReturnCode, SnQos, Subscribe, TopicRef, TopicSpec};
-use super::gateway::Gateway;
+use super::gateway::{Gateway, Peer};
 use super::topics::Topics;
 use crate::auth::acl::{ClientAcl, Grant};
 use crate::broker::sessions::DoneGuard;
@@ -51,7 +50,7 @@ const RECENT_ACKS: usize = 16;
 /// One datagram for a client's task.
 pub(super) struct Datagram {
     /// Where it came from (a sleeping client may wake from another address).
-    pub from: SocketAddr,
+    pub from: Peer,
     pub data: Bytes,
     /// Its bytes against `mqtt.max_memory` while it waits (the queues of all clients
     /// together are bounded by that budget, each by `mqttsn.client_queue`).
@@ -81,7 +80,7 @@ enum End {
     Revoked,
     /// A new CONNECT from the client: this connection ends without its will; the new one
     /// starts from this CONNECT.
-    Reconnect(codec::Connect, SocketAddr),
+    Reconnect(codec::Connect, Peer),
 }
 
 /// A topic the gateway is registering before a delivery.
@@ -123,8 +122,8 @@ enum Event {
 /// A connected client.
 pub(super) struct Client {
     gw: Arc<Gateway>,
-    /// Where it is (its last datagram's address).
-    peer: SocketAddr,
+    /// Where it is (its last datagram's address, and node id behind a forwarder).
+    peer: Peer,
     client_id: Arc<str>,
     /// What it may publish and subscribe to (client id only: MQTT-SN has no user).
     acl: ClientAcl,
@@ -185,7 +184,7 @@ pub(super) async fn run(gw: Arc<Gateway>, mut rx: mpsc::Receiver<Datagram>, key:
         let end = client.run(&mut rx).await;
         gw.metrics.clients.dec();
         if let End::Reconnect(c, from) = end {
-            client.finish(End::Reconnect(c.clone(), from)).await;
+            client.finish(End::Reconnect(c.clone(), from.clone())).await;
             next = Some((c, from));
         } else {
             client.finish(end).await;
@@ -196,12 +195,12 @@ pub(super) async fn run(gw: Arc<Gateway>, mut rx: mpsc::Receiver<Datagram>, key:
 
 impl Client {
     fn span(&self) -> tracing::Span {
-        tracing::info_span!("mqttsn", client_id = %crate::logtext::LogText(&self.client_id), peer = %self.peer)
+        tracing::info_span!("mqttsn", client_id = %crate::logtext::LogText(&self.client_id), peer = %self.peer.addr)
     }
 
     /// Sends `p` to the client.
     fn send(&mut self, p: &Packet) {
-        self.gw.send(p, self.peer, &mut self.buf);
+        self.gw.send(p, &self.peer, &mut self.buf);
     }
 
     /// The loop: registry link, the front acknowledgement, datagrams, deliveries, timers.
@@ -340,7 +339,7 @@ impl Client {
                 return Some(End::ClientDisconnect);
             }
             Packet::Disconnect { duration: Some(d) } => self.fall_asleep(d),
-            Packet::Connect(c) => return self.on_connect(c, d.from),
+            Packet::Connect(c) => return self.on_connect(c, self.peer.clone()),
             Packet::WillTopicUpd(w) => self.on_will_topic_update(w),
             Packet::WillMsgUpd(m) => {
                 let code = match &mut self.will {
@@ -364,7 +363,7 @@ impl Client {
 
     /// A CONNECT while connected: a sleeping client back to active (CleanSession 0, no will
     /// exchange: in place, its session and registrations kept), else a new connection.
-    fn on_connect(&mut self, c: codec::Connect, from: SocketAddr) -> Option<End> {
+    fn on_connect(&mut self, c: codec::Connect, from: Peer) -> Option<End> {
         if matches!(self.mode, Mode::Asleep(_) | Mode::Awake(_)) && !c.clean_session && !c.will {
             self.gw.metrics.asleep.dec();
             self.mode = Mode::Active;

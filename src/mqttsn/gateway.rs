@@ -31,6 +31,20 @@ const QOS_MINUS_ONE_QUEUE: usize = 256;
 /// Datagrams read in one go before the loop looks at its other events.
 const READ_BATCH: usize = 64;
 
+/// Where a client is: its UDP address and, behind a forwarder (spec §5.5), its wireless node
+/// id (every message to it is then encapsulated).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct Peer {
+    pub addr: SocketAddr,
+    pub node: Option<Bytes>,
+}
+
+impl Peer {
+    pub fn direct(addr: SocketAddr) -> Peer {
+        Peer { addr, node: None }
+    }
+}
+
 /// What the gateway's tasks share.
 pub(super) struct Gateway {
     /// The socket (only the gateway's tasks send on it).
@@ -48,20 +62,35 @@ pub(super) struct Gateway {
 }
 
 impl Gateway {
-    /// Sends `p` to `to` now (never waits: a full send buffer drops it, counted).
-    pub fn send(&self, p: &Packet, to: SocketAddr, buf: &mut BytesMut) {
+    /// Sends `p` to `to` now (encapsulated for a node behind a forwarder); never waits: a full
+    /// send buffer drops it, counted.
+    pub fn send(&self, p: &Packet, to: &Peer, buf: &mut BytesMut) {
         buf.clear();
-        if let Err(e) = codec::encode(p, buf) {
+        let encoded = match &to.node {
+            None => codec::encode(p, buf),
+            Some(node) => {
+                let mut inner = BytesMut::new();
+                codec::encode(p, &mut inner).and_then(|()| {
+                    let wrapped = Packet::Encapsulated {
+                        radius: 0,
+                        node_id: node.clone(),
+                        inner: inner.freeze(),
+                    };
+                    codec::encode(&wrapped, buf)
+                })
+            }
+        };
+        if let Err(e) = encoded {
             debug!(error = %e, "MQTT-SN message not sent");
             self.metrics.drop_for("unencodable");
             return;
         }
-        match self.socket.try_send_to(buf, to) {
+        match self.socket.try_send_to(buf, to.addr) {
             Ok(_) => {
                 self.metrics.sent.inc();
             }
             Err(e) => {
-                debug!(%to, error = %e, "MQTT-SN datagram not sent");
+                debug!(to = %to.addr, error = %e, "MQTT-SN datagram not sent");
                 self.metrics.drop_for("send_failed");
             }
         }
@@ -151,7 +180,7 @@ pub async fn run(socket: UdpSocket, shared: Arc<SessionShared>, config: MqttSnCo
                 if let Some(to) = advertise_to {
                     let duration = u16::try_from(interval.as_secs()).unwrap_or(u16::MAX);
                     let p = Packet::Advertise { gw_id: gw.config.gateway_id, duration };
-                    gw.send(&p, to, &mut l.out);
+                    gw.send(&p, &Peer::direct(to), &mut l.out);
                 }
             }
             r = gw.socket.recv_from(&mut buf) => {
@@ -184,23 +213,23 @@ pub async fn run(socket: UdpSocket, shared: Arc<SessionShared>, config: MqttSnCo
 /// The loop's state: who is connected from where.
 struct Loop {
     gw: Arc<Gateway>,
-    /// Connected clients by address.
-    clients: HashMap<SocketAddr, Handle>,
+    /// Connected clients by address (and node id behind a forwarder).
+    clients: HashMap<Peer, Handle>,
     /// The address of each client task's key.
-    keys: HashMap<u64, SocketAddr>,
+    keys: HashMap<u64, Peer>,
     /// The address of each connected client id (a sleeping client may wake from another).
-    ids: HashMap<Arc<str>, SocketAddr>,
+    ids: HashMap<Arc<str>, Peer>,
     next_key: u64,
     tasks: TaskTracker,
     /// QoS -1 messages' task.
-    qos_minus_one: Option<mpsc::Sender<(SocketAddr, codec::Publish)>>,
+    qos_minus_one: Option<mpsc::Sender<(Peer, codec::Publish)>>,
     /// Encoding buffer of the answers sent from here.
     out: BytesMut,
 }
 
 impl Loop {
     /// A copy of `data` for a client's queue, charged to `mqtt.max_memory`.
-    fn datagram_of(&self, data: &[u8], from: SocketAddr) -> Datagram {
+    fn datagram_of(&self, data: &[u8], from: Peer) -> Datagram {
         let _held = self.gw.shared.memory.charge(data.len());
         Datagram { from, data: Bytes::copy_from_slice(data), _held }
     }
@@ -216,15 +245,35 @@ impl Loop {
         }
     }
 
-    /// One datagram from `from`.
-    fn datagram(&mut self, data: &[u8], from: SocketAddr) {
-        let gw = Arc::clone(&self.gw);
-        let m = &gw.metrics;
+    /// One datagram from `addr`: a message, or one encapsulated by a forwarder for a node.
+    fn datagram(&mut self, data: &[u8], addr: SocketAddr) {
+        let m = &self.gw.metrics;
         m.received.inc();
         if data.len() > self.gw.config.max_datagram_size.value {
             m.drop_for("oversized");
             return;
         }
+        if matches!(codec::header(data), Ok((msg_type::ENCAPSULATED, _))) {
+            match codec::decode(&Bytes::copy_from_slice(data)) {
+                Ok(Packet::Encapsulated { node_id, inner, .. }) => {
+                    if matches!(codec::header(&inner), Ok((msg_type::ENCAPSULATED, _))) {
+                        m.drop_for("nested_encapsulation");
+                        return;
+                    }
+                    self.message(&inner, Peer { addr, node: Some(node_id) });
+                }
+                Ok(_) => {}
+                Err(e) => m.drop_for(e.kind()),
+            }
+            return;
+        }
+        self.message(data, Peer::direct(addr));
+    }
+
+    /// One message from `from`.
+    fn message(&mut self, data: &[u8], from: Peer) {
+        let gw = Arc::clone(&self.gw);
+        let m = &gw.metrics;
         let t = match codec::header(data) {
             Ok((t, _)) => t,
             Err(e) => {
@@ -238,7 +287,7 @@ impl Loop {
                 m.drop_for("max_memory");
                 return;
             }
-            let d = self.datagram_of(data, from);
+            let d = self.datagram_of(data, from.clone());
             match h.tx.try_send(d) {
                 Ok(()) => return,
                 Err(mpsc::error::TrySendError::Full(_)) => {
@@ -256,7 +305,7 @@ impl Loop {
             msg_type::CONNECT => self.connect(data, from),
             msg_type::SEARCHGW => {
                 let p = Packet::GwInfo { gw_id: self.gw.config.gateway_id, gw_add: Bytes::new() };
-                self.gw.send(&p, from, &mut self.out);
+                self.gw.send(&p, &from, &mut self.out);
             }
             msg_type::PUBLISH => match codec::decode(&Bytes::copy_from_slice(data)) {
                 Ok(Packet::Publish(p)) if p.qos == SnQos::MinusOne => self.minus_one(p, from),
@@ -270,7 +319,6 @@ impl Loop {
             },
             // Other gateways' announcements and answers: nothing to do.
             msg_type::ADVERTISE | msg_type::GWINFO => m.drop_for("ignored"),
-            msg_type::ENCAPSULATED => m.drop_for("encapsulated_unsupported"),
             msg_type::DISCONNECT => m.drop_for("not_connected"),
             _ => match codec::decode(&Bytes::copy_from_slice(data)) {
                 Ok(_) => self.not_connected(from),
@@ -281,13 +329,13 @@ impl Loop {
 
     /// A message that needs a connection from an address without one: DISCONNECT (2 octets,
     /// never more than came) tells the client to connect again.
-    fn not_connected(&mut self, from: SocketAddr) {
+    fn not_connected(&mut self, from: Peer) {
         self.gw.metrics.drop_for("not_connected");
-        self.gw.send(&Packet::Disconnect { duration: None }, from, &mut self.out);
+        self.gw.send(&Packet::Disconnect { duration: None }, &from, &mut self.out);
     }
 
     /// A CONNECT from an address without a client: starts its task.
-    fn connect(&mut self, data: &[u8], from: SocketAddr) {
+    fn connect(&mut self, data: &[u8], from: Peer) {
         let datagram = Bytes::copy_from_slice(data);
         let connect = match codec::decode(&datagram) {
             Ok(Packet::Connect(c)) => c,
@@ -301,25 +349,25 @@ impl Loop {
             self.gw.metrics.drop_for("max_clients");
             let p = Packet::ConnAck { code: ReturnCode::CONGESTION };
             self.gw.metrics.rejected_with(ReturnCode::CONGESTION);
-            self.gw.send(&p, from, &mut self.out);
+            self.gw.send(&p, &from, &mut self.out);
             return;
         }
         let (tx, rx) = mpsc::channel(self.gw.config.client_queue.max(1));
         let _held = self.gw.shared.memory.charge(datagram.len());
-        let _ = tx.try_send(Datagram { from, data: datagram, _held });
+        let _ = tx.try_send(Datagram { from: from.clone(), data: datagram, _held });
         self.next_key += 1;
         let key = self.next_key;
         let client_id: Arc<str> = Arc::from(connect.client_id.as_str());
-        self.clients.insert(from, Handle { tx, key, client_id: Arc::clone(&client_id) });
-        self.keys.insert(key, from);
+        self.clients.insert(from.clone(), Handle { tx, key, client_id: Arc::clone(&client_id) });
+        self.keys.insert(key, from.clone());
         self.ids.insert(client_id, from);
         self.tasks.spawn(client::run(Arc::clone(&self.gw), rx, key));
     }
 
     /// A PINGREQ with a client id from an address without a client: a sleeping client woke
     /// up elsewhere (another address, a forwarder's new port). Its task takes it from there.
-    fn wake_elsewhere(&mut self, client_id: &str, data: &[u8], from: SocketAddr) {
-        let Some(old) = self.ids.get(client_id).copied() else {
+    fn wake_elsewhere(&mut self, client_id: &str, data: &[u8], from: Peer) {
+        let Some(old) = self.ids.get(client_id).cloned() else {
             self.not_connected(from);
             return;
         };
@@ -327,17 +375,17 @@ impl Loop {
             self.not_connected(from);
             return;
         };
-        let d = self.datagram_of(data, from);
+        let d = self.datagram_of(data, from.clone());
         if h.tx.try_send(d).is_err() {
             self.gw.metrics.drop_for("client_busy");
         }
-        self.keys.insert(h.key, from);
-        self.ids.insert(Arc::clone(&h.client_id), from);
+        self.keys.insert(h.key, from.clone());
+        self.ids.insert(Arc::clone(&h.client_id), from.clone());
         self.clients.insert(from, h);
     }
 
     /// A QoS -1 PUBLISH: to its task, or dropped (counted) when that is behind or disabled.
-    fn minus_one(&mut self, p: codec::Publish, from: SocketAddr) {
+    fn minus_one(&mut self, p: codec::Publish, from: Peer) {
         let Some(tx) = &self.qos_minus_one else {
             self.gw.metrics.drop_for("qos_minus_one_disabled");
             return;
@@ -351,10 +399,7 @@ impl Loop {
 /// Publishes QoS -1 messages (no connection, no acknowledgement) as the client id
 /// `mqttsn.qos_minus_one_client_id`: checked by the ACL as that client id, routed as QoS 0.
 /// A task of its own so that a full sink holds back these messages only.
-async fn publish_qos_minus_one(
-    gw: Arc<Gateway>,
-    mut rx: mpsc::Receiver<(SocketAddr, codec::Publish)>,
-) {
+async fn publish_qos_minus_one(gw: Arc<Gateway>, mut rx: mpsc::Receiver<(Peer, codec::Publish)>) {
     let shared = Arc::clone(&gw.shared);
     let client_id: Arc<str> = Arc::from(gw.config.qos_minus_one_client_id.value.as_str());
     let mut hits = Vec::new();
@@ -379,7 +424,7 @@ async fn publish_qos_minus_one(
             let id = u16::from_be_bytes(p.topic.id_bytes());
             let code = ReturnCode::INVALID_TOPIC_ID;
             gw.metrics.rejected_with(code);
-            gw.send(&Packet::PubAck { topic_id: id, msg_id: 0, code }, from, &mut out);
+            gw.send(&Packet::PubAck { topic_id: id, msg_id: 0, code }, &from, &mut out);
             continue;
         };
         shared.received[0].inc();

@@ -4,7 +4,8 @@
 //!
 //! - `codec/`: the wire format (no I/O, never panics on input).
 //! - `config.rs`: `mqttsn:` and its checks.
-//! - `gateway.rs`: the UDP socket's task: reads every datagram, answers SEARCHGW, sends
+//! - `gateway.rs`: the UDP socket's task: reads every datagram (unwrapping a forwarder's
+//!   encapsulation: each node behind it is a client of its own), answers SEARCHGW, sends
 //!   ADVERTISE, hands QoS -1 PUBLISHes to their task, starts a client task on CONNECT and
 //!   passes each client's datagrams to its task (a bounded queue: full, dropped and counted).
 //! - `client.rs`: one task per connected client, the state machine (will exchange, active,

@@ -190,6 +190,18 @@ async fn mqttsn_publishes_reach_an_mqtt_subscriber_at_every_qos_and_topic_kind()
 
     c.publish(SnQos::Two, TopicRef::Predefined(7), 11, b"q2").await;
     assert_eq!(c.recv().await, Packet::PubRec { msg_id: 11 });
+    // Its PUBREC lost, the client sends it again before PUBREL: PUBREC again, not routed again
+    // (the subscriber gets it once, below).
+    let again = Publish {
+        dup: true,
+        qos: SnQos::Two,
+        retain: false,
+        topic: TopicRef::Predefined(7),
+        msg_id: 11,
+        data: Bytes::from_static(b"q2"),
+    };
+    c.send(&Packet::Publish(again)).await;
+    assert_eq!(c.recv().await, Packet::PubRec { msg_id: 11 });
     c.send(&Packet::PubRel { msg_id: 11 }).await;
     assert_eq!(c.recv().await, Packet::PubComp { msg_id: 11 });
     let p = expect_publish(&mut m).await;
@@ -823,5 +835,71 @@ async fn a_delivery_waiting_for_its_regack_stays_with_the_session() {
     }
     let got = expect_publish(&mut m).await;
     assert_eq!((got.topic.as_str(), &got.payload[..]), ("rw/a", &b"not lost"[..]));
+    app.stop().await;
+}
+
+/// `p` encapsulated by a forwarder for wireless node `node`.
+fn encapsulated(node: &[u8], p: &Packet) -> Packet {
+    let mut inner = BytesMut::new();
+    codec::encode(p, &mut inner).expect("encode");
+    Packet::Encapsulated { radius: 0, node_id: Bytes::copy_from_slice(node), inner: inner.freeze() }
+}
+
+/// The message inside an encapsulated answer for `node`.
+fn unwrap_for(node: &[u8], p: Packet) -> Packet {
+    match p {
+        Packet::Encapsulated { node_id, inner, .. } => {
+            assert_eq!(&node_id[..], node, "answered for another node");
+            codec::decode(&inner).expect("the inner message decodes")
+        }
+        other => panic!("expected an encapsulated message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn nodes_behind_a_forwarder_are_clients_of_their_own_answered_encapsulated() {
+    let app = sn_gateway("", "").await;
+    let mut m = mqtt_sub(&app, "fwd/#", QoS::AtMostOnce).await;
+    // One forwarder (one UDP address), two wireless nodes.
+    let f = Sn::new(sn_addr(&app)).await;
+    for (node, id) in [(&b"\x00\x01"[..], unique("node-a")), (&b"\x00\x02"[..], unique("node-b"))] {
+        let c = Connect { will: false, clean_session: true, duration: 60, client_id: id };
+        f.send(&encapsulated(node, &Packet::Connect(c))).await;
+        assert_eq!(
+            unwrap_for(node, f.recv().await),
+            Packet::ConnAck { code: ReturnCode::ACCEPTED }
+        );
+    }
+    let node = &b"\x00\x02"[..];
+    let reg = Packet::Register { topic_id: 0, msg_id: 1, topic_name: "fwd/b".into() };
+    f.send(&encapsulated(node, &reg)).await;
+    let Packet::RegAck { topic_id, code: ReturnCode::ACCEPTED, .. } =
+        unwrap_for(node, f.recv().await)
+    else {
+        panic!("expected REGACK")
+    };
+    let p = Publish {
+        dup: false,
+        qos: SnQos::One,
+        retain: false,
+        topic: TopicRef::Normal(topic_id),
+        msg_id: 2,
+        data: Bytes::from_static(b"via forwarder"),
+    };
+    f.send(&encapsulated(node, &Packet::Publish(p))).await;
+    assert_eq!(puback(unwrap_for(node, f.recv().await)), (topic_id, 2, ReturnCode::ACCEPTED));
+    let got = expect_publish(&mut m).await;
+    assert_eq!((got.topic.as_str(), &got.payload[..]), ("fwd/b", &b"via forwarder"[..]));
+    // The other node has no such topic id: its own registrations, its own session.
+    let p = Publish {
+        dup: false,
+        qos: SnQos::One,
+        retain: false,
+        topic: TopicRef::Normal(topic_id),
+        msg_id: 3,
+        data: Bytes::from_static(b"x"),
+    };
+    f.send(&encapsulated(b"\x00\x01", &Packet::Publish(p))).await;
+    assert_eq!(puback(unwrap_for(b"\x00\x01", f.recv().await)).2, ReturnCode::INVALID_TOPIC_ID);
     app.stop().await;
 }

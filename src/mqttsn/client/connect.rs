@@ -20,7 +20,7 @@ use crate::metrics::ReasonLabels;
 use crate::mqtt::codec::{LastWill, Properties, ProtocolVersion};
 use crate::mqtt::session::{PendingQueue, SessionShared};
 use crate::mqttsn::codec::{self, Connect, Packet, ReturnCode};
-use crate::mqttsn::gateway::Gateway;
+use crate::mqttsn::gateway::{Gateway, Peer};
 use crate::mqttsn::topics::Topics;
 
 /// The longest client id accepted (the spec says 23; longer ones are common and harmless).
@@ -42,7 +42,7 @@ pub(super) async fn handshake(
     gw: &Arc<Gateway>,
     rx: &mut mpsc::Receiver<Datagram>,
     mut connect: Connect,
-    mut from: std::net::SocketAddr,
+    mut from: Peer,
 ) -> Option<Client> {
     let shared = Arc::clone(&gw.shared);
     let deadline = Instant::now() + shared.limits.connect_timeout;
@@ -60,7 +60,7 @@ pub(super) async fn handshake(
     let refuse = |code: ReturnCode, reason: &str, out: &mut BytesMut| {
         debug!(client_id = %crate::logtext::LogText(&connect.client_id), reason, "MQTT-SN CONNECT refused");
         gw.metrics.rejected_with(code);
-        gw.send(&Packet::ConnAck { code }, from, out);
+        gw.send(&Packet::ConnAck { code }, &from, out);
     };
     let live = shared.live.load();
     if connect.client_id.is_empty() || connect.client_id.len() > MAX_CLIENT_ID {
@@ -145,15 +145,15 @@ pub(super) async fn handshake(
     if expiry != Expiry::Now {
         shared.broker.store_session(&state, expiry, false);
     }
-    gw.send(&Packet::ConnAck { code: ReturnCode::ACCEPTED }, from, &mut out);
+    gw.send(&Packet::ConnAck { code: ReturnCode::ACCEPTED }, &from, &mut out);
     let max = limits.max_keepalive;
     let duration = match connect.duration {
         d if max > 0 && d > max => max,
         d => d,
     };
     registration.link.0.describe(crate::broker::sessions::ConnInfo {
-        peer_ip: from.ip(),
-        peer_port: from.port(),
+        peer_ip: from.addr.ip(),
+        peer_port: from.addr.port(),
         version: ProtocolVersion::V311,
         keep_alive: duration,
         connected_at_ms: std::time::SystemTime::now()
@@ -166,7 +166,7 @@ pub(super) async fn handshake(
         0 => Some(limits.idle_timeout).filter(|d| !d.is_zero()),
         k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    debug!(client_id = %crate::logtext::LogText(&client_id), peer = %from, session_present, "MQTT-SN client connected");
+    debug!(client_id = %crate::logtext::LogText(&client_id), peer = %from.addr, session_present, "MQTT-SN client connected");
     let mut pending = PendingQueue::new(gw.config.max_pending.max(1));
     pending.resume(std::mem::take(&mut state.awaiting_rel));
     let resend: std::collections::VecDeque<u16> =
@@ -206,11 +206,11 @@ pub(super) async fn handshake(
 async fn will_exchange(
     gw: &Arc<Gateway>,
     rx: &mut mpsc::Receiver<Datagram>,
-    from: &mut std::net::SocketAddr,
+    from: &mut Peer,
     deadline: Instant,
     out: &mut BytesMut,
 ) -> Exchange {
-    gw.send(&Packet::WillTopicReq, *from, out);
+    gw.send(&Packet::WillTopicReq, from, out);
     let mut topic: Option<crate::mqttsn::codec::WillTopic> = None;
     loop {
         let next = tokio::select! {
@@ -228,7 +228,7 @@ async fn will_exchange(
             Ok(Packet::WillTopic(None)) if topic.is_none() => return Exchange::Done(None),
             Ok(Packet::WillTopic(Some(w))) if topic.is_none() => {
                 topic = Some(w);
-                gw.send(&Packet::WillMsgReq, *from, out);
+                gw.send(&Packet::WillMsgReq, from, out);
             }
             Ok(Packet::WillMsg(payload)) => {
                 let Some(w) = topic.take() else {
