@@ -222,7 +222,9 @@ async fn setup(
     let mut t = link.transport;
     let ch = CONSUME_CHANNEL;
     let wire = |e: crate::targets::amqp::wire::WireError| e.to_string();
-    methods::exchange_declare(&mut t.wbuf, ch, &s.exchange, "topic", true).map_err(wire)?;
+    // Auto-deleted: it lives while a node is connected (every node binds its queue to it).
+    let flags = (false, true);
+    methods::exchange_declare(&mut t.wbuf, ch, &s.exchange, "topic", flags).map_err(wire)?;
     expect(&mut t, ch, "exchange.declare", |m| {
         matches!(m, ConsumerMethod::Common(Method::ExchangeDeclareOk))
     })

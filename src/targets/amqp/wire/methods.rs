@@ -349,15 +349,15 @@ pub fn exchange_declare_passive(
 }
 
 /// Appends `exchange.declare` (waiting for declare-ok) of `exchange` of type `kind`
-/// (`topic`, `direct`, ...), durable or not, never auto-deleted. A declare of an existing
-/// exchange of another type or durability gets a 406 channel close. On error nothing is
-/// appended.
+/// (`topic`, `direct`, ...), durable or not, auto-deleted (when its last binding goes) or not.
+/// A declare of an existing exchange with other flags gets a 406 channel close. On error
+/// nothing is appended.
 pub fn exchange_declare(
     out: &mut BytesMut,
     channel: u16,
     exchange: &str,
     kind: &str,
-    durable: bool,
+    (durable, auto_delete): (bool, bool),
 ) -> Result<(), WireError> {
     let start = out.len();
     let res = (|| {
@@ -365,7 +365,8 @@ pub fn exchange_declare(
         out.put_u16(0); // reserved
         put_short(out, exchange.as_bytes(), "exchange name")?;
         put_short(out, kind.as_bytes(), "type")?;
-        out.put_u8(u8::from(durable) << 1); // not passive, auto-delete, internal, no-wait
+        // not passive; durable, auto-delete; not internal, no-wait
+        out.put_u8(u8::from(durable) << 1 | u8::from(auto_delete) << 2);
         out.put_u32(0); // no arguments
         frame::end(out, frame);
         Ok(())
