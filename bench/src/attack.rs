@@ -840,7 +840,7 @@ async fn victim_phase(
             break;
         }
         due[usize::from(id)].store(at.max(1), Ordering::Release);
-        let p = publish(&topic, QoS::AtLeastOnce, false, id, body.clone());
+        let p = publish(topic, QoS::AtLeastOnce, false, id, body.clone());
         let bytes = Client::encode(version, &p)?;
         if let Err(e) = async {
             wr.write_all(&bytes).await?;
