@@ -158,7 +158,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// queue's room comes from this session's own deliveries, which poll again).
     pub(super) fn poll_retained(&mut self, cx: &mut Context<'_>) -> bool {
         let Some(walks) = self.subscribe_work.as_mut() else { return false };
-        if walks.walks.is_empty() || self.out.state.subscriber.queue.room() == 0 {
+        if walks.walks.is_empty() {
+            // Done walking: the box goes once the bucket is full again (checked whenever the
+            // session wakes, a PINGREQ at the latest), so a quiet client does not keep it.
+            self.drop_idle_work(tokio::time::Instant::now());
+            return false;
+        }
+        if self.out.state.subscriber.queue.room() == 0 {
             return false;
         }
         let Some(bucket) = walks.rate.as_mut() else { return true };
