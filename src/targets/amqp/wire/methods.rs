@@ -359,8 +359,7 @@ pub fn exchange_declare(
     kind: &str,
     (durable, auto_delete): (bool, bool),
 ) -> Result<(), WireError> {
-    let start = out.len();
-    let res = (|| {
+    all_or_nothing(out, |out| {
         let frame = begin(out, channel, EXCHANGE, 10);
         out.put_u16(0); // reserved
         put_short(out, exchange.as_bytes(), "exchange name")?;
@@ -370,11 +369,7 @@ pub fn exchange_declare(
         out.put_u32(0); // no arguments
         frame::end(out, frame);
         Ok(())
-    })();
-    if res.is_err() {
-        out.truncate(start);
-    }
-    res
+    })
 }
 
 /// Appends `queue.unbind` (waiting for unbind-ok) of `queue` from `exchange` with
@@ -386,8 +381,7 @@ pub fn queue_unbind(
     exchange: &str,
     routing_key: &str,
 ) -> Result<(), WireError> {
-    let start = out.len();
-    let res = (|| {
+    all_or_nothing(out, |out| {
         let frame = begin(out, channel, QUEUE, 50);
         out.put_u16(0); // reserved
         put_short(out, queue.as_bytes(), "queue name")?;
@@ -396,11 +390,7 @@ pub fn queue_unbind(
         out.put_u32(0); // no arguments
         frame::end(out, frame);
         Ok(())
-    })();
-    if res.is_err() {
-        out.truncate(start);
-    }
-    res
+    })
 }
 
 /// Appends `queue.delete` (waiting for delete-ok) of `queue`, whether used or not.
@@ -440,8 +430,7 @@ pub fn queue_declare(
     flags: QueueFlags,
     arguments: &[(&str, Value<'_>)],
 ) -> Result<(), WireError> {
-    let start = out.len();
-    let res = (|| {
+    all_or_nothing(out, |out| {
         let frame = begin(out, channel, QUEUE, 10);
         out.put_u16(0); // reserved
         put_short(out, queue.as_bytes(), "queue name")?;
@@ -453,11 +442,7 @@ pub fn queue_declare(
         table::put_table(out, arguments)?;
         frame::end(out, frame);
         Ok(())
-    })();
-    if res.is_err() {
-        out.truncate(start);
-    }
-    res
+    })
 }
 
 /// Appends `queue.bind` (waiting for bind-ok) of `queue` to `exchange` with `routing_key`.
@@ -468,8 +453,7 @@ pub fn queue_bind(
     exchange: &str,
     routing_key: &str,
 ) -> Result<(), WireError> {
-    let start = out.len();
-    let res = (|| {
+    all_or_nothing(out, |out| {
         let frame = begin(out, channel, QUEUE, 20);
         out.put_u16(0); // reserved
         put_short(out, queue.as_bytes(), "queue name")?;
@@ -479,11 +463,7 @@ pub fn queue_bind(
         out.put_u32(0); // no arguments
         frame::end(out, frame);
         Ok(())
-    })();
-    if res.is_err() {
-        out.truncate(start);
-    }
-    res
+    })
 }
 
 /// Appends `queue.purge` (waiting for purge-ok) of `queue`.
@@ -595,6 +575,20 @@ pub fn decode_content_header(payload: &[u8]) -> Result<ReturnedHeader, WireError
 
 /// Appends a `basic.publish` (mandatory and immediate off), its content header and its body
 /// split into frames of at most `frame_max`. On error nothing is appended.
+/// Runs `write`, which appends one method frame to `out`; on error takes back what it
+/// appended, so that a failed encoding leaves nothing half-written.
+fn all_or_nothing(
+    out: &mut BytesMut,
+    write: impl FnOnce(&mut BytesMut) -> Result<(), WireError>,
+) -> Result<(), WireError> {
+    let start = out.len();
+    let res = write(out);
+    if res.is_err() {
+        out.truncate(start);
+    }
+    res
+}
+
 #[cfg(test)]
 pub fn publish(
     out: &mut BytesMut,
