@@ -37,11 +37,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use bytes::{Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use lapin::options::{
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::ExchangeKind;
+use lapin::{BasicProperties, ExchangeKind};
 use mqgate::mqtt::codec::{
     self, Connect, Packet, Properties, ProtocolVersion, Publish, PublishProperties, QoS, Subscribe,
     SubscribeFilter, SubscriptionOptions,
@@ -140,6 +140,12 @@ pub struct AttackArgs {
     /// from).
     #[arg(long)]
     pub victim_local: bool,
+
+    /// `--mode attack`: beside the victim, a direct AMQP publisher (lapin, its own thread)
+    /// publishes to the same exchange at the same rate and reports its confirm latency in
+    /// each phase: what the attack does to RabbitMQ itself, with no mqgate in the path.
+    #[arg(long)]
+    pub rabbit_probe: bool,
 }
 
 /// What `--mode attack` runs with.
@@ -330,14 +336,38 @@ async fn measure(spec: &Spec<'_>, scenario: Scenario, gw: &Gateway) -> Result<Sc
     let phase_count = spec.rate * spec.attack.attack_phase;
     let warmup = (spec.rate * WARMUP.as_secs()).max(1);
     victim.phase(spec.rate, warmup).await.context("warm-up")?;
+    let probe = if spec.attack.rabbit_probe {
+        Some(Probe::start(spec.amqp_url.to_owned(), spec.exchange.to_owned(), spec.payload)?)
+    } else {
+        None
+    };
+    let probed = |attacked: bool| {
+        let probe = probe.as_ref();
+        async move {
+            match probe {
+                Some(p) => p.phase(spec.rate, phase_count).await.map(Some),
+                None => Ok(None),
+            }
+            .with_context(|| {
+                format!("rabbit probe ({})", if attacked { "attack" } else { "baseline" })
+            })
+        }
+    };
     let mut report = ScenarioReport::new(scenario, what)?;
     for run in 1..=spec.repeat {
-        let base = victim.phase(spec.rate, phase_count).await.context("baseline phase")?;
+        let (base, base_probe) = tokio::join!(victim.phase(spec.rate, phase_count), probed(false));
+        let base = base.context("baseline phase")?;
         let line = PhaseReport { scenario, attacked: false, run, lat: &base, attack_rate: None };
         if !spec.json {
             println!("{}", line.text_line());
         }
         report.add(false, &base)?;
+        if let Some(p) = base_probe? {
+            if !spec.json {
+                println!("{}", PhaseReport::probe_line(&p));
+            }
+            report.add_probe(false, &p)?;
+        }
         tokio::time::sleep(SETTLE).await;
 
         let attacker = Attacker::connect(addr, scenario, a, format!("atk-{tag}-{run}")).await?;
@@ -346,7 +376,7 @@ async fn measure(spec: &Spec<'_>, scenario: Scenario, gw: &Gateway) -> Result<Sc
         let task = tokio::spawn(attacker.flood(Some(stop), None));
         tokio::time::sleep(ATTACK_RAMP).await;
         let before = (counter.load(Ordering::Relaxed), clock.now_ns());
-        let lat = victim.phase(spec.rate, phase_count).await;
+        let (lat, attack_probe) = tokio::join!(victim.phase(spec.rate, phase_count), probed(true));
         let ops = counter.load(Ordering::Relaxed) - before.0;
         let secs = (clock.now_ns() - before.1) as f64 / 1e9;
         let _ = stop_tx.send(true);
@@ -364,13 +394,124 @@ async fn measure(spec: &Spec<'_>, scenario: Scenario, gw: &Gateway) -> Result<Sc
             println!("{}", line.text_line());
         }
         report.add(true, &lat)?;
+        if let Some(p) = attack_probe? {
+            if !spec.json {
+                println!("{}", PhaseReport::probe_line(&p));
+            }
+            report.add_probe(true, &p)?;
+        }
         report.attack_ops += ops;
         report.attack_secs += secs;
         gw_alive(gw)?;
         tokio::time::sleep(SETTLE).await;
     }
     victim.stop().await;
+    if let Some(p) = probe {
+        p.stop().await;
+    }
     Ok(report)
+}
+
+/// The direct AMQP publisher of `--rabbit-probe`: one lapin connection with confirms, on a
+/// thread with a runtime of its own (as the victim), publishing to the bench's exchange with
+/// routing key `victim.probe` (into the victim's bounded queue).
+struct Probe {
+    tx: mpsc::Sender<PhaseRequest>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Probe {
+    fn start(url: String, exchange: String, payload: usize) -> Result<Probe> {
+        let (tx, mut rx) = mpsc::channel::<PhaseRequest>(1);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("probe runtime")?;
+        let thread = std::thread::Builder::new()
+            .name("rabbit-probe".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let conn = match amqp::connect(&url).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            while let Some((_, _, answer)) = rx.recv().await {
+                                let _ = answer.send(Err(anyhow!("probe connect: {e:#}")));
+                            }
+                            return;
+                        }
+                    };
+                    while let Some((rate, count, answer)) = rx.recv().await {
+                        let r = probe_phase(&conn, &exchange, payload, rate, count).await;
+                        let _ = answer.send(r);
+                    }
+                    let _ = timeout(Duration::from_secs(2), conn.close(200, "done".into())).await;
+                });
+            })
+            .context("spawn the probe thread")?;
+        Ok(Probe { tx, thread })
+    }
+
+    async fn phase(&self, rate: u64, count: u64) -> Result<Latencies> {
+        let (answer, rx) = oneshot::channel();
+        self.tx.send((rate, count, answer)).await.map_err(|_| anyhow!("probe thread ended"))?;
+        rx.await.map_err(|_| anyhow!("probe thread ended"))?
+    }
+
+    async fn stop(self) {
+        drop(self.tx);
+        let _ = tokio::task::spawn_blocking(move || self.thread.join()).await;
+    }
+}
+
+/// `count` persistent publishes at `rate` per second on a fresh confirm channel; each one's
+/// latency from when it was due to its confirm.
+async fn probe_phase(
+    conn: &lapin::Connection,
+    exchange: &str,
+    payload: usize,
+    rate: u64,
+    count: u64,
+) -> Result<Latencies> {
+    let ch = conn.create_channel().await.context("probe channel")?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.context("probe confirms")?;
+    let clock = Clock::new();
+    let body = vec![b'p'; payload];
+    let props = BasicProperties::default().with_delivery_mode(2);
+    let mut confirms = JoinSet::new();
+    let start = clock.now_ns() + 1_000_000;
+    for seq in 0..count {
+        let offset = u128::from(seq) * 1_000_000_000 / u128::from(rate.max(1));
+        let at = start.saturating_add(u64::try_from(offset).unwrap_or(u64::MAX));
+        tokio::time::sleep_until(clock.instant_at(at).into()).await;
+        let confirm = ch
+            .basic_publish(
+                exchange.into(),
+                "victim.probe".into(),
+                BasicPublishOptions::default(),
+                &body,
+                props.clone(),
+            )
+            .await
+            .context("probe publish")?;
+        confirms.spawn(async move {
+            let c = timeout(STALL_TIMEOUT, confirm).await;
+            (at, clock.now_ns(), matches!(c, Ok(Ok(lapin::Confirmation::Ack(_)))))
+        });
+    }
+    let mut hist = histogram()?;
+    let mut acked = 0u64;
+    while let Some(r) = confirms.join_next().await {
+        let (at, done, ok) = r.map_err(|e| anyhow!("probe confirm task: {e}"))?;
+        if ok {
+            hist.saturating_record(done.saturating_sub(at).max(1));
+            acked += 1;
+        }
+    }
+    let _ = ch.close(200, "ok".into()).await;
+    if acked < count {
+        bail!("rabbit probe: {} of {count} publishes not confirmed", count - acked);
+    }
+    Ok(Latencies { hist, sent: count, acked })
 }
 
 fn gw_alive(gw: &Gateway) -> Result<()> {
@@ -884,6 +1025,23 @@ struct PhaseReport<'a> {
 }
 
 impl PhaseReport<'_> {
+    /// A `--rabbit-probe` line under its phase's.
+    fn probe_line(lat: &Latencies) -> String {
+        let h = &lat.hist;
+        format!(
+            "{:<16} {:<8} {:>3} {:>7} {:>7} {:>8.3} {:>8.3} {:>8.3} {:>12}",
+            "  rabbit probe",
+            "",
+            "",
+            lat.sent,
+            lat.acked,
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99)),
+            ms(h.max()),
+            "-"
+        )
+    }
+
     fn header() -> String {
         format!(
             "{:<16} {:<8} {:>3} {:>7} {:>7} {:>8} {:>8} {:>8} {:>12}",
@@ -924,6 +1082,8 @@ struct ScenarioReport {
     attack: Histogram<u64>,
     attack_ops: u64,
     attack_secs: f64,
+    /// `--rabbit-probe`: the direct publisher's confirm latencies (baseline, attack).
+    probe: Option<(Histogram<u64>, Histogram<u64>)>,
 }
 
 impl ScenarioReport {
@@ -935,12 +1095,29 @@ impl ScenarioReport {
             attack: histogram()?,
             attack_ops: 0,
             attack_secs: 0.0,
+            probe: None,
         })
     }
 
     fn add(&mut self, attacked: bool, lat: &Latencies) -> Result<()> {
         let h = if attacked { &mut self.attack } else { &mut self.baseline };
         h.add(&lat.hist).map_err(|e| anyhow!("merge histograms: {e}"))
+    }
+
+    fn add_probe(&mut self, attacked: bool, lat: &Latencies) -> Result<()> {
+        if self.probe.is_none() {
+            self.probe = Some((histogram()?, histogram()?));
+        }
+        let Some((base, attack)) = self.probe.as_mut() else { return Ok(()) };
+        let h = if attacked { attack } else { base };
+        h.add(&lat.hist).map_err(|e| anyhow!("merge histograms: {e}"))
+    }
+
+    /// The probe's p99 under attack over its baseline p99.
+    fn probe_ratio(&self) -> Option<f64> {
+        let (base, attack) = self.probe.as_ref()?;
+        let b = base.value_at_quantile(0.99).max(1);
+        Some(attack.value_at_quantile(0.99) as f64 / b as f64)
     }
 
     fn ratio(&self) -> f64 {
@@ -966,7 +1143,7 @@ impl ScenarioReport {
 
     fn text_line(&self) -> String {
         let ratio = self.ratio();
-        format!(
+        let mut line = format!(
             "{:<16} {:>26} {:>26} {:>8.2}× {:>11.0}  {} ({})",
             self.scenario.name(),
             ScenarioReport::triple(&self.baseline),
@@ -975,7 +1152,17 @@ impl ScenarioReport {
             self.attack_ops as f64 / self.attack_secs.max(1e-9),
             self.what,
             if ratio <= 2.0 { "target ≤ 2× met" } else { "target ≤ 2× MISSED" },
-        )
+        );
+        if let (Some((base, attack)), Some(r)) = (&self.probe, self.probe_ratio()) {
+            line.push_str(&format!(
+                "\n{:<16} {:>26} {:>26} {:>8.2}×  (RabbitMQ's own confirm latency, no mqgate)",
+                "  rabbit probe",
+                ScenarioReport::triple(base),
+                ScenarioReport::triple(attack),
+                r
+            ));
+        }
+        line
     }
 
     fn json(&self) -> String {
@@ -988,9 +1175,17 @@ impl ScenarioReport {
                 h.len()
             )
         };
+        let probe = match (&self.probe, self.probe_ratio()) {
+            (Some((base, attack)), Some(r)) => format!(
+                ",\"rabbit_probe\":{{\"baseline\":{},\"attack\":{},\"p99_ratio\":{r:.3}}}",
+                q(base),
+                q(attack)
+            ),
+            _ => String::new(),
+        };
         format!(
             "{{\"scenario\":{},\"setup\":{},\"baseline\":{},\"attack\":{},\"p99_ratio\":{:.3},\
-             \"attack_ops_per_s\":{:.1}}}",
+             \"attack_ops_per_s\":{:.1}{probe}}}",
             json_str(self.scenario.name()),
             json_str(&self.what),
             q(&self.baseline),

@@ -225,13 +225,22 @@ pub struct MqttConfig {
     /// no more than this. 0: no limit (still paced by the client's queue).
     #[serde(default = "default_max_retained_rate")]
     pub max_retained_rate: u32,
+    /// Topic filters per second one client may SUBSCRIBE or UNSUBSCRIBE (token bucket, a
+    /// second's worth of burst; default 1,000). Beyond it the client's socket is not read
+    /// until the bucket is back at zero (TCP pushes back): each filter costs a subscription
+    /// tree update, an ACL check, a retained lookup and, for a stored session, a store write,
+    /// so a client re-subscribing in a loop costs the others no more than this. 0: no limit.
+    #[serde(default = "default_max_subscribe_rate")]
+    pub max_subscribe_rate: u32,
     /// MQTT 5 user properties one PUBLISH may carry (default 64). One with more is refused
     /// (PUBACK/PUBREC 0x97, QoS 0 dropped; counted in
     /// `messages_dropped{reason="too_many_user_properties"}`): every target maps them into
     /// its own headers (AMQP, HTTP, Kafka), and thousands of them per message cost the
     /// peer's parser and every message sharing that connection.
+    /// At most 65,535. Past the limit a PUBLISH's further user properties are not even
+    /// decoded, only stepped over; a will with more is refused at CONNECT (CONNACK 0x97).
     #[serde(default = "default_max_user_properties")]
-    pub max_user_properties: usize,
+    pub max_user_properties: u16,
     /// New connections per second from one IP address (token bucket); beyond it (and the
     /// burst) a connection is closed before its CONNECT is read. 0: no limit.
     #[serde(default)]
@@ -512,7 +521,10 @@ const fn default_max_topic_length() -> usize {
 const fn default_max_topic_levels() -> usize {
     128
 }
-const fn default_max_user_properties() -> usize {
+const fn default_max_subscribe_rate() -> u32 {
+    1_000
+}
+const fn default_max_user_properties() -> u16 {
     64
 }
 

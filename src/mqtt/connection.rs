@@ -48,6 +48,9 @@ pub struct Connection<S> {
     /// How much to read next: doubles while reads fill the buffer, halves while they do not,
     /// between `READ_MIN` and `READ_MAX`.
     read_size: u32,
+    /// User properties kept per property list (`mqtt.max_user_properties`; `u16::MAX`: all),
+    /// see [`codec::decode_capped`]. Fits in the padding after `version`.
+    user_property_cap: u16,
 }
 
 /// Why a packet could not be queued for writing.
@@ -77,6 +80,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             max_packet_size: u32::try_from(max_packet_size).unwrap_or(u32::MAX),
             client_max_packet_size: u32::MAX,
             read_size: READ_MIN as u32,
+            user_property_cap: u16::MAX,
         }
     }
 
@@ -155,12 +159,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         if self.rbuf.is_empty() {
             return Ok(None);
         }
-        codec::decode(&mut self.rbuf, self.version, self.max_packet_size as usize)
+        let cap = match self.user_property_cap {
+            u16::MAX => usize::MAX,
+            cap => usize::from(cap),
+        };
+        codec::decode_capped(&mut self.rbuf, self.version, self.max_packet_size as usize, cap)
+    }
+
+    /// Decodes at most `max` user properties per property list (and one more, so that the
+    /// caller sees a list is over its limit); the rest are stepped over. `u16::MAX`: no limit.
+    pub fn cap_user_properties(&mut self, max: u16) {
+        self.user_property_cap = max;
     }
 
     /// True when undecoded bytes are buffered.
     pub fn has_buffered_input(&self) -> bool {
         !self.rbuf.is_empty()
+    }
+
+    /// How many undecoded bytes are buffered (a decode's difference is its packet's size).
+    pub fn buffered_input(&self) -> usize {
+        self.rbuf.len()
     }
 
     /// Encodes `packet` into the write buffer (nothing is sent until [`flush`](Self::flush)).

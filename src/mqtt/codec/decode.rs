@@ -212,6 +212,21 @@ pub fn decode(
     version: Option<ProtocolVersion>,
     max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
+    decode_capped(buf, version, max_packet_size, usize::MAX)
+}
+
+/// [`decode`] keeping at most `max_user_properties + 1` user properties of any property list:
+/// the rest of a longer list is stepped over (its other properties still decoded and checked),
+/// its user properties neither validated nor copied. The caller sees one more than its limit and
+/// refuses the packet; a PUBLISH carrying thousands of them costs a length check each instead
+/// of two allocations and a UTF-8 check (`mqtt.max_user_properties`).
+pub fn decode_capped(
+    buf: &mut BytesMut,
+    version: Option<ProtocolVersion>,
+    max_packet_size: usize,
+    max_user_properties: usize,
+) -> Result<Option<Packet>, DecodeError> {
+    let cap = max_user_properties.saturating_add(1);
     let Some(&first) = buf.first() else {
         return Ok(None);
     };
@@ -231,17 +246,17 @@ pub fn decode(
     let v5 = version == Some(ProtocolVersion::V5);
     let body = &buf[header..total];
     let packet = match first >> 4 {
-        1 => Packet::Connect(Box::new(decode_connect(body)?)),
-        2 => Packet::ConnAck(Box::new(decode_connack(body, v5)?)),
-        3 => return decode_publish(buf, first, header, remaining, v5).map(Some),
-        4 => Packet::PubAck(decode_pub_response(body, v5, PropCtx::PubAck, PUBACK_CODES)?),
-        5 => Packet::PubRec(decode_pub_response(body, v5, PropCtx::PubRec, PUBACK_CODES)?),
-        6 => Packet::PubRel(decode_pub_response(body, v5, PropCtx::PubRel, PUBREL_CODES)?),
-        7 => Packet::PubComp(decode_pub_response(body, v5, PropCtx::PubComp, PUBREL_CODES)?),
-        8 => Packet::Subscribe(Box::new(decode_subscribe(body, v5)?)),
-        9 => Packet::SubAck(Box::new(decode_suback(body, v5)?)),
-        10 => Packet::Unsubscribe(Box::new(decode_unsubscribe(body, v5)?)),
-        11 => Packet::UnsubAck(Box::new(decode_unsuback(body, v5)?)),
+        1 => Packet::Connect(Box::new(decode_connect(body, cap)?)),
+        2 => Packet::ConnAck(Box::new(decode_connack(body, v5, cap)?)),
+        3 => return decode_publish(buf, first, header, remaining, v5, cap).map(Some),
+        4 => Packet::PubAck(decode_pub_response(body, v5, PropCtx::PubAck, PUBACK_CODES, cap)?),
+        5 => Packet::PubRec(decode_pub_response(body, v5, PropCtx::PubRec, PUBACK_CODES, cap)?),
+        6 => Packet::PubRel(decode_pub_response(body, v5, PropCtx::PubRel, PUBREL_CODES, cap)?),
+        7 => Packet::PubComp(decode_pub_response(body, v5, PropCtx::PubComp, PUBREL_CODES, cap)?),
+        8 => Packet::Subscribe(Box::new(decode_subscribe(body, v5, cap)?)),
+        9 => Packet::SubAck(Box::new(decode_suback(body, v5, cap)?)),
+        10 => Packet::Unsubscribe(Box::new(decode_unsubscribe(body, v5, cap)?)),
+        11 => Packet::UnsubAck(Box::new(decode_unsuback(body, v5, cap)?)),
         12 | 13 => {
             Reader::new(body).finish()?;
             if first >> 4 == 12 {
@@ -250,8 +265,8 @@ pub fn decode(
                 Packet::PingResp
             }
         }
-        14 => Packet::Disconnect(Box::new(decode_disconnect(body, v5)?)),
-        _ => Packet::Auth(Box::new(decode_auth(body)?)),
+        14 => Packet::Disconnect(Box::new(decode_disconnect(body, v5, cap)?)),
+        _ => Packet::Auth(Box::new(decode_auth(body, cap)?)),
     };
     buf.advance(total);
     Ok(Some(packet))
@@ -266,7 +281,7 @@ fn code_in(code: u8, allowed: &[u8], packet: &'static str) -> Result<ReasonCode,
     }
 }
 
-fn decode_connect(body: &[u8]) -> Result<Connect, DecodeError> {
+fn decode_connect(body: &[u8], cap: usize) -> Result<Connect, DecodeError> {
     let mut r = Reader::new(body);
     let name = r.binary()?;
     let level = r.u8()?;
@@ -295,7 +310,7 @@ fn decode_connect(body: &[u8]) -> Result<Connect, DecodeError> {
     }
     let keep_alive = r.u16()?;
     let properties =
-        if v5 { decode_properties(&mut r, PropCtx::Connect)? } else { Default::default() };
+        if v5 { decode_properties(&mut r, PropCtx::Connect, cap)? } else { Default::default() };
     if properties.authentication_data.is_some() && properties.authentication_method.is_none() {
         return Err(DecodeError::ProtocolError(
             "authentication data without authentication method",
@@ -304,7 +319,7 @@ fn decode_connect(body: &[u8]) -> Result<Connect, DecodeError> {
     let client_id = r.string()?.to_owned();
     let will = if will_flag {
         let will_props =
-            if v5 { decode_properties(&mut r, PropCtx::Will)? } else { Default::default() };
+            if v5 { decode_properties(&mut r, PropCtx::Will, cap)? } else { Default::default() };
         let topic = r.topic_name()?;
         if topic.is_empty() {
             return Err(DecodeError::TopicNameInvalid("empty will topic"));
@@ -342,7 +357,7 @@ fn decode_connect(body: &[u8]) -> Result<Connect, DecodeError> {
     })
 }
 
-fn decode_connack(body: &[u8], v5: bool) -> Result<ConnAck, DecodeError> {
+fn decode_connack(body: &[u8], v5: bool, cap: usize) -> Result<ConnAck, DecodeError> {
     let mut r = Reader::new(body);
     let flags = r.u8()?;
     if flags & 0xFE != 0 {
@@ -367,7 +382,7 @@ fn decode_connack(body: &[u8], v5: bool) -> Result<ConnAck, DecodeError> {
         return Err(DecodeError::ProtocolError("session present with a failure code"));
     }
     let properties =
-        if v5 { decode_properties(&mut r, PropCtx::ConnAck)? } else { Default::default() };
+        if v5 { decode_properties(&mut r, PropCtx::ConnAck, cap)? } else { Default::default() };
     r.finish()?;
     Ok(ConnAck { session_present, code, properties })
 }
@@ -381,6 +396,7 @@ fn decode_publish(
     header: usize,
     remaining: usize,
     v5: bool,
+    cap: usize,
 ) -> Result<Packet, DecodeError> {
     let qos = QoS::from_u8((first >> 1) & 0x03).ok_or(DecodeError::Malformed("PUBLISH QoS 3"))?;
     let mut publish = Publish {
@@ -399,7 +415,7 @@ fn decode_publish(
         publish.packet_id = r.packet_id()?;
     }
     if v5 {
-        publish.properties = decode_publish_properties(&mut r, PropCtx::Publish)?;
+        publish.properties = decode_publish_properties(&mut r, PropCtx::Publish, cap)?;
     }
     if topic.is_empty() {
         if publish.properties.topic_alias.is_none() {
@@ -419,6 +435,7 @@ fn decode_pub_response(
     v5: bool,
     ctx: PropCtx,
     codes: &[u8],
+    cap: usize,
 ) -> Result<PubResponse, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.packet_id()?;
@@ -432,7 +449,7 @@ fn decode_pub_response(
         };
         response.code = code_in(r.u8()?, codes, packet)?;
         if !r.is_empty() {
-            response.properties = decode_publish_properties(&mut r, ctx)?;
+            response.properties = decode_publish_properties(&mut r, ctx, cap)?;
         }
     }
     r.finish()?;
@@ -466,11 +483,11 @@ fn subscription_options(byte: u8, v5: bool) -> Result<SubscriptionOptions, Decod
     })
 }
 
-fn decode_subscribe(body: &[u8], v5: bool) -> Result<Subscribe, DecodeError> {
+fn decode_subscribe(body: &[u8], v5: bool, cap: usize) -> Result<Subscribe, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.packet_id()?;
     let properties =
-        if v5 { decode_properties(&mut r, PropCtx::Subscribe)? } else { Default::default() };
+        if v5 { decode_properties(&mut r, PropCtx::Subscribe, cap)? } else { Default::default() };
     let mut filters = Vec::new();
     while !r.is_empty() {
         let filter = r.string()?.to_owned();
@@ -483,11 +500,11 @@ fn decode_subscribe(body: &[u8], v5: bool) -> Result<Subscribe, DecodeError> {
     Ok(Subscribe { packet_id, filters, properties })
 }
 
-fn decode_suback(body: &[u8], v5: bool) -> Result<SubAck, DecodeError> {
+fn decode_suback(body: &[u8], v5: bool, cap: usize) -> Result<SubAck, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.packet_id()?;
     let properties =
-        if v5 { decode_properties(&mut r, PropCtx::SubAck)? } else { Default::default() };
+        if v5 { decode_properties(&mut r, PropCtx::SubAck, cap)? } else { Default::default() };
     let codes = r
         .rest()
         .iter()
@@ -503,11 +520,11 @@ fn decode_suback(body: &[u8], v5: bool) -> Result<SubAck, DecodeError> {
     Ok(SubAck { packet_id, codes, properties })
 }
 
-fn decode_unsubscribe(body: &[u8], v5: bool) -> Result<Unsubscribe, DecodeError> {
+fn decode_unsubscribe(body: &[u8], v5: bool, cap: usize) -> Result<Unsubscribe, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.packet_id()?;
     let properties =
-        if v5 { decode_properties(&mut r, PropCtx::Unsubscribe)? } else { Default::default() };
+        if v5 { decode_properties(&mut r, PropCtx::Unsubscribe, cap)? } else { Default::default() };
     let mut filters = Vec::new();
     while !r.is_empty() {
         filters.push(r.string()?.to_owned());
@@ -518,14 +535,14 @@ fn decode_unsubscribe(body: &[u8], v5: bool) -> Result<Unsubscribe, DecodeError>
     Ok(Unsubscribe { packet_id, filters, properties })
 }
 
-fn decode_unsuback(body: &[u8], v5: bool) -> Result<UnsubAck, DecodeError> {
+fn decode_unsuback(body: &[u8], v5: bool, cap: usize) -> Result<UnsubAck, DecodeError> {
     let mut r = Reader::new(body);
     let packet_id = r.packet_id()?;
     if !v5 {
         r.finish()?;
         return Ok(UnsubAck { packet_id, codes: Vec::new(), properties: Default::default() });
     }
-    let properties = decode_properties(&mut r, PropCtx::UnsubAck)?;
+    let properties = decode_properties(&mut r, PropCtx::UnsubAck, cap)?;
     let codes = r
         .rest()
         .iter()
@@ -537,26 +554,26 @@ fn decode_unsuback(body: &[u8], v5: bool) -> Result<UnsubAck, DecodeError> {
     Ok(UnsubAck { packet_id, codes, properties })
 }
 
-fn decode_disconnect(body: &[u8], v5: bool) -> Result<Disconnect, DecodeError> {
+fn decode_disconnect(body: &[u8], v5: bool, cap: usize) -> Result<Disconnect, DecodeError> {
     let mut r = Reader::new(body);
     let mut disconnect = Disconnect::default();
     if v5 && !r.is_empty() {
         disconnect.code = code_in(r.u8()?, DISCONNECT_CODES, "DISCONNECT")?;
         if !r.is_empty() {
-            disconnect.properties = decode_properties(&mut r, PropCtx::Disconnect)?;
+            disconnect.properties = decode_properties(&mut r, PropCtx::Disconnect, cap)?;
         }
     }
     r.finish()?;
     Ok(disconnect)
 }
 
-fn decode_auth(body: &[u8]) -> Result<Auth, DecodeError> {
+fn decode_auth(body: &[u8], cap: usize) -> Result<Auth, DecodeError> {
     let mut r = Reader::new(body);
     let mut auth = Auth::default();
     if !r.is_empty() {
         auth.code = code_in(r.u8()?, AUTH_CODES, "AUTH")?;
         if !r.is_empty() {
-            auth.properties = decode_properties(&mut r, PropCtx::Auth)?;
+            auth.properties = decode_properties(&mut r, PropCtx::Auth, cap)?;
         }
     }
     r.finish()?;

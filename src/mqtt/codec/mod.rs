@@ -14,7 +14,7 @@ mod properties;
 #[cfg(test)]
 mod tests;
 
-pub use decode::decode;
+pub use decode::{decode, decode_capped};
 pub use encode::encode;
 pub use error::{DecodeError, EncodeError};
 pub use packet::*;

@@ -107,12 +107,14 @@ fn read_nonzero_u16(r: &mut Reader<'_>, id: u8) -> Result<u16, DecodeError> {
 /// Reads a property list (its variable byte integer length, then the properties) for `ctx`.
 /// Rejects unknown identifiers, properties not allowed in `ctx`, duplicates of single-valued
 /// properties and values the spec forbids.
+/// At most `cap` user properties are kept (see [`super::decode::decode_capped`]).
 pub(super) fn decode_properties(
     r: &mut Reader<'_>,
     ctx: PropCtx,
+    cap: usize,
 ) -> Result<Properties, DecodeError> {
     let mut props = Properties::default();
-    decode_properties_into(r, ctx, &mut props)?;
+    decode_properties_into(r, ctx, &mut props, cap)?;
     Ok(props)
 }
 
@@ -121,20 +123,23 @@ pub(super) fn decode_properties(
 pub(super) fn decode_publish_properties(
     r: &mut Reader<'_>,
     ctx: PropCtx,
+    cap: usize,
 ) -> Result<PublishProperties, DecodeError> {
     if r.skip_zero() {
         return Ok(PublishProperties::none());
     }
     let mut props = Box::<Properties>::default();
-    decode_properties_into(r, ctx, &mut props)?;
+    decode_properties_into(r, ctx, &mut props, cap)?;
     Ok(PublishProperties::from(props))
 }
 
-/// [`decode_properties`] into `props` (which must be empty).
+/// [`decode_properties`] into `props` (which must be empty), keeping at most `cap` user
+/// properties: beyond that each is only stepped over.
 fn decode_properties_into(
     r: &mut Reader<'_>,
     ctx: PropCtx,
     props: &mut Properties,
+    cap: usize,
 ) -> Result<(), DecodeError> {
     let len = r.vbi()? as usize;
     if len == 0 {
@@ -190,6 +195,12 @@ fn decode_properties_into(
             0x23 => p.topic_alias = Some(read_nonzero_u16(&mut pr, id)?),
             0x24 => p.maximum_qos = Some(read_flag(&mut pr, id)?),
             0x25 => p.retain_available = Some(read_flag(&mut pr, id)?),
+            0x26 if p.user_properties.len() >= cap => {
+                // Over the caller's limit: the packet will be refused, so neither copied nor
+                // checked; only its length fields are followed.
+                pr.binary()?;
+                pr.binary()?;
+            }
             0x26 => {
                 let name = pr.string()?.to_owned();
                 let value = pr.string()?.to_owned();

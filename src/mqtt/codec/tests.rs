@@ -417,6 +417,38 @@ fn publish_properties() {
 }
 
 #[test]
+fn user_properties_past_the_cap_are_stepped_over() {
+    let capped = |props: &[u8], max: usize| {
+        let mut buf = BytesMut::from(&v5_publish_with_props(props)[..]);
+        decode_capped(&mut buf, V5, usize::MAX, max)
+    };
+    // Four user properties (one with invalid UTF-8, one with U+0000), then a topic alias.
+    let mut props = Vec::new();
+    for (k, v) in [(&b"a"[..], &b"1"[..]), (b"b", b"2"), (b"\xFF", b"3"), (b"d", b"\0")] {
+        props.extend_from_slice(&[0x26, 0, k.len() as u8]);
+        props.extend_from_slice(k);
+        props.extend_from_slice(&[0, v.len() as u8]);
+        props.extend_from_slice(v);
+    }
+    props.extend_from_slice(&[0x23, 0, 5]);
+    // Limit 1: two kept (one over, so the caller sees it is over); the rest only stepped over,
+    // the properties after them still decoded.
+    let Ok(Some(Packet::Publish(p))) = capped(&props, 1) else { panic!() };
+    assert_eq!(
+        p.properties.user_properties,
+        vec![("a".into(), "1".into()), ("b".into(), "2".into())]
+    );
+    assert_eq!(p.properties.topic_alias, Some(5));
+    assert_eq!(&p.payload[..], b"x");
+    // Without a cap the invalid string is found.
+    assert!(matches!(capped(&props, usize::MAX), Err(DecodeError::Malformed(_))));
+    // Stepping over still follows the lengths: one that runs past the list is malformed.
+    let mut short = props[..props.len() - 3].to_vec();
+    short.truncate(short.len() - 1);
+    assert!(matches!(capped(&short, 1), Err(DecodeError::Malformed(_))));
+}
+
+#[test]
 fn subscribe_rules() {
     let sub = |opts: u8, v| dec(&[0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'a', opts], v);
     let sub5 = |opts: u8| dec(&[0x82, 0x07, 0x00, 0x01, 0x00, 0x00, 0x01, b'a', opts], V5);

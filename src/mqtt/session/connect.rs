@@ -399,6 +399,14 @@ fn accept(c: &Connect, shared: &SessionShared) -> Result<Accepted, (ReasonCode, 
         if topic::validate_name(&will.topic).is_err() {
             return Err((ReasonCode::TOPIC_NAME_INVALID, "invalid will topic"));
         }
+        // As a PUBLISH with more is refused (the decoder kept one more than the limit).
+        if will.properties.user_properties.len() > usize::from(shared.limits.max_user_properties) {
+            shared.metrics.dropped("too_many_user_properties");
+            return Err((
+                ReasonCode::QUOTA_EXCEEDED,
+                "the will has more user properties than mqtt.max_user_properties",
+            ));
+        }
     }
     let (client_id, assigned) = if c.client_id.is_empty() {
         if c.protocol == ProtocolVersion::V311 && !c.clean_start {

@@ -226,12 +226,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 ));
             }
         }
-        if p.properties.user_properties.len() > shared.limits.max_user_properties {
+        let max_user_properties = usize::from(shared.limits.max_user_properties);
+        if p.properties.user_properties.len() > max_user_properties {
             // Refused whole, as a retained PUBLISH over its quota below: nothing is routed.
             shared.metrics.dropped("too_many_user_properties");
             debug!(
                 client_id = %crate::logtext::LogText(&self.client_id),
-                count = p.properties.user_properties.len(),
+                max = max_user_properties,
                 "PUBLISH refused: more user properties than mqtt.max_user_properties"
             );
             if p.qos != QoS::AtMostOnce {

@@ -99,8 +99,10 @@ pub struct SessionLimits {
     /// `mqtt.max_retained_rate`: retained messages per second sent to one client for its
     /// SUBSCRIBEs (0: no limit).
     pub max_retained_rate: u32,
+    /// `mqtt.max_subscribe_rate`: SUBSCRIBE/UNSUBSCRIBE topic filters per second per client.
+    pub max_subscribe_rate: u32,
     /// `mqtt.max_user_properties`: MQTT 5 user properties per PUBLISH.
-    pub max_user_properties: usize,
+    pub max_user_properties: u16,
     /// `mqtt.max_connect_rate_per_address`: connections per second per IP (0: no limit).
     pub max_connect_rate_per_address: u32,
     /// `mqtt.connect_burst_per_address` (0: the rate).
@@ -143,6 +145,7 @@ impl SessionLimits {
             max_publish_rate: c.max_publish_rate,
             max_publish_bytes_rate: c.max_publish_bytes_rate.0,
             max_retained_rate: c.max_retained_rate,
+            max_subscribe_rate: c.max_subscribe_rate,
             max_user_properties: c.max_user_properties,
             max_connect_rate_per_address: c.max_connect_rate_per_address,
             connect_burst_per_address: c.connect_burst_per_address,
@@ -276,11 +279,16 @@ impl Timer {
         let Some(rate) = &mut self.rate else { return };
         let now = Instant::now();
         if let Some(wait) = rate.take(now, bytes) {
-            let until = now + wait;
-            self.throttled_until = Some(until);
-            if self.sleep.deadline() > until {
-                self.sleep.as_mut().reset(until);
-            }
+            self.throttle(now + wait);
+        }
+    }
+
+    /// Reading stops until `until` (or later, if a limit already said so).
+    fn throttle(&mut self, until: Instant) {
+        let until = self.throttled_until.map_or(until, |t| t.max(until));
+        self.throttled_until = Some(until);
+        if self.sleep.deadline() > until {
+            self.sleep.as_mut().reset(until);
         }
     }
 
@@ -383,7 +391,7 @@ struct Session<S> {
     /// A QoS 1/2 PUBLISH came at `mqtt.max_memory`: nothing more is read until the bytes
     /// held fall below its resume mark (deliveries and acknowledgements still go out).
     memory_paused: bool,
-    /// Work done since the loop last yielded: one unit per packet, per KiB of payload, per
+    /// Work done since the loop last yielded: one unit per packet, per KiB read, per
     /// user property and per session or share group a PUBLISH matched. Past [`WORK_YIELD`]
     /// the loop lets other tasks run before it reads on, so one client's large fan-outs or
     /// heavy packets do not hold a worker thread for many reads at once.
@@ -401,14 +409,15 @@ const WORK_YIELD: u16 = 4096;
 
 /// The work of handling `packet` before routing (see `Session::work`): the fan-out is added
 /// by the PUBLISH's handler.
-fn work_of(packet: &Packet) -> u16 {
-    match packet {
-        Packet::Publish(p) => {
-            let units = 1 + p.payload.len() / 1024 + p.properties.user_properties.len();
-            u16::try_from(units).unwrap_or(u16::MAX)
-        }
-        _ => 1,
-    }
+fn work_of(packet: &Packet, wire: usize) -> u16 {
+    // Per KiB on the wire, not of payload: a PUBLISH whose 5,000 user properties the decoder
+    // only stepped over (`mqtt.max_user_properties`) was still read and scanned.
+    let units = 1 + wire / 1024;
+    let units = match packet {
+        Packet::Publish(p) => units + p.properties.user_properties.len(),
+        _ => units,
+    };
+    u16::try_from(units).unwrap_or(u16::MAX)
 }
 
 /// Runs one client connection to its end. Errors are logged here and go no further.
@@ -445,6 +454,7 @@ where
     S: Transport,
 {
     let mut conn = Connection::new(stream, shared.limits.max_packet_size as usize);
+    conn.cap_user_properties(shared.limits.max_user_properties);
     // The address is what the login backoff keys on (`auth::backoff`).
     let handshake = connect::handshake(&mut conn, &shared, peer);
     match crate::auth::backoff::LOGIN_PEER.scope(peer.ip(), handshake).await {
@@ -546,6 +556,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             {
                 // The decoded packet is handled before any `.await`: a `match` on the decode
                 // result around the await below would keep a whole `Packet` in the future.
+                let buffered = self.conn.buffered_input();
                 let packet = match self.conn.decode() {
                     Ok(Some(packet)) => packet,
                     Ok(None) => {
@@ -554,7 +565,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     }
                     Err(e) => return self.decode_error(e),
                 };
-                if let Some(end) = self.handle_charged(packet, timer.as_deref_mut()) {
+                let wire = buffered - self.conn.buffered_input();
+                if let Some(end) = self.handle_charged(packet, wire, &mut timer) {
                     return end;
                 }
                 if self.work >= WORK_YIELD {
@@ -917,9 +929,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Handles one packet and charges a PUBLISH to the publish rate limits, if any (a plain
     /// function: its locals stay out of the session's future).
-    fn handle_charged(&mut self, packet: Packet, timer: Option<&mut Timer>) -> Option<End> {
-        self.work = self.work.saturating_add(work_of(&packet));
-        let Some(timer) = timer.filter(|t| t.rate.is_some()) else {
+    fn handle_charged(
+        &mut self,
+        packet: Packet,
+        wire: usize,
+        timer: &mut Option<Box<Timer>>,
+    ) -> Option<End> {
+        self.work = self.work.saturating_add(work_of(&packet, wire));
+        let filters = match &packet {
+            Packet::Subscribe(s) => s.filters.len(),
+            Packet::Unsubscribe(u) => u.filters.len(),
+            _ => 0,
+        };
+        if filters > 0 {
+            // `mqtt.max_subscribe_rate`: over it, nothing more is read until the bucket is
+            // back at zero (the timer exists only for a client that got there).
+            if let Some(until) = self.charge_subscribe(filters) {
+                timer.get_or_insert_with(|| Timer::new(FAR)).throttle(until);
+            }
+        }
+        let Some(timer) = timer.as_deref_mut().filter(|t| t.rate.is_some()) else {
             return self.handle(packet);
         };
         let cost = match &packet {

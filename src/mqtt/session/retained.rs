@@ -10,9 +10,11 @@
 //! `#` in a loop restarts its walk (one per filter) and is sent no more than the rate: its
 //! SUBSCRIBEs cost the other clients a bounded amount of work.
 //!
-//! The state lives in a box that exists only while a walk is under way, the bucket is still
+//! The state lives in a box that exists only while a walk is under way, a bucket is still
 //! refilling or a stored session's SUBACK is held (`outbound::Held`, which shares the box):
-//! an idle session pays one pointer for both.
+//! an idle session pays one pointer for both. `mqtt.max_subscribe_rate`'s bucket (topic
+//! filters of SUBSCRIBE and UNSUBSCRIBE) lives here too: when a packet overdraws it, the
+//! session's timer stops reading until it is back at zero (`Session::handle_charged`).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -40,6 +42,9 @@ pub(super) struct SubscribeWork {
     rate: Option<Bucket>,
     /// While the bucket holds the walks back: wakes the session when a message may go.
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// `mqtt.max_subscribe_rate` (topic filters, a second's worth of burst); `None`: no limit.
+    /// Overdrawn, the session stops reading (its timer's throttle) until it is back at zero.
+    filters: Option<Bucket>,
 }
 
 /// One SUBSCRIBE filter's walk.
@@ -75,17 +80,30 @@ impl Bucket {
     }
 }
 
+impl Bucket {
+    /// A full bucket of `rate` per second; `None` for 0 (no limit).
+    fn new(rate: u32) -> Option<Bucket> {
+        (rate > 0).then(|| Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: tokio::time::Instant::now(),
+        })
+    }
+
+    /// True once it holds `rate` tokens again (refilling first).
+    fn full(&mut self, now: tokio::time::Instant) -> bool {
+        self.refill(now) >= self.rate
+    }
+}
+
 impl SubscribeWork {
-    fn new(rate: u32) -> Box<SubscribeWork> {
+    fn new(limits: &super::SessionLimits) -> Box<SubscribeWork> {
         Box::new(SubscribeWork {
             held: None,
             walks: VecDeque::new(),
-            rate: (rate > 0).then(|| Bucket {
-                rate: f64::from(rate),
-                tokens: f64::from(rate),
-                at: tokio::time::Instant::now(),
-            }),
+            rate: Bucket::new(limits.max_retained_rate),
             sleep: None,
+            filters: Bucket::new(limits.max_subscribe_rate),
         })
     }
 }
@@ -94,8 +112,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// Holds a stored session's SUBACK/UNSUBACK until its record is durable: the loop takes
     /// it ([`Session::take_held`]) before it reads on.
     pub(super) fn hold(&mut self, held: Held) {
-        let rate = self.shared.limits.max_retained_rate;
-        self.subscribe_work.get_or_insert_with(|| SubscribeWork::new(rate)).held = Some(held);
+        let limits = &self.shared.limits;
+        self.subscribe_work.get_or_insert_with(|| SubscribeWork::new(limits)).held = Some(held);
     }
 
     /// The held SUBACK/UNSUBACK, if any (boxed: the loop awaits it, and a `Held` inline
@@ -106,12 +124,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         held.map(Box::new)
     }
 
+    /// Charges a SUBSCRIBE's or UNSUBSCRIBE's `filters` to `mqtt.max_subscribe_rate`; when
+    /// that overdraws the bucket, until when the session must not read.
+    pub(super) fn charge_subscribe(&mut self, filters: usize) -> Option<tokio::time::Instant> {
+        if self.shared.limits.max_subscribe_rate == 0 {
+            return None;
+        }
+        let limits = &self.shared.limits;
+        let work = self.subscribe_work.get_or_insert_with(|| SubscribeWork::new(limits));
+        let bucket = work.filters.as_mut()?;
+        let now = tokio::time::Instant::now();
+        #[allow(clippy::cast_precision_loss)]
+        let cost = filters as f64;
+        let tokens = bucket.refill(now) - cost;
+        bucket.tokens = tokens;
+        (tokens < 0.0).then(|| now + std::time::Duration::from_secs_f64(-tokens / bucket.rate))
+    }
+
     /// Drops the box once nothing in it is under way.
     fn drop_idle_work(&mut self, now: tokio::time::Instant) {
         if let Some(work) = self.subscribe_work.as_mut() {
             if work.held.is_none()
                 && work.walks.is_empty()
-                && work.rate.as_mut().is_none_or(|b| b.refill(now) >= b.rate)
+                && work.rate.as_mut().is_none_or(|b| b.full(now))
+                && work.filters.as_mut().is_none_or(|b| b.full(now))
             {
                 self.subscribe_work = None;
             }
@@ -147,8 +183,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             }
             return;
         }
-        let rate = self.shared.limits.max_retained_rate;
-        let walks = self.subscribe_work.get_or_insert_with(|| SubscribeWork::new(rate));
+        let limits = &self.shared.limits;
+        let walks = self.subscribe_work.get_or_insert_with(|| SubscribeWork::new(limits));
         walks.walks.retain(|w| w.filter != filter);
         walks.walks.push_back(Walk { filter, granted, subscription_id, from: None });
     }
