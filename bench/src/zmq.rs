@@ -3,6 +3,9 @@
 //!
 //! * `direct`: one PUSH socket (the same crate) connected to the PULL sends N two-frame messages
 //!   (topic, payload) in a loop: the ceiling of the socket itself, with no MQTT at all;
+//! * `devices`: `--publishers` PUSH sockets (the same crate), one per publisher, each sending
+//!   its share in a task of its own: the devices speaking ZeroMQ themselves, as many
+//!   producers as mqgate has MQTT publishers (the PULL fair-queues between them);
 //! * `bridge`: the least a program must do for the same job, written here: the same MQTT
 //!   publishers as for mqgate connect to a listener in the bench, whose task per connection
 //!   decodes the PUBLISHes of each read (mqgate's codec), hands them to one PUSH socket as the
@@ -44,7 +47,7 @@ pub struct Spec<'a> {
     pub json: bool,
 }
 
-const SIDES: [&str; 3] = ["direct", "bridge", "mqgate"];
+const SIDES: [&str; 4] = ["direct", "devices", "bridge", "mqgate"];
 
 /// One side's run.
 struct Run {
@@ -61,6 +64,7 @@ struct Run {
 /// A side, set up and waiting for the clock.
 enum Ready {
     Direct(zeromq::PushSocket),
+    Devices(Vec<zeromq::PushSocket>),
     Bridge(Vec<TcpStream>, tokio::task::JoinHandle<Result<()>>),
     Mqgate(Gateway, Vec<TcpStream>),
 }
@@ -101,6 +105,7 @@ pub async fn run(spec: &Spec<'_>) -> Result<bool> {
         v.get(v.len() / 2).copied().unwrap_or(0.0)
     };
     let (d, b, m) = (median("direct"), median("bridge"), median("mqgate"));
+    let n = median("devices");
     // CPU per message of everything a side runs (the bench process, plus mqgate).
     let cpu = |side: &str| {
         let mut v: Vec<f64> = runs
@@ -131,21 +136,24 @@ pub async fn run(spec: &Spec<'_>) -> Result<bool> {
             })
             .collect();
         println!(
-            "{{\"zmq\":{{\"runs\":[{}],\"direct_median\":{d:.0},\"bridge_median\":{b:.0},\"mqgate_median\":{m:.0},\"mqgate_vs_bridge\":{:.3},\"mqgate_vs_direct\":{:.3}}}}}",
+            "{{\"zmq\":{{\"runs\":[{}],\"direct_median\":{d:.0},\"devices_median\":{n:.0},\"bridge_median\":{b:.0},\"mqgate_median\":{m:.0},\"mqgate_vs_bridge\":{:.3},\"mqgate_vs_direct\":{:.3},\"mqgate_vs_devices\":{:.3}}}}}",
             list.join(","),
             ratio(m, b),
-            ratio(m, d)
+            ratio(m, d),
+            ratio(m, n)
         );
     } else {
         println!(
-            "zmq (medians of {}): direct {d:.0} msgs/s, bridge {b:.0} msgs/s, mqgate {m:.0} msgs/s; mqgate/bridge {:.2}x, mqgate/direct {:.2}x",
+            "zmq (medians of {}): direct {d:.0} msgs/s, devices {n:.0} msgs/s, bridge {b:.0} msgs/s, mqgate {m:.0} msgs/s; mqgate/bridge {:.2}x, mqgate/direct {:.2}x, mqgate/devices {:.2}x",
             spec.repeat,
             ratio(m, b),
-            ratio(m, d)
+            ratio(m, d),
+            ratio(m, n)
         );
         println!(
-            "zmq CPU us/msg, all processes of a side (medians): direct {:.2}, bridge {:.2}, mqgate {:.2}",
+            "zmq CPU us/msg, all processes of a side (medians): direct {:.2}, devices {:.2}, bridge {:.2}, mqgate {:.2}",
             cpu("direct"),
+            cpu("devices"),
             cpu("bridge"),
             cpu("mqgate")
         );
@@ -163,6 +171,15 @@ async fn run_side(spec: &Spec<'_>, side: &'static str) -> Result<Run> {
             let mut push = zeromq::PushSocket::new();
             push.connect(&endpoint).await.context("connect the direct PUSH")?;
             Ready::Direct(push)
+        }
+        "devices" => {
+            let mut pushes = Vec::new();
+            for _ in 0..spec.publishers {
+                let mut push = zeromq::PushSocket::new();
+                push.connect(&endpoint).await.context("connect a device's PUSH")?;
+                pushes.push(push);
+            }
+            Ready::Devices(pushes)
         }
         "bridge" => {
             let listener = TcpListener::bind("127.0.0.1:0").await.context("bind the bridge")?;
@@ -194,6 +211,7 @@ async fn run_side(spec: &Spec<'_>, side: &'static str) -> Result<Run> {
     let mut cpu_us = None;
     match ready {
         Ready::Direct(push) => direct(spec, push).await?,
+        Ready::Devices(pushes) => devices(spec, pushes).await?,
         Ready::Bridge(conns, bridge) => {
             send_all(spec, conns).await?;
             bridge.await.context("bridge task")??;
@@ -247,10 +265,31 @@ async fn count(mut pull: zeromq::PullSocket, n: u64) -> u64 {
     got
 }
 
-async fn direct(spec: &Spec<'_>, mut push: zeromq::PushSocket) -> Result<()> {
-    let payload = bytes::Bytes::from(vec![b'x'; spec.payload]);
+async fn direct(spec: &Spec<'_>, push: zeromq::PushSocket) -> Result<()> {
+    send_n(push, spec.payload, spec.messages).await
+}
+
+/// Each PUSH sends its share of the messages in a task of its own (as `send_all` shares them
+/// among the MQTT publishers).
+async fn devices(spec: &Spec<'_>, pushes: Vec<zeromq::PushSocket>) -> Result<()> {
+    let count = pushes.len() as u64;
+    let per = spec.messages / count;
+    let mut tasks = tokio::task::JoinSet::new();
+    for (p, push) in pushes.into_iter().enumerate() {
+        let n = per + u64::from((p as u64) < spec.messages % count);
+        tasks.spawn(send_n(push, spec.payload, n));
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("device task")??;
+    }
+    Ok(())
+}
+
+/// Sends `n` two-frame messages (topic, `payload` bytes) through `push`.
+async fn send_n(mut push: zeromq::PushSocket, payload: usize, n: u64) -> Result<()> {
+    let payload = bytes::Bytes::from(vec![b'x'; payload]);
     let topic = bytes::Bytes::from_static(b"bench/0");
-    for _ in 0..spec.messages {
+    for _ in 0..n {
         let msg = ZmqMessage::try_from(vec![topic.clone(), payload.clone()])
             .map_err(|_| anyhow::anyhow!("empty message"))?;
         push.send(msg).await.context("direct send")?;
