@@ -14,8 +14,12 @@ use crate::targets::amqp::wire::table::Decoded;
 
 /// Header carrying the RETAIN flag (as the uplink sets it).
 pub const HEADER_RETAIN: &str = "x-mqtt-retain";
-/// Header carrying the MQTT 5 payload format indicator (0 bytes, 1 UTF-8).
-pub const HEADER_PAYLOAD_FORMAT: &str = "x-mqtt-payload-format";
+/// Header carrying the MQTT 5 payload format indicator (0 bytes, 1 UTF-8), as every target
+/// writes it (`targets::amqp::HEADER_PAYLOAD_FORMAT`), so a message forwarded by a rule and
+/// consumed by a source keeps it.
+pub const HEADER_PAYLOAD_FORMAT: &str = crate::targets::amqp::HEADER_PAYLOAD_FORMAT;
+/// The name this source read before it read the targets' one (still accepted).
+const HEADER_PAYLOAD_FORMAT_OLD: &str = "x-mqtt-payload-format";
 /// Headers with this prefix are mqgate's own; they are not turned into user properties.
 const OWN_PREFIX: &str = "x-mqtt-";
 
@@ -267,7 +271,8 @@ pub fn retain_for(p: &BasicProperties, fixed: bool) -> bool {
 /// MQTT 5 properties from AMQP ones: content type; correlation id → correlation data;
 /// reply-to → response topic ('.' → '/'); expiration (ms) → message expiry (s, rounded
 /// up); headers → user properties (scalars only, mqgate's own `x-mqtt-*` and `qos_header`
-/// left out); `x-mqtt-payload-format` → payload format indicator. 3.1.1 subscribers get none.
+/// left out); `x-mqtt-payload-format-indicator` (or the older `x-mqtt-payload-format`) →
+/// payload format indicator. 3.1.1 subscribers get none.
 pub fn properties_for(p: &BasicProperties, qos_header: &str) -> Properties {
     let mut out = Properties {
         content_type: p.content_type.clone(),
@@ -284,7 +289,9 @@ pub fn properties_for(p: &BasicProperties, qos_header: &str) -> Properties {
         let secs = ms.div_ceil(1000).max(1);
         out.message_expiry_interval = Some(u32::try_from(secs).unwrap_or(u32::MAX));
     }
-    if let Some(f) = header_int(p, HEADER_PAYLOAD_FORMAT) {
+    let format =
+        header_int(p, HEADER_PAYLOAD_FORMAT).or_else(|| header_int(p, HEADER_PAYLOAD_FORMAT_OLD));
+    if let Some(f) = format {
         if f == 0 || f == 1 {
             out.payload_format_indicator = Some(f as u8);
         }
@@ -391,5 +398,12 @@ mod tests {
             m.user_properties,
             vec![("device".to_owned(), "d7".to_owned()), ("n".to_owned(), "3".to_owned())]
         );
+        // The header every target writes (a forwarded message comes back with its indicator).
+        let forwarded = BasicProperties {
+            headers: vec![(HEADER_PAYLOAD_FORMAT.into(), Decoded::Int(1))],
+            ..BasicProperties::default()
+        };
+        assert_eq!(HEADER_PAYLOAD_FORMAT, "x-mqtt-payload-format-indicator");
+        assert_eq!(properties_for(&forwarded, "x-mqtt-qos").payload_format_indicator, Some(1));
     }
 }
