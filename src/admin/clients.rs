@@ -20,7 +20,6 @@ use super::reply::{self, error, json};
 use super::AdminState;
 use crate::broker::sessions::ClientSnapshot;
 use crate::broker::SubscriptionSnapshot;
-use crate::mqtt::codec::ProtocolVersion;
 
 /// A client as listed.
 #[derive(Serialize)]
@@ -31,7 +30,7 @@ struct Client {
     connected: bool,
     /// Its address, once its CONNECT completed.
     peer: Option<String>,
-    /// `3.1.1` or `5.0`.
+    /// `3.1.1`, `5.0` or `MQTT-SN 1.2`.
     protocol: Option<&'static str>,
     keep_alive: Option<u16>,
     connected_at: Option<String>,
@@ -55,10 +54,7 @@ impl Client {
                 .conn
                 .as_ref()
                 .map(|i| std::net::SocketAddr::new(i.peer_ip, i.peer_port).to_string()),
-            protocol: c.conn.as_ref().map(|i| match i.version {
-                ProtocolVersion::V311 => "3.1.1",
-                ProtocolVersion::V5 => "5.0",
-            }),
+            protocol: c.conn.as_ref().map(|i| i.protocol.name()),
             keep_alive: c.conn.as_ref().map(|i| i.keep_alive),
             connected_at: c.conn.as_ref().map(|i| super::iso8601(i.connected_at_ms)),
             session_id: c

@@ -227,14 +227,45 @@ pub struct ConnInfo {
     pub peer_ip: std::net::IpAddr,
     /// The client's port.
     pub peer_port: u16,
-    /// 3.1.1 or 5.0.
-    pub version: ProtocolVersion,
+    /// MQTT 3.1.1, MQTT 5.0 or MQTT-SN.
+    pub protocol: ConnProtocol,
     /// The keepalive granted, seconds (0: none).
     pub keep_alive: u16,
     /// When the CONNECT was accepted, ms since the Unix epoch.
     pub connected_at_ms: u64,
     /// The session's id (its subscriptions are under it in the broker's tree).
     pub session_id: u64,
+}
+
+/// The protocol a connection speaks, as the admin API shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnProtocol {
+    /// MQTT 3.1.1.
+    Mqtt311,
+    /// MQTT 5.0.
+    Mqtt5,
+    /// MQTT-SN 1.2 (over UDP, `src/mqttsn/`).
+    MqttSn,
+}
+
+impl ConnProtocol {
+    /// `3.1.1`, `5.0` or `MQTT-SN 1.2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnProtocol::Mqtt311 => "3.1.1",
+            ConnProtocol::Mqtt5 => "5.0",
+            ConnProtocol::MqttSn => "MQTT-SN 1.2",
+        }
+    }
+}
+
+impl From<ProtocolVersion> for ConnProtocol {
+    fn from(v: ProtocolVersion) -> ConnProtocol {
+        match v {
+            ProtocolVersion::V311 => ConnProtocol::Mqtt311,
+            ProtocolVersion::V5 => ConnProtocol::Mqtt5,
+        }
+    }
 }
 
 /// One client id as the admin API lists it: a snapshot taken under the registry's lock.
@@ -818,7 +849,7 @@ mod tests {
         links[0].link.0.describe(ConnInfo {
             peer_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             peer_port: 1883,
-            version: ProtocolVersion::V5,
+            protocol: ConnProtocol::Mqtt5,
             keep_alive: 30,
             connected_at_ms: 1,
             session_id: 7,

@@ -174,7 +174,8 @@ async fn mqtt_sub(app: &App, filter: &str, qos: QoS) -> RawClient {
 async fn mqttsn_publishes_reach_an_mqtt_subscriber_at_every_qos_and_topic_kind() {
     let app = sn_gateway("", "").await;
     let mut m = mqtt_sub(&app, "#", QoS::AtMostOnce).await;
-    let c = Sn::connect(sn_addr(&app), &unique("sn-pub")).await;
+    let client_id = unique("sn-pub");
+    let c = Sn::connect(sn_addr(&app), &client_id).await;
     let id = c.register("sn/a/b", 1).await;
     assert_ne!(id, 0);
     assert_eq!(c.register("sn/a/b", 2).await, id, "the same topic keeps its id");
@@ -217,6 +218,14 @@ async fn mqttsn_publishes_reach_an_mqtt_subscriber_at_every_qos_and_topic_kind()
     assert_eq!(puback(c.recv().await), (999, 13, ReturnCode::INVALID_TOPIC_ID));
     c.publish(SnQos::Zero, TopicRef::Predefined(8), 0, b"x").await;
     assert_eq!(puback(c.recv().await).2, ReturnCode::INVALID_TOPIC_ID);
+
+    // The admin API says what the client speaks.
+    let (status, body) =
+        crate::support::http_get(app.admin_addr, &format!("/api/v1/clients?search={client_id}"))
+            .await
+            .expect("api");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"protocol\": \"MQTT-SN 1.2\""), "{body}");
 
     // PINGREQ / PINGRESP; DISCONNECT is answered.
     c.send(&Packet::PingReq { client_id: None }).await;

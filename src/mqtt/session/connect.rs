@@ -331,7 +331,7 @@ where
     registration.link.0.describe(crate::broker::sessions::ConnInfo {
         peer_ip: peer.ip(),
         peer_port: peer.port(),
-        version,
+        protocol: version.into(),
         keep_alive,
         connected_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

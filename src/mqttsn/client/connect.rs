@@ -154,7 +154,7 @@ pub(super) async fn handshake(
     registration.link.0.describe(crate::broker::sessions::ConnInfo {
         peer_ip: from.addr.ip(),
         peer_port: from.addr.port(),
-        version: ProtocolVersion::V311,
+        protocol: crate::broker::sessions::ConnProtocol::MqttSn,
         keep_alive: duration,
         connected_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
