@@ -507,22 +507,8 @@ fn summary(old: &Running, old_live: &Live, new: &Running, new_live: &Live) -> Va
             }
         }
     }
-    let systems = |r: &Running| -> BTreeSet<String> {
-        let mut s = BTreeSet::new();
-        for (k, v) in [
-            ("amqp", &r.config.amqp.keys().cloned().collect::<Vec<_>>()),
-            ("http", &r.config.http.keys().cloned().collect()),
-            ("bridges", &r.config.bridges.keys().cloned().collect()),
-            ("kafka", &r.config.kafka.keys().cloned().collect()),
-            ("amqp10", &r.config.amqp10.keys().cloned().collect()),
-            ("zmq", &r.config.zmq.keys().cloned().collect()),
-        ] {
-            for name in v {
-                s.insert(format!("{k}.{name}"));
-            }
-        }
-        s
-    };
+    let systems =
+        |r: &Running| -> BTreeSet<String> { kinds::system_names(&r.config).into_iter().collect() };
     let (sa, sb) = (systems(old), systems(new));
     let kept_systems: BTreeSet<String> = new.systems.reused().map(str::to_owned).collect();
     let users = |c: &Config| -> BTreeSet<String> {

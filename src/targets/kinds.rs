@@ -35,6 +35,17 @@ pub trait TargetKind {
     /// The config of one target (`- amqp: {...}`).
     type Config;
 
+    /// The config of one system of [`SECTION`](Self::SECTION) (an `amqp:` broker): the
+    /// section is a map of these by name.
+    type SystemConfig: 'static;
+
+    /// The kind's section of the config, by name.
+    fn section_of(
+        sections: &dyn Sections,
+    ) -> Option<&std::collections::BTreeMap<String, Self::SystemConfig>> {
+        sections.section(Self::SECTION)?.downcast_ref()
+    }
+
     /// The target's `id:`, when the config gives one.
     fn explicit_id(t: &Self::Config) -> Option<&Spanned<String>>;
 
@@ -404,6 +415,19 @@ macro_rules! kinds {
                 }
             )*
             KindMetrics(kinds)
+        }
+
+        /// Every kind's systems as `section.name` (`amqp.main`), in registry order.
+        pub fn system_names(sections: &dyn Sections) -> Vec<String> {
+            let mut names = Vec::new();
+            $(
+                if let Some(systems) = <$kind>::section_of(sections) {
+                    for name in systems.keys() {
+                        names.push(format!("{}.{name}", <$kind as TargetKind>::SECTION));
+                    }
+                }
+            )*
+            names
         }
 
         /// Checks every kind's systems.

@@ -28,13 +28,14 @@ pub struct AmqpSystems {
 
 /// The `amqp:` section.
 fn brokers(sections: &dyn Sections) -> Option<&BTreeMap<String, AmqpBrokerConfig>> {
-    sections.section(NAME)?.downcast_ref()
+    AmqpKind::section_of(sections)
 }
 
 impl TargetKind for AmqpKind {
     const NAME: &'static str = NAME;
     const SECTION: &'static str = NAME;
     type Config = AmqpTargetConfig;
+    type SystemConfig = AmqpBrokerConfig;
 
     fn explicit_id(t: &AmqpTargetConfig) -> Option<&Spanned<String>> {
         t.id.as_ref()

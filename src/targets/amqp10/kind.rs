@@ -68,13 +68,14 @@ impl Families {
 }
 
 fn brokers(sections: &dyn Sections) -> Option<&BTreeMap<String, Amqp10BrokerConfig>> {
-    sections.section(NAME)?.downcast_ref()
+    Amqp10Kind::section_of(sections)
 }
 
 impl TargetKind for Amqp10Kind {
     const NAME: &'static str = NAME;
     const SECTION: &'static str = NAME;
     type Config = Amqp10TargetConfig;
+    type SystemConfig = Amqp10BrokerConfig;
 
     fn explicit_id(t: &Amqp10TargetConfig) -> Option<&Spanned<String>> {
         t.id.as_ref()

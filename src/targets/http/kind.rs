@@ -25,13 +25,14 @@ pub struct HttpSystems {
 
 /// The `http:` section.
 fn endpoints(sections: &dyn Sections) -> Option<&BTreeMap<String, HttpEndpointConfig>> {
-    sections.section(NAME)?.downcast_ref()
+    HttpKind::section_of(sections)
 }
 
 impl TargetKind for HttpKind {
     const NAME: &'static str = NAME;
     const SECTION: &'static str = NAME;
     type Config = HttpTargetConfig;
+    type SystemConfig = HttpEndpointConfig;
 
     fn explicit_id(t: &HttpTargetConfig) -> Option<&Spanned<String>> {
         t.id.as_ref()

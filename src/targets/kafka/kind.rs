@@ -25,13 +25,14 @@ struct KafkaSystems {
 }
 
 fn clusters(sections: &dyn Sections) -> Option<&BTreeMap<String, KafkaClusterConfig>> {
-    sections.section(NAME)?.downcast_ref()
+    KafkaKind::section_of(sections)
 }
 
 impl TargetKind for KafkaKind {
     const NAME: &'static str = NAME;
     const SECTION: &'static str = NAME;
     type Config = KafkaTargetConfig;
+    type SystemConfig = KafkaClusterConfig;
 
     fn explicit_id(t: &KafkaTargetConfig) -> Option<&Spanned<String>> {
         t.id.as_ref()

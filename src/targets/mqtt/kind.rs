@@ -73,13 +73,14 @@ impl BridgeFamilies {
 }
 
 fn bridges(sections: &dyn Sections) -> Option<&BTreeMap<String, BridgeConfig>> {
-    sections.section(SECTION)?.downcast_ref()
+    MqttKind::section_of(sections)
 }
 
 impl TargetKind for MqttKind {
     const NAME: &'static str = NAME;
     const SECTION: &'static str = SECTION;
     type Config = MqttTargetConfig;
+    type SystemConfig = crate::targets::mqtt::config::BridgeConfig;
 
     fn explicit_id(t: &MqttTargetConfig) -> Option<&Spanned<String>> {
         t.id.as_ref()

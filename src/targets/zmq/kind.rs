@@ -37,7 +37,7 @@ struct SocketLabel {
 }
 
 fn sockets(sections: &dyn Sections) -> Option<&BTreeMap<String, ZmqSocketConfig>> {
-    sections.section(NAME)?.downcast_ref()
+    ZmqKindImpl::section_of(sections)
 }
 
 impl TargetKind for ZmqKindImpl {
@@ -45,6 +45,7 @@ impl TargetKind for ZmqKindImpl {
     const SECTION: &'static str = NAME;
     const CONFIRMS: bool = false;
     type Config = ZmqTargetConfig;
+    type SystemConfig = ZmqSocketConfig;
 
     fn explicit_id(t: &ZmqTargetConfig) -> Option<&Spanned<String>> {
         t.id.as_ref()
