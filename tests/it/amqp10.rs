@@ -53,21 +53,28 @@ async fn receive(
     n: usize,
     wait: Duration,
 ) -> Vec<fe2o3_amqp::types::messaging::Message<Body<Value>>> {
+    // Every step bounded: a close the broker never answers must fail the test, not hang it.
+    const STEP: Duration = Duration::from_secs(10);
     let mut conn = amqp10_connection().await;
-    let mut session = Session::begin(&mut conn).await.expect("session");
-    let mut rx = Receiver::attach(&mut session, unique("rx"), format!("/amq/queue/{name}"))
+    let mut session = tokio::time::timeout(STEP, Session::begin(&mut conn))
         .await
+        .expect("session begins in time")
+        .expect("session");
+    let attach = Receiver::attach(&mut session, unique("rx"), format!("/amq/queue/{name}"));
+    let mut rx = tokio::time::timeout(STEP, attach)
+        .await
+        .expect("receiver attaches in time")
         .expect("receiver");
     let mut got = Vec::new();
     while got.len() < n {
         let Ok(r) = tokio::time::timeout(wait, rx.recv::<Body<Value>>()).await else { break };
         let d = r.expect("delivery");
-        rx.accept(&d).await.expect("accept");
+        tokio::time::timeout(STEP, rx.accept(&d)).await.expect("accept in time").expect("accept");
         got.push(d.into_message());
     }
-    let _ = rx.close().await;
-    let _ = session.end().await;
-    let _ = conn.close().await;
+    let _ = tokio::time::timeout(STEP, rx.close()).await;
+    let _ = tokio::time::timeout(STEP, session.end()).await;
+    let _ = tokio::time::timeout(STEP, conn.close()).await;
     got
 }
 
@@ -88,16 +95,21 @@ fn config(url: &str, store: Option<&std::path::Path>, rules: &str) -> String {
 }
 
 async fn messages_in(conn: &lapin::Connection, name: &str) -> u32 {
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            ShortString::from(name),
-            QueueDeclareOptions { passive: true, ..Default::default() },
-            FieldTable::default(),
-        )
-        .await
-        .expect("passive declare");
-    q.message_count()
+    // Bounded, and the channel closed again: the callers poll this in a loop.
+    let count = async {
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                ShortString::from(name),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = ch.close(200, "ok".into()).await;
+        q.message_count()
+    };
+    tokio::time::timeout(Duration::from_secs(10), count).await.expect("queue count in time")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
