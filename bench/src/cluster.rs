@@ -6,13 +6,13 @@
 //! * `rabbitmq-mqtt`: the same load through RabbitMQ's own MQTT plugin (`rabbitmq_mqtt`, which
 //!   ships with RabbitMQ): the bench enables it on a spare port for the run and disables it
 //!   again afterwards (it says so), unless it was enabled already (then it is used as is);
-//! * `same-node`: publishers and subscriber both on node A (cluster mode, every message also
-//!   forwarded to the exchange);
+//! * `same-node`: publishers and subscriber both on node A (cluster mode; node B has no
+//!   subscription the messages match, so A forwards none of them);
 //! * `single`: publishers and subscriber on a spawned mqgate without `cluster:`.
 //!
 //! Targets: cross-node ≥ 3× rabbitmq-mqtt, same-node ≥ 0.9× single (medians per QoS).
-//! The subscriber's node binds its queue after the SUBACK (not before it): the bench waits a
-//! moment after subscribing before the publishers start.
+//! The bench waits a moment after subscribing before the publishers start (the SUBACK already
+//! waits for the subscriber node's binding and the other node's acknowledgement).
 
 use std::path::Path;
 use std::process::Command;

@@ -67,6 +67,40 @@ pub fn binding_key(filter: &str) -> String {
     key
 }
 
+/// Whether one of the binding keys `bound` says it holds (keys as [`binding_key`] makes them)
+/// matches the routing key of a live message on `topic`, as RabbitMQ's topic exchange would:
+/// asks for each of the at most seven binding keys that can match it.
+pub fn any_binding_matches(topic: &str, bound: impl Fn(&str) -> bool) -> bool {
+    let mut levels = topic.split('/');
+    let mut first = String::new();
+    word(levels.next().unwrap_or(""), &mut first);
+    let mut key = String::with_capacity(4 + 2 * (MAX_LITERAL + 2));
+    let mut has = |words: &[&str]| {
+        key.clear();
+        key.push('m');
+        for w in words {
+            key.push('.');
+            key.push_str(w);
+        }
+        bound(&key)
+    };
+    // `#` matches zero words too: `m.X.#` and `m.*.#` match a one-level key `m.X`.
+    if has(&["#"]) || has(&[&first, "#"]) || has(&["*", "#"]) {
+        return true;
+    }
+    match levels.next() {
+        None => has(&[&first]) || has(&["*"]),
+        Some(level) => {
+            let mut second = String::new();
+            word(level, &mut second);
+            has(&[&first, &second])
+                || has(&[&first, "*"])
+                || has(&["*", &second])
+                || has(&["*", "*"])
+        }
+    }
+}
+
 /// The binding key that brings every retained message (each node keeps them all).
 pub const RETAINED_BINDING: &str = "r.#";
 
@@ -115,7 +149,7 @@ mod tests {
     }
 
     fn filter_level() -> impl Strategy<Value = String> {
-        prop_oneof![3 => level(), 1 => Just("+".to_owned())]
+        prop_oneof![3 => level(), 1 => Just("+".to_owned()), 1 => Just("#".to_owned())]
     }
 
     proptest! {
@@ -140,6 +174,31 @@ mod tests {
                 );
             }
             prop_assert!(matches(RETAINED_BINDING, &routing_key(&topic, true)));
+        }
+
+        /// The forwarding filter says what RabbitMQ would: a binding among the set matches
+        /// the topic's routing key exactly when `any_binding_matches` says so.
+        #[test]
+        fn the_forwarding_filter_agrees_with_the_topic_exchange(
+            topic_levels in prop::collection::vec(level(), 1..5),
+            filters in prop::collection::vec(
+                (prop::collection::vec(filter_level(), 1..4), any::<bool>()), 0..4),
+        ) {
+            let topic = topic_levels.join("/");
+            prop_assume!(!topic.contains(['+', '#']));
+            let bound: std::collections::HashSet<String> = filters
+                .iter()
+                .map(|(levels, hash)| {
+                    let mut f = levels.join("/");
+                    if *hash {
+                        f.push_str("/#");
+                    }
+                    binding_key(&f)
+                })
+                .collect();
+            let key = routing_key(&topic, false);
+            let amqp = bound.iter().any(|b| matches(b, &key));
+            prop_assert_eq!(any_binding_matches(&topic, |k| bound.contains(k)), amqp, "{} {:?}", key, bound);
         }
     }
 }

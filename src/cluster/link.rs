@@ -9,7 +9,8 @@
 //! in the store's encoding (`store::codec`: topic, QoS, RETAIN, payload, every MQTT 5
 //! property, client id, user name): exact, whatever the topic or properties hold.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::peers::{self, Peers, Then};
 use super::{keys, Cluster, ClusterConfig, Command, Forward};
 use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
@@ -57,6 +59,20 @@ const WILL_CLEAR: u8 = 7;
 /// Kind byte of several messages with one routing key in one AMQP message: a u32 count, then
 /// each message as a u32 length and its store encoding.
 const BATCH_KIND: u8 = 8;
+/// Kind byte of a node's binding keys in full: its epoch (u64), sequence number (u64), a byte
+/// (1: the receiver answers with its own keys, sent to this node alone), then each key (u8
+/// length + bytes). Broadcast when the link comes up; sent to one node that asked.
+const KEYS_FULL: u8 = 9;
+/// Kind byte of a change of a node's binding keys: epoch, sequence number, then each change
+/// (1 added / 0 removed, u8 length + key).
+const KEYS_DELTA: u8 = 10;
+/// Kind byte of an acknowledgement, sent to one node: the epoch of that node (u64) and the
+/// sequence number of its keys the sender applied (u64).
+const KEYS_ACK: u8 = 11;
+/// Kind byte of a heartbeat: epoch, sequence number of the sender's latest keys.
+const HEARTBEAT: u8 = 12;
+/// Kind byte of "this node is leaving" (clean shutdown): epoch.
+const GOODBYE: u8 = 13;
 /// Messages in one batch, at most.
 const BATCH_MESSAGES: usize = 64;
 /// Bytes of one batch's messages before it is closed (one message alone may be larger).
@@ -291,8 +307,21 @@ enum LockWait {
     Probe(String, u64),
     /// The right to publish a dead node's wills (one survivor gets it).
     ClaimWills(String, u64),
+    /// Whether a silent node (forwarding filter) still holds its queue.
+    PeerProbe(String),
     /// The channel is being opened again after a refused lock.
     Reopen,
+}
+
+/// A binding key of this node whose SUBACKs wait: for its bind-ok and for every other node's
+/// acknowledgement of the delta that announced it.
+struct Pending {
+    /// The sequence number of that delta.
+    seq: u64,
+    /// Bind-ok received.
+    bound: bool,
+    /// When it was announced ([`peers::SUBACK_WAIT`] after it, it is ready anyway).
+    since: Instant,
 }
 
 /// The link on one live connection.
@@ -325,8 +354,17 @@ struct Link<'a> {
     assembly: Assembly,
     /// Scratch for encoding one message.
     body: BytesMut,
-    /// Binds (`Some(key)`) and unbinds (`None`) sent and not yet answered, in order.
-    binding: VecDeque<Option<String>>,
+    /// Binds (`Some(key, its announcement's sequence number)`) and unbinds (`None`) sent and
+    /// not yet answered, in order.
+    binding: VecDeque<Option<(String, u64)>>,
+    /// The other nodes' binding keys (what this node forwards to them).
+    peers: Peers,
+    /// Keys whose SUBACKs wait.
+    pending: HashMap<String, Pending>,
+    /// Silent nodes to check.
+    peer_probes: VecDeque<String>,
+    /// Ticks since the last heartbeat.
+    beats: u32,
     /// `cluster_messages` out, in and own, resolved once.
     counted: [prometheus_client::metrics::counter::Counter; 3],
 }
@@ -355,6 +393,10 @@ impl<'a> Link<'a> {
             assembly: Assembly::Idle,
             body: BytesMut::new(),
             binding: VecDeque::new(),
+            peers: Peers::new(Instant::now()),
+            pending: HashMap::new(),
+            peer_probes: VecDeque::new(),
+            beats: 0,
             counted: ["out", "in", "own"].map(|d| cluster.metrics.cluster.direction(d)),
         }
     }
@@ -368,10 +410,20 @@ impl<'a> Link<'a> {
     ) -> Option<String> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // What the setup bound is in place; then the changes made while connecting.
+        // What the setup bound is in place (the fixed keys at once; the subscriptions' once
+        // the other nodes acknowledged them); then the changes made while connecting.
+        let now = Instant::now();
+        let view = self.peers.view(now);
+        self.cluster.set_remote(|v| *v = view);
+        let seq = self.cluster.announced.fetch_add(1, Ordering::AcqRel) + 1;
         for key in &self.bound {
-            self.cluster.applied(key, true);
+            if key.starts_with("m.") {
+                self.pending.insert(key.clone(), Pending { seq, bound: true, since: now });
+            } else {
+                self.cluster.applied(key, true);
+            }
         }
+        self.send_keys(NOTICE_KEY.to_owned(), seq, true);
         self.apply_changes();
         // The retained messages published while this node was not there; the wills of its
         // clients, which the others may have missed.
@@ -443,6 +495,12 @@ impl<'a> Link<'a> {
                 format!("{}wills.{node}.{epoch}", self.s.lock_prefix.trim_end_matches("client."));
             if methods::queue_declare(w, LOCK_CHANNEL, &q, lock_flags(), &[]).is_ok() {
                 self.lock_wait = Some(LockWait::ClaimWills(node, epoch));
+            }
+        } else if let Some(node) = self.peer_probes.pop_front() {
+            let q = format!("{}node.{node}", self.s.lock_prefix.trim_end_matches("client."));
+            let passive = QueueFlags { passive: true, ..QueueFlags::default() };
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, passive, &[]).is_ok() {
+                self.lock_wait = Some(LockWait::PeerProbe(node));
             }
         } else if let Some((node, epoch)) = self.probes.pop_front() {
             let q = format!("{}node.{node}", self.s.lock_prefix.trim_end_matches("client."));
@@ -542,13 +600,128 @@ impl<'a> Link<'a> {
 
     /// Publishes a notice of `kind` about `subject` to every node.
     fn notice(&mut self, kind: u8, subject: &[u8]) {
+        self.notice_to(NOTICE_KEY.to_owned(), kind, subject);
+    }
+
+    /// Publishes a notice of `kind` about `subject` with routing key `key` (every node, or one).
+    fn notice_to(&mut self, key: String, kind: u8, subject: &[u8]) {
         self.body.clear();
         self.body.put_u8(kind);
         let node = self.cluster.node_id.as_bytes();
         self.body.put_u8(node.len() as u8);
         self.body.extend_from_slice(node);
         self.body.extend_from_slice(subject);
-        self.send_body(NOTICE_KEY.to_owned(), None);
+        self.send_body(key, None);
+    }
+
+    /// Sends this node's binding keys in full (sequence number `seq`) with routing key `to`;
+    /// `ask`: the receivers answer with theirs.
+    fn send_keys(&mut self, to: String, seq: u64, ask: bool) {
+        let mut subject = Vec::with_capacity(17 + self.bound.len() * 24);
+        subject.extend_from_slice(&self.cluster.epoch.to_be_bytes());
+        subject.extend_from_slice(&seq.to_be_bytes());
+        subject.push(u8::from(ask));
+        for key in self.bound.iter().filter(|k| k.starts_with("m.")) {
+            subject.push(key.len().min(255) as u8);
+            subject.extend_from_slice(key.as_bytes());
+        }
+        self.notice_to(to, KEYS_FULL, &subject);
+    }
+
+    /// A forwarding-filter notice (`KEYS_*`, heartbeat, goodbye) from node `origin`.
+    fn on_keys(&mut self, origin: &str, kind: u8, subject: &[u8]) {
+        let now = Instant::now();
+        let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).ok();
+        let (Some(epoch), seq) =
+            (subject.get(..8).and_then(word), subject.get(8..16).and_then(word))
+        else {
+            return;
+        };
+        let seq = seq.unwrap_or(0);
+        let rest = subject.get(16..).unwrap_or_default();
+        let mut view = self.cluster.remote.write().unwrap_or_else(|p| p.into_inner());
+        let then = match kind {
+            KEYS_FULL => {
+                let (ask, mut rest) =
+                    rest.split_first().map_or((false, &[][..]), |(a, r)| (*a == 1, r));
+                let mut keys = HashSet::new();
+                while let Some((&len, after)) = rest.split_first() {
+                    let Some((key, after)) = after.split_at_checked(usize::from(len)) else {
+                        break;
+                    };
+                    keys.extend(std::str::from_utf8(key).ok().map(str::to_owned));
+                    rest = after;
+                }
+                let then = self.peers.on_full(&mut view, origin, (epoch, seq), keys, now);
+                drop(view);
+                if ask {
+                    let seq = self.cluster.announced.load(Ordering::Acquire);
+                    self.send_keys(direct_key(origin), seq, false);
+                }
+                then
+            }
+            KEYS_DELTA => {
+                let mut changes = Vec::new();
+                let mut rest = rest;
+                while let Some((&added, after)) = rest.split_first() {
+                    let Some((&len, after)) = after.split_first() else { break };
+                    let Some((key, after)) = after.split_at_checked(usize::from(len)) else {
+                        break;
+                    };
+                    if let Ok(key) = std::str::from_utf8(key) {
+                        changes.push((key.to_owned(), added == 1));
+                    }
+                    rest = after;
+                }
+                self.peers.on_delta(&mut view, origin, (epoch, seq), &changes, now)
+            }
+            KEYS_ACK => {
+                drop(view);
+                self.peers.on_ack(origin, epoch, seq, self.cluster.epoch, now);
+                self.check_pending(now);
+                return;
+            }
+            HEARTBEAT => self.peers.on_heartbeat(&mut view, origin, epoch, seq, now),
+            _ => {
+                self.peers.remove(&mut view, origin, now);
+                Then::Nothing
+            }
+        };
+        match then {
+            Then::Nothing => {}
+            Then::Ack { epoch, seq } => {
+                let mut subject = [0u8; 16];
+                subject[..8].copy_from_slice(&epoch.to_be_bytes());
+                subject[8..].copy_from_slice(&seq.to_be_bytes());
+                self.notice_to(direct_key(origin), KEYS_ACK, &subject);
+            }
+            Then::AskFull => {
+                let seq = self.cluster.announced.load(Ordering::Acquire);
+                self.send_keys(direct_key(origin), seq, true);
+            }
+        }
+    }
+
+    /// Lets the SUBACKs of every pending key go that may: bound, and acknowledged by every
+    /// node this one knows (after the grace), or waiting for [`peers::SUBACK_WAIT`].
+    fn check_pending(&mut self, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let grace = self.peers.in_grace(now);
+        let peers = &self.peers;
+        let mut ready = Vec::new();
+        self.pending.retain(|key, p| {
+            let acked = !grace && peers.all_acked(p.seq);
+            let go = p.bound && (acked || now.duration_since(p.since) >= peers::SUBACK_WAIT);
+            if go {
+                ready.push(key.clone());
+            }
+            !go
+        });
+        for key in ready {
+            self.cluster.applied(&key, true);
+        }
     }
 
     /// Publishes `self.body` with `key`; `ack` is told the confirm.
@@ -617,6 +790,20 @@ impl<'a> Link<'a> {
                 self.will_claims.push_back((node, epoch));
             }
             (Some(LockWait::ClaimWills(node, epoch)), Ok(())) => self.publish_wills(&node, epoch),
+            (Some(LockWait::PeerProbe(node)), answer) => {
+                let gone = matches!(&answer, Err(e) if e.starts_with("404"));
+                let now = Instant::now();
+                let mut view = self.cluster.remote.write().unwrap_or_else(|p| p.into_inner());
+                let ask = self.peers.probed(&mut view, &node, !gone, now);
+                drop(view);
+                if gone {
+                    info!(node = %node, "a silent node's queue is gone: not forwarding to it");
+                    self.check_pending(now);
+                } else if ask {
+                    let seq = self.cluster.announced.load(Ordering::Acquire);
+                    self.send_keys(direct_key(&node), seq, true);
+                }
+            }
             (Some(LockWait::ClaimWills(node, epoch)), Err(_)) => {
                 // Another node publishes them.
                 self.cluster.take_wills(&node, epoch);
@@ -651,21 +838,47 @@ impl<'a> Link<'a> {
     }
 
     /// [`apply_changes`](Self::apply_changes) without the gauge.
+    /// The keys added and removed go to the other nodes as one delta (one sequence number);
+    /// an added key's SUBACKs wait for its bind-ok and the other nodes' acknowledgements.
     fn apply_binding_changes(&mut self) {
-        for (key, wanted) in self.cluster.take_changes() {
+        let changes = self.cluster.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        let seq = self.cluster.announced.load(Ordering::Acquire) + 1;
+        let mut delta = Vec::new();
+        let now = Instant::now();
+        for (key, wanted) in changes {
             let (q, x) = (&self.s.queue, &self.s.exchange);
             if wanted && !self.bound.contains(&key) {
                 if methods::queue_bind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
-                    self.binding.push_back(Some(key.clone()));
+                    self.binding.push_back(Some((key.clone(), seq)));
+                    delta.push(1);
+                    delta.push(key.len().min(255) as u8);
+                    delta.extend_from_slice(key.as_bytes());
+                    self.pending.insert(key.clone(), Pending { seq, bound: false, since: now });
                     self.bound.insert(key);
                 }
             } else if !wanted && self.bound.remove(&key) {
                 self.cluster.applied(&key, false);
+                self.pending.remove(&key);
                 if methods::queue_unbind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
                     self.binding.push_back(None);
                 }
+                delta.push(0);
+                delta.push(key.len().min(255) as u8);
+                delta.extend_from_slice(key.as_bytes());
             }
         }
+        if delta.is_empty() {
+            return;
+        }
+        self.cluster.announced.store(seq, Ordering::Release);
+        let mut subject = Vec::with_capacity(16 + delta.len());
+        subject.extend_from_slice(&self.cluster.epoch.to_be_bytes());
+        subject.extend_from_slice(&seq.to_be_bytes());
+        subject.extend_from_slice(&delta);
+        self.notice(KEYS_DELTA, &subject);
     }
 
     /// Publishes `taken` to the exchange (one publish whoever wants them), in order:
@@ -794,8 +1007,11 @@ impl<'a> Link<'a> {
             | ConsumerMethod::Common(Method::Other { class: 50, method: 51 })
                 if channel == CONSUME_CHANNEL =>
             {
-                if let Some(Some(key)) = self.binding.pop_front() {
-                    self.cluster.applied(&key, true);
+                if let Some(Some((key, seq))) = self.binding.pop_front() {
+                    if let Some(p) = self.pending.get_mut(&key).filter(|p| p.seq == seq) {
+                        p.bound = true;
+                        self.check_pending(Instant::now());
+                    }
                 }
             }
             ConsumerMethod::QueueDeclareOk { .. } if channel == LOCK_CHANNEL => {
@@ -862,6 +1078,11 @@ impl<'a> Link<'a> {
             WILL_SET,
             WILL_CLEAR,
             BATCH_KIND,
+            KEYS_FULL,
+            KEYS_DELTA,
+            KEYS_ACK,
+            HEARTBEAT,
+            GOODBYE,
         ];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
@@ -897,6 +1118,13 @@ impl<'a> Link<'a> {
                 self.send_retained(to);
             }
             self.announce_wills();
+            return;
+        }
+        if (KEYS_FULL..=GOODBYE).contains(&kind) {
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                let origin = origin.to_owned();
+                self.on_keys(&origin, kind, encoded);
+            }
             return;
         }
         if kind == WILL_SET || kind == WILL_CLEAR {
@@ -940,12 +1168,28 @@ impl<'a> Link<'a> {
     /// Heartbeats, the broker's silence, and now and then a check of the nodes whose wills
     /// this node keeps.
     fn on_tick(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        self.beats += 1;
+        if self.beats as u128 * TICK.as_millis() >= peers::HEARTBEAT.as_millis() {
+            self.beats = 0;
+            let mut subject = [0u8; 16];
+            subject[..8].copy_from_slice(&self.cluster.epoch.to_be_bytes());
+            let seq = self.cluster.announced.load(Ordering::Acquire);
+            subject[8..].copy_from_slice(&seq.to_be_bytes());
+            self.notice(HEARTBEAT, &subject);
+        }
+        self.peer_probes.extend(self.peers.silent(now));
+        // The grace period ends: from now on only what the other nodes want is forwarded.
+        let all = self.peers.forward_all(now);
+        if self.cluster.remote.read().unwrap_or_else(|p| p.into_inner()).all != all {
+            self.cluster.set_remote(|v| v.all = all);
+        }
+        self.check_pending(now);
         self.ticks += 1;
         if self.ticks >= PROBE_TICKS && self.probes.is_empty() {
             self.ticks = 0;
             self.probes.extend(self.cluster.will_holders());
         }
-        let now = Instant::now();
         if let Some(hb) = self.t.heartbeat {
             if now.duration_since(self.t.last_read) > hb * 2 {
                 return Err(format!("no data from the broker for {:?}", hb * 2));
@@ -969,6 +1213,7 @@ impl<'a> Link<'a> {
 
     /// Closes the connection on shutdown.
     async fn close(&mut self) {
+        self.notice(GOODBYE, &self.cluster.epoch.to_be_bytes());
         methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate node stopping");
         let t = &mut self.t;
         let _ = tokio::time::timeout(CLOSE_WAIT, async {

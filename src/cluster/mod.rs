@@ -2,8 +2,9 @@
 //! (`cluster:` in the config; docs/cluster.md). Without `cluster:` nothing here exists and
 //! routing pays one `OnceLock` load per message.
 //!
-//! Cross-node delivery: every message routed on a node (a PUBLISH, a will, an HTTP publish) is
-//! also published, once, to the topic exchange `{prefix}.messages` with a coarse routing key
+//! Cross-node delivery: a message routed on a node (a PUBLISH, a will, an HTTP publish) that
+//! another node's binding keys may match (`peers`: each node announces its keys to the others)
+//! is also published, once, to the topic exchange `{prefix}.messages` with a coarse routing key
 //! (`keys`). Each node consumes its own exclusive, auto-deleted queue
 //! `{prefix}.node.{node_id}`, bound with one binding key per distinct coarse key of its
 //! subscriptions (reference-counted here: a binding is added on the first subscription that
@@ -14,7 +15,7 @@
 //! they come back through its queue (it delivered them locally already).
 //!
 //! Layout: `config` (`cluster:`), `keys` (topics and filters as routing and binding keys,
-//! pure), `link` (the one task owning the node's AMQP connection: publishes with confirms,
+//! pure), `peers` (the other nodes' binding keys: what to forward, when a SUBACK may go), `link` (the one task owning the node's AMQP connection: publishes with confirms,
 //! binds, consumes), this file the handle the broker and routing hold.
 //!
 //! Bounded: the queue to the link (`cluster.queue`, full: publishers wait as for a full AMQP
@@ -25,10 +26,11 @@ pub mod config;
 pub mod keys;
 mod link;
 pub mod metrics;
+mod peers;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -148,6 +150,12 @@ pub struct Cluster {
     /// This process's epoch (start time): wills announced by an older epoch of a node are
     /// those of a dead incarnation.
     epoch: u64,
+    /// What the other nodes' subscriptions can match (`peers`): a live message goes to
+    /// RabbitMQ only when this says another node may want it. Written by the link.
+    remote: RwLock<peers::View>,
+    /// The sequence number of this node's last announcement of its binding keys (monotonic
+    /// over the process, across reconnects).
+    announced: AtomicU64,
 }
 
 impl Cluster {
@@ -171,6 +179,8 @@ impl Cluster {
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch,
+            remote: RwLock::new(peers::View { all: true, keys: HashMap::new() }),
+            announced: AtomicU64::new(0),
             commands,
             locks: Mutex::new(HashMap::new()),
             node_id: Arc::from(cfg.node_id.value.as_str()),
@@ -208,6 +218,8 @@ impl Cluster {
             *d = why;
         }
         if down {
+            // Until the link is back and in step with the others, nothing is skipped.
+            self.remote.write().unwrap_or_else(|p| p.into_inner()).all = true;
             let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
             i.applied.clear();
             for (_, waiters) in i.waiters.drain() {
@@ -246,17 +258,21 @@ impl Cluster {
         i.release_waiters(key);
     }
 
-    /// Sends `msg`, routed on this node, to the other nodes; for QoS 1/2 its outcome (the
-    /// broker's confirm) goes into `waits`. Never waits: a full queue puts the send into
-    /// `blocked` (the publisher's backpressure). While this node has no connection to the
-    /// broker, the message is not sent (counted as `cluster_unavailable`): local delivery goes
-    /// on. `$SYS/` topics describe this node and stay here.
+    /// Sends `msg`, routed on this node, to the other nodes when another node's subscriptions
+    /// may match it (a retained message: always, every node keeps them); for QoS 1/2 its
+    /// outcome (the broker's confirm) goes into `waits`. Never waits: a full queue puts the
+    /// send into `blocked` (the publisher's backpressure). While this node has no connection
+    /// to the broker, the message is not sent (counted as `cluster_unavailable`): local
+    /// delivery goes on. `$SYS/` topics describe this node and stay here.
     pub fn forward(&self, msg: &Arc<Message>, waits: &mut Waits, blocked: &mut Blocked) {
         if msg.topic.starts_with("$SYS/") {
             return;
         }
         if !self.connected.load(Ordering::Acquire) {
             self.metrics.dropped(DROPPED_UNAVAILABLE);
+            return;
+        }
+        if !msg.retain && !self.remote_wants(&msg.topic) {
             return;
         }
         let mut hand = Handoff::new(waits, blocked, msg.qos != QoS::AtMostOnce, None);
@@ -276,6 +292,16 @@ impl Cluster {
                 })
             },
         );
+    }
+
+    /// Whether another node's subscriptions may match a live message on `topic`.
+    fn remote_wants(&self, topic: &str) -> bool {
+        self.remote.read().unwrap_or_else(|p| p.into_inner()).wants(topic)
+    }
+
+    /// Replaces what forwarding reads (the link, after a change of the other nodes' keys).
+    fn set_remote(&self, update: impl FnOnce(&mut peers::View)) {
+        update(&mut self.remote.write().unwrap_or_else(|p| p.into_inner()));
     }
 
     /// Makes the connection `conn_id` the cluster-wide holder of `client_id` (its handshake,
@@ -534,6 +560,8 @@ mod tests {
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch: 1,
+            remote: RwLock::new(peers::View::default()),
+            announced: AtomicU64::new(0),
             node_id: Arc::from("a"),
             tx,
             interest: Mutex::new(Interest::default()),

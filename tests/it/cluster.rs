@@ -559,3 +559,123 @@ async fn a_burst_on_topics_sharing_a_key_arrives_complete_and_in_order() {
     }
     expect_silence(&mut on_b, Duration::from_millis(300)).await;
 }
+
+/// `mqgate_cluster_messages_total{direction}` of a node.
+async fn cluster_messages(app: &App, direction: &str) -> u64 {
+    let text = crate::support::metrics(app).await;
+    let name = format!("mqgate_cluster_messages_total{{direction=\"{direction}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Past a node's first moments in the cluster (it forwards everything until every other
+/// node's heartbeat had time to arrive: 1.5 s).
+async fn past_grace() {
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+}
+
+#[tokio::test]
+async fn a_message_no_other_node_can_match_stays_on_its_node() {
+    let (a, b, _c) = three_nodes().await;
+    let mut local = v5(&a, "local").await;
+    subscribe(&mut local, "here/#", qos(QoS::AtLeastOnce), None).await;
+    let mut on_b = v5(&b, "far").await;
+    subscribe(&mut on_b, "there/+", qos(QoS::AtMostOnce), None).await;
+    past_grace().await;
+    let mut publisher = v5(&a, "pub").await;
+    let before = cluster_messages(&a, "out").await;
+    // QoS 1: PUBACKed without a confirm from RabbitMQ (nothing was sent there).
+    for i in 1..=30u16 {
+        crate::support::publish_qos1(&mut publisher, "here/x", i, b"local").await;
+        let p = expect_publish(&mut local).await;
+        local.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+    }
+    // No node subscribed to anything under `elsewhere`: it stays; `there/1` goes to B.
+    publisher.publish("elsewhere/x", QoS::AtMostOnce, 0, b"nobody").await;
+    publisher.publish("there/1", QoS::AtMostOnce, 0, b"far").await;
+    assert_eq!(expect_publish(&mut on_b).await.payload, &b"far"[..]);
+    let after = cluster_messages(&a, "out").await;
+    assert_eq!(after - before, 1, "only the message B can match went to RabbitMQ");
+    expect_silence(&mut on_b, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn the_suback_waits_until_the_other_nodes_know_the_new_subscription() {
+    let proxy = Proxy::start().await;
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", &proxy.url())).await;
+    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    past_grace().await;
+    let mut publisher = v5(&a, "pub").await;
+    let mut on_b = v5(&b, "sub").await;
+    // A cannot acknowledge B's new key (nothing from A reaches RabbitMQ): no SUBACK yet.
+    proxy.pause_to_broker.send_replace(true);
+    on_b.send(&Packet::Subscribe(Box::new(codec::Subscribe {
+        packet_id: 4,
+        filters: vec![SubscribeFilter { filter: "fresh/+".into(), options: qos(QoS::AtMostOnce) }],
+        properties: Properties::default(),
+    })))
+    .await;
+    expect_silence(&mut on_b, Duration::from_millis(800)).await;
+    proxy.pause_to_broker.send_replace(false);
+    match on_b.recv().await {
+        Some(Packet::SubAck(s)) => assert_eq!(s.packet_id, 4),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // A knows the key: what it takes right after the SUBACK goes to B.
+    publisher.publish("fresh/1", QoS::AtMostOnce, 0, b"first").await;
+    assert_eq!(expect_publish(&mut on_b).await.payload, &b"first"[..]);
+}
+
+#[tokio::test]
+async fn what_is_published_right_after_a_suback_reaches_it_from_every_node() {
+    let (a, b, c) = three_nodes().await;
+    past_grace().await;
+    let mut on_a = v5(&a, "pub-a").await;
+    let mut on_c = v5(&c, "pub-c").await;
+    let mut sub = v5(&b, "sub").await;
+    for i in 0..20 {
+        // A new coarse key each round: B announces it, A and C must have it by the SUBACK.
+        let topic = format!("race{i}/x");
+        subscribe(&mut sub, &topic, qos(QoS::AtMostOnce), None).await;
+        on_a.publish(&topic, QoS::AtMostOnce, 0, b"a").await;
+        on_c.publish(&topic, QoS::AtMostOnce, 0, b"c").await;
+        let mut got =
+            vec![expect_publish(&mut sub).await.payload, expect_publish(&mut sub).await.payload];
+        got.sort();
+        assert_eq!(got, [&b"a"[..], &b"c"[..]], "round {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_joins_forwards_to_the_subscriptions_already_there() {
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", AMQP_URL)).await;
+    wait_ready(&a).await;
+    let mut on_a = v5(&a, "sub-a").await;
+    subscribe(&mut on_a, "join/#", qos(QoS::AtMostOnce), None).await;
+    let d = gateway(&node_config(&prefix, "d", AMQP_URL)).await;
+    wait_ready(&d).await;
+    let mut on_d = v5(&d, "pub-d").await;
+    // At once (D forwards everything until it heard from every node) and later (D has A's
+    // keys), D's messages reach A's subscriber.
+    on_d.publish("join/now", QoS::AtMostOnce, 0, b"1").await;
+    assert_eq!(expect_publish(&mut on_a).await.payload, &b"1"[..]);
+    past_grace().await;
+    on_d.publish("join/later", QoS::AtMostOnce, 0, b"2").await;
+    assert_eq!(expect_publish(&mut on_a).await.payload, &b"2"[..]);
+    let out = cluster_messages(&d, "out").await;
+    on_d.publish("other/x", QoS::AtMostOnce, 0, b"3").await;
+    on_d.publish("join/again", QoS::AtMostOnce, 0, b"4").await;
+    assert_eq!(expect_publish(&mut on_a).await.payload, &b"4"[..]);
+    assert_eq!(cluster_messages(&d, "out").await - out, 1, "D knows what A wants");
+    // A subscription on the new node: A's messages after the SUBACK reach it.
+    let mut sub_d = v5(&d, "sub-d").await;
+    subscribe(&mut sub_d, "back/#", qos(QoS::AtMostOnce), None).await;
+    on_a.publish("back/1", QoS::AtMostOnce, 0, b"5").await;
+    assert_eq!(expect_publish(&mut sub_d).await.payload, &b"5"[..]);
+}
