@@ -73,6 +73,12 @@ const KEYS_ACK: u8 = 11;
 const HEARTBEAT: u8 = 12;
 /// Kind byte of "this node is leaving" (clean shutdown): epoch.
 const GOODBYE: u8 = 13;
+/// Kind byte of "this node no longer holds this client id" (its connection ended): the client
+/// id. Its taking is the notice [`NOTICE_ACQUIRED`].
+const CLIENT_GONE: u8 = 14;
+/// Kind byte of every client id a node holds (sent with its binding keys in full): each as
+/// u16 length + bytes.
+const CLIENTS_FULL: u8 = 15;
 /// Messages in one batch, at most.
 const BATCH_MESSAGES: usize = 64;
 /// Bytes of one batch's messages before it is closed (one message alone may be larger).
@@ -415,6 +421,7 @@ impl<'a> Link<'a> {
         let now = Instant::now();
         let view = self.peers.view(now);
         self.cluster.set_remote(|v| *v = view);
+        self.cluster.clear_directory();
         let seq = self.cluster.announced.fetch_add(1, Ordering::AcqRel) + 1;
         for key in &self.bound {
             if key.starts_with("m.") {
@@ -589,6 +596,7 @@ impl<'a> Link<'a> {
                 if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &q).is_ok() {
                     self.lock_wait = Some(LockWait::Delete);
                 }
+                self.notice(CLIENT_GONE, client_id.as_bytes());
             }
             Command::Notice { client_id, release } => {
                 let kind = if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED };
@@ -625,7 +633,15 @@ impl<'a> Link<'a> {
             subject.push(key.len().min(255) as u8);
             subject.extend_from_slice(key.as_bytes());
         }
-        self.notice_to(to, KEYS_FULL, &subject);
+        self.notice_to(to.clone(), KEYS_FULL, &subject);
+        // With them, the client ids this node holds (the admin API's cluster-wide list).
+        let mut clients = Vec::new();
+        for id in self.cluster.held() {
+            let id = &id.as_bytes()[..id.len().min(usize::from(u16::MAX))];
+            clients.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            clients.extend_from_slice(id);
+        }
+        self.notice_to(to, CLIENTS_FULL, &clients);
     }
 
     /// A forwarding-filter notice (`KEYS_*`, heartbeat, goodbye) from node `origin`.
@@ -684,6 +700,7 @@ impl<'a> Link<'a> {
             HEARTBEAT => self.peers.on_heartbeat(&mut view, origin, epoch, seq, now),
             _ => {
                 self.peers.remove(&mut view, origin, now);
+                self.cluster.clients_of(origin, None);
                 Then::Nothing
             }
         };
@@ -798,6 +815,7 @@ impl<'a> Link<'a> {
                 drop(view);
                 if gone {
                     info!(node = %node, "a silent node's queue is gone: not forwarding to it");
+                    self.cluster.clients_of(&node, None);
                     self.check_pending(now);
                 } else if ask {
                     let seq = self.cluster.announced.load(Ordering::Acquire);
@@ -1083,6 +1101,8 @@ impl<'a> Link<'a> {
             KEYS_ACK,
             HEARTBEAT,
             GOODBYE,
+            CLIENT_GONE,
+            CLIENTS_FULL,
         ];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
@@ -1120,6 +1140,20 @@ impl<'a> Link<'a> {
             self.announce_wills();
             return;
         }
+        if kind == CLIENTS_FULL {
+            let mut clients = Vec::new();
+            let mut rest = encoded;
+            while let Some((len, after)) = rest.split_at_checked(2) {
+                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+                let Some((id, after)) = after.split_at_checked(len) else { break };
+                clients.extend(std::str::from_utf8(id).ok().map(str::to_owned));
+                rest = after;
+            }
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                self.cluster.clients_of(origin, Some(clients));
+            }
+            return;
+        }
         if (KEYS_FULL..=GOODBYE).contains(&kind) {
             if let Ok(origin) = std::str::from_utf8(origin) {
                 let origin = origin.to_owned();
@@ -1141,6 +1175,10 @@ impl<'a> Link<'a> {
         }
         if kind != WIRE_VERSION {
             let Ok(client_id) = std::str::from_utf8(encoded) else { return };
+            if let (Ok(origin), NOTICE_ACQUIRED | CLIENT_GONE) = (std::str::from_utf8(origin), kind)
+            {
+                self.cluster.client_at(origin, client_id, kind == NOTICE_ACQUIRED);
+            }
             if kind == NOTICE_RELEASE && self.cluster.holds(client_id) {
                 self.taken_elsewhere(client_id);
             } else if kind == NOTICE_ACQUIRED && !self.cluster.holds(client_id) {

@@ -28,7 +28,7 @@ mod link;
 pub mod metrics;
 mod peers;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -156,6 +156,21 @@ pub struct Cluster {
     /// The sequence number of this node's last announcement of its binding keys (monotonic
     /// over the process, across reconnects).
     announced: AtomicU64,
+    /// The clients connected on the other nodes (client id → node, when this node heard of
+    /// it, ms since the Unix epoch), for the admin API: one entry per client holding a lock
+    /// on another node (bounded by their `mqtt.max_connections`).
+    directory: Mutex<BTreeMap<String, (Arc<str>, u64)>>,
+}
+
+/// A client connected on another node, as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteClient {
+    /// Its client id.
+    pub client_id: String,
+    /// The node it is connected to.
+    pub node: Arc<str>,
+    /// When this node heard of its connection (ms since the Unix epoch).
+    pub since_ms: u64,
 }
 
 impl Cluster {
@@ -181,6 +196,7 @@ impl Cluster {
             epoch,
             remote: RwLock::new(peers::View { all: true, keys: HashMap::new() }),
             announced: AtomicU64::new(0),
+            directory: Mutex::new(BTreeMap::new()),
             commands,
             locks: Mutex::new(HashMap::new()),
             node_id: Arc::from(cfg.node_id.value.as_str()),
@@ -292,6 +308,74 @@ impl Cluster {
                 })
             },
         );
+    }
+
+    /// At most `limit` of the clients connected on other nodes whose client id contains
+    /// `search` (ASCII case-insensitive), after `after` in client id order, and how many
+    /// matched in all.
+    pub fn remote_clients(
+        &self,
+        search: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<RemoteClient>, usize) {
+        let needle = search.as_bytes();
+        let contains = |s: &str| {
+            needle.is_empty()
+                || s.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+        };
+        let dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        let mut page = Vec::new();
+        let mut matched = 0;
+        for (id, (node, since_ms)) in dir.iter() {
+            if !contains(id) {
+                continue;
+            }
+            matched += 1;
+            if page.len() < limit && after.is_none_or(|a| id.as_str() > a) {
+                let node = Arc::clone(node);
+                page.push(RemoteClient { client_id: id.clone(), node, since_ms: *since_ms });
+            }
+        }
+        (page, matched)
+    }
+
+    /// The client `client_id` if it is connected on another node.
+    pub fn remote_client(&self, client_id: &str) -> Option<RemoteClient> {
+        let dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        dir.get(client_id).map(|(node, since_ms)| RemoteClient {
+            client_id: client_id.to_owned(),
+            node: Arc::clone(node),
+            since_ms: *since_ms,
+        })
+    }
+
+    /// `node` holds `client_id` now (`true`) or let it go (`false`: forgotten if it was
+    /// there).
+    fn client_at(&self, node: &str, client_id: &str, held: bool) {
+        let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        if held {
+            dir.insert(client_id.to_owned(), (Arc::from(node), now_ms()));
+        } else if dir.get(client_id).is_some_and(|(n, _)| &**n == node) {
+            dir.remove(client_id);
+        }
+    }
+
+    /// Replaces the clients of `node` (`None`: it left, they are forgotten).
+    fn clients_of(&self, node: &str, clients: Option<Vec<String>>) {
+        let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        dir.retain(|_, (n, _)| &**n != node);
+        if let Some(clients) = clients {
+            let (node, now) = (Arc::<str>::from(node), now_ms());
+            for id in clients {
+                dir.insert(id, (Arc::clone(&node), now));
+            }
+        }
+    }
+
+    /// Forgets every other node's clients (this node's link is new: they are sent again).
+    fn clear_directory(&self) {
+        self.directory.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Whether another node's subscriptions may match a live message on `topic`.
@@ -512,6 +596,14 @@ impl Cluster {
     }
 }
 
+/// Now, in ms since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// One receiver for all of `waits`: `Delivered` once every one is, else the first failure
 /// (a SUBACK waiting for the store and for the cluster's bindings). Spawns a task only for
 /// more than one.
@@ -562,6 +654,7 @@ mod tests {
             epoch: 1,
             remote: RwLock::new(peers::View::default()),
             announced: AtomicU64::new(0),
+            directory: Mutex::new(BTreeMap::new()),
             node_id: Arc::from("a"),
             tx,
             interest: Mutex::new(Interest::default()),
@@ -590,5 +683,25 @@ mod tests {
         assert_eq!(c.take_changes(), vec![("m.lx".to_owned(), false)]);
         c.remove_interest("never/added");
         assert!(c.all_wanted().is_empty());
+    }
+
+    #[test]
+    fn the_directory_pages_other_nodes_clients_by_id() {
+        let c = cluster();
+        c.clients_of("b", Some(vec!["dev-2".into(), "Dev-1".into(), "x".into()]));
+        c.client_at("c", "dev-3", true);
+        let (page, n) = c.remote_clients("DEV", None, 2);
+        let ids: Vec<_> = page.iter().map(|r| (r.client_id.as_str(), &*r.node)).collect();
+        assert_eq!((ids, n), (vec![("Dev-1", "b"), ("dev-2", "b")], 3));
+        let (page, _) = c.remote_clients("dev", Some("dev-2"), 10);
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].client_id, "dev-3");
+        // Only the node that holds a client id lets it go; a node leaving takes its own.
+        c.client_at("b", "dev-3", false);
+        assert!(c.remote_client("dev-3").is_some());
+        c.client_at("c", "dev-3", false);
+        assert!(c.remote_client("dev-3").is_none());
+        c.clients_of("b", None);
+        assert_eq!(c.remote_clients("", None, 10).1, 0);
     }
 }

@@ -679,3 +679,88 @@ async fn a_node_that_joins_forwards_to_the_subscriptions_already_there() {
     on_a.publish("back/1", QoS::AtMostOnce, 0, b"5").await;
     assert_eq!(expect_publish(&mut sub_d).await.payload, &b"5"[..]);
 }
+
+/// The clients `GET /api/v1/clients` of the node at `admin` lists: (client id, node, remote).
+async fn listed(admin: std::net::SocketAddr, query: &str) -> Vec<(String, String, bool)> {
+    let (status, body) =
+        http_get(admin, &format!("/api/v1/clients{query}")).await.expect("clients");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let clients = v["clients"].as_array().cloned().unwrap_or_default();
+    clients
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (s("client_id"), s("node"), c["remote"].as_bool().unwrap_or(false))
+        })
+        .collect()
+}
+
+/// Polls `GET /api/v1/clients` of `admin` until `done` says yes (10 s at most).
+async fn until_listed(
+    admin: std::net::SocketAddr,
+    done: impl Fn(&[(String, String, bool)]) -> bool,
+) -> Vec<(String, String, bool)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = listed(admin, "").await;
+        if done(&list) {
+            return list;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "clients listed: {list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn entry(id: &str, node: &str, remote: bool) -> (String, String, bool) {
+    (id.to_owned(), node.to_owned(), remote)
+}
+
+#[tokio::test]
+async fn the_admin_api_of_any_node_lists_the_cluster_s_clients() {
+    let (a, b, c) = three_nodes().await;
+    let _on_a = v5(&a, "cl-a").await;
+    let mut on_b = v5(&b, "cl-b").await;
+    let _on_c = v5(&c, "cl-c").await;
+    let list = until_listed(a.admin_addr, |l| l.len() == 3).await;
+    assert_eq!(
+        list,
+        [entry("cl-a", "a", false), entry("cl-b", "b", true), entry("cl-c", "c", true)]
+    );
+    // Each node's view is the same (only `remote` differs).
+    let list = until_listed(c.admin_addr, |l| l.len() == 3).await;
+    assert_eq!(
+        list,
+        [entry("cl-a", "a", true), entry("cl-b", "b", true), entry("cl-c", "c", false)]
+    );
+    // Searched and paged across nodes, by client id.
+    assert_eq!(listed(a.admin_addr, "?search=CL-C").await, [entry("cl-c", "c", true)]);
+    assert_eq!(listed(a.admin_addr, "?limit=1&after=cl-a").await, [entry("cl-b", "b", true)]);
+    let (status, body) = http_get(a.admin_addr, "/api/v1/clients/cl-b").await.expect("client");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((v["node"].as_str(), v["remote"].as_bool()), (Some("b"), Some(true)), "{body}");
+    // A client that leaves its node leaves the others' lists; one that moves shows its new node.
+    on_b.send(&Packet::Disconnect(Box::new(codec::Disconnect {
+        code: codec::ReasonCode::SUCCESS,
+        properties: Properties::default(),
+    })))
+    .await;
+    until_listed(a.admin_addr, |l| !l.iter().any(|e| e.0 == "cl-b")).await;
+    let _moved = v5(&a, "cl-c").await;
+    until_listed(b.admin_addr, |l| l.contains(&entry("cl-c", "a", true)) && l.len() == 2).await;
+}
+
+#[tokio::test]
+async fn the_clients_of_a_sigkilled_node_leave_the_others_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("it-cluster");
+    let a = NodeProcess::start(dir.path(), &prefix, "a").await;
+    let mut b = NodeProcess::start(dir.path(), &prefix, "b").await;
+    let _device = RawClient::connect(b.mqtt, ProtocolVersion::V5, "on-b").await;
+    until_listed(a.admin, |l| l.contains(&entry("on-b", "b", true))).await;
+    b.child.kill().expect("kill");
+    b.child.wait().expect("reap");
+    // Silent for 3.5 s, then its queue is found gone.
+    until_listed(a.admin, |l| l.is_empty()).await;
+}
