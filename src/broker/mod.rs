@@ -972,7 +972,29 @@ impl Broker {
                 waits.push(p.durable());
             }
         }
-        hits.len() + self.publish_shared(msg, tracked)
+        // In a cluster that reaches RabbitMQ, share groups get their messages through it (one
+        // member cluster-wide: `deliver_to_group`), not here.
+        let shared = match self.cluster.get() {
+            Some(c) if c.serves_groups() => 0,
+            _ => self.publish_shared(msg, tracked),
+        };
+        hits.len() + shared
+    }
+
+    /// Hands `msg` to one member of the share group `key` (`$share/{group}/{filter}`) whose
+    /// filter is `filter` (the cluster's share queue delivered it to this node); false when
+    /// the group has no member here that may take it.
+    pub fn deliver_to_group(&self, key: &str, filter: &str, msg: &Arc<Message>) -> bool {
+        let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        let Some(g) = groups.get(key, filter) else { return false };
+        match g.send(msg, self.queue_qos0, &mut None) {
+            Sent::Delivered => {
+                self.metrics.messages_delivered_local.inc();
+            }
+            Sent::Full => self.metrics.dropped("shared_group_full"),
+            Sent::NoMember => return false,
+        }
+        true
     }
 
     /// Hands `msg` to one member of every matching share group; returns how many matched.

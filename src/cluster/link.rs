@@ -24,6 +24,7 @@ use super::{keys, Cluster, ClusterConfig, Command, Forward};
 use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
+use crate::mqtt::topic;
 use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
 use crate::store::codec;
 use crate::targets::amqp::transport::{self, describe, Transport, Uri};
@@ -79,6 +80,10 @@ const CLIENT_GONE: u8 = 14;
 /// Kind byte of every client id a node holds (sent with its binding keys in full): each as
 /// u16 length + bytes.
 const CLIENTS_FULL: u8 = 15;
+/// The first channel of the share groups' queues (one channel per group with members here).
+const FIRST_GROUP_CHANNEL: u16 = 10;
+/// Deliveries of a share queue a node takes before acknowledging them.
+const GROUP_PREFETCH: u16 = 256;
 /// Messages in one batch, at most.
 const BATCH_MESSAGES: usize = 64;
 /// Bytes of one batch's messages before it is closed (one message alone may be larger).
@@ -136,6 +141,18 @@ impl Settings {
 }
 
 impl Settings {
+    /// The share queue of group `key` (`$share/{group}/{filter}`): the cluster's prefix,
+    /// `share.` and 32 hex digits of the SHA-256 of the whole filter.
+    fn share_queue(&self, key: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(key.as_bytes());
+        let mut name = format!("{}share.", self.lock_prefix.trim_end_matches("client."));
+        for b in &digest[..16] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+
     /// The lock queue of `client_id`: the prefix and 32 hex digits of its SHA-256.
     fn lock_queue(&self, client_id: &str) -> String {
         use sha2::{Digest, Sha256};
@@ -319,6 +336,17 @@ enum LockWait {
     Reopen,
 }
 
+/// A share group with members on this node: its channel consumes the group's share queue
+/// `{prefix}.share.{hash of the whole filter}` (auto-deleted with its last consumer, bound with
+/// the filter's key), which every node with members consumes: RabbitMQ gives each message to
+/// one of them.
+struct GroupChannel {
+    /// `$share/{group}/{filter}` as subscribed.
+    key: String,
+    /// The filter.
+    filter: String,
+}
+
 /// A binding key of this node whose SUBACKs wait: for its bind-ok and for every other node's
 /// acknowledgement of the delta that announced it.
 struct Pending {
@@ -371,6 +399,18 @@ struct Link<'a> {
     peer_probes: VecDeque<String>,
     /// Ticks since the last heartbeat.
     beats: u32,
+    /// The share groups with members here, by channel.
+    groups: HashMap<u16, GroupChannel>,
+    /// The channel of each share group (by its whole filter).
+    group_channel: HashMap<String, u16>,
+    /// Channels whose `channel.close` was sent, not yet answered.
+    closing: HashSet<u16>,
+    /// Channels free to use again.
+    free_channels: Vec<u16>,
+    /// The next channel never used.
+    next_channel: u16,
+    /// Deliveries of share queues being assembled: channel → (delivery tag, assembly).
+    group_assembly: HashMap<u16, (u64, Assembly)>,
     /// `cluster_messages` out, in and own, resolved once.
     counted: [prometheus_client::metrics::counter::Counter; 3],
 }
@@ -403,6 +443,12 @@ impl<'a> Link<'a> {
             pending: HashMap::new(),
             peer_probes: VecDeque::new(),
             beats: 0,
+            groups: HashMap::new(),
+            group_channel: HashMap::new(),
+            closing: HashSet::new(),
+            free_channels: Vec::new(),
+            next_channel: FIRST_GROUP_CHANNEL,
+            group_assembly: HashMap::new(),
             counted: ["out", "in", "own"].map(|d| cluster.metrics.cluster.direction(d)),
         }
     }
@@ -419,8 +465,11 @@ impl<'a> Link<'a> {
         // What the setup bound is in place (the fixed keys at once; the subscriptions' once
         // the other nodes acknowledged them); then the changes made while connecting.
         let now = Instant::now();
-        let view = self.peers.view(now);
-        self.cluster.set_remote(|v| *v = view);
+        let mut view = self.peers.view(now);
+        self.cluster.set_remote(|v| {
+            view.groups = std::mem::take(&mut v.groups);
+            *v = view;
+        });
         self.cluster.clear_directory();
         let seq = self.cluster.announced.fetch_add(1, Ordering::AcqRel) + 1;
         for key in &self.bound {
@@ -431,6 +480,9 @@ impl<'a> Link<'a> {
             }
         }
         self.send_keys(NOTICE_KEY.to_owned(), seq, true);
+        for key in self.cluster.all_groups() {
+            self.open_group(key);
+        }
         self.apply_changes();
         // The retained messages published while this node was not there; the wills of its
         // clients, which the others may have missed.
@@ -848,8 +900,114 @@ impl<'a> Link<'a> {
         });
     }
 
+    /// Opens the share queue of group `key` on a channel of its own: declared, bound,
+    /// consumed with acknowledgements (the SUBACKs of its members wait for `consume-ok`).
+    fn open_group(&mut self, key: String) {
+        if self.group_channel.contains_key(&key) {
+            return;
+        }
+        let filter = match topic::parse_subscription(&key) {
+            Ok(f) if f.group.is_some() => f.filter.to_owned(),
+            _ => return,
+        };
+        let ch = match self.free_channels.pop() {
+            Some(ch) => ch,
+            None if self.next_channel < self.t.channel_max => {
+                self.next_channel += 1;
+                self.next_channel - 1
+            }
+            None => {
+                warn!(group = %key, "no AMQP channel left for another share group: served per node");
+                self.cluster.group_applied(&key, false);
+                return;
+            }
+        };
+        let queue = self.s.share_queue(&key);
+        let w = &mut self.t.wbuf;
+        methods::channel_open(w, ch);
+        consume::basic_qos(w, ch, GROUP_PREFETCH);
+        let flags =
+            QueueFlags { passive: false, durable: false, exclusive: false, auto_delete: true };
+        let max_length = i32::try_from(self.s.inbound_max).unwrap_or(i32::MAX);
+        let args = [("x-max-length", Value::I32(max_length))];
+        let binding = keys::binding_key(&filter);
+        let retained = format!("r{}", &binding[1..]);
+        let tag = format!("mqgate-cluster/{}", self.cluster.node_id);
+        let sent = methods::queue_declare(w, ch, &queue, flags, &args)
+            .and_then(|()| methods::queue_bind(w, ch, &queue, &self.s.exchange, &binding))
+            // Retained messages are delivered live too (routing key `r.…`).
+            .and_then(|()| methods::queue_bind(w, ch, &queue, &self.s.exchange, &retained))
+            .and_then(|()| consume::basic_consume_with(w, ch, &queue, &tag, false, false));
+        if let Err(e) = sent {
+            warn!(group = %key, error = %e, "share queue not opened: served per node");
+            self.cluster.group_applied(&key, false);
+            return;
+        }
+        self.group_channel.insert(key.clone(), ch);
+        self.groups.insert(ch, GroupChannel { key, filter });
+    }
+
+    /// Closes the channel of group `key` (its last member here left): RabbitMQ gives what it
+    /// had delivered here and not acknowledged to another node's members.
+    fn close_group(&mut self, key: &str) {
+        let Some(ch) = self.group_channel.remove(key) else { return };
+        self.groups.remove(&ch);
+        self.group_assembly.remove(&ch);
+        let start = frame::begin(&mut self.t.wbuf, 1, ch);
+        self.t.wbuf.put_u16(20); // channel
+        self.t.wbuf.put_u16(40); // close
+        self.t.wbuf.put_u16(REPLY_SUCCESS);
+        self.t.wbuf.put_u8(0); // reply text
+        self.t.wbuf.put_u16(0);
+        self.t.wbuf.put_u16(0);
+        frame::end(&mut self.t.wbuf, start);
+        self.closing.insert(ch);
+    }
+
+    /// A whole delivery of a share queue on channel `ch`: each message whose topic the
+    /// group's filter matches goes to one member here; then it is acknowledged.
+    fn on_group_message(&mut self, ch: u16, tag: u64, body: &[u8]) {
+        consume::basic_ack(&mut self.t.wbuf, ch, tag, false);
+        let Some(group) = self.groups.get(&ch) else { return };
+        let Some((&kind, rest)) = body.split_first() else { return };
+        let Some((&len, rest)) = rest.split_first() else { return };
+        let Some((_, encoded)) = rest.split_at_checked(usize::from(len)) else { return };
+        let one = |encoded: &[u8]| {
+            if let Ok(msg) = codec::decode_message(encoded) {
+                if topic::matches(&group.filter, &msg.topic) {
+                    let msg = Arc::new(msg);
+                    if !self.broker.deliver_to_group(&group.key, &group.filter, &msg) {
+                        self.cluster.metrics.dropped("shared_group_gone");
+                    }
+                }
+            }
+        };
+        match kind {
+            WIRE_VERSION => one(encoded),
+            BATCH_KIND => {
+                let Some((count, mut rest)) = encoded.split_at_checked(4) else { return };
+                let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+                for _ in 0..count {
+                    let Some((len, after)) = rest.split_at_checked(4) else { break };
+                    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                    let Some((msg, after)) = after.split_at_checked(len) else { break };
+                    rest = after;
+                    one(msg);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Binds and unbinds as the interest changed.
     fn apply_changes(&mut self) {
+        for (key, wanted) in self.cluster.take_group_changes() {
+            if wanted {
+                self.open_group(key);
+            } else {
+                self.close_group(&key);
+            }
+        }
         self.apply_binding_changes();
         let n = i64::try_from(self.bound.len()).unwrap_or(i64::MAX);
         self.cluster.metrics.cluster.bindings.set(n);
@@ -970,6 +1128,38 @@ impl<'a> Link<'a> {
         match frame {
             ConsumerFrame::Heartbeat => {}
             ConsumerFrame::Method { channel, method } => return self.on_method(channel, method),
+            ConsumerFrame::Header { channel, body_size, .. }
+                if self.groups.contains_key(&channel) =>
+            {
+                let Some((tag, assembly)) = self.group_assembly.get_mut(&channel) else {
+                    return Err("content header without basic.deliver".into());
+                };
+                let size = usize::try_from(body_size).map_err(|_| "body too large")?;
+                if size == 0 {
+                    let tag = *tag;
+                    self.group_assembly.remove(&channel);
+                    self.on_group_message(channel, tag, &[]);
+                } else {
+                    let body = BytesMut::with_capacity(size.min(self.t.frame_max as usize));
+                    *assembly = Assembly::Body { size, body };
+                }
+            }
+            ConsumerFrame::Body { channel, bytes } if self.groups.contains_key(&channel) => {
+                let Some((tag, Assembly::Body { body, size })) =
+                    self.group_assembly.get_mut(&channel)
+                else {
+                    return Err("content body without a header".into());
+                };
+                body.extend_from_slice(&bytes);
+                if body.len() >= *size {
+                    let tag = *tag;
+                    if let Some((_, Assembly::Body { body, .. })) =
+                        self.group_assembly.remove(&channel)
+                    {
+                        self.on_group_message(channel, tag, &body);
+                    }
+                }
+            }
             ConsumerFrame::Header { channel: CONSUME_CHANNEL, body_size, .. } => {
                 if !matches!(self.assembly, Assembly::Header) {
                     return Err("content header without basic.deliver".into());
@@ -1005,6 +1195,32 @@ impl<'a> Link<'a> {
         match method {
             ConsumerMethod::Deliver(Deliver { .. }) if channel == CONSUME_CHANNEL => {
                 self.assembly = Assembly::Header;
+            }
+            ConsumerMethod::Deliver(Deliver { delivery_tag, .. })
+                if self.groups.contains_key(&channel) =>
+            {
+                self.group_assembly.insert(channel, (delivery_tag, Assembly::Header));
+            }
+            ConsumerMethod::ConsumeOk(_) if self.groups.contains_key(&channel) => {
+                if let Some(g) = self.groups.get(&channel) {
+                    self.cluster.group_applied(&g.key, true);
+                }
+            }
+            ConsumerMethod::Common(Method::ChannelCloseOk) if self.closing.remove(&channel) => {
+                self.free_channels.push(channel);
+            }
+            ConsumerMethod::Common(Method::ChannelClose(c))
+                if self.groups.contains_key(&channel) || self.closing.contains(&channel) =>
+            {
+                methods::channel_close_ok(&mut self.t.wbuf, channel);
+                self.closing.remove(&channel);
+                self.group_assembly.remove(&channel);
+                if let Some(g) = self.groups.remove(&channel) {
+                    warn!(group = %g.key, reason = %describe(&c), "share queue refused: served per node");
+                    self.group_channel.remove(&g.key);
+                    self.cluster.group_applied(&g.key, false);
+                }
+                self.free_channels.push(channel);
             }
             ConsumerMethod::Common(Method::BasicAck { tag, multiple }) => {
                 self.confirmed(tag, multiple, true)

@@ -126,6 +126,9 @@ pub struct Cluster {
     tx: mpsc::Sender<Forward>,
     /// Binding keys and their subscriptions.
     interest: Mutex<Interest>,
+    /// This node's share groups (`$share/{group}/{filter}` as subscribed) and their members
+    /// here: each is served through its share queue (one member cluster-wide).
+    groups: Mutex<Interest>,
     /// Told when `interest.dirty` gained a key.
     changed: Notify,
     /// True while the link is connected and consuming.
@@ -194,7 +197,7 @@ impl Cluster {
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch,
-            remote: RwLock::new(peers::View { all: true, keys: HashMap::new() }),
+            remote: RwLock::new(peers::View { all: true, ..Default::default() }),
             announced: AtomicU64::new(0),
             directory: Mutex::new(BTreeMap::new()),
             commands,
@@ -202,6 +205,7 @@ impl Cluster {
             node_id: Arc::from(cfg.node_id.value.as_str()),
             tx,
             interest: Mutex::new(Interest::default()),
+            groups: Mutex::new(Interest::default()),
             changed: Notify::new(),
             connected: AtomicBool::new(false),
             down: Mutex::new(Some("connecting".into())),
@@ -236,14 +240,22 @@ impl Cluster {
         if down {
             // Until the link is back and in step with the others, nothing is skipped.
             self.remote.write().unwrap_or_else(|p| p.into_inner()).all = true;
-            let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-            i.applied.clear();
-            for (_, waiters) in i.waiters.drain() {
-                for w in waiters {
-                    let _ = w.send(Outcome::Delivered);
+            for interest in [&self.interest, &self.groups] {
+                let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+                i.applied.clear();
+                for (_, waiters) in i.waiters.drain() {
+                    for w in waiters {
+                        let _ = w.send(Outcome::Delivered);
+                    }
                 }
             }
         }
+    }
+
+    /// Whether share groups are served through RabbitMQ now (one member cluster-wide); while
+    /// the link is down each node's groups take what reaches the node.
+    pub fn serves_groups(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 
     /// For a SUBACK: a receiver resolved once the node's queue is bound for `filter` (so a
@@ -253,19 +265,58 @@ impl Cluster {
         if !self.connected.load(Ordering::Acquire) {
             return None;
         }
-        let key = binding_of(filter);
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        if i.applied.contains(&key) || !i.counts.contains_key(&key) {
-            return None;
+        let mut waits: Vec<_> = waiter(&self.interest, binding_of(filter)).into_iter().collect();
+        if is_shared(filter) {
+            // And the group's share queue bound and consumed.
+            waits.extend(waiter(&self.groups, filter.to_owned()));
         }
-        let (tx, rx) = oneshot::channel();
-        i.waiters.entry(key).or_default().push(tx);
-        Some(rx)
+        all_of(waits)
     }
 
     /// The broker confirmed the binding `key` (`true`), or it is being removed (`false`).
     fn applied(&self, key: &str, bound: bool) {
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        applied_in(&self.interest, key, bound);
+    }
+
+    /// The share queue of group `key` is consumed (`true`), or it is being closed.
+    fn group_applied(&self, key: &str, ready: bool) {
+        applied_in(&self.groups, key, ready);
+    }
+
+    /// The share groups whose membership here started or ended since the last call.
+    fn take_group_changes(&self) -> Vec<(String, bool)> {
+        take_changes_in(&self.groups)
+    }
+
+    /// Every share group with members here (after a reconnect); clears the changes.
+    fn all_groups(&self) -> Vec<String> {
+        let mut i = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        i.dirty.clear();
+        i.counts.keys().cloned().collect()
+    }
+}
+
+/// Whether `filter` is a shared subscription.
+fn is_shared(filter: &str) -> bool {
+    matches!(topic::parse_subscription(filter), Ok(f) if f.group.is_some())
+}
+
+/// A receiver resolved once `key` is applied in `interest`; `None` when it is already, or not
+/// wanted.
+fn waiter(interest: &Mutex<Interest>, key: String) -> Option<oneshot::Receiver<Outcome>> {
+    let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+    if i.applied.contains(&key) || !i.counts.contains_key(&key) {
+        return None;
+    }
+    let (tx, rx) = oneshot::channel();
+    i.waiters.entry(key).or_default().push(tx);
+    Some(rx)
+}
+
+/// `key` of `interest` is applied (`true`) or being removed; its waiters go.
+fn applied_in(interest: &Mutex<Interest>, key: &str, bound: bool) {
+    {
+        let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
         if bound {
             i.applied.insert(key.to_owned());
         } else {
@@ -273,7 +324,46 @@ impl Cluster {
         }
         i.release_waiters(key);
     }
+}
 
+/// Counts a subscription to `key` in `interest` in (`add`) or out; true when it went to or
+/// from zero (the link is to look).
+fn count_in(interest: &Mutex<Interest>, key: String, add: bool) -> bool {
+    let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+    if add {
+        let n = i.counts.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            i.dirty.insert(key);
+            return true;
+        }
+        return false;
+    }
+    let Some(n) = i.counts.get_mut(&key) else { return false };
+    *n -= 1;
+    if *n > 0 {
+        return false;
+    }
+    i.counts.remove(&key);
+    i.release_waiters(&key);
+    i.dirty.insert(key);
+    true
+}
+
+/// The changed keys of `interest` since the last call, each with whether it is wanted now.
+fn take_changes_in(interest: &Mutex<Interest>) -> Vec<(String, bool)> {
+    let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+    let dirty = std::mem::take(&mut i.dirty);
+    dirty
+        .into_iter()
+        .map(|k| {
+            let wanted = i.counts.contains_key(&k);
+            (k, wanted)
+        })
+        .collect()
+}
+
+impl Cluster {
     /// Sends `msg`, routed on this node, to the other nodes when another node's subscriptions
     /// may match it (a retained message: always, every node keeps them); for QoS 1/2 its
     /// outcome (the broker's confirm) goes into `waits`. Never waits: a full queue puts the
@@ -548,43 +638,32 @@ impl Cluster {
 
     /// A subscription to `filter` (`$share/{group}/` included) was added on this node.
     pub fn add_interest(&self, filter: &str) {
-        let key = binding_of(filter);
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let n = i.counts.entry(key.clone()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            i.dirty.insert(key);
-            drop(i);
-            self.changed.notify_one();
-        }
+        self.interest_changed(filter, true);
     }
 
     /// A subscription to `filter` was removed from this node.
     pub fn remove_interest(&self, filter: &str) {
+        self.interest_changed(filter, false);
+    }
+
+    /// Counts a subscription to `filter` in (`add`) or out: its binding key, and for a share
+    /// group the group (whose key this node then forwards whoever else wants it: the share
+    /// queue takes it).
+    fn interest_changed(&self, filter: &str, add: bool) {
         let key = binding_of(filter);
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(n) = i.counts.get_mut(&key) else { return };
-        *n -= 1;
-        if *n == 0 {
-            i.counts.remove(&key);
-            i.release_waiters(&key);
-            i.dirty.insert(key);
-            drop(i);
+        let mut changed = count_in(&self.interest, key.clone(), add);
+        if is_shared(filter) && count_in(&self.groups, filter.to_owned(), add) {
+            self.set_remote(|v| v.own_group(&key, add));
+            changed = true;
+        }
+        if changed {
             self.changed.notify_one();
         }
     }
 
     /// The changed keys since the last call, each with whether it is wanted now.
     fn take_changes(&self) -> Vec<(String, bool)> {
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let dirty = std::mem::take(&mut i.dirty);
-        dirty
-            .into_iter()
-            .map(|k| {
-                let wanted = i.counts.contains_key(&k);
-                (k, wanted)
-            })
-            .collect()
+        take_changes_in(&self.interest)
     }
 
     /// Every key wanted now (after a reconnect: the new queue has no bindings); clears the
@@ -658,6 +737,7 @@ mod tests {
             node_id: Arc::from("a"),
             tx,
             interest: Mutex::new(Interest::default()),
+            groups: Mutex::new(Interest::default()),
             changed: Notify::new(),
             connected: AtomicBool::new(false),
             down: Mutex::new(None),

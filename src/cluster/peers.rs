@@ -38,14 +38,31 @@ pub struct View {
     pub all: bool,
     /// Every other node's binding keys, with how many nodes have each.
     pub keys: HashMap<String, u32>,
+    /// The binding keys of this node's own share groups, with how many groups have each: their
+    /// messages go through the groups' share queues, even when no other node wants them.
+    pub groups: HashMap<String, u32>,
 }
 
 impl View {
     /// Whether another node may match a live (not retained) message on `topic`.
     pub fn wants(&self, topic: &str) -> bool {
         self.all
-            || (!self.keys.is_empty()
-                && keys::any_binding_matches(topic, |k| self.keys.contains_key(k)))
+            || ((!self.keys.is_empty() || !self.groups.is_empty())
+                && keys::any_binding_matches(topic, |k| {
+                    self.keys.contains_key(k) || self.groups.contains_key(k)
+                }))
+    }
+
+    /// A share group with binding key `key` started (`add`) or ended here.
+    pub fn own_group(&mut self, key: &str, add: bool) {
+        if add {
+            *self.groups.entry(key.to_owned()).or_insert(0) += 1;
+        } else if let Some(n) = self.groups.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.groups.remove(key);
+            }
+        }
     }
 
     fn add(&mut self, key: &str) {
@@ -113,7 +130,8 @@ impl Peers {
 
     /// The view forwarding reads, recomputed as a whole (after a connection came up).
     pub fn view(&self, now: Instant) -> View {
-        let mut view = View { all: self.forward_all(now), keys: HashMap::new() };
+        let mut view =
+            View { all: self.forward_all(now), keys: HashMap::new(), groups: HashMap::new() };
         for p in self.nodes.values() {
             for k in &p.keys {
                 view.add(k);

@@ -764,3 +764,79 @@ async fn the_clients_of_a_sigkilled_node_leave_the_others_lists() {
     // Silent for 3.5 s, then its queue is found gone.
     until_listed(a.admin, |l| l.is_empty()).await;
 }
+
+/// Takes every PUBLISH `c` gets until it is quiet for `quiet`, acknowledging QoS 1 ones;
+/// their payloads.
+async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = c.recv_within(quiet).await {
+        if let Packet::Publish(p) = p {
+            if p.qos != QoS::AtMostOnce {
+                c.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+            }
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_share_group_gets_each_message_once_across_the_nodes() {
+    let (a, b, c) = three_nodes().await;
+    let mut members = Vec::new();
+    for (node, id) in [(&a, "m-a"), (&b, "m-b"), (&c, "m-c")] {
+        let mut m = v5(node, id).await;
+        subscribe(&mut m, "$share/team/jobs/#", qos(QoS::AtLeastOnce), None).await;
+        members.push(m);
+    }
+    // A plain subscriber still gets every message.
+    let mut all = v5(&b, "all").await;
+    subscribe(&mut all, "jobs/#", qos(QoS::AtMostOnce), None).await;
+    past_grace().await;
+    let mut publisher = v5(&a, "pub").await;
+    let n = 60u16;
+    for i in 1..=n {
+        crate::support::publish_qos1(
+            &mut publisher,
+            &format!("jobs/{i}"),
+            i,
+            i.to_string().as_bytes(),
+        )
+        .await;
+    }
+    let mut got = Vec::new();
+    let mut per_member = Vec::new();
+    for m in &mut members {
+        let mine = drain(m, Duration::from_millis(1500)).await;
+        per_member.push(mine.len());
+        got.extend(mine);
+    }
+    got.sort_by_key(|p| p.parse::<u16>().unwrap_or(0));
+    let expected: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected, "each message once in the group, cluster-wide ({per_member:?})");
+    assert!(per_member.iter().filter(|k| **k > 0).count() >= 2, "shared: {per_member:?}");
+    assert_eq!(drain(&mut all, Duration::from_millis(300)).await.len(), usize::from(n));
+
+    // The member on C leaves: A's and B's members take all of it.
+    let mut gone = members.pop().expect("c");
+    gone.send(&Packet::Unsubscribe(Box::new(codec::Unsubscribe {
+        packet_id: 2,
+        filters: vec!["$share/team/jobs/#".into()],
+        properties: Properties::default(),
+    })))
+    .await;
+    assert!(matches!(gone.recv().await, Some(Packet::UnsubAck(_))));
+    let mut p = crate::support::publish_packet("jobs/x", QoS::AtLeastOnce, 1, b"r");
+    p.retain = true;
+    publisher.send(&Packet::Publish(p)).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    for i in 1..=20u16 {
+        crate::support::publish_qos1(&mut publisher, "jobs/y", i, b"y").await;
+    }
+    let mut total = 0;
+    for m in &mut members {
+        total += drain(m, Duration::from_millis(1500)).await.len();
+    }
+    assert_eq!(total, 21, "the retained one too, once");
+    expect_silence(&mut gone, Duration::from_millis(100)).await;
+}
