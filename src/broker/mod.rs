@@ -972,13 +972,7 @@ impl Broker {
                 waits.push(p.durable());
             }
         }
-        // In a cluster that reaches RabbitMQ, share groups get their messages through it (one
-        // member cluster-wide: `deliver_to_group`), not here.
-        let shared = match self.cluster.get() {
-            Some(c) if c.serves_groups() => 0,
-            _ => self.publish_shared(msg, tracked),
-        };
-        hits.len() + shared
+        hits.len() + self.publish_shared(msg, tracked)
     }
 
     /// Hands `msg` to one member of the share group `key` (`$share/{group}/{filter}`) whose
@@ -1001,6 +995,11 @@ impl Broker {
     fn publish_shared(&self, msg: &Arc<Message>, tracked: Option<&Ticket>) -> usize {
         let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
         if groups.is_empty() {
+            return 0;
+        }
+        // In a cluster that reaches RabbitMQ, share groups get their messages through it (one
+        // member cluster-wide: `deliver_to_group`), not here.
+        if self.cluster.get().is_some_and(|c| c.serves_groups()) {
             return 0;
         }
         let mut matched = 0;
