@@ -40,6 +40,8 @@ pub struct Spec<'a> {
     pub amqp_url: &'a str,
     pub idle: Duration,
     pub json: bool,
+    /// Whether to run the `rabbitmq-mqtt` side (`--no-broker-plugin`: not).
+    pub plugin: bool,
 }
 
 /// The sides of the comparison, in run order.
@@ -71,14 +73,17 @@ pub async fn run(spec: &Spec<'_>) -> Result<bool> {
     let a = Gateway::start_with(spec.binary, ready, node("a", true)).await?;
     let b = Gateway::start_with(spec.binary, ready, node("b", true)).await?;
     let single = Gateway::start_with(spec.binary, ready, node("single", false)).await?;
-    let plugin = MqttPlugin::start()?;
+    let plugin = if spec.plugin { Some(MqttPlugin::start()?) } else { None };
+    let plugin_addr = plugin.as_ref().map_or("skipped (--no-broker-plugin)", |p| p.addr.as_str());
     if !spec.json {
         println!(
             "mqgate-bench cluster: {} msgs x {} B per run, {} MQTT publishers (window {}) -> 1 subscriber (QoS 0); nodes a {} and b {} (prefix {prefix}), single {}, RabbitMQ MQTT plugin {}",
             spec.messages, spec.payload, spec.publishers, spec.window, a.mqtt_addr, b.mqtt_addr,
-            single.mqtt_addr, plugin.addr
+            single.mqtt_addr, plugin_addr
         );
-        println!("note: {}", plugin.note);
+        if let Some(plugin) = &plugin {
+            println!("note: {}", plugin.note);
+        }
     }
     let clock = Clock::new();
     let mut runs: Vec<(u8, &str, f64, u64, f64)> = Vec::new();
@@ -87,10 +92,11 @@ pub async fn run(spec: &Spec<'_>) -> Result<bool> {
         for &qos in &spec.qos {
             for _ in 0..spec.repeat {
                 for side in SIDES {
-                    let (publish_to, subscribe_to) = match side {
-                        "cross-node" => (&a.mqtt_addr, &b.mqtt_addr),
-                        "rabbitmq-mqtt" => (&plugin.addr, &plugin.addr),
-                        "same-node" => (&a.mqtt_addr, &a.mqtt_addr),
+                    let (publish_to, subscribe_to) = match (side, &plugin) {
+                        ("cross-node", _) => (&a.mqtt_addr, &b.mqtt_addr),
+                        ("rabbitmq-mqtt", Some(plugin)) => (&plugin.addr, &plugin.addr),
+                        ("rabbitmq-mqtt", None) => continue,
+                        ("same-node", _) => (&a.mqtt_addr, &a.mqtt_addr),
                         _ => (&single.mqtt_addr, &single.mqtt_addr),
                     };
                     run_no += 1;
@@ -115,7 +121,8 @@ pub async fn run(spec: &Spec<'_>) -> Result<bool> {
             eprintln!("mqgate-bench: {note}");
         }
     }
-    let restored = plugin.stop();
+    let restored =
+        plugin.map_or_else(|| "RabbitMQ's MQTT plugin not used".into(), MqttPlugin::stop);
     result?;
     let median = |qos: u8, side: &str| {
         let mut v: Vec<f64> =
