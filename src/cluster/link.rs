@@ -707,7 +707,7 @@ impl<'a> Link<'a> {
         };
         let seq = seq.unwrap_or(0);
         let rest = subject.get(16..).unwrap_or_default();
-        let mut view = self.cluster.remote.write().unwrap_or_else(|p| p.into_inner());
+        let cluster = self.cluster;
         let then = match kind {
             KEYS_FULL => {
                 let (ask, mut rest) =
@@ -720,8 +720,9 @@ impl<'a> Link<'a> {
                     keys.extend(std::str::from_utf8(key).ok().map(str::to_owned));
                     rest = after;
                 }
-                let then = self.peers.on_full(&mut view, origin, (epoch, seq), keys, now);
-                drop(view);
+                let peers = &mut self.peers;
+                let then =
+                    cluster.set_remote(|v| peers.on_full(v, origin, (epoch, seq), keys, now));
                 if ask {
                     let seq = self.cluster.announced.load(Ordering::Acquire);
                     self.send_keys(direct_key(origin), seq, false);
@@ -741,17 +742,21 @@ impl<'a> Link<'a> {
                     }
                     rest = after;
                 }
-                self.peers.on_delta(&mut view, origin, (epoch, seq), &changes, now)
+                let peers = &mut self.peers;
+                cluster.set_remote(|v| peers.on_delta(v, origin, (epoch, seq), &changes, now))
             }
             KEYS_ACK => {
-                drop(view);
                 self.peers.on_ack(origin, epoch, seq, self.cluster.epoch, now);
                 self.check_pending(now);
                 return;
             }
-            HEARTBEAT => self.peers.on_heartbeat(&mut view, origin, epoch, seq, now),
+            HEARTBEAT => {
+                let peers = &mut self.peers;
+                cluster.set_remote(|v| peers.on_heartbeat(v, origin, epoch, seq, now))
+            }
             _ => {
-                self.peers.remove(&mut view, origin, now);
+                let peers = &mut self.peers;
+                cluster.set_remote(|v| peers.remove(v, origin, now));
                 self.cluster.clients_of(origin, None);
                 Then::Nothing
             }
@@ -862,9 +867,8 @@ impl<'a> Link<'a> {
             (Some(LockWait::PeerProbe(node)), answer) => {
                 let gone = matches!(&answer, Err(e) if e.starts_with("404"));
                 let now = Instant::now();
-                let mut view = self.cluster.remote.write().unwrap_or_else(|p| p.into_inner());
-                let ask = self.peers.probed(&mut view, &node, !gone, now);
-                drop(view);
+                let peers = &mut self.peers;
+                let ask = self.cluster.set_remote(|v| peers.probed(v, &node, !gone, now));
                 if gone {
                     info!(node = %node, "a silent node's queue is gone: not forwarding to it");
                     self.cluster.clients_of(&node, None);

@@ -156,6 +156,13 @@ pub struct Cluster {
     /// What the other nodes' subscriptions can match (`peers`): a live message goes to
     /// RabbitMQ only when this says another node may want it. Written by the link.
     remote: RwLock<peers::View>,
+    /// A copy of `remote` as of its last change, which forwarding threads keep (numbered by
+    /// `view_gen`): reading it costs an atomic load, not a lock, per message.
+    snapshot: RwLock<Arc<peers::View>>,
+    /// Bumped after each change of `remote` (once `snapshot` holds it).
+    view_gen: AtomicU64,
+    /// This handle's id in the process (the forwarding threads' copies name it).
+    uid: u64,
     /// The sequence number of this node's last announcement of its binding keys (monotonic
     /// over the process, across reconnects).
     announced: AtomicU64,
@@ -198,6 +205,9 @@ impl Cluster {
             remote_wills: Mutex::new(HashMap::new()),
             epoch,
             remote: RwLock::new(peers::View { all: true, ..Default::default() }),
+            snapshot: RwLock::new(Arc::new(peers::View { all: true, ..Default::default() })),
+            view_gen: AtomicU64::new(1),
+            uid: next_uid(),
             announced: AtomicU64::new(0),
             directory: Mutex::new(BTreeMap::new()),
             commands,
@@ -239,7 +249,7 @@ impl Cluster {
         }
         if down {
             // Until the link is back and in step with the others, nothing is skipped.
-            self.remote.write().unwrap_or_else(|p| p.into_inner()).all = true;
+            self.set_remote(|v| v.all = true);
             for interest in [&self.interest, &self.groups] {
                 let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
                 i.applied.clear();
@@ -470,12 +480,34 @@ impl Cluster {
 
     /// Whether another node's subscriptions may match a live message on `topic`.
     fn remote_wants(&self, topic: &str) -> bool {
-        self.remote.read().unwrap_or_else(|p| p.into_inner()).wants(topic)
+        thread_local! {
+            /// This thread's copy of a cluster's view: (its uid, generation, view).
+            static VIEW: std::cell::RefCell<Option<(u64, u64, Arc<peers::View>)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let gen = self.view_gen.load(Ordering::Acquire);
+        VIEW.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            match &*cached {
+                Some((uid, g, view)) if *uid == self.uid && *g == gen => view.wants(topic),
+                _ => {
+                    let view = Arc::clone(&self.snapshot.read().unwrap_or_else(|p| p.into_inner()));
+                    let wants = view.wants(topic);
+                    *cached = Some((self.uid, gen, view));
+                    wants
+                }
+            }
+        })
     }
 
-    /// Replaces what forwarding reads (the link, after a change of the other nodes' keys).
-    fn set_remote(&self, update: impl FnOnce(&mut peers::View)) {
-        update(&mut self.remote.write().unwrap_or_else(|p| p.into_inner()));
+    /// Changes what forwarding reads (the link, after a change of the other nodes' keys; a
+    /// share group here): the copy is replaced, then its generation bumped.
+    fn set_remote<R>(&self, update: impl FnOnce(&mut peers::View) -> R) -> R {
+        let mut view = self.remote.write().unwrap_or_else(|p| p.into_inner());
+        let r = update(&mut view);
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view.clone());
+        self.view_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     /// Makes the connection `conn_id` the cluster-wide holder of `client_id` (its handshake,
@@ -675,6 +707,12 @@ impl Cluster {
     }
 }
 
+/// A process-unique id for a [`Cluster`] handle.
+fn next_uid() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Now, in ms since the Unix epoch.
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -732,6 +770,9 @@ mod tests {
             remote_wills: Mutex::new(HashMap::new()),
             epoch: 1,
             remote: RwLock::new(peers::View::default()),
+            snapshot: RwLock::new(Arc::default()),
+            view_gen: AtomicU64::new(1),
+            uid: next_uid(),
             announced: AtomicU64::new(0),
             directory: Mutex::new(BTreeMap::new()),
             node_id: Arc::from("a"),

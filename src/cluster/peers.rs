@@ -31,8 +31,8 @@ pub const SILENCE: Duration = Duration::from_millis(3500);
 /// node that did not answer by then is cut off or overloaded; it is in the failure table).
 pub const SUBACK_WAIT: Duration = Duration::from_secs(5);
 
-/// What the forwarding path reads (under a read lock, per message).
-#[derive(Debug, Default)]
+/// What the forwarding path reads (a copy per thread, replaced when it changes).
+#[derive(Debug, Default, Clone)]
 pub struct View {
     /// Forward everything: in the grace period, or some node is out of step.
     pub all: bool,
