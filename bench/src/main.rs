@@ -184,6 +184,11 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
     repeat: u64,
 
+    /// `--mode cluster`: leave RabbitMQ's MQTT plugin alone (no `rabbitmq-mqtt` side), for a
+    /// machine whose broker must not be reconfigured even for the run.
+    #[arg(long)]
+    no_broker_plugin: bool,
+
     /// `--mode tls`: full TLS handshakes per server and key type for the connection rate.
     #[arg(long, default_value_t = 2_000)]
     tls_connections: u64,
@@ -501,6 +506,7 @@ async fn run(args: Args) -> Result<bool> {
             amqp_url: &args.amqp_url,
             idle: args.idle()?,
             json: args.json,
+            plugin: !args.no_broker_plugin,
         };
         return cluster::run(&spec).await;
     }

@@ -9,7 +9,9 @@
 //!
 //! Everything is a snapshot taken under the broker's locks for one pass (the registry's, then
 //! the subscription tree's, never both at once) and bounded by `limit`; nothing here waits
-//! while holding one.
+//! while holding one. In a cluster the list and `GET /clients/{id}` also show the clients
+//! connected on the other nodes (`node`: where; known from the cluster's notices, without their
+//! details or subscriptions); disconnecting one is done on its node.
 
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
@@ -25,6 +27,10 @@ use crate::broker::SubscriptionSnapshot;
 #[derive(Serialize)]
 struct Client {
     client_id: String,
+    /// In a cluster: the node it is connected to or parked on (`null` on a single node).
+    node: Option<String>,
+    /// Connected on another node of the cluster (only `node` and `connected_at` are known).
+    remote: bool,
     user: Option<String>,
     /// A connection holds the client id.
     connected: bool,
@@ -45,9 +51,11 @@ struct Client {
 }
 
 impl Client {
-    fn of(c: &ClientSnapshot) -> Client {
+    fn of(c: &ClientSnapshot, node: Option<&str>) -> Client {
         Client {
             client_id: c.client_id.to_string(),
+            node: node.map(str::to_owned),
+            remote: false,
             user: c.user.as_deref().map(str::to_owned),
             connected: c.connected,
             peer: c
@@ -65,6 +73,25 @@ impl Client {
             parked: c.parked.is_some(),
             expires_in: c.parked.as_ref().and_then(|p| p.expires_in),
             queued: c.parked.as_ref().map(|p| p.queued),
+        }
+    }
+
+    /// A client connected on another node of the cluster.
+    fn remote(c: &crate::cluster::RemoteClient) -> Client {
+        Client {
+            client_id: c.client_id.clone(),
+            node: Some(c.node.to_string()),
+            remote: true,
+            user: None,
+            connected: true,
+            peer: None,
+            protocol: None,
+            keep_alive: None,
+            connected_at: Some(super::iso8601(c.since_ms)),
+            session_id: None,
+            parked: false,
+            expires_in: None,
+            queued: None,
         }
     }
 }
@@ -90,14 +117,29 @@ pub(super) async fn list(State(state): State<AdminState>, RawQuery(q): RawQuery)
     };
     let search = reply::get(&params, "search").unwrap_or("");
     let broker = &state.gateway.broker;
-    let (mut page, count) = broker.clients(search, reply::get(&params, "after"), limit + 1);
-    let more = page.len() > limit;
-    page.truncate(limit);
-    let next_after = if more { page.last().map(|c| c.client_id.to_string()) } else { None };
-    json(
-        StatusCode::OK,
-        &ClientPage { count, clients: page.iter().map(Client::of).collect(), next_after },
-    )
+    let after = reply::get(&params, "after");
+    let (page, mut count) = broker.clients(search, after, limit + 1);
+    let node = broker.cluster().map(|c| c.node_id());
+    let mut clients: Vec<Client> = page.iter().map(|c| Client::of(c, node)).collect();
+    if let Some(cluster) = broker.cluster() {
+        // Merged by client id; a client id in both (a takeover under way) listed once, here.
+        let (remote, n) = cluster.remote_clients(search, after, limit + 1);
+        let local: std::collections::HashSet<String> =
+            clients.iter().map(|c| c.client_id.clone()).collect();
+        count += n;
+        for r in &remote {
+            if local.contains(&r.client_id) {
+                count -= 1;
+            } else {
+                clients.push(Client::remote(r));
+            }
+        }
+        clients.sort_by(|a, b| a.client_id.cmp(&b.client_id));
+    }
+    let more = clients.len() > limit;
+    clients.truncate(limit);
+    let next_after = if more { clients.last().map(|c| c.client_id.clone()) } else { None };
+    json(StatusCode::OK, &ClientPage { count, clients, next_after })
 }
 
 /// One subscription as listed.
@@ -151,10 +193,15 @@ struct ClientDetail {
 
 pub(super) async fn show(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     let broker = &state.gateway.broker;
+    let node = broker.cluster().map(|c| c.node_id());
     let Some(c) = broker.client(&id) else {
+        if let Some(remote) = broker.cluster().and_then(|c| c.remote_client(&id)) {
+            let detail = ClientDetail { client: Client::remote(&remote), subscriptions: vec![] };
+            return json(StatusCode::OK, &detail);
+        }
         return error(StatusCode::NOT_FOUND, &format!("no client {id:?}"));
     };
-    let detail = Client::of(&c);
+    let detail = Client::of(&c, node);
     let subs = match detail.session_id {
         Some(session) => broker.subscriptions("", None, reply::MAX_PAGE, Some(session)).0,
         None => Vec::new(),

@@ -975,10 +975,31 @@ impl Broker {
         hits.len() + self.publish_shared(msg, tracked)
     }
 
+    /// Hands `msg` to one member of the share group `key` (`$share/{group}/{filter}`) whose
+    /// filter is `filter` (the cluster's share queue delivered it to this node); false when
+    /// the group has no member here that may take it.
+    pub fn deliver_to_group(&self, key: &str, filter: &str, msg: &Arc<Message>) -> bool {
+        let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        let Some(g) = groups.get(key, filter) else { return false };
+        match g.send(msg, self.queue_qos0, &mut None) {
+            Sent::Delivered => {
+                self.metrics.messages_delivered_local.inc();
+            }
+            Sent::Full => self.metrics.dropped("shared_group_full"),
+            Sent::NoMember => return false,
+        }
+        true
+    }
+
     /// Hands `msg` to one member of every matching share group; returns how many matched.
     fn publish_shared(&self, msg: &Arc<Message>, tracked: Option<&Ticket>) -> usize {
         let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
         if groups.is_empty() {
+            return 0;
+        }
+        // In a cluster that reaches RabbitMQ, share groups get their messages through it (one
+        // member cluster-wide: `deliver_to_group`), not here.
+        if self.cluster.get().is_some_and(|c| c.serves_groups()) {
             return 0;
         }
         let mut matched = 0;

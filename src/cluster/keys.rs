@@ -17,24 +17,63 @@ pub const LEVELS: usize = 2;
 /// Longest level used as itself in a key; a longer one is hashed.
 const MAX_LITERAL: usize = 32;
 
-/// The word of one topic level.
-fn word(level: &str, out: &mut String) {
+/// Bytes of a key built on the stack: the longest is `m.` and two words of `1 + MAX_LITERAL`.
+const KEY_MAX: usize = 4 + 2 * (MAX_LITERAL + 1);
+
+/// A key (or a word) built without allocating; ASCII only.
+struct Key {
+    bytes: [u8; KEY_MAX],
+    len: usize,
+}
+
+impl Key {
+    fn new() -> Key {
+        Key { bytes: [0; KEY_MAX], len: 0 }
+    }
+
+    fn push(&mut self, part: &[u8]) {
+        let end = self.len + part.len();
+        if let Some(dst) = self.bytes.get_mut(self.len..end) {
+            dst.copy_from_slice(part);
+            self.len = end;
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
+    }
+}
+
+/// The word of one topic level, appended to `out`.
+fn word_into(level: &str, out: &mut Key) {
     if level.is_empty() {
-        out.push('e');
+        out.push(b"e");
     } else if level.len() <= MAX_LITERAL
         && level.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
     {
-        out.push('l');
-        out.push_str(level);
+        out.push(b"l");
+        out.push(level.as_bytes());
     } else {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in level.bytes() {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        out.push('h');
-        out.push_str(&format!("{h:016x}"));
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut hex = [0u8; 17];
+        hex[0] = b'h';
+        for (i, d) in hex[1..].iter_mut().enumerate() {
+            *d = HEX[((h >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        out.push(&hex);
     }
+}
+
+/// The word of one topic level.
+fn word(level: &str, out: &mut String) {
+    let mut w = Key::new();
+    word_into(level, &mut w);
+    out.push_str(w.as_str());
 }
 
 /// The routing key of a message on `topic`: `m.` (or `r.` when `retained`) and the words of
@@ -65,6 +104,38 @@ pub fn binding_key(filter: &str) -> String {
         }
     }
     key
+}
+
+/// Whether one of the binding keys `bound` says it holds (keys as [`binding_key`] makes them)
+/// matches the routing key of a live message on `topic`, as RabbitMQ's topic exchange would:
+/// asks for each of the at most seven binding keys that can match it.
+pub fn any_binding_matches(topic: &str, bound: impl Fn(&str) -> bool) -> bool {
+    let mut levels = topic.split('/');
+    let mut first_word = Key::new();
+    word_into(levels.next().unwrap_or(""), &mut first_word);
+    let first = first_word.as_str();
+    let has = |words: &[&str]| {
+        let mut key = Key::new();
+        key.push(b"m");
+        for w in words {
+            key.push(b".");
+            key.push(w.as_bytes());
+        }
+        bound(key.as_str())
+    };
+    // `#` matches zero words too: `m.X.#` and `m.*.#` match a one-level key `m.X`.
+    if has(&["#"]) || has(&[first, "#"]) || has(&["*", "#"]) {
+        return true;
+    }
+    match levels.next() {
+        None => has(&[first]) || has(&["*"]),
+        Some(level) => {
+            let mut second_word = Key::new();
+            word_into(level, &mut second_word);
+            let second = second_word.as_str();
+            has(&[first, second]) || has(&[first, "*"]) || has(&["*", second]) || has(&["*", "*"])
+        }
+    }
 }
 
 /// The binding key that brings every retained message (each node keeps them all).
@@ -115,7 +186,7 @@ mod tests {
     }
 
     fn filter_level() -> impl Strategy<Value = String> {
-        prop_oneof![3 => level(), 1 => Just("+".to_owned())]
+        prop_oneof![3 => level(), 1 => Just("+".to_owned()), 1 => Just("#".to_owned())]
     }
 
     proptest! {
@@ -140,6 +211,31 @@ mod tests {
                 );
             }
             prop_assert!(matches(RETAINED_BINDING, &routing_key(&topic, true)));
+        }
+
+        /// The forwarding filter says what RabbitMQ would: a binding among the set matches
+        /// the topic's routing key exactly when `any_binding_matches` says so.
+        #[test]
+        fn the_forwarding_filter_agrees_with_the_topic_exchange(
+            topic_levels in prop::collection::vec(level(), 1..5),
+            filters in prop::collection::vec(
+                (prop::collection::vec(filter_level(), 1..4), any::<bool>()), 0..4),
+        ) {
+            let topic = topic_levels.join("/");
+            prop_assume!(!topic.contains(['+', '#']));
+            let bound: std::collections::HashSet<String> = filters
+                .iter()
+                .map(|(levels, hash)| {
+                    let mut f = levels.join("/");
+                    if *hash {
+                        f.push_str("/#");
+                    }
+                    binding_key(&f)
+                })
+                .collect();
+            let key = routing_key(&topic, false);
+            let amqp = bound.iter().any(|b| matches(b, &key));
+            prop_assert_eq!(any_binding_matches(&topic, |k| bound.contains(k)), amqp, "{} {:?}", key, bound);
         }
     }
 }

@@ -9,7 +9,8 @@
 //! in the store's encoding (`store::codec`: topic, QoS, RETAIN, payload, every MQTT 5
 //! property, client id, user name): exact, whatever the topic or properties hold.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,10 +19,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::peers::{self, Peers, Then};
 use super::{keys, Cluster, ClusterConfig, Command, Forward};
 use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
+use crate::mqtt::topic;
 use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
 use crate::store::codec;
 use crate::targets::amqp::transport::{self, describe, Transport, Uri};
@@ -57,6 +60,30 @@ const WILL_CLEAR: u8 = 7;
 /// Kind byte of several messages with one routing key in one AMQP message: a u32 count, then
 /// each message as a u32 length and its store encoding.
 const BATCH_KIND: u8 = 8;
+/// Kind byte of a node's binding keys in full: its epoch (u64), sequence number (u64), a byte
+/// (1: the receiver answers with its own keys, sent to this node alone), then each key (u8
+/// length + bytes). Broadcast when the link comes up; sent to one node that asked.
+const KEYS_FULL: u8 = 9;
+/// Kind byte of a change of a node's binding keys: epoch, sequence number, then each change
+/// (1 added / 0 removed, u8 length + key).
+const KEYS_DELTA: u8 = 10;
+/// Kind byte of an acknowledgement, sent to one node: the epoch of that node (u64) and the
+/// sequence number of its keys the sender applied (u64).
+const KEYS_ACK: u8 = 11;
+/// Kind byte of a heartbeat: epoch, sequence number of the sender's latest keys.
+const HEARTBEAT: u8 = 12;
+/// Kind byte of "this node is leaving" (clean shutdown): epoch.
+const GOODBYE: u8 = 13;
+/// Kind byte of "this node no longer holds this client id" (its connection ended): the client
+/// id. Its taking is the notice [`NOTICE_ACQUIRED`].
+const CLIENT_GONE: u8 = 14;
+/// Kind byte of every client id a node holds (sent with its binding keys in full): each as
+/// u16 length + bytes.
+const CLIENTS_FULL: u8 = 15;
+/// The first channel of the share groups' queues (one channel per group with members here).
+const FIRST_GROUP_CHANNEL: u16 = 10;
+/// Deliveries of a share queue a node takes before acknowledging them.
+const GROUP_PREFETCH: u16 = 256;
 /// Messages in one batch, at most.
 const BATCH_MESSAGES: usize = 64;
 /// Bytes of one batch's messages before it is closed (one message alone may be larger).
@@ -114,6 +141,18 @@ impl Settings {
 }
 
 impl Settings {
+    /// The share queue of group `key` (`$share/{group}/{filter}`): the cluster's prefix,
+    /// `share.` and 32 hex digits of the SHA-256 of the whole filter.
+    fn share_queue(&self, key: &str) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(key.as_bytes());
+        let mut name = format!("{}share.", self.lock_prefix.trim_end_matches("client."));
+        for b in &digest[..16] {
+            name.push_str(&format!("{b:02x}"));
+        }
+        name
+    }
+
     /// The lock queue of `client_id`: the prefix and 32 hex digits of its SHA-256.
     fn lock_queue(&self, client_id: &str) -> String {
         use sha2::{Digest, Sha256};
@@ -291,8 +330,32 @@ enum LockWait {
     Probe(String, u64),
     /// The right to publish a dead node's wills (one survivor gets it).
     ClaimWills(String, u64),
+    /// Whether a silent node (forwarding filter) still holds its queue.
+    PeerProbe(String),
     /// The channel is being opened again after a refused lock.
     Reopen,
+}
+
+/// A share group with members on this node: its channel consumes the group's share queue
+/// `{prefix}.share.{hash of the whole filter}` (auto-deleted with its last consumer, bound with
+/// the filter's key), which every node with members consumes: RabbitMQ gives each message to
+/// one of them.
+struct GroupChannel {
+    /// `$share/{group}/{filter}` as subscribed.
+    key: String,
+    /// The filter.
+    filter: String,
+}
+
+/// A binding key of this node whose SUBACKs wait: for its bind-ok and for every other node's
+/// acknowledgement of the delta that announced it.
+struct Pending {
+    /// The sequence number of that delta.
+    seq: u64,
+    /// Bind-ok received.
+    bound: bool,
+    /// When it was announced ([`peers::SUBACK_WAIT`] after it, it is ready anyway).
+    since: Instant,
 }
 
 /// The link on one live connection.
@@ -325,8 +388,29 @@ struct Link<'a> {
     assembly: Assembly,
     /// Scratch for encoding one message.
     body: BytesMut,
-    /// Binds (`Some(key)`) and unbinds (`None`) sent and not yet answered, in order.
-    binding: VecDeque<Option<String>>,
+    /// Binds (`Some(key, its announcement's sequence number)`) and unbinds (`None`) sent and
+    /// not yet answered, in order.
+    binding: VecDeque<Option<(String, u64)>>,
+    /// The other nodes' binding keys (what this node forwards to them).
+    peers: Peers,
+    /// Keys whose SUBACKs wait.
+    pending: HashMap<String, Pending>,
+    /// Silent nodes to check.
+    peer_probes: VecDeque<String>,
+    /// Ticks since the last heartbeat.
+    beats: u32,
+    /// The share groups with members here, by channel.
+    groups: HashMap<u16, GroupChannel>,
+    /// The channel of each share group (by its whole filter).
+    group_channel: HashMap<String, u16>,
+    /// Channels whose `channel.close` was sent, not yet answered.
+    closing: HashSet<u16>,
+    /// Channels free to use again.
+    free_channels: Vec<u16>,
+    /// The next channel never used.
+    next_channel: u16,
+    /// Deliveries of share queues being assembled: channel → (delivery tag, assembly).
+    group_assembly: HashMap<u16, (u64, Assembly)>,
     /// `cluster_messages` out, in and own, resolved once.
     counted: [prometheus_client::metrics::counter::Counter; 3],
 }
@@ -355,6 +439,16 @@ impl<'a> Link<'a> {
             assembly: Assembly::Idle,
             body: BytesMut::new(),
             binding: VecDeque::new(),
+            peers: Peers::new(Instant::now()),
+            pending: HashMap::new(),
+            peer_probes: VecDeque::new(),
+            beats: 0,
+            groups: HashMap::new(),
+            group_channel: HashMap::new(),
+            closing: HashSet::new(),
+            free_channels: Vec::new(),
+            next_channel: FIRST_GROUP_CHANNEL,
+            group_assembly: HashMap::new(),
             counted: ["out", "in", "own"].map(|d| cluster.metrics.cluster.direction(d)),
         }
     }
@@ -368,9 +462,26 @@ impl<'a> Link<'a> {
     ) -> Option<String> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // What the setup bound is in place; then the changes made while connecting.
+        // What the setup bound is in place (the fixed keys at once; the subscriptions' once
+        // the other nodes acknowledged them); then the changes made while connecting.
+        let now = Instant::now();
+        let mut view = self.peers.view(now);
+        self.cluster.set_remote(|v| {
+            view.groups = std::mem::take(&mut v.groups);
+            *v = view;
+        });
+        self.cluster.clear_directory();
+        let seq = self.cluster.announced.fetch_add(1, Ordering::AcqRel) + 1;
         for key in &self.bound {
-            self.cluster.applied(key, true);
+            if key.starts_with("m.") {
+                self.pending.insert(key.clone(), Pending { seq, bound: true, since: now });
+            } else {
+                self.cluster.applied(key, true);
+            }
+        }
+        self.send_keys(NOTICE_KEY.to_owned(), seq, true);
+        for key in self.cluster.all_groups() {
+            self.open_group(key);
         }
         self.apply_changes();
         // The retained messages published while this node was not there; the wills of its
@@ -443,6 +554,12 @@ impl<'a> Link<'a> {
                 format!("{}wills.{node}.{epoch}", self.s.lock_prefix.trim_end_matches("client."));
             if methods::queue_declare(w, LOCK_CHANNEL, &q, lock_flags(), &[]).is_ok() {
                 self.lock_wait = Some(LockWait::ClaimWills(node, epoch));
+            }
+        } else if let Some(node) = self.peer_probes.pop_front() {
+            let q = format!("{}node.{node}", self.s.lock_prefix.trim_end_matches("client."));
+            let passive = QueueFlags { passive: true, ..QueueFlags::default() };
+            if methods::queue_declare(w, LOCK_CHANNEL, &q, passive, &[]).is_ok() {
+                self.lock_wait = Some(LockWait::PeerProbe(node));
             }
         } else if let Some((node, epoch)) = self.probes.pop_front() {
             let q = format!("{}node.{node}", self.s.lock_prefix.trim_end_matches("client."));
@@ -531,6 +648,7 @@ impl<'a> Link<'a> {
                 if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &q).is_ok() {
                     self.lock_wait = Some(LockWait::Delete);
                 }
+                self.notice(CLIENT_GONE, client_id.as_bytes());
             }
             Command::Notice { client_id, release } => {
                 let kind = if release { NOTICE_RELEASE } else { NOTICE_ACQUIRED };
@@ -542,13 +660,142 @@ impl<'a> Link<'a> {
 
     /// Publishes a notice of `kind` about `subject` to every node.
     fn notice(&mut self, kind: u8, subject: &[u8]) {
+        self.notice_to(NOTICE_KEY.to_owned(), kind, subject);
+    }
+
+    /// Publishes a notice of `kind` about `subject` with routing key `key` (every node, or one).
+    fn notice_to(&mut self, key: String, kind: u8, subject: &[u8]) {
         self.body.clear();
         self.body.put_u8(kind);
         let node = self.cluster.node_id.as_bytes();
         self.body.put_u8(node.len() as u8);
         self.body.extend_from_slice(node);
         self.body.extend_from_slice(subject);
-        self.send_body(NOTICE_KEY.to_owned(), None);
+        self.send_body(key, None);
+    }
+
+    /// Sends this node's binding keys in full (sequence number `seq`) with routing key `to`;
+    /// `ask`: the receivers answer with theirs.
+    fn send_keys(&mut self, to: String, seq: u64, ask: bool) {
+        let mut subject = Vec::with_capacity(17 + self.bound.len() * 24);
+        subject.extend_from_slice(&self.cluster.epoch.to_be_bytes());
+        subject.extend_from_slice(&seq.to_be_bytes());
+        subject.push(u8::from(ask));
+        for key in self.bound.iter().filter(|k| k.starts_with("m.")) {
+            subject.push(key.len().min(255) as u8);
+            subject.extend_from_slice(key.as_bytes());
+        }
+        self.notice_to(to.clone(), KEYS_FULL, &subject);
+        // With them, the client ids this node holds (the admin API's cluster-wide list).
+        let mut clients = Vec::new();
+        for id in self.cluster.held() {
+            let id = &id.as_bytes()[..id.len().min(usize::from(u16::MAX))];
+            clients.extend_from_slice(&(id.len() as u16).to_be_bytes());
+            clients.extend_from_slice(id);
+        }
+        self.notice_to(to, CLIENTS_FULL, &clients);
+    }
+
+    /// A forwarding-filter notice (`KEYS_*`, heartbeat, goodbye) from node `origin`.
+    fn on_keys(&mut self, origin: &str, kind: u8, subject: &[u8]) {
+        let now = Instant::now();
+        let word = |b: &[u8]| b.try_into().map(u64::from_be_bytes).ok();
+        let (Some(epoch), seq) =
+            (subject.get(..8).and_then(word), subject.get(8..16).and_then(word))
+        else {
+            return;
+        };
+        let seq = seq.unwrap_or(0);
+        let rest = subject.get(16..).unwrap_or_default();
+        let cluster = self.cluster;
+        let then = match kind {
+            KEYS_FULL => {
+                let (ask, mut rest) =
+                    rest.split_first().map_or((false, &[][..]), |(a, r)| (*a == 1, r));
+                let mut keys = HashSet::new();
+                while let Some((&len, after)) = rest.split_first() {
+                    let Some((key, after)) = after.split_at_checked(usize::from(len)) else {
+                        break;
+                    };
+                    keys.extend(std::str::from_utf8(key).ok().map(str::to_owned));
+                    rest = after;
+                }
+                let peers = &mut self.peers;
+                let then =
+                    cluster.set_remote(|v| peers.on_full(v, origin, (epoch, seq), keys, now));
+                if ask {
+                    let seq = self.cluster.announced.load(Ordering::Acquire);
+                    self.send_keys(direct_key(origin), seq, false);
+                }
+                then
+            }
+            KEYS_DELTA => {
+                let mut changes = Vec::new();
+                let mut rest = rest;
+                while let Some((&added, after)) = rest.split_first() {
+                    let Some((&len, after)) = after.split_first() else { break };
+                    let Some((key, after)) = after.split_at_checked(usize::from(len)) else {
+                        break;
+                    };
+                    if let Ok(key) = std::str::from_utf8(key) {
+                        changes.push((key.to_owned(), added == 1));
+                    }
+                    rest = after;
+                }
+                let peers = &mut self.peers;
+                cluster.set_remote(|v| peers.on_delta(v, origin, (epoch, seq), &changes, now))
+            }
+            KEYS_ACK => {
+                self.peers.on_ack(origin, epoch, seq, self.cluster.epoch, now);
+                self.check_pending(now);
+                return;
+            }
+            HEARTBEAT => {
+                let peers = &mut self.peers;
+                cluster.set_remote(|v| peers.on_heartbeat(v, origin, epoch, seq, now))
+            }
+            _ => {
+                let peers = &mut self.peers;
+                cluster.set_remote(|v| peers.remove(v, origin, now));
+                self.cluster.clients_of(origin, None);
+                Then::Nothing
+            }
+        };
+        match then {
+            Then::Nothing => {}
+            Then::Ack { epoch, seq } => {
+                let mut subject = [0u8; 16];
+                subject[..8].copy_from_slice(&epoch.to_be_bytes());
+                subject[8..].copy_from_slice(&seq.to_be_bytes());
+                self.notice_to(direct_key(origin), KEYS_ACK, &subject);
+            }
+            Then::AskFull => {
+                let seq = self.cluster.announced.load(Ordering::Acquire);
+                self.send_keys(direct_key(origin), seq, true);
+            }
+        }
+    }
+
+    /// Lets the SUBACKs of every pending key go that may: bound, and acknowledged by every
+    /// node this one knows (after the grace), or waiting for [`peers::SUBACK_WAIT`].
+    fn check_pending(&mut self, now: Instant) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let grace = self.peers.in_grace(now);
+        let peers = &self.peers;
+        let mut ready = Vec::new();
+        self.pending.retain(|key, p| {
+            let acked = !grace && peers.all_acked(p.seq);
+            let go = p.bound && (acked || now.duration_since(p.since) >= peers::SUBACK_WAIT);
+            if go {
+                ready.push(key.clone());
+            }
+            !go
+        });
+        for key in ready {
+            self.cluster.applied(&key, true);
+        }
     }
 
     /// Publishes `self.body` with `key`; `ack` is told the confirm.
@@ -617,6 +864,20 @@ impl<'a> Link<'a> {
                 self.will_claims.push_back((node, epoch));
             }
             (Some(LockWait::ClaimWills(node, epoch)), Ok(())) => self.publish_wills(&node, epoch),
+            (Some(LockWait::PeerProbe(node)), answer) => {
+                let gone = matches!(&answer, Err(e) if e.starts_with("404"));
+                let now = Instant::now();
+                let peers = &mut self.peers;
+                let ask = self.cluster.set_remote(|v| peers.probed(v, &node, !gone, now));
+                if gone {
+                    info!(node = %node, "a silent node's queue is gone: not forwarding to it");
+                    self.cluster.clients_of(&node, None);
+                    self.check_pending(now);
+                } else if ask {
+                    let seq = self.cluster.announced.load(Ordering::Acquire);
+                    self.send_keys(direct_key(&node), seq, true);
+                }
+            }
             (Some(LockWait::ClaimWills(node, epoch)), Err(_)) => {
                 // Another node publishes them.
                 self.cluster.take_wills(&node, epoch);
@@ -643,29 +904,161 @@ impl<'a> Link<'a> {
         });
     }
 
+    /// Opens the share queue of group `key` on a channel of its own: declared, bound,
+    /// consumed with acknowledgements (the SUBACKs of its members wait for `consume-ok`).
+    fn open_group(&mut self, key: String) {
+        if self.group_channel.contains_key(&key) {
+            return;
+        }
+        let filter = match topic::parse_subscription(&key) {
+            Ok(f) if f.group.is_some() => f.filter.to_owned(),
+            _ => return,
+        };
+        let ch = match self.free_channels.pop() {
+            Some(ch) => ch,
+            None if self.next_channel < self.t.channel_max => {
+                self.next_channel += 1;
+                self.next_channel - 1
+            }
+            None => {
+                warn!(group = %key, "no AMQP channel left for another share group: served per node");
+                self.cluster.group_applied(&key, false);
+                return;
+            }
+        };
+        let queue = self.s.share_queue(&key);
+        let w = &mut self.t.wbuf;
+        methods::channel_open(w, ch);
+        consume::basic_qos(w, ch, GROUP_PREFETCH);
+        let flags =
+            QueueFlags { passive: false, durable: false, exclusive: false, auto_delete: true };
+        let max_length = i32::try_from(self.s.inbound_max).unwrap_or(i32::MAX);
+        let args = [("x-max-length", Value::I32(max_length))];
+        let binding = keys::binding_key(&filter);
+        let retained = format!("r{}", &binding[1..]);
+        let tag = format!("mqgate-cluster/{}", self.cluster.node_id);
+        let sent = methods::queue_declare(w, ch, &queue, flags, &args)
+            .and_then(|()| methods::queue_bind(w, ch, &queue, &self.s.exchange, &binding))
+            // Retained messages are delivered live too (routing key `r.…`).
+            .and_then(|()| methods::queue_bind(w, ch, &queue, &self.s.exchange, &retained))
+            .and_then(|()| consume::basic_consume_with(w, ch, &queue, &tag, false, false));
+        if let Err(e) = sent {
+            warn!(group = %key, error = %e, "share queue not opened: served per node");
+            self.cluster.group_applied(&key, false);
+            return;
+        }
+        self.group_channel.insert(key.clone(), ch);
+        self.groups.insert(ch, GroupChannel { key, filter });
+    }
+
+    /// Closes the channel of group `key` (its last member here left): RabbitMQ gives what it
+    /// had delivered here and not acknowledged to another node's members.
+    fn close_group(&mut self, key: &str) {
+        let Some(ch) = self.group_channel.remove(key) else { return };
+        self.groups.remove(&ch);
+        self.group_assembly.remove(&ch);
+        let start = frame::begin(&mut self.t.wbuf, 1, ch);
+        self.t.wbuf.put_u16(20); // channel
+        self.t.wbuf.put_u16(40); // close
+        self.t.wbuf.put_u16(REPLY_SUCCESS);
+        self.t.wbuf.put_u8(0); // reply text
+        self.t.wbuf.put_u16(0);
+        self.t.wbuf.put_u16(0);
+        frame::end(&mut self.t.wbuf, start);
+        self.closing.insert(ch);
+    }
+
+    /// A whole delivery of a share queue on channel `ch`: each message whose topic the
+    /// group's filter matches goes to one member here; then it is acknowledged.
+    fn on_group_message(&mut self, ch: u16, tag: u64, body: &[u8]) {
+        consume::basic_ack(&mut self.t.wbuf, ch, tag, false);
+        let Some(group) = self.groups.get(&ch) else { return };
+        let Some((&kind, rest)) = body.split_first() else { return };
+        let Some((&len, rest)) = rest.split_first() else { return };
+        let Some((_, encoded)) = rest.split_at_checked(usize::from(len)) else { return };
+        let one = |encoded: &[u8]| {
+            if let Ok(msg) = codec::decode_message(encoded) {
+                if topic::matches(&group.filter, &msg.topic) {
+                    let msg = Arc::new(msg);
+                    if !self.broker.deliver_to_group(&group.key, &group.filter, &msg) {
+                        self.cluster.metrics.dropped("shared_group_gone");
+                    }
+                }
+            }
+        };
+        match kind {
+            WIRE_VERSION => one(encoded),
+            BATCH_KIND => {
+                let Some((count, mut rest)) = encoded.split_at_checked(4) else { return };
+                let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+                for _ in 0..count {
+                    let Some((len, after)) = rest.split_at_checked(4) else { break };
+                    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                    let Some((msg, after)) = after.split_at_checked(len) else { break };
+                    rest = after;
+                    one(msg);
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Binds and unbinds as the interest changed.
     fn apply_changes(&mut self) {
+        for (key, wanted) in self.cluster.take_group_changes() {
+            if wanted {
+                self.open_group(key);
+            } else {
+                self.close_group(&key);
+            }
+        }
         self.apply_binding_changes();
         let n = i64::try_from(self.bound.len()).unwrap_or(i64::MAX);
         self.cluster.metrics.cluster.bindings.set(n);
     }
 
     /// [`apply_changes`](Self::apply_changes) without the gauge.
+    /// The keys added and removed go to the other nodes as one delta (one sequence number);
+    /// an added key's SUBACKs wait for its bind-ok and the other nodes' acknowledgements.
     fn apply_binding_changes(&mut self) {
-        for (key, wanted) in self.cluster.take_changes() {
+        let changes = self.cluster.take_changes();
+        if changes.is_empty() {
+            return;
+        }
+        let seq = self.cluster.announced.load(Ordering::Acquire) + 1;
+        let mut delta = Vec::new();
+        let now = Instant::now();
+        for (key, wanted) in changes {
             let (q, x) = (&self.s.queue, &self.s.exchange);
             if wanted && !self.bound.contains(&key) {
                 if methods::queue_bind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
-                    self.binding.push_back(Some(key.clone()));
+                    self.binding.push_back(Some((key.clone(), seq)));
+                    delta.push(1);
+                    delta.push(key.len().min(255) as u8);
+                    delta.extend_from_slice(key.as_bytes());
+                    self.pending.insert(key.clone(), Pending { seq, bound: false, since: now });
                     self.bound.insert(key);
                 }
             } else if !wanted && self.bound.remove(&key) {
                 self.cluster.applied(&key, false);
+                self.pending.remove(&key);
                 if methods::queue_unbind(&mut self.t.wbuf, CONSUME_CHANNEL, q, x, &key).is_ok() {
                     self.binding.push_back(None);
                 }
+                delta.push(0);
+                delta.push(key.len().min(255) as u8);
+                delta.extend_from_slice(key.as_bytes());
             }
         }
+        if delta.is_empty() {
+            return;
+        }
+        self.cluster.announced.store(seq, Ordering::Release);
+        let mut subject = Vec::with_capacity(16 + delta.len());
+        subject.extend_from_slice(&self.cluster.epoch.to_be_bytes());
+        subject.extend_from_slice(&seq.to_be_bytes());
+        subject.extend_from_slice(&delta);
+        self.notice(KEYS_DELTA, &subject);
     }
 
     /// Publishes `taken` to the exchange (one publish whoever wants them), in order:
@@ -739,6 +1132,38 @@ impl<'a> Link<'a> {
         match frame {
             ConsumerFrame::Heartbeat => {}
             ConsumerFrame::Method { channel, method } => return self.on_method(channel, method),
+            ConsumerFrame::Header { channel, body_size, .. }
+                if self.groups.contains_key(&channel) =>
+            {
+                let Some((tag, assembly)) = self.group_assembly.get_mut(&channel) else {
+                    return Err("content header without basic.deliver".into());
+                };
+                let size = usize::try_from(body_size).map_err(|_| "body too large")?;
+                if size == 0 {
+                    let tag = *tag;
+                    self.group_assembly.remove(&channel);
+                    self.on_group_message(channel, tag, &[]);
+                } else {
+                    let body = BytesMut::with_capacity(size.min(self.t.frame_max as usize));
+                    *assembly = Assembly::Body { size, body };
+                }
+            }
+            ConsumerFrame::Body { channel, bytes } if self.groups.contains_key(&channel) => {
+                let Some((tag, Assembly::Body { body, size })) =
+                    self.group_assembly.get_mut(&channel)
+                else {
+                    return Err("content body without a header".into());
+                };
+                body.extend_from_slice(&bytes);
+                if body.len() >= *size {
+                    let tag = *tag;
+                    if let Some((_, Assembly::Body { body, .. })) =
+                        self.group_assembly.remove(&channel)
+                    {
+                        self.on_group_message(channel, tag, &body);
+                    }
+                }
+            }
             ConsumerFrame::Header { channel: CONSUME_CHANNEL, body_size, .. } => {
                 if !matches!(self.assembly, Assembly::Header) {
                     return Err("content header without basic.deliver".into());
@@ -775,6 +1200,32 @@ impl<'a> Link<'a> {
             ConsumerMethod::Deliver(Deliver { .. }) if channel == CONSUME_CHANNEL => {
                 self.assembly = Assembly::Header;
             }
+            ConsumerMethod::Deliver(Deliver { delivery_tag, .. })
+                if self.groups.contains_key(&channel) =>
+            {
+                self.group_assembly.insert(channel, (delivery_tag, Assembly::Header));
+            }
+            ConsumerMethod::ConsumeOk(_) if self.groups.contains_key(&channel) => {
+                if let Some(g) = self.groups.get(&channel) {
+                    self.cluster.group_applied(&g.key, true);
+                }
+            }
+            ConsumerMethod::Common(Method::ChannelCloseOk) if self.closing.remove(&channel) => {
+                self.free_channels.push(channel);
+            }
+            ConsumerMethod::Common(Method::ChannelClose(c))
+                if self.groups.contains_key(&channel) || self.closing.contains(&channel) =>
+            {
+                methods::channel_close_ok(&mut self.t.wbuf, channel);
+                self.closing.remove(&channel);
+                self.group_assembly.remove(&channel);
+                if let Some(g) = self.groups.remove(&channel) {
+                    warn!(group = %g.key, reason = %describe(&c), "share queue refused: served per node");
+                    self.group_channel.remove(&g.key);
+                    self.cluster.group_applied(&g.key, false);
+                }
+                self.free_channels.push(channel);
+            }
             ConsumerMethod::Common(Method::BasicAck { tag, multiple }) => {
                 self.confirmed(tag, multiple, true)
             }
@@ -794,8 +1245,11 @@ impl<'a> Link<'a> {
             | ConsumerMethod::Common(Method::Other { class: 50, method: 51 })
                 if channel == CONSUME_CHANNEL =>
             {
-                if let Some(Some(key)) = self.binding.pop_front() {
-                    self.cluster.applied(&key, true);
+                if let Some(Some((key, seq))) = self.binding.pop_front() {
+                    if let Some(p) = self.pending.get_mut(&key).filter(|p| p.seq == seq) {
+                        p.bound = true;
+                        self.check_pending(Instant::now());
+                    }
                 }
             }
             ConsumerMethod::QueueDeclareOk { .. } if channel == LOCK_CHANNEL => {
@@ -862,6 +1316,13 @@ impl<'a> Link<'a> {
             WILL_SET,
             WILL_CLEAR,
             BATCH_KIND,
+            KEYS_FULL,
+            KEYS_DELTA,
+            KEYS_ACK,
+            HEARTBEAT,
+            GOODBYE,
+            CLIENT_GONE,
+            CLIENTS_FULL,
         ];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
@@ -899,6 +1360,27 @@ impl<'a> Link<'a> {
             self.announce_wills();
             return;
         }
+        if kind == CLIENTS_FULL {
+            let mut clients = Vec::new();
+            let mut rest = encoded;
+            while let Some((len, after)) = rest.split_at_checked(2) {
+                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+                let Some((id, after)) = after.split_at_checked(len) else { break };
+                clients.extend(std::str::from_utf8(id).ok().map(str::to_owned));
+                rest = after;
+            }
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                self.cluster.clients_of(origin, Some(clients));
+            }
+            return;
+        }
+        if (KEYS_FULL..=GOODBYE).contains(&kind) {
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                let origin = origin.to_owned();
+                self.on_keys(&origin, kind, encoded);
+            }
+            return;
+        }
         if kind == WILL_SET || kind == WILL_CLEAR {
             if let Ok(origin) = std::str::from_utf8(origin) {
                 self.on_will(origin, kind, encoded);
@@ -913,6 +1395,10 @@ impl<'a> Link<'a> {
         }
         if kind != WIRE_VERSION {
             let Ok(client_id) = std::str::from_utf8(encoded) else { return };
+            if let (Ok(origin), NOTICE_ACQUIRED | CLIENT_GONE) = (std::str::from_utf8(origin), kind)
+            {
+                self.cluster.client_at(origin, client_id, kind == NOTICE_ACQUIRED);
+            }
             if kind == NOTICE_RELEASE && self.cluster.holds(client_id) {
                 self.taken_elsewhere(client_id);
             } else if kind == NOTICE_ACQUIRED && !self.cluster.holds(client_id) {
@@ -940,12 +1426,28 @@ impl<'a> Link<'a> {
     /// Heartbeats, the broker's silence, and now and then a check of the nodes whose wills
     /// this node keeps.
     fn on_tick(&mut self) -> Result<(), String> {
+        let now = Instant::now();
+        self.beats += 1;
+        if self.beats as u128 * TICK.as_millis() >= peers::HEARTBEAT.as_millis() {
+            self.beats = 0;
+            let mut subject = [0u8; 16];
+            subject[..8].copy_from_slice(&self.cluster.epoch.to_be_bytes());
+            let seq = self.cluster.announced.load(Ordering::Acquire);
+            subject[8..].copy_from_slice(&seq.to_be_bytes());
+            self.notice(HEARTBEAT, &subject);
+        }
+        self.peer_probes.extend(self.peers.silent(now));
+        // The grace period ends: from now on only what the other nodes want is forwarded.
+        let all = self.peers.forward_all(now);
+        if self.cluster.remote.read().unwrap_or_else(|p| p.into_inner()).all != all {
+            self.cluster.set_remote(|v| v.all = all);
+        }
+        self.check_pending(now);
         self.ticks += 1;
         if self.ticks >= PROBE_TICKS && self.probes.is_empty() {
             self.ticks = 0;
             self.probes.extend(self.cluster.will_holders());
         }
-        let now = Instant::now();
         if let Some(hb) = self.t.heartbeat {
             if now.duration_since(self.t.last_read) > hb * 2 {
                 return Err(format!("no data from the broker for {:?}", hb * 2));
@@ -969,6 +1471,7 @@ impl<'a> Link<'a> {
 
     /// Closes the connection on shutdown.
     async fn close(&mut self) {
+        self.notice(GOODBYE, &self.cluster.epoch.to_be_bytes());
         methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate node stopping");
         let t = &mut self.t;
         let _ = tokio::time::timeout(CLOSE_WAIT, async {

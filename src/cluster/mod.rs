@@ -2,8 +2,9 @@
 //! (`cluster:` in the config; docs/cluster.md). Without `cluster:` nothing here exists and
 //! routing pays one `OnceLock` load per message.
 //!
-//! Cross-node delivery: every message routed on a node (a PUBLISH, a will, an HTTP publish) is
-//! also published, once, to the topic exchange `{prefix}.messages` with a coarse routing key
+//! Cross-node delivery: a message routed on a node (a PUBLISH, a will, an HTTP publish) that
+//! another node's binding keys may match (`peers`: each node announces its keys to the others)
+//! is also published, once, to the topic exchange `{prefix}.messages` with a coarse routing key
 //! (`keys`). Each node consumes its own exclusive, auto-deleted queue
 //! `{prefix}.node.{node_id}`, bound with one binding key per distinct coarse key of its
 //! subscriptions (reference-counted here: a binding is added on the first subscription that
@@ -14,7 +15,7 @@
 //! they come back through its queue (it delivered them locally already).
 //!
 //! Layout: `config` (`cluster:`), `keys` (topics and filters as routing and binding keys,
-//! pure), `link` (the one task owning the node's AMQP connection: publishes with confirms,
+//! pure), `peers` (the other nodes' binding keys: what to forward, when a SUBACK may go), `link` (the one task owning the node's AMQP connection: publishes with confirms,
 //! binds, consumes), this file the handle the broker and routing hold.
 //!
 //! Bounded: the queue to the link (`cluster.queue`, full: publishers wait as for a full AMQP
@@ -25,10 +26,11 @@ pub mod config;
 pub mod keys;
 mod link;
 pub mod metrics;
+mod peers;
 
-use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
@@ -124,6 +126,9 @@ pub struct Cluster {
     tx: mpsc::Sender<Forward>,
     /// Binding keys and their subscriptions.
     interest: Mutex<Interest>,
+    /// This node's share groups (`$share/{group}/{filter}` as subscribed) and their members
+    /// here: each is served through its share queue (one member cluster-wide).
+    groups: Mutex<Interest>,
     /// Told when `interest.dirty` gained a key.
     changed: Notify,
     /// True while the link is connected and consuming.
@@ -148,6 +153,34 @@ pub struct Cluster {
     /// This process's epoch (start time): wills announced by an older epoch of a node are
     /// those of a dead incarnation.
     epoch: u64,
+    /// What the other nodes' subscriptions can match (`peers`): a live message goes to
+    /// RabbitMQ only when this says another node may want it. Written by the link.
+    remote: RwLock<peers::View>,
+    /// A copy of `remote` as of its last change, which forwarding threads keep (numbered by
+    /// `view_gen`): reading it costs an atomic load, not a lock, per message.
+    snapshot: RwLock<Arc<peers::View>>,
+    /// Bumped after each change of `remote` (once `snapshot` holds it).
+    view_gen: AtomicU64,
+    /// This handle's id in the process (the forwarding threads' copies name it).
+    uid: u64,
+    /// The sequence number of this node's last announcement of its binding keys (monotonic
+    /// over the process, across reconnects).
+    announced: AtomicU64,
+    /// The clients connected on the other nodes (client id → node, when this node heard of
+    /// it, ms since the Unix epoch), for the admin API: one entry per client holding a lock
+    /// on another node (bounded by their `mqtt.max_connections`).
+    directory: Mutex<BTreeMap<String, (Arc<str>, u64)>>,
+}
+
+/// A client connected on another node, as this node knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteClient {
+    /// Its client id.
+    pub client_id: String,
+    /// The node it is connected to.
+    pub node: Arc<str>,
+    /// When this node heard of its connection (ms since the Unix epoch).
+    pub since_ms: u64,
 }
 
 impl Cluster {
@@ -171,11 +204,18 @@ impl Cluster {
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch,
+            remote: RwLock::new(peers::View { all: true, ..Default::default() }),
+            snapshot: RwLock::new(Arc::new(peers::View { all: true, ..Default::default() })),
+            view_gen: AtomicU64::new(1),
+            uid: next_uid(),
+            announced: AtomicU64::new(0),
+            directory: Mutex::new(BTreeMap::new()),
             commands,
             locks: Mutex::new(HashMap::new()),
             node_id: Arc::from(cfg.node_id.value.as_str()),
             tx,
             interest: Mutex::new(Interest::default()),
+            groups: Mutex::new(Interest::default()),
             changed: Notify::new(),
             connected: AtomicBool::new(false),
             down: Mutex::new(Some("connecting".into())),
@@ -208,14 +248,24 @@ impl Cluster {
             *d = why;
         }
         if down {
-            let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-            i.applied.clear();
-            for (_, waiters) in i.waiters.drain() {
-                for w in waiters {
-                    let _ = w.send(Outcome::Delivered);
+            // Until the link is back and in step with the others, nothing is skipped.
+            self.set_remote(|v| v.all = true);
+            for interest in [&self.interest, &self.groups] {
+                let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+                i.applied.clear();
+                for (_, waiters) in i.waiters.drain() {
+                    for w in waiters {
+                        let _ = w.send(Outcome::Delivered);
+                    }
                 }
             }
         }
+    }
+
+    /// Whether share groups are served through RabbitMQ now (one member cluster-wide); while
+    /// the link is down each node's groups take what reaches the node.
+    pub fn serves_groups(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
     }
 
     /// For a SUBACK: a receiver resolved once the node's queue is bound for `filter` (so a
@@ -225,19 +275,58 @@ impl Cluster {
         if !self.connected.load(Ordering::Acquire) {
             return None;
         }
-        let key = binding_of(filter);
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        if i.applied.contains(&key) || !i.counts.contains_key(&key) {
-            return None;
+        let mut waits: Vec<_> = waiter(&self.interest, binding_of(filter)).into_iter().collect();
+        if is_shared(filter) {
+            // And the group's share queue bound and consumed.
+            waits.extend(waiter(&self.groups, filter.to_owned()));
         }
-        let (tx, rx) = oneshot::channel();
-        i.waiters.entry(key).or_default().push(tx);
-        Some(rx)
+        all_of(waits)
     }
 
     /// The broker confirmed the binding `key` (`true`), or it is being removed (`false`).
     fn applied(&self, key: &str, bound: bool) {
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        applied_in(&self.interest, key, bound);
+    }
+
+    /// The share queue of group `key` is consumed (`true`), or it is being closed.
+    fn group_applied(&self, key: &str, ready: bool) {
+        applied_in(&self.groups, key, ready);
+    }
+
+    /// The share groups whose membership here started or ended since the last call.
+    fn take_group_changes(&self) -> Vec<(String, bool)> {
+        take_changes_in(&self.groups)
+    }
+
+    /// Every share group with members here (after a reconnect); clears the changes.
+    fn all_groups(&self) -> Vec<String> {
+        let mut i = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        i.dirty.clear();
+        i.counts.keys().cloned().collect()
+    }
+}
+
+/// Whether `filter` is a shared subscription.
+fn is_shared(filter: &str) -> bool {
+    matches!(topic::parse_subscription(filter), Ok(f) if f.group.is_some())
+}
+
+/// A receiver resolved once `key` is applied in `interest`; `None` when it is already, or not
+/// wanted.
+fn waiter(interest: &Mutex<Interest>, key: String) -> Option<oneshot::Receiver<Outcome>> {
+    let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+    if i.applied.contains(&key) || !i.counts.contains_key(&key) {
+        return None;
+    }
+    let (tx, rx) = oneshot::channel();
+    i.waiters.entry(key).or_default().push(tx);
+    Some(rx)
+}
+
+/// `key` of `interest` is applied (`true`) or being removed; its waiters go.
+fn applied_in(interest: &Mutex<Interest>, key: &str, bound: bool) {
+    {
+        let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
         if bound {
             i.applied.insert(key.to_owned());
         } else {
@@ -245,18 +334,61 @@ impl Cluster {
         }
         i.release_waiters(key);
     }
+}
 
-    /// Sends `msg`, routed on this node, to the other nodes; for QoS 1/2 its outcome (the
-    /// broker's confirm) goes into `waits`. Never waits: a full queue puts the send into
-    /// `blocked` (the publisher's backpressure). While this node has no connection to the
-    /// broker, the message is not sent (counted as `cluster_unavailable`): local delivery goes
-    /// on. `$SYS/` topics describe this node and stay here.
+/// Counts a subscription to `key` in `interest` in (`add`) or out; true when it went to or
+/// from zero (the link is to look).
+fn count_in(interest: &Mutex<Interest>, key: String, add: bool) -> bool {
+    let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+    if add {
+        let n = i.counts.entry(key.clone()).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            i.dirty.insert(key);
+            return true;
+        }
+        return false;
+    }
+    let Some(n) = i.counts.get_mut(&key) else { return false };
+    *n -= 1;
+    if *n > 0 {
+        return false;
+    }
+    i.counts.remove(&key);
+    i.release_waiters(&key);
+    i.dirty.insert(key);
+    true
+}
+
+/// The changed keys of `interest` since the last call, each with whether it is wanted now.
+fn take_changes_in(interest: &Mutex<Interest>) -> Vec<(String, bool)> {
+    let mut i = interest.lock().unwrap_or_else(|p| p.into_inner());
+    let dirty = std::mem::take(&mut i.dirty);
+    dirty
+        .into_iter()
+        .map(|k| {
+            let wanted = i.counts.contains_key(&k);
+            (k, wanted)
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Sends `msg`, routed on this node, to the other nodes when another node's subscriptions
+    /// may match it (a retained message: always, every node keeps them); for QoS 1/2 its
+    /// outcome (the broker's confirm) goes into `waits`. Never waits: a full queue puts the
+    /// send into `blocked` (the publisher's backpressure). While this node has no connection
+    /// to the broker, the message is not sent (counted as `cluster_unavailable`): local
+    /// delivery goes on. `$SYS/` topics describe this node and stay here.
     pub fn forward(&self, msg: &Arc<Message>, waits: &mut Waits, blocked: &mut Blocked) {
         if msg.topic.starts_with("$SYS/") {
             return;
         }
         if !self.connected.load(Ordering::Acquire) {
             self.metrics.dropped(DROPPED_UNAVAILABLE);
+            return;
+        }
+        if !msg.retain && !self.remote_wants(&msg.topic) {
             return;
         }
         let mut hand = Handoff::new(waits, blocked, msg.qos != QoS::AtMostOnce, None);
@@ -276,6 +408,106 @@ impl Cluster {
                 })
             },
         );
+    }
+
+    /// At most `limit` of the clients connected on other nodes whose client id contains
+    /// `search` (ASCII case-insensitive), after `after` in client id order, and how many
+    /// matched in all.
+    pub fn remote_clients(
+        &self,
+        search: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<RemoteClient>, usize) {
+        let needle = search.as_bytes();
+        let contains = |s: &str| {
+            needle.is_empty()
+                || s.as_bytes().windows(needle.len()).any(|w| w.eq_ignore_ascii_case(needle))
+        };
+        let dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        let mut page = Vec::new();
+        let mut matched = 0;
+        for (id, (node, since_ms)) in dir.iter() {
+            if !contains(id) {
+                continue;
+            }
+            matched += 1;
+            if page.len() < limit && after.is_none_or(|a| id.as_str() > a) {
+                let node = Arc::clone(node);
+                page.push(RemoteClient { client_id: id.clone(), node, since_ms: *since_ms });
+            }
+        }
+        (page, matched)
+    }
+
+    /// The client `client_id` if it is connected on another node.
+    pub fn remote_client(&self, client_id: &str) -> Option<RemoteClient> {
+        let dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        dir.get(client_id).map(|(node, since_ms)| RemoteClient {
+            client_id: client_id.to_owned(),
+            node: Arc::clone(node),
+            since_ms: *since_ms,
+        })
+    }
+
+    /// `node` holds `client_id` now (`true`) or let it go (`false`: forgotten if it was
+    /// there).
+    fn client_at(&self, node: &str, client_id: &str, held: bool) {
+        let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        if held {
+            dir.insert(client_id.to_owned(), (Arc::from(node), now_ms()));
+        } else if dir.get(client_id).is_some_and(|(n, _)| &**n == node) {
+            dir.remove(client_id);
+        }
+    }
+
+    /// Replaces the clients of `node` (`None`: it left, they are forgotten).
+    fn clients_of(&self, node: &str, clients: Option<Vec<String>>) {
+        let mut dir = self.directory.lock().unwrap_or_else(|p| p.into_inner());
+        dir.retain(|_, (n, _)| &**n != node);
+        if let Some(clients) = clients {
+            let (node, now) = (Arc::<str>::from(node), now_ms());
+            for id in clients {
+                dir.insert(id, (Arc::clone(&node), now));
+            }
+        }
+    }
+
+    /// Forgets every other node's clients (this node's link is new: they are sent again).
+    fn clear_directory(&self) {
+        self.directory.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// Whether another node's subscriptions may match a live message on `topic`.
+    fn remote_wants(&self, topic: &str) -> bool {
+        thread_local! {
+            /// This thread's copy of a cluster's view: (its uid, generation, view).
+            static VIEW: std::cell::RefCell<Option<(u64, u64, Arc<peers::View>)>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let gen = self.view_gen.load(Ordering::Acquire);
+        VIEW.with(|cached| {
+            let mut cached = cached.borrow_mut();
+            match &*cached {
+                Some((uid, g, view)) if *uid == self.uid && *g == gen => view.wants(topic),
+                _ => {
+                    let view = Arc::clone(&self.snapshot.read().unwrap_or_else(|p| p.into_inner()));
+                    let wants = view.wants(topic);
+                    *cached = Some((self.uid, gen, view));
+                    wants
+                }
+            }
+        })
+    }
+
+    /// Changes what forwarding reads (the link, after a change of the other nodes' keys; a
+    /// share group here): the copy is replaced, then its generation bumped.
+    fn set_remote<R>(&self, update: impl FnOnce(&mut peers::View) -> R) -> R {
+        let mut view = self.remote.write().unwrap_or_else(|p| p.into_inner());
+        let r = update(&mut view);
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view.clone());
+        self.view_gen.fetch_add(1, Ordering::AcqRel);
+        r
     }
 
     /// Makes the connection `conn_id` the cluster-wide holder of `client_id` (its handshake,
@@ -438,43 +670,32 @@ impl Cluster {
 
     /// A subscription to `filter` (`$share/{group}/` included) was added on this node.
     pub fn add_interest(&self, filter: &str) {
-        let key = binding_of(filter);
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let n = i.counts.entry(key.clone()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
-            i.dirty.insert(key);
-            drop(i);
-            self.changed.notify_one();
-        }
+        self.interest_changed(filter, true);
     }
 
     /// A subscription to `filter` was removed from this node.
     pub fn remove_interest(&self, filter: &str) {
+        self.interest_changed(filter, false);
+    }
+
+    /// Counts a subscription to `filter` in (`add`) or out: its binding key, and for a share
+    /// group the group (whose key this node then forwards whoever else wants it: the share
+    /// queue takes it).
+    fn interest_changed(&self, filter: &str, add: bool) {
         let key = binding_of(filter);
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(n) = i.counts.get_mut(&key) else { return };
-        *n -= 1;
-        if *n == 0 {
-            i.counts.remove(&key);
-            i.release_waiters(&key);
-            i.dirty.insert(key);
-            drop(i);
+        let mut changed = count_in(&self.interest, key.clone(), add);
+        if is_shared(filter) && count_in(&self.groups, filter.to_owned(), add) {
+            self.set_remote(|v| v.own_group(&key, add));
+            changed = true;
+        }
+        if changed {
             self.changed.notify_one();
         }
     }
 
     /// The changed keys since the last call, each with whether it is wanted now.
     fn take_changes(&self) -> Vec<(String, bool)> {
-        let mut i = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let dirty = std::mem::take(&mut i.dirty);
-        dirty
-            .into_iter()
-            .map(|k| {
-                let wanted = i.counts.contains_key(&k);
-                (k, wanted)
-            })
-            .collect()
+        take_changes_in(&self.interest)
     }
 
     /// Every key wanted now (after a reconnect: the new queue has no bindings); clears the
@@ -484,6 +705,20 @@ impl Cluster {
         i.dirty.clear();
         i.counts.keys().cloned().collect()
     }
+}
+
+/// A process-unique id for a [`Cluster`] handle.
+fn next_uid() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Now, in ms since the Unix epoch.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// One receiver for all of `waits`: `Delivered` once every one is, else the first failure
@@ -534,9 +769,16 @@ mod tests {
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch: 1,
+            remote: RwLock::new(peers::View::default()),
+            snapshot: RwLock::new(Arc::default()),
+            view_gen: AtomicU64::new(1),
+            uid: next_uid(),
+            announced: AtomicU64::new(0),
+            directory: Mutex::new(BTreeMap::new()),
             node_id: Arc::from("a"),
             tx,
             interest: Mutex::new(Interest::default()),
+            groups: Mutex::new(Interest::default()),
             changed: Notify::new(),
             connected: AtomicBool::new(false),
             down: Mutex::new(None),
@@ -562,5 +804,25 @@ mod tests {
         assert_eq!(c.take_changes(), vec![("m.lx".to_owned(), false)]);
         c.remove_interest("never/added");
         assert!(c.all_wanted().is_empty());
+    }
+
+    #[test]
+    fn the_directory_pages_other_nodes_clients_by_id() {
+        let c = cluster();
+        c.clients_of("b", Some(vec!["dev-2".into(), "Dev-1".into(), "x".into()]));
+        c.client_at("c", "dev-3", true);
+        let (page, n) = c.remote_clients("DEV", None, 2);
+        let ids: Vec<_> = page.iter().map(|r| (r.client_id.as_str(), &*r.node)).collect();
+        assert_eq!((ids, n), (vec![("Dev-1", "b"), ("dev-2", "b")], 3));
+        let (page, _) = c.remote_clients("dev", Some("dev-2"), 10);
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].client_id, "dev-3");
+        // Only the node that holds a client id lets it go; a node leaving takes its own.
+        c.client_at("b", "dev-3", false);
+        assert!(c.remote_client("dev-3").is_some());
+        c.client_at("c", "dev-3", false);
+        assert!(c.remote_client("dev-3").is_none());
+        c.clients_of("b", None);
+        assert_eq!(c.remote_clients("", None, 10).1, 0);
     }
 }

@@ -559,3 +559,284 @@ async fn a_burst_on_topics_sharing_a_key_arrives_complete_and_in_order() {
     }
     expect_silence(&mut on_b, Duration::from_millis(300)).await;
 }
+
+/// `mqgate_cluster_messages_total{direction}` of a node.
+async fn cluster_messages(app: &App, direction: &str) -> u64 {
+    let text = crate::support::metrics(app).await;
+    let name = format!("mqgate_cluster_messages_total{{direction=\"{direction}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Past a node's first moments in the cluster (it forwards everything until every other
+/// node's heartbeat had time to arrive: 1.5 s).
+async fn past_grace() {
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+}
+
+#[tokio::test]
+async fn a_message_no_other_node_can_match_stays_on_its_node() {
+    let (a, b, _c) = three_nodes().await;
+    let mut local = v5(&a, "local").await;
+    subscribe(&mut local, "here/#", qos(QoS::AtLeastOnce), None).await;
+    let mut on_b = v5(&b, "far").await;
+    subscribe(&mut on_b, "there/+", qos(QoS::AtMostOnce), None).await;
+    past_grace().await;
+    let mut publisher = v5(&a, "pub").await;
+    let before = cluster_messages(&a, "out").await;
+    // QoS 1: PUBACKed without a confirm from RabbitMQ (nothing was sent there).
+    for i in 1..=30u16 {
+        crate::support::publish_qos1(&mut publisher, "here/x", i, b"local").await;
+        let p = expect_publish(&mut local).await;
+        local.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+    }
+    // No node subscribed to anything under `elsewhere`: it stays; `there/1` goes to B.
+    publisher.publish("elsewhere/x", QoS::AtMostOnce, 0, b"nobody").await;
+    publisher.publish("there/1", QoS::AtMostOnce, 0, b"far").await;
+    assert_eq!(expect_publish(&mut on_b).await.payload, &b"far"[..]);
+    let after = cluster_messages(&a, "out").await;
+    assert_eq!(after - before, 1, "only the message B can match went to RabbitMQ");
+    expect_silence(&mut on_b, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn the_suback_waits_until_the_other_nodes_know_the_new_subscription() {
+    let proxy = Proxy::start().await;
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", &proxy.url())).await;
+    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
+    wait_ready(&a).await;
+    wait_ready(&b).await;
+    past_grace().await;
+    let mut publisher = v5(&a, "pub").await;
+    let mut on_b = v5(&b, "sub").await;
+    // A cannot acknowledge B's new key (nothing from A reaches RabbitMQ): no SUBACK yet.
+    proxy.pause_to_broker.send_replace(true);
+    on_b.send(&Packet::Subscribe(Box::new(codec::Subscribe {
+        packet_id: 4,
+        filters: vec![SubscribeFilter { filter: "fresh/+".into(), options: qos(QoS::AtMostOnce) }],
+        properties: Properties::default(),
+    })))
+    .await;
+    expect_silence(&mut on_b, Duration::from_millis(800)).await;
+    proxy.pause_to_broker.send_replace(false);
+    match on_b.recv().await {
+        Some(Packet::SubAck(s)) => assert_eq!(s.packet_id, 4),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // A knows the key: what it takes right after the SUBACK goes to B.
+    publisher.publish("fresh/1", QoS::AtMostOnce, 0, b"first").await;
+    assert_eq!(expect_publish(&mut on_b).await.payload, &b"first"[..]);
+}
+
+#[tokio::test]
+async fn what_is_published_right_after_a_suback_reaches_it_from_every_node() {
+    let (a, b, c) = three_nodes().await;
+    past_grace().await;
+    let mut on_a = v5(&a, "pub-a").await;
+    let mut on_c = v5(&c, "pub-c").await;
+    let mut sub = v5(&b, "sub").await;
+    for i in 0..20 {
+        // A new coarse key each round: B announces it, A and C must have it by the SUBACK.
+        let topic = format!("race{i}/x");
+        subscribe(&mut sub, &topic, qos(QoS::AtMostOnce), None).await;
+        on_a.publish(&topic, QoS::AtMostOnce, 0, b"a").await;
+        on_c.publish(&topic, QoS::AtMostOnce, 0, b"c").await;
+        let mut got =
+            vec![expect_publish(&mut sub).await.payload, expect_publish(&mut sub).await.payload];
+        got.sort();
+        assert_eq!(got, [&b"a"[..], &b"c"[..]], "round {i}");
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_joins_forwards_to_the_subscriptions_already_there() {
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", AMQP_URL)).await;
+    wait_ready(&a).await;
+    let mut on_a = v5(&a, "sub-a").await;
+    subscribe(&mut on_a, "join/#", qos(QoS::AtMostOnce), None).await;
+    let d = gateway(&node_config(&prefix, "d", AMQP_URL)).await;
+    wait_ready(&d).await;
+    let mut on_d = v5(&d, "pub-d").await;
+    // At once (D forwards everything until it heard from every node) and later (D has A's
+    // keys), D's messages reach A's subscriber.
+    on_d.publish("join/now", QoS::AtMostOnce, 0, b"1").await;
+    assert_eq!(expect_publish(&mut on_a).await.payload, &b"1"[..]);
+    past_grace().await;
+    on_d.publish("join/later", QoS::AtMostOnce, 0, b"2").await;
+    assert_eq!(expect_publish(&mut on_a).await.payload, &b"2"[..]);
+    let out = cluster_messages(&d, "out").await;
+    on_d.publish("other/x", QoS::AtMostOnce, 0, b"3").await;
+    on_d.publish("join/again", QoS::AtMostOnce, 0, b"4").await;
+    assert_eq!(expect_publish(&mut on_a).await.payload, &b"4"[..]);
+    assert_eq!(cluster_messages(&d, "out").await - out, 1, "D knows what A wants");
+    // A subscription on the new node: A's messages after the SUBACK reach it.
+    let mut sub_d = v5(&d, "sub-d").await;
+    subscribe(&mut sub_d, "back/#", qos(QoS::AtMostOnce), None).await;
+    on_a.publish("back/1", QoS::AtMostOnce, 0, b"5").await;
+    assert_eq!(expect_publish(&mut sub_d).await.payload, &b"5"[..]);
+}
+
+/// The clients `GET /api/v1/clients` of the node at `admin` lists: (client id, node, remote).
+async fn listed(admin: std::net::SocketAddr, query: &str) -> Vec<(String, String, bool)> {
+    let (status, body) =
+        http_get(admin, &format!("/api/v1/clients{query}")).await.expect("clients");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let clients = v["clients"].as_array().cloned().unwrap_or_default();
+    clients
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (s("client_id"), s("node"), c["remote"].as_bool().unwrap_or(false))
+        })
+        .collect()
+}
+
+/// Polls `GET /api/v1/clients` of `admin` until `done` says yes (10 s at most).
+async fn until_listed(
+    admin: std::net::SocketAddr,
+    done: impl Fn(&[(String, String, bool)]) -> bool,
+) -> Vec<(String, String, bool)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let list = listed(admin, "").await;
+        if done(&list) {
+            return list;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "clients listed: {list:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn entry(id: &str, node: &str, remote: bool) -> (String, String, bool) {
+    (id.to_owned(), node.to_owned(), remote)
+}
+
+#[tokio::test]
+async fn the_admin_api_of_any_node_lists_the_cluster_s_clients() {
+    let (a, b, c) = three_nodes().await;
+    let _on_a = v5(&a, "cl-a").await;
+    let mut on_b = v5(&b, "cl-b").await;
+    let _on_c = v5(&c, "cl-c").await;
+    let list = until_listed(a.admin_addr, |l| l.len() == 3).await;
+    assert_eq!(
+        list,
+        [entry("cl-a", "a", false), entry("cl-b", "b", true), entry("cl-c", "c", true)]
+    );
+    // Each node's view is the same (only `remote` differs).
+    let list = until_listed(c.admin_addr, |l| l.len() == 3).await;
+    assert_eq!(
+        list,
+        [entry("cl-a", "a", true), entry("cl-b", "b", true), entry("cl-c", "c", false)]
+    );
+    // Searched and paged across nodes, by client id.
+    assert_eq!(listed(a.admin_addr, "?search=CL-C").await, [entry("cl-c", "c", true)]);
+    assert_eq!(listed(a.admin_addr, "?limit=1&after=cl-a").await, [entry("cl-b", "b", true)]);
+    let (status, body) = http_get(a.admin_addr, "/api/v1/clients/cl-b").await.expect("client");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!((v["node"].as_str(), v["remote"].as_bool()), (Some("b"), Some(true)), "{body}");
+    // A client that leaves its node leaves the others' lists; one that moves shows its new node.
+    on_b.send(&Packet::Disconnect(Box::new(codec::Disconnect {
+        code: codec::ReasonCode::SUCCESS,
+        properties: Properties::default(),
+    })))
+    .await;
+    until_listed(a.admin_addr, |l| !l.iter().any(|e| e.0 == "cl-b")).await;
+    let _moved = v5(&a, "cl-c").await;
+    until_listed(b.admin_addr, |l| l.contains(&entry("cl-c", "a", true)) && l.len() == 2).await;
+}
+
+#[tokio::test]
+async fn the_clients_of_a_sigkilled_node_leave_the_others_lists() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("it-cluster");
+    let a = NodeProcess::start(dir.path(), &prefix, "a").await;
+    let mut b = NodeProcess::start(dir.path(), &prefix, "b").await;
+    let _device = RawClient::connect(b.mqtt, ProtocolVersion::V5, "on-b").await;
+    until_listed(a.admin, |l| l.contains(&entry("on-b", "b", true))).await;
+    b.child.kill().expect("kill");
+    b.child.wait().expect("reap");
+    // Silent for 3.5 s, then its queue is found gone.
+    until_listed(a.admin, |l| l.is_empty()).await;
+}
+
+/// Takes every PUBLISH `c` gets until it is quiet for `quiet`, acknowledging QoS 1 ones;
+/// their payloads.
+async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = c.recv_within(quiet).await {
+        if let Packet::Publish(p) = p {
+            if p.qos != QoS::AtMostOnce {
+                c.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+            }
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn a_share_group_gets_each_message_once_across_the_nodes() {
+    let (a, b, c) = three_nodes().await;
+    let mut members = Vec::new();
+    for (node, id) in [(&a, "m-a"), (&b, "m-b"), (&c, "m-c")] {
+        let mut m = v5(node, id).await;
+        subscribe(&mut m, "$share/team/jobs/#", qos(QoS::AtLeastOnce), None).await;
+        members.push(m);
+    }
+    // A plain subscriber still gets every message.
+    let mut all = v5(&b, "all").await;
+    subscribe(&mut all, "jobs/#", qos(QoS::AtMostOnce), None).await;
+    past_grace().await;
+    let mut publisher = v5(&a, "pub").await;
+    let n = 60u16;
+    for i in 1..=n {
+        crate::support::publish_qos1(
+            &mut publisher,
+            &format!("jobs/{i}"),
+            i,
+            i.to_string().as_bytes(),
+        )
+        .await;
+    }
+    let mut got = Vec::new();
+    let mut per_member = Vec::new();
+    for m in &mut members {
+        let mine = drain(m, Duration::from_millis(1500)).await;
+        per_member.push(mine.len());
+        got.extend(mine);
+    }
+    got.sort_by_key(|p| p.parse::<u16>().unwrap_or(0));
+    let expected: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+    assert_eq!(got, expected, "each message once in the group, cluster-wide ({per_member:?})");
+    assert!(per_member.iter().filter(|k| **k > 0).count() >= 2, "shared: {per_member:?}");
+    assert_eq!(drain(&mut all, Duration::from_millis(300)).await.len(), usize::from(n));
+
+    // The member on C leaves: A's and B's members take all of it.
+    let mut gone = members.pop().expect("c");
+    gone.send(&Packet::Unsubscribe(Box::new(codec::Unsubscribe {
+        packet_id: 2,
+        filters: vec!["$share/team/jobs/#".into()],
+        properties: Properties::default(),
+    })))
+    .await;
+    assert!(matches!(gone.recv().await, Some(Packet::UnsubAck(_))));
+    let mut p = crate::support::publish_packet("jobs/x", QoS::AtLeastOnce, 1, b"r");
+    p.retain = true;
+    publisher.send(&Packet::Publish(p)).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    for i in 1..=20u16 {
+        crate::support::publish_qos1(&mut publisher, "jobs/y", i, b"y").await;
+    }
+    let mut total = 0;
+    for m in &mut members {
+        total += drain(m, Duration::from_millis(1500)).await.len();
+    }
+    assert_eq!(total, 21, "the retained one too, once");
+    expect_silence(&mut gone, Duration::from_millis(100)).await;
+}

@@ -118,7 +118,7 @@ export function clients(main, ui) {
     fill(detail, 
       h('h3', 'Client'),
       kv([
-        ['Client id', h('span.mono', c.client_id)], ['User', c.user],
+        ['Client id', h('span.mono', c.client_id)], c.node ? ['Node', c.node] : null, ['User', c.user],
         ['State', c.connected ? 'connected' : (c.parked ? 'parked (away)' : '—')],
         ['Address', c.peer], ['Protocol', c.protocol], ['Keepalive', c.keep_alive === null ? null : `${c.keep_alive} s`],
         ['Connected at', time(c.connected_at)], ['Session', c.session_id],
@@ -131,15 +131,19 @@ export function clients(main, ui) {
         { title: 'QoS', num: true, cell: s => s.qos },
         { title: 'Queued', num: true, cell: s => count(s.queued) },
       ], c.subscriptions, { empty: 'No subscriptions.' }),
-      c.connected ? h('p', h('button.danger', { type: 'button', onclick: () => disconnect(c.client_id) }, 'Disconnect')) : null);
+      c.remote ? h('p.muted', `Connected on node ${c.node}: its details and subscriptions are on that node.`) : null,
+      c.connected && !c.remote ? h('p', h('button.danger', { type: 'button', onclick: () => disconnect(c.client_id) }, 'Disconnect')) : null);
   }
 
   async function draw() {
     const p = await get(`/api/v1/clients${qs({ search, after, limit: 100 })}`);
     document.getElementById('client-count').textContent = `${count(p.count)} matching`;
+    // In a cluster: where each client is (the others' clients are known by id and node only).
+    const cluster = p.clients.some(c => c.node);
     fill(list, 
       table([
         { title: 'Client id', cell: c => h('span.mono', c.client_id) },
+        cluster ? { title: 'Node', cell: c => c.remote ? h('span.badge', c.node) : c.node } : null,
         { title: 'User', cell: c => c.user ?? h('span.muted', 'anonymous') },
         { title: 'State', cell: c => c.connected ? badge(true, 'connected') : h('span.badge.warn', 'parked') },
         { title: 'Address', cell: c => c.peer ?? '—' },
@@ -147,9 +151,9 @@ export function clients(main, ui) {
         { title: 'Since', cell: c => time(c.connected_at) },
         { title: '', cls: 'actions', cell: c => [
           h('button.quiet.small', { type: 'button', onclick: () => show(c.client_id) }, 'Details'),
-          c.connected ? h('button.danger.small', { type: 'button', dataset: { disconnect: c.client_id }, onclick: () => disconnect(c.client_id) }, 'Disconnect') : null,
+          c.connected && !c.remote ? h('button.danger.small', { type: 'button', dataset: { disconnect: c.client_id }, onclick: () => disconnect(c.client_id) }, 'Disconnect') : null,
         ] },
-      ], p.clients, { empty: search ? 'No client matches.' : 'No clients.', rowAttrs: c => ({ class: c.client_id === selected ? 'selected' : null, dataset: { client: c.client_id } }) }),
+      ].filter(Boolean), p.clients, { empty: search ? 'No client matches.' : 'No clients.', rowAttrs: c => ({ class: c.client_id === selected ? 'selected' : null, dataset: { client: c.client_id } }) }),
       h('div.toolbar', after ? h('button.quiet.small', { type: 'button', onclick: () => { after = ''; refresh(); } }, '← First page') : null,
         pager(p.next_after, n => { after = n; refresh(); })));
   }
