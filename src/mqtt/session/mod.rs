@@ -857,15 +857,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return poll;
         }
         // Quiet: once a full tick has passed with nothing under way, rest (`rest.rs`).
-        if self.may_rest(timer.as_deref()) {
-            if epoch.wrapping_sub(self.quiet_epoch) >= 2 {
-                return Poll::Ready(Event::Rest);
-            }
-            if self.check_epoch != epoch {
-                // Polled again at the next tick to see whether it is still quiet.
-                self.check_epoch = epoch;
-                pool.recheck(cx.waker());
-            }
+        let rests = self.may_rest(timer.as_deref());
+        if rests && epoch.wrapping_sub(self.quiet_epoch) >= 2 {
+            return Poll::Ready(Event::Rest);
+        }
+        // Polled again at the next tick to see whether it is still quiet; also while only
+        // the SUBSCRIBE box is left (`retained.rs` drops it, when its buckets are full
+        // again, only when the session wakes).
+        if (rests || self.subscribe_work.is_some()) && self.check_epoch != epoch {
+            self.check_epoch = epoch;
+            pool.recheck(cx.waker());
         }
         Poll::Pending
     }
