@@ -148,6 +148,8 @@ pub struct Metrics {
     pub kinds: crate::targets::kinds::KindMetrics,
     /// Open MQTT connections.
     pub connections: Gauge,
+    /// Of those, the ones resting in the idle pool (`mqtt/idle.rs`).
+    pub connections_resting: Gauge,
     /// MQTT connections accepted since start.
     pub connections_total: Counter,
     /// Connections refused because `mqtt.max_connections` was reached.
@@ -327,6 +329,7 @@ impl Metrics {
             mqttsn,
             kinds,
             connections: Gauge::default(),
+            connections_resting: Gauge::default(),
             connections_total: Counter::default(),
             connections_refused: Counter::default(),
             messages_received: Family::default(),
@@ -370,6 +373,11 @@ impl Metrics {
         };
         registry.register_collector(Box::new(Arc::clone(&m.store)));
         registry.register("connections", "Open MQTT connections", m.connections.clone());
+        registry.register(
+            "connections_resting",
+            "Open MQTT connections resting in the idle pool (no task, no tokio registration)",
+            m.connections_resting.clone(),
+        );
         registry.register(
             "connections_accepted",
             "MQTT connections accepted",

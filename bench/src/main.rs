@@ -19,7 +19,9 @@
 //! * `fanin`: P MQTT publishers → 1 MQTT subscriber (QoS 0 subscription),
 //!   through mqgate and through Mosquitto; no AMQP involved;
 //! * `idle`: `--connections` idle MQTT connections to each; reports the
-//!   server's VmRSS growth per connection and connections accepted per second.
+//!   server's VmRSS growth per connection and connections accepted per second;
+//! * `storm`: `--connections` clients connecting at once while 4 connected clients publish
+//!   QoS 1; reports refusals and those clients' PUBACK latency during the storm.
 //!
 //! `http` benchmarks the HTTP webhook targets (no AMQP involved): an axum sink served by
 //! the bench itself, a direct reqwest loop against it (the ceiling), then a spawned mqgate
@@ -42,6 +44,7 @@
 //! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode bridge --qos 1 --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
+//! target/release/mqgate-bench --mode storm --connections 15000  # reconnect storm (storm.rs)
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode amqp10 --messages 100000 --repeat 3   # AMQP 1.0 target
@@ -75,6 +78,7 @@ mod mqtt;
 mod mqttsn;
 mod payload;
 mod stats;
+mod storm;
 mod tls;
 mod zmq;
 
@@ -289,6 +293,10 @@ enum ModeArg {
     /// Pathological inputs (issue 13 item 5): an unrelated client's QoS 1 PUBACK latency
     /// without and with each attack (`--attacks`; see `attack.rs`).
     Attack,
+    /// A reconnect storm: `--connections` clients connecting at once while 4 connected
+    /// clients publish QoS 1; refusals and their PUBACK latency, mqgate vs a spawned
+    /// Mosquitto (see `storm.rs`).
+    Storm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -471,6 +479,9 @@ async fn run(args: Args) -> Result<bool> {
     let idle = args.idle()?;
     if args.mode.contains(&ModeArg::Idle) {
         return run_idle(&args).await;
+    }
+    if args.mode.contains(&ModeArg::Storm) {
+        return run_storm(&args).await;
     }
     if args.mode.contains(&ModeArg::Http) {
         return run_http(&args).await;
@@ -699,6 +710,47 @@ async fn run_idle(args: &Args) -> Result<bool> {
         if let Some(note) = note {
             println!("note: {note}");
         }
+    }
+    Ok(true)
+}
+
+/// `--mode storm`: a reconnect storm against a spawned mqgate, then a spawned Mosquitto.
+async fn run_storm(args: &Args) -> Result<bool> {
+    let n = args.connections as usize;
+    let binary = match &args.mqgate {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .context("locate the bench binary")?
+            .parent()
+            .context("the bench binary has no directory")?
+            .join("mqgate"),
+    };
+    println!(
+        "mqgate-bench storm: {n} MQTT 3.1.1 connections at once per server, 4 QoS 1 publishers"
+    );
+    let gw = Gateway::start(&GatewaySpec {
+        binary: &binary,
+        amqp_url: &args.amqp_url,
+        exchange: "amq.topic",
+        receive_maximum: args.window as usize,
+        max_connections: n + 100,
+        outbound_queue: 1024,
+        ready_timeout: Duration::from_secs(20),
+        store: None,
+        extra_mqtt: "",
+        bridge_to: None,
+    })
+    .await?;
+    let mqgate = storm::measure("mqgate", &gw.mqtt_addr, n).await;
+    let note = gw.stop(Duration::from_secs(10)).await;
+    let mosq = mosquitto::Mosquitto::start().await?;
+    let baseline = storm::measure("mosquitto", &mosq.addr, n).await;
+    drop(mosq);
+    for r in [mqgate?, baseline?] {
+        println!("{}", r.text_line());
+    }
+    if let Some(note) = note {
+        println!("note: {note}");
     }
     Ok(true)
 }

@@ -136,6 +136,18 @@ impl Queue {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
+    /// Registers `waker` to be woken by the next send, unless something is queued already or
+    /// the queue is closed (then `false`): for a receiver that waits elsewhere (a resting
+    /// connection, `mqtt/idle.rs`). Takes nothing.
+    pub fn watch(&self, waker: &Waker) -> bool {
+        let mut inner = self.lock();
+        if !inner.items.is_empty() || inner.closed {
+            return false;
+        }
+        inner.waker = Some(waker.clone());
+        true
+    }
+
     /// [`recv`](Self::recv) as a poll, for a receiver that waits for several things in one poll.
     pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Outbound>> {
         let mut inner = self.lock();

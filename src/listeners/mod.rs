@@ -36,9 +36,27 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn certificate_user(&self) -> Option<&str> {
         None
     }
+
+    /// Whether a quiet connection on this transport can rest (`mqtt/idle.rs`): only a plain
+    /// socket can wait in the idle pool's epoll set (TLS and WebSocket keep state of their own).
+    const RESTS: bool = false;
+
+    /// The plain socket, for a transport that [`RESTS`](Self::RESTS).
+    fn into_tcp(self) -> Result<TcpStream, Self>
+    where
+        Self: Sized,
+    {
+        Err(self)
+    }
 }
 
-impl Transport for TcpStream {}
+impl Transport for TcpStream {
+    const RESTS: bool = true;
+
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+}
 
 /// A TLS connection and the user its client certificate names.
 pub struct TlsTransport {
@@ -249,6 +267,7 @@ pub async fn serve(
     peer: SocketAddr,
     shared: Arc<crate::mqtt::session::SessionShared>,
     prelude: Arc<Prelude>,
+    slot: crate::mqtt::listener::ConnSlot,
 ) {
     let metrics = &shared.metrics.listeners;
     let timeout = shared.limits.connect_timeout;
@@ -275,23 +294,23 @@ pub async fn serve(
     // future is ~900 B, one over WebSocket over TLS several KiB).
     use crate::mqtt::session::run;
     match prelude.kind {
-        ListenerKind::Tcp => Box::pin(run(tcp, peer, shared)).await,
+        ListenerKind::Tcp => Box::pin(run(tcp, peer, shared, slot)).await,
         ListenerKind::Tls => {
             let accept = Box::pin(tls_accept(tcp, peer, &prelude, metrics, timeout));
             let Some(t) = accept.await else { return };
-            Box::pin(run(t, peer, shared)).await
+            Box::pin(run(t, peer, shared, slot)).await
         }
         ListenerKind::Ws => {
             let upgrade = Box::pin(ws_accept(tcp, peer, &prelude, metrics, timeout));
             let Some(w) = upgrade.await else { return };
-            Box::pin(run(w, peer, shared)).await
+            Box::pin(run(w, peer, shared, slot)).await
         }
         ListenerKind::Wss => {
             let accept = Box::pin(tls_accept(tcp, peer, &prelude, metrics, timeout));
             let Some(t) = accept.await else { return };
             let upgrade = Box::pin(ws_accept(t, peer, &prelude, metrics, timeout));
             let Some(w) = upgrade.await else { return };
-            Box::pin(run(w, peer, shared)).await
+            Box::pin(run(w, peer, shared, slot)).await
         }
     }
 }

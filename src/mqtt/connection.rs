@@ -100,6 +100,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         &self.stream
     }
 
+    /// The socket, for a connection set aside while quiet (`mqtt/idle.rs`); what is
+    /// buffered is dropped (a resting connection has nothing buffered).
+    pub fn into_stream(self) -> S {
+        self.stream
+    }
+
+    /// The client's Maximum Packet Size (`u32::MAX` if unset).
+    pub fn client_max_packet_size(&self) -> u32 {
+        self.client_max_packet_size
+    }
+
     /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
     /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
     pub async fn fill(&mut self) -> io::Result<bool> {

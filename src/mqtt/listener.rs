@@ -7,12 +7,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::session::{self, SessionShared};
+use super::idle::IdlePool;
+use super::session::{self, Resting, SessionShared};
 use crate::listeners::{self, Listener};
 
 /// How long, beyond `shutdown_timeout` (the sessions' own deadline for their in-flight
@@ -24,13 +25,28 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// (outcome and acknowledgement) within `shutdown_timeout`, then closes. `max_connections`
 /// counts the connections of all listeners together.
 pub async fn run(listeners: Vec<Listener>, shared: Arc<SessionShared>, max_connections: usize) {
-    let permits = Arc::new(Semaphore::new(max_connections));
+    let limit = Arc::new(ConnLimit {
+        permits: Semaphore::new(max_connections),
+        gauge: shared.metrics.connections.clone(),
+    });
     let tasks = TaskTracker::new();
+    // Quiet plain-TCP connections rest in the idle pool (`idle.rs`) instead of a task each.
+    let resting = shared.metrics.connections_resting.clone();
+    match IdlePool::start(tasks.clone(), Resting::resume, resting) {
+        Ok(pool) => {
+            if shared.idle.set(pool).is_err() {
+                warn!("the MQTT listener was started twice: the first one's idle pool is kept");
+            }
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot start the idle connections' pool: quiet connections keep their tasks")
+        }
+    }
     let limits = &shared.limits;
     let rate =
         ConnectRate::new(limits.max_connect_rate_per_address, limits.connect_burst_per_address);
     let rate = rate.as_ref();
-    let loops = listeners.into_iter().map(|l| accept_loop(l, &shared, &permits, &tasks, rate));
+    let loops = listeners.into_iter().map(|l| accept_loop(l, &shared, &limit, &tasks, rate));
     futures::future::join_all(loops).await;
     // Sessions wait for shutdown through their registry link, not on the token (an idle
     // session's future stores no waiter for it). One registering after this sees the token.
@@ -41,13 +57,47 @@ pub async fn run(listeners: Vec<Listener>, shared: Arc<SessionShared>, max_conne
     if tokio::time::timeout(deadline, tasks.wait()).await.is_err() {
         warn!(sessions = tasks.len(), "sessions still open after {deadline:?}; leaving them");
     }
+    // Told to close through their links, resting sessions were resumed and have ended (the
+    // pool held the tracker while any rested); what still rests now is dropped.
+    if let Some(pool) = shared.idle.get() {
+        pool.close();
+    }
+}
+
+/// A connection's place under `mqtt.max_connections` (and in `mqgate_connections`): taken at
+/// accept, given back when its session ends. A resting session (`idle.rs`) keeps it.
+/// One pointer: a resting session holds it.
+#[derive(Debug)]
+pub struct ConnSlot(Arc<ConnLimit>);
+
+/// `mqtt.max_connections` and the `mqgate_connections` gauge.
+#[derive(Debug)]
+struct ConnLimit {
+    permits: Semaphore,
+    gauge: Gauge,
+}
+
+impl ConnSlot {
+    /// A place, if one is free.
+    fn take(limit: &Arc<ConnLimit>) -> Option<ConnSlot> {
+        limit.permits.try_acquire().ok()?.forget();
+        limit.gauge.inc();
+        Some(ConnSlot(Arc::clone(limit)))
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.gauge.dec();
+        self.0.permits.add_permits(1);
+    }
 }
 
 /// One listener's accept loop.
 async fn accept_loop(
     listener: Listener,
     shared: &Arc<SessionShared>,
-    permits: &Arc<Semaphore>,
+    limit: &Arc<ConnLimit>,
     tasks: &TaskTracker,
     rate: Option<&ConnectRate>,
 ) {
@@ -90,7 +140,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        let Ok(permit) = Arc::clone(permits).try_acquire_owned() else {
+        let Some(slot) = ConnSlot::take(limit) else {
             shared.metrics.connections_refused.inc();
             warn!(%peer, listener = %prelude.label, "connection refused: mqtt.max_connections reached");
             drop(stream);
@@ -101,26 +151,14 @@ async fn accept_loop(
         }
         accepted_total.inc();
         let shared = Arc::clone(shared);
-        shared.metrics.connections.inc();
         shared.metrics.connections_total.inc();
-        let done = {
-            let shared = Arc::clone(&shared);
-            move |()| {
-                shared.metrics.connections.dec();
-                drop(permit);
-            }
-        };
         if prelude.is_direct() {
             // The session's future is made here and moved in: made inside the task, the
             // socket and address it starts from would keep their own space in the task for
-            // its whole life (every idle connection's memory, see `session::run`).
-            let session = session::run(stream, peer, shared);
-            // `map`, not an `async` block awaiting it: a future captured by one is stored
-            // twice in the task (as the block's capture and as what it awaits).
-            tasks.spawn(session.map(done));
+            // its whole life (see `session::run`).
+            tasks.spawn(session::run(stream, peer, shared, slot));
         } else {
-            let serve = listeners::serve(stream, peer, shared, Arc::clone(&prelude));
-            tasks.spawn(serve.map(done));
+            tasks.spawn(listeners::serve(stream, peer, shared, Arc::clone(&prelude), slot));
         }
     }
 }

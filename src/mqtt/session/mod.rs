@@ -9,10 +9,13 @@
 //! - `connect.rs`: the CONNECT handshake and CONNACK.
 //! - `inbound.rs`: PUBLISH from the client, routing, the pending-ack queue, QoS 2 state.
 //! - `outbound.rs`: messages to the client as a subscriber, SUBSCRIBE and UNSUBSCRIBE.
+//! - `rest.rs`: a quiet plain-TCP session set aside in the idle pool (`mqtt/idle.rs`) and
+//!   resumed from it.
 
 mod connect;
 mod inbound;
 mod outbound;
+mod rest;
 mod retained;
 
 use std::future::{poll_fn, Future};
@@ -38,12 +41,14 @@ use crate::mqtt::codec::{
     PublishProperties, ReasonCode,
 };
 use crate::mqtt::connection::Connection;
+use crate::mqtt::listener::ConnSlot;
 use crate::mqtt::topic::TopicLimits;
 use crate::reload::{Live, LiveCell};
 use prometheus_client::metrics::counter::Counter;
 
 pub(crate) use inbound::{publish_will, FrontDone, PendingQueue, PublishRate};
 use outbound::OutboundState;
+pub(crate) use rest::{IdleConnections, Resting};
 
 /// Deliveries taken from the outbound queue before the next write.
 const DELIVERY_BATCH: usize = 64;
@@ -183,6 +188,7 @@ impl SessionShared {
         SessionShared {
             memory,
             memory_pauses,
+            idle: std::sync::OnceLock::new(),
             broker,
             live,
             metrics,
@@ -224,6 +230,9 @@ pub struct SessionShared {
     pub memory: &'static crate::memory::MemoryBudget,
     /// `mqgate_memory_pauses_total`: publishers paused at the budget.
     pub memory_pauses: Counter,
+    /// Where quiet plain-TCP connections rest (`mqtt/idle.rs`), set by the MQTT listener when
+    /// it starts; without it nothing rests.
+    pub(crate) idle: std::sync::OnceLock<IdleConnections>,
 }
 
 impl SessionShared {
@@ -313,6 +322,8 @@ enum End {
     Revoked,
     /// The socket failed.
     Io(std::io::Error),
+    /// Not an end: the session has been quiet and is set aside in the idle pool (`rest.rs`).
+    Rest,
 }
 
 /// What woke the session's loop ([`Session::poll_event`]).
@@ -333,6 +344,8 @@ enum Event {
     Reloaded,
     /// A SUBSCRIBE's retained messages may go on (`retained.rs`).
     Retained,
+    /// Quiet for a full tick of the idle pool with nothing under way: rest (`rest.rs`).
+    Rest,
 }
 
 /// The state of one connected session (after a successful CONNECT).
@@ -400,6 +413,17 @@ struct Session<S> {
     /// of a stored session held until its record is durable (the loop waits for it before it
     /// reads on); `None` when there is neither.
     subscribe_work: Option<Box<retained::SubscribeWork>>,
+    /// The idle pool's tick (`IdlePool::epoch`) at the session's last event: it rests once
+    /// that is two ticks ago (`rest.rs`).
+    quiet_epoch: u8,
+    /// The tick at which the session last asked the pool to poll it again (both wrap: only
+    /// differences of a few ticks matter).
+    check_epoch: u8,
+    /// Its transport can rest (`Transport::RESTS`: a plain socket).
+    rests: bool,
+    /// Its place under `mqtt.max_connections` (given back when the session ends, not when it
+    /// rests).
+    slot: ConnSlot,
 }
 
 /// Units of work after which the loop yields (see `Session::work`): about a millisecond of
@@ -433,23 +457,31 @@ pub fn run<S>(
     stream: S,
     peer: SocketAddr,
     shared: Arc<SessionShared>,
+    slot: ConnSlot,
 ) -> impl Future<Output = ()> + Send
 where
     S: Transport,
 {
-    let handshake = Box::pin(connect(stream, peer, shared));
+    let handshake = Box::pin(connect(stream, peer, shared, slot));
     async move {
         let Some(mut session) = handshake.await else {
             return;
         };
         info!(parent: &session.span(), version = ?session.version, "client connected");
         let end = session.run().await;
-        Box::pin(session.finish(end)).await;
+        if let Some(end) = session.end(end) {
+            end.await;
+        }
     }
 }
 
 /// Runs the handshake; the session, or `None` when the connection closed.
-async fn connect<S>(stream: S, peer: SocketAddr, shared: Arc<SessionShared>) -> Option<Session<S>>
+async fn connect<S>(
+    stream: S,
+    peer: SocketAddr,
+    shared: Arc<SessionShared>,
+    slot: ConnSlot,
+) -> Option<Session<S>>
 where
     S: Transport,
 {
@@ -458,7 +490,7 @@ where
     // The address is what the login backoff keys on (`auth::backoff`).
     let handshake = connect::handshake(&mut conn, &shared, peer);
     match crate::auth::backoff::LOGIN_PEER.scope(peer.ip(), handshake).await {
-        Ok(Some(c)) => Some(Session::new(conn, c, shared, peer)),
+        Ok(Some(c)) => Some(Session::new(conn, c, shared, peer, slot, S::RESTS)),
         Ok(None) => {
             conn.close().await;
             None
@@ -478,6 +510,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         mut connected: connect::Connected,
         shared: Arc<SessionShared>,
         peer: SocketAddr,
+        slot: ConnSlot,
+        rests: bool,
     ) -> Self {
         let registration = connected.registration;
         let resend_due = !connected.state.inflight.is_empty();
@@ -514,6 +548,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             memory_paused: false,
             work: 0,
             subscribe_work: None,
+            // A new session may rest as soon as it is quiet: a device that says nothing after
+            // its CONNACK gives its task back at once (`rest.rs`).
+            quiet_epoch: shared.idle.get().map_or(0, |p| p.epoch().wrapping_sub(2)),
+            check_epoch: u8::MAX,
+            rests,
+            slot,
             shared,
         }
     }
@@ -536,7 +576,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // push the task of every connection past a 128-byte step (1,024 -> 896 bytes without
         // it, and 896 + 112 with it is still less than 1,024). It also keeps when the packet
         // the buffer holds the start of began (`mqtt.packet_timeout`), off the future.
-        let mut timer: Option<Box<Timer>> = self.keepalive.map(Timer::new);
+        // A resumed session (`rest.rs`) has been silent since `last_packet` already.
+        let mut timer: Option<Box<Timer>> = self
+            .keepalive
+            .map(|k| Timer::new((self.last_packet + k).saturating_duration_since(Instant::now())));
         // Publish rate limits live in the timer too (nothing when unset).
         if let Some(rate) = inbound::PublishRate::new(&self.shared.limits) {
             timer.get_or_insert_with(|| Timer::new(FAR)).rate = Some(rate);
@@ -740,6 +783,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     self.note_write_buffer();
                 }
                 Event::Retained => self.retained_step(),
+                Event::Rest => return End::Rest,
                 Event::MemoryRoom => {
                     self.memory_paused = false;
                     if let Some(t) = &mut timer {
@@ -812,6 +856,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// delivery (while the outbound window has room), the keepalive timer. Every source not
     /// ready has `cx`'s waker registered.
     fn poll_event(&mut self, cx: &mut Context<'_>, mut timer: Option<&mut Timer>) -> Poll<Event> {
+        let poll = self.poll_sources(cx, timer.as_deref_mut());
+        if !self.rests {
+            return poll;
+        }
+        let Some(pool) = self.shared.idle.get() else {
+            return poll;
+        };
+        let epoch = pool.epoch();
+        if poll.is_ready() {
+            self.quiet_epoch = epoch;
+            return poll;
+        }
+        // Quiet: once a full tick has passed with nothing under way, rest (`rest.rs`).
+        let rests = self.may_rest(timer.as_deref());
+        if rests && epoch.wrapping_sub(self.quiet_epoch) >= 2 {
+            return Poll::Ready(Event::Rest);
+        }
+        // Polled again at the next tick to see whether it is still quiet; also while only
+        // the SUBSCRIBE box is left (`retained.rs` drops it, when its buckets are full
+        // again, only when the session wakes).
+        if (rests || self.subscribe_work.is_some()) && self.check_epoch != epoch {
+            self.check_epoch = epoch;
+            pool.recheck(cx.waker());
+        }
+        Poll::Pending
+    }
+
+    /// [`poll_event`](Self::poll_event)'s sources, in priority order.
+    fn poll_sources(&mut self, cx: &mut Context<'_>, mut timer: Option<&mut Timer>) -> Poll<Event> {
         let throttled = timer.as_ref().is_some_and(|t| t.throttled_until.is_some());
         if let (Some(link), false) = (&self.link, self.draining) {
             if let Poll::Ready(reason) = link.0.poll_close(cx) {
@@ -1083,6 +1156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             End::Revoked => {
                 info!(parent: span, "connection closed: no longer authorized after a configuration reload (will not published)")
             }
+            End::Rest => debug!(parent: span, "connection closed instead of resting"),
         }
         let will = self.will.take().filter(|will| {
             if !publish_will {
@@ -1148,20 +1222,22 @@ mod tests {
     use super::*;
 
     /// The size of the future `f` returns, without calling it.
-    fn future_size<A, B, C, F: Future>(_f: impl FnOnce(A, B, C) -> F) -> usize {
+    fn future_size<A, B, C, D, F: Future>(_f: impl FnOnce(A, B, C, D) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
-    /// Every idle connection carries one session future (plus tokio's ~130 bytes of task
-    /// header and trailer, the whole rounded up to 128 bytes): at 760 bytes today (the
-    /// session's owner, issue 13, took the last 8) the task is 896 bytes; past 760 it would
-    /// be 1,024.
+    /// Every active connection carries one session future (plus tokio's ~130 bytes of task
+    /// header and trailer). 776 bytes today: 760 before issue 19, whose `ConnSlot` (8) and
+    /// resting bookkeeping (3) came in while the listener's `map(done)` wrapper around this
+    /// future (24: the shared state and the permit) went, so the task itself got 8 bytes
+    /// smaller. A quiet plain-TCP connection gives its task back altogether: `rest.rs` holds
+    /// what it keeps to its own budget.
     /// Things that used to creep in: a `Packet` (408 bytes) kept by a `match` around an
     /// `.await`, an `async fn`'s arguments, futures of `select!` branches, a boxed path
     /// made inline.
     #[test]
     fn an_idle_session_future_stays_small() {
         let size = future_size(run::<tokio::net::TcpStream>);
-        assert!(size <= 760, "the session future grew to {size} bytes (budget 760)");
+        assert!(size <= 776, "the session future grew to {size} bytes (budget 776)");
     }
 }

@@ -60,6 +60,16 @@ impl OutboundState {
         OutboundState { state, window: usize::from(window.max(1)) }
     }
 
+    /// The session state and the window, for a resting session (`rest.rs`).
+    pub(super) fn into_parts(self) -> (SessionState, usize) {
+        (self.state, self.window)
+    }
+
+    /// [`into_parts`](Self::into_parts) back.
+    pub(super) fn from_parts(state: SessionState, window: usize) -> Self {
+        OutboundState { state, window }
+    }
+
     /// True while another QoS 1/2 delivery may be sent.
     pub(super) fn has_room(&self) -> bool {
         self.state.inflight.len() < self.window
