@@ -7,7 +7,4 @@ cd "$(dirname "$0")/.."
 ensure_cargo
 ensure_build_deps
 ensure_rabbitmq
-# mimalloc gives freed pages back at once: after a reconnect storm the handshakes' memory is
-# returned (as packaging/mqgate.service and docker/Dockerfile set it; docs/benchmarks.md).
-export MIMALLOC_PURGE_DELAY="${MIMALLOC_PURGE_DELAY:-0}"
 exec cargo run --release --bin mqgate -- run --config "${MQGATE_CONFIG:-config/mqgate.yaml}" "$@"

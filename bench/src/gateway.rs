@@ -152,11 +152,9 @@ impl Gateway {
         let log =
             File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
         let log_err = log.try_clone().context("clone log file handle")?;
-        // As the packaged service runs it (packaging/mqgate.service, docker/Dockerfile): mimalloc
-        // returns freed pages at once. The bench's own MIMALLOC_PURGE_DELAY, if set, wins.
-        let purge_delay = std::env::var("MIMALLOC_PURGE_DELAY").unwrap_or_else(|_| "0".to_owned());
+        // mqgate inherits the bench's environment: `MIMALLOC_PURGE_DELAY=0 mqgate-bench --mode
+        // idle` measures idle memory with pages given back at once (docs/benchmarks.md).
         let child = Command::new(binary)
-            .env("MIMALLOC_PURGE_DELAY", purge_delay)
             .arg("run")
             .arg("--config")
             .arg(&config_path)
