@@ -56,6 +56,34 @@ async fn count_publishes(c: &mut RawClient, quiet: Duration) -> (usize, Instant)
     }
 }
 
+/// `n` MQTT 3.1.1 SUBSCRIBEs (packet ids 1..=n) of one QoS 0 filter each, `filter(id)`, encoded
+/// back to back to be sent in one write.
+fn subscribes(n: u16, filter: impl Fn(u16) -> String) -> BytesMut {
+    let mut out = BytesMut::new();
+    for id in 1..=n {
+        let s = Subscribe {
+            packet_id: id,
+            filters: vec![SubscribeFilter {
+                filter: filter(id),
+                options: SubscriptionOptions { qos: QoS::AtMostOnce, ..Default::default() },
+            }],
+            properties: Properties::default(),
+        };
+        codec::encode(&Packet::Subscribe(Box::new(s)), ProtocolVersion::V311, &mut out)
+            .expect("encode");
+    }
+    out
+}
+
+/// Pings with `c` and asserts the PINGRESP comes within 500 ms.
+async fn ping_promptly(c: &mut RawClient) {
+    let asked = Instant::now();
+    c.send(&Packet::PingReq).await;
+    assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    let ping = asked.elapsed();
+    assert!(ping < Duration::from_millis(500), "the other client waited {ping:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_subscriber_gets_every_retained_message_its_queue_could_not_hold() {
     // A queue of 50, 1,200 retained messages, 600 per second: all of them arrive, paced.
@@ -82,28 +110,12 @@ async fn a_subscribe_repeated_in_a_loop_is_held_to_the_retained_rate() {
         RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("loop")).await;
     let mut other = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("o")).await;
     // 300 SUBSCRIBEs of `#` in one write: each restarts the walk of `#`; it does not add one.
-    let mut out = BytesMut::new();
-    for id in 1..=300u16 {
-        let s = Subscribe {
-            packet_id: id,
-            filters: vec![SubscribeFilter {
-                filter: "#".into(),
-                options: SubscriptionOptions { qos: QoS::AtMostOnce, ..Default::default() },
-            }],
-            properties: Properties::default(),
-        };
-        codec::encode(&Packet::Subscribe(Box::new(s)), ProtocolVersion::V311, &mut out)
-            .expect("encode");
-    }
+    let out = subscribes(300, |_| "#".into());
     let start = Instant::now();
     attacker.send_raw(&out).await;
     // Another client is answered at once meanwhile.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let asked = Instant::now();
-    other.send(&Packet::PingReq).await;
-    assert!(matches!(other.recv().await, Some(Packet::PingResp)));
-    let ping = asked.elapsed();
-    assert!(ping < Duration::from_millis(500), "the other client waited {ping:?}");
+    ping_promptly(&mut other).await;
     // The attacker reads for 2.5 s: a second's burst and 1,000/s after it, whatever it
     // asked for (before: up to a queue's worth, 1,000, per SUBSCRIBE: 300,000).
     let mut got = 0usize;
@@ -174,27 +186,11 @@ async fn subscribes_beyond_the_subscribe_rate_wait_unread_while_others_are_serve
     let mut attacker =
         RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("subs")).await;
     let mut other = RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("o")).await;
-    let mut out = BytesMut::new();
-    for id in 1..=600u16 {
-        let s = Subscribe {
-            packet_id: id,
-            filters: vec![SubscribeFilter {
-                filter: format!("rate/{id}/#"),
-                options: SubscriptionOptions { qos: QoS::AtMostOnce, ..Default::default() },
-            }],
-            properties: Properties::default(),
-        };
-        codec::encode(&Packet::Subscribe(Box::new(s)), ProtocolVersion::V311, &mut out)
-            .expect("encode");
-    }
+    let out = subscribes(600, |id| format!("rate/{id}/#"));
     let start = Instant::now();
     attacker.send_raw(&out).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let asked = Instant::now();
-    other.send(&Packet::PingReq).await;
-    assert!(matches!(other.recv().await, Some(Packet::PingResp)));
-    let ping = asked.elapsed();
-    assert!(ping < Duration::from_millis(500), "the other client waited {ping:?}");
+    ping_promptly(&mut other).await;
     let mut subacks = 0usize;
     let mut first_second = 0usize;
     while subacks < 600 {
