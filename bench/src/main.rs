@@ -663,25 +663,10 @@ fn mqgate_binary(args: &Args) -> Result<PathBuf> {
     }
 }
 
-/// `--mode idle`: N idle connections to a spawned mqgate, then to a spawned Mosquitto.
-async fn run_idle(args: &Args) -> Result<bool> {
-    let n = args.connections as usize;
-    let binary = match &args.mqgate {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("locate the bench binary")?
-            .parent()
-            .context("the bench binary has no directory")?
-            .join("mqgate"),
-    };
-    if !args.json {
-        println!(
-            "mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive {}) per server",
-            args.keepalive
-        );
-    }
-    let gw = Gateway::start(&GatewaySpec {
-        binary: &binary,
+/// The gateway `--mode idle` and `--mode storm` spawn: room for `n` connections, no rules.
+async fn connections_gateway(args: &Args, binary: &std::path::Path, n: usize) -> Result<Gateway> {
+    Gateway::start(&GatewaySpec {
+        binary,
         amqp_url: &args.amqp_url,
         exchange: "amq.topic",
         receive_maximum: args.window as usize,
@@ -692,7 +677,20 @@ async fn run_idle(args: &Args) -> Result<bool> {
         extra_mqtt: "",
         bridge_to: None,
     })
-    .await?;
+    .await
+}
+
+/// `--mode idle`: N idle connections to a spawned mqgate, then to a spawned Mosquitto.
+async fn run_idle(args: &Args) -> Result<bool> {
+    let n = args.connections as usize;
+    let binary = mqgate_binary(args)?;
+    if !args.json {
+        println!(
+            "mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive {}) per server",
+            args.keepalive
+        );
+    }
+    let gw = connections_gateway(args, &binary, n).await?;
     let pid = gw.pid().context("mqgate not running")?;
     let mqgate = idle::measure("mqgate", &gw.mqtt_addr, pid, n, args.keepalive).await;
     let note = gw.stop(Duration::from_secs(10)).await;
@@ -717,30 +715,11 @@ async fn run_idle(args: &Args) -> Result<bool> {
 /// `--mode storm`: a reconnect storm against a spawned mqgate, then a spawned Mosquitto.
 async fn run_storm(args: &Args) -> Result<bool> {
     let n = args.connections as usize;
-    let binary = match &args.mqgate {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("locate the bench binary")?
-            .parent()
-            .context("the bench binary has no directory")?
-            .join("mqgate"),
-    };
+    let binary = mqgate_binary(args)?;
     println!(
         "mqgate-bench storm: {n} MQTT 3.1.1 connections at once per server, 4 QoS 1 publishers"
     );
-    let gw = Gateway::start(&GatewaySpec {
-        binary: &binary,
-        amqp_url: &args.amqp_url,
-        exchange: "amq.topic",
-        receive_maximum: args.window as usize,
-        max_connections: n + 100,
-        outbound_queue: 1024,
-        ready_timeout: Duration::from_secs(20),
-        store: None,
-        extra_mqtt: "",
-        bridge_to: None,
-    })
-    .await?;
+    let gw = connections_gateway(args, &binary, n).await?;
     let mqgate = storm::measure("mqgate", &gw.mqtt_addr, n).await;
     let note = gw.stop(Duration::from_secs(10)).await;
     let mosq = mosquitto::Mosquitto::start().await?;
@@ -904,14 +883,7 @@ async fn run_tls(mut args: Args) -> Result<bool> {
 
 /// `--mode http`: the HTTP webhook bench.
 async fn run_http(args: &Args) -> Result<bool> {
-    let binary = match &args.mqgate {
-        Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .context("locate the bench binary")?
-            .parent()
-            .context("the bench binary has no directory")?
-            .join("mqgate"),
-    };
+    let binary = mqgate_binary(args)?;
     http::run(&http::HttpBench {
         binary: &binary,
         messages: args.messages,
@@ -1021,14 +993,7 @@ impl Bench {
             bail!("{e}");
         }
         if self.gateway.is_none() {
-            let binary = match &self.args.mqgate {
-                Some(p) => p.clone(),
-                None => std::env::current_exe()
-                    .context("locate the bench binary")?
-                    .parent()
-                    .context("the bench binary has no directory")?
-                    .join("mqgate"),
-            };
+            let binary = mqgate_binary(&self.args)?;
             // `--mode spool`: the store next to the gateway's config and log (the temp
             // directory: a real disk here, so every commit's fsync is real), removed with them.
             let spool_store = self.args.mode.contains(&ModeArg::Spool).then(|| {
