@@ -12,6 +12,7 @@ use mqgate::mqtt::codec::{
 };
 
 use crate::support::proxy::Proxy;
+use crate::support::rabbit_node::RabbitNode;
 use crate::support::{
     expect_publish, expect_silence, gateway, http_get, unique, wait_ready, RawClient, AMQP_URL,
 };
@@ -839,4 +840,114 @@ async fn a_share_group_gets_each_message_once_across_the_nodes() {
     }
     assert_eq!(total, 21, "the retained one too, once");
     expect_silence(&mut gone, Duration::from_millis(100)).await;
+}
+
+/// Waits until `/readyz` of `app` answers `status` with `text` in its body (30 s at most).
+async fn until_readyz(app: &App, status: u16, text: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (got, body) = http_get(app.admin_addr, "/readyz").await.expect("readyz");
+        if got == status && body.contains(text) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "readyz still says: {got} {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// RabbitMQ itself restarts (a node of the test's own: the machine's is never touched): every
+/// mqgate node says so in `/readyz` and keeps serving its own clients, and once RabbitMQ is
+/// back they act as one broker again without being restarted: cross-node delivery, the
+/// cluster-wide client-id lock, retained messages to wildcard subscriptions on other nodes.
+#[tokio::test]
+async fn after_rabbitmq_restarts_the_nodes_act_as_one_broker_again() {
+    let rabbit = tokio::task::spawn_blocking(RabbitNode::start_plain).await.expect("start");
+    let url = rabbit.amqp_url();
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", &url)).await;
+    let b = gateway(&node_config(&prefix, "b", &url)).await;
+    let c = gateway(&node_config(&prefix, "c", &url)).await;
+    for n in [&a, &b, &c] {
+        wait_ready(n).await;
+    }
+    let mut on_b = v5(&b, "sub-b").await;
+    subscribe(&mut on_b, "plant/#", qos(QoS::AtLeastOnce), None).await;
+    let mut local = v5(&a, "sub-a").await;
+    subscribe(&mut local, "plant/#", qos(QoS::AtLeastOnce), None).await;
+    let mut publisher = v5(&a, "pub-a").await;
+    until_bound(&mut publisher, &mut on_b, "plant/probe").await;
+    while let Ok(Some(_)) = local.recv_within(Duration::from_millis(300)).await {}
+
+    let mut rabbit = tokio::task::spawn_blocking(move || {
+        let mut rabbit = rabbit;
+        rabbit.stop();
+        rabbit
+    })
+    .await
+    .expect("stop");
+    for n in [&a, &b, &c] {
+        until_readyz(n, 503, "not connected").await;
+    }
+    // Down: a node still serves its own clients.
+    crate::support::publish_qos1(&mut publisher, "plant/1", 1, b"while down").await;
+    assert_eq!(expect_publish(&mut local).await.payload, &b"while down"[..]);
+
+    rabbit = tokio::task::spawn_blocking(move || {
+        let mut rabbit = rabbit;
+        rabbit.start_again();
+        rabbit
+    })
+    .await
+    .expect("start again");
+    for n in [&a, &b, &c] {
+        until_readyz(n, 200, "connected").await;
+    }
+    // The subscription on b is bound again without a new SUBSCRIBE.
+    until_bound(&mut publisher, &mut on_b, "plant/probe").await;
+    while let Ok(Some(_)) = local.recv_within(Duration::from_millis(300)).await {}
+    for i in 0..20u16 {
+        crate::support::publish_qos1(&mut publisher, "plant/2", i + 2, format!("{i}").as_bytes())
+            .await;
+    }
+    for i in 0..20u16 {
+        let got = expect_publish(&mut on_b).await;
+        assert_eq!(got.payload, format!("{i}").as_bytes(), "in order, each once");
+        assert_eq!(expect_publish(&mut local).await.payload, format!("{i}").as_bytes());
+    }
+    expect_silence(&mut on_b, Duration::from_millis(500)).await;
+
+    // One client id, one connection, across the nodes again.
+    let mut first = v5(&a, "device-r").await;
+    let _second = v5(&c, "device-r").await;
+    crate::support::expect_disconnect(&mut first, codec::ReasonCode::SESSION_TAKEN_OVER).await;
+
+    // A retained message published on c reaches a new wildcard subscription on b.
+    let mut on_c = v5(&c, "pub-c").await;
+    on_c.send(&Packet::Publish(Publish {
+        retain: true,
+        ..crate::support::publish_packet("cfg/r/mode", QoS::AtLeastOnce, 9, b"eco")
+    }))
+    .await;
+    assert!(matches!(on_c.recv().await, Some(Packet::PubAck(_))));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut late = v5(&b, &unique("late")).await;
+        late.send(&Packet::Subscribe(Box::new(codec::Subscribe {
+            packet_id: 1,
+            filters: vec![SubscribeFilter {
+                filter: "cfg/+/mode".into(),
+                options: qos(QoS::AtLeastOnce),
+            }],
+            properties: Properties::default(),
+        })))
+        .await;
+        assert!(matches!(late.recv().await, Some(Packet::SubAck(_))));
+        if let Ok(Some(Packet::Publish(r))) = late.recv_within(Duration::from_millis(500)).await {
+            assert!(r.retain);
+            assert_eq!(r.payload, &b"eco"[..]);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the retained message never reached b");
+    }
+    drop(rabbit);
 }

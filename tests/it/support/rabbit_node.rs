@@ -47,25 +47,28 @@ pub struct RabbitNode {
     env: Vec<(&'static str, OsString)>,
 }
 
-/// The config: a plain and a TLS listener, EXTERNAL (and PLAIN, for the test's own setup
-/// connection on the plain port) with the client certificate's CN as the user name.
-fn config(amqp: u16, amqps: u16, tls: &NodeTls<'_>) -> String {
-    format!(
-        "listeners.tcp.1 = 127.0.0.1:{amqp}\n\
-         listeners.ssl.1 = 127.0.0.1:{amqps}\n\
-         ssl_options.cacertfile = {}\n\
-         ssl_options.certfile = {}\n\
-         ssl_options.keyfile = {}\n\
-         ssl_options.verify = verify_peer\n\
-         ssl_options.fail_if_no_peer_cert = true\n\
-         auth_mechanisms.1 = EXTERNAL\n\
-         auth_mechanisms.2 = PLAIN\n\
-         ssl_cert_login_from = common_name\n\
-         log.file.level = info\n",
-        tls.ca.display(),
-        tls.cert.display(),
-        tls.key.display(),
-    )
+/// The config: a plain listener and, with `tls`, a TLS listener with EXTERNAL (and PLAIN, for
+/// the test's own setup connection on the plain port) with the client certificate's CN as the
+/// user name.
+fn config(amqp: u16, amqps: u16, tls: Option<&NodeTls<'_>>) -> String {
+    let mut conf = format!("listeners.tcp.1 = 127.0.0.1:{amqp}\nlog.file.level = info\n");
+    if let Some(tls) = tls {
+        conf.push_str(&format!(
+            "listeners.ssl.1 = 127.0.0.1:{amqps}\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_peer\n\
+             ssl_options.fail_if_no_peer_cert = true\n\
+             auth_mechanisms.1 = EXTERNAL\n\
+             auth_mechanisms.2 = PLAIN\n\
+             ssl_cert_login_from = common_name\n",
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display(),
+        ));
+    }
+    conf
 }
 
 impl RabbitNode {
@@ -73,6 +76,15 @@ impl RabbitNode {
     /// `tls`; returns once it has booted. Fails the test loudly when RabbitMQ is not installed
     /// or the node does not come up (with the node's log).
     pub fn start(tls: NodeTls<'_>) -> RabbitNode {
+        RabbitNode::start_with(Some(tls))
+    }
+
+    /// Starts a node with a plain AMQP listener only (no plugin).
+    pub fn start_plain() -> RabbitNode {
+        RabbitNode::start_with(None)
+    }
+
+    fn start_with(tls: Option<NodeTls<'_>>) -> RabbitNode {
         assert!(
             Path::new(BIN).join("rabbitmq-server").exists(),
             "{BIN}/rabbitmq-server is missing: install Debian's rabbitmq-server (scripts/test.sh does)"
@@ -86,7 +98,7 @@ impl RabbitNode {
                 std::process::id(),
                 N.fetch_add(1, Ordering::Relaxed)
             );
-            let mut node = RabbitNode::spawn(name, &tls);
+            let mut node = RabbitNode::spawn(name, tls.as_ref());
             match node.wait_booted() {
                 Ok(()) => return node,
                 Err(log) if log.contains("eaddrinuse") => last_log = log,
@@ -96,7 +108,7 @@ impl RabbitNode {
         panic!("RabbitMQ node did not start (ports in use):\n{last_log}");
     }
 
-    fn spawn(name: String, tls: &NodeTls<'_>) -> RabbitNode {
+    fn spawn(name: String, tls: Option<&NodeTls<'_>>) -> RabbitNode {
         let dir = tempfile::Builder::new().prefix("mqgate-rabbit-").tempdir().expect("temp dir");
         let path = |p: &str| dir.path().join(p);
         let (amqp_port, amqps_port, dist_port) = (spare_port(), spare_port(), spare_port());
@@ -109,8 +121,8 @@ impl RabbitNode {
         std::fs::set_permissions(&cookie, std::os::unix::fs::PermissionsExt::from_mode(0o400))
             .expect("cookie mode");
         std::fs::write(path("rabbitmq.conf"), config(amqp_port, amqps_port, tls)).expect("conf");
-        std::fs::write(path("enabled_plugins"), "[rabbitmq_auth_mechanism_ssl].\n")
-            .expect("plugins file");
+        let plugins = if tls.is_some() { "[rabbitmq_auth_mechanism_ssl].\n" } else { "[].\n" };
+        std::fs::write(path("enabled_plugins"), plugins).expect("plugins file");
         // Instead of /etc/rabbitmq/rabbitmq-env.conf (the machine node's name and flags).
         std::fs::write(path("rabbitmq-env.conf"), "").expect("env file");
         let env: Vec<(&'static str, OsString)> = vec![
@@ -131,10 +143,21 @@ impl RabbitNode {
                 "-kernel inet_dist_use_interface {127,0,0,1}".into(),
             ),
         ];
-        let out = std::fs::File::create(path("server.out")).expect("server output file");
+        let mut node = RabbitNode { child: None, name, amqp_port, amqps_port, dir, env };
+        node.launch();
+        node
+    }
+
+    /// Runs `rabbitmq-server` with the node's environment (its output appended to `server.out`).
+    fn launch(&mut self) {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("server.out"))
+            .expect("server output file");
         let child = Command::new(Path::new(BIN).join("rabbitmq-server"))
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .current_dir(dir.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(out.try_clone().expect("server output file"))
             .stderr(out)
@@ -142,7 +165,46 @@ impl RabbitNode {
             .process_group(0)
             .spawn()
             .expect("spawn rabbitmq-server");
-        RabbitNode { child: Some(child), name, amqp_port, amqps_port, dir, env }
+        self.child = Some(child);
+    }
+
+    /// Stops the node: every connection to it ends; durable queues and their messages stay
+    /// for [`RabbitNode::start_again`].
+    pub fn stop(&mut self) {
+        self.stop_now();
+    }
+
+    /// Starts a stopped node again on the same ports with the same database; returns once it
+    /// has booted.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "the node is running");
+        self.launch();
+        if let Err(log) = self.wait_booted() {
+            panic!("RabbitMQ node {} did not start again:\n{log}", self.name);
+        }
+    }
+
+    /// A clean stop (the CLI returns once the node halts), then the process group if it is
+    /// still there after 15 s.
+    fn stop_now(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = self.try_ctl(&["stop"]);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Ok(None) => {
+                    // Still running (not reaped, so the group is still ours): the whole group.
+                    let group = format!("-{}", child.id());
+                    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+                    let _ = child.wait();
+                    return;
+                }
+                _ => return,
+            }
+        }
     }
 
     /// Waits for the AMQP port, then for the node to report it has booted. `Err(log)` when
@@ -231,24 +293,6 @@ impl RabbitNode {
 
 impl Drop for RabbitNode {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else { return };
-        // A clean stop first (the CLI returns once the node halts), then the process group.
-        let _ = self.try_ctl(&["stop"]);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            match child.try_wait() {
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Ok(None) => {
-                    // Still running (not reaped, so the group is still ours): the whole group.
-                    let group = format!("-{}", child.id());
-                    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-                    let _ = child.wait();
-                    return;
-                }
-                _ => return,
-            }
-        }
+        self.stop_now();
     }
 }
