@@ -163,6 +163,9 @@ pub(super) struct Client {
     draining: Option<Instant>,
     /// Encoding buffer.
     buf: BytesMut,
+    /// `mqtt.max_subscribe_rate` (SUBSCRIBEs per second; `None`: no limit). Over it, a
+    /// SUBSCRIBE is refused with the protocol's "congestion" (the client tries again later).
+    subscribes: Option<crate::mqtt::session::Bucket>,
 }
 
 /// The client task: the CONNECT in `rx` first, then connections until one ends for good.
@@ -644,6 +647,11 @@ impl Client {
             this.send(&Packet::SubAck { qos: s.qos, topic_id: 0, msg_id: s.msg_id, code });
             None
         };
+        if let Some(bucket) = &mut self.subscribes {
+            if !bucket.try_take(tokio::time::Instant::now(), 1.0) {
+                return refuse(self, ReturnCode::CONGESTION);
+            }
+        }
         let filter = match self.filter_of(s.topic.clone()) {
             Ok(f) => f,
             Err(code) => return refuse(self, code),

@@ -912,3 +912,38 @@ async fn nodes_behind_a_forwarder_are_clients_of_their_own_answered_encapsulated
     assert_eq!(puback(unwrap_for(b"\x00\x01", f.recv().await)).2, ReturnCode::INVALID_TOPIC_ID);
     app.stop().await;
 }
+
+/// `mqtt.max_subscribe_rate` holds for MQTT-SN clients too: a SUBSCRIBE over it is refused
+/// with the protocol's "congestion" (counted), subscribes nothing, and the client may try
+/// again once the bucket has refilled.
+#[tokio::test]
+async fn subscribes_beyond_the_subscribe_rate_are_refused_with_congestion() {
+    let app = gateway(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\n  max_subscribe_rate: 5\nadmin:\n  listen: \"127.0.0.1:0\"\nmqttsn:\n  listen: \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let c = Sn::connect(sn_addr(&app), &unique("sn-rate")).await;
+    let mut codes = Vec::new();
+    for i in 0..12u16 {
+        let name = format!("rate/{i}");
+        codes.push(c.subscribe(TopicSpec::Name(name), SnQos::One, i + 1).await.1);
+    }
+    let accepted = codes.iter().filter(|&&c| c == ReturnCode::ACCEPTED).count();
+    let congested = codes.iter().filter(|&&c| c == ReturnCode::CONGESTION).count();
+    assert!(codes[..5].iter().all(|&c| c == ReturnCode::ACCEPTED), "a second's burst: {codes:?}");
+    assert!((5..=7).contains(&accepted), "{codes:?}");
+    assert_eq!(accepted + congested, 12, "{codes:?}");
+    wait_metric(&app, "mqgate_mqttsn_rejected_total{code=\"congestion\"}").await;
+
+    // A refused filter was not subscribed.
+    let last = codes.iter().rposition(|&c| c == ReturnCode::CONGESTION).expect("one refused");
+    let mut publisher =
+        RawClient::connect(app.mqtt_addr, ProtocolVersion::V311, &unique("p")).await;
+    publisher.publish(&format!("rate/{last}"), QoS::AtMostOnce, 0, b"not for you").await;
+    c.silence(Duration::from_millis(500)).await;
+
+    // Refilled: accepted again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (_, code) = c.subscribe(TopicSpec::Name("rate/again".into()), SnQos::One, 99).await;
+    assert_eq!(code, ReturnCode::ACCEPTED);
+}

@@ -585,7 +585,8 @@ pub(crate) struct PublishRate {
 }
 
 #[derive(Debug)]
-struct Bucket {
+/// A token bucket: `rate` tokens per second, a second's worth of burst.
+pub(crate) struct Bucket {
     /// Tokens per second (also the burst).
     rate: f64,
     tokens: f64,
@@ -593,7 +594,8 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn new(rate: f64) -> Option<Bucket> {
+    /// A full bucket; `None` for a rate of 0 (no limit).
+    pub(crate) fn new(rate: f64) -> Option<Bucket> {
         (rate > 0.0).then(|| Bucket { rate, tokens: rate, at: tokio::time::Instant::now() })
     }
 
@@ -603,6 +605,18 @@ impl Bucket {
         self.at = now;
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
         (self.tokens < 0.0).then(|| std::time::Duration::from_secs_f64(-self.tokens / self.rate))
+    }
+
+    /// Takes `n` tokens if the bucket holds them; false (nothing taken) when it does not.
+    pub(crate) fn try_take(&mut self, now: tokio::time::Instant, n: f64) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        let ok = self.tokens >= n;
+        if ok {
+            self.tokens -= n;
+        }
+        ok
     }
 
     /// Takes `n` tokens; how long until the bucket is back at zero when that overdraws it.

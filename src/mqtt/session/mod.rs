@@ -46,7 +46,7 @@ use crate::mqtt::topic::TopicLimits;
 use crate::reload::{Live, LiveCell};
 use prometheus_client::metrics::counter::Counter;
 
-pub(crate) use inbound::{publish_will, FrontDone, PendingQueue, PublishRate};
+pub(crate) use inbound::{publish_will, Bucket, FrontDone, PendingQueue, PublishRate};
 use outbound::OutboundState;
 pub(crate) use rest::{IdleConnections, Resting};
 

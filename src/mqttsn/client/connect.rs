@@ -197,6 +197,9 @@ pub(super) async fn handshake(
         hits: Vec::new(),
         held: None,
         draining: None,
+        subscribes: crate::mqtt::session::Bucket::new(f64::from(
+            gw.shared.limits.max_subscribe_rate,
+        )),
         buf: out,
     })
 }
