@@ -115,6 +115,12 @@ pub async fn run(spec: &Spec<'_>) -> Result<bool> {
         Ok(())
     }
     .await;
+    if !spec.json {
+        // What the nodes dropped, and why (a run's `lost` is counted at the subscriber).
+        for (name, gw) in [("a", &a), ("b", &b), ("single", &single)] {
+            println!("mqgate {name} dropped: {}", dropped(&gw.admin_addr).await);
+        }
+    }
     let cpu = [("a", a.cpu_time()), ("b", b.cpu_time()), ("single", single.cpu_time())];
     for gw in [a, b, single] {
         if let Some(note) = gw.stop(Duration::from_secs(5)).await {
@@ -231,6 +237,28 @@ async fn fanin(
     let secs = recv.last_ns.unwrap_or(start_ns).saturating_sub(start_ns) as f64 / 1e9;
     let rate = if secs > 0.0 { recv.received as f64 / secs } else { 0.0 };
     Ok((rate, spec.messages.saturating_sub(recv.received), recv.p99_ms))
+}
+
+/// The non-zero `mqgate_messages_dropped_total` series of the node at `admin`, by reason.
+async fn dropped(admin: &str) -> String {
+    let text = match reqwest::get(format!("http://{admin}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(e) => return format!("(metrics unavailable: {e})"),
+    };
+    let drops: Vec<String> = text
+        .lines()
+        .filter(|l| l.starts_with("mqgate_messages_dropped_total{"))
+        .filter_map(|l| {
+            let (series, n) = l.rsplit_once(' ')?;
+            let reason = series.split("reason=\"").nth(1)?.split('"').next()?;
+            (n != "0").then(|| format!("{reason} {n}"))
+        })
+        .collect();
+    if drops.is_empty() {
+        "nothing".into()
+    } else {
+        drops.join(", ")
+    }
 }
 
 /// RabbitMQ's MQTT plugin for the run: enabled on a free port unless it was enabled already.
