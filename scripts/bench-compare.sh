@@ -10,11 +10,13 @@
 #       --mode gateway --qos both --messages 100000
 #   scripts/bench-compare.sh ../old/target/release/mqgate target/release/mqgate 5 -- \
 #       --mode http --messages 50000
+#   scripts/bench-compare.sh ../old/target/release/mqgate target/release/mqgate 7 -- \
+#       --mode cluster --qos 1 --messages 100000 --no-broker-plugin
 # Each round runs mqgate-bench once per binary with `--repeat 1 --json`; the figures are the
 # rates mqgate-bench reports (`rate`, delivered msgs/s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 3 ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -ge 3 ] || { sed -n 2,15p "$0"; exit 2; }
 before=$1 after=$2; shift 2
 rounds=5
 if [ "$1" != "--" ]; then rounds=$1; shift; fi
@@ -37,6 +39,11 @@ def reports(v):
     if isinstance(v, dict):
         if "mode" in v and "rate" in v:
             yield v
+        # --mode cluster: one summary per QoS with a rate per side.
+        for r in v.get("cluster", []) if isinstance(v.get("cluster"), list) else []:
+            for side in ("cross_node", "same_node", "single"):
+                if r.get(side):
+                    yield {"mode": "cluster-" + side.replace("_", "-"), "qos": r.get("qos", ""), "rate": r[side]}
         for x in v.values():
             yield from reports(x)
     elif isinstance(v, list):
