@@ -855,6 +855,17 @@ async fn until_readyz(app: &App, status: u16, text: &str) {
     }
 }
 
+/// Runs `f` (which blocks for seconds) on `node` off the runtime, so the nodes in this
+/// process go on meanwhile.
+async fn off_runtime(mut node: RabbitNode, f: fn(&mut RabbitNode)) -> RabbitNode {
+    tokio::task::spawn_blocking(move || {
+        f(&mut node);
+        node
+    })
+    .await
+    .expect("RabbitMQ node")
+}
+
 /// RabbitMQ itself restarts (a node of the test's own: the machine's is never touched): every
 /// mqgate node says so in `/readyz` and keeps serving its own clients, and once RabbitMQ is
 /// back they act as one broker again without being restarted: cross-node delivery, the
@@ -878,13 +889,7 @@ async fn after_rabbitmq_restarts_the_nodes_act_as_one_broker_again() {
     until_bound(&mut publisher, &mut on_b, "plant/probe").await;
     while let Ok(Some(_)) = local.recv_within(Duration::from_millis(300)).await {}
 
-    let mut rabbit = tokio::task::spawn_blocking(move || {
-        let mut rabbit = rabbit;
-        rabbit.stop();
-        rabbit
-    })
-    .await
-    .expect("stop");
+    let rabbit = off_runtime(rabbit, RabbitNode::stop).await;
     for n in [&a, &b, &c] {
         until_readyz(n, 503, "not connected").await;
     }
@@ -892,13 +897,7 @@ async fn after_rabbitmq_restarts_the_nodes_act_as_one_broker_again() {
     crate::support::publish_qos1(&mut publisher, "plant/1", 1, b"while down").await;
     assert_eq!(expect_publish(&mut local).await.payload, &b"while down"[..]);
 
-    rabbit = tokio::task::spawn_blocking(move || {
-        let mut rabbit = rabbit;
-        rabbit.start_again();
-        rabbit
-    })
-    .await
-    .expect("start again");
+    let rabbit = off_runtime(rabbit, RabbitNode::start_again).await;
     for n in [&a, &b, &c] {
         until_readyz(n, 200, "connected").await;
     }
