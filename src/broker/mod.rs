@@ -337,9 +337,16 @@ impl Broker {
         expiry: Expiry,
         wait: bool,
     ) -> Option<oneshot::Receiver<Outcome>> {
-        let (p, key) = (self.persist.as_ref()?, state.subscriber.stored()?);
-        p.put_session(key, SessionRecord::of(state, expiry.seconds(), None).encode());
-        wait.then(|| p.durable())
+        // In a cluster, a persistent session's record and its queue's bindings in RabbitMQ.
+        let clustered = match self.cluster.get() {
+            Some(c) if state.subscriber.is_queued() => c.session_update(state, expiry, wait),
+            _ => None,
+        };
+        let stored = self.persist.as_ref().zip(state.subscriber.stored()).and_then(|(p, key)| {
+            p.put_session(key, SessionRecord::of(state, expiry.seconds(), None).encode());
+            wait.then(|| p.durable())
+        });
+        crate::cluster::all_of(clustered.into_iter().chain(stored).collect())
     }
 
     /// Forgets the stored delivery `seq` of the session of `subscriber` (acknowledged,
@@ -552,9 +559,19 @@ impl Broker {
             Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
             Expiry::Never => None,
         };
+        let mut state = state;
+        if state.subscriber.is_queued() {
+            // A cluster session's unacknowledged messages go back to its queue in RabbitMQ
+            // (its consumer is closed before their tickets drop): not kept here.
+            if let Some(c) = self.cluster.get() {
+                c.session_ended(state.id);
+            }
+            state.inflight.retain(|f| f.shared.is_some());
+            state.inflight_ids = state.inflight.iter().map(|f| f.packet_id).collect();
+            drop(state.subscriber.queue.remove_unless(|out| out.shared.is_some()));
+        }
         // Tracked deliveries kept in the parked session (in flight or queued) are MQTT's now
         // (a stored session's once what it wrote so far is durable).
-        let mut state = state;
         let durable = self.persist.as_ref().filter(|_| state.subscriber.stored().is_some());
         let tickets = state.inflight.iter_mut().filter_map(|f| f.ticket.take());
         for t in tickets.chain(state.subscriber.queue.take_tickets()) {
@@ -583,6 +600,15 @@ impl Broker {
 
     /// [`Broker::discard_session`]; the store is left alone unless `forget_stored`.
     fn discard(&self, mut state: SessionState, forget_stored: bool) {
+        if state.subscriber.is_queued() {
+            // Its queue in RabbitMQ stays (another node may resume it; `x-expires` ends it);
+            // only this node's consumer goes, and the deliveries it holds go back there.
+            if let Some(c) = self.cluster.get() {
+                c.session_ended(state.id);
+            }
+            state.inflight.retain(|f| f.shared.is_some());
+            drop(state.subscriber.queue.remove_unless(|out| out.shared.is_some()));
+        }
         if let (true, Some(p), Some(key)) =
             (forget_stored, &self.persist, state.subscriber.stored())
         {
@@ -695,12 +721,16 @@ impl Broker {
             self.interest(joined, true, filter);
             return;
         }
+        let queued = subscriber.is_queued();
         let subscriber = Arc::clone(subscriber);
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
         let replaced = subs.remove(filter, |s| s.session_id == session_id) > 0;
         subs.insert(filter, Subscription { session_id, options, subscriber });
         drop(subs);
         self.interest(!replaced, true, filter);
+        if let (Some(c), true, false) = (self.cluster.get(), queued, replaced) {
+            c.session_filter(filter, true);
+        }
     }
 
     /// Tells the cluster (if any) that a subscription to `filter` came (`added`) or went,
@@ -725,11 +755,76 @@ impl Broker {
             self.interest(left, false, filter);
             return left;
         }
+        let mut queued = false;
         let mut subs = self.subs.write().unwrap_or_else(|p| p.into_inner());
-        let removed = subs.remove(filter, |s| s.session_id == session_id) > 0;
+        let removed = subs.remove(filter, |s| {
+            let this = s.session_id == session_id;
+            queued |= this && s.subscriber.is_queued();
+            this
+        }) > 0;
         drop(subs);
         self.interest(removed, false, filter);
+        if let (Some(c), true) = (self.cluster.get(), queued) {
+            c.session_filter(filter, false);
+        }
         removed
+    }
+
+    /// A message from the cluster session queue of session `session_id` (client
+    /// `client_id`): matched exactly against that session's own subscriptions and queued for
+    /// it with a child of `root` (one copy, at the highest granted QoS, with every matching
+    /// subscription identifier; No Local by client id). Returns whether a subscription
+    /// matched.
+    pub fn deliver_queued(
+        &self,
+        session_id: u64,
+        client_id: &str,
+        msg: &Arc<Message>,
+        root: &Ticket,
+    ) -> bool {
+        let mut hit: Option<(SubscribeOptions, Arc<Subscriber>, Vec<u32>)> = None;
+        {
+            let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
+            subs.for_each_match(&msg.topic, |s| {
+                if s.session_id != session_id
+                    || (s.options.no_local && &*msg.client_id == client_id)
+                {
+                    return;
+                }
+                match &mut hit {
+                    Some((o, _, ids)) => {
+                        o.qos = o.qos.max(s.options.qos);
+                        o.retain_as_published |= s.options.retain_as_published;
+                        ids.extend(s.options.subscription_id);
+                    }
+                    None => {
+                        let ids = s.options.subscription_id.into_iter().collect();
+                        hit = Some((s.options, Arc::clone(&s.subscriber), ids));
+                    }
+                }
+            });
+        }
+        let Some((options, subscriber, subscription_ids)) = hit else { return false };
+        let out = Outbound {
+            msg: Arc::clone(msg),
+            qos: msg.qos.min(options.qos),
+            retain: msg.retain && options.retain_as_published,
+            shared: None,
+            subscription_ids,
+            ticket: Some(root.child()),
+            stored: None,
+        };
+        match subscriber.queue.try_send(out) {
+            Ok(()) => {
+                self.metrics.messages_delivered_local.inc();
+            }
+            // Dropped with its ticket (failed: the delivery is acknowledged, as a full queue
+            // drops a message on one node), or the session is parking (its queue's consumer
+            // is closed first: RabbitMQ delivers it again).
+            Err(TrySendError::Full(_)) => self.metrics.dropped("subscriber_queue_full"),
+            Err(TrySendError::Closed(_)) => {}
+        }
+        true
     }
 
     /// Stores or clears the retained message of `msg.topic` (when `msg.retain`), then hands
@@ -782,6 +877,9 @@ impl Broker {
         {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
             subs.for_each_match(&msg.topic, |s| {
+                if s.subscriber.is_queued() && !s.subscriber.is_online() {
+                    return;
+                }
                 match sessions.iter_mut().find(|h| h.0 == s.session_id) {
                     Some(h) => h.1.qos = h.1.qos.max(s.options.qos),
                     None => sessions.push((s.session_id, s.options, Arc::clone(&s.subscriber))),
@@ -870,6 +968,11 @@ impl Broker {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
             subs.for_each_match(&msg.topic, |s| {
                 if s.options.no_local && publisher == Some(s.session_id) {
+                    return;
+                }
+                // A cluster's persistent session gets its messages through its session queue
+                // (`deliver_queued`); a tracked one (an AMQP source's) only while connected.
+                if s.subscriber.is_queued() && (tracked.is_none() || !s.subscriber.is_online()) {
                     return;
                 }
                 if index.is_none() && hits.len() >= DEDUP_SCAN {

@@ -71,9 +71,24 @@ pub struct Subscriber {
     /// For a persistent session when there is a store: where its records are kept (its QoS
     /// 1/2 deliveries are stored). Boxed: one pointer for every other session.
     stored: Option<Box<SessionKey>>,
+    /// In a cluster, a persistent session's messages come through its durable queue in
+    /// RabbitMQ (`cluster::psession`), not from local routing: set before it subscribes.
+    queued: AtomicBool,
 }
 
 impl Subscriber {
+    /// Whether the session's messages come through its cluster session queue (local routing
+    /// skips its subscriptions).
+    pub fn is_queued(&self) -> bool {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Makes the session's messages come through its cluster session queue (before its
+    /// subscriptions are added).
+    pub fn set_queued(&self) {
+        self.queued.store(true, Ordering::Relaxed);
+    }
+
     /// Whether a connection holds the session now.
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Relaxed)
@@ -162,6 +177,7 @@ impl SessionState {
                 queue: Queue::with_bytes(capacity, max_bytes),
                 online: AtomicBool::new(true),
                 stored: stored.map(Box::new),
+                queued: AtomicBool::new(false),
             }),
             inflight: VecDeque::new(),
             inflight_ids: HashSet::new(),

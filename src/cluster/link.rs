@@ -231,6 +231,35 @@ pub(super) async fn run(
     }
 }
 
+/// The messages of one forwarded delivery (one message or a batch) as a session queue holds
+/// it, whichever node sent it; anything else (a notice) holds none.
+pub(super) fn messages_of(body: &[u8]) -> Vec<Message> {
+    let mut out = Vec::new();
+    let Some((&kind, rest)) = body.split_first() else { return out };
+    let Some((&len, rest)) = rest.split_first() else { return out };
+    let Some((_, encoded)) = rest.split_at_checked(usize::from(len)) else { return out };
+    let mut one = |bytes: &[u8]| match codec::decode_message(bytes) {
+        Ok(msg) => out.push(Message { received: std::time::Instant::now(), ..msg }),
+        Err(e) => warn!(error = %e, "session queue message that cannot be read dropped"),
+    };
+    match kind {
+        WIRE_VERSION => one(encoded),
+        BATCH_KIND => {
+            let Some((count, mut rest)) = encoded.split_at_checked(4) else { return out };
+            let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
+            for _ in 0..count {
+                let Some((len, after)) = rest.split_at_checked(4) else { break };
+                let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+                let Some((bytes, after)) = after.split_at_checked(len) else { break };
+                rest = after;
+                one(bytes);
+            }
+        }
+        _ => {}
+    }
+    out
+}
+
 /// The routing key of what is sent to node `node_id` alone (every node binds its own).
 fn direct_key(node_id: &str) -> String {
     format!("n.{node_id}")
@@ -334,6 +363,8 @@ enum LockWait {
     PeerProbe(String),
     /// The channel is being opened again after a refused lock.
     Reopen,
+    /// The deletion of a session queue (a clean start): its record queue's is next.
+    DropSession(String),
 }
 
 /// A share group with members on this node: its channel consumes the group's share queue
@@ -655,6 +686,12 @@ impl<'a> Link<'a> {
                 self.notice(kind, client_id.as_bytes());
             }
             Command::Will { client_id, will } => self.will_notice(&client_id, will.as_deref()),
+            Command::DropSession { client_id } => {
+                let (queue, _) = self.cluster.psettings.names(&client_id);
+                if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &queue).is_ok() {
+                    self.lock_wait = Some(LockWait::DropSession(client_id));
+                }
+            }
         }
     }
 
@@ -876,6 +913,12 @@ impl<'a> Link<'a> {
                 } else if ask {
                     let seq = self.cluster.announced.load(Ordering::Acquire);
                     self.send_keys(direct_key(&node), seq, true);
+                }
+            }
+            (Some(LockWait::DropSession(client_id)), _) if !refused => {
+                let (_, record) = self.cluster.psettings.names(&client_id);
+                if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &record).is_ok() {
+                    self.lock_wait = Some(LockWait::Delete);
                 }
             }
             (Some(LockWait::ClaimWills(node, epoch)), Err(_)) => {

@@ -27,6 +27,7 @@ pub mod keys;
 mod link;
 pub mod metrics;
 mod peers;
+mod psession;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +43,7 @@ use crate::mqtt::codec::QoS;
 use crate::mqtt::topic;
 use crate::targets::{AckSender, Blocked, Failure, Handoff, Outcome, Waits};
 pub use config::ClusterConfig;
+pub use psession::{Limits, Open, Opened};
 
 /// Reason label of `messages_dropped` for messages not sent to the other nodes because this
 /// node has no connection to RabbitMQ.
@@ -61,6 +63,9 @@ struct Forward {
 /// RabbitMQ lets one connection hold it, and drops it with the connection.
 #[derive(Debug)]
 enum Command {
+    /// Delete the session queue and record of `client_id` (a clean start: the persistent
+    /// session it may have had on any node ends).
+    DropSession { client_id: String },
     /// Take the lock of `client_id`; `Err` holds the broker's reason (405: another node
     /// holds it).
     Claim { client_id: String, reply: oneshot::Sender<Result<(), String>> },
@@ -170,6 +175,10 @@ pub struct Cluster {
     /// it, ms since the Unix epoch), for the admin API: one entry per client holding a lock
     /// on another node (bounded by their `mqtt.max_connections`).
     directory: Mutex<BTreeMap<String, (Arc<str>, u64)>>,
+    /// Where the persistent sessions' queues are (`psession`).
+    psettings: Arc<psession::Settings>,
+    /// The tasks of this node's connected persistent sessions, by session id.
+    psessions: Mutex<HashMap<u64, psession::Handle>>,
 }
 
 /// A client connected on another node, as this node knows it.
@@ -201,6 +210,8 @@ impl Cluster {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         let cluster = Arc::new(Cluster {
+            psettings: Arc::new(psession::Settings::new(cfg, broker_cfg)),
+            psessions: Mutex::new(HashMap::new()),
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch,
@@ -668,6 +679,98 @@ impl Cluster {
         locks.keys().cloned().collect()
     }
 
+    /// Opens the queue of the persistent session `session_id` of `client_id` (see
+    /// `psession`; `open` says how) and starts its task, held until
+    /// [`Cluster::session_ended`]. Returns whether the session existed and, resumed from
+    /// another node, its record. Consuming starts with [`Cluster::session_start`].
+    pub async fn open_session(
+        &self,
+        broker: &Arc<Broker>,
+        client_id: &Arc<str>,
+        session_id: u64,
+        open: Open,
+        limits: Limits,
+    ) -> Result<Opened, String> {
+        if !self.connected.load(Ordering::Acquire) {
+            return Err(self.state().err().unwrap_or_default());
+        }
+        let who = (Arc::clone(client_id), session_id);
+        let settings = Arc::clone(&self.psettings);
+        let (handle, opened) = psession::spawn(settings, Arc::clone(broker), who, open, limits);
+        let opened = opened.await.unwrap_or_else(|_| Err("the session queue's task ended".into()));
+        match &opened {
+            Ok(_) => {
+                let mut sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+                sessions.insert(session_id, handle);
+            }
+            Err(_) => handle.cancel.cancel(),
+        }
+        opened
+    }
+
+    /// The session `session_id`'s subscriptions are in place: its queue is consumed.
+    pub fn session_start(&self, session_id: u64) {
+        let sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = sessions.get(&session_id) {
+            let _ = h.tx.send(psession::Cmd::Start);
+        }
+    }
+
+    /// The subscriptions (or expiry) of the queued session `state` changed: its queue is
+    /// bound for them and its record written; with `wait`, a receiver resolved once both are
+    /// done. `None` when the session has no task here (parked).
+    pub fn session_update(
+        &self,
+        state: &crate::broker::SessionState,
+        expiry: crate::broker::Expiry,
+        wait: bool,
+    ) -> Option<oneshot::Receiver<Outcome>> {
+        let keys: HashSet<String> =
+            state.filters.keys().filter(|f| !is_shared(f)).map(|f| binding_of(f)).collect();
+        let record =
+            crate::broker::persist::SessionRecord::of(state, expiry.seconds(), None).encode();
+        let (reply, rx) = match wait {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+        let update = psession::Cmd::Update { keys: keys.into_iter().collect(), record, reply };
+        sessions.get(&state.id)?.tx.send(update).ok()?;
+        rx
+    }
+
+    /// The connection of the queued session `session_id` ended (it parks or is discarded):
+    /// its task stops acknowledging and closes its connection, so what the client did not
+    /// acknowledge goes back to the queue. Call before dropping the deliveries it holds.
+    pub fn session_ended(&self, session_id: u64) {
+        let handle = self.psessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&session_id);
+        if let Some(h) = handle {
+            h.closing.store(true, Ordering::Release);
+            h.cancel.cancel();
+        }
+    }
+
+    /// A clean start of `client_id`: the persistent session it may have had (on any node)
+    /// ends, its queue and record are deleted (not waited for).
+    pub fn drop_session(&self, client_id: &str) {
+        if self.connected.load(Ordering::Acquire) {
+            let _ = self.commands.send(Command::DropSession { client_id: client_id.to_owned() });
+        }
+    }
+
+    /// A subscription of a session served through its session queue came (`add`) or went:
+    /// this node forwards what its key may match even when no other node wants it (the
+    /// session queue takes it).
+    pub fn session_filter(&self, filter: &str, add: bool) {
+        if !is_shared(filter) {
+            let key = binding_of(filter);
+            self.set_remote(|v| v.own_group(&key, add));
+        }
+    }
+
     /// A subscription to `filter` (`$share/{group}/` included) was added on this node.
     pub fn add_interest(&self, filter: &str) {
         self.interest_changed(filter, true);
@@ -764,6 +867,8 @@ mod tests {
     fn cluster() -> Cluster {
         let (tx, _rx) = mpsc::channel(1);
         Cluster {
+            psettings: Arc::default(),
+            psessions: Mutex::new(HashMap::new()),
             commands: mpsc::unbounded_channel().0,
             locks: Mutex::new(HashMap::new()),
             wills: Mutex::new(HashMap::new()),

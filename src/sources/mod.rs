@@ -10,7 +10,7 @@
 //! A source never routes to rules (AMQP → MQTT → AMQP loops cannot happen through it) and
 //! never writes to a client's socket: it hands messages to the broker like any publisher.
 
-mod acks;
+pub(crate) mod acks;
 pub mod amqp;
 pub mod amqp10;
 pub mod config;

@@ -18,7 +18,7 @@ use crate::support::{
 };
 
 /// A node's config: node `id` of cluster `prefix` on the broker at `url`.
-fn node_config(prefix: &str, id: &str, url: &str) -> String {
+pub(crate) fn node_config(prefix: &str, id: &str, url: &str) -> String {
     format!(
         "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\namqp:\n  backbone:\n    url: \"{url}\"\n    reconnect_min: 100ms\n    reconnect_max: 500ms\n    connect_timeout: 3s\ncluster:\n  node_id: {id}\n  broker: backbone\n  prefix: {prefix}\n"
     )
@@ -36,12 +36,17 @@ async fn three_nodes() -> (App, App, App) {
     (a, b, c)
 }
 
-async fn v5(app: &App, id: &str) -> RawClient {
+pub(crate) async fn v5(app: &App, id: &str) -> RawClient {
     RawClient::connect(app.mqtt_addr, ProtocolVersion::V5, id).await
 }
 
 /// SUBSCRIBE with options and a subscription identifier; asserts it is granted.
-async fn subscribe(c: &mut RawClient, filter: &str, options: SubscriptionOptions, id: Option<u32>) {
+pub(crate) async fn subscribe(
+    c: &mut RawClient,
+    filter: &str,
+    options: SubscriptionOptions,
+    id: Option<u32>,
+) {
     let mut properties = Properties::default();
     properties.subscription_identifiers.extend(id);
     c.send(&Packet::Subscribe(Box::new(codec::Subscribe {
@@ -58,7 +63,11 @@ async fn subscribe(c: &mut RawClient, filter: &str, options: SubscriptionOptions
 
 /// Publishes QoS 0 probes on `topic` from `publisher` until `subscriber` gets one (the
 /// subscriber's node has bound its queue), then drains what else came.
-async fn until_bound(publisher: &mut RawClient, subscriber: &mut RawClient, topic: &str) {
+pub(crate) async fn until_bound(
+    publisher: &mut RawClient,
+    subscriber: &mut RawClient,
+    topic: &str,
+) {
     for _ in 0..100 {
         publisher.publish(topic, QoS::AtMostOnce, 0, b"probe").await;
         if let Ok(Some(Packet::Publish(_))) =
@@ -71,7 +80,7 @@ async fn until_bound(publisher: &mut RawClient, subscriber: &mut RawClient, topi
     panic!("no message on {topic} reached the other node within 10 s");
 }
 
-fn qos(q: QoS) -> SubscriptionOptions {
+pub(crate) fn qos(q: QoS) -> SubscriptionOptions {
     SubscriptionOptions { qos: q, ..Default::default() }
 }
 
@@ -332,14 +341,14 @@ async fn simultaneous_connects_on_two_nodes_leave_exactly_one_connected() {
 }
 
 /// A node as the real binary (so that a test can SIGKILL it), its config and log in `dir`.
-struct NodeProcess {
-    child: std::process::Child,
-    mqtt: std::net::SocketAddr,
-    admin: std::net::SocketAddr,
+pub(crate) struct NodeProcess {
+    pub(crate) child: std::process::Child,
+    pub(crate) mqtt: std::net::SocketAddr,
+    pub(crate) admin: std::net::SocketAddr,
 }
 
 impl NodeProcess {
-    async fn start(dir: &std::path::Path, prefix: &str, id: &str) -> NodeProcess {
+    pub(crate) async fn start(dir: &std::path::Path, prefix: &str, id: &str) -> NodeProcess {
         let free = || {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
@@ -768,7 +777,7 @@ async fn the_clients_of_a_sigkilled_node_leave_the_others_lists() {
 
 /// Takes every PUBLISH `c` gets until it is quiet for `quiet`, acknowledging QoS 1 ones;
 /// their payloads.
-async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<String> {
+pub(crate) async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<String> {
     let mut got = Vec::new();
     while let Ok(Some(p)) = c.recv_within(quiet).await {
         if let Packet::Publish(p) = p {

@@ -17,6 +17,7 @@ mod bounds;
 mod bridge;
 mod cli;
 mod cluster;
+mod cluster_sessions;
 mod console;
 mod console_api;
 mod deadletters;

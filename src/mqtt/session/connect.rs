@@ -234,9 +234,30 @@ where
         }
         other => other,
     };
-    let session_present = resumed.is_some();
-    // A will still waiting for its delay: never sent if the session resumes, sent now if not.
-    shared.broker.claim_will(&accepted.client_id, session_present);
+    // In a cluster, a persistent session lives in a queue in RabbitMQ (`cluster::psession`):
+    // a clean start on any node ends the one the client had on any node.
+    let queued = shared.broker.cluster().filter(|_| expiry != Expiry::Now);
+    let resumed = match (shared.broker.cluster(), resumed) {
+        (Some(cluster), resumed) if queued.is_none() => {
+            cluster.drop_session(&client_id);
+            match resumed {
+                // Kept in RabbitMQ, not here: it cannot go on as a session ending with this
+                // connection.
+                Some(old) if old.subscriber.is_queued() => {
+                    shared.broker.discard_session(old);
+                    None
+                }
+                other => other,
+            }
+        }
+        (_, resumed) => resumed,
+    };
+    let open = match &resumed {
+        _ if connect.clean_start => crate::cluster::Open::Fresh,
+        Some(_) => crate::cluster::Open::Local,
+        None => crate::cluster::Open::Resume,
+    };
+    let mut session_present = resumed.is_some();
     let mut state = resumed.unwrap_or_else(|| {
         let capacity = match expiry {
             Expiry::Now => shared.limits.outbound_queue,
@@ -248,6 +269,25 @@ where
         let max_bytes = shared.limits.max_queued_bytes;
         SessionState::with_bytes(shared.broker.next_id(), capacity, max_bytes, stored)
     });
+    if let Some(cluster) = queued {
+        let limits = crate::cluster::Limits {
+            expiry,
+            max_messages: shared.limits.max_queued_messages,
+            max_bytes: shared.limits.max_queued_bytes,
+        };
+        match cluster_session(cluster, shared, &client_id, &mut state, open, limits, &owner).await {
+            Ok(present) => session_present = present,
+            Err((code, why)) => {
+                warn!(reason = %why, "persistent session not opened in the cluster");
+                shared.broker.discard_session(state);
+                shared.broker.unregister(&accepted.client_id, registration.conn_id);
+                refuse(conn, &connect, code, "the session could not be opened in the cluster");
+                return Ok(None);
+            }
+        }
+    }
+    // A will still waiting for its delay: never sent if the session resumes, sent now if not.
+    shared.broker.claim_will(&accepted.client_id, session_present);
     state.version = version;
     // A new session is the client's; one restored from an older store becomes it.
     state.owner = owner;
@@ -289,6 +329,9 @@ where
     if expiry != Expiry::Now {
         // Its record (not waited for: SUBSCRIBE is what a client relies on being kept).
         shared.broker.store_session(&state, expiry, false);
+    }
+    if let Some(cluster) = queued {
+        cluster.session_start(state.id);
     }
     let mut properties = Properties::default();
     if version == ProtocolVersion::V5 {
@@ -361,6 +404,50 @@ where
             ProtocolVersion::V311 => 0,
         },
     }))
+}
+
+/// Opens the cluster session queue of the persistent session `state` (`cluster::psession`):
+/// its subscriptions are served through it from now on; resumed from another node, they come
+/// back from its record. Returns whether the session existed (session present).
+async fn cluster_session(
+    cluster: &crate::cluster::Cluster,
+    shared: &SessionShared,
+    client_id: &Arc<str>,
+    state: &mut SessionState,
+    open: crate::cluster::Open,
+    limits: crate::cluster::Limits,
+    owner: &Owner,
+) -> Result<bool, (ReasonCode, String)> {
+    let broker = &shared.broker;
+    if !state.subscriber.is_queued() {
+        // Subscribed before (a session restored from the store): again, as a queued one.
+        let filters: Vec<_> = state.filters.iter().map(|(f, o)| (f.clone(), *o)).collect();
+        for (filter, _) in &filters {
+            broker.unsubscribe(state.id, filter);
+        }
+        state.subscriber.set_queued();
+        for (filter, options) in &filters {
+            broker.subscribe(state.id, filter, *options, &state.subscriber);
+        }
+    }
+    let opened = cluster
+        .open_session(broker, client_id, state.id, open, limits)
+        .await
+        .map_err(|e| (ReasonCode::SERVER_UNAVAILABLE, e))?;
+    if let Some(bytes) = opened.record {
+        let record = crate::broker::persist::SessionRecord::decode(&bytes)
+            .map_err(|e| (ReasonCode::UNSPECIFIED_ERROR, e.to_string()))?;
+        if !record.owner.admits(owner) {
+            cluster.session_ended(state.id);
+            let why = "the client id's session belongs to another identity".to_owned();
+            return Err((ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, why));
+        }
+        for (filter, options) in record.subscriptions {
+            broker.subscribe(state.id, &filter, options, &state.subscriber);
+            state.filters.insert(filter, options);
+        }
+    }
+    Ok(opened.present)
 }
 
 /// Answers a refused CONNECT with CONNACK `code` (and the reason string when allowed).

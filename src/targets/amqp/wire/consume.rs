@@ -40,6 +40,10 @@ pub enum ConsumerMethod {
     Cancel(String),
     /// `basic.deliver`: a message's content header and body frames follow.
     Deliver(Deliver),
+    /// `basic.get-ok`: the message's delivery tag; its content header and body frames follow.
+    GetOk(u64),
+    /// `basic.get-empty`: the queue had no message ready.
+    GetEmpty,
     /// Anything else, as the publisher's decoder sees it (close, flow, heartbeats' siblings).
     Common(Method),
 }
@@ -163,6 +167,8 @@ pub fn decode_method(payload: &[u8]) -> Result<ConsumerMethod, WireError> {
             let routing_key = text(r.short("routing key")?);
             ConsumerMethod::Deliver(Deliver { delivery_tag, redelivered, exchange, routing_key })
         }
+        (BASIC, 71) => ConsumerMethod::GetOk(r.u64("delivery tag")?),
+        (BASIC, 72) => ConsumerMethod::GetEmpty,
         _ => ConsumerMethod::Common(methods::decode(payload)?),
     })
 }
@@ -271,6 +277,21 @@ pub fn basic_consume_with(
         out.truncate(start);
     }
     res
+}
+
+/// Appends `basic.get` of one message of `queue`, acknowledged by the client (`basic.ack` or
+/// `basic.nack`). On error nothing is appended.
+pub fn basic_get(out: &mut BytesMut, channel: u16, queue: &str) -> Result<(), WireError> {
+    let start = out.len();
+    let f = begin(out, channel, BASIC, 70);
+    out.put_u16(0); // reserved
+    if let Err(e) = put_short(out, queue.as_bytes(), "queue name") {
+        out.truncate(start);
+        return Err(e);
+    }
+    out.put_u8(0); // no-ack off
+    frame::end(out, f);
+    Ok(())
 }
 
 /// Appends `basic.cancel-ok` (the answer to a broker's `basic.cancel`).

@@ -1,0 +1,286 @@
+//! Persistent sessions in a cluster (`cluster:`, docs/cluster.md "Persistent sessions move
+//! between nodes"): three mqgate nodes on the machine's RabbitMQ, a unique prefix per test. A
+//! persistent session lives in a durable queue in RabbitMQ, so it moves with its client to
+//! another node with what was queued while it was away, survives a SIGKILLed node, moves on a
+//! takeover, and ends with a clean start on any node or its expiry.
+
+use std::time::Duration;
+
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{FieldTable, ShortString};
+use mqgate::app::App;
+use mqgate::mqtt::codec::{self, Packet, ProtocolVersion, QoS, ReasonCode};
+
+use crate::cluster::{node_config, qos, subscribe, until_bound, v5, NodeProcess};
+use crate::support::proxy::Proxy;
+use crate::support::{
+    connect_packet, delete_queues_on_drop, expect_disconnect, expect_silence, gateway, http_get,
+    publish_qos1, rabbit, unique, wait_ready, RawClient, AMQP_URL,
+};
+
+/// Three ready in-process nodes of cluster `prefix`.
+async fn nodes(prefix: &str) -> (App, App, App) {
+    let a = gateway(&node_config(prefix, "a", AMQP_URL)).await;
+    let b = gateway(&node_config(prefix, "b", AMQP_URL)).await;
+    let c = gateway(&node_config(prefix, "c", AMQP_URL)).await;
+    for n in [&a, &b, &c] {
+        wait_ready(n).await;
+    }
+    (a, b, c)
+}
+
+/// The session queue and record queue of `client_id` in cluster `prefix`.
+fn session_queues(prefix: &str, client_id: &str) -> [String; 2] {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(client_id.as_bytes());
+    let h: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    [format!("{prefix}.session.{h}"), format!("{prefix}.sessionrec.{h}")]
+}
+
+/// An MQTT 5 CONNECT of `id` with `clean` start and Session Expiry Interval `expiry`; the
+/// CONNACK's reason code and session present flag.
+async fn connect(
+    addr: std::net::SocketAddr,
+    id: &str,
+    clean: bool,
+    expiry: u32,
+) -> (RawClient, ReasonCode, bool) {
+    let mut c = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    let mut p = connect_packet(ProtocolVersion::V5, id);
+    p.clean_start = clean;
+    p.properties.session_expiry_interval = Some(expiry);
+    c.send(&Packet::Connect(Box::new(p))).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => (c, a.code, a.session_present),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// Connects a persistent session (expiry `expiry`, clean start 0); asserts it is accepted and
+/// returns session present.
+async fn persistent(addr: std::net::SocketAddr, id: &str, expiry: u32) -> (RawClient, bool) {
+    let (c, code, present) = connect(addr, id, false, expiry).await;
+    assert!(code.is_success(), "CONNACK refused: {code:?}");
+    (c, present)
+}
+
+/// One delivery as the client saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Got {
+    payload: String,
+    qos: QoS,
+    ids: Vec<u32>,
+}
+
+/// Every PUBLISH until `quiet` passes without one, QoS 1 ones acknowledged.
+async fn collect(c: &mut RawClient, quiet: Duration) -> Vec<Got> {
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = c.recv_within(quiet).await {
+        if let Packet::Publish(p) = p {
+            if p.qos != QoS::AtMostOnce {
+                c.send(&Packet::PubAck(codec::PubResponse::success(p.packet_id))).await;
+            }
+            let payload = String::from_utf8_lossy(&p.payload).into_owned();
+            let ids = p.properties.subscription_identifiers.clone();
+            got.push(Got { payload, qos: p.qos, ids });
+        }
+    }
+    got
+}
+
+/// The QoS 1 payloads of `got`, in order.
+fn qos1(got: &[Got]) -> Vec<String> {
+    got.iter().filter(|g| g.qos == QoS::AtLeastOnce).map(|g| g.payload.clone()).collect()
+}
+
+fn numbered(prefix: &str, n: u16) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+/// Whether RabbitMQ has queue `name`.
+async fn queue_exists(conn: &lapin::Connection, name: &str) -> bool {
+    let ch = conn.create_channel().await.expect("channel");
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let found = ch.queue_declare(ShortString::from(name), passive, FieldTable::default()).await;
+    found.is_ok()
+}
+
+/// Waits (at most `within`) until queue `name` is gone.
+async fn until_gone(conn: &lapin::Connection, name: &str, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    while queue_exists(conn, name).await {
+        assert!(tokio::time::Instant::now() < deadline, "{name} still there after {within:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_persistent_session_moves_to_another_node_with_what_was_queued_while_away() {
+    let prefix = unique("it-psess");
+    let id = unique("ps");
+    let _cleanup = delete_queues_on_drop(&session_queues(&prefix, &id));
+    let (a, b, c) = nodes(&prefix).await;
+    let (mut dev, present) = persistent(a.mqtt_addr, &id, 300).await;
+    assert!(!present);
+    subscribe(&mut dev, "ps/#", qos(QoS::AtLeastOnce), Some(5)).await;
+    let mut publisher = v5(&c, &unique("pub")).await;
+    until_bound(&mut publisher, &mut dev, "ps/probe").await;
+
+    // Away (the connection drops): what is published on c meanwhile is queued for it.
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 1..=10u16 {
+        publish_qos1(&mut publisher, "ps/q1", i, format!("m{i}").as_bytes()).await;
+    }
+    publisher.publish("ps/q0", QoS::AtMostOnce, 0, b"zero").await;
+
+    // Back through another node: the same session, its messages once each, in order.
+    let (mut dev, present) = persistent(b.mqtt_addr, &id, 300).await;
+    assert!(present, "session present on another node");
+    let got = collect(&mut dev, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), numbered("m", 10), "{got:?}");
+    assert!(got.iter().filter(|g| g.qos == QoS::AtLeastOnce).all(|g| g.ids == vec![5]));
+
+    // Its subscription works on its new node, for what is published anywhere (once).
+    publish_qos1(&mut publisher, "ps/after", 11, b"from-c").await;
+    let mut local = v5(&b, &unique("pub-b")).await;
+    publish_qos1(&mut local, "ps/local", 1, b"from-b").await;
+    let got = collect(&mut dev, Duration::from_millis(1000)).await;
+    let mut payloads = qos1(&got);
+    payloads.sort();
+    assert_eq!(payloads, vec!["from-b".to_owned(), "from-c".to_owned()], "{got:?}");
+    // The node it left does not deliver to it any more.
+    drop(a);
+    expect_silence(&mut dev, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_sigkilled_node_s_persistent_session_resumes_on_another_node_with_nothing_lost() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("it-psess");
+    let id = unique("ps-kill");
+    let _cleanup = delete_queues_on_drop(&session_queues(&prefix, &id));
+    let mut a = NodeProcess::start(dir.path(), &prefix, "a").await;
+    let b = NodeProcess::start(dir.path(), &prefix, "b").await;
+    let c = NodeProcess::start(dir.path(), &prefix, "c").await;
+    let (mut dev, _) = persistent(a.mqtt, &id, 300).await;
+    subscribe(&mut dev, "k/#", qos(QoS::AtLeastOnce), None).await;
+    let mut publisher = RawClient::connect(c.mqtt, ProtocolVersion::V5, &unique("pub")).await;
+    until_bound(&mut publisher, &mut dev, "k/probe").await;
+    for i in 1..=20u16 {
+        publish_qos1(&mut publisher, "k/m", i, format!("m{i}").as_bytes()).await;
+    }
+    // Some are delivered and not acknowledged, the rest wait in a's hands or in RabbitMQ.
+    let mut seen = 0;
+    while seen < 5 {
+        match dev.recv_within(Duration::from_secs(5)).await {
+            Ok(Some(Packet::Publish(_))) => seen += 1,
+            Ok(Some(_)) => {}
+            other => panic!("expected deliveries on a, got {other:?}"),
+        }
+    }
+    a.child.kill().expect("kill");
+    a.child.wait().expect("reap");
+
+    let (mut dev, present) = persistent(b.mqtt, &id, 300).await;
+    assert!(present, "the session outlived its node");
+    let got = collect(&mut dev, Duration::from_millis(2000)).await;
+    // None was acknowledged on a: every one comes again, once, in order.
+    assert_eq!(qos1(&got), numbered("m", 20), "{got:?}");
+    // And the subscription goes on.
+    publish_qos1(&mut publisher, "k/m", 21, b"after").await;
+    let got = collect(&mut dev, Duration::from_millis(1000)).await;
+    assert_eq!(qos1(&got), vec!["after".to_owned()]);
+    let (status, body) = http_get(b.admin, "/readyz").await.expect("readyz");
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn a_takeover_on_another_node_moves_the_subscriptions_and_the_unacknowledged_messages() {
+    let prefix = unique("it-psess");
+    let id = unique("ps-take");
+    let _cleanup = delete_queues_on_drop(&session_queues(&prefix, &id));
+    let (a, b, c) = nodes(&prefix).await;
+    let (mut old, _) = persistent(a.mqtt_addr, &id, 300).await;
+    subscribe(&mut old, "t/#", qos(QoS::AtLeastOnce), None).await;
+    let mut publisher = v5(&c, &unique("pub")).await;
+    until_bound(&mut publisher, &mut old, "t/probe").await;
+    for i in 1..=3u16 {
+        publish_qos1(&mut publisher, "t/m", i, format!("m{i}").as_bytes()).await;
+    }
+    // m1 acknowledged, m2 and m3 received and not.
+    let first = crate::support::expect_publish(&mut old).await;
+    assert_eq!(first.payload, &b"m1"[..]);
+    old.send(&Packet::PubAck(codec::PubResponse::success(first.packet_id))).await;
+    for want in ["m2", "m3"] {
+        assert_eq!(crate::support::expect_publish(&mut old).await.payload, want.as_bytes());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let (mut new, present) = persistent(b.mqtt_addr, &id, 300).await;
+    assert!(present);
+    expect_disconnect(&mut old, ReasonCode::SESSION_TAKEN_OVER).await;
+    publish_qos1(&mut publisher, "t/m", 4, b"m4").await;
+    let got = collect(&mut new, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), vec!["m2", "m3", "m4"], "{got:?}");
+    drop(a);
+}
+
+#[tokio::test]
+async fn a_clean_start_on_another_node_ends_the_session_and_so_does_its_expiry() {
+    let prefix = unique("it-psess");
+    let (id, short) = (unique("ps-clean"), unique("ps-expiry"));
+    let [queue, record] = session_queues(&prefix, &id);
+    let [short_queue, short_record] = session_queues(&prefix, &short);
+    let names = [&queue, &record, &short_queue, &short_record];
+    let _cleanup = delete_queues_on_drop(&names);
+    let rabbit = rabbit().await;
+    let (a, b, c) = nodes(&prefix).await;
+
+    let (mut dev, _) = persistent(a.mqtt_addr, &id, 300).await;
+    subscribe(&mut dev, "clean/#", qos(QoS::AtLeastOnce), None).await;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(queue_exists(&rabbit, &queue).await && queue_exists(&rabbit, &record).await);
+    let (dev, code, present) = connect(b.mqtt_addr, &id, true, 0).await;
+    assert!(code.is_success() && !present);
+    until_gone(&rabbit, &queue, Duration::from_secs(5)).await;
+    until_gone(&rabbit, &record, Duration::from_secs(5)).await;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (_dev, present) = persistent(c.mqtt_addr, &id, 300).await;
+    assert!(!present, "the old session ended with the clean start");
+
+    // Expiry: the queues go after the session's expiry interval, and the session with them.
+    let (mut dev, _) = persistent(a.mqtt_addr, &short, 2).await;
+    subscribe(&mut dev, "short/#", qos(QoS::AtLeastOnce), None).await;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(queue_exists(&rabbit, &short_queue).await);
+    // Looked at only after the interval: a (passive) declare counts as a use in RabbitMQ.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(!queue_exists(&rabbit, &short_queue).await, "expired after 2 s unused");
+    assert!(!queue_exists(&rabbit, &short_record).await);
+    let (_dev, present) = persistent(b.mqtt_addr, &short, 2).await;
+    assert!(!present, "expired");
+}
+
+#[tokio::test]
+async fn a_node_cut_off_from_rabbitmq_refuses_persistent_sessions_and_serves_clean_ones() {
+    let proxy = Proxy::start().await;
+    let prefix = unique("it-psess");
+    let a = gateway(&node_config(&prefix, "a", &proxy.url())).await;
+    wait_ready(&a).await;
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !matches!(http_get(a.admin_addr, "/readyz").await, Ok((503, _))) {
+        assert!(tokio::time::Instant::now() < deadline, "readyz still ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_c, code, present) = connect(a.mqtt_addr, &unique("ps-cut"), false, 300).await;
+    assert_eq!((code, present), (ReasonCode::SERVER_UNAVAILABLE, false));
+    let (_c, code, _) = connect(a.mqtt_addr, &unique("clean-cut"), true, 0).await;
+    assert!(code.is_success(), "{code:?}");
+    proxy.restore();
+    wait_ready(&a).await;
+}
