@@ -80,6 +80,12 @@ const CLIENT_GONE: u8 = 14;
 /// Kind byte of every client id a node holds (sent with its binding keys in full): each as
 /// u16 length + bytes.
 const CLIENTS_FULL: u8 = 15;
+/// Kind byte of "this node serves this persistent session, bound with these keys": its
+/// Session Expiry Interval (u32), the client id (u16 length + bytes), each key (u8 length +
+/// bytes). Every node forwards what they match until the session expires or moves.
+const SESSION_KEYS: u8 = 16;
+/// Kind byte of "this persistent session ended" (a clean start): the client id.
+const SESSION_DROP: u8 = 17;
 /// The first channel of the share groups' queues (one channel per group with members here).
 const FIRST_GROUP_CHANNEL: u16 = 10;
 /// Deliveries of a share queue a node takes before acknowledging them.
@@ -499,6 +505,7 @@ impl<'a> Link<'a> {
         let mut view = self.peers.view(now);
         self.cluster.set_remote(|v| {
             view.groups = std::mem::take(&mut v.groups);
+            view.sessions = std::mem::take(&mut v.sessions);
             *v = view;
         });
         self.cluster.clear_directory();
@@ -519,6 +526,9 @@ impl<'a> Link<'a> {
         // clients, which the others may have missed.
         self.notice(NOTICE_RETAINED, b"");
         self.announce_wills();
+        for (client_id, expiry, keys) in self.cluster.served_sessions() {
+            self.session_keys_notice(&client_id, expiry, &keys);
+        }
         loop {
             self.next_reclaim();
             let want_write = self.t.has_pending_writes();
@@ -686,7 +696,11 @@ impl<'a> Link<'a> {
                 self.notice(kind, client_id.as_bytes());
             }
             Command::Will { client_id, will } => self.will_notice(&client_id, will.as_deref()),
+            Command::SessionKeys { client_id, expiry, keys } => {
+                self.session_keys_notice(&client_id, expiry, &keys)
+            }
             Command::DropSession { client_id } => {
+                self.notice(SESSION_DROP, client_id.as_bytes());
                 let (queue, _) = self.cluster.psettings.names(&client_id);
                 if methods::queue_delete(&mut self.t.wbuf, LOCK_CHANNEL, &queue).is_ok() {
                     self.lock_wait = Some(LockWait::DropSession(client_id));
@@ -795,6 +809,7 @@ impl<'a> Link<'a> {
                 let peers = &mut self.peers;
                 cluster.set_remote(|v| peers.remove(v, origin, now));
                 self.cluster.clients_of(origin, None);
+                self.cluster.sticky_node_gone(origin);
                 Then::Nothing
             }
         };
@@ -909,6 +924,7 @@ impl<'a> Link<'a> {
                 if gone {
                     info!(node = %node, "a silent node's queue is gone: not forwarding to it");
                     self.cluster.clients_of(&node, None);
+                    self.cluster.sticky_node_gone(&node);
                     self.check_pending(now);
                 } else if ask {
                     let seq = self.cluster.announced.load(Ordering::Acquire);
@@ -1366,6 +1382,8 @@ impl<'a> Link<'a> {
             GOODBYE,
             CLIENT_GONE,
             CLIENTS_FULL,
+            SESSION_KEYS,
+            SESSION_DROP,
         ];
         let Some((&kind, rest)) = body.split_first().filter(|(k, _)| kinds.contains(k)) else {
             warn!("cluster message of an unknown format dropped");
@@ -1401,6 +1419,12 @@ impl<'a> Link<'a> {
                 self.send_retained(to);
             }
             self.announce_wills();
+            return;
+        }
+        if kind == SESSION_KEYS || kind == SESSION_DROP {
+            if let Ok(origin) = std::str::from_utf8(origin) {
+                self.on_session_keys(origin, kind, encoded);
+            }
             return;
         }
         if kind == CLIENTS_FULL {
@@ -1454,6 +1478,48 @@ impl<'a> Link<'a> {
         self.deliver(encoded);
     }
 
+    /// A persistent session's keys (or its end) announced by node `origin`.
+    fn on_session_keys(&mut self, origin: &str, kind: u8, subject: &[u8]) {
+        let (expiry, rest) = match kind {
+            SESSION_KEYS => {
+                let Some((e, rest)) = subject.split_at_checked(4) else { return };
+                (u32::from_be_bytes([e[0], e[1], e[2], e[3]]), rest)
+            }
+            _ => (0, subject),
+        };
+        if kind == SESSION_DROP {
+            if let Ok(client_id) = std::str::from_utf8(rest) {
+                self.cluster.sticky_drop(client_id);
+            }
+            return;
+        }
+        let Some((len, rest)) = rest.split_at_checked(2) else { return };
+        let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+        let Some((client_id, mut rest)) = rest.split_at_checked(len) else { return };
+        let Ok(client_id) = std::str::from_utf8(client_id) else { return };
+        let mut keys = Vec::new();
+        while let Some((&len, after)) = rest.split_first() {
+            let Some((key, after)) = after.split_at_checked(usize::from(len)) else { break };
+            keys.extend(std::str::from_utf8(key).ok().map(str::to_owned));
+            rest = after;
+        }
+        self.cluster.sticky_set(origin, client_id, expiry, keys);
+    }
+
+    /// Announces that this node serves the persistent session of `client_id` with `keys`.
+    fn session_keys_notice(&mut self, client_id: &str, expiry: u32, keys: &[String]) {
+        let id = &client_id.as_bytes()[..client_id.len().min(usize::from(u16::MAX))];
+        let mut subject = Vec::with_capacity(6 + id.len() + 24 * keys.len());
+        subject.extend_from_slice(&expiry.to_be_bytes());
+        subject.extend_from_slice(&(id.len() as u16).to_be_bytes());
+        subject.extend_from_slice(id);
+        for key in keys {
+            subject.push(key.len().min(255) as u8);
+            subject.extend_from_slice(&key.as_bytes()[..key.len().min(255)]);
+        }
+        self.notice(SESSION_KEYS, &subject);
+    }
+
     /// Delivers one message from another node (`encoded` in the store's encoding) here.
     fn deliver(&mut self, encoded: &[u8]) {
         match codec::decode_message(encoded) {
@@ -1486,6 +1552,7 @@ impl<'a> Link<'a> {
             self.cluster.set_remote(|v| v.all = all);
         }
         self.check_pending(now);
+        self.cluster.sticky_expire(now);
         self.ticks += 1;
         if self.ticks >= PROBE_TICKS && self.probes.is_empty() {
             self.ticks = 0;

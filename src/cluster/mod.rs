@@ -64,8 +64,11 @@ struct Forward {
 #[derive(Debug)]
 enum Command {
     /// Delete the session queue and record of `client_id` (a clean start: the persistent
-    /// session it may have had on any node ends).
+    /// session it may have had on any node ends), and tell every node.
     DropSession { client_id: String },
+    /// Tell every node that this one serves the persistent session of `client_id` (Session
+    /// Expiry Interval `expiry`) with binding keys `keys`.
+    SessionKeys { client_id: String, expiry: u32, keys: Vec<String> },
     /// Take the lock of `client_id`; `Err` holds the broker's reason (405: another node
     /// holds it).
     Claim { client_id: String, reply: oneshot::Sender<Result<(), String>> },
@@ -179,6 +182,23 @@ pub struct Cluster {
     psettings: Arc<psession::Settings>,
     /// The tasks of this node's connected persistent sessions, by session id.
     psessions: Mutex<HashMap<u64, psession::Handle>>,
+    /// The persistent sessions other nodes announced (client id → entry): their keys are
+    /// forwarded to while no node serves them (their node died or left), until they expire
+    /// or another node announces them. One entry per persistent session in the cluster.
+    sticky: Mutex<HashMap<String, Sticky>>,
+}
+
+/// A persistent session another node announced.
+#[derive(Debug)]
+struct Sticky {
+    /// The node that serves (or served) it.
+    node: String,
+    /// Its Session Expiry Interval.
+    expiry: u32,
+    /// Its binding keys.
+    keys: Vec<String>,
+    /// Once its node is gone: when its queue expires (`None`: never, or the node is there).
+    deadline: Option<std::time::Instant>,
 }
 
 /// A client connected on another node, as this node knows it.
@@ -212,6 +232,7 @@ impl Cluster {
         let cluster = Arc::new(Cluster {
             psettings: Arc::new(psession::Settings::new(cfg, broker_cfg)),
             psessions: Mutex::new(HashMap::new()),
+            sticky: Mutex::new(HashMap::new()),
             wills: Mutex::new(HashMap::new()),
             remote_wills: Mutex::new(HashMap::new()),
             epoch,
@@ -736,10 +757,85 @@ impl Cluster {
             }
             false => (None, None),
         };
-        let sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
-        let update = psession::Cmd::Update { keys: keys.into_iter().collect(), record, reply };
-        sessions.get(&state.id)?.tx.send(update).ok()?;
+        let mut keys: Vec<String> = keys.into_iter().collect();
+        keys.sort();
+        let mut sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+        let handle = sessions.get_mut(&state.id)?;
+        let announce = (expiry.seconds(), keys.clone());
+        if handle.announced.as_ref() != Some(&announce) {
+            // Every node forwards what the session's keys match, even after this one is gone.
+            let client_id = handle.client_id.to_string();
+            let notice = Command::SessionKeys { client_id, expiry: announce.0, keys: keys.clone() };
+            let _ = self.commands.send(notice);
+            handle.announced = Some(announce);
+        }
+        let update = psession::Cmd::Update { keys, record, reply };
+        handle.tx.send(update).ok()?;
         rx
+    }
+
+    /// The persistent sessions this node serves now, as announced (after a reconnect).
+    fn served_sessions(&self) -> Vec<(String, u32, Vec<String>)> {
+        let sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions
+            .values()
+            .filter_map(|h| {
+                let (expiry, keys) = h.announced.clone()?;
+                Some((h.client_id.to_string(), expiry, keys))
+            })
+            .collect()
+    }
+
+    /// Node `node` serves the persistent session of `client_id` with `keys` now.
+    fn sticky_set(&self, node: &str, client_id: &str, expiry: u32, keys: Vec<String>) {
+        let mut sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = Sticky { node: node.to_owned(), expiry, keys, deadline: None };
+        let old = sticky.insert(client_id.to_owned(), entry);
+        let new = sticky.get(client_id).map(|e| e.keys.clone()).unwrap_or_default();
+        drop(sticky);
+        self.set_remote(|v| {
+            for k in old.iter().flat_map(|o| &o.keys) {
+                v.session_key(k, false);
+            }
+            for k in &new {
+                v.session_key(k, true);
+            }
+        });
+    }
+
+    /// The persistent session of `client_id` ended (a clean start somewhere).
+    fn sticky_drop(&self, client_id: &str) {
+        let old = self.sticky.lock().unwrap_or_else(|p| p.into_inner()).remove(client_id);
+        if let Some(old) = old {
+            self.set_remote(|v| old.keys.iter().for_each(|k| v.session_key(k, false)));
+        }
+    }
+
+    /// Node `node` left or died: the sessions it served expire from now on.
+    fn sticky_node_gone(&self, node: &str) {
+        let now = std::time::Instant::now();
+        let mut sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());
+        for e in sticky.values_mut().filter(|e| e.node == node && e.deadline.is_none()) {
+            let secs = std::time::Duration::from_secs(u64::from(e.expiry));
+            e.deadline = if e.expiry == u32::MAX { None } else { now.checked_add(secs) };
+        }
+    }
+
+    /// Forgets the sessions whose queues have expired by `now`.
+    fn sticky_expire(&self, now: std::time::Instant) {
+        let mut sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = Vec::new();
+        sticky.retain(|_, e| {
+            let keep = e.deadline.is_none_or(|d| d > now);
+            if !keep {
+                gone.append(&mut e.keys);
+            }
+            keep
+        });
+        drop(sticky);
+        if !gone.is_empty() {
+            self.set_remote(|v| gone.iter().for_each(|k| v.session_key(k, false)));
+        }
     }
 
     /// The connection of the queued session `session_id` ended (it parks or is discarded):
@@ -869,6 +965,7 @@ mod tests {
         Cluster {
             psettings: Arc::default(),
             psessions: Mutex::new(HashMap::new()),
+            sticky: Mutex::new(HashMap::new()),
             commands: mpsc::unbounded_channel().0,
             locks: Mutex::new(HashMap::new()),
             wills: Mutex::new(HashMap::new()),
@@ -909,6 +1006,29 @@ mod tests {
         assert_eq!(c.take_changes(), vec![("m.lx".to_owned(), false)]);
         c.remove_interest("never/added");
         assert!(c.all_wanted().is_empty());
+    }
+
+    #[test]
+    fn a_persistent_session_s_keys_are_forwarded_to_after_its_node_left_until_it_expires() {
+        let c = cluster();
+        let wants = |c: &Cluster, topic: &str| c.remote.read().map(|v| v.wants(topic)).unwrap();
+        assert!(!wants(&c, "s/1"));
+        c.sticky_set("b", "dev", 10, vec!["m.ls.#".into()]);
+        assert!(wants(&c, "s/1") && !wants(&c, "t/1"));
+        // It moved to node d, with other keys.
+        c.sticky_set("d", "dev", 10, vec!["m.lt.#".into()]);
+        assert!(!wants(&c, "s/1") && wants(&c, "t/1"));
+        c.sticky_node_gone("b");
+        c.sticky_expire(std::time::Instant::now() + std::time::Duration::from_secs(60));
+        assert!(wants(&c, "t/1"), "d is there: not expiring");
+        c.sticky_node_gone("d");
+        c.sticky_expire(std::time::Instant::now() + std::time::Duration::from_secs(5));
+        assert!(wants(&c, "t/1"), "not yet expired");
+        c.sticky_expire(std::time::Instant::now() + std::time::Duration::from_secs(11));
+        assert!(!wants(&c, "t/1"), "expired");
+        c.sticky_set("b", "other", u32::MAX, vec!["m.lu".into()]);
+        c.sticky_drop("other");
+        assert!(!wants(&c, "u"));
     }
 
     #[test]

@@ -41,15 +41,21 @@ pub struct View {
     /// The binding keys of this node's own share groups, with how many groups have each: their
     /// messages go through the groups' share queues, even when no other node wants them.
     pub groups: HashMap<String, u32>,
+    /// The binding keys of persistent sessions other nodes announced (kept after their node
+    /// leaves, until the session expires or moves), with how many sessions have each: their
+    /// session queues take what they match while no node serves them.
+    pub sessions: HashMap<String, u32>,
 }
 
 impl View {
     /// Whether another node may match a live (not retained) message on `topic`.
     pub fn wants(&self, topic: &str) -> bool {
         self.all
-            || ((!self.keys.is_empty() || !self.groups.is_empty())
+            || ((!self.keys.is_empty() || !self.groups.is_empty() || !self.sessions.is_empty())
                 && keys::any_binding_matches(topic, |k| {
-                    self.keys.contains_key(k) || self.groups.contains_key(k)
+                    self.keys.contains_key(k)
+                        || self.groups.contains_key(k)
+                        || self.sessions.contains_key(k)
                 }))
     }
 
@@ -61,6 +67,18 @@ impl View {
             *n -= 1;
             if *n == 0 {
                 self.groups.remove(key);
+            }
+        }
+    }
+
+    /// A persistent session's binding key `key` is announced (`add`) or no longer.
+    pub fn session_key(&mut self, key: &str, add: bool) {
+        if add {
+            *self.sessions.entry(key.to_owned()).or_insert(0) += 1;
+        } else if let Some(n) = self.sessions.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.sessions.remove(key);
             }
         }
     }
@@ -130,8 +148,7 @@ impl Peers {
 
     /// The view forwarding reads, recomputed as a whole (after a connection came up).
     pub fn view(&self, now: Instant) -> View {
-        let mut view =
-            View { all: self.forward_all(now), keys: HashMap::new(), groups: HashMap::new() };
+        let mut view = View { all: self.forward_all(now), ..View::default() };
         for p in self.nodes.values() {
             for k in &p.keys {
                 view.add(k);

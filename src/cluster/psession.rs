@@ -157,6 +157,10 @@ pub(super) struct Handle {
     pub closing: Arc<AtomicBool>,
     /// Ends the task (its connection closes: unacknowledged deliveries go back).
     pub cancel: CancellationToken,
+    /// The session's client id.
+    pub client_id: Arc<str>,
+    /// Its expiry interval and binding keys as last announced to the other nodes.
+    pub announced: Option<(u32, Vec<String>)>,
 }
 
 /// Starts the task of `client_id`'s session `session_id`; the receiver tells what opening the
@@ -172,7 +176,13 @@ pub(super) fn spawn(
     let (reply, opened) = oneshot::channel();
     let closing = Arc::new(AtomicBool::new(false));
     let cancel = CancellationToken::new();
-    let handle = Handle { tx, closing: Arc::clone(&closing), cancel: cancel.clone() };
+    let handle = Handle {
+        tx,
+        closing: Arc::clone(&closing),
+        cancel: cancel.clone(),
+        client_id: Arc::clone(&client_id),
+        announced: None,
+    };
     tokio::spawn(async move {
         let setup = tokio::time::timeout(s.connect_timeout, setup(&s, &client_id, open, &limits));
         let setup = tokio::select! {

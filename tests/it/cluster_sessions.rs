@@ -181,14 +181,21 @@ async fn a_sigkilled_node_s_persistent_session_resumes_on_another_node_with_noth
     }
     a.child.kill().expect("kill");
     a.child.wait().expect("reap");
+    // Published while no node serves the session: the survivors still forward to its queue
+    // (before and after they find a gone).
+    for i in 21..=22u16 {
+        publish_qos1(&mut publisher, "k/m", i, format!("m{i}").as_bytes()).await;
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    publish_qos1(&mut publisher, "k/m", 23, b"m23").await;
 
     let (mut dev, present) = persistent(b.mqtt, &id, 300).await;
     assert!(present, "the session outlived its node");
     let got = collect(&mut dev, Duration::from_millis(2000)).await;
     // None was acknowledged on a: every one comes again, once, in order.
-    assert_eq!(qos1(&got), numbered("m", 20), "{got:?}");
+    assert_eq!(qos1(&got), numbered("m", 23), "{got:?}");
     // And the subscription goes on.
-    publish_qos1(&mut publisher, "k/m", 21, b"after").await;
+    publish_qos1(&mut publisher, "k/m", 24, b"after").await;
     let got = collect(&mut dev, Duration::from_millis(1000)).await;
     assert_eq!(qos1(&got), vec!["after".to_owned()]);
     let (status, body) = http_get(b.admin, "/readyz").await.expect("readyz");
