@@ -239,7 +239,10 @@ where
     let queued = shared.broker.cluster().filter(|_| expiry != Expiry::Now);
     let resumed = match (shared.broker.cluster(), resumed) {
         (Some(cluster), resumed) if queued.is_none() => {
-            cluster.drop_session(&client_id);
+            cluster.drop_session(
+                &client_id,
+                resumed.as_ref().is_some_and(|s| s.subscriber.is_queued()),
+            );
             match resumed {
                 // Kept in RabbitMQ, not here: it cannot go on as a session ending with this
                 // connection.
