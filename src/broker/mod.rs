@@ -773,15 +773,15 @@ impl Broker {
     /// A message from the cluster session queue of session `session_id` (client
     /// `client_id`): matched exactly against that session's own subscriptions and queued for
     /// it with a child of `root` (one copy, at the highest granted QoS, with every matching
-    /// subscription identifier; No Local by client id). Returns whether a subscription
-    /// matched.
+    /// subscription identifier; No Local by client id). `Full`: the session's queue has no
+    /// room now, nothing was done (the caller tries again later).
     pub fn deliver_queued(
         &self,
         session_id: u64,
         client_id: &str,
         msg: &Arc<Message>,
         root: &Ticket,
-    ) -> bool {
+    ) -> Queued {
         let mut hit: Option<(SubscribeOptions, Arc<Subscriber>, Vec<u32>)> = None;
         {
             let subs = self.subs.read().unwrap_or_else(|p| p.into_inner());
@@ -804,16 +804,20 @@ impl Broker {
                 }
             });
         }
-        let Some((options, subscriber, subscription_ids)) = hit else { return false };
-        let out = Outbound {
+        let Some((options, subscriber, subscription_ids)) = hit else { return Queued::NoMatch };
+        let mut out = Outbound {
             msg: Arc::clone(msg),
             qos: msg.qos.min(options.qos),
             retain: msg.retain && options.retain_as_published,
             shared: None,
             subscription_ids,
-            ticket: Some(root.child()),
+            ticket: None,
             stored: None,
         };
+        if !subscriber.queue.has_room_for(&out) {
+            return Queued::Full;
+        }
+        out.ticket = Some(root.child());
         match subscriber.queue.try_send(out) {
             Ok(()) => {
                 self.metrics.messages_delivered_local.inc();
@@ -824,7 +828,7 @@ impl Broker {
             Err(TrySendError::Full(_)) => self.metrics.dropped("subscriber_queue_full"),
             Err(TrySendError::Closed(_)) => {}
         }
-        true
+        Queued::Taken
     }
 
     /// Stores or clears the retained message of `msg.topic` (when `msg.retain`), then hands
@@ -1142,6 +1146,17 @@ impl Broker {
     pub fn retained_matching_at_most(&self, filter: &str, limit: usize) -> Vec<Arc<Message>> {
         self.retained.matching_at_most(filter, limit)
     }
+}
+
+/// What [`Broker::deliver_queued`] did with a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Queued for the session (or dropped, counted, if its queue filled up meanwhile).
+    Taken,
+    /// None of the session's subscriptions matches it.
+    NoMatch,
+    /// The session's queue has no room now: nothing done.
+    Full,
 }
 
 /// Hashes a session id (a counter, not chosen by clients) with one multiplication: the

@@ -21,7 +21,9 @@
 //! matched nothing). When the connection ends the task closes its connection first (marked
 //! `closing` before the session drops what it holds), so what the client had not
 //! acknowledged goes back to the queue; a node that dies loses its connection, with the same
-//! effect. Bounded: at most `prefetch` deliveries unacknowledged, each one forwarded batch.
+//! effect. Bounded: at most `prefetch` deliveries unacknowledged, each one forwarded batch
+//! (up to 64 messages, about 256 KiB); while the session's queue is full the task holds what
+//! does not fit and tries again (nothing is dropped for a full queue).
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,8 +37,8 @@ use tracing::{debug, warn};
 
 use super::ClusterConfig;
 use crate::broker::sessions::Expiry;
-use crate::broker::tracking::{Done, Fate, Mode, Tracker};
-use crate::broker::Broker;
+use crate::broker::tracking::{Done, Fate, Mode, Ticket, Tracker};
+use crate::broker::{Broker, Queued};
 use crate::config::AmqpBrokerConfig;
 use crate::sources::acks::Acks;
 use crate::sources::amqp::{expect_close_ok, flush_all};
@@ -59,8 +61,10 @@ const CONSUME_RETRY: Duration = Duration::from_millis(50);
 const CONSUME_PATIENCE: Duration = Duration::from_secs(10);
 /// On close, how long the broker may take to answer `connection.close`.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-/// Messages one forwarded delivery may carry (the link's batches).
-const BATCH: usize = 64;
+/// Bytes of one forwarded batch, about (the link closes a batch at 256 KiB).
+const BATCH_BYTES: usize = 256 * 1024;
+/// While the session's queue is full: how often the held messages are tried again.
+const STALL_RETRY: Duration = Duration::from_millis(10);
 
 /// Where the session queues are: the cluster's broker and names.
 #[derive(Debug, Default)]
@@ -202,7 +206,11 @@ pub(super) fn spawn(
         };
         let (queue, record) = s.names(&client_id);
         let (report_tx, report_rx) = mpsc::unbounded_channel();
-        let prefetch = (limits.max_messages / BATCH).clamp(1, 256) as u16;
+        // What the task holds at most: `prefetch` deliveries of up to 64 messages and 256 KiB
+        // each (a batch) while the session's queue has no room for them.
+        let by_count = limits.max_messages / 16;
+        let by_bytes = limits.max_bytes / BATCH_BYTES;
+        let prefetch = by_count.min(by_bytes).clamp(1, 256) as u16;
         let mut q = SessionQueue {
             t,
             s: &s,
@@ -218,6 +226,7 @@ pub(super) fn spawn(
             start: Start::NotAsked,
             assembly: None,
             acks: Acks::default(),
+            backlog: VecDeque::new(),
             report_tx,
             report_rx,
             prefetch,
@@ -456,6 +465,9 @@ struct SessionQueue<'a> {
     assembly: Option<(u64, Option<usize>, BytesMut)>,
     /// Unsettled deliveries, for in-order multiple acks.
     acks: Acks,
+    /// Deliveries not yet wholly handed to the session (its queue was full), in order: each
+    /// with its root ticket and the messages left (at most `prefetch` deliveries).
+    backlog: VecDeque<(Ticket, VecDeque<Arc<crate::message::Message>>)>,
     report_tx: mpsc::UnboundedSender<Done>,
     report_rx: mpsc::UnboundedReceiver<Done>,
     prefetch: u16,
@@ -508,6 +520,10 @@ impl SessionQueue<'_> {
                     Err(e) => Err(format!("write failed: {e}")),
                 },
                 _ = tick.tick() => self.on_tick(),
+                () = tokio::time::sleep(STALL_RETRY), if !self.backlog.is_empty() => {
+                    self.drain_backlog();
+                    Ok(())
+                }
             };
             if let Err(reason) = res.and_then(|()| self.maybe_consume()) {
                 return Some(reason);
@@ -709,11 +725,26 @@ impl SessionQueue<'_> {
     fn on_delivery(&mut self, tag: u64, body: &[u8]) {
         self.acks.delivered(tag);
         let root = Tracker::root(tag, Mode::Broadcast, self.report_tx.clone());
-        for msg in super::link::messages_of(body) {
-            let msg = Arc::new(msg);
-            self.broker.deliver_queued(self.session_id, self.client_id, &msg, &root);
+        let msgs = super::link::messages_of(body).into_iter().map(Arc::new).collect();
+        self.backlog.push_back((root, msgs));
+        self.drain_backlog();
+    }
+
+    /// Hands the held messages to the session, in order, until its queue is full; a delivery
+    /// whose messages are all handed over is done here (its root finished).
+    fn drain_backlog(&mut self) {
+        while let Some((root, msgs)) = self.backlog.front_mut() {
+            while let Some(msg) = msgs.front() {
+                let sid = self.session_id;
+                if self.broker.deliver_queued(sid, self.client_id, msg, root) == Queued::Full {
+                    return;
+                }
+                msgs.pop_front();
+            }
+            if let Some((root, _)) = self.backlog.pop_front() {
+                root.finish(Fate::Gone);
+            }
         }
-        root.finish(Fate::Gone);
     }
 
     /// A delivery is done: taken, matched nothing, or dropped (a full session queue, as on one

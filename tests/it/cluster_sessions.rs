@@ -273,6 +273,47 @@ async fn a_clean_start_on_another_node_ends_the_session_and_so_does_its_expiry()
 }
 
 #[tokio::test]
+async fn a_burst_larger_than_the_session_s_queue_is_held_back_not_dropped() {
+    let prefix = unique("it-psess");
+    let id = unique("ps-burst");
+    let _cleanup = delete_queues_on_drop(&session_queues(&prefix, &id));
+    // 64 messages in the session's queue on its node: a forwarded batch alone fills it.
+    let config = |node: &str| {
+        node_config(&prefix, node, AMQP_URL).replacen(
+            "mqtt:\n",
+            "mqtt:\n  max_queued_messages: 64\n",
+            1,
+        )
+    };
+    let a = gateway(&config("a")).await;
+    let c = gateway(&config("c")).await;
+    wait_ready(&a).await;
+    wait_ready(&c).await;
+    // A small receive window: the session's queue fills while the client is slow.
+    let mut dev = RawClient::tcp(a.mqtt_addr, ProtocolVersion::V5).await;
+    let mut p = connect_packet(ProtocolVersion::V5, &id);
+    p.clean_start = false;
+    p.properties.session_expiry_interval = Some(300);
+    p.properties.receive_maximum = Some(5);
+    dev.send(&Packet::Connect(Box::new(p))).await;
+    assert!(matches!(dev.recv().await, Some(Packet::ConnAck(a)) if a.code.is_success()));
+    subscribe(&mut dev, "burst/#", qos(QoS::AtLeastOnce), None).await;
+    let mut publisher = v5(&c, &unique("pub")).await;
+    until_bound(&mut publisher, &mut dev, "burst/probe").await;
+    let n = 400u16;
+    for i in 1..=n {
+        publisher.publish("burst/x", QoS::AtLeastOnce, i, format!("b{i}").as_bytes()).await;
+    }
+    for _ in 1..=n {
+        assert!(matches!(publisher.recv().await, Some(Packet::PubAck(_))));
+    }
+    let got = collect(&mut dev, Duration::from_millis(2000)).await;
+    assert_eq!(qos1(&got), numbered("b", n), "every one, in order");
+    let metrics = crate::support::metrics(&a).await;
+    assert!(!metrics.contains("reason=\"subscriber_queue_full\""), "{metrics}");
+}
+
+#[tokio::test]
 async fn a_node_cut_off_from_rabbitmq_refuses_persistent_sessions_and_serves_clean_ones() {
     let proxy = Proxy::start().await;
     let prefix = unique("it-psess");
