@@ -777,6 +777,7 @@ impl<'a> Link<'a> {
                 if ask {
                     let seq = self.cluster.announced.load(Ordering::Acquire);
                     self.send_keys(direct_key(origin), seq, false);
+                    self.send_sessions(origin);
                 }
                 then
             }
@@ -1508,6 +1509,26 @@ impl<'a> Link<'a> {
 
     /// Announces that this node serves the persistent session of `client_id` with `keys`.
     fn session_keys_notice(&mut self, client_id: &str, expiry: u32, keys: &[String]) {
+        self.session_keys_notice_to(NOTICE_KEY.to_owned(), client_id, expiry, keys);
+    }
+
+    /// Sends node `node` (one that joined or came back) the persistent sessions this node
+    /// serves and those it knows of: it forwards to their keys too.
+    fn send_sessions(&mut self, node: &str) {
+        let known = self.cluster.served_sessions().into_iter().chain(self.cluster.sticky_all());
+        for (client_id, expiry, keys) in known {
+            self.session_keys_notice_to(direct_key(node), &client_id, expiry, &keys);
+        }
+    }
+
+    /// [`Link::session_keys_notice`] with routing key `to` (every node, or one).
+    fn session_keys_notice_to(
+        &mut self,
+        to: String,
+        client_id: &str,
+        expiry: u32,
+        keys: &[String],
+    ) {
         let id = &client_id.as_bytes()[..client_id.len().min(usize::from(u16::MAX))];
         let mut subject = Vec::with_capacity(6 + id.len() + 24 * keys.len());
         subject.extend_from_slice(&expiry.to_be_bytes());
@@ -1517,7 +1538,7 @@ impl<'a> Link<'a> {
             subject.push(key.len().min(255) as u8);
             subject.extend_from_slice(&key.as_bytes()[..key.len().min(255)]);
         }
-        self.notice(SESSION_KEYS, &subject);
+        self.notice_to(to, SESSION_KEYS, &subject);
     }
 
     /// Delivers one message from another node (`encoded` in the store's encoding) here.

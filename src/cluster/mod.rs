@@ -786,6 +786,12 @@ impl Cluster {
             .collect()
     }
 
+    /// Every persistent session other nodes announced, as announced.
+    fn sticky_all(&self) -> Vec<(String, u32, Vec<String>)> {
+        let sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());
+        sticky.iter().map(|(id, e)| (id.clone(), e.expiry, e.keys.clone())).collect()
+    }
+
     /// Node `node` serves the persistent session of `client_id` with `keys` now.
     fn sticky_set(&self, node: &str, client_id: &str, expiry: u32, keys: Vec<String>) {
         let mut sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());

@@ -203,6 +203,32 @@ async fn a_sigkilled_node_s_persistent_session_resumes_on_another_node_with_noth
 }
 
 #[tokio::test]
+async fn a_node_that_joins_after_a_session_s_node_died_forwards_to_its_queue() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prefix = unique("it-psess");
+    let id = unique("ps-join");
+    let _cleanup = delete_queues_on_drop(&session_queues(&prefix, &id));
+    let mut a = NodeProcess::start(dir.path(), &prefix, "a").await;
+    let b = NodeProcess::start(dir.path(), &prefix, "b").await;
+    let (mut dev, _) = persistent(a.mqtt, &id, 300).await;
+    subscribe(&mut dev, "j/#", qos(QoS::AtLeastOnce), None).await;
+    let mut on_b = RawClient::connect(b.mqtt, ProtocolVersion::V5, &unique("pub-b")).await;
+    until_bound(&mut on_b, &mut dev, "j/probe").await;
+    a.child.kill().expect("kill");
+    a.child.wait().expect("reap");
+    drop(dev);
+    // d never heard a announce the session: b tells it when it joins.
+    let d = NodeProcess::start(dir.path(), &prefix, "d").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut on_d = RawClient::connect(d.mqtt, ProtocolVersion::V5, &unique("pub-d")).await;
+    publish_qos1(&mut on_d, "j/x", 1, b"from-d").await;
+    let (mut dev, present) = persistent(b.mqtt, &id, 300).await;
+    assert!(present);
+    let got = collect(&mut dev, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), vec!["from-d".to_owned()], "{got:?}");
+}
+
+#[tokio::test]
 async fn a_takeover_on_another_node_moves_the_subscriptions_and_the_unacknowledged_messages() {
     let prefix = unique("it-psess");
     let id = unique("ps-take");
