@@ -45,13 +45,27 @@ async fn connect(
     clean: bool,
     expiry: u32,
 ) -> (RawClient, ReasonCode, bool) {
+    let (c, code, present, _) = connect_why(addr, id, clean, expiry).await;
+    (c, code, present)
+}
+
+/// [`connect`], with the CONNACK's reason string.
+async fn connect_why(
+    addr: std::net::SocketAddr,
+    id: &str,
+    clean: bool,
+    expiry: u32,
+) -> (RawClient, ReasonCode, bool, Option<String>) {
     let mut c = RawClient::tcp(addr, ProtocolVersion::V5).await;
     let mut p = connect_packet(ProtocolVersion::V5, id);
     p.clean_start = clean;
     p.properties.session_expiry_interval = Some(expiry);
     c.send(&Packet::Connect(Box::new(p))).await;
     match c.recv().await {
-        Some(Packet::ConnAck(a)) => (c, a.code, a.session_present),
+        Some(Packet::ConnAck(a)) => {
+            let why = a.properties.reason_string.clone();
+            (c, a.code, a.session_present, why)
+        }
         other => panic!("expected CONNACK, got {other:?}"),
     }
 }
@@ -59,8 +73,8 @@ async fn connect(
 /// Connects a persistent session (expiry `expiry`, clean start 0); asserts it is accepted and
 /// returns session present.
 async fn persistent(addr: std::net::SocketAddr, id: &str, expiry: u32) -> (RawClient, bool) {
-    let (c, code, present) = connect(addr, id, false, expiry).await;
-    assert!(code.is_success(), "CONNACK refused: {code:?}");
+    let (c, code, present, why) = connect_why(addr, id, false, expiry).await;
+    assert!(code.is_success(), "CONNACK refused: {code:?} {why:?}");
     (c, present)
 }
 

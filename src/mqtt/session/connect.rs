@@ -284,7 +284,8 @@ where
                 warn!(reason = %why, "persistent session not opened in the cluster");
                 shared.broker.discard_session(state);
                 shared.broker.unregister(&accepted.client_id, registration.conn_id);
-                refuse(conn, &connect, code, "the session could not be opened in the cluster");
+                let reason = format!("the session could not be opened in the cluster: {why}");
+                refuse(conn, &connect, code, &reason);
                 return Ok(None);
             }
         }

@@ -408,6 +408,34 @@ impl Transport {
         what: &str,
         want: impl Fn(&Method) -> bool,
     ) -> Result<Method, ConnectError> {
+        self.expect_on(channel..=channel, what, want).await.map(|(_, m)| m)
+    }
+
+    /// Waits for one `want` answer on each of `channels`, in whatever order they come (the
+    /// broker answers each channel from its own process: channel 2's open-ok may come first).
+    async fn expect_each(
+        &mut self,
+        channels: std::ops::RangeInclusive<u16>,
+        what: &str,
+        want: impl Fn(&Method) -> bool,
+    ) -> Result<(), ConnectError> {
+        let mut left: std::collections::HashSet<u16> = channels.clone().collect();
+        while !left.is_empty() {
+            let (ch, _) = self.expect_on(channels.clone(), what, &want).await?;
+            if !left.remove(&ch) {
+                return Err(ConnectError::Protocol(format!("a second {what} on channel {ch}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Transport::expect`] on any of `channels`: the channel and the method.
+    async fn expect_on(
+        &mut self,
+        channels: std::ops::RangeInclusive<u16>,
+        what: &str,
+        want: impl Fn(&Method) -> bool,
+    ) -> Result<(u16, Method), ConnectError> {
         loop {
             match self.read_frame().await? {
                 Frame::Heartbeat | Frame::Content { .. } => {}
@@ -425,8 +453,10 @@ impl Transport {
                         describe(&c)
                     )));
                 }
-                Frame::Method { channel: ch, method } if ch == channel && want(&method) => {
-                    return Ok(method)
+                Frame::Method { channel: ch, method }
+                    if channels.contains(&ch) && want(&method) =>
+                {
+                    return Ok((ch, method))
                 }
                 Frame::Method { channel: ch, method } => {
                     return Err(ConnectError::Protocol(format!(
@@ -603,16 +633,13 @@ pub(crate) async fn connect(
         methods::channel_open(&mut t.wbuf, ch);
     }
     t.flush().await?;
-    for ch in 1..=last {
-        t.expect(ch, "channel.open-ok", |m| matches!(m, Method::ChannelOpenOk)).await?;
-    }
+    t.expect_each(1..=last, "channel.open-ok", |m| matches!(m, Method::ChannelOpenOk)).await?;
     for ch in 1..=confirm_channels {
         methods::confirm_select(&mut t.wbuf, ch);
     }
     t.flush().await?;
-    for ch in 1..=confirm_channels {
-        t.expect(ch, "confirm.select-ok", |m| matches!(m, Method::ConfirmSelectOk)).await?;
-    }
+    let selected = |m: &Method| matches!(m, Method::ConfirmSelectOk);
+    t.expect_each(1..=confirm_channels, "confirm.select-ok", selected).await?;
     Ok(Link { transport: t, confirm_channels, server })
 }
 
