@@ -72,7 +72,13 @@ struct Listening {
     /// An accept failed (out of descriptors...): tried again at the next tick, as an
     /// edge-triggered socket says nothing more until a new connection comes.
     retry: bool,
+    /// More connections are waiting than one batch ([`ACCEPT_BATCH`]) took: accepted again
+    /// right after the resting connections' events, so a storm does not hold them up.
+    more: bool,
 }
+
+/// Connections accepted in one go before the thread looks at its other events.
+const ACCEPT_BATCH: usize = 512;
 
 /// What the pool spawns to run a resumed item again.
 pub type Resume<T> = fn(T, std::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -218,7 +224,7 @@ impl<T: Send + 'static> IdlePool<T> {
         let mut listeners = lock(&self.inner.listeners);
         let index = listeners.len();
         self.inner.registry.register(&mut socket, Token(LISTENERS - index), Interest::READABLE)?;
-        listeners.push(Some(Listening { socket, accept, retry: false }));
+        listeners.push(Some(Listening { socket, accept, retry: false, more: false }));
         Ok(index)
     }
 
@@ -325,8 +331,13 @@ impl<T: Send + 'static> Inner<T> {
         let _runtime = self.handle.enter();
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
+        let mut more = false;
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let timeout = if more {
+                Duration::ZERO
+            } else {
+                next_tick.saturating_duration_since(Instant::now())
+            };
             if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!(error = %e, "idle connections: epoll failed; retrying");
@@ -345,6 +356,18 @@ impl<T: Send + 'static> Inner<T> {
                     Token(key) => self.resume_key(key, None),
                 }
             }
+            if more {
+                let pending: Vec<usize> = lock(&self.listeners)
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.as_ref().is_some_and(|l| l.more))
+                    .map(|(i, _)| i)
+                    .collect();
+                for index in pending {
+                    self.accept(index);
+                }
+            }
+            more = lock(&self.listeners).iter().flatten().any(|l| l.more);
             let woken = std::mem::take(&mut *lock(&self.woken));
             for slot in woken {
                 self.resume_key(slot.key as usize, Some(&slot));
@@ -398,22 +421,28 @@ impl<T: Send + 'static> Inner<T> {
         lock(&self.woken).clear();
     }
 
-    /// Accepts every connection waiting on listener `index` (the socket is edge-triggered:
-    /// until the queue is empty), handing each to its `accept`.
+    /// Accepts the connections waiting on listener `index`, handing each to its `accept`:
+    /// until the queue is empty (the socket is edge-triggered), or [`ACCEPT_BATCH`] of them
+    /// (then `more` is set, and the thread comes back to it after its other events).
     fn accept(&self, index: usize) {
         let mut listeners = lock(&self.listeners);
         let Some(Some(l)) = listeners.get_mut(index) else { return };
         l.retry = false;
-        loop {
+        l.more = true;
+        for _ in 0..ACCEPT_BATCH {
             match l.socket.accept() {
                 Ok((stream, peer)) => (l.accept)(std::net::TcpStream::from(stream), peer),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    l.more = false;
+                    return;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
                 Err(e) => {
                     // Out of file descriptors and the like: again at the next tick.
                     warn!(error = %e, "accept failed; retrying in {TICK:?}");
                     l.retry = true;
+                    l.more = false;
                     return;
                 }
             }
