@@ -43,7 +43,9 @@
 //! target/release/mqgate-bench --mqtt-addr 127.0.0.1:1883 --exchange amq.topic  # running gateway
 //! target/release/mqgate-bench --mode fanin --messages 100000 --repeat 3
 //! target/release/mqgate-bench --mode bridge --qos 1 --messages 100000 --repeat 3
-//! target/release/mqgate-bench --mode idle --connections 15000   # ulimit -n 20000 first
+//! target/release/mqgate-bench --mode idle --connections 15000 --repeat 6   # ulimit -n 20000 first
+//! MIMALLOC_ALLOW_THP=0 target/release/mqgate-bench --mode idle --repeat 6   # RSS without huge-page steps
+//! target/release/mqgate-bench --mode idle --repeat 4 --credentials bench:secret   # a password user
 //! target/release/mqgate-bench --mode storm --connections 15000  # reconnect storm (storm.rs)
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
@@ -226,6 +228,16 @@ struct Args {
     /// Devices usually have one (a server then keeps a timer per connection).
     #[arg(long, default_value_t = 0)]
     keepalive: u16,
+
+    /// `--mode idle` and `storm`: the clients log in as USER:PASSWORD (both servers get the
+    /// user: mqgate an argon2 hash, Mosquitto its `password_file`); default anonymous.
+    #[arg(long)]
+    credentials: Option<String>,
+
+    /// `--mode idle` and `storm`: mqgate's `mqtt.login_cache_size` (0: every CONNECT
+    /// verifies its argon2 hash, the password's full cost); default mqgate's own.
+    #[arg(long)]
+    login_cache: Option<u32>,
 
     /// Print one JSON document instead of the table.
     #[arg(long)]
@@ -663,8 +675,39 @@ fn mqgate_binary(args: &Args) -> Result<PathBuf> {
     }
 }
 
-/// The gateway `--mode idle` and `--mode storm` spawn: room for `n` connections, no rules.
-async fn connections_gateway(args: &Args, binary: &std::path::Path, n: usize) -> Result<Gateway> {
+/// The login `--mode idle` and `--mode storm` clients use.
+fn connections_login(args: &Args) -> Result<idle::Login> {
+    let credentials = match &args.credentials {
+        None => None,
+        Some(c) => {
+            let (user, password) = c.split_once(':').context("--credentials is USER:PASSWORD")?;
+            Some((user.to_owned(), password.to_owned()))
+        }
+    };
+    Ok(idle::Login { keepalive: args.keepalive, credentials })
+}
+
+/// The gateway `--mode idle` and `--mode storm` spawn: room for `n` connections, no rules;
+/// `login`'s user, if any, and `--login-cache`.
+async fn connections_gateway(
+    args: &Args,
+    binary: &std::path::Path,
+    n: usize,
+    login: &idle::Login,
+) -> Result<Gateway> {
+    let mut extra = String::new();
+    if let Some(size) = args.login_cache {
+        extra.push_str(&format!("  login_cache_size: {size}\n"));
+    }
+    if let Some((user, password)) = &login.credentials {
+        let hash = mqgate::auth::passwd::hash_password(password.as_bytes())
+            .map_err(|e| anyhow!("hash the bench password: {e}"))?;
+        extra.push_str(&format!(
+            "users:\n  - username: {}\n    password_hash: {}\n",
+            stats::json_str(user),
+            stats::json_str(&hash)
+        ));
+    }
     Gateway::start(&GatewaySpec {
         binary,
         amqp_url: &args.amqp_url,
@@ -674,62 +717,124 @@ async fn connections_gateway(args: &Args, binary: &std::path::Path, n: usize) ->
         outbound_queue: 1024,
         ready_timeout: Duration::from_secs(20),
         store: None,
-        extra_mqtt: "",
+        extra_mqtt: &extra,
         bridge_to: None,
     })
     .await
 }
 
-/// `--mode idle`: N idle connections to a spawned mqgate, then to a spawned Mosquitto.
+/// The Mosquitto `--mode idle` and `--mode storm` spawn: anonymous, or with `login`'s user.
+async fn connections_mosquitto(login: &idle::Login) -> Result<mosquitto::Mosquitto> {
+    match &login.credentials {
+        None => mosquitto::Mosquitto::start().await,
+        Some((user, password)) => mosquitto::Mosquitto::start_with_user(user, password).await,
+    }
+}
+
+/// The median of `v` (the upper one of an even count), 0 when empty.
+fn median_of(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// `--mode idle`: N idle connections to a spawned mqgate and to a spawned Mosquitto, fresh
+/// processes each round (`--repeat`; which server goes first alternates), then the
+/// distribution: each round's figures and rate ratio, medians, ranges.
 async fn run_idle(args: &Args) -> Result<bool> {
     let n = args.connections as usize;
     let binary = mqgate_binary(args)?;
+    let login = connections_login(args)?;
+    let who = if login.credentials.is_some() { "a password user" } else { "anonymous" };
     if !args.json {
         println!(
-            "mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive {}) per server",
-            args.keepalive
+            "mqgate-bench idle: {n} idle MQTT 3.1.1 connections (keepalive {}, {who}) per server, {} round(s)",
+            args.keepalive, args.repeat
         );
     }
-    let gw = connections_gateway(args, &binary, n).await?;
-    let pid = gw.pid().context("mqgate not running")?;
-    let mqgate = idle::measure("mqgate", &gw.mqtt_addr, pid, n, args.keepalive).await;
-    let note = gw.stop(Duration::from_secs(10)).await;
-    let mosq = mosquitto::Mosquitto::start().await?;
-    let baseline = idle::measure("mosquitto", &mosq.addr, mosq.pid(), n, args.keepalive).await;
-    drop(mosq);
-    let reports = [mqgate?, baseline?];
+    let (mut mq, mut mo) = (Vec::new(), Vec::new());
+    for round in 0..args.repeat {
+        let mut pair: [Option<idle::IdleReport>; 2] = [None, None];
+        for k in 0..2 {
+            let mqgate_turn = (k + round as usize).is_multiple_of(2);
+            if mqgate_turn {
+                let gw = connections_gateway(args, &binary, n, &login).await?;
+                let pid = gw.pid().context("mqgate not running")?;
+                let r = idle::measure("mqgate", &gw.mqtt_addr, pid, n, &login).await;
+                if let Some(note) = gw.stop(Duration::from_secs(10)).await {
+                    eprintln!("note: {note}");
+                }
+                pair[0] = Some(r?);
+            } else {
+                let mosq = connections_mosquitto(&login).await?;
+                let r = idle::measure("mosquitto", &mosq.addr, mosq.pid(), n, &login).await;
+                drop(mosq);
+                pair[1] = Some(r?);
+            }
+        }
+        let [Some(a), Some(b)] = pair else { bail!("round {round} incomplete") };
+        if !args.json {
+            println!("round {}:", round + 1);
+            println!("  {}", a.text_line());
+            println!("  {}", b.text_line());
+            println!("  rate ratio mqgate/mosquitto {:.2}", a.rate() / b.rate().max(1e-9));
+        }
+        mq.push(a);
+        mo.push(b);
+    }
     if args.json {
-        let runs: Vec<String> = reports.iter().map(idle::IdleReport::json).collect();
+        let runs: Vec<String> = mq.iter().chain(mo.iter()).map(idle::IdleReport::json).collect();
         println!("{{\"idle\":[{}]}}", runs.join(","));
-    } else {
-        for r in &reports {
-            println!("{}", r.text_line());
+        return Ok(true);
+    }
+    let bytes = |v: &[idle::IdleReport]| {
+        v.iter().map(idle::IdleReport::per_connection_bytes).collect::<Vec<_>>()
+    };
+    let range = |v: Vec<f64>| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("median {:.0}, {lo:.0}-{hi:.0}", median_of(v))
+    };
+    let ratios: Vec<f64> = mq.iter().zip(&mo).map(|(a, b)| a.rate() / b.rate().max(1e-9)).collect();
+    println!("B/conn    mqgate {} | mosquitto {}", range(bytes(&mq)), range(bytes(&mo)));
+    println!(
+        "conn/s    mqgate {} | mosquitto {}",
+        range(mq.iter().map(idle::IdleReport::rate).collect()),
+        range(mo.iter().map(idle::IdleReport::rate).collect())
+    );
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(0.0, f64::max);
+    println!("rate ratio median {:.2}, {lo:.2}-{hi:.2}", median_of(ratios.clone()));
+    println!(
+        "server CPU us/conn  mqgate {} | mosquitto {}",
+        range(mq.iter().map(idle::IdleReport::cpu_us).collect()),
+        range(mo.iter().map(idle::IdleReport::cpu_us).collect())
+    );
+    Ok(true)
+}
+
+/// `--mode storm`: a reconnect storm against a spawned mqgate, then a spawned Mosquitto
+/// (`--repeat` rounds, fresh processes each).
+async fn run_storm(args: &Args) -> Result<bool> {
+    let n = args.connections as usize;
+    let binary = mqgate_binary(args)?;
+    let login = connections_login(args)?;
+    println!(
+        "mqgate-bench storm: {n} MQTT 3.1.1 connections at once per server, 4 QoS 1 publishers"
+    );
+    for round in 0..args.repeat {
+        let gw = connections_gateway(args, &binary, n, &login).await?;
+        let mqgate = storm::measure("mqgate", &gw.mqtt_addr, n, &login).await;
+        let note = gw.stop(Duration::from_secs(10)).await;
+        let mosq = connections_mosquitto(&login).await?;
+        let baseline = storm::measure("mosquitto", &mosq.addr, n, &login).await;
+        drop(mosq);
+        println!("round {}:", round + 1);
+        for r in [mqgate?, baseline?] {
+            println!("  {}", r.text_line());
         }
         if let Some(note) = note {
             println!("note: {note}");
         }
-    }
-    Ok(true)
-}
-
-/// `--mode storm`: a reconnect storm against a spawned mqgate, then a spawned Mosquitto.
-async fn run_storm(args: &Args) -> Result<bool> {
-    let n = args.connections as usize;
-    let binary = mqgate_binary(args)?;
-    println!(
-        "mqgate-bench storm: {n} MQTT 3.1.1 connections at once per server, 4 QoS 1 publishers"
-    );
-    let gw = connections_gateway(args, &binary, n).await?;
-    let mqgate = storm::measure("mqgate", &gw.mqtt_addr, n).await;
-    let note = gw.stop(Duration::from_secs(10)).await;
-    let mosq = mosquitto::Mosquitto::start().await?;
-    let baseline = storm::measure("mosquitto", &mosq.addr, n).await;
-    drop(mosq);
-    for r in [mqgate?, baseline?] {
-        println!("{}", r.text_line());
-    }
-    if let Some(note) = note {
-        println!("note: {note}");
     }
     Ok(true)
 }

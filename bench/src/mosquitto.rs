@@ -23,6 +23,33 @@ impl Mosquitto {
         Mosquitto::spawn(&["-p".into(), port.to_string()], port).await
     }
 
+    /// Starts Mosquitto on a free loopback port with one user (`password_file`, made with
+    /// `mosquitto_passwd`) and no anonymous clients; its files go to a temp directory.
+    pub async fn start_with_user(user: &str, password: &str) -> Result<Mosquitto> {
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("mqgate-bench-mosq-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let passwd = dir.join("passwd");
+        let status = Command::new("mosquitto_passwd")
+            .arg("-c")
+            .arg("-b")
+            .arg(&passwd)
+            .arg(user)
+            .arg(password)
+            .stdout(Stdio::null())
+            .status()
+            .context("run mosquitto_passwd")?;
+        if !status.success() {
+            bail!("mosquitto_passwd failed: {status}");
+        }
+        let conf = dir.join("mosquitto.conf");
+        let text =
+            format!("listener {port}\nallow_anonymous false\npassword_file {}\n", passwd.display());
+        std::fs::write(&conf, text).with_context(|| format!("write {}", conf.display()))?;
+        Mosquitto::start_conf(&conf, port).await
+    }
+
     /// Starts `mosquitto -c CONF` (the TLS bench's listeners), waiting until `port` accepts.
     pub async fn start_conf(conf: &std::path::Path, port: u16) -> Result<Mosquitto> {
         Mosquitto::spawn(&["-c".into(), conf.display().to_string()], port).await

@@ -15,6 +15,8 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::idle::{encode_connect, Login, Sources};
+
 /// Clients publishing during the storm.
 const STEADY: usize = 4;
 /// Connections being opened at once.
@@ -51,18 +53,16 @@ impl StormReport {
     }
 }
 
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let len = 10 + 2 + client_id.len();
-    let mut out = vec![0x10, len as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
-    out.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-    out.extend_from_slice(client_id.as_bytes());
-    out
-}
-
-async fn open(addr: &str, client_id: &str) -> Result<TcpStream> {
-    let mut s = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
+async fn open(
+    addr: &str,
+    from: Sources,
+    i: usize,
+    client_id: &str,
+    login: &Login,
+) -> Result<TcpStream> {
+    let mut s = from.connect(addr, i).await?;
     s.set_nodelay(true)?;
-    s.write_all(&connect_packet(client_id)).await.context("send CONNECT")?;
+    s.write_all(&encode_connect(client_id, login)).await.context("send CONNECT")?;
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).await.context("read CONNACK")?;
     if connack[0] >> 4 != 2 || connack[3] != 0 {
@@ -106,13 +106,20 @@ async fn steady(
 }
 
 /// The storm against one server at `addr`.
-pub async fn measure(server: &'static str, addr: &str, n: usize) -> Result<StormReport> {
+pub async fn measure(
+    server: &'static str,
+    addr: &str,
+    n: usize,
+    login: &Login,
+) -> Result<StormReport> {
     let tag = std::process::id();
+    let from = Sources::new();
+    let login = Arc::new(login.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let storming = Arc::new(AtomicBool::new(false));
     let mut steady_set = JoinSet::new();
     for i in 0..STEADY {
-        let s = open(addr, &format!("storm-steady-{tag}-{i}")).await?;
+        let s = open(addr, from, n + i, &format!("storm-steady-{tag}-{i}"), &login).await?;
         steady_set.spawn(steady(s, Arc::clone(&storming), Arc::clone(&stop)));
     }
     // Let the steady clients settle before the storm.
@@ -127,8 +134,9 @@ pub async fn measure(server: &'static str, addr: &str, n: usize) -> Result<Storm
         for i in 0..n {
             let permit = Arc::clone(&permits).acquire_owned().await?;
             let addr = addr.to_owned();
+            let login = Arc::clone(&login);
             set.spawn(async move {
-                let r = open(&addr, &format!("storm-{tag}-{i}")).await;
+                let r = open(&addr, from, i, &format!("storm-{tag}-{i}"), &login).await;
                 drop(permit);
                 r
             });

@@ -445,6 +445,14 @@ struct Entry {
     parked: Option<Box<Parked>>,
 }
 
+/// The bytes one connected client id's slot in the registry's map takes (its key and entry;
+/// the map keeps up to twice as many slots as entries), for the resting connection's budget
+/// test (`mqtt/session/rest.rs`).
+#[cfg(test)]
+pub(crate) fn registry_slot_bytes() -> usize {
+    std::mem::size_of::<(Arc<str>, Entry)>()
+}
+
 /// What [`SessionStore::take`] found.
 #[derive(Debug)]
 pub enum Taken {

@@ -69,7 +69,7 @@ pub enum QueueError {
     },
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S> Connection<S> {
     /// Wraps a freshly accepted socket.
     pub fn new(stream: S, max_packet_size: usize) -> Self {
         Connection {
@@ -111,6 +111,113 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         self.client_max_packet_size
     }
 
+    /// Decodes the next complete packet already in the buffer, if any.
+    pub fn decode(&mut self) -> Result<Option<Packet>, DecodeError> {
+        if self.rbuf.is_empty() {
+            return Ok(None);
+        }
+        let cap = match self.user_property_cap {
+            u16::MAX => usize::MAX,
+            cap => usize::from(cap),
+        };
+        codec::decode_capped(&mut self.rbuf, self.version, self.max_packet_size as usize, cap)
+    }
+
+    /// Decodes at most `max` user properties per property list (and one more, so that the
+    /// caller sees a list is over its limit); the rest are stepped over. `u16::MAX`: no limit.
+    pub fn cap_user_properties(&mut self, max: u16) {
+        self.user_property_cap = max;
+    }
+
+    /// True when undecoded bytes are buffered.
+    pub fn has_buffered_input(&self) -> bool {
+        !self.rbuf.is_empty()
+    }
+
+    /// How many undecoded bytes are buffered (a decode's difference is its packet's size).
+    pub fn buffered_input(&self) -> usize {
+        self.rbuf.len()
+    }
+
+    /// Encodes `packet` into the write buffer (nothing is sent until [`flush`](Self::flush)).
+    pub fn queue(&mut self, packet: &Packet) -> Result<(), QueueError> {
+        let version = self.version.unwrap_or(ProtocolVersion::V311);
+        let before = self.wbuf.len();
+        let size = codec::encode(packet, version, &mut self.wbuf)?;
+        if size as u64 > u64::from(self.client_max_packet_size) {
+            self.wbuf.truncate(before);
+            return Err(QueueError::TooLargeForClient { size, max: self.client_max_packet_size });
+        }
+        Ok(())
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending_write_bytes(&self) -> usize {
+        self.wbuf.len()
+    }
+
+    /// True when queued bytes wait to be written.
+    pub fn has_pending_writes(&self) -> bool {
+        !self.wbuf.is_empty()
+    }
+
+    /// The same connection (buffers, version, limits) on another stream: a socket accepted
+    /// outside tokio's reactor (`session::start_direct`) that needs a task after all.
+    pub fn map_stream<T>(self, f: impl FnOnce(S) -> io::Result<T>) -> io::Result<Connection<T>> {
+        Ok(Connection {
+            stream: f(self.stream)?,
+            rbuf: self.rbuf,
+            wbuf: self.wbuf,
+            version: self.version,
+            max_packet_size: self.max_packet_size,
+            client_max_packet_size: self.client_max_packet_size,
+            read_size: self.read_size,
+            user_property_cap: self.user_property_cap,
+        })
+    }
+}
+
+/// A socket accepted outside tokio's reactor (`session::start_direct`): the CONNECT is read
+/// and the CONNACK written with plain non-blocking calls, so a connection that goes quiet at
+/// once never registers with tokio.
+impl Connection<std::net::TcpStream> {
+    /// One non-blocking read into the read buffer: `Ok(None)` when nothing is there yet,
+    /// `Ok(Some(0))` on a close.
+    pub fn read_direct(&mut self) -> io::Result<Option<usize>> {
+        use std::io::Read;
+        let mut stack = [0u8; READ_MIN];
+        match (&self.stream).read(&mut stack) {
+            Ok(n) => {
+                self.rbuf.extend_from_slice(&stack[..n]);
+                Ok(Some(n))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes what is queued without waiting: `Ok(true)` when all of it went (a fresh
+    /// socket's send buffer is empty, so a CONNACK does), `Ok(false)` when some is left for
+    /// a task to write.
+    pub fn write_direct(&mut self) -> io::Result<bool> {
+        use std::io::Write;
+        while !self.wbuf.is_empty() {
+            match (&self.stream).write(&self.wbuf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.wbuf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Nothing kept: a connection that rests holds no buffer.
+        self.wbuf = BytesMut::new();
+        Ok(true)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
     /// Reads more bytes from the socket. `Ok(false)` on a clean close between packets; an
     /// `UnexpectedEof` error when the peer closed in the middle of one. Cancel-safe.
     pub async fn fill(&mut self) -> io::Result<bool> {
@@ -163,56 +270,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             )));
         }
         Poll::Ready(Ok(true))
-    }
-
-    /// Decodes the next complete packet already in the buffer, if any.
-    pub fn decode(&mut self) -> Result<Option<Packet>, DecodeError> {
-        if self.rbuf.is_empty() {
-            return Ok(None);
-        }
-        let cap = match self.user_property_cap {
-            u16::MAX => usize::MAX,
-            cap => usize::from(cap),
-        };
-        codec::decode_capped(&mut self.rbuf, self.version, self.max_packet_size as usize, cap)
-    }
-
-    /// Decodes at most `max` user properties per property list (and one more, so that the
-    /// caller sees a list is over its limit); the rest are stepped over. `u16::MAX`: no limit.
-    pub fn cap_user_properties(&mut self, max: u16) {
-        self.user_property_cap = max;
-    }
-
-    /// True when undecoded bytes are buffered.
-    pub fn has_buffered_input(&self) -> bool {
-        !self.rbuf.is_empty()
-    }
-
-    /// How many undecoded bytes are buffered (a decode's difference is its packet's size).
-    pub fn buffered_input(&self) -> usize {
-        self.rbuf.len()
-    }
-
-    /// Encodes `packet` into the write buffer (nothing is sent until [`flush`](Self::flush)).
-    pub fn queue(&mut self, packet: &Packet) -> Result<(), QueueError> {
-        let version = self.version.unwrap_or(ProtocolVersion::V311);
-        let before = self.wbuf.len();
-        let size = codec::encode(packet, version, &mut self.wbuf)?;
-        if size as u64 > u64::from(self.client_max_packet_size) {
-            self.wbuf.truncate(before);
-            return Err(QueueError::TooLargeForClient { size, max: self.client_max_packet_size });
-        }
-        Ok(())
-    }
-
-    /// Bytes queued and not yet written.
-    pub fn pending_write_bytes(&self) -> usize {
-        self.wbuf.len()
-    }
-
-    /// True when queued bytes wait to be written.
-    pub fn has_pending_writes(&self) -> bool {
-        !self.wbuf.is_empty()
     }
 
     /// Writes everything queued. Used after [`write_now`](Self::write_now) found the socket

@@ -8,6 +8,11 @@
 //! (kernel memory, not ours) and its state is one small allocation (the `T` the session
 //! makes of itself, see `session/rest.rs`) that doubles as its waker.
 //!
+//! The pool's thread also accepts the connections of the listeners handed to it
+//! ([`IdlePool::listen`]: plain TCP), handing each to the listener's `Accept` (the direct
+//! handshake, `session/direct.rs`), so that a connection which is quiet after its CONNACK
+//! goes from the listening socket to this epoll set without a task or a tokio registration.
+//!
 //! One thread per pool waits on the epoll set (`mio::Poll`) with a coarse tick
 //! ([`TICK`]). Each resting item is a [`Slot`] in a slab, its key the epoll token. It is
 //! resumed (taken out of the slab, its socket deregistered, the `resume` function's future
@@ -53,6 +58,28 @@ pub const TICK: Duration = Duration::from_millis(500);
 /// The epoll token of the pool's own waker.
 const WAKE: Token = Token(usize::MAX);
 
+/// Listening sockets' epoll tokens count down from here (slots count up from 0).
+const LISTENERS: usize = usize::MAX - 1;
+
+/// What a listener the pool accepts for does with each connection (non-blocking, registered
+/// nowhere), on the pool's thread.
+pub type Accept = Box<dyn FnMut(std::net::TcpStream, std::net::SocketAddr) + Send>;
+
+/// A listening socket the pool's thread accepts from ([`IdlePool::listen`]).
+struct Listening {
+    socket: mio::net::TcpListener,
+    accept: Accept,
+    /// An accept failed (out of descriptors...): tried again at the next tick, as an
+    /// edge-triggered socket says nothing more until a new connection comes.
+    retry: bool,
+    /// More connections are waiting than one batch ([`ACCEPT_BATCH`]) took: accepted again
+    /// right after the resting connections' events, so a storm does not hold them up.
+    more: bool,
+}
+
+/// Connections accepted in one go before the thread looks at its other events.
+const ACCEPT_BATCH: usize = 512;
+
 /// What the pool spawns to run a resumed item again.
 pub type Resume<T> = fn(T, std::net::TcpStream) -> Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -85,6 +112,8 @@ struct Inner<T: Send + 'static> {
     gauge: Gauge,
     /// Deadlines are kept as milliseconds since this.
     start: Instant,
+    /// Listening sockets by token (`LISTENERS - index`), `None` once given back.
+    listeners: Mutex<Vec<Option<Listening>>>,
 }
 
 struct State<T: Send + 'static> {
@@ -159,6 +188,7 @@ impl<T: Send + 'static> IdlePool<T> {
             resume,
             gauge,
             start: Instant::now(),
+            listeners: Mutex::new(Vec::new()),
         });
         let thread = Arc::clone(&inner);
         std::thread::Builder::new().name("mqgate-idle".into()).spawn(move || thread.run(poll))?;
@@ -183,6 +213,29 @@ impl<T: Send + 'static> IdlePool<T> {
     /// Whether no item rests.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Accepts connections from `socket` on the pool's thread, handing each to `accept`
+    /// there (inside the runtime the pool was started from, so it may spawn tasks): one
+    /// thread waits for new connections and resting ones alike, as Mosquitto's does, and a
+    /// connection that rests at once never wakes a worker of the runtime. Returns the
+    /// listener's number for [`unlisten`](Self::unlisten).
+    pub fn listen(&self, mut socket: mio::net::TcpListener, accept: Accept) -> io::Result<usize> {
+        let mut listeners = lock(&self.inner.listeners);
+        let index = listeners.len();
+        self.inner.registry.register(&mut socket, Token(LISTENERS - index), Interest::READABLE)?;
+        listeners.push(Some(Listening { socket, accept, retry: false, more: false }));
+        Ok(index)
+    }
+
+    /// Stops accepting from listener `index` and closes its socket (shutdown).
+    pub fn unlisten(&self, index: usize) {
+        let taken = lock(&self.inner.listeners).get_mut(index).and_then(Option::take);
+        if let Some(mut l) = taken {
+            if let Err(e) = self.inner.registry.deregister(&mut l.socket) {
+                debug!(error = %e, "cannot deregister a listening socket");
+            }
+        }
     }
 
     /// Sets `item` aside with its socket until the socket is readable, its waker is woken or
@@ -274,10 +327,17 @@ impl<T: Send + 'static> Drop for IdlePool<T> {
 impl<T: Send + 'static> Inner<T> {
     /// The thread: waits for sockets, wakers and the tick; resumes what is due.
     fn run(self: Arc<Self>, mut poll: Poll) {
+        // Accepted connections may spawn tasks and start timers (`IdlePool::listen`).
+        let _runtime = self.handle.enter();
         let mut events = Events::with_capacity(1024);
         let mut next_tick = Instant::now() + TICK;
+        let mut more = false;
         loop {
-            let timeout = next_tick.saturating_duration_since(Instant::now());
+            let timeout = if more {
+                Duration::ZERO
+            } else {
+                next_tick.saturating_duration_since(Instant::now())
+            };
             if let Err(e) = poll.poll(&mut events, Some(timeout)) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     warn!(error = %e, "idle connections: epoll failed; retrying");
@@ -289,10 +349,25 @@ impl<T: Send + 'static> Inner<T> {
                 break;
             }
             for event in &events {
-                if event.token() != WAKE {
-                    self.resume_key(event.token().0, None);
+                match event.token() {
+                    WAKE => {}
+                    // Slot keys are `u32`s: anything above is a listener.
+                    Token(t) if t > u32::MAX as usize => self.accept(LISTENERS - t),
+                    Token(key) => self.resume_key(key, None),
                 }
             }
+            if more {
+                let pending: Vec<usize> = lock(&self.listeners)
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.as_ref().is_some_and(|l| l.more))
+                    .map(|(i, _)| i)
+                    .collect();
+                for index in pending {
+                    self.accept(index);
+                }
+            }
+            more = lock(&self.listeners).iter().flatten().any(|l| l.more);
             let woken = std::mem::take(&mut *lock(&self.woken));
             for slot in woken {
                 self.resume_key(slot.key as usize, Some(&slot));
@@ -301,6 +376,15 @@ impl<T: Send + 'static> Inner<T> {
             if now >= next_tick {
                 next_tick = now + TICK;
                 self.epoch.fetch_add(1, Ordering::Relaxed);
+                let retry: Vec<usize> = lock(&self.listeners)
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.as_ref().is_some_and(|l| l.retry))
+                    .map(|(i, _)| i)
+                    .collect();
+                for index in retry {
+                    self.accept(index);
+                }
                 for waker in std::mem::take(&mut *lock(&self.checks)) {
                     waker.wake();
                 }
@@ -332,8 +416,37 @@ impl<T: Send + 'static> Inner<T> {
             drop(taken);
         }
         lock(&self.state).token = None;
+        lock(&self.listeners).clear();
         lock(&self.checks).clear();
         lock(&self.woken).clear();
+    }
+
+    /// Accepts the connections waiting on listener `index`, handing each to its `accept`:
+    /// until the queue is empty (the socket is edge-triggered), or [`ACCEPT_BATCH`] of them
+    /// (then `more` is set, and the thread comes back to it after its other events).
+    fn accept(&self, index: usize) {
+        let mut listeners = lock(&self.listeners);
+        let Some(Some(l)) = listeners.get_mut(index) else { return };
+        l.retry = false;
+        l.more = true;
+        for _ in 0..ACCEPT_BATCH {
+            match l.socket.accept() {
+                Ok((stream, peer)) => (l.accept)(std::net::TcpStream::from(stream), peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    l.more = false;
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    // Out of file descriptors and the like: again at the next tick.
+                    warn!(error = %e, "accept failed; retrying in {TICK:?}");
+                    l.retry = true;
+                    l.more = false;
+                    return;
+                }
+            }
+        }
     }
 
     /// Resumes the item under `key` (only if it is `expected`, when given).

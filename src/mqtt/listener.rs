@@ -1,18 +1,21 @@
 //! The MQTT accept loops: one per listener (`listeners::bind`), all under one connection cap,
-//! spawning one session task per client, and waiting for them to finish on shutdown. A
-//! connection's errors end in its own task, never here.
+//! and waiting for the sessions to finish on shutdown. A plain-TCP listener is accepted from
+//! by the idle pool's thread (the direct handshake, `session/direct.rs`); the others spawn
+//! one session task per client. A connection's errors end in its own task (or in the direct
+//! handshake), never here.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::idle::IdlePool;
+use super::idle::{Accept, IdlePool};
 use super::session::{self, Resting, SessionShared};
 use crate::listeners::{self, Listener};
 
@@ -44,7 +47,8 @@ pub async fn run(listeners: Vec<Listener>, shared: Arc<SessionShared>, max_conne
     }
     let limits = &shared.limits;
     let rate =
-        ConnectRate::new(limits.max_connect_rate_per_address, limits.connect_burst_per_address);
+        ConnectRate::new(limits.max_connect_rate_per_address, limits.connect_burst_per_address)
+            .map(Arc::new);
     let rate = rate.as_ref();
     let loops = listeners.into_iter().map(|l| accept_loop(l, &shared, &limit, &tasks, rate));
     futures::future::join_all(loops).await;
@@ -93,28 +97,94 @@ impl Drop for ConnSlot {
     }
 }
 
-/// One listener's accept loop.
+/// What every accepted connection goes through before its session, whichever thread
+/// accepted it: the connect rate per address, the connection cap and the counters.
+struct Admission {
+    shared: Arc<SessionShared>,
+    limit: Arc<ConnLimit>,
+    /// `mqtt.max_connect_rate_per_address` (not behind a PROXY header: the address would be
+    /// the proxy's).
+    rate: Option<Arc<ConnectRate>>,
+    accepted_total: Counter,
+    rejected_rate: Counter,
+    label: Arc<str>,
+}
+
+impl Admission {
+    /// The connection's place, or `None` when it must be closed (rate, cap).
+    fn admit(&self, peer: SocketAddr) -> Option<ConnSlot> {
+        if self.rate.as_ref().is_some_and(|r| !r.allow(peer.ip())) {
+            self.rejected_rate.inc();
+            debug!(%peer, listener = %self.label, "connection closed: mqtt.max_connect_rate_per_address");
+            return None;
+        }
+        let Some(slot) = ConnSlot::take(&self.limit) else {
+            self.shared.metrics.connections_refused.inc();
+            warn!(%peer, listener = %self.label, "connection refused: mqtt.max_connections reached");
+            return None;
+        };
+        self.accepted_total.inc();
+        self.shared.metrics.connections_total.inc();
+        Some(slot)
+    }
+}
+
+/// One listener's accept loop. A plain-TCP listener's socket goes to the idle pool's thread,
+/// which accepts from it and answers each new connection's handshake there
+/// (`session::start_direct`): a connection that is quiet after its CONNACK rests at once,
+/// registered with one epoll set only, the pool's, and no worker of the runtime is woken for
+/// it. Other listeners (TLS, WebSocket, PROXY protocol), or every listener without a pool,
+/// accept here, one task per connection.
 async fn accept_loop(
     listener: Listener,
     shared: &Arc<SessionShared>,
     limit: &Arc<ConnLimit>,
     tasks: &TaskTracker,
-    rate: Option<&ConnectRate>,
+    rate: Option<&Arc<ConnectRate>>,
 ) {
     let Listener { tcp: socket, prelude } = listener;
-    let accepted_total = shared
-        .metrics
-        .listeners
-        .accepted
-        .get_or_create(&listeners::ListenerLabels { listener: prelude.label.to_string() })
-        .clone();
-    let rejected_rate = shared
-        .metrics
-        .connections_rejected
-        .get_or_create(&crate::metrics::ReasonLabels { reason: "connect_rate".into() })
-        .clone();
-    // Behind a PROXY protocol header the accepted address is the proxy's: not limited here.
-    let rate = rate.filter(|_| !prelude.proxy_protocol);
+    let admission = Arc::new(Admission {
+        shared: Arc::clone(shared),
+        limit: Arc::clone(limit),
+        rate: rate.filter(|_| !prelude.proxy_protocol).cloned(),
+        accepted_total: shared
+            .metrics
+            .listeners
+            .accepted
+            .get_or_create(&listeners::ListenerLabels { listener: prelude.label.to_string() })
+            .clone(),
+        rejected_rate: shared
+            .metrics
+            .connections_rejected
+            .get_or_create(&crate::metrics::ReasonLabels { reason: "connect_rate".into() })
+            .clone(),
+        label: Arc::clone(&prelude.label),
+    });
+    if let (true, Some(pool)) = (prelude.is_direct(), shared.idle.get()) {
+        let listening = socket.into_std().and_then(|std| {
+            std.set_nonblocking(true)?;
+            let tasks = tasks.clone();
+            let admission = Arc::clone(&admission);
+            let accept: Accept = Box::new(move |stream, peer| {
+                let Some(slot) = admission.admit(peer) else { return };
+                if let Err(e) = stream.set_nodelay(true) {
+                    debug!(%peer, error = %e, "set_nodelay failed");
+                }
+                session::start_direct(stream, peer, Arc::clone(&admission.shared), slot, &tasks);
+            });
+            pool.listen(mio::net::TcpListener::from_std(std), accept)
+        });
+        match listening {
+            Ok(index) => {
+                shared.shutdown.cancelled().await;
+                pool.unlisten(index);
+            }
+            Err(e) => {
+                error!(listener = %prelude.label, error = %e, "cannot accept on this listener");
+            }
+        }
+        return;
+    }
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -134,24 +204,11 @@ async fn accept_loop(
                 continue;
             }
         };
-        if rate.is_some_and(|r| !r.allow(peer.ip())) {
-            rejected_rate.inc();
-            debug!(%peer, listener = %prelude.label, "connection closed: mqtt.max_connect_rate_per_address");
-            drop(stream);
-            continue;
-        }
-        let Some(slot) = ConnSlot::take(limit) else {
-            shared.metrics.connections_refused.inc();
-            warn!(%peer, listener = %prelude.label, "connection refused: mqtt.max_connections reached");
-            drop(stream);
-            continue;
-        };
+        let Some(slot) = admission.admit(peer) else { continue };
         if let Err(e) = stream.set_nodelay(true) {
             debug!(%peer, error = %e, "set_nodelay failed");
         }
-        accepted_total.inc();
         let shared = Arc::clone(shared);
-        shared.metrics.connections_total.inc();
         if prelude.is_direct() {
             // The session's future is made here and moved in: made inside the task, the
             // socket and address it starts from would keep their own space in the task for

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::support::*;
-use mqgate::mqtt::codec::{Packet, ProtocolVersion, ReasonCode};
+use mqgate::mqtt::codec::{Packet, Properties, ProtocolVersion, ReasonCode};
 
 const NO_RULES: &str = "mqtt:\n  listen: \"127.0.0.1:0\"\nadmin:\n  listen: \"127.0.0.1:0\"\n";
 
@@ -132,5 +132,150 @@ async fn resting_connections_get_deliveries_packets_takeovers_and_keepalive() {
     }
     let waited = silent.elapsed();
     assert!(waited >= Duration::from_millis(1400), "closed {waited:?} into the silence");
+    app.stop().await;
+}
+
+/// The encoded bytes of `p` (to send several packets, or part of one, in one write).
+fn wire(p: &Packet, version: ProtocolVersion) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    mqgate::mqtt::codec::encode(p, version, &mut out).expect("encode");
+    out.to_vec()
+}
+
+/// Expects a successful CONNACK next.
+async fn expect_connack(c: &mut RawClient) {
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert!(a.code.is_success(), "CONNACK refused: {a:?}"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+/// The direct handshake (`session/direct.rs`) reads the CONNECT the accept loop finds; a
+/// client whose CONNECT comes late, or in pieces, is served by a task reading the rest, and
+/// rests afterwards like the others. One whose CONNECT is followed in the same segment by a
+/// PUBLISH gets its CONNACK and then its PUBACK (in that order, nothing lost).
+#[tokio::test]
+async fn a_connect_late_in_pieces_or_with_a_publish_behind_it_is_answered() {
+    use mqgate::mqtt::codec::QoS;
+    let app = gateway(NO_RULES).await;
+    let addr = app.mqtt_addr;
+    // Late: nothing for 300 ms after the TCP handshake.
+    let mut late = RawClient::tcp(addr, ProtocolVersion::V311).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late.send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V311, "late")))).await;
+    expect_connack(&mut late).await;
+    // In pieces: the fixed header and 3 bytes, then the rest 200 ms later.
+    let bytes = wire(
+        &Packet::Connect(Box::new(connect_packet(ProtocolVersion::V5, "pieces"))),
+        ProtocolVersion::V5,
+    );
+    let mut pieces = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    pieces.send_raw(&bytes[..5]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    pieces.send_raw(&bytes[5..]).await;
+    expect_connack(&mut pieces).await;
+    until_resting(&app, 2).await;
+    // A PUBLISH (QoS 1) right behind the CONNECT, in one write.
+    let mut eager = RawClient::tcp(addr, ProtocolVersion::V311).await;
+    let mut both = wire(
+        &Packet::Connect(Box::new(connect_packet(ProtocolVersion::V311, "eager"))),
+        ProtocolVersion::V311,
+    );
+    both.extend(wire(
+        &Packet::Publish(publish_packet("eager/t", QoS::AtLeastOnce, 7, b"behind the connect")),
+        ProtocolVersion::V311,
+    ));
+    eager.send_raw(&both).await;
+    expect_connack(&mut eager).await;
+    match eager.recv().await {
+        Some(Packet::PubAck(a)) => assert_eq!(a.packet_id, 7),
+        other => panic!("expected PUBACK 7, got {other:?}"),
+    }
+    // All three rest, and still answer at once.
+    until_resting(&app, 3).await;
+    for c in [&mut late, &mut pieces, &mut eager] {
+        c.send(&Packet::PingReq).await;
+        assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+    }
+    app.stop().await;
+}
+
+/// A client with a will that went straight to rest from its handshake: its will is published
+/// when its connection drops, not when it closes with DISCONNECT.
+#[tokio::test]
+async fn a_resting_clients_will_is_published_when_its_connection_drops() {
+    use mqgate::mqtt::codec::{LastWill, QoS};
+    let app = gateway(NO_RULES).await;
+    let addr = app.mqtt_addr;
+    let mut sub = RawClient::connect(addr, ProtocolVersion::V311, "will-sub").await;
+    sub.subscribe("will/#", QoS::AtMostOnce).await;
+    let with_will = |id: &str| {
+        let mut c = connect_packet(ProtocolVersion::V311, id);
+        c.will = Some(LastWill {
+            topic: format!("will/{id}"),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        Packet::Connect(Box::new(c))
+    };
+    let mut polite = RawClient::tcp(addr, ProtocolVersion::V311).await;
+    polite.send(&with_will("polite")).await;
+    expect_connack(&mut polite).await;
+    let mut dropped = RawClient::tcp(addr, ProtocolVersion::V311).await;
+    dropped.send(&with_will("dropped")).await;
+    expect_connack(&mut dropped).await;
+    until_resting(&app, 3).await;
+    polite.send(&Packet::Disconnect(Box::default())).await;
+    assert!(polite.recv().await.is_none(), "closed after DISCONNECT");
+    drop(dropped);
+    let p = expect_publish(&mut sub).await;
+    assert_eq!(p.topic, "will/dropped", "only the dropped client's will");
+    assert_eq!(&p.payload[..], b"gone");
+    expect_silence(&mut sub, Duration::from_millis(300)).await;
+    app.stop().await;
+}
+
+/// A password user: the first CONNECT verifies the argon2 hash off the async workers (the
+/// handshake waits in a task), the next ones hit the login cache and are answered in the
+/// accept loop; a wrong password is refused either way, and a takeover of a resting
+/// client id waits for the old connection to park its session.
+#[tokio::test]
+async fn password_users_and_takeovers_go_through_the_handshake_that_waits() {
+    let phc = mqgate::auth::passwd::hash_password(b"secret").expect("hash");
+    let yaml = format!(
+        "mqtt:\n  listen: \"127.0.0.1:0\"\n  login_failures_before_backoff: 0\nadmin:\n  listen: \"127.0.0.1:0\"\nusers:\n  - username: dev\n    password_hash: \"{phc}\"\n"
+    );
+    let app = gateway(&yaml).await;
+    let addr = app.mqtt_addr;
+    let login = |id: &str, password: &[u8]| {
+        let mut c = connect_packet(ProtocolVersion::V5, id);
+        c.username = Some("dev".into());
+        c.password = Some(bytes::Bytes::copy_from_slice(password));
+        Packet::Connect(Box::new(c))
+    };
+    let mut first = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    first.send(&login("pw-1", b"secret")).await;
+    expect_connack(&mut first).await;
+    let mut second = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    second.send(&login("pw-2", b"secret")).await;
+    expect_connack(&mut second).await;
+    let mut wrong = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    wrong.send(&login("pw-3", b"guess")).await;
+    match wrong.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ReasonCode::BAD_USER_NAME_OR_PASSWORD),
+        other => panic!("expected CONNACK 0x86, got {other:?}"),
+    }
+    assert!(wrong.recv().await.is_none(), "a refused client is closed");
+    until_resting(&app, 2).await;
+    // Taking `pw-1` over while it rests.
+    let mut taker = RawClient::tcp(addr, ProtocolVersion::V5).await;
+    taker.send(&login("pw-1", b"secret")).await;
+    expect_disconnect(&mut first, ReasonCode::SESSION_TAKEN_OVER).await;
+    expect_connack(&mut taker).await;
+    until_resting(&app, 2).await;
+    taker.send(&Packet::PingReq).await;
+    assert!(matches!(taker.recv().await, Some(Packet::PingResp)));
     app.stop().await;
 }

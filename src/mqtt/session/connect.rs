@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::SessionShared;
@@ -63,9 +62,6 @@ where
     S: crate::listeners::Transport,
 {
     let deadline = tokio::time::Instant::now() + shared.limits.connect_timeout;
-    // The users and ACL this CONNECT is checked against (a reload after this is seen by the
-    // session at its first packet).
-    let live = shared.live.load();
     let connect = loop {
         match conn.decode() {
             Ok(Some(Packet::Connect(c))) => break c,
@@ -94,11 +90,30 @@ where
             () = shared.shutdown.cancelled() => return Ok(None),
         }
     };
+    // A verified client certificate's name (`tls.identity`) is the user name: no password.
+    let cert_user: Option<Arc<str>> = conn.stream().certificate_user().map(Arc::from);
+    Ok(admit(conn, shared, peer, connect, cert_user, deadline).await)
+}
+
+/// The handshake once the CONNECT is read: everything but reading it. It touches the
+/// connection only to queue the CONNACK, so it also runs on a socket that tokio does not know
+/// (`session::start_direct`, which polls it once on the idle pool's thread: with no password to
+/// verify, no takeover to wait for and no cluster, it completes in that one poll). `None`:
+/// the connection must close (a refusal may be queued).
+pub(super) async fn admit<S>(
+    conn: &mut Connection<S>,
+    shared: &SessionShared,
+    peer: std::net::SocketAddr,
+    connect: Box<Connect>,
+    cert_user: Option<Arc<str>>,
+    deadline: tokio::time::Instant,
+) -> Option<Connected> {
+    // The users and ACL this CONNECT is checked against (a reload after this is seen by the
+    // session at its first packet).
+    let live = shared.live.load();
     let version = connect.protocol;
     let client_max_packet = connect.properties.maximum_packet_size;
     conn.set_version(version, client_max_packet);
-    // A verified client certificate's name (`tls.identity`) is the user name: no password.
-    let cert_user: Option<Arc<str>> = conn.stream().certificate_user().map(Arc::from);
     let accepted = match (accept(&connect, shared), &cert_user) {
         (Ok(accepted), Some(user)) => certificate_login(&connect, user, shared).map(|()| accepted),
         (Ok(accepted), None) => {
@@ -110,7 +125,7 @@ where
         Ok(accepted) => accepted,
         Err((code, reason)) => {
             refuse(conn, &connect, code, reason);
-            return Ok(None);
+            return None;
         }
     };
     // Who the client is: its user name or certificate identity, or anonymous.
@@ -124,7 +139,7 @@ where
             ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
             "this user may not use this client id",
         );
-        return Ok(None);
+        return None;
     }
     let owner = Owner::of(username);
     // One string for the session, its messages and its registry entry.
@@ -141,7 +156,7 @@ where
             shared.metrics.auth_refused.get_or_create(&reason).inc();
             let reason = "mqtt.max_sessions reached (connected and parked sessions)";
             refuse(conn, &connect, ReasonCode::QUOTA_EXCEEDED, reason);
-            return Ok(None);
+            return None;
         }
         Err(Refused::Owned(_)) => {
             let reason = ReasonLabels { reason: "client_id_owned".into() };
@@ -149,7 +164,7 @@ where
             debug!(client_id = %crate::logtext::LogText(&accepted.client_id), "client id held by another identity");
             let reason = "the client id's session belongs to another identity";
             refuse(conn, &connect, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, reason);
-            return Ok(None);
+            return None;
         }
     };
     if shared.shutdown.is_cancelled() {
@@ -180,7 +195,7 @@ where
         if let Some((code, reason)) = refused {
             shared.broker.unregister(&accepted.client_id, registration.conn_id);
             refuse(conn, &connect, code, reason);
-            return Ok(None);
+            return None;
         }
     }
     if let (Some(cluster), Some(will)) = (shared.broker.cluster(), &connect.will) {
@@ -210,7 +225,7 @@ where
             shared.broker.unregister(&accepted.client_id, registration.conn_id);
             let reason = "the previous connection of this client id is still closing";
             refuse(conn, &connect, ReasonCode::SERVER_BUSY, reason);
-            return Ok(None);
+            return None;
         }
     }
     let asked = match version {
@@ -366,7 +381,7 @@ where
         warn!(error = %e, "cannot encode CONNACK");
         shared.broker.park_session(&accepted.client_id, state, expiry);
         shared.broker.unregister(&accepted.client_id, registration.conn_id);
-        return Ok(None);
+        return None;
     }
     // The silence allowed: 1.5 × keepalive. A 3.1.1 client cannot be told `max_keepalive`, so
     // it is held to it anyway; one without keepalive (either version) gets `idle_timeout`.
@@ -390,7 +405,7 @@ where
         0 => Some(shared.limits.idle_timeout).filter(|d| !d.is_zero()),
         k => Some(Duration::from_millis(u64::from(k) * 1500)),
     };
-    Ok(Some(Connected {
+    Some(Connected {
         version,
         client_id,
         username: username.map(Arc::from),
@@ -407,7 +422,7 @@ where
             ProtocolVersion::V5 => connect.properties.topic_alias_maximum.unwrap_or(0),
             ProtocolVersion::V311 => 0,
         },
-    }))
+    })
 }
 
 /// Opens the cluster session queue of the persistent session `state` (`cluster::psession`):
@@ -455,10 +470,7 @@ async fn cluster_session(
 }
 
 /// Answers a refused CONNECT with CONNACK `code` (and the reason string when allowed).
-fn refuse<S>(conn: &mut Connection<S>, connect: &Connect, code: ReasonCode, reason: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+fn refuse<S>(conn: &mut Connection<S>, connect: &Connect, code: ReasonCode, reason: &str) {
     debug!(?code, reason, "CONNECT refused");
     let mut properties = Properties::default();
     if connect.protocol == ProtocolVersion::V5
@@ -595,10 +607,11 @@ fn generated_client_id() -> String {
 
 /// Answers a CONNECT that could not be decoded: CONNACK 0x01/0x84 for an unsupported protocol
 /// version, nothing for anything else (we cannot know which version to answer in).
-fn refuse_undecodable<S>(conn: &mut Connection<S>, shared: &SessionShared, e: &DecodeError)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+pub(super) fn refuse_undecodable<S>(
+    conn: &mut Connection<S>,
+    shared: &SessionShared,
+    e: &DecodeError,
+) {
     shared.metrics.protocol_error(e.kind());
     debug!(error = %e, "bad CONNECT");
     if e.reason_code() == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::connect::Connected;
 use super::outbound::OutboundState;
 use super::{inbound, End, PendingQueue, Session, SessionShared, Timer};
 use crate::auth::acl::ClientAcl;
@@ -146,15 +147,7 @@ impl<S: Transport> Session<S> {
                 return Some(Box::pin(Session::from_rest(resting, conn, peer).finish(End::Io(e))));
             }
         };
-        let subscriber = Arc::clone(&resting.subscriber);
-        let link = resting.link.as_ref().map(|l| Arc::clone(&l.0));
-        let (cell, generation) = (Arc::clone(&shared.live), resting.live.generation);
-        pool.rest(socket, due, resting, move |waker| {
-            // Registered before anything can resume it; `false` if something came already.
-            let closing =
-                link.is_none_or(|l| l.poll_close(&mut Context::from_waker(waker)).is_ready());
-            !closing && subscriber.queue.watch(waker) && cell.generation() == generation
-        });
+        resting.set_aside(pool, socket, due);
         None
     }
 
@@ -287,6 +280,68 @@ impl<S: Transport> Session<S> {
 }
 
 impl Resting {
+    /// A session that has just been accepted (the direct handshake, `direct.rs`), at rest:
+    /// what [`Session::new`] and then `into_resting` would make of it. Its deliveries in
+    /// flight and its queue are empty (the caller checks).
+    pub(super) fn connected(
+        c: Connected,
+        client_max_packet_size: u32,
+        shared: Arc<SessionShared>,
+        slot: ConnSlot,
+    ) -> Resting {
+        let SessionState { id, subscriber, last_id, filters, awaiting_rel, .. } = c.state;
+        let window =
+            c.client_receive_maximum.unwrap_or(u16::MAX).min(shared.limits.max_inflight_out).max(1);
+        Resting {
+            session_id: id,
+            subscriber,
+            last_id,
+            filters: (!filters.is_empty()).then(|| Box::new(filters)),
+            awaiting_rel: (!awaiting_rel.is_empty()).then(|| Box::new(awaiting_rel)),
+            client_max_packet_size,
+            aliases: inbound::TopicAliases::new(
+                shared.limits.topic_alias_maximum,
+                c.client_topic_alias_maximum,
+            ),
+            client_id: c.client_id,
+            username: c.username,
+            acl: c.acl,
+            live: c.live,
+            link: Some(c.registration.link),
+            will: c.will.map(Box::new),
+            slot,
+            last_packet: Instant::now(),
+            keepalive_ms: c
+                .keepalive
+                .map_or(u64::MAX, |k| u64::try_from(k.as_millis()).unwrap_or(u64::MAX - 1)),
+            expiry_zero_at_connect: c.expiry == Expiry::Now,
+            expiry: c.expiry,
+            window,
+            version: c.version,
+            problem_info: c.problem_info,
+            shared,
+        }
+    }
+
+    /// Hands the session and its socket to the idle pool, its waker registered with its
+    /// queue and its registry link first (`IdlePool::rest`).
+    pub(super) fn set_aside(
+        self,
+        pool: &IdleConnections,
+        socket: std::net::TcpStream,
+        due: Option<std::time::Instant>,
+    ) {
+        let subscriber = Arc::clone(&self.subscriber);
+        let link = self.link.as_ref().map(|l| Arc::clone(&l.0));
+        let (cell, generation) = (Arc::clone(&self.shared.live), self.live.generation);
+        pool.rest(socket, due, self, move |waker| {
+            // Registered before anything can resume it; `false` if something came already.
+            let closing =
+                link.is_none_or(|l| l.poll_close(&mut Context::from_waker(waker)).is_ready());
+            !closing && subscriber.queue.watch(waker) && cell.generation() == generation
+        });
+    }
+
     /// A connection on `stream` as this session's was.
     fn connection<T: Transport>(&self, stream: T) -> Connection<T> {
         let mut conn = Connection::new(stream, self.shared.limits.max_packet_size as usize);
@@ -318,7 +373,7 @@ impl Resting {
 
 /// A socket that is gone (it could not be taken from tokio's reactor or given back): reads
 /// end, writes vanish. Only for finishing such a session (its state parked, its will sent).
-struct Closed;
+pub(super) struct Closed;
 
 impl AsyncRead for Closed {
     fn poll_read(
@@ -366,5 +421,27 @@ mod tests {
         assert!(size <= 184, "a resting session grew to {size} bytes (budget 184)");
         let slot = crate::mqtt::idle::slot_bytes::<Resting>();
         assert!(slot <= 256, "a resting connection's slot grew to {slot} bytes (budget 256)");
+    }
+
+    /// Everything a resting connection holds that is its own, in mimalloc's size classes: its
+    /// slot in the idle pool (256), its registry link (`ConnLink` in an `Arc`: 160), its
+    /// queue (`Subscriber` in an `Arc`: 120, size class 128) and its slot in the registry's
+    /// map (32, up to twice that with the map's spare room), 576 bytes; then the client id (an `Arc<str>`,
+    /// 32 for a short one). Measured at 15,000 connections the whole process grows by
+    /// ~750 B per connection (docs/benchmarks.md): the rest is the allocator's and the maps'
+    /// spare room. A field added to one of these that crosses a size class shows here.
+    #[test]
+    fn a_resting_connection_holds_at_most_576_bytes_besides_its_client_id() {
+        use crate::broker::sessions::{ConnLink, Subscriber};
+        let arc = 2 * std::mem::size_of::<usize>();
+        let parts = [
+            ("the idle pool's slot", crate::mqtt::idle::slot_bytes::<Resting>(), 256),
+            ("the registry link", arc + std::mem::size_of::<ConnLink>(), 160),
+            ("the subscriber queue", arc + std::mem::size_of::<Subscriber>(), 128),
+            ("the registry's map slot", crate::broker::sessions::registry_slot_bytes(), 32),
+        ];
+        for (what, size, class) in parts {
+            assert!(size <= class, "{what} grew to {size} bytes (budget {class})");
+        }
     }
 }
