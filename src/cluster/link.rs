@@ -296,8 +296,11 @@ async fn setup(
     let mut t = link.transport;
     let ch = CONSUME_CHANNEL;
     let wire = |e: crate::targets::amqp::wire::WireError| e.to_string();
-    // Auto-deleted: it lives while a node is connected (every node binds its queue to it).
-    let flags = (false, true);
+    // Durable and auto-deleted: it lives while a node's queue or a persistent session's
+    // durable queue is bound to it, and with the session queues' bindings it survives a
+    // RabbitMQ restart (an older version's non-durable one is refused with 406: stop every
+    // node, or use another prefix).
+    let flags = (true, true);
     methods::exchange_declare(&mut t.wbuf, ch, &s.exchange, "topic", flags).map_err(wire)?;
     expect(&mut t, ch, "exchange.declare", |m| {
         matches!(m, ConsumerMethod::Common(Method::ExchangeDeclareOk))
@@ -666,7 +669,8 @@ impl<'a> Link<'a> {
             self.body.put_u8(own.len() as u8);
             self.body.extend_from_slice(own);
             self.body.extend_from_slice(&encoded);
-            self.send_body(keys::routing_key(&msg.topic, msg.retain), None);
+            let key = keys::routing_key(&msg.topic, msg.retain);
+            self.send_body_acks(key, Acks::new(), msg.qos != crate::mqtt::codec::QoS::AtMostOnce);
             self.counted[0].inc();
         }
     }
@@ -851,14 +855,20 @@ impl<'a> Link<'a> {
         }
     }
 
-    /// Publishes `self.body` with `key`; `ack` is told the confirm.
+    /// Publishes `self.body` with `key`; `ack` is told the confirm (a QoS 1/2 message: sent
+    /// persistent).
     fn send_body(&mut self, key: String, ack: Option<crate::targets::AckSender>) {
-        self.send_body_acks(key, ack.into_iter().collect());
+        let persistent = ack.is_some();
+        self.send_body_acks(key, ack.into_iter().collect(), persistent);
     }
 
-    /// Publishes `self.body` with `key`; every one of `acks` is told the confirm.
-    fn send_body_acks(&mut self, key: String, acks: Acks) {
-        let properties = Properties { delivery_mode: 1, ..Properties::default() };
+    /// Publishes `self.body` with `key`; every one of `acks` is told the confirm. `persistent`
+    /// (the body holds a QoS 1/2 message): RabbitMQ writes it to disk where it lands in a
+    /// durable queue (a persistent session's), so a restart of RabbitMQ keeps it; the nodes'
+    /// own queues are not durable and do not write it.
+    fn send_body_acks(&mut self, key: String, acks: Acks, persistent: bool) {
+        let properties =
+            Properties { delivery_mode: if persistent { 2 } else { 1 }, ..Properties::default() };
         let sent = methods::publish_with(
             &mut self.t.wbuf,
             PUBLISH_CHANNEL,
@@ -1174,7 +1184,8 @@ impl<'a> Link<'a> {
         }
         self.counted[0].inc_by(group.len() as u64);
         let acks: Acks = group.drain(..).filter_map(|(_, ack)| ack).collect();
-        self.send_body_acks(key.to_owned(), acks);
+        let persistent = !acks.is_empty();
+        self.send_body_acks(key.to_owned(), acks, persistent);
     }
 
     /// Reads what is there and handles every complete frame.

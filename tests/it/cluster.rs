@@ -959,3 +959,58 @@ async fn after_rabbitmq_restarts_the_nodes_act_as_one_broker_again() {
     }
     drop(rabbit);
 }
+
+/// A persistent session parked while RabbitMQ restarts keeps what was queued for it: its
+/// durable queue, its bindings on the (durable) cluster exchange and its QoS 1 messages
+/// (published persistent) survive, and it resumes on another node once the nodes are back.
+#[tokio::test]
+async fn a_parked_persistent_session_keeps_its_queued_messages_across_a_rabbitmq_restart() {
+    let rabbit = tokio::task::spawn_blocking(RabbitNode::start_plain).await.expect("start");
+    let url = rabbit.amqp_url();
+    let prefix = unique("it-cluster");
+    let a = gateway(&node_config(&prefix, "a", &url)).await;
+    let b = gateway(&node_config(&prefix, "b", &url)).await;
+    for n in [&a, &b] {
+        wait_ready(n).await;
+    }
+    let connect = |addr, clean| async move {
+        let mut c = RawClient::tcp(addr, ProtocolVersion::V5).await;
+        let mut p = crate::support::connect_packet(ProtocolVersion::V5, "keeper");
+        p.clean_start = clean;
+        p.properties.session_expiry_interval = Some(600);
+        c.send(&Packet::Connect(Box::new(p))).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) if ack.code.is_success() => (c, ack.session_present),
+            other => panic!("expected a CONNACK accepting the session, got {other:?}"),
+        }
+    };
+    let (mut device, _) = connect(a.mqtt_addr, true).await;
+    subscribe(&mut device, "dev/#", qos(QoS::AtLeastOnce), None).await;
+    device.send(&Packet::Disconnect(Box::default())).await;
+    drop(device);
+    // Parked: QoS 1 messages published now wait in its queue (PUBACK: RabbitMQ confirmed them).
+    let mut publisher = v5(&a, "pub-a").await;
+    for i in 0..5u16 {
+        crate::support::publish_qos1(&mut publisher, "dev/1", i + 1, format!("m{i}").as_bytes())
+            .await;
+    }
+    drop(publisher);
+
+    let rabbit = off_runtime(rabbit, RabbitNode::stop).await;
+    let rabbit = off_runtime(rabbit, RabbitNode::start_again).await;
+    for n in [&a, &b] {
+        until_readyz(n, 200, "connected").await;
+    }
+    let (mut device, present) = connect(b.mqtt_addr, false).await;
+    assert!(present, "the session is still there after the restart");
+    for i in 0..5u16 {
+        let got = expect_publish(&mut device).await;
+        assert_eq!(got.payload, format!("m{i}").as_bytes(), "in order, nothing lost");
+        device.send(&Packet::PubAck(codec::PubResponse::success(got.packet_id))).await;
+    }
+    // Still subscribed: a message published after the restart arrives too.
+    let mut publisher = v5(&a, "pub-a2").await;
+    crate::support::publish_qos1(&mut publisher, "dev/2", 1, b"after").await;
+    assert_eq!(expect_publish(&mut device).await.payload, &b"after"[..]);
+    drop(rabbit);
+}
