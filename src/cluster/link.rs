@@ -25,7 +25,7 @@ use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
 use crate::mqtt::topic;
-use crate::sources::amqp::{expect, expect_close_ok, flush_all, jitter};
+use crate::sources::amqp::{close_connection, expect, jitter, keep_alive};
 use crate::store::codec;
 use crate::targets::amqp::transport::{self, describe, Transport, Uri};
 use crate::targets::amqp::wire::consume::{self, ConsumerFrame, ConsumerMethod, Deliver};
@@ -102,8 +102,6 @@ const MAX_UNCONFIRMED: usize = 4096;
 const BATCH: usize = 256;
 /// How often heartbeats are looked at.
 const TICK: Duration = Duration::from_millis(250);
-/// On shutdown, how long the broker may take to answer `connection.close`.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Version byte of a message on the wire.
 const WIRE_VERSION: u8 = 1;
 
@@ -1590,15 +1588,7 @@ impl<'a> Link<'a> {
             self.ticks = 0;
             self.probes.extend(self.cluster.will_holders());
         }
-        if let Some(hb) = self.t.heartbeat {
-            if now.duration_since(self.t.last_read) > hb * 2 {
-                return Err(format!("no data from the broker for {:?}", hb * 2));
-            }
-            if self.t.wbuf.is_empty() && now.duration_since(self.t.last_write) >= hb / 2 {
-                frame::heartbeat(&mut self.t.wbuf);
-            }
-        }
-        Ok(())
+        keep_alive(&mut self.t, now)
     }
 
     /// Fails every publish still waiting for its confirm (the connection is gone: it may or
@@ -1614,12 +1604,6 @@ impl<'a> Link<'a> {
     /// Closes the connection on shutdown.
     async fn close(&mut self) {
         self.notice(GOODBYE, &self.cluster.epoch.to_be_bytes());
-        methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate node stopping");
-        let t = &mut self.t;
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            flush_all(t).await?;
-            expect_close_ok(t).await
-        })
-        .await;
+        close_connection(&mut self.t, "mqgate node stopping").await;
     }
 }

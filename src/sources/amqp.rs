@@ -524,30 +524,41 @@ impl<'a> Consumer<'a> {
                 self.requeue(tag);
             }
         }
-        if let Some(hb) = self.t.heartbeat {
-            if now.duration_since(self.t.last_read) > hb * 2 {
-                return Err(format!("no data from the broker for {:?}", hb * 2));
-            }
-            if self.t.wbuf.is_empty() && now.duration_since(self.t.last_write) >= hb / 2 {
-                frame::heartbeat(&mut self.t.wbuf);
-            }
-        }
-        Ok(())
+        keep_alive(&mut self.t, now)
     }
 
     /// Closes the connection on shutdown; unacked deliveries go back to the queue.
     async fn close(&mut self) {
-        methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate source stopping");
-        let t = &mut self.t;
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            flush_all(t).await?;
-            expect_close_ok(t).await
-        })
-        .await;
+        close_connection(&mut self.t, "mqgate source stopping").await;
     }
 }
 
 /// Reads until `connection.close-ok` (or the socket closes).
+/// The connection's heartbeats at `now`: an error once the broker has been silent for two
+/// heartbeat intervals; a heartbeat queued when nothing was written for half of one.
+pub(crate) fn keep_alive(t: &mut Transport, now: Instant) -> Result<(), String> {
+    if let Some(hb) = t.heartbeat {
+        if now.duration_since(t.last_read) > hb * 2 {
+            return Err(format!("no data from the broker for {:?}", hb * 2));
+        }
+        if t.wbuf.is_empty() && now.duration_since(t.last_write) >= hb / 2 {
+            frame::heartbeat(&mut t.wbuf);
+        }
+    }
+    Ok(())
+}
+
+/// Closes the connection with `reason`, waiting at most [`CLOSE_WAIT`] for the broker's
+/// close-ok (what was delivered on it and not acknowledged goes back to its queues).
+pub(crate) async fn close_connection(t: &mut Transport, reason: &str) {
+    methods::connection_close(&mut t.wbuf, REPLY_SUCCESS, reason);
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        flush_all(t).await?;
+        expect_close_ok(t).await
+    })
+    .await;
+}
+
 pub(crate) async fn expect_close_ok(t: &mut Transport) -> Result<(), String> {
     loop {
         while let Some(frame) = t.next_consumer_frame().map_err(|e| e.to_string())? {
