@@ -13,15 +13,15 @@
 //! their options, protocol, expiry, owner: `broker::persist::SessionRecord`), published with
 //! a confirm before a SUBACK or UNSUBACK goes.
 //!
-//! The node where the client is connected runs one task per such session with its own AMQP
-//! connection: it consumes the session queue (exclusive consumer: one node at a time), hands
+//! The node where the client is connected runs one task per such session on a channel of its
+//! own of a shared AMQP connection (`mux`): it consumes the session queue (exclusive consumer: one node at a time), hands
 //! each message to `Broker::deliver_queued` (an exact match against the session's own
 //! subscriptions) with a ticket, and acknowledges the delivery to RabbitMQ once every ticket
 //! of it is finished (the client PUBACKed or PUBCOMPed, a QoS 0 message was written, or it
-//! matched nothing). When the connection ends the task closes its connection first (marked
+//! matched nothing). When the connection ends the task closes its channel first (marked
 //! `closing` before the session drops what it holds), so what the client had not
-//! acknowledged goes back to the queue; a node that dies loses its connection, with the same
-//! effect. Bounded: at most `prefetch` deliveries unacknowledged, each one forwarded batch
+//! acknowledged goes back to the queue; a node that dies loses its connections, with the same
+//! effect, and a lost shared connection disconnects the clients of every session on it. Bounded: at most `prefetch` deliveries unacknowledged, each one forwarded batch
 //! (up to 64 messages, about 256 KiB); while the session's queue is full the task holds what
 //! does not fit and tries again (nothing is dropped for a full queue).
 
@@ -153,7 +153,7 @@ pub(super) struct Handle {
     pub tx: mpsc::UnboundedSender<Cmd>,
     /// Set before the session drops the deliveries it holds: they are not acknowledged.
     pub closing: Arc<AtomicBool>,
-    /// Ends the task (its connection closes: unacknowledged deliveries go back).
+    /// Ends the task (its channel closes: unacknowledged deliveries go back).
     pub cancel: CancellationToken,
     /// The session's client id.
     pub client_id: Arc<str>,
