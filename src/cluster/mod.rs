@@ -26,6 +26,7 @@ pub mod config;
 pub mod keys;
 mod link;
 pub mod metrics;
+mod mux;
 mod peers;
 mod psession;
 

@@ -13,15 +13,15 @@
 //! their options, protocol, expiry, owner: `broker::persist::SessionRecord`), published with
 //! a confirm before a SUBACK or UNSUBACK goes.
 //!
-//! The node where the client is connected runs one task per such session with its own AMQP
-//! connection: it consumes the session queue (exclusive consumer: one node at a time), hands
+//! The node where the client is connected runs one task per such session on a channel of its
+//! own of a shared AMQP connection (`mux`): it consumes the session queue (exclusive consumer: one node at a time), hands
 //! each message to `Broker::deliver_queued` (an exact match against the session's own
 //! subscriptions) with a ticket, and acknowledges the delivery to RabbitMQ once every ticket
 //! of it is finished (the client PUBACKed or PUBCOMPed, a QoS 0 message was written, or it
-//! matched nothing). When the connection ends the task closes its connection first (marked
+//! matched nothing). When the connection ends the task closes its channel first (marked
 //! `closing` before the session drops what it holds), so what the client had not
-//! acknowledged goes back to the queue; a node that dies loses its connection, with the same
-//! effect. Bounded: at most `prefetch` deliveries unacknowledged, each one forwarded batch
+//! acknowledged goes back to the queue; a node that dies loses its connections, with the same
+//! effect, and a lost shared connection disconnects the clients of every session on it. Bounded: at most `prefetch` deliveries unacknowledged, each one forwarded batch
 //! (up to 64 messages, about 256 KiB); while the session's queue is full the task holds what
 //! does not fit and tries again (nothing is dropped for a full queue).
 
@@ -35,32 +35,23 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::mux::{self, Chan, RECORD_CHANNEL};
 use super::ClusterConfig;
 use crate::broker::sessions::Expiry;
 use crate::broker::tracking::{Done, Fate, Mode, Ticket, Tracker};
 use crate::broker::{Broker, Queued};
 use crate::config::AmqpBrokerConfig;
 use crate::sources::acks::Acks;
-use crate::sources::amqp::{expect_close_ok, flush_all};
-use crate::targets::amqp::transport::{self, describe, Transport, Uri};
+use crate::targets::amqp::transport::{self, describe, Uri};
 use crate::targets::amqp::wire::consume::{self, ConsumerFrame, ConsumerMethod};
-use crate::targets::amqp::wire::frame;
-use crate::targets::amqp::wire::methods::{self, Method, Properties, QueueFlags, REPLY_SUCCESS};
+use crate::targets::amqp::wire::methods::{self, Method, Properties, QueueFlags};
 use crate::targets::amqp::wire::table::Value;
 use crate::targets::{Failure, Outcome};
 
-/// The confirm-mode channel records are published on.
-const RECORD_CHANNEL: u16 = 1;
-/// The channel of the declares, bindings and the consumer.
-const CHANNEL: u16 = 2;
-/// How often heartbeats are looked at.
-const TICK: Duration = Duration::from_millis(250);
 /// Between two attempts to consume while another node's consumer is still there.
 const CONSUME_RETRY: Duration = Duration::from_millis(50);
 /// How long a consumer of another node may hold the queue before this one gives up.
 const CONSUME_PATIENCE: Duration = Duration::from_secs(10);
-/// On close, how long the broker may take to answer `connection.close`.
-const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Bytes of one forwarded batch, about (the link closes a batch at 256 KiB).
 const BATCH_BYTES: usize = 256 * 1024;
 /// While the session's queue is full: how often the held messages are tried again.
@@ -79,6 +70,8 @@ pub(super) struct Settings {
     prefix: String,
     /// Time allowed for connecting and the setup.
     connect_timeout: Duration,
+    /// The shared connections the sessions' channels are on.
+    pool: mux::Pool,
 }
 
 impl Settings {
@@ -89,6 +82,7 @@ impl Settings {
             exchange: cfg.exchange(),
             prefix: cfg.prefix.value.clone(),
             connect_timeout: broker.connect_timeout.0,
+            pool: mux::Pool::default(),
         }
     }
 
@@ -159,7 +153,7 @@ pub(super) struct Handle {
     pub tx: mpsc::UnboundedSender<Cmd>,
     /// Set before the session drops the deliveries it holds: they are not acknowledged.
     pub closing: Arc<AtomicBool>,
-    /// Ends the task (its connection closes: unacknowledged deliveries go back).
+    /// Ends the task (its channel closes: unacknowledged deliveries go back).
     pub cancel: CancellationToken,
     /// The session's client id.
     pub client_id: Arc<str>,
@@ -222,7 +216,6 @@ pub(super) fn spawn(
             closing: &closing,
             bound: HashSet::new(),
             updates: VecDeque::new(),
-            next_confirm: 1,
             start: Start::NotAsked,
             assembly: None,
             acks: Acks::default(),
@@ -233,7 +226,7 @@ pub(super) fn spawn(
         };
         if reply.send(Ok(found)).is_err() {
             // The handshake gave up.
-            q.close().await;
+            q.close();
             return;
         }
         if let Some(reason) = q.run(rx, &cancel).await {
@@ -249,54 +242,44 @@ pub(super) fn spawn(
 /// A channel's answer: the method, or the broker's reason for closing the channel (close-ok
 /// sent). `Err`: the connection is lost.
 async fn answer(
-    t: &mut Transport,
-    ch: u16,
+    t: &mut Chan,
     want: impl Fn(&ConsumerMethod) -> bool,
 ) -> Result<Result<ConsumerMethod, String>, String> {
-    flush_all(t).await?;
+    t.flush()?;
     loop {
-        while let Some(frame) = t.next_consumer_frame().map_err(|e| e.to_string())? {
-            match frame {
-                ConsumerFrame::Method { channel, method } if channel == ch && want(&method) => {
-                    return Ok(Ok(method))
-                }
-                ConsumerFrame::Method {
-                    channel,
-                    method: ConsumerMethod::Common(Method::ChannelClose(c)),
-                } if channel == ch => {
-                    methods::channel_close_ok(&mut t.wbuf, ch);
-                    return Ok(Err(describe(&c)));
-                }
-                ConsumerFrame::Method {
-                    method: ConsumerMethod::Common(Method::ConnectionClose(c)),
-                    ..
-                } => return Err(format!("the broker closed the connection: {}", describe(&c))),
-                _ => {}
+        match t.recv().await? {
+            ConsumerFrame::Method { channel, method } if channel == t.ch && want(&method) => {
+                return Ok(Ok(method))
             }
-        }
-        t.stream.readable().await.map_err(|e| format!("read failed: {e}"))?;
-        if !t.try_fill().map_err(|e| format!("read failed: {e}"))? {
-            return Err("the broker closed the connection".into());
+            ConsumerFrame::Method {
+                channel,
+                method: ConsumerMethod::Common(Method::ChannelClose(c)),
+            } if channel == t.ch => {
+                t.closed_by_broker();
+                t.flush()?;
+                return Ok(Err(describe(&c)));
+            }
+            _ => {}
         }
     }
 }
 
-/// Opens channel `ch` again after the broker closed it.
-async fn reopen(t: &mut Transport, ch: u16) -> Result<(), String> {
-    methods::channel_open(&mut t.wbuf, ch);
-    answer(t, ch, |m| matches!(m, ConsumerMethod::Common(Method::ChannelOpenOk))).await?.map(|_| ())
+/// Opens the session's channel again after the broker closed it.
+async fn reopen(t: &mut Chan) -> Result<(), String> {
+    t.reopen();
+    answer(t, |m| matches!(m, ConsumerMethod::Common(Method::ChannelOpenOk))).await?.map(|_| ())
 }
 
 /// Deletes `queue` (there or not).
-async fn delete(t: &mut Transport, queue: &str) -> Result<(), String> {
-    methods::queue_delete(&mut t.wbuf, CHANNEL, queue).map_err(|e| e.to_string())?;
+async fn delete(t: &mut Chan, queue: &str) -> Result<(), String> {
+    methods::queue_delete(&mut t.wbuf, t.ch, queue).map_err(|e| e.to_string())?;
     let deleted = |m: &ConsumerMethod| {
         matches!(m, ConsumerMethod::Common(Method::Other { class: 50, method: 41 }))
     };
-    match answer(t, CHANNEL, deleted).await? {
+    match answer(t, deleted).await? {
         Ok(_) => Ok(()),
         Err(e) => {
-            reopen(t, CHANNEL).await?;
+            reopen(t).await?;
             Err(format!("cannot delete {queue}: {e}"))
         }
     }
@@ -304,51 +287,49 @@ async fn delete(t: &mut Transport, queue: &str) -> Result<(), String> {
 
 /// Declares `queue` durable with `args`; one that exists with other arguments (a session
 /// resumed with another expiry) is kept as it is.
-async fn declare(t: &mut Transport, queue: &str, args: &[(&str, Value<'_>)]) -> Result<(), String> {
+async fn declare(t: &mut Chan, queue: &str, args: &[(&str, Value<'_>)]) -> Result<(), String> {
     let declared = |m: &ConsumerMethod| matches!(m, ConsumerMethod::QueueDeclareOk { .. });
     let flags = QueueFlags { durable: true, ..QueueFlags::default() };
-    methods::queue_declare(&mut t.wbuf, CHANNEL, queue, flags, args).map_err(|e| e.to_string())?;
-    match answer(t, CHANNEL, declared).await? {
+    methods::queue_declare(&mut t.wbuf, t.ch, queue, flags, args).map_err(|e| e.to_string())?;
+    match answer(t, declared).await? {
         Ok(_) => Ok(()),
         Err(e) if e.starts_with("406") => {
-            reopen(t, CHANNEL).await?;
+            reopen(t).await?;
             let passive = QueueFlags { passive: true, ..QueueFlags::default() };
-            methods::queue_declare(&mut t.wbuf, CHANNEL, queue, passive, &[])
+            methods::queue_declare(&mut t.wbuf, t.ch, queue, passive, &[])
                 .map_err(|e| e.to_string())?;
-            answer(t, CHANNEL, declared).await?.map(|_| ())
+            answer(t, declared).await?.map(|_| ())
         }
         Err(e) => Err(format!("cannot declare {queue}: {e}")),
     }
 }
 
 /// Reads one message's content (header and body frames) on `ch`.
-async fn content(t: &mut Transport, ch: u16) -> Result<Vec<u8>, String> {
+async fn content(t: &mut Chan) -> Result<Vec<u8>, String> {
     let mut size = None;
     let mut body = Vec::new();
     loop {
-        while let Some(frame) = t.next_consumer_frame().map_err(|e| e.to_string())? {
-            match frame {
-                ConsumerFrame::Header { channel, body_size, .. } if channel == ch => {
-                    let n = usize::try_from(body_size).map_err(|_| "record too large")?;
-                    size = Some(n);
-                    body.reserve(n.min(1 << 20));
-                }
-                ConsumerFrame::Body { channel, bytes } if channel == ch => {
-                    body.extend_from_slice(&bytes);
-                }
-                ConsumerFrame::Method {
-                    method: ConsumerMethod::Common(Method::ConnectionClose(c)),
-                    ..
-                } => return Err(format!("the broker closed the connection: {}", describe(&c))),
-                _ => {}
+        match t.recv().await? {
+            ConsumerFrame::Header { channel, body_size, .. } if channel == t.ch => {
+                let n = usize::try_from(body_size).map_err(|_| "record too large")?;
+                size = Some(n);
+                body.reserve(n.min(1 << 20));
             }
-            if size.is_some_and(|n| body.len() >= n) {
-                return Ok(body);
+            ConsumerFrame::Body { channel, bytes } if channel == t.ch => {
+                body.extend_from_slice(&bytes);
             }
+            ConsumerFrame::Method {
+                channel,
+                method: ConsumerMethod::Common(Method::ChannelClose(c)),
+            } if channel == t.ch => {
+                t.closed_by_broker();
+                t.flush()?;
+                return Err(format!("the broker closed the session's channel: {}", describe(&c)));
+            }
+            _ => {}
         }
-        t.stream.readable().await.map_err(|e| format!("read failed: {e}"))?;
-        if !t.try_fill().map_err(|e| format!("read failed: {e}"))? {
-            return Err("the broker closed the connection".into());
+        if size.is_some_and(|n| body.len() >= n) {
+            return Ok(body);
         }
     }
 }
@@ -359,12 +340,12 @@ async fn setup(
     client_id: &str,
     open: Open,
     limits: &Limits,
-) -> Result<(Transport, Opened), String> {
+) -> Result<(Chan, Opened), String> {
     let uri = s.url.parse::<Uri>().map_err(|e| format!("the broker's url: {e}"))?;
     let (queue, record) = s.names(client_id);
-    let name = format!("session/{}", &queue[s.prefix.len() + 9..]);
-    let link = transport::connect(&uri, &s.security, &name, 1).await.map_err(|e| e.to_string())?;
-    let mut t = link.transport;
+    let mut t = s.pool.channel(&uri, &s.security).await?;
+    let opened = |m: &ConsumerMethod| matches!(m, ConsumerMethod::Common(Method::ChannelOpenOk));
+    answer(&mut t, opened).await?.map_err(|e| format!("cannot open a channel: {e}"))?;
     let mut found = Opened { present: open == Open::Local, record: None };
     match open {
         Open::Fresh => {
@@ -374,28 +355,28 @@ async fn setup(
         Open::Local => {}
         Open::Resume => {
             let passive = QueueFlags { passive: true, ..QueueFlags::default() };
-            methods::queue_declare(&mut t.wbuf, CHANNEL, &queue, passive, &[])
+            methods::queue_declare(&mut t.wbuf, t.ch, &queue, passive, &[])
                 .map_err(|e| e.to_string())?;
             let declared = |m: &ConsumerMethod| matches!(m, ConsumerMethod::QueueDeclareOk { .. });
-            match answer(&mut t, CHANNEL, declared).await? {
+            match answer(&mut t, declared).await? {
                 Ok(_) => found.present = true,
-                Err(e) if e.starts_with("404") => reopen(&mut t, CHANNEL).await?,
+                Err(e) if e.starts_with("404") => reopen(&mut t).await?,
                 Err(e) => return Err(format!("cannot look for {queue}: {e}")),
             }
             if found.present {
-                consume::basic_get(&mut t.wbuf, CHANNEL, &record).map_err(|e| e.to_string())?;
+                consume::basic_get(&mut t.wbuf, t.ch, &record).map_err(|e| e.to_string())?;
                 let got = |m: &ConsumerMethod| {
                     matches!(m, ConsumerMethod::GetOk(_) | ConsumerMethod::GetEmpty)
                 };
-                match answer(&mut t, CHANNEL, got).await? {
+                match answer(&mut t, got).await? {
                     Ok(ConsumerMethod::GetOk(tag)) => {
-                        found.record = Some(content(&mut t, CHANNEL).await?);
+                        found.record = Some(content(&mut t).await?);
                         // Back into its queue: the next node to resume the session reads it.
-                        consume::basic_nack(&mut t.wbuf, CHANNEL, tag, false, true);
+                        consume::basic_nack(&mut t.wbuf, t.ch, tag, false, true);
                     }
                     Ok(_) => {}
                     // No record queue (expired first): a session without subscriptions.
-                    Err(e) if e.starts_with("404") => reopen(&mut t, CHANNEL).await?,
+                    Err(e) if e.starts_with("404") => reopen(&mut t).await?,
                     Err(e) => return Err(format!("cannot read {record}: {e}")),
                 }
             }
@@ -446,7 +427,8 @@ enum Start {
 
 /// The task of one session on its connection.
 struct SessionQueue<'a> {
-    t: Transport,
+    /// Its channel of a shared connection.
+    t: Chan,
     s: &'a Settings,
     queue: String,
     record: String,
@@ -458,8 +440,6 @@ struct SessionQueue<'a> {
     bound: HashSet<String>,
     /// Changes waiting for their bind-oks and confirm, in order.
     updates: VecDeque<Update>,
-    /// The publish tag of the next record.
-    next_confirm: u64,
     start: Start,
     /// The delivery being assembled: its tag, its size once the header came, its body.
     assembly: Option<(u64, Option<usize>, BytesMut)>,
@@ -480,16 +460,13 @@ impl SessionQueue<'_> {
         mut cmds: mpsc::UnboundedReceiver<Cmd>,
         cancel: &CancellationToken,
     ) -> Option<String> {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let want_write = self.t.has_pending_writes();
             // Changes wait while a consume is being retried (its channel may close).
             let take_cmds = matches!(self.start, Start::NotAsked | Start::Consuming);
             let res = tokio::select! {
                 biased;
                 () = cancel.cancelled() => {
-                    self.close().await;
+                    self.close();
                     return None;
                 }
                 Some(done) = self.report_rx.recv() => {
@@ -499,27 +476,22 @@ impl SessionQueue<'_> {
                     }
                     if let Some(tag) = self.acks.take_multiple() {
                         if !self.closing.load(Ordering::Acquire) {
-                            consume::basic_ack(&mut self.t.wbuf, CHANNEL, tag, true);
+                            consume::basic_ack(&mut self.t.wbuf, self.t.ch, tag, true);
                         }
                     }
                     Ok(())
                 }
-                r = self.t.stream.readable() => match r {
-                    Ok(()) => self.on_readable(),
-                    Err(e) => Err(format!("read failed: {e}")),
+                frame = self.t.recv() => match frame {
+                    Ok(frame) => self.on_frame(frame),
+                    Err(e) => Err(e),
                 },
                 cmd = cmds.recv(), if take_cmds => match cmd {
                     Some(cmd) => self.on_cmd(cmd),
                     None => {
-                        self.close().await;
+                        self.close();
                         return None;
                     }
                 },
-                r = self.t.stream.writable(), if want_write => match r {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(format!("write failed: {e}")),
-                },
-                _ = tick.tick() => self.on_tick(),
                 () = tokio::time::sleep(STALL_RETRY), if !self.backlog.is_empty() => {
                     self.drain_backlog();
                     Ok(())
@@ -528,8 +500,8 @@ impl SessionQueue<'_> {
             if let Err(reason) = res.and_then(|()| self.maybe_consume()) {
                 return Some(reason);
             }
-            if let Err(e) = self.t.try_flush() {
-                return Some(format!("write failed: {e}"));
+            if let Err(e) = self.t.flush() {
+                return Some(e);
             }
         }
     }
@@ -549,29 +521,23 @@ impl SessionQueue<'_> {
                     .collect();
                 let mut oks = 0;
                 let (q, x) = (&self.queue, &self.s.exchange);
+                let ch = self.t.ch;
                 for key in wanted.difference(&self.bound) {
-                    methods::queue_bind(&mut self.t.wbuf, CHANNEL, q, x, key).map_err(wire)?;
+                    methods::queue_bind(&mut self.t.wbuf, ch, q, x, key).map_err(wire)?;
                     oks += 1;
                 }
                 for key in self.bound.difference(&wanted) {
-                    methods::queue_unbind(&mut self.t.wbuf, CHANNEL, q, x, key).map_err(wire)?;
+                    methods::queue_unbind(&mut self.t.wbuf, ch, q, x, key).map_err(wire)?;
                     oks += 1;
                 }
                 self.bound = wanted;
                 let properties = Properties { delivery_mode: 2, ..Properties::default() };
-                methods::publish_with(
-                    &mut self.t.wbuf,
-                    RECORD_CHANNEL,
-                    "",
-                    &self.record,
-                    false,
-                    &properties,
-                    &record,
-                    self.t.frame_max,
-                )
-                .map_err(wire)?;
-                let tag = self.next_confirm;
-                self.next_confirm += 1;
+                let name = &self.record;
+                let tag = self.t.publish(|out, frame_max| {
+                    let (ch, x) = (RECORD_CHANNEL, "");
+                    methods::publish_with(out, ch, x, name, false, &properties, &record, frame_max)
+                        .map_err(wire)
+                })?;
                 self.updates.push_back(Update { oks, tag, confirmed: None, reply });
             }
         }
@@ -585,9 +551,10 @@ impl SessionQueue<'_> {
         if !self.updates.is_empty() || now < at {
             return Ok(());
         }
-        consume::basic_qos(&mut self.t.wbuf, CHANNEL, self.prefetch);
+        let ch = self.t.ch;
+        consume::basic_qos(&mut self.t.wbuf, ch, self.prefetch);
         let tag = "mqgate-session";
-        consume::basic_consume_with(&mut self.t.wbuf, CHANNEL, &self.queue, tag, false, true)
+        consume::basic_consume_with(&mut self.t.wbuf, ch, &self.queue, tag, false, true)
             .map_err(|e| e.to_string())?;
         self.start = Start::Sent { since };
         Ok(())
@@ -608,21 +575,11 @@ impl SessionQueue<'_> {
         }
     }
 
-    fn on_readable(&mut self) -> Result<(), String> {
-        if !self.t.try_fill().map_err(|e| format!("read failed: {e}"))? {
-            return Err("the broker closed the connection".into());
-        }
-        while let Some(frame) = self.t.next_consumer_frame().map_err(|e| e.to_string())? {
-            self.on_frame(frame)?;
-        }
-        Ok(())
-    }
-
     fn on_frame(&mut self, frame: ConsumerFrame) -> Result<(), String> {
         match frame {
             ConsumerFrame::Heartbeat => {}
             ConsumerFrame::Method { channel, method } => return self.on_method(channel, method),
-            ConsumerFrame::Header { channel: CHANNEL, body_size, .. } => {
+            ConsumerFrame::Header { channel, body_size, .. } if channel == self.t.ch => {
                 let Some((tag, None, _)) = self.assembly.take() else {
                     return Err("content header without basic.deliver".into());
                 };
@@ -630,11 +587,11 @@ impl SessionQueue<'_> {
                 if size == 0 {
                     self.on_delivery(tag, &[]);
                 } else {
-                    let body = BytesMut::with_capacity(size.min(self.t.frame_max as usize));
+                    let body = BytesMut::with_capacity(size.min(1 << 20));
                     self.assembly = Some((tag, Some(size), body));
                 }
             }
-            ConsumerFrame::Body { channel: CHANNEL, bytes } => {
+            ConsumerFrame::Body { channel, bytes } if channel == self.t.ch => {
                 let Some((_, Some(size), body)) = &mut self.assembly else {
                     return Err("content body without a header".into());
                 };
@@ -652,12 +609,12 @@ impl SessionQueue<'_> {
 
     fn on_method(&mut self, channel: u16, method: ConsumerMethod) -> Result<(), String> {
         match method {
-            ConsumerMethod::Deliver(d) if channel == CHANNEL => {
+            ConsumerMethod::Deliver(d) if channel == self.t.ch => {
                 self.assembly = Some((d.delivery_tag, None, BytesMut::new()));
             }
             ConsumerMethod::QueueBindOk
             | ConsumerMethod::Common(Method::Other { class: 50, method: 51 })
-                if channel == CHANNEL =>
+                if channel == self.t.ch =>
             {
                 if let Some(u) = self.updates.iter_mut().find(|u| u.oks > 0) {
                     u.oks -= 1;
@@ -676,13 +633,13 @@ impl SessionQueue<'_> {
                 }
                 self.settle_updates();
             }
-            ConsumerMethod::ConsumeOk(_) if channel == CHANNEL => {
+            ConsumerMethod::ConsumeOk(_) if channel == self.t.ch => {
                 debug!(queue = %self.queue, "session queue consumed");
                 self.start = Start::Consuming;
             }
             ConsumerMethod::QosOk => {}
-            ConsumerMethod::Common(Method::ChannelClose(c)) if channel == CHANNEL => {
-                methods::channel_close_ok(&mut self.t.wbuf, channel);
+            ConsumerMethod::Common(Method::ChannelClose(c)) if channel == self.t.ch => {
+                self.t.closed_by_broker();
                 let why = describe(&c);
                 match self.start {
                     // Another node's consumer is still there (its client is being taken
@@ -690,7 +647,7 @@ impl SessionQueue<'_> {
                     Start::Sent { since }
                         if why.starts_with("403") && since.elapsed() < CONSUME_PATIENCE =>
                     {
-                        methods::channel_open(&mut self.t.wbuf, CHANNEL);
+                        self.t.reopen();
                         let at = Instant::now() + CONSUME_RETRY;
                         self.start = Start::Wanted { since, at };
                     }
@@ -701,15 +658,6 @@ impl SessionQueue<'_> {
             ConsumerMethod::Cancel(tag) => {
                 consume::basic_cancel_ok(&mut self.t.wbuf, channel, &tag);
                 return Err("the broker cancelled the session's consumer (queue deleted?)".into());
-            }
-            ConsumerMethod::Common(Method::ConnectionClose(c)) => {
-                methods::connection_close_ok(&mut self.t.wbuf);
-                let _ = self.t.try_flush();
-                return Err(format!("the broker closed the connection: {}", describe(&c)));
-            }
-            ConsumerMethod::Common(Method::ChannelClose(c)) => {
-                methods::channel_close_ok(&mut self.t.wbuf, channel);
-                return Err(format!("the broker closed channel {channel}: {}", describe(&c)));
             }
             ConsumerMethod::Common(Method::ChannelFlow(active)) => {
                 methods::channel_flow_ok(&mut self.t.wbuf, channel, active);
@@ -754,33 +702,16 @@ impl SessionQueue<'_> {
             return;
         }
         if !self.acks.ack(done.token) {
-            consume::basic_ack(&mut self.t.wbuf, CHANNEL, done.token, false);
+            consume::basic_ack(&mut self.t.wbuf, self.t.ch, done.token, false);
             self.acks.settled(done.token);
         }
     }
 
-    fn on_tick(&mut self) -> Result<(), String> {
-        let now = Instant::now();
-        if let Some(hb) = self.t.heartbeat {
-            if now.duration_since(self.t.last_read) > hb * 2 {
-                return Err(format!("no data from the broker for {:?}", hb * 2));
-            }
-            if self.t.wbuf.is_empty() && now.duration_since(self.t.last_write) >= hb / 2 {
-                frame::heartbeat(&mut self.t.wbuf);
-            }
-        }
-        Ok(())
-    }
-
-    /// Closes the connection: what was delivered and not acknowledged goes back to the queue.
-    async fn close(&mut self) {
-        methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate session ended");
-        let t = &mut self.t;
-        let _ = tokio::time::timeout(CLOSE_WAIT, async {
-            flush_all(t).await?;
-            expect_close_ok(t).await
-        })
-        .await;
+    /// Ends the session's use of its channel: dropped with the task, the channel is closed
+    /// (after what was encoded before), and what was delivered and not acknowledged goes back
+    /// to the queue.
+    fn close(&mut self) {
+        let _ = self.t.flush();
     }
 }
 

@@ -13,6 +13,7 @@ use mqgate::mqtt::codec::{self, Packet, ProtocolVersion, QoS, ReasonCode};
 
 use crate::cluster::{node_config, qos, subscribe, until_bound, v5, NodeProcess};
 use crate::support::proxy::Proxy;
+use crate::support::rabbit_node::RabbitNode;
 use crate::support::{
     connect_packet, delete_queues_on_drop, expect_disconnect, expect_silence, gateway, http_get,
     publish_qos1, rabbit, unique, wait_ready, RawClient, AMQP_URL,
@@ -371,4 +372,99 @@ async fn a_node_cut_off_from_rabbitmq_refuses_persistent_sessions_and_serves_cle
     assert!(code.is_success(), "{code:?}");
     proxy.restore();
     wait_ready(&a).await;
+}
+
+/// The connections of the private RabbitMQ node `rabbit` that persistent sessions use (the
+/// shared ones, `mqgate/sessions/N`; before they were shared, one `mqgate/session/…` each):
+/// their pids.
+fn session_connections(rabbit: &RabbitNode) -> Vec<String> {
+    let out = rabbit.ctl(&["list_connections", "pid", "client_properties"]);
+    out.lines()
+        .filter(|l| l.contains("mqgate/session"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// Reads until the connection closes (a DISCONNECT first, or not): asserts it does in `within`.
+async fn until_closed(c: &mut RawClient, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match c.recv_within(left).await {
+            Ok(None) => return,
+            Ok(Some(Packet::Disconnect(_))) => return,
+            Ok(Some(_)) => {}
+            Err(()) => panic!("the client is still connected after {within:?}"),
+        }
+    }
+}
+
+/// Many persistent sessions on one node are channels of one shared AMQP connection, not a
+/// connection each: 50 clients use at most 2 connections from their node, each gets what was
+/// queued for it while away; losing the shared connection disconnects every one of them, and
+/// they come back (a new shared connection) with nothing lost.
+#[tokio::test]
+async fn fifty_persistent_sessions_on_a_node_share_one_or_two_amqp_connections() {
+    let rabbit = tokio::task::spawn_blocking(RabbitNode::start_plain).await.expect("start");
+    let url = rabbit.amqp_url();
+    let prefix = unique("it-psess");
+    let a = gateway(&node_config(&prefix, "a", &url)).await;
+    let c = gateway(&node_config(&prefix, "c", &url)).await;
+    wait_ready(&a).await;
+    wait_ready(&c).await;
+    let n = 50;
+    let ids: Vec<String> = (0..n).map(|i| unique(&format!("ps-many{i}-"))).collect();
+    let mut devs = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let (mut dev, present) = persistent(a.mqtt_addr, id, 300).await;
+        assert!(!present);
+        subscribe(&mut dev, &format!("many/{i}"), qos(QoS::AtLeastOnce), None).await;
+        devs.push(dev);
+    }
+    let conns = session_connections(&rabbit);
+    assert!((1..=2).contains(&conns.len()), "{n} sessions on {} connections", conns.len());
+
+    let mut publisher = v5(&c, &unique("pub")).await;
+    let last = devs.len() - 1;
+    until_bound(&mut publisher, &mut devs[last], &format!("many/{last}")).await;
+    // Away: each one's message waits in its queue.
+    devs.clear();
+    for i in 0..n {
+        let topic = format!("many/{i}");
+        publish_qos1(&mut publisher, &topic, i as u16 + 1, format!("m{i}").as_bytes()).await;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (mut dev, present) = persistent(a.mqtt_addr, id, 300).await;
+        assert!(present);
+        let got = collect(&mut dev, Duration::from_millis(300)).await;
+        assert_eq!(qos1(&got), vec![format!("m{i}")], "{id}");
+        devs.push(dev);
+    }
+    let conns = session_connections(&rabbit);
+    assert!((1..=2).contains(&conns.len()), "{n} sessions on {} connections", conns.len());
+
+    // The shared connection goes: every session on it is disconnected (its deliveries go back
+    // to its queue), and resumes with a new one.
+    for pid in &conns {
+        rabbit.ctl(&["close_connection", pid, "test: the shared connection goes"]);
+    }
+    for dev in &mut devs {
+        until_closed(dev, Duration::from_secs(10)).await;
+    }
+    devs.clear();
+    for i in 0..n {
+        let topic = format!("many/{i}");
+        publish_qos1(&mut publisher, &topic, i as u16 + 1, format!("again{i}").as_bytes()).await;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let (mut dev, present) = persistent(a.mqtt_addr, id, 300).await;
+        assert!(present);
+        let got = collect(&mut dev, Duration::from_millis(300)).await;
+        assert_eq!(qos1(&got), vec![format!("again{i}")], "{id}");
+        devs.push(dev);
+    }
+    let conns = session_connections(&rabbit);
+    assert!((1..=2).contains(&conns.len()), "{n} sessions on {} connections", conns.len());
+    drop((a, c, devs));
+    tokio::task::spawn_blocking(move || drop(rabbit)).await.expect("stop");
 }

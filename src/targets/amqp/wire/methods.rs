@@ -315,6 +315,18 @@ pub fn channel_flow_ok(out: &mut BytesMut, channel: u16, active: bool) {
     frame::end(out, start);
 }
 
+/// Appends `channel.close` (`code` 200 for a normal close).
+pub fn channel_close(out: &mut BytesMut, channel: u16, code: u16, text: &str) {
+    let start = begin(out, channel, CHANNEL, 40);
+    out.put_u16(code);
+    let text = &text.as_bytes()[..text.len().min(255)];
+    out.put_u8(text.len() as u8);
+    out.extend_from_slice(text);
+    out.put_u16(0);
+    out.put_u16(0);
+    frame::end(out, start);
+}
+
 /// Appends `channel.close-ok`.
 pub fn channel_close_ok(out: &mut BytesMut, channel: u16) {
     let start = begin(out, channel, CHANNEL, 41);
