@@ -301,7 +301,7 @@ pub(super) async fn admit<S>(
                 shared.broker.unregister(&accepted.client_id, registration.conn_id);
                 let reason = format!("the session could not be opened in the cluster: {why}");
                 refuse(conn, &connect, code, &reason);
-                return Ok(None);
+                return None;
             }
         }
     }
