@@ -670,6 +670,24 @@ impl Config {
                 ),
             );
         }
+        // A session's queue keeps its bounds as `u32` (`broker/queue.rs`: every connection
+        // has one, and that keeps it in a smaller allocation).
+        let queue_bounds = [
+            ("mqtt.outbound_queue", self.mqtt.outbound_queue as u64),
+            ("mqtt.max_queued_messages", self.mqtt.max_queued_messages as u64),
+            ("mqtt.max_queued_bytes", self.mqtt.max_queued_bytes.0),
+        ];
+        for (name, value) in queue_bounds {
+            if value > u64::from(crate::broker::queue::MAX_BOUND) {
+                err(
+                    &self.mqtt.listen.referenced,
+                    format!(
+                        "{name} must be at most {} (it is {value})",
+                        crate::broker::queue::MAX_BOUND
+                    ),
+                );
+            }
+        }
         if self.mqtt.connect_timeout.value.0.is_zero() {
             err(&self.mqtt.connect_timeout.referenced, "mqtt.connect_timeout must be > 0".into());
         }

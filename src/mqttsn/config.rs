@@ -153,6 +153,18 @@ impl MqttSnConfig {
                 err(&to.referenced, format!("mqttsn.advertise_to: not an address:port ({e})"));
             }
         }
+        let bound = u64::from(crate::broker::queue::MAX_BOUND);
+        for (name, value) in [
+            ("mqttsn.max_queued_messages", self.max_queued_messages as u64),
+            ("mqttsn.max_queued_bytes", self.max_queued_bytes.0),
+        ] {
+            if value > bound {
+                err(
+                    &self.listen.referenced,
+                    format!("{name} must be at most {bound} (it is {value})"),
+                );
+            }
+        }
         let interval = self.advertise_interval.value.0;
         if interval.is_zero() || interval > Duration::from_secs(u64::from(u16::MAX)) {
             err(
