@@ -23,10 +23,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use crate::sources::amqp::flush_all;
 use crate::targets::amqp::transport::{self, describe, Transport, Uri};
 use crate::targets::amqp::wire::consume::{ConsumerFrame, ConsumerMethod};
-use crate::targets::amqp::wire::frame;
 use crate::targets::amqp::wire::methods::{self, Method, REPLY_SUCCESS};
 
 /// The shared confirm-mode channel the sessions' records are published on; the sessions see
@@ -425,26 +423,11 @@ impl ConnTask {
     }
 
     fn on_tick(&mut self) -> Result<(), String> {
-        let now = Instant::now();
-        if let Some(hb) = self.t.heartbeat {
-            if now.duration_since(self.t.last_read) > hb * 2 {
-                return Err(format!("no data from the broker for {:?}", hb * 2));
-            }
-            if self.t.wbuf.is_empty() && now.duration_since(self.t.last_write) >= hb / 2 {
-                frame::heartbeat(&mut self.t.wbuf);
-            }
-        }
-        Ok(())
+        crate::sources::amqp::keep_alive(&mut self.t, Instant::now())
     }
 
     /// Closes the connection (the node is stopping).
     async fn close(&mut self) {
-        methods::connection_close(&mut self.t.wbuf, REPLY_SUCCESS, "mqgate stopping");
-        let t = &mut self.t;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            flush_all(t).await?;
-            crate::sources::amqp::expect_close_ok(t).await
-        })
-        .await;
+        crate::sources::amqp::close_connection(&mut self.t, "mqgate stopping").await;
     }
 }
