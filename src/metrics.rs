@@ -219,6 +219,9 @@ pub struct Metrics {
     pub connections_rejected: Family<ReasonLabels, Counter>,
     /// Password checks answered from the cache of recent successful ones (no argon2).
     pub login_cache_hits: Counter,
+    /// Password hashes (argon2) verified: logins neither answered from the cache nor by a
+    /// check of the same user and password already in flight.
+    pub password_checks: Counter,
     /// Failed logins by reason (bad_password, unknown_user, no_password, backoff, busy,
     /// not_authorized).
     pub login_failures: Family<ReasonLabels, Counter>,
@@ -364,6 +367,7 @@ impl Metrics {
             store: Arc::default(),
             connections_rejected: Family::default(),
             login_cache_hits: Counter::default(),
+            password_checks: Counter::default(),
             login_failures: Family::default(),
             write_buffer_peak: Gauge::default(),
             memory_bytes: Gauge::default(),
@@ -522,6 +526,11 @@ impl Metrics {
             "login_cache_hits",
             "Password checks answered from the cache of recent successful ones (mqtt.login_cache_size)",
             m.login_cache_hits.clone(),
+        );
+        registry.register(
+            "password_checks",
+            "Password hashes (argon2) verified: logins answered neither by the cache nor by a check of the same user and password in flight",
+            m.password_checks.clone(),
         );
         registry.register(
             "login_failures",

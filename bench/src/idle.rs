@@ -119,6 +119,8 @@ pub struct Login {
     pub keepalive: u16,
     /// User name and password.
     pub credentials: Option<(String, String)>,
+    /// No warm-up login before the clock starts (`--cold-login`).
+    pub cold: bool,
 }
 
 /// CONNECT, MQTT 3.1.1, clean session, with `login`'s keepalive and credentials.
@@ -233,10 +235,13 @@ pub async fn measure(
     let from = Sources::new();
     // With a password, one login first, not counted: mqgate's login cache then holds the
     // check (`mqtt.login_cache_size`), so the figures are those of clients reconnecting
-    // within `login_cache_ttl`; the full argon2 cost is `--login-cache 0`.
+    // within `login_cache_ttl`; the full argon2 cost is `--login-cache 0`, a restart's
+    // reconnect `--cold-login`.
     let warm = match &login.credentials {
-        Some(_) => Some(open_one(addr, from, n, &format!("idle-{tag}-warm"), login).await?),
-        None => None,
+        Some(_) if !login.cold => {
+            Some(open_one(addr, from, n, &format!("idle-{tag}-warm"), login).await?)
+        }
+        _ => None,
     };
     let rss_before_kb = rss_kb(pid)?;
     let cpu_before = cpu_seconds(pid)?;

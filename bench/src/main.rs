@@ -239,6 +239,12 @@ struct Args {
     #[arg(long)]
     login_cache: Option<u32>,
 
+    /// `--mode idle` with `--credentials`: no login before the clock starts, so mqgate's
+    /// login cache is cold and the first clients of the user log in at once (a restart's
+    /// reconnect: what a check shared by concurrent logins of one user saves).
+    #[arg(long)]
+    cold_login: bool,
+
     /// Print one JSON document instead of the table.
     #[arg(long)]
     json: bool,
@@ -684,7 +690,7 @@ fn connections_login(args: &Args) -> Result<idle::Login> {
             Some((user.to_owned(), password.to_owned()))
         }
     };
-    Ok(idle::Login { keepalive: args.keepalive, credentials })
+    Ok(idle::Login { keepalive: args.keepalive, credentials, cold: args.cold_login })
 }
 
 /// The gateway `--mode idle` and `--mode storm` spawn: room for `n` connections, no rules;

@@ -8,6 +8,12 @@
 //!   `mqtt.login_cache_ttl`): user name → keyed SHA-256 of the password; a reconnect with the
 //!   same password skips argon2.
 //!
+//! - Single flight: logins with the same user name and password while one of them is being
+//!   checked wait for that check's answer instead of running argon2 again (a fleet of one
+//!   user reconnecting at once after a restart costs one check, not one per device). Only
+//!   that exact password gets the answer; a shared failure still counts towards each
+//!   follower's address backoff; at most `MAX_IN_FLIGHT` checks are shared at once; no lock is
+//!   held while hashing (followers wait on a `watch` channel).
 //! - Per-address turns: the logins of one address are checked one at a time, so one address
 //!   holds at most one of the verification slots (and its backoff is checked after its
 //!   previous attempt is known): a flood from one address waits behind itself, not others.
@@ -21,7 +27,7 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use super::{Authenticator, Refusal};
@@ -36,6 +42,9 @@ tokio::task_local! {
 /// Addresses with failures remembered at most; beyond, old ones are forgotten first, then
 /// new ones are not tracked.
 const MAX_TRACKED_ADDRESSES: usize = 65_536;
+/// Checks of distinct users and passwords shared at most at once (a few MB of argon2 memory
+/// each would be the bound long before; this one bounds the map).
+const MAX_IN_FLIGHT: usize = 4096;
 /// The first refusal period once an address reaches the failure threshold.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -84,6 +93,11 @@ pub struct LoginGuard {
     /// backoff, busy, not_authorized.
     counters: [Counter; 6],
     cache_hits: Counter,
+    /// Checks in flight by digest of user and password (at most [`MAX_IN_FLIGHT`]): the
+    /// logins that ask meanwhile wait for the answer instead of running argon2 again.
+    in_flight: Mutex<HashMap<[u8; 32], watch::Receiver<Option<bool>>>>,
+    /// Argon2 verifications run (`mqgate_password_checks_total`).
+    password_checks: Counter,
 }
 
 const REASONS: [&str; 6] =
@@ -106,12 +120,15 @@ impl LoginGuard {
                 metrics.login_failures.get_or_create(&ReasonLabels { reason: r.into() }).clone()
             }),
             cache_hits: metrics.login_cache_hits.clone(),
+            in_flight: Mutex::new(HashMap::new()),
+            password_checks: metrics.password_checks.clone(),
         }
     }
 
     /// Checks CONNECT credentials as [`Authenticator::authenticate`] does, with the client's
-    /// address's backoff first and the cache of recent successes before argon2. A refusal for
-    /// backoff is [`Refusal::Busy`] (0x89 / return code 3: retry later).
+    /// address's backoff first, then the cache of recent successes, then a check of the same
+    /// user and password already in flight, before argon2. A refusal for backoff is
+    /// [`Refusal::Busy`] (0x89 / return code 3: retry later).
     pub async fn authenticate(
         &self,
         auth: &Authenticator,
@@ -141,6 +158,38 @@ impl LoginGuard {
                 return Ok(());
             }
         }
+        // The same user and password being checked already: its answer is ours (a success
+        // for the same password, or a failure that counts against this address too).
+        let mut flight = None;
+        if let Some(digest) = digest {
+            loop {
+                match self.join_flight(digest) {
+                    Flight::Lead(lead) => {
+                        flight = Some(lead);
+                        break;
+                    }
+                    Flight::Unshared => break,
+                    Flight::Follow(mut answer) => {
+                        let shared =
+                            tokio::time::timeout_at(deadline, answer.wait_for(Option::is_some))
+                                .await
+                                .map(|r| r.ok().and_then(|v| *v));
+                        let verified = match shared {
+                            Err(_) => {
+                                self.counters[4].inc();
+                                return Err(Refusal::Busy);
+                            }
+                            // The first login went without an answer (gone, or busy): try again.
+                            Ok(None) => continue,
+                            Ok(Some(verified)) => verified,
+                        };
+                        let result = if verified { Ok(()) } else { Err(Refusal::BadCredentials) };
+                        self.settle(auth, user, peer, password.is_some(), result);
+                        return result;
+                    }
+                }
+            }
+        }
         // One check at a time per address; then its backoff again (its previous attempt may
         // have just failed).
         let mut turn = peer.and_then(|ip| self.turn_slot(ip));
@@ -160,11 +209,32 @@ impl LoginGuard {
             }
         }
         let result = auth.authenticate(Some(user), password, deadline).await;
+        // `Busy` from the authenticator: no verification slot, no hash checked.
+        if result != Err(Refusal::Busy) {
+            self.password_checks.inc();
+        }
+        if let (Ok(()), Some(digest)) = (result, digest) {
+            self.remember(user, digest);
+        }
+        self.settle(auth, user, peer, password.is_some(), result);
+        if let Some(lead) = flight {
+            lead.answer(result);
+        }
+        result
+    }
+
+    /// The bookkeeping of a login's answer: a success clears its address's failures; a
+    /// failure is counted and, for bad credentials, counts towards the address's backoff.
+    fn settle(
+        &self,
+        auth: &Authenticator,
+        user: &str,
+        peer: Option<IpAddr>,
+        has_password: bool,
+        result: Result<(), Refusal>,
+    ) {
         match result {
             Ok(()) => {
-                if let Some(digest) = digest {
-                    self.remember(user, digest);
-                }
                 if let Some(ip) = peer {
                     if let Ok(mut failures) = self.failures.lock() {
                         failures.remove(&ip);
@@ -172,7 +242,7 @@ impl LoginGuard {
                 }
             }
             Err(r) => {
-                self.count(r, Some(auth.has_user(user)), password.is_some());
+                self.count(r, Some(auth.has_user(user)), has_password);
                 if r == Refusal::BadCredentials {
                     if let Some(ip) = peer {
                         self.failed(ip);
@@ -180,7 +250,21 @@ impl LoginGuard {
                 }
             }
         }
-        result
+    }
+
+    /// Leads the check of `digest` (a user and password), or follows the one in flight.
+    /// Beyond [`MAX_IN_FLIGHT`] checks, a new one is neither shared nor waited for.
+    fn join_flight(&self, digest: [u8; 32]) -> Flight<'_> {
+        let Ok(mut flights) = self.in_flight.lock() else { return Flight::Unshared };
+        if let Some(answer) = flights.get(&digest) {
+            return Flight::Follow(answer.clone());
+        }
+        if flights.len() >= MAX_IN_FLIGHT {
+            return Flight::Unshared;
+        }
+        let (tx, rx) = watch::channel(None);
+        flights.insert(digest, rx);
+        Flight::Lead(Lead { guard: self, digest, tx })
     }
 
     /// A place in `ip`'s queue of logins (`None` when too many addresses are queued: then it
@@ -288,6 +372,45 @@ impl LoginGuard {
     }
 }
 
+/// What a login does about a check of its user and password in flight.
+enum Flight<'a> {
+    /// None in flight: this login checks, and tells the others.
+    Lead(Lead<'a>),
+    /// One in flight: wait for its answer (`Some(verified)`; the channel closes without one
+    /// if that login goes or gets no verification slot).
+    Follow(watch::Receiver<Option<bool>>),
+    /// Too many in flight: check alone.
+    Unshared,
+}
+
+/// The login checking a user and password for everyone who asks meanwhile; its entry goes
+/// with it, answered or not.
+struct Lead<'a> {
+    guard: &'a LoginGuard,
+    digest: [u8; 32],
+    tx: watch::Sender<Option<bool>>,
+}
+
+impl Lead<'_> {
+    /// Tells the followers a checked answer (a `Busy` is none: they try again).
+    fn answer(self, result: Result<(), Refusal>) {
+        match result {
+            Ok(()) => self.tx.send_replace(Some(true)),
+            Err(Refusal::BadCredentials) => self.tx.send_replace(Some(false)),
+            Err(_) => None,
+        };
+    }
+}
+
+impl Drop for Lead<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut flights) = self.guard.in_flight.lock() {
+            // Only the lead inserts or removes its digest's entry, so it is this one.
+            flights.remove(&self.digest);
+        }
+    }
+}
+
 /// One login's place in its address's queue; the entry goes with the last one.
 struct Turn<'a> {
     guard: &'a LoginGuard,
@@ -338,6 +461,27 @@ mod tests {
         g.failed(a);
         let second = g.failures.lock().expect("lock")[&a].until.expect("until");
         assert!(second - first >= Duration::from_millis(900), "doubles: {:?}", second - first);
+    }
+
+    #[tokio::test]
+    async fn a_check_in_flight_is_shared_by_its_digest_and_goes_with_its_lead() {
+        let g = guard(4);
+        let d = g.digest("a", b"pa");
+        let Flight::Lead(lead) = g.join_flight(d) else { panic!("the first leads") };
+        let Flight::Follow(mut answer) = g.join_flight(d) else { panic!("the second follows") };
+        assert!(matches!(g.join_flight(g.digest("a", b"other")), Flight::Lead(_)), "not shared");
+        lead.answer(Err(Refusal::BadCredentials));
+        assert_eq!(*answer.wait_for(Option::is_some).await.expect("answered"), Some(false));
+        assert!(g.in_flight.lock().expect("lock").is_empty(), "the entry went with its lead");
+        let Flight::Lead(lead) = g.join_flight(d) else { panic!("a new check leads") };
+        let Flight::Follow(mut answer) = g.join_flight(d) else { panic!("follows") };
+        drop(lead);
+        assert!(answer.wait_for(Option::is_some).await.is_err(), "gone without an answer");
+        let leads: Vec<_> = (0..MAX_IN_FLIGHT as u32)
+            .map(|i| g.join_flight(g.digest("u", &i.to_be_bytes())))
+            .collect();
+        assert!(leads.iter().all(|f| matches!(f, Flight::Lead(_))));
+        assert!(matches!(g.join_flight(d), Flight::Unshared), "bounded");
     }
 
     #[test]

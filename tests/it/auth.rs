@@ -384,7 +384,8 @@ async fn a_connect_flood_neither_blocks_other_clients_nor_runs_unbounded() {
         let addr = app.mqtt_addr;
         flood.spawn(async move {
             let id = format!("flood-{i}");
-            connect_as(addr, V5, &id, Some("flood"), Some("wrong")).await.1
+            // Each a different guess: the same one would be checked once for all.
+            connect_as(addr, V5, &id, Some("flood"), Some(&format!("wrong-{i}"))).await.1
         });
     }
     // Meanwhile an anonymous client connects and gets a QoS 1 PUBACK: the verifications run
@@ -419,7 +420,8 @@ async fn connects_that_cannot_be_verified_within_the_connect_timeout_get_server_
         let addr = app.mqtt_addr;
         let version = if i % 2 == 0 { V5 } else { V311 };
         flood.spawn(async move {
-            connect_as(addr, version, &format!("busy-{i}"), Some("flood"), Some("wrong")).await.1
+            let guess = format!("wrong-{i}");
+            connect_as(addr, version, &format!("busy-{i}"), Some("flood"), Some(&guess)).await.1
         });
     }
     let mut codes = Vec::new();
@@ -436,5 +438,97 @@ async fn connects_that_cannot_be_verified_within_the_connect_timeout_get_server_
     let bad = codes.iter().filter(|c| **c == ReasonCode::BAD_USER_NAME_OR_PASSWORD).count();
     assert!(busy > 0 && bad > 0 && busy + bad == codes.len(), "{codes:?}");
     assert!(metrics(&app).await.contains(r#"mqgate_auth_refused_total{reason="busy"}"#));
+    app.stop().await;
+}
+
+/// A `users:` entry whose argon2 check takes ~10× the default's time (t=20), so a burst of
+/// CONNECTs sent together all arrive while the first one's check is running.
+fn slow_user(name: &str, password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let params = argon2::Params::new(19_456, 20, 1, None).expect("params");
+    let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::encode_b64(b"mqgate-it-salt!!").expect("salt");
+    let phc = argon.hash_password(password.as_bytes(), &salt).expect("hash").to_string();
+    format!("users:\n  - username: {name}\n    password_hash: \"{phc}\"\n")
+}
+
+/// Opens `passwords.len()` connections first, then sends their CONNECTs all at once; returns
+/// each one's CONNACK code, in order.
+async fn burst(addr: std::net::SocketAddr, user: &str, passwords: &[&str]) -> Vec<ReasonCode> {
+    let mut clients = Vec::new();
+    for (i, password) in passwords.iter().enumerate() {
+        let mut connect = connect_packet(V311, &format!("burst-{i}"));
+        connect.username = Some(user.to_owned());
+        connect.password = Some(Bytes::copy_from_slice(password.as_bytes()));
+        clients.push((RawClient::tcp(addr, V311).await, connect));
+    }
+    let logins = clients.into_iter().map(|(mut c, connect)| async move {
+        c.send(&Packet::Connect(Box::new(connect))).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(a)) => a.code,
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    });
+    futures::future::join_all(logins).await
+}
+
+/// A counter's value from `/metrics` (0 when absent).
+async fn counter(app: &App, name: &str) -> u64 {
+    let text = metrics(app).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn fifty_simultaneous_logins_of_one_user_cost_one_password_check() {
+    // No login cache: a login that did not share the check in flight would run its own.
+    let yaml = config(false, &slow_user("fleet", "pw"))
+        .replace("  allow_anonymous: false\n", "  allow_anonymous: false\n  login_cache_size: 0\n");
+    let app = gateway(&yaml).await;
+    let codes = burst(app.mqtt_addr, "fleet", &["pw"; 50]).await;
+    assert!(codes.iter().all(|c| *c == ReasonCode::SUCCESS), "{codes:?}");
+    assert_eq!(counter(&app, "mqgate_password_checks_total").await, 1, "argon2 ran once");
+    // Later, alone: checked again (no cache here, and nothing in flight).
+    let (_, code) = connect_as(app.mqtt_addr, V311, "later", Some("fleet"), Some("pw")).await;
+    assert_eq!(code, ReasonCode::SUCCESS);
+    assert_eq!(counter(&app, "mqgate_password_checks_total").await, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_password_in_a_burst_of_right_ones_is_refused() {
+    let yaml = config(false, &slow_user("fleet", "pw"))
+        .replace("  allow_anonymous: false\n", "  allow_anonymous: false\n  login_cache_size: 0\n");
+    let app = gateway(&yaml).await;
+    let mut passwords = vec!["pw"; 30];
+    passwords[7] = "pw ";
+    passwords[20] = "wrong";
+    let codes = burst(app.mqtt_addr, "fleet", &passwords).await;
+    for (i, code) in codes.iter().enumerate() {
+        let want = if passwords[i] == "pw" {
+            ReasonCode::SUCCESS
+        } else {
+            ReasonCode::BAD_USER_NAME_OR_PASSWORD
+        };
+        assert_eq!(*code, want, "login {i} with {:?}", passwords[i]);
+    }
+    assert_eq!(counter(&app, "mqgate_password_checks_total").await, 3, "one per password");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_shared_wrong_password_still_counts_towards_each_logins_backoff() {
+    let yaml = config(false, &slow_user("fleet", "pw"))
+        .replace("  login_failures_before_backoff: 0\n", "  login_failures_before_backoff: 5\n");
+    let app = gateway(&yaml).await;
+    let codes = burst(app.mqtt_addr, "fleet", &["guess"; 10]).await;
+    assert!(codes.iter().all(|c| *c == ReasonCode::BAD_USER_NAME_OR_PASSWORD), "{codes:?}");
+    assert_eq!(counter(&app, "mqgate_password_checks_total").await, 1, "one check shared");
+    // Ten failures from 127.0.0.1, not one: its next login is refused without a check.
+    let (_, code) = connect_as(app.mqtt_addr, V311, "next", Some("fleet"), Some("pw")).await;
+    // Backoff: 3.1.1 return code 3, read back as 0x88.
+    assert_eq!(code, ReasonCode::SERVER_UNAVAILABLE);
+    assert_eq!(counter(&app, "mqgate_password_checks_total").await, 1);
     app.stop().await;
 }

@@ -238,9 +238,14 @@ async fn a_wrong_password_storm_does_not_delay_a_correct_login_from_another_addr
     // A correct login alone (no cache: argon2 each time).
     let (code, alone) = login(addr, [127, 0, 0, 2], "dev", b"right").await;
     assert!(code.is_some_and(|c| c.is_success()), "{code:?}");
-    // 60 wrong passwords at once from 127.0.0.1.
+    // 60 different wrong passwords at once from 127.0.0.1 (the same one would be checked
+    // once for all of them).
     let storm: Vec<_> = (0..60)
-        .map(|_| tokio::spawn(async move { login(addr, [127, 0, 0, 1], "dev", b"wrong").await }))
+        .map(|i| {
+            tokio::spawn(async move {
+                login(addr, [127, 0, 0, 1], "dev", format!("wrong-{i}").as_bytes()).await
+            })
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (code, during) = login(addr, [127, 0, 0, 2], "dev", b"right").await;
@@ -282,6 +287,8 @@ async fn a_reconnect_with_the_same_password_skips_the_hash() {
     assert!(code.is_some_and(|c| !c.is_success()), "{code:?}");
     let m = metrics(&app).await;
     assert!(m.contains("mqgate_login_cache_hits_total 1"), "{m}");
+    // The first login, the wrong password and the unknown user (checked against a decoy).
+    assert!(m.contains("mqgate_password_checks_total 3"), "{m}");
     assert!(m.contains("mqgate_login_failures_total{reason=\"bad_password\"} 1"), "{m}");
     assert!(m.contains("mqgate_login_failures_total{reason=\"unknown_user\"} 1"), "{m}");
     app.stop().await;

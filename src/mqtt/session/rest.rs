@@ -67,15 +67,40 @@ pub(crate) struct Resting {
     last_id: u16,
     aliases: inbound::TopicAliases,
     slot: ConnSlot,
-    last_packet: Instant,
-    /// The keepalive in milliseconds, `u64::MAX` for none.
-    keepalive_ms: u64,
+    /// When the last packet came, in milliseconds since [`origin`] (8 bytes where an
+    /// `Instant` takes 16).
+    last_packet_ms: u64,
+    /// The keepalive in milliseconds, `u32::MAX` for none (MQTT's longest, 65,535 s, fits;
+    /// a longer `mqtt.idle_timeout` is taken as 49 days).
+    keepalive_ms: u32,
     expiry: Expiry,
     window: u16,
     client_max_packet_size: u32,
     version: ProtocolVersion,
     problem_info: bool,
     expiry_zero_at_connect: bool,
+}
+
+/// The origin of the resting sessions' compact timestamps (the first use in the process).
+fn origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    Instant::from_std(*ORIGIN.get_or_init(std::time::Instant::now))
+}
+
+/// `at` as milliseconds since [`origin`] (an earlier `at` as the origin itself).
+fn to_ms(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(origin()).as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The instant `ms` after [`origin`] (to the millisecond: a keepalive is checked on the idle
+/// pool's 500 ms tick anyway).
+fn from_ms(ms: u64) -> Instant {
+    origin() + Duration::from_millis(ms)
+}
+
+/// A keepalive as [`Resting::keepalive_ms`] holds it.
+fn keepalive_ms(keepalive: Option<Duration>) -> u32 {
+    keepalive.map_or(u32::MAX, |k| u32::try_from(k.as_millis()).unwrap_or(u32::MAX - 1))
 }
 
 /// The reason logged if a session that asked to rest cannot (not expected).
@@ -215,9 +240,8 @@ impl<S: Transport> Session<S> {
             will,
             aliases,
             slot,
-            last_packet,
-            keepalive_ms: keepalive
-                .map_or(u64::MAX, |k| u64::try_from(k.as_millis()).unwrap_or(u64::MAX - 1)),
+            last_packet_ms: to_ms(last_packet),
+            keepalive_ms: keepalive_ms(keepalive),
             expiry,
             window: u16::try_from(window).unwrap_or(u16::MAX),
             version,
@@ -256,8 +280,9 @@ impl<S: Transport> Session<S> {
             expiry: r.expiry,
             expiry_zero_at_connect: r.expiry_zero_at_connect,
             link: r.link,
-            keepalive: (r.keepalive_ms != u64::MAX).then(|| Duration::from_millis(r.keepalive_ms)),
-            last_packet: r.last_packet,
+            keepalive: (r.keepalive_ms != u32::MAX)
+                .then(|| Duration::from_millis(u64::from(r.keepalive_ms))),
+            last_packet: from_ms(r.last_packet_ms),
             will: r.will,
             problem_info: r.problem_info,
             pending,
@@ -310,10 +335,8 @@ impl Resting {
             link: Some(c.registration.link),
             will: c.will.map(Box::new),
             slot,
-            last_packet: Instant::now(),
-            keepalive_ms: c
-                .keepalive
-                .map_or(u64::MAX, |k| u64::try_from(k.as_millis()).unwrap_or(u64::MAX - 1)),
+            last_packet_ms: to_ms(Instant::now()),
+            keepalive_ms: keepalive_ms(c.keepalive),
             expiry_zero_at_connect: c.expiry == Expiry::Now,
             expiry: c.expiry,
             window,
@@ -413,31 +436,42 @@ mod tests {
     /// registry link, subscriber, client id): the idle pool's slot (this plus ~40 bytes and
     /// the allocation's header). Things that would creep in: a buffer or a queue kept
     /// instead of made again, a `SocketAddr`, a second copy of what the link already has.
-    /// The whole allocation is held to 256 bytes, one of mimalloc's size classes: the next
-    /// one is 320.
+    /// The whole allocation is held to 224 bytes, one of mimalloc's size classes (the next
+    /// one is 256: 8 bytes more here cross it; 184 before the compact timestamp and keepalive).
     #[test]
     fn a_resting_session_stays_small() {
         let size = std::mem::size_of::<Resting>();
-        assert!(size <= 184, "a resting session grew to {size} bytes (budget 184)");
+        assert!(size <= 168, "a resting session grew to {size} bytes (budget 168)");
         let slot = crate::mqtt::idle::slot_bytes::<Resting>();
-        assert!(slot <= 256, "a resting connection's slot grew to {slot} bytes (budget 256)");
+        assert!(slot <= 224, "a resting connection's slot grew to {slot} bytes (budget 224)");
+    }
+
+    #[test]
+    fn the_compact_timestamp_and_keepalive_round_trip() {
+        let at = Instant::now() + Duration::from_millis(1_234);
+        let back = from_ms(to_ms(at));
+        assert!(back <= at && at - back < Duration::from_millis(1), "{at:?} {back:?}");
+        assert_eq!(keepalive_ms(None), u32::MAX);
+        assert_eq!(keepalive_ms(Some(Duration::from_secs(65_535))), 65_535_000);
+        assert_eq!(keepalive_ms(Some(Duration::from_secs(100 * 86_400))), u32::MAX - 1);
     }
 
     /// Everything a resting connection holds that is its own, in mimalloc's size classes: its
-    /// slot in the idle pool (256), its registry link (`ConnLink` in an `Arc`: 128), its
-    /// queue (`Subscriber` in an `Arc`: 112) and its slot in the registry's map (32, up to
-    /// twice that with the map's spare room), 528 bytes; then the client id (an `Arc<str>`,
-    /// 32 for a short one). Measured at 15,000 connections the whole process grows by
-    /// ~690 B per connection (docs/benchmarks.md): the rest is the allocator's and the maps'
-    /// spare room. A field added to one of these that crosses a size class shows here.
+    /// slot in the idle pool (224), its registry link (`ConnLink` in an `Arc`: 128), its
+    /// queue (`Subscriber` in an `Arc`: 80, its deque boxed and made on the first delivery)
+    /// and its slot in the registry's map (32, up to twice that with the map's spare room),
+    /// 464 bytes (528 before); then the client id (an `Arc<str>`, 32 for a short one). The
+    /// whole process grows by more per connection (docs/benchmarks.md): the rest is the
+    /// allocator's and the maps' spare room. A field added to one of these that crosses a
+    /// size class shows here.
     #[test]
-    fn a_resting_connection_holds_at_most_528_bytes_besides_its_client_id() {
+    fn a_resting_connection_holds_at_most_464_bytes_besides_its_client_id() {
         use crate::broker::sessions::{ConnLink, Subscriber};
         let arc = 2 * std::mem::size_of::<usize>();
         let parts = [
-            ("the idle pool's slot", crate::mqtt::idle::slot_bytes::<Resting>(), 256),
+            ("the idle pool's slot", crate::mqtt::idle::slot_bytes::<Resting>(), 224),
             ("the registry link", arc + std::mem::size_of::<ConnLink>(), 128),
-            ("the subscriber queue", arc + std::mem::size_of::<Subscriber>(), 112),
+            ("the subscriber queue", arc + std::mem::size_of::<Subscriber>(), 80),
             ("the registry's map slot", crate::broker::sessions::registry_slot_bytes(), 32),
         ];
         for (what, size, class) in parts {
