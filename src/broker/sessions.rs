@@ -383,6 +383,11 @@ impl ConnLink {
         }
     }
 
+    /// The identity of the connection's client.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+
     /// What the admin API shows of the connection, once its CONNECT is accepted.
     fn info(&self) -> Option<ConnInfo> {
         self.lock().info.clone()

@@ -308,6 +308,11 @@ pub(super) async fn admit<S>(
     // A will still waiting for its delay: never sent if the session resumes, sent now if not.
     shared.broker.claim_will(&accepted.client_id, session_present);
     state.version = version;
+    // The session's user name: the owner's string, not a copy of it.
+    let user_name = match &owner {
+        Owner::User(name) => Some(Arc::clone(name)),
+        Owner::Anonymous | Owner::Unknown => None,
+    };
     // A new session is the client's; one restored from an older store becomes it.
     state.owner = owner;
     let mut acl = live.auth.acl.for_client(username, &accepted.client_id);
@@ -408,7 +413,7 @@ pub(super) async fn admit<S>(
     Some(Connected {
         version,
         client_id,
-        username: username.map(Arc::from),
+        username: user_name,
         acl,
         live,
         registration,

@@ -506,7 +506,7 @@ pub(super) struct TopicAliases {
 }
 
 #[derive(Debug, Default)]
-struct AliasTables {
+pub(super) struct AliasTables {
     /// Client to server: topic by alias - 1; grows up to `maximum` as the client uses them.
     inbound: Vec<Option<String>>,
     /// Server to client: the alias of each topic given one.
@@ -516,6 +516,21 @@ struct AliasTables {
 impl TopicAliases {
     pub(super) fn new(maximum: u16, client_maximum: u16) -> Self {
         TopicAliases { tables: None, maximum, client_maximum }
+    }
+
+    /// What a resting session keeps: the tables (if any) and the client's maximum (ours is
+    /// the config's, `mqtt.topic_alias_maximum`).
+    pub(super) fn into_parts(self) -> (Option<Box<AliasTables>>, u16) {
+        (self.tables, self.client_maximum)
+    }
+
+    /// The aliases of a resting session again.
+    pub(super) fn from_parts(
+        tables: Option<Box<AliasTables>>,
+        maximum: u16,
+        client_maximum: u16,
+    ) -> Self {
+        TopicAliases { tables, maximum, client_maximum }
     }
 
     /// For a delivery of `publish` (MQTT 5): the topic's alias replaces its name when it has

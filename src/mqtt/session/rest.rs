@@ -47,7 +47,7 @@ type Boxed = Pin<Box<dyn Future<Output = ()> + Send>>;
 pub(crate) struct Resting {
     shared: Arc<SessionShared>,
     client_id: Arc<str>,
-    username: Option<Arc<str>>,
+    // No user name: the registry link's owner is the same string (`ConnLink::owner`).
     acl: ClientAcl,
     live: Arc<Live>,
     link: Option<DoneGuard>,
@@ -65,20 +65,36 @@ pub(crate) struct Resting {
     #[allow(clippy::box_collection)]
     awaiting_rel: Option<Box<HashSet<u16>>>,
     last_id: u16,
-    aliases: inbound::TopicAliases,
+    /// The topic alias tables, if the client used any; the client's Topic Alias Maximum is
+    /// `client_alias_maximum`, ours the config's.
+    alias_tables: Option<Box<inbound::AliasTables>>,
+    client_alias_maximum: u16,
     slot: ConnSlot,
-    /// When the last packet came, in milliseconds since [`origin`] (8 bytes where an
-    /// `Instant` takes 16).
-    last_packet_ms: u64,
+    /// When the last packet came, in whole seconds since [`origin`] rounded up (4 bytes where
+    /// an `Instant` takes 16; a resumed session's keepalive then runs out up to a second
+    /// late, as its check on the pool's tick is up to half a second late anyway).
+    last_packet_s: u32,
     /// The keepalive in milliseconds, `u32::MAX` for none (MQTT's longest, 65,535 s, fits;
     /// a longer `mqtt.idle_timeout` is taken as 49 days).
     keepalive_ms: u32,
-    expiry: Expiry,
+    /// The session expiry as its interval (`Expiry::seconds`, which round-trips).
+    expiry_s: u32,
     window: u16,
     client_max_packet_size: u32,
     version: ProtocolVersion,
-    problem_info: bool,
-    expiry_zero_at_connect: bool,
+    /// [`PROBLEM_INFO`] and [`EXPIRY_ZERO_AT_CONNECT`].
+    flags: u8,
+}
+
+/// [`Resting::flags`]: the client asked for reason strings and user properties on errors.
+const PROBLEM_INFO: u8 = 1;
+/// [`Resting::flags`]: the session expiry was 0 at CONNECT (MQTT 5 §3.14.2.2.2).
+const EXPIRY_ZERO_AT_CONNECT: u8 = 2;
+
+/// [`Resting::flags`] of a session's two flags.
+fn flags(problem_info: bool, expiry_zero_at_connect: bool) -> u8 {
+    (if problem_info { PROBLEM_INFO } else { 0 })
+        | (if expiry_zero_at_connect { EXPIRY_ZERO_AT_CONNECT } else { 0 })
 }
 
 /// The origin of the resting sessions' compact timestamps (the first use in the process).
@@ -87,15 +103,16 @@ fn origin() -> Instant {
     Instant::from_std(*ORIGIN.get_or_init(std::time::Instant::now))
 }
 
-/// `at` as milliseconds since [`origin`] (an earlier `at` as the origin itself).
-fn to_ms(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(origin()).as_millis()).unwrap_or(u64::MAX)
+/// `at` as whole seconds since [`origin`], rounded up (an earlier `at` as the origin).
+fn to_secs(at: Instant) -> u32 {
+    let since = at.saturating_duration_since(origin());
+    let secs = since.as_secs() + u64::from(since.subsec_nanos() > 0);
+    u32::try_from(secs).unwrap_or(u32::MAX)
 }
 
-/// The instant `ms` after [`origin`] (to the millisecond: a keepalive is checked on the idle
-/// pool's 500 ms tick anyway).
-fn from_ms(ms: u64) -> Instant {
-    origin() + Duration::from_millis(ms)
+/// The instant `secs` after [`origin`].
+fn from_secs(secs: u32) -> Instant {
+    origin() + Duration::from_secs(u64::from(secs))
 }
 
 /// A keepalive as [`Resting::keepalive_ms`] holds it.
@@ -224,6 +241,9 @@ impl<S: Transport> Session<S> {
             version: _,
             owner: _,
         } = state;
+        // The same string as the link's owner (`from_rest` takes it from there).
+        drop(username);
+        let (alias_tables, client_alias_maximum) = aliases.into_parts();
         let resting = Resting {
             session_id,
             subscriber,
@@ -233,20 +253,19 @@ impl<S: Transport> Session<S> {
             client_max_packet_size: conn.client_max_packet_size(),
             shared,
             client_id,
-            username,
             acl,
             live,
             link,
             will,
-            aliases,
+            alias_tables,
+            client_alias_maximum,
             slot,
-            last_packet_ms: to_ms(last_packet),
+            last_packet_s: to_secs(last_packet),
             keepalive_ms: keepalive_ms(keepalive),
-            expiry,
+            expiry_s: expiry.seconds(),
             window: u16::try_from(window).unwrap_or(u16::MAX),
             version,
-            problem_info,
-            expiry_zero_at_connect,
+            flags: flags(problem_info, expiry_zero_at_connect),
         };
         (conn, resting)
     }
@@ -255,6 +274,13 @@ impl<S: Transport> Session<S> {
 impl<S: Transport> Session<S> {
     /// The session of a resting one and its socket.
     fn from_rest(r: Resting, conn: Connection<S>, peer: SocketAddr) -> Self {
+        // The link is the connection's (a session rests only with one); its owner is the
+        // user name the session had.
+        let owner = r.link.as_ref().map_or(Owner::Anonymous, |l| l.0.owner().clone());
+        let username = match &owner {
+            Owner::User(name) => Some(Arc::clone(name)),
+            Owner::Anonymous | Owner::Unknown => None,
+        };
         let state = SessionState {
             id: r.session_id,
             subscriber: r.subscriber,
@@ -264,7 +290,7 @@ impl<S: Transport> Session<S> {
             filters: r.filters.map_or_else(HashMap::new, |f| *f),
             awaiting_rel: HashSet::new(),
             version: r.version,
-            owner: Owner::of(r.username.as_deref()),
+            owner,
         };
         let mut pending = PendingQueue::new(r.shared.limits.receive_maximum);
         pending.resume(r.awaiting_rel.map_or_else(HashSet::new, |a| *a));
@@ -273,23 +299,27 @@ impl<S: Transport> Session<S> {
             peer,
             version: r.version,
             client_id: r.client_id,
-            username: r.username,
+            username,
             acl: r.acl,
             live: r.live,
             session_id: state.id,
-            expiry: r.expiry,
-            expiry_zero_at_connect: r.expiry_zero_at_connect,
+            expiry: Expiry::from_interval(r.expiry_s),
+            expiry_zero_at_connect: r.flags & EXPIRY_ZERO_AT_CONNECT != 0,
             link: r.link,
             keepalive: (r.keepalive_ms != u32::MAX)
                 .then(|| Duration::from_millis(u64::from(r.keepalive_ms))),
-            last_packet: from_ms(r.last_packet_ms),
+            last_packet: from_secs(r.last_packet_s),
             will: r.will,
-            problem_info: r.problem_info,
+            problem_info: r.flags & PROBLEM_INFO != 0,
             pending,
             out: OutboundState::from_parts(state, usize::from(r.window)),
             resend_due: false,
             rule_hits: Vec::new(),
-            aliases: r.aliases,
+            aliases: inbound::TopicAliases::from_parts(
+                r.alias_tables,
+                r.shared.limits.topic_alias_maximum,
+                r.client_alias_maximum,
+            ),
             blocked: Vec::new(),
             draining: false,
             memory_paused: false,
@@ -324,24 +354,20 @@ impl Resting {
             filters: (!filters.is_empty()).then(|| Box::new(filters)),
             awaiting_rel: (!awaiting_rel.is_empty()).then(|| Box::new(awaiting_rel)),
             client_max_packet_size,
-            aliases: inbound::TopicAliases::new(
-                shared.limits.topic_alias_maximum,
-                c.client_topic_alias_maximum,
-            ),
+            alias_tables: None,
+            client_alias_maximum: c.client_topic_alias_maximum,
             client_id: c.client_id,
-            username: c.username,
             acl: c.acl,
             live: c.live,
             link: Some(c.registration.link),
             will: c.will.map(Box::new),
             slot,
-            last_packet_ms: to_ms(Instant::now()),
+            last_packet_s: to_secs(Instant::now()),
             keepalive_ms: keepalive_ms(c.keepalive),
-            expiry_zero_at_connect: c.expiry == Expiry::Now,
-            expiry: c.expiry,
+            flags: flags(c.problem_info, c.expiry == Expiry::Now),
+            expiry_s: c.expiry.seconds(),
             window,
             version: c.version,
-            problem_info: c.problem_info,
             shared,
         }
     }
@@ -436,21 +462,29 @@ mod tests {
     /// registry link, subscriber, client id): the idle pool's slot (this plus ~40 bytes and
     /// the allocation's header). Things that would creep in: a buffer or a queue kept
     /// instead of made again, a `SocketAddr`, a second copy of what the link already has.
-    /// The whole allocation is held to 224 bytes, one of mimalloc's size classes (the next
-    /// one is 256: 8 bytes more here cross it; 184 before the compact timestamp and keepalive).
+    /// The whole allocation is held to 192 bytes, one of mimalloc's size classes (the next is
+    /// 224; 256 before: 184 bytes, with a user name that the link's owner holds too, an
+    /// `Instant`, a `u64` keepalive, the expiry enum and the alias maximums inline).
     #[test]
     fn a_resting_session_stays_small() {
         let size = std::mem::size_of::<Resting>();
-        assert!(size <= 168, "a resting session grew to {size} bytes (budget 168)");
+        assert!(size <= 136, "a resting session grew to {size} bytes (budget 136)");
         let slot = crate::mqtt::idle::slot_bytes::<Resting>();
-        assert!(slot <= 224, "a resting connection's slot grew to {slot} bytes (budget 224)");
+        assert!(slot <= 192, "a resting connection's slot grew to {slot} bytes (budget 192)");
     }
 
     #[test]
-    fn the_compact_timestamp_and_keepalive_round_trip() {
+    fn the_compact_timestamp_keepalive_and_expiry_round_trip() {
         let at = Instant::now() + Duration::from_millis(1_234);
-        let back = from_ms(to_ms(at));
-        assert!(back <= at && at - back < Duration::from_millis(1), "{at:?} {back:?}");
+        let back = from_secs(to_secs(at));
+        assert!(back >= at && back - at < Duration::from_secs(1), "{at:?} {back:?}");
+        for e in [Expiry::Now, Expiry::After(1), Expiry::After(u32::MAX - 1), Expiry::Never] {
+            assert_eq!(Expiry::from_interval(e.seconds()), e);
+        }
+        for (p, z) in [(false, false), (true, false), (false, true), (true, true)] {
+            let f = flags(p, z);
+            assert_eq!((f & PROBLEM_INFO != 0, f & EXPIRY_ZERO_AT_CONNECT != 0), (p, z));
+        }
         assert_eq!(keepalive_ms(None), u32::MAX);
         assert_eq!(keepalive_ms(Some(Duration::from_secs(65_535))), 65_535_000);
         assert_eq!(keepalive_ms(Some(Duration::from_secs(100 * 86_400))), u32::MAX - 1);
