@@ -482,22 +482,59 @@ struct Parked {
     expires: Option<Instant>,
 }
 
-/// One client id: the connection holding it and/or its parked session.
+/// The registry's maps, under one lock: connected client ids and parked sessions apart, so
+/// that a connection's slot is a key and one pointer (a slot with room for a parked session
+/// too was 8 bytes more for every connection, and the map keeps up to twice as many slots as
+/// entries).
 #[derive(Debug, Default)]
-struct Entry {
-    /// The connection holding the client id.
-    conn: Option<Arc<ConnLink>>,
-    /// Boxed: most entries are connections without a parked session, and a map slot is as
-    /// large as its largest entry (a parked session inline made every slot ~250 bytes).
-    parked: Option<Box<Parked>>,
+struct Maps {
+    /// The connection holding each connected client id.
+    conns: HashMap<Arc<str>, Arc<ConnLink>>,
+    /// Parked sessions. Boxed: a spare slot of this map is then one pointer, not a session.
+    parked: HashMap<Arc<str>, Box<Parked>>,
+    /// Client ids in both maps (a connection taking over or resuming its parked session),
+    /// so that [`Maps::len`] counts each client id once.
+    both: usize,
 }
 
-/// The bytes one connected client id's slot in the registry's map takes (its key and entry;
+impl Maps {
+    /// Client ids connected or parked.
+    fn len(&self) -> usize {
+        self.conns.len() + self.parked.len() - self.both
+    }
+
+    fn contains(&self, client_id: &str) -> bool {
+        self.conns.contains_key(client_id) || self.parked.contains_key(client_id)
+    }
+
+    /// The string of `client_id` as one of the maps holds it, if one does.
+    fn key(&self, client_id: &str) -> Option<Arc<str>> {
+        let key = self.conns.get_key_value(client_id).map(|(k, _)| k);
+        key.or_else(|| self.parked.get_key_value(client_id).map(|(k, _)| k)).cloned()
+    }
+
+    /// Who holds `client_id`: its connection's owner, else its parked session's.
+    fn owner(&self, client_id: &str) -> Option<&Owner> {
+        match self.conns.get(client_id) {
+            Some(conn) => Some(&conn.owner),
+            None => self.parked.get(client_id).map(|p| &p.state.owner),
+        }
+    }
+
+    /// Removes the connection of `client_id`.
+    fn remove_conn(&mut self, client_id: &str) {
+        if self.conns.remove(client_id).is_some() && self.parked.contains_key(client_id) {
+            self.both -= 1;
+        }
+    }
+}
+
+/// The bytes one connected client id's slot in the registry's map takes (its key and link;
 /// the map keeps up to twice as many slots as entries), for the resting connection's budget
 /// test (`mqtt/session/rest.rs`).
 #[cfg(test)]
 pub(crate) fn registry_slot_bytes() -> usize {
-    std::mem::size_of::<(Arc<str>, Entry)>()
+    std::mem::size_of::<(Arc<str>, Arc<ConnLink>)>()
 }
 
 /// What [`SessionStore::take`] found.
@@ -548,7 +585,7 @@ impl Drop for DoneGuard {
 /// session holds, so a connection's entry costs a map slot and no string of its own.
 #[derive(Debug, Default)]
 pub struct SessionStore {
-    entries: Mutex<HashMap<Arc<str>, Entry>>,
+    entries: Mutex<Maps>,
 }
 
 impl SessionStore {
@@ -564,29 +601,28 @@ impl SessionStore {
         same_identity: bool,
         max_sessions: usize,
     ) -> Result<Registration, Refused> {
-        let mut entries = self.lock();
-        if max_sessions > 0 && entries.len() >= max_sessions && !entries.contains_key(&**client_id)
-        {
+        let mut maps = self.lock();
+        if max_sessions > 0 && maps.len() >= max_sessions && !maps.contains(client_id) {
             return Err(Refused::Full);
         }
         if same_identity {
-            if let Some(entry) = entries.get(&**client_id) {
-                let holder = match (&entry.conn, &entry.parked) {
-                    (Some(conn), _) => Some(&conn.owner),
-                    (None, Some(parked)) => Some(&parked.state.owner),
-                    (None, None) => None,
-                };
-                if let Some(holder) = holder.filter(|h| !h.admits(&owner)) {
-                    return Err(Refused::Owned(holder.clone()));
-                }
+            if let Some(holder) = maps.owner(client_id).filter(|h| !h.admits(&owner)) {
+                return Err(Refused::Owned(holder.clone()));
             }
         }
         let link = Arc::new(ConnLink::new(conn_id, owner));
-        let entry = match entries.get_mut(&**client_id) {
-            Some(entry) => entry,
-            None => entries.entry(Arc::clone(client_id)).or_default(),
+        let previous = match maps.conns.get_mut(&**client_id) {
+            Some(held) => Some(std::mem::replace(held, Arc::clone(&link))),
+            None => {
+                // The parked session's string if it has one: one string per client id.
+                let key = maps.key(client_id).unwrap_or_else(|| Arc::clone(client_id));
+                if maps.parked.contains_key(client_id) {
+                    maps.both += 1;
+                }
+                maps.conns.insert(key, Arc::clone(&link));
+                None
+            }
         };
-        let previous = entry.conn.replace(Arc::clone(&link));
         if let Some(old) = &previous {
             old.close(CloseReason::Takeover);
         }
@@ -595,7 +631,7 @@ impl SessionStore {
 
     /// Tells every registered connection to close (shutdown).
     pub fn close_all(&self, reason: CloseReason) {
-        for link in self.lock().values().filter_map(|e| e.conn.as_ref()) {
+        for link in self.lock().conns.values() {
             link.close(reason);
         }
     }
@@ -605,8 +641,7 @@ impl SessionStore {
     /// ACL. Returns how many were told to close.
     pub fn reloaded(&self, revoked: &dyn Fn(&str, &Owner) -> bool) -> usize {
         let mut closed = 0;
-        for (client_id, link) in self.lock().iter().filter_map(|(k, e)| Some((k, e.conn.as_ref()?)))
-        {
+        for (client_id, link) in &self.lock().conns {
             if revoked(client_id, &link.owner) {
                 link.close(CloseReason::Revoked);
                 closed += 1;
@@ -619,23 +654,21 @@ impl SessionStore {
 
     /// Forgets the connection `conn_id` if it still holds `client_id`.
     pub fn unregister(&self, client_id: &str, conn_id: u64) {
-        let mut entries = self.lock();
-        if let Some(entry) = entries.get_mut(client_id) {
-            if entry.conn.as_ref().is_some_and(|c| c.conn_id() == conn_id) {
-                entry.conn = None;
-            }
-            if entry.conn.is_none() && entry.parked.is_none() {
-                entries.remove(client_id);
-            }
+        let mut maps = self.lock();
+        if maps.conns.get(client_id).is_some_and(|c| c.conn_id() == conn_id) {
+            maps.remove_conn(client_id);
         }
     }
 
     /// Takes the parked session of `client_id`, if there is one.
     pub fn take(&self, client_id: &str, now: Instant) -> Taken {
-        let mut entries = self.lock();
-        let Some(parked) = entries.get_mut(client_id).and_then(|e| e.parked.take()) else {
+        let mut maps = self.lock();
+        let Some(parked) = maps.parked.remove(client_id) else {
             return Taken::Nothing;
         };
+        if maps.conns.contains_key(client_id) {
+            maps.both -= 1;
+        }
         parked.state.subscriber.online.store(true, Ordering::Relaxed);
         if parked.expires.is_some_and(|t| t <= now) {
             return Taken::Expired(parked.state);
@@ -652,37 +685,41 @@ impl SessionStore {
         expires: Option<Instant>,
     ) -> Option<SessionState> {
         state.subscriber.online.store(false, Ordering::Relaxed);
-        let mut entries = self.lock();
-        let entry = match entries.get_mut(client_id) {
-            Some(entry) => entry,
-            None => entries.entry(Arc::from(client_id)).or_default(),
-        };
-        entry.parked.replace(Box::new(Parked { state, expires })).map(|p| p.state)
+        let mut maps = self.lock();
+        let parked = Box::new(Parked { state, expires });
+        if let Some(held) = maps.parked.get_mut(client_id) {
+            return Some(std::mem::replace(held, parked).state);
+        }
+        let key = maps.key(client_id).unwrap_or_else(|| Arc::from(client_id));
+        if maps.conns.contains_key(client_id) {
+            maps.both += 1;
+        }
+        maps.parked.insert(key, parked);
+        None
     }
 
     /// Removes and returns every parked session expired at `now`, for the caller to discard.
     pub fn expired(&self, now: Instant) -> Vec<SessionState> {
-        let mut entries = self.lock();
+        let mut maps = self.lock();
+        let Maps { conns, parked, both } = &mut *maps;
         let mut gone = Vec::new();
-        entries.retain(|_, entry| {
-            if entry.parked.as_ref().is_some_and(|p| p.expires.is_some_and(|t| t <= now)) {
-                if let Some(p) = entry.parked.take() {
-                    gone.push(p.state);
-                }
+        for (client_id, p) in parked.extract_if(|_, p| p.expires.is_some_and(|t| t <= now)) {
+            if conns.contains_key(&client_id) {
+                *both -= 1;
             }
-            entry.conn.is_some() || entry.parked.is_some()
-        });
+            gone.push(p.state);
+        }
         gone
     }
 
     /// Number of connected client ids.
     pub fn connected(&self) -> usize {
-        self.lock().values().filter(|e| e.conn.is_some()).count()
+        self.lock().conns.len()
     }
 
     /// Number of parked sessions.
     pub fn parked(&self) -> usize {
-        self.lock().values().filter(|e| e.parked.is_some()).count()
+        self.lock().parked.len()
     }
 
     /// At most `limit` client ids (connected or parked) after `after` in client-id order
@@ -702,11 +739,14 @@ impl SessionStore {
                     .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
         };
         let now = Instant::now();
-        let entries = self.lock();
-        let mut page: std::collections::BTreeMap<&Arc<str>, &Entry> = Default::default();
+        let maps = self.lock();
+        let mut page: std::collections::BTreeSet<&Arc<str>> = Default::default();
         let mut matched = 0;
-        for (id, entry) in entries.iter() {
-            let user = entry_owner(entry).and_then(owner_name);
+        // Every client id once: the connected ones, then the parked ones not connected.
+        let ids =
+            maps.conns.keys().chain(maps.parked.keys().filter(|k| !maps.conns.contains_key(*k)));
+        for id in ids {
+            let user = maps.owner(id).and_then(owner_name);
             if !(contains(id) || user.is_some_and(&contains)) {
                 continue;
             }
@@ -715,30 +755,30 @@ impl SessionStore {
                 continue;
             }
             if page.len() == limit {
-                match page.last_key_value() {
-                    Some((last, _)) if *last > id => {
+                match page.last() {
+                    Some(last) if *last > id => {
                         page.pop_last();
                     }
                     _ => continue,
                 }
             }
-            page.insert(id, entry);
+            page.insert(id);
         }
-        let list = page.into_iter().map(|(id, e)| snapshot(id, e, now)).collect();
+        let list = page.into_iter().map(|id| snapshot(&maps, id, now)).collect();
         (list, matched)
     }
 
     /// The client id `client_id`, if it is connected or parked.
     pub fn client(&self, client_id: &str) -> Option<ClientSnapshot> {
-        let entries = self.lock();
-        let (id, entry) = entries.get_key_value(client_id)?;
-        Some(snapshot(id, entry, Instant::now()))
+        let maps = self.lock();
+        let id = maps.key(client_id)?;
+        Some(snapshot(&maps, &id, Instant::now()))
     }
 
     /// Tells the connection holding `client_id` to close for `reason`; its link (to wait for
     /// it to park its session), if a connection held it.
     pub fn close_conn(&self, client_id: &str, reason: CloseReason) -> Option<Arc<ConnLink>> {
-        let link = self.lock().get(client_id).and_then(|e| e.conn.clone())?;
+        let link = self.lock().conns.get(client_id).cloned()?;
         link.close(reason);
         Some(link)
     }
@@ -746,7 +786,7 @@ impl SessionStore {
     /// Tells the connection of `client_id` to close (an operator's disconnect); false when it
     /// is not connected.
     pub fn disconnect(&self, client_id: &str) -> bool {
-        match self.lock().get(client_id).and_then(|e| e.conn.as_ref()) {
+        match self.lock().conns.get(client_id) {
             Some(link) => {
                 link.close(CloseReason::Admin);
                 true
@@ -758,12 +798,10 @@ impl SessionStore {
     /// The client ids of the sessions `ids` (connected or parked), in the same order.
     pub fn client_ids_of(&self, ids: &[u64]) -> Vec<Option<Arc<str>>> {
         let mut out = vec![None; ids.len()];
-        for (client_id, entry) in self.lock().iter() {
-            let session = entry
-                .conn
-                .as_ref()
-                .and_then(|c| c.info().map(|i| i.session_id))
-                .or(entry.parked.as_ref().map(|p| p.state.id));
+        let maps = self.lock();
+        let conns = maps.conns.iter().map(|(k, c)| (k, c.info().map(|i| i.session_id)));
+        let parked = maps.parked.iter().filter(|(k, _)| !maps.conns.contains_key(*k));
+        for (client_id, session) in conns.chain(parked.map(|(k, p)| (k, Some(p.state.id)))) {
             if let Some(session) = session {
                 for (i, id) in ids.iter().enumerate() {
                     if *id == session {
@@ -775,17 +813,8 @@ impl SessionStore {
         out
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-/// Who holds an entry: its connection's owner, else its parked session's.
-fn entry_owner(entry: &Entry) -> Option<&Owner> {
-    match (&entry.conn, &entry.parked) {
-        (Some(conn), _) => Some(&conn.owner),
-        (None, Some(parked)) => Some(&parked.state.owner),
-        (None, None) => None,
     }
 }
 
@@ -796,12 +825,13 @@ fn owner_name(owner: &Owner) -> Option<&str> {
     }
 }
 
-fn snapshot(id: &Arc<str>, entry: &Entry, now: Instant) -> ClientSnapshot {
-    let user = match entry_owner(entry) {
+fn snapshot(maps: &Maps, id: &Arc<str>, now: Instant) -> ClientSnapshot {
+    let user = match maps.owner(id) {
         Some(Owner::User(u)) => Some(Arc::clone(u)),
         _ => None,
     };
-    let parked = entry.parked.as_ref().map(|p| {
+    let conn = maps.conns.get(id);
+    let parked = maps.parked.get(id).map(|p| {
         let mut filters: Vec<(String, QoS)> =
             p.state.filters.iter().map(|(f, o)| (f.clone(), o.qos)).collect();
         filters.sort();
@@ -815,8 +845,8 @@ fn snapshot(id: &Arc<str>, entry: &Entry, now: Instant) -> ClientSnapshot {
     ClientSnapshot {
         client_id: Arc::clone(id),
         user,
-        conn: entry.conn.as_ref().and_then(|c| c.info()),
-        connected: entry.conn.is_some(),
+        conn: conn.and_then(|c| c.info()),
+        connected: conn.is_some(),
         parked,
     }
 }
@@ -866,7 +896,7 @@ mod tests {
         assert!(matches!(store.take("c", now), Taken::Nothing));
         let state = SessionState::new(7, 4, None);
         assert!(store.park("c", state, Some(now + Duration::from_secs(5))).is_none());
-        assert!(!store.lock()["c"].parked.as_ref().is_some_and(|p| p.state.subscriber.is_online()));
+        assert!(!store.lock().parked["c"].state.subscriber.is_online());
         match store.take("c", now) {
             Taken::Resumed(s) => {
                 assert_eq!(s.id, 7);
@@ -880,6 +910,36 @@ mod tests {
     }
 
     #[test]
+    fn a_client_id_connected_and_parked_at_once_counts_once() {
+        let store = SessionStore::default();
+        let now = Instant::now();
+        let a: Arc<str> = Arc::from("a");
+        let reg = store.register(&a, 1, Owner::Anonymous, false, 0).expect("registered");
+        store.park("a", SessionState::new(1, 4, None), None);
+        let len = store.lock().len();
+        assert_eq!((len, store.connected(), store.parked()), (1, 1, 1));
+        let strings = Arc::strong_count(&a);
+        assert_eq!(strings, 3, "one string: ours, the connection's and the parked session's");
+        // Full at one client id: "a" again is let in, "b" is not.
+        assert!(store.register(&a, 2, Owner::Anonymous, false, 1).is_ok());
+        let b: Arc<str> = Arc::from("b");
+        assert!(matches!(store.register(&b, 3, Owner::Anonymous, false, 1), Err(Refused::Full)));
+        assert!(matches!(store.take("a", now), Taken::Resumed(_)));
+        assert_eq!(store.lock().len(), 1);
+        store.unregister("a", 2);
+        assert_eq!(store.lock().len(), 0);
+        drop(reg);
+        // Parked first, then connected, then expired while connected.
+        store.park("b", SessionState::new(2, 4, None), Some(now));
+        let _reg = store.register(&b, 4, Owner::Anonymous, false, 0).expect("registered");
+        assert_eq!(store.lock().len(), 1);
+        assert_eq!(store.expired(now).len(), 1);
+        let len = store.lock().len();
+        assert_eq!((len, store.connected(), store.parked()), (1, 1, 0));
+        assert_eq!(store.clients("", None, 10).1, 1);
+    }
+
+    #[test]
     fn expired_removes_only_expired_sessions_and_empty_entries() {
         let store = SessionStore::default();
         let now = Instant::now();
@@ -888,7 +948,7 @@ mod tests {
         let gone = store.expired(now + Duration::from_secs(2));
         assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
         assert_eq!(store.parked(), 1);
-        assert!(!store.lock().contains_key("short"));
+        assert!(!store.lock().contains("short"));
     }
 
     #[test]
