@@ -67,7 +67,9 @@ struct Inner {
 /// empty queue is watched by a resting connection. Every session has a queue and most are
 /// empty: one pointer instead of the deque's 32 bytes keeps the `Subscriber` in mimalloc's
 /// 80-byte class (112 before; `mqtt/session/rest.rs` holds the budget).
+/// Boxed on purpose (the size of a pointer is the point), as `Resting`'s maps are.
 #[derive(Debug, Default)]
+#[allow(clippy::box_collection)]
 struct Items(Option<Box<VecDeque<Outbound>>>);
 
 impl Items {
