@@ -46,6 +46,7 @@
 //! target/release/mqgate-bench --mode idle --connections 15000 --repeat 6   # ulimit -n 20000 first
 //! MIMALLOC_ALLOW_THP=0 target/release/mqgate-bench --mode idle --repeat 6   # RSS without huge-page steps
 //! target/release/mqgate-bench --mode idle --repeat 4 --credentials bench:secret   # a password user
+//! target/release/mqgate-bench --mode idle --credentials bench:secret --cold-login   # cache cold, one user
 //! target/release/mqgate-bench --mode storm --connections 15000  # reconnect storm (storm.rs)
 //! target/release/mqgate-bench --mode http --messages 50000 --repeat 3
 //! target/release/mqgate-bench --mode downlink --messages 100000 --repeat 3
