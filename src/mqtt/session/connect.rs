@@ -292,6 +292,9 @@ pub(super) async fn admit<S>(
             expiry,
             max_messages: shared.limits.max_queued_messages,
             max_bytes: shared.limits.max_queued_bytes,
+            max_message: shared.limits.max_packet_size as usize,
+            max_record: shared.limits.max_subscriptions
+                * (shared.limits.topic_limits.max_length + 64),
         };
         match cluster_session(cluster, shared, &client_id, &mut state, open, limits, &owner).await {
             Ok(present) => session_present = present,
