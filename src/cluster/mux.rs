@@ -48,7 +48,8 @@ use crate::targets::amqp::wire::methods::{self, Method, REPLY_SUCCESS};
 pub(super) const RECORD_CHANNEL: u16 = 1;
 /// The first channel lent to a session (`transport::connect` opens 1 and 2).
 const FIRST: u16 = 3;
-/// Sessions on one connection at most (RabbitMQ's default `channel_max` is 2047).
+/// Sessions on one connection at most (RabbitMQ's default `channel_max` is 2047; a broker
+/// that allows fewer channels gets fewer: [`capacity`]).
 pub(super) const PER_CONNECTION: usize = 1000;
 /// How often heartbeats are looked at.
 const TICK: Duration = Duration::from_millis(250);
@@ -89,6 +90,8 @@ struct Conn {
     dead: Arc<AtomicBool>,
     /// Its largest frame (records are split to it).
     frame_max: u32,
+    /// Channels it lends at most.
+    capacity: usize,
 }
 
 /// A node's shared session connections.
@@ -142,7 +145,7 @@ impl Pool {
                     .iter()
                     .find(|c| {
                         !c.dead.load(Ordering::Acquire)
-                            && c.used.load(Ordering::Acquire) < PER_CONNECTION
+                            && c.used.load(Ordering::Acquire) < c.capacity
                     })
                     .map(|c| Conn {
                         tx: c.tx.clone(),
@@ -150,6 +153,7 @@ impl Pool {
                         used: Arc::clone(&c.used),
                         dead: Arc::clone(&c.dead),
                         frame_max: c.frame_max,
+                        capacity: c.capacity,
                     })
             }?;
             if let Some(chan) = lend(&pick, max_inbound).await {
@@ -171,10 +175,11 @@ fn start(t: Transport, idle_close: Duration) -> Conn {
     let used = Arc::new(AtomicUsize::new(0));
     let dead = Arc::new(AtomicBool::new(false));
     let frame_max = t.frame_max;
+    let capacity = capacity(t.channel_max);
     let task = ConnTask {
         t,
         routes: HashMap::new(),
-        free: (FIRST..FIRST + PER_CONNECTION as u16).collect(),
+        free: (FIRST..).take(capacity).collect(),
         confirms: VecDeque::new(),
         next_tag: 1,
         used: Arc::clone(&used),
@@ -196,7 +201,16 @@ fn start(t: Transport, idle_close: Duration) -> Conn {
             }
         }
     });
-    Conn { tx, room, used, dead, frame_max }
+    Conn { tx, room, used, dead, frame_max, capacity }
+}
+
+/// Channels a connection lends under the broker's `channel_max` (0: not negotiated, as in
+/// the tests: no limit).
+fn capacity(channel_max: u16) -> usize {
+    match channel_max {
+        0 => PER_CONNECTION,
+        max => usize::from(max.saturating_sub(FIRST - 1)).min(PER_CONNECTION),
+    }
 }
 
 /// Asks `conn` for a channel: `None` when it is full or gone.
@@ -396,7 +410,7 @@ impl ConnTask {
                 };
             if self.idle_since.is_some_and(|s| s.elapsed() >= self.idle_close) {
                 // Out of the pool: a session asking meanwhile is refused and opens another.
-                self.used.store(PER_CONNECTION, Ordering::Release);
+                self.used.store(usize::MAX, Ordering::Release);
                 rx.close();
                 while let Ok(msg) = rx.try_recv() {
                     if let ToConn::Open { reply, .. } = msg {
@@ -753,6 +767,17 @@ mod tests {
         other.wbuf.extend_from_slice(b"x");
         timeout(WAIT, other.flush()).await.expect("in time").expect("still connected");
         assert!(!conn.dead.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn a_broker_allowing_fewer_channels_gets_fewer_sessions_per_connection() {
+        assert_eq!(capacity(0), PER_CONNECTION);
+        assert_eq!(capacity(2047), PER_CONNECTION);
+        assert_eq!(capacity(u16::MAX), PER_CONNECTION);
+        // Channels 1 and 2 are the connection's own: 3..=128 are lent.
+        assert_eq!(capacity(128), 126);
+        assert_eq!(capacity(2), 0);
+        assert_eq!((FIRST..).take(capacity(128)).last(), Some(128));
     }
 
     #[tokio::test]
