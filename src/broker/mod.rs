@@ -546,7 +546,7 @@ impl Broker {
             Taken::Nothing => None,
             Taken::Resumed(state) => Some(state),
             Taken::Expired(state) => {
-                self.discard_session(state);
+                self.end_session(client_id, state);
                 None
             }
         }
@@ -555,15 +555,18 @@ impl Broker {
     /// Keeps `state` for `client_id` as `expiry` says, or discards it (`Expiry::Now`).
     pub fn park_session(&self, client_id: &str, state: SessionState, expiry: Expiry) {
         let expires = match expiry {
-            Expiry::Now => return self.discard_session(state),
+            Expiry::Now => return self.end_session(client_id, state),
             Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
             Expiry::Never => None,
         };
         let mut state = state;
         if state.subscriber.is_queued() {
             // A cluster session's unacknowledged messages go back to its queue in RabbitMQ
-            // (its consumer is closed before their tickets drop): not kept here.
+            // (its consumer is closed before their tickets drop): not kept here. An expiry
+            // its DISCONNECT changed is told to the other nodes (they end the session if this
+            // node dies before it expires).
             if let Some(c) = self.cluster.get() {
+                c.session_parked(state.id, expiry.seconds());
                 c.session_ended(state.id);
             }
             state.inflight.retain(|f| f.shared.is_some());
@@ -590,6 +593,19 @@ impl Broker {
         }
     }
 
+    /// Ends the session of `client_id` for good (it expired, or its expiry was 0 when its
+    /// connection ended), as [`Broker::discard_session`]; in a cluster its queue and record in
+    /// RabbitMQ go too and every node forgets it, whatever interval the queue was declared
+    /// with.
+    pub fn end_session(&self, client_id: &str, state: SessionState) {
+        if state.subscriber.is_queued() {
+            if let Some(c) = self.cluster.get() {
+                c.drop_session(client_id, true);
+            }
+        }
+        self.discard_session(state);
+    }
+
     /// Ends a session: removes its subscriptions; its queued messages are dropped with it,
     /// except the QoS 1/2 deliveries of shared subscriptions not yet acknowledged (queued, or
     /// sent and not PUBACKed/PUBRECed): those go to another member of their group.
@@ -601,8 +617,9 @@ impl Broker {
     /// [`Broker::discard_session`]; the store is left alone unless `forget_stored`.
     fn discard(&self, mut state: SessionState, forget_stored: bool) {
         if state.subscriber.is_queued() {
-            // Its queue in RabbitMQ stays (another node may resume it; `x-expires` ends it);
-            // only this node's consumer goes, and the deliveries it holds go back there.
+            // Its queue in RabbitMQ stays (another node may resume it; `end_session` or
+            // `x-expires` ends it); only this node's consumer goes, and the deliveries it
+            // holds go back there.
             if let Some(c) = self.cluster.get() {
                 c.session_ended(state.id);
             }
@@ -697,8 +714,8 @@ impl Broker {
     pub fn expire_sessions(&self) -> usize {
         let gone = self.sessions.expired(Instant::now());
         let n = gone.len();
-        for state in gone {
-            self.discard_session(state);
+        for (client_id, state) in gone {
+            self.end_session(&client_id, state);
         }
         n
     }

@@ -655,14 +655,15 @@ impl SessionStore {
         entry.parked.replace(Box::new(Parked { state, expires })).map(|p| p.state)
     }
 
-    /// Removes and returns every parked session expired at `now`, for the caller to discard.
-    pub fn expired(&self, now: Instant) -> Vec<SessionState> {
+    /// Removes and returns every parked session expired at `now` with its client id, for the
+    /// caller to discard.
+    pub fn expired(&self, now: Instant) -> Vec<(Arc<str>, SessionState)> {
         let mut entries = self.lock();
         let mut gone = Vec::new();
-        entries.retain(|_, entry| {
+        entries.retain(|id, entry| {
             if entry.parked.as_ref().is_some_and(|p| p.expires.is_some_and(|t| t <= now)) {
                 if let Some(p) = entry.parked.take() {
-                    gone.push(p.state);
+                    gone.push((Arc::clone(id), p.state));
                 }
             }
             entry.conn.is_some() || entry.parked.is_some()
@@ -881,7 +882,10 @@ mod tests {
         store.park("short", SessionState::new(1, 1, None), Some(now + Duration::from_secs(1)));
         store.park("never", SessionState::new(2, 1, None), None);
         let gone = store.expired(now + Duration::from_secs(2));
-        assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            gone.iter().map(|(id, s)| (&**id, s.id)).collect::<Vec<_>>(),
+            vec![("short", 1)]
+        );
         assert_eq!(store.parked(), 1);
         assert!(!store.lock().contains_key("short"));
     }

@@ -775,6 +775,20 @@ impl Cluster {
         rx
     }
 
+    /// The queued session `session_id` parks with Session Expiry Interval `expiry` (as its
+    /// DISCONNECT left it): when that differs from what was announced, the other nodes hear
+    /// it, so that they end the session at that interval should this node die first.
+    pub fn session_parked(&self, session_id: u64, expiry: u32) {
+        let mut sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(handle) = sessions.get_mut(&session_id) else { return };
+        let Some((announced, keys)) = handle.announced.as_mut() else { return };
+        if *announced != expiry {
+            *announced = expiry;
+            let (client_id, keys) = (handle.client_id.to_string(), keys.clone());
+            let _ = self.commands.send(Command::SessionKeys { client_id, expiry, keys });
+        }
+    }
+
     /// The persistent sessions this node serves now, as announced (after a reconnect).
     fn served_sessions(&self) -> Vec<(String, u32, Vec<String>)> {
         let sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -828,20 +842,30 @@ impl Cluster {
         }
     }
 
-    /// Forgets the sessions whose queues have expired by `now`.
+    /// Forgets the sessions of nodes that are gone whose expiry has passed by `now`, and
+    /// deletes their queues and records (their `x-expires` may be longer: the interval the
+    /// queue was declared with, before a DISCONNECT shortened it). Every surviving node does;
+    /// deleting is idempotent.
     fn sticky_expire(&self, now: std::time::Instant) {
         let mut sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());
         let mut gone = Vec::new();
-        sticky.retain(|_, e| {
+        let mut ended = Vec::new();
+        sticky.retain(|id, e| {
             let keep = e.deadline.is_none_or(|d| d > now);
             if !keep {
                 gone.append(&mut e.keys);
+                ended.push(id.clone());
             }
             keep
         });
         drop(sticky);
         if !gone.is_empty() {
             self.set_remote(|v| gone.iter().for_each(|k| v.session_key(k, false)));
+        }
+        if self.connected.load(Ordering::Acquire) {
+            for client_id in ended {
+                let _ = self.commands.send(Command::DropSession { client_id });
+            }
         }
     }
 

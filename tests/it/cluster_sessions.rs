@@ -313,6 +313,62 @@ async fn a_clean_start_on_another_node_ends_the_session_and_so_does_its_expiry()
     assert!(!present, "expired");
 }
 
+/// An MQTT 5 DISCONNECT setting the Session Expiry Interval to `expiry`.
+async fn disconnect_with_expiry(mut c: RawClient, expiry: u32) {
+    let mut d = codec::Disconnect::default();
+    d.properties.session_expiry_interval = Some(expiry);
+    c.send(&Packet::Disconnect(Box::new(d))).await;
+    until_closed(&mut c, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_disconnect_that_ends_or_shortens_the_expiry_ends_the_session_on_every_node() {
+    let prefix = unique("it-psess");
+    let (zero, short, dead) = (unique("ps-zero"), unique("ps-shorter"), unique("ps-died"));
+    let [zero_queue, zero_record] = session_queues(&prefix, &zero);
+    let [short_queue, short_record] = session_queues(&prefix, &short);
+    let [dead_queue, dead_record] = session_queues(&prefix, &dead);
+    let names = [&zero_queue, &zero_record, &short_queue, &short_record, &dead_queue, &dead_record];
+    let _cleanup = delete_queues_on_drop(&names);
+    let rabbit = rabbit().await;
+    let (a, b, c) = nodes(&prefix).await;
+
+    // Expiry 0 at DISCONNECT (the queue was declared for an hour): the session ends now.
+    let (mut dev, _) = persistent(a.mqtt_addr, &zero, 3600).await;
+    subscribe(&mut dev, "zero/#", qos(QoS::AtLeastOnce), None).await;
+    disconnect_with_expiry(dev, 0).await;
+    until_gone(&rabbit, &zero_queue, Duration::from_secs(5)).await;
+    until_gone(&rabbit, &zero_record, Duration::from_secs(5)).await;
+    let (dev, present) = persistent(b.mqtt_addr, &zero, 3600).await;
+    assert!(!present, "the session ended at its DISCONNECT");
+    drop(dev);
+
+    // Shortened to 2 s: it ends after 2 s on every node, not after the hour its queue has.
+    let (mut dev, _) = persistent(a.mqtt_addr, &short, 3600).await;
+    subscribe(&mut dev, "short/#", qos(QoS::AtLeastOnce), None).await;
+    disconnect_with_expiry(dev, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(queue_exists(&rabbit, &short_queue).await, "kept for its 2 s");
+    until_gone(&rabbit, &short_queue, Duration::from_secs(6)).await;
+    until_gone(&rabbit, &short_record, Duration::from_secs(2)).await;
+    let (dev, present) = persistent(c.mqtt_addr, &short, 3600).await;
+    assert!(!present, "expired after the 2 s its DISCONNECT gave");
+    drop(dev);
+
+    // Shortened, then its node dies before it expires: the survivors end it in time.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = NodeProcess::start(dir.path(), &prefix, "d").await;
+    let (mut dev, _) = persistent(d.mqtt, &dead, 3600).await;
+    subscribe(&mut dev, "died/#", qos(QoS::AtLeastOnce), None).await;
+    disconnect_with_expiry(dev, 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.child.kill().expect("kill");
+    d.child.wait().expect("reap");
+    until_gone(&rabbit, &dead_queue, Duration::from_secs(20)).await;
+    let (_dev, present) = persistent(b.mqtt_addr, &dead, 3600).await;
+    assert!(!present, "ended by the surviving nodes");
+}
+
 #[tokio::test]
 async fn a_burst_larger_than_the_session_s_queue_is_held_back_not_dropped() {
     let prefix = unique("it-psess");
