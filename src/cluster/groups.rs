@@ -16,8 +16,9 @@
 //! Bounded: at most `GROUP_PREFETCH` deliveries per group are unacknowledged (each a
 //! forwarded batch: up to 64 messages, about 256 KiB). While every member's queue here is
 //! full, the messages wait here, in order, and are tried again (`STALL_RETRY`, and after each
-//! report): nothing is dropped for a full queue. Acks leave in delivery order
-//! ([`Acks`]: one `basic.ack multiple` for a settled front; any other is sent on its own).
+//! report): nothing is dropped for a full queue. A `basic.ack multiple` covers only a front of
+//! finished deliveries ([`Acks`]); a delivery finished before an older one is acked on its
+//! own, so no ack covers an unfinished delivery and none waits behind a slow member.
 //! No I/O: acks are encoded into the link's write buffer.
 
 use std::collections::VecDeque;
@@ -84,11 +85,21 @@ pub(super) struct GroupChannel {
     /// Deliveries not yet wholly handed to members (their queues were full), in order: each
     /// with its root ticket and the messages left (at most `GROUP_PREFETCH` deliveries).
     backlog: VecDeque<(Ticket, VecDeque<Arc<Message>>)>,
+    /// The first waiting message was counted as held (once, however often it is tried).
+    front_held: bool,
 }
 
 impl GroupChannel {
     pub(super) fn new(key: String, filter: String, ch: u16, id: u32) -> GroupChannel {
-        GroupChannel { key, filter, ch, id, acks: Acks::default(), backlog: VecDeque::new() }
+        GroupChannel {
+            key,
+            filter,
+            ch,
+            id,
+            acks: Acks::default(),
+            backlog: VecDeque::new(),
+            front_held: false,
+        }
     }
 
     /// Messages are waiting for room in the members' queues.
@@ -141,10 +152,14 @@ impl GroupChannel {
                     if let Some(t) = ticket {
                         t.finish(Fate::Gone);
                     }
-                    counters.held.inc();
+                    if !self.front_held {
+                        self.front_held = true;
+                        counters.held.inc();
+                    }
                     return;
                 }
                 msgs.pop_front();
+                self.front_held = false;
             }
             if let Some((root, _)) = self.backlog.pop_front() {
                 root.finish(Fate::Gone);
