@@ -689,8 +689,12 @@ impl Broker {
 
     /// [`Broker::redeliver_shared`] of a delivery that may carry a ticket: it goes with the
     /// message to the new member, or is finished as gone (no member) or failed (all full).
+    /// A cluster share queue's delivery ([`Mode::Group`]) that no member here can take is
+    /// neither: it is finished as returned (its delivery goes back to RabbitMQ, for another
+    /// node's members), and nothing is dropped.
     pub fn redeliver_shared_tracked(&self, key: &str, msg: &Arc<Message>, ticket: Option<Ticket>) {
         let mut ticket = ticket;
+        let returns = ticket.as_ref().is_some_and(|t| t.mode() == Mode::Group);
         let sent = match topic::parse_subscription(key) {
             Ok(SubscriptionFilter { group: Some(_), filter }) => {
                 let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
@@ -698,12 +702,19 @@ impl Broker {
             }
             _ => None,
         };
-        let fate = if sent == Some(Sent::Full) { Fate::Failed } else { Fate::Gone };
+        let fate = match sent {
+            _ if returns => Fate::Returned,
+            Some(Sent::Full) => Fate::Failed,
+            _ => Fate::Gone,
+        };
         tracking::finish(ticket, fate);
         match sent {
             Some(Sent::Delivered) => {
                 self.metrics.messages_delivered_local.inc();
                 tracing::debug!(%key, topic = %crate::logtext::LogText(&msg.topic), "shared delivery handed to another member");
+            }
+            _ if returns => {
+                tracing::debug!(%key, topic = %crate::logtext::LogText(&msg.topic), "shared delivery goes back to the share queue")
             }
             Some(Sent::Full) => self.metrics.dropped("shared_group_full"),
             Some(Sent::NoMember) | None => self.metrics.dropped("shared_member_left"),
@@ -873,7 +884,8 @@ impl Broker {
     pub fn publish_tracked(&self, msg: &Arc<Message>, root: &Ticket) -> usize {
         self.tracer.offer(msg, "source", Vec::new);
         match root.mode() {
-            Mode::Broadcast => self.publish_inner(msg, None, Some(root), None),
+            // A share queue's deliveries go through `deliver_to_group`, not here.
+            Mode::Broadcast | Mode::Group => self.publish_inner(msg, None, Some(root), None),
             Mode::Work => {
                 if msg.retain {
                     self.set_retained(msg);
@@ -1099,20 +1111,38 @@ impl Broker {
         hits.len() + self.publish_shared(msg, tracked)
     }
 
-    /// Hands `msg` to one member of the share group `key` (`$share/{group}/{filter}`) whose
-    /// filter is `filter` (the cluster's share queue delivered it to this node); false when
-    /// the group has no member here that may take it.
-    pub fn deliver_to_group(&self, key: &str, filter: &str, msg: &Arc<Message>) -> bool {
+    /// Hands `msg` with `ticket` (of a [`Mode::Group`] tracker) to one member of the share
+    /// group `key` (`$share/{group}/{filter}`) whose filter is `filter`: the cluster's share
+    /// queue delivered it to this node. `Taken`: queued for a member (the ticket goes with
+    /// it). `Full`: every member's queue is full: nothing done, `ticket` left in place (the
+    /// caller holds the message back and tries again). `NoMatch`: the ticket is finished,
+    /// as returned when the group has no member here any more (another node's may take
+    /// it), as gone when its members here may not take it (QoS 0, only parked members:
+    /// dropped, as on one node).
+    pub fn deliver_to_group(
+        &self,
+        key: &str,
+        filter: &str,
+        msg: &Arc<Message>,
+        ticket: &mut Option<Ticket>,
+    ) -> Queued {
         let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
-        let Some(g) = groups.get(key, filter) else { return false };
-        match g.send(msg, self.queue_qos0, &mut None) {
+        let Some(g) = groups.get(key, filter) else {
+            tracking::finish(ticket.take(), Fate::Returned);
+            return Queued::NoMatch;
+        };
+        match g.send(msg, self.queue_qos0, ticket) {
             Sent::Delivered => {
                 self.metrics.messages_delivered_local.inc();
+                Queued::Taken
             }
-            Sent::Full => self.metrics.dropped("shared_group_full"),
-            Sent::NoMember => return false,
+            Sent::Full => Queued::Full,
+            Sent::NoMember => {
+                tracking::finish(ticket.take(), Fate::Gone);
+                self.metrics.dropped("shared_group_gone");
+                Queued::NoMatch
+            }
         }
-        true
     }
 
     /// Hands `msg` to one member of every matching share group; returns how many matched.

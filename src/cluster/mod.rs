@@ -23,6 +23,7 @@
 //! unconfirmed publishes of the link; the interest map holds one entry per distinct binding.
 
 pub mod config;
+mod groups;
 pub mod keys;
 mod link;
 pub mod metrics;

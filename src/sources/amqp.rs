@@ -479,7 +479,7 @@ impl<'a> Consumer<'a> {
                 self.metrics.delivered.inc();
             }
             Summary::NoSubscriber => self.apply(done.token, self.s.on_no_subscriber),
-            Summary::Failed => self.apply(done.token, self.s.on_failure),
+            Summary::Failed | Summary::Returned => self.apply(done.token, self.s.on_failure),
         }
     }
 

@@ -236,7 +236,7 @@ impl Link<'_> {
                 return self.settle(done.token, NackPolicy::Drop, false).await;
             }
             Summary::NoSubscriber => self.s.on_no_subscriber,
-            Summary::Failed => self.s.on_failure,
+            Summary::Failed | Summary::Returned => self.s.on_failure,
         };
         if policy == NackPolicy::Requeue && !self.s.requeue_delay.is_zero() {
             self.held.push_back((Instant::now() + self.s.requeue_delay, done.token));
