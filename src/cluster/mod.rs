@@ -881,11 +881,17 @@ impl Cluster {
         }
     }
 
+    /// Whether another node announced a persistent session of `client_id` (it may be kept in
+    /// RabbitMQ).
+    pub fn knows_session(&self, client_id: &str) -> bool {
+        self.sticky.lock().unwrap_or_else(|p| p.into_inner()).contains_key(client_id)
+    }
+
     /// A clean start of `client_id`: the persistent session it may have had ends, its queue
     /// and record are deleted (not waited for) when it had one here (`here`) or another node
     /// announced one; every node forgets it. A client id no node announced costs nothing.
     pub fn drop_session(&self, client_id: &str, here: bool) {
-        let known = self.sticky.lock().unwrap_or_else(|p| p.into_inner()).contains_key(client_id);
+        let known = self.knows_session(client_id);
         if (here || known) && self.connected.load(Ordering::Acquire) {
             self.sticky_drop(client_id);
             let _ = self.commands.send(Command::DropSession { client_id: client_id.to_owned() });

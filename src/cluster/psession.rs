@@ -401,7 +401,10 @@ async fn setup(
     }
     let expires = match limits.expiry {
         Expiry::After(secs) => Some(Value::I64(i64::from(secs.max(1)) * 1000)),
-        _ => None,
+        // Resumed with expiry 0 (it ends with the connection): gone a second after its
+        // consumer should the node die first.
+        Expiry::Now => Some(Value::I64(1000)),
+        Expiry::Never => None,
     };
     let max_len = i64::try_from(limits.max_messages.max(1)).unwrap_or(i64::MAX);
     let max_bytes = i64::try_from(limits.max_bytes).unwrap_or(i64::MAX);

@@ -313,6 +313,40 @@ async fn a_clean_start_on_another_node_ends_the_session_and_so_does_its_expiry()
     assert!(!present, "expired");
 }
 
+#[tokio::test]
+async fn clean_start_0_with_expiry_0_resumes_the_kept_session_which_then_ends_with_the_connection()
+{
+    let prefix = unique("it-psess");
+    let id = unique("ps-resume0");
+    let [queue, record] = session_queues(&prefix, &id);
+    let _cleanup = delete_queues_on_drop(&[&queue, &record]);
+    let rabbit = rabbit().await;
+    let (a, b, c) = nodes(&prefix).await;
+    let (mut dev, _) = persistent(a.mqtt_addr, &id, 300).await;
+    subscribe(&mut dev, "zero0/#", qos(QoS::AtLeastOnce), None).await;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publisher = RawClient::connect(c.mqtt_addr, ProtocolVersion::V5, &unique("pub")).await;
+    for i in 1..=3u16 {
+        publish_qos1(&mut publisher, "zero0/m", i, format!("m{i}").as_bytes()).await;
+    }
+    // Clean start 0 with expiry 0 on another node: the session goes on, with what was queued
+    // while the client was away (MQTT 5 §3.1.2.4).
+    let (mut dev, code, present) = connect(b.mqtt_addr, &id, false, 0).await;
+    assert!(code.is_success() && present, "CONNACK {code:?}, session present {present}");
+    let got = collect(&mut dev, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), numbered("m", 3), "{got:?}");
+    publish_qos1(&mut publisher, "zero0/m", 4, b"live").await;
+    let got = collect(&mut dev, Duration::from_millis(1000)).await;
+    assert_eq!(qos1(&got), vec!["live".to_owned()]);
+    // And it ends with this connection: its queues go, the next CONNECT finds no session.
+    drop(dev);
+    until_gone(&rabbit, &queue, Duration::from_secs(5)).await;
+    until_gone(&rabbit, &record, Duration::from_secs(5)).await;
+    let (_dev, present) = persistent(c.mqtt_addr, &id, 300).await;
+    assert!(!present, "the session ended with the expiry-0 connection");
+}
+
 /// An MQTT 5 DISCONNECT setting the Session Expiry Interval to `expiry`.
 async fn disconnect_with_expiry(mut c: RawClient, expiry: u32) {
     let mut d = codec::Disconnect::default();

@@ -250,8 +250,15 @@ pub(super) async fn admit<S>(
         other => other,
     };
     // In a cluster, a persistent session lives in a queue in RabbitMQ (`cluster::psession`):
-    // a clean start on any node ends the one the client had on any node.
-    let queued = shared.broker.cluster().filter(|_| expiry != Expiry::Now);
+    // a clean start on any node ends the one the client had on any node. MQTT 5 clean start
+    // 0 with expiry 0 resumes the one kept there (this node's, or one another node announced),
+    // which then ends with this connection (MQTT 5 §3.1.2.4).
+    let resumes_queued = |c: &crate::cluster::Cluster| {
+        !connect.clean_start
+            && (resumed.as_ref().is_some_and(|s| s.subscriber.is_queued())
+                || c.knows_session(&client_id))
+    };
+    let queued = shared.broker.cluster().filter(|c| expiry != Expiry::Now || resumes_queued(c));
     let resumed = match (shared.broker.cluster(), resumed) {
         (Some(cluster), resumed) if queued.is_none() => {
             cluster.drop_session(
@@ -348,8 +355,9 @@ pub(super) async fn admit<S>(
             state.inflight = keep.into();
         }
     }
-    if expiry != Expiry::Now {
-        // Its record (not waited for: SUBSCRIBE is what a client relies on being kept).
+    if expiry != Expiry::Now || queued.is_some() {
+        // Its record (not waited for: SUBSCRIBE is what a client relies on being kept); in a
+        // cluster the other nodes hear the session is served here, with its expiry.
         shared.broker.store_session(&state, expiry, false);
     }
     if let Some(cluster) = queued {
