@@ -874,7 +874,7 @@ impl Broker {
         publisher: Option<u64>,
         waits: &mut crate::targets::Waits,
     ) -> usize {
-        self.publish_inner(msg, publisher, None, Some(waits))
+        self.publish_inner(msg, publisher, None, Some(waits), true)
     }
 
     /// Publishes a tracked message (from an AMQP source): like [`Broker::publish`] in
@@ -885,7 +885,7 @@ impl Broker {
         self.tracer.offer(msg, "source", Vec::new);
         match root.mode() {
             // A share queue's deliveries go through `deliver_to_group`, not here.
-            Mode::Broadcast | Mode::Group => self.publish_inner(msg, None, Some(root), None),
+            Mode::Broadcast | Mode::Group => self.publish_inner(msg, None, Some(root), None, false),
             Mode::Work => {
                 if msg.retain {
                     self.set_retained(msg);
@@ -899,6 +899,46 @@ impl Broker {
                 attempted
             }
         }
+    }
+
+    /// A source's message (`publish_tracked`); with `forward` (the source's `cluster:
+    /// forward`) in a cluster that reaches RabbitMQ, a broadcast one is also forwarded as an
+    /// MQTT publish on this node is (every node's subscribers, every persistent session's
+    /// queue, retained on every node), and this node's persistent sessions get it through
+    /// their queues, not here. The forward is a child of `root`: finished once RabbitMQ
+    /// confirmed it (QoS 1/2), failed when it refused it or the forwarding queue was full
+    /// (the source's `on_failure` applies: no wait in the source's task).
+    pub fn publish_source(&self, msg: &Arc<Message>, root: &Ticket, forward: bool) -> usize {
+        let cluster = self
+            .cluster
+            .get()
+            .filter(|c| forward && root.mode() == Mode::Broadcast && c.is_connected());
+        let Some(cluster) = cluster else { return self.publish_tracked(msg, root) };
+        self.tracer.offer(msg, "source", Vec::new);
+        let mut waits = crate::targets::Waits::new();
+        let mut blocked = crate::targets::Blocked::new();
+        cluster.forward(msg, &mut waits, &mut blocked);
+        let child = root.child();
+        if !blocked.is_empty() {
+            // The forwarding queue is full: not forwarded (dropping the send drops its
+            // outcome's sender), the delivery fails and is retried by the source's policy.
+            drop(blocked);
+            self.metrics.dropped("cluster_forward_full");
+            tracking::finish(Some(child), Fate::Failed);
+        } else if waits.is_empty() {
+            tracking::finish(Some(child), Fate::Taken);
+        } else {
+            tokio::spawn(async move {
+                let mut fate = Fate::Taken;
+                for w in waits {
+                    if !matches!(w.await, Ok(crate::targets::Outcome::Delivered)) {
+                        fate = Fate::Failed;
+                    }
+                }
+                child.finish(fate);
+            });
+        }
+        1 + self.publish_inner(msg, None, Some(root), None, true)
     }
 
     /// Work mode: hands `msg` with `ticket` to one of the sessions and share groups matching
@@ -981,12 +1021,16 @@ impl Broker {
     }
 
     /// [`Broker::publish`], with a ticket per delivery when `tracked` is given.
+    /// `queued_elsewhere`: the cluster's persistent sessions get `msg` through their queues
+    /// (it was forwarded), so none here gets it directly; otherwise (a source's message not
+    /// forwarded) those connected here do.
     fn publish_inner(
         &self,
         msg: &Arc<Message>,
         publisher: Option<u64>,
         tracked: Option<&Ticket>,
         waits: Option<&mut crate::targets::Waits>,
+        queued_elsewhere: bool,
     ) -> usize {
         // Whether something was written to the store that the publisher must wait for.
         let mut durable = msg.retain && self.set_retained(msg);
@@ -1004,8 +1048,8 @@ impl Broker {
                     return;
                 }
                 // A cluster's persistent session gets its messages through its session queue
-                // (`deliver_queued`); a tracked one (an AMQP source's) only while connected.
-                if s.subscriber.is_queued() && (tracked.is_none() || !s.subscriber.is_online()) {
+                // (`deliver_queued`); a source's not forwarded one only while connected.
+                if s.subscriber.is_queued() && (queued_elsewhere || !s.subscriber.is_online()) {
                     return;
                 }
                 if index.is_none() && hits.len() >= DEDUP_SCAN {

@@ -881,6 +881,11 @@ impl Cluster {
         }
     }
 
+    /// Whether this node's link to RabbitMQ is up (what it forwards is sent).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
     /// Whether another node announced a persistent session of `client_id` (it may be kept in
     /// RabbitMQ).
     pub fn knows_session(&self, client_id: &str) -> bool {

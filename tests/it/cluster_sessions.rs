@@ -347,6 +347,64 @@ async fn clean_start_0_with_expiry_0_resumes_the_kept_session_which_then_ends_wi
     assert!(!present, "the session ended with the expiry-0 connection");
 }
 
+#[tokio::test]
+async fn a_forwarding_source_reaches_every_node_and_persistent_sessions_wherever_they_are() {
+    let prefix = unique("it-psess");
+    let (here, parked, topic) = (unique("ps-src-a"), unique("ps-src-c"), unique("cmd"));
+    let queue = unique("it-src-fwd");
+    let [hq, hr] = session_queues(&prefix, &here);
+    let [pq, pr] = session_queues(&prefix, &parked);
+    let _cleanup = delete_queues_on_drop(&[&hq, &hr, &pq, &pr, &queue]);
+    let rabbit = rabbit().await;
+    // The source runs on node a only: one queue, `cluster: forward`.
+    let source = format!(
+        "sources:\n  - name: cmds\n    broker: backbone\n    queue: \"{queue}\"\n    declare:\n      durable: false\n      arguments:\n        x-expires: 60000\n    topic: \"{topic}/dev\"\n    qos: 1\n    cluster: forward\n"
+    );
+    let a = gateway(&format!("{}{source}", node_config(&prefix, "a", AMQP_URL))).await;
+    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
+    let c = gateway(&node_config(&prefix, "c", AMQP_URL)).await;
+    for n in [&a, &b, &c] {
+        wait_ready(n).await;
+    }
+    let filter = format!("{topic}/#");
+    // A clean subscriber on b, a persistent session connected on a (the source's node), one
+    // parked on c.
+    let mut clean = v5(&b, &unique("clean")).await;
+    subscribe(&mut clean, &filter, qos(QoS::AtLeastOnce), None).await;
+    let (mut on_a, _) = persistent(a.mqtt_addr, &here, 300).await;
+    subscribe(&mut on_a, &filter, qos(QoS::AtLeastOnce), None).await;
+    let (mut away, _) = persistent(c.mqtt_addr, &parked, 300).await;
+    subscribe(&mut away, &filter, qos(QoS::AtLeastOnce), None).await;
+    drop(away);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ch = rabbit.create_channel().await.expect("channel");
+    for i in 1..=3 {
+        let props = lapin::BasicProperties::default();
+        let body = format!("c{i}");
+        let options = lapin::options::BasicPublishOptions::default();
+        ch.basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), props)
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let want = numbered("c", 3);
+    let got = collect(&mut clean, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), want, "the subscriber on another node: {got:?}");
+    let got = collect(&mut on_a, Duration::from_millis(500)).await;
+    assert_eq!(qos1(&got), want, "the session on the source's node, once each: {got:?}");
+    // The parked session gets them where it comes back.
+    let (mut back, present) = persistent(b.mqtt_addr, &parked, 300).await;
+    assert!(present);
+    let got = collect(&mut back, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), want, "the session parked on c, resumed on b: {got:?}");
+    // Every delivery was acknowledged to the source's queue.
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await;
+    assert_eq!(q.expect("the source's queue").message_count(), 0);
+}
+
 /// An MQTT 5 DISCONNECT setting the Session Expiry Interval to `expiry`.
 async fn disconnect_with_expiry(mut c: RawClient, expiry: u32) {
     let mut d = codec::Disconnect::default();
