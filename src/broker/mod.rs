@@ -546,7 +546,7 @@ impl Broker {
             Taken::Nothing => None,
             Taken::Resumed(state) => Some(state),
             Taken::Expired(state) => {
-                self.discard_session(state);
+                self.end_session(client_id, state);
                 None
             }
         }
@@ -555,15 +555,18 @@ impl Broker {
     /// Keeps `state` for `client_id` as `expiry` says, or discards it (`Expiry::Now`).
     pub fn park_session(&self, client_id: &str, state: SessionState, expiry: Expiry) {
         let expires = match expiry {
-            Expiry::Now => return self.discard_session(state),
+            Expiry::Now => return self.end_session(client_id, state),
             Expiry::After(s) => Some(Instant::now() + std::time::Duration::from_secs(s.into())),
             Expiry::Never => None,
         };
         let mut state = state;
         if state.subscriber.is_queued() {
             // A cluster session's unacknowledged messages go back to its queue in RabbitMQ
-            // (its consumer is closed before their tickets drop): not kept here.
+            // (its consumer is closed before their tickets drop): not kept here. An expiry
+            // its DISCONNECT changed is told to the other nodes (they end the session if this
+            // node dies before it expires).
             if let Some(c) = self.cluster.get() {
+                c.session_parked(state.id, expiry.seconds());
                 c.session_ended(state.id);
             }
             state.inflight.retain(|f| f.shared.is_some());
@@ -590,6 +593,19 @@ impl Broker {
         }
     }
 
+    /// Ends the session of `client_id` for good (it expired, or its expiry was 0 when its
+    /// connection ended), as [`Broker::discard_session`]; in a cluster its queue and record in
+    /// RabbitMQ go too and every node forgets it, whatever interval the queue was declared
+    /// with.
+    pub fn end_session(&self, client_id: &str, state: SessionState) {
+        if state.subscriber.is_queued() {
+            if let Some(c) = self.cluster.get() {
+                c.drop_session(client_id, true);
+            }
+        }
+        self.discard_session(state);
+    }
+
     /// Ends a session: removes its subscriptions; its queued messages are dropped with it,
     /// except the QoS 1/2 deliveries of shared subscriptions not yet acknowledged (queued, or
     /// sent and not PUBACKed/PUBRECed): those go to another member of their group.
@@ -601,8 +617,9 @@ impl Broker {
     /// [`Broker::discard_session`]; the store is left alone unless `forget_stored`.
     fn discard(&self, mut state: SessionState, forget_stored: bool) {
         if state.subscriber.is_queued() {
-            // Its queue in RabbitMQ stays (another node may resume it; `x-expires` ends it);
-            // only this node's consumer goes, and the deliveries it holds go back there.
+            // Its queue in RabbitMQ stays (another node may resume it; `end_session` or
+            // `x-expires` ends it); only this node's consumer goes, and the deliveries it
+            // holds go back there.
             if let Some(c) = self.cluster.get() {
                 c.session_ended(state.id);
             }
@@ -672,8 +689,12 @@ impl Broker {
 
     /// [`Broker::redeliver_shared`] of a delivery that may carry a ticket: it goes with the
     /// message to the new member, or is finished as gone (no member) or failed (all full).
+    /// A cluster share queue's delivery ([`Mode::Group`]) that no member here can take is
+    /// neither: it is finished as returned (its delivery goes back to RabbitMQ, for another
+    /// node's members), and nothing is dropped.
     pub fn redeliver_shared_tracked(&self, key: &str, msg: &Arc<Message>, ticket: Option<Ticket>) {
         let mut ticket = ticket;
+        let returns = ticket.as_ref().is_some_and(|t| t.mode() == Mode::Group);
         let sent = match topic::parse_subscription(key) {
             Ok(SubscriptionFilter { group: Some(_), filter }) => {
                 let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
@@ -681,12 +702,19 @@ impl Broker {
             }
             _ => None,
         };
-        let fate = if sent == Some(Sent::Full) { Fate::Failed } else { Fate::Gone };
+        let fate = match sent {
+            _ if returns => Fate::Returned,
+            Some(Sent::Full) => Fate::Failed,
+            _ => Fate::Gone,
+        };
         tracking::finish(ticket, fate);
         match sent {
             Some(Sent::Delivered) => {
                 self.metrics.messages_delivered_local.inc();
                 tracing::debug!(%key, topic = %crate::logtext::LogText(&msg.topic), "shared delivery handed to another member");
+            }
+            _ if returns => {
+                tracing::debug!(%key, topic = %crate::logtext::LogText(&msg.topic), "shared delivery goes back to the share queue")
             }
             Some(Sent::Full) => self.metrics.dropped("shared_group_full"),
             Some(Sent::NoMember) | None => self.metrics.dropped("shared_member_left"),
@@ -697,8 +725,8 @@ impl Broker {
     pub fn expire_sessions(&self) -> usize {
         let gone = self.sessions.expired(Instant::now());
         let n = gone.len();
-        for state in gone {
-            self.discard_session(state);
+        for (client_id, state) in gone {
+            self.end_session(&client_id, state);
         }
         n
     }
@@ -846,7 +874,7 @@ impl Broker {
         publisher: Option<u64>,
         waits: &mut crate::targets::Waits,
     ) -> usize {
-        self.publish_inner(msg, publisher, None, Some(waits))
+        self.publish_inner(msg, publisher, None, Some(waits), true)
     }
 
     /// Publishes a tracked message (from an AMQP source): like [`Broker::publish`] in
@@ -856,7 +884,8 @@ impl Broker {
     pub fn publish_tracked(&self, msg: &Arc<Message>, root: &Ticket) -> usize {
         self.tracer.offer(msg, "source", Vec::new);
         match root.mode() {
-            Mode::Broadcast => self.publish_inner(msg, None, Some(root), None),
+            // A share queue's deliveries go through `deliver_to_group`, not here.
+            Mode::Broadcast | Mode::Group => self.publish_inner(msg, None, Some(root), None, false),
             Mode::Work => {
                 if msg.retain {
                     self.set_retained(msg);
@@ -870,6 +899,46 @@ impl Broker {
                 attempted
             }
         }
+    }
+
+    /// A source's message (`publish_tracked`); with `forward` (the source's `cluster:
+    /// forward`) in a cluster that reaches RabbitMQ, a broadcast one is also forwarded as an
+    /// MQTT publish on this node is (every node's subscribers, every persistent session's
+    /// queue, retained on every node), and this node's persistent sessions get it through
+    /// their queues, not here. The forward is a child of `root`: finished once RabbitMQ
+    /// confirmed it (QoS 1/2), failed when it refused it or the forwarding queue was full
+    /// (the source's `on_failure` applies: no wait in the source's task).
+    pub fn publish_source(&self, msg: &Arc<Message>, root: &Ticket, forward: bool) -> usize {
+        let cluster = self
+            .cluster
+            .get()
+            .filter(|c| forward && root.mode() == Mode::Broadcast && c.is_connected());
+        let Some(cluster) = cluster else { return self.publish_tracked(msg, root) };
+        self.tracer.offer(msg, "source", Vec::new);
+        let mut waits = crate::targets::Waits::new();
+        let mut blocked = crate::targets::Blocked::new();
+        cluster.forward(msg, &mut waits, &mut blocked);
+        let child = root.child();
+        if !blocked.is_empty() {
+            // The forwarding queue is full: not forwarded (dropping the send drops its
+            // outcome's sender), the delivery fails and is retried by the source's policy.
+            drop(blocked);
+            self.metrics.dropped("cluster_forward_full");
+            tracking::finish(Some(child), Fate::Failed);
+        } else if waits.is_empty() {
+            tracking::finish(Some(child), Fate::Taken);
+        } else {
+            tokio::spawn(async move {
+                let mut fate = Fate::Taken;
+                for w in waits {
+                    if !matches!(w.await, Ok(crate::targets::Outcome::Delivered)) {
+                        fate = Fate::Failed;
+                    }
+                }
+                child.finish(fate);
+            });
+        }
+        1 + self.publish_inner(msg, None, Some(root), None, true)
     }
 
     /// Work mode: hands `msg` with `ticket` to one of the sessions and share groups matching
@@ -952,12 +1021,16 @@ impl Broker {
     }
 
     /// [`Broker::publish`], with a ticket per delivery when `tracked` is given.
+    /// `queued_elsewhere`: the cluster's persistent sessions get `msg` through their queues
+    /// (it was forwarded), so none here gets it directly; otherwise (a source's message not
+    /// forwarded) those connected here do.
     fn publish_inner(
         &self,
         msg: &Arc<Message>,
         publisher: Option<u64>,
         tracked: Option<&Ticket>,
         waits: Option<&mut crate::targets::Waits>,
+        queued_elsewhere: bool,
     ) -> usize {
         // Whether something was written to the store that the publisher must wait for.
         let mut durable = msg.retain && self.set_retained(msg);
@@ -975,8 +1048,8 @@ impl Broker {
                     return;
                 }
                 // A cluster's persistent session gets its messages through its session queue
-                // (`deliver_queued`); a tracked one (an AMQP source's) only while connected.
-                if s.subscriber.is_queued() && (tracked.is_none() || !s.subscriber.is_online()) {
+                // (`deliver_queued`); a source's not forwarded one only while connected.
+                if s.subscriber.is_queued() && (queued_elsewhere || !s.subscriber.is_online()) {
                     return;
                 }
                 if index.is_none() && hits.len() >= DEDUP_SCAN {
@@ -1082,20 +1155,38 @@ impl Broker {
         hits.len() + self.publish_shared(msg, tracked)
     }
 
-    /// Hands `msg` to one member of the share group `key` (`$share/{group}/{filter}`) whose
-    /// filter is `filter` (the cluster's share queue delivered it to this node); false when
-    /// the group has no member here that may take it.
-    pub fn deliver_to_group(&self, key: &str, filter: &str, msg: &Arc<Message>) -> bool {
+    /// Hands `msg` with `ticket` (of a [`Mode::Group`] tracker) to one member of the share
+    /// group `key` (`$share/{group}/{filter}`) whose filter is `filter`: the cluster's share
+    /// queue delivered it to this node. `Taken`: queued for a member (the ticket goes with
+    /// it). `Full`: every member's queue is full: nothing done, `ticket` left in place (the
+    /// caller holds the message back and tries again). `NoMatch`: the ticket is finished,
+    /// as returned when the group has no member here any more (another node's may take
+    /// it), as gone when its members here may not take it (QoS 0, only parked members:
+    /// dropped, as on one node).
+    pub fn deliver_to_group(
+        &self,
+        key: &str,
+        filter: &str,
+        msg: &Arc<Message>,
+        ticket: &mut Option<Ticket>,
+    ) -> Queued {
         let groups = self.shared.read().unwrap_or_else(|p| p.into_inner());
-        let Some(g) = groups.get(key, filter) else { return false };
-        match g.send(msg, self.queue_qos0, &mut None) {
+        let Some(g) = groups.get(key, filter) else {
+            tracking::finish(ticket.take(), Fate::Returned);
+            return Queued::NoMatch;
+        };
+        match g.send(msg, self.queue_qos0, ticket) {
             Sent::Delivered => {
                 self.metrics.messages_delivered_local.inc();
+                Queued::Taken
             }
-            Sent::Full => self.metrics.dropped("shared_group_full"),
-            Sent::NoMember => return false,
+            Sent::Full => Queued::Full,
+            Sent::NoMember => {
+                tracking::finish(ticket.take(), Fate::Gone);
+                self.metrics.dropped("shared_group_gone");
+                Queued::NoMatch
+            }
         }
-        true
     }
 
     /// Hands `msg` to one member of every matching share group; returns how many matched.

@@ -698,8 +698,9 @@ impl SessionStore {
         None
     }
 
-    /// Removes and returns every parked session expired at `now`, for the caller to discard.
-    pub fn expired(&self, now: Instant) -> Vec<SessionState> {
+    /// Removes and returns every parked session expired at `now` with its client id, for the
+    /// caller to discard.
+    pub fn expired(&self, now: Instant) -> Vec<(Arc<str>, SessionState)> {
         let mut maps = self.lock();
         let Maps { conns, parked, both } = &mut *maps;
         let mut gone = Vec::new();
@@ -707,7 +708,7 @@ impl SessionStore {
             if conns.contains_key(&client_id) {
                 *both -= 1;
             }
-            gone.push(p.state);
+            gone.push((client_id, p.state));
         }
         gone
     }
@@ -946,7 +947,10 @@ mod tests {
         store.park("short", SessionState::new(1, 1, None), Some(now + Duration::from_secs(1)));
         store.park("never", SessionState::new(2, 1, None), None);
         let gone = store.expired(now + Duration::from_secs(2));
-        assert_eq!(gone.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(
+            gone.iter().map(|(id, s)| (&**id, s.id)).collect::<Vec<_>>(),
+            vec![("short", 1)]
+        );
         assert_eq!(store.parked(), 1);
         assert!(!store.lock().contains("short"));
     }

@@ -7,7 +7,9 @@
 //! QoS 0: written to its connection) or the message was queued in a persistent session whose
 //! client is away; `Gone` when the subscriber went away without a session to keep it, or the
 //! message expired; `Failed` when it was dropped (full queue, too large, refused by the
-//! client). A ticket dropped without being finished counts as `Failed`: a lost delivery is
+//! client); `Returned` when a share-queue delivery ([`Mode::Group`]) found no member here to
+//! take it (its member left without acknowledging, none is left): the publisher gives it
+//! back to RabbitMQ for another node's members. A ticket dropped without being finished counts as `Failed`: a lost delivery is
 //! never taken for a success. When the last ticket (and the publisher's own, the root) is
 //! finished, the tracker reports one [`Summary`] on the publisher's channel.
 //!
@@ -30,6 +32,9 @@ pub enum Fate {
     Gone,
     /// It was dropped: a full queue, too large for the client, refused by the client.
     Failed,
+    /// Not taken and not dropped: no member of its share group here could take it (only for
+    /// [`Mode::Group`]); it goes back to where it came from.
+    Returned,
 }
 
 /// What happened to a tracked message as a whole, once every delivery has ended.
@@ -41,6 +46,9 @@ pub enum Summary {
     NoSubscriber,
     /// At least one delivery failed.
     Failed,
+    /// At least one delivery was returned (it wins over the others: what was returned must
+    /// not be lost, so the message goes back whole, duplicates of the rest allowed).
+    Returned,
 }
 
 /// How the broker picks the recipients of a tracked message.
@@ -51,6 +59,10 @@ pub enum Mode {
     /// Exactly one of the matching sessions and share groups, round robin; a delivery whose
     /// session leaves without acknowledging goes to another one.
     Work,
+    /// One member of one share group (the cluster's share queue gave the message to this
+    /// node for that group); a delivery whose member leaves without acknowledging goes to
+    /// another member here, or is [`Fate::Returned`] when none can take it.
+    Group,
 }
 
 /// The report of one tracked message: the publisher's token and the outcome.
@@ -71,6 +83,8 @@ pub struct Tracker {
     taken: AtomicUsize,
     /// Some delivery failed.
     failed: AtomicBool,
+    /// Some delivery was returned.
+    returned: AtomicBool,
     /// Broadcast or work.
     mode: Mode,
     /// The publisher's token.
@@ -88,6 +102,7 @@ impl Tracker {
             pending: AtomicUsize::new(1),
             taken: AtomicUsize::new(0),
             failed: AtomicBool::new(false),
+            returned: AtomicBool::new(false),
             mode,
             token,
             report,
@@ -101,11 +116,14 @@ impl Tracker {
                 self.taken.fetch_add(1, Ordering::Relaxed);
             }
             Fate::Failed => self.failed.store(true, Ordering::Relaxed),
+            Fate::Returned => self.returned.store(true, Ordering::Relaxed),
             Fate::Gone => {}
         }
         // AcqRel: the last finisher sees every other finisher's counts.
         if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let summary = if self.failed.load(Ordering::Relaxed) {
+            let summary = if self.returned.load(Ordering::Relaxed) {
+                Summary::Returned
+            } else if self.failed.load(Ordering::Relaxed) {
                 Summary::Failed
             } else if self.taken.load(Ordering::Relaxed) > 0 {
                 Summary::Taken
@@ -202,5 +220,17 @@ mod tests {
         root.finish(Fate::Gone);
         drop(a);
         assert_eq!(rx.try_recv().map(|d| d.summary), Ok(Summary::Failed));
+    }
+
+    #[test]
+    fn a_returned_delivery_sends_the_whole_message_back() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let root = Tracker::root(3, Mode::Group, tx);
+        let (a, b, c) = (root.child(), root.child(), root.child());
+        root.finish(Fate::Gone);
+        a.finish(Fate::Taken);
+        b.finish(Fate::Returned);
+        drop(c);
+        assert_eq!(rx.try_recv(), Ok(Done { token: 3, summary: Summary::Returned }));
     }
 }

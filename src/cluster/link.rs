@@ -19,8 +19,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::groups::{self, GroupChannel, ShareCounters, GROUP_PREFETCH, STALL_RETRY};
 use super::peers::{self, Peers, Then};
 use super::{keys, Cluster, ClusterConfig, Command, Forward};
+use crate::broker::tracking::Done;
 use crate::broker::Broker;
 use crate::config::AmqpBrokerConfig;
 use crate::message::Message;
@@ -88,8 +90,6 @@ const SESSION_KEYS: u8 = 16;
 const SESSION_DROP: u8 = 17;
 /// The first channel of the share groups' queues (one channel per group with members here).
 const FIRST_GROUP_CHANNEL: u16 = 10;
-/// Deliveries of a share queue a node takes before acknowledging them.
-const GROUP_PREFETCH: u16 = 256;
 /// Messages in one batch, at most.
 const BATCH_MESSAGES: usize = 64;
 /// Bytes of one batch's messages before it is closed (one message alone may be larger).
@@ -244,7 +244,7 @@ pub(super) fn messages_of(body: &[u8]) -> Vec<Message> {
     let Some((_, encoded)) = rest.split_at_checked(usize::from(len)) else { return out };
     let mut one = |bytes: &[u8]| match codec::decode_message(bytes) {
         Ok(msg) => out.push(Message { received: std::time::Instant::now(), ..msg }),
-        Err(e) => warn!(error = %e, "session queue message that cannot be read dropped"),
+        Err(e) => warn!(error = %e, "queued cluster message that cannot be read dropped"),
     };
     match kind {
         WIRE_VERSION => one(encoded),
@@ -374,17 +374,6 @@ enum LockWait {
     DropSession(String),
 }
 
-/// A share group with members on this node: its channel consumes the group's share queue
-/// `{prefix}.share.{hash of the whole filter}` (auto-deleted with its last consumer, bound with
-/// the filter's key), which every node with members consumes: RabbitMQ gives each message to
-/// one of them.
-struct GroupChannel {
-    /// `$share/{group}/{filter}` as subscribed.
-    key: String,
-    /// The filter.
-    filter: String,
-}
-
 /// A binding key of this node whose SUBACKs wait: for its bind-ok and for every other node's
 /// acknowledgement of the delta that announced it.
 struct Pending {
@@ -449,6 +438,18 @@ struct Link<'a> {
     next_channel: u16,
     /// Deliveries of share queues being assembled: channel → (delivery tag, assembly).
     group_assembly: HashMap<u16, (u64, Assembly)>,
+    /// The channel of each share group by its number (`groups::split` of a report's token).
+    group_ids: HashMap<u32, u16>,
+    /// The number of the next share group opened.
+    next_group_id: u32,
+    /// Where the share queues' deliveries report once finished (one report per
+    /// unacknowledged delivery: bounded by the prefetch of each group).
+    group_report_tx: mpsc::UnboundedSender<Done>,
+    group_report_rx: mpsc::UnboundedReceiver<Done>,
+    /// `cluster_share_deliveries` held and returned, resolved once.
+    share_counters: ShareCounters,
+    /// When messages waiting for room in members' queues are tried again next.
+    stall_retry_at: tokio::time::Instant,
     /// `cluster_messages` out, in and own, resolved once.
     counted: [prometheus_client::metrics::counter::Counter; 3],
 }
@@ -461,6 +462,7 @@ impl<'a> Link<'a> {
         t: Transport,
         bound: HashSet<String>,
     ) -> Self {
+        let (group_report_tx, group_report_rx) = mpsc::unbounded_channel();
         Link {
             s,
             cluster,
@@ -487,6 +489,15 @@ impl<'a> Link<'a> {
             free_channels: Vec::new(),
             next_channel: FIRST_GROUP_CHANNEL,
             group_assembly: HashMap::new(),
+            group_ids: HashMap::new(),
+            next_group_id: 0,
+            group_report_tx,
+            group_report_rx,
+            share_counters: ShareCounters {
+                held: cluster.metrics.cluster.share("held"),
+                returned: cluster.metrics.cluster.share("returned"),
+            },
+            stall_retry_at: tokio::time::Instant::now(),
             counted: ["out", "in", "own"].map(|d| cluster.metrics.cluster.direction(d)),
         }
     }
@@ -535,6 +546,7 @@ impl<'a> Link<'a> {
             let want_write = self.t.has_pending_writes();
             let room = self.unconfirmed.len() < MAX_UNCONFIRMED;
             let locks_free = self.lock_wait.is_none() && self.reclaims.is_empty();
+            let stalled = self.groups.values().any(GroupChannel::is_stalled);
             let res = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => {
@@ -547,6 +559,14 @@ impl<'a> Link<'a> {
                 },
                 () = self.cluster.changed.notified() => {
                     self.apply_changes();
+                    Ok(())
+                }
+                Some(done) = self.group_report_rx.recv() => {
+                    self.on_group_reports(done);
+                    Ok(())
+                }
+                () = tokio::time::sleep_until(self.stall_retry_at), if stalled => {
+                    self.drain_groups();
                     Ok(())
                 }
                 Some(cmd) = commands.recv(), if locks_free => {
@@ -1015,16 +1035,19 @@ impl<'a> Link<'a> {
             self.cluster.group_applied(&key, false);
             return;
         }
+        let id = self.next_group_id;
+        self.next_group_id = (id + 1) % groups::GROUP_IDS;
         self.group_channel.insert(key.clone(), ch);
-        self.groups.insert(ch, GroupChannel { key, filter });
+        self.group_ids.insert(id, ch);
+        self.groups.insert(ch, GroupChannel::new(key, filter, ch, id));
     }
 
     /// Closes the channel of group `key` (its last member here left): RabbitMQ gives what it
-    /// had delivered here and not acknowledged to another node's members.
+    /// had delivered here and not acknowledged to another node's members (the reports of
+    /// those deliveries, if any come, are ignored).
     fn close_group(&mut self, key: &str) {
         let Some(ch) = self.group_channel.remove(key) else { return };
-        self.groups.remove(&ch);
-        self.group_assembly.remove(&ch);
+        self.forget_group(ch);
         let start = frame::begin(&mut self.t.wbuf, 1, ch);
         self.t.wbuf.put_u16(20); // channel
         self.t.wbuf.put_u16(40); // close
@@ -1036,38 +1059,47 @@ impl<'a> Link<'a> {
         self.closing.insert(ch);
     }
 
+    /// Forgets the group on channel `ch` (closed or being closed): what waits here goes with
+    /// it (RabbitMQ requeues every unacknowledged delivery of a closed channel).
+    fn forget_group(&mut self, ch: u16) -> Option<GroupChannel> {
+        self.group_assembly.remove(&ch);
+        let g = self.groups.remove(&ch)?;
+        self.group_ids.retain(|_, c| *c != ch);
+        Some(g)
+    }
+
     /// A whole delivery of a share queue on channel `ch`: each message whose topic the
-    /// group's filter matches goes to one member here; then it is acknowledged.
+    /// group's filter matches goes to one member here; acknowledged once all are finished.
     fn on_group_message(&mut self, ch: u16, tag: u64, body: &[u8]) {
-        consume::basic_ack(&mut self.t.wbuf, ch, tag, false);
-        let Some(group) = self.groups.get(&ch) else { return };
-        let Some((&kind, rest)) = body.split_first() else { return };
-        let Some((&len, rest)) = rest.split_first() else { return };
-        let Some((_, encoded)) = rest.split_at_checked(usize::from(len)) else { return };
-        let one = |encoded: &[u8]| {
-            if let Ok(msg) = codec::decode_message(encoded) {
-                if topic::matches(&group.filter, &msg.topic) {
-                    let msg = Arc::new(msg);
-                    if !self.broker.deliver_to_group(&group.key, &group.filter, &msg) {
-                        self.cluster.metrics.dropped("shared_group_gone");
-                    }
-                }
+        let Some(group) = self.groups.get_mut(&ch) else { return };
+        let report = &self.group_report_tx;
+        group.on_delivery(tag, body, self.broker, report, &mut self.t.wbuf, &self.share_counters);
+    }
+
+    /// Reports of finished share-queue deliveries (`first` and whatever else is there):
+    /// acks and nacks, then one multiple ack per group; messages that waited are tried again.
+    fn on_group_reports(&mut self, first: Done) {
+        let mut done = Some(first);
+        while let Some(d) = done.take().or_else(|| self.group_report_rx.try_recv().ok()) {
+            let (id, tag) = groups::split(d.token);
+            let Some(g) = self.group_ids.get(&id).and_then(|ch| self.groups.get_mut(ch)) else {
+                continue;
+            };
+            g.on_report(tag, d.summary, &mut self.t.wbuf, &self.share_counters);
+        }
+        for g in self.groups.values_mut() {
+            g.ack_settled(&mut self.t.wbuf);
+        }
+        self.drain_groups();
+    }
+
+    /// Hands what waits for room in the members' queues to them, as far as it goes.
+    fn drain_groups(&mut self) {
+        self.stall_retry_at = tokio::time::Instant::now() + STALL_RETRY;
+        for g in self.groups.values_mut() {
+            if g.is_stalled() {
+                g.drain(self.broker, &self.share_counters);
             }
-        };
-        match kind {
-            WIRE_VERSION => one(encoded),
-            BATCH_KIND => {
-                let Some((count, mut rest)) = encoded.split_at_checked(4) else { return };
-                let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]);
-                for _ in 0..count {
-                    let Some((len, after)) = rest.split_at_checked(4) else { break };
-                    let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-                    let Some((msg, after)) = after.split_at_checked(len) else { break };
-                    rest = after;
-                    one(msg);
-                }
-            }
-            _ => {}
         }
     }
 
@@ -1287,8 +1319,7 @@ impl<'a> Link<'a> {
             {
                 methods::channel_close_ok(&mut self.t.wbuf, channel);
                 self.closing.remove(&channel);
-                self.group_assembly.remove(&channel);
-                if let Some(g) = self.groups.remove(&channel) {
+                if let Some(g) = self.forget_group(channel) {
                     warn!(group = %g.key, reason = %describe(&c), "share queue refused: served per node");
                     self.group_channel.remove(&g.key);
                     self.cluster.group_applied(&g.key, false);

@@ -14,6 +14,15 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+/// `event` of `mqgate_cluster_share_deliveries_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShareLabels {
+    /// `held` (a share queue's message waited: every member's queue here was full),
+    /// `returned` (a share queue's delivery went back to RabbitMQ: no member here could take
+    /// a message of it).
+    pub event: &'static str,
+}
+
 /// The cluster's families.
 #[derive(Clone, Default, Debug)]
 pub struct ClusterFamilies {
@@ -23,6 +32,8 @@ pub struct ClusterFamilies {
     pub connected: Gauge,
     /// Binding keys of the node's queue (its distinct coarse subscription keys).
     pub bindings: Gauge,
+    /// Share-queue deliveries held back or returned.
+    pub share: Family<ShareLabels, Counter>,
 }
 
 impl ClusterFamilies {
@@ -44,7 +55,17 @@ impl ClusterFamilies {
             "Binding keys of the node's cluster queue (distinct coarse keys of its subscriptions)",
             f.bindings.clone(),
         );
+        registry.register(
+            "cluster_share_deliveries",
+            "Share-queue messages held back (every member's queue here full) and deliveries returned to RabbitMQ (no member here could take them)",
+            f.share.clone(),
+        );
         f
+    }
+
+    /// The counter of share-queue `event`, to resolve once.
+    pub fn share(&self, event: &'static str) -> Counter {
+        self.share.get_or_create(&ShareLabels { event }).clone()
     }
 
     /// The counter of `direction`, to resolve once.

@@ -23,6 +23,7 @@
 //! unconfirmed publishes of the link; the interest map holds one entry per distinct binding.
 
 pub mod config;
+mod groups;
 pub mod keys;
 mod link;
 pub mod metrics;
@@ -775,6 +776,20 @@ impl Cluster {
         rx
     }
 
+    /// The queued session `session_id` parks with Session Expiry Interval `expiry` (as its
+    /// DISCONNECT left it): when that differs from what was announced, the other nodes hear
+    /// it, so that they end the session at that interval should this node die first.
+    pub fn session_parked(&self, session_id: u64, expiry: u32) {
+        let mut sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(handle) = sessions.get_mut(&session_id) else { return };
+        let Some((announced, keys)) = handle.announced.as_mut() else { return };
+        if *announced != expiry {
+            *announced = expiry;
+            let (client_id, keys) = (handle.client_id.to_string(), keys.clone());
+            let _ = self.commands.send(Command::SessionKeys { client_id, expiry, keys });
+        }
+    }
+
     /// The persistent sessions this node serves now, as announced (after a reconnect).
     fn served_sessions(&self) -> Vec<(String, u32, Vec<String>)> {
         let sessions = self.psessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -828,20 +843,30 @@ impl Cluster {
         }
     }
 
-    /// Forgets the sessions whose queues have expired by `now`.
+    /// Forgets the sessions of nodes that are gone whose expiry has passed by `now`, and
+    /// deletes their queues and records (their `x-expires` may be longer: the interval the
+    /// queue was declared with, before a DISCONNECT shortened it). Every surviving node does;
+    /// deleting is idempotent.
     fn sticky_expire(&self, now: std::time::Instant) {
         let mut sticky = self.sticky.lock().unwrap_or_else(|p| p.into_inner());
         let mut gone = Vec::new();
-        sticky.retain(|_, e| {
+        let mut ended = Vec::new();
+        sticky.retain(|id, e| {
             let keep = e.deadline.is_none_or(|d| d > now);
             if !keep {
                 gone.append(&mut e.keys);
+                ended.push(id.clone());
             }
             keep
         });
         drop(sticky);
         if !gone.is_empty() {
             self.set_remote(|v| gone.iter().for_each(|k| v.session_key(k, false)));
+        }
+        if self.connected.load(Ordering::Acquire) {
+            for client_id in ended {
+                let _ = self.commands.send(Command::DropSession { client_id });
+            }
         }
     }
 
@@ -856,11 +881,22 @@ impl Cluster {
         }
     }
 
+    /// Whether this node's link to RabbitMQ is up (what it forwards is sent).
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Whether another node announced a persistent session of `client_id` (it may be kept in
+    /// RabbitMQ).
+    pub fn knows_session(&self, client_id: &str) -> bool {
+        self.sticky.lock().unwrap_or_else(|p| p.into_inner()).contains_key(client_id)
+    }
+
     /// A clean start of `client_id`: the persistent session it may have had ends, its queue
     /// and record are deleted (not waited for) when it had one here (`here`) or another node
     /// announced one; every node forgets it. A client id no node announced costs nothing.
     pub fn drop_session(&self, client_id: &str, here: bool) {
-        let known = self.sticky.lock().unwrap_or_else(|p| p.into_inner()).contains_key(client_id);
+        let known = self.knows_session(client_id);
         if (here || known) && self.connected.load(Ordering::Acquire) {
             self.sticky_drop(client_id);
             let _ = self.commands.send(Command::DropSession { client_id: client_id.to_owned() });

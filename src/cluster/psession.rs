@@ -125,6 +125,28 @@ pub struct Limits {
     pub max_messages: usize,
     /// `mqtt.max_queued_bytes` (`x-max-length-bytes`).
     pub max_bytes: usize,
+    /// `mqtt.max_packet_size`: a forwarded batch holds at most one message past its size.
+    pub max_message: usize,
+    /// The largest record the session can have (its filters at their longest).
+    pub max_record: usize,
+}
+
+impl Limits {
+    /// Deliveries of the session queue unacknowledged at most: what the task holds at most is
+    /// `prefetch` deliveries of a batch each while the session's queue has no room for them.
+    fn prefetch(&self) -> u16 {
+        let by_count = self.max_messages / 16;
+        let by_bytes = self.max_bytes / BATCH_BYTES;
+        by_count.min(by_bytes).clamp(1, 256) as u16
+    }
+
+    /// Bytes the broker may send the session's channel before the session takes them: its
+    /// deliveries (a batch, one message past it at most, and the frames' overhead), and its
+    /// replies and record.
+    fn max_inbound(&self) -> usize {
+        let delivery = BATCH_BYTES + self.max_message + 4096;
+        usize::from(self.prefetch()) * delivery + self.max_record + (1 << 20)
+    }
 }
 
 /// What opening a session's queue found.
@@ -200,11 +222,7 @@ pub(super) fn spawn(
         };
         let (queue, record) = s.names(&client_id);
         let (report_tx, report_rx) = mpsc::unbounded_channel();
-        // What the task holds at most: `prefetch` deliveries of up to 64 messages and 256 KiB
-        // each (a batch) while the session's queue has no room for them.
-        let by_count = limits.max_messages / 16;
-        let by_bytes = limits.max_bytes / BATCH_BYTES;
-        let prefetch = by_count.min(by_bytes).clamp(1, 256) as u16;
+        let prefetch = limits.prefetch();
         let mut q = SessionQueue {
             t,
             s: &s,
@@ -225,8 +243,7 @@ pub(super) fn spawn(
             prefetch,
         };
         if reply.send(Ok(found)).is_err() {
-            // The handshake gave up.
-            q.close();
+            // The handshake gave up: the channel closes as `q` is dropped.
             return;
         }
         if let Some(reason) = q.run(rx, &cancel).await {
@@ -245,7 +262,7 @@ async fn answer(
     t: &mut Chan,
     want: impl Fn(&ConsumerMethod) -> bool,
 ) -> Result<Result<ConsumerMethod, String>, String> {
-    t.flush()?;
+    t.flush().await?;
     loop {
         match t.recv().await? {
             ConsumerFrame::Method { channel, method } if channel == t.ch && want(&method) => {
@@ -256,7 +273,7 @@ async fn answer(
                 method: ConsumerMethod::Common(Method::ChannelClose(c)),
             } if channel == t.ch => {
                 t.closed_by_broker();
-                t.flush()?;
+                t.flush().await?;
                 return Ok(Err(describe(&c)));
             }
             _ => {}
@@ -323,7 +340,7 @@ async fn content(t: &mut Chan) -> Result<Vec<u8>, String> {
                 method: ConsumerMethod::Common(Method::ChannelClose(c)),
             } if channel == t.ch => {
                 t.closed_by_broker();
-                t.flush()?;
+                t.flush().await?;
                 return Err(format!("the broker closed the session's channel: {}", describe(&c)));
             }
             _ => {}
@@ -343,7 +360,7 @@ async fn setup(
 ) -> Result<(Chan, Opened), String> {
     let uri = s.url.parse::<Uri>().map_err(|e| format!("the broker's url: {e}"))?;
     let (queue, record) = s.names(client_id);
-    let mut t = s.pool.channel(&uri, &s.security).await?;
+    let mut t = s.pool.channel(&uri, &s.security, limits.max_inbound()).await?;
     let opened = |m: &ConsumerMethod| matches!(m, ConsumerMethod::Common(Method::ChannelOpenOk));
     answer(&mut t, opened).await?.map_err(|e| format!("cannot open a channel: {e}"))?;
     let mut found = Opened { present: open == Open::Local, record: None };
@@ -384,7 +401,10 @@ async fn setup(
     }
     let expires = match limits.expiry {
         Expiry::After(secs) => Some(Value::I64(i64::from(secs.max(1)) * 1000)),
-        _ => None,
+        // Resumed with expiry 0 (it ends with the connection): gone a second after its
+        // consumer should the node die first.
+        Expiry::Now => Some(Value::I64(1000)),
+        Expiry::Never => None,
     };
     let max_len = i64::try_from(limits.max_messages.max(1)).unwrap_or(i64::MAX);
     let max_bytes = i64::try_from(limits.max_bytes).unwrap_or(i64::MAX);
@@ -465,10 +485,8 @@ impl SessionQueue<'_> {
             let take_cmds = matches!(self.start, Start::NotAsked | Start::Consuming);
             let res = tokio::select! {
                 biased;
-                () = cancel.cancelled() => {
-                    self.close();
-                    return None;
-                }
+                // The channel closes as the task ends (after what was encoded last).
+                () = cancel.cancelled() => return None,
                 Some(done) = self.report_rx.recv() => {
                     self.on_report(done);
                     while let Ok(done) = self.report_rx.try_recv() {
@@ -486,11 +504,8 @@ impl SessionQueue<'_> {
                     Err(e) => Err(e),
                 },
                 cmd = cmds.recv(), if take_cmds => match cmd {
-                    Some(cmd) => self.on_cmd(cmd),
-                    None => {
-                        self.close();
-                        return None;
-                    }
+                    Some(cmd) => self.on_cmd(cmd).await,
+                    None => return None,
                 },
                 () = tokio::time::sleep(STALL_RETRY), if !self.backlog.is_empty() => {
                     self.drain_backlog();
@@ -500,13 +515,13 @@ impl SessionQueue<'_> {
             if let Err(reason) = res.and_then(|()| self.maybe_consume()) {
                 return Some(reason);
             }
-            if let Err(e) = self.t.flush() {
+            if let Err(e) = self.t.flush().await {
                 return Some(e);
             }
         }
     }
 
-    fn on_cmd(&mut self, cmd: Cmd) -> Result<(), String> {
+    async fn on_cmd(&mut self, cmd: Cmd) -> Result<(), String> {
         match cmd {
             Cmd::Start => {
                 let now = Instant::now();
@@ -533,11 +548,23 @@ impl SessionQueue<'_> {
                 self.bound = wanted;
                 let properties = Properties { delivery_mode: 2, ..Properties::default() };
                 let name = &self.record;
-                let tag = self.t.publish(|out, frame_max| {
-                    let (ch, x) = (RECORD_CHANNEL, "");
-                    methods::publish_with(out, ch, x, name, false, &properties, &record, frame_max)
+                let tag = self
+                    .t
+                    .publish(|out, frame_max| {
+                        let (ch, x) = (RECORD_CHANNEL, "");
+                        methods::publish_with(
+                            out,
+                            ch,
+                            x,
+                            name,
+                            false,
+                            &properties,
+                            &record,
+                            frame_max,
+                        )
                         .map_err(wire)
-                })?;
+                    })
+                    .await?;
                 self.updates.push_back(Update { oks, tag, confirmed: None, reply });
             }
         }
@@ -705,13 +732,6 @@ impl SessionQueue<'_> {
             consume::basic_ack(&mut self.t.wbuf, self.t.ch, done.token, false);
             self.acks.settled(done.token);
         }
-    }
-
-    /// Ends the session's use of its channel: dropped with the task, the channel is closed
-    /// (after what was encoded before), and what was delivered and not acknowledged goes back
-    /// to the queue.
-    fn close(&mut self) {
-        let _ = self.t.flush();
     }
 }
 

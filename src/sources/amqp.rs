@@ -68,6 +68,8 @@ pub struct Settings {
     retain: bool,
     /// Broadcast or work.
     mode: Mode,
+    /// Forward to the cluster's other nodes and persistent sessions (`cluster: forward`).
+    forward: bool,
     /// No subscriber matched.
     on_no_subscriber: NackPolicy,
     /// Delivery failed.
@@ -118,6 +120,7 @@ impl Settings {
                 SourceMode::Broadcast => Mode::Broadcast,
                 SourceMode::Work => Mode::Work,
             },
+            forward: cfg.cluster == super::config::SourceCluster::Forward,
             on_no_subscriber: cfg.on_no_subscriber,
             on_failure: cfg.on_failure,
             requeue_delay: cfg.requeue_delay.0,
@@ -464,7 +467,7 @@ impl<'a> Consumer<'a> {
             packet_id: None,
         });
         let root = Tracker::root(d.delivery_tag, s.mode, self.report_tx.clone());
-        self.broker.publish_tracked(&msg, &root);
+        self.broker.publish_source(&msg, &root, s.forward);
         root.finish(Fate::Gone);
     }
 
@@ -479,7 +482,7 @@ impl<'a> Consumer<'a> {
                 self.metrics.delivered.inc();
             }
             Summary::NoSubscriber => self.apply(done.token, self.s.on_no_subscriber),
-            Summary::Failed => self.apply(done.token, self.s.on_failure),
+            Summary::Failed | Summary::Returned => self.apply(done.token, self.s.on_failure),
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Settings {
     retain: bool,
     /// Broadcast or work.
     mode: Mode,
+    /// Forward to the cluster's other nodes and persistent sessions (`cluster: forward`).
+    forward: bool,
     /// No subscriber matched.
     on_no_subscriber: NackPolicy,
     /// Delivery failed.
@@ -89,6 +91,7 @@ impl Settings {
                 SourceMode::Broadcast => Mode::Broadcast,
                 SourceMode::Work => Mode::Work,
             },
+            forward: cfg.cluster == super::config::SourceCluster::Forward,
             on_no_subscriber: cfg.on_no_subscriber,
             on_failure: cfg.on_failure,
             requeue_delay: cfg.requeue_delay.0,
@@ -224,7 +227,7 @@ impl Link<'_> {
             }
         };
         let root = Tracker::root(token, s.mode, report.clone());
-        self.broker.publish_tracked(&Arc::new(msg), &root);
+        self.broker.publish_source(&Arc::new(msg), &root, s.forward);
         root.finish(Fate::Gone);
     }
 
@@ -236,7 +239,7 @@ impl Link<'_> {
                 return self.settle(done.token, NackPolicy::Drop, false).await;
             }
             Summary::NoSubscriber => self.s.on_no_subscriber,
-            Summary::Failed => self.s.on_failure,
+            Summary::Failed | Summary::Returned => self.s.on_failure,
         };
         if policy == NackPolicy::Requeue && !self.s.requeue_delay.is_zero() {
             self.held.push_back((Instant::now() + self.s.requeue_delay, done.token));

@@ -65,6 +65,12 @@ pub struct SourceConfig {
     /// `broadcast` (every matching subscriber) or `work` (one of them).
     #[serde(default)]
     pub mode: SourceMode,
+    /// With `cluster:`, where a broadcast source's messages go: `local` (this node's
+    /// subscribers: run the source with a queue per node) or `forward` (every node's
+    /// subscribers and every persistent session, parked or on another node, as an MQTT
+    /// publish is: run it with one queue every node consumes).
+    #[serde(default)]
+    pub cluster: SourceCluster,
     /// A message that matches no subscriber: `requeue`, `dead_letter` or `drop`.
     #[serde(default)]
     pub on_no_subscriber: NackPolicy,
@@ -115,6 +121,18 @@ pub enum SourceMode {
     Broadcast,
     /// One matching session (or share group) gets it, round robin (a job queue).
     Work,
+}
+
+/// Where a source's messages go in a cluster (`cluster:` of a source).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceCluster {
+    /// This node's subscribers (and its persistent sessions while connected here).
+    #[default]
+    Local,
+    /// Forwarded as an MQTT publish on this node is: every node's subscribers and every
+    /// persistent session's queue; acknowledged once RabbitMQ confirmed it too.
+    Forward,
 }
 
 /// What is done with a message that cannot be delivered.

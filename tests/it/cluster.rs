@@ -582,7 +582,7 @@ async fn cluster_messages(app: &App, direction: &str) -> u64 {
 
 /// Past a node's first moments in the cluster (it forwards everything until every other
 /// node's heartbeat had time to arrive: 1.5 s).
-async fn past_grace() {
+pub(crate) async fn past_grace() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
 }
 

@@ -314,6 +314,154 @@ async fn a_clean_start_on_another_node_ends_the_session_and_so_does_its_expiry()
 }
 
 #[tokio::test]
+async fn clean_start_0_with_expiry_0_resumes_the_kept_session_which_then_ends_with_the_connection()
+{
+    let prefix = unique("it-psess");
+    let id = unique("ps-resume0");
+    let [queue, record] = session_queues(&prefix, &id);
+    let _cleanup = delete_queues_on_drop(&[&queue, &record]);
+    let rabbit = rabbit().await;
+    let (a, b, c) = nodes(&prefix).await;
+    let (mut dev, _) = persistent(a.mqtt_addr, &id, 300).await;
+    subscribe(&mut dev, "zero0/#", qos(QoS::AtLeastOnce), None).await;
+    drop(dev);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publisher = RawClient::connect(c.mqtt_addr, ProtocolVersion::V5, &unique("pub")).await;
+    for i in 1..=3u16 {
+        publish_qos1(&mut publisher, "zero0/m", i, format!("m{i}").as_bytes()).await;
+    }
+    // Clean start 0 with expiry 0 on another node: the session goes on, with what was queued
+    // while the client was away (MQTT 5 §3.1.2.4).
+    let (mut dev, code, present) = connect(b.mqtt_addr, &id, false, 0).await;
+    assert!(code.is_success() && present, "CONNACK {code:?}, session present {present}");
+    let got = collect(&mut dev, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), numbered("m", 3), "{got:?}");
+    publish_qos1(&mut publisher, "zero0/m", 4, b"live").await;
+    let got = collect(&mut dev, Duration::from_millis(1000)).await;
+    assert_eq!(qos1(&got), vec!["live".to_owned()]);
+    // And it ends with this connection: its queues go, the next CONNECT finds no session.
+    drop(dev);
+    until_gone(&rabbit, &queue, Duration::from_secs(5)).await;
+    until_gone(&rabbit, &record, Duration::from_secs(5)).await;
+    let (_dev, present) = persistent(c.mqtt_addr, &id, 300).await;
+    assert!(!present, "the session ended with the expiry-0 connection");
+}
+
+#[tokio::test]
+async fn a_forwarding_source_reaches_every_node_and_persistent_sessions_wherever_they_are() {
+    let prefix = unique("it-psess");
+    let (here, parked, topic) = (unique("ps-src-a"), unique("ps-src-c"), unique("cmd"));
+    let queue = unique("it-src-fwd");
+    let [hq, hr] = session_queues(&prefix, &here);
+    let [pq, pr] = session_queues(&prefix, &parked);
+    let _cleanup = delete_queues_on_drop(&[&hq, &hr, &pq, &pr, &queue]);
+    let rabbit = rabbit().await;
+    // The source runs on node a only: one queue, `cluster: forward`.
+    let source = format!(
+        "sources:\n  - name: cmds\n    broker: backbone\n    queue: \"{queue}\"\n    declare:\n      durable: false\n      arguments:\n        x-expires: 60000\n    topic: \"{topic}/dev\"\n    qos: 1\n    cluster: forward\n"
+    );
+    let a = gateway(&format!("{}{source}", node_config(&prefix, "a", AMQP_URL))).await;
+    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
+    let c = gateway(&node_config(&prefix, "c", AMQP_URL)).await;
+    for n in [&a, &b, &c] {
+        wait_ready(n).await;
+    }
+    let filter = format!("{topic}/#");
+    // A clean subscriber on b, a persistent session connected on a (the source's node), one
+    // parked on c.
+    let mut clean = v5(&b, &unique("clean")).await;
+    subscribe(&mut clean, &filter, qos(QoS::AtLeastOnce), None).await;
+    let (mut on_a, _) = persistent(a.mqtt_addr, &here, 300).await;
+    subscribe(&mut on_a, &filter, qos(QoS::AtLeastOnce), None).await;
+    let (mut away, _) = persistent(c.mqtt_addr, &parked, 300).await;
+    subscribe(&mut away, &filter, qos(QoS::AtLeastOnce), None).await;
+    drop(away);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let ch = rabbit.create_channel().await.expect("channel");
+    for i in 1..=3 {
+        let props = lapin::BasicProperties::default();
+        let body = format!("c{i}");
+        let options = lapin::options::BasicPublishOptions::default();
+        ch.basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), props)
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let want = numbered("c", 3);
+    let got = collect(&mut clean, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), want, "the subscriber on another node: {got:?}");
+    let got = collect(&mut on_a, Duration::from_millis(500)).await;
+    assert_eq!(qos1(&got), want, "the session on the source's node, once each: {got:?}");
+    // The parked session gets them where it comes back.
+    let (mut back, present) = persistent(b.mqtt_addr, &parked, 300).await;
+    assert!(present);
+    let got = collect(&mut back, Duration::from_millis(1500)).await;
+    assert_eq!(qos1(&got), want, "the session parked on c, resumed on b: {got:?}");
+    // Every delivery was acknowledged to the source's queue.
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await;
+    assert_eq!(q.expect("the source's queue").message_count(), 0);
+}
+
+/// An MQTT 5 DISCONNECT setting the Session Expiry Interval to `expiry`.
+async fn disconnect_with_expiry(mut c: RawClient, expiry: u32) {
+    let mut d = codec::Disconnect::default();
+    d.properties.session_expiry_interval = Some(expiry);
+    c.send(&Packet::Disconnect(Box::new(d))).await;
+    until_closed(&mut c, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_disconnect_that_ends_or_shortens_the_expiry_ends_the_session_on_every_node() {
+    let prefix = unique("it-psess");
+    let (zero, short, dead) = (unique("ps-zero"), unique("ps-shorter"), unique("ps-died"));
+    let [zero_queue, zero_record] = session_queues(&prefix, &zero);
+    let [short_queue, short_record] = session_queues(&prefix, &short);
+    let [dead_queue, dead_record] = session_queues(&prefix, &dead);
+    let names = [&zero_queue, &zero_record, &short_queue, &short_record, &dead_queue, &dead_record];
+    let _cleanup = delete_queues_on_drop(&names);
+    let rabbit = rabbit().await;
+    let (a, b, c) = nodes(&prefix).await;
+
+    // Expiry 0 at DISCONNECT (the queue was declared for an hour): the session ends now.
+    let (mut dev, _) = persistent(a.mqtt_addr, &zero, 3600).await;
+    subscribe(&mut dev, "zero/#", qos(QoS::AtLeastOnce), None).await;
+    disconnect_with_expiry(dev, 0).await;
+    until_gone(&rabbit, &zero_queue, Duration::from_secs(5)).await;
+    until_gone(&rabbit, &zero_record, Duration::from_secs(5)).await;
+    let (dev, present) = persistent(b.mqtt_addr, &zero, 3600).await;
+    assert!(!present, "the session ended at its DISCONNECT");
+    drop(dev);
+
+    // Shortened to 2 s: it ends after 2 s on every node, not after the hour its queue has.
+    let (mut dev, _) = persistent(a.mqtt_addr, &short, 3600).await;
+    subscribe(&mut dev, "short/#", qos(QoS::AtLeastOnce), None).await;
+    disconnect_with_expiry(dev, 2).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(queue_exists(&rabbit, &short_queue).await, "kept for its 2 s");
+    until_gone(&rabbit, &short_queue, Duration::from_secs(6)).await;
+    until_gone(&rabbit, &short_record, Duration::from_secs(2)).await;
+    let (dev, present) = persistent(c.mqtt_addr, &short, 3600).await;
+    assert!(!present, "expired after the 2 s its DISCONNECT gave");
+    drop(dev);
+
+    // Shortened, then its node dies before it expires: the survivors end it in time.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut d = NodeProcess::start(dir.path(), &prefix, "d").await;
+    let (mut dev, _) = persistent(d.mqtt, &dead, 3600).await;
+    subscribe(&mut dev, "died/#", qos(QoS::AtLeastOnce), None).await;
+    disconnect_with_expiry(dev, 3).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.child.kill().expect("kill");
+    d.child.wait().expect("reap");
+    until_gone(&rabbit, &dead_queue, Duration::from_secs(20)).await;
+    let (_dev, present) = persistent(b.mqtt_addr, &dead, 3600).await;
+    assert!(!present, "ended by the surviving nodes");
+}
+
+#[tokio::test]
 async fn a_burst_larger_than_the_session_s_queue_is_held_back_not_dropped() {
     let prefix = unique("it-psess");
     let id = unique("ps-burst");

@@ -18,6 +18,7 @@ mod bridge;
 mod cli;
 mod cluster;
 mod cluster_sessions;
+mod cluster_share;
 mod console;
 mod console_api;
 mod deadletters;

@@ -250,8 +250,15 @@ pub(super) async fn admit<S>(
         other => other,
     };
     // In a cluster, a persistent session lives in a queue in RabbitMQ (`cluster::psession`):
-    // a clean start on any node ends the one the client had on any node.
-    let queued = shared.broker.cluster().filter(|_| expiry != Expiry::Now);
+    // a clean start on any node ends the one the client had on any node. MQTT 5 clean start
+    // 0 with expiry 0 resumes the one kept there (this node's, or one another node announced),
+    // which then ends with this connection (MQTT 5 §3.1.2.4).
+    let resumes_queued = |c: &crate::cluster::Cluster| {
+        !connect.clean_start
+            && (resumed.as_ref().is_some_and(|s| s.subscriber.is_queued())
+                || c.knows_session(&client_id))
+    };
+    let queued = shared.broker.cluster().filter(|c| expiry != Expiry::Now || resumes_queued(c));
     let resumed = match (shared.broker.cluster(), resumed) {
         (Some(cluster), resumed) if queued.is_none() => {
             cluster.drop_session(
@@ -292,6 +299,9 @@ pub(super) async fn admit<S>(
             expiry,
             max_messages: shared.limits.max_queued_messages,
             max_bytes: shared.limits.max_queued_bytes,
+            max_message: shared.limits.max_packet_size as usize,
+            max_record: shared.limits.max_subscriptions
+                * (shared.limits.topic_limits.max_length + 64),
         };
         match cluster_session(cluster, shared, &client_id, &mut state, open, limits, &owner).await {
             Ok(present) => session_present = present,
@@ -350,8 +360,9 @@ pub(super) async fn admit<S>(
             state.inflight = keep.into();
         }
     }
-    if expiry != Expiry::Now {
-        // Its record (not waited for: SUBSCRIBE is what a client relies on being kept).
+    if expiry != Expiry::Now || queued.is_some() {
+        // Its record (not waited for: SUBSCRIBE is what a client relies on being kept); in a
+        // cluster the other nodes hear the session is served here, with its expiry.
         shared.broker.store_session(&state, expiry, false);
     }
     if let Some(cluster) = queued {

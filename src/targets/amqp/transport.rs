@@ -239,6 +239,19 @@ impl Transport {
         }
     }
 
+    /// A plain connection to a peer of the tests' own (no handshake: limits as before
+    /// `connection.tune`).
+    #[cfg(test)]
+    pub(crate) fn plain_for_test(stream: TcpStream) -> Transport {
+        Transport::new(stream, None)
+    }
+
+    /// Bytes read and not yet taken as frames (a frame's wire size is the difference across
+    /// [`Transport::next_consumer_frame`]).
+    pub(crate) fn buffered(&self) -> usize {
+        self.rbuf.len()
+    }
+
     /// Whether anything waits to be written (frames, or TLS records).
     pub(crate) fn has_pending_writes(&self) -> bool {
         !self.wbuf.is_empty() || self.tls.as_ref().is_some_and(|t| t.wants_write())

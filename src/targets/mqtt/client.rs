@@ -986,7 +986,7 @@ impl Task {
             let Some(summary) = front.summary else { break };
             let (packet_id, qos) = (front.packet_id, front.qos);
             self.incoming.pop_front();
-            if summary == Summary::Failed {
+            if matches!(summary, Summary::Failed | Summary::Returned) {
                 // Not taken locally: the upstream keeps it and sends it again.
                 return Err("a downlink message could not be delivered locally; reconnecting so the upstream resends it".into());
             }
