@@ -21,9 +21,9 @@
 //!   its length, at least [`MIN_COST`]. `Chan::flush` and `Chan::publish` wait for room. The
 //!   connection gives the room back as it takes the bytes into its write buffer, and it takes
 //!   nothing while that buffer holds [`WBUF_MAX`] or more. So a broker that stops reading (a
-//!   memory alarm) holds the sessions back, not the node's memory. The one message a session
-//!   sends without waiting is its end (`Done`, from `Drop`, carrying its last encoded frames:
-//!   its final acks), at most one per lent channel.
+//!   memory alarm) holds the sessions back, not the node's memory. What a session sends
+//!   without waiting is its request for a channel (it then waits for the answer) and its end
+//!   (`Done`, from `Drop`, carrying its last encoded frames: its final acks): one each.
 //! - **Broker to session.** What the broker sends a channel is charged to that channel's own
 //!   bound, at each frame's wire size (at least [`MIN_COST`]). The session gives it when the
 //!   channel is lent: `prefetch` deliveries of a batch each, and room for replies. A channel

@@ -42,6 +42,20 @@ async fn share_count(app: &mqgate::app::App, event: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Two ready nodes of a fresh cluster: on a, each subscriber has one message in flight and
+/// `queued` in its queue at most; b as usual.
+async fn small_a_and_b(queued: usize) -> (mqgate::app::App, mqgate::app::App) {
+    let prefix = unique("it-share");
+    let limits = format!("mqtt:\n  outbound_queue: {queued}\n  max_inflight_out: 1\n");
+    let small = node_config(&prefix, "a", AMQP_URL).replacen("mqtt:\n", &limits, 1);
+    let a = gateway(&small).await;
+    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
+    for n in [&a, &b] {
+        wait_ready(n).await;
+    }
+    (a, b)
+}
+
 /// Publishes `work/1` … `work/n` (payload: the number) at QoS 1, each PUBACKed.
 async fn publish_all(publisher: &mut RawClient, n: u16) {
     for i in 1..=n {
@@ -123,18 +137,8 @@ async fn what_a_member_that_disconnects_had_not_acknowledged_reaches_the_other_m
 
 #[tokio::test]
 async fn a_member_whose_queue_is_full_gets_every_message_later_instead_of_losing_them() {
-    let prefix = unique("it-share");
     // One message in flight and two queued per subscriber on a: the rest wait.
-    let small = node_config(&prefix, "a", AMQP_URL).replacen(
-        "mqtt:\n",
-        "mqtt:\n  outbound_queue: 2\n  max_inflight_out: 1\n",
-        1,
-    );
-    let a = gateway(&small).await;
-    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
-    for n in [&a, &b] {
-        wait_ready(n).await;
-    }
+    let (a, b) = small_a_and_b(2).await;
     let mut slow = v5(&a, "slow").await;
     subscribe(&mut slow, FILTER, qos(QoS::AtLeastOnce), None).await;
     past_grace().await;
@@ -150,18 +154,8 @@ async fn a_member_whose_queue_is_full_gets_every_message_later_instead_of_losing
 
 #[tokio::test]
 async fn a_leaver_s_messages_that_no_member_on_its_node_has_room_for_go_back_to_rabbitmq() {
-    let prefix = unique("it-share");
     // A member on a holds one message in flight (all its client sees) and one queued.
-    let small = node_config(&prefix, "a", AMQP_URL).replacen(
-        "mqtt:\n",
-        "mqtt:\n  outbound_queue: 1\n  max_inflight_out: 1\n",
-        1,
-    );
-    let a = gateway(&small).await;
-    let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
-    for n in [&a, &b] {
-        wait_ready(n).await;
-    }
+    let (a, b) = small_a_and_b(1).await;
     let mut stuck = v5(&a, "stuck").await;
     subscribe(&mut stuck, FILTER, qos(QoS::AtLeastOnce), None).await;
     let mut leaver = v5(&a, "leaver").await;
