@@ -98,6 +98,9 @@ pub struct LoginGuard {
     in_flight: Mutex<HashMap<[u8; 32], watch::Receiver<Option<bool>>>>,
     /// Argon2 verifications run (`mqgate_password_checks_total`).
     password_checks: Counter,
+    /// Bumped by a config reload ([`LoginGuard::forget_verified`], under the cache's lock): a
+    /// check begun before it is neither cached nor shared with a login begun after it.
+    epoch: std::sync::atomic::AtomicU64,
 }
 
 const REASONS: [&str; 6] =
@@ -122,6 +125,7 @@ impl LoginGuard {
             cache_hits: metrics.login_cache_hits.clone(),
             in_flight: Mutex::new(HashMap::new()),
             password_checks: metrics.password_checks.clone(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -151,6 +155,8 @@ impl LoginGuard {
                 return Err(Refusal::Busy);
             }
         }
+        // Read before the cache: what this login learns counts only under these `users:`.
+        let epoch = self.epoch.load(std::sync::atomic::Ordering::Acquire);
         let digest = password.map(|p| self.digest(user, p));
         if let Some(digest) = &digest {
             if self.cached(user, digest, now) {
@@ -163,7 +169,7 @@ impl LoginGuard {
         let mut flight = None;
         if let Some(digest) = digest {
             loop {
-                match self.join_flight(digest) {
+                match self.join_flight(flight_key(digest, epoch)) {
                     Flight::Lead(lead) => {
                         flight = Some(lead);
                         break;
@@ -214,7 +220,7 @@ impl LoginGuard {
             self.password_checks.inc();
         }
         if let (Ok(()), Some(digest)) = (result, digest) {
-            self.remember(user, digest);
+            self.remember(user, digest, epoch);
         }
         self.settle(auth, user, peer, password.is_some(), result);
         if let Some(lead) = flight {
@@ -301,8 +307,10 @@ impl LoginGuard {
 
     /// Forgets every cached successful check (a config reload: a user removed or given a
     /// new password must not get in on a check made against the old `users:`).
+    /// Checks in flight are not shared with logins begun after it, nor cached.
     pub fn forget_verified(&self) {
         if let Ok(mut cache) = self.cache.lock() {
+            self.epoch.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             cache.clear();
         }
     }
@@ -315,12 +323,16 @@ impl LoginGuard {
         cache.get(user).is_some_and(|v| v.expires > now && v.digest == *digest)
     }
 
-    fn remember(&self, user: &str, digest: [u8; 32]) {
+    /// Caches a success checked under `epoch`'s `users:` (not after a reload since).
+    fn remember(&self, user: &str, digest: [u8; 32], epoch: u64) {
         let limits = self.limits;
         if limits.cache_size == 0 {
             return;
         }
         let Ok(mut cache) = self.cache.lock() else { return };
+        if self.epoch.load(std::sync::atomic::Ordering::Acquire) != epoch {
+            return;
+        }
         let now = Instant::now();
         if cache.len() >= limits.cache_size && !cache.contains_key(user) {
             cache.retain(|_, v| v.expires > now);
@@ -411,6 +423,16 @@ impl Drop for Lead<'_> {
     }
 }
 
+/// The in-flight key of a check of `digest` begun under reload epoch `epoch`: logins of
+/// different epochs never share a check.
+fn flight_key(digest: [u8; 32], epoch: u64) -> [u8; 32] {
+    let mut key = digest;
+    for (k, e) in key[24..].iter_mut().zip(epoch.to_be_bytes()) {
+        *k ^= e;
+    }
+    key
+}
+
 /// One login's place in its address's queue; the entry goes with the last one.
 struct Turn<'a> {
     guard: &'a LoginGuard,
@@ -463,6 +485,23 @@ mod tests {
         assert!(second - first >= Duration::from_millis(900), "doubles: {:?}", second - first);
     }
 
+    #[test]
+    fn a_check_begun_before_a_reload_is_neither_cached_nor_shared_after_it() {
+        use std::sync::atomic::Ordering;
+        let g = guard(4);
+        let d = g.digest("a", b"pa");
+        let before = g.epoch.load(Ordering::Acquire);
+        let Flight::Lead(_old) = g.join_flight(flight_key(d, before)) else { panic!("leads") };
+        g.forget_verified();
+        let after = g.epoch.load(Ordering::Acquire);
+        let again = g.join_flight(flight_key(d, after));
+        assert!(matches!(again, Flight::Lead(_)), "a login after the reload checks anew");
+        g.remember("a", d, before);
+        assert!(!g.cached("a", &d, Instant::now()), "a check against the old users: not cached");
+        g.remember("a", d, after);
+        assert!(g.cached("a", &d, Instant::now()), "one against the new users is");
+    }
+
     #[tokio::test]
     async fn a_check_in_flight_is_shared_by_its_digest_and_goes_with_its_lead() {
         let g = guard(4);
@@ -488,11 +527,11 @@ mod tests {
     fn the_cache_is_bounded_and_keyed_by_password() {
         let g = guard(2);
         let now = Instant::now();
-        g.remember("a", g.digest("a", b"pa"));
-        g.remember("b", g.digest("b", b"pb"));
+        g.remember("a", g.digest("a", b"pa"), 0);
+        g.remember("b", g.digest("b", b"pb"), 0);
         assert!(g.cached("a", &g.digest("a", b"pa"), now));
         assert!(!g.cached("a", &g.digest("a", b"wrong"), now), "another password misses");
-        g.remember("c", g.digest("c", b"pc"));
+        g.remember("c", g.digest("c", b"pc"), 0);
         assert_eq!(g.cache.lock().expect("lock").len(), 2, "bounded");
         assert!(!g.cached("a", &g.digest("a", b"pa"), now + Duration::from_secs(61)), "expires");
     }
