@@ -552,6 +552,22 @@ impl Broker {
         }
     }
 
+    /// [`Broker::take_session`] for a CONNECT: a parked session that expired is discarded
+    /// here, but its cluster queue is left to the caller (`true`: one was there), which
+    /// deletes it before it opens the client's new session (a deletion sent on its way here
+    /// could overtake that and end the new one).
+    pub fn take_session_for_connect(&self, client_id: &str) -> (Option<SessionState>, bool) {
+        match self.sessions.take(client_id, Instant::now()) {
+            Taken::Nothing => (None, false),
+            Taken::Resumed(state) => (Some(state), false),
+            Taken::Expired(state) => {
+                let queued = state.subscriber.is_queued();
+                self.discard_session(state);
+                (None, queued)
+            }
+        }
+    }
+
     /// Keeps `state` for `client_id` as `expiry` says, or discards it (`Expiry::Now`).
     pub fn park_session(&self, client_id: &str, state: SessionState, expiry: Expiry) {
         let expires = match expiry {

@@ -242,7 +242,10 @@ pub(super) async fn admit<S>(
         Expiry::After(s) if cap > 0 && s > cap => Expiry::After(cap),
         other => other,
     };
-    let resumed = match shared.broker.take_session(&accepted.client_id) {
+    // `expired_queued`: this node's parked session had just expired; its queue in RabbitMQ
+    // is deleted below, before anything new is opened.
+    let (resumed, expired_queued) = shared.broker.take_session_for_connect(&accepted.client_id);
+    let resumed = match resumed {
         Some(old) if connect.clean_start => {
             shared.broker.discard_session(old);
             None
@@ -255,6 +258,7 @@ pub(super) async fn admit<S>(
     // which then ends with this connection (MQTT 5 §3.1.2.4).
     let resumes_queued = |c: &crate::cluster::Cluster| {
         !connect.clean_start
+            && !expired_queued
             && (resumed.as_ref().is_some_and(|s| s.subscriber.is_queued())
                 || c.knows_session(&client_id))
     };
@@ -263,7 +267,7 @@ pub(super) async fn admit<S>(
         (Some(cluster), resumed) if queued.is_none() => {
             cluster.drop_session(
                 &client_id,
-                resumed.as_ref().is_some_and(|s| s.subscriber.is_queued()),
+                expired_queued || resumed.as_ref().is_some_and(|s| s.subscriber.is_queued()),
             );
             match resumed {
                 // Kept in RabbitMQ, not here: it cannot go on as a session ending with this
@@ -278,7 +282,7 @@ pub(super) async fn admit<S>(
         (_, resumed) => resumed,
     };
     let open = match &resumed {
-        _ if connect.clean_start => crate::cluster::Open::Fresh,
+        _ if connect.clean_start || expired_queued => crate::cluster::Open::Fresh,
         Some(_) => crate::cluster::Open::Local,
         None => crate::cluster::Open::Resume,
     };
