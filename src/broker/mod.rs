@@ -933,7 +933,11 @@ impl Broker {
         self.tracer.offer(msg, "source", Vec::new);
         let mut waits = crate::targets::Waits::new();
         let mut blocked = crate::targets::Blocked::new();
-        cluster.forward(msg, &mut waits, &mut blocked);
+        if !cluster.forward(msg, &mut waits, &mut blocked) {
+            // No node nor persistent session can match it: what this node does decides (and
+            // with nobody here either, the source's `on_no_subscriber`).
+            return self.publish_inner(msg, None, Some(root), None, true);
+        }
         let child = root.child();
         if !blocked.is_empty() {
             // The forwarding queue is full: not forwarded (dropping the send drops its

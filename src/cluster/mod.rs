@@ -413,17 +413,18 @@ impl Cluster {
     /// outcome (the broker's confirm) goes into `waits`. Never waits: a full queue puts the
     /// send into `blocked` (the publisher's backpressure). While this node has no connection
     /// to the broker, the message is not sent (counted as `cluster_unavailable`): local
-    /// delivery goes on. `$SYS/` topics describe this node and stay here.
-    pub fn forward(&self, msg: &Arc<Message>, waits: &mut Waits, blocked: &mut Blocked) {
+    /// delivery goes on. `$SYS/` topics describe this node and stay here. `true` when it was
+    /// sent (or waits in `blocked`).
+    pub fn forward(&self, msg: &Arc<Message>, waits: &mut Waits, blocked: &mut Blocked) -> bool {
         if msg.topic.starts_with("$SYS/") {
-            return;
+            return false;
         }
         if !self.connected.load(Ordering::Acquire) {
             self.metrics.dropped(DROPPED_UNAVAILABLE);
-            return;
+            return false;
         }
         if !msg.retain && !self.remote_wants(&msg.topic) {
-            return;
+            return false;
         }
         let mut hand = Handoff::new(waits, blocked, msg.qos != QoS::AtMostOnce, None);
         let fwd = Forward { msg: Arc::clone(msg), ack: hand.ack() };
@@ -442,6 +443,7 @@ impl Cluster {
                 })
             },
         );
+        true
     }
 
     /// At most `limit` of the clients connected on other nodes whose client id contains

@@ -358,7 +358,7 @@ async fn a_forwarding_source_reaches_every_node_and_persistent_sessions_wherever
     let rabbit = rabbit().await;
     // The source runs on node a only: one queue, `cluster: forward`.
     let source = format!(
-        "sources:\n  - name: cmds\n    broker: backbone\n    queue: \"{queue}\"\n    declare:\n      durable: false\n      arguments:\n        x-expires: 60000\n    topic: \"{topic}/dev\"\n    qos: 1\n    cluster: forward\n"
+        "sources:\n  - name: cmds\n    broker: backbone\n    queue: \"{queue}\"\n    declare:\n      durable: false\n      arguments:\n        x-expires: 60000\n    topic: \"{topic}/dev\"\n    qos: 1\n    on_no_subscriber: drop\n    cluster: forward\n"
     );
     let a = gateway(&format!("{}{source}", node_config(&prefix, "a", AMQP_URL))).await;
     let b = gateway(&node_config(&prefix, "b", AMQP_URL)).await;
@@ -366,6 +366,30 @@ async fn a_forwarding_source_reaches_every_node_and_persistent_sessions_wherever
     for n in [&a, &b, &c] {
         wait_ready(n).await;
     }
+    let ch = rabbit.create_channel().await.expect("channel");
+    let send = |body: String| {
+        let (ch, queue) = (ch.clone(), queue.clone());
+        async move {
+            let props = lapin::BasicProperties::default();
+            let options = lapin::options::BasicPublishOptions::default();
+            ch.basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), props)
+                .await
+                .expect("publish")
+                .await
+                .expect("confirm");
+        }
+    };
+    // Nobody anywhere subscribes yet (and the nodes' start, when everything travels, is
+    // over): the source's `on_no_subscriber` applies (not acked as forwarded).
+    crate::cluster::past_grace().await;
+    send("nobody".into()).await;
+    let dropped = "mqgate_source_messages_total{source=\"cmds\",outcome=\"dropped\"} 1";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !crate::support::metrics(&a).await.contains(dropped) {
+        assert!(tokio::time::Instant::now() < deadline, "{dropped} not seen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let filter = format!("{topic}/#");
     // A clean subscriber on b, a persistent session connected on a (the source's node), one
     // parked on c.
@@ -378,16 +402,8 @@ async fn a_forwarding_source_reaches_every_node_and_persistent_sessions_wherever
     drop(away);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let ch = rabbit.create_channel().await.expect("channel");
     for i in 1..=3 {
-        let props = lapin::BasicProperties::default();
-        let body = format!("c{i}");
-        let options = lapin::options::BasicPublishOptions::default();
-        ch.basic_publish("".into(), queue.as_str().into(), options, body.as_bytes(), props)
-            .await
-            .expect("publish")
-            .await
-            .expect("confirm");
+        send(format!("c{i}")).await;
     }
     let want = numbered("c", 3);
     let got = collect(&mut clean, Duration::from_millis(1500)).await;
